@@ -1,0 +1,185 @@
+"""The asynchronous I/O interface every backend implements.
+
+Modelled on gVisor's ``pkg/aio`` queue: one driver (the loader's trio task) owns a
+queue, adds requests, and waits for completions.  A request names a file descriptor,
+an offset and one or more destination buffers (slices of a mapping, normally); the
+backend reads straight into those buffers, so page data is copied once, by the kernel.
+
+Ownership: from :meth:`Queue.add` until its completion is returned by
+:meth:`Queue.wait` (or until :meth:`Queue.aclose` returns), the request's buffers
+belong to the backend.  The caller must keep them alive and must not touch them.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+import trio
+
+
+class Op(enum.IntEnum):
+    """What a request does."""
+
+    READ = 0  #: ``pread`` into ``buffers[0]``
+    READV = 1  #: ``preadv`` into every buffer in order
+
+
+class AioError(Exception):
+    """Base of every error the ``aio`` package raises."""
+
+
+class BackendUnavailable(AioError):
+    """A backend cannot run on this host; ``str()`` says why, in one line."""
+
+
+class QueueFull(AioError):
+    """``add`` was called with ``capacity`` requests already outstanding (a local misuse)."""
+
+
+class QueueClosed(AioError):
+    """The queue was used after :meth:`Queue.aclose` (a local misuse)."""
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One read.
+
+    ``id`` is the caller's: completions carry it back.  ``urgent`` marks a request
+    that a client is blocked on; backends start urgent requests before queued
+    non-urgent ones (a hint: the ring backend passes it on as submission order).
+    """
+
+    id: int
+    op: Op
+    fd: int
+    offset: int
+    buffers: Sequence[memoryview]
+    urgent: bool = False
+
+    @property
+    def length(self) -> int:
+        return sum(len(b) for b in self.buffers)
+
+    @classmethod
+    def read(cls, id: int, fd: int, offset: int, buffer: memoryview, *, urgent: bool = False) -> Request:
+        return cls(id, Op.READ, fd, offset, (buffer,), urgent)
+
+    @classmethod
+    def readv(
+        cls, id: int, fd: int, offset: int, buffers: Sequence[memoryview], *, urgent: bool = False
+    ) -> Request:
+        return cls(id, Op.READV, fd, offset, tuple(buffers), urgent)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of one request: bytes read (>= 0; may be short) or ``-errno``."""
+
+    id: int
+    result: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    backend: str
+    capacity: int
+    outstanding: int  #: added and not yet returned by wait()
+    ready: int  #: completed, waiting to be returned by wait()
+    submitted_total: int
+    completed_total: int
+
+
+class Queue(abc.ABC):
+    """An asynchronous read queue owned by one trio task.
+
+    * :meth:`add` never blocks.  It may only *start* the request at the next
+      :meth:`wait`, so several adds batch into one submission.
+    * :meth:`wait` returns every completion that is ready, blocking until at least
+      ``min_completions`` are.  Completions come in any order, each exactly once.
+      Cancelling ``wait`` loses nothing: completions stay for the next call.
+    * :meth:`aclose` cancels requests that have not started, waits for those that
+      have, and returns only when no buffer will be touched again.  After it,
+      every method raises :class:`QueueClosed`.
+    """
+
+    name: str = "?"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
+        self.capacity = capacity
+        self._outstanding = 0
+        self._submitted_total = 0
+        self._completed_total = 0
+        self._closed = False
+
+    @property
+    def outstanding(self) -> int:
+        """Requests added and not yet returned by :meth:`wait`."""
+        return self._outstanding
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add(self, request: Request) -> None:
+        """Queue ``request``.  Raises :class:`QueueFull` at capacity."""
+        if self._closed:
+            raise QueueClosed(f"{self.name} queue is closed")
+        if self._outstanding >= self.capacity:
+            raise QueueFull(f"{self.name} queue is at its capacity of {self.capacity}")
+        if not request.buffers:
+            raise ValueError("a request needs at least one buffer")
+        if request.op == Op.READ and len(request.buffers) != 1:
+            raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
+        self._outstanding += 1
+        self._submitted_total += 1
+        self._add(request)
+
+    async def wait(self, min_completions: int = 1) -> list[Completion]:
+        """Return the ready completions, at least ``min_completions`` of them."""
+        if self._closed:
+            raise QueueClosed(f"{self.name} queue is closed")
+        if min_completions > self._outstanding:
+            raise ValueError(
+                f"cannot wait for {min_completions} completions with {self._outstanding} outstanding"
+            )
+        done = await self._wait(min_completions)
+        self._outstanding -= len(done)
+        self._completed_total += len(done)
+        return done
+
+    async def aclose(self) -> None:
+        """Cancel what has not started, wait for what has; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):  # buffers must be free before we return
+            await self._aclose()
+        self._outstanding = 0
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            backend=self.name,
+            capacity=self.capacity,
+            outstanding=self._outstanding,
+            ready=self._ready_count(),
+            submitted_total=self._submitted_total,
+            completed_total=self._completed_total,
+        )
+
+    # -- what a backend provides ---------------------------------------------------
+    @abc.abstractmethod
+    def _add(self, request: Request) -> None: ...
+
+    @abc.abstractmethod
+    async def _wait(self, min_completions: int) -> list[Completion]: ...
+
+    @abc.abstractmethod
+    async def _aclose(self) -> None: ...
+
+    @abc.abstractmethod
+    def _ready_count(self) -> int: ...

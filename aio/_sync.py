@@ -1,0 +1,54 @@
+"""In-line backend: requests run one by one inside :meth:`wait`.  For debugging and tests."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import trio
+
+from ._base import Completion, Queue, Request
+
+
+def run_request(request: Request) -> int:
+    """Perform ``request`` now; return bytes read or ``-errno``.  Shared by backends."""
+    try:
+        return os.preadv(request.fd, request.buffers, request.offset)
+    except OSError as exc:
+        return -(exc.errno or 5)
+
+
+class SyncQueue(Queue):
+    """Runs each request synchronously in the caller's thread, urgent ones first.
+
+    Nothing runs between :meth:`add` and :meth:`wait`; ``wait`` runs requests until
+    ``min_completions`` are ready, yielding to trio between them.
+    """
+
+    name = "sync"
+
+    def __init__(self, capacity: int = 64) -> None:
+        super().__init__(capacity)
+        self._urgent: deque[Request] = deque()
+        self._normal: deque[Request] = deque()
+        self._ready: list[Completion] = []
+
+    def _add(self, request: Request) -> None:
+        (self._urgent if request.urgent else self._normal).append(request)
+
+    async def _wait(self, min_completions: int) -> list[Completion]:
+        await trio.lowlevel.checkpoint()
+        while len(self._ready) < max(min_completions, 1) and (self._urgent or self._normal):
+            request = self._urgent.popleft() if self._urgent else self._normal.popleft()
+            self._ready.append(Completion(request.id, run_request(request)))
+        done, self._ready = self._ready, []
+        return done
+
+    async def _aclose(self) -> None:
+        self._urgent.clear()
+        self._normal.clear()
+        self._ready.clear()
+        await trio.lowlevel.checkpoint()
+
+    def _ready_count(self) -> int:
+        return len(self._ready)

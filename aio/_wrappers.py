@@ -1,0 +1,102 @@
+"""Wrappers that any backend can be put in: fault injection and slowing down."""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable
+
+import trio
+
+from ._base import Completion, Queue, Request
+
+#: decides a request's fate: ``None`` to pass it on, ``-errno`` to fail it,
+#: or a byte count >= 0 to cut it short to that many bytes.
+FaultRule = Callable[[Request], "int | None"]
+
+
+def fail_offsets(lo: int, hi: int, err: int = errno.EIO) -> FaultRule:
+    """A rule failing every request whose file span touches [lo, hi)."""
+
+    def rule(request: Request) -> int | None:
+        if request.offset < hi and request.offset + request.length > lo:
+            return -err
+        return None
+
+    return rule
+
+
+class FaultInjectingQueue(Queue):
+    """Passes requests to ``inner`` unless ``rule`` says to fail or shorten them.
+
+    A failed request never reaches the inner backend; a shortened one is sent with
+    its buffers cut down, so the bytes past the cut are really not written.
+    """
+
+    def __init__(self, inner: Queue, rule: FaultRule) -> None:
+        super().__init__(inner.capacity)
+        self.name = f"faulty({inner.name})"
+        self.inner = inner
+        self.rule = rule
+        self._ready: list[Completion] = []
+        self.injected = 0
+
+    def _add(self, request: Request) -> None:
+        verdict = self.rule(request)
+        if verdict is None:
+            self.inner.add(request)
+            return
+        self.injected += 1
+        if verdict < 0:
+            self._ready.append(Completion(request.id, verdict))
+            return
+        buffers, left = [], verdict
+        for buf in request.buffers:
+            if left <= 0:
+                break
+            buffers.append(buf[: min(len(buf), left)])
+            left -= len(buffers[-1])
+        if not buffers:
+            self._ready.append(Completion(request.id, 0))
+            return
+        self.inner.add(Request.readv(request.id, request.fd, request.offset, buffers, urgent=request.urgent))
+
+    async def _wait(self, min_completions: int) -> list[Completion]:
+        need = min_completions - len(self._ready)
+        if need > 0 or (self.inner.outstanding and not self._ready):
+            self._ready.extend(await self.inner.wait(max(need, 1 if not self._ready else 0)))
+        else:
+            await trio.lowlevel.checkpoint()
+        done, self._ready = self._ready, []
+        return done
+
+    async def _aclose(self) -> None:
+        self._ready.clear()
+        await self.inner.aclose()
+
+    def _ready_count(self) -> int:
+        return len(self._ready) + self.inner.statistics().ready
+
+
+class DelayedQueue(Queue):
+    """Slows ``inner`` down on purpose: each completion is held back ``delay`` seconds
+    (requests complete no faster than one per ``delay``).  For priority tests."""
+
+    def __init__(self, inner: Queue, delay: float) -> None:
+        super().__init__(inner.capacity)
+        self.name = f"delayed({inner.name})"
+        self.inner = inner
+        self.delay = delay
+
+    def _add(self, request: Request) -> None:
+        self.inner.add(request)
+
+    async def _wait(self, min_completions: int) -> list[Completion]:
+        done = await self.inner.wait(max(min_completions, 1))
+        await trio.sleep(self.delay * len(done))
+        return done
+
+    async def _aclose(self) -> None:
+        await self.inner.aclose()
+
+    def _ready_count(self) -> int:
+        return self.inner.statistics().ready
