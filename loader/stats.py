@@ -1,0 +1,84 @@
+"""Statistics records and the wait-latency histogram."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: bucket k counts latencies in [2**(k-1), 2**k) microseconds (bucket 0: below 1 us)
+HISTOGRAM_BUCKETS = 40
+
+
+class LatencyHistogram:
+    """Power-of-two microsecond buckets, as QEMU's postcopy reports them.  Fixed size."""
+
+    __slots__ = ("counts", "count", "total_ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * HISTOGRAM_BUCKETS
+        self.count = 0
+        self.total_ns = 0
+        self.max_ns = 0
+
+    def record(self, ns: int) -> None:
+        us = ns // 1000
+        self.counts[min(us.bit_length(), HISTOGRAM_BUCKETS - 1)] += 1
+        self.count += 1
+        self.total_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+
+    def percentile_us(self, p: float) -> float:
+        """Upper bound of the bucket holding the p-th percentile (0 < p <= 100)."""
+        if not self.count:
+            return 0.0
+        rank = p / 100 * self.count
+        seen = 0
+        for k, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return float(1 << k)
+        return float(1 << (HISTOGRAM_BUCKETS - 1))
+
+    def as_dict(self) -> dict[str, Any]:
+        last = max((k for k, c in enumerate(self.counts) if c), default=-1)
+        return {
+            "bucket_upper_us": [1 << k for k in range(last + 1)],
+            "counts": self.counts[: last + 1],
+            "count": self.count,
+            "mean_us": self.total_ns / self.count / 1000 if self.count else 0.0,
+            "max_us": self.max_ns / 1000,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderStatistics:
+    """A snapshot of the loader's state (``Loader.statistics()``)."""
+
+    memory_size: int
+    total_bytes: int  #: data bytes to load (holes excluded)
+    loaded_bytes: int
+    failed_bytes: int
+    failed_ranges: list[tuple[int, int, int]]  #: (offset, length, errno), at most 64 listed
+    done: bool  #: nothing left to load (failed ranges included)
+    elapsed_s: float
+    throughput_bps: float  #: loaded_bytes / elapsed_s
+    reads_in_flight: int
+    reads_total: int
+    reads_retried: int
+    waits_total: int  #: every wait asked for
+    waits_immediate: int  #: answered at once: already loaded, or a hole
+    waits_served: int  #: answered after blocking
+    waits_failed: int
+    waits_cancelled: int  #: the client went away first
+    waiters_blocked: int  #: blocked right now
+    bytes_waited: int  #: bytes that waits had to wait for
+    blocked_time_s: float  #: time during which at least one waiter was blocked
+    total_wait_time_s: float  #: sum over waits of the time each was blocked
+    prefetches: int
+    latency_us: dict[str, Any] = field(default_factory=dict)  #: histogram (LatencyHistogram.as_dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failed_ranges"] = [list(r) for r in self.failed_ranges]
+        return d
