@@ -1,0 +1,76 @@
+"""The sans-I/O wire protocol between page-load clients and the daemon.
+
+One connection object per side, after h11: :class:`ClientConnection` and
+:class:`ServerConnection` turn bytes into events and events into bytes, and never
+touch a socket.  Messages are msgpack maps; ``docs/PROTOCOL.md`` describes them.
+
+    conn = ServerConnection()
+    conn.receive_data(data)          # b"" when the peer closed
+    event = conn.next_event()        # an event, NEED_DATA or CLOSED
+    sock.send(conn.send(Loaded(event.id)))
+
+Errors say whose fault it was: :class:`LocalProtocolError` (this side misused the
+API) or :class:`RemoteProtocolError` (the peer sent bad input; ``code`` is one of
+:mod:`protocol.codes` and ``fatal`` says whether the connection survives).
+"""
+
+from . import codes
+from ._connection import (
+    CLOSED,
+    NEED_DATA,
+    ClientConnection,
+    ConnectionStatistics,
+    Marker,
+    ServerConnection,
+)
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    Accepted,
+    ErrorReply,
+    Event,
+    GetMemoryFd,
+    GetStats,
+    Hello,
+    HelloReply,
+    Loaded,
+    MemoryFdReply,
+    Prefetch,
+    Reply,
+    ReplyEvent,
+    Request,
+    RequestEvent,
+    StatsReply,
+    Wait,
+)
+from ._wire import SUPPORTED_VERSIONS, negotiate
+
+__all__ = [
+    "CLOSED",
+    "NEED_DATA",
+    "SUPPORTED_VERSIONS",
+    "Accepted",
+    "ClientConnection",
+    "ConnectionStatistics",
+    "ErrorReply",
+    "Event",
+    "GetMemoryFd",
+    "GetStats",
+    "Hello",
+    "HelloReply",
+    "Loaded",
+    "LocalProtocolError",
+    "Marker",
+    "MemoryFdReply",
+    "Prefetch",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Reply",
+    "ReplyEvent",
+    "Request",
+    "RequestEvent",
+    "ServerConnection",
+    "StatsReply",
+    "Wait",
+    "codes",
+    "negotiate",
+]

@@ -1,0 +1,532 @@
+"""Sans-I/O connection objects, one per side (after h11).
+
+Nothing here touches a socket.  The I/O layer hands received bytes to
+:meth:`receive_data` (``b""`` for EOF), takes events from :meth:`next_event` until it
+returns :data:`NEED_DATA` (read more) or :data:`CLOSED`, and writes the bytes that
+:meth:`send` returns.  The methods never block and never call back.
+
+Framing: the stream is a sequence of msgpack maps with no length prefix, decoded by
+one reused ``msgpack.Unpacker``.  Input comes from another process, so every decoder
+limit is set, and this module bounds each whole message by ``max_buffer_size`` itself
+(the C unpacker consumes a partial message as it goes, so its own buffer limit alone
+would not).  A decode error leaves the unpacker in the middle of a value with no way
+to find the next message, so every one of them is fatal.
+
+Neither object is thread-safe; each belongs to the task that runs its connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+
+from . import codes
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import ErrorReply, Event, Hello, HelloReply, Reply, ReplyEvent, Request, RequestEvent
+from ._wire import (
+    ENCODERS,
+    REPLIES,
+    REQUESTS,
+    SUPPORTED_VERSIONS,
+    decode,
+    error_reply,
+    negotiate,
+    read_id,
+)
+
+
+class Marker(enum.Enum):
+    """What :meth:`next_event` returns when it has no event."""
+
+    NEED_DATA = "NEED_DATA"  #: no complete message buffered: call receive_data()
+    CLOSED = "CLOSED"  #: the peer closed (EOF) and every message has been returned
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Literal[Marker.NEED_DATA] = Marker.NEED_DATA
+CLOSED: Literal[Marker.CLOSED] = Marker.CLOSED
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    role: str  #: "client" or "server"
+    version: int | None  #: negotiated protocol version, once HelloReply has passed
+    messages_received: int  #: whole messages decoded, bad ones included
+    messages_sent: int
+    bytes_received: int
+    bytes_sent: int
+    buffered_bytes: int  #: received and not yet returned as events
+    outstanding: int  #: requests not yet answered
+    remote_errors: int  #: RemoteProtocolErrors raised (a fatal one counts once)
+    eof: bool  #: the peer has closed its side
+    failed: bool  #: a fatal error happened; the connection is dead
+
+
+_NONE, _STARTED, _DONE = "none", "started", "done"  # Hello handshake states
+
+
+class _Connection:
+    _role = "?"
+
+    def __init__(
+        self,
+        *,
+        max_buffer_size: int,
+        max_array_len: int,
+        max_map_len: int,
+        max_str_len: int,
+        max_bin_len: int,
+        max_send_size: int,
+    ) -> None:
+        for name, value in [
+            ("max_buffer_size", max_buffer_size),
+            ("max_array_len", max_array_len),
+            ("max_map_len", max_map_len),
+            ("max_str_len", max_str_len),
+            ("max_bin_len", max_bin_len),
+            ("max_send_size", max_send_size),
+        ]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        self.max_buffer_size = max_buffer_size
+        self.max_send_size = max_send_size
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_buffer_size=max_buffer_size,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_str_len=max_str_len,
+            max_bin_len=max_bin_len,
+            max_ext_len=16,
+        )
+        self._packer = msgpack.Packer(use_bin_type=True)
+        # Bytes received but not yet fed to the unpacker (owned copies).
+        self._pending: deque[memoryview] = deque()
+        self._pending_bytes = 0
+        self._fed = 0  # bytes fed to the unpacker
+        self._message_start = 0  # stream offset where the current message begins
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+        # id -> the request type it was, or None for a rejected request (answered
+        # only by ErrorReply).
+        self._outstanding: dict[int, type[Request] | None] = {}
+        self._hello = _NONE
+        self._offered: tuple[int, ...] = ()
+        self._version: int | None = None
+        self._messages_received = 0
+        self._messages_sent = 0
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._remote_errors = 0
+
+    # ------------------------------------------------------------ public state
+
+    @property
+    def version(self) -> int | None:
+        """The negotiated protocol version, once the HelloReply has been sent
+        (server) or received (client)."""
+        return self._version
+
+    @property
+    def outstanding(self) -> Any:
+        """Live, read-only set-like view of the ids of requests not yet answered."""
+        return self._outstanding.keys()
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            role=self._role,
+            version=self._version,
+            messages_received=self._messages_received,
+            messages_sent=self._messages_sent,
+            bytes_received=self._bytes_received,
+            bytes_sent=self._bytes_sent,
+            buffered_bytes=self._fed - self._message_start + self._pending_bytes,
+            outstanding=len(self._outstanding),
+            remote_errors=self._remote_errors,
+            eof=self._eof,
+            failed=self._error is not None,
+        )
+
+    # ------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes received from the peer; an empty ``data`` means EOF.
+
+        The bytes are copied (a caller may reuse its receive buffer at once).
+        Nothing is decoded here: call :meth:`next_event`.  Data after EOF is a
+        :class:`LocalProtocolError`; data after a fatal error is dropped.
+        """
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        n = len(view)
+        if self._eof:
+            if n:
+                raise LocalProtocolError("receive_data() called with data after EOF")
+            return
+        if n == 0:
+            self._eof = True
+            return
+        self._bytes_received += n
+        if self._error is not None:
+            return
+        if not self._pending:
+            room = self.max_buffer_size - (self._fed - self._message_start)
+            if n <= room:
+                self._feed(view)
+                return
+            if room > 0:
+                self._feed(memoryview(view)[:room])
+                view = memoryview(view)[room:]
+                n -= room
+        self._pending.append(memoryview(bytes(view)))
+        self._pending_bytes += n
+
+    def _feed(self, chunk: bytes | memoryview) -> None:
+        # Callers keep the unpacker's unread bytes within max_buffer_size, so
+        # BufferFull cannot happen; it would mean a message too large all the same.
+        try:
+            self._unpacker.feed(chunk)
+        except msgpack.BufferFull:
+            self._error = RemoteProtocolError(
+                codes.TOO_LARGE, f"a message is larger than {self.max_buffer_size} bytes", None, True
+            )
+            return
+        self._fed += len(chunk)
+
+    def _feed_pending(self) -> None:
+        room = self.max_buffer_size - (self._fed - self._message_start)
+        if room <= 0:
+            self._fail(codes.TOO_LARGE, f"a message is larger than {self.max_buffer_size} bytes")
+        chunk = self._pending[0]
+        if len(chunk) <= room:
+            self._pending.popleft()
+        else:
+            self._pending[0] = chunk[room:]
+            chunk = chunk[:room]
+        self._pending_bytes -= len(chunk)
+        self._feed(chunk)
+        if self._error is not None:
+            self._remote_errors += 1
+            raise self._error
+
+    def _fail(self, code: str, message: str, cause: BaseException | None = None) -> None:
+        self._error = RemoteProtocolError(code, message, None, True)
+        self._remote_errors += 1
+        self._pending.clear()
+        self._pending_bytes = 0
+        raise self._error from cause
+
+    def next_event(self) -> Any:
+        """The next event from the peer, :data:`NEED_DATA`, or :data:`CLOSED`.
+
+        Raises :class:`RemoteProtocolError` for bad input.  A non-fatal one
+        concerns one message, already consumed; call again for the next.  After a
+        fatal one every call raises it again.
+        """
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        unpacker = self._unpacker
+        while True:
+            try:
+                message = unpacker.unpack()
+            except msgpack.OutOfData:
+                if self._pending:
+                    self._feed_pending()
+                    continue
+                if self._eof:
+                    if self._fed != self._message_start:
+                        self._fail(
+                            codes.TRUNCATED,
+                            f"the peer closed the connection {self._fed - self._message_start} "
+                            "bytes into a message",
+                        )
+                    return CLOSED
+                return NEED_DATA
+            except msgpack.StackError as exc:
+                self._fail(codes.TOO_LARGE, "a message is nested too deeply", exc)
+            except msgpack.FormatError as exc:
+                self._fail(codes.BAD_FRAME, "the input is not msgpack", exc)
+            except ValueError as exc:
+                # Limits ("N exceeds max_str_len(M)"), invalid UTF-8, map keys
+                # that are not strings, malformed timestamps.
+                if "exceeds max_" in str(exc):
+                    self._fail(codes.TOO_LARGE, f"a message is over a size limit: {exc}", exc)
+                self._fail(codes.BAD_FRAME, f"undecodable msgpack: {exc}", exc)
+            except (msgpack.UnpackException, TypeError, OverflowError) as exc:
+                self._fail(codes.BAD_FRAME, f"undecodable msgpack: {exc!r}", exc)
+            self._message_start = unpacker.tell()
+            self._messages_received += 1
+            return self._receive(message)
+
+    def _reject(self, code: str, message: str, id: int | None) -> RemoteProtocolError:
+        self._remote_errors += 1
+        return RemoteProtocolError(code, message, id, False)
+
+    def _receive(self, message: Any) -> Event:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ sending
+
+    def _pack(self, event: Event) -> bytes:
+        try:
+            data: bytes = self._packer.pack(ENCODERS[type(event)](event))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise LocalProtocolError(f"cannot encode {event!r}: {exc}") from exc
+        if len(data) > self.max_send_size:
+            raise LocalProtocolError(
+                f"{type(event).__name__} {event.id} encodes to {len(data)} bytes, "  # type: ignore[attr-defined]
+                f"over max_send_size ({self.max_send_size})"
+            )
+        return data
+
+    def _sent(self, data: bytes) -> bytes:
+        self._messages_sent += 1
+        self._bytes_sent += len(data)
+        return data
+
+
+class ServerConnection(_Connection):
+    """The daemon's side of one client connection.
+
+    Receives requests, sends replies.  Enforces that a Hello with a version in
+    common comes first (anything else before it is ``hello-required``), that request
+    ids are unique among outstanding requests (``duplicate-id``), and, on the sending
+    side, that each reply answers an outstanding request of the right type, once.
+    A request rejected with a non-fatal :class:`RemoteProtocolError` that carries an
+    id stays outstanding until the application answers it with ``ErrorReply``
+    (``ErrorReply.for_error(exc)``), so every request gets an answer.
+    """
+
+    _role = "server"
+
+    def __init__(
+        self,
+        *,
+        max_buffer_size: int = 64 * 1024,
+        max_array_len: int = 64,
+        max_map_len: int = 32,
+        max_str_len: int = 1024,
+        max_bin_len: int = 1024,
+        max_send_size: int = 1024 * 1024,
+    ) -> None:
+        super().__init__(
+            max_buffer_size=max_buffer_size,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_str_len=max_str_len,
+            max_bin_len=max_bin_len,
+            max_send_size=max_send_size,
+        )
+
+    def next_event(self) -> RequestEvent | Marker:
+        """The next request, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""
+        event: RequestEvent | Marker = super().next_event()
+        return event
+
+    def _receive(self, message: Any) -> Event:
+        if type(message) is not dict:
+            raise self._reject(
+                codes.BAD_MESSAGE, f"a request must be a map, not {type(message).__name__}", None
+            )
+        id = read_id(message, "id")
+        if id is None:
+            raise self._reject(
+                codes.BAD_MESSAGE,
+                f"a request needs an id below 2**63, not {message.get('id')!r}",
+                None,
+            )
+        if id in self._outstanding:
+            raise self._reject(codes.DUPLICATE_ID, f"request {id} is still outstanding", None)
+        op = message.get("op")
+        decoder = REQUESTS.get(op) if type(op) is str else None
+        if decoder is None:
+            self._outstanding[id] = None
+            if type(op) is str:
+                raise self._reject(codes.UNKNOWN_OP, f"unknown op {op!r}", id)
+            raise self._reject(codes.BAD_MESSAGE, f"a request needs an op string, not {op!r}", id)
+        try:
+            event = decode(decoder, message, id, f"{op} request")
+        except RemoteProtocolError as exc:
+            self._outstanding[id] = None
+            self._remote_errors += 1
+            raise exc from None
+        if type(event) is Hello:
+            if self._hello is not _NONE:
+                self._outstanding[id] = None
+                raise self._reject(codes.BAD_MESSAGE, "a Hello was already accepted", id)
+            if negotiate(event.versions) is None:
+                self._outstanding[id] = None
+                raise self._reject(
+                    codes.UNSUPPORTED_VERSION,
+                    f"no version in common: the client offers {list(event.versions)}, "
+                    f"the server speaks {list(SUPPORTED_VERSIONS)}",
+                    id,
+                )
+            self._hello = _STARTED
+            self._offered = event.versions
+        elif self._hello is _NONE:
+            self._outstanding[id] = None
+            raise self._reject(codes.HELLO_REQUIRED, f"{op} before Hello", id)
+        self._outstanding[id] = type(event)  # type: ignore[assignment]
+        return event
+
+    def send(self, event: ReplyEvent) -> bytes:
+        """The bytes of ``event``, a reply, for the I/O layer to write.
+
+        Raises :class:`LocalProtocolError`, sending nothing, when the event is not
+        a reply, answers no outstanding request or one of another type, or comes
+        before the HelloReply (only ErrorReply may), or when a HelloReply names a
+        version the client did not offer.  ``ErrorReply(None, ...)`` may always be
+        sent, even after a fatal error.
+        """
+        if not isinstance(event, Reply) or type(event) not in ENCODERS:
+            raise LocalProtocolError(f"a server cannot send {event!r}")
+        id = event.id
+        answers = event.answers
+        if id is not None:
+            if id not in self._outstanding:
+                raise LocalProtocolError(f"no request {id} is waiting for a reply")
+            expected = self._outstanding[id]
+            if answers is not None and answers is not expected:
+                what = "a rejected request" if expected is None else expected.__name__
+                raise LocalProtocolError(f"{type(event).__name__} cannot answer {what} ({id})")
+        if type(event) is HelloReply:
+            if event.version not in self._offered or event.version not in SUPPORTED_VERSIONS:
+                raise LocalProtocolError(
+                    f"version {event.version} is not one both sides speak "
+                    f"(client {list(self._offered)}, server {list(SUPPORTED_VERSIONS)})"
+                )
+        elif answers is not None and self._hello is not _DONE:
+            raise LocalProtocolError(f"{type(event).__name__} before the HelloReply")
+        data = self._pack(event)
+        if id is not None:
+            if self._outstanding.pop(id) is Hello and answers is None:
+                self._hello = _NONE  # Hello refused: the client may try again
+        if type(event) is HelloReply:
+            self._hello = _DONE
+            self._version = event.version
+        return self._sent(data)
+
+
+class ClientConnection(_Connection):
+    """A client's side: sends requests, receives replies.
+
+    Sends Hello first (requests may follow it at once, before the HelloReply).
+    Tracks outstanding ids: a reply to no outstanding request is ``unknown-id``; a
+    reply of the wrong type (``Loaded`` for a ``GetStats``) is ``bad-message`` with
+    that id, and the request counts as answered.
+    """
+
+    _role = "client"
+
+    def __init__(
+        self,
+        *,
+        max_buffer_size: int = 1024 * 1024,
+        max_array_len: int = 128 * 1024,
+        max_map_len: int = 4096,
+        max_str_len: int = 64 * 1024,
+        max_bin_len: int = 64 * 1024,
+        max_send_size: int = 64 * 1024,
+    ) -> None:
+        super().__init__(
+            max_buffer_size=max_buffer_size,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_str_len=max_str_len,
+            max_bin_len=max_bin_len,
+            max_send_size=max_send_size,
+        )
+
+    def next_event(self) -> ReplyEvent | Marker:
+        """The next reply, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""
+        event: ReplyEvent | Marker = super().next_event()
+        return event
+
+    def _answer(self, id: int) -> type[Request] | None:
+        try:
+            return self._outstanding.pop(id)
+        except KeyError:
+            raise self._reject(codes.UNKNOWN_ID, f"a reply to request {id}, which is not outstanding", id) from None
+
+    def _receive(self, message: Any) -> Event:
+        if type(message) is not dict:
+            raise self._reject(
+                codes.BAD_MESSAGE, f"a reply must be a map, not {type(message).__name__}", None
+            )
+        if "err" in message:
+            raw_id = message.get("re", 0)
+            id = None if raw_id is None else read_id(message, "re")
+            if id is None and raw_id is not None:
+                raise self._reject(codes.BAD_MESSAGE, f"an error reply needs re: nil or an id, not {raw_id!r}", None)
+            expected = None if id is None else self._answer(id)
+            try:
+                event = decode(error_reply, message, id, "error reply")
+            except RemoteProtocolError:
+                self._remote_errors += 1
+                raise
+            if expected is Hello:
+                self._hello = _NONE  # refused: another Hello may be sent
+            return event
+        id = read_id(message, "re")
+        if id is None:
+            raise self._reject(
+                codes.BAD_MESSAGE, f"a reply needs re, a request id, not {message.get('re')!r}", None
+            )
+        expected = self._answer(id)
+        ok = message.get("ok")
+        decoder = REPLIES.get(ok) if type(ok) is str else None
+        if decoder is None:
+            raise self._reject(codes.BAD_MESSAGE, f"a reply needs an ok kind or err, not ok={ok!r}", id)
+        try:
+            reply = decode(decoder, message, id, f"{ok} reply")
+        except RemoteProtocolError:
+            self._remote_errors += 1
+            raise
+        answers = reply.answers  # type: ignore[attr-defined]
+        if answers is not expected:
+            what = expected.__name__ if expected is not None else "?"
+            raise self._reject(codes.BAD_MESSAGE, f"{type(reply).__name__} cannot answer {what} {id}", id)
+        if type(reply) is HelloReply:
+            if reply.version not in self._offered or reply.version not in SUPPORTED_VERSIONS:
+                self._hello = _NONE
+                raise self._reject(
+                    codes.UNSUPPORTED_VERSION,
+                    f"the server chose version {reply.version}; we offered {list(self._offered)}",
+                    id,
+                )
+            self._hello = _DONE
+            self._version = reply.version
+        return reply
+
+    def send(self, event: RequestEvent) -> bytes:
+        """The bytes of ``event``, a request, for the I/O layer to write.
+
+        Raises :class:`LocalProtocolError`, sending nothing, when the event is not
+        a request, reuses an outstanding id, is not a Hello while no Hello has been
+        sent, or is a second Hello while one is pending or accepted.
+        """
+        if not isinstance(event, Request) or type(event) not in ENCODERS:
+            raise LocalProtocolError(f"a client cannot send {event!r}")
+        id = event.id
+        if id in self._outstanding:
+            raise LocalProtocolError(f"request id {id} is still outstanding")
+        if type(event) is Hello:
+            if self._hello is not _NONE:
+                raise LocalProtocolError("a Hello was already sent")
+        elif self._hello is _NONE:
+            raise LocalProtocolError(f"{type(event).__name__} before Hello")
+        data = self._pack(event)
+        if type(event) is Hello:
+            self._hello = _STARTED
+            self._offered = event.versions
+        self._outstanding[id] = type(event)
+        return self._sent(data)
+

@@ -1,0 +1,52 @@
+"""Error codes: the ``code`` of a :class:`~protocol.RemoteProtocolError` and of an
+:class:`~protocol.ErrorReply` on the wire.
+
+The connection objects raise the first group themselves when the peer's input is bad;
+the server application sends the second group in ``ErrorReply`` when a well-formed
+request cannot be served.  ``docs/PROTOCOL.md`` has the table of who is at fault and
+whether the connection survives.
+"""
+
+from __future__ import annotations
+
+# Raised by the connection objects (the peer sent bad input).
+BAD_FRAME = "bad-frame"  #: undecodable msgpack; fatal
+TOO_LARGE = "too-large"  #: a message over a size limit; fatal
+TRUNCATED = "truncated"  #: EOF in the middle of a message; fatal
+BAD_MESSAGE = "bad-message"  #: well framed, but not a map or a field is missing/mistyped
+UNKNOWN_OP = "unknown-op"  #: a request naming an operation this version does not have
+HELLO_REQUIRED = "hello-required"  #: a request before a successful Hello
+UNSUPPORTED_VERSION = "unsupported-version"  #: no protocol version in common
+DUPLICATE_ID = "duplicate-id"  #: a request reusing the id of one still outstanding
+UNKNOWN_ID = "unknown-id"  #: (client side) a reply to no outstanding request
+
+# Sent by the server application.
+OUT_OF_RANGE = "out-of-range"  #: the range runs past the guest memory size
+IO_ERROR = "io-error"  #: reading the pages failed; ``errno`` says how
+SHUTTING_DOWN = "shutting-down"  #: the daemon is stopping; the request will not complete
+TOO_MANY_ERRORS = "too-many-errors"  #: the server gives up on a misbehaving client
+CANCELLED = "cancelled"  #: the request was abandoned by the server
+
+#: Codes after which the byte stream cannot be trusted: the connection is dead.
+FATAL = frozenset({BAD_FRAME, TOO_LARGE, TRUNCATED})
+
+#: Every code this version defines.  Peers must accept codes outside this set
+#: (a newer server may add some) and treat them as a failure of that request.
+ALL = frozenset(
+    {
+        BAD_FRAME,
+        TOO_LARGE,
+        TRUNCATED,
+        BAD_MESSAGE,
+        UNKNOWN_OP,
+        HELLO_REQUIRED,
+        UNSUPPORTED_VERSION,
+        DUPLICATE_ID,
+        UNKNOWN_ID,
+        OUT_OF_RANGE,
+        IO_ERROR,
+        SHUTTING_DOWN,
+        TOO_MANY_ERRORS,
+        CANCELLED,
+    }
+)
