@@ -1,0 +1,184 @@
+"""The ``index.msgpack`` file of a pages checkpoint: encoding, and strict decoding.
+
+The index is input from outside, so decoding trusts nothing: msgpack limits are
+sized to the file, map keys must be strings, every field is type- and
+range-checked, and each problem is reported as one line saying what is wrong.
+The caller (:mod:`loader.checkpoint`) adds the file's path and checks the ranges
+themselves against the pages file with :meth:`Layout.validate`.
+See ``docs/FORMAT.md`` for the format, field by field.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "FORMAT",
+    "INDEX_NAME",
+    "MAX_INDEX_BYTES",
+    "PAGES_NAME",
+    "VERSION",
+    "CheckpointError",
+    "IndexFields",
+    "decode_index",
+    "encode_index",
+    "looks_like_index",
+]
+
+FORMAT = "pageload-checkpoint"  #: value of the ``"format"`` field, the file's magic
+VERSION = 1  #: the one format version this code reads and writes
+INDEX_NAME = "index.msgpack"
+PAGES_NAME = "pages.img"
+CHECKSUM_ALGORITHM = "xxh3_64"
+MAX_INDEX_BYTES = 1 << 30  #: refuse larger index files rather than read them into memory
+_U64 = 1 << 64
+
+#: the index's first key, as msgpack writes it; used to recognise an index by content
+_MAGIC = msgpack.packb("format") + msgpack.packb(FORMAT)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used.  ``str()`` is one line: ``"<path>: <what is wrong>"``.
+
+    Raised for bad input (a malformed index, a missing or short pages file, an
+    image whose size is not a whole number of pages) and for I/O errors on the
+    checkpoint's files.  ``path`` is the file at fault, ``problem`` the rest.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        problem = " ".join(problem.split())  # one line, whatever the cause said
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class IndexFields:
+    """The checked contents of an index (ranges not yet checked against each other)."""
+
+    page_size: int
+    memory_size: int
+    pages_size: int
+    ranges: list[tuple[int, int, int]]
+    chunk_size: int
+    checksums: array[int]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_index(fields: IndexFields) -> bytes:
+    """The index file's bytes for ``fields``; ``"format"`` comes first (see :func:`looks_like_index`)."""
+    return msgpack.packb(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "page_size": fields.page_size,
+            "memory_size": fields.memory_size,
+            "pages_size": fields.pages_size,
+            "ranges": [list(r) for r in fields.ranges],
+            "checksum": CHECKSUM_ALGORITHM,
+            "chunk_size": fields.chunk_size,
+            "checksums": list(fields.checksums),
+            "source": fields.source,
+        }
+    )
+
+
+def looks_like_index(head: bytes) -> bool:
+    """Whether a file starting with ``head`` (its first 64 bytes or so) is an index we wrote."""
+    return _MAGIC in head[:48]
+
+
+def decode_index(data: bytes) -> IndexFields:
+    """Parse and check an index; raises ``ValueError`` with a one-line reason."""
+    n = len(data)
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData:
+        raise ValueError("not an index: trailing bytes after the msgpack map") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if n == 0:
+            raise ValueError("empty index file") from None
+        if "incomplete" in str(exc):
+            raise ValueError("truncated index: the msgpack data ends early") from None
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else "invalid msgpack data"
+        raise ValueError(f"not a msgpack index ({detail})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"not an index: the msgpack data is {_a(type(obj).__name__)}, not a map")
+    if obj.get("format") != FORMAT:
+        raise ValueError(f'not a pageload checkpoint index (no "format": "{FORMAT}" field)')
+    version = _int(obj, "version")
+    if version != VERSION:
+        raise ValueError(f"unsupported format version {version} (this pageload reads version {VERSION})")
+    page_size = _int(obj, "page_size", minimum=1)
+    memory_size = _int(obj, "memory_size")
+    pages_size = _int(obj, "pages_size")
+    chunk_size = _int(obj, "chunk_size", minimum=1)
+    if chunk_size % page_size:
+        raise ValueError(f"chunk_size {chunk_size} is not a multiple of the page size {page_size}")
+    algorithm = obj.get("checksum")
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r} (expected {CHECKSUM_ALGORITHM!r})")
+    ranges = _ranges(_field(obj, "ranges", list))
+    checksums = _checksums(_field(obj, "checksums", list))
+    source = obj.get("source", {})
+    if not isinstance(source, dict):
+        raise ValueError(f"field 'source' is {_a(type(source).__name__)}, not a map")
+    return IndexFields(page_size, memory_size, pages_size, ranges, chunk_size, checksums, source)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in obj:
+        raise ValueError(f"missing field {name!r}")
+    value = obj[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {name!r} is {_a(type(value).__name__)}, not {_a(kind.__name__)}")
+    return value
+
+
+def _int(obj: dict[str, Any], name: str, minimum: int = 0) -> int:
+    value: int = _field(obj, name, int)
+    if not minimum <= value < _U64:
+        raise ValueError(f"field {name!r} is {value}, outside [{minimum}, 2**64)")
+    return value
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U64
+
+
+def _ranges(items: list[Any]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, list) and len(item) == 3 and all(_is_u64(v) for v in item)):
+            raise ValueError(
+                f"ranges[{i}] is {item!r:.60}, not [memory offset, length, pages-file offset] "
+                "(three integers in [0, 2**64))"
+            )
+        out.append((item[0], item[1], item[2]))
+    return out
+
+
+def _checksums(items: list[Any]) -> array[int]:
+    if not all(_is_u64(v) for v in items):
+        bad = next(i for i, v in enumerate(items) if not _is_u64(v))
+        raise ValueError(f"checksums[{bad}] is {items[bad]!r:.40}, not an integer in [0, 2**64)")
+    return array("Q", items)

@@ -1,0 +1,393 @@
+"""The checkpoints the daemon restores from, opened, inspected, verified and created.
+
+Two kinds (``docs/FORMAT.md`` describes both, field by field):
+
+``raw``
+    A raw guest memory image, Firecracker style: memory from offset 0, file
+    offset == memory offset, memory size == file size.  Sparse-file holes
+    (``SEEK_DATA``/``SEEK_HOLE``) are zero pages and are left out of the layout.
+``pages``
+    Our own: a directory with ``pages.img`` (only the non-zero pages, back to
+    back, page-aligned, no header) and ``index.msgpack`` (the range table and one
+    xxh3_64 checksum per chunk of ``pages.img``).
+
+:func:`open_checkpoint` tells them apart and validates everything that can be
+checked without reading the page data; :func:`verify_checkpoint` reads it all.
+Every problem with the input is a :class:`CheckpointError` whose message is one
+line naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from array import array
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import xxhash
+
+from ._create import READ_SIZE, CreateReport, create_checkpoint
+from ._index import (
+    CHECKSUM_ALGORITHM,
+    INDEX_NAME,
+    MAX_INDEX_BYTES,
+    PAGES_NAME,
+    CheckpointError,
+    decode_index,
+    looks_like_index,
+)
+from ._raw import data_extents
+from .layout import Layout, LayoutError
+from .units import human
+
+__all__ = [
+    "BadChunk",
+    "Checkpoint",
+    "CheckpointError",
+    "CreateReport",
+    "VerifyReport",
+    "create_checkpoint",
+    "format_inspection",
+    "inspect_checkpoint",
+    "open_checkpoint",
+    "verify_checkpoint",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Checkpoint:
+    """An opened, validated checkpoint.  Holds no open file: see :meth:`open_pages`."""
+
+    kind: str  #: ``"raw"`` or ``"pages"``
+    path: str  #: as given to :func:`open_checkpoint`
+    pages_path: str  #: the file page data is read from (the image itself for raw)
+    layout: Layout  #: validated against the pages file's size
+    chunk_size: int | None  #: pages kind only: bytes of ``pages.img`` per checksum
+    checksums: array[int] | None  #: pages kind only: xxh3_64 of each chunk
+    pages_size: int = 0  #: size of the pages file when it was opened
+    index_path: str | None = None  #: pages kind only
+    source: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  #: what the index says about its origin
+
+    def open_pages(self, direct: bool = False) -> int:
+        """Open the pages file read-only (``O_CLOEXEC``, and ``O_DIRECT`` if ``direct``).
+
+        Returns the file descriptor; the caller owns it and must close it.  Raises
+        :class:`CheckpointError` if the file cannot be opened (``O_DIRECT`` is
+        refused by some file systems, tmpfs among them).
+        """
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+        try:
+            return os.open(self.pages_path, flags)
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+            if direct and exc.errno == errno.EINVAL:
+                what = "O_DIRECT is not supported for this file (file system refuses it)"
+            raise CheckpointError(self.pages_path, what) from None
+
+    def memory_spans(self, file_lo: int, file_hi: int) -> list[tuple[int, int]]:
+        """The memory spans whose data lies in pages-file bytes [file_lo, file_hi), merged."""
+        layout = self.layout
+        order = sorted(range(len(layout)), key=layout.file.__getitem__)
+        starts = [layout.file[i] for i in order]
+        spans: list[tuple[int, int]] = []
+        k = max(bisect_right(starts, file_lo) - 1, 0)
+        while k < len(order) and starts[k] < file_hi:
+            i = order[k]
+            lo = max(file_lo, layout.file[i])
+            hi = min(file_hi, layout.file[i] + layout.length[i])
+            if lo < hi:
+                mem_lo = layout.mem[i] + lo - layout.file[i]
+                mem_hi = mem_lo + hi - lo
+                if spans and spans[-1][1] == mem_lo:
+                    spans[-1] = (spans[-1][0], mem_hi)
+                else:
+                    spans.append((mem_lo, mem_hi))
+            k += 1
+        return spans
+
+
+def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
+    """Open and validate the checkpoint at ``path``, without reading its page data.
+
+    ``path`` may be a pages checkpoint directory, its ``index.msgpack`` (any file
+    whose name ends in ``.msgpack`` or whose content starts like our index), or a
+    raw memory image (anything else).  ``page_size`` applies to raw images; a
+    pages checkpoint records its own.  Raw images are scanned for holes with
+    ``SEEK_DATA``; pages checkpoints have their index decoded and checked (fields,
+    types, version, ranges sorted, aligned, in bounds, not overlapping) and the
+    pages file's size and the checksum count checked against it.
+
+    Raises :class:`CheckpointError` (one line, naming the file) on any problem.
+    """
+    if os.path.isdir(path):
+        return _open_pages(path, os.path.join(path, INDEX_NAME))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    if path.endswith(".msgpack") or looks_like_index(head):
+        return _open_pages(path, path)
+    return _open_raw(path, page_size)
+
+
+def _open_raw(path: str, page_size: int) -> Checkpoint:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(path, "not a regular file")
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise CheckpointError(path, f"page size {page_size} is not a power of two")
+        if st.st_size == 0:
+            raise CheckpointError(path, "empty image (0 bytes)")
+        if st.st_size % page_size:
+            raise CheckpointError(
+                path, f"image size {st.st_size} is not a multiple of the page size {page_size}"
+            )
+        try:
+            extents = data_extents(fd, st.st_size, page_size)
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot find its holes: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    layout = Layout(st.st_size, page_size, ((s, e - s, s) for s, e in extents))
+    _validate(layout, path, st.st_size)
+    return Checkpoint("raw", path, path, layout, None, None, pages_size=st.st_size)
+
+
+def _open_pages(path: str, index_path: str) -> Checkpoint:
+    try:
+        with open(index_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise CheckpointError(
+                    index_path, f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit"
+                )
+            data = f.read(size + 1)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and index_path != path:
+            raise CheckpointError(index_path, "missing: this directory is not a pages checkpoint") from None
+        raise CheckpointError(index_path, exc.strerror or str(exc)) from None
+    try:
+        fields = decode_index(data)
+    except ValueError as exc:
+        raise CheckpointError(index_path, str(exc)) from None
+    layout = Layout(fields.memory_size, fields.page_size, fields.ranges)
+    _validate(layout, index_path, fields.pages_size)
+    pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)
+    try:
+        pages_size = os.stat(pages_path).st_size
+    except FileNotFoundError:
+        raise CheckpointError(
+            pages_path, f"pages file missing (the index {index_path} needs {fields.pages_size} bytes)"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(pages_path, exc.strerror or str(exc)) from None
+    if pages_size != fields.pages_size:
+        shorter = "shorter" if pages_size < fields.pages_size else "longer"
+        raise CheckpointError(
+            pages_path,
+            f"pages file is {shorter} than the index says: {pages_size} bytes, not {fields.pages_size}",
+        )
+    expected = -(-fields.pages_size // fields.chunk_size)
+    if len(fields.checksums) != expected:
+        raise CheckpointError(
+            index_path,
+            f"{len(fields.checksums)} checksums for a {fields.pages_size}-byte pages file in "
+            f"{fields.chunk_size}-byte chunks (expected {expected})",
+        )
+    return Checkpoint(
+        "pages",
+        path,
+        pages_path,
+        layout,
+        fields.chunk_size,
+        fields.checksums,
+        pages_size=pages_size,
+        index_path=index_path,
+        source=MappingProxyType(dict(fields.source)),
+    )
+
+
+def _validate(layout: Layout, path: str, pages_size: int) -> None:
+    try:
+        layout.validate(pages_size)
+    except LayoutError as exc:
+        raise CheckpointError(path, str(exc)) from None
+
+
+def inspect_checkpoint(path: str) -> dict[str, Any]:
+    """Facts about the checkpoint at ``path``, as a JSON-ready dict (see FORMAT.md).
+
+    Opens it like :func:`open_checkpoint` (so it validates, and raises
+    :class:`CheckpointError` the same way) but reads no page data.
+    ``zero_bytes_skipped`` is memory not stored: holes and dropped zero pages.
+    """
+    ckpt = open_checkpoint(path)
+    layout = ckpt.layout
+    info: dict[str, Any] = {
+        "path": ckpt.path,
+        "kind": ckpt.kind,
+        "pages_path": ckpt.pages_path,
+        "page_size": layout.page_size,
+        "memory_size": layout.memory_size,
+        "data_bytes": layout.data_bytes,
+        "zero_bytes_skipped": layout.memory_size - layout.data_bytes,
+        "ranges": len(layout),
+        "largest_range": max(layout.length, default=0),
+        "range_table_bytes": layout.table_bytes(),
+        "pages_file_size": ckpt.pages_size,
+    }
+    if ckpt.kind == "raw":
+        info.update(hole_bytes=layout.memory_size - layout.data_bytes, checksum=None)
+    else:
+        assert ckpt.checksums is not None
+        info.update(
+            index_path=ckpt.index_path,
+            hole_bytes=ckpt.source.get("hole_bytes"),
+            zero_page_bytes=ckpt.source.get("zero_page_bytes"),
+            checksum=CHECKSUM_ALGORITHM,
+            chunk_size=ckpt.chunk_size,
+            chunks=len(ckpt.checksums),
+            source=dict(ckpt.source),
+        )
+    return info
+
+
+def format_inspection(info: dict[str, Any]) -> list[str]:
+    """:func:`inspect_checkpoint`'s dict as human-readable lines."""
+    lines = [
+        f"{info['path']}: {info['kind']} checkpoint",
+        f"  memory size        {human(info['memory_size'])} ({info['memory_size']} bytes, "
+        f"{info['page_size']}-byte pages)",
+        f"  data               {human(info['data_bytes'])} in {info['ranges']} ranges "
+        f"(largest {human(info['largest_range'])})",
+        f"  zero, not stored   {human(info['zero_bytes_skipped'])}",
+    ]
+    if info.get("hole_bytes") is not None:
+        lines[-1] += f" (holes {human(info['hole_bytes'])}"
+        if info.get("zero_page_bytes") is not None:
+            lines[-1] += f", zero pages {human(info['zero_page_bytes'])}"
+        lines[-1] += ")"
+    lines.append(f"  pages file         {info['pages_path']} ({info['pages_file_size']} bytes)")
+    if info["checksum"]:
+        lines.append(
+            f"  checksums          {info['chunks']} x {info['checksum']} over "
+            f"{human(info['chunk_size'])} chunks"
+        )
+    else:
+        lines.append("  checksums          none (raw image)")
+    lines.append(f"  range table        {human(info['range_table_bytes'])} in memory")
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class BadChunk:
+    """A chunk of ``pages.img`` whose checksum does not match."""
+
+    index: int
+    file_offset: int
+    length: int
+    expected: int
+    actual: int | None  #: None if the chunk could not be read in full
+    memory: tuple[tuple[int, int], ...]  #: memory spans whose data is in this chunk
+
+    def describe(self) -> str:
+        mem = ", ".join(f"{lo:#x}-{hi:#x}" for lo, hi in self.memory) or "none"
+        got = "short read" if self.actual is None else f"{self.actual:#018x}"
+        return (
+            f"chunk {self.index} (pages file {self.file_offset:#x}+{self.length:#x}): "
+            f"expected {self.expected:#018x}, got {got}; memory {mem}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :func:`verify_checkpoint` found.  ``ok`` is False only if data is corrupt."""
+
+    path: str
+    kind: str
+    verified: bool  #: False for raw images, which carry no checksums
+    chunks: int
+    bytes_checked: int
+    bad_chunks: tuple[BadChunk, ...]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_chunks
+
+    def lines(self) -> list[str]:
+        if not self.verified:
+            return [f"{self.path}: raw image: it carries no checksums, so there is nothing to verify"]
+        if self.ok:
+            return [
+                f"{self.path}: ok: {self.chunks} chunks, {human(self.bytes_checked)} checked "
+                f"in {self.seconds:.2f} s"
+            ]
+        return [
+            f"{self.path}: CORRUPT: {len(self.bad_chunks)} of {self.chunks} chunks do not match",
+            *(f"  {bad.describe()}" for bad in self.bad_chunks),
+        ]
+
+
+def verify_checkpoint(path: str) -> VerifyReport:
+    """Read all of ``pages.img`` and check every chunk's xxh3_64 against the index.
+
+    Reads sequentially with one bounded buffer.  Each mismatching chunk is listed
+    with the memory ranges it holds.  A raw image has no checksums: the report
+    says so (``verified`` False, ``ok`` True).  Raises :class:`CheckpointError` if
+    the checkpoint is invalid or cannot be read.
+    """
+    started = time.perf_counter()
+    ckpt = open_checkpoint(path)
+    if ckpt.kind == "raw" or ckpt.checksums is None or ckpt.chunk_size is None:
+        return VerifyReport(path, ckpt.kind, False, 0, 0, (), time.perf_counter() - started)
+    chunk_size, size = ckpt.chunk_size, ckpt.pages_size
+    buf = bytearray(min(READ_SIZE, chunk_size, max(size, 1)))
+    view = memoryview(buf)
+    hasher = xxhash.xxh3_64()
+    bad: list[BadChunk] = []
+    fd = ckpt.open_pages()
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for i, expected in enumerate(ckpt.checksums):
+            lo = i * chunk_size
+            hi = min(lo + chunk_size, size)
+            hasher.reset()
+            complete = _hash_span(fd, ckpt.pages_path, view, hasher, lo, hi)
+            actual = hasher.intdigest() if complete else None
+            if actual != expected:
+                bad.append(BadChunk(i, lo, hi - lo, expected, actual, tuple(ckpt.memory_spans(lo, hi))))
+    finally:
+        os.close(fd)
+    return VerifyReport(
+        path, ckpt.kind, True, len(ckpt.checksums), size, tuple(bad), time.perf_counter() - started
+    )
+
+
+def _hash_span(fd: int, path: str, view: memoryview, hasher: Any, lo: int, hi: int) -> bool:
+    off = lo
+    while off < hi:
+        want = min(len(view), hi - off)
+        try:
+            n = os.preadv(fd, [view[:want]], off)
+        except OSError as exc:
+            raise CheckpointError(path, f"read error at offset {off}: {exc.strerror or exc}") from None
+        if n == 0:
+            return False
+        hasher.update(view[:n])
+        off += n
+    return True
