@@ -26,7 +26,7 @@ import msgpack
 
 from . import codes
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import ErrorReply, Event, Hello, HelloReply, Reply, ReplyEvent, Request, RequestEvent
+from ._events import Event, Hello, HelloReply, Reply, ReplyEvent, Request, RequestEvent
 from ._wire import (
     ENCODERS,
     REPLIES,
@@ -195,7 +195,10 @@ class _Connection:
             self._unpacker.feed(chunk)
         except msgpack.BufferFull:
             self._error = RemoteProtocolError(
-                codes.TOO_LARGE, f"a message is larger than {self.max_buffer_size} bytes", None, True
+                codes.TOO_LARGE,
+                f"a message is larger than {self.max_buffer_size} bytes",
+                None,
+                True,
             )
             return
         self._fed += len(chunk)
@@ -454,7 +457,9 @@ class ClientConnection(_Connection):
         try:
             return self._outstanding.pop(id)
         except KeyError:
-            raise self._reject(codes.UNKNOWN_ID, f"a reply to request {id}, which is not outstanding", id) from None
+            raise self._reject(
+                codes.UNKNOWN_ID, f"a reply to request {id}, which is not outstanding", id
+            ) from None
 
     def _receive(self, message: Any) -> Event:
         if type(message) is not dict:
@@ -465,7 +470,11 @@ class ClientConnection(_Connection):
             raw_id = message.get("re", 0)
             id = None if raw_id is None else read_id(message, "re")
             if id is None and raw_id is not None:
-                raise self._reject(codes.BAD_MESSAGE, f"an error reply needs re: nil or an id, not {raw_id!r}", None)
+                raise self._reject(
+                    codes.BAD_MESSAGE,
+                    f"an error reply needs re: nil or an id, not {raw_id!r}",
+                    None,
+                )
             expected = None if id is None else self._answer(id)
             try:
                 event = decode(error_reply, message, id, "error reply")
@@ -478,13 +487,17 @@ class ClientConnection(_Connection):
         id = read_id(message, "re")
         if id is None:
             raise self._reject(
-                codes.BAD_MESSAGE, f"a reply needs re, a request id, not {message.get('re')!r}", None
+                codes.BAD_MESSAGE,
+                f"a reply needs re, a request id, not {message.get('re')!r}",
+                None,
             )
         expected = self._answer(id)
         ok = message.get("ok")
         decoder = REPLIES.get(ok) if type(ok) is str else None
         if decoder is None:
-            raise self._reject(codes.BAD_MESSAGE, f"a reply needs an ok kind or err, not ok={ok!r}", id)
+            raise self._reject(
+                codes.BAD_MESSAGE, f"a reply needs an ok kind or err, not ok={ok!r}", id
+            )
         try:
             reply = decode(decoder, message, id, f"{ok} reply")
         except RemoteProtocolError:
@@ -493,7 +506,9 @@ class ClientConnection(_Connection):
         answers = reply.answers  # type: ignore[attr-defined]
         if answers is not expected:
             what = expected.__name__ if expected is not None else "?"
-            raise self._reject(codes.BAD_MESSAGE, f"{type(reply).__name__} cannot answer {what} {id}", id)
+            raise self._reject(
+                codes.BAD_MESSAGE, f"{type(reply).__name__} cannot answer {what} {id}", id
+            )
         if type(reply) is HelloReply:
             if reply.version not in self._offered or reply.version not in SUPPORTED_VERSIONS:
                 self._hello = _NONE
@@ -529,4 +544,3 @@ class ClientConnection(_Connection):
             self._offered = event.versions
         self._outstanding[id] = type(event)
         return self._sent(data)
-

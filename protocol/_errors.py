@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class ProtocolError(Exception):
     """Base of every error the ``protocol`` package raises."""
 

@@ -13,7 +13,7 @@ exactly one reply carrying the same ``id``, in any order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeAlias
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
@@ -37,7 +37,9 @@ def _bound(limit: int) -> str:
 
 def _check_uint(what: str, value: object, limit: int, minimum: int = 0) -> None:
     if not _is_int(value) or not minimum <= value < limit:  # type: ignore[operator]
-        raise LocalProtocolError(f"{what} must be an int in [{minimum}, {_bound(limit)}), not {value!r}")
+        raise LocalProtocolError(
+            f"{what} must be an int in [{minimum}, {_bound(limit)}), not {value!r}"
+        )
 
 
 def _check_id(value: object) -> None:
@@ -119,7 +121,9 @@ class Hello(Request):
         for v in self.versions:
             _check_uint("a version", v, MAX_VERSION, 1)
         if not isinstance(self.client, str) or len(self.client) > MAX_CLIENT_NAME:
-            raise LocalProtocolError(f"client must be a str of at most {MAX_CLIENT_NAME} characters")
+            raise LocalProtocolError(
+                f"client must be a str of at most {MAX_CLIENT_NAME} characters"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +270,9 @@ class ErrorReply(Reply):
         if self.id is not None:
             _check_id(self.id)
         if not isinstance(self.code, str) or not 1 <= len(self.code) <= MAX_CODE:
-            raise LocalProtocolError(f"code must be a str of 1 to {MAX_CODE} characters, not {self.code!r}")
+            raise LocalProtocolError(
+                f"code must be a str of 1 to {MAX_CODE} characters, not {self.code!r}"
+            )
         if not isinstance(self.message, str):
             raise LocalProtocolError(f"message must be a str, not {type(self.message).__name__}")
         if self.errno is not None:
@@ -278,5 +284,7 @@ class ErrorReply(Reply):
         return cls(error.id, error.code, error.message)
 
 
-RequestEvent = Union[Hello, Wait, Prefetch, GetStats, GetMemoryFd]
-ReplyEvent = Union[HelloReply, Loaded, Accepted, StatsReply, MemoryFdReply, ErrorReply]
+#: Any request (for annotations and match statements).
+RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd
+#: Any reply.
+ReplyEvent: TypeAlias = HelloReply | Loaded | Accepted | StatsReply | MemoryFdReply | ErrorReply

@@ -11,7 +11,8 @@ framed) and take the already-validated id so that the error can carry it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import codes
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -78,7 +79,6 @@ def _hello(m: Wire, id: int) -> Hello:
 
 def _hello_reply(m: Wire, id: int) -> HelloReply:
     return HelloReply(id, m["v"], m["size"], m["page"], m["done"])
-
 
 
 def error_reply(m: Wire, id: int | None) -> ErrorReply:

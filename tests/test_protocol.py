@@ -1,0 +1,691 @@
+"""The sans-I/O protocol: plain synchronous tests, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+import protocol
+from protocol import (
+    CLOSED,
+    NEED_DATA,
+    SUPPORTED_VERSIONS,
+    Accepted,
+    ClientConnection,
+    ErrorReply,
+    GetMemoryFd,
+    GetStats,
+    Hello,
+    HelloReply,
+    Loaded,
+    LocalProtocolError,
+    MemoryFdReply,
+    Prefetch,
+    ProtocolError,
+    RemoteProtocolError,
+    ServerConnection,
+    StatsReply,
+    Wait,
+    codes,
+    negotiate,
+)
+
+HELLO_REPLY = HelloReply(0, 1, 1 << 30, 4096, False)
+
+
+def drain(conn: Any) -> list[Any]:
+    """Every event buffered in ``conn``, up to NEED_DATA or CLOSED (not included)."""
+    events: list[Any] = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA or event is CLOSED:
+            return events
+        events.append(event)
+
+
+def handshake() -> tuple[ClientConnection, ServerConnection]:
+    client, server = ClientConnection(), ServerConnection()
+    server.receive_data(client.send(Hello(0, (1,), "test")))
+    assert drain(server) == [Hello(0, (1,), "test")]
+    client.receive_data(server.send(HELLO_REPLY))
+    assert drain(client) == [HELLO_REPLY]
+    return client, server
+
+
+def feed_server(data: bytes, server: ServerConnection | None = None) -> ServerConnection:
+    """A server past the handshake (Hello id 0) that has received ``data``."""
+    if server is None:
+        server = ServerConnection()
+    if server.version is None:
+        server.receive_data(packb({"op": "hello", "id": 0, "v": [1]}))
+        assert drain(server) == [Hello(0, (1,))]
+        server.send(HELLO_REPLY)
+    if data:  # b"" would mean EOF
+        server.receive_data(data)
+    return server
+
+
+def packb(obj: object) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def remote_error(conn: Any) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as info:
+        conn.next_event()
+    return info.value
+
+
+# ---------------------------------------------------------------- public surface
+
+
+def test_public_surface() -> None:
+    assert sorted(protocol.__all__) == sorted(
+        [
+            "CLOSED",
+            "NEED_DATA",
+            "SUPPORTED_VERSIONS",
+            "Accepted",
+            "ClientConnection",
+            "ConnectionStatistics",
+            "ErrorReply",
+            "Event",
+            "GetMemoryFd",
+            "GetStats",
+            "Hello",
+            "HelloReply",
+            "Loaded",
+            "LocalProtocolError",
+            "Marker",
+            "MemoryFdReply",
+            "Prefetch",
+            "ProtocolError",
+            "RemoteProtocolError",
+            "Reply",
+            "ReplyEvent",
+            "Request",
+            "RequestEvent",
+            "ServerConnection",
+            "StatsReply",
+            "Wait",
+            "codes",
+            "negotiate",
+        ]
+    )
+    for name in protocol.__all__:
+        assert getattr(protocol, name) is not None
+    public = {n for n in dir(protocol) if not n.startswith("_")}
+    # Nothing public beyond __all__ except the private modules' names.
+    assert public - set(protocol.__all__) <= {"annotations"}
+
+
+def test_error_codes() -> None:
+    assert codes.ALL == {
+        "bad-frame",
+        "too-large",
+        "truncated",
+        "bad-message",
+        "unknown-op",
+        "hello-required",
+        "unsupported-version",
+        "duplicate-id",
+        "unknown-id",
+        "out-of-range",
+        "io-error",
+        "shutting-down",
+        "too-many-errors",
+        "cancelled",
+    }
+    assert codes.FATAL == {codes.BAD_FRAME, codes.TOO_LARGE, codes.TRUNCATED}
+    assert codes.OUT_OF_RANGE == "out-of-range"
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)
+
+
+def test_sentinels() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA" and repr(CLOSED) == "CLOSED"
+    assert len({NEED_DATA, CLOSED}) == 2
+
+
+# ---------------------------------------------------------------- round trips
+
+REQUESTS: list[protocol.RequestEvent] = [
+    Hello(0, (1, 2), "firecracker-vm-7"),
+    Wait(1, 0, 4096),
+    Wait(2, 2**64 - 4096, 4096),
+    Prefetch(3, 1 << 20, 1 << 30),
+    GetStats(4),
+    GetMemoryFd(2**63 - 1),
+]
+
+
+def test_requests_round_trip() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    for request in REQUESTS:
+        server.receive_data(client.send(request))
+        assert drain(server) == [request]
+    assert set(server.outstanding) == {r.id for r in REQUESTS}
+    assert set(client.outstanding) == {r.id for r in REQUESTS}
+
+
+def test_replies_round_trip() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    server.receive_data(b"".join(client.send(r) for r in REQUESTS))
+    assert drain(server) == REQUESTS
+    stats = {
+        "loaded": 12,
+        "rate": 1.5,
+        "done": False,
+        "name": "x",
+        "none": None,
+        "hist": [0, 1, 2**63],
+        "nested": {"a": [{"b": -1}]},
+    }
+    replies: list[protocol.ReplyEvent] = [
+        HelloReply(0, 1, 1 << 34, 4096, True),
+        Loaded(1),
+        ErrorReply(2, codes.IO_ERROR, "pread failed", 5),
+        Accepted(3),
+        StatsReply(4, stats),
+        MemoryFdReply(2**63 - 1, 1 << 34),
+    ]
+    for reply in replies:
+        client.receive_data(server.send(reply))
+        assert drain(client) == [reply]
+    assert not client.outstanding and not server.outstanding
+    assert client.version == server.version == 1
+
+
+def test_connection_error_reply_round_trip() -> None:
+    client, server = handshake()
+    reply = ErrorReply(None, codes.SHUTTING_DOWN, "the daemon is stopping")
+    client.receive_data(server.send(reply))
+    assert drain(client) == [reply]
+
+
+def test_wire_layout() -> None:
+    """The bytes are the documented maps (docs/PROTOCOL.md shows these in hex)."""
+    client, server = handshake()
+    wait = client.send(Wait(7, 0, 4096))
+    assert wait == packb({"op": "wait", "id": 7, "off": 0, "len": 4096})
+    assert wait.hex() == "84a26f70a477616974a2696407a36f666600a36c656ecd1000"
+    server.receive_data(wait)
+    drain(server)
+    assert server.send(Loaded(7)) == packb({"re": 7, "ok": "loaded"})
+    assert packb({"re": 7, "ok": "loaded"}).hex() == "82a2726507a26f6ba66c6f61646564"
+
+
+def test_unknown_keys_are_ignored() -> None:
+    server = feed_server(packb({"op": "wait", "id": 5, "off": 0, "len": 1, "future": [1, 2]}))
+    assert drain(server) == [Wait(5, 0, 1)]
+
+
+# ---------------------------------------------------------------- framing
+
+
+def test_one_byte_at_a_time() -> None:
+    client = ClientConnection()
+    data = b"".join(client.send(r) for r in REQUESTS)
+    whole = ServerConnection()
+    whole.receive_data(data)
+    expected = drain(whole)
+    server = ServerConnection()
+    got: list[Any] = []
+    for i in range(len(data)):
+        server.receive_data(data[i : i + 1])
+        got += drain(server)
+    assert got == expected == REQUESTS
+
+    replies: list[protocol.ReplyEvent] = [
+        HELLO_REPLY,
+        StatsReply(4, {"hist": list(range(300))}),
+        Loaded(1),
+    ]
+    out = b"".join(whole.send(r) for r in replies)
+    for i in range(len(out)):
+        client.receive_data(out[i : i + 1])
+        got += drain(client)
+    assert got[len(REQUESTS) :] == replies
+
+
+def test_pipelined_requests_in_one_chunk() -> None:
+    client = ClientConnection()
+    chunk = client.send(Hello(0, (1,))) + b"".join(
+        client.send(Wait(i, i * 4096, 4096)) for i in range(1, 101)
+    )
+    server = ServerConnection()
+    server.receive_data(chunk)
+    events = drain(server)
+    assert events == [Hello(0, (1,))] + [Wait(i, i * 4096, 4096) for i in range(1, 101)]
+    assert server.next_event() is NEED_DATA
+
+
+def test_replies_out_of_order() -> None:
+    client, server = handshake()
+    server.receive_data(b"".join(client.send(Wait(i, 0, 4096)) for i in (1, 2, 3)))
+    drain(server)
+    out = (
+        server.send(Loaded(3))
+        + server.send(ErrorReply(1, codes.CANCELLED))
+        + server.send(Loaded(2))
+    )
+    client.receive_data(out)
+    assert drain(client) == [Loaded(3), ErrorReply(1, codes.CANCELLED), Loaded(2)]
+    assert not client.outstanding
+
+
+def test_chunk_larger_than_buffer_holds_many_messages() -> None:
+    """A chunk over max_buffer_size made of small messages is not "too-large"."""
+    server = feed_server(b"", ServerConnection(max_buffer_size=64))
+    chunk = b"".join(packb({"op": "wait", "id": i, "off": 0, "len": 1}) for i in range(1, 200))
+    assert len(chunk) > 20 * 64
+    server.receive_data(chunk)
+    assert server.statistics().buffered_bytes == len(chunk)
+    assert drain(server) == [Wait(i, 0, 1) for i in range(1, 200)]
+    assert server.statistics().buffered_bytes == 0
+
+
+def test_received_buffer_may_be_reused_at_once() -> None:
+    server = feed_server(b"", ServerConnection(max_buffer_size=32))
+    chunk = b"".join(packb({"op": "wait", "id": i, "off": 0, "len": 1}) for i in range(1, 30))
+    buffer = bytearray(chunk)
+    server.receive_data(memoryview(buffer))
+    buffer[:] = b"\xc1" * len(buffer)  # the caller reuses its receive buffer
+    assert drain(server) == [Wait(i, 0, 1) for i in range(1, 30)]
+
+
+def test_message_of_exactly_max_buffer_size() -> None:
+    base = {"op": "wait", "id": 1, "off": 0, "len": 1, "pad": ""}
+    pad = 100 - len(packb(base)) - 1  # str header grows by 1 byte past 31 chars
+    message = packb({**base, "pad": "x" * pad})
+    assert len(message) == 100
+    server = feed_server(message, ServerConnection(max_buffer_size=100))
+    assert drain(server) == [Wait(1, 0, 1)]
+    over = packb({**base, "id": 2, "pad": "x" * (pad + 1)})
+    assert len(over) == 101
+    server.receive_data(over)
+    error = remote_error(server)
+    assert (error.code, error.fatal) == (codes.TOO_LARGE, True)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+NON_FATAL = [
+    # (name, bytes, code, id)
+    ("scalar int", b"\x01", codes.BAD_MESSAGE, None),
+    ("nil", b"\xc0", codes.BAD_MESSAGE, None),
+    ("array", packb([1, 2, 3]), codes.BAD_MESSAGE, None),
+    ("ext", b"\xd4\x01\x00", codes.BAD_MESSAGE, None),
+    ("no id", packb({"op": "wait", "off": 0, "len": 1}), codes.BAD_MESSAGE, None),
+    ("negative id", packb({"op": "stats", "id": -1}), codes.BAD_MESSAGE, None),
+    ("bool id", packb({"op": "stats", "id": True}), codes.BAD_MESSAGE, None),
+    ("id too big", packb({"op": "stats", "id": 2**63}), codes.BAD_MESSAGE, None),
+    ("str id", packb({"op": "stats", "id": "7"}), codes.BAD_MESSAGE, None),
+    ("no op", packb({"id": 7}), codes.BAD_MESSAGE, 7),
+    ("op not str", packb({"op": 3, "id": 7}), codes.BAD_MESSAGE, 7),
+    ("unknown op", packb({"op": "format-disk", "id": 7}), codes.UNKNOWN_OP, 7),
+    ("missing len", packb({"op": "wait", "id": 7, "off": 0}), codes.BAD_MESSAGE, 7),
+    (
+        "negative offset",
+        packb({"op": "wait", "id": 7, "off": -4096, "len": 1}),
+        codes.BAD_MESSAGE,
+        7,
+    ),
+    ("zero length", packb({"op": "prefetch", "id": 7, "off": 0, "len": 0}), codes.BAD_MESSAGE, 7),
+    ("str offset", packb({"op": "wait", "id": 7, "off": "0", "len": 1}), codes.BAD_MESSAGE, 7),
+    ("bool length", packb({"op": "wait", "id": 7, "off": 0, "len": True}), codes.BAD_MESSAGE, 7),
+    ("float length", packb({"op": "wait", "id": 7, "off": 0, "len": 1.0}), codes.BAD_MESSAGE, 7),
+    (
+        "past 2**64",
+        packb({"op": "wait", "id": 7, "off": 2**64 - 1, "len": 2}),
+        codes.BAD_MESSAGE,
+        7,
+    ),
+    ("second hello", packb({"op": "hello", "id": 7, "v": [1]}), codes.BAD_MESSAGE, 7),
+]
+
+
+@pytest.mark.parametrize("name, data, code, id", NON_FATAL, ids=[c[0] for c in NON_FATAL])
+def test_bad_message_is_not_fatal(name: str, data: bytes, code: str, id: int | None) -> None:
+    follow = packb({"op": "stats", "id": 99})
+    server = feed_server(data + follow)
+    error = remote_error(server)
+    assert (error.code, error.id, error.fatal) == (code, id, False)
+    assert error.message
+    # The bad message was consumed; the next one decodes.
+    assert drain(server) == [GetStats(99)]
+    assert server.statistics().remote_errors == 1
+    if id is not None:
+        # A rejected request stays outstanding until answered, by ErrorReply only.
+        assert id in server.outstanding
+        with pytest.raises(LocalProtocolError):
+            server.send(Loaded(id))
+        assert server.send(ErrorReply.for_error(error)) == packb(
+            {"re": id, "err": code, "msg": error.message, "errno": None}
+        )
+        assert id not in server.outstanding
+
+
+FATAL = [
+    ("0xc1", b"\xc1", codes.BAD_FRAME),
+    ("0xc1 inside a map", b"\x82\xa2op\xc1", codes.BAD_FRAME),
+    ("invalid utf-8", b"\x82\xa2op\xa2\xff\xfe\xa2id\x07", codes.BAD_FRAME),
+    ("int map key", packb({1: 2}), codes.BAD_FRAME),
+    ("invalid timestamp", b"\xd5\xff\x00\x00", codes.BAD_FRAME),
+    ("nested too deep", b"\x91" * 5000, codes.TOO_LARGE),
+    ("map too long", packb({str(i): i for i in range(100)}), codes.TOO_LARGE),
+    ("array too long", packb({"op": "hello", "id": 1, "v": list(range(1, 100))}), codes.TOO_LARGE),
+    (
+        "str too long",
+        packb({"op": "hello", "id": 1, "v": [1], "client": "x" * 2000}),
+        codes.TOO_LARGE,
+    ),
+    ("bin too long", packb({"op": "stats", "id": 1, "x": b"\0" * 2000}), codes.TOO_LARGE),
+    (
+        "over max_buffer_size",
+        packb({"op": "stats", "id": 1, "x": [["y" * 1000] * 40] * 2}),
+        codes.TOO_LARGE,
+    ),
+]
+
+
+@pytest.mark.parametrize("name, data, code", FATAL, ids=[c[0] for c in FATAL])
+@pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "bytewise"])
+def test_bad_frame_is_fatal(name: str, data: bytes, code: str, chunk: int | None) -> None:
+    server = feed_server(b"")
+    error = None
+    pieces = [data] if chunk is None else [data[i : i + 1] for i in range(len(data))]
+    for piece in pieces + [packb({"op": "stats", "id": 99})]:
+        server.receive_data(piece)
+        try:
+            drain(server)
+        except RemoteProtocolError as exc:
+            error = exc
+            break
+    assert error is not None
+    assert (error.code, error.id, error.fatal) == (code, None, True)
+    # The connection is dead: the same error again, whatever arrives later.
+    server.receive_data(packb({"op": "stats", "id": 100}))
+    again = remote_error(server)
+    assert (again.code, again.message, again.fatal) == (error.code, error.message, True)
+    assert server.statistics().failed
+    # A last connection-level ErrorReply may still be sent.
+    assert server.send(ErrorReply(None, error.code, error.message))
+
+
+def test_slow_huge_array_is_too_large() -> None:
+    """A message consumed piecemeal by the unpacker is still bounded by max_buffer_size."""
+    server = ServerConnection(max_buffer_size=256, max_array_len=10_000)
+    message = b"\xdc\x27\x10" + b"\xc0" * 10_000  # array of 10000 nils
+    error = None
+    for i in range(0, len(message), 16):
+        server.receive_data(message[i : i + 16])
+        try:
+            assert server.next_event() is NEED_DATA
+        except RemoteProtocolError as exc:
+            error = exc
+            break
+    assert error is not None and (error.code, error.fatal) == (codes.TOO_LARGE, True)
+    assert i < 1024
+
+
+def test_eof_mid_message_is_truncated() -> None:
+    data = packb({"op": "wait", "id": 1, "off": 0, "len": 4096})
+    server = feed_server(data[:-3])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"")
+    error = remote_error(server)
+    assert (error.code, error.fatal) == (codes.TRUNCATED, True)
+    assert remote_error(server).code == codes.TRUNCATED
+
+
+def test_eof_after_whole_messages_is_closed() -> None:
+    server = feed_server(packb({"op": "stats", "id": 1}))
+    server.receive_data(b"")
+    assert server.next_event() == GetStats(1)
+    assert server.next_event() is CLOSED
+    assert server.next_event() is CLOSED
+    server.receive_data(b"")  # a second EOF is harmless
+    assert server.statistics().eof
+    with pytest.raises(LocalProtocolError):
+        server.receive_data(b"more")
+    # Half-closed: replies can still be sent.
+    assert server.send(StatsReply(1, {})) == packb({"re": 1, "ok": "stats", "stats": {}})
+
+
+def test_duplicate_id() -> None:
+    server = feed_server(packb({"op": "wait", "id": 5, "off": 0, "len": 1}) * 2)
+    assert server.next_event() == Wait(5, 0, 1)
+    error = remote_error(server)
+    assert (error.code, error.id, error.fatal) == (codes.DUPLICATE_ID, None, False)
+    server.send(Loaded(5))
+    server.receive_data(packb({"op": "wait", "id": 5, "off": 0, "len": 1}))
+    assert server.next_event() == Wait(5, 0, 1)  # ids may be reused once answered
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def test_negotiate() -> None:
+    assert SUPPORTED_VERSIONS == (1,)
+    assert negotiate((1,)) == 1
+    assert negotiate((3, 1, 2)) == 1
+    assert negotiate([2, 3]) is None
+    assert negotiate(()) is None
+
+
+def test_hello_required() -> None:
+    server = ServerConnection()
+    server.receive_data(packb({"op": "wait", "id": 3, "off": 0, "len": 1}))
+    error = remote_error(server)
+    assert (error.code, error.id, error.fatal) == (codes.HELLO_REQUIRED, 3, False)
+    with pytest.raises(LocalProtocolError):
+        server.send(Loaded(3))
+    server.send(ErrorReply.for_error(error))
+    # Hello then a pipelined request before the HelloReply is sent: both fine.
+    server.receive_data(packb({"op": "hello", "id": 4, "v": [1]}) + packb({"op": "stats", "id": 5}))
+    assert drain(server) == [Hello(4, (1,)), GetStats(5)]
+    with pytest.raises(LocalProtocolError, match="before the HelloReply"):
+        server.send(StatsReply(5, {}))
+    server.send(HelloReply(4, 1, 4096, 4096, False))
+    server.send(StatsReply(5, {}))
+
+
+def test_unsupported_version_then_retry() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    server.receive_data(client.send(Hello(0, (7, 8))))
+    error = remote_error(server)
+    assert (error.code, error.id, error.fatal) == (codes.UNSUPPORTED_VERSION, 0, False)
+    assert "[7, 8]" in error.message
+    client.receive_data(server.send(ErrorReply.for_error(error)))
+    assert drain(client) == [ErrorReply(0, codes.UNSUPPORTED_VERSION, error.message)]
+    # The client may try again with other versions.
+    server.receive_data(client.send(Hello(1, (1, 7))))
+    assert drain(server) == [Hello(1, (1, 7))]
+    with pytest.raises(LocalProtocolError):
+        server.send(HelloReply(1, 7, 4096, 4096, False))  # not one the server speaks
+    client.receive_data(server.send(HelloReply(1, 1, 4096, 4096, False)))
+    assert drain(client) == [HelloReply(1, 1, 4096, 4096, False)]
+    assert client.version == server.version == 1
+
+
+def test_client_rejects_version_it_did_not_offer() -> None:
+    client = ClientConnection()
+    client.send(Hello(0, (1,)))
+    client.receive_data(
+        packb({"re": 0, "ok": "hello", "v": 2, "size": 0, "page": 4096, "done": True})
+    )
+    error = remote_error(client)
+    assert (error.code, error.id, error.fatal) == (codes.UNSUPPORTED_VERSION, 0, False)
+    assert client.version is None
+
+
+# ---------------------------------------------------------------- client-side input
+
+
+def test_client_bad_replies() -> None:
+    client, server = handshake()
+    client.send(Wait(1, 0, 4096))
+    client.send(GetStats(2))
+    client.receive_data(
+        packb({"re": 42, "ok": "loaded"})  # nobody asked
+        + packb({"re": 2, "ok": "loaded"})  # wrong type for a GetStats
+        + packb({"re": 1, "ok": "teleported"})
+        + packb({"re": None, "ok": "loaded"})
+        + packb({"re": "x", "err": "io-error"})
+        + packb([1])
+    )
+    expected = [
+        (codes.UNKNOWN_ID, 42),
+        (codes.BAD_MESSAGE, 2),
+        (codes.BAD_MESSAGE, 1),
+        (codes.BAD_MESSAGE, None),
+        (codes.BAD_MESSAGE, None),
+        (codes.BAD_MESSAGE, None),
+    ]
+    for code, id in expected:
+        error = remote_error(client)
+        assert (error.code, error.id, error.fatal) == (code, id, False)
+    # Each request counts as answered, badly.
+    assert not client.outstanding
+    assert client.next_event() is NEED_DATA
+
+
+def test_client_accepts_unknown_error_codes() -> None:
+    client, server = handshake()
+    client.send(Wait(1, 0, 4096))
+    client.receive_data(packb({"re": 1, "err": "quota-exceeded", "msg": "from a newer server"}))
+    assert drain(client) == [ErrorReply(1, "quota-exceeded", "from a newer server")]
+
+
+def test_client_bad_stats_reply() -> None:
+    client, server = handshake()
+    client.send(GetStats(1))
+    client.receive_data(packb({"re": 1, "ok": "stats", "stats": {b"bytes-key": 1}}))
+    error = remote_error(client)
+    assert (error.code, error.id) == (codes.BAD_MESSAGE, 1)
+
+
+def test_client_limits_are_roomier() -> None:
+    client, server = handshake()
+    client.send(GetStats(1))
+    server.receive_data(packb({"op": "stats", "id": 1}))
+    drain(server)
+    stats = {"histogram": list(range(50_000)), "names": ["x" * 100] * 1000}
+    reply = server.send(StatsReply(1, stats))
+    assert len(reply) > 200_000
+    client.receive_data(reply)
+    assert drain(client) == [StatsReply(1, stats)]
+
+
+# ---------------------------------------------------------------- local misuse
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Wait(1, -1, 4096),
+        lambda: Wait(1, 0, 0),
+        lambda: Wait(1, 0, -5),
+        lambda: Wait(-1, 0, 1),
+        lambda: Wait(2**63, 0, 1),
+        lambda: Wait(True, 0, 1),
+        lambda: Wait(1, 1.0, 1),  # type: ignore[arg-type]
+        lambda: Prefetch(1, 2**64 - 1, 2),
+        lambda: Hello(1, ()),
+        lambda: Hello(1, [1]),  # type: ignore[arg-type]
+        lambda: Hello(1, (0,)),
+        lambda: Hello(1, (1,), "x" * 1000),
+        lambda: HelloReply(1, 1, 4096, 3000, False),
+        lambda: HelloReply(1, 1, 4096, 4096, 0),  # type: ignore[arg-type]
+        lambda: HelloReply(1, 0, 4096, 4096, False),
+        lambda: MemoryFdReply(1, -1),
+        lambda: StatsReply(1, {"s": {1, 2}}),
+        lambda: StatsReply(1, {1: 2}),  # type: ignore[dict-item]
+        lambda: StatsReply(1, [1]),  # type: ignore[arg-type]
+        lambda: StatsReply(1, {"big": 2**64}),
+        lambda: ErrorReply(1, ""),
+        lambda: ErrorReply(1, "io-error", "x", -5),
+        lambda: ErrorReply(-1, "io-error"),
+    ],
+)
+def test_invalid_events(build: Any) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()
+
+
+def test_events_are_frozen() -> None:
+    wait = Wait(1, 0, 4096)
+    with pytest.raises(AttributeError):
+        wait.offset = 5  # type: ignore[misc]
+    assert not hasattr(wait, "__dict__")
+
+
+def test_client_misuse() -> None:
+    client = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="before Hello"):
+        client.send(Wait(1, 0, 4096))
+    with pytest.raises(LocalProtocolError, match="cannot send"):
+        client.send(Loaded(1))  # type: ignore[arg-type]
+    client.send(Hello(0, (1,)))
+    with pytest.raises(LocalProtocolError, match="already sent"):
+        client.send(Hello(1, (1,)))
+    client.send(Wait(1, 0, 4096))
+    with pytest.raises(LocalProtocolError, match="outstanding"):
+        client.send(Wait(1, 4096, 4096))
+    with pytest.raises(LocalProtocolError):
+        client.send(Hello(0, (1,), "\udcff"))  # not encodable; nothing sent
+    assert set(client.outstanding) == {0, 1}
+    assert client.statistics().messages_sent == 2
+
+
+def test_server_misuse() -> None:
+    client, server = handshake()
+    with pytest.raises(LocalProtocolError, match="cannot send"):
+        server.send(Wait(1, 0, 4096))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="no request 9"):
+        server.send(Loaded(9))
+    server.receive_data(client.send(GetStats(9)))
+    drain(server)
+    with pytest.raises(LocalProtocolError, match="cannot answer GetStats"):
+        server.send(Loaded(9))
+    server.send(StatsReply(9, {}))
+    with pytest.raises(LocalProtocolError, match="no request 9"):
+        server.send(StatsReply(9, {}))  # answered once only
+
+
+def test_max_send_size() -> None:
+    client, server = handshake()
+    server.receive_data(client.send(GetStats(1)))
+    drain(server)
+    with pytest.raises(LocalProtocolError, match="max_send_size"):
+        server.send(StatsReply(1, {"x": "y" * (2 << 20)}))
+    assert 1 in server.outstanding  # nothing was sent
+    server.send(StatsReply(1, {"x": "small"}))
+
+
+def test_bad_limits() -> None:
+    with pytest.raises(ValueError):
+        ServerConnection(max_buffer_size=0)
+
+
+def test_statistics() -> None:
+    client, server = handshake()
+    data = client.send(Wait(1, 0, 4096))
+    server.receive_data(data[:5])
+    stats = server.statistics()
+    assert stats.role == "server" and stats.version == 1
+    assert stats.buffered_bytes == 5
+    assert stats.messages_received == 1 and stats.messages_sent == 1
+    assert stats.outstanding == 0
+    server.receive_data(data[5:])
+    drain(server)
+    stats = server.statistics()
+    assert stats.buffered_bytes == 0 and stats.outstanding == 1
+    assert (
+        stats.bytes_received == server.statistics().bytes_received == client.statistics().bytes_sent
+    )
+    assert not stats.eof and not stats.failed
