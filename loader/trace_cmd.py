@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     gen.add_argument(
         "--idle-ms", type=float, default=20.0, help="bursty: mean idle gap in ms (default 20)"
     )
+    gen.add_argument(
+        "--image",
+        default=None,
+        help="checkpoint or raw image: faults land only on its data, not its holes "
+        "(its memory size replaces --memory-size)",
+    )
     _add_form(gen)
     gen.set_defaults(func=_gen)
 
@@ -142,6 +148,14 @@ def _gen(args: argparse.Namespace) -> int:
     from loader.tracegen import GRANULARITIES, generate
 
     def body() -> int:
+        layout = None
+        if args.image is not None:
+            from loader.checkpoint import CheckpointError, open_checkpoint
+
+            try:
+                layout = open_checkpoint(args.image).layout
+            except CheckpointError as exc:
+                return _fail(str(exc))
         try:
             trace = generate(
                 args.kind,
@@ -156,6 +170,7 @@ def _gen(args: argparse.Namespace) -> int:
                 zipf_s=args.zipf_s,
                 burst=args.burst,
                 idle_us=args.idle_ms * 1000.0,
+                layout=layout,
             )
         except ValueError as exc:
             return _fail(f"trace gen {args.kind}: {exc}")

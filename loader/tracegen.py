@@ -12,7 +12,9 @@ Timestamps: every kind but ``bursty`` paces faults at a constant ``rate`` (fault
 ``rate`` separated by idle gaps (see :func:`bursty`).
 
 A generator returns the granule index of each fault; :func:`generate` turns them
-into a :class:`~loader.traces.Trace`.
+into a :class:`~loader.traces.Trace`.  Given an image's layout, :func:`generate`
+draws offsets in its data space (the data ranges end to end, holes left out) and
+:func:`onto_layout` places them in memory, so faults land only on data.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from __future__ import annotations
 import math
 import random
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from loader.traces import Trace
 
-__all__ = ["KINDS", "generate", "GRANULARITIES"]
+if TYPE_CHECKING:
+    from loader.layout import Layout
+
+__all__ = ["KINDS", "generate", "GRANULARITIES", "onto_layout"]
 
 #: names accepted by ``--granularity``
 GRANULARITIES = {"4K": 4096, "2M": 2 << 20}
@@ -182,13 +189,33 @@ def generate(
     zipf_s: float = 1.1,
     burst: int = 64,
     idle_us: float = 20_000.0,
+    layout: Layout | None = None,
 ) -> Trace:
     """Make a trace of ``count`` faults of ``kind`` (a key of :data:`KINDS`).
 
     Sizes are in bytes: ``working_set`` is rounded down to whole granules (0 picks
     the kind's default) and ``stride`` is in granules.  ``ValueError`` for a bad
     parameter, with a message fit for the command line.
+
+    With ``layout``, ``memory_size`` is ignored: the kind runs over the layout's
+    data bytes and the result goes through :func:`onto_layout`.
     """
+    if layout is not None:
+        flat = generate(
+            kind,
+            count=count,
+            memory_size=layout.data_bytes,
+            granularity=granularity,
+            rate=rate,
+            seed=seed,
+            stride=stride,
+            phases=phases,
+            working_set=working_set,
+            zipf_s=zipf_s,
+            burst=burst,
+            idle_us=idle_us,
+        )
+        return onto_layout(flat, layout)
     try:
         make = KINDS[kind]
     except KeyError:
@@ -229,4 +256,40 @@ def generate(
         page_size=granularity,
         memory_size=units * granularity,
         source=f"<{kind} seed={seed}>",
+    )
+
+
+def onto_layout(trace: Trace, layout: Layout) -> Trace:
+    """Map offsets in ``layout``'s data space onto memory offsets of its data ranges.
+
+    Data-space offset ``d`` is byte ``d`` of the data ranges laid end to end (in
+    memory order); it maps to the same byte of its range in memory, so order and
+    adjacency within a range are kept and holes are never touched.  A fault that
+    would run past the end of its range is cut at the range's end.  The result's
+    ``memory_size`` and ``page_size`` are the layout's.  ``ValueError`` if an offset
+    is past the layout's data.
+    """
+    prefix = array("Q")
+    total = 0
+    for n in layout.length:
+        prefix.append(total)
+        total += n
+    offset = array("Q")
+    length = array("Q")
+    for d, n in zip(trace.offset, trace.length, strict=True):
+        i = bisect_right(prefix, d) - 1
+        into = d - prefix[i]
+        if i < 0 or into >= layout.length[i]:
+            raise ValueError(
+                f"{trace.source}: offset {d:#x} is past the image's {total} data bytes"
+            )
+        offset.append(layout.mem[i] + into)
+        length.append(min(n, layout.length[i] - into))
+    return Trace(
+        array("Q", trace.t_us),
+        offset,
+        length,
+        page_size=layout.page_size,
+        memory_size=layout.memory_size,
+        source=trace.source,
     )

@@ -12,8 +12,9 @@ import pytest
 
 from loader import trace_cmd
 from loader.cli import main as cli_main
+from loader.layout import Layout
 from loader.perfimport import fold_addresses, import_perf_script, parse_perf_script
-from loader.tracegen import KINDS, generate
+from loader.tracegen import KINDS, generate, onto_layout
 from loader.traces import Fault, Trace, TraceError, detect_form, load_trace, parse_text, save_trace
 
 DATA = Path(__file__).parent / "data"
@@ -473,3 +474,55 @@ def test_cli_registers_trace_subcommands() -> None:
     )
     assert args.memory_size == 2 << 30 and args.granularity == "2M" and callable(args.func)
     assert math.isclose(parser.parse_args(["trace", "gen", "bursty", "o"]).idle_ms, 20.0)
+
+
+# -- generating against an image's layout --------------------------------------------------
+
+
+def holey_layout() -> Layout:
+    # data at [0, 64K), [1M, 1M+8K), [3M, 5M); holes elsewhere in 8 MiB
+    ranges = [(0, 0x10000, 0), (MiB, 0x2000, 0x10000), (3 * MiB, 2 * MiB, 0x12000)]
+    layout = Layout(8 * MiB, 4096, ranges)
+    layout.validate()
+    return layout
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_generating_against_a_layout_touches_only_data(kind: str) -> None:
+    layout = holey_layout()
+    t = generate(kind, count=5000, memory_size=0, seed=3, layout=layout)
+    assert (t.memory_size, t.page_size) == (layout.memory_size, layout.page_size)
+    for off, n in zip(t.offset, t.length, strict=True):
+        i = layout.find(off)
+        assert i >= 0, f"fault at {off:#x} is in a hole"
+        assert off + n <= layout.mem[i] + layout.length[i]
+
+
+def test_layout_mapping_keeps_order_and_cuts_at_range_ends() -> None:
+    layout = holey_layout()
+    seq = generate("sequential", count=(0x10000 + 0x2000) // 4096 + 1, memory_size=0, layout=layout)
+    assert list(seq.offset[:17]) == [i * 4096 for i in range(16)] + [MiB]
+    assert seq.offset[-1] == 3 * MiB  # past the second range, straight to the third
+    # a 2 MiB fault starting in the 64 KiB range is cut at the range's end
+    big = generate("sequential", count=1, memory_size=0, granularity=2 * MiB, layout=layout)
+    assert list(big) == [Fault(0, 0, 0x10000)]
+    # data offset 2M is 0x1ee000 into the third range, which ends 0x12000 later
+    mapped = onto_layout(Trace([0], [2 * MiB], [2 * MiB]), layout)
+    assert list(mapped) == [Fault(0, 3 * MiB + 0x1EE000, 0x12000)]
+    with pytest.raises(ValueError, match="past the image's"):
+        onto_layout(Trace([0], [layout.data_bytes], [4096]), layout)
+
+
+def test_cli_gen_against_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "mem.img"
+    image.write_bytes(b"\x01" * (256 * 1024))  # all data, no holes
+    out = tmp_path / "t.trace"
+    code, _, err = run_cli(
+        capsys, "gen", "uniform", str(out), "--image", str(image), "--count", "100"
+    )
+    assert code == 0 and err == ""
+    t = load_trace(out)
+    assert t.memory_size == 256 * 1024
+    t.check_fits()
+    code, _, err = run_cli(capsys, "gen", "uniform", str(out), "--image", str(tmp_path / "nope"))
+    assert code == 2 and err.startswith(f"pageload: {tmp_path}/nope: ") and err.count("\n") == 1
