@@ -20,7 +20,7 @@ class BackendInfo:
 _BACKENDS: dict[str, BackendInfo] = {}
 
 #: the order ``auto`` tries backends in, fastest first where measured (see docs/BENCHMARKS.md)
-AUTO_ORDER: list[str] = ["threads", "sync"]
+AUTO_ORDER: list[str] = ["threads", "uring", "sync"]
 
 
 def register(info: BackendInfo, *, auto_rank: int | None = None) -> None:
@@ -31,6 +31,11 @@ def register(info: BackendInfo, *, auto_rank: int | None = None) -> None:
 
 register(BackendInfo("threads", "aio._threads:ThreadQueue", "pool of OS threads running preadv"))
 register(BackendInfo("sync", "aio._sync:SyncQueue", "in-line reads, for debugging"))
+register(
+    BackendInfo(
+        "uring", "aio._uring:UringQueue", "io_uring ring (liburing), eventfd wakeups", "aio._probe:probe"
+    )
+)
 
 
 def backends() -> list[str]:

@@ -1,0 +1,450 @@
+"""The conformance suite every :class:`~aio.Queue` backend passes.
+
+In the spirit of ``trio.testing.check_one_way_stream``: give it a factory and it
+drives a fresh queue through the whole contract of :mod:`aio._base`::
+
+    await aio.testing.check_queue(lambda capacity: MyQueue(capacity))
+
+``make_queue(capacity)`` is called inside trio and must return a new, empty queue
+of that capacity.  Each check is also available on its own (:data:`CHECKS`, by
+name) so a test suite can report them separately.  A check raises
+:class:`AssertionError` saying what broke; it creates its own files (in
+``tempfile.gettempdir()``) and a memfd mapping, and removes them afterwards.
+
+What is checked: reads at page-aligned offsets land in the mapping and equal the
+file; readv scatters in order; short reads at end of file; errors as ``-errno``
+(``-EBADF`` for a bad descriptor; ``-EIO`` injected by
+:class:`~aio.FaultInjectingQueue` around the queue); capacity and
+:class:`~aio.QueueFull`; 1000 requests through capacity 32, each completed once;
+urgent requests; cancelled ``wait`` losing nothing; ``aclose`` with requests in
+flight (including a read blocked on an empty pipe, where the backend accepts one)
+leaving the buffers alone afterwards; :class:`~aio.QueueClosed` after close;
+:meth:`~aio.Queue.statistics` consistent with what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+
+import trio
+
+from ._base import Completion, Queue, QueueClosed, QueueFull, Request
+from ._wrappers import FaultInjectingQueue, fail_offsets
+
+__all__ = ["CHECKS", "MakeQueue", "check_queue"]
+
+MakeQueue = Callable[[int], Queue]
+PAGE = mmap.PAGESIZE
+#: a descriptor number above the kernel's hard limit (fs.nr_open <= 2**30 - 64): never open
+BAD_FD = 2**30
+#: how long the close checks give stray writers to show themselves (not an assertion)
+_GRACE = 0.05
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+@contextlib.contextmanager
+def _pages_file(size: int, seed: int) -> Iterator[tuple[int, bytes]]:
+    """A temporary file of ``size`` random bytes, open read-only: (fd, its bytes)."""
+    data = random.Random(seed).randbytes(size)
+    with tempfile.NamedTemporaryFile(prefix="aio-check-") as f:
+        f.write(data)
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield fd, data
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _mapping(size: int) -> Iterator[memoryview]:
+    """A shared mapping of a fresh memfd (as the daemon uses), zero-filled."""
+    fd = os.memfd_create("aio-check", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    view = memoryview(mapping)
+    try:
+        yield view
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):  # slices still referenced: the GC unmaps it
+            mapping.close()
+
+
+async def _drain(queue: Queue, into: list[Completion]) -> None:
+    """Wait until nothing is outstanding, appending every completion to ``into``."""
+    while queue.outstanding:
+        into.extend(await queue.wait(1))
+
+
+def _exactly_once(done: list[Completion], ids: set[int]) -> dict[int, int]:
+    counts = Counter(c.id for c in done)
+    repeated = sorted(i for i, n in counts.items() if n > 1)
+    _expect(not repeated, f"completions returned more than once: ids {repeated[:10]}")
+    missing = sorted(ids - counts.keys())
+    _expect(not missing, f"requests never completed: ids {missing[:10]}")
+    extra = sorted(counts.keys() - ids)
+    _expect(not extra, f"completions for ids never added: {extra[:10]}")
+    return {c.id: c.result for c in done}
+
+
+# -- the checks ------------------------------------------------------------------------
+async def check_reads_into_mapping(make_queue: MakeQueue) -> None:
+    """Reads at random page-aligned offsets land in the mapping, equal to the file."""
+    rng = random.Random(1)
+    with _pages_file(64 * PAGE, seed=1) as (fd, data), _mapping(128 * PAGE) as view:
+        queue = make_queue(8)
+        try:
+            dests = rng.sample(range(0, 128, 4), 20)  # distinct 4-page windows
+            plan = {}
+            for i, dest in enumerate(dests):
+                pages = rng.randint(1, 4)
+                offset = rng.randrange(0, 64 - pages + 1) * PAGE
+                plan[i] = (offset, dest * PAGE, pages * PAGE)
+            done: list[Completion] = []
+            for i, (offset, dest, length) in plan.items():
+                if queue.outstanding == queue.capacity:
+                    done.extend(await queue.wait(1))
+                queue.add(Request.read(i, fd, offset, view[dest : dest + length]))
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        results = _exactly_once(done, set(plan))
+        written = bytearray(128 * PAGE)
+        for i, (offset, dest, length) in plan.items():
+            _expect(results[i] == length, f"request {i}: read {results[i]} bytes, not {length}")
+            _expect(
+                view[dest : dest + length] == data[offset : offset + length],
+                f"request {i}: the mapping at {dest:#x} differs from the file at {offset:#x}",
+            )
+            written[dest : dest + length] = data[offset : offset + length]
+        _expect(view == written, "bytes outside the requested windows were written")
+
+
+async def check_readv_scatter(make_queue: MakeQueue) -> None:
+    """One readv fills several destinations, in order, from consecutive file bytes."""
+    with _pages_file(16 * PAGE, seed=2) as (fd, data), _mapping(16 * PAGE) as view:
+        parts = [view[9 * PAGE : 11 * PAGE], view[2 * PAGE : 3 * PAGE], view[5 * PAGE : 8 * PAGE]]
+        queue = make_queue(2)
+        try:
+            queue.add(Request.readv(7, fd, 4 * PAGE, parts))
+            done: list[Completion] = []
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        _expect(done == [Completion(7, 6 * PAGE)], f"expected one full 6-page readv, got {done}")
+        _expect(view[9 * PAGE : 11 * PAGE] == data[4 * PAGE : 6 * PAGE], "first part wrong")
+        _expect(view[2 * PAGE : 3 * PAGE] == data[6 * PAGE : 7 * PAGE], "second part wrong")
+        _expect(view[5 * PAGE : 8 * PAGE] == data[7 * PAGE : 10 * PAGE], "third part wrong")
+
+
+async def check_short_read_at_eof(make_queue: MakeQueue) -> None:
+    """A read crossing end of file returns the bytes that exist; at EOF it returns 0."""
+    size = 10 * PAGE + 100
+    with _pages_file(size, seed=3) as (fd, data), _mapping(4 * PAGE) as view:
+        view[:] = b"\xee" * len(view)
+        queue = make_queue(4)
+        try:
+            queue.add(Request.read(1, fd, 10 * PAGE, view[0 : 2 * PAGE]))
+            queue.add(Request.readv(2, fd, 11 * PAGE, [view[2 * PAGE : 3 * PAGE]]))
+            done: list[Completion] = []
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        results = _exactly_once(done, {1, 2})
+        _expect(results[1] == 100, f"short read returned {results[1]}, not the 100 bytes left")
+        _expect(results[2] == 0, f"a read past end of file returned {results[2]}, not 0")
+        _expect(view[:100] == data[10 * PAGE :], "the 100 bytes before EOF are wrong")
+        _expect(view[100 : 3 * PAGE] == b"\xee" * (3 * PAGE - 100), "bytes past EOF were written")
+
+
+async def check_errors_as_negative_errno(make_queue: MakeQueue) -> None:
+    """A bad descriptor completes with -EBADF; an injected EIO with -EIO, buffer untouched."""
+    with _pages_file(8 * PAGE, seed=4) as (fd, data), _mapping(8 * PAGE) as view:
+        queue = make_queue(4)
+        try:
+            queue.add(Request.read(1, BAD_FD, 0, view[0:PAGE]))
+            queue.add(Request.read(2, fd, 0, view[PAGE : 2 * PAGE]))
+            done: list[Completion] = []
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        results = _exactly_once(done, {1, 2})
+        _expect(results[1] == -errno.EBADF, f"bad fd gave {results[1]}, not -EBADF")
+        _expect(results[2] == PAGE, f"a good read next to it gave {results[2]}")
+
+        view[:] = b"\xee" * len(view)
+        faulty = FaultInjectingQueue(make_queue(4), fail_offsets(3 * PAGE, 4 * PAGE))
+        try:
+            for page in (2, 3, 4):
+                faulty.add(Request.read(page, fd, page * PAGE, view[page * PAGE : (page + 1) * PAGE]))
+            done = []
+            await _drain(faulty, done)
+        finally:
+            await faulty.aclose()
+        results = _exactly_once(done, {2, 3, 4})
+        _expect(results[3] == -errno.EIO, f"injected EIO came back as {results[3]}")
+        _expect(results[2] == results[4] == PAGE, f"neighbours of the fault: {results}")
+        _expect(view[3 * PAGE : 4 * PAGE] == b"\xee" * PAGE, "a failed read wrote its buffer")
+        _expect(view[4 * PAGE : 5 * PAGE] == data[4 * PAGE : 5 * PAGE], "a neighbour is wrong")
+
+
+async def check_capacity(make_queue: MakeQueue) -> None:
+    """``add`` raises QueueFull at capacity and accepts again once completions are returned."""
+    with _pages_file(8 * PAGE, seed=5) as (fd, _), _mapping(8 * PAGE) as view:
+        queue = make_queue(4)
+        try:
+            _expect(queue.capacity == 4, f"make_queue(4) gave capacity {queue.capacity}")
+            for i in range(4):
+                queue.add(Request.read(i, fd, i * PAGE, view[i * PAGE : (i + 1) * PAGE]))
+            extra = Request.read(4, fd, 4 * PAGE, view[4 * PAGE : 5 * PAGE])
+            try:
+                queue.add(extra)
+            except QueueFull:
+                pass
+            else:
+                raise AssertionError("a fifth add to a queue of capacity 4 did not raise QueueFull")
+            _expect(queue.outstanding == 4, f"outstanding is {queue.outstanding} after QueueFull")
+            done = await queue.wait(1)
+            queue.add(extra)  # a completion came back, so there is room again
+            await _drain(queue, done)
+            _exactly_once(done, {0, 1, 2, 3, 4})
+        finally:
+            await queue.aclose()
+
+
+async def check_many_requests(make_queue: MakeQueue) -> None:
+    """1000 requests through capacity 32: each completes exactly once with the right bytes."""
+    count, file_pages = 1000, 256
+    with _pages_file(file_pages * PAGE, seed=6) as (fd, data), _mapping(count * PAGE) as view:
+        queue = make_queue(32)
+        done: list[Completion] = []
+        try:
+            for i in range(count):
+                while queue.outstanding >= queue.capacity:
+                    done.extend(await queue.wait(1))
+                offset = (i * 37 % file_pages) * PAGE
+                queue.add(
+                    Request.read(i, fd, offset, view[i * PAGE : (i + 1) * PAGE], urgent=i % 7 == 0)
+                )
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        results = _exactly_once(done, set(range(count)))
+        for i in range(count):
+            offset = (i * 37 % file_pages) * PAGE
+            _expect(results[i] == PAGE, f"request {i} read {results[i]} bytes")
+            _expect(view[i * PAGE : (i + 1) * PAGE] == data[offset : offset + PAGE], f"page {i} wrong")
+
+
+async def check_urgent_requests(make_queue: MakeQueue) -> None:
+    """Urgent requests mixed with normal ones are all served, exactly once, correctly."""
+    with _pages_file(16 * PAGE, seed=7) as (fd, data), _mapping(16 * PAGE) as view:
+        queue = make_queue(16)
+        try:
+            for i in range(16):
+                queue.add(Request.read(i, fd, i * PAGE, view[i * PAGE : (i + 1) * PAGE], urgent=i % 4 == 3))
+            done: list[Completion] = []
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        results = _exactly_once(done, set(range(16)))
+        _expect(all(r == PAGE for r in results.values()), f"results {results}")
+        _expect(view == data, "mapping differs from the file")
+
+
+async def check_wait_cancelled_loses_nothing(make_queue: MakeQueue) -> None:
+    """``wait`` is a checkpoint; cancelling it at any point loses no completion."""
+    with _pages_file(64 * PAGE, seed=8) as (fd, _), _mapping(64 * PAGE) as view:
+        queue = make_queue(64)
+        done: list[Completion] = []
+        try:
+            for i in range(64):
+                queue.add(Request.read(i, fd, i * PAGE, view[i * PAGE : (i + 1) * PAGE]))
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                done.extend(await queue.wait(1))
+            _expect(scope.cancelled_caught, "wait() returned in a cancelled scope: not a checkpoint")
+
+            # let completions pile up (where the backend works on its own), so that a
+            # wrapper's work after the inner wait returns is also hit by the cancels
+            for _ in range(200):
+                if queue.statistics().ready >= queue.outstanding:
+                    break
+                await trio.sleep(0.001)
+
+            async def wait_some(n: int) -> None:
+                done.extend(await queue.wait(n))
+
+            for yields in range(24):  # cancel after 0, 1, 2, ... scheduling rounds
+                if not queue.outstanding:
+                    break
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait_some, 1 if yields % 2 else queue.outstanding)
+                    for _ in range(yields // 2):
+                        await trio.sleep(0)
+                    nursery.cancel_scope.cancel()
+            await _drain(queue, done)
+        finally:
+            await queue.aclose()
+        _exactly_once(done, set(range(64)))
+
+
+async def _stray_writes_after_close(view: memoryview) -> bool:
+    """Mark ``view``, give stray writers time, and say whether anything changed it."""
+    view[:] = b"\x5a" * len(view)
+    await trio.sleep(_GRACE)
+    return view != b"\x5a" * len(view)
+
+
+async def check_close_with_reads_in_flight(make_queue: MakeQueue) -> None:
+    """``aclose`` with many reads started returns only when no buffer is written again."""
+    size = 16 << 20
+    with _pages_file(size, seed=9) as (fd, _), _mapping(size) as view:
+        queue = make_queue(64)
+        chunk = size // 64
+        for i in range(64):
+            queue.add(Request.read(i, fd, i * chunk, view[i * chunk : (i + 1) * chunk]))
+        await queue.wait(1)  # the round that starts them
+        await queue.aclose()
+        _expect(queue.outstanding == 0, f"{queue.outstanding} outstanding after aclose")
+        _expect(not await _stray_writes_after_close(view), "a buffer was written after aclose")
+
+
+async def check_close_with_blocked_read(make_queue: MakeQueue) -> None:
+    """A read blocked on an empty pipe is cancelled by ``aclose``, which returns.
+
+    Backends built on ``preadv`` answer a pipe at once (``-ESPIPE``); then there is
+    nothing in flight and only the answer is checked.  Where the read blocks, a
+    watchdog writes to the pipe after 5 s so that a hung ``aclose`` fails instead
+    of hanging; afterwards the pipe data must still be there and the buffer clean.
+    """
+    payload = b"late data" * 100
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        with _mapping(PAGE) as view:
+            view[:] = b"\xee" * PAGE
+            queue = make_queue(2)
+            queue.add(Request.read(1, read_end, 0, view[:PAGE]))
+            answered: list[Completion] = []
+            with trio.move_on_after(_GRACE):
+                answered = await queue.wait(1)
+            if answered:
+                await queue.aclose()
+                _expect(answered[0].id == 1, f"unexpected completion {answered}")
+                _expect(
+                    answered[0].result < 0 or view[: answered[0].result] == b"",
+                    f"a read of an empty pipe returned {answered[0].result}",
+                )
+                return
+            hung = False
+
+            async def watchdog() -> None:
+                nonlocal hung
+                await trio.sleep(5)
+                hung = True
+                os.write(write_end, b"unstick")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watchdog)
+                await queue.aclose()
+                nursery.cancel_scope.cancel()
+            _expect(not hung, "aclose did not return within 5 s with a read blocked on a pipe")
+            os.write(write_end, payload)
+            _expect(not await _stray_writes_after_close(view[:PAGE]), "buffer written after aclose")
+            _expect(os.read(read_end, 2 * len(payload)) == payload, "a cancelled read took pipe data")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def check_use_after_close(make_queue: MakeQueue) -> None:
+    """After ``aclose``: add and wait raise QueueClosed, aclose is idempotent."""
+    with _mapping(PAGE) as view:
+        queue = make_queue(2)
+        await queue.aclose()
+        _expect(queue.closed, "closed is False after aclose")
+        try:
+            queue.add(Request.read(1, 0, 0, view[:PAGE]))
+        except QueueClosed:
+            pass
+        else:
+            raise AssertionError("add after aclose did not raise QueueClosed")
+        try:
+            await queue.wait(0)
+        except QueueClosed:
+            pass
+        else:
+            raise AssertionError("wait after aclose did not raise QueueClosed")
+        await queue.aclose()
+        _expect(queue.statistics().outstanding == 0, "statistics after close show requests")
+
+
+async def check_statistics(make_queue: MakeQueue) -> None:
+    """``statistics()`` matches what was added and returned."""
+    with _pages_file(16 * PAGE, seed=10) as (fd, _), _mapping(16 * PAGE) as view:
+        queue = make_queue(8)
+        try:
+            first = queue.statistics()
+            _expect(first.backend == queue.name, f"backend {first.backend!r} != {queue.name!r}")
+            _expect(first.capacity == 8, f"capacity {first.capacity}")
+            _expect(
+                (first.outstanding, first.ready, first.submitted_total, first.completed_total)
+                == (0, 0, 0, 0),
+                f"a fresh queue reports {first}",
+            )
+            for i in range(6):
+                queue.add(Request.read(i, fd, i * PAGE, view[i * PAGE : (i + 1) * PAGE]))
+            stats = queue.statistics()
+            _expect(stats.outstanding == 6 and stats.submitted_total == 6, f"after 6 adds: {stats}")
+            returned = len(await queue.wait(2))
+            stats = queue.statistics()
+            _expect(stats.completed_total == returned, f"{returned} returned, stats say {stats}")
+            _expect(stats.outstanding == 6 - returned, f"{returned} returned, stats say {stats}")
+            _expect(0 <= stats.ready <= stats.outstanding, f"ready out of range: {stats}")
+            await _drain(queue, [])
+            stats = queue.statistics()
+            _expect(
+                (stats.outstanding, stats.ready, stats.submitted_total, stats.completed_total)
+                == (0, 0, 6, 6),
+                f"after draining: {stats}",
+            )
+        finally:
+            await queue.aclose()
+
+
+#: every check, by name, in the order :func:`check_queue` runs them
+CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
+    "reads_into_mapping": check_reads_into_mapping,
+    "readv_scatter": check_readv_scatter,
+    "short_read_at_eof": check_short_read_at_eof,
+    "errors_as_negative_errno": check_errors_as_negative_errno,
+    "capacity": check_capacity,
+    "many_requests": check_many_requests,
+    "urgent_requests": check_urgent_requests,
+    "wait_cancelled_loses_nothing": check_wait_cancelled_loses_nothing,
+    "close_with_reads_in_flight": check_close_with_reads_in_flight,
+    "close_with_blocked_read": check_close_with_blocked_read,
+    "use_after_close": check_use_after_close,
+    "statistics": check_statistics,
+}
+
+
+async def check_queue(make_queue: MakeQueue) -> None:
+    """Run every check in :data:`CHECKS` against queues from ``make_queue``."""
+    for check in CHECKS.values():
+        await check(make_queue)

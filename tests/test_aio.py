@@ -1,0 +1,301 @@
+"""The aio package: every backend through the conformance suite, the registry, detection."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import mmap
+import os
+import sys
+from collections.abc import Callable
+
+import pytest
+import trio
+
+import aio
+import aio.testing
+from aio import BackendUnavailable, DelayedQueue, FaultInjectingQueue, Queue, Request
+from aio._probe import check_iovec_layout, explain, probe, read_disabled
+
+PAGE = mmap.PAGESIZE
+
+
+def _backend(name: str) -> Callable[[int], Queue]:
+    return lambda capacity: aio.open_queue(name, capacity)
+
+
+def _uring_async(capacity: int) -> Queue:
+    from aio._uring import UringQueue
+
+    return UringQueue(capacity, force_async=True)
+
+
+#: label -> (backend that must be usable here, factory)
+QUEUES: dict[str, tuple[str, Callable[[int], Queue]]] = {
+    **{name: (name, _backend(name)) for name in aio.backends()},
+    "uring(force_async)": ("uring", _uring_async),
+    "faulty(threads)": (
+        "threads",
+        lambda capacity: FaultInjectingQueue(aio.open_queue("threads", capacity), lambda r: None),
+    ),
+    "delayed(threads)": (
+        "threads",
+        lambda capacity: DelayedQueue(aio.open_queue("threads", capacity), delay=0.001),
+    ),
+}
+
+
+def _require(backend: str) -> None:
+    try:
+        aio.check_available(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("check", list(aio.testing.CHECKS))
+@pytest.mark.parametrize("label", list(QUEUES))
+async def test_conformance(label: str, check: str) -> None:
+    backend, make_queue = QUEUES[label]
+    _require(backend)
+    await aio.testing.CHECKS[check](make_queue)
+
+
+async def test_check_queue_runs_every_check() -> None:
+    await aio.testing.check_queue(_backend("sync"))
+
+
+# -- registry ----------------------------------------------------------------------
+def test_every_registered_backend_is_in_auto_order() -> None:
+    assert set(aio.backends()) == set(aio.AUTO_ORDER)
+    assert {"threads", "sync", "uring"} <= set(aio.backends())
+
+
+def test_unknown_backend_names_the_known_ones() -> None:
+    with pytest.raises(BackendUnavailable, match="unknown aio backend 'nope'; known: threads"):
+        aio.check_available("nope")
+
+
+async def test_open_queue_rejects_unknown_backend() -> None:
+    with pytest.raises(BackendUnavailable, match="unknown aio backend"):
+        aio.open_queue("nope", 4)
+
+
+async def test_auto_picks_first_usable_backend() -> None:
+    name, why = aio.pick_auto()
+    usable = []
+    for candidate in aio.AUTO_ORDER:
+        try:
+            aio.check_available(candidate)
+            usable.append(candidate)
+        except BackendUnavailable:
+            pass
+    assert name == usable[0]
+    assert "preference order" in why
+    queue = aio.open_queue("auto", 4)
+    try:
+        assert queue.name == name
+    finally:
+        await queue.aclose()
+
+
+def test_auto_skips_an_unusable_backend_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str) -> None:
+        if name == aio.AUTO_ORDER[0]:
+            raise BackendUnavailable("not here, for the test")
+
+    monkeypatch.setattr(aio._registry, "check_available", refuse)
+    name, why = aio.pick_auto()
+    assert name == aio.AUTO_ORDER[1]
+    assert f"skipped {aio.AUTO_ORDER[0]}: not here, for the test" in why
+
+
+# -- io_uring detection ------------------------------------------------------------
+def test_explain_says_nothing_when_io_uring_works() -> None:
+    assert explain(disabled=0) is None
+    assert explain(disabled=None) is None
+    assert explain(disabled=1) is None  # restricted, but this process created a ring
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({"import_error": ImportError("No module named 'liburing'")}, "liburing Python package"),
+        ({"disabled": 2}, "io_uring_disabled = 2 (io_uring is switched off for every process)"),
+        ({"disabled": 2, "setup_errno": errno.EPERM}, "io_uring_disabled = 2"),
+        ({"disabled": 1, "setup_errno": errno.EPERM}, "io_uring_disabled = 1 (only processes"),
+        ({"disabled": 0, "setup_errno": errno.EPERM}, "refused with EPERM: a seccomp filter"),
+        ({"setup_errno": errno.ENOSYS, "kernel": "4.19.0"}, "no io_uring (io_uring_setup: ENOSYS)"),
+        ({"setup_errno": errno.ENOMEM}, "io_uring_setup failed: ENOMEM"),
+        ({"readv_supported": False, "kernel": "5.0.1"}, "IORING_OP_READV unsupported on 5.0.1"),
+    ],
+)
+def test_explain_gives_one_line_per_reason(facts: dict[str, object], expected: str) -> None:
+    why = explain(**facts)  # type: ignore[arg-type]
+    assert why is not None
+    assert expected in why
+    assert "\n" not in why
+
+
+def test_read_disabled(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "io_uring_disabled")
+    assert read_disabled(path) is None  # absent before Linux 6.6
+    with open(path, "w") as f:
+        f.write("1\n")
+    assert read_disabled(path) == 1
+
+
+def test_probe_reports_a_disabled_host(tmp_path: os.PathLike[str]) -> None:
+    pytest.importorskip("liburing", reason="liburing is not installed here")
+    path = os.path.join(tmp_path, "io_uring_disabled")
+    with open(path, "w") as f:
+        f.write("2\n")
+    with pytest.raises(BackendUnavailable, match=r"io_uring_disabled = 2"):
+        probe(disabled_path=path)
+
+
+def test_probe_reports_missing_liburing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "liburing", None)  # import now raises ImportError
+    with pytest.raises(BackendUnavailable, match="liburing Python package cannot be imported"):
+        probe()
+
+
+def test_iovec_layout_check_rejects_an_unknown_layout() -> None:
+    class FakeIovec:
+        __slots__ = ("a", "b")
+
+        def __init__(self, parts: list[bytearray]) -> None:
+            self.a, self.b = parts, len(parts)
+
+    class FakeLiburing:
+        __version__ = "0.0"
+        Iovec = FakeIovec
+
+    why = check_iovec_layout(FakeLiburing)
+    assert why is not None and "layout not recognised" in why
+
+
+# -- uring specifics ---------------------------------------------------------------
+@pytest.fixture
+def page_file(tmp_path: os.PathLike[str]) -> tuple[int, bytes]:
+    data = os.urandom(16 * PAGE)
+    path = os.path.join(tmp_path, "pages")
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
+async def test_uring_submits_urgent_first_in_one_call(
+    page_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _require("uring")
+    import liburing
+
+    from aio._uring import UringQueue
+
+    fd, _ = page_file
+    order: list[int] = []
+    original = liburing.io_uring_prep_readv
+
+    def recording(sqe: object, fd: int, iovec: object, offset: int, flags: int) -> None:
+        order.append(offset // PAGE)
+        original(sqe, fd, iovec, offset, flags)
+
+    monkeypatch.setattr(liburing, "io_uring_prep_readv", recording)
+    buf = bytearray(8 * PAGE)
+    view = memoryview(buf)
+    queue = UringQueue(8)
+    try:
+        for page in range(8):
+            queue.add(Request.read(page, fd, page * PAGE, view[page * PAGE : (page + 1) * PAGE],
+                                   urgent=page in (5, 7)))
+        assert order == []  # add only prepares
+        done = []
+        while queue.outstanding:
+            done.extend(await queue.wait(queue.outstanding))
+        assert queue.submissions == 1
+    finally:
+        await queue.aclose()
+    assert order == [5, 7, 0, 1, 2, 3, 4, 6]
+    assert sorted(c.id for c in done) == list(range(8))
+
+
+async def test_uring_does_not_pin_buffers_after_completion(page_file: tuple[int, bytes]) -> None:
+    _require("uring")
+    from aio._uring import UringQueue
+
+    fd, data = page_file
+    mapping = mmap.mmap(-1, 16 * PAGE)
+    view = memoryview(mapping)
+    queue = UringQueue(4)
+    try:
+        queue.add(Request.readv(1, fd, 0, [view[:PAGE], view[8 * PAGE : 10 * PAGE]]))
+        done = await queue.wait(1)
+    finally:
+        await queue.aclose()
+    assert done == [aio.Completion(1, 3 * PAGE)]
+    assert mapping[8 * PAGE : 10 * PAGE] == data[PAGE : 3 * PAGE]
+    del done, queue
+    view.release()
+    gc.collect()
+    mapping.close()  # BufferError if a slice were still exported (liburing.Iovec does that)
+
+
+async def test_uring_rejects_read_only_buffers(page_file: tuple[int, bytes]) -> None:
+    _require("uring")
+    from aio._uring import UringQueue
+
+    fd, _ = page_file
+    queue = UringQueue(2)
+    try:
+        with pytest.raises(ValueError, match="writable"):
+            queue.add(Request.read(1, fd, 0, memoryview(bytes(PAGE))))
+    finally:
+        await queue.aclose()
+
+
+async def test_uring_grows_iovecs_for_many_buffers(page_file: tuple[int, bytes]) -> None:
+    _require("uring")
+    from aio._uring import UringQueue
+
+    fd, data = page_file
+    buf = bytearray(16 * PAGE)
+    view = memoryview(buf)
+    parts = [view[i * PAGE : (i + 1) * PAGE] for i in reversed(range(16))]
+    queue = UringQueue(1)
+    try:
+        queue.add(Request.readv(1, fd, 0, parts))
+        assert await queue.wait(1) == [aio.Completion(1, 16 * PAGE)]
+    finally:
+        await queue.aclose()
+    for i in range(16):
+        assert buf[(15 - i) * PAGE : (16 - i) * PAGE] == data[i * PAGE : (i + 1) * PAGE]
+
+
+async def test_uring_wait_parks_on_the_eventfd(page_file: tuple[int, bytes]) -> None:
+    """A blocked wait sleeps in trio (other tasks run) and wakes when the data arrives."""
+    _require("uring")
+    from aio._uring import UringQueue
+
+    read_end, write_end = os.pipe()
+    buf = bytearray(PAGE)
+    queue = UringQueue(2)
+    try:
+        queue.add(Request.read(1, read_end, 0, memoryview(buf)))
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def waiter() -> None:
+                results.extend(await queue.wait(1))
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == []
+            os.write(write_end, b"hello")
+        assert results == [aio.Completion(1, 5)]
+        assert buf[:5] == b"hello"
+    finally:
+        await queue.aclose()
+        os.close(read_end)
+        os.close(write_end)
