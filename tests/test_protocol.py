@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -215,6 +217,34 @@ def test_wire_layout() -> None:
     drain(server)
     assert server.send(Loaded(7)) == packb({"re": 7, "ok": "loaded"})
     assert packb({"re": 7, "ok": "loaded"}).hex() == "82a2726507a26f6ba66c6f61646564"
+
+
+def test_documented_examples() -> None:
+    """Each JSON-ish example in docs/PROTOCOL.md is followed by its exact bytes, and
+    decodes to a valid event."""
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    lines = doc.splitlines()
+    pairs = [
+        (json.loads(line), bytes.fromhex(lines[i + 1]))
+        for i, line in enumerate(lines)
+        if line.startswith('{"op"') or line.startswith('{"re"')
+    ]
+    assert len(pairs) == 12
+    server, client = ServerConnection(), ClientConnection()
+    for message, data in pairs:
+        assert packb(message) == data, message
+        if "op" in message:
+            server.receive_data(data)
+            request = server.next_event()
+            assert client.send(request) == data
+        else:
+            client.receive_data(data)
+            try:
+                reply = client.next_event()
+            except RemoteProtocolError as exc:
+                assert exc.code == codes.UNKNOWN_ID and message["re"] == 11
+                continue
+            assert server.send(reply) == data
 
 
 def test_unknown_keys_are_ignored() -> None:
