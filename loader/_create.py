@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import xxhash
 
-from ._index import CHECKSUM_ALGORITHM, INDEX_NAME, PAGES_NAME, CheckpointError, IndexFields, encode_index
+from ._index import (
+    CHECKSUM_ALGORITHM,
+    INDEX_NAME,
+    PAGES_NAME,
+    CheckpointError,
+    IndexFields,
+    encode_index,
+)
 from ._raw import data_extents, nonzero_runs
 from .units import human
 
@@ -57,7 +64,8 @@ class CreateReport:
             f"  data written    {human(self.data_bytes)} in {self.ranges} ranges",
             f"  zero skipped    {human(self.zero_bytes_skipped)} (holes {human(self.hole_bytes)}, "
             f"zero pages {human(self.zero_page_bytes)})",
-            f"  checksums       {self.chunks} x {CHECKSUM_ALGORITHM} over {human(self.chunk_size)} chunks",
+            f"  checksums       {self.chunks} x {CHECKSUM_ALGORITHM} "
+            f"over {human(self.chunk_size)} chunks",
             f"  took            {self.seconds:.2f} s ({human(rate)}/s of image)",
         ]
 
@@ -118,7 +126,9 @@ def create_checkpoint(
     if page_size <= 0 or page_size & (page_size - 1):
         raise CheckpointError(image, f"page size {page_size} is not a power of two")
     if chunk_size <= 0 or chunk_size % page_size:
-        raise CheckpointError(image, f"chunk size {chunk_size} is not a multiple of the page size {page_size}")
+        raise CheckpointError(
+            image, f"chunk size {chunk_size} is not a multiple of the page size {page_size}"
+        )
     try:
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -135,7 +145,9 @@ def create_checkpoint(
             raise CheckpointError(out, f"cannot create it: {exc.strerror or exc}") from None
         try:
             extents = data_extents(fd, size, page_size)
-            fields = _write_pages(fd, image, os.path.join(tmp, PAGES_NAME), extents, size, page_size, chunk_size)
+            fields = _write_pages(
+                fd, image, os.path.join(tmp, PAGES_NAME), extents, size, page_size, chunk_size
+            )
             _write_file(os.path.join(tmp, INDEX_NAME), encode_index(fields))
             os.chmod(tmp, 0o755)  # mkdtemp made it private
             _fsync_dir(tmp)
@@ -217,7 +229,7 @@ def _write_pages(
         page_size=page_size,
         memory_size=size,
         pages_size=writer.position,
-        ranges=list(zip(mem, length, file)),
+        ranges=list(zip(mem, length, file, strict=True)),
         chunk_size=chunk_size,
         checksums=checksums,
         source={
@@ -234,9 +246,13 @@ def _read_exactly(fd: int, image: str, view: memoryview, offset: int) -> None:
         try:
             n = os.preadv(fd, [view[done:]], offset + done)
         except OSError as exc:
-            raise CheckpointError(image, f"read error at offset {offset + done}: {exc.strerror or exc}") from None
+            raise CheckpointError(
+                image, f"read error at offset {offset + done}: {exc.strerror or exc}"
+            ) from None
         if n == 0:
-            raise CheckpointError(image, f"the image shrank while it was read (end at {offset + done})")
+            raise CheckpointError(
+                image, f"the image shrank while it was read (end at {offset + done})"
+            )
         done += n
 
 

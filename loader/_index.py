@@ -14,7 +14,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -71,8 +71,11 @@ class IndexFields:
 
 
 def encode_index(fields: IndexFields) -> bytes:
-    """The index file's bytes for ``fields``; ``"format"`` comes first (see :func:`looks_like_index`)."""
-    return msgpack.packb(
+    """The index file's bytes for ``fields``.
+
+    ``"format"`` is the first key, so :func:`looks_like_index` can recognise the file.
+    """
+    packed: bytes = msgpack.packb(
         {
             "format": FORMAT,
             "version": VERSION,
@@ -86,6 +89,7 @@ def encode_index(fields: IndexFields) -> bytes:
             "source": fields.source,
         }
     )
+    return packed
 
 
 def looks_like_index(head: bytes) -> bool:
@@ -123,7 +127,9 @@ def decode_index(data: bytes) -> IndexFields:
         raise ValueError(f'not a pageload checkpoint index (no "format": "{FORMAT}" field)')
     version = _int(obj, "version")
     if version != VERSION:
-        raise ValueError(f"unsupported format version {version} (this pageload reads version {VERSION})")
+        raise ValueError(
+            f"unsupported format version {version} (this pageload reads version {VERSION})"
+        )
     page_size = _int(obj, "page_size", minimum=1)
     memory_size = _int(obj, "memory_size")
     pages_size = _int(obj, "pages_size")
@@ -132,7 +138,9 @@ def decode_index(data: bytes) -> IndexFields:
         raise ValueError(f"chunk_size {chunk_size} is not a multiple of the page size {page_size}")
     algorithm = obj.get("checksum")
     if algorithm != CHECKSUM_ALGORITHM:
-        raise ValueError(f"unknown checksum algorithm {algorithm!r} (expected {CHECKSUM_ALGORITHM!r})")
+        raise ValueError(
+            f"unknown checksum algorithm {algorithm!r} (expected {CHECKSUM_ALGORITHM!r})"
+        )
     ranges = _ranges(_field(obj, "ranges", list))
     checksums = _checksums(_field(obj, "checksums", list))
     source = obj.get("source", {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["data_extents", "nonzero_runs", "round_down", "round_up"]
 

@@ -74,7 +74,9 @@ class Checkpoint:
     checksums: array[int] | None  #: pages kind only: xxh3_64 of each chunk
     pages_size: int = 0  #: size of the pages file when it was opened
     index_path: str | None = None  #: pages kind only
-    source: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  #: what the index says about its origin
+    source: Mapping[str, Any] = field(
+        default_factory=lambda: _EMPTY
+    )  #: what the index says about its origin
 
     def open_pages(self, direct: bool = False) -> int:
         """Open the pages file read-only (``O_CLOEXEC``, and ``O_DIRECT`` if ``direct``).
@@ -178,7 +180,9 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
             data = f.read(size + 1)
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and index_path != path:
-            raise CheckpointError(index_path, "missing: this directory is not a pages checkpoint") from None
+            raise CheckpointError(
+                index_path, "missing: this directory is not a pages checkpoint"
+            ) from None
         raise CheckpointError(index_path, exc.strerror or str(exc)) from None
     try:
         fields = decode_index(data)
@@ -191,7 +195,8 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
         pages_size = os.stat(pages_path).st_size
     except FileNotFoundError:
         raise CheckpointError(
-            pages_path, f"pages file missing (the index {index_path} needs {fields.pages_size} bytes)"
+            pages_path,
+            f"pages file missing (the index {index_path} needs {fields.pages_size} bytes)",
         ) from None
     except OSError as exc:
         raise CheckpointError(pages_path, exc.strerror or str(exc)) from None
@@ -199,7 +204,8 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
         shorter = "shorter" if pages_size < fields.pages_size else "longer"
         raise CheckpointError(
             pages_path,
-            f"pages file is {shorter} than the index says: {pages_size} bytes, not {fields.pages_size}",
+            f"pages file is {shorter} than the index says: "
+            f"{pages_size} bytes, not {fields.pages_size}",
         )
     expected = -(-fields.pages_size // fields.chunk_size)
     if len(fields.checksums) != expected:
@@ -305,7 +311,10 @@ class BadChunk:
     memory: tuple[tuple[int, int], ...]  #: memory spans whose data is in this chunk
 
     def describe(self) -> str:
-        mem = ", ".join(f"{lo:#x}-{hi:#x}" for lo, hi in self.memory) or "none"
+        spans = [f"{lo:#x}-{hi:#x}" for lo, hi in self.memory[:3]]
+        if len(self.memory) > 3:
+            spans.append(f"and {len(self.memory) - 3} more up to {self.memory[-1][1]:#x}")
+        mem = ", ".join(spans) or "none"
         got = "short read" if self.actual is None else f"{self.actual:#018x}"
         return (
             f"chunk {self.index} (pages file {self.file_offset:#x}+{self.length:#x}): "
@@ -331,7 +340,9 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         if not self.verified:
-            return [f"{self.path}: raw image: it carries no checksums, so there is nothing to verify"]
+            return [
+                f"{self.path}: raw image: it carries no checksums, so there is nothing to verify"
+            ]
         if self.ok:
             return [
                 f"{self.path}: ok: {self.chunks} chunks, {human(self.bytes_checked)} checked "
@@ -370,7 +381,9 @@ def verify_checkpoint(path: str) -> VerifyReport:
             complete = _hash_span(fd, ckpt.pages_path, view, hasher, lo, hi)
             actual = hasher.intdigest() if complete else None
             if actual != expected:
-                bad.append(BadChunk(i, lo, hi - lo, expected, actual, tuple(ckpt.memory_spans(lo, hi))))
+                bad.append(
+                    BadChunk(i, lo, hi - lo, expected, actual, tuple(ckpt.memory_spans(lo, hi)))
+                )
     finally:
         os.close(fd)
     return VerifyReport(
@@ -385,7 +398,9 @@ def _hash_span(fd: int, path: str, view: memoryview, hasher: Any, lo: int, hi: i
         try:
             n = os.preadv(fd, [view[:want]], off)
         except OSError as exc:
-            raise CheckpointError(path, f"read error at offset {off}: {exc.strerror or exc}") from None
+            raise CheckpointError(
+                path, f"read error at offset {off}: {exc.strerror or exc}"
+            ) from None
         if n == 0:
             return False
         hasher.update(view[:n])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .checkpoint import (
     CheckpointError,
@@ -37,17 +38,24 @@ def register(subparsers: Any) -> None:
     )
     sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("create", help="convert a raw image into a pages checkpoint, dropping zero pages")
+    p = sub.add_parser(
+        "create", help="convert a raw image into a pages checkpoint, dropping zero pages"
+    )
     p.add_argument("image", metavar="IMAGE", help="raw memory image (sparse files welcome)")
     p.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist)")
     p.add_argument("--page-size", type=size_arg, default=4096, help="page size (default 4K)")
     p.add_argument(
-        "--chunk-size", type=size_arg, default=1 << 20, help="bytes of pages.img per checksum (default 1M)"
+        "--chunk-size",
+        type=size_arg,
+        default=1 << 20,
+        help="bytes of pages.img per checksum (default 1M)",
     )
     p.set_defaults(func=_guarded(_create))
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory, its index.msgpack, or a raw image")
+    p.add_argument(
+        "path", metavar="PATH", help="checkpoint directory, its index.msgpack, or a raw image"
+    )
     p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     p.set_defaults(func=_guarded(_inspect))
 
@@ -59,10 +67,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("out", metavar="OUT", help="image file to write (replaced if it exists)")
     p.add_argument("--size", type=size_arg, default=256 << 20, help="image size (default 256M)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--dense", action="store_true", help="random data everywhere: no holes, no zero pages")
+    p.add_argument(
+        "--dense", action="store_true", help="random data everywhere: no holes, no zero pages"
+    )
     p.add_argument("--data-fraction", type=float, default=0.5, help="share of blocks holding data")
-    p.add_argument("--zero-page-fraction", type=float, default=0.05, help="share of zero pages in data")
-    p.add_argument("--hole-granularity", type=size_arg, default=2 << 20, help="block size (default 2M)")
+    p.add_argument(
+        "--zero-page-fraction", type=float, default=0.05, help="share of zero pages in data"
+    )
+    p.add_argument(
+        "--hole-granularity", type=size_arg, default=2 << 20, help="block size (default 2M)"
+    )
     p.set_defaults(func=_guarded(_sample))
 
 
@@ -89,7 +103,9 @@ def _fail(message: str) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    report = create_checkpoint(args.image, args.out, page_size=args.page_size, chunk_size=args.chunk_size)
+    report = create_checkpoint(
+        args.image, args.out, page_size=args.page_size, chunk_size=args.chunk_size
+    )
     print("\n".join(report.lines()))
     return EXIT_OK
 

@@ -56,7 +56,9 @@ def make_sample_image(
     if size <= 0 or size % page_size:
         raise ValueError(f"size {size} is not a positive multiple of the page size {page_size}")
     if hole_granularity <= 0 or hole_granularity % page_size:
-        raise ValueError(f"hole granularity {hole_granularity} is not a multiple of the page size {page_size}")
+        raise ValueError(
+            f"hole granularity {hole_granularity} is not a multiple of the page size {page_size}"
+        )
     if dense:
         data_fraction, zero_page_fraction = 1.0, 0.0
     if not (0.0 <= data_fraction <= 1.0 and 0.0 <= zero_page_fraction <= 1.0):
@@ -81,7 +83,9 @@ def make_sample_image(
                 pages = n // page_size
                 at = rng.randrange(len(pool) - n + 1)
                 buf[:n] = pool_view[at : at + n]
-                words[0 : n // 8 : page_size // 8] = array("Q", range(off + 1, off + n + 1, page_size))
+                words[0 : n // 8 : page_size // 8] = array(
+                    "Q", range(off + 1, off + n + 1, page_size)
+                )
                 for p in rng.sample(range(pages), round(pages * zero_page_fraction)):
                     buf[p * page_size : (p + 1) * page_size] = zero
                 _write_all(fd, view[:n], off)

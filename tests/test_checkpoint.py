@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
+import xxhash
 
 from loader import _raw
 from loader.checkpoint import (
@@ -64,7 +67,9 @@ def _nonzero_pages(data: bytes) -> list[tuple[int, int]]:
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     path = tmp_path / "mem.img"
-    make_sample_image(str(path), 8 * MiB, seed=7, hole_granularity=256 * 1024, zero_page_fraction=0.1)
+    make_sample_image(
+        str(path), 8 * MiB, seed=7, hole_granularity=256 * 1024, zero_page_fraction=0.1
+    )
     return path
 
 
@@ -92,7 +97,7 @@ def test_raw_layout_from_sparse_file(tmp_path: Path, holes_ok: None) -> None:
     assert ck.layout.memory_size == size and ck.checksums is None
     ranges = list(ck.layout)
     assert len(ranges) == len(written)  # one extent per write: they are megabytes apart
-    for (off, n), r in zip(written, ranges):
+    for (off, n), r in zip(written, ranges, strict=True):
         assert r.mem_offset <= off and off + n <= r.mem_offset + r.length
         assert r.file_offset == r.mem_offset
         assert r.mem_offset % PS == 0 and r.length % PS == 0
@@ -167,7 +172,10 @@ def test_create_keeps_exactly_the_nonzero_pages(image: Path, ckpt: Path) -> None
     position = 0
     for r in ck.layout:
         assert r.file_offset == position  # written back to back, in memory order
-        assert pages[r.file_offset : r.file_offset + r.length] == data[r.mem_offset : r.mem_offset + r.length]
+        assert (
+            pages[r.file_offset : r.file_offset + r.length]
+            == data[r.mem_offset : r.mem_offset + r.length]
+        )
         position += r.length
     assert position == len(pages) == ck.layout.data_bytes
 
@@ -194,7 +202,9 @@ def test_open_accepts_the_index_file_itself(ckpt: Path) -> None:
     fd = ck.open_pages()
     try:
         r = ck.layout[0]
-        assert os.pread(fd, r.length, r.file_offset) == (ckpt / "pages.img").read_bytes()[: r.length]
+        assert (
+            os.pread(fd, r.length, r.file_offset) == (ckpt / "pages.img").read_bytes()[: r.length]
+        )
     finally:
         os.close(fd)
 
@@ -243,7 +253,9 @@ def test_verify_passes_then_names_the_flipped_chunk(ckpt: Path) -> None:
     assert [b.index for b in report.bad_chunks] == [3]
     bad = report.bad_chunks[0]
     assert bad.file_offset == 3 * 64 * 1024
-    i = next(i for i, r in enumerate(ck.layout) if r.file_offset <= flip_at < r.file_offset + r.length)
+    i = next(
+        i for i, r in enumerate(ck.layout) if r.file_offset <= flip_at < r.file_offset + r.length
+    )
     flipped_mem = ck.layout.mem[i] + flip_at - ck.layout.file[i]
     assert any(lo <= flipped_mem < hi for lo, hi in bad.memory)
     assert sum(hi - lo for lo, hi in bad.memory) == bad.length
@@ -354,18 +366,43 @@ BAD_INDEXES: list[tuple[str, Mutation, str, str]] = [
     ("no magic", _drop("format"), "index.msgpack", "not a pageload checkpoint"),
     ("missing ranges", _drop("ranges"), "index.msgpack", "missing field 'ranges'"),
     ("missing size", _drop("memory_size"), "index.msgpack", "missing field 'memory_size'"),
-    ("str page size", _set(page_size="4096"), "index.msgpack", "field 'page_size' is a str, not an int"),
+    (
+        "str page size",
+        _set(page_size="4096"),
+        "index.msgpack",
+        "field 'page_size' is a str, not an int",
+    ),
     ("bool version", _set(version=True), "index.msgpack", "field 'version' is a bool, not an int"),
     ("negative", _ranges(lambda r: r[0].__setitem__(0, -PS)), "index.msgpack", "ranges[0]"),
     ("pair", _ranges(lambda r: r[0].pop()), "index.msgpack", "ranges[0]"),
     ("overlap", _ranges(_overlap), "index.msgpack", "overlaps"),
     ("unsorted", _ranges(_swap), "index.msgpack", "overlaps or precedes"),
     ("past end", _set(memory_size=PS), "index.msgpack", "runs past the memory size"),
-    ("unaligned", _ranges(lambda r: r[0].__setitem__(0, r[0][0] + 8)), "index.msgpack", "not page-aligned"),
-    ("page size", _set(page_size=3000, chunk_size=3000 * 64), "index.msgpack", "not a power of two"),
+    (
+        "unaligned",
+        _ranges(lambda r: r[0].__setitem__(0, r[0][0] + 8)),
+        "index.msgpack",
+        "not page-aligned",
+    ),
+    (
+        "page size",
+        _set(page_size=3000, chunk_size=3000 * 64),
+        "index.msgpack",
+        "not a power of two",
+    ),
     ("algorithm", _set(checksum="md5"), "index.msgpack", "unknown checksum algorithm"),
-    ("checksums", lambda c, i: {**i, "checksums": i["checksums"][:-1]}, "index.msgpack", "checksums for a"),
-    ("bad checksum", lambda c, i: {**i, "checksums": ["x"] * len(i["checksums"])}, "index.msgpack", "checksums[0]"),
+    (
+        "checksums",
+        lambda c, i: {**i, "checksums": i["checksums"][:-1]},
+        "index.msgpack",
+        "checksums for a",
+    ),
+    (
+        "bad checksum",
+        lambda c, i: {**i, "checksums": ["x"] * len(i["checksums"])},
+        "index.msgpack",
+        "checksums[0]",
+    ),
     ("pages short", _shorten_pages, "pages.img", "shorter than the index says"),
     ("pages missing", _remove_pages, "pages.img", "pages file missing"),
 ]
@@ -425,7 +462,9 @@ def test_bad_raw_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 # -- the CLI --------------------------------------------------------------------------
 
 
-def test_cli_create_inspect_verify(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_create_inspect_verify(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli-ckpt"
     assert main(["checkpoint", "create", str(image), str(out), "--chunk-size", "64K"]) == 0
     assert "ranges" in capsys.readouterr().out
@@ -485,3 +524,55 @@ def test_sample_pages_carry_their_offset(tmp_path: Path) -> None:
     data = path.read_bytes()
     for off in (0, PS, 3 * MiB + 5 * PS):
         assert int.from_bytes(data[off : off + 8], sys.byteorder) == off + 1
+
+
+def test_ranges_out_of_file_order_map_back_to_memory(tmp_path: Path) -> None:
+    """Readers accept any file order (only creators keep it ascending); verify maps chunks back."""
+    out = tmp_path / "by-hand"
+    out.mkdir()
+    first, second = b"\x11" * (2 * PS), b"\x22" * PS  # memory [0, 2P) stored after memory [5P, 6P)
+    pages = second + first
+    (out / "pages.img").write_bytes(pages)
+    index = {
+        "format": "pageload-checkpoint",
+        "version": 1,
+        "page_size": PS,
+        "memory_size": 8 * PS,
+        "pages_size": len(pages),
+        "ranges": [[0, 2 * PS, PS], [5 * PS, PS, 0]],
+        "checksum": "xxh3_64",
+        "chunk_size": PS,
+        "checksums": [
+            xxhash.xxh3_64_intdigest(pages[i : i + PS]) for i in range(0, len(pages), PS)
+        ],
+    }
+    (out / "index.msgpack").write_bytes(msgpack.packb(index))
+    ck = open_checkpoint(str(out))
+    assert ck.layout.file_offset(PS) == 2 * PS and ck.layout.file_offset(5 * PS) == 0
+    assert verify_checkpoint(str(out)).ok
+    with open(out / "pages.img", "r+b") as f:
+        f.write(b"\x00")  # chunk 0: memory [5P, 6P)
+        f.seek(2 * PS)
+        f.write(b"\x00")  # chunk 2: memory [P, 2P)
+    report = verify_checkpoint(str(out))
+    assert [(b.index, b.memory) for b in report.bad_chunks] == [
+        (0, ((5 * PS, 6 * PS),)),
+        (2, ((PS, 2 * PS),)),
+    ]
+
+
+def test_open_pages_direct_reads_aligned_ranges(ckpt: Path) -> None:
+    ck = open_checkpoint(str(ckpt))
+    try:
+        fd = ck.open_pages(direct=True)
+    except CheckpointError as exc:
+        pytest.skip(f"O_DIRECT refused here: {exc}")
+    buf = mmap.mmap(-1, ck.layout[1].length)  # page-aligned, as O_DIRECT needs
+    try:
+        r = ck.layout[1]
+        assert os.preadv(fd, [buf], r.file_offset) == r.length
+        expected = (ckpt / "pages.img").read_bytes()[r.file_offset : r.file_offset + r.length]
+        assert buf[:] == expected
+    finally:
+        os.close(fd)
+        buf.close()
