@@ -236,11 +236,13 @@ def test_documented_examples() -> None:
         if "op" in message:
             server.receive_data(data)
             request = server.next_event()
+            assert isinstance(request, protocol.Request)
             assert client.send(request) == data
         else:
             client.receive_data(data)
             try:
                 reply = client.next_event()
+                assert isinstance(reply, protocol.Reply)
             except RemoteProtocolError as exc:
                 assert exc.code == codes.UNKNOWN_ID and message["re"] == 11
                 continue
