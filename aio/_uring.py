@@ -20,9 +20,11 @@
   data finishes), waits until every submitted request has completed, then exits
   the ring.  When it returns no buffer will be touched again.
 
-Submission runs reads whose data is in the page cache inline, in the calling
-thread; ``force_async=True`` sets ``IOSQE_ASYNC`` so the kernel's io-wq workers
-do every read and the submit returns at once (see docs/AIO.md for measurements).
+By default (``force_async=True``) every entry carries ``IOSQE_ASYNC``: the kernel's
+io-wq workers do the reads and copy in parallel while the submit returns at once.
+With ``force_async=False`` reads whose data is in the page cache run inline inside
+``io_uring_submit``, in the trio thread: one core copies, and the event loop is
+blocked for the whole batch (slower in the fill measurement, see docs/AIO.md).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class UringQueue(Queue):
 
     name = "uring"
 
-    def __init__(self, capacity: int = 64, *, force_async: bool = False) -> None:
+    def __init__(self, capacity: int = 64, *, force_async: bool = True) -> None:
         super().__init__(capacity)
         layout_problem = check_iovec_layout(_lu)
         if layout_problem is not None:

@@ -24,16 +24,16 @@ def _backend(name: str) -> Callable[[int], Queue]:
     return lambda capacity: aio.open_queue(name, capacity)
 
 
-def _uring_async(capacity: int) -> Queue:
+def _uring_inline(capacity: int) -> Queue:
     from aio._uring import UringQueue
 
-    return UringQueue(capacity, force_async=True)
+    return UringQueue(capacity, force_async=False)
 
 
 #: label -> (backend that must be usable here, factory)
 QUEUES: dict[str, tuple[str, Callable[[int], Queue]]] = {
     **{name: (name, _backend(name)) for name in aio.backends()},
-    "uring(force_async)": ("uring", _uring_async),
+    "uring(inline)": ("uring", _uring_inline),
     "faulty(threads)": (
         "threads",
         lambda capacity: FaultInjectingQueue(aio.open_queue("threads", capacity), lambda r: None),
