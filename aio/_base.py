@@ -135,9 +135,11 @@ class Queue(abc.ABC):
             raise ValueError("a request needs at least one buffer")
         if request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
+        if any(b.readonly for b in request.buffers):
+            raise ValueError("a read needs writable buffers")
+        self._add(request)  # may raise: count only what was accepted
         self._outstanding += 1
         self._submitted_total += 1
-        self._add(request)
 
     async def wait(self, min_completions: int = 1) -> list[Completion]:
         """Return the ready completions, at least ``min_completions`` of them."""

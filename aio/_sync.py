@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 
@@ -15,7 +16,9 @@ def run_request(request: Request) -> int:
     try:
         return os.preadv(request.fd, request.buffers, request.offset)
     except OSError as exc:
-        return -(exc.errno or 5)
+        return -(exc.errno or errno.EIO)
+    except (TypeError, ValueError, BufferError):  # a buffer the kernel cannot take
+        return -errno.EINVAL
 
 
 class SyncQueue(Queue):

@@ -62,10 +62,7 @@ class FaultInjectingQueue(Queue):
 
     async def _wait(self, min_completions: int) -> list[Completion]:
         need = min_completions - len(self._ready)
-        if need > 0 or (self.inner.outstanding and not self._ready):
-            self._ready.extend(await self.inner.wait(max(need, 1 if not self._ready else 0)))
-        else:
-            await trio.lowlevel.checkpoint()
+        self._ready.extend(await self.inner.wait(max(need, 0)))
         done, self._ready = self._ready, []
         return done
 
@@ -86,17 +83,20 @@ class DelayedQueue(Queue):
         self.name = f"delayed({inner.name})"
         self.inner = inner
         self.delay = delay
+        self._held: list[Completion] = []  # kept across a cancelled wait: nothing is lost
 
     def _add(self, request: Request) -> None:
         self.inner.add(request)
 
     async def _wait(self, min_completions: int) -> list[Completion]:
-        done = await self.inner.wait(max(min_completions, 1))
-        await trio.sleep(self.delay * len(done))
+        self._held.extend(await self.inner.wait(max(min_completions - len(self._held), 0)))
+        await trio.sleep(self.delay * len(self._held))
+        done, self._held = self._held, []
         return done
 
     async def _aclose(self) -> None:
+        self._held.clear()
         await self.inner.aclose()
 
     def _ready_count(self) -> int:
-        return self.inner.statistics().ready
+        return len(self._held) + self.inner.statistics().ready

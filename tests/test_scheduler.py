@@ -1,0 +1,308 @@
+"""The loader's scheduling, proven without timing: slowed or faulty backends, counts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+import aio
+from loader.layout import Layout
+from loader.memfile import MemoryFile
+from loader.scheduler import Loader, LoaderConfig, LoadError
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+class Image:
+    """A pages file with data ranges and holes; ``expected`` is the memory it restores to."""
+
+    def __init__(self, path: str, memory_size: int, ranges: list[tuple[int, int]], seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.memory_size = memory_size
+        self.expected = bytearray(memory_size)
+        triples = []
+        file_off = 0
+        with open(path, "wb") as f:
+            for mem, length in ranges:
+                data = rng.randbytes(length)
+                self.expected[mem : mem + length] = data
+                f.write(data)
+                triples.append((mem, length, file_off))
+                file_off += length
+        self.layout = Layout(memory_size, PAGE, triples)
+        self.layout.validate(file_off)
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.fixture
+def image(tmp_path):
+    # 16 MiB of memory: 1 MiB data, 1 MiB hole, alternating; pages-file offsets contiguous
+    img = Image(str(tmp_path / "pages"), 16 * MiB, [(m, MiB) for m in range(0, 16 * MiB, 2 * MiB)])
+    yield img
+    img.close()
+
+
+def make_loader(img: Image, queue: aio.Queue, **config) -> tuple[Loader, MemoryFile]:
+    mem = MemoryFile(img.memory_size)
+    cfg = LoaderConfig(**{"queue_depth": queue.capacity, "background_reads": 4, **config})
+    return Loader(img.layout, img.fd, mem, queue, cfg), mem
+
+
+@pytest.mark.parametrize("backend", ["threads", "sync"])
+async def test_full_load_equals_image(image, backend):
+    queue = aio.open_queue(backend, 16)
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.done.wait()
+    assert mem.view == image.expected
+    stats = loader.statistics()
+    assert stats.loaded_bytes == stats.total_bytes == 8 * MiB
+    assert stats.done and stats.reads_in_flight == 0
+    # coalescing: 8 data ranges of 1 MiB at 256 KiB a read
+    assert stats.reads_total == 8 * 4
+    await loader.aclose()
+    mem.close()
+
+
+async def test_wait_returns_correct_bytes_while_rest_loads(image):
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.002)
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        offset = 14 * MiB + 5 * PAGE + 100  # unaligned: rounds out to whole pages
+        await loader.wait_loaded(offset, 3 * PAGE)
+        lo, hi = 14 * MiB + 5 * PAGE, 14 * MiB + 9 * PAGE
+        assert mem.view[lo:hi] == image.expected[lo:hi]
+        assert not loader.done.is_set()
+        assert loader.loaded_bytes < loader.total_bytes
+        await loader.done.wait()
+    assert mem.view == image.expected
+    await loader.aclose()
+    mem.close()
+
+
+async def test_priority_far_end_served_while_most_unloaded(image):
+    # a backend slowed on purpose: every completion costs 5 ms
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.005)
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.sleep(0)
+        far = image.memory_size - 2 * MiB + MiB - PAGE  # last page of the last data range
+        await loader.wait_loaded(far, PAGE)
+        assert mem.view[far : far + PAGE] == image.expected[far : far + PAGE]
+        stats = loader.statistics()
+        assert stats.loaded_bytes < stats.total_bytes // 4, stats
+        assert stats.waits_served == 1
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_without_priority_far_wait_waits_for_the_sweep(image):
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.0005)
+    loader, mem = make_loader(image, queue, priority=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        far = image.memory_size - MiB - PAGE
+        await loader.wait_loaded(far, PAGE)
+        assert loader.statistics().loaded_bytes > loader.total_bytes * 3 // 4
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_holes_and_loaded_ranges_answer_without_io(image):
+    queue = aio.open_queue("sync", 16)
+    loader, mem = make_loader(image, queue, sweep=False)
+    # a hole: nothing to wait for, nothing read
+    assert loader.submit_wait(MiB, MiB, lambda h: None) is None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.wait_loaded(0, 2 * PAGE)
+        reads = loader.statistics().reads_total
+        assert loader.submit_wait(0, 2 * PAGE, lambda h: None) is None
+        await loader.wait_loaded(PAGE, PAGE)
+        assert loader.statistics().reads_total == reads
+        assert loader.statistics().waits_immediate == 3
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_lazy_mode_loads_only_what_is_waited_for(image):
+    queue = aio.open_queue("threads", 16)
+    loader, mem = make_loader(image, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.wait_loaded(4 * MiB, 64 * 1024)
+        await trio.sleep(0.05)
+        assert loader.loaded_bytes == 64 * 1024
+        loader.prefetch(6 * MiB, MiB)
+        while loader.loaded_bytes < 64 * 1024 + MiB:
+            await trio.sleep(0.01)
+        assert mem.view[6 * MiB : 7 * MiB] == image.expected[6 * MiB : 7 * MiB]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_in_flight_part_is_joined_not_read_twice(image):
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, mem = make_loader(image, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        results = []
+
+        async def waiter(off, n):
+            await loader.wait_loaded(off, n)
+            results.append(off)
+
+        nursery.start_soon(waiter, 0, 64 * 1024)
+        await trio.sleep(0.001)
+        nursery.start_soon(waiter, 16 * 1024, 8 * 1024)  # inside the first, now in flight
+        while len(results) < 2:
+            await trio.sleep(0.005)
+        stats = loader.statistics()
+        assert stats.reads_total == 1
+        assert stats.loaded_bytes == 64 * 1024
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_large_wait_does_not_starve_small_one(tmp_path):
+    img = Image(str(tmp_path / "pages"), 32 * MiB, [(0, 32 * MiB)])
+    queue = aio.DelayedQueue(aio.open_queue("sync", 8), 0.002)
+    loader, mem = make_loader(img, queue, sweep=False, read_size=256 * 1024, waiter_reads=2)
+    order = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+
+        async def waiter(name, off, n):
+            await loader.wait_loaded(off, n)
+            order.append((name, loader.loaded_bytes))
+
+        nursery.start_soon(waiter, "big", 0, 24 * MiB)
+        await trio.sleep(0.01)
+        nursery.start_soon(waiter, "small", 30 * MiB, PAGE)
+        while len(order) < 2:
+            await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()  # lazy mode: run() goes on until closed
+    assert order[0][0] == "small"
+    assert order[0][1] < 12 * MiB  # served long before the big wait was half done
+    assert mem.view[30 * MiB : 30 * MiB + PAGE] == img.expected[30 * MiB : 30 * MiB + PAGE]
+    await loader.aclose()
+    mem.close()
+    img.close()
+
+
+async def test_io_error_fails_exactly_the_waits_that_need_it(image):
+    bad_lo, bad_hi = 2 * MiB, 2 * MiB + 256 * 1024  # pages-file span of memory 4 MiB..
+    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), aio.fail_offsets(bad_lo, bad_hi))
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with pytest.raises(LoadError) as info:
+            await loader.wait_loaded(4 * MiB + PAGE, PAGE)  # memory 4 MiB is file offset 2 MiB
+        assert info.value.code == "io-error" and info.value.errno == errno.EIO
+        await loader.wait_loaded(6 * MiB, MiB)  # unaffected
+        await loader.done.wait()
+    stats = loader.statistics()
+    # every read touching the bad span failed; nothing else did
+    bad_mem = (4 * MiB, 4 * MiB + 256 * 1024)
+    assert loader.failed.overlap_bytes(*bad_mem) == 256 * 1024
+    assert all(4 * MiB <= lo and lo + n <= 5 * MiB for lo, n, _ in stats.failed_ranges)
+    assert all(e == errno.EIO for _, _, e in stats.failed_ranges)
+    assert stats.loaded_bytes + stats.failed_bytes == stats.total_bytes
+    for lo, hi in loader.layout.data_in(0, image.memory_size):
+        for a, b in [(lo, hi)]:
+            pos = a
+            for flo, fhi in loader.failed.overlapping(a, b):
+                assert mem.view[pos:flo] == image.expected[pos:flo]
+                pos = fhi
+            assert mem.view[pos:b] == image.expected[pos:b]
+    # a later wait on the failed part fails at once; one beside it succeeds at once
+    with pytest.raises(LoadError):
+        await loader.wait_loaded(4 * MiB, PAGE)
+    fhi = max(lo + n for lo, n, _ in stats.failed_ranges)
+    await loader.wait_loaded(fhi, PAGE)
+    await loader.aclose()
+    mem.close()
+
+
+async def test_short_reads_are_resubmitted(image):
+    seen = set()
+
+    def shorten_once(request):
+        if request.id in seen:
+            return None
+        seen.add(request.id)
+        return request.length // 2 + PAGE // 2  # not even page-aligned
+
+    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), shorten_once)
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.done.wait()
+    assert mem.view == image.expected
+    assert loader.statistics().reads_retried >= 32
+    assert loader.statistics().failed_bytes == 0
+    await loader.aclose()
+    mem.close()
+
+
+async def test_cancelled_wait_leaves_nothing_behind(image):
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, mem = make_loader(image, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.move_on_after(0.005):
+            await loader.wait_loaded(8 * MiB, MiB)
+        stats = loader.statistics()
+        assert stats.waits_cancelled == 1 and stats.waiters_blocked == 0
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_shutdown_answers_every_waiter(image):
+    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, mem = make_loader(image, queue, sweep=False, waiter_reads=1)
+    errors = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+
+        async def waiter():
+            try:
+                await loader.wait_loaded(0, 8 * MiB)
+            except LoadError as exc:
+                errors.append(exc.code)
+
+        nursery.start_soon(waiter)
+        await trio.sleep(0.02)
+        await loader.aclose()
+    assert errors == ["shutting-down"]
+    assert loader.statistics().reads_in_flight == 0
+    with pytest.raises(LoadError):
+        loader.submit_wait(10 * MiB, PAGE, lambda h: None)
+    mem.close()
+
+
+def test_out_of_memory_range_is_refused(image):
+    async def main():
+        loader, mem = make_loader(image, aio.open_queue("sync", 16))
+        with pytest.raises(ValueError):
+            loader.submit_wait(image.memory_size - PAGE, 2 * PAGE, lambda h: None)
+        mem.close()
+
+    trio.run(main)
