@@ -1,0 +1,258 @@
+"""Clients of the restore daemon, in two flavours with the same methods.
+
+* :class:`Client` — blocking, plain sockets, for VMMs that are not async.
+  ``with Client.connect(path) as c: c.wait(off, n)``.  Pipelining:
+  ``ids = [c.send_wait(off, n) ...]`` then ``c.result(id)`` for each.
+* :class:`TrioClient` — ``async with TrioClient.connect(path) as c: await c.wait(off, n)``;
+  any number of tasks may call it at once (one reader task matches replies to ids).
+
+Both say hello on connect (``version``, ``memory_size``, ``page_size`` and
+``done_at_connect`` come from the reply) and raise :class:`ClientError` for an
+error reply or a lost daemon.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import os
+import socket
+from collections import deque
+from typing import Any, AsyncIterator, Iterator
+
+import trio
+
+import protocol
+
+_FD_SPACE = socket.CMSG_SPACE(4 * 4)
+RECV_SIZE = 256 << 10
+
+
+class ClientError(Exception):
+    """The daemon answered with an error, or went away.  ``code`` is a protocol code."""
+
+    def __init__(self, code: str, message: str, errno: int | None = None) -> None:
+        super().__init__(f"{code}: {message}" + (f" ({os.strerror(errno)})" if errno else ""))
+        self.code = code
+        self.message = message
+        self.errno = errno
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> ClientError:
+        return cls(reply.code, reply.message, reply.errno)
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]], into: deque[int]) -> None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            into.extend(fds)
+
+
+class _Common:
+    version: int
+    memory_size: int
+    page_size: int
+    done_at_connect: bool
+
+    def _init_common(self) -> None:
+        self.conn = protocol.ClientConnection()
+        self._ids = itertools.count(1)
+        self._fds: deque[int] = deque()
+
+    def _hello_done(self, reply: Any) -> None:
+        if isinstance(reply, protocol.ErrorReply):
+            raise ClientError.from_reply(reply)
+        self.version = reply.version
+        self.memory_size = reply.memory_size
+        self.page_size = reply.page_size
+        self.done_at_connect = reply.done
+
+    @staticmethod
+    def _check(reply: Any) -> Any:
+        if isinstance(reply, protocol.ErrorReply):
+            raise ClientError.from_reply(reply)
+        return reply
+
+    def _fd_for(self, reply: Any) -> int:
+        self._check(reply)
+        if not self._fds:
+            raise ClientError("bad-message", "the memory fd reply came without a file descriptor")
+        return self._fds.popleft()
+
+
+class Client(_Common):
+    """Blocking client over a plain socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._init_common()
+        self._replies: dict[int | None, Any] = {}
+        self._hello_done(self._request(protocol.Hello(next(self._ids), protocol.SUPPORTED_VERSIONS, "pageload-client")))
+
+    @classmethod
+    def connect(cls, path: str, timeout: float | None = None) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return cls(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+    # -- pipelining
+    def send(self, event: Any) -> int:
+        self.sock.sendall(self.conn.send(event))
+        return int(event.id)
+
+    def send_wait(self, offset: int, length: int) -> int:
+        return self.send(protocol.Wait(next(self._ids), offset, length))
+
+    def reply(self, request_id: int) -> Any:
+        """Block until the reply to ``request_id`` arrives (others are kept for later)."""
+        while request_id not in self._replies:
+            event = self.conn.next_event()
+            if event is protocol.NEED_DATA:
+                data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                _take_fds(ancdata, self._fds)
+                self.conn.receive_data(data)
+                continue
+            if event is protocol.CLOSED:
+                raise ClientError("closed", "the daemon closed the connection")
+            if event.id is None:  # a connection-level error
+                raise ClientError.from_reply(event)
+            self._replies[event.id] = event
+        return self._replies.pop(request_id)
+
+    def result(self, request_id: int) -> None:
+        """Wait for a pipelined wait's reply; raise ClientError if it failed."""
+        self._check(self.reply(request_id))
+
+    def _request(self, event: Any) -> Any:
+        return self.reply(self.send(event))
+
+    # -- the methods both clients have
+    def wait(self, offset: int, length: int) -> None:
+        self._check(self._request(protocol.Wait(next(self._ids), offset, length)))
+
+    def prefetch(self, offset: int, length: int) -> None:
+        self._check(self._request(protocol.Prefetch(next(self._ids), offset, length)))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._check(self._request(protocol.GetStats(next(self._ids)))).stats)
+
+    def memory_fd(self) -> int:
+        """A new fd of the daemon's memory file (the caller closes it); map it read-only."""
+        return self._fd_for(self._request(protocol.GetMemoryFd(next(self._ids))))
+
+
+class TrioClient(_Common):
+    """trio client; many tasks may await requests at once."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self._init_common()
+        self._slots: dict[int, list[Any]] = {}  # id -> [event, reply]
+        self._lost: ClientError | None = None
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, path: str) -> AsyncIterator[TrioClient]:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            await sock.connect(path)
+            client = cls(sock)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._reader)
+                try:
+                    client._hello_done(await client._request(
+                        protocol.Hello(next(client._ids), protocol.SUPPORTED_VERSIONS, "pageload-trio-client")))
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+                    while client._fds:
+                        os.close(client._fds.popleft())
+
+    async def _reader(self) -> None:
+        conn = self.conn
+        try:
+            while True:
+                event = conn.next_event()
+                if event is protocol.NEED_DATA:
+                    data, ancdata, _, _ = await self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                    _take_fds(ancdata, self._fds)
+                    conn.receive_data(data)
+                    continue
+                if event is protocol.CLOSED:
+                    raise ClientError("closed", "the daemon closed the connection")
+                if event.id is None:
+                    raise ClientError.from_reply(event)
+                slot = self._slots.pop(event.id, None)
+                if slot is not None:
+                    slot[1] = event
+                    slot[0].set()
+        except (ClientError, protocol.ProtocolError, OSError) as exc:
+            self._lost = exc if isinstance(exc, ClientError) else ClientError("closed", str(exc))
+            for slot in self._slots.values():
+                slot[0].set()
+
+    async def _request(self, event: Any) -> Any:
+        if self._lost is not None:
+            raise self._lost
+        slot: list[Any] = [trio.Event(), None]
+        self._slots[event.id] = slot
+        data = self.conn.send(event)
+        async with self._send_lock:
+            view = memoryview(data)
+            while view:
+                view = view[await self.sock.send(view):]
+        await slot[0].wait()
+        if slot[1] is None:
+            assert self._lost is not None
+            raise self._lost
+        return slot[1]
+
+    async def wait(self, offset: int, length: int) -> None:
+        self._check(await self._request(protocol.Wait(next(self._ids), offset, length)))
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length)))
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)
+
+    async def memory_fd(self) -> int:
+        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids))))
+
+
+@contextlib.contextmanager
+def mapped_memory(client: Client) -> Iterator[memoryview]:
+    """Map the daemon's memory file read-only (for checking bytes)."""
+    import mmap
+
+    fd = client.memory_fd()
+    try:
+        m = mmap.mmap(fd, client.memory_size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(m)
+    try:
+        yield view
+    finally:
+        view.release()
+        m.close()

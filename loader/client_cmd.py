@@ -1,0 +1,73 @@
+"""``pageload wait`` and ``pageload stats``: talk to a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .client import Client, ClientError
+from .units import human, size_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("wait", help="block until a memory range is loaded",
+                       description="Exit 0 once [OFFSET, OFFSET+LENGTH) is loaded; non-zero with the error "
+                       "otherwise.  Sizes take K/M/G suffixes.")
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("offset", type=size_arg, metavar="OFFSET")
+    p.add_argument("length", type=size_arg, metavar="LENGTH")
+    p.set_defaults(func=run_wait)
+
+    p = sub.add_parser("stats", help="show a running daemon's statistics")
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=run_stats)
+
+
+def _fail(exc: BaseException, path: str) -> int:
+    if isinstance(exc, OSError) and not isinstance(exc, ClientError):
+        exc = f"{path}: cannot reach the daemon: {exc.strerror or exc}"  # type: ignore[assignment]
+    print(f"pageload: {exc}", file=sys.stderr)
+    return 1
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    try:
+        with Client.connect(args.socket) as client:
+            client.wait(args.offset, args.length)
+    except (ClientError, OSError) as exc:
+        return _fail(exc, args.socket)
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    try:
+        with Client.connect(args.socket) as client:
+            stats = client.stats()
+    except (ClientError, OSError) as exc:
+        return _fail(exc, args.socket)
+    if args.json:
+        json.dump(stats, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    lat = stats.get("latency_us", {})
+    total = stats["total_bytes"]
+    pct = 100 * stats["loaded_bytes"] / total if total else 100
+    print(f"loaded      {human(stats['loaded_bytes'])} of {human(total)} ({pct:.1f}%)"
+          f"{'  done' if stats['done'] else ''}")
+    print(f"throughput  {stats['throughput_bps'] / 1e6:.1f} MB/s over {stats['elapsed_s']:.2f} s")
+    print(f"reads       {stats['reads_in_flight']} in flight, {stats['reads_total']} total, "
+          f"{stats['reads_retried']} retried")
+    print(f"waits       {stats['waits_total']} total: {stats['waits_immediate']} immediate, "
+          f"{stats['waits_served']} served, {stats['waits_failed']} failed, "
+          f"{stats['waits_cancelled']} cancelled, {stats['waiters_blocked']} blocked now")
+    print(f"waited      {human(stats['bytes_waited'])}, {stats['total_wait_time_s']:.3f} s in all, "
+          f"someone blocked {stats['blocked_time_s']:.3f} s; mean {lat.get('mean_us', 0):.0f} us, "
+          f"max {lat.get('max_us', 0):.0f} us")
+    if stats["failed_bytes"]:
+        print(f"FAILED      {human(stats['failed_bytes'])}: " + ", ".join(
+            f"{off:#x}+{n:#x} errno {e}" for off, n, e in stats["failed_ranges"]))
+    if "backend" in stats:
+        print(f"backend     {stats['backend']}")
+    return 0

@@ -1,0 +1,95 @@
+"""``pageload restore``: run the restore daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tracemalloc
+
+import trio
+
+import aio
+
+from .checkpoint import CheckpointError
+from .daemon import DaemonOptions, run_daemon
+from .scheduler import LoaderConfig
+from .units import size_arg
+
+_DEFAULTS = LoaderConfig()
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "restore",
+        help="serve a checkpoint's memory to faulting clients, loading it behind them",
+        description="Restore SOURCE (a raw memory image or a pageload checkpoint directory) into a "
+        "memory file and serve waits on a Unix socket.  With --background the socket is ready at "
+        "once and pages load behind the running application; waited-for pages jump ahead.  "
+        "Without it, everything loads first (a progress bar on a terminal), then the socket opens.  "
+        "Prints 'READY socket=PATH pid=N' on stdout once clients can connect.  SIGTERM/SIGINT: "
+        "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
+    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on (mode 0600)")
+    p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
+    p.add_argument("--memory-file", metavar="PATH",
+                   help="write into this file (e.g. on /dev/shm or hugetlbfs) instead of a memfd")
+    p.add_argument("--aio", default="auto", metavar="NAME",
+                   help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
+    p.add_argument("--threads", type=int, metavar="N", help="threads for the threads backend")
+    p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
+    p.add_argument("--read-size", type=size_arg, default=_DEFAULTS.read_size, metavar="SIZE",
+                   help="largest single read (default 256K)")
+    p.add_argument("--queue-depth", type=int, default=_DEFAULTS.queue_depth, metavar="N",
+                   help="reads in flight at most (default %(default)s)")
+    p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",
+                   help="of those, at most N for the background sweep; the rest are kept for waiters "
+                   "(default %(default)s)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="lazy only: load nothing that is not waited for or prefetched")
+    p.add_argument("--no-priority", action="store_true",
+                   help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="also accept clients running as UID (default: the daemon's uid and root)")
+    p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
+    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="log progress this often (default %(default)s)")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="trace Python heap allocations (stats then report the heap and its peak)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="pageload: %(message)s", stream=sys.stderr)
+    try:
+        config = LoaderConfig(read_size=args.read_size, queue_depth=args.queue_depth,
+                              background_reads=args.background_reads, sweep=not args.no_sweep,
+                              priority=not args.no_priority)
+    except ValueError as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    opts = DaemonOptions(
+        source=args.source, socket_path=args.socket, background=args.background,
+        memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
+        config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
+        progress_interval=args.progress_interval,
+        progress_bar=not args.background and sys.stderr.isatty(),
+    )
+    if args.tracemalloc:
+        tracemalloc.start()
+    try:
+        trio.run(run_daemon, opts)
+    except CheckpointError as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except aio.BackendUnavailable as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
