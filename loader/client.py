@@ -177,16 +177,21 @@ class TrioClient(_Common):
         with sock:
             await sock.connect(path)
             client = cls(sock)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._reader)
-                try:
-                    client._hello_done(await client._request(
-                        protocol.Hello(next(client._ids), protocol.SUPPORTED_VERSIONS, "pageload-trio-client")))
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-                    while client._fds:
-                        os.close(client._fds.popleft())
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client._reader)
+                    try:
+                        client._hello_done(await client._request(
+                            protocol.Hello(next(client._ids), protocol.SUPPORTED_VERSIONS, "pageload-trio-client")))
+                        yield client
+                    finally:
+                        nursery.cancel_scope.cancel()
+                        while client._fds:
+                            os.close(client._fds.popleft())
+            except BaseExceptionGroup as group:  # the reader never raises: unwrap the caller's error
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
     async def _reader(self) -> None:
         conn = self.conn

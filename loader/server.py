@@ -325,12 +325,23 @@ class Server:
                     nursery.start_soon(session.writer)
                     await session.read_loop()
                     session.drop_waits()
-                    if session._closing:
+                    if session._closing:  # we hang up: make sure the last error reply is read
                         await session.flush()
+                        await _lingering_close(sock)
                     nursery.cancel_scope.cancel()
             finally:
                 session.drop_waits()
                 self.sessions.discard(session)
+
+
+async def _lingering_close(sock: trio.socket.SocketType, timeout: float = 0.5) -> None:
+    """Half-close, then discard what the peer still sends for a moment: closing with
+    unread input would reset the connection and could destroy our last reply."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(stdsocket.SHUT_WR)
+    with trio.move_on_after(timeout), contextlib.suppress(OSError):
+        while await sock.recv(RECV_SIZE):
+            pass
 
 
 def _plain(record: Any) -> dict[str, Any]:

@@ -1,0 +1,372 @@
+"""The daemon end to end: checkpoint -> memory file -> socket -> clients."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import pytest
+import trio
+
+import aio
+from loader.checkpoint import create_checkpoint
+from loader.client import Client, ClientError, TrioClient, mapped_memory
+from loader.daemon import DaemonOptions, run_daemon
+from loader.sample import make_sample_image
+from loader.scheduler import LoaderConfig
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 32 * MiB
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    raw = str(d / "memory.img")
+    make_sample_image(raw, SIZE, seed=7)
+    ckpt = str(d / "ckpt")
+    create_checkpoint(raw, ckpt)
+    with open(raw, "rb") as f:
+        expected = f.read()
+    return {"raw": raw, "pages": ckpt, "expected": expected}
+
+
+def options(tmp_path, source, **kw):
+    kw.setdefault("handle_signals", False)
+    kw.setdefault("ready_line", False)
+    return DaemonOptions(source=source, socket_path=str(tmp_path / "s.sock"), **kw)
+
+
+def slowed(delay):
+    return lambda q: aio.DelayedQueue(q, delay)
+
+
+@pytest.mark.parametrize("kind", ["raw", "pages"])
+async def test_full_load_equals_image(tmp_path, images, kind):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images[kind]))
+        await state.loader.done.wait()
+        assert state.memory.view == images["expected"]
+        async with TrioClient.connect(state.server.path) as client:
+            assert client.memory_size == SIZE and client.page_size == PAGE
+            stats = await client.stats()
+            assert stats["done"] and stats["loaded_bytes"] == stats["total_bytes"]
+        state.stop()
+
+
+@pytest.mark.parametrize("kind", ["raw", "pages"])
+async def test_waited_range_is_correct_the_moment_wait_returns(tmp_path, images, kind):
+    opts = options(tmp_path, images[kind], wrap_queue=slowed(0.002), aio_backend="sync")
+    expected = images["expected"]
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            for off in (SIZE - 5 * PAGE, SIZE // 2 + 3 * PAGE, 7 * PAGE):
+                await client.wait(off, 2 * PAGE)
+                assert state.memory.view[off : off + 2 * PAGE] == expected[off : off + 2 * PAGE]
+            assert not state.loader.done.is_set()
+        state.stop()
+
+
+async def test_priority_over_the_socket(tmp_path, images):
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.005), aio_backend="sync")
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            await client.wait(SIZE - PAGE, PAGE)
+            stats = await client.stats()
+        assert stats["loaded_bytes"] < stats["total_bytes"] // 4
+        assert stats["waits_served"] + stats["waits_immediate"] == 1
+        state.stop()
+
+
+async def test_many_clients_and_pipelined_waits(tmp_path, images):
+    expected = images["expected"]
+    opts = options(tmp_path, images["pages"], wrap_queue=slowed(0.0005))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        path = state.server.path
+
+        async def trio_client(seed):
+            async with TrioClient.connect(path) as client:
+                async with trio.open_nursery() as inner:  # pipelined: many waits in flight at once
+                    for i in range(16):
+                        off = ((seed * 7919 + i * 104729) * PAGE) % (SIZE - PAGE)
+                        inner.start_soon(client.wait, off, PAGE)
+
+        def blocking_client(seed):
+            with Client.connect(path) as client, mapped_memory(client) as mem:
+                offs = [((seed * 31 + i * 257) * PAGE) % (SIZE - 2 * PAGE) for i in range(32)]
+                ids = [client.send_wait(off, 2 * PAGE) for off in offs]
+                for request_id, off in zip(reversed(ids), reversed(offs)):  # replies in any order
+                    client.result(request_id)
+                    assert mem[off : off + 2 * PAGE] == expected[off : off + 2 * PAGE]
+
+        async with trio.open_nursery() as clients:
+            for seed in range(6):
+                clients.start_soon(trio_client, seed)
+            for seed in range(3):
+                clients.start_soon(trio.to_thread.run_sync, blocking_client, seed)
+        stats = state.loader.statistics()
+        assert stats.waits_total == 6 * 16 + 3 * 32
+        assert stats.waits_failed == 0 and stats.waiters_blocked == 0
+        state.stop()
+
+
+async def test_client_vanishing_mid_wait_leaks_nothing(tmp_path, images):
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.02), aio_backend="sync",
+                   config=LoaderConfig(sweep=False, waiter_reads=1))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        path = state.server.path
+
+        def vanish():
+            client = Client.connect(path)
+            client.send_wait(0, 8 * MiB)  # many reads' worth, slowed: still waiting when we go
+            time.sleep(0.05)
+            client.close()
+
+        await trio.to_thread.run_sync(vanish)
+        for _ in range(200):
+            if not state.server.sessions:
+                break
+            await trio.sleep(0.01)
+        stats = state.loader.statistics()
+        assert stats.waits_cancelled == 1 and stats.waiters_blocked == 0
+        assert not state.server.sessions
+        async with TrioClient.connect(path) as client:  # the daemon carries on
+            await client.wait(SIZE - PAGE, PAGE)
+        state.stop()
+
+
+def _raw_exchange(path, payload, *, chunked=False):
+    """Send raw bytes (a hello first), return every reply until the daemon closes or goes quiet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.settimeout(2)
+    hello = msgpack.packb({"op": "hello", "id": 1, "v": [1]})
+    data = hello + payload
+    if chunked:
+        for i in range(len(data)):
+            sock.send(data[i : i + 1])
+            time.sleep(0.001)
+    else:
+        sock.sendall(data)
+    unpacker = msgpack.Unpacker()
+    replies, closed = [], False
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                closed = True
+                break
+            unpacker.feed(chunk)
+            replies.extend(unpacker)
+    except TimeoutError:
+        pass
+    except ConnectionResetError:
+        closed = True
+    sock.close()
+    return replies, closed
+
+
+def _codes(replies):
+    return [r.get("err") for r in replies if "err" in r]
+
+
+async def test_bad_input_gets_named_errors(tmp_path, images):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["raw"]))
+        path = state.server.path
+
+        def check():
+            out = {}
+            pack = msgpack.packb
+            out["unknown-op"] = _raw_exchange(path, pack({"op": "explode", "id": 2}) + pack({"op": "stats", "id": 3}))
+            out["out-of-range"] = _raw_exchange(path, pack({"op": "wait", "id": 2, "off": SIZE, "len": PAGE}))
+            out["bad-message"] = _raw_exchange(path, pack([1, 2, 3]))
+            out["bad-frame"] = _raw_exchange(path, b"\xc1\xc1\xc1")
+            out["too-large"] = _raw_exchange(path, pack({"op": "wait", "id": 2, "pad": "x" * 200_000}))
+            out["many"] = _raw_exchange(path, b"".join(pack({"op": "nope", "id": i}) for i in range(2, 40)))
+            return out
+
+        out = await trio.to_thread.run_sync(check)
+        replies, closed = out["unknown-op"]
+        assert _codes(replies) == ["unknown-op"] and not closed
+        assert any(r.get("ok") == "stats" for r in replies)  # still served afterwards
+        assert _codes(out["out-of-range"][0]) == ["out-of-range"]
+        assert _codes(out["bad-message"][0]) == ["bad-message"]
+        assert _codes(out["bad-frame"][0]) == ["bad-frame"] and out["bad-frame"][1]
+        assert "too-large" in _codes(out["too-large"][0]) and out["too-large"][1]
+        replies, closed = out["many"]
+        assert closed and _codes(replies)[-1] == "too-many-errors"
+        # the daemon is fine
+        async with TrioClient.connect(path) as client:
+            await client.wait(0, PAGE)
+        state.stop()
+
+
+async def test_protocol_fed_one_byte_at_a_time(tmp_path, images):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["raw"]))
+        payload = msgpack.packb({"op": "wait", "id": 2, "off": SIZE - PAGE, "len": PAGE})
+        replies, _ = await trio.to_thread.run_sync(lambda: _raw_exchange(state.server.path, payload, chunked=True))
+        assert [r.get("re") for r in replies] == [1, 2]
+        assert replies[1].get("ok") == "loaded"
+        state.stop()
+
+
+async def test_memory_fd_is_passed_and_maps_the_memory(tmp_path, images):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["pages"]))
+        await state.loader.done.wait()
+        async with TrioClient.connect(state.server.path) as client:
+            fd = await client.memory_fd()
+        try:
+            assert os.fstat(fd).st_size == SIZE
+            with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:] == images["expected"]
+        finally:
+            os.close(fd)
+        state.stop()
+
+
+async def test_shutdown_answers_waiting_clients(tmp_path, images):
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.02), aio_backend="sync",
+                   config=LoaderConfig(sweep=False, waiter_reads=1))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        errors = []
+
+        async def waiter():
+            try:
+                async with TrioClient.connect(state.server.path) as client:
+                    await client.wait(0, 16 * MiB)
+            except ClientError as exc:
+                errors.append(exc.code)
+
+        nursery.start_soon(waiter)
+        await trio.sleep(0.1)
+        state.stop()
+    assert errors == ["shutting-down"]
+    assert not os.path.exists(opts.socket_path)
+
+
+async def test_eager_mode_opens_the_socket_only_when_loaded(tmp_path, images):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["raw"], background=False))
+        assert state.loader.done.is_set()
+        async with TrioClient.connect(state.server.path) as client:
+            assert client.done_at_connect
+        state.stop()
+
+
+async def test_socket_is_private_and_peer_uid_checked(request, images):
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid (not root here)")
+    sockdir = pathlib.Path(tempfile.mkdtemp(prefix="pageload-peercred-"))  # pytest's tmp is 0700
+    os.chmod(sockdir, 0o777)
+    request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))
+    nobody = 65534
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 in /usr/bin or /bin to run a client as uid 65534")
+    # the client runs as another uid, with the stdlib only: send a hello, print the reply's kind
+    hello = msgpack.packb({"op": "hello", "id": 1, "v": [1]}).hex()
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(5)\n"
+        "try:\n    s.connect(sys.argv[1]); s.sendall(bytes.fromhex(sys.argv[2])); data = s.recv(4096)\n"
+        "except OSError as e:\n    data = b''\n"
+        "print('OK' if b'hello' in data else 'REFUSED')\n"
+    )
+    for allow, expect in (((), "REFUSED"), ((nobody,), "OK")):
+        opts = DaemonOptions(source=images["raw"], socket_path=str(sockdir / f"s{len(allow)}.sock"),
+                             handle_signals=False, ready_line=False, allow_uids=allow)
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            mode = stat.S_IMODE(os.stat(opts.socket_path).st_mode)
+            assert mode == 0o600
+            os.chmod(opts.socket_path, 0o666)  # let the file mode pass, so SO_PEERCRED decides
+            result = await trio.run_process([python, "-c", script, opts.socket_path, hello], user=nobody,
+                                            capture_stdout=True, check=False)
+            assert result.stdout.decode().strip() == expect, result
+            assert state.server.statistics().connections_refused == (1 if not allow else 0)
+            state.stop()
+
+
+# ---------------------------------------------------------------- the real command line
+
+
+def _start(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "loader.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_restore_wait_stats_and_sigterm(tmp_path, images):
+    sock = str(tmp_path / "cli.sock")
+    proc = _start(["restore", images["pages"], "--socket", sock, "--background"])
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY socket=" + sock)
+        run = lambda *a: subprocess.run([sys.executable, "-m", "loader.cli", *a], capture_output=True, text=True)
+        ok = run("wait", "--socket", sock, "16M", "4K")
+        assert ok.returncode == 0, ok.stderr
+        bad = run("wait", "--socket", sock, "40M", "4K")
+        assert bad.returncode != 0 and "out-of-range" in bad.stderr
+        st = run("stats", "--socket", sock, "--json")
+        import json
+
+        stats = json.loads(st.stdout)
+        assert {"total_bytes", "loaded_bytes", "done"} <= stats.keys()
+        assert stats["total_bytes"] > 0
+        human = run("stats", "--socket", sock)
+        assert "loaded" in human.stdout and human.returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert not os.path.exists(sock)
+    assert "shutting down" in err
+
+
+def test_cli_ready_fd(tmp_path, images):
+    sock = str(tmp_path / "fd.sock")
+    r, w = os.pipe()
+    proc = _start(["restore", images["raw"], "--socket", sock, "--background", "--ready-fd", str(w), "-q"],
+                  pass_fds=(w,))
+    os.close(w)
+    try:
+        with os.fdopen(r) as ready:
+            assert ready.read() == "READY\n"
+        assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "index.msgpack"
+    bad.write_bytes(b"\xc1garbage")
+    proc = subprocess.run([sys.executable, "-m", "loader.cli", "restore", str(bad), "--socket",
+                           str(tmp_path / "x.sock")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr
+
+
+def test_cli_wait_without_daemon_fails_clearly(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loader.cli", "wait", "--socket", str(tmp_path / "none"),
+                           "0", "4K"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
