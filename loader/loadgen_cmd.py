@@ -1,0 +1,117 @@
+"""``pageload loadgen``: replay a trace against a running daemon from N client processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TextIO
+
+from .checkpoint import CheckpointError
+from .client import ClientError
+from .loadgen import LoadgenError, ProgressFn, run_loadgen
+from .traces import TraceError, load_trace
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "loadgen",
+        help="replay a fault trace against a running daemon from N client processes",
+        description="Split TRACE among N client processes; each replays its faults as waits "
+        "(open loop at the trace's timestamps, or scaled to --rate faults/s in total, or closed "
+        "loop), times each wait, and checks after it that the memory file holds the checkpoint's "
+        "bytes.  Prints a summary (wait latency percentiles, waits/s, waits that found their range "
+        "loaded as counted by the daemon, the generator's own overhead).  Exit 0 if every wait "
+        "succeeded with the right bytes, 1 on errors or mismatches or an unreachable daemon, 2 for "
+        "a bad trace or arguments.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's Unix socket")
+    p.add_argument("--trace", required=True, metavar="FILE", help="trace file (msgpack or text)")
+    p.add_argument("--clients", type=int, default=1, metavar="N", help="client processes (default 1)")
+    loop = p.add_mutually_exclusive_group()
+    loop.add_argument("--rate", type=float, metavar="R",
+                      help="scale the timestamps to R faults/s in total (default: as recorded)")
+    loop.add_argument("--closed-loop", action="store_true",
+                      help="each client issues its next wait as soon as the previous one returns")
+    p.add_argument("--image", metavar="PATH",
+                   help="checkpoint to check bytes against (default: the daemon's source)")
+    p.add_argument("--no-verify", action="store_true", help="do not check the bytes")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-': stdout)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=run)
+
+
+def stderr_progress(stream: TextIO | None = None) -> ProgressFn:
+    """A progress callback: one line redrawn with ``\\r`` on a terminal, else a line a second."""
+    out = stream if stream is not None else sys.stderr
+    tty = out.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int, elapsed: float) -> None:
+        now = time.monotonic()
+        if not tty and done < total and now - last[0] < 1.0:
+            return
+        last[0] = now
+        pct = 100.0 * done / total if total else 100.0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        text = f"loadgen: {done}/{total} waits ({pct:.0f}%) in {elapsed:.1f} s, {rate:.0f}/s"
+        if tty:
+            out.write("\r" + text + ("\n" if done >= total else ""))
+        else:
+            out.write(text + "\n")
+        out.flush()
+
+    return show
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.clients < 1:
+        print(f"pageload: --clients must be at least 1, not {args.clients}", file=sys.stderr)
+        return 2
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pageload: {args.trace}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        report = run_loadgen(args.socket, trace, clients=args.clients, rate=args.rate,
+                             closed_loop=args.closed_loop, image=args.image,
+                             verify=not args.no_verify,
+                             progress=None if args.quiet else stderr_progress())
+    except TraceError as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"pageload: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pageload: {args.socket}: cannot reach the daemon: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    except LoadgenError as exc:
+        print(f"pageload: loadgen: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        doc = json.dumps(report.as_dict(), indent=2, sort_keys=True)
+        if args.json == "-":
+            print(doc)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(doc + "\n")
+    print(f"pageload: loadgen: {report.summary()}", file=sys.stderr)
+    if report.ok:
+        return 0
+    for line in report.error_samples:
+        print(f"pageload: error: {line}", file=sys.stderr)
+    for m in report.mismatch_samples:
+        print(f"pageload: MISMATCH: {m.describe()}", file=sys.stderr)
+    print(f"pageload: loadgen FAILED: {report.errors} errors, {report.mismatches} mismatches, "
+          f"{report.not_issued} faults not issued", file=sys.stderr)
+    return 1
