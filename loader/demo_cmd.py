@@ -1,0 +1,167 @@
+"""``pageload demo``: the main job on an embedded default, start to finish.
+
+Makes a sample memory image and converts it to a checkpoint, starts the daemon
+with ``--background`` as a real subprocess, drives faulting clients (threads with
+the blocking client, each checking every byte it waited for against the image),
+shows progress while the rest loads behind them, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .checkpoint import create_checkpoint
+from .client import Client, mapped_memory
+from .sample import make_sample_image
+from .units import human, size_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="make a sample image, restore it in the background, drive faulting clients",
+                       description=__doc__)
+    p.add_argument("--size", type=size_arg, default=512 << 20, metavar="SIZE", help="image size (default 512M)")
+    p.add_argument("--clients", type=int, default=4, metavar="N", help="faulting clients (default 4)")
+    p.add_argument("--waits", type=int, default=400, metavar="N", help="waits per client (default 400)")
+    p.add_argument("--workdir", default=".demo", metavar="DIR", help="where the image goes (default .demo)")
+    p.add_argument("--aio", default="auto", metavar="NAME", help="I/O backend for the daemon")
+    p.set_defaults(func=run)
+
+
+class ClientThread(threading.Thread):
+    """Waits for pages in a hot-set-heavy pattern and checks each against the image."""
+
+    def __init__(self, n: int, socket_path: str, image_path: str, waits: int, size: int) -> None:
+        super().__init__(name=f"client-{n}", daemon=True)
+        self.n, self.socket_path, self.image_path, self.waits, self.size = n, socket_path, image_path, waits, size
+        self.latencies_ns: list[int] = []
+        self.mismatches = 0
+        self.errors: list[str] = []
+        self.done = 0
+
+    def run(self) -> None:
+        rng = random.Random(self.n)
+        pages = self.size // 4096
+        hot = [rng.randrange(pages) for _ in range(64)]
+        expected = bytearray(64 << 10)
+        try:
+            with Client.connect(self.socket_path) as client, mapped_memory(client) as mem, \
+                    open(self.image_path, "rb") as image:
+                for i in range(self.waits):
+                    page = rng.choice(hot) if rng.random() < 0.3 else rng.randrange(pages)
+                    npages = min(rng.choice((1, 1, 1, 4, 16)), pages - page)
+                    off, length = page * 4096, npages * 4096
+                    t0 = time.perf_counter_ns()
+                    client.wait(off, length)
+                    self.latencies_ns.append(time.perf_counter_ns() - t0)
+                    view = memoryview(expected)[:length]
+                    got = os.preadv(image.fileno(), [view], off)
+                    if got != length or mem[off : off + length] != view:
+                        self.mismatches += 1
+                    self.done = i + 1
+                    if i % 8 == 7:
+                        time.sleep(0.001)  # the "application" computes a little between faults
+        except Exception as exc:  # reported in the summary
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _pct(sorted_ns: list[int], p: float) -> float:
+    if not sorted_ns:
+        return 0.0
+    return sorted_ns[min(len(sorted_ns) - 1, int(p / 100 * len(sorted_ns)))] / 1000
+
+
+def run(args: argparse.Namespace) -> int:
+    os.makedirs(args.workdir, exist_ok=True)
+    image = os.path.join(args.workdir, f"memory-{args.size}.img")
+    ckpt = os.path.join(args.workdir, f"checkpoint-{args.size}")
+    sock = os.path.join(args.workdir, "pageload.sock")
+    print(f"== pageload demo: {human(args.size)} guest memory, {args.clients} faulting clients")
+    if not os.path.exists(image):
+        t = time.perf_counter()
+        make_sample_image(image, args.size, seed=1)
+        print(f"made sample image {image} in {time.perf_counter() - t:.2f} s")
+    if not os.path.exists(ckpt):
+        report = create_checkpoint(image, ckpt)
+        print(f"checkpoint {ckpt}: {human(report.data_bytes)} of data in {report.ranges} ranges, "
+              f"{human(report.hole_bytes + report.zero_page_bytes)} of zeros skipped")
+    print(f"$ pageload restore {ckpt} --socket {sock} --background")
+    t_start = time.perf_counter()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "loader.cli", "restore", ckpt, "--socket", sock, "--background",
+         "--aio", args.aio, "--progress-interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert daemon.stdout is not None
+    daemon_log: list[str] = []
+    ready = ""
+    while not ready.startswith("READY"):
+        ready = daemon.stdout.readline()
+        if not ready:
+            print("daemon failed to start:\n" + "".join(daemon_log), file=sys.stderr)
+            return 1
+        daemon_log.append(ready)
+    t_ready = time.perf_counter() - t_start
+    print(f"daemon ready in {t_ready:.3f} s (the application resumes now; pages load behind it)")
+    reader = threading.Thread(target=lambda: daemon_log.extend(daemon.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+
+    clients = [ClientThread(n, sock, image, args.waits, args.size) for n in range(args.clients)]
+    for c in clients:
+        c.start()
+    loaded_at = None
+    try:
+        with Client.connect(sock) as probe:
+            while any(c.is_alive() for c in clients) or loaded_at is None:
+                s = probe.stats()
+                if s["done"] and loaded_at is None:
+                    loaded_at = s["elapsed_s"]
+                pct = 100 * s["loaded_bytes"] / s["total_bytes"] if s["total_bytes"] else 100
+                waits = sum(c.done for c in clients)
+                line = (f"  loaded {pct:5.1f}%  {s['throughput_bps'] / 1e6:7.1f} MB/s  "
+                        f"waits {waits:6d}/{args.waits * args.clients}  blocked now {s['waiters_blocked']}")
+                if sys.stdout.isatty():
+                    print("\r" + line, end="", flush=True)
+                else:
+                    print(line, flush=True)
+                time.sleep(0.25 if sys.stdout.isatty() else 0.5)
+            final = probe.stats()
+    finally:
+        if sys.stdout.isatty():
+            print()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        reader.join(timeout=5)
+    lat = sorted(ns for c in clients for ns in c.latencies_ns)
+    mismatches = sum(c.mismatches for c in clients)
+    errors = [e for c in clients for e in c.errors]
+    print("== summary")
+    print(f"  ready after        {t_ready:.3f} s")
+    print(f"  fully loaded after {loaded_at:.3f} s  ({human(final['total_bytes'])} at "
+          f"{final['throughput_bps'] / 1e6:.0f} MB/s; {human(final['memory_size'] - final['total_bytes'])} "
+          "of holes never read)")
+    print(f"  waits              {len(lat)} by {args.clients} clients: {final['waits_immediate']} already loaded, "
+          f"{final['waits_served']} served ahead of the sweep")
+    print(f"  wait latency       p50 {_pct(lat, 50):.0f} us, p99 {_pct(lat, 99):.0f} us, "
+          f"max {lat[-1] / 1000 if lat else 0:.0f} us")
+    print(f"  time blocked       {final['total_wait_time_s']:.3f} s in all; someone blocked "
+          f"{final['blocked_time_s']:.3f} s")
+    print(f"  bytes checked      {mismatches} mismatches, {len(errors)} errors")
+    print(f"  daemon exit        {daemon.returncode} after SIGTERM")
+    for e in errors[:5]:
+        print(f"  error: {e}")
+    tail = [ln for ln in daemon_log if "loaded" in ln or "progress" in ln][-3:]
+    if tail:
+        print("== daemon log (last lines)")
+        for ln in tail:
+            print("  " + ln.rstrip())
+    if args.workdir == ".demo" and not os.environ.get("PAGELOAD_DEMO_KEEP"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    ok = mismatches == 0 and not errors and daemon.returncode == 0
+    return 0 if ok else 1
