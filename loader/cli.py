@@ -11,26 +11,31 @@ import argparse
 import importlib
 import sys
 
-#: modules providing sub-commands, in the order ``--help`` lists them
-COMMAND_MODULES = [
-    "loader.restore_cmd",  # restore
-    "loader.client_cmd",  # wait, stats
-    "loader.checkpoint_cmd",  # checkpoint create|inspect|verify
-    "loader.trace_cmd",  # trace gen|convert|show
-    "loader.loadgen_cmd",  # loadgen
-    "loader.bench_cmd",  # bench
-    "loader.demo_cmd",  # demo
-]
+#: sub-command -> the module providing it, in the order ``--help`` lists them
+COMMANDS = {
+    "restore": "loader.restore_cmd",
+    "wait": "loader.client_cmd",
+    "stats": "loader.client_cmd",
+    "checkpoint": "loader.checkpoint_cmd",
+    "trace": "loader.trace_cmd",
+    "loadgen": "loader.loadgen_cmd",
+    "bench": "loader.bench_cmd",
+    "demo": "loader.demo_cmd",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` known, only its module is imported (a daemon's
+    start-up time counts: ``restore`` should not import the benchmark)."""
     parser = argparse.ArgumentParser(
         prog="pageload",
         description="Background page loader for snapshot restore: the application resumes at once, "
         "faulting clients are served first, the rest of the image loads behind them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    names = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -42,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(first).parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
