@@ -1,0 +1,230 @@
+"""``pageload bench``: the speed and memory goals, measured (never asserted in tests).
+
+:func:`run_bench` makes a dense random image of ``size`` bytes in a work
+directory and runs the chosen sections on it, each against real
+``pageload restore`` subprocesses:
+
+* ``daemon`` (:mod:`loader.bench_daemon`): fill vs ``cp``, time to ready,
+  4 KiB wait latency during the fill, RSS and heap, each against its goal;
+* ``backends`` (:mod:`loader.bench_backends`): every AIO backend, warm/cold page
+  cache, with/without ``--direct``, raw image and pages checkpoint; thread counts;
+* ``designs``: :func:`loader.designs.run_designs` (priority/eager/lazy/fifo under a
+  replayed trace), imported lazily; if that module is missing the section says so.
+
+The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
+:func:`format_bench` renders it as tables.  A section that fails records
+``{"error": "..."}`` and the others still run.  The work directory is removed
+at the end unless ``keep`` (or unless the caller gave it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .bench_backends import run_backends_section
+from .bench_daemon import run_daemon_section
+from .bench_tools import BenchError
+from .sample import make_sample_image
+
+__all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
+
+SECTIONS = ("daemon", "backends", "designs")
+QUICK_SIZE = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    size: int = 1 << 30  #: bytes of the dense random image
+    sections: tuple[str, ...] = ("daemon", "backends")
+    quick: bool = False  #: fewer repetitions (and the CLI's default size becomes 256 MiB)
+    workdir: str | None = None  #: default: a fresh directory under $TMPDIR (must be a disk, not tmpfs)
+    keep: bool = False  #: keep the work directory (images, logs)
+    trace: str | None = None  #: for ``designs``; default a zipf trace over the image
+    clients: int = 4  #: for ``designs``
+    repeat: int | None = None  #: override the repetitions of every measurement
+    min_wait_samples: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sections if s not in SECTIONS]
+        if bad:
+            raise ValueError(f"unknown section {', '.join(bad)} (choose from {', '.join(SECTIONS)})")
+        if self.size <= 0 or self.size % 4096:
+            raise ValueError(f"size {self.size} is not a positive multiple of 4096")
+
+
+def _fs_type(path: str) -> str:
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mount = parts[1]
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                    best, fstype = mount, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sections of ``opts``; returns the whole result (see the module docstring)."""
+    own_workdir = opts.workdir is None
+    workdir = tempfile.mkdtemp(prefix="pageload-bench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None) \
+        if own_workdir else opts.workdir
+    assert workdir is not None
+    os.makedirs(workdir, exist_ok=True)
+    workdir = os.path.abspath(workdir)
+    fstype = _fs_type(workdir)
+    result: dict[str, Any] = {
+        "version": 1,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                 "euid": os.geteuid(), "workdir": workdir, "workdir_fs": fstype},
+        "options": {k: v for k, v in asdict(opts).items() if k != "extra"},
+        "sections": {},
+    }
+    if fstype in ("tmpfs", "ramfs"):
+        log(f"warning: {workdir} is on {fstype}: reads never touch a disk, 'cold' means nothing")
+    try:
+        image = os.path.join(workdir, "image.raw")
+        if not os.path.exists(image) or os.path.getsize(image) != opts.size:
+            log(f"making a {opts.size >> 20} MiB dense random image {image}")
+            t0 = time.perf_counter()
+            make_sample_image(image, opts.size, seed=opts.seed, dense=True)
+            log(f"  made in {time.perf_counter() - t0:.1f} s")
+        quick = opts.quick
+        for name in opts.sections:
+            log(f"== section {name}")
+            t0 = time.perf_counter()
+            try:
+                section = _run_section(name, opts, image, workdir, quick, log)
+            except (BenchError, OSError, ValueError) as exc:
+                section = {"error": str(exc)}
+                log(f"section {name} failed: {exc}")
+            section["duration_s"] = time.perf_counter() - t0
+            result["sections"][name] = section
+    finally:
+        if own_workdir and not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _run_section(name: str, opts: BenchOptions, image: str, workdir: str, quick: bool,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    rep = opts.repeat
+    if name == "daemon":
+        return run_daemon_section(
+            image, os.path.join(workdir, "sparse-16g.raw"), workdir,
+            repeat=rep or (1 if quick else 3),
+            min_samples=opts.min_wait_samples or (100 if quick else 500),
+            max_wait_runs=3 if quick else 8, log=log)
+    if name == "backends":
+        return run_backends_section(image, workdir, repeat=rep or 1, thread_repeat=rep or (1 if quick else 3),
+                                    log=log)
+    return _designs_section(opts, image, workdir, log)
+
+
+def _designs_section(opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
+    try:
+        from . import designs  # a colleague's module; may not exist yet
+    except ImportError as exc:
+        log(f"section designs is not available: {exc}")
+        return {"skipped": f"loader.designs is not available: {exc}"}
+    from .checkpoint import open_checkpoint
+    from .traces import load_trace
+    from .tracegen import generate
+
+    layout = open_checkpoint(image).layout
+    if opts.trace:
+        trace = load_trace(opts.trace)
+        trace.check_fits(layout.memory_size)
+    else:
+        trace = generate("zipf", count=500 if opts.quick else 5000, memory_size=layout.memory_size,
+                         seed=opts.seed, layout=layout)
+    out: dict[str, Any] = designs.run_designs(image, trace, clients=opts.clients, workdir=workdir, log=log)
+    return out
+
+
+# --------------------------------------------------------------------------- text output
+def _num(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+    else:
+        text = str(value)
+    return f"{text} {unit}".rstrip()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    """Tables for a terminal: the goals (met / NOT MET), the backend matrix, thread counts."""
+    lines = [f"pageload bench, {result['date']}, {result['host']['cpus']} CPUs, "
+             f"kernel {result['host']['kernel']}, work dir on {result['host']['workdir_fs']}"]
+    sections = result["sections"]
+    for name, section in sections.items():
+        lines.append("")
+        if "error" in section or "skipped" in section:
+            lines.append(f"{name}: {section.get('error') or section.get('skipped')}")
+            continue
+        if name == "daemon":
+            lines.append(f"daemon ({section['image']['size_bytes'] >> 20} MiB dense image, "
+                         f"{section['backend']} backend, warm cache)")
+            rows = [[g["name"], _num(g["value"], g["unit"]), g["goal"],
+                     {True: "met", False: "NOT MET", None: "missing"}[g["met"]], g["how"]]
+                    for g in section["goals"]]
+            lines += _table(["figure", "value", "goal", "", "how"], rows)
+            w = section["waits"]["client_us"]
+            lines.append(f"fill {section['fill']['throughput_mb_s']:.0f} MB/s, cp {section['cp']['mb_s']:.0f} MB/s; "
+                         f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
+                         f"max {w['max']:.0f} us (n={w['count']})")
+        elif name == "backends":
+            lines += _format_backends(section)
+        elif name == "designs":
+            try:
+                from .designs import format_designs
+
+                lines.append(format_designs(section))
+            except ImportError:
+                lines.append(repr(section))
+    return "\n".join(lines)
+
+
+def _format_backends(section: dict[str, Any]) -> list[str]:
+    lim = section["limits"]
+    lines = [f"backends ({section['image']['size_bytes'] >> 20} MiB image); limit cp to /dev/shm: warm "
+             f"{_num(lim.get('cp_warm_mb_s'), 'MB/s')}, cold {_num(lim.get('cp_cold_mb_s'), 'MB/s')}"]
+    for name, why in section["skipped"].items():
+        lines.append(f"  {name}: skipped: {why}")
+    if not section["cold"]["available"]:
+        lines.append(f"  cold cache: skipped: {section['cold']['reason']}")
+    rows = []
+    for r in section["runs"]:
+        head = [r["backend"], r["source"], "yes" if r["direct"] else "no", r["cache"]]
+        if r["error"]:
+            rows.append([*head, "failed", "", "", "", r["error"][:60]])
+            continue
+        rows.append([*head, _num(r["fill_mb_s"]), _num(r["fill_with_waits_mb_s"]), _num(r["wait_us"]["p50"]),
+                     _num(r["wait_us"]["p99"]), str(r["wait_us"]["count"])])
+    lines += _table(["backend", "source", "direct", "cache", "fill MB/s", "w/ waits", "p50 us", "p99 us",
+                     "waits"], rows)
+    th = section["threads"]
+    if th["counts"]:
+        lines.append("threads backend, warm raw image: " + ", ".join(
+            f"{n}: {c['mb_s']:.0f} MB/s" for n, c in th["counts"].items())
+            + f"; best {th['best']}, default {th['default']}")
+    return lines

@@ -1,0 +1,401 @@
+"""Measuring tools shared by the ``pageload bench`` sections.
+
+* :class:`DaemonProcess` — one ``pageload restore`` subprocess: spawned with
+  ``sys.executable -m loader.cli``, ready when it prints its ``READY`` line
+  (the time from spawn to that line is ``ready_s``), stopped with SIGTERM.
+* :func:`fill_run` — start a daemon, poll its stats until the fill is ``done``,
+  optionally with a :class:`WaitProber` thread issuing 4 KiB waits on pages that
+  are not loaded yet; returns a :class:`FillRun`.
+* :func:`cp_mb_s` — the limit: ``cp IMAGE /dev/shm/...``, timed.
+* :func:`drop_caches` / :func:`warm_cache` — page-cache state before a run.
+* :func:`percentiles` — nearest-rank percentiles of a sample.
+
+Nothing here asserts a speed: figures are returned, the caller compares them
+with goals and reports.  Every daemon started is stopped (SIGTERM, then SIGKILL
+after 10 s) before the function that started it returns, even on error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import os
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from .client import Client, ClientError
+
+__all__ = [
+    "BenchError",
+    "DaemonProcess",
+    "FillRun",
+    "WaitProber",
+    "cp_mb_s",
+    "drop_caches",
+    "fill_run",
+    "median",
+    "percentiles",
+    "warm_cache",
+]
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+
+
+class BenchError(Exception):
+    """A measurement could not be taken (the daemon failed to start, timed out...)."""
+
+
+# --------------------------------------------------------------------------- statistics
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence (mean of the middle two for even lengths)."""
+    s = sorted(values)
+    if not s:
+        raise ValueError("median of nothing")
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def percentiles(samples_ns: Sequence[int]) -> dict[str, float]:
+    """p50/p90/p99/max/mean in microseconds, nearest rank (an observed value, never
+    interpolated).  Empty sample: every figure is ``nan``-free 0.0 and ``count`` 0."""
+    s = sorted(samples_ns)
+    n = len(s)
+    if not n:
+        return {"count": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
+
+    def rank(p: float) -> float:
+        return s[max(0, math.ceil(p / 100 * n) - 1)] / 1000
+
+    return {"count": n, "p50": rank(50), "p90": rank(90), "p99": rank(99),
+            "max": s[-1] / 1000, "mean": sum(s) / n / 1000}
+
+
+# --------------------------------------------------------------------------- page cache
+def drop_caches() -> str | None:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``.  Returns None when done, else why
+    it cannot be done here (one line)."""
+    if os.geteuid() != 0:
+        return f"not root (euid {os.geteuid()}): /proc/sys/vm/drop_caches is root-only"
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"cannot write /proc/sys/vm/drop_caches: {exc.strerror or exc}"
+    return None
+
+
+def warm_cache(path: str) -> None:
+    """Read ``path`` once so its pages are in the page cache (1 MiB buffer, reused)."""
+    buf = bytearray(1 << 20)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            while f.readinto(buf):
+                pass
+    finally:
+        os.close(fd)
+
+
+def cp_mb_s(src: str, shm_dir: str = "/dev/shm") -> tuple[float, float]:
+    """Time ``cp SRC /dev/shm/<tmp>`` (the copy is removed after).  Returns
+    ``(seconds, MB/s)`` with MB = 10**6 bytes."""
+    dst = os.path.join(shm_dir, f"pageload-bench-cp-{os.getpid()}")
+    size = os.stat(src).st_size
+    try:
+        t0 = time.perf_counter()
+        subprocess.run(["cp", src, dst], check=True)
+        seconds = time.perf_counter() - t0
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BenchError(f"cp {src} {dst} failed: {exc}") from None
+    finally:
+        try:
+            os.unlink(dst)
+        except FileNotFoundError:
+            pass
+    return seconds, size / seconds / 1e6
+
+
+# --------------------------------------------------------------------------- the daemon
+class DaemonProcess:
+    """A ``pageload restore SOURCE --socket PATH --background -q ...`` subprocess.
+
+    :meth:`start` spawns it and blocks until the ``READY`` line (``ready_s`` is the
+    time from just before spawn to reading that line).  If it exits first, or says
+    nothing for ``READY_TIMEOUT_S``, :class:`BenchError` carries the tail of its
+    stderr (kept in ``log_path``).  :meth:`stop` sends SIGTERM and waits; use it as
+    a context manager so it is always stopped.
+    """
+
+    def __init__(self, source: str, socket_path: str, log_path: str, extra_args: Sequence[str] = ()):
+        self.argv = [sys.executable, "-m", "loader.cli", "restore", source, "--socket", socket_path,
+                     "--background", "-q", *extra_args]
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_s = 0.0
+        self.returncode: int | None = None
+
+    def __enter__(self) -> DaemonProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        with open(self.log_path, "wb") as log:
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = _read_line(self.proc.stdout, READY_TIMEOUT_S)
+        self.ready_s = time.perf_counter() - t0
+        if not line.startswith(b"READY"):
+            self.stop()
+            raise BenchError(f"daemon did not become ready ({' '.join(self.argv[3:])}): "
+                             f"{self.stderr_tail() or 'no message'}")
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-4096:].decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        proc = self.proc
+        if proc is None or self.returncode is not None:
+            return self.returncode
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+        self.returncode = proc.returncode
+        return self.returncode
+
+
+def _read_line(stream: Any, timeout: float) -> bytes:
+    """One line from a pipe, or b'' at EOF or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    fd = stream.fileno()
+    data = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return b""
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data
+            data += chunk
+    return data
+
+
+# --------------------------------------------------------------------------- waits
+class _Mincore:
+    """``mincore(2)`` on a read-only shared mapping of the daemon's memory file: is
+    a page in the memory file yet?  (A memfd page exists only once written.)"""
+
+    def __init__(self, fd: int, size: int) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        import mmap
+
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap of the memory file failed")
+        self.libc, self.addr, self.size = libc, addr, size
+        self.vec = ctypes.create_string_buffer(1)
+
+    def resident(self, offset: int, page_size: int) -> bool:
+        if self.libc.mincore(self.addr + offset, page_size, self.vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return bool(self.vec.raw[0] & 1)
+
+    def close(self) -> None:
+        self.libc.munmap(self.addr, self.size)
+
+
+class WaitProber:
+    """A thread with its own blocking :class:`Client` that issues one 4 KiB wait at a
+    time, back to back, at random pages the daemon has not loaded yet, and times
+    each from just before sending to the reply (``samples_ns``, an ``array('q')``).
+
+    Pages "not loaded yet" are found with ``mincore(2)`` on a mapping of the
+    daemon's memory file: a page not in the file has not been written.  A page
+    may still get loaded between that check and the wait (the wait is then fast:
+    this biases the figures down by at most that race, and the daemon's own
+    histogram counts only waits that blocked, as a cross-check).  If ``mincore``
+    cannot see the file (``selection`` then says so), pages are drawn at random.
+    Meant for dense images (every page is data).  :meth:`stop` ends it after its
+    current wait; errors end it and are kept in ``error``.
+    """
+
+    def __init__(self, socket_path: str, *, seed: int = 0, length: int = 4096) -> None:
+        self.socket_path = socket_path
+        self.length = length
+        self.rng = random.Random(seed)
+        self.samples_ns = array("q")
+        self.skipped_resident = 0
+        self.selection = "mincore"
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pageload-bench-prober", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            with Client.connect(self.socket_path) as client:
+                self._loop(client)
+        except (OSError, ClientError) as exc:
+            if not self._stop.is_set():
+                self.error = str(exc)
+
+    def _loop(self, client: Client) -> None:
+        page, size = client.page_size, client.memory_size
+        pages = size // page
+        fd = client.memory_fd()
+        try:
+            mc: _Mincore | None = _Mincore(fd, size)
+        except OSError:
+            mc, self.selection = None, "random (the memory file could not be mapped)"
+        finally:
+            os.close(fd)
+        if mc is not None and all(mc.resident(p * page, page) for p in range(0, pages, max(1, pages // 64))):
+            # right after READY most pages cannot be loaded yet: mincore is not seeing the file
+            mc.close()
+            mc, self.selection = None, "random (mincore reports every page resident)"
+        randrange, stop, samples, perf = self.rng.randrange, self._stop, self.samples_ns, time.perf_counter_ns
+        try:
+            while not stop.is_set():
+                offset = randrange(pages) * page
+                if mc is not None:
+                    tries = 0
+                    while mc.resident(offset, page) and tries < 256:
+                        offset = randrange(pages) * page
+                        tries += 1
+                    if tries == 256:
+                        self.skipped_resident += 1
+                        time.sleep(0.001)
+                        continue
+                t0 = perf()
+                client.wait(offset, self.length)
+                samples.append(perf() - t0)
+        finally:
+            if mc is not None:
+                mc.close()
+
+
+# --------------------------------------------------------------------------- one fill
+@dataclass(frozen=True, slots=True)
+class FillRun:
+    """One daemon run from spawn to ``done`` (figures as the daemon and we saw them)."""
+
+    args: list[str]
+    ready_s: float  #: spawn -> READY line
+    fill_s: float  #: the daemon's own elapsed_s at done (loader created -> last byte)
+    throughput_mb_s: float  #: the daemon's throughput_bps / 1e6 at done
+    wall_to_done_s: float  #: spawn -> first stats poll that saw done
+    total_bytes: int
+    rss_outside_peak_bytes: int  #: max over polls of rssanon + rssfile (the memory file is shmem)
+    vmhwm_bytes: int
+    heap_peak_bytes: int | None  #: with --tracemalloc
+    waits_served: int  #: waits that blocked (daemon's count)
+    daemon_p99_us: float  #: upper bound of the daemon histogram's p99 bucket (power of two)
+    samples_ns: list[int] = field(default_factory=list)  #: client-timed 4 KiB waits on unloaded pages
+    selection: str = ""
+    polls: int = 0
+
+    def as_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("samples_ns")
+        return d
+
+
+def _histogram_p99(hist: dict[str, Any]) -> float:
+    counts, bounds, total = hist.get("counts", []), hist.get("bucket_upper_us", []), hist.get("count", 0)
+    seen = 0
+    for c, b in zip(counts, bounds):
+        seen += c
+        if total and seen >= 0.99 * total:
+            return float(b)
+    return 0.0
+
+
+def fill_run(source: str, workdir: str, extra_args: Sequence[str] = (), *, probe: bool = False,
+             poll_s: float = 0.05, seed: int = 0, timeout_s: float = 600.0) -> FillRun:
+    """Start a daemon on ``source`` with ``extra_args``, poll stats every ``poll_s``
+    until ``done`` (and with ``probe`` run a :class:`WaitProber` meanwhile), stop it.
+    Raises :class:`BenchError` if it does not start or does not finish in ``timeout_s``."""
+    socket_path = os.path.join(workdir, "bench.sock")
+    daemon = DaemonProcess(source, socket_path, os.path.join(workdir, "daemon.log"), extra_args)
+    t0 = time.perf_counter()
+    with daemon:
+        prober = WaitProber(socket_path, seed=seed) if probe else None
+        if prober is not None:
+            prober.start()
+        rss_peak, polls = 0, 0
+        try:
+            with Client.connect(socket_path) as client:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    s = client.stats()
+                    polls += 1
+                    proc = s.get("process", {})
+                    rss_peak = max(rss_peak, proc.get("rssanon_bytes", 0) + proc.get("rssfile_bytes", 0))
+                    if s["done"]:
+                        wall = time.perf_counter() - t0
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"the fill did not finish in {timeout_s:.0f} s")
+                    time.sleep(poll_s)
+        except (OSError, ClientError) as exc:
+            raise BenchError(f"lost the daemon: {exc}; {daemon.stderr_tail()}") from None
+        finally:
+            if prober is not None:
+                prober.stop()
+    if prober is not None and prober.error:
+        raise BenchError(f"wait prober failed: {prober.error}")
+    proc = s.get("process", {})
+    return FillRun(
+        args=list(extra_args), ready_s=daemon.ready_s, fill_s=s["elapsed_s"],
+        throughput_mb_s=s["throughput_bps"] / 1e6, wall_to_done_s=wall, total_bytes=s["total_bytes"],
+        rss_outside_peak_bytes=rss_peak, vmhwm_bytes=proc.get("vmhwm_bytes", 0),
+        heap_peak_bytes=proc.get("heap_peak_bytes"), waits_served=s["waits_served"],
+        daemon_p99_us=_histogram_p99(s.get("latency_us", {})),
+        samples_ns=list(prober.samples_ns) if prober else [],
+        selection=prober.selection if prober else "", polls=polls,
+    )
