@@ -79,6 +79,8 @@ class Session:
         self._out: deque[tuple[bytes, int | None]] = deque()
         self._out_ready = trio.Event()
         self._broken = False
+        self._writing = False  # the writer task holds data it has not finished sending
+        self._fileno = sock.fileno()
         self._closing = False
         self._on_loaded: Callable[[WaitHandle], None] = self._loaded  # one bound method, reused
 
@@ -88,9 +90,22 @@ class Session:
 
     # ----------------------------------------------------------------- replies
     def reply(self, event: Any, fd: int | None = None) -> None:
+        """Send a reply now if the socket takes it whole, else queue it for the writer."""
         if self._broken:
             return
-        self._out.append((self.conn.send(event), fd))
+        data = self.conn.send(event)
+        if fd is None and not self._out and not self._writing:
+            try:  # fast path: no task switch (the socket is non-blocking)
+                sent = os.write(self._fileno, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._broken = True
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append((data, fd))
         self._out_ready.set()
 
     def _loaded(self, handle: WaitHandle) -> None:
@@ -109,6 +124,7 @@ class Session:
         while True:
             await self._out_ready.wait()
             self._out_ready = trio.Event()
+            self._writing = True
             while out:
                 data, fd = out.popleft()
                 try:
@@ -127,11 +143,12 @@ class Session:
                     self._broken = True
                     out.clear()
                     return
+            self._writing = False
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Give queued replies up to ``timeout`` seconds to go out."""
         with trio.move_on_after(timeout):
-            while self._out and not self._broken:
+            while (self._out or self._writing) and not self._broken:
                 await trio.sleep(0.001)
 
     # ----------------------------------------------------------------- requests
