@@ -370,3 +370,17 @@ def test_cli_wait_without_daemon_fails_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "loader.cli", "wait", "--socket", str(tmp_path / "none"),
                            "0", "4K"], capture_output=True, text=True)
     assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
+
+
+async def test_memory_file_path_is_created_or_truncated_to_size(tmp_path, images):
+    target = tmp_path / "guest.mem"
+    target.write_bytes(b"stale" * 100_000)  # bigger than nothing, smaller than SIZE: truncated and resized
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["pages"], memory_file=str(target)))
+        await state.loader.done.wait()
+        st = os.stat(target)
+        assert st.st_size == SIZE
+        assert st.st_blocks * 512 < SIZE  # sparse: holes stayed holes
+        with open(target, "rb") as f:
+            assert f.read() == images["expected"]
+        state.stop()
