@@ -60,8 +60,9 @@ __all__ = [
 VERIFY_CHUNK = 1 << 20
 #: how many error messages and mismatches each worker sends back in full
 SAMPLES_KEPT = 8
-#: the parent's start time is this far in the future when it is announced
-START_LEAD_NS = 50_000_000
+#: the parent's start time is this far in the future when it is announced (plus a bit a client)
+START_LEAD_NS = 10_000_000
+START_LEAD_PER_CLIENT_NS = 500_000
 #: how often the parent calls ``progress``
 PROGRESS_INTERVAL_S = 0.2
 
@@ -84,8 +85,10 @@ class Mismatch:
     actual: int  #: that byte in the memory file
 
     def describe(self) -> str:
-        return (f"client {self.client}: fault at {self.offset:#x}+{self.length:#x}: byte "
-                f"{self.first_bad:#x} is {self.actual:#04x}, the checkpoint has {self.expected:#04x}")
+        return (
+            f"client {self.client}: fault at {self.offset:#x}+{self.length:#x}: byte "
+            f"{self.first_bad:#x} is {self.actual:#04x}, the checkpoint has {self.expected:#04x}"
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -111,8 +114,8 @@ class LoadgenReport:
     mismatch_samples: tuple[Mismatch, ...]
     start_ns: int  #: ``perf_counter_ns`` of the common start
     #: per wait, in no particular order across clients: latency and completion time (ns)
-    latencies_ns: array = field(repr=False)  # type: ignore[type-arg]
-    completed_ns: array = field(repr=False)  # type: ignore[type-arg]
+    latencies_ns: array[int] = field(repr=False)
+    completed_ns: array[int] = field(repr=False)
 
     @property
     def waits_per_s(self) -> float:
@@ -152,20 +155,24 @@ class LoadgenReport:
 
     def summary(self) -> str:
         lat = self.latency_us
-        line = (f"{self.waits} waits from {self.clients} clients in {self.duration_s:.2f} s "
-                f"({self.waits_per_s:.0f}/s); latency us p50 {lat['p50']:.0f} p90 {lat['p90']:.0f} "
-                f"p99 {lat['p99']:.0f} p99.9 {lat['p999']:.0f} max {lat['max']:.0f}; ")
+        line = (
+            f"{self.waits} waits from {self.clients} clients in {self.duration_s:.2f} s "
+            f"({self.waits_per_s:.0f}/s); latency us p50 {lat['p50']:.0f} p90 {lat['p90']:.0f} "
+            f"p99 {lat['p99']:.0f} p99.9 {lat['p999']:.0f} max {lat['max']:.0f}; "
+        )
         if self.immediate is not None:
             line += f"{self.immediate} found loaded (daemon count); "
-        line += (f"generator overhead {self.overhead_us_per_wait:.1f} us/wait "
-                 f"(verify {self.verify_us_per_wait:.1f}); {self.errors} errors, "
-                 f"{self.mismatches} mismatches")
+        line += (
+            f"generator overhead {self.overhead_us_per_wait:.1f} us/wait "
+            f"(verify {self.verify_us_per_wait:.1f}); {self.errors} errors, "
+            f"{self.mismatches} mismatches"
+        )
         if self.not_issued:
             line += f", {self.not_issued} faults not issued (connection lost)"
         return line
 
 
-def percentiles_us(samples_ns: array) -> dict[str, float]:  # type: ignore[type-arg]
+def percentiles_us(samples_ns: array[int]) -> dict[str, float]:
     """Nearest-rank p50, p90, p99, p99.9, max and mean in microseconds (zeros if empty)."""
     n = len(samples_ns)
     if not n:
@@ -174,10 +181,16 @@ def percentiles_us(samples_ns: array) -> dict[str, float]:  # type: ignore[type-
 
     def rank(p: float) -> float:
         permille = round(p * 10)
-        return ordered[min(n - 1, max(0, -(-permille * n // 1000) - 1))] / 1000
+        return float(ordered[min(n - 1, max(0, -(-permille * n // 1000) - 1))]) / 1000
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "p999": rank(99.9),
-            "max": ordered[-1] / 1000, "mean": sum(ordered) / n / 1000}
+    return {
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "p999": rank(99.9),
+        "max": ordered[-1] / 1000,
+        "mean": sum(ordered) / n / 1000,
+    }
 
 
 def scale_to_rate(trace: Trace, rate: float) -> Trace:
@@ -198,8 +211,14 @@ def scale_to_rate(trace: Trace, rate: float) -> Trace:
     else:
         step = 1e6 / rate
         scaled = array("Q", (round(i * step) for i in range(n)))
-    return Trace(scaled, array("Q", trace.offset), array("Q", trace.length),
-                 page_size=trace.page_size, memory_size=trace.memory_size, source=trace.source)
+    return Trace(
+        scaled,
+        array("Q", trace.offset),
+        array("Q", trace.length),
+        page_size=trace.page_size,
+        memory_size=trace.memory_size,
+        source=trace.source,
+    )
 
 
 # -- the worker process ---------------------------------------------------------------------
@@ -241,14 +260,17 @@ class _Verifier:
             file_off = layout.file[i] + (a - layout.mem[i])
             got = os.preadv(self.fd, [view[a - lo : b - lo]], file_off)
             if got != b - a:
-                raise OSError(f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes")
+                raise OSError(
+                    f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes"
+                )
             pos = b
         if pos < hi:
             view[pos - lo : n] = self.zeros[: hi - pos]
         return self.buf
 
     def check(self, memory: memoryview, offset: int, length: int) -> tuple[int, int, int] | None:
-        """None if equal, else (memory offset, expected byte, actual byte) of the first difference."""
+        """None if equal, else (memory offset, expected byte, actual byte) of the first
+        difference."""
         lo, end = offset, offset + length
         while lo < end:
             hi = min(end, lo + VERIFY_CHUNK)
@@ -262,13 +284,28 @@ class _Verifier:
         return None
 
 
-def _worker(index: int, cwd: str, socket_path: str, t_us: array, offset: array, length: array,  # type: ignore[type-arg]
-            image: str | None, closed_loop: bool, conn: multiprocessing.connection.Connection,
-            done_counts: Any) -> None:
-    """One client: connect, map, report ready, wait for the start time, replay, send results.
+def _worker(
+    index: int,
+    cwd: str,
+    socket_path: str,
+    t_us: array[int],
+    offset: array[int],
+    length: array[int],
+    closed_loop: bool,
+    conn: multiprocessing.connection.Connection,
+    done_counts: Any,
+) -> None:
+    """One client: wait for the go (it carries the image path, or None: no checking),
+    connect, map, report ready, wait for the start time, replay, send the results.
 
     Runs in the parent's working directory, so relative paths mean the same as there.
+    The parent closing its end before the go means: stop quietly.
     """
+    try:
+        image = conn.recv()
+    except EOFError:
+        conn.close()
+        return
     try:
         os.chdir(cwd)
         client = Client.connect(socket_path)
@@ -282,8 +319,18 @@ def _worker(index: int, cwd: str, socket_path: str, t_us: array, offset: array, 
             verifier = _Verifier(image) if image is not None else None
             conn.send(("ready", None))
             start_ns = conn.recv()
-            result = _replay(index, client, memory, verifier, t_us, offset, length, closed_loop,
-                             start_ns, done_counts)
+            result = _replay(
+                index,
+                client,
+                memory,
+                verifier,
+                t_us,
+                offset,
+                length,
+                closed_loop,
+                start_ns,
+                done_counts,
+            )
         conn.send(("result", result))
     except BaseException as exc:  # the parent must hear about any failure, in one line
         detail = "".join(traceback.format_exception_only(exc)).strip()
@@ -297,9 +344,18 @@ def _worker(index: int, cwd: str, socket_path: str, t_us: array, offset: array, 
         conn.close()
 
 
-def _replay(index: int, client: Client, memory: memoryview, verifier: _Verifier | None,
-            t_us: array, offset: array, length: array, closed_loop: bool,  # type: ignore[type-arg]
-            start_ns: int, done_counts: Any) -> dict[str, Any]:
+def _replay(
+    index: int,
+    client: Client,
+    memory: memoryview,
+    verifier: _Verifier | None,
+    t_us: array[int],
+    offset: array[int],
+    length: array[int],
+    closed_loop: bool,
+    start_ns: int,
+    done_counts: Any,
+) -> dict[str, Any]:
     clock = time.perf_counter_ns
     n = len(offset)
     latencies = array("Q", bytes(8 * n))
@@ -364,10 +420,16 @@ def _replay(index: int, client: Client, memory: memoryview, verifier: _Verifier 
     del completed[issued:]
     wait_ns = sum(latencies)
     return {
-        "latencies": latencies, "completed": completed, "late": late,
-        "errors": errors, "error_samples": error_samples, "not_issued": n - issued,
-        "mismatches": mismatch_count, "mismatch_samples": mismatches,
-        "overhead_ns": (ended - began) - wait_ns - sleep_ns, "verify_ns": verify_ns,
+        "latencies": latencies,
+        "completed": completed,
+        "late": late,
+        "errors": errors,
+        "error_samples": error_samples,
+        "not_issued": n - issued,
+        "mismatches": mismatch_count,
+        "mismatch_samples": mismatches,
+        "overhead_ns": (ended - began) - wait_ns - sleep_ns,
+        "verify_ns": verify_ns,
         "end_ns": ended,
     }
 
@@ -395,6 +457,7 @@ def run_loadgen(
     image: str | None = None,
     verify: bool = True,
     progress: ProgressFn | None = None,
+    wait_for_daemon: Callable[[], None] | None = None,
     start_timeout: float = 60.0,
 ) -> LoadgenReport:
     """Replay ``trace`` against the daemon at ``socket_path`` from ``clients`` processes.
@@ -402,71 +465,132 @@ def run_loadgen(
     The trace is split round-robin (``trace.split(clients)``).  ``rate`` rescales the
     timestamps to that many faults/s in total; ``closed_loop`` ignores them.  With
     ``verify`` the bytes are checked against ``image`` (default: the daemon's
-    ``source`` statistic, a path the daemon was given, relative to its own working
+    ``source`` statistic, a path the daemon was given, so relative to its own working
     directory).
+
+    The worker processes are started first; then ``wait_for_daemon()`` is called,
+    if given (the benchmark passes one that blocks until a daemon it just spawned
+    says READY), so that process start-up is not counted against the daemon.  Then
+    the workers connect, map the memory file and, once all have, start together.
 
     Raises ``OSError``/:class:`ClientError` when the daemon cannot be reached,
     :class:`~loader.traces.TraceError` when a fault runs past the daemon's memory
-    size, ``ValueError`` for bad arguments and :class:`LoadgenError` when a worker
-    cannot start or dies.  Errors and mismatches of waits do not raise: they are
-    counted in the report (see :attr:`LoadgenReport.ok`).  Every worker is joined
-    (or killed) before this returns or raises.
+    size, ``ValueError`` for bad arguments (and ``CheckpointError`` for a bad
+    image), :class:`LoadgenError` when a worker cannot start or dies, and whatever
+    ``wait_for_daemon`` raises.  Errors and mismatches of waits do not raise: they
+    are counted in the report (see :attr:`LoadgenReport.ok`).  Every worker is
+    joined (or killed) before this returns or raises.
     """
     if clients < 1:
         raise ValueError(f"need at least one client, not {clients}")
     if closed_loop and rate is not None:
         raise ValueError("--rate and --closed-loop exclude each other")
-    with Client.connect(socket_path) as control:
-        memory_size = control.memory_size
-        trace.check_fits(memory_size)
-        before = control.stats()
-        if verify and image is None:
-            image = str(before.get("source") or "")
-            if not image:
-                raise ValueError("the daemon does not say its source; give the image with --image")
-        if verify:
-            assert image is not None
-            ckpt = open_checkpoint(image)
-            if ckpt.layout.memory_size != memory_size:
-                raise ValueError(f"{image}: memory size {ckpt.layout.memory_size} is not the "
-                                 f"daemon's {memory_size}: not the checkpoint it restores")
-        if rate is not None:
-            trace = scale_to_rate(trace, rate)
-        parts = trace.split(clients)
-        result = _run_workers(socket_path, parts, image if verify else None, closed_loop,
-                              progress, start_timeout)
-        after = control.stats()
+    if rate is not None:
+        trace = scale_to_rate(trace, rate)
+    parts = trace.split(clients)
+    with _Workers(socket_path, parts, closed_loop) as workers:
+        if wait_for_daemon is not None:
+            wait_for_daemon()
+        with Client.connect(socket_path) as control:
+            memory_size = control.memory_size
+            trace.check_fits(memory_size)
+            before = control.stats()
+            if verify and image is None:
+                image = str(before.get("source") or "")
+                if not image:
+                    raise ValueError(
+                        "the daemon does not say its source; give the image with --image"
+                    )
+            if verify:
+                assert image is not None
+                ckpt = open_checkpoint(image)
+                if ckpt.layout.memory_size != memory_size:
+                    raise ValueError(
+                        f"{image}: memory size {ckpt.layout.memory_size} is not the "
+                        f"daemon's {memory_size}: not the checkpoint it restores"
+                    )
+            result = workers.run(image if verify else None, progress, start_timeout)
+            after = control.stats()
     immediate, served = _daemon_counts(after)
     immediate0, served0 = _daemon_counts(before)
-    return _merge(result, clients=clients, closed_loop=closed_loop, rate=rate, verify=verify,
-                  immediate=immediate - immediate0 if "waits_immediate" in after else None,
-                  served=served - served0 if "waits_served" in after else None)
+    return _merge(
+        result,
+        clients=clients,
+        closed_loop=closed_loop,
+        rate=rate,
+        verify=verify,
+        immediate=immediate - immediate0 if "waits_immediate" in after else None,
+        served=served - served0 if "waits_served" in after else None,
+    )
 
 
-def _run_workers(socket_path: str, parts: list[Trace], image: str | None, closed_loop: bool,
-                 progress: ProgressFn | None, start_timeout: float) -> dict[str, Any]:
-    ctx = _context()
-    n = len(parts)
-    total = sum(len(p) for p in parts)
-    done_counts = ctx.Array("Q", n, lock=False)
-    procs: list[Any] = []
-    conns: list[multiprocessing.connection.Connection] = []
-    try:
-        for k, part in enumerate(parts):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker, name=f"pageload-loadgen-{k}", daemon=True,
-                               args=(k, os.getcwd(), socket_path, part.t_us, part.offset, part.length, image,
-                                     closed_loop, child_end, done_counts))
-            proc.start()
-            child_end.close()
-            procs.append(proc)
-            conns.append(parent_end)
+class _Workers:
+    """The worker processes of one run; leaving the ``with`` kills any still alive."""
+
+    def __init__(self, socket_path: str, parts: list[Trace], closed_loop: bool) -> None:
+        ctx = _context()
+        self.total = sum(len(p) for p in parts)
+        self.done_counts = ctx.Array("Q", len(parts), lock=False)
+        self.procs: list[Any] = []
+        self.conns: list[multiprocessing.connection.Connection] = []
+        try:
+            for k, part in enumerate(parts):
+                parent_end, child_end = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_worker,
+                    name=f"pageload-loadgen-{k}",
+                    daemon=True,
+                    args=(
+                        k,
+                        os.getcwd(),
+                        socket_path,
+                        part.t_us,
+                        part.offset,
+                        part.length,
+                        closed_loop,
+                        child_end,
+                        self.done_counts,
+                    ),
+                )
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            proc.close()
+        self.procs = []
+        self.conns = []
+
+    def run(
+        self, image: str | None, progress: ProgressFn | None, start_timeout: float
+    ) -> dict[str, Any]:
+        """Tell the workers to connect; start them together; collect their results."""
+        procs, conns = self.procs, self.conns
+        for conn in conns:
+            conn.send(image)
         deadline = time.monotonic() + start_timeout
         for k, conn in enumerate(conns):
             kind, payload = _receive(conn, procs[k], k, deadline - time.monotonic())
             if kind != "ready":
                 raise LoadgenError(payload)
-        start_ns = time.perf_counter_ns() + START_LEAD_NS
+        start_ns = time.perf_counter_ns() + START_LEAD_NS + START_LEAD_PER_CLIENT_NS * len(conns)
         for conn in conns:
             conn.send(start_ns)
         results: dict[int, dict[str, Any]] = {}
@@ -475,9 +599,9 @@ def _run_workers(socket_path: str, parts: list[Trace], image: str | None, closed
         last = 0.0
         while pending:
             ready = multiprocessing.connection.wait(list(pending.values()), PROGRESS_INTERVAL_S)
-            for conn in ready:
-                k = index_of[id(conn)]
-                kind, payload = _receive(conn, procs[k], k, 0)
+            for done in ready:
+                k = index_of[id(done)]
+                kind, payload = _receive(conns[k], procs[k], k, 0)
                 if kind != "result":
                     raise LoadgenError(payload)
                 results[k] = payload
@@ -486,28 +610,20 @@ def _run_workers(socket_path: str, parts: list[Trace], image: str | None, closed
             if progress is not None and (now - last >= PROGRESS_INTERVAL_S or not pending):
                 last = now
                 elapsed = max(0, time.perf_counter_ns() - start_ns) / 1e9
-                progress(sum(done_counts), total, elapsed)
+                progress(sum(self.done_counts), self.total, elapsed)
             if not ready:
                 for k in pending:
                     if not procs[k].is_alive() and not conns[k].poll():
-                        raise LoadgenError(f"client {k} died (exit code {procs[k].exitcode}) "
-                                           "without sending its results")
-        for proc in procs:
-            proc.join()
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
-            proc.close()
-        for conn in conns:
-            conn.close()
-    merged = {"start_ns": start_ns, "parts": [results[k] for k in range(n)], "total": total}
-    return merged
+                        raise LoadgenError(
+                            f"client {k} died (exit code {procs[k].exitcode}) "
+                            "without sending its results"
+                        )
+        return {"start_ns": start_ns, "parts": [results[k] for k in range(len(conns))]}
 
 
-def _receive(conn: multiprocessing.connection.Connection, proc: Any, k: int,
-             timeout: float) -> tuple[str, Any]:
+def _receive(
+    conn: multiprocessing.connection.Connection, proc: Any, k: int, timeout: float
+) -> tuple[str, Any]:
     try:
         if not conn.poll(max(0.0, timeout)):
             raise LoadgenError(f"client {k} did not start within the time allowed")
@@ -517,8 +633,16 @@ def _receive(conn: multiprocessing.connection.Connection, proc: Any, k: int,
         raise LoadgenError(f"client {k} died (exit code {proc.exitcode})") from None
 
 
-def _merge(result: dict[str, Any], *, clients: int, closed_loop: bool, rate: float | None,
-           verify: bool, immediate: int | None, served: int | None) -> LoadgenReport:
+def _merge(
+    result: dict[str, Any],
+    *,
+    clients: int,
+    closed_loop: bool,
+    rate: float | None,
+    verify: bool,
+    immediate: int | None,
+    served: int | None,
+) -> LoadgenReport:
     parts = result["parts"]
     start_ns = result["start_ns"]
     latencies = array("Q")
@@ -544,14 +668,24 @@ def _merge(result: dict[str, Any], *, clients: int, closed_loop: bool, rate: flo
     waits = len(latencies)
     late_pct = percentiles_us(late)
     return LoadgenReport(
-        clients=clients, closed_loop=closed_loop, rate=rate, verify=verify, waits=waits,
-        errors=errors, not_issued=not_issued, mismatches=mismatches,
-        duration_s=(end_ns - start_ns) / 1e9, immediate=immediate, served=served,
+        clients=clients,
+        closed_loop=closed_loop,
+        rate=rate,
+        verify=verify,
+        waits=waits,
+        errors=errors,
+        not_issued=not_issued,
+        mismatches=mismatches,
+        duration_s=(end_ns - start_ns) / 1e9,
+        immediate=immediate,
+        served=served,
         latency_us=percentiles_us(latencies),
         late_us={"p50": late_pct["p50"], "p99": late_pct["p99"], "max": late_pct["max"]},
         overhead_us_per_wait=overhead_ns / waits / 1000 if waits else 0.0,
         verify_us_per_wait=verify_ns / waits / 1000 if waits else 0.0,
         error_samples=tuple(error_samples[:SAMPLES_KEPT]),
         mismatch_samples=tuple(mismatch_samples[:SAMPLES_KEPT]),
-        start_ns=start_ns, latencies_ns=latencies, completed_ns=completed,
+        start_ns=start_ns,
+        latencies_ns=latencies,
+        completed_ns=completed,
     )

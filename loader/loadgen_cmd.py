@@ -28,14 +28,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's Unix socket")
     p.add_argument("--trace", required=True, metavar="FILE", help="trace file (msgpack or text)")
-    p.add_argument("--clients", type=int, default=1, metavar="N", help="client processes (default 1)")
+    p.add_argument(
+        "--clients", type=int, default=1, metavar="N", help="client processes (default 1)"
+    )
     loop = p.add_mutually_exclusive_group()
-    loop.add_argument("--rate", type=float, metavar="R",
-                      help="scale the timestamps to R faults/s in total (default: as recorded)")
-    loop.add_argument("--closed-loop", action="store_true",
-                      help="each client issues its next wait as soon as the previous one returns")
-    p.add_argument("--image", metavar="PATH",
-                   help="checkpoint to check bytes against (default: the daemon's source)")
+    loop.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="scale the timestamps to R faults/s in total (default: as recorded)",
+    )
+    loop.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="each client issues its next wait as soon as the previous one returns",
+    )
+    p.add_argument(
+        "--image",
+        metavar="PATH",
+        help="checkpoint to check bytes against (default: the daemon's source)",
+    )
     p.add_argument("--no-verify", action="store_true", help="do not check the bytes")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-': stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -78,10 +90,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"pageload: {args.trace}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        report = run_loadgen(args.socket, trace, clients=args.clients, rate=args.rate,
-                             closed_loop=args.closed_loop, image=args.image,
-                             verify=not args.no_verify,
-                             progress=None if args.quiet else stderr_progress())
+        report = run_loadgen(
+            args.socket,
+            trace,
+            clients=args.clients,
+            rate=args.rate,
+            closed_loop=args.closed_loop,
+            image=args.image,
+            verify=not args.no_verify,
+            progress=None if args.quiet else stderr_progress(),
+        )
     except TraceError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
@@ -92,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pageload: {args.socket}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"pageload: {args.socket}: cannot reach the daemon: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"pageload: {args.socket}: cannot reach the daemon: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     except LoadgenError as exc:
         print(f"pageload: loadgen: {exc}", file=sys.stderr)
@@ -112,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pageload: error: {line}", file=sys.stderr)
     for m in report.mismatch_samples:
         print(f"pageload: MISMATCH: {m.describe()}", file=sys.stderr)
-    print(f"pageload: loadgen FAILED: {report.errors} errors, {report.mismatches} mismatches, "
-          f"{report.not_issued} faults not issued", file=sys.stderr)
+    print(
+        f"pageload: loadgen FAILED: {report.errors} errors, {report.mismatches} mismatches, "
+        f"{report.not_issued} faults not issued",
+        file=sys.stderr,
+    )
     return 1

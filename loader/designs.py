@@ -1,0 +1,579 @@
+"""The design comparison: the same image and trace against four daemon designs.
+
+:func:`run_designs` starts, for each design, a fresh ``pageload restore``
+subprocess on the same image (``--tracemalloc``, stdout piped to catch its
+``READY`` line):
+
+* ``priority`` — ``--background``: serve at once, waits jump ahead of the sweep (ours);
+* ``eager``    — no ``--background``: load everything, then open the socket;
+* ``lazy``     — ``--background --no-sweep``: load only what is waited for;
+* ``fifo``     — ``--background --no-priority``: waits queue behind the sweep.
+
+The application "resumes" when the daemon is ready, so ``ready_s`` runs from the
+spawn to the ``READY`` line (for eager it holds the whole load); the clients
+start then, and their blocked time is the sum of their wait latencies.  A thread
+polls the daemon's statistics every :data:`POLL_INTERVAL_S` from ready until it is
+fully loaded (or, for lazy, until the clients finish), giving ``loaded_s``
+(resolution: the poll interval) and a loaded-bytes time series for the plot.
+Nothing is dropped from the page cache between designs (a warm cache).
+
+The same run measures the limits the numbers should be read against: copying
+the image to ``/dev/shm`` with ``cp`` (MB/s of the image's apparent size), a raw
+Unix-socket round trip to an echo process (p50 us) and a 4 KiB ``pread`` of the
+image (p50 us).  After the priority design has loaded everything, the trace is
+replayed once more in closed loop: that rate is the generator's ceiling against a
+daemon with nothing left to load (``limits.loadgen_ceiling_waits_per_s``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .client import Client, ClientError
+from .loadgen import LoadgenReport, percentiles_us, run_loadgen
+from .traces import Trace
+
+__all__ = [
+    "DESIGNS",
+    "DesignError",
+    "PlotUnavailable",
+    "format_designs",
+    "measure_limits",
+    "plot_designs",
+    "run_designs",
+]
+
+#: design name -> extra ``pageload restore`` flags
+DESIGNS: dict[str, tuple[str, ...]] = {
+    "priority": ("--background",),
+    "eager": (),
+    "lazy": ("--background", "--no-sweep"),
+    "fifo": ("--background", "--no-priority"),
+}
+POLL_INTERVAL_S = 0.01
+READY_TIMEOUT_S = 600.0
+LOAD_TIMEOUT_S = 600.0
+#: points kept per design for the plots (latency quantiles, wait marks)
+PLOT_POINTS = 1000
+
+
+class DesignError(Exception):
+    """A daemon did not start, or did not exit cleanly; one line, with its log file."""
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed (the ``plot`` extra); one line saying so."""
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+def _cp_mb_s(image: str, log: Callable[[str], None]) -> float | None:
+    target = f"/dev/shm/pageload-cp-{os.getpid()}"
+    size = os.stat(image).st_size
+    free = shutil.disk_usage("/dev/shm").free
+    if free < size * 1.1:
+        log(f"limits: /dev/shm has {free} bytes free, not enough to copy the image; cp skipped")
+        return None
+    try:
+        started = time.perf_counter()
+        subprocess.run(["cp", image, target], check=True)
+        seconds = time.perf_counter() - started
+    finally:
+        if os.path.exists(target):
+            os.unlink(target)
+    return size / seconds / 1e6
+
+
+def _echo_server(path: str, ready: Any) -> None:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    ready.set()
+    conn, _ = srv.accept()
+    with conn, srv:
+        while data := conn.recv(4096):
+            conn.sendall(data)
+
+
+def _socket_rtt_us(workdir: str, rounds: int = 2000) -> float:
+    path = os.path.join(workdir, "echo.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    ctx = multiprocessing.get_context("forkserver")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_echo_server, args=(path, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(30):
+            raise DesignError("the echo server for the socket round trip did not start")
+        samples = array("Q")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            msg = b"x" * 32
+            clock = time.perf_counter_ns
+            for _ in range(rounds):
+                t0 = clock()
+                sock.sendall(msg)
+                got = 0
+                while got < len(msg):
+                    got += len(sock.recv(4096))
+                samples.append(clock() - t0)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
+        if os.path.exists(path):
+            os.unlink(path)
+    return percentiles_us(samples)["p50"]
+
+
+def _pread_4k_us(image: str, rounds: int = 2000) -> float:
+    size = os.stat(image).st_size
+    pages = max(1, size // 4096)
+    rng = random.Random(0)
+    buf = bytearray(4096)
+    samples = array("Q")
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        clock = time.perf_counter_ns
+        for _ in range(rounds):
+            off = rng.randrange(pages) * 4096
+            t0 = clock()
+            os.preadv(fd, [buf], off)
+            samples.append(clock() - t0)
+    finally:
+        os.close(fd)
+    return percentiles_us(samples)["p50"]
+
+
+def measure_limits(image: str, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``cp`` to /dev/shm (MB/s), a Unix-socket round trip and a 4 KiB pread (p50 us)."""
+    limits = {
+        "cp_mb_s": _cp_mb_s(image, log),
+        "socket_rtt_us": _socket_rtt_us(workdir),
+        "pread_4k_us": _pread_4k_us(image),
+    }
+    log(
+        f"limits: cp to /dev/shm {limits['cp_mb_s'] or 0:.0f} MB/s, socket round trip "
+        f"{limits['socket_rtt_us']:.1f} us, 4 KiB pread {limits['pread_4k_us']:.1f} us (p50)"
+    )
+    return limits
+
+
+# -- one design -----------------------------------------------------------------------------
+
+
+class _Poller(threading.Thread):
+    """Polls a daemon's stats: loaded-bytes series, and when it was first seen done."""
+
+    def __init__(self, socket_path: str, t0: float) -> None:
+        super().__init__(name="pageload-designs-poller", daemon=True)
+        self.socket_path = socket_path
+        self.t0 = t0
+        self.t_s = array("d")
+        self.loaded = array("Q")
+        self.done_s: float | None = None
+        self.last: dict[str, Any] = {}
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with Client.connect(self.socket_path) as client:
+                while True:
+                    stats = client.stats()
+                    now = time.perf_counter() - self.t0
+                    self.last = stats
+                    self.t_s.append(now)
+                    self.loaded.append(int(stats["loaded_bytes"]))
+                    if stats["done"] and self.done_s is None:
+                        self.done_s = now
+                    if self.stop.wait(POLL_INTERVAL_S):
+                        return
+        except (OSError, ClientError) as exc:
+            self.error = exc
+
+
+def _spawn(
+    image: str, design: str, workdir: str, aio_name: str
+) -> tuple[subprocess.Popen[str], str, str]:
+    sock = os.path.join(workdir, f"{design}.sock")
+    log_path = os.path.join(workdir, f"{design}.log")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    cmd = [
+        sys.executable,
+        "-m",
+        "loader.cli",
+        "restore",
+        image,
+        "--socket",
+        sock,
+        "--tracemalloc",
+        "--aio",
+        aio_name,
+        "--progress-interval",
+        "3600",
+        *DESIGNS[design],
+    ]
+    log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, stdin=subprocess.DEVNULL
+        )
+    finally:
+        log_file.close()
+    return proc, sock, log_path
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _await_ready(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("READY"):
+            return
+        if not line:
+            proc.wait()
+            raise DesignError(
+                f"{design}: the daemon exited ({proc.returncode}) before it was "
+                f"ready: {_log_tail(log_path)} (log {log_path})"
+            )
+    raise DesignError(
+        f"{design}: the daemon was not ready in {READY_TIMEOUT_S:.0f} s (log {log_path})"
+    )
+
+
+def _stop(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise DesignError(
+                f"{design}: the daemon did not exit on SIGTERM (log {log_path})"
+            ) from None
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if proc.returncode != 0:
+        raise DesignError(
+            f"{design}: the daemon exited with {proc.returncode}: "
+            f"{_log_tail(log_path)} (log {log_path})"
+        )
+
+
+def _thin(values: Iterable[float], points: int) -> list[float]:
+    data = list(values)
+    if len(data) <= points:
+        return data
+    step = len(data) / points
+    return [data[int(i * step)] for i in range(points)]
+
+
+def _run_design(
+    image: str,
+    trace: Trace,
+    design: str,
+    *,
+    clients: int,
+    workdir: str,
+    aio_name: str,
+    log: Callable[[str], None],
+    ceiling: bool,
+) -> tuple[dict[str, Any], float | None]:
+    t0 = time.perf_counter()
+    proc, sock, log_path = _spawn(image, design, workdir, aio_name)
+    poller = _Poller(sock, t0)
+    ready_at: list[float] = []
+
+    def daemon_ready() -> None:
+        _await_ready(proc, design, log_path)
+        ready_at.append(time.perf_counter() - t0)
+        poller.start()
+
+    ceiling_wps = None
+    try:
+        # the clients' processes start while the daemon does; they connect once it is ready
+        report = run_loadgen(
+            sock, trace, clients=clients, image=image, verify=True, wait_for_daemon=daemon_ready
+        )
+        ready_s = ready_at[0]
+        clients_done_s = time.perf_counter() - t0
+        if design != "lazy":
+            deadline = time.monotonic() + LOAD_TIMEOUT_S
+            while poller.done_s is None and poller.is_alive() and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL_S)
+        poller.stop.set()
+        poller.join()
+        if poller.error is not None:
+            raise DesignError(f"{design}: polling the daemon's stats failed: {poller.error}")
+        with Client.connect(sock) as client:
+            final = client.stats()
+        if ceiling and final["done"]:
+            again = run_loadgen(
+                sock, trace, clients=clients, image=image, verify=True, closed_loop=True
+            )
+            ceiling_wps = again.waits_per_s
+    finally:
+        poller.stop.set()
+        if poller.is_alive():
+            poller.join()
+        _stop(proc, design, log_path)
+    process = final.get("process", {})
+    total = final["total_bytes"]
+    row = {
+        "ready_s": ready_s,
+        "loaded_s": poller.done_s,
+        "loaded_fraction": final["loaded_bytes"] / total if total else 1.0,
+        "clients_done_s": clients_done_s,
+        "blocked_s": report.blocked_s,
+        "latency_us": {
+            k: report.latency_us[k] for k in ("p50", "p90", "p99", "p999", "max", "mean")
+        },
+        "waits": report.waits,
+        "waits_per_s": report.waits_per_s,
+        "immediate": report.immediate,
+        "errors": report.errors + report.not_issued,
+        "mismatches": report.mismatches,
+        "peak_rss_bytes": process.get("vmhwm_bytes"),
+        "rss_outside_memory_bytes": (
+            process["rssanon_bytes"] + process["rssfile_bytes"]
+            if "rssanon_bytes" in process
+            else None
+        ),
+        "heap_peak_bytes": process.get("heap_peak_bytes"),
+        "generator_overhead_us_per_wait": report.overhead_us_per_wait,
+        "series": _series(report, poller),
+    }
+    return row, ceiling_wps
+
+
+def _series(report: LoadgenReport, poller: _Poller) -> dict[str, list[float]]:
+    """Thinned samples for the plots; times in seconds since the daemon's spawn (nothing is
+    loaded then, whatever the design, so the series starts at 0 bytes at 0 s)."""
+    # the clients' common start, in the poller's time base (both are perf_counter)
+    start_s = report.start_ns / 1e9 - poller.t0
+    ordered = sorted(report.latencies_ns)
+    n = len(ordered)
+    quantiles = (
+        [ordered[min(n - 1, int(i * n / PLOT_POINTS))] / 1000 for i in range(PLOT_POINTS)]
+        if n
+        else []
+    )
+    ends = sorted(report.completed_ns)
+    return {
+        "t_s": [0.0, *_thin(poller.t_s, PLOT_POINTS * 4)],
+        "loaded_bytes": [0, *_thin(poller.loaded, PLOT_POINTS * 4)],
+        "wait_end_s": [start_s + e / 1e9 for e in _thin(ends, PLOT_POINTS)],
+        "latency_quantiles_us": quantiles,
+    }
+
+
+def run_designs(
+    image_path: str,
+    trace: Trace,
+    *,
+    clients: int,
+    workdir: str,
+    designs: Iterable[str] = ("priority", "eager", "lazy", "fifo"),
+    log: Callable[[str], None] = print,
+    aio: str = "auto",
+) -> dict[str, Any]:
+    """Run every design in turn on ``image_path`` with ``trace``; return the comparison.
+
+    ``workdir`` holds the sockets and each daemon's log (``<design>.log``).  Each
+    daemon is stopped with SIGTERM and must exit 0.  Raises :class:`DesignError`
+    when a daemon fails, ``ValueError`` for an unknown design, and what
+    :func:`~loader.loadgen.run_loadgen` raises.  The result is JSON-ready:
+    ``{"designs": {name: {...}}, "limits": {...}, "clients": N, "faults": N}``;
+    each design's ``series`` holds thinned samples for :func:`plot_designs`.
+    """
+    names = list(designs)
+    for name in names:
+        if name not in DESIGNS:
+            raise ValueError(f"unknown design {name!r} (one of {', '.join(DESIGNS)})")
+    os.makedirs(workdir, exist_ok=True)
+    image = os.path.abspath(image_path)
+    limits = measure_limits(image, workdir, log)
+    limits["loadgen_ceiling_waits_per_s"] = None
+    out: dict[str, Any] = {}
+    for name in names:
+        log(f"{name}: pageload restore {' '.join(DESIGNS[name]) or '(eager)'} ...")
+        row, ceiling = _run_design(
+            image,
+            trace,
+            name,
+            clients=clients,
+            workdir=workdir,
+            aio_name=aio,
+            log=log,
+            ceiling=name == "priority",
+        )
+        if ceiling is not None:
+            limits["loadgen_ceiling_waits_per_s"] = ceiling
+        out[name] = row
+        log(_row_line(name, row))
+    return {"designs": out, "limits": limits, "clients": clients, "faults": len(trace)}
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f}"
+
+
+def _row_line(name: str, row: dict[str, Any]) -> str:
+    lat = row["latency_us"]
+    loaded = (
+        _s(row["loaded_s"])
+        if row["loaded_s"] is not None
+        else f"never ({row['loaded_fraction'] * 100:.0f}% loaded)"
+    )
+    return (
+        f"{name}: ready {row['ready_s']:.3f} s, loaded {loaded}, blocked {row['blocked_s']:.3f} s, "
+        f"wait p50 {lat['p50']:.0f} us p99 {lat['p99']:.0f} us max {lat['max']:.0f} us, "
+        f"{row['errors']} errors, {row['mismatches']} mismatches"
+    )
+
+
+def format_designs(result: dict[str, Any]) -> str:
+    """The comparison as a terminal table, limits underneath."""
+    head = (
+        "design",
+        "ready s",
+        "loaded s",
+        "blocked s",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+        "waits",
+        "immed.",
+        "err",
+        "mism",
+        "peak RSS MiB",
+        "heap MiB",
+    )
+    rows = [head]
+    for name, r in result["designs"].items():
+        lat = r["latency_us"]
+        loaded = (
+            _s(r["loaded_s"])
+            if r["loaded_s"] is not None
+            else f"({r['loaded_fraction'] * 100:.0f}%)"
+        )
+        rows.append(
+            (
+                name,
+                _s(r["ready_s"]),
+                loaded,
+                _s(r["blocked_s"]),
+                *(f"{lat[k]:.0f}" for k in ("p50", "p90", "p99", "p999", "max")),
+                str(r["waits"]),
+                "-" if r["immediate"] is None else str(r["immediate"]),
+                str(r["errors"]),
+                str(r["mismatches"]),
+                _mib(r["peak_rss_bytes"]),
+                _mib(r["heap_peak_bytes"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lim = result["limits"]
+    cp = "-" if lim.get("cp_mb_s") is None else f"{lim['cp_mb_s']:.0f} MB/s"
+    ceiling = lim.get("loadgen_ceiling_waits_per_s")
+    lines.append(
+        f"limits: cp to /dev/shm {cp}; Unix socket round trip p50 {lim['socket_rtt_us']:.1f} us; "
+        f"4 KiB pread p50 {lim['pread_4k_us']:.1f} us"
+        + (
+            f"; loadgen ceiling (loaded daemon, closed loop) {ceiling:.0f} waits/s"
+            if ceiling
+            else ""
+        )
+    )
+    lines.append(
+        f"{result.get('faults', '?')} faults from {result.get('clients', '?')} clients; "
+        "ready: spawn to READY; loaded: spawn to fully loaded (+-10 ms); blocked: sum of "
+        "wait latencies; immed.: waits the daemon answered at once"
+    )
+    return "\n".join(lines)
+
+
+def plot_designs(result: dict[str, Any], path: str) -> None:
+    """Two panels into ``path``: wait-latency CDF per design, loaded bytes over time with waits.
+
+    Raises :class:`PlotUnavailable` when matplotlib is missing.
+    """
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise PlotUnavailable(
+            "matplotlib is not installed (pip install 'pageload[plot]')"
+        ) from None
+    fig, (cdf, load) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, row in result["designs"].items():
+        series = row["series"]
+        q = series["latency_quantiles_us"]
+        if q:
+            cdf.plot(q, [i / len(q) for i in range(len(q))], label=name)
+        (line,) = load.plot(
+            series["t_s"], [b / (1 << 20) for b in series["loaded_bytes"]], label=name
+        )
+        ends = series["wait_end_s"]
+        load.plot(ends, [0] * len(ends), "|", color=line.get_color(), alpha=0.4, markersize=8)
+        load.axvline(row["ready_s"], color=line.get_color(), linestyle=":", linewidth=1)
+    cdf.set_xscale("log")
+    cdf.set_xlabel("wait latency (us)")
+    cdf.set_ylabel("fraction of waits")
+    cdf.set_title("wait latency CDF")
+    cdf.grid(True, which="both", alpha=0.3)
+    cdf.legend()
+    load.set_xlabel("seconds since the daemon was started")
+    load.set_ylabel("loaded (MiB)")
+    load.set_title("bytes loaded; | = a wait completed, dotted = ready")
+    load.grid(True, alpha=0.3)
+    load.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
