@@ -19,7 +19,8 @@ import itertools
 import os
 import socket
 from collections import deque
-from typing import Any, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import trio
 

@@ -7,7 +7,7 @@ is per interval, never per page, so a 64 GiB range costs what a 4 KiB one does.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 class RangeSet:

@@ -26,8 +26,9 @@ import errno as errno_mod
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import trio
 

@@ -320,7 +320,10 @@ def test_cli_restore_wait_stats_and_sigterm(tmp_path, images):
     try:
         line = proc.stdout.readline()
         assert line.startswith("READY socket=" + sock)
-        run = lambda *a: subprocess.run([sys.executable, "-m", "loader.cli", *a], capture_output=True, text=True)
+
+        def run(*a):
+            return subprocess.run([sys.executable, "-m", "loader.cli", *a], capture_output=True, text=True)
+
         ok = run("wait", "--socket", sock, "16M", "4K")
         assert ok.returncode == 0, ok.stderr
         bad = run("wait", "--socket", sock, "40M", "4K")
