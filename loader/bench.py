@@ -25,8 +25,9 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .bench_backends import run_backends_section
 from .bench_daemon import run_daemon_section
@@ -44,7 +45,9 @@ class BenchOptions:
     size: int = 1 << 30  #: bytes of the dense random image
     sections: tuple[str, ...] = ("daemon", "backends")
     quick: bool = False  #: fewer repetitions (and the CLI's default size becomes 256 MiB)
-    workdir: str | None = None  #: default: a fresh directory under $TMPDIR (must be a disk, not tmpfs)
+    workdir: str | None = (
+        None  #: default: a fresh directory under $TMPDIR (must be a disk, not tmpfs)
+    )
     keep: bool = False  #: keep the work directory (images, logs)
     trace: str | None = None  #: for ``designs``; default a zipf trace over the image
     clients: int = 4  #: for ``designs``
@@ -56,7 +59,9 @@ class BenchOptions:
     def __post_init__(self) -> None:
         bad = [s for s in self.sections if s not in SECTIONS]
         if bad:
-            raise ValueError(f"unknown section {', '.join(bad)} (choose from {', '.join(SECTIONS)})")
+            raise ValueError(
+                f"unknown section {', '.join(bad)} (choose from {', '.join(SECTIONS)})"
+            )
         if self.size <= 0 or self.size % 4096:
             raise ValueError(f"size {self.size} is not a positive multiple of 4096")
 
@@ -68,7 +73,9 @@ def _fs_type(path: str) -> str:
             for line in f:
                 parts = line.split()
                 mount = parts[1]
-                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
+                    best
+                ):
                     best, fstype = mount, parts[2]
     except OSError:
         pass
@@ -78,8 +85,13 @@ def _fs_type(path: str) -> str:
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sections of ``opts``; returns the whole result (see the module docstring)."""
     own_workdir = opts.workdir is None
-    workdir = tempfile.mkdtemp(prefix="pageload-bench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None) \
-        if own_workdir else opts.workdir
+    workdir = (
+        tempfile.mkdtemp(
+            prefix="pageload-bench-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None
+        )
+        if own_workdir
+        else opts.workdir
+    )
     assert workdir is not None
     os.makedirs(workdir, exist_ok=True)
     workdir = os.path.abspath(workdir)
@@ -87,8 +99,15 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     result: dict[str, Any] = {
         "version": 1,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                 "euid": os.geteuid(), "workdir": workdir, "workdir_fs": fstype},
+        "host": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "euid": os.geteuid(),
+            "workdir": workdir,
+            "workdir_fs": fstype,
+            "loadavg_start": list(os.getloadavg()),
+        },
         "options": {k: v for k, v in asdict(opts).items() if k != "extra"},
         "sections": {},
     }
@@ -112,45 +131,61 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
                 log(f"section {name} failed: {exc}")
             section["duration_s"] = time.perf_counter() - t0
             result["sections"][name] = section
+        result["host"]["loadavg_end"] = list(os.getloadavg())
     finally:
         if own_workdir and not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
-def _run_section(name: str, opts: BenchOptions, image: str, workdir: str, quick: bool,
-                 log: Callable[[str], None]) -> dict[str, Any]:
+def _run_section(
+    name: str, opts: BenchOptions, image: str, workdir: str, quick: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
     rep = opts.repeat
     if name == "daemon":
         return run_daemon_section(
-            image, os.path.join(workdir, "sparse-16g.raw"), workdir,
+            image,
+            os.path.join(workdir, "sparse-16g.raw"),
+            workdir,
             repeat=rep or (1 if quick else 3),
             min_samples=opts.min_wait_samples or (100 if quick else 500),
-            max_wait_runs=3 if quick else 8, log=log)
+            max_wait_runs=3 if quick else 8,
+            log=log,
+        )
     if name == "backends":
-        return run_backends_section(image, workdir, repeat=rep or 1, thread_repeat=rep or (1 if quick else 3),
-                                    log=log)
+        return run_backends_section(
+            image, workdir, repeat=rep or 1, thread_repeat=rep or (1 if quick else 3), log=log
+        )
     return _designs_section(opts, image, workdir, log)
 
 
-def _designs_section(opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
+def _designs_section(
+    opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
+) -> dict[str, Any]:
     try:
         from . import designs  # a colleague's module; may not exist yet
     except ImportError as exc:
         log(f"section designs is not available: {exc}")
         return {"skipped": f"loader.designs is not available: {exc}"}
     from .checkpoint import open_checkpoint
-    from .traces import load_trace
     from .tracegen import generate
+    from .traces import load_trace
 
     layout = open_checkpoint(image).layout
     if opts.trace:
         trace = load_trace(opts.trace)
         trace.check_fits(layout.memory_size)
     else:
-        trace = generate("zipf", count=500 if opts.quick else 5000, memory_size=layout.memory_size,
-                         seed=opts.seed, layout=layout)
-    out: dict[str, Any] = designs.run_designs(image, trace, clients=opts.clients, workdir=workdir, log=log)
+        trace = generate(
+            "zipf",
+            count=500 if opts.quick else 5000,
+            memory_size=layout.memory_size,
+            seed=opts.seed,
+            layout=layout,
+        )
+    out: dict[str, Any] = designs.run_designs(
+        image, trace, clients=opts.clients, workdir=workdir, log=log
+    )
     return out
 
 
@@ -159,7 +194,13 @@ def _num(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}" if abs(value) < 100 else f"{value:.0f}"
+        text = (
+            f"{value:.3f}"
+            if abs(value) < 10
+            else f"{value:.1f}"
+            if abs(value) < 100
+            else f"{value:.0f}"
+        )
     else:
         text = str(value)
     return f"{text} {unit}".rstrip()
@@ -168,13 +209,19 @@ def _num(value: Any, unit: str = "") -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    return [
+        fmt.format(*header),
+        fmt.format(*("-" * w for w in widths)),
+        *(fmt.format(*r) for r in rows),
+    ]
 
 
 def format_bench(result: dict[str, Any]) -> str:
     """Tables for a terminal: the goals (met / NOT MET), the backend matrix, thread counts."""
-    lines = [f"pageload bench, {result['date']}, {result['host']['cpus']} CPUs, "
-             f"kernel {result['host']['kernel']}, work dir on {result['host']['workdir_fs']}"]
+    lines = [
+        f"pageload bench, {result['date']}, {result['host']['cpus']} CPUs, "
+        f"kernel {result['host']['kernel']}, work dir on {result['host']['workdir_fs']}"
+    ]
     sections = result["sections"]
     for name, section in sections.items():
         lines.append("")
@@ -182,16 +229,28 @@ def format_bench(result: dict[str, Any]) -> str:
             lines.append(f"{name}: {section.get('error') or section.get('skipped')}")
             continue
         if name == "daemon":
-            lines.append(f"daemon ({section['image']['size_bytes'] >> 20} MiB dense image, "
-                         f"{section['backend']} backend, warm cache)")
-            rows = [[g["name"], _num(g["value"], g["unit"]), g["goal"],
-                     {True: "met", False: "NOT MET", None: "missing"}[g["met"]], g["how"]]
-                    for g in section["goals"]]
+            lines.append(
+                f"daemon ({section['image']['size_bytes'] >> 20} MiB dense image, "
+                f"{section['backend']} backend, warm cache)"
+            )
+            rows = [
+                [
+                    g["name"],
+                    _num(g["value"], g["unit"]),
+                    g["goal"],
+                    {True: "met", False: "NOT MET", None: "missing"}[g["met"]],
+                    g["how"],
+                ]
+                for g in section["goals"]
+            ]
             lines += _table(["figure", "value", "goal", "", "how"], rows)
             w = section["waits"]["client_us"]
-            lines.append(f"fill {section['fill']['throughput_mb_s']:.0f} MB/s, cp {section['cp']['mb_s']:.0f} MB/s; "
-                         f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
-                         f"max {w['max']:.0f} us (n={w['count']})")
+            lines.append(
+                f"fill {section['fill']['throughput_mb_s']:.0f} MB/s, "
+                f"cp {section['cp']['mb_s']:.0f} MB/s; "
+                f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
+                f"max {w['max']:.0f} us (n={w['count']})"
+            )
         elif name == "backends":
             lines += _format_backends(section)
         elif name == "designs":
@@ -206,9 +265,11 @@ def format_bench(result: dict[str, Any]) -> str:
 
 def _format_backends(section: dict[str, Any]) -> list[str]:
     lim = section["limits"]
-    lines = [f"backends ({section['image']['size_bytes'] >> 20} MiB image); limit cp to /dev/shm: warm "
-             f"{_num(lim.get('cp_warm_mb_s'), 'MB/s')}, cold {_num(lim.get('cp_cold_mb_s'), 'MB/s')}"]
-    for name, why in section["skipped"].items():
+    lines = [
+        f"backends ({section['image']['size_bytes'] >> 20} MiB image); limit cp to /dev/shm: warm "
+        f"{_num(lim.get('cp_warm_mb_s'), 'MB/s')}, cold {_num(lim.get('cp_cold_mb_s'), 'MB/s')}"
+    ]
+    for name, why in section["unavailable"].items():
         lines.append(f"  {name}: skipped: {why}")
     if not section["cold"]["available"]:
         lines.append(f"  cold cache: skipped: {section['cold']['reason']}")
@@ -218,13 +279,35 @@ def _format_backends(section: dict[str, Any]) -> list[str]:
         if r["error"]:
             rows.append([*head, "failed", "", "", "", r["error"][:60]])
             continue
-        rows.append([*head, _num(r["fill_mb_s"]), _num(r["fill_with_waits_mb_s"]), _num(r["wait_us"]["p50"]),
-                     _num(r["wait_us"]["p99"]), str(r["wait_us"]["count"])])
-    lines += _table(["backend", "source", "direct", "cache", "fill MB/s", "w/ waits", "p50 us", "p99 us",
-                     "waits"], rows)
+        rows.append(
+            [
+                *head,
+                _num(r["fill_mb_s"]),
+                _num(r["fill_with_waits_mb_s"]),
+                _num(r["wait_us"]["p50"]),
+                _num(r["wait_us"]["p99"]),
+                str(r["wait_us"]["count"]),
+            ]
+        )
+    lines += _table(
+        [
+            "backend",
+            "source",
+            "direct",
+            "cache",
+            "fill MB/s",
+            "w/ waits",
+            "p50 us",
+            "p99 us",
+            "waits",
+        ],
+        rows,
+    )
     th = section["threads"]
     if th["counts"]:
-        lines.append("threads backend, warm raw image: " + ", ".join(
-            f"{n}: {c['mb_s']:.0f} MB/s" for n, c in th["counts"].items())
-            + f"; best {th['best']}, default {th['default']}")
+        lines.append(
+            "threads backend, warm raw image: "
+            + ", ".join(f"{n}: {c['mb_s']:.0f} MB/s" for n, c in th["counts"].items())
+            + f"; best {th['best']}, default {th['default']}"
+        )
     return lines

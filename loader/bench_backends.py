@@ -20,7 +20,8 @@ backend's thread count (1, 2, 4, 8 by default): warm raw image, median of
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aio
 
@@ -40,10 +41,16 @@ def _default_threads() -> int | None:
     return int(DEFAULT_THREADS)
 
 
-def run_backends_section(image: str, workdir: str, *, repeat: int = 1,
-                         thread_repeat: int = 3, thread_counts: Sequence[int] = THREAD_COUNTS,
-                         backends: Sequence[str] | None = None,
-                         log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_backends_section(
+    image: str,
+    workdir: str,
+    *,
+    repeat: int = 1,
+    thread_repeat: int = 3,
+    thread_counts: Sequence[int] = THREAD_COUNTS,
+    backends: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Measure the matrix in the module docstring; returns the section's JSON."""
     pages_dir = os.path.join(workdir, "pages-checkpoint")
     if not os.path.exists(pages_dir):
@@ -53,13 +60,13 @@ def run_backends_section(image: str, workdir: str, *, repeat: int = 1,
     sources = {"raw": (image, image), "pages": (pages_dir, pages_file)}
 
     usable: list[str] = []
-    skipped: dict[str, str] = {}
+    unavailable: dict[str, str] = {}
     for name in backends or aio.backends():
         try:
             aio.check_available(name)
             usable.append(name)
         except aio.BackendUnavailable as exc:
-            skipped[name] = str(exc)
+            unavailable[name] = str(exc)
             log(f"backend {name} skipped: {exc}")
 
     cold_reason = drop_caches()  # also tells whether cold runs are possible
@@ -79,15 +86,28 @@ def run_backends_section(image: str, workdir: str, *, repeat: int = 1,
         for direct in (False, True):
             for cache in caches:
                 for backend in usable:
-                    runs.append(_configuration(path, data_file, workdir, backend=backend, source=source,
-                                               direct=direct, cache=cache, repeat=repeat, log=log))
+                    runs.append(
+                        _configuration(
+                            path,
+                            data_file,
+                            workdir,
+                            backend=backend,
+                            source=source,
+                            direct=direct,
+                            cache=cache,
+                            repeat=repeat,
+                            log=log,
+                        )
+                    )
 
     warm_cache(image)
     counts: dict[str, Any] = {}
     if "threads" in usable:
         for n in thread_counts:
-            mbs = [fill_run(image, workdir, ["--aio", "threads", "--threads", str(n)]).throughput_mb_s
-                   for _ in range(thread_repeat)]
+            mbs = [
+                fill_run(image, workdir, ["--aio", "threads", "--threads", str(n)]).throughput_mb_s
+                for _ in range(thread_repeat)
+            ]
             counts[str(n)] = {"runs_mb_s": mbs, "mb_s": median(mbs)}
             log(f"threads={n}: {median(mbs):.0f} MB/s (runs {', '.join(f'{x:.0f}' for x in mbs)})")
     best = max(counts, key=lambda k: counts[k]["mb_s"]) if counts else None
@@ -95,20 +115,39 @@ def run_backends_section(image: str, workdir: str, *, repeat: int = 1,
         "image": {"path": image, "size_bytes": os.path.getsize(image)},
         "pages_checkpoint": pages_dir,
         "backends": usable,
-        "skipped": skipped,
+        "unavailable": unavailable,
         "cold": {"available": cold_reason is None, "reason": cold_reason},
         "limits": limits,
         "runs": runs,
-        "threads": {"default": _default_threads(), "counts": counts,
-                    "best": int(best) if best is not None else None, "repeat": thread_repeat},
+        "threads": {
+            "default": _default_threads(),
+            "counts": counts,
+            "best": int(best) if best is not None else None,
+            "repeat": thread_repeat,
+        },
     }
 
 
-def _configuration(path: str, data_file: str, workdir: str, *, backend: str, source: str, direct: bool,
-                   cache: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _configuration(
+    path: str,
+    data_file: str,
+    workdir: str,
+    *,
+    backend: str,
+    source: str,
+    direct: bool,
+    cache: str,
+    repeat: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     args = ["--aio", backend] + (["--direct"] if direct else [])
-    out: dict[str, Any] = {"backend": backend, "source": source, "direct": direct, "cache": cache,
-                           "error": None}
+    out: dict[str, Any] = {
+        "backend": backend,
+        "source": source,
+        "direct": direct,
+        "cache": cache,
+        "error": None,
+    }
 
     def prepare() -> None:
         if cache == "cold":
@@ -129,11 +168,16 @@ def _configuration(path: str, data_file: str, workdir: str, *, backend: str, sou
         log(f"{label}: failed: {exc}")
         return out
     lat = percentiles(probe.samples_ns)
-    out.update(fill_mb_s=median([r.throughput_mb_s for r in fills]),
-               fill_runs_mb_s=[r.throughput_mb_s for r in fills],
-               fill_with_waits_mb_s=probe.throughput_mb_s,
-               wait_us=lat, daemon_blocked=probe.waits_served,
-               rss_outside_peak_bytes=max(r.rss_outside_peak_bytes for r in [*fills, probe]))
-    log(f"{label}: fill {out['fill_mb_s']:.0f} MB/s; {lat['count']} waits p50 {lat['p50']:.0f} us "
-        f"p99 {lat['p99']:.0f} us")
+    out.update(
+        fill_mb_s=median([r.throughput_mb_s for r in fills]),
+        fill_runs_mb_s=[r.throughput_mb_s for r in fills],
+        fill_with_waits_mb_s=probe.throughput_mb_s,
+        wait_us=lat,
+        daemon_blocked=probe.waits_served,
+        rss_outside_peak_bytes=max(r.rss_outside_peak_bytes for r in [*fills, probe]),
+    )
+    log(
+        f"{label}: fill {out['fill_mb_s']:.0f} MB/s; {lat['count']} waits p50 {lat['p50']:.0f} us "
+        f"p99 {lat['p99']:.0f} us"
+    )
     return out

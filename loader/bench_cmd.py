@@ -16,26 +16,46 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
-        help="measure the daemon against its speed and memory goals; compare AIO backends and designs",
+        help="measure the daemon against its goals; compare AIO backends and designs",
         description="Make a dense random image in a work directory and run the chosen sections "
         "against real 'pageload restore' daemons: daemon (fill vs cp, time to ready, wait latency, "
         "RSS and heap, each against its goal), backends (every AIO backend, warm/cold page cache, "
         "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace).  "
         "See docs/BENCHMARKS.md.",
     )
-    p.add_argument("--size", type=size_arg, metavar="S",
-                   help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="small image, one repetition each: well under a minute for 'daemon'")
-    p.add_argument("--sections", default="daemon,backends", metavar="LIST",
-                   help=f"comma-separated, from {','.join(SECTIONS)} (default daemon,backends)")
-    p.add_argument("--trace", metavar="FILE", help="trace for the designs section (default: zipf over the image)")
-    p.add_argument("--clients", type=int, default=4, metavar="N", help="clients for the designs section")
+    p.add_argument(
+        "--size",
+        type=size_arg,
+        metavar="S",
+        help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small image, one repetition each: well under a minute for 'daemon'",
+    )
+    p.add_argument(
+        "--sections",
+        default="daemon,backends",
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(SECTIONS)} (default daemon,backends)",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="trace for the designs section (default: zipf over the image)",
+    )
+    p.add_argument(
+        "--clients", type=int, default=4, metavar="N", help="clients for the designs section"
+    )
     p.add_argument("--repeat", type=int, metavar="N", help="repetitions of each measurement")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT ('-': stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="plot the designs section (needs matplotlib)")
-    p.add_argument("--workdir", metavar="DIR",
-                   help="keep images and logs here (a disk file system; default a temporary directory)")
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="keep images and logs here (a disk file system; default a temporary directory)",
+    )
     p.add_argument("--keep", action="store_true", help="do not remove the temporary work directory")
     p.set_defaults(func=run)
 
@@ -44,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     try:
         opts = BenchOptions(
-            size=args.size or (QUICK_SIZE if args.quick else 1 << 30), sections=sections, quick=args.quick,
-            workdir=args.workdir, keep=args.keep, trace=args.trace, clients=args.clients, repeat=args.repeat,
+            size=args.size or (QUICK_SIZE if args.quick else 1 << 30),
+            sections=sections,
+            quick=args.quick,
+            workdir=args.workdir,
+            keep=args.keep,
+            trace=args.trace,
+            clients=args.clients,
+            repeat=args.repeat,
         )
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
@@ -68,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         designs = result["sections"].get("designs", {})
         if "designs" not in designs:
-            print(f"pageload: nothing to plot: {designs.get('skipped') or designs.get('error')}", file=sys.stderr)
+            print(
+                f"pageload: nothing to plot: {designs.get('skipped') or designs.get('error')}",
+                file=sys.stderr,
+            )
             return 2
         try:
             from .designs import plot_designs

@@ -19,8 +19,9 @@ backend), in one run:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .bench_tools import FillRun, cp_mb_s, fill_run, median, percentiles, warm_cache
 from .sample import make_sample_image
@@ -47,25 +48,45 @@ class Goal:
 
 
 def _at_most(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
-    return Goal(name, value, unit, f"<= {limit:g} {unit}", None if value is None else value <= limit, how)
+    return Goal(
+        name, value, unit, f"<= {limit:g} {unit}", None if value is None else value <= limit, how
+    )
 
 
 def _at_least(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
-    return Goal(name, value, unit, f">= {limit:g}{(' ' + unit) if unit else ''}",
-                None if value is None else value >= limit, how)
+    return Goal(
+        name,
+        value,
+        unit,
+        f">= {limit:g}{(' ' + unit) if unit else ''}",
+        None if value is None else value >= limit,
+        how,
+    )
 
 
-def run_daemon_section(image: str, sparse_image: str, workdir: str, *, repeat: int = 3,
-                       min_samples: int = 500, max_wait_runs: int = 8,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_daemon_section(
+    image: str,
+    sparse_image: str,
+    workdir: str,
+    *,
+    repeat: int = 3,
+    min_samples: int = 500,
+    max_wait_runs: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Measure everything listed in the module docstring; returns the section's JSON.
 
     ``image`` must be a dense raw image; ``sparse_image`` is created (16 GiB,
     ``SPARSE_DATA_FRACTION`` data) if it does not exist."""
     if not os.path.exists(sparse_image):
         log(f"making the 16 GiB sparse image {sparse_image}")
-        make_sample_image(sparse_image, 16 << 30, seed=1, data_fraction=SPARSE_DATA_FRACTION,
-                          hole_granularity=SPARSE_HOLE_GRANULARITY)
+        make_sample_image(
+            sparse_image,
+            16 << 30,
+            seed=1,
+            data_fraction=SPARSE_DATA_FRACTION,
+            hole_granularity=SPARSE_HOLE_GRANULARITY,
+        )
     args = ["--aio", "threads"]
     warm_cache(image)
     cp_runs = []
@@ -78,8 +99,10 @@ def run_daemon_section(image: str, sparse_image: str, workdir: str, *, repeat: i
     for i in range(repeat):
         run = fill_run(image, workdir, args)
         fills.append(run)
-        log(f"fill {i + 1}/{repeat}: ready {run.ready_s:.3f} s, {run.throughput_mb_s:.0f} MB/s "
-            f"in {run.fill_s:.3f} s, RSS outside memory {run.rss_outside_peak_bytes / 1e6:.1f} MB")
+        log(
+            f"fill {i + 1}/{repeat}: ready {run.ready_s:.3f} s, {run.throughput_mb_s:.0f} MB/s "
+            f"in {run.fill_s:.3f} s, RSS outside memory {run.rss_outside_peak_bytes / 1e6:.1f} MB"
+        )
 
     sparse_ready = []
     for _ in range(repeat):
@@ -95,13 +118,17 @@ def run_daemon_section(image: str, sparse_image: str, workdir: str, *, repeat: i
         wait_runs.append(run)
         samples.extend(run.samples_ns)
         p = percentiles(run.samples_ns)
-        log(f"waits run {len(wait_runs)}: {p['count']} waits on unloaded pages (daemon: "
+        log(
+            f"waits run {len(wait_runs)}: {p['count']} waits on unloaded pages (daemon: "
             f"{run.waits_served} blocked), p50 {p['p50']:.0f} us, p99 {p['p99']:.0f} us; "
-            f"fill {run.throughput_mb_s:.0f} MB/s")
+            f"fill {run.throughput_mb_s:.0f} MB/s"
+        )
 
     heap_run = fill_run(image, workdir, [*args, "--tracemalloc"], probe=True, seed=99)
-    log(f"--tracemalloc run: heap peak {(heap_run.heap_peak_bytes or 0) / 2**20:.1f} MiB, "
-        f"RSS outside memory {heap_run.rss_outside_peak_bytes / 1e6:.1f} MB")
+    log(
+        f"--tracemalloc run: heap peak {(heap_run.heap_peak_bytes or 0) / 2**20:.1f} MiB, "
+        f"RSS outside memory {heap_run.rss_outside_peak_bytes / 1e6:.1f} MB"
+    )
 
     cp = median(cp_runs)
     fill = median([r.throughput_mb_s for r in fills])
@@ -113,35 +140,69 @@ def run_daemon_section(image: str, sparse_image: str, workdir: str, *, repeat: i
     heap_peak = heap_run.heap_peak_bytes
     size_text = _size_text(os.path.getsize(image))
     goals = [
-        _at_least("fill / cp ratio", fill / cp, 0.8, "",
-                  f"median fill {fill:.0f} MB/s / median cp {cp:.0f} MB/s"),
+        _at_least(
+            "fill / cp ratio",
+            fill / cp,
+            0.8,
+            "",
+            f"median fill {fill:.0f} MB/s / median cp {cp:.0f} MB/s",
+        ),
         _at_most(f"ready, {size_text} image", ready_image, 0.5, "s", "spawn -> READY line, median"),
-        _at_most("ready, 16 GiB sparse image", ready_sparse, 0.5, "s", "spawn -> READY line, median"),
-        _at_most("4 KiB wait on unloaded page, p99", lat["p99"] / 1000 if lat["count"] else None, 2, "ms",
-                 f"client-timed, {lat['count']} waits in {len(wait_runs)} fills"),
-        _at_most("RSS outside the memory file, peak", rss_peak / 1e6, 100, "MB",
-                 "max of rssanon+rssfile over stats polls, all runs"),
-        _at_most("Python heap peak (tracemalloc)", None if heap_peak is None else heap_peak / 2**20, 32,
-                 "MiB", "stats process.heap_peak_bytes, one run with waits"),
+        _at_most(
+            "ready, 16 GiB sparse image", ready_sparse, 0.5, "s", "spawn -> READY line, median"
+        ),
+        _at_most(
+            "4 KiB wait on unloaded page, p99",
+            lat["p99"] / 1000 if lat["count"] else None,
+            2,
+            "ms",
+            f"client-timed, {lat['count']} waits in {len(wait_runs)} fills",
+        ),
+        _at_most(
+            "RSS outside the memory file, peak",
+            rss_peak / 1e6,
+            100,
+            "MB",
+            "max of rssanon+rssfile over stats polls, all runs",
+        ),
+        _at_most(
+            "Python heap peak (tracemalloc)",
+            None if heap_peak is None else heap_peak / 2**20,
+            32,
+            "MiB",
+            "stats process.heap_peak_bytes, one run with waits",
+        ),
     ]
     return {
         "image": {"path": image, "size_bytes": os.path.getsize(image), "kind": "raw, dense random"},
         "backend": "threads",
         "cache": "warm",
         "cp": {"runs_mb_s": cp_runs, "mb_s": cp},
-        "fill": {"runs": [r.as_dict() for r in fills], "throughput_mb_s": fill, "ratio_to_cp": fill / cp},
+        "fill": {
+            "runs": [r.as_dict() for r in fills],
+            "throughput_mb_s": fill,
+            "ratio_to_cp": fill / cp,
+        },
         "ready": {
-            "image_s": ready_image, "image_runs_s": [r.ready_s for r in fills],
-            "sparse_16g_s": ready_sparse, "sparse_16g_runs_s": sparse_ready,
-            "sparse_16g": {"path": sparse_image, "size_bytes": 16 << 30,
-                           "data_bytes": fills_sparse.total_bytes},
+            "image_s": ready_image,
+            "image_runs_s": [r.ready_s for r in fills],
+            "sparse_16g_s": ready_sparse,
+            "sparse_16g_runs_s": sparse_ready,
+            "sparse_16g": {
+                "path": sparse_image,
+                "size_bytes": 16 << 30,
+                "data_bytes": fills_sparse.total_bytes,
+            },
         },
         "waits": {
-            "runs": len(wait_runs), "selection": wait_runs[0].selection if wait_runs else "",
+            "runs": len(wait_runs),
+            "selection": wait_runs[0].selection if wait_runs else "",
             "client_us": lat,
             "daemon_blocked": sum(r.waits_served for r in wait_runs),
             "daemon_p99_bucket_us": max((r.daemon_p99_us for r in wait_runs), default=0.0),
-            "fill_with_waits_mb_s": median([r.throughput_mb_s for r in wait_runs]) if wait_runs else None,
+            "fill_with_waits_mb_s": median([r.throughput_mb_s for r in wait_runs])
+            if wait_runs
+            else None,
             "per_run": [{**r.as_dict(), "client_us": percentiles(r.samples_ns)} for r in wait_runs],
         },
         "memory": {

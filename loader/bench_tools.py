@@ -29,8 +29,9 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .client import Client, ClientError
 
@@ -76,8 +77,14 @@ def percentiles(samples_ns: Sequence[int]) -> dict[str, float]:
     def rank(p: float) -> float:
         return s[max(0, math.ceil(p / 100 * n) - 1)] / 1000
 
-    return {"count": n, "p50": rank(50), "p90": rank(90), "p99": rank(99),
-            "max": s[-1] / 1000, "mean": sum(s) / n / 1000}
+    return {
+        "count": n,
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "max": s[-1] / 1000,
+        "mean": sum(s) / n / 1000,
+    }
 
 
 # --------------------------------------------------------------------------- page cache
@@ -137,9 +144,21 @@ class DaemonProcess:
     a context manager so it is always stopped.
     """
 
-    def __init__(self, source: str, socket_path: str, log_path: str, extra_args: Sequence[str] = ()):
-        self.argv = [sys.executable, "-m", "loader.cli", "restore", source, "--socket", socket_path,
-                     "--background", "-q", *extra_args]
+    def __init__(
+        self, source: str, socket_path: str, log_path: str, extra_args: Sequence[str] = ()
+    ):
+        self.argv = [
+            sys.executable,
+            "-m",
+            "loader.cli",
+            "restore",
+            source,
+            "--socket",
+            socket_path,
+            "--background",
+            "-q",
+            *extra_args,
+        ]
         self.socket_path = socket_path
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,15 +179,18 @@ class DaemonProcess:
             pass
         with open(self.log_path, "wb") as log:
             t0 = time.perf_counter()
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            )
         assert self.proc.stdout is not None
         line = _read_line(self.proc.stdout, READY_TIMEOUT_S)
         self.ready_s = time.perf_counter() - t0
         if not line.startswith(b"READY"):
             self.stop()
-            raise BenchError(f"daemon did not become ready ({' '.join(self.argv[3:])}): "
-                             f"{self.stderr_tail() or 'no message'}")
+            raise BenchError(
+                f"daemon did not become ready ({' '.join(self.argv[3:])}): "
+                f"{self.stderr_tail() or 'no message'}"
+            )
 
     def stderr_tail(self, lines: int = 3) -> str:
         try:
@@ -221,8 +243,14 @@ class _Mincore:
     def __init__(self, fd: int, size: int) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         import mmap
@@ -293,11 +321,18 @@ class WaitProber:
             mc, self.selection = None, "random (the memory file could not be mapped)"
         finally:
             os.close(fd)
-        if mc is not None and all(mc.resident(p * page, page) for p in range(0, pages, max(1, pages // 64))):
+        if mc is not None and all(
+            mc.resident(p * page, page) for p in range(0, pages, max(1, pages // 64))
+        ):
             # right after READY most pages cannot be loaded yet: mincore is not seeing the file
             mc.close()
             mc, self.selection = None, "random (mincore reports every page resident)"
-        randrange, stop, samples, perf = self.rng.randrange, self._stop, self.samples_ns, time.perf_counter_ns
+        randrange, stop, samples, perf = (
+            self.rng.randrange,
+            self._stop,
+            self.samples_ns,
+            time.perf_counter_ns,
+        )
         try:
             while not stop.is_set():
                 offset = randrange(pages) * page
@@ -334,7 +369,9 @@ class FillRun:
     heap_peak_bytes: int | None  #: with --tracemalloc
     waits_served: int  #: waits that blocked (daemon's count)
     daemon_p99_us: float  #: upper bound of the daemon histogram's p99 bucket (power of two)
-    samples_ns: list[int] = field(default_factory=list)  #: client-timed 4 KiB waits on unloaded pages
+    samples_ns: list[int] = field(
+        default_factory=list
+    )  #: client-timed 4 KiB waits on unloaded pages
     selection: str = ""
     polls: int = 0
 
@@ -346,17 +383,29 @@ class FillRun:
 
 
 def _histogram_p99(hist: dict[str, Any]) -> float:
-    counts, bounds, total = hist.get("counts", []), hist.get("bucket_upper_us", []), hist.get("count", 0)
+    counts, bounds, total = (
+        hist.get("counts", []),
+        hist.get("bucket_upper_us", []),
+        hist.get("count", 0),
+    )
     seen = 0
-    for c, b in zip(counts, bounds):
+    for c, b in zip(counts, bounds, strict=False):
         seen += c
         if total and seen >= 0.99 * total:
             return float(b)
     return 0.0
 
 
-def fill_run(source: str, workdir: str, extra_args: Sequence[str] = (), *, probe: bool = False,
-             poll_s: float = 0.05, seed: int = 0, timeout_s: float = 600.0) -> FillRun:
+def fill_run(
+    source: str,
+    workdir: str,
+    extra_args: Sequence[str] = (),
+    *,
+    probe: bool = False,
+    poll_s: float = 0.05,
+    seed: int = 0,
+    timeout_s: float = 600.0,
+) -> FillRun:
     """Start a daemon on ``source`` with ``extra_args``, poll stats every ``poll_s``
     until ``done`` (and with ``probe`` run a :class:`WaitProber` meanwhile), stop it.
     Raises :class:`BenchError` if it does not start or does not finish in ``timeout_s``."""
@@ -375,7 +424,9 @@ def fill_run(source: str, workdir: str, extra_args: Sequence[str] = (), *, probe
                     s = client.stats()
                     polls += 1
                     proc = s.get("process", {})
-                    rss_peak = max(rss_peak, proc.get("rssanon_bytes", 0) + proc.get("rssfile_bytes", 0))
+                    rss_peak = max(
+                        rss_peak, proc.get("rssanon_bytes", 0) + proc.get("rssfile_bytes", 0)
+                    )
                     if s["done"]:
                         wall = time.perf_counter() - t0
                         break
@@ -391,11 +442,18 @@ def fill_run(source: str, workdir: str, extra_args: Sequence[str] = (), *, probe
         raise BenchError(f"wait prober failed: {prober.error}")
     proc = s.get("process", {})
     return FillRun(
-        args=list(extra_args), ready_s=daemon.ready_s, fill_s=s["elapsed_s"],
-        throughput_mb_s=s["throughput_bps"] / 1e6, wall_to_done_s=wall, total_bytes=s["total_bytes"],
-        rss_outside_peak_bytes=rss_peak, vmhwm_bytes=proc.get("vmhwm_bytes", 0),
-        heap_peak_bytes=proc.get("heap_peak_bytes"), waits_served=s["waits_served"],
+        args=list(extra_args),
+        ready_s=daemon.ready_s,
+        fill_s=s["elapsed_s"],
+        throughput_mb_s=s["throughput_bps"] / 1e6,
+        wall_to_done_s=wall,
+        total_bytes=s["total_bytes"],
+        rss_outside_peak_bytes=rss_peak,
+        vmhwm_bytes=proc.get("vmhwm_bytes", 0),
+        heap_peak_bytes=proc.get("heap_peak_bytes"),
+        waits_served=s["waits_served"],
         daemon_p99_us=_histogram_p99(s.get("latency_us", {})),
         samples_ns=list(prober.samples_ns) if prober else [],
-        selection=prober.selection if prober else "", polls=polls,
+        selection=prober.selection if prober else "",
+        polls=polls,
     )

@@ -1,0 +1,193 @@
+"""``pageload bench``: the quick daemon section runs end to end and reports every
+figure with its goal.  No timing thresholds: values are only checked for sanity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loader.bench import SECTIONS, BenchOptions, format_bench, run_bench
+from loader.bench_tools import WaitProber, drop_caches, fill_run, median, percentiles
+from loader.cli import build_parser
+from loader.sample import make_sample_image
+
+GOAL_NAMES = {
+    "fill / cp ratio",
+    "ready, 16 GiB sparse image",
+    "4 KiB wait on unloaded page, p99",
+    "RSS outside the memory file, peak",
+    "Python heap peak (tracemalloc)",
+}
+
+
+def test_quick_daemon_section_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loader.cli",
+            "bench",
+            "--quick",
+            "--size",
+            "64M",
+            "--sections",
+            "daemon",
+            "--workdir",
+            str(workdir),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads(out.read_text())
+    assert result["options"]["size"] == 64 << 20
+    assert result["host"]["workdir"] == str(workdir)
+    daemon = result["sections"]["daemon"]
+    assert "error" not in daemon
+
+    assert daemon["cp"]["mb_s"] > 0
+    assert daemon["fill"]["throughput_mb_s"] > 0
+    assert math.isclose(
+        daemon["fill"]["ratio_to_cp"], daemon["fill"]["throughput_mb_s"] / daemon["cp"]["mb_s"]
+    )
+    for run in daemon["fill"]["runs"]:
+        assert run["total_bytes"] == 64 << 20
+        assert run["ready_s"] > 0 and run["fill_s"] > 0
+    assert daemon["ready"]["image_s"] > 0 and daemon["ready"]["sparse_16g_s"] > 0
+    sparse = daemon["ready"]["sparse_16g"]
+    assert (
+        sparse["size_bytes"] == 16 << 30 and 0 < sparse["data_bytes"] < sparse["size_bytes"] // 10
+    )
+
+    waits = daemon["waits"]
+    lat = waits["client_us"]
+    assert lat["count"] > 0, "the prober found no unloaded page during any fill"
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    # every probed wait really blocked in the daemon (it picked unloaded pages)
+    assert waits["daemon_blocked"] >= lat["count"] * 0.9
+
+    mem = daemon["memory"]
+    assert 0 < mem["rss_outside_peak_bytes"] < mem["vmhwm_bytes"]
+    assert mem["heap_peak_bytes"] and mem["heap_peak_bytes"] > 0
+
+    goals = {g["name"]: g for g in daemon["goals"]}
+    assert GOAL_NAMES <= set(goals)
+    assert any(name.startswith("ready, 64 MiB") for name in goals)
+    for g in goals.values():
+        assert isinstance(g["met"], bool) and g["goal"] and g["value"] is not None
+    assert goals["fill / cp ratio"]["met"] == (goals["fill / cp ratio"]["value"] >= 0.8)
+
+    # the table printed on stdout lists each goal with its verdict
+    for name in goals:
+        assert name in proc.stdout
+    assert ("NOT MET" in proc.stdout) == (not all(g["met"] for g in goals.values()))
+    assert os.path.exists(workdir / "image.raw"), "a given --workdir is kept"
+
+
+def test_bench_is_registered_with_its_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--size",
+            "2G",
+            "--trace",
+            "t.msgpack",
+            "--clients",
+            "8",
+            "--json",
+            "o.json",
+            "--plot",
+            "p.png",
+            "--sections",
+            "daemon,designs",
+            "--workdir",
+            "/x",
+            "--keep",
+            "--quick",
+        ]
+    )
+    assert (
+        args.size,
+        args.trace,
+        args.clients,
+        args.json,
+        args.plot,
+        args.workdir,
+        args.keep,
+        args.quick,
+    ) == (2 << 30, "t.msgpack", 8, "o.json", "p.png", "/x", True, True)
+    assert args.sections == "daemon,designs"
+
+
+def test_unknown_section_is_one_line_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "loader.cli", "bench", "--sections", "daemon,nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"pageload: unknown section nope (choose from {', '.join(SECTIONS)})"
+    ]
+
+
+def test_designs_section_without_the_module_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hide loader.designs (whether or not it exists yet): the section must say it is not available
+    monkeypatch.setitem(sys.modules, "loader.designs", None)
+    result = run_bench(
+        BenchOptions(size=1 << 20, sections=("designs",), workdir=str(tmp_path)), log=lambda s: None
+    )
+    section = result["sections"]["designs"]
+    assert "loader.designs is not available" in section["skipped"]
+    assert "designs: loader.designs is not available" in format_bench(result)
+
+
+def test_fill_run_and_prober_on_a_tiny_image(tmp_path: Path) -> None:
+    image = str(tmp_path / "img")
+    make_sample_image(image, 8 << 20, dense=True)
+    run = fill_run(image, str(tmp_path), ["--aio", "sync"], probe=True)
+    assert run.total_bytes == 8 << 20 and run.throughput_mb_s > 0
+    # whatever the prober timed, the daemon counted as blocked (or the race let it through)
+    assert len(run.samples_ns) <= run.waits_served + 1
+    assert run.selection in ("mincore", "") or run.selection.startswith("random")
+
+
+def test_prober_against_a_daemon_that_is_gone_records_the_error(tmp_path: Path) -> None:
+    prober = WaitProber(str(tmp_path / "no.sock"))
+    prober.start()
+    prober.stop()
+    # stop() raced the connect: either it never connected (error kept) or it stopped cleanly
+    assert (
+        prober.error is None
+        or "No such file" in prober.error
+        or "Connection refused" in prober.error
+    )
+    assert len(prober.samples_ns) == 0
+
+
+def test_percentiles_and_median() -> None:
+    samples = [i * 1000 for i in range(1, 101)]  # 1..100 us
+    p = percentiles(samples)
+    assert (p["count"], p["p50"], p["p90"], p["p99"], p["max"]) == (100, 50.0, 90.0, 99.0, 100.0)
+    assert percentiles([])["count"] == 0
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0]) == 2.5
+
+
+def test_drop_caches_says_why_not_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = drop_caches()
+    assert reason is not None and "not root" in reason
