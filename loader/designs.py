@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .client import Client, ClientError
-from .loadgen import LoadgenReport, percentiles_us, run_loadgen
+from .loadgen import LoadgenError, LoadgenReport, percentiles_us, run_loadgen
 from .traces import Trace
 
 __all__ = [
@@ -209,9 +209,7 @@ class _Poller(threading.Thread):
             self.error = exc
 
 
-def _spawn(
-    image: str, design: str, workdir: str, aio_name: str
-) -> tuple[subprocess.Popen[str], str, str]:
+def _spawn(image: str, design: str, workdir: str, aio_name: str) -> tuple[subprocess.Popen[str], str, str]:
     sock = os.path.join(workdir, f"{design}.sock")
     log_path = os.path.join(workdir, f"{design}.log")
     if os.path.exists(sock):
@@ -233,9 +231,7 @@ def _spawn(
     ]
     log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - handed to the child
     try:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, stdin=subprocess.DEVNULL
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, stdin=subprocess.DEVNULL)
     finally:
         log_file.close()
     return proc, sock, log_path
@@ -263,9 +259,7 @@ def _await_ready(proc: subprocess.Popen[str], design: str, log_path: str) -> Non
                 f"{design}: the daemon exited ({proc.returncode}) before it was "
                 f"ready: {_log_tail(log_path)} (log {log_path})"
             )
-    raise DesignError(
-        f"{design}: the daemon was not ready in {READY_TIMEOUT_S:.0f} s (log {log_path})"
-    )
+    raise DesignError(f"{design}: the daemon was not ready in {READY_TIMEOUT_S:.0f} s (log {log_path})")
 
 
 def _stop(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
@@ -276,16 +270,11 @@ def _stop(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise DesignError(
-                f"{design}: the daemon did not exit on SIGTERM (log {log_path})"
-            ) from None
+            raise DesignError(f"{design}: the daemon did not exit on SIGTERM (log {log_path})") from None
     if proc.stdout is not None:
         proc.stdout.close()
     if proc.returncode != 0:
-        raise DesignError(
-            f"{design}: the daemon exited with {proc.returncode}: "
-            f"{_log_tail(log_path)} (log {log_path})"
-        )
+        raise DesignError(f"{design}: the daemon exited with {proc.returncode}: {_log_tail(log_path)} (log {log_path})")
 
 
 def _thin(values: Iterable[float], points: int) -> list[float]:
@@ -320,9 +309,7 @@ def _run_design(
     ceiling_wps = None
     try:
         # the clients' processes start while the daemon does; they connect once it is ready
-        report = run_loadgen(
-            sock, trace, clients=clients, image=image, verify=True, wait_for_daemon=daemon_ready
-        )
+        report = run_loadgen(sock, trace, clients=clients, image=image, verify=True, wait_for_daemon=daemon_ready)
         ready_s = ready_at[0]
         clients_done_s = time.perf_counter() - t0
         if design != "lazy":
@@ -336,9 +323,7 @@ def _run_design(
         with Client.connect(sock) as client:
             final = client.stats()
         if ceiling and final["done"]:
-            again = run_loadgen(
-                sock, trace, clients=clients, image=image, verify=True, closed_loop=True
-            )
+            again = run_loadgen(sock, trace, clients=clients, image=image, verify=True, closed_loop=True)
             ceiling_wps = again.waits_per_s
     finally:
         poller.stop.set()
@@ -353,9 +338,7 @@ def _run_design(
         "loaded_fraction": final["loaded_bytes"] / total if total else 1.0,
         "clients_done_s": clients_done_s,
         "blocked_s": report.blocked_s,
-        "latency_us": {
-            k: report.latency_us[k] for k in ("p50", "p90", "p99", "p999", "max", "mean")
-        },
+        "latency_us": {k: report.latency_us[k] for k in ("p50", "p90", "p99", "p999", "max", "mean")},
         "waits": report.waits,
         "waits_per_s": report.waits_per_s,
         "immediate": report.immediate,
@@ -363,9 +346,7 @@ def _run_design(
         "mismatches": report.mismatches,
         "peak_rss_bytes": process.get("vmhwm_bytes"),
         "rss_outside_memory_bytes": (
-            process["rssanon_bytes"] + process["rssfile_bytes"]
-            if "rssanon_bytes" in process
-            else None
+            process["rssanon_bytes"] + process["rssfile_bytes"] if "rssanon_bytes" in process else None
         ),
         "heap_peak_bytes": process.get("heap_peak_bytes"),
         "generator_overhead_us_per_wait": report.overhead_us_per_wait,
@@ -381,11 +362,7 @@ def _series(report: LoadgenReport, poller: _Poller) -> dict[str, list[float]]:
     start_s = report.start_ns / 1e9 - poller.t0
     ordered = sorted(report.latencies_ns)
     n = len(ordered)
-    quantiles = (
-        [ordered[min(n - 1, int(i * n / PLOT_POINTS))] / 1000 for i in range(PLOT_POINTS)]
-        if n
-        else []
-    )
+    quantiles = [ordered[min(n - 1, int(i * n / PLOT_POINTS))] / 1000 for i in range(PLOT_POINTS)] if n else []
     ends = sorted(report.completed_ns)
     return {
         "t_s": [0.0, *_thin(poller.t_s, PLOT_POINTS * 4)],
@@ -408,9 +385,10 @@ def run_designs(
     """Run every design in turn on ``image_path`` with ``trace``; return the comparison.
 
     ``workdir`` holds the sockets and each daemon's log (``<design>.log``).  Each
-    daemon is stopped with SIGTERM and must exit 0.  Raises :class:`DesignError`
-    when a daemon fails, ``ValueError`` for an unknown design, and what
-    :func:`~loader.loadgen.run_loadgen` raises.  The result is JSON-ready:
+    daemon is stopped with SIGTERM and must exit 0.  A design whose daemon fails
+    (does not start, crashes, exits non-zero) or whose run cannot be made gets
+    ``{"error": "<one line>"}`` instead of its numbers, and the others still run.
+    Raises ``ValueError`` for an unknown design.  The result is JSON-ready:
     ``{"designs": {name: {...}}, "limits": {...}, "clients": N, "faults": N}``;
     each design's ``series`` holds thinned samples for :func:`plot_designs`.
     """
@@ -425,16 +403,22 @@ def run_designs(
     out: dict[str, Any] = {}
     for name in names:
         log(f"{name}: pageload restore {' '.join(DESIGNS[name]) or '(eager)'} ...")
-        row, ceiling = _run_design(
-            image,
-            trace,
-            name,
-            clients=clients,
-            workdir=workdir,
-            aio_name=aio,
-            log=log,
-            ceiling=name == "priority",
-        )
+        try:
+            row, ceiling = _run_design(
+                image,
+                trace,
+                name,
+                clients=clients,
+                workdir=workdir,
+                aio_name=aio,
+                log=log,
+                ceiling=name == "priority",
+            )
+        except (DesignError, LoadgenError, ClientError, OSError) as exc:
+            # one design failing (its daemon crashed) must not hide the others' results
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"{name}: FAILED: {out[name]['error']}")
+            continue
         if ceiling is not None:
             limits["loadgen_ceiling_waits_per_s"] = ceiling
         out[name] = row
@@ -456,9 +440,7 @@ def _mib(value: int | None) -> str:
 def _row_line(name: str, row: dict[str, Any]) -> str:
     lat = row["latency_us"]
     loaded = (
-        _s(row["loaded_s"])
-        if row["loaded_s"] is not None
-        else f"never ({row['loaded_fraction'] * 100:.0f}% loaded)"
+        _s(row["loaded_s"]) if row["loaded_s"] is not None else f"never ({row['loaded_fraction'] * 100:.0f}% loaded)"
     )
     return (
         f"{name}: ready {row['ready_s']:.3f} s, loaded {loaded}, blocked {row['blocked_s']:.3f} s, "
@@ -487,13 +469,13 @@ def format_designs(result: dict[str, Any]) -> str:
         "heap MiB",
     )
     rows = [head]
+    failed = []
     for name, r in result["designs"].items():
+        if "error" in r:
+            failed.append(f"{name}: FAILED: {r['error']}")
+            continue
         lat = r["latency_us"]
-        loaded = (
-            _s(r["loaded_s"])
-            if r["loaded_s"] is not None
-            else f"({r['loaded_fraction'] * 100:.0f}%)"
-        )
+        loaded = _s(r["loaded_s"]) if r["loaded_s"] is not None else f"({r['loaded_fraction'] * 100:.0f}%)"
         rows.append(
             (
                 name,
@@ -512,22 +494,18 @@ def format_designs(result: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [
         "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in rows
     ]
+    lines.extend(failed)
     lim = result["limits"]
     cp = "-" if lim.get("cp_mb_s") is None else f"{lim['cp_mb_s']:.0f} MB/s"
     ceiling = lim.get("loadgen_ceiling_waits_per_s")
     lines.append(
         f"limits: cp to /dev/shm {cp}; Unix socket round trip p50 {lim['socket_rtt_us']:.1f} us; "
         f"4 KiB pread p50 {lim['pread_4k_us']:.1f} us"
-        + (
-            f"; loadgen ceiling (loaded daemon, closed loop) {ceiling:.0f} waits/s"
-            if ceiling
-            else ""
-        )
+        + (f"; loadgen ceiling (loaded daemon, closed loop) {ceiling:.0f} waits/s" if ceiling else "")
     )
     lines.append(
         f"{result.get('faults', '?')} faults from {result.get('clients', '?')} clients; "
@@ -548,18 +526,16 @@ def plot_designs(result: dict[str, Any], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        raise PlotUnavailable(
-            "matplotlib is not installed (pip install 'pageload[plot]')"
-        ) from None
+        raise PlotUnavailable("matplotlib is not installed (pip install 'pageload[plot]')") from None
     fig, (cdf, load) = plt.subplots(1, 2, figsize=(13, 5))
     for name, row in result["designs"].items():
+        if "error" in row:
+            continue
         series = row["series"]
         q = series["latency_quantiles_us"]
         if q:
             cdf.plot(q, [i / len(q) for i in range(len(q))], label=name)
-        (line,) = load.plot(
-            series["t_s"], [b / (1 << 20) for b in series["loaded_bytes"]], label=name
-        )
+        (line,) = load.plot(series["t_s"], [b / (1 << 20) for b in series["loaded_bytes"]], label=name)
         ends = series["wait_end_s"]
         load.plot(ends, [0] * len(ends), "|", color=line.get_color(), alpha=0.4, markersize=8)
         load.axvline(row["ready_s"], color=line.get_color(), linestyle=":", linewidth=1)

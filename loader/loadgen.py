@@ -260,9 +260,7 @@ class _Verifier:
             file_off = layout.file[i] + (a - layout.mem[i])
             got = os.preadv(self.fd, [view[a - lo : b - lo]], file_off)
             if got != b - a:
-                raise OSError(
-                    f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes"
-                )
+                raise OSError(f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes")
             pos = b
         if pos < hi:
             view[pos - lo : n] = self.zeros[: hi - pos]
@@ -498,9 +496,7 @@ def run_loadgen(
             if verify and image is None:
                 image = str(before.get("source") or "")
                 if not image:
-                    raise ValueError(
-                        "the daemon does not say its source; give the image with --image"
-                    )
+                    raise ValueError("the daemon does not say its source; give the image with --image")
             if verify:
                 assert image is not None
                 ckpt = open_checkpoint(image)
@@ -510,7 +506,10 @@ def run_loadgen(
                         f"daemon's {memory_size}: not the checkpoint it restores"
                     )
             result = workers.run(image if verify else None, progress, start_timeout)
-            after = control.stats()
+            try:  # the daemon may have died under the load: keep what the workers measured
+                after = control.stats()
+            except (OSError, ClientError):
+                after = {}
     immediate, served = _daemon_counts(after)
     immediate0, served0 = _daemon_counts(before)
     return _merge(
@@ -578,9 +577,7 @@ class _Workers:
         self.procs = []
         self.conns = []
 
-    def run(
-        self, image: str | None, progress: ProgressFn | None, start_timeout: float
-    ) -> dict[str, Any]:
+    def run(self, image: str | None, progress: ProgressFn | None, start_timeout: float) -> dict[str, Any]:
         """Tell the workers to connect; start them together; collect their results."""
         procs, conns = self.procs, self.conns
         for conn in conns:
@@ -615,15 +612,12 @@ class _Workers:
                 for k in pending:
                     if not procs[k].is_alive() and not conns[k].poll():
                         raise LoadgenError(
-                            f"client {k} died (exit code {procs[k].exitcode}) "
-                            "without sending its results"
+                            f"client {k} died (exit code {procs[k].exitcode}) without sending its results"
                         )
         return {"start_ns": start_ns, "parts": [results[k] for k in range(len(conns))]}
 
 
-def _receive(
-    conn: multiprocessing.connection.Connection, proc: Any, k: int, timeout: float
-) -> tuple[str, Any]:
+def _receive(conn: multiprocessing.connection.Connection, proc: Any, k: int, timeout: float) -> tuple[str, Any]:
     try:
         if not conn.poll(max(0.0, timeout)):
             raise LoadgenError(f"client {k} did not start within the time allowed")
