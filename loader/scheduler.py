@@ -390,7 +390,7 @@ class Loader:
         # 2. prefetch hints, 3. the sweep: within the background share only
         background_cap = cfg.background_reads
         pf = self._prefetch
-        while pf and self._background_inflight < background_cap:
+        while pf and self._background_inflight < background_cap and len(self._reads) < depth:
             h = pf[0]
             if not self._issue_for(h, urgent=False):
                 pf.popleft()
@@ -400,7 +400,7 @@ class Loader:
         if not cfg.sweep:
             return
         order = self.order
-        while self._background_inflight < background_cap:
+        while self._background_inflight < background_cap and len(self._reads) < depth:
             start = order.next_start(self.unloaded)
             if start is None:
                 break

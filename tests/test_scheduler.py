@@ -306,3 +306,21 @@ def test_out_of_memory_range_is_refused(image):
         mem.close()
 
     trio.run(main)
+
+
+async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
+    # regression: with every slot taken by waiters' reads, the sweep must not add more
+    queue = aio.DelayedQueue(aio.open_queue("sync", 8), 0.001)
+    loader, mem = make_loader(image, queue, background_reads=4)
+    answered = []
+    for i in range(32):  # all registered before the first round: they take every slot
+        offset = (i % 8) * 2 * MiB + (i // 8) * 128 * 1024  # inside the data ranges
+        assert loader.submit_wait(offset, PAGE, answered.append) is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.done.wait()
+    assert len(answered) == 32 and all(h.error is None for h in answered)
+    assert mem.view == image.expected
+    assert loader.statistics().waits_failed == 0
+    await loader.aclose()
+    mem.close()
