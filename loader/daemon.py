@@ -159,7 +159,7 @@ async def run_daemon(
         queue, backend = _open_queue(opts)
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
-                        extra_stats=lambda: {"backend": backend, "source": opts.source,
+                        extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats()})
         state = DaemonState(ckpt, memory, loader, server, backend, started)
         async with trio.open_nursery() as nursery:
