@@ -44,7 +44,8 @@ _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 
 @dataclass(frozen=True, slots=True)
 class LoaderConfig:
-    read_size: int = 256 << 10  #: largest single read (gVisor: 256 KiB)
+    read_size: int = 256 << 10  #: largest read for a waiter (gVisor: 256 KiB); bounds one wait's turn
+    sweep_read_size: int = 1 << 20  #: largest background read: fewer, larger reads when nobody waits
     queue_depth: int = 64  #: AIO queue capacity
     background_reads: int = 8  #: most sweep reads in flight; the rest of the queue is for waiters
     waiter_reads: int = 4  #: most reads in flight on behalf of one waiter (rotation bound)
@@ -57,8 +58,8 @@ class LoaderConfig:
             raise ValueError("background_reads must leave queue slots for waiters")
         if not self.sweep and not self.priority:
             raise ValueError("without the sweep and without priority nothing would ever load")
-        if self.read_size <= 0 or self.waiter_reads <= 0 or self.background_reads <= 0:
-            raise ValueError("read_size, waiter_reads and background_reads must be positive")
+        if min(self.read_size, self.sweep_read_size, self.waiter_reads, self.background_reads) <= 0:
+            raise ValueError("read sizes, waiter_reads and background_reads must be positive")
 
 
 class LoadError(Exception):
@@ -180,6 +181,7 @@ class Loader:
         self._waiters: list[WaitHandle] = []  # blocked, not finished
         self._priority: deque[WaitHandle] = deque()
         self._prefetch: deque[WaitHandle] = deque()
+        self._resubmit: deque[_Read] = deque()
         self._wait_scope: trio.CancelScope | None = None
         self._kick = trio.Event()
         self._closing = False
@@ -369,6 +371,9 @@ class Loader:
             return
         cfg = self.config
         depth = cfg.queue_depth
+        # 0. halves of failed reads, being narrowed down
+        while self._resubmit and len(self._reads) < depth:
+            self._submit(self._resubmit.popleft())
         # 1. waiters, one read each per round, rotating
         prio = self._priority
         while prio and len(self._reads) < depth:
@@ -404,7 +409,7 @@ class Loader:
             start = order.next_start(self.unloaded)
             if start is None:
                 break
-            self._issue(start, self.memory_size, cfg.read_size, urgent=False, owner=None)
+            self._issue(start, self.memory_size, cfg.sweep_read_size, urgent=False, owner=None)
 
     def _has_unstarted(self, w: WaitHandle) -> bool:
         nxt = self.unloaded.first_at_or_after(w.cursor)
@@ -499,11 +504,25 @@ class Loader:
             self._submit(read)
             return
         self._finish_read(read)
+        if read.length > self.page_size:  # narrow it down: only the bad pages fail
+            self._split_failed(read)
+            return
         message = (
             f"pages file ended early at offset {read.file_offset:#x}" if result == 0
             else f"reading the pages file at offset {read.file_offset:#x}: {os.strerror(err)}"
         )
         self._settle(read.segments, LoadError("io-error", message, err))
+
+    def _split_failed(self, read: _Read) -> None:
+        """Retry a failed multi-page read as two halves (until single pages fail),
+        so an error costs only the pages it is really on."""
+        half = max(self.page_size, (read.length // 2) & ~(self.page_size - 1))
+        first, second = _split(read.segments, half)
+        for segments, file_offset in ((first, read.file_offset), (second, read.file_offset + half)):
+            if segments:
+                self._resubmit.append(_Read(self._next_id, file_offset, segments, read.urgent, None))
+                self._next_id += 1
+                self._reads_retried += 1
 
     def _finish_read(self, read: _Read) -> None:
         if read.owner is not None:
@@ -594,6 +613,7 @@ class Loader:
             self._finish_waiter(w, now)
         self._priority.clear()
         self._prefetch.clear()
+        self._resubmit.clear()
 
 
 def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], list[list[int]]]:

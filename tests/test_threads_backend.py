@@ -1,0 +1,45 @@
+"""What the threads backend does beyond the conformance suite."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import aio
+from aio._threads import ThreadQueue
+
+
+async def test_small_urgent_read_is_done_in_place_when_cached(tmp_path):
+    path = tmp_path / "data"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    os.pread(fd, len(data), 0)  # in the page cache now
+    m = mmap.mmap(-1, 1 << 20)
+    view = memoryview(m)
+    queue = ThreadQueue(capacity=8, threads=2, inline_urgent=64 << 10)
+    try:
+        queue.add(aio.Request.read(1, fd, 8192, view[8192 : 8192 + 4096], urgent=True))
+        assert queue.inline_reads == 1  # already done, before any wait
+        queue.add(aio.Request.read(2, fd, 0, view[0 : 256 << 10], urgent=True))  # too big: a worker
+        queue.add(aio.Request.read(3, fd, 4096, view[4096:8192]))  # not urgent: a worker
+        done = {c.id: c.result for c in await queue.wait(3)}
+        assert done == {1: 4096, 2: 256 << 10, 3: 4096}
+        assert queue.inline_reads == 1
+        assert view[: 256 << 10] == data[: 256 << 10]
+    finally:
+        await queue.aclose()
+        view.release()
+        m.close()
+        os.close(fd)
+
+
+async def test_inline_read_that_fails_goes_to_a_worker_and_reports_errno(tmp_path):
+    queue = ThreadQueue(capacity=4, threads=1)
+    buf = memoryview(bytearray(4096))
+    queue.add(aio.Request.read(7, 987654, 0, buf, urgent=True))  # bad fd: not done in place
+    assert queue.inline_reads == 0
+    [completion] = await queue.wait(1)
+    assert completion.id == 7 and completion.result == -errno.EBADF  # from the worker
+    await queue.aclose()
