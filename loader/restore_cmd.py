@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--threads", type=int, metavar="N", help="threads for the threads backend")
     p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
     p.add_argument("--read-size", type=size_arg, default=_DEFAULTS.read_size, metavar="SIZE",
-                   help="largest single read (default 256K)")
+                   help="largest read for a waiter, so a large wait takes turns with others (default 256K)")
+    p.add_argument("--sweep-read-size", type=size_arg, default=_DEFAULTS.sweep_read_size, metavar="SIZE",
+                   help="largest background read (default 1M)")
     p.add_argument("--queue-depth", type=int, default=_DEFAULTS.queue_depth, metavar="N",
                    help="reads in flight at most (default %(default)s)")
     p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="pageload: %(message)s", stream=sys.stderr)
     try:
-        config = LoaderConfig(read_size=args.read_size, queue_depth=args.queue_depth,
+        config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
+                              queue_depth=args.queue_depth,
                               background_reads=args.background_reads, sweep=not args.no_sweep,
                               priority=not args.no_priority)
     except ValueError as exc:
