@@ -48,6 +48,11 @@ class LoaderConfig:
     sweep_read_size: int = 1 << 20  #: largest background read: fewer, larger reads when nobody waits
     queue_depth: int = 64  #: AIO queue capacity
     background_reads: int = 8  #: most sweep reads in flight; the rest of the queue is for waiters
+    #: while clients are faulting (a wait blocked within ``busy_linger_s``), the sweep
+    #: shrinks to this many reads of at most ``read_size``, leaving CPU and disk to
+    #: the waiters; None: one less than the CPUs (at least 1, at most background_reads)
+    busy_background_reads: int | None = None
+    busy_linger_s: float = 0.05
     waiter_reads: int = 4  #: most reads in flight on behalf of one waiter (rotation bound)
     max_retries: int = 3  #: per read, for errors that may pass and for reads returning nothing
     sweep: bool = True  #: False: lazy, load only what is waited for or prefetched
@@ -56,6 +61,9 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.background_reads >= self.queue_depth:
             raise ValueError("background_reads must leave queue slots for waiters")
+        if self.busy_background_reads is None:
+            cpus = os.cpu_count() or 2
+            object.__setattr__(self, "busy_background_reads", max(1, min(self.background_reads, cpus - 1)))
         if not self.sweep and not self.priority:
             raise ValueError("without the sweep and without priority nothing would ever load")
         if min(self.read_size, self.sweep_read_size, self.waiter_reads, self.background_reads) <= 0:
@@ -182,6 +190,8 @@ class Loader:
         self._priority: deque[WaitHandle] = deque()
         self._prefetch: deque[WaitHandle] = deque()
         self._resubmit: deque[_Read] = deque()
+        self._last_wait_ns = 0  # when a wait last blocked or finished
+        self._linger_ns = int(self.config.busy_linger_s * 1e9)
         self._wait_scope: trio.CancelScope | None = None
         self._kick = trio.Event()
         self._closing = False
@@ -229,7 +239,7 @@ class Loader:
         if self._closing:
             self._waits_failed += 1
             raise LoadError("shutting-down", "the loader is shutting down")
-        now = time.perf_counter_ns()
+        now = self._last_wait_ns = time.perf_counter_ns()
         handle = WaitHandle(lo, hi, need, callback, now, context)
         self._bytes_waited += need
         if not self._waiters:
@@ -392,8 +402,12 @@ class Loader:
                     prio.append(w)
             if not progressed:
                 break
-        # 2. prefetch hints, 3. the sweep: within the background share only
-        background_cap = cfg.background_reads
+        # 2. prefetch hints, 3. the sweep: within the background share only, and a
+        # smaller one while clients are faulting
+        if self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns:
+            background_cap = cfg.busy_background_reads or 1
+        else:
+            background_cap = cfg.background_reads
         pf = self._prefetch
         while pf and self._background_inflight < background_cap and len(self._reads) < depth:
             h = pf[0]
@@ -568,6 +582,7 @@ class Loader:
 
     def _finish_waiter(self, w: WaitHandle, now: int) -> None:
         w.finished = True
+        self._last_wait_ns = now
         self._drop_waiter(w, now)
         elapsed = now - w.start_ns
         self._wait_ns += elapsed

@@ -324,3 +324,32 @@ async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
     assert loader.statistics().waits_failed == 0
     await loader.aclose()
     mem.close()
+
+
+async def test_sweep_shrinks_while_clients_fault(image):
+    """While a wait is blocked, at most ``busy_background_reads`` sweep reads are in flight."""
+    inner = aio.DelayedQueue(aio.open_queue("sync", 16), 0.001)
+    seen = {"max_busy": 0, "max_quiet": 0}
+
+    class Watch(aio.DelayedQueue):
+        def _add(self, request):
+            super()._add(request)
+            if not request.urgent:  # a sweep read: how many are in flight with it?
+                background = sum(1 for r in loader._reads.values() if not r.urgent)
+                key = "max_busy" if loader._waiters else "max_quiet"
+                seen[key] = max(seen[key], background)
+
+    queue = Watch(inner, 0)
+    loader, mem = make_loader(image, queue, background_reads=6, busy_background_reads=1, busy_linger_s=0,
+                              sweep_read_size=256 * 1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await trio.sleep(0.005)  # the sweep runs at full width first
+        for i in range(20):
+            await loader.wait_loaded(15 * MiB - (i + 1) * 8 * PAGE, PAGE)
+        await loader.done.wait()
+    assert seen["max_quiet"] == 6
+    assert seen["max_busy"] <= 1  # sweep reads added while a client waited: one at a time
+    assert loader.statistics().waits_served >= 1
+    await loader.aclose()
+    mem.close()
