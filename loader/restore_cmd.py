@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",
                    help="of those, at most N for the background sweep; the rest are kept for waiters "
                    "(default %(default)s)")
+    p.add_argument("--busy-background-reads", type=int, metavar="N",
+                   help="while clients are faulting, at most N background reads (default: CPUs - 1)")
     p.add_argument("--no-sweep", action="store_true",
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
                               queue_depth=args.queue_depth,
-                              background_reads=args.background_reads, sweep=not args.no_sweep,
+                              background_reads=args.background_reads,
+                              busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
                               priority=not args.no_priority)
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
