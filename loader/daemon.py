@@ -24,7 +24,7 @@ import trio
 
 import aio
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .memfile import MemoryFile
 from .scheduler import Loader, LoaderConfig, SweepOrder
 from .server import Server
@@ -154,7 +154,13 @@ async def run_daemon(
     layout = ckpt.layout
     log.info("restoring %s: %s checkpoint, memory %s, data %s in %d ranges",
              opts.source, ckpt.kind, human(layout.memory_size), human(layout.data_bytes), len(layout))
-    pages_fd = ckpt.open_pages(direct=opts.direct)
+    try:
+        pages_fd = ckpt.open_pages(direct=opts.direct)
+    except CheckpointError as exc:
+        if not opts.direct:
+            raise
+        log.warning("--direct: %s; falling back to buffered reads", exc)
+        pages_fd = ckpt.open_pages(direct=False)
     memory = MemoryFile(layout.memory_size, opts.memory_file)
     try:
         queue, backend = _open_queue(opts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pathlib
@@ -386,4 +387,30 @@ async def test_memory_file_path_is_created_or_truncated_to_size(tmp_path, images
         assert st.st_blocks * 512 < SIZE  # sparse: holes stayed holes
         with open(target, "rb") as f:
             assert f.read() == images["expected"]
+        state.stop()
+
+
+async def test_direct_falls_back_with_a_message_where_refused(tmp_path, images, caplog, monkeypatch):
+    # some file systems refuse O_DIRECT with EINVAL (tmpfs did before Linux 6.6): act as one
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["raw"], direct=True))
+        await state.loader.done.wait()
+        assert state.memory.view == images["expected"]
+        state.stop()
+    assert "O_DIRECT is not supported" in caplog.text and "falling back to buffered reads" in caplog.text
+
+
+async def test_direct_reads_the_same_bytes(tmp_path, images):
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, images["pages"], direct=True))
+        await state.loader.done.wait()
+        assert state.memory.view == images["expected"]
         state.stop()
