@@ -176,10 +176,13 @@ def _designs_section(
         trace = load_trace(opts.trace)
         trace.check_fits(layout.memory_size)
     else:
+        # 2000 faults/s: an application running and faulting, below what the load
+        # generator itself can issue on a small machine (its ceiling is in the limits)
         trace = generate(
             "zipf",
-            count=500 if opts.quick else 5000,
+            count=500 if opts.quick else 6000,
             memory_size=layout.memory_size,
+            rate=2000.0,
             seed=opts.seed,
             layout=layout,
         )
