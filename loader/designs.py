@@ -9,8 +9,9 @@ subprocess on the same image (``--tracemalloc``, stdout piped to catch its
 * ``lazy``     — ``--background --no-sweep``: load only what is waited for;
 * ``fifo``     — ``--background --no-priority``: waits queue behind the sweep.
 
-The application "resumes" when the daemon is ready, so ``ready_s`` runs from the
-spawn to the ``READY`` line (for eager it holds the whole load); the clients
+The clients' processes are started first and idle; then the daemon is spawned
+(the restore starts).  The application "resumes" when the daemon is ready, so
+``ready_s`` runs from the spawn to the ``READY`` line (for eager it holds the whole load); the clients
 start then.  Their blocked time ``blocked_s`` is what the application loses: each
 client is blocked from the spawn until ready, then for each of its waits
 (``wait_blocked_s`` is the second part alone).  A thread
@@ -298,20 +299,25 @@ def _run_design(
     log: Callable[[str], None],
     ceiling: bool,
 ) -> tuple[dict[str, Any], float | None]:
-    t0 = time.perf_counter()
-    proc, sock, log_path = _spawn(image, design, workdir, aio_name)
-    poller = _Poller(sock, t0)
+    sock = os.path.join(workdir, f"{design}.sock")
+    spawned: list[Any] = []  # [proc, log_path, t0, poller]
     ready_at: list[float] = []
 
     def daemon_ready() -> None:
+        # the clients' processes are up and idle: the restore starts now
+        t0 = time.perf_counter()
+        proc, _, log_path = _spawn(image, design, workdir, aio_name)
+        poller = _Poller(sock, t0)
+        spawned[:] = [proc, log_path, t0, poller]
         _await_ready(proc, design, log_path)
         ready_at.append(time.perf_counter() - t0)
         poller.start()
 
     ceiling_wps = None
     try:
-        # the clients' processes start while the daemon does; they connect once it is ready
+        # the clients' processes start first; the daemon is spawned once they are idle
         report = run_loadgen(sock, trace, clients=clients, image=image, verify=True, wait_for_daemon=daemon_ready)
+        proc, log_path, t0, poller = spawned
         ready_s = ready_at[0]
         clients_done_s = time.perf_counter() - t0
         if design != "lazy":
@@ -328,10 +334,12 @@ def _run_design(
             again = run_loadgen(sock, trace, clients=clients, image=image, verify=True, closed_loop=True)
             ceiling_wps = again.waits_per_s
     finally:
-        poller.stop.set()
-        if poller.is_alive():
-            poller.join()
-        _stop(proc, design, log_path)
+        if spawned:
+            proc, log_path, _, poller = spawned
+            poller.stop.set()
+            if poller.is_alive():
+                poller.join()
+            _stop(proc, design, log_path)
     process = final.get("process", {})
     total = final["total_bytes"]
     row = {

@@ -300,8 +300,9 @@ def _worker(
     The parent closing its end before the go means: stop quietly.
     """
     try:
+        conn.send(("alive", None))  # started and imported: the parent may start the daemon now
         image = conn.recv()
-    except EOFError:
+    except (EOFError, BrokenPipeError):
         conn.close()
         return
     try:
@@ -523,6 +524,9 @@ def run_loadgen(
     )
 
 
+WORKERS_START_TIMEOUT_S = 120.0
+
+
 class _Workers:
     """The worker processes of one run; leaving the ``with`` kills any still alive."""
 
@@ -555,6 +559,12 @@ class _Workers:
                 child_end.close()
                 self.procs.append(proc)
                 self.conns.append(parent_end)
+            # every worker is up (a machine busy starting processes would skew the run)
+            deadline = time.monotonic() + WORKERS_START_TIMEOUT_S
+            for k, conn in enumerate(self.conns):
+                kind, payload = _receive(conn, self.procs[k], k, deadline - time.monotonic())
+                if kind != "alive":
+                    raise LoadgenError(payload)
         except BaseException:
             self.close()
             raise
