@@ -526,3 +526,23 @@ def test_cli_gen_against_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[
     t.check_fits()
     code, _, err = run_cli(capsys, "gen", "uniform", str(out), "--image", str(tmp_path / "nope"))
     assert code == 2 and err.startswith(f"pageload: {tmp_path}/nope: ") and err.count("\n") == 1
+
+
+def test_perf_importer_reads_a_real_recording() -> None:
+    """``perf script -F +addr`` output recorded on a live system (see the file's header)."""
+    path = DATA / "perf_script_real.txt"
+    lines = path.read_text().splitlines()
+    samples = [ln for ln in lines if not ln.startswith("#") and " page-faults:" in ln]
+    parsed = parse_perf_script(lines, str(path))
+    assert len(parsed.addr) == len(samples) == 500
+    # the data address is the field right after the event name, in hex
+    assert parsed.addr[0] == int(samples[0].split("page-faults:")[1].split()[0], 16)
+    assert list(parsed.t_ns) == sorted(parsed.t_ns)
+    trace = import_perf_script(str(path), memory_size=64 * MiB)
+    assert len(trace) == 500
+    trace.check_fits(64 * MiB)
+    # the same page twice (touch.py writes each page twice) folds to the same offset
+    pages: dict[int, set[int]] = {}
+    for address, fault in zip(parsed.addr, trace, strict=True):
+        pages.setdefault(address // 4096, set()).add(fault.offset)
+    assert all(len(offsets) == 1 for offsets in pages.values())
