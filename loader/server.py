@@ -133,9 +133,11 @@ class Session:
                         ancillary = [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array("i", [fd]))]
                         sent = await sock.sendmsg([data], ancillary)
                         data = data[sent:]
-                    else:  # batch what is queued behind it into one send
+                    elif out and out[0][1] is None:  # batch what is queued behind it into one send
+                        batch = [data]
                         while out and out[0][1] is None:
-                            data += out.popleft()[0]
+                            batch.append(out.popleft()[0])
+                        data = b"".join(batch)
                     view = memoryview(data)
                     while view:
                         sent = await sock.send(view)
