@@ -81,7 +81,8 @@ async def test_waited_range_is_correct_the_moment_wait_returns(tmp_path, images,
 
 
 async def test_priority_over_the_socket(tmp_path, images):
-    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.005), aio_backend="sync")
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.005), aio_backend="sync",
+                   config=LoaderConfig(sweep_read_size=256 * 1024))
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
         async with TrioClient.connect(state.server.path) as client:

@@ -52,7 +52,8 @@ def image(tmp_path):
 
 def make_loader(img: Image, queue: aio.Queue, **config) -> tuple[Loader, MemoryFile]:
     mem = MemoryFile(img.memory_size)
-    cfg = LoaderConfig(**{"queue_depth": queue.capacity, "background_reads": 4, **config})
+    defaults = {"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * 1024}
+    cfg = LoaderConfig(**{**defaults, **config})
     return Loader(img.layout, img.fd, mem, queue, cfg), mem
 
 
