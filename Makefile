@@ -23,8 +23,9 @@ bench: setup
 	$(VENV)/bin/pageload bench
 
 lint: setup
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check loader aio protocol tests
+	$(PY) -m pip install -q ruff mypy
+	$(VENV)/bin/ruff check loader aio protocol tests examples
+	$(VENV)/bin/mypy loader aio protocol
 
 clean:
 	rm -rf $(VENV) .demo .bench

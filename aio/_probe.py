@@ -124,7 +124,7 @@ def check_iovec_layout(liburing: object) -> str | None:
         count = ctypes.c_size_t.from_address(id(iovec) + 16).value
         array = ctypes.c_void_p.from_address(id(iovec) + 24).value
         ok = count == 2 and array is not None
-        if ok:
+        if ok and array is not None:
             first = (ctypes.c_size_t * 4).from_address(array)
             ok = first[1] == 3 and first[3] == 5 and first[0] == ctypes.addressof(
                 ctypes.c_char.from_buffer(parts[0])

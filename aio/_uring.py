@@ -70,6 +70,8 @@ class _IovecArray:
         base = id(self.iovec)
         self._count = ctypes.c_size_t.from_address(base + 16)
         array = ctypes.c_void_p.from_address(base + 24).value
+        if array is None:
+            raise BackendUnavailable("liburing Iovec has no iovec array (layout changed?)")
         self._entries = (_CIovec * capacity).from_address(array)
 
     def fill(self, buffers: Sequence[memoryview]) -> None:

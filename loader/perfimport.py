@@ -64,8 +64,8 @@ _CALLCHAIN_LINE = re.compile(r"^\s+[0-9a-fA-F]+\s")
 class PerfSamples:
     """Page-fault samples in file order: timestamps (ns) and data addresses."""
 
-    t_ns: array
-    addr: array
+    t_ns: array[int]
+    addr: array[int]
     skipped_events: int  #: samples of other events
     skipped_lines: int  #: lines that are not samples (headers, call chains, blank)
 
@@ -136,12 +136,12 @@ def _no_addr(source: str, lineno: int) -> None:
 
 
 def fold_addresses(
-    addr: array,
+    addr: array[int],
     *,
     page_size: int = 4096,
     region_gap: int = 1 << 20,
     order: Literal["address", "first-touch"] = "address",
-) -> tuple[array, int]:
+) -> tuple[array[int], int]:
     """Map virtual addresses to page-aligned image offsets, keeping locality.
 
     Returns ``(offsets, folded_size)``: ``offsets[i]`` is the start of the page that

@@ -37,7 +37,7 @@ __all__ = ["KINDS", "generate", "GRANULARITIES", "onto_layout"]
 GRANULARITIES = {"4K": 4096, "2M": 2 << 20}
 
 
-def _constant_times(count: int, rate: float) -> array:
+def _constant_times(count: int, rate: float) -> array[int]:
     step = 1e6 / rate
     return array("Q", (int(i * step) for i in range(count)))
 
@@ -136,7 +136,7 @@ def phased(
     return (bases[i * phases // count] + rand(width) for i in range(count))
 
 
-def bursty_times(rng: random.Random, count: int, rate: float, burst: int, idle_us: float) -> array:
+def bursty_times(rng: random.Random, count: int, rate: float, burst: int, idle_us: float) -> array[int]:
     """Bursts of about ``burst`` faults (``burst/2`` to ``3*burst/2``) separated by idle gaps.
 
     Inside a burst, gaps are exponential with mean ``1e6/rate`` us, capped at ten

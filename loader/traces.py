@@ -269,14 +269,14 @@ class Trace:
 # -- msgpack form -------------------------------------------------------------------------
 
 
-def _column_bytes(col: array) -> bytes:
+def _column_bytes(col: array[int]) -> bytes:
     if _BIG_ENDIAN:  # pragma: no cover
         col = array("Q", col)
         col.byteswap()
     return col.tobytes()
 
 
-def _column_from(blob: object, name: str, count: int, source: str) -> array:
+def _column_from(blob: object, name: str, count: int, source: str) -> array[int]:
     if not isinstance(blob, bytes):
         raise TraceError(f"{source}: column {name!r} is not binary data")
     if len(blob) != count * 8:
@@ -292,7 +292,7 @@ def _column_from(blob: object, name: str, count: int, source: str) -> array:
 
 
 def _pack(trace: Trace) -> bytes:
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -305,6 +305,7 @@ def _pack(trace: Trace) -> bytes:
         },
         use_bin_type=True,
     )
+    return packed
 
 
 def _unpack(data: bytes, source: str) -> Trace:
