@@ -52,6 +52,7 @@ class DaemonOptions:
     #: wraps the queue (tests slow it down or inject faults)
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
+    max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
 
 
 @dataclass
@@ -166,6 +167,7 @@ async def run_daemon(
         queue, backend = _open_queue(opts)
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
+                        max_pending_waits=opts.max_pending_waits,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats()})
         state = DaemonState(ckpt, memory, loader, server, backend, started)

@@ -161,8 +161,9 @@ class Session:
         if isinstance(event, protocol.Wait):
             if not self._in_memory(event):
                 return
-            if event.id in self.pending:
-                self._error(event.id, codes.BAD_MESSAGE, f"request id {event.id} is already waiting")
+            if len(self.pending) >= self.server.max_pending_waits:  # bounded memory per client
+                self.reply(protocol.ErrorReply(event.id, codes.TOO_MANY_REQUESTS,
+                                               f"{len(self.pending)} waits already pending on this connection"))
                 return
             try:
                 handle = loader.submit_wait(event.offset, event.length, self._on_loaded, event.id)
@@ -257,6 +258,7 @@ class Server:
         memory_fd: int | None = None,
         allow_uids: tuple[int, ...] = (),
         max_errors: int = 8,
+        max_pending_waits: int = 4096,
         extra_stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.loader = loader
@@ -264,6 +266,7 @@ class Server:
         self.memory_fd = memory_fd
         self.allow_uids = {os.getuid(), 0, *allow_uids}
         self.max_errors = max_errors
+        self.max_pending_waits = max_pending_waits
         self.extra_stats = extra_stats
         self.sessions: set[Session] = set()
         self._listener: trio.socket.SocketType | None = None

@@ -25,6 +25,7 @@ OUT_OF_RANGE = "out-of-range"  #: the range runs past the guest memory size
 IO_ERROR = "io-error"  #: reading the pages failed; ``errno`` says how
 SHUTTING_DOWN = "shutting-down"  #: the daemon is stopping; the request will not complete
 TOO_MANY_ERRORS = "too-many-errors"  #: the server gives up on a misbehaving client
+TOO_MANY_REQUESTS = "too-many-requests"  #: this connection already has the most waits pending
 CANCELLED = "cancelled"  #: the request was abandoned by the server
 
 #: Codes after which the byte stream cannot be trusted: the connection is dead.
@@ -47,6 +48,7 @@ ALL = frozenset(
         IO_ERROR,
         SHUTTING_DOWN,
         TOO_MANY_ERRORS,
+        TOO_MANY_REQUESTS,
         CANCELLED,
     }
 )

@@ -415,3 +415,30 @@ async def test_direct_reads_the_same_bytes(tmp_path, images):
         await state.loader.done.wait()
         assert state.memory.view == images["expected"]
         state.stop()
+
+
+async def test_pending_waits_per_connection_are_bounded(tmp_path, images):
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.02), aio_backend="sync",
+                   config=LoaderConfig(sweep=False, waiter_reads=1), max_pending_waits=4)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+
+        layout = state.checkpoint.layout
+        data_pages = [lo for lo, _ in layout.data_in(0, SIZE)][:6]  # one page of each of 6 extents
+        assert len(data_pages) == 6
+
+        def pipeline():
+            with Client.connect(state.server.path) as client:
+                ids = [client.send_wait(off, PAGE) for off in data_pages]
+                outcome = []
+                for request_id in ids:
+                    try:
+                        client.result(request_id)
+                        outcome.append("loaded")
+                    except ClientError as exc:
+                        outcome.append(exc.code)
+                return outcome
+
+        outcome = await trio.to_thread.run_sync(pipeline)
+        assert sorted(outcome) == ["loaded"] * 4 + ["too-many-requests"] * 2
+        state.stop()

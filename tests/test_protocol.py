@@ -138,6 +138,7 @@ def test_error_codes() -> None:
         "io-error",
         "shutting-down",
         "too-many-errors",
+        "too-many-requests",
         "cancelled",
     }
     assert codes.FATAL == {codes.BAD_FRAME, codes.TOO_LARGE, codes.TRUNCATED}
