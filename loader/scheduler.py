@@ -182,7 +182,7 @@ class Loader:
         self.unloaded = RangeSet((r.mem_offset, r.mem_offset + r.length) for r in layout)
         self.inflight = RangeSet()
         self.failed = RangeSet()
-        self._failed_list: list[tuple[int, int, int]] = []
+        self._failed_by_errno: dict[int, RangeSet] = {}  # merged intervals, never one entry per page
         self._reads: dict[int, _Read] = {}
         self._next_id = 0
         self._background_inflight = 0
@@ -297,7 +297,7 @@ class Loader:
             total_bytes=self.total_bytes,
             loaded_bytes=self.loaded_bytes,
             failed_bytes=self.failed.total,
-            failed_ranges=self._failed_list[:64],
+            failed_ranges=self._failed_ranges(64),
             done=self.done.is_set(),
             elapsed_s=elapsed,
             throughput_bps=self.loaded_bytes / elapsed if elapsed > 0 else 0.0,
@@ -561,7 +561,8 @@ class Loader:
                     dest.commit(lo, hi - lo)
             else:
                 self.failed.add(lo, hi)
-                self._failed_list.append((lo, hi - lo, error.errno or errno_mod.EIO))
+                err = error.errno or errno_mod.EIO
+                self._failed_by_errno.setdefault(err, RangeSet()).add(lo, hi)
         if self._waiters:
             now = 0
             for w in list(self._waiters):
@@ -604,10 +605,16 @@ class Loader:
             self._blocked_since = None
 
     def _failure_for(self, lo: int, hi: int) -> LoadError:
-        for flo, flen, err in self._failed_list:
-            if flo < hi and flo + flen > lo:
-                return LoadError("io-error", f"memory {flo:#x}+{flen:#x} failed to load: {os.strerror(err)}", err)
+        for err, ranges in self._failed_by_errno.items():
+            for flo, fhi in ranges.overlapping(lo, hi):
+                return LoadError("io-error", f"memory {flo:#x}+{fhi - flo:#x} failed to load: {os.strerror(err)}", err)
         return LoadError("io-error", "part of the range failed to load", errno_mod.EIO)
+
+    def _failed_ranges(self, limit: int) -> list[tuple[int, int, int]]:
+        """(offset, length, errno) of the failed intervals, lowest first, at most ``limit``."""
+        out = [(lo, hi - lo, err) for err, ranges in self._failed_by_errno.items() for lo, hi in ranges]
+        out.sort()
+        return out[:limit]
 
     def _mark_done(self) -> None:
         if not self.done.is_set():

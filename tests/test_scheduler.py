@@ -354,3 +354,20 @@ async def test_sweep_shrinks_while_clients_fault(image):
     assert loader.statistics().waits_served >= 1
     await loader.aclose()
     mem.close()
+
+
+async def test_a_dead_pages_file_fails_everything_with_merged_ranges(image):
+    # every read fails: the load still finishes, every data range is failed, and the
+    # record is per merged interval (not per page, although reads were narrowed to pages)
+    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), aio.fail_offsets(0, 1 << 40))
+    loader, mem = make_loader(image, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with pytest.raises(LoadError):
+            await loader.wait_loaded(3 * PAGE, PAGE)
+        await loader.done.wait()
+    stats = loader.statistics()
+    assert stats.loaded_bytes == 0 and stats.failed_bytes == stats.total_bytes
+    assert stats.failed_ranges == [(m, MiB, errno.EIO) for m in range(0, 16 * MiB, 2 * MiB)]
+    await loader.aclose()
+    mem.close()
