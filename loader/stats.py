@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 #: bucket k counts latencies in [2**(k-1), 2**k) microseconds (bucket 0: below 1 us)
@@ -79,6 +79,10 @@ class LoaderStatistics:
     latency_us: dict[str, Any] = field(default_factory=dict)  #: histogram (LatencyHistogram.as_dict)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """A plain dict (msgpack- and JSON-able); cheap: stats may be polled often."""
+        d = {name: getattr(self, name) for name in _FIELDS}
         d["failed_ranges"] = [list(r) for r in self.failed_ranges]
         return d
+
+
+_FIELDS = tuple(f.name for f in fields(LoaderStatistics))
