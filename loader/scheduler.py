@@ -564,8 +564,8 @@ class Loader:
                 err = error.errno or errno_mod.EIO
                 self._failed_by_errno.setdefault(err, RangeSet()).add(lo, hi)
         if self._waiters:
-            now = 0
-            for w in list(self._waiters):
+            finished: list[WaitHandle] | None = None  # allocated only when someone is done
+            for w in self._waiters:
                 got = 0
                 for lo, hi in segments:
                     if lo < w.hi and hi > w.lo:
@@ -576,7 +576,12 @@ class Loader:
                 if error is not None and w.error is None:
                     w.error = error
                 if w.remaining <= 0 or w.error is not None:
-                    now = now or time.perf_counter_ns()
+                    if finished is None:
+                        finished = []
+                    finished.append(w)
+            if finished:
+                now = time.perf_counter_ns()
+                for w in finished:
                     self._finish_waiter(w, now)
         if not self.unloaded and not self.inflight:
             self._mark_done()
