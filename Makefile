@@ -24,8 +24,8 @@ bench: setup
 
 lint: setup
 	$(PY) -m pip install -q ruff mypy
-	$(VENV)/bin/ruff check loader aio protocol tests examples
-	$(VENV)/bin/mypy loader aio protocol
+	$(VENV)/bin/ruff check loader aio protocol workloads bench cli tests examples
+	$(VENV)/bin/mypy loader aio protocol workloads bench cli
 
 clean:
 	rm -rf $(VENV) .demo .bench

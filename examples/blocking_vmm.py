@@ -12,7 +12,7 @@ import random
 import sys
 import time
 
-from loader.client import Client, mapped_memory
+from loader import Client, mapped_memory
 
 
 def main(socket_path: str, faults: int = 1000) -> None:

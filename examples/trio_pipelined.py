@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from loader.client import TrioClient
+from loader import TrioClient
 
 
 async def main(socket_path: str) -> None:

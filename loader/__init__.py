@@ -1,56 +1,44 @@
-"""The restore daemon: checkpoints, the loader, the memory file, the server and clients.
+"""The restore daemon's core: the loader loop, the memory file, the server and clients.
 
-Public names are re-exported here and imported on first use, so that a command
-such as ``pageload wait`` does not pay for modules it does not need.
+Checkpoint formats live in :mod:`loader.checkpoint`.  Everything here is
+re-exported from private modules; the load generator, traces and sample images
+are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
+in :mod:`cli`.
 """
 
-from __future__ import annotations
+from ._client import Client, ClientError, TrioClient, mapped_memory
+from ._daemon import DaemonOptions, run_daemon
+from ._layout import DataRange, Layout, LayoutError
+from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
+from ._memfile import Destination, MemoryFile
+from ._rangeset import RangeSet
+from ._server import Server
+from ._stats import LatencyHistogram, LoaderStatistics
+from ._sweep import SequentialOrder, SweepOrder
+from ._units import human, parse_size
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "Checkpoint": "loader.checkpoint",
-    "CheckpointError": "loader.checkpoint",
-    "open_checkpoint": "loader.checkpoint",
-    "create_checkpoint": "loader.checkpoint",
-    "inspect_checkpoint": "loader.checkpoint",
-    "verify_checkpoint": "loader.checkpoint",
-    "Layout": "loader.layout",
-    "RangeSet": "loader.rangeset",
-    "Destination": "loader.memfile",
-    "MemoryFile": "loader.memfile",
-    "Loader": "loader.scheduler",
-    "LoaderConfig": "loader.scheduler",
-    "LoadError": "loader.scheduler",
-    "SequentialOrder": "loader.scheduler",
-    "SweepOrder": "loader.scheduler",
-    "WaitHandle": "loader.scheduler",
-    "LoaderStatistics": "loader.stats",
-    "Server": "loader.server",
-    "Client": "loader.client",
-    "TrioClient": "loader.client",
-    "ClientError": "loader.client",
-    "DaemonOptions": "loader.daemon",
-    "run_daemon": "loader.daemon",
-    "Trace": "loader.traces",
-    "TraceError": "loader.traces",
-    "load_trace": "loader.traces",
-    "save_trace": "loader.traces",
-    "run_loadgen": "loader.loadgen",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'loader' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = [
+    "Client",
+    "ClientError",
+    "DaemonOptions",
+    "DataRange",
+    "Destination",
+    "LatencyHistogram",
+    "Layout",
+    "LayoutError",
+    "LoadError",
+    "Loader",
+    "LoaderConfig",
+    "LoaderStatistics",
+    "MemoryFile",
+    "RangeSet",
+    "SequentialOrder",
+    "Server",
+    "SweepOrder",
+    "TrioClient",
+    "WaitHandle",
+    "human",
+    "mapped_memory",
+    "parse_size",
+    "run_daemon",
+]

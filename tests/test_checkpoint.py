@@ -15,16 +15,16 @@ import msgpack
 import pytest
 import xxhash
 
-from loader import _raw
+from cli import main
 from loader.checkpoint import (
     CheckpointError,
+    _raw,
     create_checkpoint,
     inspect_checkpoint,
     open_checkpoint,
     verify_checkpoint,
 )
-from loader.cli import main
-from loader.sample import make_sample_image
+from workloads import make_sample_image
 
 PS = 4096
 MiB = 1 << 20

@@ -20,11 +20,9 @@ import pytest
 import trio
 
 import aio
+from loader import Client, ClientError, DaemonOptions, LoaderConfig, TrioClient, mapped_memory, run_daemon
 from loader.checkpoint import create_checkpoint
-from loader.client import Client, ClientError, TrioClient, mapped_memory
-from loader.daemon import DaemonOptions, run_daemon
-from loader.sample import make_sample_image
-from loader.scheduler import LoaderConfig
+from workloads import make_sample_image
 
 MiB = 1 << 20
 PAGE = 4096
@@ -312,7 +310,7 @@ async def test_socket_is_private_and_peer_uid_checked(request, images):
 
 
 def _start(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "loader.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -324,7 +322,7 @@ def test_cli_restore_wait_stats_and_sigterm(tmp_path, images):
         assert line.startswith("READY socket=" + sock)
 
         def run(*a):
-            return subprocess.run([sys.executable, "-m", "loader.cli", *a], capture_output=True, text=True)
+            return subprocess.run([sys.executable, "-m", "cli", *a], capture_output=True, text=True)
 
         ok = run("wait", "--socket", sock, "16M", "4K")
         assert ok.returncode == 0, ok.stderr
@@ -365,14 +363,14 @@ def test_cli_ready_fd(tmp_path, images):
 def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "index.msgpack"
     bad.write_bytes(b"\xc1garbage")
-    proc = subprocess.run([sys.executable, "-m", "loader.cli", "restore", str(bad), "--socket",
+    proc = subprocess.run([sys.executable, "-m", "cli", "restore", str(bad), "--socket",
                            str(tmp_path / "x.sock")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr
 
 
 def test_cli_wait_without_daemon_fails_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "loader.cli", "wait", "--socket", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "-m", "cli", "wait", "--socket", str(tmp_path / "none"),
                            "0", "4K"], capture_output=True, text=True)
     assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
 

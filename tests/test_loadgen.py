@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from array import array
 from collections.abc import Iterator
@@ -13,14 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from bench import format_designs, run_designs
+from cli import main
+from loader import Client
 from loader.checkpoint import open_checkpoint
-from loader.cli import main
-from loader.client import Client
-from loader.designs import format_designs, run_designs
-from loader.loadgen import percentiles_us, run_loadgen, scale_to_rate
-from loader.sample import make_sample_image
-from loader.tracegen import generate
-from loader.traces import Trace, save_trace
+from workloads import (
+    DaemonProcess,
+    Trace,
+    generate,
+    make_sample_image,
+    percentiles,
+    run_loadgen,
+    save_trace,
+    scale_to_rate,
+)
 
 MiB = 1 << 20
 PAGE = 4096
@@ -33,31 +36,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, image: str, workdir: Path, *flags: str) -> None:
         self.socket = str(workdir / "d.sock")
         self.memory_file = str(workdir / "memory")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "loader.cli",
-                "restore",
-                image,
-                "--socket",
-                self.socket,
-                "--memory-file",
-                self.memory_file,
-                "-q",
-                *flags,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("READY"), (line, self.proc.stderr.read() if self.proc.stderr else "")
+        args = ["--memory-file", self.memory_file, "-q", *flags]
+        super().__init__(image, self.socket, str(workdir / "daemon.log"), args)
+        self.start(timeout=60)
 
     def wait_loaded(self) -> None:
         with Client.connect(self.socket) as client:
@@ -67,17 +52,15 @@ class Daemon:
                 time.sleep(0.005)
         raise AssertionError("the daemon did not finish loading 32 MiB in 10 s")
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, err
+    def stop_ok(self) -> None:
+        assert self.stop(30) == 0, self.stderr_tail()
 
 
 @pytest.fixture
 def daemon(image: str, tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(image, tmp_path, "--background")
     yield d
-    d.stop()
+    d.stop_ok()
 
 
 def _data_trace(image: str, count: int, seed: int = 0) -> Trace:
@@ -214,9 +197,12 @@ def test_unreachable_daemon_is_one_line_exit_1(
 def test_percentiles_are_nearest_rank() -> None:
     samples = array("Q", range(1000, 1001 * 1000, 1000))  # 1..1000 us, in reverse order
     samples.reverse()
-    p = percentiles_us(samples)
-    assert (p["p50"], p["p90"], p["p99"], p["p999"], p["max"]) == (500, 900, 990, 999, 1000)
-    assert percentiles_us(array("Q"))["max"] == 0
+    p = percentiles(samples)
+    assert (p["count"], p["p50"], p["p90"], p["p99"], p["p999"], p["max"]) == (1000, 500, 900, 990, 999, 1000)
+    assert p["mean"] == 500.5
+    small = percentiles([i * 1000 for i in range(1, 101)])  # 1..100 us
+    assert (small["p50"], small["p99"], small["p999"]) == (50.0, 99.0, 100.0)
+    assert percentiles(array("Q")) == dict.fromkeys(("p50", "p90", "p99", "p999", "max", "mean"), 0.0) | {"count": 0}
 
 
 def test_scale_to_rate_keeps_proportions() -> None:

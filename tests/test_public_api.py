@@ -1,9 +1,31 @@
-"""The public surface of each package is what was meant, and every name resolves."""
+"""The public surface of each package is what was meant, every name resolves, and
+the packages import each other only downwards: cli -> bench -> workloads -> loader
+-> (aio, protocol)."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
 import aio
+import bench
 import loader
+import loader.checkpoint
+import workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: package -> the top-level packages of ours it may import
+ALLOWED_IMPORTS = {
+    "protocol": set(),
+    "aio": set(),
+    "loader": {"aio", "protocol"},
+    "workloads": {"loader"},
+    "bench": {"loader", "workloads", "aio"},
+    "cli": {"loader", "workloads", "bench", "aio", "protocol"},
+}
 
 
 def test_aio_public_names():
@@ -16,8 +38,56 @@ def test_aio_public_names():
         assert getattr(aio, name) is not None
 
 
-def test_loader_public_names_resolve():
-    assert "Loader" in loader.__all__ and "Client" in loader.__all__
-    for name in loader.__all__:
-        obj = getattr(loader, name)
-        assert getattr(obj, "__name__", name) == name
+def test_loader_public_names():
+    assert set(loader.__all__) == {
+        "Client", "ClientError", "DaemonOptions", "DataRange", "Destination", "LatencyHistogram", "Layout",
+        "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
+        "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
+        "parse_size", "run_daemon",
+    }
+    assert set(loader.checkpoint.__all__) == {
+        "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
+        "format_inspection", "inspect_checkpoint", "open_checkpoint", "verify_checkpoint",
+    }
+
+
+def test_every_exported_name_resolves_to_itself():
+    for module in (aio, loader, loader.checkpoint, workloads, bench):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                assert obj.__name__ == name, (module.__name__, name)
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level packages ``path`` imports absolutely (relative imports stay inside)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_packages_import_only_downwards():
+    ours = set(ALLOWED_IMPORTS)
+    wrong = []
+    for package, allowed in ALLOWED_IMPORTS.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in (_imports(path) & ours) - allowed - {package}:
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert wrong == []
+
+
+def test_every_module_imports_on_its_own():
+    for package in ALLOWED_IMPORTS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name == "__main__.py":
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:  # the uring backend needs the optional native binding
+                assert (name, exc.name) == ("aio._uring", "liburing"), exc

@@ -10,9 +10,7 @@ import pytest
 import trio
 
 import aio
-from loader.layout import Layout
-from loader.memfile import MemoryFile
-from loader.scheduler import Loader, LoaderConfig, LoadError
+from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
 
 PAGE = 4096
 MiB = 1 << 20

@@ -10,12 +10,24 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from loader import trace_cmd
-from loader.cli import main as cli_main
-from loader.layout import Layout
-from loader.perfimport import fold_addresses, import_perf_script, parse_perf_script
-from loader.tracegen import KINDS, generate, onto_layout
-from loader.traces import Fault, Trace, TraceError, detect_form, load_trace, parse_text, save_trace
+from cli import _trace as trace_cmd
+from cli import main as cli_main
+from loader import Layout
+from workloads import (
+    KINDS,
+    Fault,
+    Trace,
+    TraceError,
+    detect_form,
+    fold_addresses,
+    generate,
+    import_perf_script,
+    load_trace,
+    onto_layout,
+    parse_perf_script,
+    parse_text,
+    save_trace,
+)
 
 DATA = Path(__file__).parent / "data"
 PERF_SAMPLE = DATA / "perf_script_sample.txt"

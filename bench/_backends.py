@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import aio
+from loader.checkpoint import create_checkpoint, open_checkpoint
+from workloads import percentiles
 
-from .bench_tools import BenchError, cp_mb_s, drop_caches, fill_run, median, percentiles, warm_cache
-from .checkpoint import create_checkpoint, open_checkpoint
+from ._tools import BenchError, cp_mb_s, drop_caches, fill_run, median, warm_cache
 
 __all__ = ["THREAD_COUNTS", "run_backends_section"]
 

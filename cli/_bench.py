@@ -7,8 +7,9 @@ import json
 import sys
 from typing import Any
 
-from .bench import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
-from .units import size_arg
+from bench import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
+
+from ._args import add_size
 
 __all__ = ["register"]
 
@@ -23,12 +24,7 @@ def register(sub: Any) -> None:
         "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace).  "
         "See docs/BENCHMARKS.md.",
     )
-    p.add_argument(
-        "--size",
-        type=size_arg,
-        metavar="S",
-        help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)",
-    )
+    add_size(p, "--size", default=None, help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         try:
-            from .designs import plot_designs
+            from bench import plot_designs
 
             plot_designs(designs, args.plot)
         except ImportError as exc:

@@ -10,11 +10,10 @@ import tracemalloc
 import trio
 
 import aio
+from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader.checkpoint import CheckpointError
 
-from .checkpoint import CheckpointError
-from .daemon import DaemonOptions, run_daemon
-from .scheduler import LoaderConfig
-from .units import size_arg
+from ._args import add_size
 
 _DEFAULTS = LoaderConfig()
 
@@ -39,10 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
     p.add_argument("--threads", type=int, metavar="N", help="threads for the threads backend")
     p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
-    p.add_argument("--read-size", type=size_arg, default=_DEFAULTS.read_size, metavar="SIZE",
-                   help="largest read for a waiter, so a large wait takes turns with others (default 256K)")
-    p.add_argument("--sweep-read-size", type=size_arg, default=_DEFAULTS.sweep_read_size, metavar="SIZE",
-                   help="largest background read (default 1M)")
+    add_size(p, "--read-size", default=_DEFAULTS.read_size,
+             help="largest read for a waiter, so a large wait takes turns with others")
+    add_size(p, "--sweep-read-size", default=_DEFAULTS.sweep_read_size, help="largest background read")
     p.add_argument("--queue-depth", type=int, default=_DEFAULTS.queue_depth, metavar="N",
                    help="reads in flight at most (default %(default)s)")
     p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",

@@ -4,12 +4,11 @@
 directory and runs the chosen sections on it, each against real
 ``pageload restore`` subprocesses:
 
-* ``daemon`` (:mod:`loader.bench_daemon`): fill vs ``cp``, time to ready,
+* ``daemon`` (:mod:`bench._daemon`): fill vs ``cp``, time to ready,
   4 KiB wait latency during the fill, RSS and heap, each against its goal;
-* ``backends`` (:mod:`loader.bench_backends`): every AIO backend, warm/cold page
+* ``backends`` (:mod:`bench._backends`): every AIO backend, warm/cold page
   cache, with/without ``--direct``, raw image and pages checkpoint; thread counts;
-* ``designs``: :func:`loader.designs.run_designs` (priority/eager/lazy/fifo under a
-  replayed trace), imported lazily; if that module is missing the section says so.
+* ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -29,10 +28,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .bench_backends import run_backends_section
-from .bench_daemon import run_daemon_section
-from .bench_tools import BenchError
-from .sample import make_sample_image
+from loader.checkpoint import open_checkpoint
+from workloads import generate, load_trace, make_sample_image
+
+from ._backends import run_backends_section
+from ._daemon import run_daemon_section
+from ._designs import run_designs
+from ._tools import BenchError
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
@@ -162,15 +164,6 @@ def _run_section(
 def _designs_section(
     opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    try:
-        from . import designs  # a colleague's module; may not exist yet
-    except ImportError as exc:
-        log(f"section designs is not available: {exc}")
-        return {"skipped": f"loader.designs is not available: {exc}"}
-    from .checkpoint import open_checkpoint
-    from .tracegen import generate
-    from .traces import load_trace
-
     layout = open_checkpoint(image).layout
     if opts.trace:
         trace = load_trace(opts.trace)
@@ -187,7 +180,7 @@ def _designs_section(
             seed=opts.seed,
             layout=layout,
         )
-    out: dict[str, Any] = designs.run_designs(
+    out: dict[str, Any] = run_designs(
         image, trace, clients=opts.clients, workdir=workdir, log=log
     )
     return out
@@ -259,7 +252,7 @@ def format_bench(result: dict[str, Any]) -> str:
             lines += _format_backends(section)
         elif name == "designs":
             try:
-                from .designs import format_designs
+                from ._designs import format_designs
 
                 lines.append(format_designs(section))
             except ImportError:

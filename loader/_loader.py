@@ -28,16 +28,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
 import aio
 
-from .layout import Layout
-from .memfile import Destination
-from .rangeset import RangeSet
-from .stats import LatencyHistogram, LoaderStatistics
+from ._layout import Layout
+from ._memfile import Destination
+from ._rangeset import RangeSet
+from ._stats import LatencyHistogram, LoaderStatistics
+from ._sweep import SequentialOrder, SweepOrder
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 
@@ -78,40 +78,6 @@ class LoadError(Exception):
         self.code = code
         self.message = message
         self.errno = errno
-
-
-class SweepOrder(Protocol):
-    """Decides where the background sweep reads next (pluggable: working-set replay)."""
-
-    def next_start(self, unloaded: RangeSet) -> int | None:
-        """Memory offset of the next unstarted byte to read, or None when nothing is left."""
-        ...
-
-    def note_served(self, end: int) -> None:
-        """A waiter's read ended at ``end``: continue near it (spatial locality)."""
-        ...
-
-
-class SequentialOrder:
-    """Ascending memory order (the pages file's order), jumping to just after each
-    served wait and wrapping around to pick up what was skipped."""
-
-    __slots__ = ("cursor",)
-
-    def __init__(self) -> None:
-        self.cursor = 0
-
-    def next_start(self, unloaded: RangeSet) -> int | None:
-        nxt = unloaded.first_at_or_after(self.cursor)
-        if nxt is None:
-            nxt = unloaded.first_at_or_after(0)
-            if nxt is None:
-                return None
-        self.cursor = nxt[0]
-        return nxt[0]
-
-    def note_served(self, end: int) -> None:
-        self.cursor = end
 
 
 class WaitHandle:
@@ -661,4 +627,4 @@ def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], lis
     return done, rest
 
 
-__all__ = ["LoadError", "Loader", "LoaderConfig", "SequentialOrder", "SweepOrder", "WaitHandle"]
+

@@ -12,22 +12,21 @@ import argparse
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 
-from .checkpoint import create_checkpoint
-from .client import Client, mapped_memory
-from .sample import make_sample_image
-from .units import human, size_arg
+from loader import Client, human, mapped_memory
+from loader.checkpoint import create_checkpoint
+from workloads import DaemonProcess, DaemonStartError, make_sample_image
+
+from ._args import add_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="make a sample image, restore it in the background, drive faulting clients",
                        description=__doc__)
-    p.add_argument("--size", type=size_arg, default=512 << 20, metavar="SIZE", help="image size (default 512M)")
+    add_size(p, "--size", default=512 << 20, help="image size")
     p.add_argument("--clients", type=int, default=4, metavar="N", help="faulting clients (default 4)")
     p.add_argument("--waits", type=int, default=400, metavar="N", help="waits per client (default 400)")
     p.add_argument("--workdir", default=".demo", metavar="DIR", help="where the image goes (default .demo)")
@@ -93,24 +92,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"checkpoint {ckpt}: {human(report.data_bytes)} of data in {report.ranges} ranges, "
               f"{human(report.hole_bytes + report.zero_page_bytes)} of zeros skipped")
     print(f"$ pageload restore {ckpt} --socket {sock} --background")
-    t_start = time.perf_counter()
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "loader.cli", "restore", ckpt, "--socket", sock, "--background",
-         "--aio", args.aio, "--progress-interval", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert daemon.stdout is not None
-    daemon_log: list[str] = []
-    ready = ""
-    while not ready.startswith("READY"):
-        ready = daemon.stdout.readline()
-        if not ready:
-            print("daemon failed to start:\n" + "".join(daemon_log), file=sys.stderr)
-            return 1
-        daemon_log.append(ready)
-    t_ready = time.perf_counter() - t_start
+    daemon = DaemonProcess(ckpt, sock, os.path.join(args.workdir, "daemon.log"),
+                           ["--background", "--aio", args.aio, "--progress-interval", "1"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        print(f"daemon failed to start: {exc}", file=sys.stderr)
+        return 1
+    t_ready = daemon.ready_s
     print(f"daemon ready in {t_ready:.3f} s (the application resumes now; pages load behind it)")
-    reader = threading.Thread(target=lambda: daemon_log.extend(daemon.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
 
     clients = [ClientThread(n, sock, image, args.waits, args.size) for n in range(args.clients)]
     for c in clients:
@@ -135,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sys.stdout.isatty():
             print()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        reader.join(timeout=5)
+        daemon.stop(30)
     lat = sorted(ns for c in clients for ns in c.latencies_ns)
     mismatches = sum(c.mismatches for c in clients)
     errors = [e for c in clients for e in c.errors]
@@ -156,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  daemon exit        {daemon.returncode} after SIGTERM")
     for e in errors[:5]:
         print(f"  error: {e}")
-    tail = [ln for ln in daemon_log if "loaded" in ln or "progress" in ln][-3:]
+    with open(daemon.log_path, errors="replace") as log:
+        tail = [ln for ln in log if "loaded" in ln or "progress" in ln][-3:]
     if tail:
         print("== daemon log (last lines)")
         for ln in tail:

@@ -13,15 +13,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .checkpoint import (
+from loader import human
+from loader.checkpoint import (
     CheckpointError,
     create_checkpoint,
     format_inspection,
     inspect_checkpoint,
     verify_checkpoint,
 )
-from .sample import make_sample_image
-from .units import human, size_arg
+from workloads import make_sample_image
+
+from ._args import add_size
 
 __all__ = ["register"]
 
@@ -43,13 +45,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("image", metavar="IMAGE", help="raw memory image (sparse files welcome)")
     p.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist)")
-    p.add_argument("--page-size", type=size_arg, default=4096, help="page size (default 4K)")
-    p.add_argument(
-        "--chunk-size",
-        type=size_arg,
-        default=1 << 20,
-        help="bytes of pages.img per checksum (default 1M)",
-    )
+    add_size(p, "--page-size", default=4096, help="page size")
+    add_size(p, "--chunk-size", default=1 << 20, help="bytes of pages.img per checksum")
     p.set_defaults(func=_guarded(_create))
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
@@ -65,7 +62,7 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("sample", help="write a deterministic sample raw image")
     p.add_argument("out", metavar="OUT", help="image file to write (replaced if it exists)")
-    p.add_argument("--size", type=size_arg, default=256 << 20, help="image size (default 256M)")
+    add_size(p, "--size", default=256 << 20, help="image size")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument(
         "--dense", action="store_true", help="random data everywhere: no holes, no zero pages"
@@ -74,9 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--zero-page-fraction", type=float, default=0.05, help="share of zero pages in data"
     )
-    p.add_argument(
-        "--hole-granularity", type=size_arg, default=2 << 20, help="block size (default 2M)"
-    )
+    add_size(p, "--hole-granularity", default=2 << 20, help="block size")
     p.set_defaults(func=_guarded(_sample))
 
 

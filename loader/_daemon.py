@@ -24,11 +24,12 @@ import trio
 
 import aio
 
+from ._loader import Loader, LoaderConfig
+from ._memfile import MemoryFile
+from ._server import Server
+from ._sweep import SweepOrder
+from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from .memfile import MemoryFile
-from .scheduler import Loader, LoaderConfig, SweepOrder
-from .server import Server
-from .units import human
 
 log = logging.getLogger("pageload")
 

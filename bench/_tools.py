@@ -1,14 +1,10 @@
 """Measuring tools shared by the ``pageload bench`` sections.
 
-* :class:`DaemonProcess` — one ``pageload restore`` subprocess: spawned with
-  ``sys.executable -m loader.cli``, ready when it prints its ``READY`` line
-  (the time from spawn to that line is ``ready_s``), stopped with SIGTERM.
-* :func:`fill_run` — start a daemon, poll its stats until the fill is ``done``,
+* :func:`fill_run` — start a daemon (:class:`workloads.DaemonProcess`), poll its stats until the fill is ``done``,
   optionally with a :class:`WaitProber` thread issuing 4 KiB waits on pages that
   are not loaded yet; returns a :class:`FillRun`.
 * :func:`cp_mb_s` — the limit: ``cp IMAGE /dev/shm/...``, timed.
 * :func:`drop_caches` / :func:`warm_cache` — page-cache state before a run.
-* :func:`percentiles` — nearest-rank percentiles of a sample.
 
 Nothing here asserts a speed: figures are returned, the caller compares them
 with goals and reports.  Every daemon started is stopped (SIGTERM, then SIGKILL
@@ -19,13 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 import os
 import random
-import selectors
-import signal
+import shutil
 import subprocess
-import sys
 import threading
 import time
 from array import array
@@ -33,23 +26,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .client import Client, ClientError
+from loader import Client, ClientError
+from workloads import DaemonProcess, DaemonStartError
 
 __all__ = [
     "BenchError",
-    "DaemonProcess",
     "FillRun",
     "WaitProber",
     "cp_mb_s",
     "drop_caches",
     "fill_run",
     "median",
-    "percentiles",
     "warm_cache",
 ]
-
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 10.0
 
 
 class BenchError(Exception):
@@ -64,27 +53,6 @@ def median(values: Sequence[float]) -> float:
         raise ValueError("median of nothing")
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
-def percentiles(samples_ns: Sequence[int]) -> dict[str, float]:
-    """p50/p90/p99/max/mean in microseconds, nearest rank (an observed value, never
-    interpolated).  Empty sample: every figure is ``nan``-free 0.0 and ``count`` 0."""
-    s = sorted(samples_ns)
-    n = len(s)
-    if not n:
-        return {"count": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
-
-    def rank(p: float) -> float:
-        return s[max(0, math.ceil(p / 100 * n) - 1)] / 1000
-
-    return {
-        "count": n,
-        "p50": rank(50),
-        "p90": rank(90),
-        "p99": rank(99),
-        "max": s[-1] / 1000,
-        "mean": sum(s) / n / 1000,
-    }
 
 
 # --------------------------------------------------------------------------- page cache
@@ -119,6 +87,9 @@ def cp_mb_s(src: str, shm_dir: str = "/dev/shm") -> tuple[float, float]:
     ``(seconds, MB/s)`` with MB = 10**6 bytes."""
     dst = os.path.join(shm_dir, f"pageload-bench-cp-{os.getpid()}")
     size = os.stat(src).st_size
+    free = shutil.disk_usage(shm_dir).free
+    if free < size * 1.1:
+        raise BenchError(f"{shm_dir} has {free} bytes free, not enough to copy {src} ({size} bytes); cp not timed")
     try:
         t0 = time.perf_counter()
         subprocess.run(["cp", src, dst], check=True)
@@ -134,107 +105,6 @@ def cp_mb_s(src: str, shm_dir: str = "/dev/shm") -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- the daemon
-class DaemonProcess:
-    """A ``pageload restore SOURCE --socket PATH --background -q ...`` subprocess.
-
-    :meth:`start` spawns it and blocks until the ``READY`` line (``ready_s`` is the
-    time from just before spawn to reading that line).  If it exits first, or says
-    nothing for ``READY_TIMEOUT_S``, :class:`BenchError` carries the tail of its
-    stderr (kept in ``log_path``).  :meth:`stop` sends SIGTERM and waits; use it as
-    a context manager so it is always stopped.
-    """
-
-    def __init__(
-        self, source: str, socket_path: str, log_path: str, extra_args: Sequence[str] = ()
-    ):
-        self.argv = [
-            sys.executable,
-            "-m",
-            "loader.cli",
-            "restore",
-            source,
-            "--socket",
-            socket_path,
-            "--background",
-            "-q",
-            *extra_args,
-        ]
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_s = 0.0
-        self.returncode: int | None = None
-
-    def __enter__(self) -> DaemonProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        with open(self.log_path, "wb") as log:
-            t0 = time.perf_counter()
-            self.proc = subprocess.Popen(
-                self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
-            )
-        assert self.proc.stdout is not None
-        line = _read_line(self.proc.stdout, READY_TIMEOUT_S)
-        self.ready_s = time.perf_counter() - t0
-        if not line.startswith(b"READY"):
-            self.stop()
-            raise BenchError(
-                f"daemon did not become ready ({' '.join(self.argv[3:])}): "
-                f"{self.stderr_tail() or 'no message'}"
-            )
-
-    def stderr_tail(self, lines: int = 3) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                text = f.read()[-4096:].decode(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def stop(self) -> int | None:
-        proc = self.proc
-        if proc is None or self.returncode is not None:
-            return self.returncode
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-        self.returncode = proc.returncode
-        return self.returncode
-
-
-def _read_line(stream: Any, timeout: float) -> bytes:
-    """One line from a pipe, or b'' at EOF or after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    fd = stream.fileno()
-    data = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while b"\n" not in data:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                return b""
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return data
-            data += chunk
-    return data
-
-
 # --------------------------------------------------------------------------- waits
 class _Mincore:
     """``mincore(2)`` on a read-only shared mapping of the daemon's memory file: is
@@ -410,8 +280,14 @@ def fill_run(
     until ``done`` (and with ``probe`` run a :class:`WaitProber` meanwhile), stop it.
     Raises :class:`BenchError` if it does not start or does not finish in ``timeout_s``."""
     socket_path = os.path.join(workdir, "bench.sock")
-    daemon = DaemonProcess(source, socket_path, os.path.join(workdir, "daemon.log"), extra_args)
+    daemon = DaemonProcess(
+        source, socket_path, os.path.join(workdir, "daemon.log"), ["--background", "-q", *extra_args]
+    )
     t0 = time.perf_counter()
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        raise BenchError(str(exc)) from None
     with daemon:
         prober = WaitProber(socket_path, seed=seed) if probe else None
         if prober is not None:

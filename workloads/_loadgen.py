@@ -2,7 +2,7 @@
 
 :func:`run_loadgen` splits the trace among ``clients`` worker **processes** (the
 ``forkserver`` start method: workers fork from a clean server process that never
-ran trio), each with its own blocking :class:`~loader.client.Client` and a
+ran trio), each with its own blocking :class:`~loader.Client` and a
 read-only mapping of the daemon's memory file.  Each worker issues its faults as
 ``wait(offset, length)`` in order: open loop at the trace's timestamps (scaled to
 ``rate`` faults/s in total when given), or closed loop (the next wait as soon as the
@@ -42,16 +42,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import open_checkpoint
-from .client import Client, ClientError, mapped_memory
-from .traces import Trace
+from loader import Client, ClientError, mapped_memory
+from loader.checkpoint import open_checkpoint
+
+from ._percentiles import percentiles
+from ._traces import Trace
 
 __all__ = [
     "VERIFY_CHUNK",
     "LoadgenError",
     "LoadgenReport",
     "Mismatch",
-    "percentiles_us",
     "run_loadgen",
     "scale_to_rate",
 ]
@@ -170,27 +171,6 @@ class LoadgenReport:
         if self.not_issued:
             line += f", {self.not_issued} faults not issued (connection lost)"
         return line
-
-
-def percentiles_us(samples_ns: array[int]) -> dict[str, float]:
-    """Nearest-rank p50, p90, p99, p99.9, max and mean in microseconds (zeros if empty)."""
-    n = len(samples_ns)
-    if not n:
-        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0, "mean": 0.0}
-    ordered = sorted(samples_ns)
-
-    def rank(p: float) -> float:
-        permille = round(p * 10)
-        return float(ordered[min(n - 1, max(0, -(-permille * n // 1000) - 1))]) / 1000
-
-    return {
-        "p50": rank(50),
-        "p90": rank(90),
-        "p99": rank(99),
-        "p999": rank(99.9),
-        "max": ordered[-1] / 1000,
-        "mean": sum(ordered) / n / 1000,
-    }
 
 
 def scale_to_rate(trace: Trace, rate: float) -> Trace:
@@ -438,7 +418,7 @@ def _replay(
 
 def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["loader.loadgen"])
+    ctx.set_forkserver_preload(["workloads._loadgen"])
     return ctx
 
 
@@ -473,7 +453,7 @@ def run_loadgen(
     the workers connect, map the memory file and, once all have, start together.
 
     Raises ``OSError``/:class:`ClientError` when the daemon cannot be reached,
-    :class:`~loader.traces.TraceError` when a fault runs past the daemon's memory
+    :class:`~workloads.TraceError` when a fault runs past the daemon's memory
     size, ``ValueError`` for bad arguments (and ``CheckpointError`` for a bad
     image), :class:`LoadgenError` when a worker cannot start or dies, and whatever
     ``wait_for_daemon`` raises.  Errors and mismatches of waits do not raise: they
@@ -670,7 +650,7 @@ def _merge(
         mismatch_samples.extend(Mismatch(k, *m) for m in part["mismatch_samples"])
         end_ns = max(end_ns, part["end_ns"])
     waits = len(latencies)
-    late_pct = percentiles_us(late)
+    late_pct = percentiles(late)
     return LoadgenReport(
         clients=clients,
         closed_loop=closed_loop,
@@ -683,7 +663,7 @@ def _merge(
         duration_s=(end_ns - start_ns) / 1e9,
         immediate=immediate,
         served=served,
-        latency_us=percentiles_us(latencies),
+        latency_us=percentiles(latencies),
         late_us={"p50": late_pct["p50"], "p99": late_pct["p99"], "max": late_pct["max"]},
         overhead_us_per_wait=overhead_ns / waits / 1000 if waits else 0.0,
         verify_us_per_wait=verify_ns / waits / 1000 if waits else 0.0,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .._units import human
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -27,7 +28,6 @@ from ._index import (
     encode_index,
 )
 from ._raw import data_extents, nonzero_runs
-from .units import human
 
 __all__ = ["READ_SIZE", "CreateReport", "create_checkpoint"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -21,14 +19,6 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"a size cannot be negative: {text!r}")
     return int(value)
-
-
-def size_arg(text: str) -> int:
-    """argparse ``type=`` for sizes."""
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def human(n: float) -> str:

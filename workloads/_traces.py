@@ -357,7 +357,7 @@ def parse_text(lines: Iterable[str], source: str = "<text>") -> Trace:
     (``# memory_size: N``, ``# page_size: N``) may appear anywhere before the first
     fault and take ``parse_size`` forms (``4K``, ``0x1000``).
     """
-    from loader.units import parse_size
+    from loader import parse_size
 
     t_us = array("Q")
     offset = array("Q")

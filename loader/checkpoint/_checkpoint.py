@@ -32,7 +32,9 @@ from typing import Any
 
 import xxhash
 
-from ._create import READ_SIZE, CreateReport, create_checkpoint
+from .._layout import Layout, LayoutError
+from .._units import human
+from ._create import READ_SIZE
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -43,21 +45,6 @@ from ._index import (
     looks_like_index,
 )
 from ._raw import data_extents
-from .layout import Layout, LayoutError
-from .units import human
-
-__all__ = [
-    "BadChunk",
-    "Checkpoint",
-    "CheckpointError",
-    "CreateReport",
-    "VerifyReport",
-    "create_checkpoint",
-    "format_inspection",
-    "inspect_checkpoint",
-    "open_checkpoint",
-    "verify_checkpoint",
-]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 

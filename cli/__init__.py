@@ -1,6 +1,6 @@
 """The ``pageload`` console script.
 
-Each sub-command lives in its own ``loader/*_cmd.py`` module exposing
+Each sub-command lives in its own ``cli/_<command>.py`` module exposing
 ``register(subparsers)``, which adds its parser and sets ``func`` to a callable
 taking the parsed arguments and returning the exit code.
 """
@@ -13,14 +13,14 @@ import sys
 
 #: sub-command -> the module providing it, in the order ``--help`` lists them
 COMMANDS = {
-    "restore": "loader.restore_cmd",
-    "wait": "loader.client_cmd",
-    "stats": "loader.client_cmd",
-    "checkpoint": "loader.checkpoint_cmd",
-    "trace": "loader.trace_cmd",
-    "loadgen": "loader.loadgen_cmd",
-    "bench": "loader.bench_cmd",
-    "demo": "loader.demo_cmd",
+    "restore": "cli._restore",
+    "wait": "cli._client",
+    "stats": "cli._client",
+    "checkpoint": "cli._checkpoint",
+    "trace": "cli._trace",
+    "loadgen": "cli._loadgen",
+    "bench": "cli._bench",
+    "demo": "cli._demo",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
@@ -36,13 +36,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     names = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

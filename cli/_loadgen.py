@@ -8,10 +8,9 @@ import sys
 import time
 from typing import TextIO
 
-from .checkpoint import CheckpointError
-from .client import ClientError
-from .loadgen import LoadgenError, ProgressFn, run_loadgen
-from .traces import TraceError, load_trace
+from loader import ClientError
+from loader.checkpoint import CheckpointError
+from workloads import LoadgenError, ProgressFn, TraceError, load_trace, run_loadgen
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

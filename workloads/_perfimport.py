@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from loader.traces import Trace, TraceError
+from ._traces import Trace, TraceError
 
 __all__ = [
     "PAGE_FAULT_EVENTS",

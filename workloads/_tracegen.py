@@ -12,7 +12,7 @@ Timestamps: every kind but ``bursty`` paces faults at a constant ``rate`` (fault
 ``rate`` separated by idle gaps (see :func:`bursty`).
 
 A generator returns the granule index of each fault; :func:`generate` turns them
-into a :class:`~loader.traces.Trace`.  Given an image's layout, :func:`generate`
+into a :class:`~workloads.Trace`.  Given an image's layout, :func:`generate`
 draws offsets in its data space (the data ranges end to end, holes left out) and
 :func:`onto_layout` places them in memory, so faults land only on data.
 """
@@ -26,10 +26,10 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from loader.traces import Trace
+from ._traces import Trace
 
 if TYPE_CHECKING:
-    from loader.layout import Layout
+    from loader import Layout
 
 __all__ = ["KINDS", "generate", "GRANULARITIES", "onto_layout"]
 

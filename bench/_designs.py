@@ -33,20 +33,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .client import Client, ClientError
-from .loadgen import LoadgenError, LoadgenReport, percentiles_us, run_loadgen
-from .traces import Trace
+from loader import Client, ClientError
+from workloads import DaemonProcess, DaemonStartError, LoadgenError, LoadgenReport, Trace, percentiles, run_loadgen
+
+from ._tools import BenchError, cp_mb_s
 
 __all__ = [
     "DESIGNS",
@@ -81,23 +78,6 @@ class PlotUnavailable(Exception):
 
 
 # -- limits ---------------------------------------------------------------------------------
-
-
-def _cp_mb_s(image: str, log: Callable[[str], None]) -> float | None:
-    target = f"/dev/shm/pageload-cp-{os.getpid()}"
-    size = os.stat(image).st_size
-    free = shutil.disk_usage("/dev/shm").free
-    if free < size * 1.1:
-        log(f"limits: /dev/shm has {free} bytes free, not enough to copy the image; cp skipped")
-        return None
-    try:
-        started = time.perf_counter()
-        subprocess.run(["cp", image, target], check=True)
-        seconds = time.perf_counter() - started
-    finally:
-        if os.path.exists(target):
-            os.unlink(target)
-    return size / seconds / 1e6
 
 
 def _echo_server(path: str, ready: Any) -> None:
@@ -142,7 +122,7 @@ def _socket_rtt_us(workdir: str, rounds: int = 2000) -> float:
         proc.close()
         if os.path.exists(path):
             os.unlink(path)
-    return percentiles_us(samples)["p50"]
+    return percentiles(samples)["p50"]
 
 
 def _pread_4k_us(image: str, rounds: int = 2000) -> float:
@@ -161,13 +141,21 @@ def _pread_4k_us(image: str, rounds: int = 2000) -> float:
             samples.append(clock() - t0)
     finally:
         os.close(fd)
-    return percentiles_us(samples)["p50"]
+    return percentiles(samples)["p50"]
+
+
+def _cp_or_none(image: str, log: Callable[[str], None]) -> float | None:
+    try:
+        return cp_mb_s(image)[1]
+    except BenchError as exc:
+        log(f"limits: {exc}")
+        return None
 
 
 def measure_limits(image: str, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``cp`` to /dev/shm (MB/s), a Unix-socket round trip and a 4 KiB pread (p50 us)."""
     limits = {
-        "cp_mb_s": _cp_mb_s(image, log),
+        "cp_mb_s": _cp_or_none(image, log),
         "socket_rtt_us": _socket_rtt_us(workdir),
         "pread_4k_us": _pread_4k_us(image),
     }
@@ -212,72 +200,16 @@ class _Poller(threading.Thread):
             self.error = exc
 
 
-def _spawn(image: str, design: str, workdir: str, aio_name: str) -> tuple[subprocess.Popen[str], str, str]:
-    sock = os.path.join(workdir, f"{design}.sock")
-    log_path = os.path.join(workdir, f"{design}.log")
-    if os.path.exists(sock):
-        os.unlink(sock)
-    cmd = [
-        sys.executable,
-        "-m",
-        "loader.cli",
-        "restore",
-        image,
-        "--socket",
-        sock,
-        "--tracemalloc",
-        "--aio",
-        aio_name,
-        "--progress-interval",
-        "3600",
-        *DESIGNS[design],
-    ]
-    log_file = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - handed to the child
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, stdin=subprocess.DEVNULL)
-    finally:
-        log_file.close()
-    return proc, sock, log_path
+def _daemon(image: str, design: str, workdir: str, aio_name: str) -> DaemonProcess:
+    args = ["--tracemalloc", "--aio", aio_name, "--progress-interval", "3600", *DESIGNS[design]]
+    sock, log_path = os.path.join(workdir, f"{design}.sock"), os.path.join(workdir, f"{design}.log")
+    return DaemonProcess(image, sock, log_path, args)
 
 
-def _log_tail(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def _await_ready(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY"):
-            return
-        if not line:
-            proc.wait()
-            raise DesignError(
-                f"{design}: the daemon exited ({proc.returncode}) before it was "
-                f"ready: {_log_tail(log_path)} (log {log_path})"
-            )
-    raise DesignError(f"{design}: the daemon was not ready in {READY_TIMEOUT_S:.0f} s (log {log_path})")
-
-
-def _stop(proc: subprocess.Popen[str], design: str, log_path: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise DesignError(f"{design}: the daemon did not exit on SIGTERM (log {log_path})") from None
-    if proc.stdout is not None:
-        proc.stdout.close()
-    if proc.returncode != 0:
-        raise DesignError(f"{design}: the daemon exited with {proc.returncode}: {_log_tail(log_path)} (log {log_path})")
+def _stop(daemon: DaemonProcess, design: str) -> None:
+    code = daemon.stop(30)
+    if code != 0:
+        raise DesignError(f"{design}: the daemon exited with {code}: {daemon.stderr_tail(1)} (log {daemon.log_path})")
 
 
 def _thin(values: Iterable[float], points: int) -> list[float]:
@@ -299,26 +231,27 @@ def _run_design(
     log: Callable[[str], None],
     ceiling: bool,
 ) -> tuple[dict[str, Any], float | None]:
-    sock = os.path.join(workdir, f"{design}.sock")
-    spawned: list[Any] = []  # [proc, log_path, t0, poller]
-    ready_at: list[float] = []
+    daemon = _daemon(image, design, workdir, aio_name)
+    sock = daemon.socket_path
+    spawned: list[Any] = []  # [t0, poller]
 
     def daemon_ready() -> None:
         # the clients' processes are up and idle: the restore starts now
         t0 = time.perf_counter()
-        proc, _, log_path = _spawn(image, design, workdir, aio_name)
         poller = _Poller(sock, t0)
-        spawned[:] = [proc, log_path, t0, poller]
-        _await_ready(proc, design, log_path)
-        ready_at.append(time.perf_counter() - t0)
+        spawned[:] = [t0, poller]
+        try:
+            daemon.start(READY_TIMEOUT_S)
+        except DaemonStartError as exc:
+            raise DesignError(f"{design}: {exc} (log {daemon.log_path})") from None
         poller.start()
 
     ceiling_wps = None
     try:
         # the clients' processes start first; the daemon is spawned once they are idle
         report = run_loadgen(sock, trace, clients=clients, image=image, verify=True, wait_for_daemon=daemon_ready)
-        proc, log_path, t0, poller = spawned
-        ready_s = ready_at[0]
+        t0, poller = spawned
+        ready_s = daemon.ready_s
         clients_done_s = time.perf_counter() - t0
         if design != "lazy":
             deadline = time.monotonic() + LOAD_TIMEOUT_S
@@ -335,11 +268,11 @@ def _run_design(
             ceiling_wps = again.waits_per_s
     finally:
         if spawned:
-            proc, log_path, _, poller = spawned
+            _, poller = spawned
             poller.stop.set()
             if poller.is_alive():
                 poller.join()
-            _stop(proc, design, log_path)
+            _stop(daemon, design)
     process = final.get("process", {})
     total = final["total_bytes"]
     row = {

@@ -10,15 +10,17 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from loader.traces import Trace, TraceError, detect_form, load_trace, save_trace
-from loader.units import human, size_arg
+from loader import human
+from workloads import Trace, TraceError, detect_form, load_trace, save_trace
+
+from ._args import add_size
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from loader.tracegen import GRANULARITIES, KINDS
+    from workloads import GRANULARITIES, KINDS
 
     trace = subparsers.add_parser(
         "trace",
@@ -35,12 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     gen.add_argument("out", metavar="OUT", help="trace file to write")
     gen.add_argument("--count", type=int, default=100_000, help="number of faults (default 100000)")
-    gen.add_argument(
-        "--memory-size",
-        type=size_arg,
-        default=1 << 30,
-        help="image size, K/M/G suffixes (default 1G)",
-    )
+    add_size(gen, "--memory-size", default=1 << 30, help="image size, K/M/G suffixes")
     gen.add_argument(
         "--granularity",
         choices=list(GRANULARITIES),
@@ -57,12 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--stride", type=int, default=16, help="strided: step in granules (default 16)"
     )
     gen.add_argument("--phases", type=int, default=4, help="phased: number of phases (default 4)")
-    gen.add_argument(
-        "--working-set",
-        type=size_arg,
-        default=0,
-        help="phased: working-set size (default: memory/8)",
-    )
+    add_size(gen, "--working-set", default=0, help="phased: working-set size (default: memory/8)")
     gen.add_argument("--zipf-s", type=float, default=1.1, help="zipf: exponent (default 1.1)")
     gen.add_argument(
         "--burst", type=int, default=64, help="bursty: mean faults per burst (default 64)"
@@ -87,16 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     conv.add_argument("perf_output", metavar="PERF_SCRIPT_OUTPUT")
     conv.add_argument("out", metavar="OUT", help="trace file to write")
-    conv.add_argument(
-        "--memory-size", type=size_arg, default=None, help="wrap offsets to this size"
-    )
-    conv.add_argument("--page-size", type=size_arg, default=4096, help="fault size (default 4096)")
-    conv.add_argument(
-        "--region-gap",
-        type=size_arg,
-        default=1 << 20,
-        help="a gap larger than this starts a new region (default 1M)",
-    )
+    add_size(conv, "--memory-size", default=None, help="wrap offsets to this size")
+    add_size(conv, "--page-size", default=4096, help="fault size")
+    add_size(conv, "--region-gap", default=1 << 20, help="a gap larger than this starts a new region")
     conv.add_argument(
         "--order",
         choices=["address", "first-touch"],
@@ -145,7 +130,7 @@ def _guarded(body: Callable[[], int], path: str) -> int:
 
 
 def _gen(args: argparse.Namespace) -> int:
-    from loader.tracegen import GRANULARITIES, generate
+    from workloads import GRANULARITIES, generate
 
     def body() -> int:
         layout = None
@@ -182,7 +167,7 @@ def _gen(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from loader.perfimport import import_perf_script
+    from workloads import import_perf_script
 
     def body() -> int:
         trace = import_perf_script(

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from .client import Client, ClientError
-from .units import human, size_arg
+from loader import Client, ClientError, human
+
+from ._args import size_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

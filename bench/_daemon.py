@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bench_tools import FillRun, cp_mb_s, fill_run, median, percentiles, warm_cache
-from .sample import make_sample_image
+from workloads import make_sample_image, percentiles
+
+from ._tools import FillRun, cp_mb_s, fill_run, median, warm_cache
 
 __all__ = ["Goal", "SPARSE_DATA_FRACTION", "run_daemon_section"]
 

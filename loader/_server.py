@@ -26,7 +26,7 @@ import trio
 import protocol
 from protocol import codes
 
-from .scheduler import Loader, LoadError, WaitHandle
+from ._loader import Loader, LoadError, WaitHandle
 
 log = logging.getLogger("pageload.server")
 

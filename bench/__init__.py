@@ -1,0 +1,32 @@
+"""``pageload bench``: the speed and memory goals, measured against the machine's
+own limits in one run (never asserted in tests).
+
+Sections: ``daemon`` (fill, ready, wait latency, memory), ``backends`` (every AIO
+backend, warm and cold), ``designs`` (ours against eager, lazy-only and
+first-come-first-served restores under one trace).
+"""
+
+from ._designs import DESIGNS, DesignError, PlotUnavailable, format_designs, plot_designs, run_designs
+from ._run import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
+from ._tools import BenchError, WaitProber, cp_mb_s, drop_caches, fill_run, median, warm_cache
+
+__all__ = [
+    "DESIGNS",
+    "QUICK_SIZE",
+    "SECTIONS",
+    "BenchError",
+    "BenchOptions",
+    "DesignError",
+    "PlotUnavailable",
+    "WaitProber",
+    "cp_mb_s",
+    "drop_caches",
+    "fill_run",
+    "format_bench",
+    "format_designs",
+    "median",
+    "plot_designs",
+    "run_bench",
+    "run_designs",
+    "warm_cache",
+]

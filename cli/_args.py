@@ -1,0 +1,51 @@
+"""Argument types and options shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from loader import parse_size
+
+_SHORT = ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K"))
+
+
+def size_arg(text: str) -> int:
+    """argparse ``type=`` for sizes with K/M/G/T suffixes (powers of 1024)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def short_size(n: int) -> str:
+    """4096 -> '4K', 3 << 30 -> '3G', 1000 -> '1000': how a size is written on the command line."""
+    for unit, suffix in _SHORT:
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def add_size(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    *,
+    default: int | None,
+    help: str,
+    metavar: str = "SIZE",
+) -> None:
+    """A size option (``4K``, ``1G``, ``0x1000``); its help ends with the default,
+    written as it would be typed."""
+    if default is not None and "(default" not in help:
+        help = f"{help} (default {short_size(default)})"
+    parser.add_argument(flag, type=size_arg, default=default, metavar=metavar, help=help)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

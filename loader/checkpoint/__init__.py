@@ -1,0 +1,31 @@
+"""Checkpoint formats: a raw guest-memory image, or our pages file + msgpack index.
+
+``open_checkpoint`` tells them apart and validates what can be checked without
+reading page data; ``verify_checkpoint`` reads it all; ``create_checkpoint`` writes
+our format from a raw image.  docs/FORMAT.md describes both formats field by field.
+"""
+
+from ._checkpoint import (
+    BadChunk,
+    Checkpoint,
+    VerifyReport,
+    format_inspection,
+    inspect_checkpoint,
+    open_checkpoint,
+    verify_checkpoint,
+)
+from ._create import CreateReport, create_checkpoint
+from ._index import CheckpointError
+
+__all__ = [
+    "BadChunk",
+    "Checkpoint",
+    "CheckpointError",
+    "CreateReport",
+    "VerifyReport",
+    "create_checkpoint",
+    "format_inspection",
+    "inspect_checkpoint",
+    "open_checkpoint",
+    "verify_checkpoint",
+]
