@@ -7,14 +7,18 @@ drives a fresh queue through the whole contract of :mod:`aio._base`::
 
 ``make_queue(capacity)`` is called inside trio and must return a new, empty queue
 of that capacity.  Each check is also available on its own (:data:`CHECKS`, by
-name) so a test suite can report them separately.  A check raises
+name) so a test suite can report them separately.
+
+Also here, as test tools rather than part of :mod:`aio`'s main interface:
+:class:`FaultInjectingQueue` (fails or shortens chosen requests, see
+:func:`fail_offsets`) and :class:`DelayedQueue` (holds completions back).  A check raises
 :class:`AssertionError` saying what broke; it creates its own files (in
 ``tempfile.gettempdir()``) and a memfd mapping, and removes them afterwards.
 
 What is checked: reads at page-aligned offsets land in the mapping and equal the
 file; readv scatters in order; short reads at end of file; errors as ``-errno``
 (``-EBADF`` for a bad descriptor; ``-EIO`` injected by
-:class:`~aio.FaultInjectingQueue` around the queue); capacity and
+:class:`FaultInjectingQueue` around the queue); capacity and
 :class:`~aio.QueueFull`; 1000 requests through capacity 32, each completed once;
 urgent requests; cancelled ``wait`` losing nothing; ``aclose`` with requests in
 flight (including a read blocked on an empty pipe, where the backend accepts one)
@@ -36,9 +40,17 @@ from collections.abc import Awaitable, Callable, Iterator
 import trio
 
 from ._base import Completion, Queue, QueueClosed, QueueFull, Request
-from ._wrappers import FaultInjectingQueue, fail_offsets
+from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, fail_offsets
 
-__all__ = ["CHECKS", "MakeQueue", "check_queue"]
+__all__ = [
+    "CHECKS",
+    "DelayedQueue",
+    "FaultInjectingQueue",
+    "FaultRule",
+    "MakeQueue",
+    "check_queue",
+    "fail_offsets",
+]
 
 MakeQueue = Callable[[int], Queue]
 PAGE = mmap.PAGESIZE

@@ -14,8 +14,9 @@ import trio
 
 import aio
 import aio.testing
-from aio import BackendUnavailable, DelayedQueue, FaultInjectingQueue, Queue, Request
+from aio import BackendUnavailable, Queue, Request
 from aio._probe import check_iovec_layout, explain, probe, read_disabled
+from aio.testing import DelayedQueue, FaultInjectingQueue
 
 PAGE = mmap.PAGESIZE
 

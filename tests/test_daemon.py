@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import aio
+import aio.testing
 from loader.checkpoint import create_checkpoint
 from loader.client import Client, ClientError, TrioClient, mapped_memory
 from loader.daemon import DaemonOptions, run_daemon
@@ -50,7 +51,7 @@ def options(tmp_path, source, **kw):
 
 
 def slowed(delay):
-    return lambda q: aio.DelayedQueue(q, delay)
+    return lambda q: aio.testing.DelayedQueue(q, delay)
 
 
 @pytest.mark.parametrize("kind", ["raw", "pages"])

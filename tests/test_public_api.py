@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import aio
+import aio.testing
 import loader
 
 
 def test_aio_public_names():
     assert set(aio.__all__) == {
-        "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "DelayedQueue", "FaultInjectingQueue",
-        "FaultRule", "Op", "Queue", "QueueClosed", "QueueFull", "QueueStatistics", "Request", "backends",
-        "check_available", "fail_offsets", "open_queue", "pick_auto",
+        "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "Op", "Queue", "QueueClosed", "QueueFull",
+        "QueueStatistics", "Request", "backends", "check_available", "open_queue", "pick_auto",
     }
     for name in aio.__all__:
         assert getattr(aio, name) is not None
+
+
+def test_aio_testing_public_names():
+    """Test tools live in aio.testing, not in aio's main interface."""
+    assert set(aio.testing.__all__) == {
+        "CHECKS", "DelayedQueue", "FaultInjectingQueue", "FaultRule", "MakeQueue", "check_queue", "fail_offsets",
+    }
+    for name in aio.testing.__all__:
+        assert getattr(aio.testing, name) is not None
+    for moved in ("DelayedQueue", "FaultInjectingQueue", "FaultRule", "fail_offsets"):
+        assert not hasattr(aio, moved)
 
 
 def test_loader_public_names_resolve():
