@@ -7,13 +7,16 @@ drives a fresh queue through the whole contract of :mod:`aio._base`::
 
 ``make_queue(capacity)`` is called inside trio and must return a new, empty queue
 of that capacity.  Each check is also available on its own (:data:`CHECKS`, by
-name) so a test suite can report them separately.
+name) so a test suite can report them separately.  A check raises
+:class:`AssertionError` saying what broke; it creates its own files (in
+``tempfile.gettempdir()``) and a memfd mapping, and removes them afterwards.
 
 Also here, as test tools rather than part of :mod:`aio`'s main interface:
 :class:`FaultInjectingQueue` (fails or shortens chosen requests, see
-:func:`fail_offsets`) and :class:`DelayedQueue` (holds completions back).  A check raises
-:class:`AssertionError` saying what broke; it creates its own files (in
-``tempfile.gettempdir()``) and a memfd mapping, and removes them afterwards.
+:func:`fail_offsets`), :class:`DelayedQueue` (holds completions back), and two
+stand-in probes that die the way a broken native binding does,
+:func:`probe_killed_by_sigill` and :func:`probe_killed_by_sigsegv`
+(``PAGELOAD_AIO_PROBE_URING=aio.testing:probe_killed_by_sigill``, see docs/AIO.md).
 
 What is checked: reads at page-aligned offsets land in the mapping and equal the
 file; readv scatters in order; short reads at end of file; errors as ``-errno``
@@ -33,6 +36,7 @@ import errno
 import mmap
 import os
 import random
+import signal
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -50,6 +54,8 @@ __all__ = [
     "MakeQueue",
     "check_queue",
     "fail_offsets",
+    "probe_killed_by_sigill",
+    "probe_killed_by_sigsegv",
 ]
 
 MakeQueue = Callable[[int], Queue]
@@ -454,6 +460,26 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "use_after_close": check_use_after_close,
     "statistics": check_statistics,
 }
+
+
+def _die_by(signum: signal.Signals) -> str:
+    signal.signal(signum, signal.SIG_DFL)  # no Python handler (faulthandler) in the way
+    signal.raise_signal(signum)
+    return f"still alive after {signum.name}"  # only if the signal is blocked
+
+
+def probe_killed_by_sigill(step: Callable[[str, str], None]) -> str | None:
+    """A probe that dies by SIGILL while "creating a ring", as ``liburing`` 2026.x does on
+    a CPU without AVX-512.  Run only in a probe child process (:mod:`aio._isolated`)."""
+    step("liburing's binary", "creating a ring")
+    return _die_by(signal.SIGILL)
+
+
+def probe_killed_by_sigsegv(step: Callable[[str, str], None]) -> str | None:
+    """A probe that dies by SIGSEGV while "creating a ring" (a binding with a memory bug).
+    Run only in a probe child process (:mod:`aio._isolated`)."""
+    step("liburing's binary", "creating a ring")
+    return _die_by(signal.SIGSEGV)
 
 
 async def check_queue(make_queue: MakeQueue) -> None:

@@ -20,6 +20,7 @@ def test_aio_testing_public_names():
     """Test tools live in aio.testing, not in aio's main interface."""
     assert set(aio.testing.__all__) == {
         "CHECKS", "DelayedQueue", "FaultInjectingQueue", "FaultRule", "MakeQueue", "check_queue", "fail_offsets",
+        "probe_killed_by_sigill", "probe_killed_by_sigsegv",
     }
     for name in aio.testing.__all__:
         assert getattr(aio.testing, name) is not None
