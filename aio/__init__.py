@@ -3,6 +3,9 @@
 One interface (:class:`Queue`, after gVisor's ``pkg/aio``), several backends chosen
 by name through :func:`open_queue`: ``threads``, ``sync`` (and ``uring`` where
 liburing and io_uring are usable).
+
+Test tools (fault injection, slowed queues, the conformance suite) are in
+:mod:`aio.testing`.
 """
 
 from ._base import (
@@ -17,16 +20,12 @@ from ._base import (
     Request,
 )
 from ._registry import AUTO_ORDER, backends, check_available, open_queue, pick_auto
-from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, fail_offsets
 
 __all__ = [
     "AUTO_ORDER",
     "AioError",
     "BackendUnavailable",
     "Completion",
-    "DelayedQueue",
-    "FaultInjectingQueue",
-    "FaultRule",
     "Op",
     "Queue",
     "QueueClosed",
@@ -35,7 +34,6 @@ __all__ = [
     "Request",
     "backends",
     "check_available",
-    "fail_offsets",
     "open_queue",
     "pick_auto",
 ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +92,16 @@ class QueueStatistics:
     ready: int  #: completed, waiting to be returned by wait()
     submitted_total: int
     completed_total: int
+
+
+def run_request(request: Request) -> int:
+    """Perform ``request`` now; return bytes read or ``-errno``.  Shared by the preadv backends."""
+    try:
+        return os.preadv(request.fd, request.buffers, request.offset)
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    except (TypeError, ValueError, BufferError):  # a buffer the kernel cannot take
+        return -errno.EINVAL
 
 
 class Queue(abc.ABC):

@@ -4,23 +4,44 @@
 ``/proc/sys/kernel/io_uring_disabled``, the errno of ``io_uring_setup``, whether
 ``IORING_OP_READV`` is supported) into ``None`` or a one-line reason, so every
 reason can be tested on a host where io_uring works.  :func:`probe` gathers those
-facts on this host (creating and destroying a two-entry ring) and raises
-:class:`~aio.BackendUnavailable` with that line.
+facts on this host: it creates a ring through ``liburing`` and reads eight bytes
+through it.  That is native code which can kill its process (SIGILL where the
+binary needs CPU features this machine lacks), so the registry runs
+:func:`probe` only in a child process (:mod:`aio._isolated`), never in the daemon.
+
+This module is loaded on its own in that child (not as part of the ``aio``
+package, to keep the child from importing trio): it imports only the standard
+library at its top level.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-
-from ._base import BackendUnavailable
+from collections.abc import Callable
+from typing import Any
 
 DISABLED_PATH = "/proc/sys/kernel/io_uring_disabled"
+#: the binding the uring backend is written for (its API: ``io_uring()``, ``iovec([...])``)
+LIBURING_VERSION = "2024.5.3"
+#: ``__NR_io_uring_setup``: the same on every architecture Linux added it to after 5.1
+_NR_IO_URING_SETUP = 425
+#: ``sizeof(struct io_uring_params)``
+_PARAMS_SIZE = 120
 
 _DISABLED_MEANING = {
     1: "only processes in the group kernel.io_uring_group or with CAP_SYS_ADMIN may create rings",
     2: "io_uring is switched off for every process",
 }
+
+#: ``step(subject, activity)``: called before each native step; see :mod:`aio._isolated`
+Step = Callable[[str, str], None]
+_SUBJECT = "liburing's binary"
+
+
+def _no_step(subject: str, activity: str) -> None:
+    pass
 
 
 def explain(
@@ -42,7 +63,7 @@ def explain(
     if import_error is not None:
         return (
             "the liburing Python package cannot be imported "
-            f"(pip install liburing): {type(import_error).__name__}: {import_error}"
+            f"(pip install liburing=={LIBURING_VERSION}): {type(import_error).__name__}: {import_error}"
         )
     if disabled == 2:
         return f"io_uring is disabled on this host: {DISABLED_PATH} = 2 ({_DISABLED_MEANING[2]})"
@@ -78,60 +99,107 @@ def read_disabled(path: str = DISABLED_PATH) -> int | None:
         return None
 
 
-def probe(disabled_path: str = DISABLED_PATH) -> None:
-    """Return if io_uring can run readv here; else raise BackendUnavailable(why)."""
+def setup_errno() -> int | None:
+    """Create and close a two-entry ring with the raw ``io_uring_setup`` system call.
+
+    Returns its errno, or ``None`` if it worked (or libc's ``syscall`` cannot be
+    found).  Needs no binding, and its errno is the kernel's own (liburing 2024.5.3
+    raises ``OSError`` with the C ``errno``, which its raw system calls never set, so
+    the number it reports can be stale).
+    """
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    params = (ctypes.c_uint8 * _PARAMS_SIZE)()
+    fd = syscall(ctypes.c_long(_NR_IO_URING_SETUP), ctypes.c_uint(2), params)
+    if fd < 0:
+        return ctypes.get_errno() or errno.EIO
+    os.close(fd)
+    return None
+
+
+def probe(step: Step = _no_step, *, disabled_path: str = DISABLED_PATH) -> str | None:
+    """``None`` if the uring backend can run here, else one line saying why not.
+
+    In order: ``io_uring_disabled`` = 2; ``import liburing`` and its API (the
+    2024.5.3 one); the raw ``io_uring_setup``; then, through the binding (each
+    announced with ``step``): a ring, its op probe (``IORING_OP_READV``), an eventfd
+    registered with it and an 8-byte ``readv`` from a memfd that must return those
+    bytes.  Run it in a child process (see the module docstring).
+    """
+    disabled = read_disabled(disabled_path)
+    if disabled == 2:
+        return explain(disabled=disabled)
+    step(_SUBJECT, "being imported")
     try:
         import liburing
     except ImportError as exc:
-        raise BackendUnavailable(explain(import_error=exc)) from exc
-    disabled = read_disabled(disabled_path)
-    ring = liburing.Ring()
+        return explain(import_error=exc)
+    version = getattr(liburing, "__version__", "?")
+    missing = [name for name in ("io_uring", "iovec", "io_uring_prep_readv", "io_uring_peek_cqe")
+               if not hasattr(liburing, name)]
+    if missing:
+        return (f"liburing {version} has another API (no {', '.join(missing)}); the uring backend is "
+                f"written for liburing {LIBURING_VERSION}: pip install liburing=={LIBURING_VERSION}")
+    why = explain(disabled=disabled, setup_errno=setup_errno())
+    if why is not None:
+        return why
+    step(_SUBJECT, "creating a ring")
+    ring = liburing.io_uring()
     try:
         liburing.io_uring_queue_init(2, ring)
-    except OSError as exc:
-        why = explain(disabled=disabled, setup_errno=exc.errno or errno.EIO)
-        raise BackendUnavailable(why) from exc
+    except OSError as exc:  # the raw setup worked a moment ago: say what the binding said
+        return f"liburing {version} cannot create a ring although io_uring_setup works: {exc}"
     try:
-        ops = liburing.io_uring_get_probe_ring(ring)
-        if ops is None:  # IORING_REGISTER_PROBE arrived in 5.6; without it assume readv (5.1)
-            readv = True
-        else:
-            readv = liburing.io_uring_opcode_supported(
-                ops, liburing.io_uring_op.IORING_OP_READV
-            )
-            liburing.io_uring_free_probe(ops)
+        step(_SUBJECT, "probing the ring's operations")
+        readv = _readv_supported(liburing, ring)
+        why = explain(disabled=disabled, readv_supported=readv)
+        if why is None:
+            step(_SUBJECT, "reading through a ring")
+            why = _test_read(liburing, ring, version)
     finally:
         liburing.io_uring_queue_exit(ring)
-    why = explain(disabled=disabled, readv_supported=readv) or check_iovec_layout(liburing)
-    if why is not None:
-        raise BackendUnavailable(why)
+    return why
 
 
-def check_iovec_layout(liburing: object) -> str | None:
-    """``None`` if liburing's ``Iovec`` object has the layout the uring backend patches.
-
-    The package's ``Iovec(list)`` keeps every buffer it is given exported forever
-    (so a memoryview slice of a mapping, and the mapping, can never be released),
-    so the backend builds one ``Iovec`` per slot and rewrites its C array in place.
-    This checks the object still looks as expected: a ``size_t`` count at offset 16
-    and the ``struct iovec *`` at offset 24 after the object header.
-    """
-    import ctypes
-
+def _readv_supported(lu: Any, ring: Any) -> bool:
+    ops = lu.io_uring_get_probe_ring(ring)
+    if ops.last_op is None:  # no IORING_REGISTER_PROBE (before 5.6): readv exists since 5.1
+        return True
     try:
-        parts = [bytearray(3), bytearray(5)]
-        iovec = liburing.Iovec(parts)  # type: ignore[attr-defined]
-        count = ctypes.c_size_t.from_address(id(iovec) + 16).value
-        array = ctypes.c_void_p.from_address(id(iovec) + 24).value
-        ok = count == 2 and array is not None
-        if ok and array is not None:
-            first = (ctypes.c_size_t * 4).from_address(array)
-            ok = first[1] == 3 and first[3] == 5 and first[0] == ctypes.addressof(
-                ctypes.c_char.from_buffer(parts[0])
-            )
-    except Exception as exc:  # noqa: BLE001 - any surprise means "not the layout we know"
-        return f"liburing's Iovec cannot be inspected: {type(exc).__name__}: {exc}"
-    if not ok:
-        version = getattr(liburing, "__version__", "?")
-        return f"liburing {version}: Iovec object layout not recognised (expected count, pointer)"
+        return bool(lu.io_uring_opcode_supported(ops, lu.io_uring_op.IORING_OP_READV))
+    finally:
+        lu.io_uring_free_probe(ops)
+
+
+def _test_read(lu: Any, ring: Any, version: str) -> str | None:
+    """Read 8 bytes from a memfd through ``ring`` with an eventfd registered, as the backend does."""
+    expected = b"pageload"
+    memfd = os.memfd_create("aio-probe", os.MFD_CLOEXEC)
+    eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        os.write(memfd, expected)
+        lu.io_uring_register_eventfd(ring, eventfd)
+        buf = bytearray(len(expected))
+        iov = lu.iovec([memoryview(buf)])
+        sqe = lu.io_uring_get_sqe(ring)
+        lu.io_uring_prep_readv(sqe, memfd, iov, 0)
+        lu.io_uring_sqe_set_data64(sqe, 7)
+        lu.io_uring_submit(ring)
+        cqe = lu.io_uring_cqe()
+        lu.io_uring_wait_cqe(ring, cqe)
+        user_data, result = cqe.user_data, cqe.res
+        lu.io_uring_cq_advance(ring, 1)
+        lu.io_uring_unregister_eventfd(ring)
+        signalled = os.eventfd_read(eventfd)
+    except OSError as exc:
+        return f"a test read through liburing {version} failed: {exc}"
+    finally:
+        os.close(memfd)
+        os.close(eventfd)
+    if (user_data, result, bytes(buf)) != (7, len(expected), expected) or not signalled:
+        return (f"a test read through liburing {version} went wrong: user_data {user_data}, "
+                f"result {result}, data {bytes(buf)!r}, eventfd count {signalled}")
     return None

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from collections import deque
 
 import trio
 
-from ._base import Completion, Queue, Request
-
-
-def run_request(request: Request) -> int:
-    """Perform ``request`` now; return bytes read or ``-errno``.  Shared by backends."""
-    try:
-        return os.preadv(request.fd, request.buffers, request.offset)
-    except OSError as exc:
-        return -(exc.errno or errno.EIO)
-    except (TypeError, ValueError, BufferError):  # a buffer the kernel cannot take
-        return -errno.EINVAL
+from ._base import Completion, Queue, Request, run_request
 
 
 class SyncQueue(Queue):

@@ -21,8 +21,7 @@ from collections import deque
 
 import trio
 
-from ._base import Completion, Queue, Request
-from ._sync import run_request
+from ._base import Completion, Queue, Request, run_request
 
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
@@ -151,6 +150,3 @@ class ThreadQueue(Queue):
         with self._lock:
             return len(self._ready)
 
-
-def default_threads() -> int:
-    return min(DEFAULT_THREADS, max(2, os.cpu_count() or 2))

@@ -1,12 +1,12 @@
-"""io_uring backend on the ``liburing`` package: one ring, one eventfd, no threads of ours.
+"""io_uring backend on the ``liburing`` package (2024.5.3): one ring, one eventfd, no threads of ours.
 
-* :meth:`UringQueue.add` writes the request's iovec array (pointers straight at
-  the caller's buffers: slices of a mapping, so the kernel copies page data once,
-  into the mapping) into the request's slot and queues it, urgent or not.
-  Nothing reaches the kernel yet.  Each slot owns one liburing ``Iovec`` for the
-  queue's life, rewritten in place: ``liburing.Iovec(list)`` never releases the
-  buffers it is given, so one per request would pin every slice (and the mapping)
-  forever and leak them.
+* :meth:`UringQueue.add` builds the request's ``liburing.iovec`` (a C array of
+  ``struct iovec`` pointing straight at the caller's buffers: slices of a mapping,
+  so the kernel copies page data once, into the mapping) and queues the request's
+  slot, urgent or not.  Nothing reaches the kernel yet.  ``iovec`` reads each
+  buffer's address while it is built and releases the buffer at once (it exports
+  nothing afterwards), and frees its array when it is dropped, so a finished
+  request pins nothing.
 * :meth:`UringQueue.wait` fills submission entries, urgent requests first, and
   submits them with one ``io_uring_submit`` per round.  Completions are reaped
   from the completion ring; when too few are there, the task parks in
@@ -25,11 +25,13 @@ io-wq workers do the reads and copy in parallel while the submit returns at once
 With ``force_async=False`` reads whose data is in the page cache run inline inside
 ``io_uring_submit``, in the trio thread: one core copies, and the event loop is
 blocked for the whole batch (slower in the fill measurement, see docs/AIO.md).
+
+Import this module only after :func:`aio.check_available` said ``uring`` is usable:
+that ran the binding in a child process first (:mod:`aio._isolated`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections import deque
@@ -39,7 +41,7 @@ import liburing as _lu
 import trio
 
 from ._base import AioError, BackendUnavailable, Completion, Queue, Request
-from ._probe import check_iovec_layout, explain, read_disabled
+from ._probe import explain, read_disabled, setup_errno
 
 #: user_data of our cancel entries; read entries use their slot index
 _CANCEL_TAG = (1 << 64) - 1
@@ -47,50 +49,23 @@ _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+#: ``IOSQE_ASYNC`` (1 << ``IOSQE_ASYNC_BIT``, linux/io_uring.h): liburing 2024.5.3 does not export it by name
+IOSQE_ASYNC = 1 << 4
 
 
-class _CIovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+def _iovec(buffers: Sequence[memoryview]) -> object:
+    """A ``liburing.iovec`` over ``buffers`` (empty ones left out: they read nothing).
 
-
-class _IovecArray:
-    """A liburing ``Iovec`` whose C array is rewritten for each request.
-
-    Built from throw-away bytearrays (that path exports nothing), then its
-    ``struct iovec`` entries and its count are overwritten in place through
-    ctypes (layout checked by :func:`aio._probe.check_iovec_layout`).  Grows by
-    doubling when a request has more buffers than it holds.
+    Raises ValueError for a buffer that is not one contiguous run of bytes.
     """
-
-    __slots__ = ("iovec", "_entries", "_count", "_capacity")
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self.iovec = _lu.Iovec([bytearray(1) for _ in range(capacity)])
-        base = id(self.iovec)
-        self._count = ctypes.c_size_t.from_address(base + 16)
-        array = ctypes.c_void_p.from_address(base + 24).value
-        if array is None:
-            raise BackendUnavailable("liburing Iovec has no iovec array (layout changed?)")
-        self._entries = (_CIovec * capacity).from_address(array)
-
-    def fill(self, buffers: Sequence[memoryview]) -> None:
-        """Point the entries at ``buffers`` (writable, else TypeError).  No copy."""
-        entries, addressof, from_buffer = self._entries, ctypes.addressof, ctypes.c_char.from_buffer
-        for i, buf in enumerate(buffers):
-            entry = entries[i]
-            size = buf.nbytes
-            entry.base = addressof(from_buffer(buf)) if size else None
-            entry.len = size
-        self._count.value = len(buffers)
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    def release(self) -> None:
-        """Restore the count liburing allocated, so its destructor frees what it made."""
-        self._count.value = self._capacity
+    parts = []
+    for buf in buffers:
+        if not buf.nbytes:
+            continue
+        if not buf.c_contiguous:
+            raise ValueError("the uring backend reads into contiguous buffers only")
+        parts.append(buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B"))
+    return _lu.iovec(parts)
 
 
 def _ring_entries(capacity: int) -> int:
@@ -108,17 +83,18 @@ class UringQueue(Queue):
 
     def __init__(self, capacity: int = 64, *, force_async: bool = True) -> None:
         super().__init__(capacity)
-        layout_problem = check_iovec_layout(_lu)
-        if layout_problem is not None:
-            raise BackendUnavailable(layout_problem)
         self.force_async = force_async
-        self._sqe_flags = _lu.IOSQE_ASYNC if force_async else 0
-        self._ring = _lu.Ring()
+        self._sqe_flags = IOSQE_ASYNC if force_async else 0
+        self._ring = _lu.io_uring()
+        self._ring_open = False
         try:
             _lu.io_uring_queue_init(_ring_entries(capacity), self._ring)
         except OSError as exc:
-            why = explain(disabled=read_disabled(), setup_errno=exc.errno or errno.EIO)
-            raise BackendUnavailable(why) from exc
+            # the binding's errno can be stale (it reads C errno after a raw system call):
+            # ask the kernel again for the reason
+            why = explain(disabled=read_disabled(), setup_errno=setup_errno() or exc.errno or errno.EIO)
+            raise BackendUnavailable(why or f"io_uring_queue_init failed: {exc}") from exc
+        self._ring_open = True
         self._eventfd = -1
         try:
             self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -126,10 +102,10 @@ class UringQueue(Queue):
         except BaseException:
             self._exit_ring()
             raise
-        self._cqe = _lu.Cqe()
-        # slot i holds a request (and its iovecs) from add until its completion is reaped
+        self._cqe = _lu.io_uring_cqe()
+        # slot i holds a request and its iovec from add until its completion is reaped
         self._requests: list[Request | None] = [None] * capacity
-        self._iovecs = [_IovecArray(4) for _ in range(capacity)]
+        self._iovecs: list[object] = [None] * capacity
         self._free: list[int] = list(range(capacity - 1, -1, -1))
         self._urgent: deque[int] = deque()  # slots added, not yet in the submission ring
         self._normal: deque[int] = deque()
@@ -142,20 +118,13 @@ class UringQueue(Queue):
         buffers = request.buffers
         if len(buffers) > _IOV_MAX:
             raise ValueError(f"a request takes at most {_IOV_MAX} buffers, not {len(buffers)}")
-        slot = self._free[-1]
-        iovecs = self._iovecs[slot]
-        if len(buffers) > iovecs.capacity:
-            size = iovecs.capacity
-            while size < len(buffers):
-                size *= 2
-            iovecs.release()
-            iovecs = self._iovecs[slot] = _IovecArray(min(size, _IOV_MAX))
         try:
-            iovecs.fill(buffers)
-        except TypeError as exc:
-            raise ValueError(f"the uring backend reads into writable buffers only: {exc}") from exc
-        self._free.pop()
+            iovec = _iovec(buffers)
+        except (TypeError, BufferError) as exc:
+            raise ValueError(f"the uring backend cannot read into this buffer: {exc}") from exc
+        slot = self._free.pop()
         self._requests[slot] = request
+        self._iovecs[slot] = iovec
         (self._urgent if request.urgent else self._normal).append(slot)
 
     # -- submit / reap -----------------------------------------------------------
@@ -165,13 +134,13 @@ class UringQueue(Queue):
         for pending in (self._urgent, self._normal):
             while pending:
                 sqe = _lu.io_uring_get_sqe(ring)
-                if sqe is None:  # ring full: the rest waits for the next round
+                if not sqe:  # ring full (a NULL entry): the rest waits for the next round
                     self._in_kernel += placed
                     return placed
                 slot = pending.popleft()
                 request = self._requests[slot]
                 assert request is not None
-                _lu.io_uring_prep_readv(sqe, request.fd, self._iovecs[slot].iovec, request.offset, 0)
+                _lu.io_uring_prep_readv(sqe, request.fd, self._iovecs[slot], request.offset)
                 _lu.io_uring_sqe_set_data64(sqe, slot)
                 if flags:
                     _lu.io_uring_sqe_set_flags(sqe, flags)
@@ -186,7 +155,7 @@ class UringQueue(Queue):
                 _lu.io_uring_submit(self._ring)
             except InterruptedError:
                 continue
-            except (BlockingIOError, OSError) as exc:
+            except OSError as exc:  # its errno can be stale (see __init__): EAGAIN/EBUSY are the likely ones
                 if exc.errno in (errno.EAGAIN, errno.EBUSY) and self._in_kernel:
                     return  # kernel short of resources: retried after the next completion
                 raise AioError(f"io_uring_submit failed: {exc}") from exc
@@ -195,27 +164,21 @@ class UringQueue(Queue):
 
     def _reap(self) -> int:
         """Move every read completion in the completion ring to ``_ready``; return how many."""
-        cqe, seen, reads = self._cqe, 0, 0
-        requests, free, ready = self._requests, self._free, self._ready
-        for _ in _lu.CqeIter(self._ring, cqe):
-            entry = cqe[0]
-            seen += 1
-            slot = entry.user_data
+        ring, cqe, reads = self._ring, self._cqe, 0
+        requests, iovecs, free, ready = self._requests, self._iovecs, self._free, self._ready
+        peek, advance = _lu.io_uring_peek_cqe, _lu.io_uring_cq_advance
+        while peek(ring, cqe) == 0:  # 0: an entry at the head; -EAGAIN: none
+            slot, result = cqe.user_data, cqe.res
+            advance(ring, 1)
             if slot == _CANCEL_TAG:
                 continue
-            try:
-                result = entry.res
-            except OSError as exc:  # liburing raises for a negative res
-                result = -(exc.errno or errno.EIO)
             request = requests[slot]
             assert request is not None
             reads += 1
-            requests[slot] = None  # the kernel is done with its buffers and iovecs
+            requests[slot] = iovecs[slot] = None  # the kernel is done with its buffers and iovec
             free.append(slot)
             ready.append(Completion(request.id, result))
-        if seen:
-            _lu.io_uring_cq_advance(self._ring, seen)
-            self._in_kernel -= reads
+        self._in_kernel -= reads
         return reads
 
     def _drain_eventfd(self) -> None:
@@ -252,7 +215,7 @@ class UringQueue(Queue):
         for pending in (self._urgent, self._normal):  # never started: just forget them
             while pending:
                 slot = pending.popleft()
-                self._requests[slot] = None
+                self._requests[slot] = self._iovecs[slot] = None
                 self._free.append(slot)
         if self._in_kernel:
             self._cancel_in_flight()
@@ -269,10 +232,10 @@ class UringQueue(Queue):
             if request is None:
                 continue
             sqe = _lu.io_uring_get_sqe(self._ring)
-            if sqe is None:
+            if not sqe:
                 self._submit()
                 sqe = _lu.io_uring_get_sqe(self._ring)
-                assert sqe is not None
+                assert sqe
             _lu.io_uring_prep_cancel64(sqe, slot, 0)
             _lu.io_uring_sqe_set_data64(sqe, _CANCEL_TAG)
         self._submit()
@@ -285,9 +248,9 @@ class UringQueue(Queue):
                 pass
             os.close(self._eventfd)
             self._eventfd = -1
-        _lu.io_uring_queue_exit(self._ring)
-        for iovecs in getattr(self, "_iovecs", ()):  # absent if __init__ failed early
-            iovecs.release()
+        if self._ring_open:
+            self._ring_open = False
+            _lu.io_uring_queue_exit(self._ring)
 
     @property
     def submissions(self) -> int:

@@ -11,10 +11,17 @@ name) so a test suite can report them separately.  A check raises
 :class:`AssertionError` saying what broke; it creates its own files (in
 ``tempfile.gettempdir()``) and a memfd mapping, and removes them afterwards.
 
+Also here, as test tools rather than part of :mod:`aio`'s main interface:
+:class:`FaultInjectingQueue` (fails or shortens chosen requests, see
+:func:`fail_offsets`), :class:`DelayedQueue` (holds completions back), and two
+stand-in probes that die the way a broken native binding does,
+:func:`probe_killed_by_sigill` and :func:`probe_killed_by_sigsegv`
+(``PAGELOAD_AIO_PROBE_URING=aio.testing:probe_killed_by_sigill``, see docs/AIO.md).
+
 What is checked: reads at page-aligned offsets land in the mapping and equal the
 file; readv scatters in order; short reads at end of file; errors as ``-errno``
 (``-EBADF`` for a bad descriptor; ``-EIO`` injected by
-:class:`~aio.FaultInjectingQueue` around the queue); capacity and
+:class:`FaultInjectingQueue` around the queue); capacity and
 :class:`~aio.QueueFull`; 1000 requests through capacity 32, each completed once;
 urgent requests; cancelled ``wait`` losing nothing; ``aclose`` with requests in
 flight (including a read blocked on an empty pipe, where the backend accepts one)
@@ -29,6 +36,7 @@ import errno
 import mmap
 import os
 import random
+import signal
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,9 +44,19 @@ from collections.abc import Awaitable, Callable, Iterator
 import trio
 
 from ._base import Completion, Queue, QueueClosed, QueueFull, Request
-from ._wrappers import FaultInjectingQueue, fail_offsets
+from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, fail_offsets
 
-__all__ = ["CHECKS", "MakeQueue", "check_queue"]
+__all__ = [
+    "CHECKS",
+    "DelayedQueue",
+    "FaultInjectingQueue",
+    "FaultRule",
+    "MakeQueue",
+    "check_queue",
+    "fail_offsets",
+    "probe_killed_by_sigill",
+    "probe_killed_by_sigsegv",
+]
 
 MakeQueue = Callable[[int], Queue]
 PAGE = mmap.PAGESIZE
@@ -442,6 +460,26 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "use_after_close": check_use_after_close,
     "statistics": check_statistics,
 }
+
+
+def _die_by(signum: signal.Signals) -> str:
+    signal.signal(signum, signal.SIG_DFL)  # no Python handler (faulthandler) in the way
+    signal.raise_signal(signum)
+    return f"still alive after {signum.name}"  # only if the signal is blocked
+
+
+def probe_killed_by_sigill(step: Callable[[str, str], None]) -> str | None:
+    """A probe that dies by SIGILL while "creating a ring", as ``liburing`` 2026.x does on
+    a CPU without AVX-512.  Run only in a probe child process (:mod:`aio._isolated`)."""
+    step("liburing's binary", "creating a ring")
+    return _die_by(signal.SIGILL)
+
+
+def probe_killed_by_sigsegv(step: Callable[[str, str], None]) -> str | None:
+    """A probe that dies by SIGSEGV while "creating a ring" (a binding with a memory bug).
+    Run only in a probe child process (:mod:`aio._isolated`)."""
+    step("liburing's binary", "creating a ring")
+    return _die_by(signal.SIGSEGV)
 
 
 async def check_queue(make_queue: MakeQueue) -> None:

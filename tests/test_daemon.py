@@ -20,6 +20,7 @@ import pytest
 import trio
 
 import aio
+import aio.testing
 from loader import Client, ClientError, DaemonOptions, LoaderConfig, TrioClient, mapped_memory, run_daemon
 from loader.checkpoint import create_checkpoint
 from workloads import make_sample_image
@@ -48,7 +49,7 @@ def options(tmp_path, source, **kw):
 
 
 def slowed(delay):
-    return lambda q: aio.DelayedQueue(q, delay)
+    return lambda q: aio.testing.DelayedQueue(q, delay)
 
 
 @pytest.mark.parametrize("kind", ["raw", "pages"])

@@ -10,6 +10,7 @@ import inspect
 from pathlib import Path
 
 import aio
+import aio.testing
 import bench
 import loader
 import loader.checkpoint
@@ -30,12 +31,21 @@ ALLOWED_IMPORTS = {
 
 def test_aio_public_names():
     assert set(aio.__all__) == {
-        "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "DelayedQueue", "FaultInjectingQueue",
-        "FaultRule", "Op", "Queue", "QueueClosed", "QueueFull", "QueueStatistics", "Request", "backends",
-        "check_available", "fail_offsets", "open_queue", "pick_auto",
+        "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "Op", "Queue", "QueueClosed", "QueueFull",
+        "QueueStatistics", "Request", "backends", "check_available", "open_queue", "pick_auto",
     }
     for name in aio.__all__:
         assert getattr(aio, name) is not None
+
+
+def test_aio_testing_public_names():
+    """Test tools live in aio.testing, not in aio's main interface."""
+    assert set(aio.testing.__all__) == {
+        "CHECKS", "DelayedQueue", "FaultInjectingQueue", "FaultRule", "MakeQueue", "check_queue", "fail_offsets",
+        "probe_killed_by_sigill", "probe_killed_by_sigsegv",
+    }
+    for moved in ("DelayedQueue", "FaultInjectingQueue", "FaultRule", "fail_offsets"):
+        assert not hasattr(aio, moved)
 
 
 def test_loader_public_names():
@@ -52,7 +62,7 @@ def test_loader_public_names():
 
 
 def test_every_exported_name_resolves_to_itself():
-    for module in (aio, loader, loader.checkpoint, workloads, bench):
+    for module in (aio, aio.testing, loader, loader.checkpoint, workloads, bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import aio
+import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
 
 PAGE = 4096
@@ -74,7 +75,7 @@ async def test_full_load_equals_image(image, backend):
 
 
 async def test_wait_returns_correct_bytes_while_rest_loads(image):
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.002)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.002)
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -92,7 +93,7 @@ async def test_wait_returns_correct_bytes_while_rest_loads(image):
 
 async def test_priority_far_end_served_while_most_unloaded(image):
     # a backend slowed on purpose: every completion costs 5 ms
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.005)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.005)
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -109,7 +110,7 @@ async def test_priority_far_end_served_while_most_unloaded(image):
 
 
 async def test_without_priority_far_wait_waits_for_the_sweep(image):
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.0005)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.0005)
     loader, mem = make_loader(image, queue, priority=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -157,7 +158,7 @@ async def test_lazy_mode_loads_only_what_is_waited_for(image):
 
 
 async def test_in_flight_part_is_joined_not_read_twice(image):
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -182,7 +183,7 @@ async def test_in_flight_part_is_joined_not_read_twice(image):
 
 async def test_large_wait_does_not_starve_small_one(tmp_path):
     img = Image(str(tmp_path / "pages"), 32 * MiB, [(0, 32 * MiB)])
-    queue = aio.DelayedQueue(aio.open_queue("sync", 8), 0.002)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 8), 0.002)
     loader, mem = make_loader(img, queue, sweep=False, read_size=256 * 1024, waiter_reads=2)
     order = []
     async with trio.open_nursery() as nursery:
@@ -208,7 +209,7 @@ async def test_large_wait_does_not_starve_small_one(tmp_path):
 
 async def test_io_error_fails_exactly_the_waits_that_need_it(image):
     bad_lo, bad_hi = 2 * MiB, 2 * MiB + 256 * 1024  # pages-file span of memory 4 MiB..
-    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), aio.fail_offsets(bad_lo, bad_hi))
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(bad_lo, bad_hi))
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -248,7 +249,7 @@ async def test_short_reads_are_resubmitted(image):
         seen.add(request.id)
         return request.length // 2 + PAGE // 2  # not even page-aligned
 
-    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), shorten_once)
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), shorten_once)
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -261,7 +262,7 @@ async def test_short_reads_are_resubmitted(image):
 
 
 async def test_cancelled_wait_leaves_nothing_behind(image):
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -275,7 +276,7 @@ async def test_cancelled_wait_leaves_nothing_behind(image):
 
 
 async def test_shutdown_answers_every_waiter(image):
-    queue = aio.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False, waiter_reads=1)
     errors = []
     async with trio.open_nursery() as nursery:
@@ -309,7 +310,7 @@ def test_out_of_memory_range_is_refused(image):
 
 async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
     # regression: with every slot taken by waiters' reads, the sweep must not add more
-    queue = aio.DelayedQueue(aio.open_queue("sync", 8), 0.001)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 8), 0.001)
     loader, mem = make_loader(image, queue, background_reads=4)
     answered = []
     for i in range(32):  # all registered before the first round: they take every slot
@@ -327,10 +328,10 @@ async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
 
 async def test_sweep_shrinks_while_clients_fault(image):
     """While a wait is blocked, at most ``busy_background_reads`` sweep reads are in flight."""
-    inner = aio.DelayedQueue(aio.open_queue("sync", 16), 0.001)
+    inner = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.001)
     seen = {"max_busy": 0, "max_quiet": 0}
 
-    class Watch(aio.DelayedQueue):
+    class Watch(aio.testing.DelayedQueue):
         def _add(self, request):
             super()._add(request)
             if not request.urgent:  # a sweep read: how many are in flight with it?
@@ -357,7 +358,7 @@ async def test_sweep_shrinks_while_clients_fault(image):
 async def test_a_dead_pages_file_fails_everything_with_merged_ranges(image):
     # every read fails: the load still finishes, every data range is failed, and the
     # record is per merged interval (not per page, although reads were narrowed to pages)
-    queue = aio.FaultInjectingQueue(aio.open_queue("sync", 16), aio.fail_offsets(0, 1 << 40))
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(0, 1 << 40))
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
