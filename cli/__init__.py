@@ -17,6 +17,7 @@ COMMANDS = {
     "wait": "cli._client",
     "stats": "cli._client",
     "checkpoint": "cli._checkpoint",
+    "working-set": "cli._workingset",
     "trace": "cli._trace",
     "loadgen": "cli._loadgen",
     "bench": "cli._bench",

@@ -10,7 +10,7 @@ import tracemalloc
 import trio
 
 import aio
-from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader import DaemonOptions, LoaderConfig, WorkingSetError, run_daemon
 from loader.checkpoint import CheckpointError
 
 from ._args import add_size
@@ -52,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
                    help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
+    ws = p.add_argument_group("working set (docs/FORMAT.md): what the guest touches first, loaded first")
+    ws.add_argument("--working-set", metavar="FILE",
+                    help="replay this working set before the sweep (default: working-set.msgpack in the "
+                    "checkpoint directory, or IMAGE.working-set.msgpack beside a raw image, when present; "
+                    "a default file that does not fit is ignored with a warning, an explicit one is an error)")
+    ws.add_argument("--no-working-set", action="store_true", help="ignore any working set")
+    ws.add_argument("--record-working-set", nargs="?", const="", metavar="FILE",
+                    help="record the ranges waited on after READY, in first-touch order, and write them "
+                    "atomically at the end of the window or at shutdown (default FILE: the default "
+                    "working-set path above); checked writable at start")
+    ws.add_argument("--record-seconds", type=float, default=10.0, metavar="SECONDS",
+                    help="the recording window after READY; a 'mark' request ends it early; 0: until a mark "
+                    "or shutdown (default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root)")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
@@ -81,12 +94,21 @@ def run(args: argparse.Namespace) -> int:
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
         progress_bar=not args.background and sys.stderr.isatty(),
+        working_set=args.working_set, use_working_set=not args.no_working_set,
+        record_working_set=args.record_working_set,
+        record_seconds=args.record_seconds if args.record_seconds > 0 else None,
     )
+    if args.record_seconds < 0:
+        print(f"pageload: --record-seconds {args.record_seconds} is negative", file=sys.stderr)
+        return 2
+    if args.no_working_set and args.working_set:
+        print("pageload: --working-set and --no-working-set contradict each other", file=sys.stderr)
+        return 2
     if args.tracemalloc:
         tracemalloc.start()
     try:
         trio.run(run_daemon, opts)
-    except CheckpointError as exc:
+    except (CheckpointError, WorkingSetError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except aio.BackendUnavailable as exc:

@@ -14,10 +14,35 @@ from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
 from ._server import Server
 from ._stats import LatencyHistogram, LoaderStatistics
-from ._sweep import SequentialOrder, SweepOrder
+from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
 from ._units import human, parse_size
+from ._workingset import (
+    AccessRecorder,
+    CheckpointIdentity,
+    WorkingSet,
+    WorkingSetError,
+    WorkingSetRecorder,
+    checkpoint_identity,
+    format_working_set,
+    merge_working_sets,
+    read_working_set,
+    replay_order,
+    write_working_set,
+)
 
 __all__ = [
+    "AccessRecorder",
+    "CheckpointIdentity",
+    "WorkingSet",
+    "WorkingSetError",
+    "WorkingSetOrder",
+    "WorkingSetRecorder",
+    "checkpoint_identity",
+    "format_working_set",
+    "merge_working_sets",
+    "read_working_set",
+    "replay_order",
+    "write_working_set",
     "Client",
     "ClientError",
     "DaemonOptions",

@@ -27,8 +27,20 @@ import aio
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._server import Server
-from ._sweep import SweepOrder
+from ._sweep import SweepOrder, WorkingSetOrder
 from ._units import human
+from ._workingset import (
+    WorkingSetError,
+    WorkingSetRecorder,
+    check_identity,
+    check_recording_path,
+    checkpoint_identity,
+    clip_working_set,
+    default_working_set_path,
+    read_working_set,
+    replay_order,
+    write_working_set,
+)
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
@@ -53,6 +65,12 @@ class DaemonOptions:
     #: wraps the queue (tests slow it down or inject faults)
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
+    #: replay this working set (``None``: the checkpoint's default file, if present)
+    working_set: str | None = None
+    use_working_set: bool = True  #: False: ignore any working set (``--no-working-set``)
+    #: record a working set into this file (``""``: the checkpoint's default file)
+    record_working_set: str | None = None
+    record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
 
 
@@ -156,6 +174,7 @@ async def run_daemon(
     layout = ckpt.layout
     log.info("restoring %s: %s checkpoint, memory %s, data %s in %d ranges",
              opts.source, ckpt.kind, human(layout.memory_size), human(layout.data_bytes), len(layout))
+    order, recorder, record_path = _working_set_setup(opts, ckpt)
     try:
         pages_fd = ckpt.open_pages(direct=opts.direct)
     except CheckpointError as exc:
@@ -166,12 +185,15 @@ async def run_daemon(
     memory = MemoryFile(layout.memory_size, opts.memory_file)
     try:
         queue, backend = _open_queue(opts)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, order)
+        loader.recorder = recorder
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
-                                             "process": process_stats()})
+                                             "process": process_stats(),
+                                             **_working_set_stats(order, recorder, record_path)})
         state = DaemonState(ckpt, memory, loader, server, backend, started)
+        window_done = trio.Event()
         async with trio.open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
@@ -191,12 +213,21 @@ async def run_daemon(
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
                 _announce_ready(opts)
                 nursery.start_soon(_progress, loader, opts.progress_interval)
+                if recorder is not None and record_path is not None:
+                    recorder.start()
+                    nursery.start_soon(_record_window, recorder, record_path, opts.record_seconds, window_done)
                 task_status.started(state)
             await stop.wait()
             log.info("shutting down: finishing reads in flight")
             await loader.aclose()
             await server.aclose()
+            if recorder is not None and recorder.active:
+                recorder.stop()  # the window task writes the file
+                with trio.CancelScope(shield=True):
+                    await window_done.wait()
             log.info(_progress_line(loader, final=True))
+            if isinstance(order, WorkingSetOrder):
+                log.info(_working_set_line(order))
             nursery.cancel_scope.cancel()
     finally:
         memory.close()
@@ -214,3 +245,88 @@ async def _signals(stop: trio.Event) -> None:
             log.info("got %s", signal.Signals(signum).name)
             stop.set()
             return
+
+
+# -- working sets ---------------------------------------------------------------------------
+
+
+def _working_set_setup(
+    opts: DaemonOptions, ckpt: Checkpoint
+) -> tuple[SweepOrder | None, WorkingSetRecorder | None, str | None]:
+    """The sweep order (working-set replay when there is one) and the recorder.
+
+    An explicit ``working_set`` that cannot be used, or a recording path that cannot
+    be written, raises :class:`WorkingSetError` (one line; the CLI exits 2).  The
+    default file beside the checkpoint is only a hint: a problem with it is one
+    warning line and the restore goes on without it."""
+    identity = None
+    order = opts.order
+    if order is None and opts.use_working_set:
+        path = opts.working_set
+        explicit = path is not None
+        if path is None:
+            path = default_working_set_path(opts.source)
+            if not os.path.exists(path):
+                path = None
+        if path is not None:
+            try:
+                ws = read_working_set(path)
+                identity = checkpoint_identity(ckpt)
+                check_identity(ws, identity, path)
+            except WorkingSetError as exc:
+                if explicit:
+                    raise
+                log.warning("ignoring the working set %s", exc)
+            else:
+                ws, dropped = clip_working_set(ws, ckpt.layout.memory_size)
+                if dropped:
+                    log.warning("working set %s: %d bytes lie past the memory size %#x; clipped",
+                                path, dropped, ckpt.layout.memory_size)
+                order = replay_order(ws, ckpt.layout)
+                log.info("working set %s: %s in %d ranges (%d recordings), replayed first as %d reads",
+                         path, human(order.size_bytes), len(ws), ws.recordings, len(order.span_lo))
+    recorder = record_path = None
+    if opts.record_working_set is not None:
+        record_path = opts.record_working_set or default_working_set_path(opts.source)
+        check_recording_path(record_path)
+        recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
+    return order, recorder, record_path
+
+
+def _working_set_stats(order: SweepOrder | None, recorder: WorkingSetRecorder | None,
+                       record_path: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(order, WorkingSetOrder):
+        out["working_set"] = order.statistics()
+    if recorder is not None:
+        out["recording"] = {"path": record_path, "active": recorder.active, "ranges": len(recorder.offset),
+                            "bytes": recorder.seen.total, "touches": recorder.touches}
+    return out
+
+
+def _working_set_line(order: WorkingSetOrder) -> str:
+    s = order.statistics()
+    when = "not yet" if s["loaded_s"] is None else f"in {s['loaded_s']:.3f} s"
+    rate = "-" if s["hit_rate"] is None else f"{s['hit_rate'] * 100:.0f}%"
+    return (f"working set {human(s['size_bytes'])}: loaded {human(s['loaded_bytes'])} {when}; waits "
+            f"{s['waits_hit']} hit, {s['waits_early']} early, {s['waits_missed']} missed (hit rate {rate})")
+
+
+async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float | None,
+                         done: trio.Event) -> None:
+    """Close the window after ``seconds`` (or at a ``mark``, or at shutdown), then
+    write the file atomically.  A write error is one warning line, never a crash."""
+    try:
+        with trio.move_on_after(seconds if seconds is not None else float("inf")):
+            await recorder.closed.wait()
+        ws = recorder.stop()
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write_working_set, path, ws)
+            except WorkingSetError as exc:
+                log.warning("working set not recorded: %s", exc)
+            else:
+                log.info("working set recorded to %s: %s in %d ranges over %.1f s",
+                         path, human(ws.total_bytes), len(ws), ws.window_s)
+    finally:
+        done.set()

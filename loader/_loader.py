@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +39,9 @@ from ._memfile import Destination
 from ._rangeset import RangeSet
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
+
+if TYPE_CHECKING:
+    from ._workingset import AccessRecorder
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 
@@ -145,6 +149,13 @@ class Loader:
         if self.config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
+        # optional hooks (working-set replay, loader._workingset): looked up once
+        self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
+        self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
+        self._order_loaded: Callable[[int, int], None] | None = getattr(self.order, "note_loaded", None)
+        #: told of every touched range, ``recorder.touched(lo, hi)`` (page span of each wait;
+        #: userfaultfd faults go through it too): working-set recording
+        self.recorder: AccessRecorder | None = None
         self.unloaded = RangeSet((r.mem_offset, r.mem_offset + r.length) for r in layout)
         self.inflight = RangeSet()
         self.failed = RangeSet()
@@ -195,10 +206,14 @@ class Loader:
         returned handle's ``callback`` runs (in this trio run) when it is loaded."""
         lo, hi = self._page_span(offset, length)
         self._waits_total += 1
+        if self.recorder is not None:
+            self.recorder.touched(lo, hi)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             self._waits_failed += 1
             raise self._failure_for(lo, hi)
         need = self.unloaded.overlap_bytes(lo, hi) + self.inflight.overlap_bytes(lo, hi)
+        if self._order_wait is not None:
+            self._order_wait(lo, hi, need)
         if need == 0:
             self._waits_immediate += 1
             return None
@@ -389,7 +404,8 @@ class Loader:
             start = order.next_start(self.unloaded)
             if start is None:
                 break
-            self._issue(start, self.memory_size, cfg.sweep_read_size, urgent=False, owner=None)
+            limit = self._order_limit(start) if self._order_limit is not None else None
+            self._issue(start, limit or self.memory_size, cfg.sweep_read_size, urgent=False, owner=None)
 
     def _has_unstarted(self, w: WaitHandle) -> bool:
         nxt = self.unloaded.first_at_or_after(w.cursor)
@@ -523,6 +539,8 @@ class Loader:
             inflight.remove(lo, hi)
             if error is None:
                 self.loaded_bytes += hi - lo
+                if self._order_loaded is not None:
+                    self._order_loaded(lo, hi)
                 if dest.needs_commit:
                     dest.commit(lo, hi - lo)
             else:

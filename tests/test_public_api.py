@@ -54,6 +54,10 @@ def test_loader_public_names():
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
         "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
         "parse_size", "run_daemon",
+        # working sets (issue 10)
+        "AccessRecorder", "CheckpointIdentity", "WorkingSet", "WorkingSetError", "WorkingSetOrder",
+        "WorkingSetRecorder", "checkpoint_identity", "format_working_set", "merge_working_sets",
+        "read_working_set", "replay_order", "write_working_set",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
