@@ -153,6 +153,7 @@ class Loader:
         self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
         self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
         self._order_loaded: Callable[[int, int], None] | None = getattr(self.order, "note_loaded", None)
+        self._order_full: Callable[[], bool] | None = getattr(self.order, "wants_full_width", None)
         #: told of every touched range, ``recorder.touched(lo, hi)`` (page span of each wait;
         #: userfaultfd faults go through it too): working-set recording
         self.recorder: AccessRecorder | None = None
@@ -385,7 +386,9 @@ class Loader:
                 break
         # 2. prefetch hints, 3. the sweep: within the background share only, and a
         # smaller one while clients are faulting
-        if self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns:
+        if (self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns) and not (
+            self._order_full is not None and self._order_full()
+        ):
             background_cap = cfg.busy_background_reads or 1
         else:
             background_cap = cfg.background_reads

@@ -56,6 +56,7 @@ class WorkingSetOrder:
     ``loader._workingset.replay_plan``); ``members`` is the working set's data as
     merged intervals (holes included).  Besides :class:`SweepOrder`, it offers the loader's
     optional hooks: :meth:`limit_for` (a sweep read must stop at the span's end),
+    :meth:`wants_full_width` (no shrinking of the sweep while replaying),
     :meth:`note_wait` and :meth:`note_loaded` (its statistics: bytes loaded, waits
     that hit what it had loaded, waits on its pages that came too early, waits it
     missed).  Memory: the span columns and the member intervals, never per page.
@@ -78,7 +79,7 @@ class WorkingSetOrder:
         self.waits_hit = 0  #: answered at once, on working-set pages
         self.waits_early = 0  #: blocked on working-set pages not loaded yet
         self.waits_missed = 0  #: blocked on pages outside the working set
-        self.started_ns = time.perf_counter_ns()
+        self.started_ns: int | None = None  #: the sweep's first question (the loader started)
         self.loaded_ns: int | None = None  #: when its last byte was loaded
         self.replayed_ns: int | None = None  #: when its last read was issued
 
@@ -87,6 +88,8 @@ class WorkingSetOrder:
         return self.index < len(self.span_lo)
 
     def next_start(self, unloaded: RangeSet) -> int | None:
+        if self.started_ns is None:
+            self.started_ns = time.perf_counter_ns()
         los, his = self.span_lo, self.span_hi
         while self.index < len(los):
             i = self.index
@@ -97,6 +100,11 @@ class WorkingSetOrder:
             if self.index == len(los):
                 self.replayed_ns = time.perf_counter_ns()
         return self.fallback.next_start(unloaded)
+
+    def wants_full_width(self) -> bool:
+        """While replaying, the sweep keeps its full width even when clients fault:
+        these are the pages they are about to fault on (waiters still come first)."""
+        return self.index < len(self.span_lo)
 
     def limit_for(self, start: int) -> int | None:
         """Where a sweep read starting at ``start`` must stop (None: no limit)."""
@@ -118,6 +126,8 @@ class WorkingSetOrder:
             self.waits_missed += 1
 
     def note_loaded(self, lo: int, hi: int) -> None:
+        if self.started_ns is None:
+            self.started_ns = time.perf_counter_ns()
         if self.loaded_ns is None:
             got = self.members.overlap_bytes(lo, hi)
             if got:
@@ -134,7 +144,8 @@ class WorkingSetOrder:
             "reads_planned": len(self.span_lo),
             "size_bytes": self.size_bytes,
             "loaded_bytes": loaded,
-            "loaded_s": None if self.loaded_ns is None else (self.loaded_ns - self.started_ns) / 1e9,
+            "loaded_s": None if self.loaded_ns is None or self.started_ns is None
+            else (self.loaded_ns - self.started_ns) / 1e9,
             "replaying": self.replaying,
             "waits_hit": self.waits_hit,
             "waits_early": self.waits_early,
