@@ -4,8 +4,16 @@
 serves at once and loads behind; otherwise it loads everything first, then serves.
 The socket accepts connections only once the daemon can answer them; readiness is
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
-and as a ``READY`` line on stdout.  SIGTERM or SIGINT: reads in flight finish,
-waiting clients get a ``shutting-down`` error, the socket file is removed.
+and as a ``READY`` line on stdout.  SIGTERM or SIGINT: within one deadline
+(``shutdown_timeout``, 2 s), waiting clients get a ``shutting-down`` error and
+their replies are flushed, reads not started are dropped, reads running are
+waited for, and the socket file is removed; a read still running at the deadline
+(a hung disk) is abandoned and the daemon exits anyway.
+
+Test hook: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
+byte offsets), reads touching [LO, HI) never complete
+(:class:`aio.testing.HangingQueue`), so tests can drive the read deadline and
+the shutdown deadline through a real process.  Nothing reads it otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import trio
 
 import aio
+import aio.testing
 
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
@@ -32,6 +41,9 @@ from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
+
+#: the test hook's environment variable (module docstring)
+HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
 
 
 @dataclass
@@ -54,6 +66,7 @@ class DaemonOptions:
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
 @dataclass
@@ -93,10 +106,16 @@ def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
     kwargs: dict[str, Any] = {}
     if name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
-    queue = aio.open_queue(name, opts.config.queue_depth, **kwargs)
+    # room beyond queue_depth for reads that timed out but whose threads are still in them
+    queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
     log.info("aio backend %s (%s)", name, why)
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
+    hang = os.environ.get(HANG_READS_ENV)
+    if hang:  # the test hook (module docstring)
+        lo, _, hi = hang.partition(":")
+        queue = aio.testing.HangingQueue(queue, aio.testing.hang_offsets(int(lo, 0), int(hi, 0)))
+        log.warning("%s=%s: reads of pages-file bytes [%s, %s) will hang (test hook)", HANG_READS_ENV, hang, lo, hi)
     return queue, name
 
 
@@ -166,7 +185,11 @@ async def run_daemon(
     memory = MemoryFile(layout.memory_size, opts.memory_file)
     try:
         queue, backend = _open_queue(opts)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order,
+                        chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
+        if ckpt.checksums is not None:
+            log.info("checksums: %s", "each chunk verified before it is served" if opts.config.verify
+                     else "not verified (--no-verify)")
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
@@ -193,14 +216,29 @@ async def run_daemon(
                 nursery.start_soon(_progress, loader, opts.progress_interval)
                 task_status.started(state)
             await stop.wait()
-            log.info("shutting down: finishing reads in flight")
-            await loader.aclose()
-            await server.aclose()
+            await _shutdown(loader, server, opts.shutdown_timeout)
             log.info(_progress_line(loader, final=True))
             nursery.cancel_scope.cancel()
     finally:
         memory.close()
         os.close(pages_fd)
+
+
+async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
+    """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are
+    answered ``shutting-down`` at once, then the server flushes its replies while
+    the loader drops queued reads and waits for running ones."""
+    deadline = trio.current_time() + timeout
+    log.info("shutting down (at most %g s)", timeout)
+    loader.shutdown()
+    with trio.move_on_at(deadline) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.aclose, timeout)
+            nursery.start_soon(server.aclose, max(0.0, deadline - trio.current_time()))
+    if scope.cancelled_caught:
+        log.warning("shutdown took longer than %g s; exiting anyway", timeout)
+    if loader.abandoned_reads:
+        log.warning("exiting with %d read(s) hung in the backend", loader.abandoned_reads)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
