@@ -229,7 +229,8 @@ async def test_unverifiable_chunk_fails_instead_of_being_served(checkpoint, reso
     ckpt, data, _ = checkpoint
     fd = ckpt.open_pages()
     resources[0].append(fd)
-    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(2 * MiB, 2 * MiB + PAGE))
+    bad = aio.testing.fail_offsets(2 * MiB, 2 * MiB + PAGE)
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), bad)
     loader, mem = _loader(resources, ckpt.layout, fd, queue, 8 * MiB,
                           chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
     async with trio.open_nursery() as nursery:
