@@ -9,7 +9,7 @@ in :mod:`cli`.
 from ._client import Client, ClientError, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
-from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
+from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
 from ._server import Server
@@ -57,6 +57,7 @@ __all__ = [
     "LoaderStatistics",
     "MemoryFile",
     "RangeSet",
+    "ReadKind",
     "SequentialOrder",
     "Server",
     "SweepOrder",

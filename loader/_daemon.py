@@ -4,8 +4,16 @@
 serves at once and loads behind; otherwise it loads everything first, then serves.
 The socket accepts connections only once the daemon can answer them; readiness is
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
-and as a ``READY`` line on stdout.  SIGTERM or SIGINT: reads in flight finish,
-waiting clients get a ``shutting-down`` error, the socket file is removed.
+and as a ``READY`` line on stdout.  SIGTERM or SIGINT: within one deadline
+(``shutdown_timeout``, 2 s), waiting clients get a ``shutting-down`` error and
+their replies are flushed, reads not started are dropped, reads running are
+waited for, and the socket file is removed; a read still running at the deadline
+(a hung disk) is abandoned and the daemon exits anyway.
+
+Test hook: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
+byte offsets), reads touching [LO, HI) never complete
+(:class:`aio.testing.HangingQueue`), so tests can drive the read deadline and
+the shutdown deadline through a real process.  Nothing reads it otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from typing import Any
 import trio
 
 import aio
+import aio.testing
 
+from ._layout import Layout
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._server import Server
@@ -44,6 +54,9 @@ from ._workingset import (
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
+
+#: the test hook's environment variable (module docstring)
+HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
 
 
 @dataclass
@@ -72,6 +85,7 @@ class DaemonOptions:
     record_working_set: str | None = None
     record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
 @dataclass
@@ -111,10 +125,16 @@ def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
     kwargs: dict[str, Any] = {}
     if name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
-    queue = aio.open_queue(name, opts.config.queue_depth, **kwargs)
+    # room beyond queue_depth for reads that timed out but whose threads are still in them
+    queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
     log.info("aio backend %s (%s)", name, why)
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
+    hang = os.environ.get(HANG_READS_ENV)
+    if hang:  # the test hook (module docstring)
+        lo, _, hi = hang.partition(":")
+        queue = aio.testing.HangingQueue(queue, aio.testing.hang_offsets(int(lo, 0), int(hi, 0)))
+        log.warning("%s=%s: reads of pages-file bytes [%s, %s) will hang (test hook)", HANG_READS_ENV, hang, lo, hi)
     return queue, name
 
 
@@ -185,8 +205,19 @@ async def run_daemon(
     memory = MemoryFile(layout.memory_size, opts.memory_file)
     try:
         queue, backend = _open_queue(opts)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, order)
+        checksums = ckpt.checksums
+        if checksums is not None and not _file_ascends(layout):
+            # laid out with its working set first (checkpoint create --working-set): a chunk's
+            # pages are scattered over memory, which the loader's verification cannot serve
+            log.info("checksums: not verified while loading (pages laid out working set first); "
+                     "'pageload checkpoint verify' checks them")
+            checksums = None
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, order,
+                        chunk_size=ckpt.chunk_size, checksums=checksums)
         loader.recorder = recorder
+        if checksums is not None:
+            log.info("checksums: %s", "each chunk verified before it is served" if opts.config.verify
+                     else "not verified (--no-verify)")
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
@@ -218,9 +249,7 @@ async def run_daemon(
                     nursery.start_soon(_record_window, recorder, record_path, opts.record_seconds, window_done)
                 task_status.started(state)
             await stop.wait()
-            log.info("shutting down: finishing reads in flight")
-            await loader.aclose()
-            await server.aclose()
+            await _shutdown(loader, server, opts.shutdown_timeout)
             if recorder is not None and recorder.active:
                 recorder.stop()  # the window task writes the file
                 with trio.CancelScope(shield=True):
@@ -232,6 +261,23 @@ async def run_daemon(
     finally:
         memory.close()
         os.close(pages_fd)
+
+
+async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
+    """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are
+    answered ``shutting-down`` at once, then the server flushes its replies while
+    the loader drops queued reads and waits for running ones."""
+    deadline = trio.current_time() + timeout
+    log.info("shutting down (at most %g s)", timeout)
+    loader.shutdown()
+    with trio.move_on_at(deadline) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.aclose, 0.9 * timeout)  # its own verdict before the deadline
+            nursery.start_soon(server.aclose, max(0.0, deadline - trio.current_time()))
+    if scope.cancelled_caught:
+        log.warning("shutdown took longer than %g s; exiting anyway", timeout)
+    if loader.abandoned_reads:
+        log.warning("exiting with %d read(s) hung in the backend", loader.abandoned_reads)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -282,7 +328,8 @@ def _working_set_setup(
                 if dropped:
                     log.warning("working set %s: %d bytes lie past the memory size %#x; clipped",
                                 path, dropped, ckpt.layout.memory_size)
-                order = replay_order(ws, ckpt.layout)
+                verified = opts.config.verify and ckpt.checksums is not None and _file_ascends(ckpt.layout)
+                order = replay_order(ws, ckpt.layout, chunk_size=ckpt.chunk_size if verified else None)
                 log.info("working set %s: %s in %d ranges (%d recordings), replayed first as %d reads",
                          path, human(order.size_bytes), len(ws), ws.recordings, len(order.span_lo))
     recorder = record_path = None
@@ -330,3 +377,9 @@ async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float
                          path, human(ws.total_bytes), len(ws), ws.window_s)
     finally:
         done.set()
+
+
+def _file_ascends(layout: Layout) -> bool:
+    """Whether pages-file offsets ascend with memory (not so when laid out working set first)."""
+    files = layout.file
+    return all(files[i - 1] <= files[i] for i in range(1, len(files)))

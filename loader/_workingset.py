@@ -484,10 +484,37 @@ def replay_plan(ws: WorkingSet, layout: Layout, batch: int = REPLAY_BATCH,
     return lo_col, hi_col
 
 
+def chunk_hull(layout: Layout, lo: int, hi: int, chunk_size: int) -> tuple[int, int]:
+    """The memory of the whole checksum chunks that memory [lo, hi)'s data is in (for a
+    layout whose pages-file offsets ascend with memory, as the loader verifies them)."""
+    first = layout.first_at_or_after(lo)
+    last = bisect_right(layout.mem, hi - 1) - 1
+    if first >= len(layout) or last < first:
+        return lo, hi
+    mem, length, file = layout.mem, layout.length, layout.file
+    k0 = (file[first] + max(lo, mem[first]) - mem[first]) // chunk_size
+    k1 = (file[last] + min(hi, mem[last] + length[last]) - 1 - mem[last]) // chunk_size
+    end = file[-1] + length[-1]
+
+    def memory_at(f: int, after: bool) -> int:
+        i = bisect_right(file, f) - 1
+        if i >= 0 and f < file[i] + length[i]:
+            return mem[i] + f - file[i]
+        return mem[i + 1] if after and i + 1 < len(layout) else mem[i] + length[i]
+
+    return min(lo, memory_at(k0 * chunk_size, True)), max(hi, memory_at(min((k1 + 1) * chunk_size, end) - 1, False) + 1)
+
+
 def replay_order(ws: WorkingSet, layout: Layout, fallback: SweepOrder | None = None, *,
-                 batch: int = REPLAY_BATCH, gap: int = REPLAY_GAP) -> WorkingSetOrder:
-    """A :class:`~loader.WorkingSetOrder` loading ``ws`` first, then ``fallback``'s order."""
+                 batch: int = REPLAY_BATCH, gap: int = REPLAY_GAP, chunk_size: int | None = None) -> WorkingSetOrder:
+    """A :class:`~loader.WorkingSetOrder` loading ``ws`` first, then ``fallback``'s order.
+
+    With ``chunk_size`` (the loader verifies checksum chunks, and serves a page only
+    once its whole chunk is verified), each span grows to whole chunks."""
     lo, hi = replay_plan(ws, layout, batch, gap)
+    if chunk_size:
+        for i in range(len(lo)):
+            lo[i], hi[i] = chunk_hull(layout, lo[i], hi[i], chunk_size)
     members = ws.members()
     data = sum(y - x for a, b in members for x, y in layout.data_in(a, b))  # holes never load
     return WorkingSetOrder(lo, hi, members, size_bytes=data, ranges=len(ws), fallback=fallback)

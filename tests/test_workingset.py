@@ -41,6 +41,7 @@ from loader import (
 from loader._workingset import (
     DEFAULT_NAME,
     check_recording_path,
+    chunk_hull,
     clip_working_set,
     decode_working_set,
     encode_working_set,
@@ -192,6 +193,15 @@ def test_replay_plan_keeps_first_touch_order_between_batches():
     assert list(zip(lo, hi)) == [(2 * PAGE, 4 * PAGE), (30 * PAGE, 31 * PAGE), (40 * PAGE, 41 * PAGE)]
     lo, hi = replay_plan(ws_of(ranges), layout)  # the default gap (64 KiB) is read through
     assert list(zip(lo, hi)) == [(2 * PAGE, 4 * PAGE), (30 * PAGE, 41 * PAGE)]
+
+
+def test_chunk_hull_covers_whole_checksum_chunks():
+    # memory: data at [0, 2M) and [4M, 6M), pages file contiguous: file [0, 2M) and [2M, 4M)
+    layout = Layout(8 * MiB, PAGE, [(0, 2 * MiB, 0), (4 * MiB, 2 * MiB, 2 * MiB)])
+    assert chunk_hull(layout, PAGE, 2 * PAGE, MiB) == (0, MiB)
+    assert chunk_hull(layout, 4 * MiB + PAGE, 4 * MiB + 2 * PAGE, 3 * MiB) == (0, 5 * MiB)  # file [0, 3M)
+    assert chunk_hull(layout, 2 * MiB + PAGE, 3 * MiB, MiB) == (2 * MiB + PAGE, 3 * MiB)  # a hole: as is
+    assert chunk_hull(layout, 5 * MiB, 6 * MiB, 4 * MiB) == (0, 6 * MiB)  # chunk 0 is the whole file
 
 
 def test_clip_past_memory_size():
@@ -380,6 +390,30 @@ async def test_record_then_replay_end_to_end(tmp_path, images):
         assert s["size_bytes"] == s["loaded_bytes"] == ws.total_bytes
         await state.loader.done.wait()
         assert state.memory.view == images["expected"]
+        state.stop()
+
+
+async def test_pages_checkpoint_verified_replay_loads_whole_chunks_and_waits_hit(tmp_path, images):
+    ckpt = str(tmp_path / "ckpt")
+    create_checkpoint(images["raw"], ckpt, chunk_size=256 * 1024)
+    await _record(tmp_path, ckpt, "")
+    assert os.path.exists(os.path.join(ckpt, DEFAULT_NAME))
+    opts = options(tmp_path, ckpt, aio_backend="sync", wrap_queue=slowed(0.002))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        order = state.loader.order
+        assert isinstance(order, WorkingSetOrder)
+        # spans grew to whole 256 KiB chunks: verified pages are served only chunk by chunk
+        assert all((b - a) % (256 * 1024) == 0 for a, b in zip(order.span_lo, order.span_hi))
+        async with TrioClient.connect(state.server.path) as client:
+            with trio.fail_after(30):
+                while (await client.stats())["working_set"]["loaded_s"] is None:
+                    await trio.sleep(0.005)
+            for off, n in TOUCHED:
+                await client.wait(off, n)
+                assert state.memory.view[off:off + n] == images["expected"][off:off + n]
+            s = (await client.stats())["working_set"]
+            assert s["waits_hit"] == len(TOUCHED)
         state.stop()
 
 
