@@ -16,6 +16,7 @@ COMMANDS = {
     "restore": "cli._restore",
     "wait": "cli._client",
     "stats": "cli._client",
+    "mark": "cli._client",
     "checkpoint": "cli._checkpoint",
     "working-set": "cli._workingset",
     "trace": "cli._trace",

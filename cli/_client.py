@@ -1,4 +1,4 @@
-"""``pageload wait`` and ``pageload stats``: talk to a running daemon."""
+"""``pageload wait``, ``pageload stats`` and ``pageload mark``: talk to a running daemon."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_stats)
 
+    p = sub.add_parser("mark", help="end a daemon's working-set recording window now",
+                       description="The daemon recording with --record-working-set closes its window and "
+                       "writes the working set (see docs/FORMAT.md).")
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.set_defaults(func=run_mark)
+
 
 def _fail(exc: BaseException, path: str) -> int:
     if isinstance(exc, OSError) and not isinstance(exc, ClientError):
@@ -37,6 +43,15 @@ def run_wait(args: argparse.Namespace) -> int:
     try:
         with Client.connect(args.socket) as client:
             client.wait(args.offset, args.length)
+    except (ClientError, OSError) as exc:
+        return _fail(exc, args.socket)
+    return 0
+
+
+def run_mark(args: argparse.Namespace) -> int:
+    try:
+        with Client.connect(args.socket) as client:
+            client.mark()
     except (ClientError, OSError) as exc:
         return _fail(exc, args.socket)
     return 0

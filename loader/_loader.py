@@ -406,6 +406,14 @@ class Loader:
         self._prefetch.append(_Hint(lo, hi))
         self._poke()
 
+    def hint_working_set(self, offset: int, length: int) -> None:
+        """A client says ``[offset, offset+length)`` is in its working set: recorded as
+        touched now (when recording), and prefetched."""
+        lo, hi = self._page_span(offset, length)
+        if self.recorder is not None:
+            self.recorder.touched(lo, hi)
+        self.prefetch(offset, length)
+
     def statistics(self) -> LoaderStatistics:
         now = time.perf_counter_ns()
         end = self._finished_ns or now

@@ -176,8 +176,15 @@ class Session:
                 self.pending[event.id] = handle
         elif isinstance(event, protocol.Prefetch):
             if self._in_memory(event):
-                loader.prefetch(event.offset, event.length)
+                if event.working_set:
+                    loader.hint_working_set(event.offset, event.length)
+                else:
+                    loader.prefetch(event.offset, event.length)
                 self.reply(protocol.Accepted(event.id))
+        elif isinstance(event, protocol.Mark):
+            if loader.recorder is not None:
+                loader.recorder.stop()  # the daemon writes the file
+            self.reply(protocol.Marked(event.id))
         elif isinstance(event, protocol.Hello):
             version = protocol.negotiate(event.versions)
             if version is None:

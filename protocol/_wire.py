@@ -25,6 +25,8 @@ from ._events import (
     Hello,
     HelloReply,
     Loaded,
+    Mark,
+    Marked,
     MemoryFdReply,
     Prefetch,
     StatsReply,
@@ -49,7 +51,9 @@ Wire = dict[str, Any]
 ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Hello: lambda e: {"op": "hello", "id": e.id, "v": e.versions, "client": e.client},
     Wait: lambda e: {"op": "wait", "id": e.id, "off": e.offset, "len": e.length},
-    Prefetch: lambda e: {"op": "prefetch", "id": e.id, "off": e.offset, "len": e.length},
+    Prefetch: lambda e: {"op": "prefetch", "id": e.id, "off": e.offset, "len": e.length,
+                         **({"ws": True} if e.working_set else {})},
+    Mark: lambda e: {"op": "mark", "id": e.id},
     GetStats: lambda e: {"op": "stats", "id": e.id},
     GetMemoryFd: lambda e: {"op": "memfd", "id": e.id},
     HelloReply: lambda e: {
@@ -63,6 +67,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Loaded: lambda e: {"re": e.id, "ok": "loaded"},
     Accepted: lambda e: {"re": e.id, "ok": "accepted"},
     StatsReply: lambda e: {"re": e.id, "ok": "stats", "stats": e.stats},
+    Marked: lambda e: {"re": e.id, "ok": "marked"},
     MemoryFdReply: lambda e: {"re": e.id, "ok": "memfd", "size": e.size},
     ErrorReply: lambda e: {"re": e.id, "err": e.code, "msg": e.message, "errno": e.errno},
 }
@@ -90,7 +95,8 @@ def error_reply(m: Wire, id: int | None) -> ErrorReply:
 REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "hello": _hello,
     "wait": lambda m, id: Wait(id, m["off"], m["len"]),
-    "prefetch": lambda m, id: Prefetch(id, m["off"], m["len"]),
+    "prefetch": lambda m, id: Prefetch(id, m["off"], m["len"], m.get("ws", False)),
+    "mark": lambda m, id: Mark(id),
     "stats": lambda m, id: GetStats(id),
     "memfd": lambda m, id: GetMemoryFd(id),
 }
@@ -101,6 +107,7 @@ REPLIES: dict[str, Callable[[Wire, int], Event]] = {
     "loaded": lambda m, id: Loaded(id),
     "accepted": lambda m, id: Accepted(id),
     "stats": lambda m, id: StatsReply(id, m["stats"]),
+    "marked": lambda m, id: Marked(id),
     "memfd": lambda m, id: MemoryFdReply(id, m["size"]),
 }
 

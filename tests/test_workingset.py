@@ -488,6 +488,12 @@ async def test_recording_into_a_read_only_directory_fails_at_start(tmp_path, ima
         d.chmod(0o755)
 
 
+def test_recording_into_an_unwritable_directory_fails_even_as_root():
+    # /proc takes no new files, whoever asks: the check that runs before READY says so
+    with pytest.raises(WorkingSetError, match="cannot record a working set here: /proc"):
+        check_recording_path("/proc/working-set.msgpack")
+
+
 def test_recording_path_that_is_a_directory_fails(tmp_path):
     with pytest.raises(WorkingSetError, match="is a directory"):
         check_recording_path(str(tmp_path))
@@ -526,6 +532,49 @@ async def test_mark_of_window_end_writes_the_file_before_shutdown(tmp_path, imag
             await client.wait(9 * PAGE, PAGE)  # after the window: not recorded
         state.stop()
     assert list(zip(read_working_set(path).offset, read_working_set(path).length)) == [(PAGE, PAGE)]
+
+
+async def test_hint_working_set_and_mark_over_the_socket(tmp_path, images):
+    src = str(tmp_path / "mem.img")
+    os.link(images["raw"], src)
+    path = str(tmp_path / "ws.msgpack")
+    opts = options(tmp_path, src, record_working_set=path, record_seconds=None, use_working_set=False)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            await client.prefetch(3 * MiB + 5, 2 * PAGE, working_set=True)  # rounded out to pages
+            await client.prefetch(9 * MiB, PAGE)  # a plain prefetch is not a touch
+            await client.wait(PAGE, PAGE)
+            assert (await client.stats())["recording"]["active"]
+            await client.mark()
+            with trio.fail_after(10):
+                while not os.path.exists(path):
+                    await trio.sleep(0.01)
+            assert not (await client.stats())["recording"]["active"]
+            await client.mark()  # again: still answered
+        state.stop()
+    ws = read_working_set(path)
+    assert list(zip(ws.offset, ws.length)) == [(3 * MiB, 3 * PAGE), (PAGE, PAGE)]
+
+
+async def test_record_window_ends_after_record_seconds(tmp_path, images):
+    src = str(tmp_path / "mem.img")
+    os.link(images["raw"], src)
+    path = str(tmp_path / "ws.msgpack")
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, src, record_working_set=path, record_seconds=0.05))
+        await state.loader.wait_loaded(2 * PAGE, PAGE)
+        with trio.fail_after(10):
+            while not os.path.exists(path):
+                await trio.sleep(0.01)
+        state.stop()
+    assert read_working_set(path).window_s >= 0.05
+
+
+def test_cli_mark_without_daemon_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cli", "mark", "--socket", str(tmp_path / "none.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot reach the daemon" in r.stderr
 
 
 # --------------------------------------------------------------------------- laid out first
