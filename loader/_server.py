@@ -27,6 +27,7 @@ import protocol
 from protocol import codes
 
 from ._loader import Loader, LoadError, WaitHandle
+from ._workingset import WorkingSetRecorder
 
 log = logging.getLogger("pageload.server")
 
@@ -182,7 +183,7 @@ class Session:
                     loader.prefetch(event.offset, event.length)
                 self.reply(protocol.Accepted(event.id))
         elif isinstance(event, protocol.Mark):
-            if loader.recorder is not None:
+            if isinstance(loader.recorder, WorkingSetRecorder):
                 loader.recorder.stop()  # the daemon writes the file
             self.reply(protocol.Marked(event.id))
         elif isinstance(event, protocol.Hello):
