@@ -618,3 +618,40 @@ async def test_checkpoint_create_lays_the_working_set_out_first(tmp_path, images
     # a working set recorded on another image is refused, one line
     with pytest.raises(Exception, match="recorded for another checkpoint"):
         create_checkpoint(images["raw"], str(tmp_path / "ckpt2"), working_set=os.path.join(ckpt, DEFAULT_NAME))
+
+
+# --------------------------------------------------------------------------- the bench section
+def test_perturb_trace_moves_a_fifth_of_the_ranges_consistently():
+    from bench import perturb_trace
+    from workloads import Trace
+
+    trace = Trace(page_size=PAGE, memory_size=64 * MiB)
+    for i in range(1000):
+        trace.append(i * 10, (i % 100) * PAGE, PAGE)  # 100 distinct ranges, each 10 times
+    data = [(32 * MiB, 40 * MiB)]
+    out = perturb_trace(trace, 0.2, data, seed=1)
+    assert len(out) == len(trace) and list(out.t_us) == list(trace.t_us)
+    moved = {(a, b) for a, b in zip(trace.offset, out.offset) if a != b}
+    assert len({a for a, _ in moved}) == 20  # a fifth of the distinct ranges
+    assert len(moved) == 20  # each always to the same place
+    assert all(32 * MiB <= b < 40 * MiB and b % PAGE == 0 for _, b in moved)
+
+
+def test_workingset_bench_section_end_to_end(tmp_path):
+    """Structure only (no timing): record, lay out, six restores, goals, the table."""
+    from bench import format_workingset, run_workingset_section
+    from workloads import generate
+
+    image = str(tmp_path / "image.raw")
+    make_sample_image(image, 16 * MiB, seed=2, dense=True)
+    trace = generate("zipf", count=60, memory_size=16 * MiB, rate=2000.0, seed=1,
+                     layout=open_checkpoint(image).layout)
+    result = run_workingset_section(image, trace, clients=2, workdir=str(tmp_path / "work"), log=lambda _: None)
+    assert set(result["runs"]) == {"same", "perturbed"}
+    for variants in result["runs"].values():
+        assert set(variants) == {"without", "with", "laid-out"}
+        for name, row in variants.items():
+            assert row["errors"] == 0 and row["mismatches"] == 0 and row["waits"] == 60
+            assert (row["working_set"] is None) == (name == "without")
+    assert result["recorded"]["bytes"] > 0 and len(result["goals"]) == 8
+    assert "blocked waits" in format_workingset(result)
