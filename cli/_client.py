@@ -86,4 +86,14 @@ def run_stats(args: argparse.Namespace) -> int:
             f"{off:#x}+{n:#x} errno {e}" for off, n, e in stats["failed_ranges"]))
     if "backend" in stats:
         print(f"backend     {stats['backend']}")
+    ws = stats.get("working_set")
+    if ws:
+        when = "not yet" if ws["loaded_s"] is None else f"in {ws['loaded_s']:.3f} s"
+        rate = "-" if ws["hit_rate"] is None else f"{ws['hit_rate'] * 100:.0f}%"
+        print(f"working set {human(ws['loaded_bytes'])} of {human(ws['size_bytes'])} loaded {when}; waits "
+              f"{ws['waits_hit']} hit, {ws['waits_early']} early, {ws['waits_missed']} missed (hit rate {rate})")
+    rec = stats.get("recording")
+    if rec:
+        print(f"recording   {'active' if rec['active'] else 'done'}: {human(rec['bytes'])} in {rec['ranges']} "
+              f"ranges -> {rec['path']}")
     return 0

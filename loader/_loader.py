@@ -294,6 +294,14 @@ class Loader:
         #: told of every touched range, ``recorder.touched(lo, hi)`` (page span of each wait;
         #: userfaultfd faults go through it too): working-set recording
         self.recorder: AccessRecorder | None = None
+        # a layout whose pages-file offsets do not ascend with memory (working set laid out
+        # first): the ranges in file order, so that sweep reads can follow the file
+        self._by_file: array[int] | None = None
+        self._file_starts: array[int] | None = None
+        files = layout.file
+        if any(files[i - 1] > files[i] for i in range(1, len(files))):
+            self._by_file = array("Q", sorted(range(len(files)), key=files.__getitem__))
+            self._file_starts = array("Q", (files[k] for k in self._by_file))
         self._chunks = (
             _Chunks(layout, chunk_size, checksums)
             if self.config.verify and chunk_size is not None and checksums is not None
@@ -642,15 +650,23 @@ class Loader:
                 segments.append([pos, end])
             total += end - pos
             file_pos += end - pos
-            if end < stop or end >= limit or total >= budget:
+            if total >= budget:
                 break
-            nxt = unloaded.first_at_or_after(end)
-            if nxt is None or nxt[0] >= limit:
-                break
-            j = layout.find(nxt[0])
-            if layout.file[j] + (nxt[0] - layout.mem[j]) != file_pos:
-                break
-            pos, i = nxt[0], j
+            if end == stop and end < limit:
+                nxt = unloaded.first_at_or_after(end)
+                if nxt is not None and nxt[0] < limit:
+                    j = layout.find(nxt[0])
+                    if layout.file[j] + (nxt[0] - layout.mem[j]) == file_pos:
+                        pos, i = nxt[0], j
+                        continue
+            if kind is ReadKind.SWEEP and self._by_file is not None:
+                # pages laid out out of memory order (working set first): the sweep's read
+                # goes on with whatever memory is next in the pages file
+                nxt_mem = self._file_next(file_pos)
+                if nxt_mem is not None:
+                    pos, i, limit = nxt_mem, layout.find(nxt_mem), self.memory_size
+                    continue
+            break
         for lo, hi in segments:
             unloaded.remove(lo, hi)
             self.inflight.add(lo, hi)
@@ -659,6 +675,19 @@ class Loader:
         self.counters.reads_total += 1
         self._submit(read)
         return segments[-1][1]
+
+    def _file_next(self, file_pos: int) -> int | None:
+        """The memory offset whose data is at pages-file offset ``file_pos``, if unloaded."""
+        assert self._by_file is not None and self._file_starts is not None
+        k = bisect_right(self._file_starts, file_pos) - 1
+        if k < 0:
+            return None
+        layout = self.layout
+        j = self._by_file[k]
+        if file_pos >= layout.file[j] + layout.length[j]:
+            return None
+        mem = layout.mem[j] + file_pos - layout.file[j]
+        return mem if self.unloaded.contains(mem) else None
 
     def _submit(self, read: _Read) -> None:
         """Put ``read`` in flight; it counts against its share until :meth:`_release`."""

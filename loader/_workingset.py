@@ -34,6 +34,7 @@ import xxhash
 from ._layout import Layout
 from ._rangeset import RangeSet
 from ._sweep import SweepOrder, WorkingSetOrder
+from ._units import human
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -579,8 +580,6 @@ def merge_working_sets(sets: Sequence[WorkingSet], names: Sequence[str] | None =
 
 def format_working_set(ws: WorkingSet, path: str, limit: int = 20) -> list[str]:
     """``pageload working-set show``: a summary, then the first ``limit`` ranges."""
-    from ._units import human
-
     total = ws.total_bytes
     last = ws.first_touch_us[-1] / 1e6 if len(ws) else 0.0
     lines = [
