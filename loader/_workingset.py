@@ -66,8 +66,7 @@ VERSION = 1
 DEFAULT_NAME = "working-set.msgpack"  #: in a pages checkpoint's directory
 MAX_FILE_BYTES = 1 << 30
 _U64 = 1 << 64
-#: replay: first-touch order is kept between batches of this many bytes; inside a
-#: batch ranges are sorted by memory offset and merged, so they load as large reads
+#: replay: ranges within this many bytes of each other in first-touch order may merge
 REPLAY_BATCH = 8 << 20
 #: replay: ranges closer than this in memory (inside a batch) are read as one
 REPLAY_GAP = 64 << 10
@@ -448,34 +447,38 @@ def clip_working_set(ws: WorkingSet, memory_size: int) -> tuple[WorkingSet, int]
 
 def replay_plan(ws: WorkingSet, layout: Layout, batch: int = REPLAY_BATCH,
                 gap: int = REPLAY_GAP) -> tuple[array[int], array[int]]:
-    """The spans to read, in order: first-touch order between batches of ``batch``
-    bytes; inside a batch, sorted by memory and merged where closer than ``gap``
-    (the gap is read too: a few pages more buy one large read instead of several).
-    Spans are clipped to the memory size; holes inside them cost nothing."""
+    """The spans to read, in first-touch order.  Within each batch of ``batch`` bytes
+    (in first-touch order), ranges closer than ``gap`` in memory merge into one span
+    (the gap is read too: a few pages more buy one large read instead of several),
+    which takes the place of its earliest range.  Spans are clipped to the memory
+    size; holes inside them cost nothing."""
     lo_col, hi_col = array("Q"), array("Q")
-    pending: list[tuple[int, int]] = []
+    pending: list[tuple[int, int, int]] = []  # (lo, hi, rank in first-touch order), one batch
     in_batch = 0
     size = layout.memory_size
 
     def flush() -> None:
         pending.sort()
-        cur_lo, cur_hi = pending[0]
-        for a, b in pending[1:]:
+        groups: list[tuple[int, int, int]] = []  # (first rank, lo, hi)
+        cur_lo, cur_hi, rank = pending[0]
+        for a, b, r in pending[1:]:
             if a <= cur_hi + gap:
-                cur_hi = max(cur_hi, b)
+                cur_hi, rank = max(cur_hi, b), min(rank, r)
             else:
-                lo_col.append(cur_lo)
-                hi_col.append(cur_hi)
-                cur_lo, cur_hi = a, b
-        lo_col.append(cur_lo)
-        hi_col.append(cur_hi)
+                groups.append((rank, cur_lo, cur_hi))
+                cur_lo, cur_hi, rank = a, b, r
+        groups.append((rank, cur_lo, cur_hi))
+        groups.sort()
+        for _, a, b in groups:
+            lo_col.append(a)
+            hi_col.append(b)
         pending.clear()
 
-    for o, n in zip(ws.offset, ws.length):
+    for rank, (o, n) in enumerate(zip(ws.offset, ws.length)):
         end = min(o + n, size)
         if end <= o:
             continue
-        pending.append((o, end))
+        pending.append((o, end, rank))
         in_batch += end - o
         if in_batch >= batch:
             flush()
