@@ -13,6 +13,7 @@ from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
 from ._server import Server
+from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 from ._units import human, parse_size
@@ -34,6 +35,7 @@ __all__ = [
     "RangeSet",
     "SequentialOrder",
     "Server",
+    "StartupError",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",

@@ -34,7 +34,7 @@ import trio
 import aio
 
 from ._layout import Layout
-from ._memfile import Destination
+from ._memfile import Destination, explain_error
 from ._rangeset import RangeSet
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
@@ -489,7 +489,7 @@ class Loader:
             return
         message = (
             f"pages file ended early at offset {read.file_offset:#x}" if result == 0
-            else f"reading the pages file at offset {read.file_offset:#x}: {os.strerror(err)}"
+            else f"reading the pages file at offset {read.file_offset:#x}: {explain_error(self.destination, err)}"
         )
         self._settle(read.segments, LoadError("io-error", message, err))
 
@@ -578,7 +578,8 @@ class Loader:
     def _failure_for(self, lo: int, hi: int) -> LoadError:
         for err, ranges in self._failed_by_errno.items():
             for flo, fhi in ranges.overlapping(lo, hi):
-                return LoadError("io-error", f"memory {flo:#x}+{fhi - flo:#x} failed to load: {os.strerror(err)}", err)
+                what = explain_error(self.destination, err)  # e.g. "memory file is full (ENOSPC ...)"
+                return LoadError("io-error", f"memory {flo:#x}+{fhi - flo:#x} failed to load: {what}", err)
         return LoadError("io-error", "part of the range failed to load", errno_mod.EIO)
 
     def _failed_ranges(self, limit: int) -> list[tuple[int, int, int]]:
