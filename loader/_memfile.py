@@ -119,6 +119,7 @@ class MemoryFile:
                                    f"{what}") from None
             raise
         self._view = memoryview(self._map)
+        self._closed = False
 
     def _open_path(self, path: str, force: bool, protect: Iterable[str]) -> int:
         protected = {}
@@ -233,7 +234,7 @@ class MemoryFile:
 
     def discard(self) -> None:
         """Close after a failed start: a file this object created is removed."""
-        if self._map.closed:
+        if self._closed:
             return
         if self._created and self.path is not None:  # unlinked while still locked: never another's file
             with contextlib.suppress(OSError):
@@ -243,8 +244,11 @@ class MemoryFile:
         self.close()
 
     def close(self) -> None:
-        if self._map.closed:
+        """Unmap (or leave it to GC while a slice is still exported) and close the fd,
+        which releases the lock; idempotent."""
+        if self._closed:
             return
+        self._closed = True
         self._view.release()
         try:
             self._map.close()

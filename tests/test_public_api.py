@@ -52,7 +52,7 @@ def test_loader_public_names():
     assert set(loader.__all__) == {
         "Client", "ClientError", "DaemonOptions", "DataRange", "Destination", "LatencyHistogram", "Layout",
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
-        "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
+        "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
         "parse_size", "run_daemon",
     }
     assert set(loader.checkpoint.__all__) == {
