@@ -13,6 +13,7 @@ from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
 from ._server import Server
+from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
 from ._units import human, parse_size
@@ -60,6 +61,7 @@ __all__ = [
     "ReadKind",
     "SequentialOrder",
     "Server",
+    "StartupError",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",

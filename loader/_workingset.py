@@ -33,6 +33,7 @@ import xxhash
 
 from ._layout import Layout
 from ._rangeset import RangeSet
+from ._startup import StartupError
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._units import human
 
@@ -72,8 +73,9 @@ REPLAY_BATCH = 8 << 20
 REPLAY_GAP = 64 << 10
 
 
-class WorkingSetError(Exception):
-    """A working set cannot be used; ``str()`` is one line, ``"<path>: <problem>"``."""
+class WorkingSetError(StartupError):
+    """A working set cannot be used; ``str()`` is one line, ``"<path>: <problem>"``.
+    A :class:`StartupError` when the daemon meets it before READY."""
 
     def __init__(self, path: str, problem: str) -> None:
         problem = " ".join(problem.split())

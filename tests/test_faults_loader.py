@@ -306,10 +306,12 @@ async def test_shutdown_with_a_hung_read_answers_waiters_and_gives_up_on_it(tmp_
         await queue.aclose()
 
 
-def _blocking_thread_queue(release: threading.Event):
+def _blocking_thread_queue(release: threading.Event, started: threading.Semaphore | None = None):
     class Stuck(ThreadQueue):
         def _run(self, request):
             if not request.urgent:
+                if started is not None:
+                    started.release()
                 release.wait(60)  # a hung background read (released by the test)
             return super()._run(request)
 
@@ -318,13 +320,15 @@ def _blocking_thread_queue(release: threading.Event):
 
 async def test_threads_urgent_lane_serves_waits_while_every_worker_hangs(tmp_path, resources):
     img = _image(tmp_path, resources, 8 * MiB)
-    release = threading.Event()
-    queue = _blocking_thread_queue(release)
+    release, started = threading.Event(), threading.Semaphore(0)
+    queue = _blocking_thread_queue(release, started)
     mem = MemoryFile(8 * MiB)
     resources[1].append(mem)
     try:
         for i in range(4):  # two occupy both workers, two queue behind them
             queue.add(aio.Request.read(i, img.fd, i * MiB, mem.buffer(i * MiB, MiB)))
+        for _ in range(2):  # both workers hold a hung read before the urgent one arrives
+            assert await trio.to_thread.run_sync(started.acquire, True, 30)
         queue.add(aio.Request.read(99, img.fd, 6 * MiB, mem.buffer(6 * MiB, 256 * KiB), urgent=True))
         with trio.fail_after(30):
             done = await queue.wait(1)

@@ -467,6 +467,8 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, images):
         f.write(encode_working_set(ws_of([(0, PAGE)]))[:-3])
     base = [sys.executable, "-m", "cli", "restore", src, "--socket", str(tmp_path / "s.sock"), "-q"]
     for extra, needle in ((["--working-set", bad], "truncated"),
+                          (["--record-seconds", "-1"], "record seconds must be a positive"),
+                          (["--working-set", bad, "--no-working-set"], "contradict"),
                           (["--record-working-set", str(tmp_path / "no" / "dir" / "ws")], "cannot record")):
         r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr

@@ -32,6 +32,7 @@ from .._workingset import (
     read_working_set,
     replay_plan,
 )
+from ._files import open_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -153,7 +154,7 @@ def create_checkpoint(
             image, f"chunk size {chunk_size} is not a multiple of the page size {page_size}"
         )
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(image)
     except OSError as exc:
         raise CheckpointError(image, exc.strerror or str(exc)) from None
     try:
