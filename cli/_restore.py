@@ -10,7 +10,17 @@ import tracemalloc
 import trio
 
 import aio
-from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader import (
+    ActivationError,
+    DaemonOptions,
+    LoaderConfig,
+    MetricsError,
+    Notifier,
+    activated_socket,
+    listen_fds,
+    parse_metrics_address,
+    run_daemon,
+)
 from loader.checkpoint import CheckpointError
 
 from ._args import add_size
@@ -27,10 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "once and pages load behind the running application; waited-for pages jump ahead.  "
         "Without it, everything loads first (a progress bar on a terminal), then the socket opens.  "
         "Prints 'READY socket=PATH pid=N' on stdout once clients can connect.  SIGTERM/SIGINT: "
-        "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.",
+        "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.  "
+        "Under systemd: with $NOTIFY_SOCKET set it sends READY=1, STATUS= progress and STOPPING=1 "
+        "(Type=notify); with socket activation ($LISTEN_PID/$LISTEN_FDS, one listening Unix stream "
+        "socket as fd 3) it serves on that socket instead of --socket.  Start-up failures: one line "
+        "on stderr, exit 2.",
     )
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on (mode 0600)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to serve on (mode 0600); required unless socket-activated")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this file (e.g. on /dev/shm or hugetlbfs) instead of a memfd")
@@ -54,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root)")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
+                   "or a Unix socket path (containing a '/', mode 0600); GET /metrics")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
     p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                    help="log progress this often (default %(default)s)")
@@ -72,11 +90,23 @@ def run(args: argparse.Namespace) -> int:
                               background_reads=args.background_reads,
                               busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
                               priority=not args.no_priority)
-    except ValueError as exc:
+        metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
+        fds = listen_fds()
+        listen_socket = activated_socket(fds) if fds else None
+    except (ValueError, MetricsError, ActivationError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
+    if listen_socket is not None and args.socket is not None:
+        print(f"pageload: --socket {args.socket} and socket activation (LISTEN_FDS) both given: choose one",
+              file=sys.stderr)
+        return 2
+    if listen_socket is None and args.socket is None:
+        print("pageload: restore needs --socket PATH (or socket activation: LISTEN_PID/LISTEN_FDS)",
+              file=sys.stderr)
+        return 2
     opts = DaemonOptions(
-        source=args.source, socket_path=args.socket, background=args.background,
+        source=args.source, socket_path=args.socket or "", listen_socket=listen_socket, metrics=metrics,
+        notifier=Notifier.from_environment(), background=args.background,
         memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
@@ -89,11 +119,13 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
-    except aio.BackendUnavailable as exc:
+    except (aio.BackendUnavailable, MetricsError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    finally:
+        opts.notifier.close()
     return 0

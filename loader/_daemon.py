@@ -4,8 +4,12 @@
 serves at once and loads behind; otherwise it loads everything first, then serves.
 The socket accepts connections only once the daemon can answer them; readiness is
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
-and as a ``READY`` line on stdout.  SIGTERM or SIGINT: reads in flight finish,
-waiting clients get a ``shutting-down`` error, the socket file is removed.
+and as a ``READY`` line on stdout, and to systemd (``READY=1``, then ``STATUS=``
+progress, ``STOPPING=1``) when ``notifier`` has a ``NOTIFY_SOCKET``.  The socket
+is bound at ``socket_path``, or handed over (``listen_socket``, socket activation).
+With ``metrics``, the statistics are served in the Prometheus format.  SIGTERM or
+SIGINT: reads in flight finish, waiting clients get a ``shutting-down`` error, the
+socket file is removed (a handed-over one is left to its owner).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import tracemalloc
@@ -26,6 +31,8 @@ import aio
 
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
+from ._metrics import MetricsAddress, MetricsServer, make_registry
+from ._sdnotify import Notifier
 from ._server import Server
 from ._sweep import SweepOrder
 from ._units import human
@@ -54,6 +61,10 @@ class DaemonOptions:
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    #: a listening Unix socket to serve on instead of binding ``socket_path`` (socket activation)
+    listen_socket: socket.socket | None = None
+    metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))  #: sd_notify; no-op by default
 
 
 @dataclass
@@ -68,6 +79,7 @@ class DaemonState:
     started: float
     ready_s: float = 0.0
     stop: Callable[[], None] = lambda: None
+    metrics: MetricsServer | None = None
 
 
 def process_stats() -> dict[str, int]:
@@ -113,13 +125,24 @@ def _progress_line(loader: Loader, final: bool = False) -> str:
     return line
 
 
-async def _progress(loader: Loader, interval: float) -> None:
+def _status_line(loader: Loader) -> str:
+    """Short progress for systemd's STATUS= (``systemctl status`` shows it)."""
+    s = loader.statistics()
+    pct = 100.0 * s.loaded_bytes / s.total_bytes if s.total_bytes else 100.0
+    head = "loaded" if s.done else "loading"
+    return (f"{head} {human(s.loaded_bytes)} of {human(s.total_bytes)} ({pct:.0f}%), "
+            f"{s.throughput_bps / 1e6:.0f} MB/s, {s.waiters_blocked} waits blocked")
+
+
+async def _progress(loader: Loader, interval: float, notifier: Notifier) -> None:
     while not loader.done.is_set():
         with trio.move_on_after(interval):
             await loader.done.wait()
         if not loader.done.is_set():
             log.info(_progress_line(loader))
+            notifier.status(_status_line(loader))
     log.info(_progress_line(loader, final=True))
+    notifier.status(_status_line(loader))
 
 
 async def _progress_bar(loader: Loader) -> None:
@@ -137,7 +160,8 @@ async def _progress_bar(loader: Loader) -> None:
             await loader.done.wait()
 
 
-def _announce_ready(opts: DaemonOptions) -> None:
+def _announce_ready(opts: DaemonOptions, loader: Loader) -> None:
+    opts.notifier.ready(f"serving on {opts.socket_path}; {_status_line(loader)}")
     if opts.ready_line:
         print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
     if opts.ready_fd is not None:
@@ -152,6 +176,8 @@ async def run_daemon(
 ) -> None:
     """Run until SIGTERM/SIGINT (or until the caller cancels, or calls ``state.stop()``)."""
     started = time.perf_counter()
+    if opts.listen_socket is not None:
+        opts.socket_path = _socket_name(opts.listen_socket)
     ckpt = open_checkpoint(opts.source)
     layout = ckpt.layout
     log.info("restoring %s: %s checkpoint, memory %s, data %s in %d ranges",
@@ -164,21 +190,29 @@ async def run_daemon(
         log.warning("--direct: %s; falling back to buffered reads", exc)
         pages_fd = ckpt.open_pages(direct=False)
     memory = MemoryFile(layout.memory_size, opts.memory_file)
+    metrics: MetricsServer | None = None
     try:
         queue, backend = _open_queue(opts)
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
-                        max_pending_waits=opts.max_pending_waits,
+                        max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats()})
         state = DaemonState(ckpt, memory, loader, server, backend, started)
+        if opts.metrics is not None:  # bound now: a bad address is a start-up failure
+            metrics = state.metrics = MetricsServer(opts.metrics, make_registry(server.stats_dict))
+            await metrics.bind()
+            log.info("metrics on http://%s/metrics", metrics.bound)
         async with trio.open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
             if opts.handle_signals:
                 nursery.start_soon(_signals, stop)
+            if state.metrics is not None:
+                nursery.start_soon(state.metrics.serve)
             nursery.start_soon(loader.run)
             if not opts.background:
+                opts.notifier.status(f"loading before serving: {_status_line(loader)}")
                 if opts.progress_bar:
                     nursery.start_soon(_progress_bar, loader)
                 async with trio.open_nursery() as wait_nursery:  # stop also cuts the eager load short
@@ -189,18 +223,28 @@ async def run_daemon(
                 await nursery.start(server.serve)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
-                _announce_ready(opts)
-                nursery.start_soon(_progress, loader, opts.progress_interval)
+                _announce_ready(opts, loader)
+                nursery.start_soon(_progress, loader, opts.progress_interval, opts.notifier)
                 task_status.started(state)
             await stop.wait()
+            opts.notifier.stopping(f"stopping: {_status_line(loader)}")
             log.info("shutting down: finishing reads in flight")
             await loader.aclose()
             await server.aclose()
             log.info(_progress_line(loader, final=True))
             nursery.cancel_scope.cancel()
     finally:
+        if metrics is not None:
+            metrics.close()
         memory.close()
         os.close(pages_fd)
+
+
+def _socket_name(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # abstract namespace
+        return "@" + name[1:].decode(errors="replace")
+    return str(name)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

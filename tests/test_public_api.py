@@ -54,6 +54,9 @@ def test_loader_public_names():
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
         "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
         "parse_size", "run_daemon",
+        # issue 12 (operations): asyncio client, metrics, systemd
+        "ActivationError", "AsyncioClient", "MetricsAddress", "MetricsError", "MetricsServer", "Notifier",
+        "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
