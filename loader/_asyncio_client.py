@@ -149,9 +149,11 @@ class AsyncioClient(_Common):
         memory file in a worker thread (``aiofiles``)."""
         if offset < 0 or length < 0:
             raise ValueError(f"read({offset}, {length}): offset and length must not be negative")
-        await self.wait(offset, length)
-        if length == 0:
+        if length == 0:  # nothing to wait for (a wait of 0 bytes is not a request)
+            if offset > self.memory_size:
+                raise ClientError("out-of-range", f"offset {offset:#x} is past the memory (size {self.memory_size:#x})")
             return b""
+        await self.wait(offset, length)
         async with self._read_lock:  # one file position per client
             if self._file is None:
                 fd = await self.memory_fd()
