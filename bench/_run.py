@@ -8,7 +8,9 @@ directory and runs the chosen sections on it, each against real
   4 KiB wait latency during the fill, RSS and heap, each against its goal;
 * ``backends`` (:mod:`bench._backends`): every AIO backend, warm/cold page
   cache, with/without ``--direct``, raw image and pages checkpoint; thread counts;
-* ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace.
+* ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace;
+* ``latency`` (:mod:`bench._latency`): a wait's cost against the raw socket round
+  trip (loaded pages one at a time, pipelined waits/s, unloaded pages during the fill).
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -34,11 +36,12 @@ from workloads import generate, load_trace, make_sample_image
 from ._backends import run_backends_section
 from ._daemon import run_daemon_section
 from ._designs import run_designs
+from ._latency import run_latency_section
 from ._tools import BenchError
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs")
+SECTIONS = ("daemon", "backends", "designs", "latency")
 QUICK_SIZE = 256 << 20
 
 
@@ -158,6 +161,16 @@ def _run_section(
         return run_backends_section(
             image, workdir, repeat=rep or 1, thread_repeat=rep or (1 if quick else 3), log=log
         )
+    if name == "latency":
+        return run_latency_section(
+            image,
+            workdir,
+            rounds=2000 if quick else 5000,
+            pipelined=20_000 if quick else 100_000,
+            min_samples=opts.min_wait_samples or (100 if quick else 500),
+            max_wait_runs=2 if quick else 4,
+            log=log,
+        )
     return _designs_section(opts, image, workdir, log)
 
 
@@ -248,6 +261,22 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
                 f"max {w['max']:.0f} us (n={w['count']})"
             )
+        elif name == "latency":
+            lines.append(
+                f"latency ({section['image']['size_bytes'] >> 20} MiB dense image, "
+                f"{section['backend']} backend, warm cache)"
+            )
+            lines += _goal_table(section["goals"])
+            lim, ld = section["limits"], section["loaded"]
+            lines.append(
+                f"socket round trip p50 {lim['rtt_us']['p50']:.1f} us p99 {lim['rtt_us']['p99']:.1f} us; "
+                f"loaded wait p50 {ld['one_at_a_time_us']['p50']:.1f} us p99 {ld['one_at_a_time_us']['p99']:.1f} us "
+                f"({ld['ratio_p50_to_rtt']:.2f}x / {ld['ratio_p99_to_rtt']:.2f}x); pipelined "
+                + ", ".join(
+                    f"depth {d}: {r / 1e3:.1f}k/s ({ld['pipelined_ratio_to_protocol'][d]:.2f}x the server's protocol half)"
+                    for d, r in ld["pipelined_waits_per_s"].items()
+                )
+            )
         elif name == "backends":
             lines += _format_backends(section)
         elif name == "designs":
@@ -258,6 +287,20 @@ def format_bench(result: dict[str, Any]) -> str:
             except ImportError:
                 lines.append(repr(section))
     return "\n".join(lines)
+
+
+def _goal_table(goals: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [
+            g["name"],
+            _num(g["value"], g["unit"]),
+            g["goal"],
+            {True: "met", False: "NOT MET", None: "missing"}[g["met"]],
+            g["how"],
+        ]
+        for g in goals
+    ]
+    return _table(["figure", "value", "goal", "", "how"], rows)
 
 
 def _format_backends(section: dict[str, Any]) -> list[str]:

@@ -417,3 +417,31 @@ def test_watch_without_a_daemon_fails_clearly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cli", "stats", "--socket", str(tmp_path / "none"), "--watch"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot reach the daemon" in out.stderr
+
+
+# -- bench section latency ------------------------------------------------------------------------
+
+
+def test_quick_latency_section_end_to_end(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "cli", "bench", "--quick", "--size", "32M", "--sections", "latency",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    section = json.loads(out.read_text())["sections"]["latency"]
+    assert "error" not in section, section
+    lim, loaded = section["limits"], section["loaded"]
+    assert 0 < lim["rtt_us"]["p50"] <= lim["rtt_us"]["p99"]
+    assert lim["protocol"]["server_us_per_wait"] > 0 and lim["protocol_waits_per_s"] > 0
+    one = loaded["one_at_a_time_us"]
+    assert one["count"] == 2000 and 0 < one["p50"] <= one["p99"]
+    assert loaded["ratio_p50_to_rtt"] == pytest.approx(one["p50"] / lim["rtt_us"]["p50"])
+    assert set(loaded["pipelined_waits_per_s"]) == {"64", "1024"}
+    assert all(r > 0 for r in loaded["pipelined_waits_per_s"].values())
+    goals = {g["name"]: g for g in section["goals"]}
+    assert {"loaded-page wait p50 / socket round trip p50", "pipelined waits/s, depth 1024",
+            "4 KiB wait on unloaded page, p50", "4 KiB wait on unloaded page, p99"} == set(goals)
+    for name, g in goals.items():
+        assert isinstance(g["met"], bool) and name in proc.stdout
