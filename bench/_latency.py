@@ -124,6 +124,7 @@ def _protocol_ceiling(total: int) -> dict[str, float]:
     client, server = protocol.ClientConnection(), protocol.ServerConnection()
     server.receive_data(client.send(protocol.Hello(1, protocol.SUPPORTED_VERSIONS, "pageload-bench")))
     hello = server.next_event()
+    assert isinstance(hello, protocol.Hello)
     client.receive_data(server.send(protocol.HelloReply(1, protocol.negotiate(hello.versions) or 1, 1 << 30,
                                                         4096, True)))
     client.next_event()
@@ -138,7 +139,7 @@ def _protocol_ceiling(total: int) -> dict[str, float]:
         t1 = clock()
         server.receive_data(requests)
         out = []
-        while (event := server.next_event()) is not protocol.NEED_DATA:
+        while isinstance(event := server.next_event(), protocol.Wait):
             out.append(server.send(protocol.Loaded(event.id)))
         replies = b"".join(out)
         t2 = clock()
@@ -295,7 +296,8 @@ def run_latency_section(
         _at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
                  f"{loaded['p50']:.1f} us / {rtt['p50']:.1f} us, {loaded['count']} waits one at a time"),
         _at_least(f"pipelined waits/s, depth {deepest}", rates[deepest] / 1e3, 100, "k/s",
-                  f"{pipelined} waits; {rates[deepest] / limits['protocol_waits_per_s']:.2f}x the server's protocol half "
+                  f"{pipelined} waits; {rates[deepest] / limits['protocol_waits_per_s']:.2f}x "
+                  "the server's protocol half "
                   f"({limits['protocol_waits_per_s'] / 1e3:.0f}k/s)"),
         _at_most("4 KiB wait on unloaded page, p50", unloaded["p50"] if unloaded["count"] else None, 150, "us",
                  f"client-timed during the fill, {unloaded['count']} waits; "

@@ -273,7 +273,8 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"loaded wait p50 {ld['one_at_a_time_us']['p50']:.1f} us p99 {ld['one_at_a_time_us']['p99']:.1f} us "
                 f"({ld['ratio_p50_to_rtt']:.2f}x / {ld['ratio_p99_to_rtt']:.2f}x); pipelined "
                 + ", ".join(
-                    f"depth {d}: {r / 1e3:.1f}k/s ({ld['pipelined_ratio_to_protocol'][d]:.2f}x the server's protocol half)"
+                    f"depth {d}: {r / 1e3:.1f}k/s "
+                    f"({ld['pipelined_ratio_to_protocol'][d]:.2f}x the server's protocol half)"
                     for d, r in ld["pipelined_waits_per_s"].items()
                 )
             )

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "once and pages load behind the running application; waited-for pages jump ahead.  "
         "Without it, everything loads first (a progress bar on a terminal), then the socket opens.  "
         "Prints 'READY socket=PATH pid=N' on stdout once clients can connect.  SIGTERM/SIGINT: "
-        "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.  "
+        "waiting clients get an error at once, reads not started are dropped, the socket is removed, "
+        "exit 0 within --shutdown-timeout (even with a hung read).  "
         "Under systemd: with $NOTIFY_SOCKET set it sends READY=1, STATUS= progress and STOPPING=1 "
         "(Type=notify); with socket activation ($LISTEN_PID/$LISTEN_FDS, one listening Unix stream "
         "socket as fd 3) it serves on that socket instead of --socket.  Start-up failures: one line "
@@ -67,6 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
                    help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the pages against the checkpoint's checksums (by default each chunk "
+                   "is verified before its pages are served; a mismatch fails them with 'corrupt')")
+    p.add_argument("--read-timeout", type=float, default=_DEFAULTS.read_timeout, metavar="SECONDS",
+                   help="a read not done after this long fails with 'timeout' and frees its slot "
+                   "(default %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="SIGTERM/SIGINT to exit, at most; reads still running then are abandoned "
+                   "(default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root)")
     p.add_argument("--metrics", metavar="ADDR",
@@ -85,11 +95,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="pageload: %(message)s", stream=sys.stderr)
     try:
+        if not args.shutdown_timeout > 0:
+            raise ValueError("--shutdown-timeout must be positive")
         config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
                               queue_depth=args.queue_depth,
                               background_reads=args.background_reads,
                               busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
-                              priority=not args.no_priority)
+                              priority=not args.no_priority, read_timeout=args.read_timeout,
+                              verify=not args.no_verify)
         metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
         fds = listen_fds()
         listen_socket = activated_socket(fds) if fds else None
@@ -109,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         notifier=Notifier.from_environment(), background=args.background,
         memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
-        progress_interval=args.progress_interval,
+        progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
     )
     if args.tracemalloc:

@@ -10,7 +10,7 @@ from ._asyncio_client import AsyncioClient
 from ._client import Client, ClientError, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
-from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
+from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
@@ -41,6 +41,7 @@ __all__ = [
     "MetricsServer",
     "Notifier",
     "RangeSet",
+    "ReadKind",
     "SequentialOrder",
     "StatsCollector",
     "Server",

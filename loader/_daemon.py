@@ -6,10 +6,18 @@ The socket accepts connections only once the daemon can answer them; readiness i
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
 and as a ``READY`` line on stdout, and to systemd (``READY=1``, then ``STATUS=``
 progress, ``STOPPING=1``) when ``notifier`` has a ``NOTIFY_SOCKET``.  The socket
-is bound at ``socket_path``, or handed over (``listen_socket``, socket activation).
-With ``metrics``, the statistics are served in the Prometheus format.  SIGTERM or
-SIGINT: reads in flight finish, waiting clients get a ``shutting-down`` error, the
-socket file is removed (a handed-over one is left to its owner).
+is bound at ``socket_path``, or handed over (``listen_socket``, socket activation;
+its file is then left to its owner).  With ``metrics``, the statistics are served
+in the Prometheus format.  SIGTERM or SIGINT: within one deadline
+(``shutdown_timeout``, 2 s), waiting clients get a ``shutting-down`` error and
+their replies are flushed, reads not started are dropped, reads running are
+waited for, and the socket file is removed; a read still running at the deadline
+(a hung disk) is abandoned and the daemon exits anyway.
+
+Test hook: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
+byte offsets), reads touching [LO, HI) never complete
+(:class:`aio.testing.HangingQueue`), so tests can drive the read deadline and
+the shutdown deadline through a real process.  Nothing reads it otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 import trio
 
 import aio
+import aio.testing
 
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
@@ -39,6 +48,9 @@ from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
+
+#: the test hook's environment variable (module docstring)
+HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
 
 
 @dataclass
@@ -65,6 +77,7 @@ class DaemonOptions:
     listen_socket: socket.socket | None = None
     metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
     notifier: Notifier = field(default_factory=lambda: Notifier(None))  #: sd_notify; no-op by default
+    shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
 @dataclass
@@ -105,10 +118,16 @@ def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
     kwargs: dict[str, Any] = {}
     if name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
-    queue = aio.open_queue(name, opts.config.queue_depth, **kwargs)
+    # room beyond queue_depth for reads that timed out but whose threads are still in them
+    queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
     log.info("aio backend %s (%s)", name, why)
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
+    hang = os.environ.get(HANG_READS_ENV)
+    if hang:  # the test hook (module docstring)
+        lo, _, hi = hang.partition(":")
+        queue = aio.testing.HangingQueue(queue, aio.testing.hang_offsets(int(lo, 0), int(hi, 0)))
+        log.warning("%s=%s: reads of pages-file bytes [%s, %s) will hang (test hook)", HANG_READS_ENV, hang, lo, hi)
     return queue, name
 
 
@@ -193,7 +212,11 @@ async def run_daemon(
     metrics: MetricsServer | None = None
     try:
         queue, backend = _open_queue(opts)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order,
+                        chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
+        if ckpt.checksums is not None:
+            log.info("checksums: %s", "each chunk verified before it is served" if opts.config.verify
+                     else "not verified (--no-verify)")
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
@@ -228,9 +251,7 @@ async def run_daemon(
                 task_status.started(state)
             await stop.wait()
             opts.notifier.stopping(f"stopping: {_status_line(loader)}")
-            log.info("shutting down: finishing reads in flight")
-            await loader.aclose()
-            await server.aclose()
+            await _shutdown(loader, server, opts.shutdown_timeout)
             log.info(_progress_line(loader, final=True))
             nursery.cancel_scope.cancel()
     finally:
@@ -245,6 +266,23 @@ def _socket_name(sock: socket.socket) -> str:
     if isinstance(name, bytes):  # abstract namespace
         return "@" + name[1:].decode(errors="replace")
     return str(name)
+
+
+async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
+    """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are
+    answered ``shutting-down`` at once, then the server flushes its replies while
+    the loader drops queued reads and waits for running ones."""
+    deadline = trio.current_time() + timeout
+    log.info("shutting down (at most %g s)", timeout)
+    loader.shutdown()
+    with trio.move_on_at(deadline) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.aclose, 0.9 * timeout)  # its own verdict before the deadline
+            nursery.start_soon(server.aclose, max(0.0, deadline - trio.current_time()))
+    if scope.cancelled_caught:
+        log.warning("shutdown took longer than %g s; exiting anyway", timeout)
+    if loader.abandoned_reads:
+        log.warning("exiting with %d read(s) hung in the backend", loader.abandoned_reads)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
