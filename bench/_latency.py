@@ -17,7 +17,8 @@ In one run, on the dense image (``threads`` backend, warm page cache):
   sans-I/O :class:`protocol.ClientConnection`, replies refilled as they come);
   goal >= 100k/s at depth 1024, and the ratios to the server's protocol half and the echo;
 * 4 KiB waits on pages **not loaded yet**, during the fill
-  (:class:`~bench._tools.WaitProber`): p50 <= 150 us, p99 <= 1 ms.
+  (:class:`~bench._tools.WaitProber`): p50 <= 150 us, p99 <= 1 ms;
+* the fill of the daemon above (no client) against ``cp`` to ``/dev/shm``: >= 0.9.
 
 Every figure is reported with the limit measured in the same run.
 """
@@ -38,7 +39,7 @@ from loader import Client, ClientError
 from workloads import DaemonProcess, DaemonStartError, percentiles
 
 from ._daemon import Goal, _at_least, _at_most
-from ._tools import BenchError, FillRun, fill_run, warm_cache
+from ._tools import BenchError, FillRun, cp_mb_s, fill_run, warm_cache
 
 __all__ = ["run_latency_section"]
 
@@ -154,7 +155,8 @@ def _protocol_ceiling(total: int) -> dict[str, float]:
             "server_us_per_wait": server_ns / total / 1e3, "client_us_per_wait": client_ns / total / 1e3}
 
 
-def _loaded_daemon(image: str, workdir: str, timeout_s: float = 600) -> DaemonProcess:
+def _loaded_daemon(image: str, workdir: str, timeout_s: float = 600) -> tuple[DaemonProcess, float]:
+    """A daemon that has loaded everything, and its fill throughput (MB/s, no client waiting)."""
     daemon = DaemonProcess(image, os.path.join(workdir, "latency.sock"), os.path.join(workdir, "latency.log"),
                            ["--background", "-q", "--aio", "threads"])
     try:
@@ -164,14 +166,14 @@ def _loaded_daemon(image: str, workdir: str, timeout_s: float = 600) -> DaemonPr
     try:
         with Client.connect(daemon.socket_path) as client:
             deadline = time.monotonic() + timeout_s
-            while not client.stats()["done"]:
+            while not (stats := client.stats())["done"]:
                 if time.monotonic() > deadline:
                     raise BenchError(f"the fill did not finish in {timeout_s:.0f} s")
                 time.sleep(0.05)
     except BaseException:
         daemon.stop()
         raise
-    return daemon
+    return daemon, stats["throughput_bps"] / 1e6
 
 
 def _one_at_a_time(path: str, rounds: int, seed: int) -> dict[str, float]:
@@ -264,7 +266,9 @@ def run_latency_section(
         f"({limits['protocol']['server_waits_per_s'] / 1e3:.0f}k/s), client half "
         f"{limits['protocol']['client_us_per_wait']:.1f} us/wait")
 
-    daemon = _loaded_daemon(image, workdir)
+    cp = cp_mb_s(image)[1]
+    daemon, fill = _loaded_daemon(image, workdir)
+    log(f"fill with no client {fill:.0f} MB/s, cp to /dev/shm {cp:.0f} MB/s ({fill / cp:.2f}x)")
     try:
         loaded = _one_at_a_time(daemon.socket_path, rounds, seed=1)
         log(f"wait on a loaded page, one at a time: p50 {loaded['p50']:.1f} us, p99 {loaded['p99']:.1f} us "
@@ -293,6 +297,8 @@ def run_latency_section(
 
     deepest = str(max(depths))
     goals: list[Goal] = [
+        _at_least("fill / cp, no clients", fill / cp, 0.9, "",
+                  f"the loaded daemon's fill {fill:.0f} MB/s / cp to /dev/shm {cp:.0f} MB/s, one each"),
         _at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
                  f"{loaded['p50']:.1f} us / {rtt['p50']:.1f} us, {loaded['count']} waits one at a time"),
         _at_least(f"pipelined waits/s, depth {deepest}", rates[deepest] / 1e3, 100, "k/s",
@@ -309,7 +315,8 @@ def run_latency_section(
         "image": {"path": image, "size_bytes": os.path.getsize(image), "kind": "raw, dense random"},
         "backend": "threads",
         "cache": "warm",
-        "limits": limits,
+        "limits": {**limits, "cp_mb_s": cp},
+        "fill_mb_s": fill,
         "loaded": {
             "one_at_a_time_us": loaded,
             "ratio_p50_to_rtt": loaded["p50"] / rtt["p50"],

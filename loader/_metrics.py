@@ -116,6 +116,19 @@ class StatsCollector(Collector):
         yield _counter("pageload_reads_retried", "Failed reads retried in halves", s["reads_retried"])
         yield _gauge("pageload_failed_ranges", "Failed ranges (the statistics list at most 64)",
                      len(s["failed_ranges"]))
+        optional = (  # kept by newer loaders; emitted when the statistics have them
+            (_gauge, "pageload_background_reads_in_flight", "Of the reads in flight, prefetch and sweep reads",
+             "background_reads_in_flight"),
+            (_counter, "pageload_reads_timed_out", "Reads failed with timeout after --read-timeout",
+             "reads_timed_out"),
+            (_gauge, "pageload_reads_stuck", "Timed-out reads the backend has not returned yet", "reads_stuck"),
+            (_counter, "pageload_chunks_verified", "Chunks checked against the checkpoint's checksums",
+             "chunks_verified"),
+            (_counter, "pageload_corrupt_chunks", "Chunks whose checksum did not match", "corrupt_chunks"),
+        )
+        for make, name, doc, key in optional:
+            if key in s:
+                yield make(name, doc, s[key])
         waits = CounterMetricFamily("pageload_waits", "Waits by outcome", labels=["outcome"])
         for label, key in WAIT_OUTCOMES:
             waits.add_metric([label], s[key])

@@ -123,6 +123,9 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         assert value(fams, "pageload_waiters_blocked") == 0
         assert value(fams, "pageload_reads_in_flight") == 0
         assert value(fams, "pageload_reads_total") == stats["reads_total"] >= 1
+        assert value(fams, "pageload_reads_timed_out_total") == stats["reads_timed_out"] == 0
+        assert value(fams, "pageload_background_reads_in_flight") == 0
+        assert value(fams, "pageload_corrupt_chunks_total") == 0
         assert value(fams, "pageload_clients_connected") == 1
         assert value(fams, "pageload_connections_total") == 1
         assert value(fams, "pageload_blocked_seconds_total") > 0
@@ -441,7 +444,7 @@ def test_quick_latency_section_end_to_end(tmp_path):
     assert set(loaded["pipelined_waits_per_s"]) == {"64", "1024"}
     assert all(r > 0 for r in loaded["pipelined_waits_per_s"].values())
     goals = {g["name"]: g for g in section["goals"]}
-    assert {"loaded-page wait p50 / socket round trip p50", "pipelined waits/s, depth 1024",
+    assert {"fill / cp, no clients", "loaded-page wait p50 / socket round trip p50", "pipelined waits/s, depth 1024",
             "4 KiB wait on unloaded page, p50", "4 KiB wait on unloaded page, p99"} == set(goals)
     for name, g in goals.items():
         assert isinstance(g["met"], bool) and name in proc.stdout
