@@ -16,6 +16,7 @@ from loader import (
     LoaderConfig,
     MetricsError,
     Notifier,
+    StartupError,
     activated_socket,
     listen_fds,
     parse_metrics_address,
@@ -23,7 +24,7 @@ from loader import (
 )
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size
+from ._args import add_size, one_line_errors, positive_float, positive_int
 
 _DEFAULTS = LoaderConfig()
 
@@ -41,28 +42,34 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "exit 0 within --shutdown-timeout (even with a hung read).  "
         "Under systemd: with $NOTIFY_SOCKET set it sends READY=1, STATUS= progress and STOPPING=1 "
         "(Type=notify); with socket activation ($LISTEN_PID/$LISTEN_FDS, one listening Unix stream "
-        "socket as fd 3) it serves on that socket instead of --socket.  Start-up failures: one line "
-        "on stderr, exit 2.",
+        "socket as fd 3) it serves on that socket instead of --socket.  "
+        "Any start-up failure is one line on stderr and exit 2.",
     )
+    one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
     p.add_argument("--socket", metavar="PATH",
                    help="Unix socket to serve on (mode 0600); required unless socket-activated")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
-                   help="write into this file (e.g. on /dev/shm or hugetlbfs) instead of a memfd")
+                   help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
+                   "created with O_EXCL, never through a symbolic link, locked while the daemon runs")
+    p.add_argument("--force", action="store_true",
+                   help="reuse an existing --memory-file: lock it first, then empty it (a file locked by "
+                   "another daemon, a symbolic link, a non-regular file or the checkpoint itself are "
+                   "still refused)")
     p.add_argument("--aio", default="auto", metavar="NAME",
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
-    p.add_argument("--threads", type=int, metavar="N", help="threads for the threads backend")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="threads for the threads backend")
     p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
     add_size(p, "--read-size", default=_DEFAULTS.read_size,
              help="largest read for a waiter, so a large wait takes turns with others")
     add_size(p, "--sweep-read-size", default=_DEFAULTS.sweep_read_size, help="largest background read")
-    p.add_argument("--queue-depth", type=int, default=_DEFAULTS.queue_depth, metavar="N",
+    p.add_argument("--queue-depth", type=positive_int, default=_DEFAULTS.queue_depth, metavar="N",
                    help="reads in flight at most (default %(default)s)")
-    p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",
+    p.add_argument("--background-reads", type=positive_int, default=_DEFAULTS.background_reads, metavar="N",
                    help="of those, at most N for the background sweep; the rest are kept for waiters "
                    "(default %(default)s)")
-    p.add_argument("--busy-background-reads", type=int, metavar="N",
+    p.add_argument("--busy-background-reads", type=positive_int, metavar="N",
                    help="while clients are faulting, at most N background reads (default: CPUs - 1)")
     p.add_argument("--no-sweep", action="store_true",
                    help="lazy only: load nothing that is not waited for or prefetched")
@@ -83,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
                    "or a Unix socket path (containing a '/', mode 0600); GET /metrics")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
-    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=positive_float, default=5.0, metavar="SECONDS",
                    help="log progress this often (default %(default)s)")
     p.add_argument("--tracemalloc", action="store_true",
                    help="trace Python heap allocations (stats then report the heap and its peak)")
@@ -120,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     opts = DaemonOptions(
         source=args.source, socket_path=args.socket or "", listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), background=args.background,
-        memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
+        memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
+        direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         tracemalloc.start()
     try:
         trio.run(run_daemon, opts)
-    except CheckpointError as exc:
+    except (StartupError, CheckpointError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except (aio.BackendUnavailable, MetricsError) as exc:

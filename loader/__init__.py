@@ -16,6 +16,7 @@ from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollecto
 from ._rangeset import RangeSet
 from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._server import Server
+from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 from ._units import human, parse_size
@@ -45,6 +46,7 @@ __all__ = [
     "SequentialOrder",
     "StatsCollector",
     "Server",
+    "StartupError",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",

@@ -22,14 +22,16 @@ the shutdown deadline through a real process.  Nothing reads it otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,7 @@ from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
 from ._server import Server
+from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder
 from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
@@ -59,6 +62,9 @@ class DaemonOptions:
     socket_path: str
     background: bool = True
     memory_file: str | None = None
+    #: reuse an existing ``memory_file`` (locked first, then emptied); never a
+    #: symbolic link, a non-regular file or one of the checkpoint's own files
+    force_memory_file: bool = False
     aio_backend: str = "auto"
     threads: int | None = None
     direct: bool = False
@@ -111,7 +117,38 @@ def process_stats() -> dict[str, int]:
     return out
 
 
-def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
+def check_options(opts: DaemonOptions) -> None:
+    """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
+    if opts.threads is not None and opts.threads < 1:
+        raise StartupError(f"threads must be at least 1, not {opts.threads}")
+    if opts.config.queue_depth < 1:
+        raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
+    if opts.max_pending_waits < 1:
+        raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
+    if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
+        raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
+    if opts.listen_socket is None:  # a handed-over socket is its owner's business
+        check_socket_path(opts.socket_path)
+    if opts.ready_fd is not None:
+        check_ready_fd(opts.ready_fd)
+
+
+def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
+    """The StartupError a nursery wrapped, if it is all the group holds."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], StartupError):
+        return leaves[0]
+    return None
+
+
+def _open_queue(opts: DaemonOptions, notes: list[str]) -> tuple[aio.Queue, str]:
     name, why = opts.aio_backend, "chosen with --aio"
     if name == "auto":
         name, why = aio.pick_auto()
@@ -119,8 +156,11 @@ def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
     if name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
     # room beyond queue_depth for reads that timed out but whose threads are still in them
-    queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
-    log.info("aio backend %s (%s)", name, why)
+    try:
+        queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
+    except OSError as exc:
+        raise StartupError(f"aio backend {name}: {describe_os_error(exc, None)}") from None
+    notes.append(f"aio backend {name} ({why})")
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
     hang = os.environ.get(HANG_READS_ENV)
@@ -180,27 +220,45 @@ async def _progress_bar(loader: Loader) -> None:
 
 
 def _announce_ready(opts: DaemonOptions, loader: Loader) -> None:
+    """READY on stdout and on the ready fd.  Nobody listening any more (EPIPE) is
+    logged, not fatal: the daemon is serving.  systemd hears READY=1 first."""
     opts.notifier.ready(f"serving on {opts.socket_path}; {_status_line(loader)}")
     if opts.ready_line:
-        print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
+        try:
+            print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
+        except OSError as exc:
+            log.warning("could not print READY on stdout: %s", exc.strerror or exc)
     if opts.ready_fd is not None:
         try:
             os.write(opts.ready_fd, b"READY\n")
+        except OSError as exc:
+            log.warning("could not write READY to fd %d: %s", opts.ready_fd, exc.strerror or exc)
         finally:
-            os.close(opts.ready_fd)
+            try:
+                os.close(opts.ready_fd)
+            except OSError:
+                pass
 
 
 async def run_daemon(
     opts: DaemonOptions, *, task_status: trio.TaskStatus[DaemonState] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run until SIGTERM/SIGINT (or until the caller cancels, or calls ``state.stop()``)."""
+    """Run until SIGTERM/SIGINT (or until the caller cancels, or calls ``state.stop()``).
+
+    Every failure before READY is a :class:`StartupError` (one line; options,
+    socket path, memory file, backend) or a :class:`CheckpointError` (the
+    checkpoint), raised bare, never inside an exception group.  A memory file
+    created by a start that failed is removed again.
+    """
     started = time.perf_counter()
     if opts.listen_socket is not None:
         opts.socket_path = _socket_name(opts.listen_socket)
+    check_options(opts)
     ckpt = open_checkpoint(opts.source)
     layout = ckpt.layout
-    log.info("restoring %s: %s checkpoint, memory %s, data %s in %d ranges",
-             opts.source, ckpt.kind, human(layout.memory_size), human(layout.data_bytes), len(layout))
+    # what start-up found is logged once it has succeeded: a failed start says one line
+    notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
+             f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
     try:
         pages_fd = ckpt.open_pages(direct=opts.direct)
     except CheckpointError as exc:
@@ -208,15 +266,21 @@ async def run_daemon(
             raise
         log.warning("--direct: %s; falling back to buffered reads", exc)
         pages_fd = ckpt.open_pages(direct=False)
-    memory = MemoryFile(layout.memory_size, opts.memory_file)
     metrics: MetricsServer | None = None
     try:
-        queue, backend = _open_queue(opts)
+        memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
+                            protect=ckpt.files(), data_bytes=layout.data_bytes)
+    except BaseException:
+        os.close(pages_fd)
+        raise
+    state: DaemonState | None = None
+    try:
+        queue, backend = _open_queue(opts, notes)
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order,
                         chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
         if ckpt.checksums is not None:
-            log.info("checksums: %s", "each chunk verified before it is served" if opts.config.verify
-                     else "not verified (--no-verify)")
+            notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
+                                          else "not verified (--no-verify)"))
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
@@ -225,8 +289,8 @@ async def run_daemon(
         if opts.metrics is not None:  # bound now: a bad address is a start-up failure
             metrics = state.metrics = MetricsServer(opts.metrics, make_registry(server.stats_dict))
             await metrics.bind()
-            log.info("metrics on http://%s/metrics", metrics.bound)
-        async with trio.open_nursery() as nursery:
+            notes.append(f"metrics on http://{metrics.bound}/metrics")
+        async with _open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
             if opts.handle_signals:
@@ -236,6 +300,7 @@ async def run_daemon(
             nursery.start_soon(loader.run)
             if not opts.background:
                 opts.notifier.status(f"loading before serving: {_status_line(loader)}")
+                _log_notes(notes)
                 if opts.progress_bar:
                     nursery.start_soon(_progress_bar, loader)
                 async with trio.open_nursery() as wait_nursery:  # stop also cuts the eager load short
@@ -243,7 +308,8 @@ async def run_daemon(
                     await loader.done.wait()
                     wait_nursery.cancel_scope.cancel()
             if not stop.is_set():
-                await nursery.start(server.serve)
+                await _start_server(nursery, server)
+                _log_notes(notes)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
                 _announce_ready(opts, loader)
@@ -254,6 +320,10 @@ async def run_daemon(
             await _shutdown(loader, server, opts.shutdown_timeout)
             log.info(_progress_line(loader, final=True))
             nursery.cancel_scope.cancel()
+    except BaseException:
+        if state is None or not state.ready_s:
+            memory.discard()  # never announced: a memory file this start created goes again
+        raise
     finally:
         if metrics is not None:
             metrics.close()
@@ -283,6 +353,36 @@ async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
         log.warning("shutdown took longer than %g s; exiting anyway", timeout)
     if loader.abandoned_reads:
         log.warning("exiting with %d read(s) hung in the backend", loader.abandoned_reads)
+
+
+def _log_notes(notes: list[str]) -> None:
+    for note in notes:
+        log.info(note)
+    notes.clear()
+
+
+@contextlib.asynccontextmanager
+async def _open_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery that lets a lone StartupError out bare, not in an exception group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        lone = _lone_startup_error(group)
+        if lone is None:
+            raise
+        raise lone from None
+
+
+async def _start_server(nursery: trio.Nursery, server: Server) -> None:
+    """Bind and listen; a socket that cannot be served on is a StartupError."""
+    try:
+        await nursery.start(server.serve)
+    except OSError as exc:
+        line = describe_os_error(exc, None)
+        if server.path not in line:
+            line = f"{server.path}: {line}"
+        raise StartupError(line) from None
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

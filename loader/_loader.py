@@ -56,7 +56,7 @@ import aio
 from protocol import codes
 
 from ._layout import Layout
-from ._memfile import Destination
+from ._memfile import Destination, explain_error
 from ._rangeset import RangeSet
 from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
@@ -713,6 +713,10 @@ class Loader:
         if result == 0:
             self._fail(read.segments, read.file_offset, codes.IO_ERROR, None,
                        "the pages file returned no data here, again and again")
+        elif (why := explain_error(self.destination, err)) != os.strerror(err):
+            # e.g. EFAULT from a full memory file: "memory file is full (ENOSPC on ...)"
+            self._fail(read.segments, read.file_offset, codes.IO_ERROR,
+                       errno_mod.ENOSPC if err == errno_mod.EFAULT else err, why)
         else:
             self._fail(read.segments, read.file_offset, codes.IO_ERROR, err, "reading the pages file failed")
 

@@ -37,6 +37,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ._startup import StartupError
 from ._stats import HISTOGRAM_BUCKETS
 
 log = logging.getLogger("pageload.metrics")
@@ -54,8 +55,8 @@ WAIT_OUTCOMES = (
 )
 
 
-class MetricsError(Exception):
-    """A bad ``--metrics`` address, or one that cannot be served; one line."""
+class MetricsError(StartupError):
+    """A bad ``--metrics`` address, or one that cannot be served: a start-up failure (one line, exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)

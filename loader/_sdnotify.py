@@ -21,13 +21,16 @@ import logging
 import os
 import socket
 
+from ._startup import StartupError
+
 log = logging.getLogger("pageload")
 
 SD_LISTEN_FDS_START = 3
 
 
-class ActivationError(Exception):
-    """The sockets passed by the service manager are not what the daemon can serve; one line."""
+class ActivationError(StartupError):
+    """The sockets passed by the service manager are not what the daemon can serve: a
+    start-up failure (one line, exit 2)."""
 
 
 class Notifier:

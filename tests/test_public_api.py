@@ -51,8 +51,9 @@ def test_aio_testing_public_names():
 def test_loader_public_names():
     assert set(loader.__all__) == {
         "Client", "ClientError", "DaemonOptions", "DataRange", "Destination", "LatencyHistogram", "Layout",
-        "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "ReadKind", "MemoryFile", "RangeSet",
-        "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
+        "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
+        "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human",
+        "mapped_memory",
         "parse_size", "run_daemon",
         # issue 12 (operations): asyncio client, metrics, systemd
         "ActivationError", "AsyncioClient", "MetricsAddress", "MetricsError", "MetricsServer", "Notifier",
