@@ -173,6 +173,23 @@ async def test_metrics_over_a_unix_socket_and_the_responder_is_strict(tmp_path, 
     assert not os.path.exists(path)
 
 
+async def test_metrics_serve_while_an_eager_restore_loads(tmp_path, image):
+    """Without --background the socket opens only when loaded; the metrics show the load meanwhile."""
+    path = str(tmp_path / "metrics.sock")
+    opts = options(tmp_path, image, background=False, metrics=MetricsAddress(path=path), aio_backend="sync",
+                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.01),
+                   config=LoaderConfig(sweep_read_size=PAGE * 16))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_daemon, opts)
+        while not os.path.exists(path):
+            await trio.sleep(0.01)
+        fams = families(await http(path, b"GET /metrics HTTP/1.0\r\n\r\n"))
+        assert value(fams, "pageload_done") == 0
+        assert value(fams, "pageload_loaded_bytes") < value(fams, "pageload_data_bytes")
+        assert not os.path.exists(tmp_path / "s.sock")  # not serving clients yet
+        nursery.cancel_scope.cancel()
+
+
 async def test_metrics_address_in_use_is_a_startup_failure(tmp_path, image):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
