@@ -9,6 +9,8 @@ directory and runs the chosen sections on it, each against real
 * ``backends`` (:mod:`bench._backends`): every AIO backend, warm/cold page
   cache, with/without ``--direct``, raw image and pages checkpoint; thread counts;
 * ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace;
+* ``latency`` (:mod:`bench._latency`): a wait's cost against the raw socket round
+  trip (loaded pages one at a time, pipelined waits/s, unloaded pages during the fill).
 * ``workingset`` (:mod:`bench._workingset`): record a working set under the same
   trace, then restore with and without it (and laid out first), same and perturbed trace.
 
@@ -36,12 +38,13 @@ from workloads import Trace, generate, load_trace, make_sample_image
 from ._backends import run_backends_section
 from ._daemon import run_daemon_section
 from ._designs import run_designs
+from ._latency import run_latency_section
 from ._tools import BenchError
 from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "workingset")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset")
 QUICK_SIZE = 256 << 20
 
 
@@ -165,6 +168,16 @@ def _run_section(
         return run_workingset_section(
             image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log, seed=opts.seed
         )
+    if name == "latency":
+        return run_latency_section(
+            image,
+            workdir,
+            rounds=2000 if quick else 5000,
+            pipelined=20_000 if quick else 100_000,
+            min_samples=opts.min_wait_samples or (100 if quick else 500),
+            max_wait_runs=2 if quick else 4,
+            log=log,
+        )
     return _designs_section(opts, image, workdir, log)
 
 
@@ -260,6 +273,23 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
                 f"max {w['max']:.0f} us (n={w['count']})"
             )
+        elif name == "latency":
+            lines.append(
+                f"latency ({section['image']['size_bytes'] >> 20} MiB dense image, "
+                f"{section['backend']} backend, warm cache)"
+            )
+            lines += _goal_table(section["goals"])
+            lim, ld = section["limits"], section["loaded"]
+            lines.append(
+                f"socket round trip p50 {lim['rtt_us']['p50']:.1f} us p99 {lim['rtt_us']['p99']:.1f} us; "
+                f"loaded wait p50 {ld['one_at_a_time_us']['p50']:.1f} us p99 {ld['one_at_a_time_us']['p99']:.1f} us "
+                f"({ld['ratio_p50_to_rtt']:.2f}x / {ld['ratio_p99_to_rtt']:.2f}x); pipelined "
+                + ", ".join(
+                    f"depth {d}: {r / 1e3:.1f}k/s "
+                    f"({ld['pipelined_ratio_to_protocol'][d]:.2f}x the server's protocol half)"
+                    for d, r in ld["pipelined_waits_per_s"].items()
+                )
+            )
         elif name == "backends":
             lines += _format_backends(section)
         elif name == "workingset":
@@ -272,6 +302,20 @@ def format_bench(result: dict[str, Any]) -> str:
             except ImportError:
                 lines.append(repr(section))
     return "\n".join(lines)
+
+
+def _goal_table(goals: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [
+            g["name"],
+            _num(g["value"], g["unit"]),
+            g["goal"],
+            {True: "met", False: "NOT MET", None: "missing"}[g["met"]],
+            g["how"],
+        ]
+        for g in goals
+    ]
+    return _table(["figure", "value", "goal", "", "how"], rows)
 
 
 def _format_backends(section: dict[str, Any]) -> list[str]:

@@ -22,8 +22,9 @@ def register(sub: Any) -> None:
         description="Make a dense random image in a work directory and run the chosen sections "
         "against real 'pageload restore' daemons: daemon (fill vs cp, time to ready, wait latency, "
         "RSS and heap, each against its goal), backends (every AIO backend, warm/cold page cache, "
-        "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace), workingset "
-        "(record a working set under the trace, restore with and without it).  "
+        "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace), latency (a "
+        "wait against the raw socket round trip: loaded pages, pipelined waits/s, unloaded pages), "
+        "workingset (record a working set under the trace, restore with and without it).  "
         "See docs/BENCHMARKS.md.",
     )
     add_size(p, "--size", default=None, help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
+from typing import Any, TextIO
 
 from loader import Client, ClientError, human
 
@@ -23,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("stats", help="show a running daemon's statistics")
     p.add_argument("--socket", required=True, metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the restore until it is done: on a terminal one redrawn line (bar, MB/s, "
+                   "waits blocked now, ETA), otherwise one plain line per interval")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="with --watch: poll this often (default 0.5 on a terminal, 5 otherwise)")
     p.set_defaults(func=run_stats)
 
     p = sub.add_parser("mark", help="end a daemon's working-set recording window now",
@@ -58,6 +66,8 @@ def run_mark(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch(args.socket, args.interval, sys.stdout)
     try:
         with Client.connect(args.socket) as client:
             stats = client.stats()
@@ -96,4 +106,79 @@ def run_stats(args: argparse.Namespace) -> int:
     if rec:
         print(f"recording   {'active' if rec['active'] else 'done'}: {human(rec['bytes'])} in {rec['ranges']} "
               f"ranges -> {rec['path']}")
+    return 0
+
+
+# -- stats --watch
+
+BAR_WIDTH = 24
+MIN_BAR_WIDTH = 8
+
+
+def watch_line(stats: dict[str, Any], rate_bps: float, *, bar_width: int = BAR_WIDTH) -> str:
+    """One progress line: bar, percent, bytes, MB/s (``rate_bps``), waits blocked now, ETA."""
+    total = stats["total_bytes"]
+    loaded = stats["loaded_bytes"]
+    frac = loaded / total if total else 1.0
+    filled = int(frac * bar_width)
+    bar = "#" * filled + "-" * (bar_width - filled)
+    line = (f"[{bar}] {frac * 100:5.1f}% {human(loaded)}/{human(total)} {rate_bps / 1e6:7.1f} MB/s "
+            f"blocked {stats['waiters_blocked']}")
+    if stats["done"]:
+        line += f" done in {stats['elapsed_s']:.2f} s"
+        if stats["failed_bytes"]:
+            line += f", FAILED {human(stats['failed_bytes'])}"
+    elif rate_bps > 0:
+        line += f" ETA {(total - loaded - stats['failed_bytes']) / rate_bps:.1f} s"
+    else:
+        line += " ETA ?"
+    return line
+
+
+def watch(path: str, interval: float | None, out: TextIO) -> int:
+    """Poll the daemon's stats until it is done; redraw one line on a terminal, else
+    print one line per poll.  The rate is over the last interval (the daemon's own
+    average on the first poll).  Exit 0 once done, 1 if the daemon cannot be reached
+    or goes away."""
+    tty = out.isatty()
+    if interval is None:
+        interval = 0.5 if tty else 5.0
+    interval = max(interval, 0.05)
+    drawn = False
+    try:
+        with Client.connect(path) as client:
+            last: tuple[float, int] | None = None
+            while True:
+                stats = client.stats()
+                now = time.monotonic()
+                if last is None or now <= last[0]:
+                    rate = float(stats["throughput_bps"])
+                else:
+                    rate = max(0.0, (stats["loaded_bytes"] - last[1]) / (now - last[0]))
+                last = (now, stats["loaded_bytes"])
+                if stats["done"]:
+                    rate = float(stats["throughput_bps"])
+                line = watch_line(stats, rate)
+                if tty:  # fit the terminal: the bar shrinks first, then the line is cut
+                    width = shutil.get_terminal_size().columns - 1
+                    if len(line) > width:
+                        line = watch_line(stats, rate, bar_width=max(MIN_BAR_WIDTH, BAR_WIDTH - (len(line) - width)))
+                    out.write("\r" + line[:width] + "\x1b[K")
+                    drawn = True
+                else:
+                    out.write(line + "\n")
+                out.flush()
+                if stats["done"]:
+                    break
+                time.sleep(interval)
+    except (ClientError, OSError) as exc:
+        if drawn:
+            out.write("\n")
+        return _fail(exc, path)
+    except KeyboardInterrupt:
+        if drawn:
+            out.write("\n")
+        return 130
+    if tty:
+        out.write("\n")
     return 0

@@ -10,7 +10,19 @@ import tracemalloc
 import trio
 
 import aio
-from loader import DaemonOptions, LoaderConfig, StartupError, WorkingSetError, run_daemon
+from loader import (
+    ActivationError,
+    DaemonOptions,
+    LoaderConfig,
+    MetricsError,
+    Notifier,
+    StartupError,
+    WorkingSetError,
+    activated_socket,
+    listen_fds,
+    parse_metrics_address,
+    run_daemon,
+)
 from loader.checkpoint import CheckpointError
 
 from ._args import add_size, one_line_errors, positive_float, positive_int
@@ -29,11 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "Prints 'READY socket=PATH pid=N' on stdout once clients can connect.  SIGTERM/SIGINT: "
         "waiting clients get an error at once, reads not started are dropped, the socket is removed, "
         "exit 0 within --shutdown-timeout (even with a hung read).  "
+        "Under systemd: with $NOTIFY_SOCKET set it sends READY=1, STATUS= progress and STOPPING=1 "
+        "(Type=notify); with socket activation ($LISTEN_PID/$LISTEN_FDS, one listening Unix stream "
+        "socket as fd 3) it serves on that socket instead of --socket.  "
         "Any start-up failure is one line on stderr and exit 2.",
     )
     one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on (mode 0600)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to serve on (mode 0600); required unless socket-activated")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
@@ -84,6 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "or shutdown (default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root)")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
+                   "or a Unix socket path (containing a '/', mode 0600); GET /metrics")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
     p.add_argument("--progress-interval", type=positive_float, default=5.0, metavar="SECONDS",
                    help="log progress this often (default %(default)s)")
@@ -105,11 +124,23 @@ def run(args: argparse.Namespace) -> int:
                               busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
                               priority=not args.no_priority, read_timeout=args.read_timeout,
                               verify=not args.no_verify)
-    except ValueError as exc:
+        metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
+        fds = listen_fds()
+        listen_socket = activated_socket(fds) if fds else None
+    except (ValueError, MetricsError, ActivationError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
+    if listen_socket is not None and args.socket is not None:
+        print(f"pageload: --socket {args.socket} and socket activation (LISTEN_FDS) both given: choose one",
+              file=sys.stderr)
+        return 2
+    if listen_socket is None and args.socket is None:
+        print("pageload: restore needs --socket PATH (or socket activation: LISTEN_PID/LISTEN_FDS)",
+              file=sys.stderr)
+        return 2
     opts = DaemonOptions(
-        source=args.source, socket_path=args.socket, background=args.background,
+        source=args.source, socket_path=args.socket or "", listen_socket=listen_socket, metrics=metrics,
+        notifier=Notifier.from_environment(), background=args.background,
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
@@ -126,11 +157,13 @@ def run(args: argparse.Namespace) -> int:
     except (StartupError, CheckpointError, WorkingSetError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
-    except aio.BackendUnavailable as exc:
+    except (aio.BackendUnavailable, MetricsError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    finally:
+        opts.notifier.close()
     return 0

@@ -6,12 +6,15 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
+from ._asyncio_client import AsyncioClient
 from ._client import Client, ClientError, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
 from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
+from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
+from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._server import Server
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
@@ -44,6 +47,8 @@ __all__ = [
     "read_working_set",
     "replay_order",
     "write_working_set",
+    "ActivationError",
+    "AsyncioClient",
     "Client",
     "ClientError",
     "DaemonOptions",
@@ -57,16 +62,24 @@ __all__ = [
     "LoaderConfig",
     "LoaderStatistics",
     "MemoryFile",
+    "MetricsAddress",
+    "MetricsError",
+    "MetricsServer",
+    "Notifier",
     "RangeSet",
     "ReadKind",
     "SequentialOrder",
+    "StatsCollector",
     "Server",
     "StartupError",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",
+    "activated_socket",
     "human",
+    "listen_fds",
     "mapped_memory",
+    "parse_metrics_address",
     "parse_size",
     "run_daemon",
 ]

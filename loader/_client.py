@@ -117,7 +117,10 @@ class Client(_Common):
 
     # -- pipelining
     def send(self, event: Any) -> int:
-        self.sock.sendall(self.conn.send(event))
+        try:
+            self.sock.sendall(self.conn.send(event))
+        except (BrokenPipeError, ConnectionResetError) as exc:  # a lost daemon is a ClientError
+            raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
         return int(event.id)
 
     def send_wait(self, offset: int, length: int) -> int:
@@ -128,7 +131,10 @@ class Client(_Common):
         while request_id not in self._replies:
             event = self.conn.next_event()
             if event is protocol.NEED_DATA:
-                data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                try:
+                    data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                except ConnectionResetError as exc:
+                    raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
                 _take_fds(ancdata, self._fds)
                 self.conn.receive_data(data)
                 continue
@@ -230,8 +236,12 @@ class TrioClient(_Common):
         data = self.conn.send(event)
         async with self._send_lock:
             view = memoryview(data)
-            while view:
-                view = view[await self.sock.send(view):]
+            try:
+                while view:
+                    view = view[await self.sock.send(view):]
+            except (BrokenPipeError, ConnectionResetError) as exc:  # a lost daemon is a ClientError
+                self._slots.pop(event.id, None)
+                raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
         await slot[0].wait()
         if slot[1] is None:
             assert self._lost is not None

@@ -4,7 +4,11 @@
 serves at once and loads behind; otherwise it loads everything first, then serves.
 The socket accepts connections only once the daemon can answer them; readiness is
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
-and as a ``READY`` line on stdout.  SIGTERM or SIGINT: within one deadline
+and as a ``READY`` line on stdout, and to systemd (``READY=1``, then ``STATUS=``
+progress, ``STOPPING=1``) when ``notifier`` has a ``NOTIFY_SOCKET``.  The socket
+is bound at ``socket_path``, or handed over (``listen_socket``, socket activation;
+its file is then left to its owner).  With ``metrics``, the statistics are served
+in the Prometheus format.  SIGTERM or SIGINT: within one deadline
 (``shutdown_timeout``, 2 s), waiting clients get a ``shutting-down`` error and
 their replies are flushed, reads not started are dropped, reads running are
 waited for, and the socket file is removed; a read still running at the deadline
@@ -23,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import tracemalloc
@@ -38,6 +43,8 @@ import aio.testing
 from ._layout import Layout
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
+from ._metrics import MetricsAddress, MetricsServer, make_registry
+from ._sdnotify import Notifier
 from ._server import Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
@@ -91,6 +98,10 @@ class DaemonOptions:
     record_working_set: str | None = None
     record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    #: a listening Unix socket to serve on instead of binding ``socket_path`` (socket activation)
+    listen_socket: socket.socket | None = None
+    metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))  #: sd_notify; no-op by default
     shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
@@ -106,6 +117,7 @@ class DaemonState:
     started: float
     ready_s: float = 0.0
     stop: Callable[[], None] = lambda: None
+    metrics: MetricsServer | None = None
 
 
 def process_stats() -> dict[str, int]:
@@ -138,7 +150,8 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"record seconds must be a positive number of seconds, not {opts.record_seconds}")
     if opts.working_set is not None and not opts.use_working_set:
         raise StartupError("--working-set and --no-working-set contradict each other")
-    check_socket_path(opts.socket_path)
+    if opts.listen_socket is None:  # a handed-over socket is its owner's business
+        check_socket_path(opts.socket_path)
     if opts.ready_fd is not None:
         check_ready_fd(opts.ready_fd)
 
@@ -194,13 +207,24 @@ def _progress_line(loader: Loader, final: bool = False) -> str:
     return line
 
 
-async def _progress(loader: Loader, interval: float) -> None:
+def _status_line(loader: Loader) -> str:
+    """Short progress for systemd's STATUS= (``systemctl status`` shows it)."""
+    s = loader.statistics()
+    pct = 100.0 * s.loaded_bytes / s.total_bytes if s.total_bytes else 100.0
+    head = "loaded" if s.done else "loading"
+    return (f"{head} {human(s.loaded_bytes)} of {human(s.total_bytes)} ({pct:.0f}%), "
+            f"{s.throughput_bps / 1e6:.0f} MB/s, {s.waiters_blocked} waits blocked")
+
+
+async def _progress(loader: Loader, interval: float, notifier: Notifier) -> None:
     while not loader.done.is_set():
         with trio.move_on_after(interval):
             await loader.done.wait()
         if not loader.done.is_set():
             log.info(_progress_line(loader))
+            notifier.status(_status_line(loader))
     log.info(_progress_line(loader, final=True))
+    notifier.status(_status_line(loader))
 
 
 async def _progress_bar(loader: Loader) -> None:
@@ -218,9 +242,10 @@ async def _progress_bar(loader: Loader) -> None:
             await loader.done.wait()
 
 
-def _announce_ready(opts: DaemonOptions) -> None:
+def _announce_ready(opts: DaemonOptions, loader: Loader) -> None:
     """READY on stdout and on the ready fd.  Nobody listening any more (EPIPE) is
-    logged, not fatal: the daemon is serving."""
+    logged, not fatal: the daemon is serving.  systemd hears READY=1 first."""
+    opts.notifier.ready(f"serving on {opts.socket_path}; {_status_line(loader)}")
     if opts.ready_line:
         try:
             print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
@@ -249,6 +274,8 @@ async def run_daemon(
     created by a start that failed is removed again.
     """
     started = time.perf_counter()
+    if opts.listen_socket is not None:
+        opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
     ckpt = open_checkpoint(opts.source)
     layout = ckpt.layout
@@ -263,6 +290,7 @@ async def run_daemon(
             raise
         log.warning("--direct: %s; falling back to buffered reads", exc)
         pages_fd = ckpt.open_pages(direct=False)
+    metrics: MetricsServer | None = None
     try:
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
                             protect=ckpt.files(), data_bytes=layout.data_bytes)
@@ -286,19 +314,26 @@ async def run_daemon(
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
-                        max_pending_waits=opts.max_pending_waits,
+                        max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats(),
                                              **_working_set_stats(order, recorder, record_path)})
         state = DaemonState(ckpt, memory, loader, server, backend, started)
         window_done = trio.Event()
+        if opts.metrics is not None:  # bound now: a bad address is a start-up failure
+            metrics = state.metrics = MetricsServer(opts.metrics, make_registry(server.stats_dict))
+            await metrics.bind()
+            notes.append(f"metrics on http://{metrics.bound}/metrics")
         async with _open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
             if opts.handle_signals:
                 nursery.start_soon(_signals, stop)
+            if state.metrics is not None:
+                nursery.start_soon(state.metrics.serve)
             nursery.start_soon(loader.run)
             if not opts.background:
+                opts.notifier.status(f"loading before serving: {_status_line(loader)}")
                 _log_notes(notes)
                 if opts.progress_bar:
                     nursery.start_soon(_progress_bar, loader)
@@ -311,13 +346,14 @@ async def run_daemon(
                 _log_notes(notes)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
-                _announce_ready(opts)
-                nursery.start_soon(_progress, loader, opts.progress_interval)
+                _announce_ready(opts, loader)
+                nursery.start_soon(_progress, loader, opts.progress_interval, opts.notifier)
                 if recorder is not None and record_path is not None:
                     recorder.start()
                     nursery.start_soon(_record_window, recorder, record_path, opts.record_seconds, window_done)
                 task_status.started(state)
             await stop.wait()
+            opts.notifier.stopping(f"stopping: {_status_line(loader)}")
             await _shutdown(loader, server, opts.shutdown_timeout)
             if recorder is not None and recorder.active:
                 recorder.stop()  # the window task writes the file
@@ -332,8 +368,17 @@ async def run_daemon(
             memory.discard()  # never announced: a memory file this start created goes again
         raise
     finally:
+        if metrics is not None:
+            metrics.close()
         memory.close()
         os.close(pages_fd)
+
+
+def _socket_name(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, bytes):  # abstract namespace
+        return "@" + name[1:].decode(errors="replace")
+    return str(name)
 
 
 async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:

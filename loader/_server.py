@@ -268,9 +268,12 @@ class Server:
         max_errors: int = 8,
         max_pending_waits: int = 4096,
         extra_stats: Callable[[], dict[str, Any]] | None = None,
+        listener: stdsocket.socket | None = None,
     ) -> None:
         self.loader = loader
         self.path = path
+        #: a listening socket handed over (socket activation): served as is, its file left alone
+        self.inherited = listener
         self.memory_fd = memory_fd
         self.allow_uids = {os.getuid(), 0, *allow_uids}
         self.max_errors = max_errors
@@ -312,8 +315,9 @@ class Server:
         return sock
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report started, accept until cancelled; removes the socket file at exit."""
-        self._listener = await self._bind()
+        """Listen, report started, accept until cancelled; removes the socket file at exit
+        (unless the socket was handed over: its owner, e.g. systemd, keeps it)."""
+        self._listener = trio.socket.from_stdlib_socket(self.inherited) if self.inherited else await self._bind()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -327,8 +331,9 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self.inherited is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     async def aclose(self, flush_timeout: float = 1.0) -> None:
         """Stop accepting; give each client its queued replies, then close them all."""
@@ -338,8 +343,9 @@ class Server:
             await session.flush(flush_timeout)
             session._closing = True
             session.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.inherited is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     async def _session(self, sock: trio.socket.SocketType) -> None:
         with sock:

@@ -1,0 +1,334 @@
+"""``pageload bench`` section ``latency`` (issue 12): a wait's cost against the socket's.
+
+In one run, on the dense image (``threads`` backend, warm page cache):
+
+* limits — a raw Unix-socket round trip to an echo process, one message at a
+  time (p50/p99, a 32-byte message: a wait request is 29); the echo's pipelined
+  message rate at each depth (the transport's ceiling, same client loop minus the
+  protocol); and the protocol's ceiling: a ``ClientConnection`` and a
+  ``ServerConnection`` in one process, timed per half (the server's: parse a Wait,
+  encode its Loaded; the client's: encode, parse the reply): the Python work each
+  end of this protocol must do per wait, with no I/O, no loader, no scheduling.
+  The pipelined ratio is against the server's half;
+* a wait on a **loaded** page, one at a time, from a blocking :class:`~loader.Client`
+  against a fully loaded daemon: p50/p99, client-timed, and the ratio to the round
+  trip (goal p50 <= 3x);
+* pipelined waits/s at depth 64 and 1024 on loaded pages (a raw socket and the
+  sans-I/O :class:`protocol.ClientConnection`, replies refilled as they come);
+  goal >= 100k/s at depth 1024, and the ratios to the server's protocol half and the echo;
+* 4 KiB waits on pages **not loaded yet**, during the fill
+  (:class:`~bench._tools.WaitProber`): p50 <= 150 us, p99 <= 1 ms;
+* the fill of the daemon above (no client) against ``cp`` to ``/dev/shm``: >= 0.9.
+
+Every figure is reported with the limit measured in the same run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import socket
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import protocol
+from loader import Client, ClientError
+from workloads import DaemonProcess, DaemonStartError, percentiles
+
+from ._daemon import Goal, _at_least, _at_most
+from ._tools import BenchError, FillRun, cp_mb_s, fill_run, warm_cache
+
+__all__ = ["run_latency_section"]
+
+MESSAGE = 32  #: bytes of the echo's message (a Wait request encodes to 29)
+
+
+def _echo_server(path: str, ready: Any) -> None:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    ready.set()
+    conn, _ = srv.accept()
+    with conn, srv:
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+
+
+def _echo_limits(workdir: str, rounds: int, depths: Sequence[int], pipelined: int) -> dict[str, Any]:
+    """Round trip p50/p99 (us) and pipelined messages/s per depth, against an echo process."""
+    path = os.path.join(workdir, "latency-echo.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    ctx = multiprocessing.get_context("forkserver")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_echo_server, args=(path, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(30):
+            raise BenchError("the echo server for the socket round trip did not start")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            msg = b"x" * MESSAGE
+            samples = array("q")
+            clock = time.perf_counter_ns
+            for _ in range(rounds):
+                t0 = clock()
+                sock.sendall(msg)
+                got = 0
+                while got < MESSAGE:
+                    got += len(sock.recv(4096))
+                samples.append(clock() - t0)
+            rates = {}
+            for depth in depths:
+                rates[str(depth)] = _echo_pipelined(sock, depth, pipelined)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
+        if os.path.exists(path):
+            os.unlink(path)
+    p = percentiles(samples)
+    return {"rtt_us": {"p50": p["p50"], "p99": p["p99"], "count": p["count"]}, "pipelined_msgs_per_s": rates}
+
+
+def _echo_pipelined(sock: socket.socket, depth: int, total: int) -> float:
+    msg = b"x" * MESSAGE
+    sent = done = 0
+    pending_bytes = 0
+    t0 = time.perf_counter()
+    first = min(depth, total)
+    sock.sendall(msg * first)
+    sent = first
+    while done < total:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise BenchError("the echo server went away")
+        pending_bytes += len(data)
+        n, pending_bytes = divmod(pending_bytes, MESSAGE)
+        done += n
+        more = min(n, total - sent)
+        if more:
+            sock.sendall(msg * more)
+            sent += more
+    return total / (time.perf_counter() - t0)
+
+
+def _protocol_ceiling(total: int) -> dict[str, float]:
+    """Waits/s through the sans-I/O protocol in one process, in batches of 64: the
+    server's half (parse a Wait, encode its Loaded), the client's half (encode a
+    Wait, parse its reply), and both."""
+    client, server = protocol.ClientConnection(), protocol.ServerConnection()
+    server.receive_data(client.send(protocol.Hello(1, protocol.SUPPORTED_VERSIONS, "pageload-bench")))
+    hello = server.next_event()
+    assert isinstance(hello, protocol.Hello)
+    client.receive_data(server.send(protocol.HelloReply(1, protocol.negotiate(hello.versions) or 1, 1 << 30,
+                                                        4096, True)))
+    client.next_event()
+    ids = iter(range(2, 1 << 62))
+    done = 0
+    client_ns = server_ns = 0
+    clock = time.perf_counter_ns
+    while done < total:
+        n = min(64, total - done)
+        t0 = clock()
+        requests = b"".join(client.send(protocol.Wait(next(ids), 4096 * (i + 1), 4096)) for i in range(n))
+        t1 = clock()
+        server.receive_data(requests)
+        out = []
+        while isinstance(event := server.next_event(), protocol.Wait):
+            out.append(server.send(protocol.Loaded(event.id)))
+        replies = b"".join(out)
+        t2 = clock()
+        client.receive_data(replies)
+        while client.next_event() is not protocol.NEED_DATA:
+            done += 1
+        t3 = clock()
+        client_ns += (t1 - t0) + (t3 - t2)
+        server_ns += t2 - t1
+    return {"both_waits_per_s": total / (client_ns + server_ns) * 1e9,
+            "server_waits_per_s": total / server_ns * 1e9, "client_waits_per_s": total / client_ns * 1e9,
+            "server_us_per_wait": server_ns / total / 1e3, "client_us_per_wait": client_ns / total / 1e3}
+
+
+def _loaded_daemon(image: str, workdir: str, timeout_s: float = 600) -> tuple[DaemonProcess, float]:
+    """A daemon that has loaded everything, and its fill throughput (MB/s, no client waiting)."""
+    daemon = DaemonProcess(image, os.path.join(workdir, "latency.sock"), os.path.join(workdir, "latency.log"),
+                           ["--background", "-q", "--aio", "threads"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        raise BenchError(str(exc)) from None
+    try:
+        with Client.connect(daemon.socket_path) as client:
+            deadline = time.monotonic() + timeout_s
+            while not (stats := client.stats())["done"]:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the fill did not finish in {timeout_s:.0f} s")
+                time.sleep(0.05)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, stats["throughput_bps"] / 1e6
+
+
+def _one_at_a_time(path: str, rounds: int, seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    samples = array("q")
+    with Client.connect(path) as client:
+        pages = client.memory_size // client.page_size
+        offsets = [rng.randrange(pages) * client.page_size for _ in range(rounds)]
+        page = client.page_size
+        wait, clock = client.wait, time.perf_counter_ns
+        for _ in range(200):  # warm up
+            wait(offsets[0], page)
+        for off in offsets:
+            t0 = clock()
+            wait(off, page)
+            samples.append(clock() - t0)
+    return percentiles(samples)
+
+
+def _pipelined(path: str, depth: int, total: int, seed: int) -> float:
+    """Waits/s with ``depth`` in flight, refilled as replies arrive (one send per receive)."""
+    rng = random.Random(seed)
+    with Client.connect(path) as hello:  # for the geometry
+        page, pages = hello.page_size, hello.memory_size // hello.page_size
+    offsets = [rng.randrange(pages) * page for _ in range(4096)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        conn = protocol.ClientConnection()
+        ids = iter(range(1, 1 << 62))
+
+        def request(n: int) -> bytes:
+            return b"".join(conn.send(protocol.Wait(next(ids), offsets[i % 4096], page)) for i in range(n))
+
+        sock.sendall(conn.send(protocol.Hello(next(ids), protocol.SUPPORTED_VERSIONS, "pageload-bench")))
+        if not _drain(sock, conn, 1):
+            raise BenchError("the daemon did not answer hello")
+        t0 = time.perf_counter()
+        first = min(depth, total)
+        sock.sendall(request(first))
+        sent, done = first, 0
+        while done < total:
+            n = _drain(sock, conn, 0)
+            done += n
+            more = min(n, total - sent)
+            if more:
+                sock.sendall(request(more))
+                sent += more
+        return total / (time.perf_counter() - t0)
+
+
+def _drain(sock: socket.socket, conn: protocol.ClientConnection, at_least: int) -> int:
+    """Receive once (more while fewer than ``at_least``); the number of replies decoded."""
+    n = 0
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise BenchError("the daemon closed the connection")
+        conn.receive_data(data)
+        while True:
+            event = conn.next_event()
+            if event is protocol.NEED_DATA:
+                break
+            if isinstance(event, protocol.ErrorReply):
+                raise BenchError(f"a pipelined wait failed: {event.code}: {event.message}")
+            n += 1
+        if n >= max(at_least, 1):
+            return n
+
+
+def run_latency_section(
+    image: str,
+    workdir: str,
+    *,
+    rounds: int = 5000,
+    pipelined: int = 100_000,
+    depths: Sequence[int] = (64, 1024),
+    min_samples: int = 500,
+    max_wait_runs: int = 4,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure everything listed in the module docstring; returns the section's JSON."""
+    warm_cache(image)
+    limits = _echo_limits(workdir, rounds, depths, pipelined)
+    limits["protocol"] = _protocol_ceiling(pipelined)
+    limits["protocol_waits_per_s"] = limits["protocol"]["server_waits_per_s"]
+    rtt = limits["rtt_us"]
+    log(f"limits: socket round trip p50 {rtt['p50']:.1f} us p99 {rtt['p99']:.1f} us; echo pipelined "
+        + ", ".join(f"depth {d}: {r / 1e3:.0f}k msgs/s" for d, r in limits["pipelined_msgs_per_s"].items())
+        + f"; protocol alone, server half {limits['protocol']['server_us_per_wait']:.1f} us/wait "
+        f"({limits['protocol']['server_waits_per_s'] / 1e3:.0f}k/s), client half "
+        f"{limits['protocol']['client_us_per_wait']:.1f} us/wait")
+
+    cp = cp_mb_s(image)[1]
+    daemon, fill = _loaded_daemon(image, workdir)
+    log(f"fill with no client {fill:.0f} MB/s, cp to /dev/shm {cp:.0f} MB/s ({fill / cp:.2f}x)")
+    try:
+        loaded = _one_at_a_time(daemon.socket_path, rounds, seed=1)
+        log(f"wait on a loaded page, one at a time: p50 {loaded['p50']:.1f} us, p99 {loaded['p99']:.1f} us "
+            f"({loaded['p50'] / rtt['p50']:.2f}x the round trip)")
+        rates = {}
+        for depth in depths:
+            rates[str(depth)] = _pipelined(daemon.socket_path, depth, pipelined, seed=depth)
+            log(f"pipelined waits, depth {depth}: {rates[str(depth)] / 1e3:.1f}k waits/s "
+                f"({rates[str(depth)] / limits['protocol_waits_per_s']:.2f}x the server's protocol half, "
+                f"{rates[str(depth)] / limits['pipelined_msgs_per_s'][str(depth)]:.3f}x the echo)")
+    except (OSError, ClientError) as exc:
+        raise BenchError(f"lost the daemon: {exc}; {daemon.stderr_tail()}") from None
+    finally:
+        daemon.stop()
+
+    wait_runs: list[FillRun] = []
+    samples: list[int] = []
+    while len(samples) < min_samples and len(wait_runs) < max_wait_runs:
+        run = fill_run(image, workdir, ["--aio", "threads"], probe=True, seed=100 + len(wait_runs))
+        wait_runs.append(run)
+        samples.extend(run.samples_ns)
+        p = percentiles(run.samples_ns)
+        log(f"unloaded waits run {len(wait_runs)}: {p['count']} waits, p50 {p['p50']:.0f} us, "
+            f"p99 {p['p99']:.0f} us; fill {run.throughput_mb_s:.0f} MB/s")
+    unloaded = percentiles(samples)
+
+    deepest = str(max(depths))
+    goals: list[Goal] = [
+        _at_least("fill / cp, no clients", fill / cp, 0.9, "",
+                  f"the loaded daemon's fill {fill:.0f} MB/s / cp to /dev/shm {cp:.0f} MB/s, one each"),
+        _at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
+                 f"{loaded['p50']:.1f} us / {rtt['p50']:.1f} us, {loaded['count']} waits one at a time"),
+        _at_least(f"pipelined waits/s, depth {deepest}", rates[deepest] / 1e3, 100, "k/s",
+                  f"{pipelined} waits; {rates[deepest] / limits['protocol_waits_per_s']:.2f}x "
+                  "the server's protocol half "
+                  f"({limits['protocol_waits_per_s'] / 1e3:.0f}k/s)"),
+        _at_most("4 KiB wait on unloaded page, p50", unloaded["p50"] if unloaded["count"] else None, 150, "us",
+                 f"client-timed during the fill, {unloaded['count']} waits; "
+                 f"{unloaded['p50'] / rtt['p50']:.1f}x the round trip"),
+        _at_most("4 KiB wait on unloaded page, p99", unloaded["p99"] / 1000 if unloaded["count"] else None, 1,
+                 "ms", f"client-timed during the fill, {len(wait_runs)} fills"),
+    ]
+    return {
+        "image": {"path": image, "size_bytes": os.path.getsize(image), "kind": "raw, dense random"},
+        "backend": "threads",
+        "cache": "warm",
+        "limits": {**limits, "cp_mb_s": cp},
+        "fill_mb_s": fill,
+        "loaded": {
+            "one_at_a_time_us": loaded,
+            "ratio_p50_to_rtt": loaded["p50"] / rtt["p50"],
+            "ratio_p99_to_rtt": loaded["p99"] / rtt["p99"],
+            "pipelined_waits_per_s": rates,
+            "pipelined_ratio_to_echo": {d: rates[d] / limits["pipelined_msgs_per_s"][d] for d in rates},
+            "pipelined_ratio_to_protocol": {d: rates[d] / limits["protocol_waits_per_s"] for d in rates},
+        },
+        "unloaded": {
+            "client_us": unloaded,
+            "ratio_p50_to_rtt": unloaded["p50"] / rtt["p50"] if unloaded["count"] else None,
+            "runs": [{**r.as_dict(), "client_us": percentiles(r.samples_ns)} for r in wait_runs],
+        },
+        "goals": [g.as_dict() for g in goals],
+    }

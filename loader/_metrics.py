@@ -1,0 +1,353 @@
+"""``--metrics ADDR``: the daemon's statistics in the Prometheus text format.
+
+The exposition is ``prometheus_client``'s (:func:`prometheus_client.generate_latest`
+over a registry holding one custom collector), never written by hand.  The
+collector reads one statistics snapshot (``Server.stats_dict()``) per scrape, so a
+scrape costs the hot paths nothing between scrapes.
+
+It is served from the daemon's own trio loop, not from a thread: the snapshot is
+taken where the statistics change, so it is consistent, and TCP and Unix-socket
+addresses share one tiny HTTP/1.0 responder.  The responder is bounded: at most
+``MAX_CONNECTIONS`` at once (more wait in the listen backlog), a request head of at
+most ``MAX_REQUEST_BYTES``, ``REQUEST_TIMEOUT_S`` to send it, one request per
+connection; only ``GET``/``HEAD`` of ``/metrics`` (or ``/``) get the metrics, other
+paths 404, other methods 405, anything unparsable 400.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket as stdsocket
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ._startup import StartupError
+from ._stats import HISTOGRAM_BUCKETS
+
+log = logging.getLogger("pageload.metrics")
+
+MAX_CONNECTIONS = 8
+MAX_REQUEST_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+#: wait outcomes, as the statistics name them: (label, stats key)
+WAIT_OUTCOMES = (
+    ("immediate", "waits_immediate"),
+    ("served", "waits_served"),
+    ("failed", "waits_failed"),
+    ("cancelled", "waits_cancelled"),
+)
+
+
+class MetricsError(StartupError):
+    """A bad ``--metrics`` address, or one that cannot be served: a start-up failure (one line, exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsAddress:
+    """Where to serve: ``host:port`` (TCP) or a filesystem path (Unix socket)."""
+
+    host: str | None = None
+    port: int = 0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_metrics_address(text: str) -> MetricsAddress:
+    """``127.0.0.1:9464``, ``[::1]:9464``, ``:9464`` (all interfaces) or a Unix path
+    (anything containing ``/``).  :class:`MetricsError` otherwise."""
+    if not text:
+        raise MetricsError("--metrics: empty address")
+    if "/" in text:
+        return MetricsAddress(path=text)
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise MetricsError(f"--metrics {text!r}: expected HOST:PORT or a Unix socket path (with a '/')")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise MetricsError(f"--metrics {text!r}: port {port_text!r} is not a number from 0 to 65535")
+    return MetricsAddress(host=host or "0.0.0.0", port=port)
+
+
+class StatsCollector(Collector):
+    """Turns one ``stats`` snapshot (the dict ``pageload stats --json`` prints) into
+    metric families.  ``snapshot`` is called once per scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        yield _gauge("pageload_memory_bytes", "Size of the restored memory", s["memory_size"])
+        yield _gauge("pageload_data_bytes", "Bytes of data to load (holes excluded)", s["total_bytes"])
+        yield _gauge("pageload_loaded_bytes", "Bytes of data loaded so far", s["loaded_bytes"])
+        yield _gauge("pageload_failed_bytes", "Bytes that failed to load", s["failed_bytes"])
+        yield _gauge("pageload_done", "1 once nothing is left to load (failed ranges included)", int(s["done"]))
+        yield _gauge("pageload_elapsed_seconds", "Time since the loader started", s["elapsed_s"])
+        yield _gauge("pageload_fill_throughput_bytes_per_second",
+                     "Bytes loaded / time since the loader started (until the last byte)", s["throughput_bps"])
+        yield _gauge("pageload_reads_in_flight", "Reads of the checkpoint in flight", s["reads_in_flight"])
+        yield _counter("pageload_reads", "Reads of the checkpoint issued", s["reads_total"])
+        yield _counter("pageload_reads_retried", "Failed reads retried in halves", s["reads_retried"])
+        yield _gauge("pageload_failed_ranges", "Failed ranges (the statistics list at most 64)",
+                     len(s["failed_ranges"]))
+        optional = (  # kept by newer loaders; emitted when the statistics have them
+            (_gauge, "pageload_background_reads_in_flight", "Of the reads in flight, prefetch and sweep reads",
+             "background_reads_in_flight"),
+            (_counter, "pageload_reads_timed_out", "Reads failed with timeout after --read-timeout",
+             "reads_timed_out"),
+            (_gauge, "pageload_reads_stuck", "Timed-out reads the backend has not returned yet", "reads_stuck"),
+            (_counter, "pageload_chunks_verified", "Chunks checked against the checkpoint's checksums",
+             "chunks_verified"),
+            (_counter, "pageload_corrupt_chunks", "Chunks whose checksum did not match", "corrupt_chunks"),
+        )
+        for make, name, doc, key in optional:
+            if key in s:
+                yield make(name, doc, s[key])
+        waits = CounterMetricFamily("pageload_waits", "Waits by outcome", labels=["outcome"])
+        for label, key in WAIT_OUTCOMES:
+            waits.add_metric([label], s[key])
+        yield waits
+        yield _gauge("pageload_waiters_blocked", "Waits blocked right now", s["waiters_blocked"])
+        yield _counter("pageload_waited_bytes", "Bytes that waits had to wait for", s["bytes_waited"])
+        yield _counter("pageload_blocked_seconds",
+                       "Time during which at least one waiter was blocked", s["blocked_time_s"])
+        yield _counter("pageload_wait_seconds", "Sum over waits of the time each was blocked",
+                       s["total_wait_time_s"])
+        yield _counter("pageload_prefetches", "Prefetch requests", s["prefetches"])
+        yield _latency(s.get("latency_us") or {})
+        server = s.get("server") or {}
+        if server:
+            yield _gauge("pageload_clients_connected", "Clients connected now", server["connections"])
+            yield _counter("pageload_connections", "Client connections accepted", server["connections_total"])
+            yield _counter("pageload_connections_refused", "Connections refused (uid not allowed)",
+                           server["connections_refused"])
+        ws = s.get("working_set")
+        if isinstance(ws, dict) and "hits" in ws:  # once the working-set statistics exist
+            yield _counter("pageload_working_set_hits", "Waits that hit the recorded working set", ws["hits"])
+        process = s.get("process") or {}
+        if "vmrss_bytes" in process:
+            yield _gauge("pageload_process_resident_bytes", "Daemon RSS (the memory file's pages included)",
+                         process["vmrss_bytes"])
+            outside = process.get("rssanon_bytes", 0) + process.get("rssfile_bytes", 0)
+            yield _gauge("pageload_process_resident_outside_memory_bytes",
+                         "Daemon RSS outside the memory file (anon + file)", outside)
+        info = GaugeMetricFamily("pageload_info", "The daemon's backend and source",
+                                 labels=["backend", "source"])
+        info.add_metric([str(s.get("backend", "")), str(s.get("source", ""))], 1)
+        yield info
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _latency(lat: dict[str, Any]) -> HistogramMetricFamily:
+    """The stats' power-of-two buckets, as they are: bucket k holds [2**(k-1), 2**k) us,
+    so ``le`` = 2**k us is exact; the last bucket (the overflow) is ``+Inf``.  The
+    bucket list is fixed, whatever has been seen so far."""
+    counts = list(lat.get("counts", []))
+    counts += [0] * (HISTOGRAM_BUCKETS - len(counts))
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for k in range(HISTOGRAM_BUCKETS - 1):
+        cumulative += counts[k]
+        buckets.append((_le((1 << k) / 1e6), cumulative))
+    buckets.append(("+Inf", cumulative + counts[HISTOGRAM_BUCKETS - 1]))
+    count = lat.get("count", 0)
+    total_s = lat.get("mean_us", 0.0) * count / 1e6
+    return HistogramMetricFamily("pageload_wait_latency_seconds",
+                                 "Time from a wait's arrival to its answer, in the daemon",
+                                 buckets=buckets, sum_value=total_s)
+
+
+def _le(seconds: float) -> str:
+    return repr(seconds)
+
+
+def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(snapshot))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class MetricsServer:
+    """Serves ``registry`` over HTTP on ``address``.  :meth:`bind` at start-up (so a
+    bad address is a start-up failure), then :meth:`serve` in a nursery."""
+
+    def __init__(self, address: MetricsAddress, registry: CollectorRegistry) -> None:
+        self.address = address
+        self.registry = registry
+        self._listener: trio.socket.SocketType | None = None
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self.scrapes = 0
+
+    @property
+    def bound(self) -> str:
+        """The address actually bound (the port chosen for port 0)."""
+        if self.address.path is not None:
+            return self.address.path
+        assert self._listener is not None
+        host, port = self._listener.getsockname()[:2]
+        return str(MetricsAddress(host=host, port=port))
+
+    async def bind(self) -> None:
+        a = self.address
+        try:
+            if a.path is not None:
+                _clear_stale(a.path)
+                sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+                sockaddr: Any = a.path
+            else:
+                infos = await trio.socket.getaddrinfo(a.host, a.port, type=stdsocket.SOCK_STREAM,
+                                                      flags=stdsocket.AI_PASSIVE)
+                if not infos:
+                    raise MetricsError(f"--metrics {a}: the host does not resolve")
+                family, type_, proto, _, sockaddr = infos[0]
+                sock = trio.socket.socket(family, type_, proto)
+                sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+            old = os.umask(0o177)  # a Unix socket file is created mode 0600
+            try:
+                await sock.bind(sockaddr)
+                sock.listen(16)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old)
+        except OSError as exc:
+            raise MetricsError(f"--metrics {a}: {exc.strerror or exc}") from exc
+        self._listener = sock
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._listener is None:
+            await self.bind()
+        listener = self._listener
+        assert listener is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await self._slots.acquire()
+                    try:
+                        conn, _ = await listener.accept()
+                    except BaseException:
+                        self._slots.release()
+                        raise
+                    nursery.start_soon(self._handle, conn)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file; idempotent."""
+        if self._listener is None:
+            return
+        self._listener.close()
+        self._listener = None
+        if self.address.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address.path)
+
+    async def _handle(self, conn: trio.socket.SocketType) -> None:
+        try:
+            with conn:
+                head = b""
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) <= MAX_REQUEST_BYTES:
+                        chunk = await conn.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                response = self._respond(head)
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    view = memoryview(response)
+                    while view:
+                        view = view[await conn.send(view):]
+        except OSError:
+            pass  # the scraper went away: nothing to answer
+        finally:
+            self._slots.release()
+
+    def _respond(self, head: bytes) -> bytes:
+        if len(head) > MAX_REQUEST_BYTES:
+            return _response(431, b"request head too large\n")
+        line = head.split(b"\n", 1)[0].strip()
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _response(400, b"bad request\n")
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, b"only GET and HEAD\n", extra=b"Allow: GET, HEAD\r\n")
+        path = target.split(b"?", 1)[0]
+        if path not in (b"/metrics", b"/"):
+            return _response(404, b"not found: try /metrics\n")
+        try:
+            body = render(self.registry)
+        except Exception:  # a bug in a collector: answer, and say so in the log
+            log.exception("metrics: collecting failed")
+            return _response(500, b"collecting the metrics failed\n")
+        self.scrapes += 1
+        return _response(200, body, CONTENT_TYPE_LATEST.encode(), head_only=method == b"HEAD")
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
+
+
+def _response(status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8", *,
+              extra: bytes = b"", head_only: bool = False) -> bytes:
+    return (b"HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
+            % (status, _REASONS[status], content_type, len(body), extra)) + (b"" if head_only else body)
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file nobody serves on; refuse a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process serves on this socket")
