@@ -478,8 +478,9 @@ def _working_set_setup(
                                 path, dropped, ckpt.layout.memory_size)
                 verified = opts.config.verify and ckpt.checksums is not None and _file_ascends(ckpt.layout)
                 order = replay_order(ws, ckpt.layout, chunk_size=ckpt.chunk_size if verified else None)
-                notes.append(f"working set {path}: {human(order.size_bytes)} in {len(ws)} ranges "
-                             f"({ws.recordings} recordings), replayed first as {len(order.span_lo)} reads")
+                notes.append(f"working set {path}: {human(order.size_bytes)} of data in {len(ws)} ranges "
+                             f"({ws.recordings} recording{'s' if ws.recordings != 1 else ''}), replayed first "
+                             f"as {len(order.span_lo)} reads")
     recorder = record_path = None
     if opts.record_working_set is not None:
         record_path = opts.record_working_set or default_working_set_path(opts.source)

@@ -326,8 +326,11 @@ def decode_working_set(data: bytes) -> WorkingSet:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=n, max_bin_len=n,
                               max_array_len=n, max_map_len=n, max_ext_len=0)
-    except msgpack.ExtraData:
-        raise ValueError("not a working set: trailing bytes after the msgpack map") from None
+    except msgpack.ExtraData as exc:
+        head = exc.unpacked
+        if isinstance(head, dict) and head.get("format") == FORMAT:
+            raise ValueError("trailing bytes after the working set's msgpack map") from None
+        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)') from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         if "incomplete" in str(exc):
             raise ValueError("truncated: the msgpack data ends early") from None

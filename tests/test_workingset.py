@@ -140,6 +140,11 @@ def test_corrupt_file_is_one_line_error(tmp_path, name):
     assert str(err.value).startswith(path + ": ") and "\n" not in str(err.value)
 
 
+def test_an_image_given_as_a_working_set_is_not_one(tmp_path, images):
+    with pytest.raises(WorkingSetError, match="not a working set"):
+        read_working_set(images["raw"])  # starts with a msgpack int (a page's offset + 1)
+
+
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(WorkingSetError, match="No such file"):
         read_working_set(str(tmp_path / "nope"))
