@@ -28,6 +28,7 @@ from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._server import Server
 from ._sweep import SweepOrder
+from ._uffd_handler import UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
@@ -54,6 +55,10 @@ class DaemonOptions:
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    #: also act as Firecracker's page-fault handler on this socket (docs/UFFD.md); the
+    #: daemon exits once that VMM has gone
+    uffd_socket: str | None = None
+    uffd_config: UffdConfig | None = None
 
 
 @dataclass
@@ -68,6 +73,7 @@ class DaemonState:
     started: float
     ready_s: float = 0.0
     stop: Callable[[], None] = lambda: None
+    uffd: UffdHandler | None = None  #: the VMM's handler, once one connected
 
 
 def process_stats() -> dict[str, int]:
@@ -167,11 +173,19 @@ async def run_daemon(
     try:
         queue, backend = _open_queue(opts)
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
+        holder: list[DaemonState] = []
+
+        def extra_stats() -> dict[str, Any]:
+            extra: dict[str, Any] = {"backend": backend, "source": os.path.abspath(opts.source),
+                                     "process": process_stats()}
+            if holder and holder[0].uffd is not None:
+                extra["uffd"] = holder[0].uffd.statistics()
+            return extra
+
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
-                        max_pending_waits=opts.max_pending_waits,
-                        extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
-                                             "process": process_stats()})
+                        max_pending_waits=opts.max_pending_waits, extra_stats=extra_stats)
         state = DaemonState(ckpt, memory, loader, server, backend, started)
+        holder.append(state)
         async with trio.open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
@@ -187,6 +201,8 @@ async def run_daemon(
                     wait_nursery.cancel_scope.cancel()
             if not stop.is_set():
                 await nursery.start(server.serve)
+                if opts.uffd_socket is not None:
+                    await nursery.start(_serve_uffd, opts, state, stop)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
                 _announce_ready(opts)
@@ -201,6 +217,18 @@ async def run_daemon(
     finally:
         memory.close()
         os.close(pages_fd)
+
+
+async def _serve_uffd(opts: DaemonOptions, state: DaemonState, stop: trio.Event,
+                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    assert opts.uffd_socket is not None
+
+    def attach(handler: UffdHandler) -> None:
+        state.uffd = handler
+
+    await serve_uffd(opts.uffd_socket, state.loader, state.memory, opts.uffd_config,
+                     on_handler=attach, task_status=task_status)
+    stop.set()  # the VMM has gone: finish
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
