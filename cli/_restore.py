@@ -30,7 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.",
     )
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on (mode 0600)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to serve on (mode 0600); required unless --uffd-socket is given "
+                   "(then it defaults to that path + '.pageload')")
+    p.add_argument("--uffd-socket", metavar="PATH",
+                   help="also be Firecracker's page-fault handler: listen on PATH for the VMM's regions "
+                   "and userfaultfd, answer its faults and fill guest memory in the background; exit 0 "
+                   "once the VMM has gone (docs/UFFD.md)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this file (e.g. on /dev/shm or hugetlbfs) instead of a memfd")
@@ -75,8 +81,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
+    if args.socket is None and args.uffd_socket is None:
+        print("pageload: restore needs --socket PATH or --uffd-socket PATH", file=sys.stderr)
+        return 2
     opts = DaemonOptions(
-        source=args.source, socket_path=args.socket, background=args.background,
+        source=args.source, socket_path=args.socket or args.uffd_socket + ".pageload",
+        uffd_socket=args.uffd_socket, background=args.background,
         memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
