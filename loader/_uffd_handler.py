@@ -312,7 +312,11 @@ class UffdHandler:
             self.faults_waited += 1
 
     def _on_waited(self, handle: WaitHandle) -> None:
-        r, va, start_ns = handle.context  # type: ignore[misc]
+        context = handle.context
+        assert isinstance(context, tuple)
+        r: Region = context[0]
+        va: int = context[1]
+        start_ns: int = context[2]
         if handle.error is not None:
             self._fail(r, va, start_ns, handle.error)
         else:

@@ -236,7 +236,7 @@ class VmmEmulator:
     def resident_bytes(self) -> int:
         """Guest bytes present now (mincore): what the handler has installed."""
         total = 0
-        for r, (addr, size) in zip(self.regions, self._maps):
+        for addr, size in self._maps:
             pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
             vec = (ctypes.c_ubyte * pages)()
             if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
