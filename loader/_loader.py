@@ -320,6 +320,7 @@ class Loader:
         self.counters = LoaderCounters()
         self._blocked_since: int | None = None
         self.histogram = LatencyHistogram()
+        self._loaded_listeners: list[Callable[[int, int], None]] = []
         if not self.unloaded:
             self._mark_done()
 
@@ -389,6 +390,12 @@ class Loader:
             return
         self._prefetch.append(_Hint(lo, hi))
         self._poke()
+
+    def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
+        each time memory ``[lo, hi)`` finishes loading.  The userfaultfd handler uses it
+        to copy loaded pages into guest memory in the order they load."""
+        self._loaded_listeners.append(listener)
 
     def statistics(self) -> LoaderStatistics:
         now = time.perf_counter_ns()
@@ -845,6 +852,8 @@ class Loader:
                 self.loaded_bytes += hi - lo
                 if dest.needs_commit:
                     dest.commit(lo, hi - lo)
+                for listener in self._loaded_listeners:
+                    listener(lo, hi)
             else:
                 self.failed.add(lo, hi)
                 failures.add(lo, hi)
