@@ -49,7 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
     p.add_argument("--socket", metavar="PATH",
-                   help="Unix socket to serve on (mode 0600); required unless socket-activated")
+                   help="Unix socket to serve on (mode 0600); required unless socket-activated or "
+                   "--uffd-socket is given (then it defaults to that path + '.pageload')")
+    p.add_argument("--uffd-socket", metavar="PATH",
+                   help="also be Firecracker's page-fault handler: listen on PATH for the VMM's regions "
+                   "and userfaultfd, answer its faults and fill guest memory in the background; exit 0 "
+                   "once the VMM has gone (docs/UFFD.md)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
@@ -134,13 +139,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"pageload: --socket {args.socket} and socket activation (LISTEN_FDS) both given: choose one",
               file=sys.stderr)
         return 2
-    if listen_socket is None and args.socket is None:
-        print("pageload: restore needs --socket PATH (or socket activation: LISTEN_PID/LISTEN_FDS)",
-              file=sys.stderr)
+    if listen_socket is None and args.socket is None and args.uffd_socket is None:
+        print("pageload: restore needs --socket PATH, --uffd-socket PATH or socket activation "
+              "(LISTEN_PID/LISTEN_FDS)", file=sys.stderr)
         return 2
+    socket_path = args.socket or ("" if listen_socket is not None else args.uffd_socket + ".pageload")
     opts = DaemonOptions(
-        source=args.source, socket_path=args.socket or "", listen_socket=listen_socket, metrics=metrics,
-        notifier=Notifier.from_environment(), background=args.background,
+        source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
+        notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket, background=args.background,
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,

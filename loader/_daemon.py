@@ -48,6 +48,7 @@ from ._sdnotify import Notifier
 from ._server import Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
+from ._uffd_handler import UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from ._workingset import (
     WorkingSetError,
@@ -102,6 +103,10 @@ class DaemonOptions:
     listen_socket: socket.socket | None = None
     metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
     notifier: Notifier = field(default_factory=lambda: Notifier(None))  #: sd_notify; no-op by default
+    #: also act as Firecracker's page-fault handler on this socket (docs/UFFD.md); the
+    #: daemon exits once that VMM has gone
+    uffd_socket: str | None = None
+    uffd_config: UffdConfig | None = None
     shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
@@ -118,6 +123,7 @@ class DaemonState:
     ready_s: float = 0.0
     stop: Callable[[], None] = lambda: None
     metrics: MetricsServer | None = None
+    uffd: UffdHandler | None = None  #: the VMM's handler, once one connected
 
 
 def process_stats() -> dict[str, int]:
@@ -152,6 +158,8 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError("--working-set and --no-working-set contradict each other")
     if opts.listen_socket is None:  # a handed-over socket is its owner's business
         check_socket_path(opts.socket_path)
+    if opts.uffd_socket is not None:
+        check_socket_path(opts.uffd_socket)
     if opts.ready_fd is not None:
         check_ready_fd(opts.ready_fd)
 
@@ -313,12 +321,21 @@ async def run_daemon(
         if checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
+        holder: list[DaemonState] = []
+
+        def extra_stats() -> dict[str, Any]:
+            extra: dict[str, Any] = {"backend": backend, "source": os.path.abspath(opts.source),
+                                     "process": process_stats()}
+            if holder and holder[0].uffd is not None:
+                extra["uffd"] = holder[0].uffd.statistics()
+            extra.update(_working_set_stats(order, recorder, record_path))
+            return extra
+
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
-                        extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
-                                             "process": process_stats(),
-                                             **_working_set_stats(order, recorder, record_path)})
+                        extra_stats=extra_stats)
         state = DaemonState(ckpt, memory, loader, server, backend, started)
+        holder.append(state)
         window_done = trio.Event()
         if opts.metrics is not None:  # bound now: a bad address is a start-up failure
             metrics = state.metrics = MetricsServer(opts.metrics, make_registry(server.stats_dict))
@@ -343,6 +360,8 @@ async def run_daemon(
                     wait_nursery.cancel_scope.cancel()
             if not stop.is_set():
                 await _start_server(nursery, server)
+                if opts.uffd_socket is not None:
+                    await nursery.start(_serve_uffd, opts, state, stop)
                 _log_notes(notes)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
@@ -381,6 +400,16 @@ def _socket_name(sock: socket.socket) -> str:
     return str(name)
 
 
+async def _serve_uffd(opts: DaemonOptions, state: DaemonState, stop: trio.Event,
+                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    assert opts.uffd_socket is not None
+
+    def attach(handler: UffdHandler) -> None:
+        state.uffd = handler
+
+    await serve_uffd(opts.uffd_socket, state.loader, state.memory, opts.uffd_config,
+                     on_handler=attach, task_status=task_status)
+    stop.set()  # the VMM has gone: finish
 async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
     """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are
     answered ``shutting-down`` at once, then the server flushes its replies while

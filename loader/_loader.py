@@ -340,6 +340,7 @@ class Loader:
         self.counters = LoaderCounters()
         self._blocked_since: int | None = None
         self.histogram = LatencyHistogram()
+        self._loaded_listeners: list[Callable[[int, int], None]] = []
         if not self.unloaded:
             self._mark_done()
 
@@ -421,6 +422,12 @@ class Loader:
         if self.recorder is not None:
             self.recorder.touched(lo, hi)
         self.prefetch(offset, length)
+
+    def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
+        each time memory ``[lo, hi)`` finishes loading.  The userfaultfd handler uses it
+        to copy loaded pages into guest memory in the order they load."""
+        self._loaded_listeners.append(listener)
 
     def statistics(self) -> LoaderStatistics:
         now = time.perf_counter_ns()
@@ -903,6 +910,8 @@ class Loader:
                     self._order_loaded(lo, hi)
                 if dest.needs_commit:
                     dest.commit(lo, hi - lo)
+                for listener in self._loaded_listeners:
+                    listener(lo, hi)
             else:
                 self.failed.add(lo, hi)
                 failures.add(lo, hi)

@@ -1,0 +1,154 @@
+"""The Firecracker page-fault handler mode, driven by the VMM emulator (workloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+
+import aio.testing
+from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader.checkpoint import create_checkpoint
+from workloads import make_sample_image
+from workloads._vmm import HUGE_PAGE, GuestRegion, VmmEmulator, hugepages_free
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 16 * MiB
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
+    or (os.geteuid() != 0 and open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() != "1"),
+    reason="userfaultfd needs root or vm.unprivileged_userfaultfd=1",
+)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uffd-images")
+    raw = str(d / "memory.img")
+    make_sample_image(raw, SIZE, seed=11)
+    ckpt = str(d / "ckpt")
+    create_checkpoint(raw, ckpt)
+    return {"raw": raw, "pages": ckpt}
+
+
+def options(tmp_path, source, **kw):
+    kw.setdefault("handle_signals", False)
+    kw.setdefault("ready_line", False)
+    return DaemonOptions(source=source, socket_path=str(tmp_path / "s.sock"),
+                         uffd_socket=str(tmp_path / "uffd.sock"), **kw)
+
+
+def slowed(delay):
+    return lambda q: aio.testing.DelayedQueue(q, delay)
+
+
+async def run_vmm(tmp_path, opts, regions, expected, body, features=None):
+    """Start the daemon, run ``body(vmm)`` in a thread, disconnect; return (state, result)."""
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        kw = {} if features is None else {"features": features}
+        vmm = VmmEmulator(regions, expected=expected, **kw)
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            result = await trio.to_thread.run_sync(body, vmm)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):  # the daemon ends by itself once the VMM has gone
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    return state, result
+
+
+@pytest.mark.parametrize("kind", ["raw", "pages"])
+async def test_faults_and_fill_give_the_image(tmp_path, images, kind):
+    opts = options(tmp_path, images[kind], wrap_queue=slowed(0.002))
+    rng = random.Random(1)
+    faults = [(0, rng.randrange(SIZE // PAGE) * PAGE, PAGE) for _ in range(200)]
+
+    def body(vmm):
+        report = vmm.touch(faults, vcpus=4)
+        assert report.touches == 200 and not report.mismatches and not report.errors
+        assert vmm.verify_all() == []
+        return report
+
+    state, report = await run_vmm(tmp_path, opts, [GuestRegion(0, SIZE)], images["raw"], body)
+    u = state.uffd
+    assert u is not None and u.faults >= 1
+    s = state.loader.statistics()
+    assert s.waits_total >= u.faults_immediate + u.faults_waited
+
+
+async def test_background_fill_ends_faults(tmp_path, images):
+    """After the load, the fill has put every data page in: touching all causes no fault."""
+    opts = options(tmp_path, images["raw"])
+
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            with trio.fail_after(20):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            u = state.uffd
+            data_faults = u.faults - u.faults_zero
+            bad = await trio.to_thread.run_sync(vmm.verify_all)
+            assert bad == []
+            assert u.faults - u.faults_zero == data_faults  # no data page faulted any more
+            assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+
+
+async def test_several_regions(tmp_path, images):
+    """Two regions, out of order in the address space, mapping two parts of the image."""
+    opts = options(tmp_path, images["pages"], wrap_queue=slowed(0.001))
+    regions = [GuestRegion(8 * MiB, 8 * MiB), GuestRegion(0, 4 * MiB)]
+
+    def body(vmm):
+        report = vmm.touch([(0, o, PAGE) for o in range(0, 4 * MiB, 64 * 1024)]
+                           + [(0, o, PAGE) for o in range(8 * MiB, 16 * MiB, 96 * 1024)], vcpus=3)
+        assert not report.mismatches and not report.errors
+        return vmm.verify_all()
+
+    state, bad = await run_vmm(tmp_path, opts, regions, images["raw"], body)
+    assert bad == []
+    assert state.uffd.statistics()["regions"] == 2
+
+
+@pytest.mark.skipif(hugepages_free() < 4, reason="needs 4 free 2 MiB huge pages (vm.nr_hugepages)")
+async def test_huge_pages(tmp_path, images):
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.001))
+
+    def body(vmm):
+        report = vmm.touch([(0, o, PAGE) for o in (0, 3 * MiB + 5 * PAGE, 6 * MiB)], vcpus=2)
+        assert not report.mismatches and not report.errors
+        return vmm.verify_all()
+
+    state, bad = await run_vmm(tmp_path, opts, [GuestRegion(0, 8 * MiB, HUGE_PAGE)], images["raw"], body)
+    assert bad == []
+
+
+async def test_balloon_remove_gives_zero_pages_and_is_never_refilled(tmp_path, images):
+    opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False))
+    lo, length = 2 * MiB, 1 * MiB
+
+    def body(vmm):
+        assert vmm.read(lo, PAGE) != bytes(PAGE) or True
+        vmm.balloon(lo, length)  # blocks until the handler has read the REMOVE event
+        return vmm.read(lo, length), vmm.read(lo + length, PAGE)
+
+    state, (removed, after) = await run_vmm(tmp_path, opts, [GuestRegion(0, SIZE)], images["raw"], body)
+    assert removed == bytes(length)
+    with open(images["raw"], "rb") as f:
+        f.seek(lo + length)
+        assert after == f.read(PAGE)
+    assert state.uffd.removed_events == 1 and state.uffd.removed.total == length

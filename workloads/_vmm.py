@@ -1,0 +1,269 @@
+"""A VMM emulator: behaves towards a page-fault handler exactly like Firecracker.
+
+It maps guest memory (anonymous, or MAP_HUGETLB for 2 MiB pages), creates a
+userfaultfd, registers every region MISSING, connects to the handler's socket and
+sends Firecracker's handshake: one message, a JSON array of regions
+``{base_host_virt_addr, size, offset, page_size, page_size_kib}`` plus the
+userfaultfd in SCM_RIGHTS.  Then "vCPU" threads touch guest pages (reading them
+with the GIL released, so a thread blocked in a fault stalls only itself),
+following a :class:`~workloads.Trace` or a list of offsets, and every page read can
+be checked against the image.  :meth:`VmmEmulator.balloon` is MADV_DONTNEED on a
+range (a UFFD_EVENT_REMOVE for the handler).  Closing the connection is how the
+handler learns the VMM has gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from loader import _uffd
+
+from ._traces import Trace
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_HUGETLB = 0x40000
+MAP_NORESERVE = 0x4000
+MADV_DONTNEED = 4
+HUGE_PAGE = 2 << 20
+
+#: what Firecracker (v1.12, with a balloon) asks of the kernel
+DEFAULT_FEATURES = _uffd.FEATURE_EVENT_REMOVE
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRegion:
+    offset: int  #: where it starts in the image
+    size: int
+    page_size: int = mmap.PAGESIZE
+
+
+@dataclass
+class TouchReport:
+    """What the vCPUs saw: one latency per touched page (touch to return)."""
+
+    touches: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    mismatches: list[int] = field(default_factory=list)  #: image offsets whose bytes were wrong
+    errors: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def blocked_s(self) -> float:
+        return sum(self.latencies_ns) / 1e9
+
+
+def hugepages_free() -> int:
+    try:
+        with open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+class VmmEmulator:
+    """Guest memory + userfaultfd + Firecracker's handshake (see module doc).
+
+    ``expected`` is a raw image of the memory (a path) to verify against; without
+    it nothing is checked.
+    """
+
+    def __init__(self, regions: Sequence[GuestRegion], expected: str | None = None,
+                 features: int = DEFAULT_FEATURES) -> None:
+        self.regions = list(regions)
+        self._maps: list[tuple[int, int]] = []  # (address, size)
+        self.uffd = -1
+        self.sock: socket.socket | None = None
+        self._expected_fd = os.open(expected, os.O_RDONLY | os.O_CLOEXEC) if expected else -1
+        self._expected: mmap.mmap | None = None
+        if self._expected_fd >= 0:
+            self._expected = mmap.mmap(self._expected_fd, 0, prot=mmap.PROT_READ)
+        try:
+            for r in self.regions:
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+                if r.page_size == HUGE_PAGE:
+                    flags |= MAP_HUGETLB
+                elif r.page_size != mmap.PAGESIZE:
+                    raise ValueError(f"unsupported page size {r.page_size}")
+                addr = _libc.mmap(None, r.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+                if addr in (None, _MAP_FAILED):
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mmap {r.size} bytes: {os.strerror(err)}")
+                self._maps.append((addr, r.size))
+            self.uffd = _uffd.userfaultfd()
+            self.features, _ = _uffd.api(self.uffd, features)
+            for (addr, size) in self._maps:
+                _uffd.register(self.uffd, addr, size, _uffd.REGISTER_MODE_MISSING)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ handshake
+    def handshake_message(self) -> bytes:
+        return json.dumps([
+            {"base_host_virt_addr": addr, "size": r.size, "offset": r.offset, "page_size": r.page_size,
+             "page_size_kib": r.page_size}
+            for r, (addr, _) in zip(self.regions, self._maps)
+        ]).encode()
+
+    def connect(self, path: str, timeout: float = 10.0) -> None:
+        """Connect to the handler at ``path`` (retrying until it listens) and hand over."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        s.sendmsg([self.handshake_message()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(
+            memoryview(ctypes.c_int(self.uffd)).cast("B")))])
+        self.sock = s
+
+    def disconnect(self) -> None:
+        """What Firecracker's exit looks like to the handler: the connection closes."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # ------------------------------------------------------------ guest access
+    def address(self, offset: int) -> int:
+        """Guest address of image ``offset``; KeyError when no region holds it."""
+        for r, (addr, _) in zip(self.regions, self._maps):
+            if r.offset <= offset < r.offset + r.size:
+                return addr + offset - r.offset
+        raise KeyError(offset)
+
+    def _region_page(self, offset: int) -> int:
+        for r in self.regions:
+            if r.offset <= offset < r.offset + r.size:
+                return r.page_size
+        raise KeyError(offset)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read guest memory (faulting as needed, GIL released while blocked)."""
+        buf = ctypes.create_string_buffer(length)
+        ctypes.memmove(buf, self.address(offset), length)
+        return buf.raw
+
+    def balloon(self, offset: int, length: int) -> None:
+        """MADV_DONTNEED a range, as a balloon inflating does (UFFD_EVENT_REMOVE)."""
+        if _libc.madvise(self.address(offset), length, MADV_DONTNEED) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def touch(self, offsets: Sequence[tuple[int, int, int]], vcpus: int = 1, paced: bool = False,
+              verify: bool = True) -> TouchReport:
+        """Run ``vcpus`` threads over ``(t_us, offset, length)`` faults (dealt round-robin);
+        each touches (reads) every page of each fault once, timing each page."""
+        report = TouchReport()
+        lock = threading.Lock()
+        start = time.perf_counter()
+        expected = self._expected
+
+        def vcpu(mine: Sequence[tuple[int, int, int]]) -> None:
+            lat: list[int] = []
+            bad: list[int] = []
+            errs: list[str] = []
+            page_buf = ctypes.create_string_buffer(HUGE_PAGE)
+            for t_us, off, length in mine:
+                if paced:
+                    delay = start + t_us / 1e6 - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                try:
+                    page = self._region_page(off)
+                except KeyError:
+                    errs.append(f"offset {off:#x} is in no region")
+                    continue
+                lo = off & ~(page - 1)
+                hi = off + length
+                while lo < hi:
+                    # copy up to one 4 KiB page at a time: the first byte is the touch
+                    n = min(mmap.PAGESIZE, page)
+                    t0 = time.perf_counter_ns()
+                    ctypes.memmove(page_buf, self.address(lo), n)
+                    lat.append(time.perf_counter_ns() - t0)
+                    if verify and expected is not None and page_buf.raw[:n] != expected[lo:lo + n]:
+                        bad.append(lo)
+                    lo += page
+            with lock:
+                report.latencies_ns.extend(lat)
+                report.mismatches.extend(bad)
+                report.errors.extend(errs)
+
+        faults = list(offsets)
+        threads = [threading.Thread(target=vcpu, args=(faults[i::vcpus],), name=f"vcpu{i}") for i in range(vcpus)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.touches = len(report.latencies_ns)
+        report.elapsed_s = time.perf_counter() - start
+        return report
+
+    def replay(self, trace: Trace, vcpus: int = 1, paced: bool = False, verify: bool = True) -> TouchReport:
+        return self.touch([(f.t_us, f.offset, f.length) for f in trace], vcpus, paced, verify)
+
+    def verify_all(self, chunk: int = 1 << 20) -> list[int]:
+        """Read all guest memory (faulting what is missing); image offsets of wrong chunks."""
+        assert self._expected is not None, "no expected image"
+        bad = []
+        buf = ctypes.create_string_buffer(chunk)
+        for r, (addr, _) in zip(self.regions, self._maps):
+            for pos in range(0, r.size, chunk):
+                n = min(chunk, r.size - pos)
+                ctypes.memmove(buf, addr + pos, n)
+                if buf.raw[:n] != self._expected[r.offset + pos:r.offset + pos + n]:
+                    bad.append(r.offset + pos)
+        return bad
+
+    def resident_bytes(self) -> int:
+        """Guest bytes present now (mincore): what the handler has installed."""
+        total = 0
+        for addr, size in self._maps:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            total += sum(1 for v in vec if v & 1) * mmap.PAGESIZE
+        return total
+
+    def close(self) -> None:
+        self.disconnect()
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
+        for addr, size in self._maps:
+            _libc.munmap(addr, size)
+        self._maps = []
+        if self._expected is not None:
+            self._expected.close()
+            self._expected = None
+        if self._expected_fd >= 0:
+            os.close(self._expected_fd)
+            self._expected_fd = -1
+
+    def __enter__(self) -> VmmEmulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free"]
