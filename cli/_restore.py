@@ -10,7 +10,7 @@ import tracemalloc
 import trio
 
 import aio
-from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader import DaemonOptions, LoaderConfig, SocketInUse, run_daemon
 from loader.checkpoint import CheckpointError
 
 from ._args import add_size
@@ -53,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-priority", action="store_true",
                    help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                   help="also accept clients running as UID (default: the daemon's uid and root)")
+                   help="also accept clients running as UID (default: the daemon's uid and root); the socket "
+                   "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
+                   "and each peer's uid is checked with SO_PEERCRED")
+    p.add_argument("--allow-writable-memory-fd", action="store_true",
+                   help="hand a read-write memory fd to clients that ask for one (default: read-only fds only; "
+                   "a writable request is refused with 'forbidden')")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
     p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                    help="log progress this often (default %(default)s)")
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, socket_path=args.socket, background=args.background,
         memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
+        allow_writable_memory_fd=args.allow_writable_memory_fd,
         progress_interval=args.progress_interval,
         progress_bar=not args.background and sys.stderr.isatty(),
     )
@@ -91,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except aio.BackendUnavailable as exc:
         print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except SocketInUse as exc:
+        print(f"pageload: {exc.strerror}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",

@@ -6,13 +6,13 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
-from ._client import Client, ClientError, TrioClient, mapped_memory
+from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
 from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
-from ._server import Server
+from ._server import Server, SocketInUse
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 from ._units import human, parse_size
@@ -20,6 +20,7 @@ from ._units import human, parse_size
 __all__ = [
     "Client",
     "ClientError",
+    "ConnectionLost",
     "DaemonOptions",
     "DataRange",
     "Destination",
@@ -34,6 +35,7 @@ __all__ = [
     "RangeSet",
     "SequentialOrder",
     "Server",
+    "SocketInUse",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",

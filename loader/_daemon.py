@@ -54,6 +54,7 @@ class DaemonOptions:
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    allow_writable_memory_fd: bool = False  #: hand out a read-write memory fd to clients that ask
 
 
 @dataclass
@@ -169,6 +170,7 @@ async def run_daemon(
         loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits,
+                        allow_writable_memory_fd=opts.allow_writable_memory_fd,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats()})
         state = DaemonState(ckpt, memory, loader, server, backend, started)

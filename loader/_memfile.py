@@ -10,6 +10,7 @@ and install the pages with UFFDIO_COPY in :meth:`Destination.commit`.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from typing import Protocol
@@ -45,11 +46,13 @@ class MemoryFile:
         self.size = size
         self.path = path
         if path is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         else:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(self.fd, size)
+            if path is None:  # a client with the fd must not shrink it under the loader (SIGBUS/EFAULT)
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)

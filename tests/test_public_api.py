@@ -54,6 +54,7 @@ def test_loader_public_names():
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
         "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
         "parse_size", "run_daemon",
+        "ConnectionLost", "SocketInUse",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
