@@ -2,9 +2,9 @@
 
 One task per connection reads requests.  Replies are produced by whoever has them
 (the read task, or the loader's completion callback for waits) and go through one
-write path, :meth:`Session._push`: it writes what the socket takes at once and leaves
-the rest queued for the session's writer task, which only waits for the socket to be
-writable and pushes again.  A wait costs the server no task: the loader calls back
+write path: they are queued, and the session's writer task sends them
+(:meth:`Session._push`, many replies per ``sendmsg``), waiting for the socket to be
+writable when it is full.  A wait costs the server no task: the loader calls back
 when its bytes are in.
 
 Every connection is bounded: its queued reply bytes (past ``max_backlog_bytes`` the
@@ -53,11 +53,13 @@ _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _ACCEPT_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})
 _MAX_IOV = 64  # replies gathered into one sendmsg()
 
-#: Whether reply() writes at once when nothing is queued, instead of waking the
-#: writer task.  Measured (docs/BENCHMARKS.md, "Server reply path"): pipelined waits
-#: on a loaded image, 8 connections x 64 in flight, 2 cores: 41.4k waits/s writing at
-#: once vs 30.9k waits/s through the writer task (+34 %).  Both go through _push().
-_PUSH_AT_ONCE = True
+# Replies are written by the session's writer task only, never from reply() itself:
+# measured with examples/reply_path_bench.py on a loaded 64 MiB image (2 shared
+# cores, alternating runs, medians), writing at once when nothing was queued gave
+# 29k waits/s against 53k through the writer task with 8 connections x 64 waits in
+# flight (one send per reply instead of one sendmsg per batch), and 9.5k against
+# 7.6k waits/s with 4 connections x 1 (a task switch saved per reply).  Not worth
+# a second path.  Numbers in docs/BENCHMARKS.md ("Server reply path").
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,7 @@ class Session:
     def __init__(self, server: Server, raw: stdsocket.socket, pid: int, uid: int) -> None:
         self.server = server
         self.loader = server.loader
-        self.raw = raw  # non-blocking; written by _push() without awaiting
+        self.raw = raw  # non-blocking; written by _push()
         self.sock = trio.socket.from_stdlib_socket(raw)  # the same socket, for awaiting reads
         self.peer_pid = pid
         self.peer_uid = uid
@@ -113,7 +115,7 @@ class Session:
         # Replies not yet written, in order: [bytes left, fd to pass with the first byte].
         self._out: deque[list[Any]] = deque()
         self._out_bytes = 0
-        self._want_write = trio.Event()  # set while _out is not empty: the writer waits for POLLOUT
+        self._writer_idle = trio.lowlevel.ParkingLot()  # the writer task parks here while _out is empty
         self._drained: trio.Event | None = None  # the reader waits for the backlog to shrink
         self._flushed: trio.Event | None = None  # flush() waits for the backlog to empty
         self._broken = False  # the socket failed: nothing more can be written
@@ -133,11 +135,8 @@ class Session:
         data = self.conn.send(event)
         self._out.append([data, fd])
         self._out_bytes += len(data)
-        if len(self._out) == 1:  # nothing was queued: the writer task is idle
-            if _PUSH_AT_ONCE:
-                self._push()
-            if self._out:
-                self._want_write.set()
+        if len(self._out) == 1:  # nothing was queued: wake the writer task
+            self._writer_idle.unpark()
 
     def _push(self) -> None:
         """The one write path: send queued replies until the socket would block."""
@@ -187,7 +186,7 @@ class Session:
         self._broken = True
         self._out.clear()
         self._out_bytes = 0
-        self._want_write.set()  # let the writer task see it and end
+        self._writer_idle.unpark()  # let the writer task see it and end
         self._wake_waiters()
 
     def _loaded(self, handle: WaitHandle) -> None:
@@ -213,16 +212,17 @@ class Session:
 
     async def _write_when_writable(self) -> None:
         while True:
-            await self._want_write.wait()
+            if not self._out:
+                await self._writer_idle.park()
             if self._broken or self._closed:
                 return
+            self._push()
+            if not self._out:
+                continue
             try:
                 await trio.lowlevel.wait_writable(self.raw)
             except (trio.ClosedResourceError, OSError):
                 return
-            self._push()
-            if not self._out:
-                self._want_write = trio.Event()
 
     async def flush(self) -> None:
         """Wait until every queued reply is written (or the socket broke)."""
@@ -346,7 +346,7 @@ class Session:
             self._closed = True
             self._out.clear()
             self._out_bytes = 0
-            self._want_write.set()
+            self._writer_idle.unpark()
             self._wake_waiters()
             self.sock.close()
         self._on_loaded = _noop  # break the cycle self -> bound method -> self
