@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tracemalloc:
         tracemalloc.start()
     try:
-        trio.run(run_daemon, opts)
+        _run_unwrapped(opts)
     except CheckpointError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
@@ -106,3 +106,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run_unwrapped(opts: DaemonOptions) -> None:
+    """trio.run(run_daemon), with an error raised inside a nursery (the socket is in
+    use, say) unwrapped from its exception group so that it gets its one line."""
+    try:
+        trio.run(run_daemon, opts)
+    except BaseExceptionGroup as group:
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            inner = group.exceptions[0]
+            if not isinstance(inner, BaseExceptionGroup):
+                raise inner from None
+            group = inner
+        raise

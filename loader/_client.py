@@ -127,30 +127,36 @@ class _Common:
 class Client(_Common):
     """Blocking client over a plain socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, deadline: float | None = None) -> None:
         self.sock = sock
+        #: time.monotonic() by which every call must be done (TimeoutError), or None
+        self.deadline = deadline
         self._init_common()
         self._replies: dict[int | None, Any] = {}
         self._hello_done(self._request(protocol.Hello(next(self._ids), protocol.SUPPORTED_VERSIONS, "pageload-client")))
 
     @classmethod
     def connect(cls, path: str, timeout: float | None = None, *,
-                connect_timeout: float = CONNECT_TIMEOUT_S) -> Client:
+                connect_timeout: float = CONNECT_TIMEOUT_S, deadline: float | None = None) -> Client:
         """Connect and say hello.  ``timeout`` bounds each later socket operation
-        (``TimeoutError``); ``connect_timeout`` bounds the retries of a full backlog."""
+        (``TimeoutError``); ``connect_timeout`` bounds the retries of a full backlog;
+        ``deadline`` (a ``time.monotonic()`` value) bounds everything, this call and
+        every later one, together (``TimeoutError``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            deadline = time.monotonic() + connect_timeout
+            if deadline is not None:
+                connect_timeout = min(connect_timeout, deadline - time.monotonic())
+            deadline_connect = time.monotonic() + connect_timeout
             delay = _BACKOFF_FIRST_S
             while _connect(sock, path, delay):
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline_connect:
                     raise TimeoutError(errnos.ETIMEDOUT, f"the daemon's listen backlog stayed full for "
                                        f"{connect_timeout:g} s", path)
                 time.sleep(delay)
                 delay = _backoff(delay)
             sock.settimeout(timeout)
-            return cls(sock)
+            return cls(sock, deadline)
         except BaseException:
             sock.close()
             raise
@@ -168,7 +174,10 @@ class Client(_Common):
 
     # -- pipelining
     def send(self, event: Any) -> int:
-        self.sock.sendall(self.conn.send(event))
+        data = self.conn.send(event)
+        if self.deadline is not None:
+            self.sock.settimeout(max(self.deadline - time.monotonic(), 1e-3))
+        self.sock.sendall(data)
         return int(event.id)
 
     def send_wait(self, offset: int, length: int) -> int:
@@ -179,6 +188,11 @@ class Client(_Common):
         while request_id not in self._replies:
             event = self.conn.next_event()
             if event is protocol.NEED_DATA:
+                if self.deadline is not None:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(errnos.ETIMEDOUT, "no answer from the daemon in time")
+                    self.sock.settimeout(left)
                 data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
                 _take_fds(ancdata, self._fds)
                 self.conn.receive_data(data)

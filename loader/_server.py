@@ -405,7 +405,8 @@ class Server:
         d["queue"] = _plain(self.loader.queue.statistics())
         s = self.statistics()
         d["server"] = {"connections": s.connections, "connections_total": s.connections_total,
-                       "connections_refused": s.connections_refused, "accept_errors": s.accept_errors}
+                       "connections_refused": s.connections_refused, "accept_errors": s.accept_errors,
+                       "reply_bytes_queued": sum(x.reply_bytes_queued for x in s.sessions)}
         if self.extra_stats is not None:
             d.update(self.extra_stats())
         return d
@@ -473,7 +474,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 await self._accept_loop(self._listener, nursery)
-                nursery.cancel_scope.cancel()
+                # The listener was closed by aclose(), which flushes and closes the sessions.
         finally:
             self._stop_listening()
             self._remove_socket()

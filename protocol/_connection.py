@@ -207,14 +207,21 @@ class _Connection:
         self._feed(chunk)
         if self._error is not None:
             self._remote_errors += 1
-            raise self._error
+            raise self._raised()
 
     def _fail(self, code: str, message: str, cause: BaseException | None = None) -> None:
         self._error = RemoteProtocolError(code, message, None, True)
         self._remote_errors += 1
         self._pending.clear()
         self._pending_bytes = 0
-        raise self._error from cause
+        raise self._raised() from cause
+
+    def _raised(self) -> RemoteProtocolError:
+        """A fresh copy of the fatal error to raise: the stored one never carries a
+        traceback, which would hold the caller's frames (and this connection) in a cycle."""
+        error = self._error
+        assert error is not None
+        return RemoteProtocolError(error.code, error.message, error.id, error.fatal)
 
     def next_event(self) -> Any:
         """The next event from the peer, :data:`NEED_DATA`, or :data:`CLOSED`.
@@ -224,7 +231,7 @@ class _Connection:
         fatal one every call raises it again.
         """
         if self._error is not None:
-            raise self._error.with_traceback(None)
+            raise self._raised()
         unpacker = self._unpacker
         while True:
             try:
