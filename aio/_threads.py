@@ -10,11 +10,18 @@ Two things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
 * a small urgent read (<= ``inline_urgent``) is tried at once in the caller's thread
   with ``RWF_NOWAIT``: a page-cache hit costs microseconds and needs no hand-off to a
   worker; a miss (EAGAIN) goes to a worker like any other request;
-* workers run at a higher nice value than the trio thread that answers clients.
+* workers run at a higher nice value than the trio thread that answers clients;
+* an urgent lane: ``urgent_threads`` more threads (1) that take urgent requests
+  only, so a read someone is blocked on never queues behind a pool full of
+  background reads, even hung ones.
+
+:meth:`ThreadQueue.cancel_unstarted` completes the requests no thread has taken
+yet with ``-ECANCELED`` (the loader's shutdown drops queued reads with it).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import deque
@@ -32,9 +39,12 @@ class ThreadQueue(Queue):
     name = "threads"
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
-                 inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE) -> None:
+                 inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
+                 urgent_threads: int = 1) -> None:
         super().__init__(capacity)
         self.threads = threads or DEFAULT_THREADS
+        #: threads that take urgent requests only (the urgent lane)
+        self.urgent_threads = urgent_threads
         #: urgent requests up to this many bytes run in the caller's thread, at add():
         #: no hand-off to a worker (a page-cache hit costs microseconds)
         self.inline_urgent = inline_urgent
@@ -43,11 +53,12 @@ class ThreadQueue(Queue):
         #: when nothing else wants the CPU)
         self.worker_nice = worker_nice
         self.inline_reads = 0  #: urgent reads done in place
-        if self.threads < 1:
-            raise ValueError("threads must be at least 1")
+        if self.threads < 1 or urgent_threads < 0:
+            raise ValueError("threads must be at least 1 and urgent_threads at least 0")
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
+        self._urgent_work = threading.Condition(self._lock)  # the urgent lane waits here
         self._urgent: deque[Request] = deque()
         self._normal: deque[Request] = deque()
         self._running = 0
@@ -58,6 +69,9 @@ class ThreadQueue(Queue):
         self._workers = [
             threading.Thread(target=self._worker, name=f"pageload-aio-{i}", daemon=True)
             for i in range(self.threads)
+        ] + [
+            threading.Thread(target=self._worker, args=(True,), name=f"pageload-aio-urgent-{i}", daemon=True)
+            for i in range(urgent_threads)
         ]
         for worker in self._workers:
             worker.start()
@@ -76,10 +90,32 @@ class ThreadQueue(Queue):
                     self._ready.append(Completion(request.id, result))
                 return
         with self._lock:
-            (self._urgent if request.urgent else self._normal).append(request)
+            if request.urgent:
+                self._urgent.append(request)
+                self._urgent_work.notify()  # whichever wakes first takes it; the other sleeps again
+            else:
+                self._normal.append(request)
             self._work.notify()
 
-    def _worker(self) -> None:
+    def cancel_unstarted(self) -> int:
+        """Complete every request no thread has started with ``-ECANCELED``; returns how many."""
+        with self._lock:
+            dropped = [*self._urgent, *self._normal]
+            self._urgent.clear()
+            self._normal.clear()
+            self._ready.extend(Completion(r.id, -errno.ECANCELED) for r in dropped)
+            parked = self._parked if dropped else None
+            if parked is not None:
+                self._parked = None
+        if parked is not None:
+            parked.set()
+        return len(dropped)
+
+    def _run(self, request: Request) -> int:
+        """Perform one request in a worker thread (tests override it to make reads hang)."""
+        return run_request(request)
+
+    def _worker(self, urgent_only: bool = False) -> None:
         if self.worker_nice:
             try:
                 if self.worker_nice < 0:
@@ -91,13 +127,17 @@ class ThreadQueue(Queue):
         lock = self._lock
         while True:
             with lock:
-                while not (self._urgent or self._normal or self._stopping):
-                    self._work.wait()
+                if urgent_only:
+                    while not (self._urgent or self._stopping):
+                        self._urgent_work.wait()
+                else:
+                    while not (self._urgent or self._normal or self._stopping):
+                        self._work.wait()
                 if self._stopping:
                     return
                 request = self._urgent.popleft() if self._urgent else self._normal.popleft()
                 self._running += 1
-            result = run_request(request)
+            result = self._run(request)
             with lock:
                 self._running -= 1
                 self._ready.append(Completion(request.id, result))
@@ -135,6 +175,7 @@ class ThreadQueue(Queue):
             self._urgent.clear()
             self._normal.clear()
             self._work.notify_all()
+            self._urgent_work.notify_all()
 
         def join() -> None:
             with self._lock:

@@ -100,3 +100,80 @@ class DelayedQueue(Queue):
 
     def _ready_count(self) -> int:
         return len(self._held) + self.inner.statistics().ready
+
+
+def hang_offsets(lo: int, hi: int) -> Callable[[Request], bool]:
+    """A rule for :class:`HangingQueue`: hang every request whose file span touches [lo, hi)."""
+
+    def rule(request: Request) -> bool:
+        return request.offset < hi and request.offset + request.length > lo
+
+    return rule
+
+
+class HangingQueue(Queue):
+    """Passes requests to ``inner``, except those ``hang`` picks: they never complete,
+    like a read stuck in a dead disk or a hung network file system.
+
+    As for a read that really started, :meth:`aclose` cannot return while one hangs:
+    it waits for :meth:`release` (which completes them with ``-EIO``).  Buffers of
+    hung requests are never written.
+    """
+
+    def __init__(self, inner: Queue, hang: Callable[[Request], bool]) -> None:
+        super().__init__(inner.capacity)
+        self.name = f"hanging({inner.name})"
+        self.inner = inner
+        self.hang = hang
+        self._hung: list[Request] = []
+        self._ready: list[Completion] = []
+        self._released = trio.Event()
+        self.hung_total = 0
+
+    @property
+    def hung(self) -> int:
+        """Requests hanging now."""
+        return len(self._hung)
+
+    def release(self) -> None:
+        """Let the hung requests (and any later one) fail with ``-EIO``."""
+        self._released.set()
+
+    def cancel_unstarted(self) -> int:
+        cancel = getattr(self.inner, "cancel_unstarted", None)
+        return cancel() if cancel is not None else 0
+
+    def _add(self, request: Request) -> None:
+        if self._released.is_set() or not self.hang(request):
+            self.inner.add(request)
+            return
+        self.hung_total += 1
+        self._hung.append(request)
+
+    def _take_released(self) -> None:
+        if self._released.is_set() and self._hung:
+            self._ready.extend(Completion(r.id, -errno.EIO) for r in self._hung)
+            self._hung.clear()
+
+    async def _wait(self, min_completions: int) -> list[Completion]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._take_released()
+        while len(self._ready) < min_completions:
+            if self.inner.outstanding:
+                self._ready.extend(await self.inner.wait(1))
+            else:
+                await self._released.wait()
+                self._take_released()
+        if self.inner.outstanding and self.inner.statistics().ready:
+            self._ready.extend(await self.inner.wait(0))
+        done, self._ready = self._ready, []
+        return done
+
+    async def _aclose(self) -> None:
+        await self._released.wait()
+        self._hung.clear()
+        self._ready.clear()
+        await self.inner.aclose()
+
+    def _ready_count(self) -> int:
+        return len(self._ready) + self.inner.statistics().ready

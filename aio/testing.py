@@ -13,7 +13,8 @@ name) so a test suite can report them separately.  A check raises
 
 Also here, as test tools rather than part of :mod:`aio`'s main interface:
 :class:`FaultInjectingQueue` (fails or shortens chosen requests, see
-:func:`fail_offsets`), :class:`DelayedQueue` (holds completions back), and two
+:func:`fail_offsets`), :class:`HangingQueue` (chosen requests never complete,
+see :func:`hang_offsets`), :class:`DelayedQueue` (holds completions back), and two
 stand-in probes that die the way a broken native binding does,
 :func:`probe_killed_by_sigill` and :func:`probe_killed_by_sigsegv`
 (``PAGELOAD_AIO_PROBE_URING=aio.testing:probe_killed_by_sigill``, see docs/AIO.md).
@@ -44,16 +45,18 @@ from collections.abc import Awaitable, Callable, Iterator
 import trio
 
 from ._base import Completion, Queue, QueueClosed, QueueFull, Request
-from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, fail_offsets
+from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, HangingQueue, fail_offsets, hang_offsets
 
 __all__ = [
     "CHECKS",
     "DelayedQueue",
     "FaultInjectingQueue",
     "FaultRule",
+    "HangingQueue",
     "MakeQueue",
     "check_queue",
     "fail_offsets",
+    "hang_offsets",
     "probe_killed_by_sigill",
     "probe_killed_by_sigsegv",
 ]

@@ -1,4 +1,4 @@
-"""``pageload bench`` section ``backends`` (issue 3): AIO backends compared.
+"""``pageload bench`` section ``backends``: AIO backends compared.
 
 On one dense image, for every usable backend (unusable ones are listed with the
 reason :func:`aio.check_available` gives), for the raw image and for a pages

@@ -1,4 +1,4 @@
-"""``pageload bench`` section ``daemon`` (issue 2): the daemon against its goals.
+"""``pageload bench`` section ``daemon``: the daemon against its goals.
 
 On one dense random image (every page data, page cache warm, ``threads``
 backend), in one run:

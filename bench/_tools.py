@@ -173,6 +173,11 @@ class WaitProber:
         self._stop.set()
         self._thread.join(30)
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the prober to end by itself (an error); True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         try:
             with Client.connect(self.socket_path) as client:

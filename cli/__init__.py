@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ._args import one_line_errors
+
 #: sub-command -> the module providing it, in the order ``--help`` lists them
 COMMANDS = {
     "restore": "cli._restore",
@@ -37,6 +39,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     names = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
     for name in names:
         importlib.import_module(name).register(sub)
+    if command == "restore":  # a daemon's start-up failure is one line, unknown flags included
+        one_line_errors(parser)
     return parser
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import NoReturn
 
 from loader import parse_size
 
@@ -49,3 +51,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=`` for durations that must be a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report a usage error as one line on stderr (exit 2), not
+    the usage block: a daemon's start-up failure is one line."""
+    prog = parser.prog
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{prog}: {' '.join(message.split())} (see {prog} --help)\n")
+
+    setattr(parser, "error", error)  # noqa: B010 (an instance override; mypy rejects assigning a method)
+    return parser

@@ -10,10 +10,10 @@ import tracemalloc
 import trio
 
 import aio
-from loader import DaemonOptions, LoaderConfig, SocketInUse, run_daemon
+from loader import DaemonOptions, LoaderConfig, StartupError, run_daemon
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size
+from ._args import add_size, one_line_errors, positive_float, positive_int
 
 _DEFAULTS = LoaderConfig()
 
@@ -27,31 +27,48 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "once and pages load behind the running application; waited-for pages jump ahead.  "
         "Without it, everything loads first (a progress bar on a terminal), then the socket opens.  "
         "Prints 'READY socket=PATH pid=N' on stdout once clients can connect.  SIGTERM/SIGINT: "
-        "reads in flight finish, waiting clients get an error, the socket is removed, exit 0.",
+        "waiting clients get an error at once, reads not started are dropped, the socket is removed, "
+        "exit 0 within --shutdown-timeout (even with a hung read).  "
+        "Any start-up failure is one line on stderr and exit 2.",
     )
+    one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to serve on (mode 0600)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
-                   help="write into this file (e.g. on /dev/shm or hugetlbfs) instead of a memfd")
+                   help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
+                   "created with O_EXCL, never through a symbolic link, locked while the daemon runs")
+    p.add_argument("--force", action="store_true",
+                   help="reuse an existing --memory-file: lock it first, then empty it (a file locked by "
+                   "another daemon, a symbolic link, a non-regular file or the checkpoint itself are "
+                   "still refused)")
     p.add_argument("--aio", default="auto", metavar="NAME",
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
-    p.add_argument("--threads", type=int, metavar="N", help="threads for the threads backend")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="threads for the threads backend")
     p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
     add_size(p, "--read-size", default=_DEFAULTS.read_size,
              help="largest read for a waiter, so a large wait takes turns with others")
     add_size(p, "--sweep-read-size", default=_DEFAULTS.sweep_read_size, help="largest background read")
-    p.add_argument("--queue-depth", type=int, default=_DEFAULTS.queue_depth, metavar="N",
+    p.add_argument("--queue-depth", type=positive_int, default=_DEFAULTS.queue_depth, metavar="N",
                    help="reads in flight at most (default %(default)s)")
-    p.add_argument("--background-reads", type=int, default=_DEFAULTS.background_reads, metavar="N",
+    p.add_argument("--background-reads", type=positive_int, default=_DEFAULTS.background_reads, metavar="N",
                    help="of those, at most N for the background sweep; the rest are kept for waiters "
                    "(default %(default)s)")
-    p.add_argument("--busy-background-reads", type=int, metavar="N",
+    p.add_argument("--busy-background-reads", type=positive_int, metavar="N",
                    help="while clients are faulting, at most N background reads (default: CPUs - 1)")
     p.add_argument("--no-sweep", action="store_true",
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
                    help="waits do not jump ahead of the sweep (first come, first served; for comparison)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check the pages against the checkpoint's checksums (by default each chunk "
+                   "is verified before its pages are served; a mismatch fails them with 'corrupt')")
+    p.add_argument("--read-timeout", type=float, default=_DEFAULTS.read_timeout, metavar="SECONDS",
+                   help="a read not done after this long fails with 'timeout' and frees its slot "
+                   "(default %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="SIGTERM/SIGINT to exit, at most; reads still running then are abandoned "
+                   "(default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root); the socket "
                    "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
@@ -60,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="hand a read-write memory fd to clients that ask for one (default: read-only fds only; "
                    "a writable request is refused with 'forbidden')")
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'READY\\n' to fd N, then close it")
-    p.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--progress-interval", type=positive_float, default=5.0, metavar="SECONDS",
                    help="log progress this often (default %(default)s)")
     p.add_argument("--tracemalloc", action="store_true",
                    help="trace Python heap allocations (stats then report the heap and its peak)")
@@ -72,51 +89,38 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="pageload: %(message)s", stream=sys.stderr)
     try:
+        if not args.shutdown_timeout > 0:
+            raise ValueError("--shutdown-timeout must be positive")
         config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
                               queue_depth=args.queue_depth,
                               background_reads=args.background_reads,
                               busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
-                              priority=not args.no_priority)
+                              priority=not args.no_priority, read_timeout=args.read_timeout,
+                              verify=not args.no_verify)
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     opts = DaemonOptions(
         source=args.source, socket_path=args.socket, background=args.background,
-        memory_file=args.memory_file, aio_backend=args.aio, threads=args.threads, direct=args.direct,
+        memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
+        direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         allow_writable_memory_fd=args.allow_writable_memory_fd,
-        progress_interval=args.progress_interval,
+        progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
     )
     if args.tracemalloc:
         tracemalloc.start()
     try:
-        _run_unwrapped(opts)
-    except CheckpointError as exc:
+        trio.run(run_daemon, opts)
+    except (StartupError, CheckpointError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except aio.BackendUnavailable as exc:
         print(f"pageload: {exc}", file=sys.stderr)
-        return 2
-    except SocketInUse as exc:
-        print(f"pageload: {exc.strerror}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
               file=sys.stderr)
         return 1
     return 0
-
-
-def _run_unwrapped(opts: DaemonOptions) -> None:
-    """trio.run(run_daemon), with an error raised inside a nursery (the socket is in
-    use, say) unwrapped from its exception group so that it gets its one line."""
-    try:
-        trio.run(run_daemon, opts)
-    except BaseExceptionGroup as group:
-        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            inner = group.exceptions[0]
-            if not isinstance(inner, BaseExceptionGroup):
-                raise inner from None
-            group = inner
-        raise

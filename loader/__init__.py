@@ -9,10 +9,11 @@ in :mod:`cli`.
 from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
-from ._loader import Loader, LoaderConfig, LoadError, WaitHandle
+from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._rangeset import RangeSet
 from ._server import Server, SocketInUse
+from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 from ._units import human, parse_size
@@ -33,9 +34,11 @@ __all__ = [
     "LoaderStatistics",
     "MemoryFile",
     "RangeSet",
+    "ReadKind",
     "SequentialOrder",
     "Server",
     "SocketInUse",
+    "StartupError",
     "SweepOrder",
     "TrioClient",
     "WaitHandle",

@@ -4,34 +4,49 @@
 serves at once and loads behind; otherwise it loads everything first, then serves.
 The socket accepts connections only once the daemon can answer them; readiness is
 reported to ``task_status`` (for tests and supervisors in-process), on ``ready_fd``
-and as a ``READY`` line on stdout.  SIGTERM or SIGINT: reads in flight finish,
-waiting clients get a ``shutting-down`` error, the socket file is removed.
+and as a ``READY`` line on stdout.  SIGTERM or SIGINT: within one deadline
+(``shutdown_timeout``, 2 s), waiting clients get a ``shutting-down`` error and
+their replies are flushed, reads not started are dropped, reads running are
+waited for, and the socket file is removed; a read still running at the deadline
+(a hung disk) is abandoned and the daemon exits anyway.
+
+Test hook: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
+byte offsets), reads touching [LO, HI) never complete
+(:class:`aio.testing.HangingQueue`), so tests can drive the read deadline and
+the shutdown deadline through a real process.  Nothing reads it otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 import aio
+import aio.testing
 
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._server import Server
+from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder
 from ._units import human
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
+
+#: the test hook's environment variable (module docstring)
+HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
 
 
 @dataclass
@@ -40,6 +55,9 @@ class DaemonOptions:
     socket_path: str
     background: bool = True
     memory_file: str | None = None
+    #: reuse an existing ``memory_file`` (locked first, then emptied); never a
+    #: symbolic link, a non-regular file or one of the checkpoint's own files
+    force_memory_file: bool = False
     aio_backend: str = "auto"
     threads: int | None = None
     direct: bool = False
@@ -55,6 +73,7 @@ class DaemonOptions:
     order: SweepOrder | None = None
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
     allow_writable_memory_fd: bool = False  #: hand out a read-write memory fd to clients that ask
+    shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
 @dataclass
@@ -87,17 +106,56 @@ def process_stats() -> dict[str, int]:
     return out
 
 
-def _open_queue(opts: DaemonOptions) -> tuple[aio.Queue, str]:
+def check_options(opts: DaemonOptions) -> None:
+    """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
+    if opts.threads is not None and opts.threads < 1:
+        raise StartupError(f"threads must be at least 1, not {opts.threads}")
+    if opts.config.queue_depth < 1:
+        raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
+    if opts.max_pending_waits < 1:
+        raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
+    if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
+        raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
+    check_socket_path(opts.socket_path)
+    if opts.ready_fd is not None:
+        check_ready_fd(opts.ready_fd)
+
+
+def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
+    """The StartupError a nursery wrapped, if it is all the group holds."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], StartupError):
+        return leaves[0]
+    return None
+
+
+def _open_queue(opts: DaemonOptions, notes: list[str]) -> tuple[aio.Queue, str]:
     name, why = opts.aio_backend, "chosen with --aio"
     if name == "auto":
         name, why = aio.pick_auto()
     kwargs: dict[str, Any] = {}
     if name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
-    queue = aio.open_queue(name, opts.config.queue_depth, **kwargs)
-    log.info("aio backend %s (%s)", name, why)
+    # room beyond queue_depth for reads that timed out but whose threads are still in them
+    try:
+        queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
+    except OSError as exc:
+        raise StartupError(f"aio backend {name}: {describe_os_error(exc, None)}") from None
+    notes.append(f"aio backend {name} ({why})")
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
+    hang = os.environ.get(HANG_READS_ENV)
+    if hang:  # the test hook (module docstring)
+        lo, _, hi = hang.partition(":")
+        queue = aio.testing.HangingQueue(queue, aio.testing.hang_offsets(int(lo, 0), int(hi, 0)))
+        log.warning("%s=%s: reads of pages-file bytes [%s, %s) will hang (test hook)", HANG_READS_ENV, hang, lo, hi)
     return queue, name
 
 
@@ -139,24 +197,42 @@ async def _progress_bar(loader: Loader) -> None:
 
 
 def _announce_ready(opts: DaemonOptions) -> None:
+    """READY on stdout and on the ready fd.  Nobody listening any more (EPIPE) is
+    logged, not fatal: the daemon is serving."""
     if opts.ready_line:
-        print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
+        try:
+            print(f"READY socket={opts.socket_path} pid={os.getpid()}", flush=True)
+        except OSError as exc:
+            log.warning("could not print READY on stdout: %s", exc.strerror or exc)
     if opts.ready_fd is not None:
         try:
             os.write(opts.ready_fd, b"READY\n")
+        except OSError as exc:
+            log.warning("could not write READY to fd %d: %s", opts.ready_fd, exc.strerror or exc)
         finally:
-            os.close(opts.ready_fd)
+            try:
+                os.close(opts.ready_fd)
+            except OSError:
+                pass
 
 
 async def run_daemon(
     opts: DaemonOptions, *, task_status: trio.TaskStatus[DaemonState] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run until SIGTERM/SIGINT (or until the caller cancels, or calls ``state.stop()``)."""
+    """Run until SIGTERM/SIGINT (or until the caller cancels, or calls ``state.stop()``).
+
+    Every failure before READY is a :class:`StartupError` (one line; options,
+    socket path, memory file, backend) or a :class:`CheckpointError` (the
+    checkpoint), raised bare, never inside an exception group.  A memory file
+    created by a start that failed is removed again.
+    """
     started = time.perf_counter()
+    check_options(opts)
     ckpt = open_checkpoint(opts.source)
     layout = ckpt.layout
-    log.info("restoring %s: %s checkpoint, memory %s, data %s in %d ranges",
-             opts.source, ckpt.kind, human(layout.memory_size), human(layout.data_bytes), len(layout))
+    # what start-up found is logged once it has succeeded: a failed start says one line
+    notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
+             f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
     try:
         pages_fd = ckpt.open_pages(direct=opts.direct)
     except CheckpointError as exc:
@@ -164,23 +240,34 @@ async def run_daemon(
             raise
         log.warning("--direct: %s; falling back to buffered reads", exc)
         pages_fd = ckpt.open_pages(direct=False)
-    memory = MemoryFile(layout.memory_size, opts.memory_file)
     try:
-        queue, backend = _open_queue(opts)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order)
+        memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
+                            protect=ckpt.files(), data_bytes=layout.data_bytes)
+    except BaseException:
+        os.close(pages_fd)
+        raise
+    state: DaemonState | None = None
+    try:
+        queue, backend = _open_queue(opts, notes)
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order,
+                        chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
+        if ckpt.checksums is not None:
+            notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
+                                          else "not verified (--no-verify)"))
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits,
                         allow_writable_memory_fd=opts.allow_writable_memory_fd,
                         extra_stats=lambda: {"backend": backend, "source": os.path.abspath(opts.source),
                                              "process": process_stats()})
         state = DaemonState(ckpt, memory, loader, server, backend, started)
-        async with trio.open_nursery() as nursery:
+        async with _open_nursery() as nursery:
             stop = trio.Event()
             state.stop = stop.set
             if opts.handle_signals:
                 nursery.start_soon(_signals, stop)
             nursery.start_soon(loader.run)
             if not opts.background:
+                _log_notes(notes)
                 if opts.progress_bar:
                     nursery.start_soon(_progress_bar, loader)
                 async with trio.open_nursery() as wait_nursery:  # stop also cuts the eager load short
@@ -188,21 +275,71 @@ async def run_daemon(
                     await loader.done.wait()
                     wait_nursery.cancel_scope.cancel()
             if not stop.is_set():
-                await nursery.start(server.serve)
+                await _start_server(nursery, server)
+                _log_notes(notes)
                 state.ready_s = time.perf_counter() - started
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
                 _announce_ready(opts)
                 nursery.start_soon(_progress, loader, opts.progress_interval)
                 task_status.started(state)
             await stop.wait()
-            log.info("shutting down: finishing reads in flight")
-            await loader.aclose()
-            await server.aclose()
+            await _shutdown(loader, server, opts.shutdown_timeout)
             log.info(_progress_line(loader, final=True))
             nursery.cancel_scope.cancel()
+    except BaseException:
+        if state is None or not state.ready_s:
+            memory.discard()  # never announced: a memory file this start created goes again
+        raise
     finally:
         memory.close()
         os.close(pages_fd)
+
+
+async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
+    """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are
+    answered ``shutting-down`` at once, then the server flushes its replies while
+    the loader drops queued reads and waits for running ones."""
+    deadline = trio.current_time() + timeout
+    log.info("shutting down (at most %g s)", timeout)
+    loader.shutdown()
+    with trio.move_on_at(deadline) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.aclose, 0.9 * timeout)  # its own verdict before the deadline
+            nursery.start_soon(server.aclose, deadline)  # all clients flushed at once, until then
+    if scope.cancelled_caught:
+        log.warning("shutdown took longer than %g s; exiting anyway", timeout)
+    if loader.abandoned_reads:
+        log.warning("exiting with %d read(s) hung in the backend", loader.abandoned_reads)
+
+
+def _log_notes(notes: list[str]) -> None:
+    for note in notes:
+        log.info(note)
+    notes.clear()
+
+
+@contextlib.asynccontextmanager
+async def _open_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery that lets a lone StartupError out bare, not in an exception group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        lone = _lone_startup_error(group)
+        if lone is None:
+            raise
+        raise lone from None
+
+
+async def _start_server(nursery: trio.Nursery, server: Server) -> None:
+    """Bind and listen; a socket that cannot be served on is a StartupError."""
+    try:
+        await nursery.start(server.serve)
+    except OSError as exc:
+        line = describe_os_error(exc, None)
+        if server.path not in line:
+            line = f"{server.path}: {line}"
+        raise StartupError(line) from None
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -2,44 +2,70 @@
 
 One trio task (:meth:`Loader.run`) owns the AIO queue.  Each round it
 
-1. serves waiters first: at most one read of at most ``read_size`` per waiter per
+0. resubmits the halves of failed multi-page reads that are being narrowed down
+   to the pages really failing (a waiter's halves at once, background halves
+   within the background share);
+1. serves waiters: at most one read of at most ``read_size`` per waiter per
    round, rotating, so a 1 GiB wait cannot starve a 4 KiB one;
 2. then prefetch hints;
 3. then fills what is left of the background share of the queue with the sweep,
    which reads unstarted ranges in the order a :class:`SweepOrder` gives,
    coalescing ranges whose pages-file offsets are contiguous;
-4. waits for at least one completion (or for new work).
+4. waits for at least one completion, for new work, or for the earliest read
+   deadline (``read_timeout``): a read past it fails with ``timeout`` and its slot
+   is freed.
 
-Slots are reserved for waiters: the sweep never has more than ``background_reads``
-reads in flight, and waiters' reads are marked urgent so backends start them
-before queued background reads.
+Every read has a :class:`ReadKind`: ``WAITER`` reads (on behalf of one waiter,
+marked urgent so backends start them before queued background reads),
+``PREFETCH`` and ``SWEEP`` reads (the background share: never more than
+``background_reads`` in flight, so slots stay free for waiters).  A read's kind
+is kept through its retries and its halves, and each read is counted while it
+is in flight and only then.
 
 State is three :class:`RangeSet` of memory offsets: ``unloaded`` (not started),
-``inflight`` and ``failed``; everything else of the layout is loaded.  A waiter
-counts the bytes it still needs; each completed read subtracts its overlap, so a
-waiter joins reads already in flight instead of reading twice.
+``inflight`` (being read, or read and waiting for its chunk's checksum) and
+``failed``; everything else of the layout is loaded.  A waiter counts the bytes
+it still needs; each settled span subtracts its overlap, so a waiter joins reads
+already in flight instead of reading twice.
+
+With checksums (a pages checkpoint: one xxh3_64 per ``chunk_size`` of the pages
+file), bytes that land are not loaded yet: once every byte of their chunk has
+landed, the chunk is hashed in a worker thread, and only then are its bytes
+loaded (and waiters answered), or failed with ``corrupt``.  A waiter's reads
+cover the whole chunks its bytes are in, so it never waits for the sweep.
 """
 
 from __future__ import annotations
 
+import enum
 import errno as errno_mod
+import logging
+import math
 import os
 import time
+from array import array
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
+import xxhash
 
 import aio
+from protocol import codes
 
 from ._layout import Layout
-from ._memfile import Destination
+from ._memfile import Destination, explain_error
 from ._rangeset import RangeSet
-from ._stats import LatencyHistogram, LoaderStatistics
+from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 
+log = logging.getLogger("pageload")
+
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
+#: chunks hashed at once, in worker threads; the sweep pauses while this many wait
+_MAX_VERIFYING = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +83,10 @@ class LoaderConfig:
     max_retries: int = 3  #: per read, for errors that may pass and for reads returning nothing
     sweep: bool = True  #: False: lazy, load only what is waited for or prefetched
     priority: bool = True  #: False: waits do not jump ahead of the sweep (first come, first served)
+    #: a read not completed after this many seconds fails with ``timeout`` and frees
+    #: its slot (None: no deadline)
+    read_timeout: float | None = 30.0
+    verify: bool = True  #: check each chunk against the checkpoint's checksum before serving it
 
     def __post_init__(self) -> None:
         if self.background_reads >= self.queue_depth:
@@ -68,10 +98,13 @@ class LoaderConfig:
             raise ValueError("without the sweep and without priority nothing would ever load")
         if min(self.read_size, self.sweep_read_size, self.waiter_reads, self.background_reads) <= 0:
             raise ValueError("read sizes, waiter_reads and background_reads must be positive")
+        if self.read_timeout is not None and not self.read_timeout > 0:
+            raise ValueError("read_timeout must be positive")
 
 
 class LoadError(Exception):
-    """A wait could not be satisfied: an I/O error, or the loader shut down."""
+    """A wait could not be satisfied: ``code`` is one of :mod:`protocol.codes`
+    (``io-error``, ``corrupt``, ``timeout``, ``shutting-down``)."""
 
     def __init__(self, code: str, message: str, errno: int | None = None) -> None:
         super().__init__(message)
@@ -80,20 +113,36 @@ class LoadError(Exception):
         self.errno = errno
 
 
+class ReadKind(enum.Enum):
+    """Why a read was issued; decides its urgency and which share of the queue it uses."""
+
+    WAITER = "waiter"  #: for one blocked waiter (its ``owner``): urgent
+    PREFETCH = "prefetch"  #: for a prefetch hint: background share
+    SWEEP = "sweep"  #: the background sweep: background share
+
+    @property
+    def urgent(self) -> bool:
+        return self is ReadKind.WAITER
+
+
 class WaitHandle:
     """One blocked wait.  Completed exactly once: ``callback(handle)`` with
     ``handle.error`` None on success, else a :class:`LoadError`."""
 
     __slots__ = (
-        "lo", "hi", "cursor", "remaining", "error", "callback", "start_ns",
+        "lo", "hi", "read_hi", "cursor", "remaining", "error", "callback", "start_ns",
         "inflight", "queued", "finished", "cancelled", "context",
     )
 
     def __init__(self, lo: int, hi: int, remaining: int, callback: Callable[[WaitHandle], None] | None,
-                 start_ns: int, context: object = None) -> None:
+                 start_ns: int, context: object = None, read_lo: int | None = None,
+                 read_hi: int | None = None) -> None:
         self.lo = lo
         self.hi = hi
-        self.cursor = lo  #: where this waiter's next priority read may start
+        #: this waiter's reads cover [read_lo, read_hi): its bytes, widened to whole
+        #: checksum chunks when chunks are verified
+        self.read_hi = hi if read_hi is None else read_hi
+        self.cursor = lo if read_lo is None else read_lo  #: where its next priority read may start
         self.remaining = remaining  #: bytes still to be loaded
         self.error: LoadError | None = None
         self.callback = callback
@@ -105,25 +154,110 @@ class WaitHandle:
         self.context = context  #: the caller's (e.g. the request id)
 
 
-class _Read:
-    __slots__ = ("id", "file_offset", "segments", "length", "urgent", "owner", "attempts")
+class _Hint:
+    """A prefetch hint: a span to read ahead of the sweep.  Nobody waits on it."""
 
-    def __init__(self, id: int, file_offset: int, segments: list[list[int]], urgent: bool,
-                 owner: WaitHandle | None) -> None:
+    __slots__ = ("cursor", "read_hi")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.cursor = lo
+        self.read_hi = hi
+
+
+class _Read:
+    __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline")
+
+    def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
+                 segments: list[list[int]], retry: bool = False) -> None:
         self.id = id
+        self.kind = kind
+        self.owner = owner  #: the waiter of a WAITER read
         self.file_offset = file_offset
         self.segments = segments  #: [[mem_lo, mem_hi], ...], contiguous in the pages file
         self.length = sum(hi - lo for lo, hi in segments)
-        self.urgent = urgent
-        self.owner = owner
         self.attempts = 0
+        self.retry = retry  #: a half of a failed read, being narrowed down
+        self.deadline = math.inf  #: trio time after which it fails with ``timeout``
+
+
+class _Chunks:
+    """The checkpoint's checksum chunks: which bytes of each have landed, which are bad.
+
+    Needs a layout whose pages-file offsets ascend with memory (pages checkpoints
+    are written so) and whose ranges cover the pages file: then chunk ``k``'s
+    memory is the ranges over file bytes [k*size, (k+1)*size), in memory order.
+    Costs 9 bytes a chunk."""
+
+    __slots__ = ("size", "sums", "missing", "bad", "end", "layout")
+
+    def __init__(self, layout: Layout, chunk_size: int, checksums: Sequence[int]) -> None:
+        if chunk_size <= 0 or chunk_size % layout.page_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of the page size")
+        files = layout.file
+        if any(files[i] < files[i - 1] for i in range(1, len(files))):
+            raise ValueError("cannot verify chunks: the layout's pages-file offsets do not ascend with memory")
+        self.layout = layout
+        self.size = chunk_size
+        self.end = max((f + n for f, n in zip(layout.file, layout.length)), default=0)
+        count = -(-self.end // chunk_size)
+        if len(checksums) != count:
+            raise ValueError(f"{len(checksums)} checksums for {count} chunks of {chunk_size} bytes")
+        self.sums = array("Q", checksums)
+        self.missing = array("Q", bytes(8 * count))
+        self.bad = bytearray(count)
+        for f, n in zip(layout.file, layout.length):
+            self._count(f, f + n, 1)
+        for k in range(count):
+            if self.missing[k] != min(chunk_size, self.end - k * chunk_size):
+                raise ValueError(f"cannot verify chunk {k}: the pages file has bytes outside the layout")
+
+    def _count(self, lo: int, hi: int, sign: int) -> list[int]:
+        """Add (or take) the bytes of file span [lo, hi) to (from) each chunk's count;
+        returns the chunks whose count reached zero."""
+        size, missing = self.size, self.missing
+        emptied: list[int] = []
+        k = lo // size
+        while lo < hi:
+            end = min(hi, (k + 1) * size)
+            missing[k] += sign * (end - lo)
+            if sign < 0 and missing[k] == 0:
+                emptied.append(k)
+            lo, k = end, k + 1
+        return emptied
+
+    def landed(self, lo: int, hi: int, bad: bool) -> list[int]:
+        """File bytes [lo, hi) landed (or failed: ``bad``); returns the chunks now complete."""
+        if bad:
+            for k in range(lo // self.size, (hi - 1) // self.size + 1):
+                self.bad[k] = 1
+        return self._count(lo, hi, -1)
+
+    def memory_spans(self, k: int) -> list[tuple[int, int]]:
+        """Chunk ``k``'s memory, in pages-file order (which is memory order)."""
+        layout = self.layout
+        flo, fhi = k * self.size, min((k + 1) * self.size, self.end)
+        i = max(bisect_right(layout.file, flo) - 1, 0)
+        spans: list[tuple[int, int]] = []
+        while i < len(layout) and layout.file[i] < fhi:
+            f, n, m = layout.file[i], layout.length[i], layout.mem[i]
+            lo, hi = max(f, flo), min(f + n, fhi)
+            if lo < hi:
+                spans.append((m + lo - f, m + hi - f))
+            i += 1
+        return spans
+
+    def memory_hull(self, first: int, last: int) -> tuple[int, int]:
+        """The memory from chunk ``first``'s start to chunk ``last``'s end."""
+        return self.memory_spans(first)[0][0], self.memory_spans(last)[-1][1]
 
 
 class Loader:
     """Loads ``layout``'s ranges from ``pages_fd`` into ``destination`` through ``queue``.
 
     Call :meth:`run` in a task; use :meth:`submit_wait` / :meth:`wait_loaded` and
-    :meth:`prefetch` from any task of the same trio run.
+    :meth:`prefetch` from any task of the same trio run.  With ``chunk_size`` and
+    ``checksums`` (and ``config.verify``), every chunk is verified before its bytes
+    count as loaded.
     """
 
     def __init__(
@@ -134,6 +268,9 @@ class Loader:
         queue: aio.Queue,
         config: LoaderConfig | None = None,
         order: SweepOrder | None = None,
+        *,
+        chunk_size: int | None = None,
+        checksums: Sequence[int] | None = None,
     ) -> None:
         self.layout = layout
         self.page_size = layout.page_size
@@ -145,17 +282,28 @@ class Loader:
         if self.config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
+        self._chunks = (
+            _Chunks(layout, chunk_size, checksums)
+            if self.config.verify and chunk_size is not None and checksums is not None
+            else None
+        )
         self.unloaded = RangeSet((r.mem_offset, r.mem_offset + r.length) for r in layout)
         self.inflight = RangeSet()
         self.failed = RangeSet()
-        self._failed_by_errno: dict[int, RangeSet] = {}  # merged intervals, never one entry per page
+        #: failed intervals by (code, errno or 0, reason): merged, never one entry per page
+        self._failures: dict[tuple[str, int, str], RangeSet] = {}
         self._reads: dict[int, _Read] = {}
+        self._stuck: dict[int, _Read] = {}  # timed out, not returned by the backend yet
         self._next_id = 0
         self._background_inflight = 0
         self._waiters: list[WaitHandle] = []  # blocked, not finished
         self._priority: deque[WaitHandle] = deque()
-        self._prefetch: deque[WaitHandle] = deque()
+        self._prefetch: deque[_Hint] = deque()
         self._resubmit: deque[_Read] = deque()
+        self._verifying = 0
+        self._hash_limiter = trio.CapacityLimiter(2)
+        self._nursery: trio.Nursery | None = None
+        self._tail_failed_at: int | None = None
         self._last_wait_ns = 0  # when a wait last blocked or finished
         self._linger_ns = int(self.config.busy_linger_s * 1e9)
         self._wait_scope: trio.CancelScope | None = None
@@ -164,23 +312,13 @@ class Loader:
         self._running = False
         self._closed = trio.Event()
         self.done = trio.Event()
+        self.abandoned_reads = 0  #: reads still running when :meth:`aclose` gave up on them
         self._started_ns = time.perf_counter_ns()
         self._finished_ns: int | None = None
-        # statistics
         self.total_bytes = layout.data_bytes
         self.loaded_bytes = 0
-        self._reads_total = 0
-        self._reads_retried = 0
-        self._waits_total = 0
-        self._waits_immediate = 0
-        self._waits_served = 0
-        self._waits_failed = 0
-        self._waits_cancelled = 0
-        self._bytes_waited = 0
+        self.counters = LoaderCounters()
         self._blocked_since: int | None = None
-        self._blocked_ns = 0
-        self._wait_ns = 0
-        self._prefetches = 0
         self.histogram = LatencyHistogram()
         if not self.unloaded:
             self._mark_done()
@@ -194,24 +332,26 @@ class Loader:
         if part of it failed to load or the loader is shutting down.  Otherwise the
         returned handle's ``callback`` runs (in this trio run) when it is loaded."""
         lo, hi = self._page_span(offset, length)
-        self._waits_total += 1
+        counters = self.counters
+        counters.waits_total += 1
         if self.failed and self.failed.overlap_bytes(lo, hi):
-            self._waits_failed += 1
+            counters.waits_failed += 1
             raise self._failure_for(lo, hi)
         need = self.unloaded.overlap_bytes(lo, hi) + self.inflight.overlap_bytes(lo, hi)
         if need == 0:
-            self._waits_immediate += 1
+            counters.waits_immediate += 1
             return None
         if self._closing:
-            self._waits_failed += 1
-            raise LoadError("shutting-down", "the loader is shutting down")
+            counters.waits_failed += 1
+            raise LoadError(codes.SHUTTING_DOWN, "the loader is shutting down")
+        read_lo, read_hi = self._read_span(lo, hi)
         now = self._last_wait_ns = time.perf_counter_ns()
-        handle = WaitHandle(lo, hi, need, callback, now, context)
-        self._bytes_waited += need
+        handle = WaitHandle(lo, hi, need, callback, now, context, read_lo, read_hi)
+        counters.bytes_waited += need
         if not self._waiters:
             self._blocked_since = now
         self._waiters.append(handle)
-        if self.config.priority and self.unloaded.overlap_bytes(lo, hi):
+        if self.config.priority and self._wants_turn(handle):
             handle.queued = True
             self._priority.append(handle)
             self._poke()
@@ -238,25 +378,24 @@ class Loader:
         if handle.finished or handle.cancelled:
             return
         handle.cancelled = True
-        self._waits_cancelled += 1
+        self.counters.waits_cancelled += 1
         self._drop_waiter(handle, time.perf_counter_ns())
 
     def prefetch(self, offset: int, length: int) -> None:
         """A hint: load ``[offset, offset+length)`` ahead of the sweep, behind waiters."""
         lo, hi = self._page_span(offset, length)
-        self._prefetches += 1
+        self.counters.prefetches += 1
         if self._closing or not self.unloaded.overlap_bytes(lo, hi):
             return
-        hint = WaitHandle(lo, hi, 0, None, 0)
-        hint.queued = True
-        self._prefetch.append(hint)
+        self._prefetch.append(_Hint(lo, hi))
         self._poke()
 
     def statistics(self) -> LoaderStatistics:
         now = time.perf_counter_ns()
         end = self._finished_ns or now
         elapsed = (end - self._started_ns) / 1e9
-        blocked = self._blocked_ns + (now - self._blocked_since if self._blocked_since is not None else 0)
+        c = self.counters
+        blocked = c.blocked_ns + (now - self._blocked_since if self._blocked_since is not None else 0)
         waiting_now = sum(now - w.start_ns for w in self._waiters)
         return LoaderStatistics(
             memory_size=self.memory_size,
@@ -268,145 +407,192 @@ class Loader:
             elapsed_s=elapsed,
             throughput_bps=self.loaded_bytes / elapsed if elapsed > 0 else 0.0,
             reads_in_flight=len(self._reads),
-            reads_total=self._reads_total,
-            reads_retried=self._reads_retried,
-            waits_total=self._waits_total,
-            waits_immediate=self._waits_immediate,
-            waits_served=self._waits_served,
-            waits_failed=self._waits_failed,
-            waits_cancelled=self._waits_cancelled,
+            background_reads_in_flight=self._background_inflight,
+            reads_total=c.reads_total,
+            reads_retried=c.reads_retried,
+            reads_timed_out=c.reads_timed_out,
+            reads_stuck=len(self._stuck),
+            waits_total=c.waits_total,
+            waits_immediate=c.waits_immediate,
+            waits_served=c.waits_served,
+            waits_failed=c.waits_failed,
+            waits_cancelled=c.waits_cancelled,
             waiters_blocked=len(self._waiters),
-            bytes_waited=self._bytes_waited,
+            bytes_waited=c.bytes_waited,
             blocked_time_s=blocked / 1e9,
-            total_wait_time_s=(self._wait_ns + waiting_now) / 1e9,
-            prefetches=self._prefetches,
+            total_wait_time_s=(c.wait_ns + waiting_now) / 1e9,
+            prefetches=c.prefetches,
+            verify=self._chunks is not None,
+            chunks_verified=c.chunks_verified,
+            corrupt_chunks=c.corrupt_chunks,
             latency_us=self.histogram.as_dict(),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The driver loop.  Returns when everything is loaded (or failed) and no
-        read is in flight, or after :meth:`aclose`; in lazy mode it runs until closed."""
+        read is in flight, or after :meth:`shutdown`; in lazy mode it runs until closed."""
         if self._running:
             raise RuntimeError("Loader.run is already running")
         self._running = True
-        task_status.started()
-        queue = self.queue
         try:
-            while not self._closing:
-                self._schedule()
-                if not self._reads:
-                    if self.done.is_set() and not self._priority and not self._prefetch:
-                        break
-                    self._kick = trio.Event()
-                    await self._kick.wait()
-                    continue
-                with trio.CancelScope() as scope:
-                    self._wait_scope = scope
-                    completions = await queue.wait(1)
-                self._wait_scope = None
-                if scope.cancelled_caught:
-                    continue
-                for completion in completions:
-                    self._complete(completion)
-            await self._drain()
+            async with trio.open_nursery() as nursery:  # chunk verifications
+                self._nursery = nursery
+                task_status.started()
+                await self._loop()
+                nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             self._running = False
             self._closed.set()
 
-    async def aclose(self) -> None:
-        """Shut down: issue nothing new, let reads in flight finish, fail every
-        remaining waiter with ``shutting-down``, close the queue."""
-        if not self._closing:
-            self._closing = True
-            self._poke()
+    def shutdown(self) -> None:
+        """Stop at once: issue nothing new, answer every waiter ``shutting-down``.
+        Reads already in the queue are left to :meth:`aclose`."""
+        self._closing = True
+        self._resubmit.clear()
+        self._priority.clear()
+        self._prefetch.clear()
+        if self._waiters:
+            error = LoadError(codes.SHUTTING_DOWN, "the daemon is shutting down")
+            now = time.perf_counter_ns()
+            for w in list(self._waiters):
+                w.error = error
+                self._finish_waiter(w, now)
+        self._poke()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Shut down: :meth:`shutdown`, let the driver stop, drop reads that have not
+        started (where the backend can), wait up to ``timeout`` seconds for the
+        ones running, then close the queue.  If reads are still running then (a
+        hung disk), give up on them without closing the queue: their buffers stay
+        mapped (their requests hold them), :attr:`abandoned_reads` counts them."""
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        self.shutdown()
         if self._running:
             await self._closed.wait()
-        else:
-            await self._drain()
-        await self.queue.aclose()
+        queue = self.queue
+        if queue.closed:
+            return
+        cancel = getattr(queue, "cancel_unstarted", None)
+        if cancel is not None:
+            cancel()
+        with trio.move_on_at(deadline):
+            while queue.outstanding:
+                for completion in await queue.wait(1):
+                    self._complete(completion)
+        if queue.outstanding:
+            self.abandoned_reads = queue.outstanding
+            log.warning("shutdown: %d read(s) still running after %g s; not waiting for them",
+                        queue.outstanding, timeout)
+            return
+        await queue.aclose()
 
-    # ------------------------------------------------------------------ internals
-    def _page_span(self, offset: int, length: int) -> tuple[int, int]:
-        if offset < 0 or length <= 0 or offset + length > self.memory_size:
-            raise ValueError(
-                f"range {offset:#x}+{length:#x} is outside the memory (size {self.memory_size:#x})"
-            )
-        mask = self.page_size - 1
-        return offset & ~mask, (offset + length + mask) & ~mask
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        queue = self.queue
+        while not self._closing:
+            self._schedule()
+            if not self._reads:
+                if (self.done.is_set() and not self._priority and not self._prefetch
+                        and not self._verifying):
+                    return
+                self._kick = trio.Event()
+                await self._kick.wait()
+                continue
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._wait_scope = scope
+                completions = await queue.wait(1)
+            self._wait_scope = None
+            if scope.cancelled_caught:
+                self._expire(trio.current_time())
+                continue
+            for completion in completions:
+                self._complete(completion)
 
-    def _poke(self) -> None:
-        """New work arrived: wake the driver if it is parked or blocked in queue.wait."""
-        if self._wait_scope is not None:
-            if self.queue.outstanding < self.config.queue_depth or self._closing:
-                self._wait_scope.cancel()
-        else:
-            self._kick.set()
+    def _room(self) -> bool:
+        return len(self._reads) < self.config.queue_depth and self.queue.outstanding < self.queue.capacity
 
     def _schedule(self) -> None:
         if self._closing:
             return
         cfg = self.config
-        depth = cfg.queue_depth
-        # 0. halves of failed reads, being narrowed down
-        while self._resubmit and len(self._reads) < depth:
-            self._submit(self._resubmit.popleft())
+        room = self._room
+        if self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns:
+            background_cap = cfg.busy_background_reads or 1
+        else:
+            background_cap = cfg.background_reads
+        # 0. halves of failed reads, being narrowed down: a waiter's at once,
+        #    background ones within the background share
+        resubmit = self._resubmit
+        for _ in range(len(resubmit)):
+            if not room():
+                break
+            read = resubmit.popleft()
+            if read.kind.urgent or self._background_inflight < background_cap:
+                self._submit(read)
+            else:
+                resubmit.append(read)
         # 1. waiters, one read each per round, rotating
         prio = self._priority
-        while prio and len(self._reads) < depth:
+        while prio and room():
             progressed = False
             for _ in range(len(prio)):
-                if len(self._reads) >= depth:
+                if not room():
                     break
                 w = prio.popleft()
                 w.queued = False
                 if w.finished or w.cancelled:
                     continue
-                if self._issue_for(w, urgent=True):
+                if self._issue_for(w, ReadKind.WAITER, w):
                     progressed = True
-                if w.cursor < w.hi and w.inflight < cfg.waiter_reads and self._has_unstarted(w):
-                    w.queued = True
-                    prio.append(w)
+                self._requeue(w)
             if not progressed:
                 break
         # 2. prefetch hints, 3. the sweep: within the background share only, and a
-        # smaller one while clients are faulting
-        if self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns:
-            background_cap = cfg.busy_background_reads or 1
-        else:
-            background_cap = cfg.background_reads
+        # smaller one while clients are faulting (or while chunks wait for their hash)
         pf = self._prefetch
-        while pf and self._background_inflight < background_cap and len(self._reads) < depth:
-            h = pf[0]
-            if not self._issue_for(h, urgent=False):
+        while pf and self._background_inflight < background_cap and room():
+            hint = pf[0]
+            if not self._issue_for(hint, ReadKind.PREFETCH, None) or not self._has_unstarted(hint):
                 pf.popleft()
-                continue
-            if not self._has_unstarted(h):
-                pf.popleft()
-        if not cfg.sweep:
+        if not cfg.sweep or self._verifying >= _MAX_VERIFYING:
             return
         order = self.order
-        while self._background_inflight < background_cap and len(self._reads) < depth:
+        while self._background_inflight < background_cap and room():
             start = order.next_start(self.unloaded)
             if start is None:
                 break
-            self._issue(start, self.memory_size, cfg.sweep_read_size, urgent=False, owner=None)
+            self._issue(start, self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
 
-    def _has_unstarted(self, w: WaitHandle) -> bool:
-        nxt = self.unloaded.first_at_or_after(w.cursor)
-        return nxt is not None and nxt[0] < w.hi
+    def _wants_turn(self, w: WaitHandle) -> bool:
+        """The one rule for (re-)entering the priority deque: a live waiter with
+        unstarted bytes to read and fewer than ``waiter_reads`` reads in flight."""
+        return (not w.queued and not w.finished and not w.cancelled
+                and w.inflight < self.config.waiter_reads and self._has_unstarted(w))
 
-    def _issue_for(self, w: WaitHandle, urgent: bool) -> bool:
-        nxt = self.unloaded.first_at_or_after(w.cursor)
-        if nxt is None or nxt[0] >= w.hi:
-            w.cursor = w.hi
+    def _requeue(self, w: WaitHandle) -> None:
+        if self.config.priority and self._wants_turn(w):
+            w.queued = True
+            self._priority.append(w)
+
+    def _has_unstarted(self, target: WaitHandle | _Hint) -> bool:
+        if target.cursor >= target.read_hi:
             return False
-        end = self._issue(nxt[0], w.hi, self.config.read_size, urgent=urgent, owner=w if urgent else None)
-        w.cursor = end
-        if urgent:
+        nxt = self.unloaded.first_at_or_after(target.cursor)
+        return nxt is not None and nxt[0] < target.read_hi
+
+    def _issue_for(self, target: WaitHandle | _Hint, kind: ReadKind, owner: WaitHandle | None) -> bool:
+        nxt = self.unloaded.first_at_or_after(target.cursor)
+        if nxt is None or nxt[0] >= target.read_hi:
+            target.cursor = target.read_hi
+            return False
+        end = self._issue(nxt[0], target.read_hi, self.config.read_size, kind, owner)
+        target.cursor = end
+        if kind.urgent:
             self.order.note_served(end)
         return True
 
-    def _issue(self, start: int, limit: int, budget: int, *, urgent: bool, owner: WaitHandle | None) -> int:
+    def _issue(self, start: int, limit: int, budget: int, kind: ReadKind, owner: WaitHandle | None) -> int:
         """Start one read at unstarted ``start``, coalescing forward while the pages
         file stays contiguous, up to ``limit`` and ``budget`` bytes.  Returns its end."""
         layout = self.layout
@@ -441,94 +627,227 @@ class Loader:
         for lo, hi in segments:
             unloaded.remove(lo, hi)
             self.inflight.add(lo, hi)
-        read = _Read(self._next_id, file_offset, segments, urgent, owner)
+        read = _Read(self._next_id, kind, owner, file_offset, segments)
         self._next_id += 1
-        if owner is not None:
-            owner.inflight += 1
-        elif not urgent:
-            self._background_inflight += 1
-        self._reads_total += 1
+        self.counters.reads_total += 1
         self._submit(read)
         return segments[-1][1]
 
     def _submit(self, read: _Read) -> None:
+        """Put ``read`` in flight; it counts against its share until :meth:`_release`."""
         self._reads[read.id] = read
+        if read.owner is not None:
+            read.owner.inflight += 1
+        elif not read.kind.urgent:
+            self._background_inflight += 1
+        timeout = self.config.read_timeout
+        read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         dest = self.destination
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
+        urgent = read.kind.urgent
         if len(buffers) == 1:
-            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=read.urgent)
+            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent)
         else:
-            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=read.urgent)
+            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent)
         self.queue.add(request)
 
+    def _release(self, read: _Read) -> None:
+        """``read`` is out of flight (completed or timed out): uncount it."""
+        del self._reads[read.id]
+        owner = read.owner
+        if owner is not None:
+            owner.inflight -= 1
+            self._requeue(owner)
+        elif not read.kind.urgent:
+            self._background_inflight -= 1
+
+    def _next_deadline(self) -> float:
+        return min((r.deadline for r in self._reads.values()), default=math.inf)
+
+    def _expire(self, now: float) -> None:
+        """Fail reads past their deadline with ``timeout`` and free their slots.  Their
+        memory is failed for good, so no other read ever targets the buffers that a
+        stuck thread may still write into; their completions are ignored."""
+        timeout = self.config.read_timeout
+        for read in [r for r in self._reads.values() if r.deadline <= now]:
+            self._release(read)
+            self._stuck[read.id] = read
+            self.counters.reads_timed_out += 1
+            self._fail(read.segments, read.file_offset, codes.TIMEOUT, None,
+                       f"reading the pages file took longer than {timeout:g} s")
+
     def _complete(self, completion: aio.Completion) -> None:
-        read = self._reads.pop(completion.id)
+        read = self._reads.get(completion.id)
+        if read is None:  # a timed-out read came back after all: its pages stay failed
+            self._stuck.pop(completion.id, None)
+            return
+        self._release(read)
+        if self._closing:
+            return
         result = completion.result
         if result == read.length:
-            self._finish_read(read)
-            self._settle(read.segments, None)
+            self._land(read.segments, read.file_offset)
             return
+        counters = self.counters
         if result > 0:  # short read: keep what arrived, resubmit the rest
             done, rest = _split(read.segments, result)
-            self._settle(done, None)
+            self._land(done, read.file_offset)
             read.segments = rest
             read.length -= result
             read.file_offset += result
-            self._reads_retried += 1
+            counters.reads_retried += 1
             self._submit(read)
+            return
+        if result == 0 and self._at_end_of_file(read.file_offset):
+            self._fail_tail(read)
             return
         err = -result if result < 0 else errno_mod.EIO
         read.attempts += 1
         if (result == 0 or err in _RETRIABLE) and read.attempts <= self.config.max_retries:
-            self._reads_retried += 1
+            counters.reads_retried += 1
             self._submit(read)
             return
-        self._finish_read(read)
         if read.length > self.page_size:  # narrow it down: only the bad pages fail
             self._split_failed(read)
             return
-        message = (
-            f"pages file ended early at offset {read.file_offset:#x}" if result == 0
-            else f"reading the pages file at offset {read.file_offset:#x}: {os.strerror(err)}"
-        )
-        self._settle(read.segments, LoadError("io-error", message, err))
+        if result == 0:
+            self._fail(read.segments, read.file_offset, codes.IO_ERROR, None,
+                       "the pages file returned no data here, again and again")
+        elif (why := explain_error(self.destination, err)) != os.strerror(err):
+            # e.g. EFAULT from a full memory file: "memory file is full (ENOSPC on ...)"
+            self._fail(read.segments, read.file_offset, codes.IO_ERROR,
+                       errno_mod.ENOSPC if err == errno_mod.EFAULT else err, why)
+        else:
+            self._fail(read.segments, read.file_offset, codes.IO_ERROR, err, "reading the pages file failed")
 
     def _split_failed(self, read: _Read) -> None:
-        """Retry a failed multi-page read as two halves (until single pages fail),
-        so an error costs only the pages it is really on."""
+        """Retry a failed multi-page read as two halves of the same kind (until single
+        pages fail), so an error costs only the pages it is really on.  The halves
+        count against their share only once submitted."""
         half = max(self.page_size, (read.length // 2) & ~(self.page_size - 1))
         first, second = _split(read.segments, half)
         for segments, file_offset in ((first, read.file_offset), (second, read.file_offset + half)):
             if segments:
-                self._resubmit.append(_Read(self._next_id, file_offset, segments, read.urgent, None))
+                self._resubmit.append(_Read(self._next_id, read.kind, read.owner, file_offset, segments, True))
                 self._next_id += 1
-                self._reads_retried += 1
+                self.counters.reads_retried += 1
 
-    def _finish_read(self, read: _Read) -> None:
-        if read.owner is not None:
-            owner = read.owner
-            owner.inflight -= 1
-            if (not owner.queued and not owner.finished and not owner.cancelled
-                    and owner.cursor < owner.hi and self._has_unstarted(owner)):
-                owner.queued = True
-                self._priority.append(owner)
-        elif not read.urgent:
-            self._background_inflight -= 1
+    # ------------------------------------------------------------------ end of file
+    def _at_end_of_file(self, file_offset: int) -> bool:
+        try:
+            size = os.fstat(self.pages_fd).st_size
+        except OSError:
+            return False
+        return file_offset >= size
 
-    def _settle(self, segments: list[list[int]], error: LoadError | None) -> None:
+    def _fail_tail(self, read: _Read) -> None:
+        """A read at or past the end of the pages file: the file is shorter than the
+        layout says.  Fail this read and every unstarted byte past the end at once."""
+        size = os.fstat(self.pages_fd).st_size
+        need = max((f + n for f, n in zip(self.layout.file, self.layout.length)), default=0)
+        reason = f"pages file ends at {size}, the layout needs {need}"
+        self._fail(read.segments, read.file_offset, codes.IO_ERROR, None, reason)
+        if self._tail_failed_at == size:
+            return
+        self._tail_failed_at = size
+        layout = self.layout
+        past: list[tuple[int, int, int]] = []
+        for i in range(len(layout)):
+            f, n, m = layout.file[i], layout.length[i], layout.mem[i]
+            if f + n <= size:
+                continue
+            lo = m + max(0, size - f)
+            for a, b in self.unloaded.overlapping(lo, m + n):
+                past.append((a, b, f + a - m))
+        for a, b, f in past:
+            self.unloaded.remove(a, b)
+            self._fail([[a, b]], f, codes.IO_ERROR, None, reason)
+        log.warning("%s: %d bytes of memory failed", reason, self.failed.total)
+
+    # ------------------------------------------------------------------ settling
+    def _land(self, segments: list[list[int]], file_offset: int) -> None:
+        """Bytes were read into ``segments`` (contiguous in the file from ``file_offset``).
+        Without checksums they are loaded; with, they wait for their chunk."""
+        chunks = self._chunks
+        if chunks is None:
+            self._settle(segments, None)
+            return
+        length = sum(hi - lo for lo, hi in segments)
+        for k in chunks.landed(file_offset, file_offset + length, bad=False):
+            self._chunk_complete(k)
+
+    def _fail(self, segments: list[list[int]], file_offset: int, code: str, err: int | None,
+              reason: str) -> None:
+        """``segments`` (contiguous in the file from ``file_offset``) failed for good."""
+        length = sum(hi - lo for lo, hi in segments)
+        where = f"memory {segments[0][0]:#x}+{length:#x} (pages file {file_offset:#x})"
+        self._settle(segments, LoadError(code, f"{where}: {reason}", err), reason)
+        chunks = self._chunks
+        if chunks is not None:
+            for k in chunks.landed(file_offset, file_offset + length, bad=True):
+                self._chunk_complete(k)
+
+    def _chunk_complete(self, k: int) -> None:
+        """Every byte of chunk ``k`` has landed or failed."""
+        chunks = self._chunks
+        assert chunks is not None
+        spans = chunks.memory_spans(k)
+        if chunks.bad[k]:  # what landed cannot be verified without the rest
+            landed = [[a, b] for lo, hi in spans for a, b in self.inflight.overlapping(lo, hi)]
+            if landed:
+                self._settle(landed, LoadError(
+                    codes.IO_ERROR, f"memory {landed[0][0]:#x}: other pages of its checksum chunk {k} "
+                    "failed to load, so it cannot be verified"),
+                    "other pages of its checksum chunk failed to load, so it cannot be verified")
+            return
+        if self._nursery is None or self._closing:
+            return
+        self._verifying += 1
+        self._nursery.start_soon(self._verify, k, spans)
+
+    async def _verify(self, k: int, spans: list[tuple[int, int]]) -> None:
+        chunks = self._chunks
+        assert chunks is not None
+        buffers = [self.destination.buffer(lo, hi - lo) for lo, hi in spans]
+        expected = chunks.sums[k]
+        try:
+            ok = await trio.to_thread.run_sync(_hash_matches, buffers, expected,
+                                               limiter=self._hash_limiter, abandon_on_cancel=True)
+        finally:
+            self._verifying -= 1
+        if self._closing:
+            return
+        segments = [[lo, hi] for lo, hi in spans]
+        if ok:
+            self.counters.chunks_verified += 1
+            self._settle(segments, None)
+        else:
+            self.counters.corrupt_chunks += 1
+            where = f"memory {spans[0][0]:#x}+{spans[-1][1] - spans[0][0]:#x}"
+            reason = f"chunk {k} of the pages file does not match its checksum"
+            log.warning("%s: %s", where, reason)
+            self._settle(segments, LoadError(codes.CORRUPT, f"{where}: {reason}"), reason)
+        self._poke()
+
+    def _settle(self, segments: list[list[int]], error: LoadError | None, reason: str = "") -> None:
         """Segments are loaded (or failed): update the sets and the waiters."""
         inflight = self.inflight
         dest = self.destination
+        failures: RangeSet | None = None
+        if error is not None:
+            key = (error.code, error.errno or 0, reason)
+            failures = self._failures.get(key)
+            if failures is None:
+                failures = self._failures[key] = RangeSet()
         for lo, hi in segments:
             inflight.remove(lo, hi)
-            if error is None:
+            if failures is None:
                 self.loaded_bytes += hi - lo
                 if dest.needs_commit:
                     dest.commit(lo, hi - lo)
             else:
                 self.failed.add(lo, hi)
-                err = error.errno or errno_mod.EIO
-                self._failed_by_errno.setdefault(err, RangeSet()).add(lo, hi)
+                failures.add(lo, hi)
         if self._waiters:
             finished: list[WaitHandle] | None = None  # allocated only when someone is done
             for w in self._waiters:
@@ -557,12 +876,12 @@ class Loader:
         self._last_wait_ns = now
         self._drop_waiter(w, now)
         elapsed = now - w.start_ns
-        self._wait_ns += elapsed
+        self.counters.wait_ns += elapsed
         self.histogram.record(elapsed)
         if w.error is None:
-            self._waits_served += 1
+            self.counters.waits_served += 1
         else:
-            self._waits_failed += 1
+            self.counters.waits_failed += 1
         if w.callback is not None:
             w.callback(w)
 
@@ -572,18 +891,53 @@ class Loader:
         except ValueError:
             return
         if not self._waiters and self._blocked_since is not None:
-            self._blocked_ns += now - self._blocked_since
+            self.counters.blocked_ns += now - self._blocked_since
             self._blocked_since = None
 
+    # ------------------------------------------------------------------ helpers
+    def _page_span(self, offset: int, length: int) -> tuple[int, int]:
+        if offset < 0 or length <= 0 or offset + length > self.memory_size:
+            raise ValueError(
+                f"range {offset:#x}+{length:#x} is outside the memory (size {self.memory_size:#x})"
+            )
+        mask = self.page_size - 1
+        return offset & ~mask, (offset + length + mask) & ~mask
+
+    def _read_span(self, lo: int, hi: int) -> tuple[int, int]:
+        """What a waiter on [lo, hi) reads: its span, or with checksums the whole
+        chunks its data is in (a chunk is served only once all of it is verified)."""
+        chunks = self._chunks
+        if chunks is None:
+            return lo, hi
+        layout = self.layout
+        first = layout.first_at_or_after(lo)
+        last = bisect_right(layout.mem, hi - 1) - 1
+        if first >= len(layout) or last < first:
+            return lo, hi
+        first_byte = max(lo, layout.mem[first])
+        last_byte = min(hi, layout.mem[last] + layout.length[last]) - 1
+        k0 = (layout.file[first] + first_byte - layout.mem[first]) // chunks.size
+        k1 = (layout.file[last] + last_byte - layout.mem[last]) // chunks.size
+        hull_lo, hull_hi = chunks.memory_hull(k0, k1)
+        return min(lo, hull_lo), max(hi, hull_hi)
+
+    def _poke(self) -> None:
+        """New work arrived: wake the driver if it is parked or blocked in queue.wait."""
+        if self._wait_scope is not None:
+            if self._room() or self._closing:
+                self._wait_scope.cancel()
+        else:
+            self._kick.set()
+
     def _failure_for(self, lo: int, hi: int) -> LoadError:
-        for err, ranges in self._failed_by_errno.items():
+        for (code, err, reason), ranges in self._failures.items():
             for flo, fhi in ranges.overlapping(lo, hi):
-                return LoadError("io-error", f"memory {flo:#x}+{fhi - flo:#x} failed to load: {os.strerror(err)}", err)
-        return LoadError("io-error", "part of the range failed to load", errno_mod.EIO)
+                return LoadError(code, f"memory {flo:#x}+{fhi - flo:#x}: {reason}", err or None)
+        return LoadError(codes.IO_ERROR, "part of the range failed to load")
 
     def _failed_ranges(self, limit: int) -> list[tuple[int, int, int]]:
-        """(offset, length, errno) of the failed intervals, lowest first, at most ``limit``."""
-        out = [(lo, hi - lo, err) for err, ranges in self._failed_by_errno.items() for lo, hi in ranges]
+        """(offset, length, errno or 0) of the failed intervals, lowest first, at most ``limit``."""
+        out = [(lo, hi - lo, err) for (_, err, _), ranges in self._failures.items() for lo, hi in ranges]
         out.sort()
         return out[:limit]
 
@@ -592,21 +946,14 @@ class Loader:
             self._finished_ns = time.perf_counter_ns()
             self.done.set()
 
-    async def _drain(self) -> None:
-        """Let reads in flight finish (their waiters are answered), then fail the rest."""
-        self._closing = True
-        with trio.CancelScope(shield=True):
-            while self._reads and not self.queue.closed:
-                for completion in await self.queue.wait(1):
-                    self._complete(completion)
-        shutdown = LoadError("shutting-down", "the daemon is shutting down")
-        now = time.perf_counter_ns()
-        for w in list(self._waiters):
-            w.error = shutdown
-            self._finish_waiter(w, now)
-        self._priority.clear()
-        self._prefetch.clear()
-        self._resubmit.clear()
+
+def _hash_matches(buffers: list[memoryview], expected: int) -> bool:
+    """xxh3_64 over ``buffers`` in order equals ``expected`` (runs in a worker thread;
+    xxhash releases the GIL)."""
+    hasher = xxhash.xxh3_64()
+    for buf in buffers:
+        hasher.update(buf)
+    return hasher.intdigest() == expected
 
 
 def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -625,6 +972,3 @@ def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], lis
         else:
             rest.append([lo, hi])
     return done, rest
-
-
-

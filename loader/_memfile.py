@@ -10,10 +10,28 @@ and install the pages with UFFDIO_COPY in :meth:`Destination.commit`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import mmap
 import os
+import stat
+import sys
+from collections.abc import Iterable
 from typing import Protocol
+
+from ._startup import (
+    StartupError,
+    describe_os_error,
+    identity,
+    memory_available,
+    not_enough_space,
+    space_free,
+)
+from ._units import human
+
+#: larger memory sizes cannot be given to ftruncate (an off_t) nor mapped
+_MAX_MAP = sys.maxsize
 
 
 class Destination(Protocol):
@@ -30,34 +48,178 @@ class Destination(Protocol):
         ...
 
 
+def explain_error(destination: object, err: int) -> str:
+    """``os.strerror(err)``, or what ``destination`` knows better about an errno
+    from a read into it (its ``explain_error`` method, if it has one)."""
+    explain = getattr(destination, "explain_error", None)
+    return str(explain(err)) if callable(explain) else os.strerror(err)
+
+
 class MemoryFile:
     """A sparse memory file of ``size`` bytes, mapped shared.
 
-    With ``path=None`` it is a memfd (nothing on any filesystem); otherwise the file
-    at ``path`` is created, or truncated, to ``size``.  Unwritten parts are holes and
-    read as zero, so zero pages of the image need no I/O at all.
+    With ``path=None`` it is a memfd (nothing on any filesystem), created with
+    ``MFD_ALLOW_SEALING`` and sealed against shrinking once sized.  Otherwise the
+    file at ``path`` is created, never followed through a symbolic link:
+
+    - it must not exist (``O_CREAT|O_EXCL|O_NOFOLLOW``) unless ``force``; with
+      ``force`` an existing regular file is reused, but only once it is locked, and
+      then emptied (so stale bytes never show through the holes);
+    - symbolic links, non-regular files and the files in ``protect`` (the
+      checkpoint's own: same st_dev/st_ino) are refused, ``force`` or not;
+    - it is locked (``flock(LOCK_EX|LOCK_NB)``) until :meth:`close`: a second
+      daemon on the same file is refused instead of truncating the first one's
+      memory.  The lock belongs to the open file description, so it also lasts
+      while a client holds a copy of :attr:`fd` received over the socket.
+
+    Where the file system can tell (``fstatvfs``; for a memfd, /proc/meminfo and
+    the cgroup's ``memory.max``), ``data_bytes`` must fit in the space left.
+    Every refusal is a :class:`StartupError` (one line).  Unwritten parts are holes
+    and read as zero, so zero pages of the image need no I/O at all.
     """
 
     needs_commit = False
 
-    def __init__(self, size: int, path: str | None = None, *, name: str = "pageload-memory") -> None:
+    def __init__(
+        self,
+        size: int,
+        path: str | None = None,
+        *,
+        name: str = "pageload-memory",
+        force: bool = False,
+        protect: Iterable[str] = (),
+        data_bytes: int = 0,
+    ) -> None:
         if size <= 0:
             raise ValueError(f"memory size must be positive, not {size}")
         self.size = size
         self.path = path
+        self._created = False  #: we created the file at path (discard() may remove it)
+        where = path if path is not None else "memory file (memfd)"
+        if size > _MAX_MAP:
+            raise StartupError(
+                f"{where}: memory size {size} bytes ({human(size)}) is more than a mapping can "
+                f"hold"
+            )
         if path is None:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         else:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self.fd = self._open_path(path, force, protect)
         try:
+            self._check_space(where, data_bytes)
             os.ftruncate(self.fd, size)
-            if path is None:  # a client with the fd must not shrink it under the loader (SIGBUS/EFAULT)
+            if path is None:
                 fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
+        except BaseException as exc:
+            self._abandon()
+            if isinstance(exc, (OSError, OverflowError, ValueError)) and not isinstance(exc, StartupError):
+                what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise StartupError(f"{where}: cannot make it {size} bytes ({human(size)}) and map it: "
+                                   f"{what}") from None
             raise
         self._view = memoryview(self._map)
+        self._closed = False
+
+    def _open_path(self, path: str, force: bool, protect: Iterable[str]) -> int:
+        protected = {}
+        for p in protect:
+            try:
+                protected[identity(os.stat(p))] = p
+            except OSError:
+                pass
+
+        def refuse_kind(st: os.stat_result) -> None:
+            if stat.S_ISLNK(st.st_mode):
+                raise StartupError(f"{path}: memory file is a symbolic link; refusing to write through it")
+            if identity(st) in protected:
+                raise StartupError(f"{path}: memory file is the checkpoint's own file "
+                                   f"{protected[identity(st)]}; refusing to write over it")
+            if not stat.S_ISREG(st.st_mode):
+                raise StartupError(f"{path}: memory file exists and is not a regular file")
+
+        try:
+            before: os.stat_result | None = os.lstat(path)
+        except FileNotFoundError:
+            before = None
+        except OSError as exc:
+            raise StartupError(describe_os_error(exc, path)) from None
+        if before is not None:
+            refuse_kind(before)
+            if not force:
+                raise StartupError(f"{path}: memory file already exists (--force reuses it: "
+                                   "it is locked, then emptied)")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        if not force:
+            flags |= os.O_EXCL
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StartupError(f"{path}: memory file is a symbolic link; refusing to write through it") from None
+            if exc.errno == errno.EEXIST:
+                raise StartupError(f"{path}: memory file already exists (--force reuses it)") from None
+            raise StartupError(f"{path}: cannot open the memory file: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(fd)
+            refuse_kind(st)
+            self._created = before is None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StartupError(f"{path}: memory file is in use: another process holds its lock "
+                                       "(another pageload daemon?)") from None
+                raise StartupError(f"{path}: cannot lock the memory file: {exc.strerror or exc}") from None
+            os.set_blocking(fd, True)
+            if st.st_size:
+                os.ftruncate(fd, 0)  # locked: nobody else's memory; empty, so holes read as zero
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_space(self, where: str, data_bytes: int) -> None:
+        if data_bytes <= 0:
+            return
+        if self.path is None:
+            avail = memory_available()
+            if avail is not None and data_bytes > avail:
+                raise not_enough_space(where, data_bytes, avail, "memory (MemAvailable + SwapFree, cgroup limit)")
+            return
+        space = space_free(self.fd)
+        if space is not None and data_bytes > space[0]:
+            raise not_enough_space(where, data_bytes, space[0], f"its file system ({human(space[1])})")
+
+    def explain_error(self, err: int) -> str:
+        """What errno ``err`` from a read into this file's mapping means.
+
+        A read into a shared mapping of a full file system fails with EFAULT (the
+        kernel cannot allocate the page it copies into): say so, rather than
+        "Bad address".  Anything else is ``os.strerror(err)``.
+        """
+        if err != errno.EFAULT:
+            return os.strerror(err)
+        where = self.path if self.path is not None else "memfd"
+        try:
+            space = space_free(self.fd) if self.path is not None else None
+        except OSError:
+            space = None
+        if self.path is None:
+            avail = memory_available()
+            if avail is not None and avail < 1 << 20:
+                return f"memory file is full (ENOSPC on {where}: {human(avail)} of memory left)"
+        elif space is not None and space[0] < mmap.PAGESIZE:
+            return f"memory file is full (ENOSPC on {where}: {human(space[1])} file system)"
+        return f"{os.strerror(err)} (writing into the memory file {where} failed)"
+
+    def _abandon(self) -> None:
+        """Close the fd after a failed start, removing the file if we created it."""
+        if self._created and self.path is not None:
+            with contextlib.suppress(OSError):
+                if identity(os.lstat(self.path)) == identity(os.fstat(self.fd)):
+                    os.unlink(self.path)
+        os.close(self.fd)
 
     def buffer(self, offset: int, length: int) -> memoryview:
         return self._view[offset : offset + length]
@@ -70,9 +232,23 @@ class MemoryFile:
         """The whole mapping (read it only for ranges already loaded)."""
         return self._view
 
-    def close(self) -> None:
-        if self._map.closed:
+    def discard(self) -> None:
+        """Close after a failed start: a file this object created is removed."""
+        if self._closed:
             return
+        if self._created and self.path is not None:  # unlinked while still locked: never another's file
+            with contextlib.suppress(OSError):
+                if identity(os.lstat(self.path)) == identity(os.fstat(self.fd)):
+                    os.unlink(self.path)
+        self._created = False
+        self.close()
+
+    def close(self) -> None:
+        """Unmap (or leave it to GC while a slice is still exported) and close the fd,
+        which releases the lock; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._view.release()
         try:
             self._map.close()

@@ -51,6 +51,27 @@ class LatencyHistogram:
         }
 
 
+@dataclass(slots=True)
+class LoaderCounters:
+    """The loader's running counts, in one mutable record; :meth:`Loader.statistics`
+    turns them (with the loader's state) into a frozen :class:`LoaderStatistics`."""
+
+    reads_total: int = 0
+    reads_retried: int = 0
+    reads_timed_out: int = 0
+    waits_total: int = 0
+    waits_immediate: int = 0
+    waits_served: int = 0
+    waits_failed: int = 0
+    waits_cancelled: int = 0
+    bytes_waited: int = 0
+    blocked_ns: int = 0  #: closed periods with at least one waiter blocked
+    wait_ns: int = 0  #: sum over finished waits of the time each was blocked
+    prefetches: int = 0
+    chunks_verified: int = 0
+    corrupt_chunks: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class LoaderStatistics:
     """A snapshot of the loader's state (``Loader.statistics()``)."""
@@ -59,13 +80,18 @@ class LoaderStatistics:
     total_bytes: int  #: data bytes to load (holes excluded)
     loaded_bytes: int
     failed_bytes: int
-    failed_ranges: list[tuple[int, int, int]]  #: (offset, length, errno), at most 64 listed
+    #: (offset, length, errno), at most 64 listed; errno 0: no errno (corrupt, timeout,
+    #: pages file too short)
+    failed_ranges: list[tuple[int, int, int]]
     done: bool  #: nothing left to load (failed ranges included)
     elapsed_s: float
     throughput_bps: float  #: loaded_bytes / elapsed_s
     reads_in_flight: int
+    background_reads_in_flight: int  #: of those, prefetch and sweep reads (at most ``background_reads``)
     reads_total: int
     reads_retried: int
+    reads_timed_out: int  #: failed with ``timeout`` after ``read_timeout``; their slots were freed
+    reads_stuck: int  #: of those, not returned by the backend yet (a thread may still be in it)
     waits_total: int  #: every wait asked for
     waits_immediate: int  #: answered at once: already loaded, or a hole
     waits_served: int  #: answered after blocking
@@ -76,6 +102,9 @@ class LoaderStatistics:
     blocked_time_s: float  #: time during which at least one waiter was blocked
     total_wait_time_s: float  #: sum over waits of the time each was blocked
     prefetches: int
+    verify: bool  #: chunks are checked against the checkpoint's checksums before being served
+    chunks_verified: int
+    corrupt_chunks: int  #: chunks whose checksum did not match: their pages failed with ``corrupt``
     latency_us: dict[str, Any] = field(default_factory=dict)  #: histogram (LatencyHistogram.as_dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -22,7 +22,9 @@ UNKNOWN_ID = "unknown-id"  #: (client side) a reply to no outstanding request
 
 # Sent by the server application.
 OUT_OF_RANGE = "out-of-range"  #: the range runs past the guest memory size
-IO_ERROR = "io-error"  #: reading the pages failed; ``errno`` says how
+IO_ERROR = "io-error"  #: reading the pages failed; ``errno`` says how (none: the pages file is too short)
+CORRUPT = "corrupt"  #: the pages read do not match the checkpoint's checksum
+TIMEOUT = "timeout"  #: reading the pages took longer than the daemon's read deadline
 SHUTTING_DOWN = "shutting-down"  #: the daemon is stopping; the request will not complete
 TOO_MANY_ERRORS = "too-many-errors"  #: the server gives up on a misbehaving client
 TOO_MANY_REQUESTS = "too-many-requests"  #: this connection already has the most waits pending
@@ -48,6 +50,8 @@ ALL = frozenset(
         UNKNOWN_ID,
         OUT_OF_RANGE,
         IO_ERROR,
+        CORRUPT,
+        TIMEOUT,
         SHUTTING_DOWN,
         TOO_MANY_ERRORS,
         TOO_MANY_REQUESTS,

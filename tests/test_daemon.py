@@ -394,11 +394,12 @@ def test_cli_wait_without_daemon_fails_clearly(tmp_path):
     assert proc.returncode == 1 and "cannot reach the daemon" in proc.stderr
 
 
-async def test_memory_file_path_is_created_or_truncated_to_size(tmp_path, images):
+async def test_memory_file_path_is_reused_with_force_emptied_and_sized(tmp_path, images):
     target = tmp_path / "guest.mem"
-    target.write_bytes(b"stale" * 100_000)  # bigger than nothing, smaller than SIZE: truncated and resized
+    target.write_bytes(b"stale" * 100_000)  # bigger than nothing, smaller than SIZE: emptied and resized
     async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, options(tmp_path, images["pages"], memory_file=str(target)))
+        state = await nursery.start(run_daemon, options(tmp_path, images["pages"], memory_file=str(target),
+                                                        force_memory_file=True))
         await state.loader.done.wait()
         st = os.stat(target)
         assert st.st_size == SIZE

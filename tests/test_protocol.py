@@ -138,6 +138,8 @@ def test_error_codes() -> None:
         "unknown-id",
         "out-of-range",
         "io-error",
+        "corrupt",
+        "timeout",
         "shutting-down",
         "too-many-errors",
         "too-many-requests",

@@ -41,8 +41,8 @@ def test_aio_public_names():
 def test_aio_testing_public_names():
     """Test tools live in aio.testing, not in aio's main interface."""
     assert set(aio.testing.__all__) == {
-        "CHECKS", "DelayedQueue", "FaultInjectingQueue", "FaultRule", "MakeQueue", "check_queue", "fail_offsets",
-        "probe_killed_by_sigill", "probe_killed_by_sigsegv",
+        "CHECKS", "DelayedQueue", "FaultInjectingQueue", "FaultRule", "HangingQueue", "MakeQueue", "check_queue",
+        "fail_offsets", "hang_offsets", "probe_killed_by_sigill", "probe_killed_by_sigsegv",
     }
     for moved in ("DelayedQueue", "FaultInjectingQueue", "FaultRule", "fail_offsets"):
         assert not hasattr(aio, moved)
@@ -52,7 +52,8 @@ def test_loader_public_names():
     assert set(loader.__all__) == {
         "Client", "ClientError", "DaemonOptions", "DataRange", "Destination", "LatencyHistogram", "Layout",
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
-        "SequentialOrder", "Server", "SweepOrder", "TrioClient", "WaitHandle", "human", "mapped_memory",
+        "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human",
+        "mapped_memory",
         "parse_size", "run_daemon",
         "ConnectionLost", "SocketInUse",
     }

@@ -1,4 +1,14 @@
-"""The loader's scheduling, proven without timing: slowed or faulty backends, counts."""
+"""The loader's scheduling, proven without timing: slowed or faulty backends, counts.
+
+Time is trio's ``autojump_clock`` (a MockClock with ``autojump_threshold=0``): the
+``sync`` backend and its wrappers run reads inside ``wait`` in this thread, so a
+``DelayedQueue``'s delays and every ``sleep`` cost no real time and the order of
+events is decided by the mock clock alone.  The threads backend completes reads
+in real threads, where an autojump could fire while a thread works; the tests
+that use it do not depend on time (they wait for events, with a deadline).
+Every poll loop has a deadline (``_until``), and the image, memory file and
+queue come from fixtures, so a failing test leaks nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 import aio
 import aio.testing
@@ -49,8 +60,40 @@ def image(tmp_path):
     img.close()
 
 
+@pytest.fixture
+def cleanup():
+    """Memory files and queues a test made, closed at teardown even if it failed."""
+    made: list[object] = []
+    yield made
+    for thing in made:
+        if isinstance(thing, MemoryFile):
+            thing.close()
+
+
+_made: list[object] | None = None
+
+
+@pytest.fixture(autouse=True)
+def _track(cleanup):
+    global _made
+    _made = cleanup
+    yield
+    _made = None
+
+
+async def _until(condition, what: str, limit: float = 60.0) -> None:
+    """Poll ``condition`` each scheduling round; fail (not hang) after ``limit`` clock seconds."""
+    with trio.move_on_after(limit):
+        while not condition():
+            await trio.sleep(0.001)
+        return
+    pytest.fail(f"timed out waiting for {what}")
+
+
 def make_loader(img: Image, queue: aio.Queue, **config) -> tuple[Loader, MemoryFile]:
     mem = MemoryFile(img.memory_size)
+    if _made is not None:
+        _made.append(mem)
     defaults = {"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * 1024}
     cfg = LoaderConfig(**{**defaults, **config})
     return Loader(img.layout, img.fd, mem, queue, cfg), mem
@@ -74,7 +117,7 @@ async def test_full_load_equals_image(image, backend):
     mem.close()
 
 
-async def test_wait_returns_correct_bytes_while_rest_loads(image):
+async def test_wait_returns_correct_bytes_while_rest_loads(image, autojump_clock):
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.002)
     loader, mem = make_loader(image, queue)
     async with trio.open_nursery() as nursery:
@@ -91,7 +134,7 @@ async def test_wait_returns_correct_bytes_while_rest_loads(image):
     mem.close()
 
 
-async def test_priority_far_end_served_while_most_unloaded(image):
+async def test_priority_far_end_served_while_most_unloaded(image, autojump_clock):
     # a backend slowed on purpose: every completion costs 5 ms
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.005)
     loader, mem = make_loader(image, queue)
@@ -109,7 +152,7 @@ async def test_priority_far_end_served_while_most_unloaded(image):
     mem.close()
 
 
-async def test_without_priority_far_wait_waits_for_the_sweep(image):
+async def test_without_priority_far_wait_waits_for_the_sweep(image, autojump_clock):
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.0005)
     loader, mem = make_loader(image, queue, priority=False)
     async with trio.open_nursery() as nursery:
@@ -122,7 +165,7 @@ async def test_without_priority_far_wait_waits_for_the_sweep(image):
     mem.close()
 
 
-async def test_holes_and_loaded_ranges_answer_without_io(image):
+async def test_holes_and_loaded_ranges_answer_without_io(image, autojump_clock):
     queue = aio.open_queue("sync", 16)
     loader, mem = make_loader(image, queue, sweep=False)
     # a hole: nothing to wait for, nothing read
@@ -146,18 +189,17 @@ async def test_lazy_mode_loads_only_what_is_waited_for(image):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         await loader.wait_loaded(4 * MiB, 64 * 1024)
-        await trio.sleep(0.05)
-        assert loader.loaded_bytes == 64 * 1024
+        await trio.testing.wait_all_tasks_blocked()
+        assert loader.loaded_bytes == 64 * 1024 and loader.statistics().reads_in_flight == 0
         loader.prefetch(6 * MiB, MiB)
-        while loader.loaded_bytes < 64 * 1024 + MiB:
-            await trio.sleep(0.01)
+        await _until(lambda: loader.loaded_bytes >= 64 * 1024 + MiB, "the prefetch")
         assert mem.view[6 * MiB : 7 * MiB] == image.expected[6 * MiB : 7 * MiB]
         nursery.cancel_scope.cancel()
     await loader.aclose()
     mem.close()
 
 
-async def test_in_flight_part_is_joined_not_read_twice(image):
+async def test_in_flight_part_is_joined_not_read_twice(image, autojump_clock):
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False)
     async with trio.open_nursery() as nursery:
@@ -171,8 +213,7 @@ async def test_in_flight_part_is_joined_not_read_twice(image):
         nursery.start_soon(waiter, 0, 64 * 1024)
         await trio.sleep(0.001)
         nursery.start_soon(waiter, 16 * 1024, 8 * 1024)  # inside the first, now in flight
-        while len(results) < 2:
-            await trio.sleep(0.005)
+        await _until(lambda: len(results) == 2, "both waiters")
         stats = loader.statistics()
         assert stats.reads_total == 1
         assert stats.loaded_bytes == 64 * 1024
@@ -181,7 +222,7 @@ async def test_in_flight_part_is_joined_not_read_twice(image):
     mem.close()
 
 
-async def test_large_wait_does_not_starve_small_one(tmp_path):
+async def test_large_wait_does_not_starve_small_one(tmp_path, autojump_clock):
     img = Image(str(tmp_path / "pages"), 32 * MiB, [(0, 32 * MiB)])
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 8), 0.002)
     loader, mem = make_loader(img, queue, sweep=False, read_size=256 * 1024, waiter_reads=2)
@@ -196,8 +237,7 @@ async def test_large_wait_does_not_starve_small_one(tmp_path):
         nursery.start_soon(waiter, "big", 0, 24 * MiB)
         await trio.sleep(0.01)
         nursery.start_soon(waiter, "small", 30 * MiB, PAGE)
-        while len(order) < 2:
-            await trio.sleep(0.005)
+        await _until(lambda: len(order) == 2, "both waiters")
         nursery.cancel_scope.cancel()  # lazy mode: run() goes on until closed
     assert order[0][0] == "small"
     assert order[0][1] < 12 * MiB  # served long before the big wait was half done
@@ -207,7 +247,7 @@ async def test_large_wait_does_not_starve_small_one(tmp_path):
     img.close()
 
 
-async def test_io_error_fails_exactly_the_waits_that_need_it(image):
+async def test_io_error_fails_exactly_the_waits_that_need_it(image, autojump_clock):
     bad_lo, bad_hi = 2 * MiB, 2 * MiB + 256 * 1024  # pages-file span of memory 4 MiB..
     queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(bad_lo, bad_hi))
     loader, mem = make_loader(image, queue)
@@ -240,7 +280,7 @@ async def test_io_error_fails_exactly_the_waits_that_need_it(image):
     mem.close()
 
 
-async def test_short_reads_are_resubmitted(image):
+async def test_short_reads_are_resubmitted(image, autojump_clock):
     seen = set()
 
     def shorten_once(request):
@@ -261,7 +301,7 @@ async def test_short_reads_are_resubmitted(image):
     mem.close()
 
 
-async def test_cancelled_wait_leaves_nothing_behind(image):
+async def test_cancelled_wait_leaves_nothing_behind(image, autojump_clock):
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False)
     async with trio.open_nursery() as nursery:
@@ -275,7 +315,7 @@ async def test_cancelled_wait_leaves_nothing_behind(image):
     mem.close()
 
 
-async def test_shutdown_answers_every_waiter(image):
+async def test_shutdown_answers_every_waiter(image, autojump_clock):
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
     loader, mem = make_loader(image, queue, sweep=False, waiter_reads=1)
     errors = []
@@ -308,7 +348,7 @@ def test_out_of_memory_range_is_refused(image):
     trio.run(main)
 
 
-async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
+async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image, autojump_clock):
     # regression: with every slot taken by waiters' reads, the sweep must not add more
     queue = aio.testing.DelayedQueue(aio.open_queue("sync", 8), 0.001)
     loader, mem = make_loader(image, queue, background_reads=4)
@@ -326,7 +366,7 @@ async def test_waiters_filling_the_queue_leave_no_room_for_the_sweep(image):
     mem.close()
 
 
-async def test_sweep_shrinks_while_clients_fault(image):
+async def test_sweep_shrinks_while_clients_fault(image, autojump_clock):
     """While a wait is blocked, at most ``busy_background_reads`` sweep reads are in flight."""
     inner = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.001)
     seen = {"max_busy": 0, "max_quiet": 0}
@@ -335,7 +375,7 @@ async def test_sweep_shrinks_while_clients_fault(image):
         def _add(self, request):
             super()._add(request)
             if not request.urgent:  # a sweep read: how many are in flight with it?
-                background = sum(1 for r in loader._reads.values() if not r.urgent)
+                background = loader.statistics().background_reads_in_flight
                 key = "max_busy" if loader._waiters else "max_quiet"
                 seen[key] = max(seen[key], background)
 
@@ -355,7 +395,7 @@ async def test_sweep_shrinks_while_clients_fault(image):
     mem.close()
 
 
-async def test_a_dead_pages_file_fails_everything_with_merged_ranges(image):
+async def test_a_dead_pages_file_fails_everything_with_merged_ranges(image, autojump_clock):
     # every read fails: the load still finishes, every data range is failed, and the
     # record is per merged interval (not per page, although reads were narrowed to pages)
     queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(0, 1 << 40))

@@ -35,6 +35,7 @@ import xxhash
 from .._layout import Layout, LayoutError
 from .._units import human
 from ._create import READ_SIZE
+from ._files import open_regular, stat_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -70,16 +71,28 @@ class Checkpoint:
 
         Returns the file descriptor; the caller owns it and must close it.  Raises
         :class:`CheckpointError` if the file cannot be opened (``O_DIRECT`` is
-        refused by some file systems, tmpfs among them).
+        refused by some file systems, tmpfs among them), is no longer a regular
+        file, or no longer has the size it had when the checkpoint was opened.
         """
-        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
         try:
-            return os.open(self.pages_path, flags)
+            fd = open_regular(self.pages_path, os.O_DIRECT if direct else 0)
         except OSError as exc:
             what = exc.strerror or str(exc)
             if direct and exc.errno == errno.EINVAL:
                 what = "O_DIRECT is not supported for this file (file system refuses it)"
             raise CheckpointError(self.pages_path, what) from None
+        size = os.fstat(fd).st_size
+        if size != self.pages_size:
+            os.close(fd)
+            raise CheckpointError(
+                self.pages_path, f"changed since the checkpoint was opened: {size} bytes, not {self.pages_size}"
+            )
+        return fd
+
+    def files(self) -> tuple[str, ...]:
+        """The checkpoint's own files (the image; or pages.img and the index)."""
+        return tuple(dict.fromkeys(p for p in (self.path, self.pages_path, self.index_path)
+                                   if p is not None and not os.path.isdir(p)))
 
     def memory_spans(self, file_lo: int, file_hi: int) -> list[tuple[int, int]]:
         """The memory spans whose data lies in pages-file bytes [file_lo, file_hi), merged."""
@@ -116,11 +129,18 @@ def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
 
     Raises :class:`CheckpointError` (one line, naming the file) on any problem.
     """
-    if os.path.isdir(path):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as exc:
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    if is_dir:
         return _open_pages(path, os.path.join(path, INDEX_NAME))
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        fd = open_regular(path)
+        try:
+            head = os.pread(fd, 64, 0)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     if path.endswith(".msgpack") or looks_like_index(head):
@@ -130,13 +150,11 @@ def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
 
 def _open_raw(path: str, page_size: int) -> Checkpoint:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(path, "not a regular file")
         if page_size <= 0 or page_size & (page_size - 1):
             raise CheckpointError(path, f"page size {page_size} is not a power of two")
         if st.st_size == 0:
@@ -158,7 +176,9 @@ def _open_raw(path: str, page_size: int) -> Checkpoint:
 
 def _open_pages(path: str, index_path: str) -> Checkpoint:
     try:
-        with open(index_path, "rb") as f:
+        if index_path != path and not os.path.lexists(index_path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), index_path)
+        with open(open_regular(index_path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_INDEX_BYTES:
                 raise CheckpointError(
@@ -178,15 +198,12 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
     layout = Layout(fields.memory_size, fields.page_size, fields.ranges)
     _validate(layout, index_path, fields.pages_size)
     pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)
-    try:
-        pages_size = os.stat(pages_path).st_size
-    except FileNotFoundError:
+    if not os.path.exists(pages_path):
         raise CheckpointError(
             pages_path,
             f"pages file missing (the index {index_path} needs {fields.pages_size} bytes)",
-        ) from None
-    except OSError as exc:
-        raise CheckpointError(pages_path, exc.strerror or str(exc)) from None
+        )
+    pages_size = stat_regular(pages_path).st_size
     if pages_size != fields.pages_size:
         shorter = "shorter" if pages_size < fields.pages_size else "longer"
         raise CheckpointError(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import xxhash
 
 from .._units import human
+from ._files import open_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -130,7 +131,7 @@ def create_checkpoint(
             image, f"chunk size {chunk_size} is not a multiple of the page size {page_size}"
         )
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(image)
     except OSError as exc:
         raise CheckpointError(image, exc.strerror or str(exc)) from None
     try:
