@@ -25,7 +25,7 @@ bench: setup
 # >= 1M seeded random/mutated frames over many connections to a real daemon, with
 # checked waits alongside; fails on a crash, a wrong byte, or RssAnon growth > 10 MiB.
 fuzz: setup
-	$(PY) -m workloads._fuzz --frames 1000000
+	$(PY) -m workloads.fuzz --frames 1000000
 
 lint: setup
 	$(PY) -m pip install -q ruff mypy

@@ -14,7 +14,7 @@ daemon closes), while ``checkers`` clients wait on random ranges and compare the
 memory with the image.  It reports the daemon's memory before, at its peak and
 after the connections closed.
 
-    python -m workloads._fuzz [--frames N] [--seed S] [--size BYTES] [--workers N]
+    python -m workloads.fuzz [--frames N] [--seed S] [--size BYTES] [--workers N]
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def run_fuzz(path: str, pid: int, image: bytes, *, frames: int, seed: int = 0, w
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workloads._fuzz", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m workloads.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64 << 20, help="guest memory bytes of the sample image")
