@@ -424,7 +424,7 @@ class Server:
         return self._readonly_fd, ""
 
     # ----------------------------------------------------------------- the socket file
-    def _bind(self) -> stdsocket.socket:
+    async def _bind(self) -> stdsocket.socket:
         _clear_stale_socket(self.path)
         sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
@@ -469,7 +469,7 @@ class Server:
     # ----------------------------------------------------------------- serving
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report started, accept until cancelled or closed; removes the socket file at exit."""
-        self._listener = self._bind()
+        self._listener = await self._bind()
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()

@@ -101,7 +101,7 @@ def served(path):
 
 
 def test_nested_frame_before_hello_costs_one_connection(daemon):
-    """Issue 8.1: this frame made the daemon exit 1, dropping every client."""
+    """This frame made the daemon exit 1, dropping every client."""
     with Client.connect(daemon.socket_path) as bystander:
         for frame in (b"\x82\xa2op\xa4wait\xa2id" + b"\x91" * 1000 + b"\x00",  # before hello
                       HELLO + b"\x82\xa2op\xa4wait\xa2id" + b"\x91" * 1000 + b"\x00",  # after it
@@ -143,7 +143,7 @@ async def test_a_bug_on_one_connection_answers_internal_error_and_spares_the_res
 
 
 def test_accept_survives_emfile(daemon):
-    """Issue 8.2: accept() failing with EMFILE killed the daemon."""
+    """accept() failing with EMFILE killed the daemon."""
     pid = daemon.pid
     limit = open_fds(pid) + 16
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
@@ -172,7 +172,7 @@ def test_accept_survives_emfile(daemon):
 
 
 def test_unread_replies_are_bounded(daemon):
-    """Issue 8.3: 200k unread stats replies took the daemon from 18 to 185 MB."""
+    """200k unread stats replies took the daemon from 18 to 185 MB."""
     before = rss(daemon.pid)
     burst = STATS * 20_000
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -199,7 +199,7 @@ def test_unread_replies_are_bounded(daemon):
 
 
 async def test_closed_session_is_freed_by_refcount(tmp_path, image):
-    """Issue 8.4: closed sessions waited for the cyclic GC."""
+    """Closed sessions waited for the cyclic GC."""
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, options(tmp_path, image))
         gc.collect()
@@ -233,7 +233,7 @@ async def test_closed_session_is_freed_by_refcount(tmp_path, image):
 
 
 async def test_memory_fd_is_read_only_by_default(tmp_path, image):
-    """Issue 8.7: any client could ftruncate the memory file or write guest memory."""
+    """Any client could ftruncate the memory file or write guest memory."""
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, options(tmp_path, image))
         async with TrioClient.connect(state.server.path) as client:
@@ -278,7 +278,7 @@ async def test_writable_memory_fd_only_when_allowed_and_never_shrinks(tmp_path, 
 
 
 def test_exit_leaves_a_socket_that_is_not_ours(daemon, tmp_path):
-    """Issue 8.11: on exit the daemon unlinked whatever was at its path."""
+    """On exit the daemon unlinked whatever was at its path."""
     path = daemon.socket_path
     os.unlink(path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
@@ -348,7 +348,7 @@ def _as_nobody(fn):
 @pytest.mark.skipif(os.getuid() != 0, reason="switching to uid 65534 needs root")
 @pytest.mark.parametrize("allow", [True, False])
 def test_allow_uid_lets_that_uid_connect(image, shared_dir, allow):
-    """Issue 8.13: --allow-uid did nothing, the socket being 0600."""
+    """--allow-uid did nothing, the socket being 0600."""
     path = str(shared_dir / "s.sock")
     args = ["--background", "-q"] + (["--allow-uid", str(NOBODY)] if allow else [])
     with DaemonProcess(image, path, str(shared_dir / "d.log"), args):
@@ -472,7 +472,7 @@ def test_client_gives_up_on_a_backlog_that_stays_full(tmp_path):
 
 
 def test_wait_timeout_on_a_stopped_daemon(daemon):
-    """Issue 8.14: pageload wait hung forever on a stopped daemon."""
+    """Pageload wait hung forever on a stopped daemon."""
     os.kill(daemon.pid, signal.SIGSTOP)
     try:
         proc = subprocess.run([sys.executable, "-m", "cli", "wait", "--socket", daemon.socket_path,

@@ -763,7 +763,7 @@ def test_statistics() -> None:
 
 
 def test_deeply_nested_id_is_too_large_not_recursion() -> None:
-    """The issue's repro: a 1000-deep array as the id raised RecursionError from repr()."""
+    """A 1000-deep array as the id raised RecursionError from repr()."""
     server = ServerConnection()
     server.receive_data(b"\x82\xa2op\xa4wait\xa2id" + b"\x91" * 1000 + b"\x00")
     error = remote_error(server)
