@@ -56,7 +56,7 @@ _MAX_IOV = 64  # replies gathered into one sendmsg()
 # Replies are written by the session's writer task only, never from reply() itself:
 # measured with examples/reply_path_bench.py on a loaded 64 MiB image (2 shared
 # cores, alternating runs, medians), writing at once when nothing was queued gave
-# 29k waits/s against 53k through the writer task with 8 connections x 64 waits in
+# 29k waits/s against 59k through the writer task with 8 connections x 64 waits in
 # flight (one send per reply instead of one sendmsg per batch), and 9.5k against
 # 7.6k waits/s with 4 connections x 1 (a task switch saved per reply).  Not worth
 # a second path.  Numbers in docs/BENCHMARKS.md ("Server reply path").
