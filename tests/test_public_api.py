@@ -55,9 +55,8 @@ def test_loader_public_names():
         "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human",
         "mapped_memory",
         "parse_size", "run_daemon",
-        # issue 12 (operations): asyncio client, metrics, systemd
-        "ActivationError", "AsyncioClient", "MetricsAddress", "MetricsError", "MetricsServer", "Notifier",
-        "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
+        "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
+        "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
