@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint fuzz clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/pageload bench
+
+# >= 1M seeded random/mutated frames over many connections to a real daemon, with
+# checked waits alongside; fails on a crash, a wrong byte, or RssAnon growth > 10 MiB.
+fuzz: setup
+	$(PY) -m workloads.fuzz --frames 1000000
 
 lint: setup
 	$(PY) -m pip install -q ruff mypy

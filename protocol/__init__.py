@@ -44,6 +44,7 @@ from ._events import (
     StatsReply,
     Wait,
 )
+from ._limits import Limits
 from ._wire import SUPPORTED_VERSIONS, negotiate
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "GetStats",
     "Hello",
     "HelloReply",
+    "Limits",
     "Loaded",
     "LocalProtocolError",
     "Mark",

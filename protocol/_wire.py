@@ -32,6 +32,7 @@ from ._events import (
     StatsReply,
     Wait,
 )
+from ._limits import describe
 
 #: Protocol versions this implementation speaks.
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -55,7 +56,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
                          **({"ws": True} if e.working_set else {})},
     Mark: lambda e: {"op": "mark", "id": e.id},
     GetStats: lambda e: {"op": "stats", "id": e.id},
-    GetMemoryFd: lambda e: {"op": "memfd", "id": e.id},
+    GetMemoryFd: lambda e: {"op": "memfd", "id": e.id, "writable": True} if e.writable else {"op": "memfd", "id": e.id},
     HelloReply: lambda e: {
         "re": e.id,
         "ok": "hello",
@@ -78,7 +79,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
 def _hello(m: Wire, id: int) -> Hello:
     versions = m["v"]
     if type(versions) is not list:
-        raise LocalProtocolError(f"v must be an array of versions, not {versions!r}")
+        raise LocalProtocolError(f"v must be an array of versions, not {describe(versions)}")
     return Hello(id, tuple(versions), m.get("client", ""))
 
 
@@ -98,7 +99,7 @@ REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "prefetch": lambda m, id: Prefetch(id, m["off"], m["len"], m.get("ws", False)),
     "mark": lambda m, id: Mark(id),
     "stats": lambda m, id: GetStats(id),
-    "memfd": lambda m, id: GetMemoryFd(id),
+    "memfd": lambda m, id: GetMemoryFd(id, m.get("writable", False)),
 }
 
 #: Success-reply decoders, by ``ok``.

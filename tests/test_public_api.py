@@ -60,8 +60,8 @@ def test_loader_public_names():
         "WorkingSetRecorder", "checkpoint_identity", "format_working_set", "merge_working_sets",
         "read_working_set", "replay_order", "write_working_set",
         # issue 12 (operations): asyncio client, metrics, systemd
-        "ActivationError", "AsyncioClient", "MetricsAddress", "MetricsError", "MetricsServer", "Notifier",
-        "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
+        "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
+        "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
