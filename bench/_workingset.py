@@ -102,7 +102,7 @@ def run_workingset_section(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Record, lay out, and replay with and without the working set (module docstring)."""
-    work = os.path.join(workdir, "workingset")
+    work = os.path.join(workdir, "ws")  # short: socket paths have at most 107 bytes
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     image = os.path.abspath(image)
@@ -120,7 +120,7 @@ def run_workingset_section(
         return row
 
     log("workingset: recording while the trace replays ...")
-    run("record", image, ("--no-working-set", "--record-working-set", ws_path, "--record-seconds", "0"), trace)
+    run("rec", image, ("--no-working-set", "--record-working-set", ws_path, "--record-seconds", "0"), trace)
     ws = read_working_set(ws_path)
     log(f"workingset: recorded {ws.total_bytes >> 10} KiB in {len(ws)} ranges")
     ckpt = os.path.join(work, "ckpt")
@@ -139,7 +139,7 @@ def run_workingset_section(
         runs[trace_name] = {}
         for variant in VARIANTS:
             source, flags = sources[variant]
-            row = _summary(run(f"{trace_name}-{variant}", source, flags, tr))
+            row = _summary(run(f"{trace_name[0]}-{variant}", source, flags, tr))  # s-with, p-laid-out, ...
             runs[trace_name][variant] = row
             log(f"workingset {trace_name} {variant}: {_line(row)}")
     result = {
