@@ -132,7 +132,15 @@ class Session:
         """Queue a reply (with ``fd`` passed alongside) and write what the socket takes."""
         if self._broken or self._closed:
             return
-        data = self.conn.send(event)
+        self._queue(self.conn.send(event), fd)
+
+    def reply_loaded(self, request_id: int) -> None:
+        """``reply(Loaded(request_id))`` through the protocol's template encoder."""
+        if self._broken or self._closed:
+            return
+        self._queue(self.conn.send_loaded(request_id), None)
+
+    def _queue(self, data: bytes, fd: int | None) -> None:
         self._out.append([data, fd])
         self._out_bytes += len(data)
         if len(self._out) == 1:  # nothing was queued: wake the writer task
@@ -197,7 +205,7 @@ class Session:
         error = handle.error
         try:
             if error is None:
-                self.reply(protocol.Loaded(request_id))
+                self.reply_loaded(request_id)
             else:
                 self.reply(protocol.ErrorReply(request_id, error.code, error.message, error.errno))
         except Exception as exc:
@@ -252,7 +260,7 @@ class Session:
                 self.reply(protocol.ErrorReply(event.id, exc.code, exc.message, exc.errno))
                 return
             if handle is None:
-                self.reply(protocol.Loaded(event.id))
+                self.reply_loaded(event.id)
             else:
                 self.pending[event.id] = handle
         elif isinstance(event, protocol.Prefetch):
