@@ -36,6 +36,7 @@ import protocol
 from protocol import codes
 
 from ._loader import Loader, LoadError, WaitHandle
+from ._loadmap import LoadedMap
 
 log = logging.getLogger("pageload.server")
 
@@ -275,6 +276,9 @@ class Session:
                                            loader.done.is_set()))
         elif isinstance(event, protocol.GetStats):
             self.reply(protocol.StatsReply(event.id, self.server.stats_dict()))
+        elif isinstance(event, protocol.GetLoadedMap):
+            lmap = self.server.loaded_map()
+            self.reply(protocol.LoadedMapReply(event.id, lmap.size, lmap.granule), lmap.readonly_fd)
         elif isinstance(event, protocol.GetMemoryFd):
             fd, why = self.server.memory_fd_for(event.writable)
             if fd is None:
@@ -406,6 +410,7 @@ class Server:
         self._connections_total = 0
         self._refused = 0
         self._accept_errors = 0
+        self._loaded_map: LoadedMap | None = None
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(self.path, len(self.sessions), self._connections_total, self._refused,
@@ -421,6 +426,12 @@ class Server:
         if self.extra_stats is not None:
             d.update(self.extra_stats())
         return d
+
+    def loaded_map(self) -> LoadedMap:
+        """The shared loaded map, made on the first request for it."""
+        if self._loaded_map is None:
+            self._loaded_map = LoadedMap(self.loader)
+        return self._loaded_map
 
     def memory_fd_for(self, writable: bool) -> tuple[int | None, str]:
         """The descriptor to pass for a memfd request, or None and why not."""
@@ -497,6 +508,8 @@ class Server:
             if self._readonly_fd is not None:
                 os.close(self._readonly_fd)
                 self._readonly_fd = None
+            if self._loaded_map is not None:
+                self._loaded_map.close_fds()
 
     async def _accept_loop(self, listener: stdsocket.socket, nursery: trio.Nursery) -> None:
         last_logged = -math.inf

@@ -87,7 +87,8 @@ def _random_message(rng: random.Random, ids: list[int]) -> bytes:
     return msgpack.packb({"op": "wait", "id": id, "off": "x", "len": ln})
 
 
-def _run(data: bytes, chunks: list[int], fast: bool, limits: Limits | None = None) -> tuple[list[Any], Any, list[bytes]]:
+def _run(data: bytes, chunks: list[int], fast: bool,
+         limits: Limits | None = None) -> tuple[list[Any], Any, list[bytes]]:
     conn = ServerConnection(limits)
     if not fast:
         conn._fast = False
