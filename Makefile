@@ -17,7 +17,7 @@ demo: setup
 	$(VENV)/bin/pageload demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(VENV)/bin/pageload bench

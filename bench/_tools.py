@@ -311,6 +311,9 @@ def fill_run(
                     )
                     if s["done"]:
                         wall = time.perf_counter() - t0
+                        if prober is not None:  # its last wait must be in the final counts
+                            prober.stop()
+                            s = {**client.stats(), "process": proc}
                         break
                     if time.monotonic() > deadline:
                         raise BenchError(f"the fill did not finish in {timeout_s:.0f} s")
