@@ -20,11 +20,13 @@ from ._events import (
     Accepted,
     ErrorReply,
     Event,
+    GetLoadedMap,
     GetMemoryFd,
     GetStats,
     Hello,
     HelloReply,
     Loaded,
+    LoadedMapReply,
     Mark,
     Marked,
     MemoryFdReply,
@@ -57,6 +59,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Mark: lambda e: {"op": "mark", "id": e.id},
     GetStats: lambda e: {"op": "stats", "id": e.id},
     GetMemoryFd: lambda e: {"op": "memfd", "id": e.id, "writable": True} if e.writable else {"op": "memfd", "id": e.id},
+    GetLoadedMap: lambda e: {"op": "loadmap", "id": e.id},
     HelloReply: lambda e: {
         "re": e.id,
         "ok": "hello",
@@ -70,6 +73,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     StatsReply: lambda e: {"re": e.id, "ok": "stats", "stats": e.stats},
     Marked: lambda e: {"re": e.id, "ok": "marked"},
     MemoryFdReply: lambda e: {"re": e.id, "ok": "memfd", "size": e.size},
+    LoadedMapReply: lambda e: {"re": e.id, "ok": "loadmap", "size": e.size, "granule": e.granule},
     ErrorReply: lambda e: {"re": e.id, "err": e.code, "msg": e.message, "errno": e.errno},
 }
 
@@ -100,6 +104,7 @@ REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "mark": lambda m, id: Mark(id),
     "stats": lambda m, id: GetStats(id),
     "memfd": lambda m, id: GetMemoryFd(id, m.get("writable", False)),
+    "loadmap": lambda m, id: GetLoadedMap(id),
 }
 
 #: Success-reply decoders, by ``ok``.
@@ -110,6 +115,7 @@ REPLIES: dict[str, Callable[[Wire, int], Event]] = {
     "stats": lambda m, id: StatsReply(id, m["stats"]),
     "marked": lambda m, id: Marked(id),
     "memfd": lambda m, id: MemoryFdReply(id, m["size"]),
+    "loadmap": lambda m, id: LoadedMapReply(id, m["size"], m["granule"]),
 }
 
 

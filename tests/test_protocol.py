@@ -95,6 +95,7 @@ def test_public_surface() -> None:
             "ConnectionStatistics",
             "ErrorReply",
             "Event",
+            "GetLoadedMap",
             "GetMemoryFd",
             "GetStats",
             "Hello",
@@ -105,6 +106,7 @@ def test_public_surface() -> None:
             "Mark",  # working sets: end the recording window
             "Marked",
             "Marker",
+            "LoadedMapReply",
             "MemoryFdReply",
             "Prefetch",
             "ProtocolError",

@@ -20,6 +20,7 @@ import aio
 import aio.testing
 from loader import (
     CheckpointIdentity,
+    ClientError,
     DaemonOptions,
     Layout,
     Loader,
@@ -552,11 +553,14 @@ async def test_hint_working_set_and_mark_over_the_socket(tmp_path, images):
             await client.prefetch(9 * MiB, PAGE)  # a plain prefetch is not a touch
             await client.wait(PAGE, PAGE)
             assert (await client.stats())["recording"]["active"]
+            with pytest.raises(ClientError, match="recording a working set"):
+                await client.load_map()  # it would let waits skip the daemon, unrecorded
             await client.mark()
             with trio.fail_after(10):
                 while not os.path.exists(path):
                     await trio.sleep(0.01)
             assert not (await client.stats())["recording"]["active"]
+            await client.load_map()  # the window is closed
             await client.mark()  # again: still answered
         state.stop()
     ws = read_working_set(path)
