@@ -1,4 +1,4 @@
-"""``pageload bench`` section ``latency`` (issue 12): a wait's cost against the socket's.
+"""``pageload bench`` section ``latency``: a wait's cost against the socket's.
 
 In one run, on the dense image (``threads`` backend, warm page cache):
 

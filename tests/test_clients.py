@@ -198,7 +198,7 @@ def test_prefetch_is_accepted_and_loads(daemon, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hint_working_set_and_mark(daemon, kind):
-    """Working sets (issue 10): a prefetch marked as working set is a prefetch to a daemon
+    """Working sets: a prefetch marked as working set is a prefetch to a daemon
     that is not recording, and ``mark`` is answered whether or not it records."""
     base = region(8, kind)
 

@@ -1,4 +1,4 @@
-"""Operations (issue 12): Prometheus metrics, systemd notify and socket activation,
+"""Operations: Prometheus metrics, systemd notify and socket activation,
 ``pageload stats --watch``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Working sets (issue 10): recording, the file, merging, replay before the sweep,
+"""Working sets: recording, the file, merging, replay before the sweep,
 refusal of stale/foreign/corrupt files, clipping, memory O(ranges), and the
 checkpoint laid out with its working set first."""
 
