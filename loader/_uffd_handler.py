@@ -39,6 +39,8 @@ from typing import Any
 
 import trio
 
+from protocol import codes
+
 from . import _uffd
 from ._loader import Loader, LoadError, WaitHandle
 from ._memfile import MemoryFile
@@ -154,6 +156,10 @@ class UffdHandler:
         self.unmap_events = 0
         self.remap_events = 0
         self.blocked_ns = 0  #: total time faults waited (each fault counted)
+        self.outstanding = 0  #: faults waiting for their read now
+        self._none_outstanding = trio.Event()
+        self._none_outstanding.set()
+        self.draining = False  #: SIGTERM: pending faults are being answered before exit
         self._covered = RangeSet((r.offset, r.offset + r.size) for r in regions)
         self._seed_pending()
         loader.add_loaded_listener(self._on_loaded)
@@ -239,6 +245,38 @@ class UffdHandler:
                 for address, page, start in retry:
                     self._fault(address, page, start)
 
+    async def drain(self, timeout: float) -> None:
+        """Before the daemon exits (SIGTERM): read the faults already queued in the
+        userfaultfd and answer them, and give the faults waiting for a read up to
+        ``timeout`` seconds (their reads are at the head of the queue).  Those still
+        waiting then are answered by the loader's shutdown (``shutting-down``):
+        poisoned, so the thread gets SIGBUS instead of hanging on a handler that
+        is gone.  Faults arriving until the daemon exits are still answered."""
+        if self.gone or self.uffd.fd < 0:
+            return
+        self.draining = True
+        self._read_ready()
+        if self.outstanding:
+            log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
+            with trio.move_on_after(timeout):
+                while self.outstanding and not self.gone:
+                    await self._none_outstanding.wait()
+                    self._read_ready()
+        if self.outstanding:
+            log.warning("uffd: %d fault(s) still waiting for reads at shutdown: they will be poisoned",
+                        self.outstanding)
+
+    def _read_ready(self) -> None:
+        """Handle every message queued now (non-blocking)."""
+        try:
+            messages = self.uffd.read_messages()
+        except OSError:
+            return
+        while messages:
+            for m in messages:
+                self._on_message(m)
+            messages = self.uffd.read_messages()
+
     def _on_message(self, m: _uffd.UffdMessage) -> None:
         if m.event == _uffd.EVENT_PAGEFAULT:
             self.faults += 1
@@ -310,6 +348,9 @@ class UffdHandler:
             self._answer(r, va, start_ns)
         else:
             self.faults_waited += 1
+            if self.outstanding == 0:
+                self._none_outstanding = trio.Event()
+            self.outstanding += 1
 
     def _on_waited(self, handle: WaitHandle) -> None:
         context = handle.context
@@ -317,6 +358,9 @@ class UffdHandler:
         r: Region = context[0]
         va: int = context[1]
         start_ns: int = context[2]
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self._none_outstanding.set()
         if handle.error is not None:
             self._fail(r, va, start_ns, handle.error)
         else:
@@ -374,7 +418,12 @@ class UffdHandler:
     def _fail(self, r: Region, va: int, start_ns: int, error: LoadError) -> None:
         """The page cannot be read: poison it so the faulting thread gets SIGBUS."""
         self.faults_failed += 1
-        log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base), error.message)
+        if error.code == codes.SHUTTING_DOWN:
+            log.warning("uffd: page at %#x (memory %#x) not loaded at shutdown: poisoned", va,
+                        r.offset + (va - r.base))
+        else:
+            log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base),
+                      error.message)
         try:
             self.uffd.poison(va, r.page_size)
         except _uffd.UffdError as exc:
@@ -591,6 +640,7 @@ async def serve_uffd(
                     why = "no handshake within 10 s" if isinstance(exc, trio.TooSlowError) else str(exc)
                     log.error("uffd: refused a connection: %s", why)
                     continue
+                handler = None
                 try:
                     handler = UffdHandler(loader, memory, fd, regions, config)
                     log.info("uffd: serving %d region(s): %s", len(regions),
@@ -603,6 +653,8 @@ async def serve_uffd(
                         await handler.run()  # returns when the VMM's memory is gone
                         nursery.cancel_scope.cancel()
                 finally:
+                    if handler is not None:
+                        handler.gone = True  # its descriptor is closed now
                     os.close(fd)
                 log.info("uffd: the VMM went away")
                 log.info(handler.summary_line())

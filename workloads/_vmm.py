@@ -19,6 +19,8 @@ import json
 import mmap
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -266,4 +268,33 @@ class VmmEmulator:
         self.close()
 
 
-__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free"]
+def spawn_child(socket_path: str, size: int, offsets: Sequence[int], expected: str | None = None,
+                features: int = DEFAULT_FEATURES | _uffd.FEATURE_POISON) -> subprocess.Popen[str]:
+    """An emulated VMM in a child process (one region of ``size`` bytes at image 0)
+    that touches ``offsets`` in turn, printing ``touching OFF`` before each and ``ok
+    OFF`` (or ``bad OFF``) after.  A poisoned page kills it with SIGBUS, as it
+    would kill a vCPU thread: ``returncode == -SIGBUS``.  Used by the failure tests."""
+    argv = [sys.executable, "-m", "workloads._vmm", socket_path, str(size), str(features),
+            expected or "-", *(str(o) for o in offsets)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    socket_path, size, features, expected, *offsets = argv
+    exp = None if expected == "-" else expected
+    with VmmEmulator([GuestRegion(0, int(size))], expected=exp, features=int(features)) as vmm:
+        vmm.connect(socket_path)
+        print("connected", flush=True)
+        for text in offsets:
+            off = int(text)
+            print(f"touching {off}", flush=True)
+            data = vmm.read(off, mmap.PAGESIZE)
+            ok = vmm._expected is None or data == vmm._expected[off:off + mmap.PAGESIZE]
+            print(f"{'ok' if ok else 'bad'} {off}", flush=True)
+    return 0
+
+
+__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free", "spawn_child"]
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
