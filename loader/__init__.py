@@ -19,9 +19,12 @@ from ._server import Server
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
+from ._uffd_handler import UFFD_MODES, UffdConfig
 from ._units import human, parse_size
 
 __all__ = [
+    "UFFD_MODES",
+    "UffdConfig",
     "ActivationError",
     "AsyncioClient",
     "Client",

@@ -116,6 +116,25 @@ class UffdConfig:
     fault_around: int = 64 << 10  #: after a fault, also copy loaded bytes in this aligned window
     fill_chunk: int = 256 << 10  #: largest background UFFDIO_COPY (a fault waits at most one)
     fill: bool = True  #: False: copy only on faults (the lazy per-fault handler, for comparison)
+    #: True: copy all memory before answering any fault (Firecracker's "fault_all"
+    #: example handler, for comparison): faults wait for the whole load
+    eager: bool = False
+
+    @classmethod
+    def for_mode(cls, mode: str) -> UffdConfig:
+        """``fill`` (ours), ``eager`` (copy everything first) or ``lazy`` (only the
+        faulting page, no fill; run the loader without its sweep for Firecracker's
+        "valid" example)."""
+        if mode == "fill":
+            return cls()
+        if mode == "eager":
+            return cls(eager=True)
+        if mode == "lazy":
+            return cls(fill=False, fault_around=4096)
+        raise ValueError(f"unknown uffd mode {mode!r} (fill, eager or lazy)")
+
+
+UFFD_MODES = ("fill", "eager", "lazy")
 
 
 class UffdHandler:
@@ -178,13 +197,14 @@ class UffdHandler:
 
     def _on_loaded(self, lo: int, hi: int) -> None:
         added = False
+        fill = self.config.fill and not self.config.eager
         for clo, chi in self._covered.overlapping(lo, hi):
             a, b = max(lo, clo), min(hi, chi)
             self.pending.add(a, b)
             for rlo, rhi in self.removed.overlapping(a, b):
                 self.pending.remove(rlo, rhi)
             added = True
-        if added and self.config.fill:
+        if added and fill:
             self._fill_queue.append((lo, hi))
             self._more.set()
 
@@ -224,8 +244,10 @@ class UffdHandler:
     # ------------------------------------------------------------ the loops
     async def run(self) -> None:
         """Serve faults and fill until cancelled or the VMM's memory is gone."""
+        if self.config.eager:
+            await self._copy_all()
         async with trio.open_nursery() as nursery:
-            if self.config.fill:
+            if self.config.fill and not self.config.eager:
                 nursery.start_soon(self._fill)
             await self._read_events()
             nursery.cancel_scope.cancel()
@@ -244,6 +266,16 @@ class UffdHandler:
                 retry, self._retry = self._retry, []
                 for address, page, start in retry:
                     self._fault(address, page, start)
+
+    async def _copy_all(self) -> None:
+        """Eager mode: wait for the whole load, copy every loaded byte, then serve faults."""
+        await self.loader.done.wait()
+        for lo, hi in list(self.pending):
+            for a in range(lo, hi, self.config.fill_chunk):
+                while not self._install(a, min(hi, a + self.config.fill_chunk)) and not self.gone:
+                    self._read_ready()  # EAGAIN: events first
+                await trio.lowlevel.checkpoint()
+        self._check_filled()
 
     async def drain(self, timeout: float) -> None:
         """Before the daemon exits (SIGTERM): read the faults already queued in the

@@ -58,6 +58,8 @@ class TouchReport:
 
     touches: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    #: latencies of the touches that faulted (the page was not present just before)
+    fault_latencies_ns: list[int] = field(default_factory=list)
     mismatches: list[int] = field(default_factory=list)  #: image offsets whose bytes were wrong
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -169,10 +171,18 @@ class VmmEmulator:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
+    def _present(self, address: int) -> bool:
+        vec = (ctypes.c_ubyte * 1)()
+        if _libc.mincore(ctypes.c_void_p(address & ~(mmap.PAGESIZE - 1)), ctypes.c_size_t(mmap.PAGESIZE), vec):
+            return True
+        return bool(vec[0] & 1)
+
     def touch(self, offsets: Sequence[tuple[int, int, int]], vcpus: int = 1, paced: bool = False,
-              verify: bool = True) -> TouchReport:
+              verify: bool = True, classify: bool = False) -> TouchReport:
         """Run ``vcpus`` threads over ``(t_us, offset, length)`` faults (dealt round-robin);
-        each touches (reads) every page of each fault once, timing each page."""
+        each touches (reads) every page of each fault once, timing each page.  With
+        ``classify``, each page is checked (mincore, untimed) before its touch: the
+        touches of pages not present are also in ``fault_latencies_ns``."""
         report = TouchReport()
         lock = threading.Lock()
         start = time.perf_counter()
@@ -180,6 +190,7 @@ class VmmEmulator:
 
         def vcpu(mine: Sequence[tuple[int, int, int]]) -> None:
             lat: list[int] = []
+            flat: list[int] = []
             bad: list[int] = []
             errs: list[str] = []
             page_buf = ctypes.create_string_buffer(HUGE_PAGE)
@@ -198,14 +209,20 @@ class VmmEmulator:
                 while lo < hi:
                     # copy up to one 4 KiB page at a time: the first byte is the touch
                     n = min(mmap.PAGESIZE, page)
+                    address = self.address(lo)
+                    missing = classify and not self._present(address)
                     t0 = time.perf_counter_ns()
-                    ctypes.memmove(page_buf, self.address(lo), n)
-                    lat.append(time.perf_counter_ns() - t0)
+                    ctypes.memmove(page_buf, address, n)
+                    took = time.perf_counter_ns() - t0
+                    lat.append(took)
+                    if missing:
+                        flat.append(took)
                     if verify and expected is not None and page_buf.raw[:n] != expected[lo:lo + n]:
                         bad.append(lo)
                     lo += page
             with lock:
                 report.latencies_ns.extend(lat)
+                report.fault_latencies_ns.extend(flat)
                 report.mismatches.extend(bad)
                 report.errors.extend(errs)
 
