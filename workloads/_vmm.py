@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from loader import _uffd
 
@@ -285,6 +286,43 @@ class VmmEmulator:
         self.close()
 
 
+def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int = 2, rate: float | None = None,
+                     closed_loop: bool = False, verify: bool = True) -> dict[str, Any]:
+    """``pageload loadgen --uffd``: replay ``trace`` as real page faults.  An emulated
+    VMM with one region covering the image's memory (``image``: a raw image or a
+    checkpoint) connects to the handler at ``uffd_socket``; ``vcpus`` threads touch
+    each fault's pages (at the trace's timestamps, or ``rate`` faults/s in total, or
+    as fast as they can with ``closed_loop``), checking the bytes when ``image`` is a
+    raw image.  Returns the report as a dict (latencies in microseconds)."""
+    from loader.checkpoint import open_checkpoint
+
+    from ._percentiles import percentiles
+
+    layout = open_checkpoint(image).layout
+    size = (layout.memory_size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+    trace.check_fits(size)
+    raw = os.path.isfile(image) and os.path.getsize(image) == layout.memory_size
+    faults = [(f.t_us, f.offset, f.length) for f in trace]
+    if rate:
+        faults = [(int(i * 1e6 / rate), off, length) for i, (_, off, length) in enumerate(faults)]
+    with VmmEmulator([GuestRegion(0, size)], expected=image if raw and verify else None) as vmm:
+        vmm.connect(uffd_socket)
+        report = vmm.touch(faults, vcpus=vcpus, paced=not closed_loop, verify=verify, classify=True)
+    return {
+        "faults_in_trace": len(faults),
+        "touches": report.touches,
+        "faults": len(report.fault_latencies_ns),
+        "fault_us": percentiles(report.fault_latencies_ns),
+        "touch_us": percentiles(report.latencies_ns),
+        "blocked_s": report.blocked_s,
+        "elapsed_s": report.elapsed_s,
+        "verified": raw and verify,
+        "mismatches": [hex(m) for m in report.mismatches[:20]],
+        "mismatch_count": len(report.mismatches),
+        "errors": report.errors[:20],
+    }
+
+
 def spawn_child(socket_path: str, size: int, offsets: Sequence[int], expected: str | None = None,
                 features: int = DEFAULT_FEATURES | _uffd.FEATURE_POISON) -> subprocess.Popen[str]:
     """An emulated VMM in a child process (one region of ``size`` bytes at image 0)
@@ -311,7 +349,7 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free", "spawn_child"]
+__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free", "replay_as_faults", "spawn_child"]
 
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))
