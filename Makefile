@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint fuzz clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,15 @@ demo: setup
 	$(VENV)/bin/pageload demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: setup
 	$(VENV)/bin/pageload bench
+
+# >= 1M seeded random/mutated frames over many connections to a real daemon, with
+# checked waits alongside; fails on a crash, a wrong byte, or RssAnon growth > 10 MiB.
+fuzz: setup
+	$(PY) -m workloads.fuzz --frames 1000000
 
 lint: setup
 	$(PY) -m pip install -q ruff mypy

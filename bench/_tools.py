@@ -243,6 +243,7 @@ class FillRun:
     vmhwm_bytes: int
     heap_peak_bytes: int | None  #: with --tracemalloc
     waits_served: int  #: waits that blocked (daemon's count)
+    waits_immediate: int  #: waits answered at once, already loaded (daemon's count)
     daemon_p99_us: float  #: upper bound of the daemon histogram's p99 bucket (power of two)
     samples_ns: list[int] = field(
         default_factory=list
@@ -310,6 +311,9 @@ def fill_run(
                     )
                     if s["done"]:
                         wall = time.perf_counter() - t0
+                        if prober is not None:  # its last wait must be in the final counts
+                            prober.stop()
+                            s = {**client.stats(), "process": proc}
                         break
                     if time.monotonic() > deadline:
                         raise BenchError(f"the fill did not finish in {timeout_s:.0f} s")
@@ -333,6 +337,7 @@ def fill_run(
         vmhwm_bytes=proc.get("vmhwm_bytes", 0),
         heap_peak_bytes=proc.get("heap_peak_bytes"),
         waits_served=s["waits_served"],
+        waits_immediate=s["waits_immediate"],
         daemon_p99_us=_histogram_p99(s.get("latency_us", {})),
         samples_ns=list(prober.samples_ns) if prober else [],
         selection=prober.selection if prober else "",

@@ -16,9 +16,12 @@ from ._args import size_arg
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("wait", help="block until a memory range is loaded",
-                       description="Exit 0 once [OFFSET, OFFSET+LENGTH) is loaded; non-zero with the error "
-                       "otherwise.  Sizes take K/M/G suffixes.")
+                       description="Exit 0 once [OFFSET, OFFSET+LENGTH) is loaded; 1 with the error "
+                       "otherwise, or after --timeout seconds without an answer.  Sizes take K/M/G suffixes.")
     p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_WAIT_TIMEOUT_S, metavar="SECONDS",
+                   help="give up after this long in all: connecting, the handshake and the wait "
+                   "(default %(default)g s)")
     p.add_argument("offset", type=size_arg, metavar="OFFSET")
     p.add_argument("length", type=size_arg, metavar="LENGTH")
     p.set_defaults(func=run_wait)
@@ -31,11 +34,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "waits blocked now, ETA), otherwise one plain line per interval")
     p.add_argument("--interval", type=float, metavar="SECONDS",
                    help="with --watch: poll this often (default 0.5 on a terminal, 5 otherwise)")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_STATS_TIMEOUT_S, metavar="SECONDS",
+                   help="give up after this long in all (default %(default)g s)")
     p.set_defaults(func=run_stats)
 
 
-def _fail(exc: BaseException, path: str) -> int:
-    if isinstance(exc, OSError) and not isinstance(exc, ClientError):
+#: How long ``pageload wait`` and ``pageload stats`` wait for the daemon in all, by default.
+DEFAULT_WAIT_TIMEOUT_S = 60.0
+DEFAULT_STATS_TIMEOUT_S = 10.0
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _fail(exc: BaseException, path: str, timeout: float) -> int:
+    if isinstance(exc, TimeoutError):
+        exc = f"{path}: no answer from the daemon within {timeout:g} s"  # type: ignore[assignment]
+    elif isinstance(exc, OSError) and not isinstance(exc, ClientError):
         exc = f"{path}: cannot reach the daemon: {exc.strerror or exc}"  # type: ignore[assignment]
     print(f"pageload: {exc}", file=sys.stderr)
     return 1
@@ -43,10 +62,10 @@ def _fail(exc: BaseException, path: str) -> int:
 
 def run_wait(args: argparse.Namespace) -> int:
     try:
-        with Client.connect(args.socket) as client:
+        with Client.connect(args.socket, deadline=time.monotonic() + args.timeout) as client:
             client.wait(args.offset, args.length)
     except (ClientError, OSError) as exc:
-        return _fail(exc, args.socket)
+        return _fail(exc, args.socket, args.timeout)
     return 0
 
 
@@ -54,10 +73,10 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.watch:
         return watch(args.socket, args.interval, sys.stdout)
     try:
-        with Client.connect(args.socket) as client:
+        with Client.connect(args.socket, deadline=time.monotonic() + args.timeout) as client:
             stats = client.stats()
     except (ClientError, OSError) as exc:
-        return _fail(exc, args.socket)
+        return _fail(exc, args.socket, args.timeout)
     if args.json:
         json.dump(stats, sys.stdout, indent=2, sort_keys=True)
         print()
@@ -149,7 +168,7 @@ def watch(path: str, interval: float | None, out: TextIO) -> int:
     except (ClientError, OSError) as exc:
         if drawn:
             out.write("\n")
-        return _fail(exc, path)
+        return _fail(exc, path, DEFAULT_STATS_TIMEOUT_S)
     except KeyboardInterrupt:
         if drawn:
             out.write("\n")

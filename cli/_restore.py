@@ -97,7 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="SIGTERM/SIGINT to exit, at most; reads still running then are abandoned "
                    "(default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                   help="also accept clients running as UID (default: the daemon's uid and root)")
+                   help="also accept clients running as UID (default: the daemon's uid and root); the socket "
+                   "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
+                   "and each peer's uid is checked with SO_PEERCRED")
+    p.add_argument("--allow-writable-memory-fd", action="store_true",
+                   help="hand a read-write memory fd to clients that ask for one (default: read-only fds only; "
+                   "a writable request is refused with 'forbidden')")
     p.add_argument("--metrics", metavar="ADDR",
                    help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
                    "or a Unix socket path (containing a '/', mode 0600); GET /metrics")
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
+        allow_writable_memory_fd=args.allow_writable_memory_fd,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
     )

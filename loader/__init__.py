@@ -7,7 +7,7 @@ in :mod:`cli`.
 """
 
 from ._asyncio_client import AsyncioClient
-from ._client import Client, ClientError, TrioClient, mapped_memory
+from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
 from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
@@ -15,7 +15,7 @@ from ._memfile import Destination, MemoryFile
 from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
 from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
-from ._server import Server
+from ._server import Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
@@ -29,6 +29,7 @@ __all__ = [
     "AsyncioClient",
     "Client",
     "ClientError",
+    "ConnectionLost",
     "DaemonOptions",
     "DataRange",
     "Destination",
@@ -49,6 +50,7 @@ __all__ = [
     "SequentialOrder",
     "StatsCollector",
     "Server",
+    "SocketInUse",
     "StartupError",
     "SweepOrder",
     "TrioClient",

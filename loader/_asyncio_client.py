@@ -25,7 +25,7 @@ import aiofiles
 
 import protocol
 
-from ._client import _FD_SPACE, RECV_SIZE, ClientError, _Common, _take_fds
+from ._client import _FD_SPACE, RECV_SIZE, ClientError, ConnectionLost, _Common, _take_fds
 
 
 class AsyncioClient(_Common):
@@ -66,7 +66,7 @@ class AsyncioClient(_Common):
     async def aclose(self) -> None:
         """Close the connection and the memory file; pending requests fail with ``closed``."""
         self._stop_reading()
-        self._lose(ClientError("closed", "the client was closed"))
+        self._lose(ConnectionLost("the client was closed"))
         if self._file is not None:
             file, self._file = self._file, None
             await file.close()
@@ -102,7 +102,7 @@ class AsyncioClient(_Common):
                 if event is protocol.NEED_DATA:
                     return
                 if event is protocol.CLOSED:
-                    raise ClientError("closed", "the daemon closed the connection")
+                    raise ConnectionLost("the daemon closed the connection")
                 if event.id is None:  # a connection-level error
                     raise ClientError.from_reply(event)
                 future = self._futures.pop(event.id, None)
@@ -110,7 +110,7 @@ class AsyncioClient(_Common):
                     future.set_result(event)
         except (ClientError, protocol.ProtocolError, OSError) as exc:
             self._stop_reading()
-            self._lose(exc if isinstance(exc, ClientError) else ClientError("closed", str(exc)))
+            self._lose(exc if isinstance(exc, ClientError) else ConnectionLost(str(exc)))
 
     async def _request(self, event: Any) -> Any:
         if self._lost is not None:
@@ -123,7 +123,7 @@ class AsyncioClient(_Common):
                 await self.loop.sock_sendall(self.sock, data)
         except OSError as exc:
             self._futures.pop(event.id, None)
-            raise ClientError("closed", f"cannot send to the daemon: {exc.strerror or exc}") from exc
+            raise ConnectionLost(f"cannot send to the daemon: {exc.strerror or exc}") from exc
         try:
             return await future
         finally:
@@ -169,7 +169,7 @@ class AsyncioClient(_Common):
             while left:
                 chunk = await file.read(left)
                 if not chunk:
-                    raise ClientError("closed", f"the memory file ended at {offset + length - left:#x}")
+                    raise ConnectionLost(f"the memory file ended at {offset + length - left:#x}")
                 parts.append(chunk)
                 left -= len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)

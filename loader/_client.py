@@ -8,16 +8,21 @@
 
 Both say hello on connect (``version``, ``memory_size``, ``page_size`` and
 ``done_at_connect`` come from the reply) and raise :class:`ClientError` for an
-error reply or a lost daemon.
+error reply, or its subclass :class:`ConnectionLost` when the daemon went away.
+
+Connecting retries while the daemon's listen backlog is full (``EAGAIN`` on a Unix
+socket), with backoff, for at most ``connect_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import errno as errnos
 import itertools
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,15 +30,21 @@ from typing import Any
 import trio
 
 import protocol
+from protocol import codes
 
 _FD_SPACE = socket.CMSG_SPACE(4 * 4)
 RECV_SIZE = 256 << 10
+#: How long connecting keeps retrying while the daemon's listen backlog is full.
+CONNECT_TIMEOUT_S = 10.0
+_BACKOFF_FIRST_S = 0.001
+_BACKOFF_MAX_S = 0.05
 
 
 class ClientError(Exception):
-    """The daemon answered with an error, or went away.  ``code`` is a protocol code."""
+    """The daemon answered with an error (``code`` is from :mod:`protocol.codes`), or
+    the connection was lost (:class:`ConnectionLost`, whose ``code`` is ``None``)."""
 
-    def __init__(self, code: str, message: str, errno: int | None = None) -> None:
+    def __init__(self, code: str | None, message: str, errno: int | None = None) -> None:
         super().__init__(f"{code}: {message}" + (f" ({os.strerror(errno)})" if errno else ""))
         self.code = code
         self.message = message
@@ -42,6 +53,35 @@ class ClientError(Exception):
     @classmethod
     def from_reply(cls, reply: Any) -> ClientError:
         return cls(reply.code, reply.message, reply.errno)
+
+
+class ConnectionLost(ClientError):
+    """The daemon closed the connection, or the socket failed; no protocol code."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, message)
+        self.args = (f"connection lost: {message}",)
+
+    def __str__(self) -> str:
+        return f"connection lost: {self.message}"
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> float:
+    """One non-blocking connect attempt; 0 once connected, else the seconds to back off.
+
+    A Unix socket whose listen backlog is full fails at once with EAGAIN (it is not
+    "in progress"): try again later."""
+    try:
+        sock.connect(path)
+    except BlockingIOError as exc:
+        if exc.errno != errnos.EAGAIN:
+            raise
+        return timeout
+    return 0.0
+
+
+def _backoff(delay: float) -> float:
+    return min(delay * 2, _BACKOFF_MAX_S)
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], into: deque[int]) -> None:
@@ -80,26 +120,43 @@ class _Common:
     def _fd_for(self, reply: Any) -> int:
         self._check(reply)
         if not self._fds:
-            raise ClientError("bad-message", "the memory fd reply came without a file descriptor")
+            raise ClientError(codes.BAD_MESSAGE, "the memory fd reply came without a file descriptor")
         return self._fds.popleft()
 
 
 class Client(_Common):
     """Blocking client over a plain socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, deadline: float | None = None) -> None:
         self.sock = sock
+        #: time.monotonic() by which every call must be done (TimeoutError), or None
+        self.deadline = deadline
         self._init_common()
         self._replies: dict[int | None, Any] = {}
         self._hello_done(self._request(protocol.Hello(next(self._ids), protocol.SUPPORTED_VERSIONS, "pageload-client")))
 
     @classmethod
-    def connect(cls, path: str, timeout: float | None = None) -> Client:
+    def connect(cls, path: str, timeout: float | None = None, *,
+                connect_timeout: float = CONNECT_TIMEOUT_S, deadline: float | None = None) -> Client:
+        """Connect and say hello.  ``timeout`` bounds each later socket operation
+        (``TimeoutError``); ``connect_timeout`` bounds the retries of a full backlog;
+        ``deadline`` (a ``time.monotonic()`` value) bounds everything, this call and
+        every later one, together (``TimeoutError``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
-            return cls(sock)
+            sock.setblocking(False)
+            if deadline is not None:
+                connect_timeout = min(connect_timeout, deadline - time.monotonic())
+            deadline_connect = time.monotonic() + connect_timeout
+            delay = _BACKOFF_FIRST_S
+            while _connect(sock, path, delay):
+                if time.monotonic() + delay > deadline_connect:
+                    raise TimeoutError(errnos.ETIMEDOUT, f"the daemon's listen backlog stayed full for "
+                                       f"{connect_timeout:g} s", path)
+                time.sleep(delay)
+                delay = _backoff(delay)
+            sock.settimeout(timeout)
+            return cls(sock, deadline)
         except BaseException:
             sock.close()
             raise
@@ -117,10 +174,13 @@ class Client(_Common):
 
     # -- pipelining
     def send(self, event: Any) -> int:
+        data = self.conn.send(event)
+        if self.deadline is not None:
+            self.sock.settimeout(max(self.deadline - time.monotonic(), 1e-3))
         try:
-            self.sock.sendall(self.conn.send(event))
+            self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as exc:  # a lost daemon is a ClientError
-            raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
+            raise ConnectionLost(f"the daemon went away: {exc.strerror}") from exc
         return int(event.id)
 
     def send_wait(self, offset: int, length: int) -> int:
@@ -131,15 +191,20 @@ class Client(_Common):
         while request_id not in self._replies:
             event = self.conn.next_event()
             if event is protocol.NEED_DATA:
+                if self.deadline is not None:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(errnos.ETIMEDOUT, "no answer from the daemon in time")
+                    self.sock.settimeout(left)
                 try:
-                    data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                    data, ancdata, _, _ = self.sock.recvmsg(RECV_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
                 except ConnectionResetError as exc:
-                    raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
+                    raise ConnectionLost(f"the daemon went away: {exc.strerror}") from exc
                 _take_fds(ancdata, self._fds)
                 self.conn.receive_data(data)
                 continue
             if event is protocol.CLOSED:
-                raise ClientError("closed", "the daemon closed the connection")
+                raise ConnectionLost("the daemon closed the connection")
             if event.id is None:  # a connection-level error
                 raise ClientError.from_reply(event)
             self._replies[event.id] = event
@@ -162,9 +227,11 @@ class Client(_Common):
     def stats(self) -> dict[str, Any]:
         return dict(self._check(self._request(protocol.GetStats(next(self._ids)))).stats)
 
-    def memory_fd(self) -> int:
-        """A new fd of the daemon's memory file (the caller closes it); map it read-only."""
-        return self._fd_for(self._request(protocol.GetMemoryFd(next(self._ids))))
+    def memory_fd(self, writable: bool = False) -> int:
+        """A new fd of the daemon's memory file (the caller closes it).  Read-only
+        unless ``writable`` (which the daemon refuses with ``forbidden`` unless it
+        runs with ``--allow-writable-memory-fd``)."""
+        return self._fd_for(self._request(protocol.GetMemoryFd(next(self._ids), writable)))
 
 
 class TrioClient(_Common):
@@ -179,10 +246,28 @@ class TrioClient(_Common):
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, path: str) -> AsyncIterator[TrioClient]:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    async def connect(cls, path: str, *, connect_timeout: float = CONNECT_TIMEOUT_S) -> AsyncIterator[TrioClient]:
+        """Connect (retrying a full backlog for up to ``connect_timeout`` s) and say hello.
+
+        trio's own ``connect`` takes EAGAIN on a Unix socket for "in progress" and
+        reports success on a socket that is not connected, so this one connects the
+        plain socket itself."""
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            raw.setblocking(False)
+            deadline = trio.current_time() + connect_timeout
+            delay = _BACKOFF_FIRST_S
+            while _connect(raw, path, delay):
+                if trio.current_time() + delay > deadline:
+                    raise TimeoutError(errnos.ETIMEDOUT, f"the daemon's listen backlog stayed full for "
+                                       f"{connect_timeout:g} s", path)
+                await trio.sleep(delay)
+                delay = _backoff(delay)
+        except BaseException:
+            raw.close()
+            raise
+        sock = trio.socket.from_stdlib_socket(raw)
         with sock:
-            await sock.connect(path)
             client = cls(sock)
             try:
                 async with trio.open_nursery() as nursery:
@@ -206,12 +291,12 @@ class TrioClient(_Common):
             while True:
                 event = conn.next_event()
                 if event is protocol.NEED_DATA:
-                    data, ancdata, _, _ = await self.sock.recvmsg(RECV_SIZE, _FD_SPACE)
+                    data, ancdata, _, _ = await self.sock.recvmsg(RECV_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
                     _take_fds(ancdata, self._fds)
                     conn.receive_data(data)
                     continue
                 if event is protocol.CLOSED:
-                    raise ClientError("closed", "the daemon closed the connection")
+                    raise ConnectionLost("the daemon closed the connection")
                 if event.id is None:
                     raise ClientError.from_reply(event)
                 slot = self._slots.pop(event.id, None)
@@ -219,7 +304,7 @@ class TrioClient(_Common):
                     slot[1] = event
                     slot[0].set()
         except (ClientError, protocol.ProtocolError, OSError) as exc:
-            self._lost = exc if isinstance(exc, ClientError) else ClientError("closed", str(exc))
+            self._lost = exc if isinstance(exc, ClientError) else ConnectionLost(str(exc))
             for slot in self._slots.values():
                 slot[0].set()
 
@@ -236,7 +321,7 @@ class TrioClient(_Common):
                     view = view[await self.sock.send(view):]
             except (BrokenPipeError, ConnectionResetError) as exc:  # a lost daemon is a ClientError
                 self._slots.pop(event.id, None)
-                raise ClientError("closed", f"the daemon went away: {exc.strerror}") from exc
+                raise ConnectionLost(f"the daemon went away: {exc.strerror}") from exc
         await slot[0].wait()
         if slot[1] is None:
             assert self._lost is not None
@@ -252,8 +337,9 @@ class TrioClient(_Common):
     async def stats(self) -> dict[str, Any]:
         return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)
 
-    async def memory_fd(self) -> int:
-        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids))))
+    async def memory_fd(self, writable: bool = False) -> int:
+        """As :meth:`Client.memory_fd`."""
+        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids), writable)))
 
 
 @contextlib.contextmanager

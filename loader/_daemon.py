@@ -95,6 +95,7 @@ class DaemonOptions:
     #: daemon exits once that VMM has gone
     uffd_socket: str | None = None
     uffd_config: UffdConfig | None = None
+    allow_writable_memory_fd: bool = False  #: hand out a read-write memory fd to clients that ask
     shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
 
 
@@ -312,6 +313,7 @@ async def run_daemon(
 
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
+                        allow_writable_memory_fd=opts.allow_writable_memory_fd,
                         extra_stats=extra_stats)
         state = DaemonState(ckpt, memory, loader, server, backend, started)
         holder.append(state)
@@ -394,7 +396,7 @@ async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
     with trio.move_on_at(deadline) as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader.aclose, 0.9 * timeout)  # its own verdict before the deadline
-            nursery.start_soon(server.aclose, max(0.0, deadline - trio.current_time()))
+            nursery.start_soon(server.aclose, deadline)  # all clients flushed at once, until then
     if scope.cancelled_caught:
         log.warning("shutdown took longer than %g s; exiting anyway", timeout)
     if loader.abandoned_reads:

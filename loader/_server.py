@@ -1,16 +1,25 @@
 """The Unix-socket server: trio glue between the sans-I/O protocol and the loader.
 
-One task per connection reads requests; replies are queued by whoever produces them
-(the loader's completion callback, for waits) and written by one writer task per
-connection, so replies go out in whatever order they are ready.  A wait costs the
-server no task: the loader calls back when its bytes are in.
+One task per connection reads requests.  Replies are produced by whoever has them
+(the read task, or the loader's completion callback for waits) and go through one
+write path: they are queued, and the session's writer task sends them
+(:meth:`Session._push`, many replies per ``sendmsg``), waiting for the socket to be
+writable when it is full.  A wait costs the server no task: the loader calls back
+when its bytes are in.
+
+Every connection is bounded: its queued reply bytes (past ``max_backlog_bytes`` the
+session stops reading that client's requests until it reads its replies), its
+pending waits, and its bad requests.  Whatever goes wrong on one connection ends
+that connection only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
+import math
 import os
 import socket as stdsocket
 import stat
@@ -32,6 +41,25 @@ log = logging.getLogger("pageload.server")
 
 _UCRED = struct.Struct("3i")
 RECV_SIZE = 64 << 10
+#: Queued reply bytes per connection above which its requests are no longer read.
+MAX_BACKLOG_BYTES = 1 << 20
+#: Default time :meth:`Server.aclose` gives all clients together to take their replies.
+FLUSH_TIMEOUT_S = 1.0
+#: accept() failing for lack of descriptors or memory: wait this long, then try again.
+ACCEPT_BACKOFF_S = 0.1
+#: ... and say so in the log at most this often.
+ACCEPT_LOG_INTERVAL_S = 10.0
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})
+_MAX_IOV = 64  # replies gathered into one sendmsg()
+
+# Replies are written by the session's writer task only, never from reply() itself:
+# measured with examples/reply_path_bench.py on a loaded 64 MiB image (2 shared
+# cores, alternating runs, medians), writing at once when nothing was queued gave
+# 29k waits/s against 59k through the writer task with 8 connections x 64 waits in
+# flight (one send per reply instead of one sendmsg per batch), and 9.5k against
+# 7.6k waits/s with 4 connections x 1 (a task switch saved per reply).  Not worth
+# a second path.  Numbers in docs/BENCHMARKS.md ("Server reply path").
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +70,7 @@ class SessionStatistics:
     waits_pending: int
     errors: int
     replies_queued: int
+    reply_bytes_queued: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +79,12 @@ class ServerStatistics:
     connections: int
     connections_total: int
     connections_refused: int
+    accept_errors: int  #: accept() failures for lack of descriptors or memory (each backed off)
     sessions: list[SessionStatistics]
 
 
 class SocketInUse(OSError):
-    pass
+    """The socket path is taken: by a live daemon, or by something that is not a socket."""
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
@@ -64,95 +94,146 @@ def peer_credentials(sock: Any) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def _noop(handle: WaitHandle) -> None:
+    pass
+
+
 class Session:
     """One client connection."""
 
-    def __init__(self, server: Server, sock: trio.socket.SocketType, pid: int, uid: int) -> None:
+    def __init__(self, server: Server, raw: stdsocket.socket, pid: int, uid: int) -> None:
         self.server = server
         self.loader = server.loader
-        self.sock = sock
+        self.raw = raw  # non-blocking; written by _push()
+        self.sock = trio.socket.from_stdlib_socket(raw)  # the same socket, for awaiting reads
         self.peer_pid = pid
         self.peer_uid = uid
         self.conn = protocol.ServerConnection()
         self.pending: dict[int, WaitHandle] = {}
         self.requests = 0
         self.errors = 0
-        self._out: deque[tuple[bytes, int | None]] = deque()
-        self._out_ready = trio.Event()
-        self._broken = False
-        self._writing = False  # the writer task holds data it has not finished sending
-        self._fileno = sock.fileno()
-        self._closing = False
+        # Replies not yet written, in order: [bytes left, fd to pass with the first byte].
+        self._out: deque[list[Any]] = deque()
+        self._out_bytes = 0
+        self._writer_idle = trio.lowlevel.ParkingLot()  # the writer task parks here while _out is empty
+        self._drained: trio.Event | None = None  # the reader waits for the backlog to shrink
+        self._flushed: trio.Event | None = None  # flush() waits for the backlog to empty
+        self._broken = False  # the socket failed: nothing more can be written
+        self._closing = False  # read no more requests (fatal error, too many errors, shutdown)
+        self._closed = False
         self._on_loaded: Callable[[WaitHandle], None] = self._loaded  # one bound method, reused
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(self.peer_pid, self.peer_uid, self.requests, len(self.pending),
-                                 self.errors, len(self._out))
+                                 self.errors, len(self._out), self._out_bytes)
 
     # ----------------------------------------------------------------- replies
     def reply(self, event: Any, fd: int | None = None) -> None:
-        """Send a reply now if the socket takes it whole, else queue it for the writer."""
-        if self._broken:
+        """Queue a reply (with ``fd`` passed alongside) and write what the socket takes."""
+        if self._broken or self._closed:
             return
         data = self.conn.send(event)
-        if fd is None and not self._out and not self._writing:
-            try:  # fast path: no task switch (the socket is non-blocking)
-                sent = os.write(self._fileno, data)
+        self._out.append([data, fd])
+        self._out_bytes += len(data)
+        if len(self._out) == 1:  # nothing was queued: wake the writer task
+            self._writer_idle.unpark()
+
+    def _push(self) -> None:
+        """The one write path: send queued replies until the socket would block."""
+        out = self._out
+        raw = self.raw
+        while out:
+            head = out[0]
+            try:
+                if head[1] is not None:
+                    ancillary = [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array("i", [head[1]]))]
+                    sent = raw.sendmsg([head[0]], ancillary)
+                    head[1] = None  # it went with the first byte
+                elif len(out) == 1:
+                    sent = raw.send(head[0])
+                else:
+                    batch = []
+                    for item in itertools.islice(out, _MAX_IOV):
+                        if item[1] is not None:
+                            break
+                        batch.append(item[0])
+                    sent = raw.sendmsg(batch)
             except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._broken = True
+                break
+            except OSError:  # reset, broken pipe, closed: the client is gone
+                self._break()
                 return
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._out.append((data, fd))
-        self._out_ready.set()
+            self._out_bytes -= sent
+            while sent:
+                data = out[0][0]
+                if len(data) <= sent:
+                    sent -= len(data)
+                    out.popleft()
+                else:
+                    out[0][0] = memoryview(data)[sent:]
+                    sent = 0
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        if self._drained is not None and (self._out_bytes <= self.server.max_backlog_bytes or self._broken):
+            self._drained.set()
+            self._drained = None
+        if self._flushed is not None and (not self._out or self._broken):
+            self._flushed.set()
+            self._flushed = None
+
+    def _break(self) -> None:
+        self._broken = True
+        self._out.clear()
+        self._out_bytes = 0
+        self._writer_idle.unpark()  # let the writer task see it and end
+        self._wake_waiters()
 
     def _loaded(self, handle: WaitHandle) -> None:
+        """The loader's completion callback (runs in the loader's task: must not raise)."""
         request_id = handle.context
         assert isinstance(request_id, int)
         self.pending.pop(request_id, None)
         error = handle.error
-        if error is None:
-            self.reply(protocol.Loaded(request_id))
-        else:
-            self.reply(protocol.ErrorReply(request_id, error.code, error.message, error.errno))
+        try:
+            if error is None:
+                self.reply(protocol.Loaded(request_id))
+            else:
+                self.reply(protocol.ErrorReply(request_id, error.code, error.message, error.errno))
+        except Exception as exc:
+            self.internal_error(exc)
 
     async def writer(self) -> None:
-        sock = self.sock
-        out = self._out
-        while True:
-            await self._out_ready.wait()
-            self._out_ready = trio.Event()
-            self._writing = True
-            while out:
-                data, fd = out.popleft()
-                try:
-                    if fd is not None:
-                        ancillary = [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array("i", [fd]))]
-                        sent = await sock.sendmsg([data], ancillary)
-                        data = data[sent:]
-                    elif out and out[0][1] is None:  # batch what is queued behind it into one send
-                        batch = [data]
-                        while out and out[0][1] is None:
-                            batch.append(out.popleft()[0])
-                        data = b"".join(batch)
-                    view = memoryview(data)
-                    while view:
-                        sent = await sock.send(view)
-                        view = view[sent:]
-                except (BrokenPipeError, ConnectionResetError, trio.ClosedResourceError):
-                    self._broken = True
-                    out.clear()
-                    return
-            self._writing = False
+        try:
+            await self._write_when_writable()
+        except Exception as exc:  # a bug must cost this one client, never the daemon
+            self.internal_error(exc)
+            self.close()
 
-    async def flush(self, timeout: float = 1.0) -> None:
-        """Give queued replies up to ``timeout`` seconds to go out."""
-        with trio.move_on_after(timeout):
-            while (self._out or self._writing) and not self._broken:
-                await trio.sleep(0.001)
+    async def _write_when_writable(self) -> None:
+        while True:
+            if not self._out:
+                await self._writer_idle.park()
+            if self._broken or self._closed:
+                return
+            self._push()
+            if not self._out:
+                continue
+            try:
+                await trio.lowlevel.wait_writable(self.raw)
+            except (trio.ClosedResourceError, OSError):
+                return
+
+    async def flush(self) -> None:
+        """Wait until every queued reply is written (or the socket broke)."""
+        while self._out and not self._broken:
+            event = self._flushed = self._flushed or trio.Event()
+            await event.wait()
+
+    async def _wait_drained(self) -> None:
+        while self._out_bytes > self.server.max_backlog_bytes and not self._broken:
+            event = self._drained = self._drained or trio.Event()
+            await event.wait()
 
     # ----------------------------------------------------------------- requests
     def handle(self, event: Any) -> None:
@@ -179,24 +260,21 @@ class Session:
                 loader.prefetch(event.offset, event.length)
                 self.reply(protocol.Accepted(event.id))
         elif isinstance(event, protocol.Hello):
+            # ServerConnection delivers only a Hello with a version in common.
             version = protocol.negotiate(event.versions)
-            if version is None:
-                self._error(event.id, codes.UNSUPPORTED_VERSION,
-                            f"no common version: client offers {list(event.versions)}, "
-                            f"daemon speaks {list(protocol.SUPPORTED_VERSIONS)}")
-                return
+            assert version is not None
             self.reply(protocol.HelloReply(event.id, version, loader.memory_size, loader.page_size,
                                            loader.done.is_set()))
         elif isinstance(event, protocol.GetStats):
             self.reply(protocol.StatsReply(event.id, self.server.stats_dict()))
         elif isinstance(event, protocol.GetMemoryFd):
-            fd = self.server.memory_fd
+            fd, why = self.server.memory_fd_for(event.writable)
             if fd is None:
-                self._error(event.id, codes.BAD_MESSAGE, "this daemon's destination is not a shareable file")
+                self.reply(protocol.ErrorReply(event.id, codes.FORBIDDEN, why))
             else:
                 self.reply(protocol.MemoryFdReply(event.id, loader.memory_size), fd)
         else:  # pragma: no cover - the protocol only yields the events above
-            self._error(getattr(event, "id", None), codes.UNKNOWN_OP, f"unexpected {type(event).__name__}")
+            raise TypeError(f"unexpected event {type(event).__name__}")
 
     def _in_memory(self, event: Any) -> bool:
         size = self.loader.memory_size
@@ -214,16 +292,33 @@ class Session:
                                            f"{self.errors} bad requests: closing the connection"))
             self._closing = True
 
+    def internal_error(self, exc: BaseException) -> None:
+        """A bug met while serving this client: one log line, one error reply, hang up."""
+        log.error("internal error on the connection from pid %d: %s: %.200s", self.peer_pid,
+                  type(exc).__name__, exc)
+        log.debug("internal error", exc_info=exc)
+        self._closing = True
+        with contextlib.suppress(Exception):
+            self.reply(protocol.ErrorReply(None, codes.INTERNAL_ERROR, "the server failed on this connection"))
+
     async def read_loop(self) -> None:
         conn = self.conn
         sock = self.sock
+        limit = self.server.max_backlog_bytes
         while not self._closing:
+            if self._out_bytes > limit:  # backpressure: the client is not reading its replies
+                await self._wait_drained()
+                continue
             try:
                 data = await sock.recv(RECV_SIZE)
-            except (ConnectionResetError, trio.ClosedResourceError):
+            except (OSError, trio.ClosedResourceError):
                 return
             conn.receive_data(data)
             while not self._closing:
+                if self._out_bytes > limit:
+                    await self._wait_drained()
+                    if self._broken:
+                        return
                 try:
                     event = conn.next_event()
                 except protocol.RemoteProtocolError as exc:
@@ -240,14 +335,34 @@ class Session:
     def drop_waits(self) -> None:
         for handle in self.pending.values():
             self.loader.cancel(handle)
+            handle.callback = _noop  # the handle may outlive the session in the loader: let go of it
         self.pending.clear()
+
+    def close(self) -> None:
+        """Close the socket and let go of everything; idempotent."""
+        self._closing = True
+        self.drop_waits()
+        if not self._closed:
+            self._closed = True
+            self._out.clear()
+            self._out_bytes = 0
+            self._writer_idle.unpark()
+            self._wake_waiters()
+            self.sock.close()
+        self._on_loaded = _noop  # break the cycle self -> bound method -> self
 
 
 class Server:
     """Serves ``loader`` on the Unix socket at ``path``.
 
-    The socket is created mode 0600 and only accepts peers running as the daemon's
-    uid, as root, or as one of ``allow_uids`` (checked with SO_PEERCRED).
+    Access: the socket is mode 0600, and each peer's uid (SO_PEERCRED) must be the
+    daemon's, root, or one of ``allow_uids``.  For ``allow_uids`` the socket also gets
+    a POSIX ACL granting those uids (and no one else) read-write, so that they can
+    connect at all; where the file system has no ACLs it falls back to mode 0666,
+    with SO_PEERCRED as the only gate, and says so in the log.
+
+    The memory file's descriptor is handed out read-only (reopened O_RDONLY through
+    /proc/self/fd); read-write only on request and with ``allow_writable_memory_fd``.
     """
 
     def __init__(
@@ -257,8 +372,10 @@ class Server:
         *,
         memory_fd: int | None = None,
         allow_uids: tuple[int, ...] = (),
+        allow_writable_memory_fd: bool = False,
         max_errors: int = 8,
         max_pending_waits: int = 4096,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
         extra_stats: Callable[[], dict[str, Any]] | None = None,
         listener: stdsocket.socket | None = None,
     ) -> None:
@@ -268,99 +385,189 @@ class Server:
         self.inherited = listener
         self.memory_fd = memory_fd
         self.allow_uids = {os.getuid(), 0, *allow_uids}
+        self._acl_uids = sorted(set(allow_uids) - {os.getuid(), 0})
+        self.allow_writable_memory_fd = allow_writable_memory_fd
         self.max_errors = max_errors
         self.max_pending_waits = max_pending_waits
+        self.max_backlog_bytes = max_backlog_bytes
         self.extra_stats = extra_stats
         self.sessions: set[Session] = set()
-        self._listener: trio.socket.SocketType | None = None
-        self._nursery: trio.Nursery | None = None
+        self._listener: stdsocket.socket | None = None
+        self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we made
+        self._readonly_fd: int | None = None
         self._connections_total = 0
         self._refused = 0
+        self._accept_errors = 0
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(self.path, len(self.sessions), self._connections_total, self._refused,
-                                [s.statistics() for s in self.sessions])
+                                self._accept_errors, [s.statistics() for s in self.sessions])
 
     def stats_dict(self) -> dict[str, Any]:
         d = self.loader.statistics().as_dict()
         d["queue"] = _plain(self.loader.queue.statistics())
         s = self.statistics()
         d["server"] = {"connections": s.connections, "connections_total": s.connections_total,
-                       "connections_refused": s.connections_refused}
+                       "connections_refused": s.connections_refused, "accept_errors": s.accept_errors,
+                       "reply_bytes_queued": sum(x.reply_bytes_queued for x in s.sessions)}
         if self.extra_stats is not None:
             d.update(self.extra_stats())
         return d
 
-    async def _bind(self) -> trio.socket.SocketType:
+    def memory_fd_for(self, writable: bool) -> tuple[int | None, str]:
+        """The descriptor to pass for a memfd request, or None and why not."""
+        if self.memory_fd is None:
+            return None, "this daemon's destination is not a shareable file"
+        if writable:
+            if not self.allow_writable_memory_fd:
+                return None, "a writable memory fd needs a daemon run with --allow-writable-memory-fd"
+            return self.memory_fd, ""
+        if self._readonly_fd is None:
+            self._readonly_fd = os.open(f"/proc/self/fd/{self.memory_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._readonly_fd, ""
+
+    # ----------------------------------------------------------------- the socket file
+    async def _bind(self) -> stdsocket.socket:
         _clear_stale_socket(self.path)
-        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-        old = os.umask(0o177)
+        sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
-            await sock.bind(self.path)
+            old = os.umask(0o177)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old)
+            st = os.lstat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            os.chmod(self.path, 0o600)
+            if self._acl_uids:
+                _grant_uids(self.path, self._acl_uids)
+            sock.listen(stdsocket.SOMAXCONN)
+            sock.setblocking(False)
         except BaseException:
             sock.close()
+            self._remove_socket()
             raise
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        sock.listen(128)
         return sock
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report started, accept until cancelled; removes the socket file at exit
-        (unless the socket was handed over: its owner, e.g. systemd, keeps it)."""
-        self._listener = trio.socket.from_stdlib_socket(self.inherited) if self.inherited else await self._bind()
+    def _remove_socket(self) -> None:
+        """Unlink the socket file, only if it is still the one this server created."""
+        if self._inode is None:
+            return
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                while True:
-                    try:
-                        conn, _ = await self._listener.accept()
-                    except trio.ClosedResourceError:
-                        break
-                    nursery.start_soon(self._session, conn)
-                nursery.cancel_scope.cancel()
-        finally:
-            self._listener.close()
-            if self.inherited is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-
-    async def aclose(self, flush_timeout: float = 1.0) -> None:
-        """Stop accepting; give each client its queued replies, then close them all."""
-        if self._listener is not None:
-            self._listener.close()
-        for session in list(self.sessions):
-            await session.flush(flush_timeout)
-            session._closing = True
-            session.sock.close()
-        if self.inherited is None:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._inode:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        else:
+            log.warning("%s is no longer the socket this daemon created: left in place", self.path)
+        self._inode = None
 
-    async def _session(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            pid, uid, _ = peer_credentials(sock)
-            if uid not in self.allow_uids:
-                self._refused += 1
-                log.warning("refused a connection from pid %d uid %d", pid, uid)
-                return
-            self._connections_total += 1
-            session = Session(self, sock, pid, uid)
-            self.sessions.add(session)
+    def _stop_listening(self) -> None:
+        if self._listener is not None and self._listener.fileno() != -1:
+            trio.lowlevel.notify_closing(self._listener)
+            self._listener.close()
+
+    # ----------------------------------------------------------------- serving
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, report started, accept until cancelled or closed; removes the socket file at exit
+        (unless the socket was handed over: its owner, e.g. systemd, keeps it)."""
+        if self.inherited is not None:
+            self.inherited.setblocking(False)
+            self._listener = self.inherited
+        else:
+            self._listener = await self._bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await self._accept_loop(self._listener, nursery)
+                # The listener was closed by aclose(), which flushes and closes the sessions.
+        finally:
+            self._stop_listening()
+            self._remove_socket()
+            if self._readonly_fd is not None:
+                os.close(self._readonly_fd)
+                self._readonly_fd = None
+
+    async def _accept_loop(self, listener: stdsocket.socket, nursery: trio.Nursery) -> None:
+        last_logged = -math.inf
+        while True:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(session.writer)
+                raw, _ = listener.accept()
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(listener)
+                except trio.ClosedResourceError:
+                    return
+                continue
+            except OSError as exc:
+                if listener.fileno() == -1:
+                    return
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    self._accept_errors += 1
+                    now = trio.current_time()
+                    if now - last_logged >= ACCEPT_LOG_INTERVAL_S:
+                        last_logged = now
+                        log.warning("cannot accept connections: %s; retrying every %.1f s (%d failures so far)",
+                                    os.strerror(exc.errno or 0), ACCEPT_BACKOFF_S, self._accept_errors)
+                    await trio.sleep(ACCEPT_BACKOFF_S)
+                    continue
+                if exc.errno in _ACCEPT_TRANSIENT_ERRORS:
+                    continue
+                raise
+            raw.setblocking(False)
+            nursery.start_soon(self._session, raw)
+            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the others
+
+    async def aclose(self, deadline: float | None = None) -> None:
+        """Stop accepting; give every client until ``deadline`` (trio time; by default
+        :data:`FLUSH_TIMEOUT_S` from now), all at once, to take its queued replies;
+        then close them all and remove the socket file."""
+        if deadline is None:
+            deadline = trio.current_time() + FLUSH_TIMEOUT_S
+        self._stop_listening()
+        sessions = list(self.sessions)
+        for session in sessions:
+            session._closing = True
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                for session in sessions:
+                    nursery.start_soon(session.flush)
+        for session in sessions:
+            session.close()
+        self._remove_socket()
+
+    async def _session(self, raw: stdsocket.socket) -> None:
+        try:
+            pid, uid, _ = peer_credentials(raw)
+        except OSError:
+            raw.close()
+            return
+        if uid not in self.allow_uids:
+            self._refused += 1
+            log.warning("refused a connection from pid %d uid %d", pid, uid)
+            raw.close()
+            return
+        self._connections_total += 1
+        session = Session(self, raw, pid, uid)
+        self.sessions.add(session)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.writer)
+                try:
                     await session.read_loop()
-                    session.drop_waits()
-                    if session._closing:  # we hang up: make sure the last error reply is read
-                        await session.flush()
-                        await _lingering_close(sock)
-                    nursery.cancel_scope.cancel()
-            finally:
+                except Exception as exc:  # a bug must cost this one client, never the daemon
+                    session.internal_error(exc)
                 session.drop_waits()
-                self.sessions.discard(session)
+                if session._closing and not session._closed:  # we hang up: let the last replies be read
+                    with trio.move_on_after(FLUSH_TIMEOUT_S):
+                        await session.flush()
+                    await _lingering_close(session.sock)
+                session.close()  # ends the writer
+        finally:
+            session.close()
+            self.sessions.discard(session)
 
 
 async def _lingering_close(sock: trio.socket.SocketType, timeout: float = 0.5) -> None:
@@ -368,7 +575,7 @@ async def _lingering_close(sock: trio.socket.SocketType, timeout: float = 0.5) -
     unread input would reset the connection and could destroy our last reply."""
     with contextlib.suppress(OSError):
         sock.shutdown(stdsocket.SHUT_WR)
-    with trio.move_on_after(timeout), contextlib.suppress(OSError):
+    with trio.move_on_after(timeout), contextlib.suppress(OSError, trio.ClosedResourceError):
         while await sock.recv(RECV_SIZE):
             pass
 
@@ -386,11 +593,42 @@ def _clear_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(errno.EEXIST, f"{path} exists and is not a socket")
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
+        os.unlink(path)  # nobody listens: a dead daemon's leftover
         return
+    except BlockingIOError:
+        pass  # EAGAIN: someone listens, with a full backlog
     finally:
         probe.close()
     raise SocketInUse(errno.EADDRINUSE, f"{path}: another daemon is serving on this socket")
+
+
+# POSIX ACL in its extended-attribute form (linux/posix_acl_xattr.h): a version, then
+# (tag, permissions, id) entries sorted by tag, then by id.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+_RW = 0o6
+
+
+def _grant_uids(path: str, uids: list[int]) -> None:
+    """Give ``uids`` read-write on the socket file (connect needs write), no one else."""
+    entries = [(_ACL_USER_OBJ, _RW, _ACL_UNDEFINED_ID)]
+    entries += [(_ACL_USER, _RW, uid) for uid in sorted(uids)]
+    entries += [(_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, _RW, _ACL_UNDEFINED_ID),
+                (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+    data = struct.pack("<I", _ACL_VERSION) + b"".join(_ACL_ENTRY.pack(*e) for e in entries)
+    try:
+        os.setxattr(path, _ACL_XATTR, data, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        os.chmod(path, 0o666)
+        log.warning("%s: this file system has no POSIX ACLs; the socket is mode 0666 so that uids %s can "
+                    "connect, and only the peer-credential check keeps other users out",
+                    path, ", ".join(map(str, uids)))

@@ -42,6 +42,7 @@ from ._events import (
     StatsReply,
     Wait,
 )
+from ._limits import Limits
 from ._wire import SUPPORTED_VERSIONS, negotiate
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "GetStats",
     "Hello",
     "HelloReply",
+    "Limits",
     "Loaded",
     "LocalProtocolError",
     "Marker",

@@ -27,6 +27,8 @@ import msgpack
 from . import codes
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import Event, Hello, HelloReply, Reply, ReplyEvent, Request, RequestEvent
+from ._limits import Limits, describe, nesting_over
+from ._state import ACCEPTED, HELLO, IDLE, NEGOTIATED, REFUSED, after, can
 from ._wire import (
     ENCODERS,
     REPLIES,
@@ -52,6 +54,10 @@ class Marker(enum.Enum):
 NEED_DATA: Literal[Marker.NEED_DATA] = Marker.NEED_DATA
 CLOSED: Literal[Marker.CLOSED] = Marker.CLOSED
 
+#: First size of each connection's msgpack buffers (they grow on demand): small, so
+#: that an idle connection costs little.
+_INITIAL_BUFFER = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionStatistics:
@@ -68,46 +74,30 @@ class ConnectionStatistics:
     failed: bool  #: a fatal error happened; the connection is dead
 
 
-_NONE, _STARTED, _DONE = "none", "started", "done"  # Hello handshake states
-
-
 class _Connection:
     _role = "?"
 
-    def __init__(
-        self,
-        *,
-        max_buffer_size: int,
-        max_array_len: int,
-        max_map_len: int,
-        max_str_len: int,
-        max_bin_len: int,
-        max_send_size: int,
-    ) -> None:
-        for name, value in [
-            ("max_buffer_size", max_buffer_size),
-            ("max_array_len", max_array_len),
-            ("max_map_len", max_map_len),
-            ("max_str_len", max_str_len),
-            ("max_bin_len", max_bin_len),
-            ("max_send_size", max_send_size),
-        ]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
-        self.max_buffer_size = max_buffer_size
-        self.max_send_size = max_send_size
+    def __init__(self, limits: Limits) -> None:
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
+        self.limits = limits
+        self.max_buffer_size = limits.max_buffer_size
+        self.max_send_size = limits.max_send_size
+        self._max_depth = limits.max_depth
         self._unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=max_buffer_size,
-            max_array_len=max_array_len,
-            max_map_len=max_map_len,
-            max_str_len=max_str_len,
-            max_bin_len=max_bin_len,
+            # Start small; the buffer grows up to max_buffer_size only when a message needs it.
+            read_size=min(_INITIAL_BUFFER, limits.max_buffer_size),
+            max_buffer_size=limits.max_buffer_size,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
             max_ext_len=16,
         )
-        self._packer = msgpack.Packer(use_bin_type=True)
+        self._packer = msgpack.Packer(use_bin_type=True, buf_size=_INITIAL_BUFFER)
         # Bytes received but not yet fed to the unpacker (owned copies).
         self._pending: deque[memoryview] = deque()
         self._pending_bytes = 0
@@ -118,7 +108,7 @@ class _Connection:
         # id -> the request type it was, or None for a rejected request (answered
         # only by ErrorReply).
         self._outstanding: dict[int, type[Request] | None] = {}
-        self._hello = _NONE
+        self._hello = IDLE
         self._offered: tuple[int, ...] = ()
         self._version: int | None = None
         self._messages_received = 0
@@ -217,14 +207,21 @@ class _Connection:
         self._feed(chunk)
         if self._error is not None:
             self._remote_errors += 1
-            raise self._error
+            raise self._raised()
 
     def _fail(self, code: str, message: str, cause: BaseException | None = None) -> None:
         self._error = RemoteProtocolError(code, message, None, True)
         self._remote_errors += 1
         self._pending.clear()
         self._pending_bytes = 0
-        raise self._error from cause
+        raise self._raised() from cause
+
+    def _raised(self) -> RemoteProtocolError:
+        """A fresh copy of the fatal error to raise: the stored one never carries a
+        traceback, which would hold the caller's frames (and this connection) in a cycle."""
+        error = self._error
+        assert error is not None
+        return RemoteProtocolError(error.code, error.message, error.id, error.fatal)
 
     def next_event(self) -> Any:
         """The next event from the peer, :data:`NEED_DATA`, or :data:`CLOSED`.
@@ -234,7 +231,7 @@ class _Connection:
         fatal one every call raises it again.
         """
         if self._error is not None:
-            raise self._error.with_traceback(None)
+            raise self._raised()
         unpacker = self._unpacker
         while True:
             try:
@@ -263,9 +260,11 @@ class _Connection:
                     self._fail(codes.TOO_LARGE, f"a message is over a size limit: {exc}", exc)
                 self._fail(codes.BAD_FRAME, f"undecodable msgpack: {exc}", exc)
             except (msgpack.UnpackException, TypeError, OverflowError) as exc:
-                self._fail(codes.BAD_FRAME, f"undecodable msgpack: {exc!r}", exc)
+                self._fail(codes.BAD_FRAME, f"undecodable msgpack: {type(exc).__name__}", exc)
             self._message_start = unpacker.tell()
             self._messages_received += 1
+            if (type(message) is dict or type(message) is list) and nesting_over(message, self._max_depth):
+                self._fail(codes.TOO_LARGE, f"a message is nested deeper than {self._max_depth}")
             return self._receive(message)
 
     def _reject(self, code: str, message: str, id: int | None) -> RemoteProtocolError:
@@ -309,24 +308,8 @@ class ServerConnection(_Connection):
 
     _role = "server"
 
-    def __init__(
-        self,
-        *,
-        max_buffer_size: int = 64 * 1024,
-        max_array_len: int = 64,
-        max_map_len: int = 32,
-        max_str_len: int = 1024,
-        max_bin_len: int = 1024,
-        max_send_size: int = 1024 * 1024,
-    ) -> None:
-        super().__init__(
-            max_buffer_size=max_buffer_size,
-            max_array_len=max_array_len,
-            max_map_len=max_map_len,
-            max_str_len=max_str_len,
-            max_bin_len=max_bin_len,
-            max_send_size=max_send_size,
-        )
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(Limits.server() if limits is None else limits)
 
     def next_event(self) -> RequestEvent | Marker:
         """The next request, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""
@@ -342,7 +325,7 @@ class ServerConnection(_Connection):
         if id is None:
             raise self._reject(
                 codes.BAD_MESSAGE,
-                f"a request needs an id below 2**63, not {message.get('id')!r}",
+                f"a request needs an id below 2**63, not {describe(message.get('id'))}",
                 None,
             )
         if id in self._outstanding:
@@ -352,8 +335,8 @@ class ServerConnection(_Connection):
         if decoder is None:
             self._outstanding[id] = None
             if type(op) is str:
-                raise self._reject(codes.UNKNOWN_OP, f"unknown op {op!r}", id)
-            raise self._reject(codes.BAD_MESSAGE, f"a request needs an op string, not {op!r}", id)
+                raise self._reject(codes.UNKNOWN_OP, f"unknown op {describe(op)}", id)
+            raise self._reject(codes.BAD_MESSAGE, f"a request needs an op string, not {describe(op)}", id)
         try:
             event = decode(decoder, message, id, f"{op} request")
         except RemoteProtocolError as exc:
@@ -361,9 +344,10 @@ class ServerConnection(_Connection):
             self._remote_errors += 1
             raise exc from None
         if type(event) is Hello:
-            if self._hello is not _NONE:
+            if not can(self._hello, HELLO):
                 self._outstanding[id] = None
-                raise self._reject(codes.BAD_MESSAGE, "a Hello was already accepted", id)
+                what = "accepted" if self._hello is NEGOTIATED else "received and is not answered yet"
+                raise self._reject(codes.BAD_MESSAGE, f"a Hello was already {what}", id)
             if negotiate(event.versions) is None:
                 self._outstanding[id] = None
                 raise self._reject(
@@ -372,9 +356,9 @@ class ServerConnection(_Connection):
                     f"the server speaks {list(SUPPORTED_VERSIONS)}",
                     id,
                 )
-            self._hello = _STARTED
+            self._hello = after(self._hello, HELLO)
             self._offered = event.versions
-        elif self._hello is _NONE:
+        elif self._hello is IDLE:
             self._outstanding[id] = None
             raise self._reject(codes.HELLO_REQUIRED, f"{op} before Hello", id)
         self._outstanding[id] = type(event)  # type: ignore[assignment]
@@ -406,14 +390,14 @@ class ServerConnection(_Connection):
                     f"version {event.version} is not one both sides speak "
                     f"(client {list(self._offered)}, server {list(SUPPORTED_VERSIONS)})"
                 )
-        elif answers is not None and self._hello is not _DONE:
+        elif answers is not None and self._hello is not NEGOTIATED:
             raise LocalProtocolError(f"{type(event).__name__} before the HelloReply")
         data = self._pack(event)
         if id is not None:
             if self._outstanding.pop(id) is Hello and answers is None:
-                self._hello = _NONE  # Hello refused: the client may try again
+                self._hello = after(self._hello, REFUSED)  # the client may try again
         if type(event) is HelloReply:
-            self._hello = _DONE
+            self._hello = after(self._hello, ACCEPTED)
             self._version = event.version
         return self._sent(data)
 
@@ -429,24 +413,8 @@ class ClientConnection(_Connection):
 
     _role = "client"
 
-    def __init__(
-        self,
-        *,
-        max_buffer_size: int = 1024 * 1024,
-        max_array_len: int = 128 * 1024,
-        max_map_len: int = 4096,
-        max_str_len: int = 64 * 1024,
-        max_bin_len: int = 64 * 1024,
-        max_send_size: int = 64 * 1024,
-    ) -> None:
-        super().__init__(
-            max_buffer_size=max_buffer_size,
-            max_array_len=max_array_len,
-            max_map_len=max_map_len,
-            max_str_len=max_str_len,
-            max_bin_len=max_bin_len,
-            max_send_size=max_send_size,
-        )
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(Limits.client() if limits is None else limits)
 
     def next_event(self) -> ReplyEvent | Marker:
         """The next reply, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""
@@ -472,7 +440,7 @@ class ClientConnection(_Connection):
             if id is None and raw_id is not None:
                 raise self._reject(
                     codes.BAD_MESSAGE,
-                    f"an error reply needs re: nil or an id, not {raw_id!r}",
+                    f"an error reply needs re: nil or an id, not {describe(raw_id)}",
                     None,
                 )
             expected = None if id is None else self._answer(id)
@@ -482,13 +450,13 @@ class ClientConnection(_Connection):
                 self._remote_errors += 1
                 raise
             if expected is Hello:
-                self._hello = _NONE  # refused: another Hello may be sent
+                self._hello = after(self._hello, REFUSED)  # another Hello may be sent
             return event
         id = read_id(message, "re")
         if id is None:
             raise self._reject(
                 codes.BAD_MESSAGE,
-                f"a reply needs re, a request id, not {message.get('re')!r}",
+                f"a reply needs re, a request id, not {describe(message.get('re'))}",
                 None,
             )
         expected = self._answer(id)
@@ -496,7 +464,7 @@ class ClientConnection(_Connection):
         decoder = REPLIES.get(ok) if type(ok) is str else None
         if decoder is None:
             raise self._reject(
-                codes.BAD_MESSAGE, f"a reply needs an ok kind or err, not ok={ok!r}", id
+                codes.BAD_MESSAGE, f"a reply needs an ok kind or err, not ok={describe(ok)}", id
             )
         try:
             reply = decode(decoder, message, id, f"{ok} reply")
@@ -511,13 +479,13 @@ class ClientConnection(_Connection):
             )
         if type(reply) is HelloReply:
             if reply.version not in self._offered or reply.version not in SUPPORTED_VERSIONS:
-                self._hello = _NONE
+                self._hello = after(self._hello, REFUSED)
                 raise self._reject(
                     codes.UNSUPPORTED_VERSION,
                     f"the server chose version {reply.version}; we offered {list(self._offered)}",
                     id,
                 )
-            self._hello = _DONE
+            self._hello = after(self._hello, ACCEPTED)
             self._version = reply.version
         return reply
 
@@ -534,13 +502,13 @@ class ClientConnection(_Connection):
         if id in self._outstanding:
             raise LocalProtocolError(f"request id {id} is still outstanding")
         if type(event) is Hello:
-            if self._hello is not _NONE:
+            if not can(self._hello, HELLO):
                 raise LocalProtocolError("a Hello was already sent")
-        elif self._hello is _NONE:
+        elif self._hello is IDLE:
             raise LocalProtocolError(f"{type(event).__name__} before Hello")
         data = self._pack(event)
         if type(event) is Hello:
-            self._hello = _STARTED
+            self._hello = after(self._hello, HELLO)
             self._offered = event.versions
         self._outstanding[id] = type(event)
         return self._sent(data)

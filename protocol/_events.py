@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from ._errors import LocalProtocolError, RemoteProtocolError
+from ._limits import describe
 
 MAX_ID = 2**63  #: ids are unsigned and below this
 MAX_U64 = 2**64  #: offsets, lengths and sizes fit in an unsigned 64-bit int
@@ -38,7 +39,7 @@ def _bound(limit: int) -> str:
 def _check_uint(what: str, value: object, limit: int, minimum: int = 0) -> None:
     if not _is_int(value) or not minimum <= value < limit:  # type: ignore[operator]
         raise LocalProtocolError(
-            f"{what} must be an int in [{minimum}, {_bound(limit)}), not {value!r}"
+            f"{what} must be an int in [{minimum}, {_bound(limit)}), not {describe(value)}"
         )
 
 
@@ -69,8 +70,8 @@ def _check_stats_value(value: object, path: str, depth: int) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise LocalProtocolError(f"stats{path} has a key {key!r} that is not a str")
-            _check_stats_value(item, f"{path}[{key!r}]", depth + 1)
+                raise LocalProtocolError(f"stats{path} has a key {describe(key)} that is not a str")
+            _check_stats_value(item, f"{path}[{describe(key)}]", depth + 1)
         return
     raise LocalProtocolError(
         f"stats{path} is a {type(value).__name__}; only None, bool, int, float, str, "
@@ -116,7 +117,7 @@ class Hello(Request):
         _check_id(self.id)
         if not isinstance(self.versions, tuple) or not 1 <= len(self.versions) <= MAX_VERSIONS:
             raise LocalProtocolError(
-                f"versions must be a tuple of 1 to {MAX_VERSIONS} ints, not {self.versions!r}"
+                f"versions must be a tuple of 1 to {MAX_VERSIONS} ints, not {describe(self.versions)}"
             )
         for v in self.versions:
             _check_uint("a version", v, MAX_VERSION, 1)
@@ -167,12 +168,18 @@ class GetStats(Request):
 @dataclass(frozen=True, slots=True)
 class GetMemoryFd(Request):
     """Asks for the guest memory file's descriptor.  The I/O layer sends the
-    :class:`MemoryFdReply` frame with the descriptor attached (SCM_RIGHTS)."""
+    :class:`MemoryFdReply` frame with the descriptor attached (SCM_RIGHTS).
+
+    The descriptor is read-only unless ``writable`` is true; a server may refuse
+    that with ``forbidden``."""
 
     id: int
+    writable: bool = False
 
     def __post_init__(self) -> None:
         _check_id(self.id)
+        if not isinstance(self.writable, bool):
+            raise LocalProtocolError(f"writable must be a bool, not {describe(self.writable)}")
 
 
 # ---------------------------------------------------------------- replies
@@ -198,7 +205,7 @@ class HelloReply(Reply):
         if self.page_size & (self.page_size - 1):
             raise LocalProtocolError(f"page_size {self.page_size} is not a power of two")
         if not isinstance(self.done, bool):
-            raise LocalProtocolError(f"done must be a bool, not {self.done!r}")
+            raise LocalProtocolError(f"done must be a bool, not {describe(self.done)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +278,7 @@ class ErrorReply(Reply):
             _check_id(self.id)
         if not isinstance(self.code, str) or not 1 <= len(self.code) <= MAX_CODE:
             raise LocalProtocolError(
-                f"code must be a str of 1 to {MAX_CODE} characters, not {self.code!r}"
+                f"code must be a str of 1 to {MAX_CODE} characters, not {describe(self.code)}"
             )
         if not isinstance(self.message, str):
             raise LocalProtocolError(f"message must be a str, not {type(self.message).__name__}")

@@ -30,6 +30,7 @@ from ._events import (
     StatsReply,
     Wait,
 )
+from ._limits import describe
 
 #: Protocol versions this implementation speaks.
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -51,7 +52,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Wait: lambda e: {"op": "wait", "id": e.id, "off": e.offset, "len": e.length},
     Prefetch: lambda e: {"op": "prefetch", "id": e.id, "off": e.offset, "len": e.length},
     GetStats: lambda e: {"op": "stats", "id": e.id},
-    GetMemoryFd: lambda e: {"op": "memfd", "id": e.id},
+    GetMemoryFd: lambda e: {"op": "memfd", "id": e.id, "writable": True} if e.writable else {"op": "memfd", "id": e.id},
     HelloReply: lambda e: {
         "re": e.id,
         "ok": "hello",
@@ -73,7 +74,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
 def _hello(m: Wire, id: int) -> Hello:
     versions = m["v"]
     if type(versions) is not list:
-        raise LocalProtocolError(f"v must be an array of versions, not {versions!r}")
+        raise LocalProtocolError(f"v must be an array of versions, not {describe(versions)}")
     return Hello(id, tuple(versions), m.get("client", ""))
 
 
@@ -92,7 +93,7 @@ REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "wait": lambda m, id: Wait(id, m["off"], m["len"]),
     "prefetch": lambda m, id: Prefetch(id, m["off"], m["len"]),
     "stats": lambda m, id: GetStats(id),
-    "memfd": lambda m, id: GetMemoryFd(id),
+    "memfd": lambda m, id: GetMemoryFd(id, m.get("writable", False)),
 }
 
 #: Success-reply decoders, by ``ok``.

@@ -29,6 +29,8 @@ SHUTTING_DOWN = "shutting-down"  #: the daemon is stopping; the request will not
 TOO_MANY_ERRORS = "too-many-errors"  #: the server gives up on a misbehaving client
 TOO_MANY_REQUESTS = "too-many-requests"  #: this connection already has the most waits pending
 CANCELLED = "cancelled"  #: the request was abandoned by the server
+FORBIDDEN = "forbidden"  #: the request is well formed but this daemon does not allow it
+INTERNAL_ERROR = "internal-error"  #: the server failed on this connection (a bug); it closes it
 
 #: Codes after which the byte stream cannot be trusted: the connection is dead.
 FATAL = frozenset({BAD_FRAME, TOO_LARGE, TRUNCATED})
@@ -54,5 +56,7 @@ ALL = frozenset(
         TOO_MANY_ERRORS,
         TOO_MANY_REQUESTS,
         CANCELLED,
+        FORBIDDEN,
+        INTERNAL_ERROR,
     }
 )

@@ -153,8 +153,9 @@ def test_fill_run_and_prober_on_a_tiny_image(tmp_path: Path) -> None:
     make_sample_image(image, 8 << 20, dense=True)
     run = fill_run(image, str(tmp_path), ["--aio", "sync"], probe=True)
     assert run.total_bytes == 8 << 20 and run.throughput_mb_s > 0
-    # whatever the prober timed, the daemon counted as blocked (or the race let it through)
-    assert len(run.samples_ns) <= run.waits_served + 1
+    # every wait the prober timed is one the daemon answered: blocked, or already loaded when
+    # it arrived (a page can load between the prober's mincore check and its wait)
+    assert len(run.samples_ns) <= run.waits_served + run.waits_immediate
     assert run.selection in ("mincore", "") or run.selection.startswith("random")
 
 

@@ -151,35 +151,43 @@ async def test_client_vanishing_mid_wait_leaks_nothing(tmp_path, images):
         state.stop()
 
 
+#: The id of the request that ends each raw exchange: its reply proves that every
+#: reply before it has arrived (replies to one connection are written in order).
+LAST = 999
+
+
 def _raw_exchange(path, payload, *, chunked=False):
-    """Send raw bytes (a hello first), return every reply until the daemon closes or goes quiet."""
+    """Send a hello, raw bytes, then a stats request with id LAST; return every reply up
+    to LAST's, or up to the daemon closing the connection (and whether it did)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    sock.settimeout(2)
+    sock.settimeout(30)  # only a hang trips it: the exchange ends with LAST's reply or EOF
     hello = msgpack.packb({"op": "hello", "id": 1, "v": [1]})
-    data = hello + payload
-    if chunked:
-        for i in range(len(data)):
-            sock.send(data[i : i + 1])
-            time.sleep(0.001)
-    else:
-        sock.sendall(data)
+    data = hello + payload + msgpack.packb({"op": "stats", "id": LAST})
+    try:
+        if chunked:
+            for i in range(len(data)):
+                sock.send(data[i : i + 1])
+                time.sleep(0.001)
+        else:
+            sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon hung up early (a fatal error): its replies are still to be read
     unpacker = msgpack.Unpacker()
     replies, closed = [], False
     try:
-        while True:
+        while not any(r.get("re") == LAST for r in replies):
             chunk = sock.recv(65536)
             if not chunk:
                 closed = True
                 break
             unpacker.feed(chunk)
             replies.extend(unpacker)
-    except TimeoutError:
-        pass
     except ConnectionResetError:
         closed = True
-    sock.close()
-    return replies, closed
+    finally:
+        sock.close()
+    return [r for r in replies if r.get("re") != LAST], closed
 
 
 def _codes(replies):
@@ -223,7 +231,7 @@ async def test_protocol_fed_one_byte_at_a_time(tmp_path, images):
         state = await nursery.start(run_daemon, options(tmp_path, images["raw"]))
         payload = msgpack.packb({"op": "wait", "id": 2, "off": SIZE - PAGE, "len": PAGE})
         replies, _ = await trio.to_thread.run_sync(lambda: _raw_exchange(state.server.path, payload, chunked=True))
-        assert [r.get("re") for r in replies] == [1, 2]
+        assert [r.get("re") for r in replies] == [1, 2]  # and LAST's reply came after them
         assert replies[1].get("ok") == "loaded"
         state.stop()
 
@@ -273,37 +281,47 @@ async def test_eager_mode_opens_the_socket_only_when_loaded(tmp_path, images):
         state.stop()
 
 
-async def test_socket_is_private_and_peer_uid_checked(request, images):
-    if os.getuid() != 0:
-        pytest.skip("needs root to connect as another uid (not root here)")
-    sockdir = pathlib.Path(tempfile.mkdtemp(prefix="pageload-peercred-"))  # pytest's tmp is 0700
-    os.chmod(sockdir, 0o777)
-    request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))
-    nobody = 65534
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("no system python3 in /usr/bin or /bin to run a client as uid 65534")
+NOBODY = 65534
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory any uid may enter (pytest's tmp_path is 0700)."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="pageload-peercred-"))
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as uid 65534")
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no system python3 in /usr/bin or /bin to run as uid 65534")
+async def test_socket_is_private_and_peer_uid_checked(shared_dir, images):
     # the client runs as another uid, with the stdlib only: send a hello, print the reply's kind
     hello = msgpack.packb({"op": "hello", "id": 1, "v": [1]}).hex()
     script = (
         "import socket, sys\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(5)\n"
         "try:\n    s.connect(sys.argv[1]); s.sendall(bytes.fromhex(sys.argv[2])); data = s.recv(4096)\n"
-        "except OSError as e:\n    data = b''\n"
-        "print('OK' if b'hello' in data else 'REFUSED')\n"
+        "except OSError as e:\n    data = e.strerror.encode()\n"
+        "print('OK' if b'hello' in data else data.decode() or 'CLOSED')\n"
     )
-    for allow, expect in (((), "REFUSED"), ((nobody,), "OK")):
-        opts = DaemonOptions(source=images["raw"], socket_path=str(sockdir / f"s{len(allow)}.sock"),
+    # (allow_uids, chmod 0666 by hand, what the client sees, connections refused by SO_PEERCRED)
+    hung_up = {"CLOSED", "Broken pipe", "Connection reset by peer"}
+    cases = [((), False, {"Permission denied"}, 0), ((), True, hung_up, 1), ((NOBODY,), False, {"OK"}, 0)]
+    for i, (allow, widen, expect, refused) in enumerate(cases):
+        opts = DaemonOptions(source=images["raw"], socket_path=str(shared_dir / f"s{i}.sock"),
                              handle_signals=False, ready_line=False, allow_uids=allow)
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
             mode = stat.S_IMODE(os.stat(opts.socket_path).st_mode)
-            assert mode == 0o600
-            os.chmod(opts.socket_path, 0o666)  # let the file mode pass, so SO_PEERCRED decides
-            result = await trio.run_process([python, "-c", script, opts.socket_path, hello], user=nobody,
+            assert mode == (0o660 if allow else 0o600)  # with an ACL, the group bits show its mask
+            if widen:
+                os.chmod(opts.socket_path, 0o666)  # let the file mode pass: SO_PEERCRED still refuses
+            result = await trio.run_process([SYSTEM_PYTHON, "-c", script, opts.socket_path, hello], user=NOBODY,
                                             capture_stdout=True, check=False)
-            assert result.stdout.decode().strip() == expect, result
-            assert state.server.statistics().connections_refused == (1 if not allow else 0)
+            assert result.stdout.decode().strip() in expect, result
+            assert state.server.statistics().connections_refused == refused
             state.stop()
 
 

@@ -21,6 +21,7 @@ from protocol import (
     GetStats,
     Hello,
     HelloReply,
+    Limits,
     Loaded,
     LocalProtocolError,
     MemoryFdReply,
@@ -98,6 +99,7 @@ def test_public_surface() -> None:
             "GetStats",
             "Hello",
             "HelloReply",
+            "Limits",
             "Loaded",
             "LocalProtocolError",
             "Marker",
@@ -142,6 +144,8 @@ def test_error_codes() -> None:
         "too-many-errors",
         "too-many-requests",
         "cancelled",
+        "forbidden",
+        "internal-error",
     }
     assert codes.FATAL == {codes.BAD_FRAME, codes.TOO_LARGE, codes.TRUNCATED}
     assert codes.OUT_OF_RANGE == "out-of-range"
@@ -201,6 +205,19 @@ def test_replies_round_trip() -> None:
         assert drain(client) == [reply]
     assert not client.outstanding and not server.outstanding
     assert client.version == server.version == 1
+
+
+def test_memory_fd_request_writable_field() -> None:
+    client, server = handshake()
+    plain = client.send(GetMemoryFd(1))
+    assert plain == packb({"op": "memfd", "id": 1})  # read-only: the field is left out
+    writable = client.send(GetMemoryFd(2, writable=True))
+    assert writable == packb({"op": "memfd", "id": 2, "writable": True})
+    server.receive_data(plain + writable + packb({"op": "memfd", "id": 3, "writable": 1}))
+    assert server.next_event() == GetMemoryFd(1)
+    assert server.next_event() == GetMemoryFd(2, writable=True)
+    error = remote_error(server)
+    assert (error.code, error.id) == (codes.BAD_MESSAGE, 3) and "writable must be a bool" in error.message
 
 
 def test_connection_error_reply_round_trip() -> None:
@@ -313,7 +330,7 @@ def test_replies_out_of_order() -> None:
 
 def test_chunk_larger_than_buffer_holds_many_messages() -> None:
     """A chunk over max_buffer_size made of small messages is not "too-large"."""
-    server = feed_server(b"", ServerConnection(max_buffer_size=64))
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=64)))
     chunk = b"".join(packb({"op": "wait", "id": i, "off": 0, "len": 1}) for i in range(1, 200))
     assert len(chunk) > 20 * 64
     server.receive_data(chunk)
@@ -323,7 +340,7 @@ def test_chunk_larger_than_buffer_holds_many_messages() -> None:
 
 
 def test_received_buffer_may_be_reused_at_once() -> None:
-    server = feed_server(b"", ServerConnection(max_buffer_size=32))
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=32)))
     chunk = b"".join(packb({"op": "wait", "id": i, "off": 0, "len": 1}) for i in range(1, 30))
     buffer = bytearray(chunk)
     server.receive_data(memoryview(buffer))
@@ -336,7 +353,7 @@ def test_message_of_exactly_max_buffer_size() -> None:
     pad = 100 - len(packb(base)) - 1  # str header grows by 1 byte past 31 chars
     message = packb({**base, "pad": "x" * pad})
     assert len(message) == 100
-    server = feed_server(message, ServerConnection(max_buffer_size=100))
+    server = feed_server(message, ServerConnection(Limits.server(max_buffer_size=100)))
     assert drain(server) == [Wait(1, 0, 1)]
     over = packb({**base, "id": 2, "pad": "x" * (pad + 1)})
     assert len(over) == 101
@@ -453,7 +470,7 @@ def test_bad_frame_is_fatal(name: str, data: bytes, code: str, chunk: int | None
 
 def test_slow_huge_array_is_too_large() -> None:
     """A message consumed piecemeal by the unpacker is still bounded by max_buffer_size."""
-    server = ServerConnection(max_buffer_size=256, max_array_len=10_000)
+    server = ServerConnection(Limits.server(max_buffer_size=256, max_array_len=10_000))
     message = b"\xdc\x27\x10" + b"\xc0" * 10_000  # array of 10000 nils
     error = None
     for i in range(0, len(message), 16):
@@ -645,6 +662,7 @@ def test_client_limits_are_roomier() -> None:
         lambda: ErrorReply(1, ""),
         lambda: ErrorReply(1, "io-error", "x", -5),
         lambda: ErrorReply(-1, "io-error"),
+        lambda: GetMemoryFd(1, 1),  # type: ignore[arg-type]
     ],
 )
 def test_invalid_events(build: Any) -> None:
@@ -703,8 +721,23 @@ def test_max_send_size() -> None:
 
 
 def test_bad_limits() -> None:
-    with pytest.raises(ValueError):
-        ServerConnection(max_buffer_size=0)
+    with pytest.raises(ValueError, match="max_buffer_size"):
+        Limits.server(max_buffer_size=0)
+    with pytest.raises(ValueError, match="max_depth"):
+        Limits.client(max_depth=True)
+    with pytest.raises(TypeError):
+        ServerConnection({"max_buffer_size": 1})  # type: ignore[arg-type]
+
+
+def test_limits_are_one_frozen_object() -> None:
+    limits = Limits.server(max_str_len=10)
+    assert ServerConnection(limits).limits is limits
+    assert limits.max_buffer_size == Limits.server().max_buffer_size
+    with pytest.raises(AttributeError):
+        limits.max_str_len = 11  # type: ignore[misc]
+    # Each side's default send size is what the other side accepts.
+    assert Limits.server().max_send_size == Limits.client().max_buffer_size
+    assert Limits.client().max_send_size == Limits.server().max_buffer_size
 
 
 def test_statistics() -> None:
@@ -724,3 +757,93 @@ def test_statistics() -> None:
         stats.bytes_received == server.statistics().bytes_received == client.statistics().bytes_sent
     )
     assert not stats.eof and not stats.failed
+
+
+# ---------------------------------------------------------------- hostile values
+
+
+def test_deeply_nested_id_is_too_large_not_recursion() -> None:
+    """A 1000-deep array as the id raised RecursionError from repr()."""
+    server = ServerConnection()
+    server.receive_data(b"\x82\xa2op\xa4wait\xa2id" + b"\x91" * 1000 + b"\x00")
+    error = remote_error(server)
+    assert (error.code, error.fatal) == (codes.TOO_LARGE, True)
+    assert "nested" in error.message
+
+
+@pytest.mark.parametrize("depth", [8, 9, 30])
+def test_nesting_limit(depth: int) -> None:
+    limits = Limits.server(max_depth=8)
+    value: Any = 0
+    for _ in range(depth - 1):  # the request map itself is one level
+        value = [value]
+    server = feed_server(packb({"op": "wait", "id": 2, "off": 0, "len": 1, "x": value}), ServerConnection(limits))
+    if depth <= 8:
+        assert drain(server) == [Wait(2, 0, 1)]
+    else:
+        assert remote_error(server).code == codes.TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("id", [[[[[[1]]]]]]),
+        ("off", {"a": [[["x" * 1000]]]}),
+        ("op", "y" * 1000),
+        ("off", "z" * 1000),
+    ],
+)
+def test_bad_values_are_described_briefly(field: str, value: Any) -> None:
+    message = {"op": "wait", "id": 3, "off": 0, "len": 1, field: value}
+    server = feed_server(packb(message), ServerConnection(Limits.server(max_depth=32)))
+    error = remote_error(server)
+    assert error.code in (codes.BAD_MESSAGE, codes.UNKNOWN_OP)
+    assert len(error.message) < 150, error.message
+
+
+def test_client_describes_bad_values_briefly() -> None:
+    client, _ = handshake()
+    client.send(GetStats(1))
+    client.receive_data(packb({"re": 1, "ok": ["x" * 5000] * 3}))
+    error = remote_error(client)
+    assert error.code == codes.BAD_MESSAGE and len(error.message) < 150
+
+
+def test_handshake_states_are_named() -> None:
+    from protocol import _state
+
+    assert repr(_state.IDLE) == "IDLE"
+    assert _state.after(_state.IDLE, _state.HELLO) is _state.OFFERED
+    assert _state.after(_state.OFFERED, _state.REFUSED) is _state.IDLE
+    assert _state.after(_state.OFFERED, _state.ACCEPTED) is _state.NEGOTIATED
+    assert not _state.can(_state.NEGOTIATED, _state.HELLO)
+    with pytest.raises(KeyError):
+        _state.after(_state.IDLE, _state.ACCEPTED)
+
+
+def test_second_hello_while_the_first_is_pending() -> None:
+    server = ServerConnection()
+    server.receive_data(packb({"op": "hello", "id": 0, "v": [1]}) + packb({"op": "hello", "id": 1, "v": [1]}))
+    assert server.next_event() == Hello(0, (1,))
+    error = remote_error(server)
+    assert (error.code, error.id) == (codes.BAD_MESSAGE, 1) and "not answered yet" in error.message
+    server.send(HELLO_REPLY)
+    server.send(ErrorReply.for_error(error))  # the rejected Hello gets its answer too
+    assert server.version == 1 and not server.outstanding
+
+
+def test_idle_connection_buffers_start_small() -> None:
+    """Each connection's msgpack buffers start at a few KiB (msgpack's defaults: a 256 KiB
+    packer buffer and a read buffer of max_buffer_size).  The unpacker's fixed parse
+    stack (about 40 KiB) is most of what is left."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        conns = [ServerConnection() for _ in range(50)]
+        per_connection = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+    finally:
+        tracemalloc.stop()
+    assert per_connection < 64 * 1024, per_connection
+

@@ -56,8 +56,8 @@ def test_loader_public_names():
         "mapped_memory",
         "parse_size", "run_daemon",
         # issue 12 (operations): asyncio client, metrics, systemd
-        "ActivationError", "AsyncioClient", "MetricsAddress", "MetricsError", "MetricsServer", "Notifier",
-        "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
+        "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
+        "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
         # issue 9 (Firecracker's page-fault handler): the handler modes
         "UFFD_MODES", "UffdConfig",
     }

@@ -6,6 +6,7 @@ Nothing in the daemon core (:mod:`loader`) imports this package.
 """
 
 from ._daemon_process import DaemonProcess, DaemonStartError
+from ._fuzz import FuzzReport, fuzz_frames, run_fuzz
 from ._loadgen import VERIFY_CHUNK, LoadgenError, LoadgenReport, Mismatch, ProgressFn, run_loadgen, scale_to_rate
 from ._percentiles import percentiles
 from ._perfimport import PerfSamples, fold_addresses, import_perf_script, parse_perf_script
@@ -36,6 +37,7 @@ __all__ = [
     "DaemonProcess",
     "DaemonStartError",
     "Fault",
+    "FuzzReport",
     "LoadgenError",
     "LoadgenReport",
     "Mismatch",
@@ -47,6 +49,7 @@ __all__ = [
     "detect_form",
     "fold_addresses",
     "format_text",
+    "fuzz_frames",
     "generate",
     "import_perf_script",
     "load_trace",
@@ -55,6 +58,7 @@ __all__ = [
     "parse_perf_script",
     "parse_text",
     "percentiles",
+    "run_fuzz",
     "run_loadgen",
     "save_trace",
     "scale_to_rate",

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader import Client, ClientError, mapped_memory
+from loader import Client, ClientError, ConnectionLost, mapped_memory
 from loader.checkpoint import open_checkpoint
 
 from ._percentiles import percentiles
@@ -373,7 +373,7 @@ def _replay(
             errors += 1
             if len(error_samples) < SAMPLES_KEPT:
                 error_samples.append(f"client {index}: fault {i} at {off:#x}+{ln:#x}: {exc}")
-            if exc.code == "closed":
+            if isinstance(exc, ConnectionLost):
                 lost = True
         except OSError as exc:
             failed = lost = True
