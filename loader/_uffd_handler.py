@@ -17,7 +17,7 @@ userfaultfd in SCM_RIGHTS.  :class:`UffdHandler` then
 * handles ``UFFD_EVENT_REMOVE`` / ``UNMAP`` (never copied again, later faults get zero
   pages) and ``REMAP`` (the region moves);
 * answers a page that cannot be read with ``UFFDIO_POISON`` (the faulting thread gets
-  SIGBUS) where the VMM enabled UFFD_FEATURE_POISON; see docs/UFFD.md otherwise.
+  SIGBUS) on kernels with UFFDIO_POISON (6.6+); see docs/UFFD.md otherwise.
 
 Everything runs in the trio thread; each ioctl is at most ``fill_chunk`` bytes.
 """
@@ -463,9 +463,9 @@ class UffdHandler:
                 self._retry.append((va, r.page_size, start_ns))
                 return
             if not self._gone_error(exc):
-                # no UFFD_FEATURE_POISON: nothing can raise SIGBUS in the thread; never hand
-                # out wrong bytes -- the VMM's memory is unusable, so drop the userfaultfd
-                log.error("uffd: cannot poison %#x (%s): the VMM did not enable UFFD_FEATURE_POISON; "
+                # no UFFDIO_POISON (kernel before 6.6): nothing can raise SIGBUS in the
+                # thread; never hand out wrong bytes -- the VMM's memory is unusable
+                log.error("uffd: cannot poison %#x (%s): no UFFDIO_POISON in this kernel?; "
                           "stopping the handler", va, exc.strerror)
                 self.gone = True
         self._record(start_ns)

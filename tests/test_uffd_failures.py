@@ -166,3 +166,34 @@ def test_sigterm_drains_faults_then_exits_0(tmp_path, image):
     assert child_code == -signal.SIGBUS, log
     assert "not loaded at shutdown: poisoned" in log
 
+
+
+
+async def test_poison_works_without_the_vmm_asking_for_the_feature(tmp_path, image):
+    """Firecracker v1.12 asks only for UFFD_FEATURE_EVENT_REMOVE: UFFDIO_POISON still
+    works on a kernel that has it (checked at collection: 6.6+), so the vCPU gets SIGBUS."""
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
+                   wrap_queue=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(BAD, BAD + PAGE)))
+    opts_features = _uffd.FEATURE_EVENT_REMOVE
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, SIZE, [GOOD, BAD], expected=image, features=opts_features)
+        try:
+            def follow() -> int:
+                assert child.stdout is not None
+                lines.extend(line.strip() for line in child.stdout)
+                return child.wait(10)
+
+            with trio.fail_after(15):
+                code = await trio.to_thread.run_sync(follow)
+                while nursery.child_tasks:  # the daemon ends by itself once the VMM has gone
+                    await trio.sleep(0.01)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+    assert code == -signal.SIGBUS, lines
+    assert f"ok {GOOD}" in lines
+    assert state.uffd.faults_failed == 1
