@@ -219,6 +219,7 @@ class UffdHandler:
             "faults_zero": self.faults_zero,
             "faults_failed": self.faults_failed,
             "faults_spurious": self.faults_spurious,
+            "faults_outstanding": self.outstanding,
             "fault_blocked_s": self.blocked_ns / 1e9,
             "copied_bytes": self.copied_bytes,
             "copies": self.copies,

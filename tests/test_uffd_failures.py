@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import trio
 
 import aio.testing
-from loader import DaemonOptions, LoaderConfig, _uffd, run_daemon
+from loader import Client, DaemonOptions, LoaderConfig, _uffd, run_daemon
 from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import spawn_child
 
@@ -76,6 +77,11 @@ async def serve_child(opts, image, offsets, *, stop_when=None):
             for line in child.stdout:
                 lines.append(line.strip())
                 if stop_when is not None and line.strip() == stop_when:
+                    # the child prints before it touches: stop once the fault is in the daemon
+                    deadline = time.monotonic() + 5
+                    while not trio.from_thread.run_sync(lambda: state.uffd.outstanding) and \
+                            time.monotonic() < deadline:
+                        time.sleep(0.005)
                     trio.from_thread.run_sync(state.stop)
             return child.wait(10)
 
@@ -153,6 +159,12 @@ def test_sigterm_drains_faults_then_exits_0(tmp_path, image):
             if lines[-1] == f"touching {BAD}":
                 break
         assert f"ok {GOOD}" in lines
+        deadline = time.monotonic() + 5  # the child prints before it touches: wait for the fault
+        while time.monotonic() < deadline:
+            with Client.connect(daemon.socket_path, timeout=5) as c:
+                if c.stats()["uffd"]["faults_outstanding"] >= 1:
+                    break
+            time.sleep(0.01)
         code = daemon.stop()
         child_code = child.wait(10)
     finally:
