@@ -13,6 +13,7 @@ In one run, on the dense image (``threads`` backend, warm page cache):
 * a wait on a **loaded** page, one at a time, from a blocking :class:`~loader.Client`
   against a fully loaded daemon: p50/p99, client-timed, and the ratio to the round
   trip (goal p50 <= 3x);
+* the same with the shared loaded map (``Client.load_map``): no request at all;
 * pipelined waits/s at depth 64 and 1024 on loaded pages (a raw socket and the
   sans-I/O :class:`protocol.ClientConnection`, replies refilled as they come);
   goal >= 100k/s at depth 1024, and the ratios to the server's protocol half and the echo;
@@ -176,10 +177,12 @@ def _loaded_daemon(image: str, workdir: str, timeout_s: float = 600) -> tuple[Da
     return daemon, stats["throughput_bps"] / 1e6
 
 
-def _one_at_a_time(path: str, rounds: int, seed: int) -> dict[str, float]:
+def _one_at_a_time(path: str, rounds: int, seed: int, use_map: bool = False) -> dict[str, float]:
     rng = random.Random(seed)
     samples = array("q")
     with Client.connect(path) as client:
+        if use_map:
+            client.load_map()
         pages = client.memory_size // client.page_size
         offsets = [rng.randrange(pages) * client.page_size for _ in range(rounds)]
         page = client.page_size
@@ -273,6 +276,9 @@ def run_latency_section(
         loaded = _one_at_a_time(daemon.socket_path, rounds, seed=1)
         log(f"wait on a loaded page, one at a time: p50 {loaded['p50']:.1f} us, p99 {loaded['p99']:.1f} us "
             f"({loaded['p50'] / rtt['p50']:.2f}x the round trip)")
+        mapped = _one_at_a_time(daemon.socket_path, rounds, seed=1, use_map=True)
+        log(f"the same with the loaded map (Client.load_map): p50 {mapped['p50']:.2f} us, "
+            f"p99 {mapped['p99']:.2f} us ({mapped['p50'] / rtt['p50']:.3f}x the round trip)")
         rates = {}
         for depth in depths:
             rates[str(depth)] = _pipelined(daemon.socket_path, depth, pipelined, seed=depth)
@@ -301,6 +307,8 @@ def run_latency_section(
                   f"the loaded daemon's fill {fill:.0f} MB/s / cp to /dev/shm {cp:.0f} MB/s, one each"),
         _at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
                  f"{loaded['p50']:.1f} us / {rtt['p50']:.1f} us, {loaded['count']} waits one at a time"),
+        _at_most("the same, with the loaded map", mapped["p50"] / rtt["p50"], 3, "x",
+                 f"{mapped['p50']:.2f} us / {rtt['p50']:.1f} us: no request sent"),
         _at_least(f"pipelined waits/s, depth {deepest}", rates[deepest] / 1e3, 100, "k/s",
                   f"{pipelined} waits; {rates[deepest] / limits['protocol_waits_per_s']:.2f}x "
                   "the server's protocol half "
@@ -321,6 +329,8 @@ def run_latency_section(
             "one_at_a_time_us": loaded,
             "ratio_p50_to_rtt": loaded["p50"] / rtt["p50"],
             "ratio_p99_to_rtt": loaded["p99"] / rtt["p99"],
+            "with_map_us": mapped,
+            "with_map_ratio_p50_to_rtt": mapped["p50"] / rtt["p50"],
             "pipelined_waits_per_s": rates,
             "pipelined_ratio_to_echo": {d: rates[d] / limits["pipelined_msgs_per_s"][d] for d in rates},
             "pipelined_ratio_to_protocol": {d: rates[d] / limits["protocol_waits_per_s"] for d in rates},

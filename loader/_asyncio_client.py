@@ -131,7 +131,13 @@ class AsyncioClient(_Common):
 
     # ----------------------------------------------------------------- the methods all clients have
     async def wait(self, offset: int, length: int) -> None:
+        if self._in_map(offset, length):
+            return
         self._check(await self._request(protocol.Wait(next(self._ids), offset, length)))
+
+    async def load_map(self) -> None:
+        """As :meth:`Client.load_map <loader.Client.load_map>`."""
+        self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
 
     async def prefetch(self, offset: int, length: int) -> None:
         self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length)))

@@ -36,6 +36,7 @@ import protocol
 from protocol import codes
 
 from ._loader import Loader, LoadError, WaitHandle
+from ._loadmap import LoadedMap
 
 log = logging.getLogger("pageload.server")
 
@@ -132,7 +133,15 @@ class Session:
         """Queue a reply (with ``fd`` passed alongside) and write what the socket takes."""
         if self._broken or self._closed:
             return
-        data = self.conn.send(event)
+        self._queue(self.conn.send(event), fd)
+
+    def reply_loaded(self, request_id: int) -> None:
+        """``reply(Loaded(request_id))`` through the protocol's template encoder."""
+        if self._broken or self._closed:
+            return
+        self._queue(self.conn.send_loaded(request_id), None)
+
+    def _queue(self, data: bytes, fd: int | None) -> None:
         self._out.append([data, fd])
         self._out_bytes += len(data)
         if len(self._out) == 1:  # nothing was queued: wake the writer task
@@ -197,7 +206,7 @@ class Session:
         error = handle.error
         try:
             if error is None:
-                self.reply(protocol.Loaded(request_id))
+                self.reply_loaded(request_id)
             else:
                 self.reply(protocol.ErrorReply(request_id, error.code, error.message, error.errno))
         except Exception as exc:
@@ -252,7 +261,7 @@ class Session:
                 self.reply(protocol.ErrorReply(event.id, exc.code, exc.message, exc.errno))
                 return
             if handle is None:
-                self.reply(protocol.Loaded(event.id))
+                self.reply_loaded(event.id)
             else:
                 self.pending[event.id] = handle
         elif isinstance(event, protocol.Prefetch):
@@ -267,6 +276,9 @@ class Session:
                                            loader.done.is_set()))
         elif isinstance(event, protocol.GetStats):
             self.reply(protocol.StatsReply(event.id, self.server.stats_dict()))
+        elif isinstance(event, protocol.GetLoadedMap):
+            lmap = self.server.loaded_map()
+            self.reply(protocol.LoadedMapReply(event.id, lmap.size, lmap.granule), lmap.readonly_fd)
         elif isinstance(event, protocol.GetMemoryFd):
             fd, why = self.server.memory_fd_for(event.writable)
             if fd is None:
@@ -398,6 +410,7 @@ class Server:
         self._connections_total = 0
         self._refused = 0
         self._accept_errors = 0
+        self._loaded_map: LoadedMap | None = None
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(self.path, len(self.sessions), self._connections_total, self._refused,
@@ -413,6 +426,12 @@ class Server:
         if self.extra_stats is not None:
             d.update(self.extra_stats())
         return d
+
+    def loaded_map(self) -> LoadedMap:
+        """The shared loaded map, made on the first request for it."""
+        if self._loaded_map is None:
+            self._loaded_map = LoadedMap(self.loader)
+        return self._loaded_map
 
     def memory_fd_for(self, writable: bool) -> tuple[int | None, str]:
         """The descriptor to pass for a memfd request, or None and why not."""
@@ -489,6 +508,8 @@ class Server:
             if self._readonly_fd is not None:
                 os.close(self._readonly_fd)
                 self._readonly_fd = None
+            if self._loaded_map is not None:
+                self._loaded_map.close_fds()
 
     async def _accept_loop(self, listener: stdsocket.socket, nursery: trio.Nursery) -> None:
         last_logged = -math.inf

@@ -26,7 +26,8 @@ import msgpack
 
 from . import codes
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import Event, Hello, HelloReply, Reply, ReplyEvent, Request, RequestEvent
+from ._events import Event, Hello, HelloReply, Loaded, Reply, ReplyEvent, Request, RequestEvent, Wait
+from ._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, parse_wait
 from ._limits import Limits, describe, nesting_over
 from ._state import ACCEPTED, HELLO, IDLE, NEGOTIATED, REFUSED, after, can
 from ._wire import (
@@ -116,6 +117,29 @@ class _Connection:
         self._bytes_received = 0
         self._bytes_sent = 0
         self._remote_errors = 0
+        # Received bytes held back from the unpacker for a fast path (server side:
+        # wait frames), from _raw_pos on; None when there are none.  They come
+        # before anything the unpacker holds.
+        self._raw: bytes | None = None
+        self._raw_pos = 0
+        self._fast = False  # hold bytes back for the fast path (set by ServerConnection)
+
+    def _raw_bytes(self) -> int:
+        return 0 if self._raw is None else len(self._raw) - self._raw_pos
+
+    def _flush_raw(self) -> None:
+        """Hand the held-back bytes to the general path, in front of the pending ones."""
+        raw = self._raw
+        assert raw is not None
+        self._raw = None
+        rest = memoryview(raw)[self._raw_pos:]
+        later = self._pending
+        self._pending = deque()
+        self._pending_bytes = 0
+        self._accept(rest, len(rest))
+        for chunk in later:
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
 
     # ------------------------------------------------------------ public state
 
@@ -138,7 +162,7 @@ class _Connection:
             messages_sent=self._messages_sent,
             bytes_received=self._bytes_received,
             bytes_sent=self._bytes_sent,
-            buffered_bytes=self._fed - self._message_start + self._pending_bytes,
+            buffered_bytes=self._fed - self._message_start + self._pending_bytes + self._raw_bytes(),
             outstanding=len(self._outstanding),
             remote_errors=self._remote_errors,
             eof=self._eof,
@@ -166,6 +190,19 @@ class _Connection:
         self._bytes_received += n
         if self._error is not None:
             return
+        if self._fast:
+            if self._raw is not None:  # rare: more bytes before the held-back ones were taken
+                self._raw = self._raw[self._raw_pos:] + bytes(view)
+                self._raw_pos = 0
+                return
+            if not self._pending and self._fed == self._message_start:  # the unpacker is empty
+                self._raw = bytes(view)
+                self._raw_pos = 0
+                return
+        self._accept(view, n)
+
+    def _accept(self, view: bytes | memoryview, n: int) -> None:
+        """Queue ``n`` bytes for the general (msgpack) path, behind any already queued."""
         if not self._pending:
             room = self.max_buffer_size - (self._fed - self._message_start)
             if n <= room:
@@ -214,6 +251,7 @@ class _Connection:
         self._remote_errors += 1
         self._pending.clear()
         self._pending_bytes = 0
+        self._raw = None
         raise self._raised() from cause
 
     def _raised(self) -> RemoteProtocolError:
@@ -232,6 +270,10 @@ class _Connection:
         """
         if self._error is not None:
             raise self._raised()
+        if self._raw is not None:
+            event = self._next_fast()
+            if event is not None:
+                return event
         unpacker = self._unpacker
         while True:
             try:
@@ -266,6 +308,11 @@ class _Connection:
             if (type(message) is dict or type(message) is list) and nesting_over(message, self._max_depth):
                 self._fail(codes.TOO_LARGE, f"a message is nested deeper than {self._max_depth}")
             return self._receive(message)
+
+    def _next_fast(self) -> Event | None:
+        """The next event from the held-back bytes, or None after handing them all to
+        the general path (only valid input in the common form is taken here)."""
+        raise NotImplementedError
 
     def _reject(self, code: str, message: str, id: int | None) -> RemoteProtocolError:
         self._remote_errors += 1
@@ -310,6 +357,40 @@ class ServerConnection(_Connection):
 
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(Limits.server() if limits is None else limits)
+        lim = self.limits
+        # The fast path for wait frames (protocol/_fast.py) skips the unpacker, so it
+        # runs only where no limit could reject a wait frame or a Loaded reply.
+        self._fast = (lim.max_buffer_size >= MAX_WAIT_FRAME and lim.max_map_len >= 4
+                      and lim.max_str_len >= 4 and lim.max_depth >= 1
+                      and lim.max_send_size >= MAX_LOADED_FRAME)
+
+    def _next_fast(self) -> Event | None:
+        raw = self._raw
+        assert raw is not None
+        got = parse_wait(raw, self._raw_pos)
+        # A duplicate id or a wait before Hello: the general path rejects it.
+        if got is not None and got[1] not in self._outstanding and self._hello is not IDLE:
+            end, id, offset, length = got
+            if end == len(raw):
+                self._raw = None
+            else:
+                self._raw_pos = end
+            self._messages_received += 1
+            self._outstanding[id] = Wait
+            return Wait(id, offset, length)
+        self._flush_raw()
+        return None
+
+    def send_loaded(self, id: int) -> bytes:
+        """``send(Loaded(id))``, from a template when ``id`` is an outstanding Wait
+        after the HelloReply (otherwise through :meth:`send`, with its checks)."""
+        if self._outstanding.get(id) is Wait and self._hello is NEGOTIATED:
+            del self._outstanding[id]
+            data = encode_loaded(id)
+            self._messages_sent += 1
+            self._bytes_sent += len(data)
+            return data
+        return self.send(Loaded(id))
 
     def next_event(self) -> RequestEvent | Marker:
         """The next request, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""

@@ -182,6 +182,18 @@ class GetMemoryFd(Request):
             raise LocalProtocolError(f"writable must be a bool, not {describe(self.writable)}")
 
 
+@dataclass(frozen=True, slots=True)
+class GetLoadedMap(Request):
+    """Asks for the daemon's loaded map: a read-only file with one bit per granule of
+    guest memory, set once that granule is loaded (:class:`LoadedMapReply`, with the
+    descriptor attached by the I/O layer, SCM_RIGHTS)."""
+
+    id: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -262,6 +274,25 @@ class MemoryFdReply(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedMapReply(Reply):
+    """Answers :class:`GetLoadedMap`: the map (``size`` bytes; bit ``i % 8`` of byte
+    ``i // 8`` covers memory ``[i * granule, (i + 1) * granule)``) arrives as an
+    SCM_RIGHTS descriptor with the bytes of this frame."""
+
+    answers: ClassVar[type[Request] | None] = GetLoadedMap
+    id: int
+    size: int
+    granule: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_uint("size", self.size, MAX_U64)
+        _check_uint("granule", self.granule, 2**32, 1)
+        if self.granule & (self.granule - 1):
+            raise LocalProtocolError(f"granule {self.granule} is not a power of two")
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply(Reply):
     """A request failed (``id``), or the connection did (``id`` is ``None``: sent
     just before the server closes it).  ``code`` is one of :mod:`protocol.codes` (or a
@@ -292,6 +323,7 @@ class ErrorReply(Reply):
 
 
 #: Any request (for annotations and match statements).
-RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd
+RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd | GetLoadedMap
 #: Any reply.
-ReplyEvent: TypeAlias = HelloReply | Loaded | Accepted | StatsReply | MemoryFdReply | ErrorReply
+ReplyEvent: TypeAlias = (HelloReply | Loaded | Accepted | StatsReply | MemoryFdReply | LoadedMapReply
+                          | ErrorReply)

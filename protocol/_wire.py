@@ -20,11 +20,13 @@ from ._events import (
     Accepted,
     ErrorReply,
     Event,
+    GetLoadedMap,
     GetMemoryFd,
     GetStats,
     Hello,
     HelloReply,
     Loaded,
+    LoadedMapReply,
     MemoryFdReply,
     Prefetch,
     StatsReply,
@@ -53,6 +55,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Prefetch: lambda e: {"op": "prefetch", "id": e.id, "off": e.offset, "len": e.length},
     GetStats: lambda e: {"op": "stats", "id": e.id},
     GetMemoryFd: lambda e: {"op": "memfd", "id": e.id, "writable": True} if e.writable else {"op": "memfd", "id": e.id},
+    GetLoadedMap: lambda e: {"op": "loadmap", "id": e.id},
     HelloReply: lambda e: {
         "re": e.id,
         "ok": "hello",
@@ -65,6 +68,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Accepted: lambda e: {"re": e.id, "ok": "accepted"},
     StatsReply: lambda e: {"re": e.id, "ok": "stats", "stats": e.stats},
     MemoryFdReply: lambda e: {"re": e.id, "ok": "memfd", "size": e.size},
+    LoadedMapReply: lambda e: {"re": e.id, "ok": "loadmap", "size": e.size, "granule": e.granule},
     ErrorReply: lambda e: {"re": e.id, "err": e.code, "msg": e.message, "errno": e.errno},
 }
 
@@ -94,6 +98,7 @@ REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "prefetch": lambda m, id: Prefetch(id, m["off"], m["len"]),
     "stats": lambda m, id: GetStats(id),
     "memfd": lambda m, id: GetMemoryFd(id, m.get("writable", False)),
+    "loadmap": lambda m, id: GetLoadedMap(id),
 }
 
 #: Success-reply decoders, by ``ok``.
@@ -103,6 +108,7 @@ REPLIES: dict[str, Callable[[Wire, int], Event]] = {
     "accepted": lambda m, id: Accepted(id),
     "stats": lambda m, id: StatsReply(id, m["stats"]),
     "memfd": lambda m, id: MemoryFdReply(id, m["size"]),
+    "loadmap": lambda m, id: LoadedMapReply(id, m["size"], m["granule"]),
 }
 
 

@@ -54,6 +54,13 @@ class BlockingAdapter:
     async def memory_fd(self) -> int:
         return self.client.memory_fd()
 
+    async def load_map(self) -> None:
+        self.client.load_map()
+
+    @property
+    def map_hits(self) -> int:
+        return self.client.map_hits
+
 
 async def _sequential(*fns: Callable[[], Awaitable[Any]]) -> list[Any]:
     return [await fn() for fn in fns]
@@ -311,3 +318,32 @@ def test_asyncio_read_does_not_block_the_loop(daemon):
         return ticks
 
     assert run_with("asyncio", daemon.socket_path, scenario) > 50
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loaded_map_skips_the_round_trip_for_loaded_ranges(daemon, image, kind):
+    base = region(9, kind) + 2 * PAGE
+
+    async def waits() -> int:
+        return int((await c_ref[0].stats())["waits_total"])
+
+    c_ref: list[Any] = []
+
+    async def scenario(c, gather):
+        c_ref.append(c)
+        await c.load_map()
+        w0 = await waits()
+        await c.wait(base + 100, 3 * PAGE)  # not loaded: asks the daemon
+        w1 = await waits()
+        await c.wait(base + 100, 3 * PAGE)  # loaded now, and the map shows it: no request
+        await c.wait(base + PAGE, PAGE)
+        w2 = await waits()
+        hits = c.map_hits
+        await c.wait(base + 4 * PAGE, PAGE)  # the next page: not loaded, asks
+        w3 = await waits()
+        with pytest.raises(ClientError):  # outside the memory: still the daemon's error
+            await c.wait(SIZE - PAGE, 2 * PAGE)
+        return w1 - w0, w2 - w1, hits, w3 - w2
+
+    asked, skipped, hits, asked_again = run_with(kind, daemon.socket_path, scenario)
+    assert (asked, skipped, hits, asked_again) == (1, 0, 2, 1)

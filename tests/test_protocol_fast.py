@@ -1,0 +1,178 @@
+"""The wait/loaded fast path (protocol/_fast.py) against the general msgpack path.
+
+A ServerConnection with the fast path off (``_fast = False``, the general path alone)
+is the reference: the same bytes, in any chunking, must give the same events, the
+same errors and the same statistics, and replies the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgpack
+import pytest
+
+from protocol import (
+    NEED_DATA,
+    Hello,
+    HelloReply,
+    Limits,
+    Loaded,
+    RemoteProtocolError,
+    ServerConnection,
+    Wait,
+)
+from protocol._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, parse_wait
+
+EDGES = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def test_encode_loaded_is_msgpack() -> None:
+    rng = random.Random(1)
+    for id in EDGES[:-2] + [rng.randrange(2**63) for _ in range(2000)]:
+        data = encode_loaded(id)
+        assert data == msgpack.packb({"re": id, "ok": "loaded"})
+        assert len(data) <= MAX_LOADED_FRAME
+
+
+def test_parse_wait_matches_msgpack() -> None:
+    rng = random.Random(2)
+    for _ in range(3000):
+        id, off, ln = (rng.choice(EDGES) if rng.random() < 0.5 else rng.randrange(2**64) for _ in range(3))
+        frame = msgpack.packb({"op": "wait", "id": id, "off": off, "len": ln})
+        valid = id < 2**63 and ln >= 1 and off + ln <= 2**64
+        got = parse_wait(b"xy" + frame + b"tail", 2)
+        assert got == ((2 + len(frame), id, off, ln) if valid else None)
+        assert len(frame) <= MAX_WAIT_FRAME
+        for cut in range(len(frame)):  # a partial frame is never taken
+            assert parse_wait(frame[:cut], 0) is None
+
+
+def test_parse_wait_takes_only_what_msgpack_decodes_the_same() -> None:
+    rng = random.Random(3)
+    base = msgpack.packb({"op": "wait", "id": 300, "off": 70000, "len": 2**33})
+    for _ in range(20000):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        got = parse_wait(bytes(data), 0)
+        if got is None:
+            continue
+        end, id, off, ln = got
+        message = msgpack.unpackb(bytes(data[:end]))
+        assert message == {"op": "wait", "id": id, "off": off, "len": ln}
+        assert list(message) == ["op", "id", "off", "len"]
+
+
+def _random_message(rng: random.Random, ids: list[int]) -> bytes:
+    """Mostly waits (valid, invalid, duplicate ids, other key orders), some others."""
+    r = rng.random()
+    id = rng.choice(ids) if ids and rng.random() < 0.1 else rng.choice([rng.randrange(1 << 20), rng.choice(EDGES)])
+    ids.append(id)
+    off = rng.choice([rng.randrange(1 << 30), rng.choice(EDGES), -1])
+    ln = rng.choice([4096, rng.randrange(1 << 20), rng.choice(EDGES), 0])
+    if r < 0.7:
+        return msgpack.packb({"op": "wait", "id": id, "off": off, "len": ln})
+    if r < 0.75:
+        return msgpack.packb({"id": id, "op": "wait", "len": ln, "off": off})
+    if r < 0.8:
+        return msgpack.packb({"op": "wait", "id": id, "off": off, "len": ln, "x": 1})
+    if r < 0.85:
+        return msgpack.packb({"op": "prefetch", "id": id, "off": off, "len": ln})
+    if r < 0.9:
+        return msgpack.packb({"op": "stats", "id": id})
+    if r < 0.95:
+        return msgpack.packb({"op": "hello", "id": id, "v": [1]})
+    return msgpack.packb({"op": "wait", "id": id, "off": "x", "len": ln})
+
+
+def _run(data: bytes, chunks: list[int], fast: bool,
+         limits: Limits | None = None) -> tuple[list[Any], Any, list[bytes]]:
+    conn = ServerConnection(limits)
+    if not fast:
+        conn._fast = False
+    out: list[Any] = []
+    sent: list[bytes] = []
+    pos = 0
+    chunk_list = chunks + [len(data)]
+    for size in chunk_list:
+        piece = data[pos:pos + size]
+        pos += len(piece)
+        conn.receive_data(piece)
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                out.append(("error", exc.code, exc.id, exc.fatal))
+                if exc.fatal:
+                    return out, conn.statistics(), sent
+                continue
+            if event is NEED_DATA:
+                break
+            out.append(event)
+            if type(event) is Hello:
+                sent.append(conn.send(HelloReply(event.id, 1, 1 << 30, 4096, False)))
+            elif type(event) is Wait and event.id % 3:
+                # answer most waits at once, through the fast encoder or the general one
+                sent.append(conn.send_loaded(event.id) if fast else conn.send(Loaded(event.id)))
+        if pos >= len(data):
+            break
+    conn.receive_data(b"")
+    try:
+        out.append(conn.next_event())
+    except RemoteProtocolError as exc:
+        out.append(("error", exc.code, exc.id, exc.fatal))
+    return out, conn.statistics(), sent
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_server_fast_path_equals_general_path(seed: int) -> None:
+    rng = random.Random(seed)
+    ids: list[int] = []
+    hello = msgpack.packb({"op": "hello", "id": 0, "v": [1]})
+    messages = [_random_message(rng, ids) for _ in range(rng.randint(0, 3))]  # before Hello
+    messages += [hello] + [_random_message(rng, ids) for _ in range(300)]
+    if seed % 4 == 0:
+        messages.append(b"\xc1")  # never used in msgpack: fatal
+    if seed % 4 == 1:
+        messages.append(hello[:5])  # truncated at EOF
+    data = b"".join(messages)
+    reference = _run(data, [len(data)], fast=False)
+    whole = _run(data, [len(data)], fast=True)
+    bytewise = _run(data, [1] * len(data), fast=True)
+    chunked = _run(data, [rng.randint(1, 80) for _ in range(len(data))], fast=True)
+    assert whole == reference
+    assert bytewise == reference
+    assert chunked == reference
+    assert any(type(e) is Wait for e in reference[0])
+
+
+def test_fast_path_is_off_when_a_limit_could_reject_a_wait() -> None:
+    assert ServerConnection()._fast
+    assert not ServerConnection(Limits.server(max_buffer_size=32))._fast
+    data = msgpack.packb({"op": "hello", "id": 0, "v": [1]}) + msgpack.packb(
+        {"op": "wait", "id": 2**40, "off": 2**40, "len": 2**40})
+    small = Limits.server(max_buffer_size=32)
+    got, _, _ = _run(data, [len(data)], fast=True, limits=small)
+    assert got[-1][:2] == ("error", "too-large")
+
+
+def test_send_loaded_checks_like_send() -> None:
+    conn = ServerConnection()
+    conn.receive_data(msgpack.packb({"op": "hello", "id": 0, "v": [1]}) + msgpack.packb(
+        {"op": "wait", "id": 7, "off": 0, "len": 1}) + msgpack.packb({"op": "stats", "id": 8}))
+    assert type(conn.next_event()) is Hello
+    assert conn.next_event() == Wait(7, 0, 1)
+    conn.next_event()
+    from protocol import LocalProtocolError
+    with pytest.raises(LocalProtocolError):  # before the HelloReply
+        conn.send_loaded(7)
+    conn.send(HelloReply(0, 1, 1 << 30, 4096, False))
+    with pytest.raises(LocalProtocolError):  # answers a GetStats
+        conn.send_loaded(8)
+    with pytest.raises(LocalProtocolError):  # not outstanding
+        conn.send_loaded(9)
+    assert conn.send_loaded(7) == msgpack.packb({"re": 7, "ok": "loaded"})
+    with pytest.raises(LocalProtocolError):  # answered already
+        conn.send_loaded(7)
