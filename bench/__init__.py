@@ -3,12 +3,14 @@ own limits in one run (never asserted in tests).
 
 Sections: ``daemon`` (fill, ready, wait latency, memory), ``backends`` (every AIO
 backend, warm and cold), ``designs`` (ours against eager, lazy-only and
-first-come-first-served restores under one trace).
+first-come-first-served restores under one trace), ``workingset`` (restores with
+and without a recorded working set).
 """
 
 from ._designs import DESIGNS, DesignError, PlotUnavailable, format_designs, plot_designs, run_designs
 from ._run import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
 from ._tools import BenchError, WaitProber, cp_mb_s, drop_caches, fill_run, median, warm_cache
+from ._workingset import format_workingset, perturb_trace, plot_workingset, run_workingset_section
 
 __all__ = [
     "DESIGNS",
@@ -24,6 +26,10 @@ __all__ = [
     "fill_run",
     "format_bench",
     "format_designs",
+    "format_workingset",
+    "perturb_trace",
+    "plot_workingset",
+    "run_workingset_section",
     "median",
     "plot_designs",
     "run_bench",

@@ -178,6 +178,7 @@ class _Poller(threading.Thread):
         self.t0 = t0
         self.t_s = array("d")
         self.loaded = array("Q")
+        self.served = array("Q")  #: waits that blocked, so far (the daemon's ``waits_served``)
         self.done_s: float | None = None
         self.last: dict[str, Any] = {}
         self.stop = threading.Event()
@@ -192,6 +193,7 @@ class _Poller(threading.Thread):
                     self.last = stats
                     self.t_s.append(now)
                     self.loaded.append(int(stats["loaded_bytes"]))
+                    self.served.append(int(stats["waits_served"]))
                     if stats["done"] and self.done_s is None:
                         self.done_s = now
                     if self.stop.wait(POLL_INTERVAL_S):
@@ -200,8 +202,9 @@ class _Poller(threading.Thread):
             self.error = exc
 
 
-def _daemon(image: str, design: str, workdir: str, aio_name: str) -> DaemonProcess:
-    args = ["--tracemalloc", "--aio", aio_name, "--progress-interval", "3600", *DESIGNS[design]]
+def _daemon(image: str, design: str, workdir: str, aio_name: str, flags: Iterable[str] | None = None) -> DaemonProcess:
+    flags = DESIGNS[design] if flags is None else flags
+    args = ["--tracemalloc", "--aio", aio_name, "--progress-interval", "3600", *flags]
     sock, log_path = os.path.join(workdir, f"{design}.sock"), os.path.join(workdir, f"{design}.log")
     return DaemonProcess(image, sock, log_path, args)
 
@@ -230,8 +233,11 @@ def _run_design(
     aio_name: str,
     log: Callable[[str], None],
     ceiling: bool,
+    flags: Iterable[str] | None = None,
 ) -> tuple[dict[str, Any], float | None]:
-    daemon = _daemon(image, design, workdir, aio_name)
+    """One daemon (``flags``, default the design's) replaying ``trace``; its row."""
+    flags = tuple(DESIGNS[design] if flags is None else flags)
+    daemon = _daemon(image, design, workdir, aio_name, flags)
     sock = daemon.socket_path
     spawned: list[Any] = []  # [t0, poller]
 
@@ -253,7 +259,7 @@ def _run_design(
         t0, poller = spawned
         ready_s = daemon.ready_s
         clients_done_s = time.perf_counter() - t0
-        if design != "lazy":
+        if "--no-sweep" not in flags:
             deadline = time.monotonic() + LOAD_TIMEOUT_S
             while poller.done_s is None and poller.is_alive() and time.monotonic() < deadline:
                 time.sleep(POLL_INTERVAL_S)
@@ -296,6 +302,9 @@ def _run_design(
         ),
         "heap_peak_bytes": process.get("heap_peak_bytes"),
         "generator_overhead_us_per_wait": report.overhead_us_per_wait,
+        "waits_blocked": final["waits_served"] + final["waits_failed"],
+        "daemon_wait_time_s": final["total_wait_time_s"],
+        "working_set": final.get("working_set"),
         "series": _series(report, poller),
     }
     return row, ceiling_wps
@@ -314,6 +323,7 @@ def _series(report: LoadgenReport, poller: _Poller) -> dict[str, list[float]]:
         "t_s": [0.0, *_thin(poller.t_s, PLOT_POINTS * 4)],
         "loaded_bytes": [0, *_thin(poller.loaded, PLOT_POINTS * 4)],
         "wait_end_s": [start_s + e / 1e9 for e in _thin(ends, PLOT_POINTS)],
+        "waits_blocked": [0, *_thin(poller.served, PLOT_POINTS * 4)],
         "latency_quantiles_us": quantiles,
     }
 

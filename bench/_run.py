@@ -11,6 +11,8 @@ directory and runs the chosen sections on it, each against real
 * ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace;
 * ``latency`` (:mod:`bench._latency`): a wait's cost against the raw socket round
   trip (loaded pages one at a time, pipelined waits/s, unloaded pages during the fill).
+* ``workingset`` (:mod:`bench._workingset`): record a working set under the same
+  trace, then restore with and without it (and laid out first), same and perturbed trace.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loader.checkpoint import open_checkpoint
-from workloads import generate, load_trace, make_sample_image
+from workloads import Trace, generate, load_trace, make_sample_image
 
 from ._backends import run_backends_section
 from ._daemon import run_daemon_section
@@ -39,10 +41,11 @@ from ._designs import run_designs
 from ._latency import run_latency_section
 from ._tools import BenchError
 from ._uffd import run_uffd_section
+from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "uffd")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd")
 QUICK_SIZE = 256 << 20
 
 
@@ -162,6 +165,10 @@ def _run_section(
         return run_backends_section(
             image, workdir, repeat=rep or 1, thread_repeat=rep or (1 if quick else 3), log=log
         )
+    if name == "workingset":
+        return run_workingset_section(
+            image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log, seed=opts.seed
+        )
     if name == "latency":
         return run_latency_section(
             image,
@@ -177,9 +184,8 @@ def _run_section(
     return _designs_section(opts, image, workdir, log)
 
 
-def _designs_section(
-    opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
-) -> dict[str, Any]:
+def _trace(opts: BenchOptions, image: str) -> Trace:
+    """The trace the designs and workingset sections replay."""
     layout = open_checkpoint(image).layout
     if opts.trace:
         trace = load_trace(opts.trace)
@@ -196,8 +202,14 @@ def _designs_section(
             seed=opts.seed,
             layout=layout,
         )
+    return trace
+
+
+def _designs_section(
+    opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
+) -> dict[str, Any]:
     out: dict[str, Any] = run_designs(
-        image, trace, clients=opts.clients, workdir=workdir, log=log
+        image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log
     )
     return out
 
@@ -285,6 +297,8 @@ def format_bench(result: dict[str, Any]) -> str:
             lines += _format_backends(section)
         elif name == "uffd":
             lines += _format_uffd(section)
+        elif name == "workingset":
+            lines.append(format_workingset(section))
         elif name == "designs":
             try:
                 from ._designs import format_designs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -22,7 +23,8 @@ def register(sub: Any) -> None:
         "against real 'pageload restore' daemons: daemon (fill vs cp, time to ready, wait latency, "
         "RSS and heap, each against its goal), backends (every AIO backend, warm/cold page cache, "
         "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace), latency (a "
-        "wait against the raw socket round trip: loaded pages, pipelined waits/s, unloaded pages).  "
+        "wait against the raw socket round trip: loaded pages, pipelined waits/s, unloaded pages), "
+        "workingset (record a working set under the trace, restore with and without it).  "
         "See docs/BENCHMARKS.md.",
     )
     add_size(p, "--size", default=None, help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")
@@ -40,14 +42,18 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--trace",
         metavar="FILE",
-        help="trace for the designs section (default: zipf over the image)",
+        help="trace for the designs and workingset sections (default: zipf over the image)",
     )
     p.add_argument(
-        "--clients", type=int, default=4, metavar="N", help="clients for the designs section"
+        "--clients", type=int, default=4, metavar="N", help="clients for the designs and workingset sections"
     )
     p.add_argument("--repeat", type=int, metavar="N", help="repetitions of each measurement")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT ('-': stdout)")
-    p.add_argument("--plot", metavar="FILE.png", help="plot the designs section (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="FILE.png",
+        help="plot the designs section, and the workingset one (blocked waits over time; into "
+        "FILE-workingset.png when designs is plotted too); needs matplotlib",
+    )
     p.add_argument(
         "--workdir",
         metavar="DIR",
@@ -73,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
-    if args.plot and "designs" not in sections:
-        print("pageload: --plot draws the designs section; add it to --sections", file=sys.stderr)
+    if args.plot and "designs" not in sections and "workingset" not in sections:
+        print("pageload: --plot draws the designs and workingset sections; add one to --sections",
+              file=sys.stderr)
         return 2
     log = (lambda line: print(line, file=sys.stderr)) if args.json == "-" else print
     result = run_bench(opts, log=log)
@@ -88,7 +95,21 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
             print(f"\nfigures written to {args.json}")
-    if args.plot:
+    if args.plot and "workingset" in sections:
+        ws = result["sections"].get("workingset", {})
+        stem, ext = os.path.splitext(args.plot)
+        path = f"{stem}-workingset{ext or '.png'}" if "designs" in sections else args.plot
+        if "runs" not in ws:
+            print(f"pageload: nothing to plot: {ws.get('error')}", file=sys.stderr)
+            return 2
+        try:
+            from bench import PlotUnavailable, plot_workingset
+
+            plot_workingset(ws, path)
+        except (ImportError, PlotUnavailable) as exc:
+            print(f"pageload: cannot plot: {exc}", file=sys.stderr)
+            return 2
+    if args.plot and "designs" in sections:
         designs = result["sections"].get("designs", {})
         if "designs" not in designs:
             print(

@@ -47,6 +47,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist)")
     add_size(p, "--page-size", default=4096, help="page size")
     add_size(p, "--chunk-size", default=1 << 20, help="bytes of pages.img per checksum")
+    p.add_argument(
+        "--working-set", metavar="FILE",
+        help="a working set recorded on IMAGE ('pageload restore IMAGE --record-working-set'): its "
+        "pages go first in pages.img, in replay order, so replay is one sequential read; it is "
+        "copied into OUT/working-set.msgpack for the new checkpoint",
+    )
     p.set_defaults(func=_guarded(_create))
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
@@ -99,7 +105,8 @@ def _fail(message: str) -> None:
 
 def _create(args: argparse.Namespace) -> int:
     report = create_checkpoint(
-        args.image, args.out, page_size=args.page_size, chunk_size=args.chunk_size
+        args.image, args.out, page_size=args.page_size, chunk_size=args.chunk_size,
+        working_set=args.working_set,
     )
     print("\n".join(report.lines()))
     return EXIT_OK

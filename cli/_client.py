@@ -1,4 +1,4 @@
-"""``pageload wait`` and ``pageload stats``: talk to a running daemon."""
+"""``pageload wait``, ``pageload stats`` and ``pageload mark``: talk to a running daemon."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="give up after this long in all (default %(default)g s)")
     p.set_defaults(func=run_stats)
 
+    p = sub.add_parser("mark", help="end a daemon's working-set recording window now",
+                       description="The daemon recording with --record-working-set closes its window and "
+                       "writes the working set (see docs/FORMAT.md).")
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_STATS_TIMEOUT_S, metavar="SECONDS",
+                   help="give up after this long in all (default %(default)g s)")
+    p.set_defaults(func=run_mark)
+
 
 #: How long ``pageload wait`` and ``pageload stats`` wait for the daemon in all, by default.
 DEFAULT_WAIT_TIMEOUT_S = 60.0
@@ -64,6 +72,15 @@ def run_wait(args: argparse.Namespace) -> int:
     try:
         with Client.connect(args.socket, deadline=time.monotonic() + args.timeout) as client:
             client.wait(args.offset, args.length)
+    except (ClientError, OSError) as exc:
+        return _fail(exc, args.socket, args.timeout)
+    return 0
+
+
+def run_mark(args: argparse.Namespace) -> int:
+    try:
+        with Client.connect(args.socket, deadline=time.monotonic() + args.timeout) as client:
+            client.mark()
     except (ClientError, OSError) as exc:
         return _fail(exc, args.socket, args.timeout)
     return 0
@@ -100,6 +117,16 @@ def run_stats(args: argparse.Namespace) -> int:
             f"{off:#x}+{n:#x} errno {e}" for off, n, e in stats["failed_ranges"]))
     if "backend" in stats:
         print(f"backend     {stats['backend']}")
+    ws = stats.get("working_set")
+    if ws:
+        when = "not yet" if ws["loaded_s"] is None else f"in {ws['loaded_s']:.3f} s"
+        rate = "-" if ws["hit_rate"] is None else f"{ws['hit_rate'] * 100:.0f}%"
+        print(f"working set {human(ws['loaded_bytes'])} of {human(ws['size_bytes'])} loaded {when}; waits "
+              f"{ws['waits_hit']} hit, {ws['waits_early']} early, {ws['waits_missed']} missed (hit rate {rate})")
+    rec = stats.get("recording")
+    if rec:
+        print(f"recording   {'active' if rec['active'] else 'done'}: {human(rec['bytes'])} in {rec['ranges']} "
+              f"ranges -> {rec['path']}")
     return 0
 
 

@@ -19,6 +19,7 @@ from loader import (
     Notifier,
     StartupError,
     UffdConfig,
+    WorkingSetError,
     activated_socket,
     listen_fds,
     parse_metrics_address,
@@ -96,6 +97,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--shutdown-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="SIGTERM/SIGINT to exit, at most; reads still running then are abandoned "
                    "(default %(default)s)")
+    ws = p.add_argument_group("working set (docs/FORMAT.md): what the guest touches first, loaded first")
+    ws.add_argument("--working-set", metavar="FILE",
+                    help="replay this working set before the sweep (default: working-set.msgpack in the "
+                    "checkpoint directory, or IMAGE.working-set.msgpack beside a raw image, when present; "
+                    "a default file that does not fit is ignored with a warning, an explicit one is an error)")
+    ws.add_argument("--no-working-set", action="store_true", help="ignore any working set")
+    ws.add_argument("--record-working-set", nargs="?", const="", metavar="FILE",
+                    help="record the ranges waited on after READY, in first-touch order, and write them "
+                    "atomically at the end of the window or at shutdown (default FILE: the default "
+                    "working-set path above); checked writable at start")
+    ws.add_argument("--record-seconds", type=float, default=10.0, metavar="SECONDS",
+                    help="the recording window after READY; a 'mark' request ends it early; 0: until a mark "
+                    "or shutdown (default %(default)s)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root); the socket "
                    "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
@@ -153,12 +167,15 @@ def run(args: argparse.Namespace) -> int:
         allow_writable_memory_fd=args.allow_writable_memory_fd,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
+        working_set=args.working_set, use_working_set=not args.no_working_set,
+        record_working_set=args.record_working_set,
+        record_seconds=None if args.record_seconds == 0 else args.record_seconds,
     )
     if args.tracemalloc:
         tracemalloc.start()
     try:
         trio.run(run_daemon, opts)
-    except (StartupError, CheckpointError) as exc:
+    except (StartupError, CheckpointError, WorkingSetError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except (aio.BackendUnavailable, MetricsError) as exc:

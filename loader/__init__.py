@@ -18,13 +18,38 @@ from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._server import Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
-from ._sweep import SequentialOrder, SweepOrder
+from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
 from ._uffd_handler import UFFD_MODES, UffdConfig
 from ._units import human, parse_size
+from ._workingset import (
+    AccessRecorder,
+    CheckpointIdentity,
+    WorkingSet,
+    WorkingSetError,
+    WorkingSetRecorder,
+    checkpoint_identity,
+    format_working_set,
+    merge_working_sets,
+    read_working_set,
+    replay_order,
+    write_working_set,
+)
 
 __all__ = [
     "UFFD_MODES",
     "UffdConfig",
+    "AccessRecorder",
+    "CheckpointIdentity",
+    "WorkingSet",
+    "WorkingSetError",
+    "WorkingSetOrder",
+    "WorkingSetRecorder",
+    "checkpoint_identity",
+    "format_working_set",
+    "merge_working_sets",
+    "read_working_set",
+    "replay_order",
+    "write_working_set",
     "ActivationError",
     "AsyncioClient",
     "Client",

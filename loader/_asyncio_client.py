@@ -139,8 +139,13 @@ class AsyncioClient(_Common):
         """As :meth:`Client.load_map <loader.Client.load_map>`."""
         self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
 
-    async def prefetch(self, offset: int, length: int) -> None:
-        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length)))
+    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
+        """A hint; ``working_set``: the range is in the working set (``hint working-set``)."""
+        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
+
+    async def mark(self) -> None:
+        """End the daemon's working-set recording window now."""
+        self._check(await self._request(protocol.Mark(next(self._ids))))
 
     async def stats(self) -> dict[str, Any]:
         return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)

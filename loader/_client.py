@@ -249,8 +249,13 @@ class Client(_Common):
         at once, with no request, for a range the map shows loaded."""
         self._take_map(self._request(protocol.GetLoadedMap(next(self._ids))))
 
-    def prefetch(self, offset: int, length: int) -> None:
-        self._check(self._request(protocol.Prefetch(next(self._ids), offset, length)))
+    def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
+        """A hint; ``working_set``: the range is in the working set (``hint working-set``)."""
+        self._check(self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
+
+    def mark(self) -> None:
+        """End the daemon's working-set recording window now."""
+        self._check(self._request(protocol.Mark(next(self._ids))))
 
     def stats(self) -> dict[str, Any]:
         return dict(self._check(self._request(protocol.GetStats(next(self._ids)))).stats)
@@ -365,8 +370,11 @@ class TrioClient(_Common):
         """As :meth:`Client.load_map`."""
         self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
 
-    async def prefetch(self, offset: int, length: int) -> None:
-        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length)))
+    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
+        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
+
+    async def mark(self) -> None:
+        self._check(await self._request(protocol.Mark(next(self._ids))))
 
     async def stats(self) -> dict[str, Any]:
         return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)

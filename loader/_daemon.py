@@ -46,15 +46,28 @@ import trio
 import aio
 import aio.testing
 
+from ._layout import Layout
 from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
 from ._server import Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
-from ._sweep import SweepOrder
+from ._sweep import SweepOrder, WorkingSetOrder
 from ._uffd_handler import UffdConfig, UffdHandler, serve_uffd
 from ._units import human
+from ._workingset import (
+    WorkingSetError,
+    WorkingSetRecorder,
+    check_identity,
+    check_recording_path,
+    checkpoint_identity,
+    clip_working_set,
+    default_working_set_path,
+    read_working_set,
+    replay_order,
+    write_working_set,
+)
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger("pageload")
@@ -86,6 +99,12 @@ class DaemonOptions:
     #: wraps the queue (tests slow it down or inject faults)
     wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
     order: SweepOrder | None = None
+    #: replay this working set (``None``: the checkpoint's default file, if present)
+    working_set: str | None = None
+    use_working_set: bool = True  #: False: ignore any working set (``--no-working-set``)
+    #: record a working set into this file (``""``: the checkpoint's default file)
+    record_working_set: str | None = None
+    record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
     #: a listening Unix socket to serve on instead of binding ``socket_path`` (socket activation)
     listen_socket: socket.socket | None = None
@@ -141,6 +160,10 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
     if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
         raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
+    if opts.record_seconds is not None and not (math.isfinite(opts.record_seconds) and opts.record_seconds > 0):
+        raise StartupError(f"record seconds must be a positive number of seconds, not {opts.record_seconds}")
+    if opts.working_set is not None and not opts.use_working_set:
+        raise StartupError("--working-set and --no-working-set contradict each other")
     if opts.listen_socket is None:  # a handed-over socket is its owner's business
         check_socket_path(opts.socket_path)
     if opts.uffd_socket is not None:
@@ -280,6 +303,7 @@ async def run_daemon(
     # what start-up found is logged once it has succeeded: a failed start says one line
     notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
              f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
+    order, recorder, record_path = _working_set_setup(opts, ckpt, notes)
     try:
         pages_fd = ckpt.open_pages(direct=opts.direct)
     except CheckpointError as exc:
@@ -297,9 +321,17 @@ async def run_daemon(
     state: DaemonState | None = None
     try:
         queue, backend = _open_queue(opts, notes)
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, opts.order,
-                        chunk_size=ckpt.chunk_size, checksums=ckpt.checksums)
-        if ckpt.checksums is not None:
+        checksums = ckpt.checksums
+        if checksums is not None and not _file_ascends(layout):
+            # laid out with its working set first (checkpoint create --working-set): a chunk's
+            # pages are scattered over memory, which the loader's verification cannot serve
+            notes.append("checksums: not verified while loading (pages laid out working set first); "
+                         "'pageload checkpoint verify' checks them")
+            checksums = None
+        loader = Loader(layout, pages_fd, memory, queue, opts.config, order,
+                        chunk_size=ckpt.chunk_size, checksums=checksums)
+        loader.recorder = recorder
+        if checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
         holder: list[DaemonState] = []
@@ -309,6 +341,7 @@ async def run_daemon(
                                      "process": process_stats()}
             if holder and holder[0].uffd is not None:
                 extra["uffd"] = holder[0].uffd.statistics()
+            extra.update(_working_set_stats(order, recorder, record_path))
             return extra
 
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
@@ -317,6 +350,7 @@ async def run_daemon(
                         extra_stats=extra_stats)
         state = DaemonState(ckpt, memory, loader, server, backend, started)
         holder.append(state)
+        window_done = trio.Event()
         if opts.metrics is not None:  # bound now: a bad address is a start-up failure
             metrics = state.metrics = MetricsServer(opts.metrics, make_registry(server.stats_dict))
             await metrics.bind()
@@ -347,6 +381,9 @@ async def run_daemon(
                 log.info("ready in %.3f s on %s", state.ready_s, opts.socket_path)
                 _announce_ready(opts, loader)
                 nursery.start_soon(_progress, loader, opts.progress_interval, opts.notifier)
+                if recorder is not None and record_path is not None:
+                    recorder.start()
+                    nursery.start_soon(_record_window, recorder, record_path, opts.record_seconds, window_done)
                 task_status.started(state)
             await stop.wait()
             opts.notifier.stopping(f"stopping: {_status_line(loader)}")
@@ -356,7 +393,13 @@ async def run_daemon(
                 await state.uffd.drain(0.5 * timeout)
                 timeout = max(0.1, timeout - (trio.current_time() - drain_started))
             await _shutdown(loader, server, timeout)
+            if recorder is not None and recorder.active:
+                recorder.stop()  # the window task writes the file
+                with trio.CancelScope(shield=True):
+                    await window_done.wait()
             log.info(_progress_line(loader, final=True))
+            if isinstance(order, WorkingSetOrder):
+                log.info(_working_set_line(order))
             nursery.cancel_scope.cancel()
     except BaseException:
         if state is None or not state.ready_s:
@@ -444,3 +487,96 @@ async def _signals(stop: trio.Event) -> None:
             log.info("got %s", signal.Signals(signum).name)
             stop.set()
             return
+
+
+# -- working sets ---------------------------------------------------------------------------
+
+
+def _working_set_setup(
+    opts: DaemonOptions, ckpt: Checkpoint, notes: list[str]
+) -> tuple[SweepOrder | None, WorkingSetRecorder | None, str | None]:
+    """The sweep order (working-set replay when there is one) and the recorder.
+
+    An explicit ``working_set`` that cannot be used, or a recording path that cannot
+    be written, raises :class:`WorkingSetError` (one line; the CLI exits 2).  The
+    default file beside the checkpoint is only a hint: a problem with it is one
+    warning line and the restore goes on without it."""
+    identity = None
+    order = opts.order
+    if order is None and opts.use_working_set:
+        path = opts.working_set
+        explicit = path is not None
+        if path is None:
+            path = default_working_set_path(opts.source)
+            if not os.path.exists(path):
+                path = None
+        if path is not None:
+            try:
+                ws = read_working_set(path)
+                identity = checkpoint_identity(ckpt)
+                check_identity(ws, identity, path)
+            except WorkingSetError as exc:
+                if explicit:
+                    raise
+                log.warning("ignoring the working set %s", exc)
+            else:
+                ws, dropped = clip_working_set(ws, ckpt.layout.memory_size)
+                if dropped:
+                    log.warning("working set %s: %d bytes lie past the memory size %#x; clipped",
+                                path, dropped, ckpt.layout.memory_size)
+                verified = opts.config.verify and ckpt.checksums is not None and _file_ascends(ckpt.layout)
+                order = replay_order(ws, ckpt.layout, chunk_size=ckpt.chunk_size if verified else None)
+                notes.append(f"working set {path}: {human(order.size_bytes)} of data in {len(ws)} ranges "
+                             f"({ws.recordings} recording{'s' if ws.recordings != 1 else ''}), replayed first "
+                             f"as {len(order.span_lo)} reads")
+    recorder = record_path = None
+    if opts.record_working_set is not None:
+        record_path = opts.record_working_set or default_working_set_path(opts.source)
+        check_recording_path(record_path)
+        recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
+    return order, recorder, record_path
+
+
+def _working_set_stats(order: SweepOrder | None, recorder: WorkingSetRecorder | None,
+                       record_path: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(order, WorkingSetOrder):
+        out["working_set"] = order.statistics()
+    if recorder is not None:
+        out["recording"] = {"path": record_path, "active": recorder.active, "ranges": len(recorder.offset),
+                            "bytes": recorder.seen.total, "touches": recorder.touches}
+    return out
+
+
+def _working_set_line(order: WorkingSetOrder) -> str:
+    s = order.statistics()
+    when = "not yet" if s["loaded_s"] is None else f"in {s['loaded_s']:.3f} s"
+    rate = "-" if s["hit_rate"] is None else f"{s['hit_rate'] * 100:.0f}%"
+    return (f"working set {human(s['size_bytes'])}: loaded {human(s['loaded_bytes'])} {when}; waits "
+            f"{s['waits_hit']} hit, {s['waits_early']} early, {s['waits_missed']} missed (hit rate {rate})")
+
+
+async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float | None,
+                         done: trio.Event) -> None:
+    """Close the window after ``seconds`` (or at a ``mark``, or at shutdown), then
+    write the file atomically.  A write error is one warning line, never a crash."""
+    try:
+        with trio.move_on_after(seconds if seconds is not None else float("inf")):
+            await recorder.closed.wait()
+        ws = recorder.stop()
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write_working_set, path, ws)
+            except WorkingSetError as exc:
+                log.warning("working set not recorded: %s", exc)
+            else:
+                log.info("working set recorded to %s: %s in %d ranges over %.1f s",
+                         path, human(ws.total_bytes), len(ws), ws.window_s)
+    finally:
+        done.set()
+
+
+def _file_ascends(layout: Layout) -> bool:
+    """Whether pages-file offsets ascend with memory (not so when laid out working set first)."""
+    files = layout.file
+    return all(files[i - 1] <= files[i] for i in range(1, len(files)))

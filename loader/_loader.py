@@ -48,6 +48,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 import xxhash
@@ -62,6 +63,9 @@ from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 
 log = logging.getLogger("pageload")
+
+if TYPE_CHECKING:
+    from ._workingset import AccessRecorder
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 #: chunks hashed at once, in worker threads; the sweep pauses while this many wait
@@ -282,6 +286,22 @@ class Loader:
         if self.config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
+        # optional hooks (working-set replay, loader._workingset): looked up once
+        self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
+        self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
+        self._order_loaded: Callable[[int, int], None] | None = getattr(self.order, "note_loaded", None)
+        self._order_full: Callable[[], bool] | None = getattr(self.order, "wants_full_width", None)
+        #: told of every touched range, ``recorder.touched(lo, hi)`` (page span of each wait;
+        #: userfaultfd faults go through it too): working-set recording
+        self.recorder: AccessRecorder | None = None
+        # a layout whose pages-file offsets do not ascend with memory (working set laid out
+        # first): the ranges in file order, so that sweep reads can follow the file
+        self._by_file: array[int] | None = None
+        self._file_starts: array[int] | None = None
+        files = layout.file
+        if any(files[i - 1] > files[i] for i in range(1, len(files))):
+            self._by_file = array("Q", sorted(range(len(files)), key=files.__getitem__))
+            self._file_starts = array("Q", (files[k] for k in self._by_file))
         self._chunks = (
             _Chunks(layout, chunk_size, checksums)
             if self.config.verify and chunk_size is not None and checksums is not None
@@ -335,10 +355,14 @@ class Loader:
         lo, hi = self._page_span(offset, length)
         counters = self.counters
         counters.waits_total += 1
+        if self.recorder is not None:
+            self.recorder.touched(lo, hi)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1
             raise self._failure_for(lo, hi)
         need = self.unloaded.overlap_bytes(lo, hi) + self.inflight.overlap_bytes(lo, hi)
+        if self._order_wait is not None:
+            self._order_wait(lo, hi, need)
         if need == 0:
             counters.waits_immediate += 1
             return None
@@ -390,6 +414,14 @@ class Loader:
             return
         self._prefetch.append(_Hint(lo, hi))
         self._poke()
+
+    def hint_working_set(self, offset: int, length: int) -> None:
+        """A client says ``[offset, offset+length)`` is in its working set: recorded as
+        touched now (when recording), and prefetched."""
+        lo, hi = self._page_span(offset, length)
+        if self.recorder is not None:
+            self.recorder.touched(lo, hi)
+        self.prefetch(offset, length)
 
     def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
@@ -524,7 +556,9 @@ class Loader:
             return
         cfg = self.config
         room = self._room
-        if self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns:
+        if (self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns) and not (
+            self._order_full is not None and self._order_full()  # working-set replay keeps its width
+        ):
             background_cap = cfg.busy_background_reads or 1
         else:
             background_cap = cfg.background_reads
@@ -569,7 +603,8 @@ class Loader:
             start = order.next_start(self.unloaded)
             if start is None:
                 break
-            self._issue(start, self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
+            limit = self._order_limit(start) if self._order_limit is not None else None
+            self._issue(start, limit or self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
 
     def _wants_turn(self, w: WaitHandle) -> bool:
         """The one rule for (re-)entering the priority deque: a live waiter with
@@ -622,15 +657,23 @@ class Loader:
                 segments.append([pos, end])
             total += end - pos
             file_pos += end - pos
-            if end < stop or end >= limit or total >= budget:
+            if total >= budget:
                 break
-            nxt = unloaded.first_at_or_after(end)
-            if nxt is None or nxt[0] >= limit:
-                break
-            j = layout.find(nxt[0])
-            if layout.file[j] + (nxt[0] - layout.mem[j]) != file_pos:
-                break
-            pos, i = nxt[0], j
+            if end == stop and end < limit:
+                nxt = unloaded.first_at_or_after(end)
+                if nxt is not None and nxt[0] < limit:
+                    j = layout.find(nxt[0])
+                    if layout.file[j] + (nxt[0] - layout.mem[j]) == file_pos:
+                        pos, i = nxt[0], j
+                        continue
+            if kind is ReadKind.SWEEP and self._by_file is not None:
+                # pages laid out out of memory order (working set first): the sweep's read
+                # goes on with whatever memory is next in the pages file
+                nxt_mem = self._file_next(file_pos)
+                if nxt_mem is not None:
+                    pos, i, limit = nxt_mem, layout.find(nxt_mem), self.memory_size
+                    continue
+            break
         for lo, hi in segments:
             unloaded.remove(lo, hi)
             self.inflight.add(lo, hi)
@@ -639,6 +682,19 @@ class Loader:
         self.counters.reads_total += 1
         self._submit(read)
         return segments[-1][1]
+
+    def _file_next(self, file_pos: int) -> int | None:
+        """The memory offset whose data is at pages-file offset ``file_pos``, if unloaded."""
+        assert self._by_file is not None and self._file_starts is not None
+        k = bisect_right(self._file_starts, file_pos) - 1
+        if k < 0:
+            return None
+        layout = self.layout
+        j = self._by_file[k]
+        if file_pos >= layout.file[j] + layout.length[j]:
+            return None
+        mem = layout.mem[j] + file_pos - layout.file[j]
+        return mem if self.unloaded.contains(mem) else None
 
     def _submit(self, read: _Read) -> None:
         """Put ``read`` in flight; it counts against its share until :meth:`_release`."""
@@ -850,6 +906,8 @@ class Loader:
             inflight.remove(lo, hi)
             if failures is None:
                 self.loaded_bytes += hi - lo
+                if self._order_loaded is not None:
+                    self._order_loaded(lo, hi)
                 if dest.needs_commit:
                     dest.commit(lo, hi - lo)
                 for listener in self._loaded_listeners:

@@ -37,6 +37,7 @@ from protocol import codes
 
 from ._loader import Loader, LoadError, WaitHandle
 from ._loadmap import LoadedMap
+from ._workingset import WorkingSetRecorder
 
 log = logging.getLogger("pageload.server")
 
@@ -266,8 +267,15 @@ class Session:
                 self.pending[event.id] = handle
         elif isinstance(event, protocol.Prefetch):
             if self._in_memory(event):
-                loader.prefetch(event.offset, event.length)
+                if event.working_set:
+                    loader.hint_working_set(event.offset, event.length)
+                else:
+                    loader.prefetch(event.offset, event.length)
                 self.reply(protocol.Accepted(event.id))
+        elif isinstance(event, protocol.Mark):
+            if isinstance(loader.recorder, WorkingSetRecorder):
+                loader.recorder.stop()  # the daemon writes the file
+            self.reply(protocol.Marked(event.id))
         elif isinstance(event, protocol.Hello):
             # ServerConnection delivers only a Hello with a version in common.
             version = protocol.negotiate(event.versions)
@@ -277,6 +285,13 @@ class Session:
         elif isinstance(event, protocol.GetStats):
             self.reply(protocol.StatsReply(event.id, self.server.stats_dict()))
         elif isinstance(event, protocol.GetLoadedMap):
+            recorder = loader.recorder
+            if isinstance(recorder, WorkingSetRecorder) and recorder.active:
+                # a client with the map would skip its waits for loaded pages: unrecorded touches
+                self.reply(protocol.ErrorReply(event.id, codes.FORBIDDEN,
+                                               "the daemon is recording a working set: every wait must reach "
+                                               "it until the window closes (at its end or a 'mark')"))
+                return
             lmap = self.server.loaded_map()
             self.reply(protocol.LoadedMapReply(event.id, lmap.size, lmap.granule), lmap.readonly_fd)
         elif isinstance(event, protocol.GetMemoryFd):

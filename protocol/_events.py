@@ -144,15 +144,31 @@ class Wait(Request):
 @dataclass(frozen=True, slots=True)
 class Prefetch(Request):
     """A hint that ``[offset, offset+length)`` will be needed soon.  Answered at once
-    with :class:`Accepted`; says nothing about when the range is loaded."""
+    with :class:`Accepted`; says nothing about when the range is loaded.
+    ``working_set``: the range belongs to the working set (``hint working-set``): a
+    daemon recording one records it as touched now."""
 
     id: int
     offset: int
     length: int
+    working_set: bool = False
 
     def __post_init__(self) -> None:
         _check_id(self.id)
         _check_range(self.offset, self.length)
+        if not isinstance(self.working_set, bool):
+            raise LocalProtocolError(f"ws must be a bool, not {describe(self.working_set)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark(Request):
+    """Ends the daemon's working-set recording window now (answered with :class:`Marked`,
+    also when nothing is being recorded)."""
+
+    id: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +259,17 @@ class Accepted(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class Marked(Reply):
+    """:class:`Mark` ``id`` was done: the recording window is closed (or there was none)."""
+
+    answers: ClassVar[type[Request] | None] = Mark
+    id: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply(Reply):
     """The daemon's statistics: str keys; values None, bool, int, float, str, or
     lists and dicts of those.  The dict is not copied: do not change it after
@@ -323,7 +350,7 @@ class ErrorReply(Reply):
 
 
 #: Any request (for annotations and match statements).
-RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd | GetLoadedMap
+RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd | GetLoadedMap | Mark
 #: Any reply.
 ReplyEvent: TypeAlias = (HelloReply | Loaded | Accepted | StatsReply | MemoryFdReply | LoadedMapReply
-                          | ErrorReply)
+                          | ErrorReply | Marked)

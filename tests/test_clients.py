@@ -45,8 +45,11 @@ class BlockingAdapter:
     async def wait(self, offset: int, length: int) -> None:
         self.client.wait(offset, length)
 
-    async def prefetch(self, offset: int, length: int) -> None:
-        self.client.prefetch(offset, length)
+    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
+        self.client.prefetch(offset, length, working_set)
+
+    async def mark(self) -> None:
+        self.client.mark()
 
     async def stats(self) -> dict[str, Any]:
         return self.client.stats()
@@ -194,6 +197,23 @@ def test_prefetch_is_accepted_and_loads(daemon, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_hint_working_set_and_mark(daemon, kind):
+    """Working sets (issue 10): a prefetch marked as working set is a prefetch to a daemon
+    that is not recording, and ``mark`` is answered whether or not it records."""
+    base = region(8, kind)
+
+    async def scenario(c, gather):
+        s1 = await c.stats()
+        await c.prefetch(base, 2 * PAGE, working_set=True)
+        await c.mark()
+        await c.mark()
+        return s1, await c.stats()
+
+    s1, s2 = run_with(kind, daemon.socket_path, scenario)
+    assert s2["prefetches"] == s1["prefetches"] + 1 and "recording" not in s2
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_errors_are_client_errors_and_the_connection_survives(daemon, kind):
     async def scenario(c, gather):
         codes = []
@@ -322,7 +342,9 @@ def test_asyncio_read_does_not_block_the_loop(daemon):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_loaded_map_skips_the_round_trip_for_loaded_ranges(daemon, image, kind):
-    base = region(9, kind) + 2 * PAGE
+    # region 9 shares its 1 MiB with regions 3 and 4 (modulo 16), whose tests load its first
+    # 64 pages: the second half is untouched
+    base = region(9, kind) + REGION // 2 + 2 * PAGE
 
     async def waits() -> int:
         return int((await c_ref[0].stats())["waits_total"])

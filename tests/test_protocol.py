@@ -103,6 +103,8 @@ def test_public_surface() -> None:
             "Limits",
             "Loaded",
             "LocalProtocolError",
+            "Mark",  # working sets: end the recording window
+            "Marked",
             "Marker",
             "LoadedMapReply",
             "MemoryFdReply",
@@ -251,7 +253,7 @@ def test_documented_examples() -> None:
         for i, line in enumerate(lines)
         if line.startswith('{"op"') or line.startswith('{"re"')
     ]
-    assert len(pairs) == 12
+    assert len(pairs) == 15  # 12, and working sets: prefetch with ws, mark, marked
     server, client = ServerConnection(), ClientConnection()
     for message, data in pairs:
         assert packb(message) == data, message

@@ -55,6 +55,10 @@ def test_loader_public_names():
         "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human",
         "mapped_memory",
         "parse_size", "run_daemon",
+        # working sets (issue 10)
+        "AccessRecorder", "CheckpointIdentity", "WorkingSet", "WorkingSetError", "WorkingSetOrder",
+        "WorkingSetRecorder", "checkpoint_identity", "format_working_set", "merge_working_sets",
+        "read_working_set", "replay_order", "write_working_set",
         # issue 12 (operations): asyncio client, metrics, systemd
         "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
         "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",

@@ -18,7 +18,20 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .._layout import Layout
+from .._rangeset import RangeSet
 from .._units import human
+from .._workingset import (
+    DEFAULT_NAME,
+    CheckpointIdentity,
+    WorkingSet,
+    WorkingSetError,
+    check_identity,
+    clip_working_set,
+    layout_digest,
+    read_working_set,
+    replay_plan,
+)
 from ._files import open_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
@@ -50,6 +63,7 @@ class CreateReport:
     chunk_size: int
     chunks: int  #: checksums written
     seconds: float
+    working_set_bytes: int = 0  #: bytes laid out first in ``pages.img`` (``working_set=``)
 
     @property
     def zero_bytes_skipped(self) -> int:
@@ -67,6 +81,8 @@ class CreateReport:
             f"zero pages {human(self.zero_page_bytes)})",
             f"  checksums       {self.chunks} x {CHECKSUM_ALGORITHM} "
             f"over {human(self.chunk_size)} chunks",
+            *([f"  working set     {human(self.working_set_bytes)} first in {PAGES_NAME}, in first-touch "
+               f"order; {DEFAULT_NAME} written for the new checkpoint"] if self.working_set_bytes else []),
             f"  took            {self.seconds:.2f} s ({human(rate)}/s of image)",
         ]
 
@@ -107,7 +123,8 @@ class _PagesWriter:
 
 
 def create_checkpoint(
-    image: str, out: str, page_size: int = 4096, chunk_size: int = 1 << 20
+    image: str, out: str, page_size: int = 4096, chunk_size: int = 1 << 20,
+    working_set: str | None = None,
 ) -> CreateReport:
     """Convert the raw memory image ``image`` into a pages checkpoint directory ``out``.
 
@@ -118,6 +135,12 @@ def create_checkpoint(
     ``fsync``, and renamed to ``out`` only when complete, so a half-written
     checkpoint is never seen under ``out``; on any error (or cancellation by
     ``KeyboardInterrupt``) the temporary directory is removed.
+
+    With ``working_set`` (a working set recorded on ``image``, as a raw checkpoint),
+    its pages come first in ``pages.img``, in the order replay reads them, so that
+    replaying it is one sequential read; the rest follows in memory order.  The
+    working set is also written into ``out`` (``working-set.msgpack``), re-tied to
+    the new checkpoint, where ``pageload restore`` picks it up.
 
     Raises :class:`CheckpointError` naming the file at fault: an unreadable image,
     one whose size is not a positive multiple of ``page_size``, an ``out`` that
@@ -146,10 +169,19 @@ def create_checkpoint(
             raise CheckpointError(out, f"cannot create it: {exc.strerror or exc}") from None
         try:
             extents = data_extents(fd, size, page_size)
+            ws = _working_set_for(working_set, extents, size, page_size)
+            pieces, front_bytes = _write_order(extents, ws, size, page_size)
             fields = _write_pages(
-                fd, image, os.path.join(tmp, PAGES_NAME), extents, size, page_size, chunk_size
+                fd, image, os.path.join(tmp, PAGES_NAME), pieces, extents, size, page_size, chunk_size
             )
-            _write_file(os.path.join(tmp, INDEX_NAME), encode_index(fields))
+            index = encode_index(fields)
+            _write_file(os.path.join(tmp, INDEX_NAME), index)
+            if ws is not None:
+                ident = CheckpointIdentity("pages", size, page_size, xxhash.xxh3_64_intdigest(index))
+                ws.identity = ident
+                from .._workingset import encode_working_set
+
+                _write_file(os.path.join(tmp, DEFAULT_NAME), encode_working_set(ws))
             os.chmod(tmp, 0o755)  # mkdtemp made it private
             _fsync_dir(tmp)
             os.rename(tmp, out)
@@ -176,6 +208,7 @@ def create_checkpoint(
         chunk_size=chunk_size,
         chunks=len(fields.checksums),
         seconds=time.perf_counter() - started,
+        working_set_bytes=front_bytes,
     )
 
 
@@ -192,10 +225,61 @@ def _image_size(fd: int, image: str, page_size: int) -> int:
     return st.st_size
 
 
+def _working_set_for(
+    path: str | None, extents: list[tuple[int, int]], size: int, page_size: int
+) -> WorkingSet | None:
+    """The working set to lay out first: it must have been recorded on this image."""
+    if path is None:
+        return None
+    try:
+        ws = read_working_set(path)
+        layout = Layout(size, page_size, ((s, e - s, s) for s, e in extents))
+        check_identity(ws, CheckpointIdentity("raw", size, page_size, layout_digest(layout)), path)
+    except WorkingSetError as exc:
+        raise CheckpointError(exc.path, exc.problem) from None
+    ws, _ = clip_working_set(ws, size)
+    return ws
+
+
+def _write_order(
+    extents: list[tuple[int, int]], ws: WorkingSet | None, size: int, page_size: int
+) -> tuple[list[tuple[int, int]], int]:
+    """The image's data pieces in the order they go into ``pages.img``: the working
+    set's replay spans first (as the loader will read them), then the rest in
+    memory order.  Returns (pieces, bytes of data in the front part)."""
+    if ws is None:
+        return extents, 0
+    data = RangeSet(extents)
+    front = RangeSet()
+    pieces: list[tuple[int, int]] = []
+    span_lo, span_hi = replay_plan(ws, Layout(size, page_size, ((s, e - s, s) for s, e in extents)))
+    for lo, hi in zip(span_lo, span_hi):
+        for a, b in list(data.overlapping(lo, hi)):
+            pos = a
+            for x, y in list(front.overlapping(a, b)):
+                if x > pos:
+                    pieces.append((pos, x))
+                pos = y
+            if pos < b:
+                pieces.append((pos, b))
+            front.add(a, b)
+    front_bytes = front.total
+    for a, b in extents:
+        pos = a
+        for x, y in list(front.overlapping(a, b)):
+            if x > pos:
+                pieces.append((pos, x))
+            pos = y
+        if pos < b:
+            pieces.append((pos, b))
+    return pieces, front_bytes
+
+
 def _write_pages(
     fd: int,
     image: str,
     pages_path: str,
+    pieces: list[tuple[int, int]],
     extents: list[tuple[int, int]],
     size: int,
     page_size: int,
@@ -207,7 +291,7 @@ def _write_pages(
     out_fd = os.open(pages_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         writer = _PagesWriter(out_fd, chunk_size)
-        for start, end in extents:
+        for start, end in pieces:
             off = start
             while off < end:
                 n = min(len(buf), end - off)
@@ -226,11 +310,21 @@ def _write_pages(
     finally:
         os.close(out_fd)
     extent_bytes = sum(end - start for start, end in extents)
+    ranges = list(zip(mem, length, file, strict=True))
+    if pieces is not extents:  # laid out out of memory order: the index is sorted by memory
+        ranges.sort()
+        merged: list[tuple[int, int, int]] = []
+        for m, n, f in ranges:
+            if merged and merged[-1][0] + merged[-1][1] == m and merged[-1][2] + merged[-1][1] == f:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2])
+            else:
+                merged.append((m, n, f))
+        ranges = merged
     return IndexFields(
         page_size=page_size,
         memory_size=size,
         pages_size=writer.position,
-        ranges=list(zip(mem, length, file, strict=True)),
+        ranges=ranges,
         chunk_size=chunk_size,
         checksums=checksums,
         source={

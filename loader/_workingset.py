@@ -1,0 +1,605 @@
+"""Working sets (REAP / FaaSnap style): which memory a restored guest touched first.
+
+A working set is a list of page-aligned ranges in **first-touch order**, each with
+the time of its first touch (microseconds after the recording started), tied to
+one checkpoint by its :class:`CheckpointIdentity`.  It is recorded by a
+:class:`WorkingSetRecorder` hooked into the loader (``Loader.recorder``: every
+wait, and later every userfaultfd fault, calls ``touched(lo, hi)``), written as a
+msgpack file (docs/FORMAT.md, "Working sets"), merged across runs with
+:func:`merge_working_sets`, and replayed by turning it into a
+:class:`~loader.WorkingSetOrder` (:func:`replay_order`): the sweep loads it first,
+in first-touch order, as a few large reads.
+
+Everything is held in ``array('Q')`` columns: memory is 24 bytes per range,
+never an object per page, whatever the working set's size.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgpack
+import trio
+import xxhash
+
+from ._layout import Layout
+from ._rangeset import RangeSet
+from ._startup import StartupError
+from ._sweep import SweepOrder, WorkingSetOrder
+from ._units import human
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+__all__ = [
+    "DEFAULT_NAME",
+    "FORMAT",
+    "VERSION",
+    "AccessRecorder",
+    "CheckpointIdentity",
+    "WorkingSet",
+    "WorkingSetError",
+    "WorkingSetRecorder",
+    "check_recording_path",
+    "checkpoint_identity",
+    "clip_working_set",
+    "decode_working_set",
+    "default_working_set_path",
+    "encode_working_set",
+    "format_working_set",
+    "merge_working_sets",
+    "read_working_set",
+    "replay_order",
+    "write_working_set",
+]
+
+FORMAT = "pageload-working-set"  #: the file's magic (its first key's value)
+VERSION = 1
+DEFAULT_NAME = "working-set.msgpack"  #: in a pages checkpoint's directory
+MAX_FILE_BYTES = 1 << 30
+_U64 = 1 << 64
+#: replay: ranges within this many bytes of each other in first-touch order may merge
+REPLAY_BATCH = 8 << 20
+#: replay: ranges closer than this in memory (inside a batch) are read as one
+REPLAY_GAP = 64 << 10
+
+
+class WorkingSetError(StartupError):
+    """A working set cannot be used; ``str()`` is one line, ``"<path>: <problem>"``.
+    A :class:`StartupError` when the daemon meets it before READY."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        problem = " ".join(problem.split())
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class AccessRecorder(Protocol):
+    """What the loader calls when memory is touched: a wait is submitted (and, in
+    userfaultfd mode, a fault arrives).  Must be cheap: it is on the wait path."""
+
+    def touched(self, lo: int, hi: int) -> None:
+        """Page-aligned memory ``[lo, hi)`` was touched now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointIdentity:
+    """Which checkpoint a working set belongs to.
+
+    ``pages``: memory size + xxh3_64 of ``index.msgpack`` (which holds the checksums
+    of every chunk of ``pages.img``, so it changes with any data).  ``raw``: memory
+    size + xxh3_64 of the data extents (the layout): a raw image has no checksums,
+    and hashing its content would mean reading all of it.
+    """
+
+    kind: str
+    memory_size: int
+    page_size: int
+    digest: int
+
+    def describe(self) -> str:
+        what = "index" if self.kind == "pages" else "layout"
+        return f"{self.kind} checkpoint of {self.memory_size} bytes, {what} xxh3 {self.digest:#018x}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "memory_size": self.memory_size, "page_size": self.page_size,
+                "digest": self.digest}
+
+
+def layout_digest(layout: Layout) -> int:
+    h = xxhash.xxh3_64()
+    h.update(layout.mem.tobytes())
+    h.update(layout.length.tobytes())
+    return h.intdigest()
+
+
+def checkpoint_identity(ckpt: Checkpoint) -> CheckpointIdentity:
+    """The identity of an opened checkpoint (reads the index again for ``pages``)."""
+    layout = ckpt.layout
+    if ckpt.kind == "pages" and ckpt.index_path is not None:
+        h = xxhash.xxh3_64()
+        try:
+            with open(ckpt.index_path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as exc:
+            raise WorkingSetError(ckpt.index_path, exc.strerror or str(exc)) from None
+        digest = h.intdigest()
+    else:
+        digest = layout_digest(layout)
+    return CheckpointIdentity(ckpt.kind, layout.memory_size, layout.page_size, digest)
+
+
+def default_working_set_path(source: str) -> str:
+    """Where a checkpoint's working set lives by default: ``DIR/working-set.msgpack``
+    for a pages checkpoint (given as its directory or its index), and
+    ``IMAGE.working-set.msgpack`` beside a raw image (one directory often holds
+    several images)."""
+    if os.path.isdir(source):
+        return os.path.join(source, DEFAULT_NAME)
+    if source.endswith(".msgpack"):
+        return os.path.join(os.path.dirname(source), DEFAULT_NAME)
+    return f"{source}.{DEFAULT_NAME}"
+
+
+def check_recording_path(path: str) -> None:
+    """Fail now, with one line, if a working set cannot be written at ``path``
+    (a read-only checkpoint directory must not be found out at shutdown)."""
+    if os.path.isdir(path):
+        raise WorkingSetError(path, "cannot record a working set here: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".working-set.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise WorkingSetError(path, f"cannot record a working set here: {parent}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@dataclass(eq=False)
+class WorkingSet:
+    """Ranges in first-touch order (columns of equal length), for one checkpoint."""
+
+    identity: CheckpointIdentity
+    offset: array[int]
+    length: array[int]
+    first_touch_us: array[int]
+    recordings: int = 1  #: how many recordings were merged into it
+    window_s: float = 0.0  #: how long the recording window was (the longest, merged)
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    @property
+    def page_size(self) -> int:
+        return self.identity.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.length)
+
+    def ranges(self) -> Iterator[tuple[int, int, int]]:
+        """(offset, length, first_touch_us), in first-touch order."""
+        return zip(self.offset, self.length, self.first_touch_us)
+
+    def members(self) -> RangeSet:
+        """The set of its memory (merged intervals; built in offset order)."""
+        out = RangeSet()
+        offs, lens = self.offset, self.length
+        for i in sorted(range(len(offs)), key=offs.__getitem__):
+            out.add(offs[i], offs[i] + lens[i])
+        return out
+
+
+# --------------------------------------------------------------------------- recording
+class WorkingSetRecorder:
+    """Records first touches while ``active``: each page once, at its first touch,
+    appended in touch order; a touch adjacent to the previous range extends it.
+
+    Cost per touch: a few bisects on the set of pages seen (merged intervals)."""
+
+    __slots__ = ("identity", "seen", "offset", "length", "first_touch_us", "active", "t0_ns", "ended_ns",
+                 "touches", "closed")
+
+    def __init__(self, identity: CheckpointIdentity) -> None:
+        self.identity = identity
+        self.seen = RangeSet()
+        self.offset = array("Q")
+        self.length = array("Q")
+        self.first_touch_us = array("Q")
+        self.active = False
+        self.t0_ns = 0
+        self.ended_ns: int | None = None
+        self.touches = 0
+        self.closed = trio.Event()  #: set when the window closes (``stop``: its end, or a ``mark``)
+
+    def start(self, now_ns: int | None = None) -> None:
+        """Open the window (the daemon does it at READY): times count from here."""
+        self.t0_ns = time.perf_counter_ns() if now_ns is None else now_ns
+        self.active = True
+
+    def stop(self, now_ns: int | None = None) -> WorkingSet:
+        """Close the window; later touches are ignored.  Returns what was recorded."""
+        if self.active:
+            self.active = False
+            self.ended_ns = time.perf_counter_ns() if now_ns is None else now_ns
+            self.closed.set()
+        return self.working_set()
+
+    def working_set(self) -> WorkingSet:
+        end = self.ended_ns if self.ended_ns is not None else time.perf_counter_ns()
+        return WorkingSet(self.identity, array("Q", self.offset), array("Q", self.length),
+                          array("Q", self.first_touch_us), 1, max(0.0, (end - self.t0_ns) / 1e9))
+
+    def touched(self, lo: int, hi: int) -> None:
+        if not self.active or lo >= hi:
+            return
+        self.touches += 1
+        seen = self.seen
+        covered = seen.overlap_bytes(lo, hi)
+        if covered == hi - lo:
+            return
+        t_us = max(0, (time.perf_counter_ns() - self.t0_ns) // 1000)
+        pos = lo
+        if covered:
+            for a, b in list(seen.overlapping(lo, hi)):
+                if a > pos:
+                    self._append(pos, a, t_us)
+                pos = b
+        if pos < hi:
+            self._append(pos, hi, t_us)
+        seen.add(lo, hi)
+
+    def _append(self, lo: int, hi: int, t_us: int) -> None:
+        n = len(self.offset)
+        if n and self.offset[n - 1] + self.length[n - 1] == lo:
+            self.length[n - 1] += hi - lo
+        else:
+            self.offset.append(lo)
+            self.length.append(hi - lo)
+            self.first_touch_us.append(t_us)
+
+
+# --------------------------------------------------------------------------- the file
+def encode_working_set(ws: WorkingSet) -> bytes:
+    """The file's bytes: a msgpack map, ``"format"`` first; columns as little-endian uint64."""
+    packed: bytes = msgpack.packb({
+        "format": FORMAT,
+        "version": VERSION,
+        "checkpoint": ws.identity.as_dict(),
+        "recordings": ws.recordings,
+        "window_s": float(ws.window_s),
+        "ranges": len(ws),
+        "offset": _column_bytes(ws.offset),
+        "length": _column_bytes(ws.length),
+        "first_touch_us": _column_bytes(ws.first_touch_us),
+    }, use_bin_type=True)
+    return packed
+
+
+def _column_bytes(col: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        return col.tobytes()
+    swapped = array("Q", col)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _column(obj: dict[str, Any], name: str, count: int) -> array[int]:
+    blob = obj.get(name)
+    if not isinstance(blob, bytes):
+        raise ValueError(f"field {name!r} is missing or not binary")
+    if len(blob) != 8 * count:
+        raise ValueError(f"field {name!r} holds {len(blob)} bytes, not 8 x {count} ranges")
+    col = array("Q")
+    col.frombytes(blob)
+    if sys.byteorder != "little":
+        col.byteswap()
+    return col
+
+
+def _int(obj: dict[str, Any], name: str, minimum: int = 0) -> int:
+    value = obj.get(name)
+    if type(value) is not int:
+        raise ValueError(f"field {name!r} is missing or not an integer")
+    if not minimum <= value < _U64:
+        raise ValueError(f"field {name!r} is {value}, outside [{minimum}, 2**64)")
+    return value
+
+
+def decode_working_set(data: bytes) -> WorkingSet:
+    """Parse and check a working set file; ``ValueError`` with a one-line reason."""
+    n = len(data)
+    if n == 0:
+        raise ValueError("empty file")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=n, max_bin_len=n,
+                              max_array_len=n, max_map_len=n, max_ext_len=0)
+    except msgpack.ExtraData as exc:
+        head = exc.unpacked
+        if isinstance(head, dict) and head.get("format") == FORMAT:
+            raise ValueError("trailing bytes after the working set's msgpack map") from None
+        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)') from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if "incomplete" in str(exc):
+            raise ValueError("truncated: the msgpack data ends early") from None
+        raise ValueError(f"not a working set (invalid msgpack: {type(exc).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)')
+    version = _int(obj, "version")
+    if version != VERSION:
+        raise ValueError(f"unsupported working-set version {version} (this pageload reads version {VERSION})")
+    ck = obj.get("checkpoint")
+    if not isinstance(ck, dict) or ck.get("kind") not in ("raw", "pages"):
+        raise ValueError("field 'checkpoint' is missing or has no kind 'raw' or 'pages'")
+    page_size = _int(ck, "page_size", 1)
+    if page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} is not a power of two")
+    identity = CheckpointIdentity(ck["kind"], _int(ck, "memory_size"), page_size, _int(ck, "digest"))
+    count = _int(obj, "ranges")
+    recordings = _int(obj, "recordings", 1)
+    window = obj.get("window_s", 0.0)
+    if not isinstance(window, (int, float)) or isinstance(window, bool) or not 0 <= window < 1e12:
+        raise ValueError("field 'window_s' is not a non-negative number")
+    ws = WorkingSet(identity, _column(obj, "offset", count), _column(obj, "length", count),
+                    _column(obj, "first_touch_us", count), recordings, float(window))
+    _check_ranges(ws)
+    return ws
+
+
+def _check_ranges(ws: WorkingSet) -> None:
+    ps = ws.page_size
+    offs, lens, times = ws.offset, ws.length, ws.first_touch_us
+    prev_t = 0
+    for i in range(len(offs)):
+        o, n, t = offs[i], lens[i], times[i]
+        if n == 0 or o % ps or n % ps:
+            raise ValueError(f"range {i} ({o:#x}+{n:#x}) is empty or not page-aligned")
+        if o + n >= _U64:
+            raise ValueError(f"range {i} ({o:#x}+{n:#x}) runs past 2**64")
+        if t < prev_t:
+            raise ValueError(f"range {i}: first touches are not in order ({t} us after {prev_t} us)")
+        prev_t = t
+    order = sorted(range(len(offs)), key=offs.__getitem__)
+    for a, b in zip(order, order[1:]):
+        if offs[a] + lens[a] > offs[b]:
+            raise ValueError(f"ranges {a} and {b} overlap (at {offs[b]:#x})")
+
+
+def read_working_set(path: str) -> WorkingSet:
+    """Read and check the file; :class:`WorkingSetError` (one line) on any problem."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise WorkingSetError(path, f"{size} bytes, more than the {MAX_FILE_BYTES}-byte limit")
+            data = f.read(size + 1)
+    except OSError as exc:
+        raise WorkingSetError(path, exc.strerror or str(exc)) from None
+    try:
+        return decode_working_set(data)
+    except ValueError as exc:
+        raise WorkingSetError(path, str(exc)) from None
+
+
+def write_working_set(path: str, ws: WorkingSet) -> None:
+    """Write atomically: a temporary file beside ``path``, fsynced, renamed over it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    data = encode_working_set(ws)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".working-set.", suffix=".partial", dir=parent)
+    except OSError as exc:
+        raise WorkingSetError(path, f"cannot write: {exc.strerror or exc}") from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise WorkingSetError(path, f"cannot write: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- use
+def check_identity(ws: WorkingSet, identity: CheckpointIdentity, path: str) -> None:
+    """Refuse (one line) a working set recorded for another checkpoint."""
+    if ws.identity != identity:
+        raise WorkingSetError(
+            path, f"recorded for another checkpoint ({ws.identity.describe()}; this is a {identity.describe()})"
+        )
+
+
+def clip_working_set(ws: WorkingSet, memory_size: int) -> tuple[WorkingSet, int]:
+    """Drop what lies past ``memory_size``; returns (the clipped set, bytes dropped)."""
+    offs, lens = ws.offset, ws.length
+    if not any(o + n > memory_size for o, n in zip(offs, lens)):
+        return ws, 0
+    out = WorkingSet(ws.identity, array("Q"), array("Q"), array("Q"), ws.recordings, ws.window_s)
+    dropped = 0
+    for o, n, t in ws.ranges():
+        end = min(o + n, memory_size)
+        dropped += o + n - max(end, o)
+        if end > o:
+            out.offset.append(o)
+            out.length.append(end - o)
+            out.first_touch_us.append(t)
+    return out, dropped
+
+
+def replay_plan(ws: WorkingSet, layout: Layout, batch: int = REPLAY_BATCH,
+                gap: int = REPLAY_GAP) -> tuple[array[int], array[int]]:
+    """The spans to read, in first-touch order.  Within each batch of ``batch`` bytes
+    (in first-touch order), ranges closer than ``gap`` in memory merge into one span
+    (the gap is read too: a few pages more buy one large read instead of several),
+    which takes the place of its earliest range.  Spans are clipped to the memory
+    size; holes inside them cost nothing."""
+    lo_col, hi_col = array("Q"), array("Q")
+    pending: list[tuple[int, int, int]] = []  # (lo, hi, rank in first-touch order), one batch
+    in_batch = 0
+    size = layout.memory_size
+
+    def flush() -> None:
+        pending.sort()
+        groups: list[tuple[int, int, int]] = []  # (first rank, lo, hi)
+        cur_lo, cur_hi, rank = pending[0]
+        for a, b, r in pending[1:]:
+            if a <= cur_hi + gap:
+                cur_hi, rank = max(cur_hi, b), min(rank, r)
+            else:
+                groups.append((rank, cur_lo, cur_hi))
+                cur_lo, cur_hi, rank = a, b, r
+        groups.append((rank, cur_lo, cur_hi))
+        groups.sort()
+        for _, a, b in groups:
+            lo_col.append(a)
+            hi_col.append(b)
+        pending.clear()
+
+    for rank, (o, n) in enumerate(zip(ws.offset, ws.length)):
+        end = min(o + n, size)
+        if end <= o:
+            continue
+        pending.append((o, end, rank))
+        in_batch += end - o
+        if in_batch >= batch:
+            flush()
+            in_batch = 0
+    if pending:
+        flush()
+    return lo_col, hi_col
+
+
+def chunk_hull(layout: Layout, lo: int, hi: int, chunk_size: int) -> tuple[int, int]:
+    """The memory of the whole checksum chunks that memory [lo, hi)'s data is in (for a
+    layout whose pages-file offsets ascend with memory, as the loader verifies them)."""
+    first = layout.first_at_or_after(lo)
+    last = bisect_right(layout.mem, hi - 1) - 1
+    if first >= len(layout) or last < first:
+        return lo, hi
+    mem, length, file = layout.mem, layout.length, layout.file
+    k0 = (file[first] + max(lo, mem[first]) - mem[first]) // chunk_size
+    k1 = (file[last] + min(hi, mem[last] + length[last]) - 1 - mem[last]) // chunk_size
+    end = file[-1] + length[-1]
+
+    def memory_at(f: int, after: bool) -> int:
+        i = bisect_right(file, f) - 1
+        if i >= 0 and f < file[i] + length[i]:
+            return mem[i] + f - file[i]
+        return mem[i + 1] if after and i + 1 < len(layout) else mem[i] + length[i]
+
+    return min(lo, memory_at(k0 * chunk_size, True)), max(hi, memory_at(min((k1 + 1) * chunk_size, end) - 1, False) + 1)
+
+
+def replay_order(ws: WorkingSet, layout: Layout, fallback: SweepOrder | None = None, *,
+                 batch: int = REPLAY_BATCH, gap: int = REPLAY_GAP, chunk_size: int | None = None) -> WorkingSetOrder:
+    """A :class:`~loader.WorkingSetOrder` loading ``ws`` first, then ``fallback``'s order.
+
+    With ``chunk_size`` (the loader verifies checksum chunks, and serves a page only
+    once its whole chunk is verified), each span grows to whole chunks."""
+    lo, hi = replay_plan(ws, layout, batch, gap)
+    if chunk_size:
+        for i in range(len(lo)):
+            lo[i], hi[i] = chunk_hull(layout, lo[i], hi[i], chunk_size)
+    members = ws.members()
+    data = sum(y - x for a, b in members for x, y in layout.data_in(a, b))  # holes never load
+    return WorkingSetOrder(lo, hi, members, size_bytes=data, ranges=len(ws), fallback=fallback)
+
+
+# --------------------------------------------------------------------------- merging
+def merge_working_sets(sets: Sequence[WorkingSet], names: Sequence[str] | None = None) -> WorkingSet:
+    """The union of several recordings of one checkpoint, ordered by each piece's
+    median first touch over the recordings that touched it.
+
+    Cost: O(R log R) in the total number of ranges R; pieces are cut only where a
+    range of some recording starts or ends, never per page.  Raises
+    :class:`WorkingSetError` if the sets belong to different checkpoints."""
+    if not sets:
+        raise ValueError("nothing to merge")
+    names = list(names or [f"working set {i}" for i in range(len(sets))])
+    first = sets[0].identity
+    for ws, name in zip(sets[1:], names[1:]):
+        check_identity(ws, first, name)
+    # per recording: its ranges sorted by offset (index arrays), for bisecting
+    sorted_sets: list[tuple[array[int], array[int], array[int]]] = []
+    bounds: set[int] = set()
+    for ws in sets:
+        order = sorted(range(len(ws)), key=ws.offset.__getitem__)
+        offs = array("Q", (ws.offset[i] for i in order))
+        ends = array("Q", (ws.offset[i] + ws.length[i] for i in order))
+        times = array("Q", (ws.first_touch_us[i] for i in order))
+        sorted_sets.append((offs, ends, times))
+        bounds.update(offs)
+        bounds.update(ends)
+    cuts = sorted(bounds)
+    pieces_lo, pieces_hi, pieces_t = array("Q"), array("Q"), array("Q")
+    for a, b in zip(cuts, cuts[1:]):
+        touches = []
+        for offs, ends, times in sorted_sets:
+            i = bisect_right(offs, a) - 1
+            if i >= 0 and a < ends[i]:
+                touches.append(times[i])
+        if not touches:
+            continue
+        t = int(statistics.median_low(touches))
+        if pieces_hi and pieces_hi[-1] == a and pieces_t[-1] == t:
+            pieces_hi[-1] = b
+        else:
+            pieces_lo.append(a)
+            pieces_hi.append(b)
+            pieces_t.append(t)
+    order = sorted(range(len(pieces_lo)), key=lambda i: (pieces_t[i], pieces_lo[i]))
+    out = WorkingSet(first, array("Q"), array("Q"), array("Q"),
+                     sum(ws.recordings for ws in sets), max(ws.window_s for ws in sets))
+    for i in order:
+        lo, hi, t = pieces_lo[i], pieces_hi[i], pieces_t[i]
+        n = len(out.offset)
+        if n and out.offset[n - 1] + out.length[n - 1] == lo:
+            out.length[n - 1] += hi - lo
+        else:
+            out.offset.append(lo)
+            out.length.append(hi - lo)
+            out.first_touch_us.append(t)
+    return out
+
+
+def format_working_set(ws: WorkingSet, path: str, limit: int = 20) -> list[str]:
+    """``pageload working-set show``: a summary, then the first ``limit`` ranges."""
+    total = ws.total_bytes
+    last = ws.first_touch_us[-1] / 1e6 if len(ws) else 0.0
+    lines = [
+        f"{path}: working set of {human(total)} ({total // ws.page_size} pages) in {len(ws)} ranges",
+        f"  checkpoint         {ws.identity.describe()}",
+        f"  recordings         {ws.recordings} (window {ws.window_s:.1f} s; last first touch at {last:.3f} s)",
+    ]
+    if len(ws):
+        lines.append(f"  largest range      {human(max(ws.length))}")
+        lines.append("  first touches (time, memory range):")
+        for o, n, t in list(zip(ws.offset[:limit], ws.length[:limit], ws.first_touch_us[:limit])):
+            lines.append(f"    {t / 1e6:10.6f} s  {o:#x}+{n:#x} ({human(n)})")
+        if len(ws) > limit:
+            lines.append(f"    ... {len(ws) - limit} more")
+    return lines
