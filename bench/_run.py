@@ -40,11 +40,12 @@ from ._daemon import run_daemon_section
 from ._designs import run_designs
 from ._latency import run_latency_section
 from ._tools import BenchError
+from ._uffd import run_uffd_section
 from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "workingset")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd")
 QUICK_SIZE = 256 << 20
 
 
@@ -178,6 +179,8 @@ def _run_section(
             max_wait_runs=2 if quick else 4,
             log=log,
         )
+    if name == "uffd":
+        return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed, log=log)
     return _designs_section(opts, image, workdir, log)
 
 
@@ -292,6 +295,8 @@ def format_bench(result: dict[str, Any]) -> str:
             )
         elif name == "backends":
             lines += _format_backends(section)
+        elif name == "uffd":
+            lines += _format_uffd(section)
         elif name == "workingset":
             lines.append(format_workingset(section))
         elif name == "designs":
@@ -365,4 +370,22 @@ def _format_backends(section: dict[str, Any]) -> list[str]:
             + ", ".join(f"{n}: {c['mb_s']:.0f} MB/s" for n, c in th["counts"].items())
             + f"; best {th['best']}, default {th['default']}"
         )
+    return lines
+
+
+def _format_uffd(section: dict[str, Any]) -> list[str]:
+    g = section["guest"]
+    lines = [
+        f"uffd ({section['image']['size_bytes'] >> 20} MiB dense image, warm cache; guest: {g['vcpus']} vCPUs, "
+        f"{g['touches']} random 4 KiB touches over {g['window_s']:.3f} s; cp {section['cp']['mb_s']:.0f} MB/s)"
+    ]
+    lines += _goal_table(section["goals"])
+    rows = []
+    for mode, r in section["runs"].items():
+        f = r["fault_us"]
+        rows.append([mode, str(f["count"]), _num(f["p50"]), _num(f["p99"]), _num(f["max"]),
+                     _num(r["blocked_s"]), "never" if r["no_more_faults_s"] is None else _num(r["no_more_faults_s"]),
+                     _num(r["fill_mb_s"])])
+    lines += _table(["handler", "faults", "p50 us", "p99 us", "max us", "blocked s", "last fault s", "fill MB/s"],
+                    rows)
     return lines

@@ -19,6 +19,7 @@ import time
 from loader import Client, human, mapped_memory
 from loader.checkpoint import create_checkpoint
 from workloads import DaemonProcess, DaemonStartError, make_sample_image
+from workloads._vmm import GuestRegion, VmmEmulator
 
 from ._args import add_size
 
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--waits", type=int, default=400, metavar="N", help="waits per client (default 400)")
     p.add_argument("--workdir", default=".demo", metavar="DIR", help="where the image goes (default .demo)")
     p.add_argument("--aio", default="auto", metavar="NAME", help="I/O backend for the daemon")
+    p.add_argument("--uffd", action="store_true",
+                   help="show the page-fault handler mode instead: the daemon gets --uffd-socket, and an "
+                   "emulated VMM (Firecracker's handshake, userfaultfd) has --clients vCPU threads touch "
+                   "--waits pages each as real page faults, checking every byte (docs/UFFD.md)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +84,8 @@ def _pct(sorted_ns: list[int], p: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     os.makedirs(args.workdir, exist_ok=True)
+    if args.uffd:
+        return run_uffd(args)
     image = os.path.join(args.workdir, f"memory-{args.size}.img")
     ckpt = os.path.join(args.workdir, f"checkpoint-{args.size}")
     sock = os.path.join(args.workdir, "pageload.sock")
@@ -153,4 +160,79 @@ def run(args: argparse.Namespace) -> int:
     if args.workdir == ".demo" and not os.environ.get("PAGELOAD_DEMO_KEEP"):
         shutil.rmtree(ckpt, ignore_errors=True)
     ok = mismatches == 0 and not errors and daemon.returncode == 0
+    return 0 if ok else 1
+
+
+def run_uffd(args: argparse.Namespace) -> int:
+    """The handler mode: sample image -> daemon with --uffd-socket -> emulated VMM faulting."""
+    image = os.path.join(args.workdir, f"memory-{args.size}.img")
+    sock = os.path.join(args.workdir, "pageload.sock")
+    uffd_sock = os.path.join(args.workdir, "uffd.sock")
+    print(f"== pageload demo --uffd: {human(args.size)} guest memory, {args.clients} vCPUs faulting")
+    if not os.path.exists(image):
+        t = time.perf_counter()
+        make_sample_image(image, args.size, seed=1)
+        print(f"made sample image {image} in {time.perf_counter() - t:.2f} s")
+    print(f"$ pageload restore {image} --background --uffd-socket {uffd_sock} --socket {sock}")
+    daemon = DaemonProcess(image, sock, os.path.join(args.workdir, "daemon.log"),
+                           ["--background", "--uffd-socket", uffd_sock, "--aio", args.aio,
+                            "--progress-interval", "1"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        print(f"daemon failed to start: {exc}", file=sys.stderr)
+        return 1
+    print(f"daemon ready in {daemon.ready_s:.3f} s; the VMM connects and its vCPUs resume at once")
+    rng = random.Random(1)
+    pages = args.size // 4096
+    hot = [rng.randrange(pages) for _ in range(64)]
+    faults = [(0, (rng.choice(hot) if rng.random() < 0.3 else rng.randrange(pages)) * 4096, 4096)
+              for _ in range(args.waits * args.clients)]
+    errors: list[str] = []
+    filled_s = None
+    try:
+        with VmmEmulator([GuestRegion(0, args.size)], expected=image) as vmm:
+            vmm.connect(uffd_sock)
+            t0 = time.perf_counter()
+            report = vmm.touch(faults, vcpus=args.clients, classify=True)
+            print(f"  vCPUs done in {time.perf_counter() - t0:.3f} s; waiting for the background fill")
+            with Client.connect(sock) as probe:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    u = probe.stats().get("uffd") or {}
+                    if u.get("filled"):
+                        filled_s = u.get("filled_s")
+                        break
+                    time.sleep(0.1)
+            bad = vmm.verify_all()  # every page of guest memory against the image
+            vmm.disconnect()
+        if daemon.proc is not None:
+            daemon.proc.wait(30)
+    except Exception as exc:  # reported in the summary
+        errors.append(f"{type(exc).__name__}: {exc}")
+        report, bad = None, []
+    finally:
+        daemon.stop(30)
+    print("== summary")
+    if report is not None:
+        lat = sorted(report.fault_latencies_ns)
+        print(f"  touches            {report.touches} by {args.clients} vCPUs, {len(lat)} faulted "
+              f"(the rest were already filled in)")
+        print(f"  fault latency      p50 {_pct(lat, 50):.0f} us, p99 {_pct(lat, 99):.0f} us, "
+              f"max {lat[-1] / 1000 if lat else 0:.0f} us (touch to return)")
+        print(f"  guest blocked      {report.blocked_s:.3f} s in all")
+        print(f"  no more faults     after {filled_s:.3f} s (guest memory filled)" if filled_s is not None
+              else "  no more faults     not reached")
+        print(f"  bytes checked      {len(report.mismatches)} wrong touches, {len(bad)} wrong MiB after the fill")
+    print(f"  daemon exit        {daemon.returncode} (by itself once the VMM had gone)")
+    for e in errors[:5]:
+        print(f"  error: {e}")
+    with open(daemon.log_path, errors="replace") as log:
+        tail = [ln for ln in log if "uffd:" in ln][-3:]
+    if tail:
+        print("== daemon log (last lines)")
+        for ln in tail:
+            print("  " + ln.rstrip())
+    ok = (report is not None and not report.mismatches and not report.errors and not bad and not errors
+          and filled_s is not None and daemon.returncode == 0)
     return 0 if ok else 1

@@ -11,6 +11,7 @@ from typing import TextIO
 from loader import ClientError
 from loader.checkpoint import CheckpointError
 from workloads import LoadgenError, ProgressFn, TraceError, load_trace, run_loadgen
+from workloads._vmm import replay_as_faults
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,7 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "succeeded with the right bytes, 1 on errors or mismatches or an unreachable daemon, 2 for "
         "a bad trace or arguments.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="the daemon's Unix socket")
+    p.add_argument("--socket", metavar="PATH", help="the daemon's Unix socket (or --uffd)")
+    p.add_argument("--uffd", metavar="PATH",
+                   help="instead of waits on --socket, replay the trace as real page faults: an emulated "
+                   "VMM (Firecracker's handshake) connects to the daemon's --uffd-socket PATH and --vcpus "
+                   "threads touch the pages; needs --image (the raw image to check the bytes against, or a "
+                   "checkpoint: then they are not checked); the daemon exits once the VMM has gone")
+    p.add_argument("--vcpus", type=int, default=2, metavar="N", help="with --uffd: vCPU threads (default 2)")
     p.add_argument("--trace", required=True, metavar="FILE", help="trace file (msgpack or text)")
     p.add_argument(
         "--clients", type=int, default=1, metavar="N", help="client processes (default 1)"
@@ -77,6 +84,11 @@ def stderr_progress(stream: TextIO | None = None) -> ProgressFn:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.socket is None) == (args.uffd is None):
+        print("pageload: loadgen needs --socket PATH or --uffd PATH (one of them)", file=sys.stderr)
+        return 2
+    if args.uffd is not None:
+        return _run_uffd(args)
     if args.clients < 1:
         print(f"pageload: --clients must be at least 1, not {args.clients}", file=sys.stderr)
         return 2
@@ -137,3 +149,42 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _run_uffd(args: argparse.Namespace) -> int:
+    if args.image is None:
+        print("pageload: loadgen --uffd needs --image (the restored image: guest memory's size and bytes)",
+              file=sys.stderr)
+        return 2
+    if args.vcpus < 1:
+        print(f"pageload: --vcpus must be at least 1, not {args.vcpus}", file=sys.stderr)
+        return 2
+    try:
+        trace = load_trace(args.trace)
+        report = replay_as_faults(args.uffd, trace, args.image, vcpus=args.vcpus, rate=args.rate,
+                                  closed_loop=args.closed_loop, verify=not args.no_verify)
+    except (TraceError, CheckpointError, ValueError) as exc:
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pageload: {args.uffd}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        doc = json.dumps(report, indent=2, sort_keys=True)
+        if args.json == "-":
+            print(doc)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(doc + "\n")
+    lat = report["fault_us"]
+    print(f"pageload: loadgen --uffd: {report['touches']} pages touched by {args.vcpus} vCPUs in "
+          f"{report['elapsed_s']:.3f} s, {lat['count']} faulted: p50 {lat['p50']:.0f} us p99 {lat['p99']:.0f} us "
+          f"max {lat['max']:.0f} us; guest blocked {report['blocked_s']:.3f} s; "
+          + (f"{report['mismatch_count']} mismatches" if report["verified"] else "bytes not checked"),
+          file=sys.stderr)
+    if report["mismatch_count"] or report["errors"]:
+        for line in report["errors"]:
+            print(f"pageload: error: {line}", file=sys.stderr)
+        print(f"pageload: loadgen --uffd FAILED: wrong bytes at {report['mismatches']}", file=sys.stderr)
+        return 1
+    return 0

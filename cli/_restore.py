@@ -11,12 +11,14 @@ import trio
 
 import aio
 from loader import (
+    UFFD_MODES,
     ActivationError,
     DaemonOptions,
     LoaderConfig,
     MetricsError,
     Notifier,
     StartupError,
+    UffdConfig,
     WorkingSetError,
     activated_socket,
     listen_fds,
@@ -55,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="also be Firecracker's page-fault handler: listen on PATH for the VMM's regions "
                    "and userfaultfd, answer its faults and fill guest memory in the background; exit 0 "
                    "once the VMM has gone (docs/UFFD.md)")
+    p.add_argument("--uffd-mode", choices=UFFD_MODES, default="fill",
+                   help="with --uffd-socket: 'fill' (default) answers faults first and copies loaded memory "
+                   "into the guest behind them; 'eager' copies all memory before answering any fault and "
+                   "'lazy' copies only faulting pages and reads only on faults (no sweep): Firecracker's "
+                   "'fault_all' and 'valid' example handlers, for comparison (pageload bench --sections uffd)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
@@ -131,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
                               queue_depth=args.queue_depth,
                               background_reads=args.background_reads,
-                              busy_background_reads=args.busy_background_reads, sweep=not args.no_sweep,
+                              busy_background_reads=args.busy_background_reads,
+                              sweep=not args.no_sweep and args.uffd_mode != "lazy",
                               priority=not args.no_priority, read_timeout=args.read_timeout,
                               verify=not args.no_verify)
         metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
@@ -151,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     socket_path = args.socket or ("" if listen_socket is not None else args.uffd_socket + ".pageload")
     opts = DaemonOptions(
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
-        notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket, background=args.background,
+        notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
+        uffd_config=UffdConfig.for_mode(args.uffd_mode), background=args.background,
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,

@@ -19,6 +19,7 @@ from ._server import Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
+from ._uffd_handler import UFFD_MODES, UffdConfig
 from ._units import human, parse_size
 from ._workingset import (
     AccessRecorder,
@@ -35,6 +36,8 @@ from ._workingset import (
 )
 
 __all__ = [
+    "UFFD_MODES",
+    "UffdConfig",
     "AccessRecorder",
     "CheckpointIdentity",
     "WorkingSet",

@@ -14,10 +14,16 @@ their replies are flushed, reads not started are dropped, reads running are
 waited for, and the socket file is removed; a read still running at the deadline
 (a hung disk) is abandoned and the daemon exits anyway.
 
-Test hook: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
+With a VMM connected (``uffd_socket``), SIGTERM first answers its pending page
+faults: those whose reads finish within half the deadline get their data, the
+rest are poisoned (SIGBUS in the faulting thread) by the loader's shutdown.
+
+Test hooks: with ``PAGELOAD_TEST_HANG_READS=LO:HI`` in the environment (pages-file
 byte offsets), reads touching [LO, HI) never complete
 (:class:`aio.testing.HangingQueue`), so tests can drive the read deadline and
-the shutdown deadline through a real process.  Nothing reads it otherwise.
+the shutdown deadline through a real process; with ``PAGELOAD_TEST_FAIL_READS=LO:HI``
+they fail with EIO (:class:`aio.testing.FaultInjectingQueue`).  Nothing reads
+them otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ log = logging.getLogger("pageload")
 
 #: the test hook's environment variable (module docstring)
 HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
+FAIL_READS_ENV = "PAGELOAD_TEST_FAIL_READS"
 
 
 @dataclass
@@ -195,6 +202,11 @@ def _open_queue(opts: DaemonOptions, notes: list[str]) -> tuple[aio.Queue, str]:
     notes.append(f"aio backend {name} ({why})")
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
+    fail = os.environ.get(FAIL_READS_ENV)
+    if fail:  # the test hook (module docstring)
+        lo, _, hi = fail.partition(":")
+        queue = aio.testing.FaultInjectingQueue(queue, aio.testing.fail_offsets(int(lo, 0), int(hi, 0)))
+        log.warning("%s=%s: reads of pages-file bytes [%s, %s) will fail (test hook)", FAIL_READS_ENV, fail, lo, hi)
     hang = os.environ.get(HANG_READS_ENV)
     if hang:  # the test hook (module docstring)
         lo, _, hi = hang.partition(":")
@@ -375,7 +387,12 @@ async def run_daemon(
                 task_status.started(state)
             await stop.wait()
             opts.notifier.stopping(f"stopping: {_status_line(loader)}")
-            await _shutdown(loader, server, opts.shutdown_timeout)
+            timeout = opts.shutdown_timeout
+            if state.uffd is not None:  # the VMM's pending faults are answered first (docs/UFFD.md)
+                drain_started = trio.current_time()
+                await state.uffd.drain(0.5 * timeout)
+                timeout = max(0.1, timeout - (trio.current_time() - drain_started))
+            await _shutdown(loader, server, timeout)
             if recorder is not None and recorder.active:
                 recorder.stop()  # the window task writes the file
                 with trio.CancelScope(shield=True):

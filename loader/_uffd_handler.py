@@ -17,7 +17,7 @@ userfaultfd in SCM_RIGHTS.  :class:`UffdHandler` then
 * handles ``UFFD_EVENT_REMOVE`` / ``UNMAP`` (never copied again, later faults get zero
   pages) and ``REMAP`` (the region moves);
 * answers a page that cannot be read with ``UFFDIO_POISON`` (the faulting thread gets
-  SIGBUS) where the VMM enabled UFFD_FEATURE_POISON; see docs/UFFD.md otherwise.
+  SIGBUS) on kernels with UFFDIO_POISON (6.6+); see docs/UFFD.md otherwise.
 
 Everything runs in the trio thread; each ioctl is at most ``fill_chunk`` bytes.
 """
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+
+from protocol import codes
 
 from . import _uffd
 from ._loader import Loader, LoadError, WaitHandle
@@ -114,6 +116,25 @@ class UffdConfig:
     fault_around: int = 64 << 10  #: after a fault, also copy loaded bytes in this aligned window
     fill_chunk: int = 256 << 10  #: largest background UFFDIO_COPY (a fault waits at most one)
     fill: bool = True  #: False: copy only on faults (the lazy per-fault handler, for comparison)
+    #: True: copy all memory before answering any fault (Firecracker's "fault_all"
+    #: example handler, for comparison): faults wait for the whole load
+    eager: bool = False
+
+    @classmethod
+    def for_mode(cls, mode: str) -> UffdConfig:
+        """``fill`` (ours), ``eager`` (copy everything first) or ``lazy`` (only the
+        faulting page, no fill; run the loader without its sweep for Firecracker's
+        "valid" example)."""
+        if mode == "fill":
+            return cls()
+        if mode == "eager":
+            return cls(eager=True)
+        if mode == "lazy":
+            return cls(fill=False, fault_around=4096)
+        raise ValueError(f"unknown uffd mode {mode!r} (fill, eager or lazy)")
+
+
+UFFD_MODES = ("fill", "eager", "lazy")
 
 
 class UffdHandler:
@@ -154,6 +175,10 @@ class UffdHandler:
         self.unmap_events = 0
         self.remap_events = 0
         self.blocked_ns = 0  #: total time faults waited (each fault counted)
+        self.outstanding = 0  #: faults waiting for their read now
+        self._none_outstanding = trio.Event()
+        self._none_outstanding.set()
+        self.draining = False  #: SIGTERM: pending faults are being answered before exit
         self._covered = RangeSet((r.offset, r.offset + r.size) for r in regions)
         self._seed_pending()
         loader.add_loaded_listener(self._on_loaded)
@@ -172,13 +197,14 @@ class UffdHandler:
 
     def _on_loaded(self, lo: int, hi: int) -> None:
         added = False
+        fill = self.config.fill and not self.config.eager
         for clo, chi in self._covered.overlapping(lo, hi):
             a, b = max(lo, clo), min(hi, chi)
             self.pending.add(a, b)
             for rlo, rhi in self.removed.overlapping(a, b):
                 self.pending.remove(rlo, rhi)
             added = True
-        if added and self.config.fill:
+        if added and fill:
             self._fill_queue.append((lo, hi))
             self._more.set()
 
@@ -193,6 +219,7 @@ class UffdHandler:
             "faults_zero": self.faults_zero,
             "faults_failed": self.faults_failed,
             "faults_spurious": self.faults_spurious,
+            "faults_outstanding": self.outstanding,
             "fault_blocked_s": self.blocked_ns / 1e9,
             "copied_bytes": self.copied_bytes,
             "copies": self.copies,
@@ -218,8 +245,10 @@ class UffdHandler:
     # ------------------------------------------------------------ the loops
     async def run(self) -> None:
         """Serve faults and fill until cancelled or the VMM's memory is gone."""
+        if self.config.eager:
+            await self._copy_all()
         async with trio.open_nursery() as nursery:
-            if self.config.fill:
+            if self.config.fill and not self.config.eager:
                 nursery.start_soon(self._fill)
             await self._read_events()
             nursery.cancel_scope.cancel()
@@ -238,6 +267,48 @@ class UffdHandler:
                 retry, self._retry = self._retry, []
                 for address, page, start in retry:
                     self._fault(address, page, start)
+
+    async def _copy_all(self) -> None:
+        """Eager mode: wait for the whole load, copy every loaded byte, then serve faults."""
+        await self.loader.done.wait()
+        for lo, hi in list(self.pending):
+            for a in range(lo, hi, self.config.fill_chunk):
+                while not self._install(a, min(hi, a + self.config.fill_chunk)) and not self.gone:
+                    self._read_ready()  # EAGAIN: events first
+                await trio.lowlevel.checkpoint()
+        self._check_filled()
+
+    async def drain(self, timeout: float) -> None:
+        """Before the daemon exits (SIGTERM): read the faults already queued in the
+        userfaultfd and answer them, and give the faults waiting for a read up to
+        ``timeout`` seconds (their reads are at the head of the queue).  Those still
+        waiting then are answered by the loader's shutdown (``shutting-down``):
+        poisoned, so the thread gets SIGBUS instead of hanging on a handler that
+        is gone.  Faults arriving until the daemon exits are still answered."""
+        if self.gone or self.uffd.fd < 0:
+            return
+        self.draining = True
+        self._read_ready()
+        if self.outstanding:
+            log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
+            with trio.move_on_after(timeout):
+                while self.outstanding and not self.gone:
+                    await self._none_outstanding.wait()
+                    self._read_ready()
+        if self.outstanding:
+            log.warning("uffd: %d fault(s) still waiting for reads at shutdown: they will be poisoned",
+                        self.outstanding)
+
+    def _read_ready(self) -> None:
+        """Handle every message queued now (non-blocking)."""
+        try:
+            messages = self.uffd.read_messages()
+        except OSError:
+            return
+        while messages:
+            for m in messages:
+                self._on_message(m)
+            messages = self.uffd.read_messages()
 
     def _on_message(self, m: _uffd.UffdMessage) -> None:
         if m.event == _uffd.EVENT_PAGEFAULT:
@@ -310,6 +381,9 @@ class UffdHandler:
             self._answer(r, va, start_ns)
         else:
             self.faults_waited += 1
+            if self.outstanding == 0:
+                self._none_outstanding = trio.Event()
+            self.outstanding += 1
 
     def _on_waited(self, handle: WaitHandle) -> None:
         context = handle.context
@@ -317,6 +391,9 @@ class UffdHandler:
         r: Region = context[0]
         va: int = context[1]
         start_ns: int = context[2]
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self._none_outstanding.set()
         if handle.error is not None:
             self._fail(r, va, start_ns, handle.error)
         else:
@@ -374,7 +451,12 @@ class UffdHandler:
     def _fail(self, r: Region, va: int, start_ns: int, error: LoadError) -> None:
         """The page cannot be read: poison it so the faulting thread gets SIGBUS."""
         self.faults_failed += 1
-        log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base), error.message)
+        if error.code == codes.SHUTTING_DOWN:
+            log.warning("uffd: page at %#x (memory %#x) not loaded at shutdown: poisoned", va,
+                        r.offset + (va - r.base))
+        else:
+            log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base),
+                      error.message)
         try:
             self.uffd.poison(va, r.page_size)
         except _uffd.UffdError as exc:
@@ -382,9 +464,9 @@ class UffdHandler:
                 self._retry.append((va, r.page_size, start_ns))
                 return
             if not self._gone_error(exc):
-                # no UFFD_FEATURE_POISON: nothing can raise SIGBUS in the thread; never hand
-                # out wrong bytes -- the VMM's memory is unusable, so drop the userfaultfd
-                log.error("uffd: cannot poison %#x (%s): the VMM did not enable UFFD_FEATURE_POISON; "
+                # no UFFDIO_POISON (kernel before 6.6): nothing can raise SIGBUS in the
+                # thread; never hand out wrong bytes -- the VMM's memory is unusable
+                log.error("uffd: cannot poison %#x (%s): no UFFDIO_POISON in this kernel?; "
                           "stopping the handler", va, exc.strerror)
                 self.gone = True
         self._record(start_ns)
@@ -591,6 +673,7 @@ async def serve_uffd(
                     why = "no handshake within 10 s" if isinstance(exc, trio.TooSlowError) else str(exc)
                     log.error("uffd: refused a connection: %s", why)
                     continue
+                handler = None
                 try:
                     handler = UffdHandler(loader, memory, fd, regions, config)
                     log.info("uffd: serving %d region(s): %s", len(regions),
@@ -603,6 +686,8 @@ async def serve_uffd(
                         await handler.run()  # returns when the VMM's memory is gone
                         nursery.cancel_scope.cancel()
                 finally:
+                    if handler is not None:
+                        handler.gone = True  # its descriptor is closed now
                     os.close(fd)
                 log.info("uffd: the VMM went away")
                 log.info(handler.summary_line())

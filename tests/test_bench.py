@@ -178,3 +178,29 @@ def test_drop_caches_says_why_not_when_not_root(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     reason = drop_caches()
     assert reason is not None and "not root" in reason
+
+
+def _uffd_skip_reason() -> str | None:
+    from bench._uffd import _uffd_unavailable
+
+    return _uffd_unavailable()
+
+
+@pytest.mark.skipif(_uffd_skip_reason() is not None, reason=str(_uffd_skip_reason()))
+def test_uffd_section_structure(tmp_path) -> None:
+    """The uffd section runs the three handlers against the emulator (structure only)."""
+    from bench._run import _format_uffd
+    from bench._uffd import MODES, run_uffd_section
+    from workloads import make_sample_image
+
+    image = str(tmp_path / "image.raw")
+    make_sample_image(image, 16 << 20, seed=3, dense=True)
+    section = run_uffd_section(image, str(tmp_path), touches=60, window_s=0.05, log=lambda _: None)
+    assert set(section["runs"]) == set(MODES)
+    for mode, run in section["runs"].items():
+        assert run["touches"] == 60 and run["daemon_exit"] == 0, mode
+        assert set(run["fault_us"]) >= {"count", "p50", "p99", "max"}
+    assert section["runs"]["lazy"]["no_more_faults_s"] is None
+    assert section["runs"]["fill"]["no_more_faults_s"] is not None
+    assert [g["name"] for g in section["goals"]] == ["fault p50", "fault p99", "fill / cp", "least blocked time"]
+    assert "handler" in "\n".join(_format_uffd(section))

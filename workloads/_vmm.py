@@ -19,10 +19,13 @@ import json
 import mmap
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from loader import _uffd
 
@@ -56,6 +59,8 @@ class TouchReport:
 
     touches: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    #: latencies of the touches that faulted (the page was not present just before)
+    fault_latencies_ns: list[int] = field(default_factory=list)
     mismatches: list[int] = field(default_factory=list)  #: image offsets whose bytes were wrong
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -167,10 +172,18 @@ class VmmEmulator:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
+    def _present(self, address: int) -> bool:
+        vec = (ctypes.c_ubyte * 1)()
+        if _libc.mincore(ctypes.c_void_p(address & ~(mmap.PAGESIZE - 1)), ctypes.c_size_t(mmap.PAGESIZE), vec):
+            return True
+        return bool(vec[0] & 1)
+
     def touch(self, offsets: Sequence[tuple[int, int, int]], vcpus: int = 1, paced: bool = False,
-              verify: bool = True) -> TouchReport:
+              verify: bool = True, classify: bool = False) -> TouchReport:
         """Run ``vcpus`` threads over ``(t_us, offset, length)`` faults (dealt round-robin);
-        each touches (reads) every page of each fault once, timing each page."""
+        each touches (reads) every page of each fault once, timing each page.  With
+        ``classify``, each page is checked (mincore, untimed) before its touch: the
+        touches of pages not present are also in ``fault_latencies_ns``."""
         report = TouchReport()
         lock = threading.Lock()
         start = time.perf_counter()
@@ -178,6 +191,7 @@ class VmmEmulator:
 
         def vcpu(mine: Sequence[tuple[int, int, int]]) -> None:
             lat: list[int] = []
+            flat: list[int] = []
             bad: list[int] = []
             errs: list[str] = []
             page_buf = ctypes.create_string_buffer(HUGE_PAGE)
@@ -196,14 +210,20 @@ class VmmEmulator:
                 while lo < hi:
                     # copy up to one 4 KiB page at a time: the first byte is the touch
                     n = min(mmap.PAGESIZE, page)
+                    address = self.address(lo)
+                    missing = classify and not self._present(address)
                     t0 = time.perf_counter_ns()
-                    ctypes.memmove(page_buf, self.address(lo), n)
-                    lat.append(time.perf_counter_ns() - t0)
+                    ctypes.memmove(page_buf, address, n)
+                    took = time.perf_counter_ns() - t0
+                    lat.append(took)
+                    if missing:
+                        flat.append(took)
                     if verify and expected is not None and page_buf.raw[:n] != expected[lo:lo + n]:
                         bad.append(lo)
                     lo += page
             with lock:
                 report.latencies_ns.extend(lat)
+                report.fault_latencies_ns.extend(flat)
                 report.mismatches.extend(bad)
                 report.errors.extend(errs)
 
@@ -266,4 +286,70 @@ class VmmEmulator:
         self.close()
 
 
-__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free"]
+def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int = 2, rate: float | None = None,
+                     closed_loop: bool = False, verify: bool = True) -> dict[str, Any]:
+    """``pageload loadgen --uffd``: replay ``trace`` as real page faults.  An emulated
+    VMM with one region covering the image's memory (``image``: a raw image or a
+    checkpoint) connects to the handler at ``uffd_socket``; ``vcpus`` threads touch
+    each fault's pages (at the trace's timestamps, or ``rate`` faults/s in total, or
+    as fast as they can with ``closed_loop``), checking the bytes when ``image`` is a
+    raw image.  Returns the report as a dict (latencies in microseconds)."""
+    from loader.checkpoint import open_checkpoint
+
+    from ._percentiles import percentiles
+
+    layout = open_checkpoint(image).layout
+    size = (layout.memory_size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+    trace.check_fits(size)
+    raw = os.path.isfile(image) and os.path.getsize(image) == layout.memory_size
+    faults = [(f.t_us, f.offset, f.length) for f in trace]
+    if rate:
+        faults = [(int(i * 1e6 / rate), off, length) for i, (_, off, length) in enumerate(faults)]
+    with VmmEmulator([GuestRegion(0, size)], expected=image if raw and verify else None) as vmm:
+        vmm.connect(uffd_socket)
+        report = vmm.touch(faults, vcpus=vcpus, paced=not closed_loop, verify=verify, classify=True)
+    return {
+        "faults_in_trace": len(faults),
+        "touches": report.touches,
+        "faults": len(report.fault_latencies_ns),
+        "fault_us": percentiles(report.fault_latencies_ns),
+        "touch_us": percentiles(report.latencies_ns),
+        "blocked_s": report.blocked_s,
+        "elapsed_s": report.elapsed_s,
+        "verified": raw and verify,
+        "mismatches": [hex(m) for m in report.mismatches[:20]],
+        "mismatch_count": len(report.mismatches),
+        "errors": report.errors[:20],
+    }
+
+
+def spawn_child(socket_path: str, size: int, offsets: Sequence[int], expected: str | None = None,
+                features: int = DEFAULT_FEATURES | _uffd.FEATURE_POISON) -> subprocess.Popen[str]:
+    """An emulated VMM in a child process (one region of ``size`` bytes at image 0)
+    that touches ``offsets`` in turn, printing ``touching OFF`` before each and ``ok
+    OFF`` (or ``bad OFF``) after.  A poisoned page kills it with SIGBUS, as it
+    would kill a vCPU thread: ``returncode == -SIGBUS``.  Used by the failure tests."""
+    argv = [sys.executable, "-m", "workloads._vmm", socket_path, str(size), str(features),
+            expected or "-", *(str(o) for o in offsets)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    socket_path, size, features, expected, *offsets = argv
+    exp = None if expected == "-" else expected
+    with VmmEmulator([GuestRegion(0, int(size))], expected=exp, features=int(features)) as vmm:
+        vmm.connect(socket_path)
+        print("connected", flush=True)
+        for text in offsets:
+            off = int(text)
+            print(f"touching {off}", flush=True)
+            data = vmm.read(off, mmap.PAGESIZE)
+            ok = vmm._expected is None or data == vmm._expected[off:off + mmap.PAGESIZE]
+            print(f"{'ok' if ok else 'bad'} {off}", flush=True)
+    return 0
+
+
+__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free", "replay_as_faults", "spawn_child"]
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

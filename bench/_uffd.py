@@ -1,0 +1,149 @@
+"""``pageload bench`` section ``uffd``: the page-fault handler against two classic ones.
+
+On the dense image (warm page cache), in one run, one daemon process per handler
+(``pageload restore IMAGE --background --uffd-socket ... --uffd-mode MODE``) with
+the VMM emulator (:class:`workloads._vmm.VmmEmulator`, in this process) as the
+guest:
+
+* ``fill`` -- ours: faults first, loaded memory copied in behind them;
+* ``eager`` -- Firecracker's "fault_all" example: copy everything, then answer faults;
+* ``lazy`` -- its "valid" example: copy only the faulting page, read only on faults.
+
+The guest: ``vcpus`` threads touching ``touches`` random 4 KiB pages (seeded, the
+same for every handler), paced evenly over ``window_s`` seconds from the connect
+(by default the time ``cp`` takes to copy the image, so the touches fall during
+the fill).  Each touch is timed (touch to return); a touch whose page was not
+present just before (mincore) is a fault.  Figures per handler: fault p50/p99/max
+(touch to return), total guest blocked time (every touch), the handler's own
+service histogram, the time from connect to the guest never faulting again (the
+handler's ``filled``; never for ``lazy``), and the fill's throughput (data bytes /
+that time) against ``cp IMAGE /dev/shm`` measured in the same run.
+
+Goals (``fill``): fault p50 <= 30 us, p99 <= 500 us, fill >= 0.8x cp, and the least
+blocked time of the three.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loader import Client
+from workloads import DaemonProcess, DaemonStartError, percentiles
+from workloads._vmm import GuestRegion, VmmEmulator
+
+from ._daemon import Goal, _at_least, _at_most
+from ._tools import BenchError, cp_mb_s, warm_cache
+
+__all__ = ["MODES", "run_uffd_section"]
+
+MODES = ("fill", "eager", "lazy")
+PAGE = 4096
+
+
+def _uffd_unavailable() -> str | None:
+    path = "/proc/sys/vm/unprivileged_userfaultfd"
+    if not os.path.exists(path):
+        return "no userfaultfd in this kernel"
+    if os.geteuid() != 0 and open(path).read().strip() != "1":
+        return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
+    return None
+
+
+def _stats(sock: str) -> dict[str, Any]:
+    with Client.connect(sock, timeout=5) as c:
+        return c.stats()
+
+
+def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
+         timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    size = os.path.getsize(image)
+    sock = os.path.join(workdir, f"uffd-{mode}.sock")
+    uffd_sock = os.path.join(workdir, f"uffd-{mode}.uffd")
+    daemon = DaemonProcess(image, sock, os.path.join(workdir, f"uffd-{mode}.log"),
+                           ["--background", "--uffd-socket", uffd_sock, "--uffd-mode", mode,
+                            "--progress-interval", "60"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        raise BenchError(str(exc)) from None
+    with daemon:
+        with VmmEmulator([GuestRegion(0, size)], expected=image) as vmm:
+            vmm.connect(uffd_sock)
+            report = vmm.touch(touches, vcpus=vcpus, paced=True, verify=True, classify=True)
+            filled = None
+            deadline = time.monotonic() + timeout_s
+            while mode != "lazy" and time.monotonic() < deadline:
+                u = _stats(sock).get("uffd") or {}
+                if u.get("filled"):
+                    filled = u["filled_s"]
+                    break
+                time.sleep(0.02)
+            u = _stats(sock).get("uffd") or {}
+            vmm.disconnect()  # the daemon exits by itself once the VMM has gone
+        if daemon.proc is not None:
+            daemon.proc.wait(10)
+    if report.mismatches or report.errors:
+        raise BenchError(f"{mode}: the guest read wrong bytes at {report.mismatches[:3]} {report.errors[:3]}")
+    data = u.get("copied_bytes", 0)
+    out: dict[str, Any] = {
+        "mode": mode,
+        "touches": report.touches,
+        "faults_seen_by_guest": len(report.fault_latencies_ns),
+        "fault_us": percentiles(report.fault_latencies_ns),
+        "touch_us": percentiles(report.latencies_ns),
+        "blocked_s": report.blocked_s,
+        "touch_elapsed_s": report.elapsed_s,
+        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_waited", "faults_zero",
+                                          "faults_failed", "copied_bytes", "copies", "fault_blocked_s")},
+        "handler_fault_latency_us": u.get("fault_latency_us"),
+        "no_more_faults_s": filled,
+        "fill_mb_s": data / filled / 1e6 if filled else None,
+        "daemon_exit": daemon.returncode,
+    }
+    log(f"  {mode}: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
+        f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s, "
+        f"no more faults after {'never' if filled is None else f'{filled:.3f} s'}"
+        + (f", fill {out['fill_mb_s']:.0f} MB/s" if out["fill_mb_s"] else ""))
+    return out
+
+
+def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: int = 2,
+                     window_s: float | None = None, seed: int = 0,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure what the module docstring lists; returns the section's JSON."""
+    why = _uffd_unavailable()
+    if why is not None:
+        return {"skipped": why}
+    size = os.path.getsize(image)
+    warm_cache(image)
+    cp_s, cp_rate = cp_mb_s(image)
+    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s)")
+    window = cp_s if window_s is None else window_s
+    rng = random.Random(seed)
+    pages = size // PAGE
+    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
+    runs = {}
+    for mode in MODES:
+        warm_cache(image)
+        runs[mode] = _one(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
+    ours = runs["fill"]
+    least = min(runs.values(), key=lambda r: r["blocked_s"])["mode"]
+    ratio = ours["fill_mb_s"] / cp_rate if ours["fill_mb_s"] else None
+    goals: list[Goal] = [
+        _at_most("fault p50", ours["fault_us"]["p50"], 30, "us", "touch to return, faulting touches, during the fill"),
+        _at_most("fault p99", ours["fault_us"]["p99"], 500, "us", "touch to return, faulting touches, during the fill"),
+        _at_least("fill / cp", ratio, 0.8, "", "data bytes / connect-to-filled, against cp to /dev/shm"),
+        Goal("least blocked time", ours["blocked_s"], "s", "least of fill/eager/lazy", least == "fill",
+             "sum of touch-to-return over every touch; least: " + least),
+    ]
+    return {
+        "image": {"path": image, "size_bytes": size},
+        "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
+        "cp": {"seconds": cp_s, "mb_s": cp_rate},
+        "runs": runs,
+        "goals": [g.as_dict() for g in goals],
+    }

@@ -1,0 +1,211 @@
+"""Failure behaviour of the page-fault handler (docs/UFFD.md), with the VMM emulator.
+
+A page that cannot be read is poisoned (UFFDIO_POISON): the faulting thread gets
+SIGBUS.  To observe that safely the emulated VMM runs in a child process
+(:func:`workloads._vmm.spawn_child`), which dies with -SIGBUS as a vCPU would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import trio
+
+import aio.testing
+from loader import Client, DaemonOptions, LoaderConfig, _uffd, run_daemon
+from workloads import DaemonProcess, make_sample_image
+from workloads._vmm import spawn_child
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 4 * MiB
+GOOD, BAD = 1 * MiB, 3 * MiB  # every page is data (dense image)
+
+
+def _uffd_reason() -> str | None:
+    path = "/proc/sys/vm/unprivileged_userfaultfd"
+    if not os.path.exists(path):
+        return f"{path} is missing: no userfaultfd in this kernel"
+    if os.geteuid() != 0 and open(path).read().strip() != "1":
+        return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
+    try:
+        fd = _uffd.userfaultfd()
+    except OSError as exc:
+        return f"userfaultfd(): {exc}"
+    try:
+        features, _ = _uffd.api(fd, 0)
+    finally:
+        os.close(fd)
+    if not features & _uffd.FEATURE_POISON:
+        return "the kernel lacks UFFD_FEATURE_POISON (needs Linux 6.6+)"
+    return None
+
+
+_REASON = _uffd_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("uffd-fail") / "memory.img")
+    make_sample_image(path, SIZE, seed=5, dense=True)
+    return path
+
+
+def options(tmp_path, source, **kw):
+    kw.setdefault("handle_signals", False)
+    kw.setdefault("ready_line", False)
+    kw.setdefault("shutdown_timeout", 0.6)
+    return DaemonOptions(source=source, socket_path=str(tmp_path / "s.sock"),
+                         uffd_socket=str(tmp_path / "uffd.sock"), **kw)
+
+
+async def serve_child(opts, image, offsets, *, stop_when=None):
+    """Run the daemon in-process and a VMM child touching ``offsets``; return
+    (state, child's return code, its output lines).  ``stop_when``: a line after
+    which the daemon is stopped (as by SIGTERM) while the child faults."""
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, SIZE, offsets, expected=image)
+
+        def follow() -> int:
+            assert child.stdout is not None
+            for line in child.stdout:
+                lines.append(line.strip())
+                if stop_when is not None and line.strip() == stop_when:
+                    # the child prints before it touches: stop once the fault is in the daemon
+                    deadline = time.monotonic() + 5
+                    while not trio.from_thread.run_sync(lambda: state.uffd.outstanding) and \
+                            time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    trio.from_thread.run_sync(state.stop)
+            return child.wait(10)
+
+        try:
+            with trio.fail_after(15):
+                code = await trio.to_thread.run_sync(follow)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+        with trio.fail_after(10):  # the daemon ends by itself once the VMM has gone
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    return state, code, lines
+
+
+async def test_read_error_poisons_the_page_and_the_vcpu_gets_sigbus(tmp_path, image):
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
+                   wrap_queue=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(BAD, BAD + PAGE)))
+    state, code, lines = await serve_child(opts, image, [GOOD, BAD, GOOD + PAGE])
+    assert code == -signal.SIGBUS, lines
+    assert f"ok {GOOD}" in lines and lines[-1] == f"touching {BAD}"
+    u = state.uffd
+    assert u.faults_failed == 1 and u.outstanding == 0
+
+
+async def test_read_hung_past_the_deadline_is_answered(tmp_path, image):
+    """A read that never completes: the fault is still answered (poisoned) once the
+    read deadline passes; the faults before it got their data."""
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_timeout=0.3),
+                   wrap_queue=lambda q: aio.testing.HangingQueue(q, aio.testing.hang_offsets(BAD, BAD + PAGE)))
+    state, code, lines = await serve_child(opts, image, [GOOD, GOOD + 64 * 1024, BAD])
+    assert code == -signal.SIGBUS, lines
+    assert lines[1:] == [f"touching {GOOD}", f"ok {GOOD}", f"touching {GOOD + 65536}", f"ok {GOOD + 65536}",
+                         f"touching {BAD}"]
+    u = state.uffd
+    assert u.faults_failed == 1 and u.outstanding == 0
+    assert u.faults == u.faults_immediate + u.faults_waited + u.faults_zero
+
+
+async def test_stop_lets_a_waiting_fault_finish_with_data(tmp_path, image):
+    """Stopped while a fault waits for a slow read: the drain waits for it (within
+    half the shutdown deadline), so the guest gets the right bytes, not SIGBUS."""
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False), shutdown_timeout=2.0,
+                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.3))
+    state, code, lines = await serve_child(opts, image, [BAD], stop_when=f"touching {BAD}")
+    assert code == 0, lines
+    assert lines[-1] == f"ok {BAD}"
+    assert state.uffd.faults_failed == 0
+
+
+def test_sigterm_drains_faults_then_exits_0(tmp_path, image):
+    """A real daemon: SIGTERM while a vCPU waits on a read that hangs (test hook).
+    The fault is answered (poisoned: SIGBUS in the child) and the daemon exits 0."""
+    uffd_sock = str(tmp_path / "uffd.sock")
+    env_key = "PAGELOAD_TEST_HANG_READS"
+    old = os.environ.get(env_key)
+    os.environ[env_key] = f"{BAD}:{BAD + PAGE}"
+    try:
+        daemon = DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "daemon.log"),
+                               ["--background", "--uffd-socket", uffd_sock, "--shutdown-timeout", "0.6"])
+        daemon.start()
+    finally:
+        if old is None:
+            del os.environ[env_key]
+        else:
+            os.environ[env_key] = old
+    child = spawn_child(uffd_sock, SIZE, [GOOD, BAD], expected=image)
+    try:
+        assert child.stdout is not None
+        lines = []
+        for line in child.stdout:
+            lines.append(line.strip())
+            if lines[-1] == f"touching {BAD}":
+                break
+        assert f"ok {GOOD}" in lines
+        deadline = time.monotonic() + 5  # the child prints before it touches: wait for the fault
+        while time.monotonic() < deadline:
+            with Client.connect(daemon.socket_path, timeout=5) as c:
+                if c.stats()["uffd"]["faults_outstanding"] >= 1:
+                    break
+            time.sleep(0.01)
+        code = daemon.stop()
+        child_code = child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        daemon.stop()
+    log = (tmp_path / "daemon.log").read_text()
+    assert code == 0, log
+    assert child_code == -signal.SIGBUS, log
+    assert "not loaded at shutdown: poisoned" in log
+
+
+
+
+async def test_poison_works_without_the_vmm_asking_for_the_feature(tmp_path, image):
+    """Firecracker v1.12 asks only for UFFD_FEATURE_EVENT_REMOVE: UFFDIO_POISON still
+    works on a kernel that has it (checked at collection: 6.6+), so the vCPU gets SIGBUS."""
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
+                   wrap_queue=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(BAD, BAD + PAGE)))
+    opts_features = _uffd.FEATURE_EVENT_REMOVE
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, SIZE, [GOOD, BAD], expected=image, features=opts_features)
+        try:
+            def follow() -> int:
+                assert child.stdout is not None
+                lines.extend(line.strip() for line in child.stdout)
+                return child.wait(10)
+
+            with trio.fail_after(15):
+                code = await trio.to_thread.run_sync(follow)
+                while nursery.child_tasks:  # the daemon ends by itself once the VMM has gone
+                    await trio.sleep(0.01)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+    assert code == -signal.SIGBUS, lines
+    assert f"ok {GOOD}" in lines
+    assert state.uffd.faults_failed == 1
