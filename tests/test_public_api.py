@@ -62,7 +62,7 @@ def test_loader_public_names():
         # operations: asyncio client, metrics, systemd
         "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
         "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
-        # issue 9 (Firecracker's page-fault handler): the handler modes
+        # Firecracker's page-fault handler: the handler modes
         "UFFD_MODES", "UffdConfig",
     }
     assert set(loader.checkpoint.__all__) == {
