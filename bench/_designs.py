@@ -30,10 +30,8 @@ daemon with nothing left to load (``limits.loadgen_ceiling_waits_per_s``).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
-import socket
 import threading
 import time
 from array import array
@@ -43,7 +41,7 @@ from typing import Any
 from loader import Client, ClientError
 from workloads import DaemonProcess, DaemonStartError, LoadgenError, LoadgenReport, Trace, percentiles, run_loadgen
 
-from ._tools import BenchError, cp_mb_s
+from ._tools import BenchError, cp_mb_s, echo_socket, round_trips
 
 __all__ = [
     "DESIGNS",
@@ -80,49 +78,12 @@ class PlotUnavailable(Exception):
 # -- limits ---------------------------------------------------------------------------------
 
 
-def _echo_server(path: str, ready: Any) -> None:
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
-    ready.set()
-    conn, _ = srv.accept()
-    with conn, srv:
-        while data := conn.recv(4096):
-            conn.sendall(data)
-
-
 def _socket_rtt_us(workdir: str, rounds: int = 2000) -> float:
-    path = os.path.join(workdir, "echo.sock")
-    if os.path.exists(path):
-        os.unlink(path)
-    ctx = multiprocessing.get_context("forkserver")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_echo_server, args=(path, ready), daemon=True)
-    proc.start()
     try:
-        if not ready.wait(30):
-            raise DesignError("the echo server for the socket round trip did not start")
-        samples = array("Q")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(path)
-            msg = b"x" * 32
-            clock = time.perf_counter_ns
-            for _ in range(rounds):
-                t0 = clock()
-                sock.sendall(msg)
-                got = 0
-                while got < len(msg):
-                    got += len(sock.recv(4096))
-                samples.append(clock() - t0)
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        proc.close()
-        if os.path.exists(path):
-            os.unlink(path)
-    return percentiles(samples)["p50"]
+        with echo_socket(workdir) as sock:
+            return percentiles(round_trips(sock, rounds, 32))["p50"]
+    except BenchError as exc:
+        raise DesignError(str(exc)) from None
 
 
 def _pread_4k_us(image: str, rounds: int = 2000) -> float:

@@ -26,7 +26,6 @@ Every figure is reported with the limit measured in the same run.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import socket
@@ -40,59 +39,18 @@ from loader import Client, ClientError
 from workloads import DaemonProcess, DaemonStartError, percentiles
 
 from ._daemon import Goal, _at_least, _at_most
-from ._tools import BenchError, FillRun, cp_mb_s, fill_run, warm_cache
+from ._tools import BenchError, FillRun, cp_mb_s, echo_socket, fill_run, round_trips, warm_cache
 
 __all__ = ["run_latency_section"]
 
 MESSAGE = 32  #: bytes of the echo's message (a Wait request encodes to 29)
 
 
-def _echo_server(path: str, ready: Any) -> None:
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
-    ready.set()
-    conn, _ = srv.accept()
-    with conn, srv:
-        while data := conn.recv(1 << 16):
-            conn.sendall(data)
-
-
 def _echo_limits(workdir: str, rounds: int, depths: Sequence[int], pipelined: int) -> dict[str, Any]:
     """Round trip p50/p99 (us) and pipelined messages/s per depth, against an echo process."""
-    path = os.path.join(workdir, "latency-echo.sock")
-    if os.path.exists(path):
-        os.unlink(path)
-    ctx = multiprocessing.get_context("forkserver")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_echo_server, args=(path, ready), daemon=True)
-    proc.start()
-    try:
-        if not ready.wait(30):
-            raise BenchError("the echo server for the socket round trip did not start")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(path)
-            msg = b"x" * MESSAGE
-            samples = array("q")
-            clock = time.perf_counter_ns
-            for _ in range(rounds):
-                t0 = clock()
-                sock.sendall(msg)
-                got = 0
-                while got < MESSAGE:
-                    got += len(sock.recv(4096))
-                samples.append(clock() - t0)
-            rates = {}
-            for depth in depths:
-                rates[str(depth)] = _echo_pipelined(sock, depth, pipelined)
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        proc.close()
-        if os.path.exists(path):
-            os.unlink(path)
+    with echo_socket(workdir) as sock:
+        samples = round_trips(sock, rounds, MESSAGE)
+        rates = {str(depth): _echo_pipelined(sock, depth, pipelined) for depth in depths}
     p = percentiles(samples)
     return {"rtt_us": {"p50": p["p50"], "p99": p["p99"], "count": p["count"]}, "pipelined_msgs_per_s": rates}
 

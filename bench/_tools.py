@@ -13,16 +13,19 @@ after 10 s) before the function that started it returns, even on error.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
 import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,6 +108,60 @@ def cp_mb_s(src: str, shm_dir: str = "/dev/shm") -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- the daemon
+# --------------------------------------------------------------------------- the socket's own cost
+def _echo_server(path: str, ready: Any) -> None:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    ready.set()
+    conn, _ = srv.accept()
+    with conn, srv:
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+
+
+@contextlib.contextmanager
+def echo_socket(workdir: str) -> Iterator[socket.socket]:
+    """A Unix socket connected to an echo server in another process (the limit a
+    daemon's round trip is compared with); the server is stopped on exit."""
+    path = os.path.join(workdir, f"echo-{os.getpid()}.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    ctx = multiprocessing.get_context("forkserver")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_echo_server, args=(path, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(30):
+            raise BenchError("the echo server for the socket round trip did not start")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            yield sock
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        proc.close()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def round_trips(sock: socket.socket, rounds: int, size: int) -> array[int]:
+    """Nanoseconds of each of ``rounds`` send-``size``-bytes-and-read-them-back exchanges."""
+    msg = b"x" * size
+    samples = array("q")
+    clock = time.perf_counter_ns
+    for _ in range(rounds):
+        t0 = clock()
+        sock.sendall(msg)
+        got = 0
+        while got < size:
+            got += len(sock.recv(4096))
+        samples.append(clock() - t0)
+    return samples
+
+
 # --------------------------------------------------------------------------- waits
 class _Mincore:
     """``mincore(2)`` on a read-only shared mapping of the daemon's memory file: is
