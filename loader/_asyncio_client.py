@@ -25,10 +25,10 @@ import aiofiles
 
 import protocol
 
-from ._client import _FD_SPACE, RECV_SIZE, ClientError, ConnectionLost, _Common, _take_fds
+from ._client import _FD_SPACE, RECV_SIZE, ClientError, ConnectionLost, _AsyncMethods, _take_fds
 
 
-class AsyncioClient(_Common):
+class AsyncioClient(_AsyncMethods):
     """asyncio client; many tasks may await requests at once."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -128,31 +128,6 @@ class AsyncioClient(_Common):
             return await future
         finally:
             self._futures.pop(event.id, None)
-
-    # ----------------------------------------------------------------- the methods all clients have
-    async def wait(self, offset: int, length: int) -> None:
-        if self._in_map(offset, length):
-            return
-        self._check(await self._request(protocol.Wait(next(self._ids), offset, length)))
-
-    async def load_map(self) -> None:
-        """As :meth:`Client.load_map <loader.Client.load_map>`."""
-        self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
-
-    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
-        """A hint; ``working_set``: the range is in the working set (``hint working-set``)."""
-        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
-
-    async def mark(self) -> None:
-        """End the daemon's working-set recording window now."""
-        self._check(await self._request(protocol.Mark(next(self._ids))))
-
-    async def stats(self) -> dict[str, Any]:
-        return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)
-
-    async def memory_fd(self) -> int:
-        """A new fd of the daemon's memory file (the caller closes it); map it read-only."""
-        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids))))
 
     # ----------------------------------------------------------------- asyncio only
     async def read(self, offset: int, length: int) -> bytes:

@@ -267,7 +267,38 @@ class Client(_Common):
         return self._fd_for(self._request(protocol.GetMemoryFd(next(self._ids), writable)))
 
 
-class TrioClient(_Common):
+class _AsyncMethods(_Common):
+    """The request methods of the two async clients, over their ``_request``."""
+
+    async def _request(self, event: protocol.Event) -> Any:
+        raise NotImplementedError
+
+    async def wait(self, offset: int, length: int) -> None:
+        if self._in_map(offset, length):
+            return
+        self._check(await self._request(protocol.Wait(next(self._ids), offset, length)))
+
+    async def load_map(self) -> None:
+        """As :meth:`Client.load_map <loader.Client.load_map>`."""
+        self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
+
+    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
+        """A hint; ``working_set``: the range is in the working set (``hint working-set``)."""
+        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
+
+    async def mark(self) -> None:
+        """End the daemon's working-set recording window now."""
+        self._check(await self._request(protocol.Mark(next(self._ids))))
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)
+
+    async def memory_fd(self, writable: bool = False) -> int:
+        """A new fd of the daemon's memory file (the caller closes it); as :meth:`Client.memory_fd`."""
+        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids), writable)))
+
+
+class TrioClient(_AsyncMethods):
     """trio client; many tasks may await requests at once."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
@@ -360,28 +391,6 @@ class TrioClient(_Common):
             assert self._lost is not None
             raise self._lost
         return slot[1]
-
-    async def wait(self, offset: int, length: int) -> None:
-        if self._in_map(offset, length):
-            return
-        self._check(await self._request(protocol.Wait(next(self._ids), offset, length)))
-
-    async def load_map(self) -> None:
-        """As :meth:`Client.load_map`."""
-        self._take_map(await self._request(protocol.GetLoadedMap(next(self._ids))))
-
-    async def prefetch(self, offset: int, length: int, working_set: bool = False) -> None:
-        self._check(await self._request(protocol.Prefetch(next(self._ids), offset, length, working_set)))
-
-    async def mark(self) -> None:
-        self._check(await self._request(protocol.Mark(next(self._ids))))
-
-    async def stats(self) -> dict[str, Any]:
-        return dict(self._check(await self._request(protocol.GetStats(next(self._ids)))).stats)
-
-    async def memory_fd(self, writable: bool = False) -> int:
-        """As :meth:`Client.memory_fd`."""
-        return self._fd_for(await self._request(protocol.GetMemoryFd(next(self._ids), writable)))
 
 
 @contextlib.contextmanager
