@@ -167,35 +167,24 @@ class Uffd:
         return int(COPY_STRUCT.unpack_from(buf)[4])
 
     def zeropage(self, dst: int, length: int, mode: int = 0) -> int:
-        buf = self._zero
-        ZEROPAGE_STRUCT.pack_into(buf, 0, dst, length, mode, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf)
-        except OSError as exc:
-            done = ZEROPAGE_STRUCT.unpack_from(buf)[3]
-            raise UffdError(exc.errno or errno_mod.EIO, "UFFDIO_ZEROPAGE", max(done, 0)) from None
-        return int(ZEROPAGE_STRUCT.unpack_from(buf)[3])
+        return self._range_ioctl(self._zero, ZEROPAGE_STRUCT, UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", dst, length, mode)
 
     def continue_(self, dst: int, length: int, mode: int = 0) -> int:
-        buf = self._cont
-        CONTINUE_STRUCT.pack_into(buf, 0, dst, length, mode, 0)
+        return self._range_ioctl(self._cont, CONTINUE_STRUCT, UFFDIO_CONTINUE, "UFFDIO_CONTINUE", dst, length, mode)
+
+    def _range_ioctl(self, buf: bytearray, layout: struct.Struct, request: int, name: str, *fields: int) -> int:
+        """An ioctl on ``{range, mode, result}``: bytes done, or UffdError with what got done."""
+        layout.pack_into(buf, 0, *fields, 0)
         try:
-            fcntl.ioctl(self.fd, UFFDIO_CONTINUE, buf)
+            fcntl.ioctl(self.fd, request, buf)
         except OSError as exc:
-            done = CONTINUE_STRUCT.unpack_from(buf)[3]
-            raise UffdError(exc.errno or errno_mod.EIO, "UFFDIO_CONTINUE", max(done, 0)) from None
-        return int(CONTINUE_STRUCT.unpack_from(buf)[3])
+            done = layout.unpack_from(buf)[-1]
+            raise UffdError(exc.errno or errno_mod.EIO, name, max(done, 0)) from None
+        return int(layout.unpack_from(buf)[-1])
 
     def poison(self, dst: int, length: int) -> int:
         """UFFDIO_POISON: accesses to the range raise SIGBUS (needs FEATURE_POISON)."""
-        buf = self._poison
-        POISON_STRUCT.pack_into(buf, 0, dst, length, 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_POISON, buf)
-        except OSError as exc:
-            done = POISON_STRUCT.unpack_from(buf)[3]
-            raise UffdError(exc.errno or errno_mod.EIO, "UFFDIO_POISON", max(done, 0)) from None
-        return int(POISON_STRUCT.unpack_from(buf)[3])
+        return self._range_ioctl(self._poison, POISON_STRUCT, UFFDIO_POISON, "UFFDIO_POISON", dst, length, 0)
 
     def wake(self, start: int, length: int) -> None:
         RANGE_STRUCT.pack_into(self._range, 0, start, length)

@@ -255,24 +255,23 @@ def _write_order(
     span_lo, span_hi = replay_plan(ws, Layout(size, page_size, ((s, e - s, s) for s, e in extents)))
     for lo, hi in zip(span_lo, span_hi):
         for a, b in list(data.overlapping(lo, hi)):
-            pos = a
-            for x, y in list(front.overlapping(a, b)):
-                if x > pos:
-                    pieces.append((pos, x))
-                pos = y
-            if pos < b:
-                pieces.append((pos, b))
+            _append_uncovered(pieces, front, a, b)
             front.add(a, b)
     front_bytes = front.total
     for a, b in extents:
-        pos = a
-        for x, y in list(front.overlapping(a, b)):
-            if x > pos:
-                pieces.append((pos, x))
-            pos = y
-        if pos < b:
-            pieces.append((pos, b))
+        _append_uncovered(pieces, front, a, b)
     return pieces, front_bytes
+
+
+def _append_uncovered(pieces: list[tuple[int, int]], covered: RangeSet, a: int, b: int) -> None:
+    """Append the parts of [a, b) that ``covered`` does not hold, in order."""
+    pos = a
+    for x, y in list(covered.overlapping(a, b)):
+        if x > pos:
+            pieces.append((pos, x))
+        pos = y
+    if pos < b:
+        pieces.append((pos, b))
 
 
 def _write_pages(
