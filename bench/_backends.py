@@ -112,6 +112,7 @@ def run_backends_section(
             counts[str(n)] = {"runs_mb_s": mbs, "mb_s": median(mbs)}
             log(f"threads={n}: {median(mbs):.0f} MB/s (runs {', '.join(f'{x:.0f}' for x in mbs)})")
     best = max(counts, key=lambda k: counts[k]["mb_s"]) if counts else None
+    verify = _verify_cost(pages_dir, workdir, thread_repeat, log) if "threads" in usable else None
     return {
         "image": {"path": image, "size_bytes": os.path.getsize(image)},
         "pages_checkpoint": pages_dir,
@@ -126,6 +127,26 @@ def run_backends_section(
             "best": int(best) if best is not None else None,
             "repeat": thread_repeat,
         },
+        "verify": verify,
+    }
+
+
+def _verify_cost(pages_dir: str, workdir: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fill of the pages checkpoint (warm, threads) with each chunk's checksum verified
+    before it is served, against ``--no-verify``; runs alternate, medians compared."""
+    warm_cache(open_checkpoint(pages_dir).pages_path)
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(max(repeat, 1)):
+        on.append(fill_run(pages_dir, workdir, ["--aio", "threads"]).throughput_mb_s)
+        off.append(fill_run(pages_dir, workdir, ["--aio", "threads", "--no-verify"]).throughput_mb_s)
+    verified, unverified = median(on), median(off)
+    log(f"checksums: fill {verified:.0f} MB/s verified, {unverified:.0f} MB/s with --no-verify")
+    return {
+        "verified_mb_s": verified,
+        "unverified_mb_s": unverified,
+        "ratio": verified / unverified if unverified else None,
+        "runs": {"verified": on, "unverified": off},
     }
 
 

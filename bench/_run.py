@@ -370,6 +370,12 @@ def _format_backends(section: dict[str, Any]) -> list[str]:
             + ", ".join(f"{n}: {c['mb_s']:.0f} MB/s" for n, c in th["counts"].items())
             + f"; best {th['best']}, default {th['default']}"
         )
+    verify = section.get("verify")
+    if verify:
+        lines.append(
+            f"checksum verification, pages checkpoint, warm, threads: {verify['verified_mb_s']:.0f} MB/s verified, "
+            f"{verify['unverified_mb_s']:.0f} MB/s with --no-verify (ratio {verify['ratio'] or 0:.2f})"
+        )
     return lines
 
 
