@@ -90,10 +90,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = os.path.join(args.workdir, f"checkpoint-{args.size}")
     sock = os.path.join(args.workdir, "pageload.sock")
     print(f"== pageload demo: {human(args.size)} guest memory, {args.clients} faulting clients")
-    if not os.path.exists(image):
-        t = time.perf_counter()
-        make_sample_image(image, args.size, seed=1)
-        print(f"made sample image {image} in {time.perf_counter() - t:.2f} s")
+    _ensure_sample(image, args.size)
     if not os.path.exists(ckpt):
         report = create_checkpoint(image, ckpt)
         print(f"checkpoint {ckpt}: {human(report.data_bytes)} of data in {report.ranges} ranges, "
@@ -169,10 +166,7 @@ def run_uffd(args: argparse.Namespace) -> int:
     sock = os.path.join(args.workdir, "pageload.sock")
     uffd_sock = os.path.join(args.workdir, "uffd.sock")
     print(f"== pageload demo --uffd: {human(args.size)} guest memory, {args.clients} vCPUs faulting")
-    if not os.path.exists(image):
-        t = time.perf_counter()
-        make_sample_image(image, args.size, seed=1)
-        print(f"made sample image {image} in {time.perf_counter() - t:.2f} s")
+    _ensure_sample(image, args.size)
     print(f"$ pageload restore {image} --background --uffd-socket {uffd_sock} --socket {sock}")
     daemon = DaemonProcess(image, sock, os.path.join(args.workdir, "daemon.log"),
                            ["--background", "--uffd-socket", uffd_sock, "--aio", args.aio,
@@ -236,3 +230,11 @@ def run_uffd(args: argparse.Namespace) -> int:
     ok = (report is not None and not report.mismatches and not report.errors and not bad and not errors
           and filled_s is not None and daemon.returncode == 0)
     return 0 if ok else 1
+
+
+def _ensure_sample(image: str, size: int) -> None:
+    """Make the demo's sample image unless an earlier run left it."""
+    if not os.path.exists(image):
+        t = time.perf_counter()
+        make_sample_image(image, size, seed=1)
+        print(f"made sample image {image} in {time.perf_counter() - t:.2f} s")
