@@ -175,6 +175,14 @@ class Queue(abc.ABC):
             await self._aclose()
         self._outstanding = 0
 
+    def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
+        """Read ``buffer`` from ``fd`` at ``offset`` at once, in the caller's thread,
+        only if that cannot block (the data is in the page cache); not a request: it
+        takes no slot and yields no completion.  Returns the bytes read, or -1 where
+        the backend does not offer it or the read would block or failed (the caller
+        then adds a request).  By default the backend does not offer it."""
+        return -1
+
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
             backend=self.name,

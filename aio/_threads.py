@@ -52,7 +52,7 @@ class ThreadQueue(Queue):
         #: wins the CPU when the machine is busy; -1 means SCHED_IDLE (they run only
         #: when nothing else wants the CPU)
         self.worker_nice = worker_nice
-        self.inline_reads = 0  #: urgent reads done in place
+        self.inline_reads = 0  #: urgent reads done in place (by add() or read_now())
         if self.threads < 1 or urgent_threads < 0:
             raise ValueError("threads must be at least 1 and urgent_threads at least 0")
         self._token = trio.lowlevel.current_trio_token()
@@ -96,6 +96,18 @@ class ThreadQueue(Queue):
             else:
                 self._normal.append(request)
             self._work.notify()
+
+    def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
+        """:meth:`Queue.read_now`: ``preadv2(RWF_NOWAIT)`` for up to ``inline_urgent`` bytes."""
+        if self._stopping or len(buffer) > self.inline_urgent:
+            return -1
+        try:
+            result = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+        except OSError:
+            return -1
+        if result == len(buffer):
+            self.inline_reads += 1
+        return result
 
     def cancel_unstarted(self) -> int:
         """Complete every request no thread has started with ``-ECANCELED``; returns how many."""

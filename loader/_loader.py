@@ -48,7 +48,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 import xxhash
@@ -91,6 +91,10 @@ class LoaderConfig:
     #: its slot (None: no deadline)
     read_timeout: float | None = 30.0
     verify: bool = True  #: check each chunk against the checkpoint's checksum before serving it
+    #: a wait for at most this many unstarted bytes of one range is read at once, in the
+    #: waiting client's task, when the queue can do it without blocking (page cache);
+    #: 0: never.  Without priority or with checksums it is never done.
+    read_now_bytes: int = 64 << 10
 
     def __post_init__(self) -> None:
         if self.background_reads >= self.queue_depth:
@@ -127,6 +131,22 @@ class ReadKind(enum.Enum):
     @property
     def urgent(self) -> bool:
         return self is ReadKind.WAITER
+
+
+class CallbackBatch(Protocol):
+    """Brackets a run of wait callbacks (the server sends their replies at ``close``)."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _NoBatch:
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class WaitHandle:
@@ -326,6 +346,8 @@ class Loader:
         self._tail_failed_at: int | None = None
         self._last_wait_ns = 0  # when a wait last blocked or finished
         self._linger_ns = int(self.config.busy_linger_s * 1e9)
+        # waits up to this many bytes may be read at once by the waiting task (_read_now)
+        self._read_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is None else 0
         self._wait_scope: trio.CancelScope | None = None
         self._kick = trio.Event()
         self._closing = False
@@ -341,6 +363,9 @@ class Loader:
         self._blocked_since: int | None = None
         self.histogram = LatencyHistogram()
         self._loaded_listeners: list[Callable[[int, int], None]] = []
+        #: wait callbacks run inside ``reply_batch.open()`` ... ``close()``, one pair per
+        #: batch of completions (the server writes the batch's replies at the close)
+        self.reply_batch: CallbackBatch = _NoBatch()
         if not self.unloaded:
             self._mark_done()
 
@@ -369,8 +394,10 @@ class Loader:
         if self._closing:
             counters.waits_failed += 1
             raise LoadError(codes.SHUTTING_DOWN, "the loader is shutting down")
-        read_lo, read_hi = self._read_span(lo, hi)
         now = self._last_wait_ns = time.perf_counter_ns()
+        if need <= self._read_now_limit and self._read_now(lo, hi, need, now):
+            return None
+        read_lo, read_hi = self._read_span(lo, hi)
         handle = WaitHandle(lo, hi, need, callback, now, context, read_lo, read_hi)
         counters.bytes_waited += need
         if not self._waiters:
@@ -381,6 +408,43 @@ class Loader:
             self._priority.append(handle)
             self._poke()
         return handle
+
+    def _read_now(self, lo: int, hi: int, need: int, now: int) -> bool:
+        """Serve a small wait in the caller's task: when all of ``[lo, hi)`` is unstarted
+        data of one range (so one contiguous read of the pages file) and the queue can
+        read it at once from the page cache (:meth:`aio.Queue.read_now`), it is read
+        into the destination here and settled; True then.  This saves the loader task's
+        wake-up and the queue's round trip, the larger part of a fault's cost when its
+        data is cached.  Not with checksums (a chunk is served only once verified) nor
+        without priority (a first-come-first-served wait queues behind the sweep)."""
+        layout = self.layout
+        if need != hi - lo or self.unloaded.overlap_bytes(lo, hi) != need:
+            return False  # holes, several ranges, or bytes already in flight
+        i = layout.find(lo)
+        mem = layout.mem[i]
+        if i < 0 or hi > mem + layout.length[i]:
+            return False
+        buffer = self.destination.buffer(lo, need)
+        if self.queue.read_now(self.pages_fd, buffer, layout.file[i] + lo - mem) != need:
+            return False  # not cached (or failed): the queue reads it, and reports errors
+        self.unloaded.remove(lo, hi)
+        self.inflight.add(lo, hi)
+        counters = self.counters
+        counters.reads_total += 1
+        self.order.note_served(hi)
+        self._settle([[lo, hi]], None)  # also answers earlier waiters on these bytes
+        end = time.perf_counter_ns()
+        elapsed = end - now
+        counters.waits_served += 1
+        counters.bytes_waited += need
+        counters.wait_ns += elapsed
+        if not self._waiters:
+            counters.blocked_ns += elapsed
+        self.histogram.record(elapsed)
+        self._last_wait_ns = end  # busy mode: the sweep narrows from its next round
+        if self.done.is_set():
+            self._poke()  # the driver may be parked with nothing left to do
+        return True
 
     async def wait_loaded(self, offset: int, length: int) -> None:
         """Return once ``[offset, offset+length)`` is loaded; raise :class:`LoadError`
@@ -545,8 +609,13 @@ class Loader:
             if scope.cancelled_caught:
                 self._expire(trio.current_time())
                 continue
-            for completion in completions:
-                self._complete(completion)
+            batch = self.reply_batch
+            batch.open()
+            try:
+                for completion in completions:
+                    self._complete(completion)
+            finally:
+                batch.close()
 
     def _room(self) -> bool:
         return len(self._reads) < self.config.queue_depth and self.queue.outstanding < self.queue.capacity

@@ -2,10 +2,12 @@
 
 One task per connection reads requests.  Replies are produced by whoever has them
 (the read task, or the loader's completion callback for waits) and go through one
-write path: they are queued, and the session's writer task sends them
-(:meth:`Session._push`, many replies per ``sendmsg``), waiting for the socket to be
-writable when it is full.  A wait costs the server no task: the loader calls back
-when its bytes are in.
+write path, :meth:`Session._push` (many replies per ``sendmsg``): they are queued,
+and sent at the end of the batch that produced them, with no task switch: the read
+task's batch (every request of one receive) or the loader's (every completion of one
+wake-up).  Only a reply queued outside a batch, or one the socket did not take,
+goes to the session's writer task, which waits for the socket to be writable.  A
+wait costs the server no task: the loader calls back when its bytes are in.
 
 Every connection is bounded: its queued reply bytes (past ``max_backlog_bytes`` the
 session stops reading that client's requests until it reads its replies), its
@@ -53,15 +55,15 @@ ACCEPT_BACKOFF_S = 0.1
 ACCEPT_LOG_INTERVAL_S = 10.0
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM})
-_MAX_IOV = 64  # replies gathered into one sendmsg()
+#: receives served in a row without a trio checkpoint (when each finds data at once)
+_RECEIVES_PER_CHECKPOINT = 8
+_MAX_IOV = 1024  # replies gathered into one sendmsg() (the kernel's IOV_MAX)
 
-# Replies are written by the session's writer task only, never from reply() itself:
-# measured with examples/reply_path_bench.py on a loaded 64 MiB image (2 shared
-# cores, alternating runs, medians), writing at once when nothing was queued gave
-# 29k waits/s against 59k through the writer task with 8 connections x 64 waits in
-# flight (one send per reply instead of one sendmsg per batch), and 9.5k against
-# 7.6k waits/s with 4 connections x 1 (a task switch saved per reply).  Not worth
-# a second path.  Numbers in docs/BENCHMARKS.md ("Server reply path").
+# Replies are never written from reply() itself: writing each at once cost one send
+# per reply (29k waits/s against 59k with 8 connections x 64 waits in flight,
+# examples/reply_path_bench.py); waking the writer task for each cost a task switch
+# per batch (a loaded wait took 144-187 us instead of 119).  So a batch's replies are
+# written once, at its end (ReplyBatch).  Numbers in docs/BENCHMARKS.md.
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,36 @@ def peer_credentials(sock: Any) -> tuple[int, int, int]:
 
 def _noop(handle: WaitHandle) -> None:
     pass
+
+
+class ReplyBatch:
+    """Replies queued while a batch is open are sent when the outermost batch ends,
+    one ``sendmsg`` per session; outside a batch a queued reply wakes the session's
+    writer task.  A batch never spans a checkpoint (``open``/``close`` are called
+    without awaiting in between), so a reply never waits on another task."""
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[Session] = []
+
+    def open(self) -> None:
+        self.depth += 1
+
+    def close(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.dirty:
+            self.send()
+
+    def send(self) -> None:
+        """Write what every session of the batch queued (what a socket does not take
+        goes to its writer task, which waits for the socket to be writable)."""
+        dirty, self.dirty = self.dirty, []
+        for session in dirty:
+            session._push()
+            if session._out:
+                session._writer_idle.unpark()
 
 
 class Session:
@@ -145,8 +177,12 @@ class Session:
     def _queue(self, data: bytes, fd: int | None) -> None:
         self._out.append([data, fd])
         self._out_bytes += len(data)
-        if len(self._out) == 1:  # nothing was queued: wake the writer task
-            self._writer_idle.unpark()
+        if len(self._out) == 1:  # nothing was queued: send at the batch's end, or wake the writer
+            batch = self.server.batch
+            if batch.depth:
+                batch.dirty.append(self)
+            else:
+                self._writer_idle.unpark()
 
     def _push(self) -> None:
         """The one write path: send queued replies until the socket would block."""
@@ -330,34 +366,65 @@ class Session:
 
     async def read_loop(self) -> None:
         conn = self.conn
-        sock = self.sock
+        raw = self.raw
         limit = self.server.max_backlog_bytes
+        batch = self.server.batch
+        unblocked = 0  # receives in a row that found data without waiting
         while not self._closing:
             if self._out_bytes > limit:  # backpressure: the client is not reading its replies
                 await self._wait_drained()
-                continue
-            try:
-                data = await sock.recv(RECV_SIZE)
-            except (OSError, trio.ClosedResourceError):
-                return
-            conn.receive_data(data)
-            while not self._closing:
-                if self._out_bytes > limit:
-                    await self._wait_drained()
-                    if self._broken:
-                        return
-                try:
-                    event = conn.next_event()
-                except protocol.RemoteProtocolError as exc:
-                    self._error(exc.id, exc.code, exc.message)
-                    if exc.fatal:
-                        self._closing = True
-                    continue
-                if event is protocol.NEED_DATA:
-                    break
-                if event is protocol.CLOSED:
+                if self._broken:
                     return
-                self.handle(event)
+            else:
+                # a plain non-blocking recv, awaiting readability only when there is
+                # nothing: no trio checkpoint per receive that finds data
+                try:
+                    data = raw.recv(RECV_SIZE)
+                except BlockingIOError:
+                    unblocked = 0
+                    try:
+                        await trio.lowlevel.wait_readable(raw)
+                    except (OSError, trio.ClosedResourceError):
+                        return
+                    continue
+                except OSError:
+                    return
+                conn.receive_data(data)  # b"": end of input (CLOSED, or the error for a cut frame)
+                if not data:
+                    self._closing = True
+                unblocked += 1
+            batch.open()
+            try:
+                if not self._handle_received(limit):
+                    return
+            finally:
+                batch.close()  # this receive's replies, in one sendmsg
+            if unblocked >= _RECEIVES_PER_CHECKPOINT:
+                unblocked = 0
+                await trio.lowlevel.checkpoint()  # a client that keeps sending must not starve the others
+
+    def _handle_received(self, limit: int) -> bool:
+        """Serve every request of the received bytes; False once the connection is done.
+        Past ``limit`` queued reply bytes, stops early (the loop waits for the client)."""
+        conn = self.conn
+        while not self._closing:
+            if self._out_bytes > limit:
+                self.server.batch.send()  # write what the socket takes now
+                if self._out_bytes > limit:
+                    return not self._broken  # read_loop waits until the backlog drains
+            try:
+                event = conn.next_event()
+            except protocol.RemoteProtocolError as exc:
+                self._error(exc.id, exc.code, exc.message)
+                if exc.fatal:
+                    self._closing = True
+                continue
+            if event is protocol.NEED_DATA:
+                return True
+            if event is protocol.CLOSED:
+                return False
+            self.handle(event)
+        return True
 
     def drop_waits(self) -> None:
         for handle in self.pending.values():
@@ -426,6 +493,9 @@ class Server:
         self._refused = 0
         self._accept_errors = 0
         self._loaded_map: LoadedMap | None = None
+        #: replies queued while a batch is open are sent at its end
+        self.batch = ReplyBatch()
+        loader.reply_batch = self.batch
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(self.path, len(self.sessions), self._connections_total, self._refused,
