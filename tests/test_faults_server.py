@@ -519,3 +519,52 @@ async def test_shutdown_flushes_clients_that_do_not_read_all_at_once(tmp_path, i
         assert trio.current_time() - t0 == pytest.approx(1.0, abs=0.1)  # virtual time: one deadline
         assert not state.server.sessions or all(s._closed for s in state.server.sessions)
         state.stop()
+
+
+# ---------------------------------------------------------------- the write path
+
+
+def _replies(sock, count):
+    """``count`` replies read from a blocking socket (in a worker thread)."""
+    sock.settimeout(DEADLINE_S)
+    unpacker = msgpack.Unpacker()
+    replies = []
+    while len(replies) < count:
+        chunk = sock.recv(65536)
+        assert chunk, "the daemon closed the connection"
+        unpacker.feed(chunk)
+        replies.extend(unpacker)
+    return replies
+
+
+async def test_a_batch_of_requests_is_answered_by_the_batch_not_the_writer_task(tmp_path, image, monkeypatch):
+    """The replies to one receive are written at the end of its batch, in the reading
+    task; the writer task only takes over when the socket is full."""
+    import loader._server as server_mod
+
+    writers: list[str] = []
+    push = server_mod.Session._push
+
+    def recording_push(self):
+        writers.append(trio.lowlevel.current_task().name)
+        push(self)
+
+    monkeypatch.setattr(server_mod.Session, "_push", recording_push)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, image))
+        await state.loader.done.wait()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(state.server.path)
+            s.sendall(HELLO)
+            assert (await trio.to_thread.run_sync(_replies, s, 1))[0]["re"] == 1
+            waits = b"".join(msgpack.packb({"op": "wait", "id": 10 + i, "off": i * PAGE, "len": PAGE})
+                             for i in range(256))
+            s.sendall(waits)
+            replies = await trio.to_thread.run_sync(_replies, s, 256)
+        finally:
+            s.close()
+        assert sorted(r["re"] for r in replies) == list(range(10, 266))
+        assert all(r.get("ok") == "loaded" for r in replies)
+        assert writers and not [w for w in writers if "writer" in w], writers
+        state.stop()

@@ -410,3 +410,72 @@ async def test_a_dead_pages_file_fails_everything_with_merged_ranges(image, auto
     assert stats.failed_ranges == [(m, MiB, errno.EIO) for m in range(0, 16 * MiB, 2 * MiB)]
     await loader.aclose()
     mem.close()
+
+
+async def test_small_cached_wait_is_read_at_once_in_the_waiting_task(image):
+    """A wait on unstarted, cached data of one range is read and answered inside
+    submit_wait (no loader round, no callback); larger or split ones go to the queue."""
+    queue = aio.open_queue("threads", 16)
+    loader, mem = make_loader(image, queue, sweep=False, read_now_bytes=64 * 1024)
+    called: list[object] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        lo = 6 * MiB + 3 * PAGE
+        assert loader.submit_wait(lo + 10, 2 * PAGE - 10, called.append) is None  # the file is in the page cache
+        assert mem.view[lo : lo + 2 * PAGE] == image.expected[lo : lo + 2 * PAGE]
+        stats = loader.statistics()
+        assert (stats.loaded_bytes, stats.waits_served, stats.waits_immediate, stats.reads_total) == (2 * PAGE, 1, 0, 1)
+        assert loader.submit_wait(lo, PAGE, called.append) is None  # now loaded: immediate
+        assert loader.statistics().waits_immediate == 1
+        # more than read_now_bytes, or across a hole: through the queue, with a callback
+        big = loader.submit_wait(8 * MiB, 128 * 1024, called.append)
+        across = loader.submit_wait(MiB - PAGE, 2 * MiB, called.append)
+        assert big is not None and across is not None
+        await _until(lambda: len(called) == 2, "the queued waits")
+        assert big.error is None and across.error is None
+        assert queue.inline_reads >= 1
+        nursery.cancel_scope.cancel()
+    assert called == [big, across] or called == [across, big]
+    await loader.aclose()
+    mem.close()
+
+
+@pytest.mark.parametrize("config", [{"read_now_bytes": 0}, {"priority": False}])
+async def test_wait_is_not_read_at_once_when_turned_off_or_first_come_first_served(image, config):
+    queue = aio.open_queue("threads", 16)
+    loader, mem = make_loader(image, queue, **config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        done = trio.Event()
+        handle = loader.submit_wait(12 * MiB + PAGE, PAGE, lambda h: done.set())
+        assert handle is not None  # it blocked: read by the loader's task
+        with trio.fail_after(60):
+            await done.wait()
+        assert handle.error is None
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()
+
+
+async def test_wait_is_not_read_at_once_with_checksums(image):
+    """With checksums a chunk is served only once verified: never read at once."""
+    import xxhash
+
+    chunk = MiB
+    sums = [xxhash.xxh3_64_intdigest(bytes(image.expected[m : m + chunk])) for m in range(0, 16 * MiB, 2 * MiB)]
+    queue = aio.open_queue("threads", 16)
+    mem = MemoryFile(image.memory_size)
+    loader = Loader(image.layout, image.fd, mem, queue,
+                    LoaderConfig(queue_depth=16, background_reads=4, sweep=False),
+                    chunk_size=chunk, checksums=sums)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        done = trio.Event()
+        handle = loader.submit_wait(4 * MiB, PAGE, lambda h: done.set())
+        assert handle is not None
+        with trio.fail_after(60):
+            await done.wait()
+        assert handle.error is None and loader.statistics().chunks_verified == 1
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()

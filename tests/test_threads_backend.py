@@ -43,3 +43,26 @@ async def test_inline_read_that_fails_goes_to_a_worker_and_reports_errno(tmp_pat
     [completion] = await queue.wait(1)
     assert completion.id == 7 and completion.result == -errno.EBADF  # from the worker
     await queue.aclose()
+
+
+async def test_read_now_reads_cached_data_without_a_request(tmp_path):
+    path = tmp_path / "data"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    os.pread(fd, len(data), 0)  # in the page cache now
+    m = mmap.mmap(-1, 1 << 20)
+    view = memoryview(m)
+    queue = ThreadQueue(capacity=8, threads=1, inline_urgent=64 << 10)
+    try:
+        assert queue.read_now(fd, view[4096:12288], 4096) == 8192
+        assert view[4096:12288] == data[4096:12288]
+        assert queue.outstanding == 0 and queue.inline_reads == 1  # no request, no completion
+        assert queue.read_now(fd, view[0 : 128 << 10], 0) == -1  # above inline_urgent: not offered
+        assert queue.read_now(987654, view[0:4096], 0) == -1  # a failure is left to a request
+        assert aio.open_queue("sync", 4).read_now(fd, view[0:4096], 0) == -1  # the default: not offered
+    finally:
+        await queue.aclose()
+        view.release()
+        m.close()
+        os.close(fd)
