@@ -258,10 +258,11 @@ class Session:
 
     async def _write_when_writable(self) -> None:
         while True:
+            if self._broken or self._closed:  # also before the first park: close() may come first
+                return
             if not self._out:
                 await self._writer_idle.park()
-            if self._broken or self._closed:
-                return
+                continue
             self._push()
             if not self._out:
                 continue
@@ -286,21 +287,7 @@ class Session:
         self.requests += 1
         loader = self.loader
         if isinstance(event, protocol.Wait):
-            if not self._in_memory(event):
-                return
-            if len(self.pending) >= self.server.max_pending_waits:  # bounded memory per client
-                self.reply(protocol.ErrorReply(event.id, codes.TOO_MANY_REQUESTS,
-                                               f"{len(self.pending)} waits already pending on this connection"))
-                return
-            try:
-                handle = loader.submit_wait(event.offset, event.length, self._on_loaded, event.id)
-            except LoadError as exc:
-                self.reply(protocol.ErrorReply(event.id, exc.code, exc.message, exc.errno))
-                return
-            if handle is None:
-                self.reply_loaded(event.id)
-            else:
-                self.pending[event.id] = handle
+            self._wait(event.id, event.offset, event.length)
         elif isinstance(event, protocol.Prefetch):
             if self._in_memory(event):
                 if event.working_set:
@@ -339,13 +326,33 @@ class Session:
         else:  # pragma: no cover - the protocol only yields the events above
             raise TypeError(f"unexpected event {type(event).__name__}")
 
+    def _wait(self, request_id: int, offset: int, length: int) -> None:
+        if offset + length > self.loader.memory_size:
+            self._out_of_range(request_id, offset, length)
+            return
+        if len(self.pending) >= self.server.max_pending_waits:  # bounded memory per client
+            self.reply(protocol.ErrorReply(request_id, codes.TOO_MANY_REQUESTS,
+                                           f"{len(self.pending)} waits already pending on this connection"))
+            return
+        try:
+            handle = self.loader.submit_wait(offset, length, self._on_loaded, request_id)
+        except LoadError as exc:
+            self.reply(protocol.ErrorReply(request_id, exc.code, exc.message, exc.errno))
+            return
+        if handle is None:
+            self.reply_loaded(request_id)
+        else:
+            self.pending[request_id] = handle
+
     def _in_memory(self, event: Any) -> bool:
-        size = self.loader.memory_size
-        if event.offset + event.length > size:
-            self._error(event.id, codes.OUT_OF_RANGE,
-                        f"range {event.offset:#x}+{event.length:#x} is outside the memory (size {size:#x})")
+        if event.offset + event.length > self.loader.memory_size:
+            self._out_of_range(event.id, event.offset, event.length)
             return False
         return True
+
+    def _out_of_range(self, request_id: int, offset: int, length: int) -> None:
+        self._error(request_id, codes.OUT_OF_RANGE,
+                    f"range {offset:#x}+{length:#x} is outside the memory (size {self.loader.memory_size:#x})")
 
     def _error(self, request_id: int | None, code: str, message: str) -> None:
         self.errors += 1
@@ -407,11 +414,17 @@ class Session:
         """Serve every request of the received bytes; False once the connection is done.
         Past ``limit`` queued reply bytes, stops early (the loop waits for the client)."""
         conn = self.conn
+        next_wait = conn.next_wait
         while not self._closing:
             if self._out_bytes > limit:
                 self.server.batch.send()  # write what the socket takes now
                 if self._out_bytes > limit:
                     return not self._broken  # read_loop waits until the backlog drains
+            wait = next_wait()  # the frequent case, without building an event
+            if wait is not None:
+                self.requests += 1
+                self._wait(*wait)
+                continue
             try:
                 event = conn.next_event()
             except protocol.RemoteProtocolError as exc:

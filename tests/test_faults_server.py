@@ -568,3 +568,20 @@ async def test_a_batch_of_requests_is_answered_by_the_batch_not_the_writer_task(
         assert all(r.get("ok") == "loaded" for r in replies)
         assert writers and not [w for w in writers if "writer" in w], writers
         state.stop()
+
+
+async def test_connections_closed_before_their_writer_starts_are_freed(tmp_path, image):
+    """A client that sends and hangs up at once: its session may be done before its
+    writer task first runs; the writer must end too (it once parked for good)."""
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, options(tmp_path, image))
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(state.server.path)
+            s.sendall(HELLO + STATS)
+            s.close()
+        with trio.move_on_after(DEADLINE_S):
+            while state.server.statistics().connections_total < 20 or state.server.sessions:
+                await trio.sleep(0.01)
+        assert not state.server.sessions
+        state.stop()

@@ -88,7 +88,9 @@ def _random_message(rng: random.Random, ids: list[int]) -> bytes:
 
 
 def _run(data: bytes, chunks: list[int], fast: bool,
-         limits: Limits | None = None) -> tuple[list[Any], Any, list[bytes]]:
+         limits: Limits | None = None, next_wait: bool = False) -> tuple[list[Any], Any, list[bytes]]:
+    """Events, statistics and reply bytes; ``next_wait``: try ServerConnection.next_wait
+    before each next_event, as the server does."""
     conn = ServerConnection(limits)
     if not fast:
         conn._fast = False
@@ -101,8 +103,9 @@ def _run(data: bytes, chunks: list[int], fast: bool,
         pos += len(piece)
         conn.receive_data(piece)
         while True:
+            got = conn.next_wait() if next_wait else None
             try:
-                event = conn.next_event()
+                event = Wait(*got) if got is not None else conn.next_event()
             except RemoteProtocolError as exc:
                 out.append(("error", exc.code, exc.id, exc.fatal))
                 if exc.fatal:
@@ -145,6 +148,8 @@ def test_server_fast_path_equals_general_path(seed: int) -> None:
     assert whole == reference
     assert bytewise == reference
     assert chunked == reference
+    assert _run(data, [len(data)], fast=True, next_wait=True) == reference
+    assert _run(data, [rng.randint(1, 80) for _ in range(len(data))], fast=True, next_wait=True) == reference
     assert any(type(e) is Wait for e in reference[0])
 
 
@@ -176,3 +181,23 @@ def test_send_loaded_checks_like_send() -> None:
     assert conn.send_loaded(7) == msgpack.packb({"re": 7, "ok": "loaded"})
     with pytest.raises(LocalProtocolError):  # answered already
         conn.send_loaded(7)
+
+
+def test_next_wait_takes_only_a_valid_wait_and_consumes_nothing_else() -> None:
+    conn = ServerConnection()
+    wait = msgpack.packb({"op": "wait", "id": 5, "off": 4096, "len": 4096})
+    conn.receive_data(wait)
+    assert conn.next_wait() is None  # before Hello: the general path refuses it
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    conn = ServerConnection()
+    conn.receive_data(msgpack.packb({"op": "hello", "id": 0, "v": [1]}))
+    assert type(conn.next_event()) is Hello
+    conn.receive_data(wait + wait + msgpack.packb({"op": "stats", "id": 6}))
+    assert conn.next_wait() == (5, 4096, 4096)
+    assert conn.next_wait() is None  # id 5 is outstanding: next_event says so
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.next_wait() is None  # a stats request
+    assert conn.next_event().id == 6
+    assert conn.next_wait() is None and conn.next_event() is NEED_DATA
