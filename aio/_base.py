@@ -104,6 +104,15 @@ def run_request(request: Request) -> int:
         return -errno.EINVAL
 
 
+def read_nowait(fd: int, buffer: memoryview, offset: int) -> int:
+    """``preadv2(RWF_NOWAIT)`` into ``buffer``: the bytes read, or -1 if that would
+    block (data not in the page cache) or failed.  Shared by the backends' ``read_now``."""
+    try:
+        return os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError:
+        return -1
+
+
 class Queue(abc.ABC):
     """An asynchronous read queue owned by one trio task.
 

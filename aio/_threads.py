@@ -28,7 +28,7 @@ from collections import deque
 
 import trio
 
-from ._base import Completion, Queue, Request, run_request
+from ._base import Completion, Queue, Request, read_nowait, run_request
 
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
@@ -101,10 +101,7 @@ class ThreadQueue(Queue):
         """:meth:`Queue.read_now`: ``preadv2(RWF_NOWAIT)`` for up to ``inline_urgent`` bytes."""
         if self._stopping or len(buffer) > self.inline_urgent:
             return -1
-        try:
-            result = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
-        except OSError:
-            return -1
+        result = read_nowait(fd, buffer, offset)
         if result == len(buffer):
             self.inline_reads += 1
         return result

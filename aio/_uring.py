@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import liburing as _lu
 import trio
 
-from ._base import AioError, BackendUnavailable, Completion, Queue, Request
+from ._base import AioError, BackendUnavailable, Completion, Queue, Request, read_nowait
 from ._probe import explain, read_disabled, setup_errno
 
 #: user_data of our cancel entries; read entries use their slot index
@@ -51,6 +51,8 @@ _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 #: ``IOSQE_ASYNC`` (1 << ``IOSQE_ASYNC_BIT``, linux/io_uring.h): liburing 2024.5.3 does not export it by name
 IOSQE_ASYNC = 1 << 4
+#: most bytes :meth:`UringQueue.read_now` reads in the caller's thread
+READ_NOW_MAX = 64 << 10
 
 
 def _iovec(buffers: Sequence[memoryview]) -> object:
@@ -114,6 +116,12 @@ class UringQueue(Queue):
         self._submit_calls = 0
 
     # -- add ---------------------------------------------------------------------
+    def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
+        """:meth:`Queue.read_now`: ``preadv2(RWF_NOWAIT)`` for up to :data:`READ_NOW_MAX` bytes."""
+        if self._closed or len(buffer) > READ_NOW_MAX:
+            return -1
+        return read_nowait(fd, buffer, offset)
+
     def _add(self, request: Request) -> None:
         buffers = request.buffers
         if len(buffers) > _IOV_MAX:

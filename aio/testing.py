@@ -27,7 +27,8 @@ file; readv scatters in order; short reads at end of file; errors as ``-errno``
 urgent requests; cancelled ``wait`` losing nothing; ``aclose`` with requests in
 flight (including a read blocked on an empty pipe, where the backend accepts one)
 leaving the buffers alone afterwards; :class:`~aio.QueueClosed` after close;
-:meth:`~aio.Queue.statistics` consistent with what happened.
+:meth:`~aio.Queue.statistics` consistent with what happened; :meth:`~aio.Queue.read_now`
+reading exactly its buffer or declining, and never making a request.
 """
 
 from __future__ import annotations
@@ -449,7 +450,31 @@ async def check_statistics(make_queue: MakeQueue) -> None:
 
 
 #: every check, by name, in the order :func:`check_queue` runs them
+async def check_read_now(make_queue: MakeQueue) -> None:
+    """``read_now`` reads exactly its buffer from the page cache, or declines (-1);
+    either way it is no request: nothing outstanding, no completion, no slot taken."""
+    with _pages_file(16 * PAGE, seed=9) as (fd, data), _mapping(16 * PAGE) as view:
+        os.pread(fd, 16 * PAGE, 0)  # in the page cache
+        queue = make_queue(4)
+        try:
+            got = queue.read_now(fd, view[2 * PAGE : 4 * PAGE], 5 * PAGE)
+            _expect(got in (-1, 2 * PAGE), f"read_now returned {got}, not -1 or {2 * PAGE}")
+            if got == 2 * PAGE:
+                _expect(view[2 * PAGE : 4 * PAGE] == data[5 * PAGE : 7 * PAGE],
+                        "read_now's bytes differ from the file")
+            _expect(view[: 2 * PAGE] == bytes(2 * PAGE) and view[4 * PAGE :] == bytes(12 * PAGE),
+                    "read_now wrote outside its buffer")
+            _expect(queue.read_now(BAD_FD, view[:PAGE], 0) == -1, "read_now on a bad descriptor did not decline")
+            stats = queue.statistics()
+            _expect(queue.outstanding == 0 and stats.submitted_total == 0 and stats.ready == 0,
+                    f"read_now left a request behind: {stats}")
+        finally:
+            await queue.aclose()
+        _expect(queue.read_now(fd, view[:PAGE], 0) == -1, "read_now after close did not decline")
+
+
 CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
+    "read_now": check_read_now,
     "reads_into_mapping": check_reads_into_mapping,
     "readv_scatter": check_readv_scatter,
     "short_read_at_eof": check_short_read_at_eof,
