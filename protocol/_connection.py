@@ -27,7 +27,7 @@ import msgpack
 from . import codes
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import Event, Hello, HelloReply, Loaded, Reply, ReplyEvent, Request, RequestEvent, Wait
-from ._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, parse_wait
+from ._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, encode_wait, parse_loaded, parse_wait
 from ._limits import Limits, describe, nesting_over
 from ._state import ACCEPTED, HELLO, IDLE, NEGOTIATED, REFUSED, after, can
 from ._wire import (
@@ -516,6 +516,29 @@ class ClientConnection(_Connection):
 
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(Limits.client() if limits is None else limits)
+        lim = self.limits
+        # The fast path for loaded replies and wait requests (protocol/_fast.py) skips
+        # msgpack, so it runs only where no limit could reject either.
+        self._fast = (lim.max_buffer_size >= MAX_LOADED_FRAME and lim.max_map_len >= 4
+                      and lim.max_str_len >= 6 and lim.max_depth >= 1
+                      and lim.max_send_size >= MAX_WAIT_FRAME)
+
+    def _next_fast(self) -> Event | None:
+        raw = self._raw
+        assert raw is not None
+        got = parse_loaded(raw, self._raw_pos)
+        # only the answer to an outstanding Wait; anything else: the general path says why
+        if got is not None and self._outstanding.get(got[1]) is Wait:
+            end, id = got
+            if end == len(raw):
+                self._raw = None
+            else:
+                self._raw_pos = end
+            self._messages_received += 1
+            del self._outstanding[id]
+            return Loaded(id)
+        self._flush_raw()
+        return None
 
     def next_event(self) -> ReplyEvent | Marker:
         """The next reply, :data:`NEED_DATA`, or :data:`CLOSED` (see the base)."""
@@ -607,6 +630,10 @@ class ClientConnection(_Connection):
                 raise LocalProtocolError("a Hello was already sent")
         elif self._hello is IDLE:
             raise LocalProtocolError(f"{type(event).__name__} before Hello")
+        if type(event) is Wait and self._fast:
+            data = encode_wait(id, event.offset, event.length)  # type: ignore[union-attr]
+            self._outstanding[id] = Wait
+            return self._sent(data)
         data = self._pack(event)
         if type(event) is Hello:
             self._hello = after(self._hello, HELLO)

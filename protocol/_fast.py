@@ -1,4 +1,4 @@
-"""The hottest request's fast path: a ``wait`` frame and its ``loaded`` reply.
+"""The hottest request's fast path: a ``wait`` frame and its ``loaded`` reply, both ways.
 
 :func:`parse_wait` recognises, at a position in raw received bytes, one whole
 ``{"op": "wait", "id": I, "off": O, "len": L}`` map with its keys in that order (the
@@ -11,6 +11,10 @@ rejection is the general path's.
 
 :func:`encode_loaded` is the ``{"re": id, "ok": "loaded"}`` reply from a template
 with the id patched in: the same bytes as ``msgpack.packb`` (minimal int width).
+
+The client's side is the mirror image: :func:`encode_wait` (the wait frame, the same
+bytes as the general encoder) and :func:`parse_loaded` (``(end, id)`` of a ``loaded``
+reply in the form :func:`encode_loaded` writes, or None: the general path decides).
 """
 
 from __future__ import annotations
@@ -95,3 +99,34 @@ def encode_loaded(id: int) -> bytes:
     if id < 0x100000000:
         return _LOADED_HEAD + b"\xce" + _U32.pack(id) + _LOADED_TAIL
     return _LOADED_HEAD + b"\xcf" + _U64.pack(id) + _LOADED_TAIL
+
+
+def _pack_uint(value: int) -> bytes:
+    """``value`` (``0 <= value < 2**64``) as msgpack writes it: the smallest width."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x100:
+        return b"\xcc" + bytes((value,))
+    if value < 0x10000:
+        return b"\xcd" + _U16.pack(value)
+    if value < 0x100000000:
+        return b"\xce" + _U32.pack(value)
+    return b"\xcf" + _U64.pack(value)
+
+
+def encode_wait(id: int, offset: int, length: int) -> bytes:
+    """The bytes of ``Wait(id, offset, length)`` (validated by the caller)."""
+    return _OP_WAIT_ID + _pack_uint(id) + _OFF + _pack_uint(offset) + _LEN + _pack_uint(length)
+
+
+def parse_loaded(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """``(end, id)`` of a whole ``{"re": id, "ok": "loaded"}`` frame at ``buf[pos:]``, or None."""
+    if not buf.startswith(_LOADED_HEAD, pos):
+        return None
+    got = _uint(buf, pos + len(_LOADED_HEAD))
+    if got is None:
+        return None
+    id, p = got
+    if id >= _ID_LIMIT or not buf.startswith(_LOADED_TAIL, p):
+        return None
+    return p + len(_LOADED_TAIL), id

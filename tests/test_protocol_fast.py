@@ -201,3 +201,81 @@ def test_next_wait_takes_only_a_valid_wait_and_consumes_nothing_else() -> None:
     assert conn.next_wait() is None  # a stats request
     assert conn.next_event().id == 6
     assert conn.next_wait() is None and conn.next_event() is NEED_DATA
+
+
+# ---------------------------------------------------------------- the client's side
+
+
+def test_encode_wait_is_what_the_general_encoder_writes() -> None:
+    from protocol._fast import encode_wait
+
+    rng = random.Random(4)
+    for _ in range(3000):
+        id = rng.choice(EDGES[:-2]) if rng.random() < 0.5 else rng.randrange(2**63)
+        off = rng.choice(EDGES[:-1]) if rng.random() < 0.5 else rng.randrange(2**63)
+        ln = max(1, rng.choice(EDGES[:-1]) if rng.random() < 0.5 else rng.randrange(2**63))
+        if off + ln > 2**64:
+            continue
+        data = encode_wait(id, off, ln)
+        assert data == msgpack.packb({"op": "wait", "id": id, "off": off, "len": ln})
+        assert parse_wait(data, 0) == (len(data), id, off, ln)
+
+
+def _client_run(replies: bytes, chunks: list[int], fast: bool) -> tuple[list[Any], Any, bytes]:
+    """A client that sent Hello (id 0), waits 1..40 and stats 41..50, fed ``replies``."""
+    from protocol import ClientConnection, GetStats
+
+    conn = ClientConnection()
+    if not fast:
+        conn._fast = False
+    sent = conn.send(Hello(0, (1,), "t"))
+    sent += b"".join(conn.send(Wait(i, i * 4096, 4096)) for i in range(1, 41))
+    sent += b"".join(conn.send(GetStats(i)) for i in range(41, 51))
+    out: list[Any] = []
+    pos = 0
+    for size in chunks + [len(replies)]:
+        piece = replies[pos:pos + size]
+        pos += len(piece)
+        conn.receive_data(piece)
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                out.append(("error", exc.code, exc.id, exc.fatal))
+                if exc.fatal:
+                    return out, conn.statistics(), sent
+                continue
+            if event is NEED_DATA:
+                break
+            out.append(event)
+        if pos >= len(replies):
+            break
+    return out, conn.statistics(), sent
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_client_fast_path_equals_general_path(seed: int) -> None:
+    rng = random.Random(seed)
+    frames = [msgpack.packb({"re": 0, "ok": "hello", "v": 1, "size": 1 << 30, "page": 4096, "done": False})]
+    for _ in range(120):
+        id = rng.randrange(0, 60)
+        kind = rng.random()
+        if kind < 0.6:
+            frames.append(msgpack.packb({"re": id, "ok": "loaded"}))  # maybe a stats id, a repeat, unknown
+        elif kind < 0.7:
+            frames.append(msgpack.packb({"ok": "loaded", "re": id}))  # another key order
+        elif kind < 0.8:
+            frames.append(msgpack.packb({"re": id, "err": "io-error", "msg": "x"}))
+        elif kind < 0.9:
+            frame = bytearray(msgpack.packb({"re": id, "ok": "loaded"}))
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+            frames.append(bytes(frame))
+        else:
+            frames.append(msgpack.packb({"re": id, "ok": "stats", "stats": {}}))
+    data = b"".join(frames)
+    reference = _client_run(data, [len(data)], fast=False)
+    assert any(type(e) is Loaded for e in reference[0])
+    by_frame = [len(f) for f in frames]  # each frame its own receive: the fast path's case
+    for chunks in ([len(data)], by_frame, [1] * len(data), [rng.randint(1, 40) for _ in range(len(data))]):
+        # the same chunks, the same events, errors, statistics and request bytes
+        assert _client_run(data, chunks, fast=True) == _client_run(data, chunks, fast=False)
