@@ -631,7 +631,7 @@ class ClientConnection(_Connection):
         elif self._hello is IDLE:
             raise LocalProtocolError(f"{type(event).__name__} before Hello")
         if type(event) is Wait and self._fast:
-            data = encode_wait(id, event.offset, event.length)  # type: ignore[union-attr]
+            data = encode_wait(id, event.offset, event.length)
             self._outstanding[id] = Wait
             return self._sent(data)
         data = self._pack(event)
