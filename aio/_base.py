@@ -192,6 +192,11 @@ class Queue(abc.ABC):
         then adds a request).  By default the backend does not offer it."""
         return -1
 
+    def background_yields(self, yields: bool) -> None:
+        """A hint from the queue's owner: while ``yields`` (clients are blocked on
+        reads), non-urgent reads should leave the CPU to the caller's thread; otherwise
+        they may compete for it normally.  By default nothing changes."""
+
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
             backend=self.name,

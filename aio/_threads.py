@@ -10,10 +10,14 @@ Two things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
 * a small urgent read (<= ``inline_urgent``) is tried at once in the caller's thread
   with ``RWF_NOWAIT``: a page-cache hit costs microseconds and needs no hand-off to a
   worker; a miss (EAGAIN) goes to a worker like any other request;
-* workers run at a higher nice value than the trio thread that answers clients;
+* the pool's workers run at a higher nice value than the trio thread that answers
+  clients while clients fault (:meth:`ThreadQueue.background_yields`), and at the
+  caller's otherwise (where the process may lower a nice value: root, or
+  ``RLIMIT_NICE``), so a fill nobody waits on competes with other processes as
+  ``cp`` would;
 * an urgent lane: ``urgent_threads`` more threads (1) that take urgent requests
-  only, so a read someone is blocked on never queues behind a pool full of
-  background reads, even hung ones.
+  only, at the caller's priority, so a read someone is blocked on never queues
+  behind a pool full of background reads, even hung ones.
 
 :meth:`ThreadQueue.cancel_unstarted` completes the requests no thread has taken
 yet with ``-ECANCELED`` (the loader's shutdown drops queued reads with it).
@@ -48,10 +52,14 @@ class ThreadQueue(Queue):
         #: urgent requests up to this many bytes run in the caller's thread, at add():
         #: no hand-off to a worker (a page-cache hit costs microseconds)
         self.inline_urgent = inline_urgent
-        #: workers run at this nice value, so the trio thread (which answers faults)
-        #: wins the CPU when the machine is busy; -1 means SCHED_IDLE (they run only
-        #: when nothing else wants the CPU)
+        #: the pool's workers run at this nice value while background reads yield
+        #: (from the start, and after ``background_yields(True)``), so the trio thread
+        #: (which answers faults) wins the CPU when the machine is busy; -1 means
+        #: SCHED_IDLE (they run only when nothing else wants the CPU; kept for good)
         self.worker_nice = worker_nice
+        self._pool_tids: list[int] = []  # native ids of the pool's workers
+        self._yielding = True
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's: what workers go back to
         self.inline_reads = 0  #: urgent reads done in place (by add() or read_now())
         if self.threads < 1 or urgent_threads < 0:
             raise ValueError("threads must be at least 1 and urgent_threads at least 0")
@@ -124,13 +132,33 @@ class ThreadQueue(Queue):
         """Perform one request in a worker thread (tests override it to make reads hang)."""
         return run_request(request)
 
+    def background_yields(self, yields: bool) -> None:
+        """:meth:`Queue.background_yields`: the pool's workers go to ``worker_nice``
+        (``yields``) or back to the nice value of the thread that made the queue.
+        Going back needs the right to lower a nice value; without it they stay."""
+        if yields == self._yielding or self.worker_nice <= 0:
+            return
+        with self._lock:
+            self._yielding = yields
+            tids = list(self._pool_tids)
+        nice = self.worker_nice if yields else self._base_nice
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:  # EACCES without CAP_SYS_NICE; ESRCH once a worker ended
+                pass
+
     def _worker(self, urgent_only: bool = False) -> None:
-        if self.worker_nice:
+        if self.worker_nice and not urgent_only:
+            tid = threading.get_native_id()
             try:
                 if self.worker_nice < 0:
-                    os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
                 else:
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.worker_nice)
+                    with self._lock:  # background_yields() sees this worker from here on
+                        self._pool_tids.append(tid)
+                        if self._yielding:
+                            os.setpriority(os.PRIO_PROCESS, tid, self.worker_nice)
             except OSError:
                 pass
         lock = self._lock

@@ -26,7 +26,9 @@ State is three :class:`RangeSet` of memory offsets: ``unloaded`` (not started),
 ``inflight`` (being read, or read and waiting for its chunk's checksum) and
 ``failed``; everything else of the layout is loaded.  A waiter counts the bytes
 it still needs; each settled span subtracts its overlap, so a waiter joins reads
-already in flight instead of reading twice.
+already in flight instead of reading twice.  A small wait whose bytes the page cache
+holds is read at once, in the waiting task, with the queue's ``read_now`` (no request,
+no round of this loop: :meth:`Loader._read_now`).
 
 With checksums (a pages checkpoint: one xxh3_64 per ``chunk_size`` of the pages
 file), bytes that land are not loaded yet: once every byte of their chunk has
@@ -346,6 +348,7 @@ class Loader:
         self._tail_failed_at: int | None = None
         self._last_wait_ns = 0  # when a wait last blocked or finished
         self._linger_ns = int(self.config.busy_linger_s * 1e9)
+        self._busy = True  # as the queue starts: background reads yield until the first round
         # waits up to this many bytes may be read at once by the waiting task (_read_now)
         self._read_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is None else 0
         self._wait_scope: trio.CancelScope | None = None
@@ -395,6 +398,8 @@ class Loader:
             counters.waits_failed += 1
             raise LoadError(codes.SHUTTING_DOWN, "the loader is shutting down")
         now = self._last_wait_ns = time.perf_counter_ns()
+        if not self._busy and not (self._order_full is not None and self._order_full()):
+            self._set_busy(True)  # clients fault from now: background reads yield at once
         if need <= self._read_now_limit and self._read_now(lo, hi, need, now):
             return None
         read_lo, read_hi = self._read_span(lo, hi)
@@ -629,8 +634,10 @@ class Loader:
             self._order_full is not None and self._order_full()  # working-set replay keeps its width
         ):
             background_cap = cfg.busy_background_reads or 1
+            self._set_busy(True)
         else:
             background_cap = cfg.background_reads
+            self._set_busy(False)
         # 0. halves of failed reads, being narrowed down: a waiter's at once,
         #    background ones within the background share
         resubmit = self._resubmit
@@ -674,6 +681,13 @@ class Loader:
                 break
             limit = self._order_limit(start) if self._order_limit is not None else None
             self._issue(start, limit or self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
+
+    def _set_busy(self, busy: bool) -> None:
+        """Clients are faulting (or no longer): the queue's background reads yield the
+        CPU to this thread meanwhile (:meth:`aio.Queue.background_yields`)."""
+        if busy != self._busy:
+            self._busy = busy
+            self.queue.background_yields(busy)
 
     def _wants_turn(self, w: WaitHandle) -> bool:
         """The one rule for (re-)entering the priority deque: a live waiter with

@@ -479,3 +479,31 @@ async def test_wait_is_not_read_at_once_with_checksums(image):
         nursery.cancel_scope.cancel()
     await loader.aclose()
     mem.close()
+
+
+async def test_background_reads_yield_the_cpu_exactly_while_clients_fault(image):
+    """The loader tells its queue when clients start and stop faulting."""
+    from aio._sync import SyncQueue
+
+    class Recording(SyncQueue):
+        def __init__(self, capacity: int) -> None:
+            super().__init__(capacity)
+            self.hints: list[bool] = []
+
+        def background_yields(self, yields: bool) -> None:
+            self.hints.append(yields)
+
+    queue = Recording(16)
+    loader, mem = make_loader(image, queue, busy_linger_s=0.0, read_now_bytes=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _until(lambda: loader.loaded_bytes > 0, "the sweep's first read")
+        assert queue.hints == [False]  # nobody waits: full speed
+        await loader.wait_loaded(15 * MiB - PAGE, PAGE)
+        assert queue.hints[:2] == [False, True]  # a blocked wait: yield at once
+        await loader.done.wait()
+        assert queue.hints[-1] is False  # nobody waits again
+        assert all(a != b for a, b in zip(queue.hints, queue.hints[1:]))  # only changes are told
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+    mem.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
+
+import pytest
 
 import aio
 from aio._threads import ThreadQueue
@@ -66,3 +69,28 @@ async def test_read_now_reads_cached_data_without_a_request(tmp_path):
         view.release()
         m.close()
         os.close(fd)
+
+
+async def test_background_yields_renices_the_pool_and_leaves_the_urgent_lane_alone():
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    queue = ThreadQueue(capacity=4, threads=2, worker_nice=10, urgent_threads=1)
+    try:
+        pool = [t.native_id for t in queue._workers if not t.name.startswith("pageload-aio-urgent")]
+        urgent = [t.native_id for t in queue._workers if t.name.startswith("pageload-aio-urgent")]
+        deadline = time.monotonic() + 30
+        while len(queue._pool_tids) < 2 and time.monotonic() < deadline:  # the workers start
+            time.sleep(0.01)
+
+        def nices(tids):
+            return [os.getpriority(os.PRIO_PROCESS, tid) for tid in tids]
+
+        assert nices(pool) == [10, 10] and nices(urgent) == [base]  # yielding from the start
+        queue.background_yields(False)
+        back = nices(pool)
+        if os.geteuid() != 0 and back != [base, base]:
+            pytest.skip("lowering a nice value needs CAP_SYS_NICE or RLIMIT_NICE, which this user lacks")
+        assert back == [base, base]
+        queue.background_yields(True)
+        assert nices(pool) == [10, 10] and nices(urgent) == [base]
+    finally:
+        await queue.aclose()
