@@ -196,6 +196,7 @@ class Queue(abc.ABC):
         """A hint from the queue's owner: while ``yields`` (clients are blocked on
         reads), non-urgent reads should leave the CPU to the caller's thread; otherwise
         they may compete for it normally.  By default nothing changes."""
+        return None
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
