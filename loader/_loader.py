@@ -432,8 +432,7 @@ class Loader:
         buffer = self.destination.buffer(lo, need)
         if self.queue.read_now(self.pages_fd, buffer, layout.file[i] + lo - mem) != need:
             return False  # not cached (or failed): the queue reads it, and reports errors
-        self.unloaded.remove(lo, hi)
-        self.inflight.add(lo, hi)
+        self.unloaded.remove(lo, hi)  # never in flight: _settle's removal from inflight finds nothing
         counters = self.counters
         counters.reads_total += 1
         self.order.note_served(hi)
