@@ -396,9 +396,9 @@ class Session:
                     continue
                 except OSError:
                     return
+                if not data and conn.statistics().eof:
+                    return  # a second end of input: the first was served (never spin on it)
                 conn.receive_data(data)  # b"": end of input (CLOSED, or the error for a cut frame)
-                if not data:
-                    self._closing = True
                 unblocked += 1
             batch.open()
             try:

@@ -585,3 +585,17 @@ async def test_connections_closed_before_their_writer_starts_are_freed(tmp_path,
                 await trio.sleep(0.01)
         assert not state.server.sessions
         state.stop()
+
+
+def test_a_half_closed_client_gets_its_answers_and_the_error_for_a_cut_frame(daemon):
+    """Requests, then a cut frame, then SHUT_WR: every request is answered, the cut
+    frame gets its ``truncated`` error, then the daemon hangs up."""
+    wait = msgpack.packb({"op": "wait", "id": 5, "off": 0, "len": PAGE})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        s.sendall(HELLO + STATS + wait + STATS[:-3])
+        s.shutdown(socket.SHUT_WR)
+        replies = read_until_closed(s)
+    assert [r.get("re") for r in replies[:3]] == [1, 2, 5]
+    assert replies[-1].get("err") == "truncated", replies
+    served(daemon.socket_path)
