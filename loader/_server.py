@@ -380,7 +380,7 @@ class Session:
                         self.fds.append(fd)
                     else:
                         os.close(fd)
-        return bytes(data)
+        return data
 
     def drop_waits(self) -> None:
         for handle in self.pending.values():

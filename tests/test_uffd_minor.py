@@ -416,3 +416,45 @@ async def test_read_error_gives_the_vcpu_sigbus(tmp_path, dense):
         state.stop()
     assert code == -signal.SIGBUS, lines
     assert f"ok {good}" in lines and lines[-1] == f"touching {bad}"
+
+
+async def test_dropped_pages_come_back_as_minor_faults(tmp_path, dense):
+    """After the load, pages the guest dropped with MADV_DONTNEED are still in the
+    memory file: touching them again is a MINOR fault, answered at once with the
+    same bytes."""
+    opts = options(tmp_path, dense)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=dense))
+        try:
+            await state.loader.done.wait()
+            (reg,) = registrations(state)
+            await wait_for(lambda: reg.pending.total == 0)
+            assert libc.madvise(vmm.address(MiB), 16 * PAGE, 4) == 0  # MADV_DONTNEED
+            before = reg.faults_minor
+            report = await trio.to_thread.run_sync(
+                lambda: vmm.touch([(0, MiB + i * PAGE, PAGE) for i in range(16)], vcpus=2))
+            assert report.mismatches == [] and report.errors == []
+            assert reg.faults_minor - before == 16 and reg.faults_waited == 0 and reg.faults_zero == 0
+        finally:
+            await trio.to_thread.run_sync(vmm.close)
+        state.stop()
+
+
+async def test_daemon_stop_ends_the_registration(tmp_path, image):
+    """The daemon stops with a VMM registered: it exits, closing the registration."""
+    opts = options(tmp_path, image)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=image))
+        try:
+            (reg,) = registrations(state)
+            state.stop()
+            with trio.fail_after(10):
+                while nursery.child_tasks:
+                    await trio.sleep(0.01)
+            assert reg.closed and reg.uffd.fd == -1
+        finally:
+            await trio.to_thread.run_sync(vmm.close)
