@@ -15,6 +15,8 @@ import mmap
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from array import array
 
@@ -26,7 +28,7 @@ import protocol
 from loader import Client, ClientError, DaemonOptions, LoaderConfig, _uffd, _uffd_minor, run_daemon
 from loader.checkpoint import open_checkpoint
 from loader.vmm import ZeroCopyMemory
-from workloads import make_sample_image
+from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import ZeroCopyVmm, spawn_zero_copy_child
 
 MiB = 1 << 20
@@ -458,3 +460,26 @@ async def test_daemon_stop_ends_the_registration(tmp_path, image):
             assert reg.closed and reg.uffd.fd == -1
         finally:
             await trio.to_thread.run_sync(vmm.close)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_loadgen_uffd_minor_replays_a_trace_in_zero_copy_mode(tmp_path, image):
+    trace = tmp_path / "t.txt"
+    trace.write_text("# page_size: 4096\n" + "".join(f"{i * 100} {(i * 37 % 1023) * 4096:#x} 8192\n"
+                                                     for i in range(300)))
+    args = ["loadgen", "--socket", str(tmp_path / "s.sock"), "--uffd-minor", "--trace", str(trace),
+            "--image", image, "--vcpus", "2", "--closed-loop"]
+    with DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "d.log"),
+                       ["--background", "--allow-writable-memory-fd"]):
+        r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "loadgen --uffd-minor: 600 pages touched by 2 vCPUs" in r.stderr and "0 mismatches" in r.stderr
+    with DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "d2.log"), ["--background"]):
+        r = cli(*args)
+    assert r.returncode == 1 and "forbidden" in r.stderr and "--allow-writable-memory-fd" in r.stderr

@@ -338,13 +338,16 @@ class ZeroCopyVmm(VmmEmulator):
 
 
 def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int = 2, rate: float | None = None,
-                     closed_loop: bool = False, verify: bool = True) -> dict[str, Any]:
+                     closed_loop: bool = False, verify: bool = True, zero_copy: bool = False) -> dict[str, Any]:
     """``pageload loadgen --uffd``: replay ``trace`` as real page faults.  An emulated
     VMM with one region covering the image's memory (``image``: a raw image or a
     checkpoint) connects to the handler at ``uffd_socket``; ``vcpus`` threads touch
     each fault's pages (at the trace's timestamps, or ``rate`` faults/s in total, or
     as fast as they can with ``closed_loop``), checking the bytes when ``image`` is a
-    raw image.  Returns the report as a dict (latencies in microseconds)."""
+    raw image.  Returns the report as a dict (latencies in microseconds).
+
+    ``zero_copy``: ``uffd_socket`` is the daemon's wait socket instead, and the VMM is
+    a :class:`ZeroCopyVmm` (guest memory mapped from the daemon's memory file)."""
     from loader.checkpoint import open_checkpoint
 
     from ._percentiles import percentiles
@@ -356,8 +359,18 @@ def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int =
     faults = [(f.t_us, f.offset, f.length) for f in trace]
     if rate:
         faults = [(int(i * 1e6 / rate), off, length) for i, (_, off, length) in enumerate(faults)]
-    with VmmEmulator([GuestRegion(0, size)], expected=image if raw and verify else None) as vmm:
-        vmm.connect(uffd_socket)
+    expected = image if raw and verify else None
+    vmm: VmmEmulator
+    if zero_copy:
+        vmm = ZeroCopyVmm(uffd_socket, expected=expected)
+    else:
+        vmm = VmmEmulator([GuestRegion(0, size)], expected=expected)
+        try:
+            vmm.connect(uffd_socket)
+        except BaseException:
+            vmm.close()
+            raise
+    with vmm:
         report = vmm.touch(faults, vcpus=vcpus, paced=not closed_loop, verify=verify, classify=True)
     return {
         "faults_in_trace": len(faults),
