@@ -142,7 +142,8 @@ class MinorRegistration:
         self.faults_waited = 0  #: had to wait for the loader
         self.faults_zero = 0  #: holes
         self.faults_failed = 0  #: poisoned
-        self.faults_stray = 0  #: outside the registered range: woken
+        self.faults_stray = 0  #: outside the registered range: poisoned
+        self.remap_events = 0
         self.mapped_bytes = 0  #: mapped into the VMM ahead of faults
         self.eexist = 0
         self.eagain = 0
@@ -173,7 +174,7 @@ class MinorRegistration:
             "faults_zero": self.faults_zero, "faults_failed": self.faults_failed,
             "faults_stray": self.faults_stray, "faults_outstanding": len(self._waits),
             "mapped_bytes": self.mapped_bytes, "pending_bytes": self.pending.total,
-            "eexist": self.eexist, "eagain": self.eagain,
+            "eexist": self.eexist, "eagain": self.eagain, "remap_events": self.remap_events,
             "fault_latency_us": self.histogram.as_dict(),
         }
 
@@ -201,6 +202,8 @@ class MinorRegistration:
                     if m.event == _uffd.EVENT_PAGEFAULT:
                         self.faults += 1
                         self._fault(m.b, m.a, time.perf_counter_ns())
+                    elif m.event == _uffd.EVENT_REMAP:
+                        self._remap(m.a, m.b, m.c)
                 messages = uffd.read_messages()
             if self._retry:
                 retry, self._retry = self._retry, []
@@ -249,8 +252,13 @@ class MinorRegistration:
         page = self.page
         va = address & ~(page - 1)
         if not self.base <= va < self.base + self.size:
+            # registered by the VMM but not handed to us: waking it would only fault
+            # again, forever; SIGBUS says what is wrong
             self.faults_stray += 1
-            self._wake(va)
+            if self.faults_stray == 1:
+                log.error("uffd: fault at %#x, outside the range %#x+%#x the VMM registered here: poisoned",
+                          va, self.base, self.size)
+            self._poison_or_wake(va)
             return
         off = self.offset + (va - self.base)
         if not any(True for _ in self.loader.layout.data_in(off, off + page)):
@@ -347,6 +355,25 @@ class MinorRegistration:
             self.gone = True
             return
         self.histogram.record(time.perf_counter_ns() - start_ns)
+
+    def _poison_or_wake(self, va: int) -> None:
+        try:
+            self.uffd.poison(va, self.page)
+        except _uffd.UffdError:
+            self._wake(va)
+
+    def _remap(self, old: int, new: int, length: int) -> None:
+        """mremap moved ``[old, old+length)`` to ``new`` (only a VMM that asked for
+        UFFD_FEATURE_EVENT_REMAP gets these): the whole range moves with it; a move of
+        part of it cannot be followed, so the range is no longer served."""
+        self.remap_events += 1
+        if old + length <= self.base or self.base + self.size <= old:
+            return
+        if old == self.base and length == self.size:
+            self.base = new
+            return
+        log.error("uffd: the VMM moved part of the range %#x+%#x: no longer serving it", self.base, self.size)
+        self.gone = True
 
     def _wake(self, va: int) -> None:
         try:
@@ -456,7 +483,10 @@ def register(session: Session, event: protocol.RegisterUffd, fd: int | None) -> 
         service.refused += 1
         if fd is not None:
             os.close(fd)
-        session.reply(protocol.ErrorReply(event.id, exc.code, exc.message))
+        if exc.code in (codes.BAD_MESSAGE, codes.OUT_OF_RANGE):  # the client's fault: counted as bad requests
+            session._error(event.id, exc.code, exc.message)
+        else:
+            session.reply(protocol.ErrorReply(event.id, exc.code, exc.message))
         return
     assert fd is not None and session.nursery is not None
     os.set_blocking(fd, False)
