@@ -256,7 +256,7 @@ def test_documented_examples() -> None:
         for i, line in enumerate(lines)
         if line.startswith('{"op"') or line.startswith('{"re"')
     ]
-    assert len(pairs) == 15  # 12, and working sets: prefetch with ws, mark, marked
+    assert len(pairs) == 17  # 12, working sets: prefetch with ws, mark, marked; uffd-register, uffd-registered
     server, client = ServerConnection(), ClientConnection()
     for message, data in pairs:
         assert packb(message) == data, message

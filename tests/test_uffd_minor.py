@@ -142,9 +142,10 @@ def test_register_request_frame():
 
 
 async def test_faults_and_background_load_are_byte_exact(tmp_path, image):
-    """vCPUs fault while the load runs (slowed down), then the whole memory is
+    """vCPUs fault while nothing else loads (no sweep: every data touch waits for its
+    read), then the rest is loaded (a prefetch of everything) and the whole memory is
     checked: data pages carry the image's bytes, holes read as zero."""
-    opts = options(tmp_path, image, wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.01))
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False))
     holes, data = holes_and_data(image)
     touches = [(0, off, PAGE) for off in range(0, SIZE, 61 * PAGE)]
     async with trio.open_nursery() as nursery:
@@ -154,7 +155,8 @@ async def test_faults_and_background_load_are_byte_exact(tmp_path, image):
             report = await trio.to_thread.run_sync(lambda: vmm.touch(touches, vcpus=3))
             assert report.touches == len(touches) and report.mismatches == [] and report.errors == []
             (reg,) = registrations(state)
-            assert reg.faults_waited > 0, "no touch had to wait for the loader: the load was too fast to test"
+            assert reg.faults_waited > 0 and not state.loader.done.is_set()
+            state.loader.prefetch(0, SIZE)
             await state.loader.done.wait()
             await wait_for(lambda: reg.pending.total == 0)
             assert await trio.to_thread.run_sync(vmm.verify_all) == []
@@ -191,11 +193,11 @@ async def test_loaded_pages_are_mapped_ahead_so_the_guest_stops_faulting(tmp_pat
 
 
 async def test_guest_writes_survive_the_rest_of_the_load(tmp_path, image):
-    """The guest writes pages (data and holes) while most of memory is not loaded
-    yet; after the whole load its bytes are still there, in guest memory and in the
+    """The guest writes pages (data and holes) while the rest of memory is not loaded
+    (no sweep: only what it touches loads); then everything is loaded (a prefetch of
+    it all, in small reads); its bytes are still there, in guest memory and in the
     memory file, and every other page is the image's."""
-    opts = options(tmp_path, image, config=LoaderConfig(read_size=16 << 10, sweep_read_size=16 << 10),
-                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.01))
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_size=16 << 10))
     holes, data = holes_and_data(image)
     targets = sorted({lo for lo, _ in data} | {hi - PAGE for lo, hi in data} | {lo for lo, _ in holes}
                      | {lo + PAGE for lo, hi in holes if hi - lo > PAGE})
@@ -213,6 +215,7 @@ async def test_guest_writes_survive_the_rest_of_the_load(tmp_path, image):
 
             await trio.to_thread.run_sync(write_all)
             assert not state.loader.done.is_set(), "the load ended before the writes: nothing was tested"
+            state.loader.prefetch(0, SIZE)
             await state.loader.done.wait()
             (reg,) = registrations(state)
             await wait_for(lambda: reg.pending.total == 0)
