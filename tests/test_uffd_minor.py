@@ -486,3 +486,42 @@ def test_loadgen_uffd_minor_replays_a_trace_in_zero_copy_mode(tmp_path, image):
     with DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "d2.log"), ["--background"]):
         r = cli(*args)
     assert r.returncode == 1 and "forbidden" in r.stderr and "--allow-writable-memory-fd" in r.stderr
+
+
+_STRAY_CHILD = """
+import ctypes, mmap, os, socket, sys
+from array import array
+import protocol
+from loader import Client, _uffd
+client = Client.connect(sys.argv[1], timeout=10)
+memfd = client.memory_fd(writable=True)
+m = mmap.mmap(memfd, 2 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+uffd = _uffd.userfaultfd()
+_uffd.api(uffd, _uffd.FEATURE_MINOR_SHMEM)
+_uffd.register(uffd, base, 2 << 20, _uffd.REGISTER_MODE_MISSING | _uffd.REGISTER_MODE_MINOR)
+event = protocol.RegisterUffd(100, base, 1 << 20, 0)  # only half of what is registered
+client.sock.sendmsg([client.conn.send(event)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [uffd]))])
+assert isinstance(client.reply(100), protocol.UffdRegistered)
+buf = ctypes.create_string_buffer(4096)
+ctypes.memmove(buf, base, 4096)
+print("inside ok", flush=True)
+ctypes.memmove(buf, base + (3 << 19), 4096)
+print("outside returned", flush=True)
+"""
+
+
+async def test_fault_outside_the_range_handed_over_gets_sigbus(tmp_path, dense):
+    """A VMM that registered more than it handed over: a fault in the rest is
+    poisoned (a wake would only fault again, forever)."""
+    opts = options(tmp_path, dense)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-c", _STRAY_CHILD, opts.socket_path], capture_output=True, text=True, timeout=30))
+        service = state.server.uffd_minor
+        assert service is not None
+        await wait_for(lambda: not service.registrations)
+        state.stop()
+    assert child.returncode == -signal.SIGBUS, child.stderr
+    assert child.stdout.split() == ["inside", "ok"]
