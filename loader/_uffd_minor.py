@@ -458,7 +458,7 @@ def check_request(session: Session, event: protocol.RegisterUffd, fd: int | None
     page = max(loader.page_size, mmap.PAGESIZE)
     if (event.address | event.length | event.offset) % page:
         raise RegistrationError(codes.BAD_MESSAGE, f"addr, len and off must be multiples of the page size {page}")
-    if event.offset + event.length > loader.memory_size:
+    if event.offset + event.length > (loader.memory_size + page - 1) & ~(page - 1):  # the last page may be partial
         raise RegistrationError(codes.OUT_OF_RANGE, f"range {event.offset:#x}+{event.length:#x} is outside "
                                 f"the memory (size {loader.memory_size:#x})")
     for r in mine:

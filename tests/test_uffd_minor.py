@@ -525,3 +525,24 @@ async def test_fault_outside_the_range_handed_over_gets_sigbus(tmp_path, dense):
         state.stop()
     assert child.returncode == -signal.SIGBUS, child.stderr
     assert child.stdout.split() == ["inside", "ok"]
+
+
+async def test_part_of_memory_at_an_offset(tmp_path, image):
+    """A mapping of memory [1 MiB, 2 MiB) only: its bytes are the image's there."""
+    opts = options(tmp_path, image)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = await trio.to_thread.run_sync(
+            lambda: ZeroCopyVmm(opts.socket_path, expected=image, offset=MiB, size=MiB))
+        try:
+            assert vmm.memory is not None and vmm.memory.size == MiB
+            (reg,) = registrations(state)
+            assert (reg.offset, reg.size) == (MiB, MiB)
+            assert await trio.to_thread.run_sync(vmm.verify_all) == []
+            with open(image, "rb") as f:
+                f.seek(MiB)
+                want = f.read(MiB)
+            assert await trio.to_thread.run_sync(lambda: vmm.read(MiB, MiB)) == want
+        finally:
+            await trio.to_thread.run_sync(vmm.close)
+        state.stop()
