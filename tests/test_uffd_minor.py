@@ -546,3 +546,10 @@ async def test_part_of_memory_at_an_offset(tmp_path, image):
         finally:
             await trio.to_thread.run_sync(vmm.close)
         state.stop()
+
+
+def test_demo_uffd_minor(tmp_path):
+    r = cli("demo", "--uffd-minor", "--size", "16M", "--clients", "2", "--waits", "30", "--workdir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 wrong touches, 0 wrong MiB after the load" in r.stdout and "0 bytes copied" in r.stdout
+    assert "daemon exit        0" in r.stdout
