@@ -286,7 +286,8 @@ def run_uffd_minor(args: argparse.Namespace) -> int:
     print("== summary")
     if report is not None:
         lat = sorted(report.fault_latencies_ns)
-        print(f"  touches            {report.touches} by {args.clients} vCPUs, {len(lat)} on pages not in the memory file yet")
+        print(f"  touches            {report.touches} by {args.clients} vCPUs, "
+              f"{len(lat)} on pages not in the memory file yet")
         print(f"  fault latency      p50 {_pct(lat, 50):.0f} us, p99 {_pct(lat, 99):.0f} us, "
               f"max {lat[-1] / 1000 if lat else 0:.0f} us (touch to return)")
         print(f"  guest blocked      {report.blocked_s:.3f} s in all")
