@@ -59,6 +59,8 @@ log = logging.getLogger("pageload.uffd")
 MAX_REGISTRATIONS = 16
 #: Largest background ``UFFDIO_CONTINUE`` (a fault waits for at most one).
 MAP_CHUNK = 2 << 20
+#: After a fault, the loaded pages of the aligned window around it are mapped too.
+FAULT_AROUND = 64 << 10
 #: Features the VMM's ``UFFDIO_API`` must have asked for.
 REQUIRED_FEATURES = _uffd.FEATURE_MINOR_SHMEM
 _GONE = (errno_mod.ESRCH, errno_mod.ENOENT)
@@ -237,7 +239,9 @@ class MinorRegistration:
                 return hi - lo
             if done == 0:
                 if exc.errno == errno_mod.EAGAIN:  # the VMM changes its mappings: later
+                    self.eagain += 1
                     self._map_queue.append((lo, hi))
+                    self._more.set()
                     return hi - lo
                 if exc.errno == errno_mod.EEXIST:
                     self.eexist += 1
@@ -313,6 +317,13 @@ class MinorRegistration:
                 self._wake(va)
         self.pending.remove(off, off + page)
         self.histogram.record(time.perf_counter_ns() - start_ns)
+        # the neighbours the loader read with it: mapped now rather than in load order
+        wlo = max(off & ~(FAULT_AROUND - 1), self.offset)
+        whi = min(wlo + FAULT_AROUND, self.offset + self.size)
+        for plo, phi in list(self.pending.overlapping(wlo, whi)):
+            a, b = max(plo, wlo), min(phi, whi)
+            while a < b and not self.gone:
+                a += self._continue_range(a, b)
 
     def _zero(self, va: int, start_ns: int) -> None:
         try:
