@@ -553,3 +553,20 @@ def test_demo_uffd_minor(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 wrong touches, 0 wrong MiB after the load" in r.stdout and "0 bytes copied" in r.stdout
     assert "daemon exit        0" in r.stdout
+
+
+def test_bench_run_zero_copy_structure(tmp_path):
+    """The measuring function runs both handlers on the same touches (fill, zero-copy,
+    zero-copy, fill), checks every byte (it raises on a wrong one) and reports ratios."""
+    from bench._uffd_minor import run_zero_copy
+
+    image = str(tmp_path / "dense.img")
+    make_sample_image(image, 8 * MiB, seed=2, dense=True)
+    result = run_zero_copy(image, str(tmp_path), touches=100, vcpus=2, window_s=0.05, log=lambda line: None)
+    assert result["order"] == ["fill", "zero-copy", "zero-copy", "fill"]
+    assert [len(result["runs"][m]) for m in ("fill", "zero-copy")] == [2, 2]
+    for run in result["runs"]["zero-copy"]:
+        assert run["touches"] == 100 and run["copied_bytes"] == 0
+        assert run["handler"]["faults_failed"] == 0 and run["no_more_faults_s"] is not None
+    assert set(result["ratios"]) == {"fault_p50", "blocked", "no_more_faults"}
+    assert result["ratios"]["blocked"] is not None
