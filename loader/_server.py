@@ -159,6 +159,7 @@ class Session:
         self._broken = False  # the socket failed: nothing more can be written
         self._closing = False  # read no more requests (fatal error, too many errors, shutdown)
         self._closed = False
+        self._other_requests = False  # a request other than a wait was handled since the last checkpoint
         self._on_loaded: Callable[[WaitHandle], None] = self._loaded  # one bound method, reused
         self.fds: deque[int] = deque()  # descriptors received (SCM_RIGHTS), oldest first
         self.uffd_registrations: list[_uffd_minor.MinorRegistration] = []
@@ -418,9 +419,13 @@ class Session:
                     return
             finally:
                 batch.close()  # this receive's replies, in one sendmsg
-            if unblocked >= _RECEIVES_PER_CHECKPOINT:
+            if unblocked >= _RECEIVES_PER_CHECKPOINT or self._other_requests:
+                # a client that keeps sending must not starve the others; and a request
+                # other than a wait may have started tasks (uffd-register): they run
+                # (to their first wait) before this connection can close
                 unblocked = 0
-                await trio.lowlevel.checkpoint()  # a client that keeps sending must not starve the others
+                self._other_requests = False
+                await trio.lowlevel.checkpoint()
 
     def _handle_received(self, limit: int) -> bool:
         """Serve every request of the received bytes; False once the connection is done.
@@ -448,6 +453,7 @@ class Session:
                 return True
             if event is protocol.CLOSED:
                 return False
+            self._other_requests = True
             self.handle(event)
         return True
 
