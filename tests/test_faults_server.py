@@ -591,6 +591,8 @@ def test_a_half_closed_client_gets_its_answers_and_the_error_for_a_cut_frame(dae
     """Requests, then a cut frame, then SHUT_WR: every request is answered, the cut
     frame gets its ``truncated`` error, then the daemon hangs up."""
     wait = msgpack.packb({"op": "wait", "id": 5, "off": 0, "len": PAGE})
+    with Client.connect(daemon.socket_path, deadline=time.monotonic() + DEADLINE_S) as client:
+        client.wait(0, SIZE)  # all loaded: the wait is answered at once (a blocked one is dropped at hang-up)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(daemon.socket_path)
         s.sendall(HELLO + STATS + wait + STATS[:-3])
