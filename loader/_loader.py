@@ -347,6 +347,7 @@ class Loader:
         self._nursery: trio.Nursery | None = None
         self._tail_failed_at: int | None = None
         self._last_wait_ns = 0  # when a wait last blocked or finished
+        self._last_fault_ns = 0  # when a wait last needed bytes (blocked, or read at once)
         self._linger_ns = int(self.config.busy_linger_s * 1e9)
         self._busy = True  # as the queue starts: background reads yield until the first round
         # waits up to this many bytes may be read at once by the waiting task (_read_now)
@@ -397,11 +398,12 @@ class Loader:
         if self._closing:
             counters.waits_failed += 1
             raise LoadError(codes.SHUTTING_DOWN, "the loader is shutting down")
-        now = self._last_wait_ns = time.perf_counter_ns()
+        now = self._last_fault_ns = time.perf_counter_ns()
         if not self._busy and not (self._order_full is not None and self._order_full()):
-            self._set_busy(True)  # clients fault from now: background reads yield at once
+            self._set_busy(True)  # clients fault from now: background reads yield the CPU at once
         if need <= self._read_now_limit and self._read_now(lo, hi, need, now):
-            return None
+            return None  # no I/O to queue behind: the sweep keeps its width
+        self._last_wait_ns = now
         read_lo, read_hi = self._read_span(lo, hi)
         handle = WaitHandle(lo, hi, need, callback, now, context, read_lo, read_hi)
         counters.bytes_waited += need
@@ -445,7 +447,6 @@ class Loader:
         if not self._waiters:
             counters.blocked_ns += elapsed
         self.histogram.record(elapsed)
-        self._last_wait_ns = end  # busy mode: the sweep narrows from its next round
         if self.done.is_set():
             self._poke()  # the driver may be parked with nothing left to do
         return True
@@ -629,14 +630,14 @@ class Loader:
             return
         cfg = self.config
         room = self._room
-        if (self._waiters or time.perf_counter_ns() - self._last_wait_ns < self._linger_ns) and not (
-            self._order_full is not None and self._order_full()  # working-set replay keeps its width
-        ):
-            background_cap = cfg.busy_background_reads or 1
-            self._set_busy(True)
+        now = time.perf_counter_ns()
+        full = self._order_full is not None and self._order_full()  # working-set replay keeps its width
+        if (self._waiters or now - self._last_wait_ns < self._linger_ns) and not full:
+            background_cap = cfg.busy_background_reads or 1  # a blocked wait: fewer reads ahead of it
         else:
             background_cap = cfg.background_reads
-            self._set_busy(False)
+        # any fault, also one read at once: the background reads yield the CPU
+        self._set_busy(not full and (bool(self._waiters) or now - self._last_fault_ns < self._linger_ns))
         # 0. halves of failed reads, being narrowed down: a waiter's at once,
         #    background ones within the background share
         resubmit = self._resubmit

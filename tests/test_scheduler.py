@@ -507,3 +507,36 @@ async def test_background_reads_yield_the_cpu_exactly_while_clients_fault(image)
         nursery.cancel_scope.cancel()
     await loader.aclose()
     mem.close()
+
+
+@pytest.mark.parametrize("read_now", [True, False])
+async def test_a_fault_read_at_once_yields_the_cpu_but_keeps_the_sweeps_width(image, read_now):
+    """A blocked wait narrows the sweep to busy_background_reads (reads it would queue
+    behind); a wait read at once queues behind nothing: the sweep keeps its width, and
+    only the CPU is yielded (background_yields(True))."""
+    from aio._base import read_nowait
+    from aio._sync import SyncQueue
+
+    class Recording(SyncQueue):
+        def __init__(self, capacity: int) -> None:
+            super().__init__(capacity)
+            self.hints: list[bool] = []
+
+        def background_yields(self, yields: bool) -> None:
+            self.hints.append(yields)
+
+        def read_now(self, fd, buffer, offset):
+            return read_nowait(fd, buffer, offset) if read_now else -1
+
+    os.pread(image.fd, 16 * MiB, 0)  # cached, for read_now
+    queue = Recording(16)
+    loader, mem = make_loader(image, queue, background_reads=4, busy_background_reads=1, busy_linger_s=3600.0)
+    loader._set_busy(False)  # as after a round with nobody waiting
+    handle = loader.submit_wait(12 * MiB + PAGE, PAGE, lambda h: None)
+    assert (handle is None) == read_now
+    loader._schedule()  # one round, no I/O runs (the sync queue reads only in wait)
+    stats = loader.statistics()
+    assert stats.background_reads_in_flight == (4 if read_now else 1)
+    assert queue.hints == [False, True]
+    await loader.aclose()
+    mem.close()
