@@ -27,6 +27,10 @@ COMMANDS = {
     "demo": "cli._demo",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
+#: commands whose usage errors are one line on stderr and exit code 2, not the usage
+#: block: ``restore`` (a daemon's start-up failure is one line) and ``checkpoint``
+#: (whose bad input is one line already)
+ONE_LINE_USAGE_ERRORS = frozenset({"restore", "checkpoint"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     names = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
     for name in names:
         importlib.import_module(name).register(sub)
-    if command == "restore":  # a daemon's start-up failure is one line, unknown flags included
+    if command in ONE_LINE_USAGE_ERRORS:  # unknown flags are the top parser's to report
         one_line_errors(parser)
     return parser
 
