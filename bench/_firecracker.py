@@ -121,16 +121,23 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self._path)
+        except BaseException:
+            s.close()
+            raise
         self.sock = s
 
 
-def _api(sock: str, method: str, path: str, body: dict[str, Any]) -> None:
+def _api(sock: str, method: str, path: str, body: dict[str, Any] | None = None) -> None:
     """One call to Firecracker's API (HTTP over its Unix socket); BenchError unless 2xx."""
     conn = _UnixHTTPConnection(sock, API_TIMEOUT_S)
     try:
-        conn.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
+        if body is None:
+            conn.request(method, path)
+        else:
+            conn.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         text = resp.read().decode(errors="replace")
     except OSError as exc:
@@ -215,11 +222,16 @@ class _Firecracker:
         assert self.proc.stdout is not None
         self.reader = threading.Thread(target=self.serial.read_from, args=(self.proc.stdout.fileno(),), daemon=True)
         self.reader.start()
+        # the socket file appears at bind(), before listen(): wait for an answer, not the file
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.api):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise BenchError(f"Firecracker did not open its API socket: {self.output_tail()}")
+        while True:
+            try:
+                _api(self.api, "GET", "/")
+                break
+            except BenchError as exc:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise BenchError(f"Firecracker's API did not answer ({exc}): {self.output_tail()}") from None
             time.sleep(0.005)
 
     def output_tail(self) -> str:
@@ -395,7 +407,8 @@ def run_firecracker_section(workdir: str, *, repeat: int = 3, ok_ticks: int = 3,
             log(f"  {mode} #{i + 1}: load API {r['load_api_s'] * 1e3:.1f} ms, first tick "
                 + ("-" if r["first_tick_s"] is None else f"{r['first_tick_s'] * 1e3:.1f} ms")
                 + f", {ok_ticks} ok ticks " + ("-" if r["ok_ticks_s"] is None else f"{r['ok_ticks_s']:.3f} s")
-                + ("" if r["passed"] else f"; FAILED: {', '.join(k for k, v in r['checks'].items() if not v)}")
+                + ("" if r["passed"] else f"; FAILED: {', '.join(k for k, v in r['checks'].items() if not v)}"
+                   + (f" ({r['load_error']})" if r["load_error"] else ""))
                 + f"; {r['summary'] or 'no daemon summary'}")
     designs = {
         mode: {

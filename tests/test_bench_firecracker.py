@@ -69,7 +69,7 @@ def test_firecracker_section_end_to_end(firecracker_ready: None, tmp_path: Path)
     assert set(section["designs"]) == set(MODES)
     for mode, d in section["designs"].items():
         (run,) = d["runs"]
-        assert run["passed"] and all(run["checks"].values()), (mode, run)
+        assert run["passed"] and all(run["checks"].values()), (mode, run["checks"], run["load_error"], run["summary"])
         assert d["passed"] and d["load_api_s"] == run["load_api_s"]
         # the order of events: the load call started at 0, the first tick after it,
         # the Nth ok tick no earlier than the first tick; the counter went on
