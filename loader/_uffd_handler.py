@@ -209,6 +209,8 @@ class UffdHandler:
         self._merge_scheduled = False
         # the fault thread's own
         self.removed = RangeSet()  #: memory offsets removed/unmapped by the VMM
+        #: what faults put into guest memory (direct fill: skipped, not copied again)
+        self.installed = RangeSet()
         self._retry: list[tuple[int, int]] = []  # (address, start_ns) that hit EAGAIN
         self._deferred: list[tuple[int, int]] = []  # eager mode: faults held until memory is filled
         self._zero_huge: mmap.mmap | None = None
@@ -235,12 +237,20 @@ class UffdHandler:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._copied = 0  # bytes done by the last _copy that returned EAGAIN or EFAULT
         self._direct_map: mmap.mmap | None = None
         self._direct_base = 0
         self._direct_size = 0
         self._direct_identity = False
         self.direct_off_reason = self._open_direct()
         self._covered = RangeSet((r.offset, r.offset + r.size) for r in regions)
+        #: the fill copies from the source (one copy, from the page cache) instead of
+        #: from the memory file after the loader: set when direct copies are on
+        self.direct_fill = (self._direct_map is not None and self.config.fill and not self.config.eager
+                            and (self._direct_identity or all(r.page_size == loader.page_size for r in regions)))
+        self._skipped = 0  #: pages the direct fill could not read (left to faults)
+        if self.direct_fill:
+            self._seed_direct_fill()
         self._seed_pending()
         loader.add_loaded_listener(self._on_loaded)
 
@@ -271,6 +281,21 @@ class UffdHandler:
         self._direct_identity = all(f == mo for f, mo in zip(layout.file, layout.mem))
         return None
 
+    def _seed_direct_fill(self) -> None:
+        """The direct fill's queue: the data of every region, in memory order (whole
+        huge pages of a raw image, whose holes read as zeros)."""
+        queue = self._fill_queue
+        layout = self.loader.layout
+        for r in sorted(self.regions, key=lambda r: r.offset):
+            for a, b in layout.data_in(r.offset, r.offset + r.size):
+                if r.page_size > layout.page_size:
+                    a &= ~(r.page_size - 1)
+                    b = (b + r.page_size - 1) & ~(r.page_size - 1)
+                if queue and self._direct_identity and a <= queue[-1][1]:
+                    queue[-1][1] = max(queue[-1][1], b)
+                else:
+                    queue.append([a, b])
+
     def _seed_pending(self) -> None:
         loaded = RangeSet()
         for r in self.loader.layout:
@@ -288,7 +313,7 @@ class UffdHandler:
             for clo, chi in self._covered.overlapping(lo, hi):
                 self.pending.add(max(lo, clo), min(hi, chi))
                 added = True
-            if added and (self.config.fill or self.config.eager):
+            if added and (self.config.fill or self.config.eager) and not self.direct_fill:
                 self._fill_queue.append([lo, hi])
         if added and self._thread is not None:
             self._wake()
@@ -613,6 +638,8 @@ class UffdHandler:
                 return
             if status != errno_mod.EFAULT:
                 self.counts.direct += 1
+                if self.direct_fill:
+                    self.installed.add(off, off + page)
                 if status == errno_mod.EEXIST:
                     self.counts.spurious += 1
                     self._wake_range(va, page)
@@ -689,6 +716,8 @@ class UffdHandler:
         self._record(start_ns)
         with self._lock:
             self.pending.remove(off, off + page)
+        if self.direct_fill:
+            self.installed.add(off, off + page)
         if loader_wait:
             self._for_trio(off, off + page, None)
         window = max(self.config.fault_around, page)
@@ -764,7 +793,10 @@ class UffdHandler:
         """UFFDIO_COPY ``length`` bytes (whole pages of ``r``) from address ``src`` to
         ``va``.  Returns 0, or EEXIST if some page was already there (the rest is
         copied), EAGAIN (the mapping is changing: retry after reading the events) or
-        EFAULT (the source could not be read; nothing more copied)."""
+        EFAULT (the source could not be read; nothing more copied).  The kernel reports
+        a copy that stopped early (at a page already there) as EAGAIN with the bytes
+        done: that is progress, not a changing mapping.  After EAGAIN or EFAULT,
+        ``_copied`` holds the bytes done."""
         page = r.page_size
         done = 0
         status = 0
@@ -784,10 +816,14 @@ class UffdHandler:
                     status = errno_mod.EEXIST
                     done += page
                 elif exc.errno == errno_mod.EAGAIN:
+                    if exc.done:  # a partial copy (it stopped at a page already there): go on
+                        continue
                     c.eagain += 1
+                    self._copied = done
                     return errno_mod.EAGAIN
                 elif exc.errno == errno_mod.EFAULT:
                     c.efault += 1
+                    self._copied = done
                     return errno_mod.EFAULT
                 elif self._gone_error(exc):
                     return 0
@@ -815,11 +851,16 @@ class UffdHandler:
             page = r.page_size
             a &= ~(page - 1)
             b = (b + page - 1) & ~(page - 1)
-            for plo, phi in self._take(a, b, page):
+            pieces = self._take(a, b, page)
+            for k, (plo, phi) in enumerate(pieces):
                 status = self._copy(r, r.base + (plo - r.offset), self._src + plo, phi - plo)
+                if self.direct_fill:
+                    self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + self._copied)
                 if status == errno_mod.EAGAIN:
-                    with self._lock:
-                        self.pending.add(plo, phi)
+                    with self._lock:  # what is left of this piece, and the pieces after it
+                        self.pending.add(plo + self._copied, phi)
+                        for qlo, qhi in pieces[k + 1:]:
+                            self.pending.add(qlo, qhi)
                     return False
         return True
 
@@ -864,6 +905,9 @@ class UffdHandler:
     def _fill_step(self) -> None:
         """One background copy of at most ``fill_chunk`` bytes, at the fill queue's head."""
         chunk = self.config.fill_chunk
+        if self.direct_fill:
+            self._direct_fill_step(chunk)
+            return
         with self._lock:
             queue = self._fill_queue
             while queue:
@@ -882,12 +926,75 @@ class UffdHandler:
             with self._lock:  # EAGAIN: the events are read first, then this again
                 self._fill_queue.appendleft([a, b])
 
-    def _check_filled(self) -> None:
-        if self._filled or not self._load_done or not (self.config.fill or self.config.eager):
-            return
+    def _direct_fill_step(self, chunk: int) -> None:
+        """The direct fill: copy the next piece of the queue from the source, skipping
+        removed ranges (read by this thread, so never copied into after removal) and
+        pages already there (EEXIST)."""
         with self._lock:
-            if self._fill_queue or self.pending:
+            if not self._fill_queue:
                 return
+            entry = self._fill_queue[0]
+            a, b = entry[0], min(entry[1], entry[0] + chunk)
+            r = self._region_at(a)
+            if r is not None:
+                b = min(b, r.offset + r.size)
+            entry[0] = b
+            if entry[0] >= entry[1]:
+                self._fill_queue.popleft()
+        if r is None:
+            return
+        pieces = [(a, b)]
+        if self.removed.overlap_bytes(a, b) or self.installed.overlap_bytes(a, b):
+            skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
+            pieces = []
+            at = a
+            for rlo, rhi in skip:
+                if rlo > at:
+                    pieces.append((at, rlo))
+                at = max(at, rhi)
+            if at < b:
+                pieces.append((at, b))
+            self.installed.remove(a, b)  # the fill is past it: forget it
+        page = r.page_size
+        for k, (plo, phi) in enumerate(pieces):
+            if r.page_size > self.loader.page_size and (plo % page or phi % page):
+                continue  # part of a huge page was removed: it is never copied again
+            src = self._direct_address(plo, phi - plo)
+            if src is None:  # cannot happen for queued data; leave it to faults
+                self._skipped += 1
+                continue
+            status = self._copy(r, r.base + (plo - r.offset), src, phi - plo)
+            if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
+                rest = plo + self._copied
+                if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
+                    self._skipped += 1
+                    rest += page
+                with self._lock:  # the rest of this piece and the ones after it, first
+                    later = [[qlo, qhi] for qlo, qhi in pieces[k + 1:]]
+                    if rest < phi:
+                        later.insert(0, [rest, phi])
+                    self._fill_queue.extendleft(reversed(later))
+                return
+
+    def _region_at(self, offset: int) -> Region | None:
+        for r in self.regions:
+            if r.offset <= offset < r.offset + r.size:
+                return r
+        return None
+
+    def _check_filled(self) -> None:
+        if self._filled or not (self.config.fill or self.config.eager):
+            return
+        if self.direct_fill:
+            with self._lock:
+                if self._fill_queue or self._skipped:
+                    return
+        else:
+            if not self._load_done:
+                return
+            with self._lock:
+                if self._fill_queue or self.pending:
+                    return
         self._filled = True
         self.filled_ns = time.perf_counter_ns()
         log.info("uffd: guest memory filled in %.3f s", (self.filled_ns - self.started_ns) / 1e9)
