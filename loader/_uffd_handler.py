@@ -518,12 +518,21 @@ class UffdHandler:
                     timeout = 1
                 else:
                     timeout = -1
-                poller.poll(timeout)  # the GIL is released here
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
-                self._read_ready()
+                # the GIL is released while blocked here; each syscall after it takes the GIL
+                # again, which can wait for another thread's switch interval: so only the
+                # descriptors poll reported are read
+                ready = poller.poll(timeout)
+                uffd_ready = False
+                for fd, _ in ready:
+                    if fd == self._wake_fd:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        uffd_ready = True
+                if uffd_ready:
+                    self._read_ready()
                 if self._retry:
                     retry, self._retry = self._retry, []
                     for address, start in retry:
@@ -556,6 +565,7 @@ class UffdHandler:
                 return
             if not messages:
                 return
+            full = len(messages) == self.uffd.capacity  # more may be queued behind them
             for m in messages:
                 if m.event in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
                     if m.event == _uffd.EVENT_REMOVE:
@@ -573,6 +583,8 @@ class UffdHandler:
                     self._remap(m.a, m.b, m.c)
                 elif m.event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
                     log.warning("uffd: ignoring event %#x", m.event)
+            if not full:
+                return
 
     def _remove(self, start: int, end: int) -> None:
         """The VMM dropped ``[start, end)`` (balloon, MADV_DONTNEED, munmap): never copy
