@@ -136,6 +136,9 @@ class UffdConfig:
     #: after a direct copy, ask the loader to load this aligned window around the page
     #: soon (0: no hint)
     hint_around: int = 256 << 10
+    #: the fill thread's nice value (Linux: per thread): the vCPUs and the fault thread
+    #: get the CPU first
+    fill_nice: int = 10
     #: the interpreter's switch interval while a VMM is served (None: leave it): how
     #: long the fault thread may wait for the GIL after the kernel wakes it
     switch_interval_s: float | None = 0.0005
@@ -215,7 +218,17 @@ class UffdHandler:
         self._deferred: list[tuple[int, int]] = []  # eager mode: faults held until memory is filled
         self._zero_huge: mmap.mmap | None = None
         self._zero_src = 0
-        self.counts = _Counters()
+        self.counts = _Counters()  #: the fault thread's
+        self.fill_counts = _Counters()  #: the fill thread's (copies only)
+        self._local = threading.local()  # per thread: counts, copied
+        #: held by the fill thread around each copy and by the fault thread around
+        #: reading the userfaultfd and recording removals: the kernel zaps a removed
+        #: range as soon as its event is read, so no fill copy may run between the
+        #: read and the recording (docs/UFFD.md "Events")
+        self._copy_lock = threading.Lock()
+        self._want_read = False  # the fault thread waits for _copy_lock: the fill lets it in
+        self._fill_kick = threading.Event()
+        self._fill_thread: threading.Thread | None = None
         self.histogram = LatencyHistogram()  # recorded under _lock
         # the trio thread's own
         self.faults_waited = 0  #: faults that waited for the loader
@@ -237,7 +250,6 @@ class UffdHandler:
         self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._copied = 0  # bytes done by the last _copy that returned EAGAIN or EFAULT
         self._direct_map: mmap.mmap | None = None
         self._direct_base = 0
         self._direct_size = 0
@@ -340,7 +352,7 @@ class UffdHandler:
         return self.counts.failed
 
     def statistics(self) -> dict[str, Any]:
-        c = self.counts
+        c, f = self.counts, self.fill_counts
         with self._lock:
             histogram = self.histogram.as_dict()
             pending = self.pending.total
@@ -356,11 +368,11 @@ class UffdHandler:
             "faults_outstanding": self.outstanding,
             "fault_blocked_s": c.blocked_ns / 1e9,
             "direct": self.direct_off_reason or "on",
-            "copied_bytes": c.copied_bytes,
-            "copies": c.copies,
-            "eexist": c.eexist,
-            "eagain": c.eagain,
-            "efault": c.efault,
+            "copied_bytes": c.copied_bytes + f.copied_bytes,
+            "copies": c.copies + f.copies,
+            "eexist": c.eexist + f.eexist,
+            "eagain": c.eagain + f.eagain,
+            "efault": c.efault + f.efault,
             "events": {"remove": c.remove, "unmap": c.unmap, "remap": c.remap},
             "removed_bytes": self.removed.total,
             "pending_bytes": pending,
@@ -376,7 +388,8 @@ class UffdHandler:
             p50, p99, top = h.percentile_us(50), h.percentile_us(99), h.max_ns / 1000
         return (f"uffd: {c.faults} faults ({c.loaded} immediate, {c.direct} direct, {self.faults_waited} waited, "
                 f"{c.zero} zero, {c.failed} failed), p50 {p50:.0f} us p99 {p99:.0f} us max {top:.0f} us; "
-                f"copied {c.copied_bytes >> 20} MiB in {c.copies} UFFDIO_COPY"
+                f"copied {(c.copied_bytes + self.fill_counts.copied_bytes) >> 20} MiB in "
+                f"{c.copies + self.fill_counts.copies} UFFDIO_COPY"
                 + (f"; guest filled in {(self.filled_ns - self.started_ns) / 1e9:.3f} s"
                    if self.filled_ns else "; not filled"))
 
@@ -389,7 +402,9 @@ class UffdHandler:
         interval = sys.getswitchinterval()
         if self.config.switch_interval_s is not None:
             sys.setswitchinterval(self.config.switch_interval_s)
+        self._fill_thread = threading.Thread(target=self._fill_main, name="pageload-uffd-fill", daemon=True)
         self._thread.start()
+        self._fill_thread.start()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_load)
@@ -399,11 +414,12 @@ class UffdHandler:
             self._stop = True
             self._wake()
             with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._fill_thread.join, 2.0)
                 await trio.to_thread.run_sync(self._thread.join, 2.0)
             self.gone = True
             sys.setswitchinterval(interval)
             os.close(self._wake_fd)
-            if self._direct_map is not None and not self._thread.is_alive():
+            if self._direct_map is not None and not self._thread.is_alive() and not self._fill_thread.is_alive():
                 self._direct_map.close()
 
     async def _watch_load(self) -> None:
@@ -412,6 +428,7 @@ class UffdHandler:
         self._wake()
 
     def _wake(self) -> None:
+        self._fill_kick.set()
         try:
             os.eventfd_write(self._wake_fd, 1)
         except OSError:
@@ -507,14 +524,14 @@ class UffdHandler:
 
     # ------------------------------------------------------------ the fault thread
     def _main(self) -> None:
+        self._local.counts = self.counts
+        self._local.copied = 0
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
         try:
             while not self.gone:
-                if self._fill_ready():
-                    timeout = 0
-                elif self._retry:
+                if self._retry:
                     timeout = 1
                 else:
                     timeout = -1
@@ -541,38 +558,69 @@ class UffdHandler:
                 if self._want_sync:
                     self._want_sync = False
                     self._call_trio(self._set_synced)
+                if self._filled and self._deferred:  # eager mode: the held faults, now that all is in
+                    deferred, self._deferred = self._deferred, []
+                    for address, start in deferred:
+                        self._fault(address, start)
                 if self._stop:
                     break
-                if self._fill_ready():
-                    self._fill_step()
-                self._check_filled()
         except Exception:
             log.exception("uffd: the fault thread failed")
             self.gone = True
         finally:
+            self._fill_kick.set()
             self._call_trio(self._finished.set)
+
+    def _fill_main(self) -> None:
+        """The fill thread: background copies, one ``fill_chunk`` at a time, each under
+        ``_copy_lock``; it lets the fault thread in between copies."""
+        self._local.counts = self.fill_counts
+        self._local.copied = 0
+        if self.config.fill_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.fill_nice)
+            except OSError:
+                pass
+        try:
+            while not self.gone and not self._stop:
+                self._fill_kick.clear()
+                if not self._fill_ready():
+                    self._check_filled()
+                    self._fill_kick.wait(0.1)
+                    continue
+                while self._want_read and not self._stop:
+                    time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
+                with self._copy_lock:
+                    self._fill_step()
+        except Exception:
+            log.exception("uffd: the fill thread failed")
+            self.gone = True
+            self._wake()
 
     def _read_ready(self) -> None:
         """Handle every message queued now (non-blocking).  Removals come first, so a
         fault read in the same batch never copies into a range being removed."""
         while not self.gone:
-            try:
-                messages = self.uffd.read_messages()
-            except OSError as exc:
-                if exc.errno not in (errno_mod.EBADF,):
-                    log.warning("uffd: reading events: %s", exc)
-                self.gone = True
-                return
+            self._want_read = True
+            with self._copy_lock:
+                self._want_read = False
+                try:
+                    messages = self.uffd.read_messages()
+                except OSError as exc:
+                    if exc.errno not in (errno_mod.EBADF,):
+                        log.warning("uffd: reading events: %s", exc)
+                    self.gone = True
+                    return
+                for m in messages:
+                    if m.event in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
+                        if m.event == _uffd.EVENT_REMOVE:
+                            self.counts.remove += 1
+                        else:
+                            self.counts.unmap += 1
+                        self._remove(m.a, m.b)
             if not messages:
                 return
             full = len(messages) == self.uffd.capacity  # more may be queued behind them
-            for m in messages:
-                if m.event in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
-                    if m.event == _uffd.EVENT_REMOVE:
-                        self.counts.remove += 1
-                    else:
-                        self.counts.unmap += 1
-                    self._remove(m.a, m.b)
             now = time.perf_counter_ns()
             for m in messages:
                 if m.event == _uffd.EVENT_PAGEFAULT:
@@ -651,7 +699,8 @@ class UffdHandler:
             if status != errno_mod.EFAULT:
                 self.counts.direct += 1
                 if self.direct_fill:
-                    self.installed.add(off, off + page)
+                    with self._lock:
+                        self.installed.add(off, off + page)
                 if status == errno_mod.EEXIST:
                     self.counts.spurious += 1
                     self._wake_range(va, page)
@@ -729,7 +778,8 @@ class UffdHandler:
         with self._lock:
             self.pending.remove(off, off + page)
         if self.direct_fill:
-            self.installed.add(off, off + page)
+            with self._lock:
+                self.installed.add(off, off + page)
         if loader_wait:
             self._for_trio(off, off + page, None)
         window = max(self.config.fault_around, page)
@@ -808,11 +858,11 @@ class UffdHandler:
         EFAULT (the source could not be read; nothing more copied).  The kernel reports
         a copy that stopped early (at a page already there) as EAGAIN with the bytes
         done: that is progress, not a changing mapping.  After EAGAIN or EFAULT,
-        ``_copied`` holds the bytes done."""
+        ``_local.copied`` holds the bytes done (per thread)."""
         page = r.page_size
         done = 0
         status = 0
-        c = self.counts
+        c = self._local.counts
         while done < length and not self.gone:
             try:
                 n = self.uffd.copy(va + done, src + done, length - done)
@@ -831,11 +881,11 @@ class UffdHandler:
                     if exc.done:  # a partial copy (it stopped at a page already there): go on
                         continue
                     c.eagain += 1
-                    self._copied = done
+                    self._local.copied = done
                     return errno_mod.EAGAIN
                 elif exc.errno == errno_mod.EFAULT:
                     c.efault += 1
-                    self._copied = done
+                    self._local.copied = done
                     return errno_mod.EFAULT
                 elif self._gone_error(exc):
                     return 0
@@ -867,10 +917,11 @@ class UffdHandler:
             for k, (plo, phi) in enumerate(pieces):
                 status = self._copy(r, r.base + (plo - r.offset), self._src + plo, phi - plo)
                 if self.direct_fill:
-                    self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + self._copied)
+                    with self._lock:
+                        self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + self._local.copied)
                 if status == errno_mod.EAGAIN:
                     with self._lock:  # what is left of this piece, and the pieces after it
-                        self.pending.add(plo + self._copied, phi)
+                        self.pending.add(plo + self._local.copied, phi)
                         for qlo, qhi in pieces[k + 1:]:
                             self.pending.add(qlo, qhi)
                     return False
@@ -956,8 +1007,10 @@ class UffdHandler:
         if r is None:
             return
         pieces = [(a, b)]
-        if self.removed.overlap_bytes(a, b) or self.installed.overlap_bytes(a, b):
+        with self._lock:
             skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
+            self.installed.remove(a, b)  # the fill is past it: forget it
+        if skip:
             pieces = []
             at = a
             for rlo, rhi in skip:
@@ -966,7 +1019,6 @@ class UffdHandler:
                 at = max(at, rhi)
             if at < b:
                 pieces.append((at, b))
-            self.installed.remove(a, b)  # the fill is past it: forget it
         page = r.page_size
         for k, (plo, phi) in enumerate(pieces):
             if r.page_size > self.loader.page_size and (plo % page or phi % page):
@@ -977,7 +1029,7 @@ class UffdHandler:
                 continue
             status = self._copy(r, r.base + (plo - r.offset), src, phi - plo)
             if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
-                rest = plo + self._copied
+                rest = plo + self._local.copied
                 if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
                     self._skipped += 1
                     rest += page
@@ -1011,10 +1063,10 @@ class UffdHandler:
         self.filled_ns = time.perf_counter_ns()
         log.info("uffd: guest memory filled in %.3f s", (self.filled_ns - self.started_ns) / 1e9)
         self._call_trio(self.filled.set)
-        if self._deferred:  # eager mode: the held faults, now that everything is in
-            deferred, self._deferred = self._deferred, []
-            for address, start in deferred:
-                self._fault(address, start)
+        try:  # the fault thread answers the faults held in eager mode
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
 
 
 def _has_data(loader: Loader, lo: int, hi: int) -> bool:
