@@ -136,9 +136,10 @@ class UffdConfig:
     #: after a direct copy, ask the loader to load this aligned window around the page
     #: soon (0: no hint)
     hint_around: int = 256 << 10
-    #: the fill thread's nice value (Linux: per thread): the vCPUs and the fault thread
-    #: get the CPU first
-    fill_nice: int = 10
+    #: the fill thread's nice value (Linux: per thread; 0: as the daemon)
+    fill_nice: int = 0
+    #: hold the loader's sweep while the fill copies from the source (direct fill)
+    hold_sweep: bool = True
     #: the interpreter's switch interval while a VMM is served (None: leave it): how
     #: long the fault thread may wait for the GIL after the kernel wakes it
     switch_interval_s: float | None = 0.0005
@@ -404,6 +405,8 @@ class UffdHandler:
             sys.setswitchinterval(self.config.switch_interval_s)
         self._fill_thread = threading.Thread(target=self._fill_main, name="pageload-uffd-fill", daemon=True)
         self._thread.start()
+        if self.direct_fill and self.config.hold_sweep and not self.loader.done.is_set():
+            self.loader.hold_sweep(True)
         self._fill_thread.start()
         try:
             async with trio.open_nursery() as nursery:
@@ -418,6 +421,8 @@ class UffdHandler:
                 await trio.to_thread.run_sync(self._thread.join, 2.0)
             self.gone = True
             sys.setswitchinterval(interval)
+            if self.loader.sweep_held:
+                self.loader.hold_sweep(False)
             os.close(self._wake_fd)
             if self._direct_map is not None and not self._thread.is_alive() and not self._fill_thread.is_alive():
                 self._direct_map.close()
@@ -1063,6 +1068,8 @@ class UffdHandler:
         self.filled_ns = time.perf_counter_ns()
         log.info("uffd: guest memory filled in %.3f s", (self.filled_ns - self.started_ns) / 1e9)
         self._call_trio(self.filled.set)
+        if self.loader.sweep_held:
+            self._call_trio(self.loader.hold_sweep, False)
         try:  # the fault thread answers the faults held in eager mode
             os.eventfd_write(self._wake_fd, 1)
         except OSError:

@@ -102,6 +102,14 @@ async def test_background_fill_ends_faults(tmp_path, images):
             assert bad == []
             assert u.faults - u.faults_zero == data_faults  # no data page faulted any more
             assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
+            # the raw image was filled straight from the source, with the loader's sweep
+            # held meanwhile; the sweep goes on afterwards and loads the memory file
+            assert u.direct_fill
+            await state.loader.done.wait()
+            assert not state.loader.sweep_held
+            s = u.statistics()
+            assert s["copied_bytes"] >= state.loader.layout.data_bytes  # both threads' copies, merged
+            assert s["copies"] == u.counts.copies + u.fill_counts.copies > u.counts.copies
         finally:
             vmm.close()
         with trio.fail_after(10):
@@ -254,10 +262,13 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     assert u.counts.efault >= 1 and u.faults_direct == 0 and u.faults_failed == 1
 
 
-async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images):
-    """The VMM removes ranges while the fill copies (slowed reads keep it going): once
-    memory is filled, every removed range still reads as zeros, the rest as the image."""
-    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.002))
+@pytest.mark.parametrize("config", [UffdConfig(direct=False), UffdConfig(fill_chunk=PAGE)],
+                         ids=["fill-after-loader", "direct-fill"])
+async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images, config):
+    """The VMM removes ranges while the fill copies (kept going by slowed reads, or by
+    page-sized direct copies): once memory is filled, every removed range still reads
+    as zeros, the rest as the image."""
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.002), uffd_config=config)
     holes = [(o, 64 * 1024) for o in range(1 * MiB, SIZE, 3 * MiB + 64 * 1024)]
 
     async with trio.open_nursery() as nursery:
