@@ -134,7 +134,7 @@ class UffdConfig:
     #: not test-injected failures (docs/UFFD.md "Faults")
     direct: bool = True
     #: after a direct copy, ask the loader to load this aligned window around the page
-    #: soon (0: no hint)
+    #: soon (0: no hint); not while the fill copies from the source (``direct_fill``)
     hint_around: int = 256 << 10
     #: the fill thread's nice value (Linux: per thread; 0: as the daemon)
     fill_nice: int = 0
@@ -710,7 +710,9 @@ class UffdHandler:
                     self.counts.spurious += 1
                     self._wake_range(va, page)
                 self._record(start_ns)
-                hint = self.config.hint_around
+                # the hint loads the memory file sooner; the direct fill covers the guest
+                # anyway, and the loader's reads would only take CPU from the guest then
+                hint = 0 if self.direct_fill else self.config.hint_around
                 window = (off & ~(hint - 1), min((off & ~(hint - 1)) + hint, self.loader.memory_size)) \
                     if hint >= page else None
                 self._for_trio(off, off + page, window)
