@@ -1004,8 +1004,10 @@ class UffdHandler:
             if not self._fill_queue:
                 return
             entry = self._fill_queue[0]
-            a, b = entry[0], min(entry[1], entry[0] + chunk)
+            a = entry[0]
             r = self._region_at(a)
+            step = chunk if r is None else max(r.page_size, chunk - chunk % r.page_size)  # whole pages
+            b = min(entry[1], a + step)
             if r is not None:
                 b = min(b, r.offset + r.size)
             entry[0] = b

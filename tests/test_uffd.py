@@ -146,6 +146,32 @@ async def test_huge_pages(tmp_path, images):
     assert bad == []
 
 
+@pytest.mark.skipif(hugepages_free() < 4, reason="needs 4 free 2 MiB huge pages (vm.nr_hugepages)")
+@pytest.mark.parametrize("direct", [True, False])
+async def test_huge_pages_are_filled_whole(tmp_path, images, direct):
+    """The fill copies whole 2 MiB pages (from the source, or after the loader): the
+    guest is filled and then holds the image."""
+    opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(direct=direct))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, 8 * MiB, HUGE_PAGE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            with trio.fail_after(20):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            assert state.uffd.direct_fill == direct
+            bad = await trio.to_thread.run_sync(vmm.verify_all)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert bad == []
+    assert state.uffd.faults == state.uffd.faults_zero  # only huge pages without data fault (zero)
+
+
 async def test_balloon_remove_gives_zero_pages_and_is_never_refilled(tmp_path, images):
     opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False))
     lo, length = 2 * MiB, 1 * MiB
