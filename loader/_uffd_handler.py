@@ -423,7 +423,8 @@ class UffdHandler:
             sys.setswitchinterval(interval)
             if self.loader.sweep_held:
                 self.loader.hold_sweep(False)
-            os.close(self._wake_fd)
+            wake_fd, self._wake_fd = self._wake_fd, -1  # the loader's listener stays: it must not write there
+            os.close(wake_fd)
             if self._direct_map is not None and not self._thread.is_alive() and not self._fill_thread.is_alive():
                 self._direct_map.close()
 
@@ -434,6 +435,8 @@ class UffdHandler:
 
     def _wake(self) -> None:
         self._fill_kick.set()
+        if self._wake_fd < 0:
+            return
         try:
             os.eventfd_write(self._wake_fd, 1)
         except OSError:
@@ -1074,10 +1077,7 @@ class UffdHandler:
         self._call_trio(self.filled.set)
         if self.loader.sweep_held:
             self._call_trio(self.loader.hold_sweep, False)
-        try:  # the fault thread answers the faults held in eager mode
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
+        self._wake()  # the fault thread answers the faults held in eager mode
 
 
 def _has_data(loader: Loader, lo: int, hi: int) -> bool:
