@@ -32,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "VMM (Firecracker's handshake) connects to the daemon's --uffd-socket PATH and --vcpus "
                    "threads touch the pages; needs --image (the raw image to check the bytes against, or a "
                    "checkpoint: then they are not checked); the daemon exits once the VMM has gone")
-    p.add_argument("--vcpus", type=int, default=2, metavar="N", help="with --uffd: vCPU threads (default 2)")
+    p.add_argument("--uffd-minor", action="store_true",
+                   help="with --socket: replay the trace as real page faults in zero-copy mode: an emulated VMM "
+                   "maps the daemon's memory file and hands its userfaultfd over --socket (the daemon needs "
+                   "--allow-writable-memory-fd); --vcpus threads touch the pages; needs --image as for --uffd")
+    p.add_argument("--vcpus", type=int, default=2, metavar="N",
+                   help="with --uffd or --uffd-minor: vCPU threads (default 2)")
     p.add_argument("--trace", required=True, metavar="FILE", help="trace file (msgpack or text)")
     p.add_argument(
         "--clients", type=int, default=1, metavar="N", help="client processes (default 1)"
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.socket is None) == (args.uffd is None):
         print("pageload: loadgen needs --socket PATH or --uffd PATH (one of them)", file=sys.stderr)
         return 2
-    if args.uffd is not None:
+    if args.uffd is not None or args.uffd_minor:
         return _run_uffd(args)
     if args.clients < 1:
         print(f"pageload: --clients must be at least 1, not {args.clients}", file=sys.stderr)
@@ -152,8 +157,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_uffd(args: argparse.Namespace) -> int:
+    mode = "--uffd-minor" if args.uffd_minor else "--uffd"
+    path = args.socket if args.uffd_minor else args.uffd
+    if args.uffd_minor and args.socket is None:
+        print("pageload: loadgen --uffd-minor needs --socket PATH (the daemon's wait socket)", file=sys.stderr)
+        return 2
     if args.image is None:
-        print("pageload: loadgen --uffd needs --image (the restored image: guest memory's size and bytes)",
+        print(f"pageload: loadgen {mode} needs --image (the restored image: guest memory's size and bytes)",
               file=sys.stderr)
         return 2
     if args.vcpus < 1:
@@ -161,13 +171,17 @@ def _run_uffd(args: argparse.Namespace) -> int:
         return 2
     try:
         trace = load_trace(args.trace)
-        report = replay_as_faults(args.uffd, trace, args.image, vcpus=args.vcpus, rate=args.rate,
-                                  closed_loop=args.closed_loop, verify=not args.no_verify)
+        report = replay_as_faults(path, trace, args.image, vcpus=args.vcpus, rate=args.rate,
+                                  closed_loop=args.closed_loop, verify=not args.no_verify,
+                                  zero_copy=args.uffd_minor)
     except (TraceError, CheckpointError, ValueError) as exc:
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"pageload: {args.uffd}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"pageload: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except ClientError as exc:  # the daemon refused (forbidden without --allow-writable-memory-fd)
+        print(f"pageload: {path}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         doc = json.dumps(report, indent=2, sort_keys=True)
@@ -177,7 +191,7 @@ def _run_uffd(args: argparse.Namespace) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(doc + "\n")
     lat = report["fault_us"]
-    print(f"pageload: loadgen --uffd: {report['touches']} pages touched by {args.vcpus} vCPUs in "
+    print(f"pageload: loadgen {mode}: {report['touches']} pages touched by {args.vcpus} vCPUs in "
           f"{report['elapsed_s']:.3f} s, {lat['count']} faulted: p50 {lat['p50']:.0f} us p99 {lat['p99']:.0f} us "
           f"max {lat['max']:.0f} us; guest blocked {report['blocked_s']:.3f} s; "
           + (f"{report['mismatch_count']} mismatches" if report["verified"] else "bytes not checked"),
@@ -185,6 +199,6 @@ def _run_uffd(args: argparse.Namespace) -> int:
     if report["mismatch_count"] or report["errors"]:
         for line in report["errors"]:
             print(f"pageload: error: {line}", file=sys.stderr)
-        print(f"pageload: loadgen --uffd FAILED: wrong bytes at {report['mismatches']}", file=sys.stderr)
+        print(f"pageload: loadgen {mode} FAILED: wrong bytes at {report['mismatches']}", file=sys.stderr)
         return 1
     return 0

@@ -116,8 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
                    "and each peer's uid is checked with SO_PEERCRED")
     p.add_argument("--allow-writable-memory-fd", action="store_true",
-                   help="hand a read-write memory fd to clients that ask for one (default: read-only fds only; "
-                   "a writable request is refused with 'forbidden')")
+                   help="hand a read-write memory fd to clients that ask for one, and serve the page faults of "
+                   "VMMs that map it (uffd-register, zero-copy mode) (default: read-only fds only; "
+                   "both requests are refused with 'forbidden')")
     p.add_argument("--metrics", metavar="ADDR",
                    help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
                    "or a Unix socket path (containing a '/', mode 0600); GET /metrics")

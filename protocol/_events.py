@@ -210,6 +210,25 @@ class GetLoadedMap(Request):
         _check_id(self.id)
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterUffd(Request):
+    """Hands the daemon a userfaultfd (attached by the I/O layer, SCM_RIGHTS) on which
+    the client registered ``[address, address+length)`` of its address space, a
+    shared mapping of the memory file starting at memory offset ``offset``, in
+    MISSING and MINOR mode.  From then on the daemon resolves that range's faults
+    (:class:`UffdRegistered`), until the connection closes."""
+
+    id: int
+    address: int
+    length: int
+    offset: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_range(self.address, self.length)
+        _check_range(self.offset, self.length)
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -320,6 +339,17 @@ class LoadedMapReply(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class UffdRegistered(Reply):
+    """Answers :class:`RegisterUffd`: the daemon serves that range's faults now."""
+
+    answers: ClassVar[type[Request] | None] = RegisterUffd
+    id: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply(Reply):
     """A request failed (``id``), or the connection did (``id`` is ``None``: sent
     just before the server closes it).  ``code`` is one of :mod:`protocol.codes` (or a
@@ -350,7 +380,8 @@ class ErrorReply(Reply):
 
 
 #: Any request (for annotations and match statements).
-RequestEvent: TypeAlias = Hello | Wait | Prefetch | GetStats | GetMemoryFd | GetLoadedMap | Mark
+RequestEvent: TypeAlias = (Hello | Wait | Prefetch | GetStats | GetMemoryFd | GetLoadedMap | Mark
+                           | RegisterUffd)
 #: Any reply.
 ReplyEvent: TypeAlias = (HelloReply | Loaded | Accepted | StatsReply | MemoryFdReply | LoadedMapReply
-                          | ErrorReply | Marked)
+                          | ErrorReply | Marked | UffdRegistered)

@@ -31,7 +31,9 @@ from ._events import (
     Marked,
     MemoryFdReply,
     Prefetch,
+    RegisterUffd,
     StatsReply,
+    UffdRegistered,
     Wait,
 )
 from ._limits import describe
@@ -60,6 +62,8 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     GetStats: lambda e: {"op": "stats", "id": e.id},
     GetMemoryFd: lambda e: {"op": "memfd", "id": e.id, "writable": True} if e.writable else {"op": "memfd", "id": e.id},
     GetLoadedMap: lambda e: {"op": "loadmap", "id": e.id},
+    RegisterUffd: lambda e: {"op": "uffd-register", "id": e.id, "addr": e.address, "len": e.length,
+                             "off": e.offset},
     HelloReply: lambda e: {
         "re": e.id,
         "ok": "hello",
@@ -74,6 +78,7 @@ ENCODERS: dict[type[Event], Callable[[Any], Wire]] = {
     Marked: lambda e: {"re": e.id, "ok": "marked"},
     MemoryFdReply: lambda e: {"re": e.id, "ok": "memfd", "size": e.size},
     LoadedMapReply: lambda e: {"re": e.id, "ok": "loadmap", "size": e.size, "granule": e.granule},
+    UffdRegistered: lambda e: {"re": e.id, "ok": "uffd-registered"},
     ErrorReply: lambda e: {"re": e.id, "err": e.code, "msg": e.message, "errno": e.errno},
 }
 
@@ -105,6 +110,7 @@ REQUESTS: dict[str, Callable[[Wire, int], Event]] = {
     "stats": lambda m, id: GetStats(id),
     "memfd": lambda m, id: GetMemoryFd(id, m.get("writable", False)),
     "loadmap": lambda m, id: GetLoadedMap(id),
+    "uffd-register": lambda m, id: RegisterUffd(id, m["addr"], m["len"], m["off"]),
 }
 
 #: Success-reply decoders, by ``ok``.
@@ -116,6 +122,7 @@ REPLIES: dict[str, Callable[[Wire, int], Event]] = {
     "marked": lambda m, id: Marked(id),
     "memfd": lambda m, id: MemoryFdReply(id, m["size"]),
     "loadmap": lambda m, id: LoadedMapReply(id, m["size"], m["granule"]),
+    "uffd-registered": lambda m, id: UffdRegistered(id),
 }
 
 

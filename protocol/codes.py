@@ -31,6 +31,7 @@ TOO_MANY_REQUESTS = "too-many-requests"  #: this connection already has the most
 CANCELLED = "cancelled"  #: the request was abandoned by the server
 FORBIDDEN = "forbidden"  #: the request is well formed but this daemon does not allow it
 INTERNAL_ERROR = "internal-error"  #: the server failed on this connection (a bug); it closes it
+UNSUPPORTED = "unsupported"  #: the request needs a kernel feature that is missing
 
 #: Codes after which the byte stream cannot be trusted: the connection is dead.
 FATAL = frozenset({BAD_FRAME, TOO_LARGE, TRUNCATED})
@@ -58,5 +59,6 @@ ALL = frozenset(
         CANCELLED,
         FORBIDDEN,
         INTERNAL_ERROR,
+        UNSUPPORTED,
     }
 )

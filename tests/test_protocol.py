@@ -110,6 +110,7 @@ def test_public_surface() -> None:
             "MemoryFdReply",
             "Prefetch",
             "ProtocolError",
+            "RegisterUffd",  # zero-copy userfaultfd mode
             "RemoteProtocolError",
             "Reply",
             "ReplyEvent",
@@ -117,6 +118,7 @@ def test_public_surface() -> None:
             "RequestEvent",
             "ServerConnection",
             "StatsReply",
+            "UffdRegistered",
             "Wait",
             "codes",
             "negotiate",
@@ -150,6 +152,7 @@ def test_error_codes() -> None:
         "cancelled",
         "forbidden",
         "internal-error",
+        "unsupported",  # zero-copy userfaultfd mode on a kernel without MINOR shmem faults
     }
     assert codes.FATAL == {codes.BAD_FRAME, codes.TOO_LARGE, codes.TRUNCATED}
     assert codes.OUT_OF_RANGE == "out-of-range"
@@ -253,7 +256,7 @@ def test_documented_examples() -> None:
         for i, line in enumerate(lines)
         if line.startswith('{"op"') or line.startswith('{"re"')
     ]
-    assert len(pairs) == 15  # 12, and working sets: prefetch with ws, mark, marked
+    assert len(pairs) == 17  # 12, working sets: prefetch with ws, mark, marked; uffd-register, uffd-registered
     server, client = ServerConnection(), ClientConnection()
     for message, data in pairs:
         assert packb(message) == data, message

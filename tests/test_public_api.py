@@ -14,6 +14,7 @@ import aio.testing
 import bench
 import loader
 import loader.checkpoint
+import loader.vmm
 import workloads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,14 @@ def test_loader_public_names():
     }
 
 
+def test_loader_vmm_public_names():
+    """Zero-copy guest memory for VMM authors is its own module, not in loader's main list."""
+    assert set(loader.vmm.__all__) == {"ZeroCopyMemory", "ZeroCopyUnsupported"}
+    assert not hasattr(loader, "ZeroCopyMemory")
+
+
 def test_every_exported_name_resolves_to_itself():
-    for module in (aio, aio.testing, loader, loader.checkpoint, workloads, bench):
+    for module in (aio, aio.testing, loader, loader.checkpoint, loader.vmm, workloads, bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

@@ -286,14 +286,68 @@ class VmmEmulator:
         self.close()
 
 
+class ZeroCopyVmm(VmmEmulator):
+    """The zero-copy (MINOR fault) variant: guest memory is the daemon's memory file,
+    mapped shared through :class:`loader.vmm.ZeroCopyMemory` (one region, image
+    ``offset`` to ``offset + size``), its faults served by the daemon at
+    ``socket_path`` (the wait socket).  :meth:`touch`, :meth:`replay`,
+    :meth:`verify_all` and :meth:`read` work as for :class:`VmmEmulator`;
+    :meth:`write` writes guest memory.  :meth:`disconnect` (or :meth:`close`) ends
+    the registration."""
+
+    def __init__(self, socket_path: str, expected: str | None = None, *, offset: int = 0,
+                 size: int | None = None, timeout: float = 30.0) -> None:
+        from loader.vmm import ZeroCopyMemory
+
+        self.regions = []
+        self._maps = []
+        self.uffd = -1
+        self.sock = None
+        self._expected_fd = -1
+        self._expected = None
+        self.memory: ZeroCopyMemory | None = ZeroCopyMemory.open(socket_path, offset=offset, size=size,
+                                                                 timeout=timeout)
+        self.features = self.memory.features
+        self.regions = [GuestRegion(offset, self.memory.size)]
+        self._maps = [(self.memory.address, self.memory.size)]
+        try:
+            if expected:
+                self._expected_fd = os.open(expected, os.O_RDONLY | os.O_CLOEXEC)
+                self._expected = mmap.mmap(self._expected_fd, 0, prot=mmap.PROT_READ)
+        except BaseException:
+            self.close()
+            raise
+
+    def connect(self, path: str, timeout: float = 10.0) -> None:
+        raise TypeError("a ZeroCopyVmm is connected when made")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write guest memory (faulting as needed, GIL released while blocked)."""
+        ctypes.memmove(self.address(offset), data, len(data))
+
+    def disconnect(self) -> None:
+        """Unmap guest memory and close the connection (the daemon stops serving it)."""
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self._maps = []
+
+    def close(self) -> None:
+        self.disconnect()
+        super().close()
+
+
 def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int = 2, rate: float | None = None,
-                     closed_loop: bool = False, verify: bool = True) -> dict[str, Any]:
+                     closed_loop: bool = False, verify: bool = True, zero_copy: bool = False) -> dict[str, Any]:
     """``pageload loadgen --uffd``: replay ``trace`` as real page faults.  An emulated
     VMM with one region covering the image's memory (``image``: a raw image or a
     checkpoint) connects to the handler at ``uffd_socket``; ``vcpus`` threads touch
     each fault's pages (at the trace's timestamps, or ``rate`` faults/s in total, or
     as fast as they can with ``closed_loop``), checking the bytes when ``image`` is a
-    raw image.  Returns the report as a dict (latencies in microseconds)."""
+    raw image.  Returns the report as a dict (latencies in microseconds).
+
+    ``zero_copy``: ``uffd_socket`` is the daemon's wait socket instead, and the VMM is
+    a :class:`ZeroCopyVmm` (guest memory mapped from the daemon's memory file)."""
     from loader.checkpoint import open_checkpoint
 
     from ._percentiles import percentiles
@@ -305,8 +359,18 @@ def replay_as_faults(uffd_socket: str, trace: Trace, image: str, *, vcpus: int =
     faults = [(f.t_us, f.offset, f.length) for f in trace]
     if rate:
         faults = [(int(i * 1e6 / rate), off, length) for i, (_, off, length) in enumerate(faults)]
-    with VmmEmulator([GuestRegion(0, size)], expected=image if raw and verify else None) as vmm:
-        vmm.connect(uffd_socket)
+    expected = image if raw and verify else None
+    vmm: VmmEmulator
+    if zero_copy:
+        vmm = ZeroCopyVmm(uffd_socket, expected=expected)
+    else:
+        vmm = VmmEmulator([GuestRegion(0, size)], expected=expected)
+        try:
+            vmm.connect(uffd_socket)
+        except BaseException:
+            vmm.close()
+            raise
+    with vmm:
         report = vmm.touch(faults, vcpus=vcpus, paced=not closed_loop, verify=verify, classify=True)
     return {
         "faults_in_trace": len(faults),
@@ -334,11 +398,27 @@ def spawn_child(socket_path: str, size: int, offsets: Sequence[int], expected: s
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
+def spawn_zero_copy_child(socket_path: str, offsets: Sequence[int], expected: str | None = None
+                          ) -> subprocess.Popen[str]:
+    """:func:`spawn_child` for zero-copy mode: a :class:`ZeroCopyVmm` on the daemon's
+    wait socket ``socket_path`` (all of memory) touching ``offsets`` in turn."""
+    argv = [sys.executable, "-m", "workloads._vmm", "--zero-copy", socket_path, expected or "-",
+            *(str(o) for o in offsets)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
 def _child_main(argv: Sequence[str]) -> int:
-    socket_path, size, features, expected, *offsets = argv
-    exp = None if expected == "-" else expected
-    with VmmEmulator([GuestRegion(0, int(size))], expected=exp, features=int(features)) as vmm:
+    vmm: VmmEmulator
+    if argv[0] == "--zero-copy":
+        socket_path, expected, *offsets = argv[1:]
+        exp = None if expected == "-" else expected
+        vmm = ZeroCopyVmm(socket_path, expected=exp)
+    else:
+        socket_path, size, features, expected, *offsets = argv
+        exp = None if expected == "-" else expected
+        vmm = VmmEmulator([GuestRegion(0, int(size))], expected=exp, features=int(features))
         vmm.connect(socket_path)
+    with vmm:
         print("connected", flush=True)
         for text in offsets:
             off = int(text)
@@ -349,7 +429,8 @@ def _child_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "hugepages_free", "replay_as_faults", "spawn_child"]
+__all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "ZeroCopyVmm", "hugepages_free", "replay_as_faults",
+           "spawn_child", "spawn_zero_copy_child"]
 
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,129 @@
+"""Zero-copy userfaultfd mode measured against the ``fill`` handler, in one run.
+
+:func:`run_zero_copy` starts ``pageload restore IMAGE --background
+--allow-writable-memory-fd`` and maps guest memory from the daemon's memory file
+(:class:`workloads._vmm.ZeroCopyVmm`, i.e. :class:`loader.vmm.ZeroCopyMemory`), with
+the same guest as the ``uffd`` section: ``vcpus`` threads touching ``touches`` random
+4 KiB pages paced over ``window_s`` (by default the time of ``cp``).  Figures, as in
+that section: fault p50/p99/max (touch to return of the touches whose page was not
+mapped just before), guest blocked time (every touch), the daemon's own fault
+service histogram, and the time from connect until every loaded page is mapped into
+the guest (``no_more_faults_s``: from then on the guest never faults on data).
+With ``compare`` the ``fill`` handler runs the same touches too, in the order fill,
+zero-copy, zero-copy, fill (the first run after ``cp`` measured slower on the shared
+development machine, whichever it was), and the ratios compare the means of the two
+runs of each.
+
+Not a section of its own: ``run_uffd_section``'s rows can take the returned
+``runs["zero-copy"]`` next to ``fill``, ``eager`` and ``lazy``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loader import Client
+from workloads import DaemonProcess, DaemonStartError, percentiles
+from workloads._vmm import ZeroCopyVmm
+
+from ._tools import BenchError, cp_mb_s, warm_cache
+from ._uffd import PAGE, _one, _uffd_unavailable
+
+__all__ = ["run_zero_copy"]
+
+
+def _zero_copy(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
+               timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    sock = os.path.join(workdir, "uffd-zero-copy.sock")
+    daemon = DaemonProcess(image, sock, os.path.join(workdir, "uffd-zero-copy.log"),
+                           ["--background", "--allow-writable-memory-fd", "--progress-interval", "60"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        raise BenchError(str(exc)) from None
+    with daemon:
+        t0 = time.monotonic()
+        with ZeroCopyVmm(sock, expected=image) as vmm:
+            report = vmm.touch(touches, vcpus=vcpus, paced=True, verify=True, classify=True)
+            mapped = None
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with Client.connect(sock, timeout=5) as c:
+                    st = c.stats()
+                r = st["uffd_minor"]["ranges"][0]
+                if st["done"] and r["pending_bytes"] == 0:
+                    mapped = time.monotonic() - t0
+                    break
+                time.sleep(0.02)
+            mismatches = vmm.verify_all()
+    if report.mismatches or report.errors or mismatches:
+        raise BenchError(f"zero-copy: the guest read wrong bytes at {report.mismatches[:3]} {mismatches[:3]} "
+                         f"{report.errors[:3]}")
+    out: dict[str, Any] = {
+        "mode": "zero-copy",
+        "touches": report.touches,
+        "faults_seen_by_guest": len(report.fault_latencies_ns),
+        "fault_us": percentiles(report.fault_latencies_ns),
+        "touch_us": percentiles(report.latencies_ns),
+        "blocked_s": report.blocked_s,
+        "touch_elapsed_s": report.elapsed_s,
+        "handler": {k: r.get(k) for k in ("faults", "faults_minor", "faults_waited", "faults_zero",
+                                          "faults_failed", "mapped_bytes", "eexist", "eagain")},
+        "handler_fault_latency_us": r.get("fault_latency_us"),
+        "no_more_faults_s": mapped,
+        "copied_bytes": 0,
+    }
+    log(f"  zero-copy: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
+        f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s, "
+        f"no more faults after {'never' if mapped is None else f'{mapped:.3f} s'}")
+    return out
+
+
+def run_zero_copy(image: str, workdir: str, *, touches: int = 3000, vcpus: int = 2,
+                  window_s: float | None = None, seed: int = 0, compare: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure zero-copy mode (and ``fill`` with ``compare``) on ``image``, a raw image."""
+    why = _uffd_unavailable()
+    if why is not None:
+        return {"skipped": why}
+    size = os.path.getsize(image)
+    warm_cache(image)
+    cp_s, cp_rate = cp_mb_s(image)
+    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s)")
+    window = cp_s if window_s is None else window_s
+    rng = random.Random(seed)
+    pages = size // PAGE
+    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
+    timeout = max(30.0, 20 * cp_s)
+    order = ("fill", "zero-copy", "zero-copy", "fill") if compare else ("zero-copy",)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for mode in order:
+        warm_cache(image)
+        run = (_zero_copy(image, workdir, trace, vcpus, timeout, log) if mode == "zero-copy"
+               else _one("fill", image, workdir, trace, vcpus, timeout, log))
+        runs.setdefault(mode, []).append(run)
+    result: dict[str, Any] = {
+        "image": {"path": image, "size_bytes": size},
+        "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
+        "cp": {"seconds": cp_s, "mb_s": cp_rate},
+        "order": list(order),
+        "runs": runs,
+    }
+    if compare:
+        def ratio(get: Callable[[dict[str, Any]], float | None]) -> float | None:
+            z = [v for v in map(get, runs["zero-copy"]) if v is not None]
+            f = [v for v in map(get, runs["fill"]) if v is not None]
+            if len(z) < len(runs["zero-copy"]) or len(f) < len(runs["fill"]) or not sum(f):
+                return None
+            return sum(z) / sum(f)
+
+        result["ratios"] = {
+            "fault_p50": ratio(lambda r: r["fault_us"]["p50"]),
+            "blocked": ratio(lambda r: r["blocked_s"]),
+            "no_more_faults": ratio(lambda r: r["no_more_faults_s"]),
+        }
+    return result
