@@ -5,9 +5,11 @@ On the dense image (warm page cache), in one run, one daemon process per handler
 the VMM emulator (:class:`workloads._vmm.VmmEmulator`, in this process) as the
 guest:
 
-* ``fill`` -- ours: faults first, loaded memory copied in behind them;
+* ``fill`` -- ours: a fault thread answers faults (from the memory file, or straight
+  from the source's page cache), a fill thread copies all memory in behind them;
 * ``eager`` -- Firecracker's "fault_all" example: copy everything, then answer faults;
-* ``lazy`` -- its "valid" example: copy only the faulting page, read only on faults.
+* ``lazy`` -- its "valid" example: copy only the faulting page (from the source, as
+  that example does with its mapped snapshot file), no fill.
 
 The guest: ``vcpus`` threads touching ``touches`` random 4 KiB pages (seeded, the
 same for every handler), paced evenly over ``window_s`` seconds from the connect
@@ -97,8 +99,9 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
         "touch_us": percentiles(report.latencies_ns),
         "blocked_s": report.blocked_s,
         "touch_elapsed_s": report.elapsed_s,
-        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_waited", "faults_zero",
-                                          "faults_failed", "copied_bytes", "copies", "fault_blocked_s")},
+        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_direct", "faults_waited",
+                                          "faults_zero", "faults_failed", "copied_bytes", "copies",
+                                          "fault_blocked_s", "direct")},
         "handler_fault_latency_us": u.get("fault_latency_us"),
         "no_more_faults_s": filled,
         "fill_mb_s": data / filled / 1e6 if filled else None,

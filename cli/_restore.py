@@ -58,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "and userfaultfd, answer its faults and fill guest memory in the background; exit 0 "
                    "once the VMM has gone (docs/UFFD.md)")
     p.add_argument("--uffd-mode", choices=UFFD_MODES, default="fill",
-                   help="with --uffd-socket: 'fill' (default) answers faults first and copies loaded memory "
-                   "into the guest behind them; 'eager' copies all memory before answering any fault and "
-                   "'lazy' copies only faulting pages and reads only on faults (no sweep): Firecracker's "
-                   "'fault_all' and 'valid' example handlers, for comparison (pageload bench --sections uffd)")
+                   help="with --uffd-socket: 'fill' (default) answers faults first and copies all memory "
+                   "into the guest behind them (straight from the source when it has no checksums to "
+                   "verify, else once loaded); 'eager' copies all memory before answering any fault and "
+                   "'lazy' copies only faulting pages (no sweep): Firecracker's 'fault_all' and 'valid' "
+                   "example handlers, for comparison (pageload bench --sections uffd)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "

@@ -341,6 +341,7 @@ class Loader:
         self._blocked_since: int | None = None
         self.histogram = LatencyHistogram()
         self._loaded_listeners: list[Callable[[int, int], None]] = []
+        self.sweep_held = False  #: see :meth:`hold_sweep`
         if not self.unloaded:
             self._mark_done()
 
@@ -422,6 +423,14 @@ class Loader:
         if self.recorder is not None:
             self.recorder.touched(lo, hi)
         self.prefetch(offset, length)
+
+    def hold_sweep(self, held: bool) -> None:
+        """Pause (True) or resume (False) the sweep; waits and prefetches are still
+        served.  The userfaultfd handler holds it while it fills guest memory straight
+        from the source, so the two do not share the CPU with the guest at once."""
+        self.sweep_held = held
+        if not held:
+            self._poke()
 
     def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
@@ -596,7 +605,7 @@ class Loader:
             hint = pf[0]
             if not self._issue_for(hint, ReadKind.PREFETCH, None) or not self._has_unstarted(hint):
                 pf.popleft()
-        if not cfg.sweep or self._verifying >= _MAX_VERIFYING:
+        if not cfg.sweep or self.sweep_held or self._verifying >= _MAX_VERIFYING:
             return
         order = self.order
         while self._background_inflight < background_cap and room():
