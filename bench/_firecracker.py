@@ -331,7 +331,7 @@ def _restore(binary: str, mode: str, snap: str, mem: str, before: int, workdir: 
         "ok_ticks": len(ok) >= ok_ticks,
         "no_bad_tick": not bad,
         "daemon_exit_0": code == 0,
-        "daemon_summary": summary is not None,
+        "daemon_summary": _parse_summary(summary)["faults"] is not None,
     }
     return {
         "load_api_s": t1 - t0,
@@ -360,16 +360,21 @@ def _summary(log_path: str) -> str | None:
     return lines[-1].strip() if lines else None
 
 
-_SUMMARY = re.compile(r"uffd: (\d+) faults \((\d+) immediate, (\d+) waited, (\d+) zero, (\d+) failed\).*?"
-                      r"copied (\d+) MiB in (\d+) UFFDIO_COPY(?:; guest filled in ([0-9.]+) s)?")
-
-
 def _parse_summary(summary: str | None) -> dict[str, Any]:
-    m = _SUMMARY.search(summary or "")
-    if m is None:
-        return {"faults": None, "faults_waited": None, "copied_mib": None, "filled_s": None}
-    return {"faults": int(m[1]), "faults_waited": int(m[3]), "copied_mib": int(m[6]),
-            "filled_s": float(m[8]) if m[8] else None}
+    """Faults, waited faults, MiB copied and filled time from the summary line; each
+    figure found by its own words, so a count added to the line does not hide them."""
+    text = summary or ""
+
+    def find(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return m[1] if m else None
+
+    faults, waited = find(r"uffd: (\d+) faults"), find(r"[(, ](\d+) waited[,)]")
+    copied, filled = find(r"copied (\d+) MiB"), find(r"guest filled in ([0-9.]+) s")
+    return {"faults": None if faults is None else int(faults),
+            "faults_waited": None if waited is None else int(waited),
+            "copied_mib": None if copied is None else int(copied),
+            "filled_s": None if filled is None else float(filled)}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
