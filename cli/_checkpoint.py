@@ -23,7 +23,7 @@ from loader.checkpoint import (
 )
 from workloads import make_sample_image
 
-from ._args import add_size, one_line_errors
+from ._args import add_size
 
 __all__ = ["register"]
 
@@ -79,10 +79,6 @@ def register(subparsers: Any) -> None:
     )
     add_size(p, "--hole-granularity", default=2 << 20, help="block size")
     p.set_defaults(func=_guarded(_sample))
-
-    # a usage error is one line too, like bad input (unknown flags: cli.build_parser)
-    for each in (parser, *sub.choices.values()):
-        one_line_errors(each)
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -27,7 +27,7 @@ from loader import (
 )
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size, one_line_errors, positive_float, positive_int
+from ._args import add_size, positive_float, positive_int
 
 _DEFAULTS = LoaderConfig()
 
@@ -48,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "socket as fd 3) it serves on that socket instead of --socket.  "
         "Any start-up failure is one line on stderr and exit 2.",
     )
-    one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
     p.add_argument("--socket", metavar="PATH",
                    help="Unix socket to serve on (mode 0600); required unless socket-activated or "

@@ -488,6 +488,16 @@ def test_cli_create_inspect_verify(
     (["checkpoint", "create", "x"], "required: OUT"),
     (["checkpoint", "sample", "x", "--size", "1Q"], "not a size: '1Q'"),
     (["checkpoint", "inspect", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    # every other command reports usage errors the same way
+    (["nope"], "invalid choice: 'nope'"),
+    (["trace"], "required: SUBCOMMAND"),
+    (["wait", "--socket", "s", "0"], "required: LENGTH"),
+    (["stats"], "required: --socket"),
+    (["loadgen", "--trace", "t", "--rate", "x"], "invalid"),
+    (["working-set", "show"], "required: FILE"),
+    (["bench", "--size", "1Q"], "not a size: '1Q'"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["restore", "img", "--socket", "s", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_cli_usage_errors_are_one_line(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
