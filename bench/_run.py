@@ -187,7 +187,8 @@ def _run_section(
             log=log,
         )
     if name == "uffd":
-        return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed, log=log)
+        return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed,
+                                firecracker_repeat=rep or (2 if quick else 3), log=log)
     if name == "firecracker":
         return run_firecracker_section(workdir, repeat=rep or (2 if quick else 3), log=log)
     return _designs_section(opts, image, workdir, log)
@@ -405,4 +406,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      _num(r["fill_mb_s"])])
     lines += _table(["handler", "faults", "p50 us", "p99 us", "max us", "blocked s", "last fault s", "fill MB/s"],
                     rows)
+    fc = section.get("firecracker", {})
+    if "designs" in fc:
+        lines += format_firecracker(fc)
+    elif "skipped" in fc:
+        lines.append(f"real Firecracker: skipped ({fc['skipped']})")
     return lines
