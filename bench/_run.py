@@ -13,6 +13,9 @@ directory and runs the chosen sections on it, each against real
   trip (loaded pages one at a time, pipelined waits/s, unloaded pages during the fill).
 * ``workingset`` (:mod:`bench._workingset`): record a working set under the same
   trace, then restore with and without it (and laid out first), same and perturbed trace.
+* ``uffd`` (:mod:`bench._uffd`): the page-fault handler against two classic ones.
+* ``firecracker`` (:mod:`bench._firecracker`): a real Firecracker's snapshot restored
+  through pageload, load call to the guest's first ticks, per handler design.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -38,6 +41,7 @@ from workloads import Trace, generate, load_trace, make_sample_image
 from ._backends import run_backends_section
 from ._daemon import run_daemon_section
 from ._designs import run_designs
+from ._firecracker import format_firecracker, run_firecracker_section
 from ._latency import run_latency_section
 from ._tools import BenchError
 from ._uffd import run_uffd_section
@@ -45,8 +49,10 @@ from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker")
 QUICK_SIZE = 256 << 20
+#: sections that bring their own memory image (no dense random image is made for them alone)
+OWN_IMAGE = frozenset({"firecracker"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +130,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         log(f"warning: {workdir} is on {fstype}: reads never touch a disk, 'cold' means nothing")
     try:
         image = os.path.join(workdir, "image.raw")
-        if not os.path.exists(image) or os.path.getsize(image) != opts.size:
+        needs_image = any(s not in OWN_IMAGE for s in opts.sections)
+        if needs_image and (not os.path.exists(image) or os.path.getsize(image) != opts.size):
             log(f"making a {opts.size >> 20} MiB dense random image {image}")
             t0 = time.perf_counter()
             make_sample_image(image, opts.size, seed=opts.seed, dense=True)
@@ -180,7 +187,10 @@ def _run_section(
             log=log,
         )
     if name == "uffd":
-        return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed, log=log)
+        return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed,
+                                firecracker_repeat=rep or (2 if quick else 3), log=log)
+    if name == "firecracker":
+        return run_firecracker_section(workdir, repeat=rep or (2 if quick else 3), log=log)
     return _designs_section(opts, image, workdir, log)
 
 
@@ -297,6 +307,8 @@ def format_bench(result: dict[str, Any]) -> str:
             lines += _format_backends(section)
         elif name == "uffd":
             lines += _format_uffd(section)
+        elif name == "firecracker":
+            lines += format_firecracker(section)
         elif name == "workingset":
             lines.append(format_workingset(section))
         elif name == "designs":
@@ -394,4 +406,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      _num(r["fill_mb_s"])])
     lines += _table(["handler", "faults", "p50 us", "p99 us", "max us", "blocked s", "last fault s", "fill MB/s"],
                     rows)
+    fc = section.get("firecracker", {})
+    if "designs" in fc:
+        lines += format_firecracker(fc)
+    elif "skipped" in fc:
+        lines.append(f"real Firecracker: skipped ({fc['skipped']})")
     return lines

@@ -5,9 +5,11 @@ On the dense image (warm page cache), in one run, one daemon process per handler
 the VMM emulator (:class:`workloads._vmm.VmmEmulator`, in this process) as the
 guest:
 
-* ``fill`` -- ours: faults first, loaded memory copied in behind them;
+* ``fill`` -- ours: a fault thread answers faults (from the memory file, or straight
+  from the source's page cache), a fill thread copies all memory in behind them;
 * ``eager`` -- Firecracker's "fault_all" example: copy everything, then answer faults;
-* ``lazy`` -- its "valid" example: copy only the faulting page, read only on faults.
+* ``lazy`` -- its "valid" example: copy only the faulting page (from the source, as
+  that example does with its mapped snapshot file), no fill.
 
 The guest: ``vcpus`` threads touching ``touches`` random 4 KiB pages (seeded, the
 same for every handler), paced evenly over ``window_s`` seconds from the connect
@@ -18,6 +20,12 @@ present just before (mincore) is a fault.  Figures per handler: fault p50/p99/ma
 service histogram, the time from connect to the guest never faulting again (the
 handler's ``filled``; never for ``lazy``), and the fill's throughput (data bytes /
 that time) against ``cp IMAGE /dev/shm`` measured in the same run.
+
+Two more rows, for reference (no goals): ``zero-copy`` (the VMM maps the memory
+file and hands over a MISSING|MINOR userfaultfd, :mod:`bench._uffd_minor`), on the
+same touches; and, where a real Firecracker can run, the ``firecracker`` section's
+restore of a real guest per handler (time from ``snapshot/load`` to its first
+tick, :mod:`bench._firecracker`), as ``section["firecracker"]``.
 
 Goals (``fill``): fault p50 <= 30 us, p99 <= 500 us, fill >= 0.8x cp, and the least
 blocked time of the three.
@@ -97,8 +105,9 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
         "touch_us": percentiles(report.latencies_ns),
         "blocked_s": report.blocked_s,
         "touch_elapsed_s": report.elapsed_s,
-        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_waited", "faults_zero",
-                                          "faults_failed", "copied_bytes", "copies", "fault_blocked_s")},
+        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_direct", "faults_waited",
+                                          "faults_zero", "faults_failed", "copied_bytes", "copies",
+                                          "fault_blocked_s", "direct")},
         "handler_fault_latency_us": u.get("fault_latency_us"),
         "no_more_faults_s": filled,
         "fill_mb_s": data / filled / 1e6 if filled else None,
@@ -112,9 +121,12 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
 
 
 def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: int = 2,
-                     window_s: float | None = None, seed: int = 0,
+                     window_s: float | None = None, seed: int = 0, firecracker_repeat: int = 3,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure what the module docstring lists; returns the section's JSON."""
+    from ._firecracker import run_firecracker_section  # both import this module
+    from ._uffd_minor import _zero_copy
+
     why = _uffd_unavailable()
     if why is not None:
         return {"skipped": why}
@@ -131,7 +143,10 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         warm_cache(image)
         runs[mode] = _one(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
     ours = runs["fill"]
-    least = min(runs.values(), key=lambda r: r["blocked_s"])["mode"]
+    least = min(runs.values(), key=lambda r: r["blocked_s"])["mode"]  # of the three designs
+    warm_cache(image)
+    runs["zero-copy"] = _zero_copy(image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
+    runs["zero-copy"]["fill_mb_s"] = None  # nothing is copied into the guest
     ratio = ours["fill_mb_s"] / cp_rate if ours["fill_mb_s"] else None
     goals: list[Goal] = [
         _at_most("fault p50", ours["fault_us"]["p50"], 30, "us", "touch to return, faulting touches, during the fill"),
@@ -146,4 +161,6 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "cp": {"seconds": cp_s, "mb_s": cp_rate},
         "runs": runs,
         "goals": [g.as_dict() for g in goals],
+        "firecracker": (run_firecracker_section(workdir, repeat=firecracker_repeat, log=log)
+                        if firecracker_repeat else {"skipped": "not asked for"}),
     }

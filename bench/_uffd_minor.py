@@ -14,8 +14,8 @@ zero-copy, zero-copy, fill (the first run after ``cp`` measured slower on the sh
 development machine, whichever it was), and the ratios compare the means of the two
 runs of each.
 
-Not a section of its own: ``run_uffd_section``'s rows can take the returned
-``runs["zero-copy"]`` next to ``fill``, ``eager`` and ``lazy``.
+Not a section of its own: ``run_uffd_section`` adds its ``_zero_copy`` run as a
+row next to ``fill``, ``eager`` and ``lazy``.
 """
 
 from __future__ import annotations

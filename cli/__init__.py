@@ -41,9 +41,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     names = [COMMANDS[command]] if command in COMMANDS else COMMAND_MODULES
     for name in names:
         importlib.import_module(name).register(sub)
-    if command == "restore":  # a daemon's start-up failure is one line, unknown flags included
-        one_line_errors(parser)
+    _one_line_everywhere(parser)  # usage errors are one line and exit 2, in every command
     return parser
+
+
+def _one_line_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``parser`` and all its sub-parsers report usage errors as one line (unknown
+    flags are the top parser's to report, the rest each sub-parser's)."""
+    one_line_errors(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _one_line_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

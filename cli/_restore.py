@@ -27,7 +27,7 @@ from loader import (
 )
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size, one_line_errors, positive_float, positive_int
+from ._args import add_size, positive_float, positive_int
 
 _DEFAULTS = LoaderConfig()
 
@@ -48,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "socket as fd 3) it serves on that socket instead of --socket.  "
         "Any start-up failure is one line on stderr and exit 2.",
     )
-    one_line_errors(p)
     p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
     p.add_argument("--socket", metavar="PATH",
                    help="Unix socket to serve on (mode 0600); required unless socket-activated or "
@@ -58,10 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "and userfaultfd, answer its faults and fill guest memory in the background; exit 0 "
                    "once the VMM has gone (docs/UFFD.md)")
     p.add_argument("--uffd-mode", choices=UFFD_MODES, default="fill",
-                   help="with --uffd-socket: 'fill' (default) answers faults first and copies loaded memory "
-                   "into the guest behind them; 'eager' copies all memory before answering any fault and "
-                   "'lazy' copies only faulting pages and reads only on faults (no sweep): Firecracker's "
-                   "'fault_all' and 'valid' example handlers, for comparison (pageload bench --sections uffd)")
+                   help="with --uffd-socket: 'fill' (default) answers faults first and copies all memory "
+                   "into the guest behind them (straight from the source when it has no checksums to "
+                   "verify, else once loaded); 'eager' copies all memory before answering any fault and "
+                   "'lazy' copies only faulting pages (no sweep): Firecracker's 'fault_all' and 'valid' "
+                   "example handlers, for comparison (pageload bench --sections uffd)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "

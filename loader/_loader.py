@@ -370,6 +370,7 @@ class Loader:
         #: wait callbacks run inside ``reply_batch.open()`` ... ``close()``, one pair per
         #: batch of completions (the server writes the batch's replies at the close)
         self.reply_batch: CallbackBatch = _NoBatch()
+        self.sweep_held = False  #: see :meth:`hold_sweep`
         if not self.unloaded:
             self._mark_done()
 
@@ -491,6 +492,14 @@ class Loader:
         if self.recorder is not None:
             self.recorder.touched(lo, hi)
         self.prefetch(offset, length)
+
+    def hold_sweep(self, held: bool) -> None:
+        """Pause (True) or resume (False) the sweep; waits and prefetches are still
+        served.  The userfaultfd handler holds it while it fills guest memory straight
+        from the source, so the two do not share the CPU with the guest at once."""
+        self.sweep_held = held
+        if not held:
+            self._poke()
 
     def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
@@ -672,7 +681,7 @@ class Loader:
             hint = pf[0]
             if not self._issue_for(hint, ReadKind.PREFETCH, None) or not self._has_unstarted(hint):
                 pf.popleft()
-        if not cfg.sweep or self._verifying >= _MAX_VERIFYING:
+        if not cfg.sweep or self.sweep_held or self._verifying >= _MAX_VERIFYING:
             return
         order = self.order
         while self._background_inflight < background_cap and room():

@@ -151,7 +151,8 @@ class Uffd:
         self._cont = bytearray(CONTINUE_STRUCT.size)
         self._poison = bytearray(POISON_STRUCT.size)
         self._range = bytearray(RANGE_STRUCT.size)
-        self._msgs = bytearray(MSG_SIZE * 64)
+        self.capacity = 64  #: messages one :meth:`read_messages` can return
+        self._msgs = bytearray(MSG_SIZE * self.capacity)
 
     def copy(self, dst: int, src: int, length: int, mode: int = 0) -> int:
         """UFFDIO_COPY; returns bytes copied.  Raises :class:`UffdError` (EEXIST: a

@@ -3,23 +3,29 @@
 :func:`serve_uffd` listens on a Unix socket the way Firecracker's ``Uffd`` memory
 backend expects: the VMM connects and sends one message, a JSON array of regions
 ``{base_host_virt_addr, size, offset, page_size, page_size_kib}`` with the
-userfaultfd in SCM_RIGHTS.  :class:`UffdHandler` then
+userfaultfd in SCM_RIGHTS.  :class:`UffdHandler` then runs a *fault thread*, an OS
+thread that owns the userfaultfd: it blocks in ``poll`` on it (the GIL released)
+and answers each fault itself, in this order:
 
-* answers each page fault as a waiter at the head of the loader's queue, with
-  ``UFFDIO_COPY`` from the memory file's mapping (the loader loaded it there), and
-  copies the loaded, not yet copied bytes around it too (``fault_around``);
-* answers faults on holes and on removed ranges with ``UFFDIO_ZEROPAGE`` (a zero
-  source page on hugetlbfs, where there is no zeropage ioctl);
-* fills guest memory in the background: every range the loader finishes is queued
-  (in load order, i.e. sweep order) and copied in chunks of ``fill_chunk`` bytes,
-  yielding to faults between chunks, so the guest stops faulting once the load is
-  done;
-* handles ``UFFD_EVENT_REMOVE`` / ``UNMAP`` (never copied again, later faults get zero
-  pages) and ``REMAP`` (the region moves);
-* answers a page that cannot be read with ``UFFDIO_POISON`` (the faulting thread gets
-  SIGBUS) on kernels with UFFDIO_POISON (6.6+); see docs/UFFD.md otherwise.
+* a hole or a removed range: ``UFFDIO_ZEROPAGE`` (a zero source page on hugetlbfs,
+  where there is no zeropage ioctl);
+* a page already loaded into the memory file: ``UFFDIO_COPY`` from the memory file's
+  mapping, plus the loaded, not yet copied bytes around it (``fault_around``);
+* a page not loaded yet, when the source has no checksums to verify: ``UFFDIO_COPY``
+  straight from a read-only mapping of the source (the kernel copies from the page
+  cache), then a prefetch hint so the loader loads that window soon (``direct``);
+* otherwise (a checksummed page not loaded yet, a source page that cannot be read,
+  test-injected read failures): a wait at the head of the loader's queue, made in
+  the trio thread; its answer comes back to the fault thread, which copies the page
+  or poisons it (``UFFDIO_POISON``, SIGBUS in the faulting thread) after a read
+  error.
 
-Everything runs in the trio thread; each ioctl is at most ``fill_chunk`` bytes.
+Between faults the same thread fills guest memory in the background: every range the
+loader finishes is queued (in load order, i.e. sweep order) and copied in chunks of
+``fill_chunk`` bytes, checking for faults between chunks, so the guest stops faulting
+once the load is done.  ``UFFD_EVENT_REMOVE`` / ``UNMAP`` are read by the same thread
+(never copied again, later faults get zero pages), as is ``REMAP`` (the region
+moves); since only this thread copies, no copy can follow a removal it has read.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ import json
 import logging
 import mmap
 import os
+import select
 import socket
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +48,7 @@ from typing import Any
 
 import trio
 
+import aio.testing
 from protocol import codes
 
 from . import _uffd
@@ -119,26 +129,70 @@ class UffdConfig:
     #: True: copy all memory before answering any fault (Firecracker's "fault_all"
     #: example handler, for comparison): faults wait for the whole load
     eager: bool = False
+    #: answer a fault on a page not loaded yet by copying straight from the source
+    #: file's page cache, when the source has no checksums to verify and its reads are
+    #: not test-injected failures (docs/UFFD.md "Faults")
+    direct: bool = True
+    #: after a direct copy, ask the loader to load this aligned window around the page
+    #: soon (0: no hint); not while the fill copies from the source (``direct_fill``)
+    hint_around: int = 256 << 10
+    #: the fill thread's nice value (Linux: per thread; 0: as the daemon)
+    fill_nice: int = 0
+    #: hold the loader's sweep while the fill copies from the source (direct fill)
+    hold_sweep: bool = True
+    #: the interpreter's switch interval while a VMM is served (None: leave it): how
+    #: long the fault thread may wait for the GIL after the kernel wakes it
+    switch_interval_s: float | None = 0.0005
 
     @classmethod
     def for_mode(cls, mode: str) -> UffdConfig:
         """``fill`` (ours), ``eager`` (copy everything first) or ``lazy`` (only the
-        faulting page, no fill; run the loader without its sweep for Firecracker's
-        "valid" example)."""
+        faulting page, no fill, no hints; run the loader without its sweep for
+        Firecracker's "valid" example)."""
         if mode == "fill":
             return cls()
         if mode == "eager":
             return cls(eager=True)
         if mode == "lazy":
-            return cls(fill=False, fault_around=4096)
+            return cls(fill=False, fault_around=4096, hint_around=0)
         raise ValueError(f"unknown uffd mode {mode!r} (fill, eager or lazy)")
 
 
 UFFD_MODES = ("fill", "eager", "lazy")
 
 
+@dataclass(slots=True)
+class _Counters:
+    """The fault thread's counts; read (not reset) by :meth:`UffdHandler.statistics`."""
+
+    faults: int = 0
+    loaded: int = 0  #: answered from the memory file, already loaded
+    direct: int = 0  #: copied straight from the source
+    zero: int = 0  #: holes and removed ranges
+    failed: int = 0  #: poisoned (or left to the VMM) after a read error
+    spurious: int = 0  #: the page was already there: only a wake
+    copied_bytes: int = 0
+    copies: int = 0
+    eexist: int = 0
+    eagain: int = 0
+    efault: int = 0  #: direct copies whose source page could not be read
+    remove: int = 0
+    unmap: int = 0
+    remap: int = 0
+    blocked_ns: int = 0  #: total time faults waited (each fault counted)
+
+
 class UffdHandler:
-    """Serves one VMM's userfaultfd from ``loader`` and ``memory`` (see module doc)."""
+    """Serves one VMM's userfaultfd from ``loader`` and ``memory`` (see module doc).
+
+    Threads: the *fault thread* (:meth:`_main`) owns the userfaultfd and makes every
+    ioctl on it; the trio thread runs the loader, its loaded-listener
+    (:meth:`_on_loaded`) and the waits of faults that need the loader
+    (:meth:`_submit_wait`, :meth:`_on_waited`).  They share ``pending``, the fill
+    queue, the answers to waits and the counts for the loader, under ``_lock``;
+    the trio thread wakes the fault thread with an eventfd, and the fault thread
+    calls into trio with the run's token.
+    """
 
     def __init__(self, loader: Loader, memory: MemoryFile, uffd_fd: int, regions: list[Region],
                  config: UffdConfig | None = None) -> None:
@@ -148,42 +202,113 @@ class UffdHandler:
         self.regions = list(regions)
         self.config = config or UffdConfig()
         self._src = _address_of(memory)
-        self.removed = RangeSet()  #: memory offsets removed/unmapped by the VMM
+        self._lock = threading.Lock()
+        # shared, under _lock
         self.pending = RangeSet()  #: loaded, not yet copied into guest memory
-        self._fill_queue: deque[tuple[int, int]] = deque()  # loaded ranges, in load order
-        self._more = trio.Event()
-        self._retry: list[tuple[int, int, int]] = []  # (address, page_size, start_ns) hit EAGAIN
+        self._fill_queue: deque[list[int]] = deque()  # [lo, hi] loaded ranges, in load order
+        self._answers: deque[tuple[Region, int, int, LoadError | None]] = deque()
+        self._for_loader = 0  # faults answered without the loader, to add to its wait counts
+        self._touched: list[tuple[int, int]] = []  # their pages, for a working-set recorder
+        self._hints: list[tuple[int, int]] = []  # windows to prefetch
+        self._merge_scheduled = False
+        # the fault thread's own
+        self.removed = RangeSet()  #: memory offsets removed/unmapped by the VMM
+        #: what faults put into guest memory (direct fill: skipped, not copied again)
+        self.installed = RangeSet()
+        self._retry: list[tuple[int, int]] = []  # (address, start_ns) that hit EAGAIN
+        self._deferred: list[tuple[int, int]] = []  # eager mode: faults held until memory is filled
         self._zero_huge: mmap.mmap | None = None
         self._zero_src = 0
-        self.gone = False  #: the VMM's memory is gone (ESRCH/ENOENT): stop copying
-        self.filled = trio.Event()  #: every data byte in the regions is in guest memory
-        self.started_ns = time.perf_counter_ns()
-        self.filled_ns: int | None = None
-        # statistics
-        self.histogram = LatencyHistogram()
-        self.faults = 0
-        self.faults_immediate = 0  #: answered without waiting for I/O
-        self.faults_waited = 0
-        self.faults_zero = 0  #: holes and removed ranges
-        self.faults_failed = 0  #: poisoned (or left to the VMM) after a read error
-        self.faults_spurious = 0  #: the page was already there: only a wake
-        self.copied_bytes = 0
-        self.copies = 0
-        self.eexist = 0
-        self.eagain = 0
-        self.removed_events = 0
-        self.unmap_events = 0
-        self.remap_events = 0
-        self.blocked_ns = 0  #: total time faults waited (each fault counted)
+        self.counts = _Counters()  #: the fault thread's
+        self.fill_counts = _Counters()  #: the fill thread's (copies only)
+        self._local = threading.local()  # per thread: counts, copied
+        #: held by the fill thread around each copy and by the fault thread around
+        #: reading the userfaultfd and recording removals: the kernel zaps a removed
+        #: range as soon as its event is read, so no fill copy may run between the
+        #: read and the recording (docs/UFFD.md "Events")
+        self._copy_lock = threading.Lock()
+        self._want_read = False  # the fault thread waits for _copy_lock: the fill lets it in
+        self._fill_kick = threading.Event()
+        self._fill_thread: threading.Thread | None = None
+        self.histogram = LatencyHistogram()  # recorded under _lock
+        # the trio thread's own
+        self.faults_waited = 0  #: faults that waited for the loader
         self.outstanding = 0  #: faults waiting for their read now
         self._none_outstanding = trio.Event()
         self._none_outstanding.set()
+        self._synced: trio.Event | None = None
         self.draining = False  #: SIGTERM: pending faults are being answered before exit
+        # flags (plain stores, read by the other thread)
+        self.gone = False  #: the VMM's memory is gone (ESRCH/ENOENT) or the handler stopped
+        self._stop = False
+        self._want_sync = False
+        self._load_done = loader.done.is_set()
+        self._filled = False
+        self.filled = trio.Event()  #: every data byte in the regions is in guest memory
+        self._finished = trio.Event()
+        self.started_ns = time.perf_counter_ns()
+        self.filled_ns: int | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._direct_map: mmap.mmap | None = None
+        self._direct_base = 0
+        self._direct_size = 0
+        self._direct_identity = False
+        self.direct_off_reason = self._open_direct()
         self._covered = RangeSet((r.offset, r.offset + r.size) for r in regions)
+        #: the fill copies from the source (one copy, from the page cache) instead of
+        #: from the memory file after the loader: set when direct copies are on
+        self.direct_fill = (self._direct_map is not None and self.config.fill and not self.config.eager
+                            and (self._direct_identity or all(r.page_size == loader.page_size for r in regions)))
+        self._skipped = 0  #: pages the direct fill could not read (left to faults)
+        if self.direct_fill:
+            self._seed_direct_fill()
         self._seed_pending()
         loader.add_loaded_listener(self._on_loaded)
 
     # ------------------------------------------------------------ set-up
+    def _open_direct(self) -> str | None:
+        """Map the source read-only for direct copies; the reason when they are off."""
+        if not self.config.direct:
+            return "off (configured)"
+        if self.config.eager:
+            return "off (eager mode copies only loaded memory)"
+        if self.loader.statistics().verify:
+            return "off (checksums are verified while loading)"
+        if _injects_read_faults(self.loader.queue):
+            return "off (reads go through a fault-injecting queue)"
+        fd = self.loader.pages_fd
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "off (empty source)"
+        try:
+            # private and writable only so that ctypes can take its address; never written
+            m = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            return f"off (cannot map the source: {exc})"
+        self._direct_map = m
+        self._direct_base = _address_of_map(m)
+        self._direct_size = size
+        layout = self.loader.layout
+        self._direct_identity = all(f == mo for f, mo in zip(layout.file, layout.mem))
+        return None
+
+    def _seed_direct_fill(self) -> None:
+        """The direct fill's queue: the data of every region, in memory order (whole
+        huge pages of a raw image, whose holes read as zeros)."""
+        queue = self._fill_queue
+        layout = self.loader.layout
+        for r in sorted(self.regions, key=lambda r: r.offset):
+            for a, b in layout.data_in(r.offset, r.offset + r.size):
+                if r.page_size > layout.page_size:
+                    a &= ~(r.page_size - 1)
+                    b = (b + r.page_size - 1) & ~(r.page_size - 1)
+                if queue and self._direct_identity and a <= queue[-1][1]:
+                    queue[-1][1] = max(queue[-1][1], b)
+                else:
+                    queue.append([a, b])
+
     def _seed_pending(self) -> None:
         loaded = RangeSet()
         for r in self.loader.layout:
@@ -193,138 +318,329 @@ class UffdHandler:
                 loaded.remove(lo, hi)
         for lo, hi in loaded:
             self._on_loaded(lo, hi)
-        self._check_filled()
 
     def _on_loaded(self, lo: int, hi: int) -> None:
+        """The loader's listener (trio thread): ``[lo, hi)`` is in the memory file."""
         added = False
-        fill = self.config.fill and not self.config.eager
-        for clo, chi in self._covered.overlapping(lo, hi):
-            a, b = max(lo, clo), min(hi, chi)
-            self.pending.add(a, b)
-            for rlo, rhi in self.removed.overlapping(a, b):
-                self.pending.remove(rlo, rhi)
-            added = True
-        if added and fill:
-            self._fill_queue.append((lo, hi))
-            self._more.set()
+        with self._lock:
+            for clo, chi in self._covered.overlapping(lo, hi):
+                self.pending.add(max(lo, clo), min(hi, chi))
+                added = True
+            if added and (self.config.fill or self.config.eager) and not self.direct_fill:
+                self._fill_queue.append([lo, hi])
+        if added and self._thread is not None:
+            self._wake()
 
     # ------------------------------------------------------------ statistics
+    @property
+    def faults(self) -> int:
+        return self.counts.faults
+
+    @property
+    def faults_zero(self) -> int:
+        return self.counts.zero
+
+    @property
+    def faults_immediate(self) -> int:
+        return self.counts.loaded
+
+    @property
+    def faults_direct(self) -> int:
+        return self.counts.direct
+
+    @property
+    def faults_failed(self) -> int:
+        return self.counts.failed
+
     def statistics(self) -> dict[str, Any]:
-        now = time.perf_counter_ns()
+        c, f = self.counts, self.fill_counts
+        with self._lock:
+            histogram = self.histogram.as_dict()
+            pending = self.pending.total
         return {
             "regions": len(self.regions),
-            "faults": self.faults,
-            "faults_immediate": self.faults_immediate,
+            "faults": c.faults,
+            "faults_immediate": c.loaded,
+            "faults_direct": c.direct,
             "faults_waited": self.faults_waited,
-            "faults_zero": self.faults_zero,
-            "faults_failed": self.faults_failed,
-            "faults_spurious": self.faults_spurious,
+            "faults_zero": c.zero,
+            "faults_failed": c.failed,
+            "faults_spurious": c.spurious,
             "faults_outstanding": self.outstanding,
-            "fault_blocked_s": self.blocked_ns / 1e9,
-            "copied_bytes": self.copied_bytes,
-            "copies": self.copies,
-            "eexist": self.eexist,
-            "eagain": self.eagain,
-            "events": {"remove": self.removed_events, "unmap": self.unmap_events, "remap": self.remap_events},
+            "fault_blocked_s": c.blocked_ns / 1e9,
+            "direct": self.direct_off_reason or "on",
+            "copied_bytes": c.copied_bytes + f.copied_bytes,
+            "copies": c.copies + f.copies,
+            "eexist": c.eexist + f.eexist,
+            "eagain": c.eagain + f.eagain,
+            "efault": c.efault + f.efault,
+            "events": {"remove": c.remove, "unmap": c.unmap, "remap": c.remap},
             "removed_bytes": self.removed.total,
-            "pending_bytes": self.pending.total,
+            "pending_bytes": pending,
             "filled": self.filled.is_set(),
-            "filled_s": ((self.filled_ns or now) - self.started_ns) / 1e9 if self.filled_ns else None,
-            "fault_latency_us": self.histogram.as_dict(),
+            "filled_s": (self.filled_ns - self.started_ns) / 1e9 if self.filled_ns else None,
+            "fault_latency_us": histogram,
         }
 
     def summary_line(self) -> str:
-        h = self.histogram
-        return (f"uffd: {self.faults} faults ({self.faults_immediate} immediate, {self.faults_waited} waited, "
-                f"{self.faults_zero} zero, {self.faults_failed} failed), p50 {h.percentile_us(50):.0f} us "
-                f"p99 {h.percentile_us(99):.0f} us max {h.max_ns / 1000:.0f} us; copied "
-                f"{self.copied_bytes >> 20} MiB in {self.copies} UFFDIO_COPY"
+        c = self.counts
+        with self._lock:
+            h = self.histogram
+            p50, p99, top = h.percentile_us(50), h.percentile_us(99), h.max_ns / 1000
+        return (f"uffd: {c.faults} faults ({c.loaded} immediate, {c.direct} direct, {self.faults_waited} waited, "
+                f"{c.zero} zero, {c.failed} failed), p50 {p50:.0f} us p99 {p99:.0f} us max {top:.0f} us; "
+                f"copied {(c.copied_bytes + self.fill_counts.copied_bytes) >> 20} MiB in "
+                f"{c.copies + self.fill_counts.copies} UFFDIO_COPY"
                 + (f"; guest filled in {(self.filled_ns - self.started_ns) / 1e9:.3f} s"
                    if self.filled_ns else "; not filled"))
 
-    # ------------------------------------------------------------ the loops
+    # ------------------------------------------------------------ the trio side
     async def run(self) -> None:
-        """Serve faults and fill until cancelled or the VMM's memory is gone."""
-        if self.config.eager:
-            await self._copy_all()
-        async with trio.open_nursery() as nursery:
-            if self.config.fill and not self.config.eager:
-                nursery.start_soon(self._fill)
-            await self._read_events()
-            nursery.cancel_scope.cancel()
+        """Serve faults and fill (in the fault thread) until cancelled or the VMM's
+        memory is gone; the thread is stopped and joined before this returns."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._main, name="pageload-uffd", daemon=True)
+        interval = sys.getswitchinterval()
+        if self.config.switch_interval_s is not None:
+            sys.setswitchinterval(self.config.switch_interval_s)
+        self._fill_thread = threading.Thread(target=self._fill_main, name="pageload-uffd-fill", daemon=True)
+        self._thread.start()
+        if self.direct_fill and self.config.hold_sweep and not self.loader.done.is_set():
+            self.loader.hold_sweep(True)
+        self._fill_thread.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_load)
+                await self._finished.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop = True
+            self._wake()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._fill_thread.join, 2.0)
+                await trio.to_thread.run_sync(self._thread.join, 2.0)
+            self.gone = True
+            sys.setswitchinterval(interval)
+            if self.loader.sweep_held:
+                self.loader.hold_sweep(False)
+            wake_fd, self._wake_fd = self._wake_fd, -1  # the loader's listener stays: it must not write there
+            os.close(wake_fd)
+            if self._direct_map is not None and not self._thread.is_alive() and not self._fill_thread.is_alive():
+                self._direct_map.close()
 
-    async def _read_events(self) -> None:
-        uffd = self.uffd
-        while not self.gone:
-            await trio.lowlevel.wait_readable(uffd.fd)
-            while True:
-                messages = uffd.read_messages()
-                if not messages:
-                    break
-                for m in messages:
-                    self._on_message(m)
-            if self._retry:
-                retry, self._retry = self._retry, []
-                for address, page, start in retry:
-                    self._fault(address, page, start)
-
-    async def _copy_all(self) -> None:
-        """Eager mode: wait for the whole load, copy every loaded byte, then serve faults."""
+    async def _watch_load(self) -> None:
         await self.loader.done.wait()
-        for lo, hi in list(self.pending):
-            for a in range(lo, hi, self.config.fill_chunk):
-                while not self._install(a, min(hi, a + self.config.fill_chunk)) and not self.gone:
-                    self._read_ready()  # EAGAIN: events first
-                await trio.lowlevel.checkpoint()
-        self._check_filled()
+        self._load_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._fill_kick.set()
+        if self._wake_fd < 0:
+            return
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    def _call_trio(self, fn: Any, *args: Any) -> None:
+        """From the fault thread: run ``fn(*args)`` in the trio thread soon."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def _submit_wait(self, r: Region, va: int, start_ns: int) -> None:
+        """Trio thread: a fault the fault thread could not answer waits for the loader
+        like a socket wait (head of the queue); its answer goes back to the thread."""
+        off = r.offset + (va - r.base)
+        try:
+            handle = self.loader.submit_wait(off, r.page_size, self._on_waited, (r, va, start_ns))
+        except LoadError as exc:
+            self._post_answer(r, va, start_ns, exc)
+            return
+        if handle is None:
+            self._post_answer(r, va, start_ns, None)
+            return
+        self.faults_waited += 1
+        if self.outstanding == 0:
+            self._none_outstanding = trio.Event()
+        self.outstanding += 1
+
+    def _on_waited(self, handle: WaitHandle) -> None:
+        context = handle.context
+        assert isinstance(context, tuple)
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self._none_outstanding.set()
+        self._post_answer(context[0], context[1], context[2], handle.error)
+
+    def _post_answer(self, r: Region, va: int, start_ns: int, error: LoadError | None) -> None:
+        with self._lock:
+            self._answers.append((r, va, start_ns, error))
+        self._wake()
+
+    def _merge(self) -> None:
+        """Trio thread: add the fault thread's faults to the loader's wait counts (each
+        answered at once, so "immediate"), its touched pages to the working-set
+        recorder, and its hints to the loader's prefetches."""
+        with self._lock:
+            n, self._for_loader = self._for_loader, 0
+            touched, self._touched = self._touched, []
+            hints, self._hints = self._hints, []
+            self._merge_scheduled = False
+        counters = self.loader.counters
+        counters.waits_total += n
+        counters.waits_immediate += n
+        recorder = self.loader.recorder
+        if recorder is not None:
+            for lo, hi in touched:
+                recorder.touched(lo, hi)
+        for lo, hi in hints:
+            self.loader.prefetch(lo, hi - lo)
 
     async def drain(self, timeout: float) -> None:
-        """Before the daemon exits (SIGTERM): read the faults already queued in the
-        userfaultfd and answer them, and give the faults waiting for a read up to
-        ``timeout`` seconds (their reads are at the head of the queue).  Those still
-        waiting then are answered by the loader's shutdown (``shutting-down``):
-        poisoned, so the thread gets SIGBUS instead of hanging on a handler that
-        is gone.  Faults arriving until the daemon exits are still answered."""
-        if self.gone or self.uffd.fd < 0:
+        """Before the daemon exits (SIGTERM): let the fault thread read the faults
+        already queued in the userfaultfd and answer them, and give the faults
+        waiting for a read up to ``timeout`` seconds (their reads are at the head of
+        the queue).  Those still waiting then are answered by the loader's shutdown
+        (``shutting-down``): poisoned, so the thread gets SIGBUS instead of hanging on
+        a handler that is gone.  Faults arriving until the daemon exits are still
+        answered."""
+        if self.gone or self._thread is None:
             return
         self.draining = True
-        self._read_ready()
-        if self.outstanding:
-            log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
-            with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout):
+            # one pass of the fault thread: what it read was handed to us before this
+            self._synced = synced = trio.Event()
+            self._want_sync = True
+            self._wake()
+            await synced.wait()
+            if self.outstanding:
+                log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
                 while self.outstanding and not self.gone:
                     await self._none_outstanding.wait()
-                    self._read_ready()
         if self.outstanding:
             log.warning("uffd: %d fault(s) still waiting for reads at shutdown: they will be poisoned",
                         self.outstanding)
 
-    def _read_ready(self) -> None:
-        """Handle every message queued now (non-blocking)."""
-        try:
-            messages = self.uffd.read_messages()
-        except OSError:
-            return
-        while messages:
-            for m in messages:
-                self._on_message(m)
-            messages = self.uffd.read_messages()
+    def _set_synced(self) -> None:
+        if self._synced is not None:
+            self._synced.set()
 
-    def _on_message(self, m: _uffd.UffdMessage) -> None:
-        if m.event == _uffd.EVENT_PAGEFAULT:
-            self.faults += 1
-            self._fault(m.b, 0, time.perf_counter_ns())
-        elif m.event == _uffd.EVENT_REMOVE:
-            self.removed_events += 1
-            self._remove(m.a, m.b)
-        elif m.event == _uffd.EVENT_UNMAP:
-            self.unmap_events += 1
-            self._remove(m.a, m.b)
-        elif m.event == _uffd.EVENT_REMAP:
-            self.remap_events += 1
-            self._remap(m.a, m.b, m.c)
-        else:
-            log.warning("uffd: ignoring event %#x", m.event)
+    # ------------------------------------------------------------ the fault thread
+    def _main(self) -> None:
+        self._local.counts = self.counts
+        self._local.copied = 0
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
+        try:
+            while not self.gone:
+                if self._retry:
+                    timeout = 1
+                else:
+                    timeout = -1
+                # the GIL is released while blocked here; each syscall after it takes the GIL
+                # again, which can wait for another thread's switch interval: so only the
+                # descriptors poll reported are read
+                ready = poller.poll(timeout)
+                uffd_ready = False
+                for fd, _ in ready:
+                    if fd == self._wake_fd:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        uffd_ready = True
+                if uffd_ready:
+                    self._read_ready()
+                if self._retry:
+                    retry, self._retry = self._retry, []
+                    for address, start in retry:
+                        self._fault(address, start)
+                self._take_answers()
+                if self._want_sync:
+                    self._want_sync = False
+                    self._call_trio(self._set_synced)
+                if self._filled and self._deferred:  # eager mode: the held faults, now that all is in
+                    deferred, self._deferred = self._deferred, []
+                    for address, start in deferred:
+                        self._fault(address, start)
+                if self._stop:
+                    break
+        except Exception:
+            log.exception("uffd: the fault thread failed")
+            self.gone = True
+        finally:
+            self._fill_kick.set()
+            self._call_trio(self._finished.set)
+
+    def _fill_main(self) -> None:
+        """The fill thread: background copies, one ``fill_chunk`` at a time, each under
+        ``_copy_lock``; it lets the fault thread in between copies."""
+        self._local.counts = self.fill_counts
+        self._local.copied = 0
+        if self.config.fill_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.fill_nice)
+            except OSError:
+                pass
+        try:
+            while not self.gone and not self._stop:
+                self._fill_kick.clear()
+                if not self._fill_ready():
+                    self._check_filled()
+                    self._fill_kick.wait(0.1)
+                    continue
+                while self._want_read and not self._stop:
+                    time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
+                with self._copy_lock:
+                    self._fill_step()
+        except Exception:
+            log.exception("uffd: the fill thread failed")
+            self.gone = True
+            self._wake()
+
+    def _read_ready(self) -> None:
+        """Handle every message queued now (non-blocking).  Removals come first, so a
+        fault read in the same batch never copies into a range being removed."""
+        while not self.gone:
+            self._want_read = True
+            with self._copy_lock:
+                self._want_read = False
+                try:
+                    messages = self.uffd.read_messages()
+                except OSError as exc:
+                    if exc.errno not in (errno_mod.EBADF,):
+                        log.warning("uffd: reading events: %s", exc)
+                    self.gone = True
+                    return
+                for m in messages:
+                    if m.event in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
+                        if m.event == _uffd.EVENT_REMOVE:
+                            self.counts.remove += 1
+                        else:
+                            self.counts.unmap += 1
+                        self._remove(m.a, m.b)
+            if not messages:
+                return
+            full = len(messages) == self.uffd.capacity  # more may be queued behind them
+            now = time.perf_counter_ns()
+            for m in messages:
+                if m.event == _uffd.EVENT_PAGEFAULT:
+                    self.counts.faults += 1
+                    self._fault(m.b, now)
+                elif m.event == _uffd.EVENT_REMAP:
+                    self.counts.remap += 1
+                    self._remap(m.a, m.b, m.c)
+                elif m.event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
+                    log.warning("uffd: ignoring event %#x", m.event)
+            if not full:
+                return
 
     def _remove(self, start: int, end: int) -> None:
         """The VMM dropped ``[start, end)`` (balloon, MADV_DONTNEED, munmap): never copy
@@ -334,7 +650,8 @@ class UffdHandler:
             if a < b:
                 lo, hi = r.offset + (a - r.base), r.offset + (b - r.base)
                 self.removed.add(lo, hi)
-                self.pending.remove(lo, hi)
+                with self._lock:
+                    self.pending.remove(lo, hi)
 
     def _remap(self, old: int, new: int, length: int) -> None:
         """mremap moved ``[old, old+length)`` to ``new``: the image offsets go with it."""
@@ -358,70 +675,134 @@ class UffdHandler:
                 return r
         return None
 
-    def _fault(self, address: int, _unused: int, start_ns: int) -> None:
+    def _fault(self, address: int, start_ns: int) -> None:
+        """Answer one fault, or hand it to the trio thread (module doc, in order)."""
         r = self._region(address)
         if r is None:  # not ours (should not happen): wake it rather than leave it hanging
             log.warning("uffd: fault at %#x outside every region", address)
-            self._wake(address & ~4095, 4096)
+            self._wake_range(address & ~4095, 4096)
+            return
+        if self.config.eager and not self._filled:
+            self._deferred.append((address, start_ns))
             return
         page = r.page_size
         va = address & ~(page - 1)
         off = r.offset + (va - r.base)
         if self.removed.overlap_bytes(off, off + page) or not _has_data(self.loader, off, off + page):
-            self.faults_zero += 1
+            self.counts.zero += 1
             self._zero(r, va, start_ns)
             return
-        try:
-            handle = self.loader.submit_wait(off, page, self._on_waited, (r, va, start_ns))
-        except LoadError as exc:
-            self._fail(r, va, start_ns, exc)
+        with self._lock:
+            loaded = self.pending.overlap_bytes(off, off + page) == _data_bytes(self.loader, off, off + page)
+        if loaded:
+            self.counts.loaded += 1
+            self._answer(r, va, start_ns, loader_wait=True)
             return
-        if handle is None:
-            self.faults_immediate += 1
-            self._answer(r, va, start_ns)
-        else:
-            self.faults_waited += 1
-            if self.outstanding == 0:
-                self._none_outstanding = trio.Event()
-            self.outstanding += 1
+        src = self._direct_address(off, page)
+        if src is not None:
+            status = self._copy(r, va, src, page)
+            if status == errno_mod.EAGAIN:
+                self._retry.append((address, start_ns))
+                return
+            if status != errno_mod.EFAULT:
+                self.counts.direct += 1
+                if self.direct_fill:
+                    with self._lock:
+                        self.installed.add(off, off + page)
+                if status == errno_mod.EEXIST:
+                    self.counts.spurious += 1
+                    self._wake_range(va, page)
+                self._record(start_ns)
+                # the hint loads the memory file sooner; the direct fill covers the guest
+                # anyway, and the loader's reads would only take CPU from the guest then
+                hint = 0 if self.direct_fill else self.config.hint_around
+                window = (off & ~(hint - 1), min((off & ~(hint - 1)) + hint, self.loader.memory_size)) \
+                    if hint >= page else None
+                self._for_trio(off, off + page, window)
+                return
+            # the source page cannot be read (EFAULT): the loader's path decides
+        self._call_trio(self._submit_wait, r, va, start_ns)
 
-    def _on_waited(self, handle: WaitHandle) -> None:
-        context = handle.context
-        assert isinstance(context, tuple)
-        r: Region = context[0]
-        va: int = context[1]
-        start_ns: int = context[2]
-        self.outstanding -= 1
-        if self.outstanding == 0:
-            self._none_outstanding.set()
-        if handle.error is not None:
-            self._fail(r, va, start_ns, handle.error)
-        else:
-            self._answer(r, va, start_ns)
+    def _for_trio(self, lo: int, hi: int, hint: tuple[int, int] | None) -> None:
+        """A fault answered here counts as an immediate wait of the loader (and a touch
+        for the working-set recorder); ``hint``: a window to prefetch."""
+        with self._lock:
+            self._for_loader += 1
+            if self.loader.recorder is not None:
+                self._touched.append((lo, hi))
+            if hint is not None:
+                self._hints.append(hint)
+            if self._merge_scheduled:
+                return
+            self._merge_scheduled = True
+        self._call_trio(self._merge)
 
-    def _answer(self, r: Region, va: int, start_ns: int) -> None:
-        """The faulting page is loaded: copy it (waking the thread), then the window around it."""
+    def _direct_address(self, off: int, length: int) -> int | None:
+        """Where memory ``[off, off+length)`` is in the source's mapping, if it is
+        one piece of data there; None if direct copies are off."""
+        if self._direct_map is None:
+            return None
+        if self._direct_identity:  # a raw image: memory offset = file offset, holes read as zeros
+            fo = off
+        else:
+            layout = self.loader.layout
+            i = layout.find(off)
+            if i < 0 or off + length > layout.mem[i] + layout.length[i]:
+                return None
+            fo = layout.file[i] + (off - layout.mem[i])
+        if fo + length > self._direct_size:
+            return None
+        return self._direct_base + fo
+
+    def _take_answers(self) -> None:
+        """Answer the faults whose loader waits finished (trio thread's answers)."""
+        with self._lock:
+            if not self._answers:
+                return
+            answers, self._answers = self._answers, deque()
+        for r, va, start_ns, error in answers:
+            if self.gone:
+                return
+            off = r.offset + (va - r.base)
+            if error is not None:
+                self._fail(r, va, start_ns, error)
+            elif self.removed.overlap_bytes(off, off + r.page_size):
+                self.counts.zero += 1
+                self._zero(r, va, start_ns)
+            else:
+                self._answer(r, va, start_ns)
+
+    def _answer(self, r: Region, va: int, start_ns: int, loader_wait: bool = False) -> None:
+        """The faulting page is loaded: copy it (waking the thread), then the loaded,
+        not yet copied bytes of the window around it."""
         page = r.page_size
         off = r.offset + (va - r.base)
-        status = self._copy(r, va, off, page)
+        status = self._copy(r, va, self._src + off, page)
         if status == errno_mod.EAGAIN:
-            self._retry.append((va, page, start_ns))
+            self._retry.append((va, start_ns))
             return
         if status == errno_mod.EEXIST:
-            self.faults_spurious += 1
-            self._wake(va, page)
+            self.counts.spurious += 1
+            self._wake_range(va, page)
         self._record(start_ns)
-        self.pending.remove(off, off + page)
+        with self._lock:
+            self.pending.remove(off, off + page)
+        if self.direct_fill:
+            with self._lock:
+                self.installed.add(off, off + page)
+        if loader_wait:
+            self._for_trio(off, off + page, None)
         window = max(self.config.fault_around, page)
         wlo = max(off & ~(window - 1), r.offset)
         whi = min(wlo + window, r.offset + r.size)
-        for plo, phi in list(self.pending.overlapping(wlo, whi)):
-            self._install(max(plo, wlo), min(phi, whi))
+        if whi - wlo > page:
+            self._install(wlo, whi)
 
     def _record(self, start_ns: int) -> None:
         elapsed = time.perf_counter_ns() - start_ns
-        self.blocked_ns += elapsed
-        self.histogram.record(elapsed)
+        self.counts.blocked_ns += elapsed
+        with self._lock:
+            self.histogram.record(elapsed)
 
     def _zero(self, r: Region, va: int, start_ns: int) -> None:
         page = r.page_size
@@ -432,11 +813,11 @@ class UffdHandler:
                 self.uffd.copy(va, self._zero_source(page), page)
         except _uffd.UffdError as exc:
             if exc.errno == errno_mod.EAGAIN:
-                self.eagain += 1
-                self._retry.append((va, page, start_ns))
+                self.counts.eagain += 1
+                self._retry.append((va, start_ns))
                 return
             if exc.errno == errno_mod.EEXIST:
-                self._wake(va, page)
+                self._wake_range(va, page)
             elif not self._gone_error(exc):
                 log.warning("uffd: zero page at %#x: %s", va, exc)
         self._record(start_ns)
@@ -450,7 +831,7 @@ class UffdHandler:
 
     def _fail(self, r: Region, va: int, start_ns: int, error: LoadError) -> None:
         """The page cannot be read: poison it so the faulting thread gets SIGBUS."""
-        self.faults_failed += 1
+        self.counts.failed += 1
         if error.code == codes.SHUTTING_DOWN:
             log.warning("uffd: page at %#x (memory %#x) not loaded at shutdown: poisoned", va,
                         r.offset + (va - r.base))
@@ -461,7 +842,9 @@ class UffdHandler:
             self.uffd.poison(va, r.page_size)
         except _uffd.UffdError as exc:
             if exc.errno == errno_mod.EAGAIN:
-                self._retry.append((va, r.page_size, start_ns))
+                self.counts.failed -= 1
+                with self._lock:  # again after the events
+                    self._answers.append((r, va, start_ns, error))
                 return
             if not self._gone_error(exc):
                 # no UFFDIO_POISON (kernel before 6.6): nothing can raise SIGBUS in the
@@ -471,37 +854,49 @@ class UffdHandler:
                 self.gone = True
         self._record(start_ns)
 
-    def _wake(self, va: int, length: int) -> None:
+    def _wake_range(self, va: int, length: int) -> None:
         try:
             self.uffd.wake(va, length)
         except OSError:
             pass
 
-    # ------------------------------------------------------------ copying
-    def _copy(self, r: Region, va: int, off: int, length: int) -> int:
-        """UFFDIO_COPY ``length`` bytes (whole pages of ``r``) of memory ``off`` to ``va``.
-        Returns 0, or EEXIST if some page was already there (the rest is copied), or
-        EAGAIN (the mapping is changing: retry after reading the events)."""
+    # ------------------------------------------------------------ copying (fault thread)
+    def _copy(self, r: Region, va: int, src: int, length: int) -> int:
+        """UFFDIO_COPY ``length`` bytes (whole pages of ``r``) from address ``src`` to
+        ``va``.  Returns 0, or EEXIST if some page was already there (the rest is
+        copied), EAGAIN (the mapping is changing: retry after reading the events) or
+        EFAULT (the source could not be read; nothing more copied).  The kernel reports
+        a copy that stopped early (at a page already there) as EAGAIN with the bytes
+        done: that is progress, not a changing mapping.  After EAGAIN or EFAULT,
+        ``_local.copied`` holds the bytes done (per thread)."""
         page = r.page_size
         done = 0
         status = 0
+        c = self._local.counts
         while done < length and not self.gone:
             try:
-                n = self.uffd.copy(va + done, self._src + off + done, length - done)
-                self.copies += 1
-                self.copied_bytes += n
+                n = self.uffd.copy(va + done, src + done, length - done)
+                c.copies += 1
+                c.copied_bytes += n
                 done += n
             except _uffd.UffdError as exc:
-                self.copies += 1
-                self.copied_bytes += exc.done
+                c.copies += 1
+                c.copied_bytes += exc.done
                 done += exc.done - exc.done % page
                 if exc.errno == errno_mod.EEXIST:
-                    self.eexist += 1
+                    c.eexist += 1
                     status = errno_mod.EEXIST
                     done += page
                 elif exc.errno == errno_mod.EAGAIN:
-                    self.eagain += 1
+                    if exc.done:  # a partial copy (it stopped at a page already there): go on
+                        continue
+                    c.eagain += 1
+                    self._local.copied = done
                     return errno_mod.EAGAIN
+                elif exc.errno == errno_mod.EFAULT:
+                    c.efault += 1
+                    self._local.copied = done
+                    return errno_mod.EFAULT
                 elif self._gone_error(exc):
                     return 0
                 else:
@@ -518,66 +913,192 @@ class UffdHandler:
         return False
 
     def _install(self, lo: int, hi: int) -> bool:
-        """Copy pending bytes ``[lo, hi)`` into the guest (whole pages of each region).
-        Returns False if the mapping is changing (EAGAIN): try again later."""
+        """Copy the pending bytes of ``[lo, hi)`` into the guest (whole pages of each
+        region; a huge page only once all its data is loaded), never into removed
+        ranges.  Returns False if the mapping is changing (EAGAIN): try again later."""
         for r in self.regions:
             a, b = max(lo, r.offset), min(hi, r.offset + r.size)
             if a >= b:
                 continue
             page = r.page_size
-            if page > self.loader.page_size:  # a huge page goes in whole, once all of it is loaded
-                a &= ~(page - 1)
-                b = (b + page - 1) & ~(page - 1)
-                ld = self.loader
-                for hp in range(a, b, page):
-                    if (ld.unloaded.overlap_bytes(hp, hp + page) or ld.inflight.overlap_bytes(hp, hp + page)
-                            or ld.failed.overlap_bytes(hp, hp + page) or self.removed.overlap_bytes(hp, hp + page)):
-                        continue
-                    if not self.pending.overlap_bytes(hp, hp + page):
-                        continue
-                    if self._copy(r, r.base + (hp - r.offset), hp, page) == errno_mod.EAGAIN:
-                        return False
-                    self.pending.remove(hp, hp + page)
-                continue
-            if self._copy(r, r.base + (a - r.offset), a, b - a) == errno_mod.EAGAIN:
-                return False
-            self.pending.remove(a, b)
+            a &= ~(page - 1)
+            b = (b + page - 1) & ~(page - 1)
+            pieces = self._take(a, b, page)
+            for k, (plo, phi) in enumerate(pieces):
+                status = self._copy(r, r.base + (plo - r.offset), self._src + plo, phi - plo)
+                if self.direct_fill:
+                    with self._lock:
+                        self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + self._local.copied)
+                if status == errno_mod.EAGAIN:
+                    with self._lock:  # what is left of this piece, and the pieces after it
+                        self.pending.add(plo + self._local.copied, phi)
+                        for qlo, qhi in pieces[k + 1:]:
+                            self.pending.add(qlo, qhi)
+                    return False
         return True
 
-    async def _fill(self) -> None:
+    def _take(self, a: int, b: int, page: int) -> list[tuple[int, int]]:
+        """Take out of ``pending`` what of ``[a, b)`` can be copied now: pending pieces
+        minus removed ranges (whole huge pages, all of whose data is pending)."""
+        out: list[tuple[int, int]] = []
+        with self._lock:
+            if page <= self.loader.page_size:
+                for plo, phi in list(self.pending.overlapping(a, b)):
+                    plo, phi = max(plo, a), min(phi, b)
+                    self.pending.remove(plo, phi)
+                    out.append((plo, phi))
+            else:
+                for hp in range(a, b, page):
+                    have = self.pending.overlap_bytes(hp, hp + page)
+                    if have and have == _data_bytes(self.loader, hp, hp + page):
+                        self.pending.remove(hp, hp + page)
+                        out.append((hp, hp + page))
+        if not self.removed:
+            return out
+        pieces: list[tuple[int, int]] = []
+        for plo, phi in out:
+            at = plo
+            for rlo, rhi in self.removed.overlapping(plo, phi):
+                if rlo > at:
+                    pieces.append((at, rlo))
+                at = max(at, rhi)
+            if at < phi:
+                pieces.append((at, phi))
+        if page > self.loader.page_size:  # a huge page goes in whole or not at all
+            return [p for p in pieces if p[1] - p[0] == page]
+        return pieces
+
+    def _fill_ready(self) -> bool:
+        if self._filled and not self.config.fill:
+            return False
+        if self.config.eager and not self._load_done:
+            return False
+        return bool(self._fill_queue)
+
+    def _fill_step(self) -> None:
+        """One background copy of at most ``fill_chunk`` bytes, at the fill queue's head."""
         chunk = self.config.fill_chunk
-        queue = self._fill_queue
-        while not self.gone:
-            if not queue:
-                self._check_filled()
-                self._more = trio.Event()
-                await self._more.wait()
+        if self.direct_fill:
+            self._direct_fill_step(chunk)
+            return
+        with self._lock:
+            queue = self._fill_queue
+            while queue:
+                entry = queue[0]
+                nxt = self.pending.first_at_or_after(entry[0])
+                if nxt is None or nxt[0] >= entry[1]:
+                    queue.popleft()
+                    continue
+                a = max(nxt[0], entry[0])
+                b = min(nxt[1], entry[1], a + chunk)
+                entry[0] = b
+                break
+            else:
+                return
+        if not self._install(a, b):
+            with self._lock:  # EAGAIN: the events are read first, then this again
+                self._fill_queue.appendleft([a, b])
+
+    def _direct_fill_step(self, chunk: int) -> None:
+        """The direct fill: copy the next piece of the queue from the source, skipping
+        removed ranges (read by this thread, so never copied into after removal) and
+        pages already there (EEXIST)."""
+        with self._lock:
+            if not self._fill_queue:
+                return
+            entry = self._fill_queue[0]
+            a = entry[0]
+            r = self._region_at(a)
+            step = chunk if r is None else max(r.page_size, chunk - chunk % r.page_size)  # whole pages
+            b = min(entry[1], a + step)
+            if r is not None:
+                b = min(b, r.offset + r.size)
+            entry[0] = b
+            if entry[0] >= entry[1]:
+                self._fill_queue.popleft()
+        if r is None:
+            return
+        pieces = [(a, b)]
+        with self._lock:
+            skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
+            self.installed.remove(a, b)  # the fill is past it: forget it
+        if skip:
+            pieces = []
+            at = a
+            for rlo, rhi in skip:
+                if rlo > at:
+                    pieces.append((at, rlo))
+                at = max(at, rhi)
+            if at < b:
+                pieces.append((at, b))
+        page = r.page_size
+        for k, (plo, phi) in enumerate(pieces):
+            if r.page_size > self.loader.page_size and (plo % page or phi % page):
+                continue  # part of a huge page was removed: it is never copied again
+            src = self._direct_address(plo, phi - plo)
+            if src is None:  # cannot happen for queued data; leave it to faults
+                self._skipped += 1
                 continue
-            lo, hi = queue[0]
-            nxt = self.pending.first_at_or_after(lo)
-            if nxt is None or nxt[0] >= hi:
-                queue.popleft()
-                continue
-            a = nxt[0]
-            b = min(nxt[1], hi, a + chunk)
-            if not self._install(a, b):
-                await trio.sleep(0.0005)  # the VMM is changing its mapping; events come first
-                continue
-            await trio.lowlevel.checkpoint()  # faults first
+            status = self._copy(r, r.base + (plo - r.offset), src, phi - plo)
+            if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
+                rest = plo + self._local.copied
+                if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
+                    self._skipped += 1
+                    rest += page
+                with self._lock:  # the rest of this piece and the ones after it, first
+                    later = [[qlo, qhi] for qlo, qhi in pieces[k + 1:]]
+                    if rest < phi:
+                        later.insert(0, [rest, phi])
+                    self._fill_queue.extendleft(reversed(later))
+                return
+
+    def _region_at(self, offset: int) -> Region | None:
+        for r in self.regions:
+            if r.offset <= offset < r.offset + r.size:
+                return r
+        return None
 
     def _check_filled(self) -> None:
-        if self.filled.is_set() or not self.loader.done.is_set():
+        if self._filled or not (self.config.fill or self.config.eager):
             return
-        if self.pending:
-            return
+        if self.direct_fill:
+            with self._lock:
+                if self._fill_queue or self._skipped:
+                    return
+        else:
+            if not self._load_done:
+                return
+            with self._lock:
+                if self._fill_queue or self.pending:
+                    return
+        self._filled = True
         self.filled_ns = time.perf_counter_ns()
-        self.filled.set()
         log.info("uffd: guest memory filled in %.3f s", (self.filled_ns - self.started_ns) / 1e9)
+        self._call_trio(self.filled.set)
+        if self.loader.sweep_held:
+            self._call_trio(self.loader.hold_sweep, False)
+        self._wake()  # the fault thread answers the faults held in eager mode
 
 
 def _has_data(loader: Loader, lo: int, hi: int) -> bool:
     for _ in loader.layout.data_in(lo, hi):
         return True
+    return False
+
+
+def _data_bytes(loader: Loader, lo: int, hi: int) -> int:
+    return sum(b - a for a, b in loader.layout.data_in(lo, hi))
+
+
+def _injects_read_faults(queue: object) -> bool:
+    """Whether ``queue`` (or a queue it wraps) makes reads fail or hang on purpose:
+    then faults must take the loader's path, which those reads reach."""
+    for _ in range(16):
+        if isinstance(queue, (aio.testing.FaultInjectingQueue, aio.testing.HangingQueue)):
+            return True
+        queue = getattr(queue, "inner", None)
+        if queue is None:
+            return False
     return False
 
 

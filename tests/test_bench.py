@@ -195,12 +195,16 @@ def test_uffd_section_structure(tmp_path) -> None:
 
     image = str(tmp_path / "image.raw")
     make_sample_image(image, 16 << 20, seed=3, dense=True)
-    section = run_uffd_section(image, str(tmp_path), touches=60, window_s=0.05, log=lambda _: None)
-    assert set(section["runs"]) == set(MODES)
+    section = run_uffd_section(image, str(tmp_path), touches=60, window_s=0.05, firecracker_repeat=0,
+                               log=lambda _: None)
+    assert set(section["runs"]) == {*MODES, "zero-copy"}
     for mode, run in section["runs"].items():
-        assert run["touches"] == 60 and run["daemon_exit"] == 0, mode
+        assert run["touches"] == 60 and run.get("daemon_exit", 0) == 0, mode
         assert set(run["fault_us"]) >= {"count", "p50", "p99", "max"}
     assert section["runs"]["lazy"]["no_more_faults_s"] is None
     assert section["runs"]["fill"]["no_more_faults_s"] is not None
     assert [g["name"] for g in section["goals"]] == ["fault p50", "fault p99", "fill / cp", "least blocked time"]
-    assert "handler" in "\n".join(_format_uffd(section))
+    assert section["runs"]["zero-copy"]["copied_bytes"] == 0
+    assert section["firecracker"] == {"skipped": "not asked for"}
+    text = "\n".join(_format_uffd(section))
+    assert "handler" in text and "zero-copy" in text and "real Firecracker: skipped" in text

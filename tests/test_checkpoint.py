@@ -482,6 +482,33 @@ def test_cli_create_inspect_verify(
     assert "CORRUPT" in text and "chunk 0 " in text
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["checkpoint"], "required: ACTION"),
+    (["checkpoint", "nope"], "invalid choice: 'nope'"),
+    (["checkpoint", "create", "x"], "required: OUT"),
+    (["checkpoint", "sample", "x", "--size", "1Q"], "not a size: '1Q'"),
+    (["checkpoint", "inspect", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    # every other command reports usage errors the same way
+    (["nope"], "invalid choice: 'nope'"),
+    (["trace"], "required: SUBCOMMAND"),
+    (["wait", "--socket", "s", "0"], "required: LENGTH"),
+    (["stats"], "required: --socket"),
+    (["loadgen", "--trace", "t", "--rate", "x"], "invalid"),
+    (["working-set", "show"], "required: FILE"),
+    (["bench", "--size", "1Q"], "not a size: '1Q'"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["restore", "img", "--socket", "s", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_cli_usage_errors_are_one_line(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("pageload") and err.count("\n") == 1, err
+    assert words in err and "usage:" not in err and "--help)" in err
+
+
 def test_cli_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s.img"
     assert main(["checkpoint", "sample", str(out), "--size", "2M", "--seed", "5"]) == 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import pytest
 import trio
 
 import aio.testing
-from loader import DaemonOptions, LoaderConfig, run_daemon
+from loader import DaemonOptions, LoaderConfig, UffdConfig, run_daemon
 from loader.checkpoint import create_checkpoint
 from workloads import make_sample_image
 from workloads._vmm import HUGE_PAGE, GuestRegion, VmmEmulator, hugepages_free
@@ -101,6 +102,14 @@ async def test_background_fill_ends_faults(tmp_path, images):
             assert bad == []
             assert u.faults - u.faults_zero == data_faults  # no data page faulted any more
             assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
+            # the raw image was filled straight from the source, with the loader's sweep
+            # held meanwhile; the sweep goes on afterwards and loads the memory file
+            assert u.direct_fill
+            await state.loader.done.wait()
+            assert not state.loader.sweep_held
+            s = u.statistics()
+            assert s["copied_bytes"] >= state.loader.layout.data_bytes  # both threads' copies, merged
+            assert s["copies"] == u.counts.copies + u.fill_counts.copies > u.counts.copies
         finally:
             vmm.close()
         with trio.fail_after(10):
@@ -137,6 +146,32 @@ async def test_huge_pages(tmp_path, images):
     assert bad == []
 
 
+@pytest.mark.skipif(hugepages_free() < 4, reason="needs 4 free 2 MiB huge pages (vm.nr_hugepages)")
+@pytest.mark.parametrize("direct", [True, False])
+async def test_huge_pages_are_filled_whole(tmp_path, images, direct):
+    """The fill copies whole 2 MiB pages (from the source, or after the loader): the
+    guest is filled and then holds the image."""
+    opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(direct=direct))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, 8 * MiB, HUGE_PAGE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            with trio.fail_after(20):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            assert state.uffd.direct_fill == direct
+            bad = await trio.to_thread.run_sync(vmm.verify_all)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert bad == []
+    assert state.uffd.faults == state.uffd.faults_zero  # only huge pages without data fault (zero)
+
+
 async def test_balloon_remove_gives_zero_pages_and_is_never_refilled(tmp_path, images):
     opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False))
     lo, length = 2 * MiB, 1 * MiB
@@ -151,4 +186,134 @@ async def test_balloon_remove_gives_zero_pages_and_is_never_refilled(tmp_path, i
     with open(images["raw"], "rb") as f:
         f.seek(lo + length)
         assert after == f.read(PAGE)
-    assert state.uffd.removed_events == 1 and state.uffd.removed.total == length
+    assert state.uffd.counts.remove == 1 and state.uffd.removed.total == length
+
+
+def _image_bytes(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+async def test_fault_paths_loaded_hole_direct(tmp_path, images):
+    """Raw image, lazy mode (no fill, so a loaded page still faults), no sweep: a loaded
+    page is copied from the memory file, a hole gets a zero page, a page not loaded
+    yet is copied straight from the source; none of them waits for the loader, and
+    the loader counts the data faults as immediate waits."""
+    opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        layout = state.loader.layout
+        data = [r.mem_offset for r in layout if r.length >= 2 * PAGE]
+        loaded, direct = data[0], data[-1] + PAGE
+        hole = next(o for o in range(0, SIZE, PAGE) if layout.find(o) < 0)
+        await state.loader.wait_loaded(loaded, PAGE)
+        before = state.loader.statistics()
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            got = [await trio.to_thread.run_sync(vmm.read, o, PAGE) for o in (loaded, hole, direct)]
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert got == [_image_bytes(images["raw"], loaded, PAGE), bytes(PAGE), _image_bytes(images["raw"], direct, PAGE)]
+    u = state.uffd
+    assert (u.faults, u.faults_immediate, u.faults_zero, u.faults_direct, u.faults_waited) == (3, 1, 1, 1, 0)
+    after = state.loader.statistics()
+    assert after.waits_immediate - before.waits_immediate == 2
+    s = u.statistics()
+    assert s["direct"] == "on" and s["faults_direct"] == 1 and s["fault_latency_us"]["count"] == 3
+
+
+async def test_checksummed_pages_wait_for_the_loader(tmp_path, images):
+    """A pages checkpoint is verified while loading: a fault on a page not loaded yet
+    waits for the loader (never a direct copy of unverified bytes)."""
+    opts = options(tmp_path, images["pages"], config=LoaderConfig(sweep=False),
+                   uffd_config=UffdConfig.for_mode("lazy"))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        offset = next(r.mem_offset for r in state.loader.layout)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            got = await trio.to_thread.run_sync(vmm.read, offset, PAGE)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert got == _image_bytes(images["raw"], offset, PAGE)
+    u = state.uffd
+    assert (u.faults_waited, u.faults_direct) == (1, 0)
+    assert u.statistics()["direct"].startswith("off (checksums")
+
+
+async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeypatch):
+    """The source shrinks under the handler just after it mapped it: the direct copy of
+    a page past the new end fails (EFAULT), and the fault takes the loader's path,
+    whose read fails too: the page is poisoned (SIGBUS in the VMM child), never
+    answered with wrong bytes."""
+    from loader._uffd_handler import UffdHandler
+    from workloads._vmm import spawn_child
+
+    raw = str(tmp_path / "memory.img")
+    make_sample_image(raw, 4 * MiB, seed=3, dense=True)
+    opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
+    mapped = UffdHandler._open_direct
+
+    def then_shrink(self):
+        why = mapped(self)
+        os.truncate(raw, 2 * MiB)
+        return why
+
+    monkeypatch.setattr(UffdHandler, "_open_direct", then_shrink)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, 4 * MiB, [3 * MiB])
+        try:
+            code = await trio.to_thread.run_sync(child.wait, 15)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    u = state.uffd
+    assert code == -signal.SIGBUS
+    assert u.counts.efault >= 1 and u.faults_direct == 0 and u.faults_failed == 1
+
+
+@pytest.mark.parametrize("config", [UffdConfig(direct=False), UffdConfig(fill_chunk=PAGE)],
+                         ids=["fill-after-loader", "direct-fill"])
+async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images, config):
+    """The VMM removes ranges while the fill copies (kept going by slowed reads, or by
+    page-sized direct copies): once memory is filled, every removed range still reads
+    as zeros, the rest as the image."""
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.002), uffd_config=config)
+    holes = [(o, 64 * 1024) for o in range(1 * MiB, SIZE, 3 * MiB + 64 * 1024)]
+
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            for lo, length in holes:
+                await trio.to_thread.run_sync(vmm.balloon, lo, length)
+                await trio.sleep(0.005)
+            with trio.fail_after(20):
+                await state.uffd.filled.wait()
+            removed = [await trio.to_thread.run_sync(vmm.read, lo, length) for lo, length in holes]
+            kept = await trio.to_thread.run_sync(vmm.read, 0, 1 * MiB)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert all(b == bytes(len(b)) for b in removed)
+    assert kept == _image_bytes(images["raw"], 0, 1 * MiB)
+    assert state.uffd.counts.remove == len(holes)

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import aio.testing
-from loader import Client, DaemonOptions, LoaderConfig, _uffd, run_daemon
+from loader import Client, DaemonOptions, LoaderConfig, UffdConfig, _uffd, run_daemon
 from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import spawn_child
 
@@ -120,18 +120,19 @@ async def test_read_hung_past_the_deadline_is_answered(tmp_path, image):
                          f"touching {BAD}"]
     u = state.uffd
     assert u.faults_failed == 1 and u.outstanding == 0
-    assert u.faults == u.faults_immediate + u.faults_waited + u.faults_zero
+    assert u.faults == u.faults_immediate + u.faults_direct + u.faults_waited + u.faults_zero
 
 
 async def test_stop_lets_a_waiting_fault_finish_with_data(tmp_path, image):
     """Stopped while a fault waits for a slow read: the drain waits for it (within
     half the shutdown deadline), so the guest gets the right bytes, not SIGBUS."""
+    # direct copies off: the fault must wait for the (slow) read, as with a checksummed source
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False), shutdown_timeout=2.0,
-                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.3))
+                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.3), uffd_config=UffdConfig(direct=False))
     state, code, lines = await serve_child(opts, image, [BAD], stop_when=f"touching {BAD}")
     assert code == 0, lines
     assert lines[-1] == f"ok {BAD}"
-    assert state.uffd.faults_failed == 0
+    assert state.uffd.faults_failed == 0 and state.uffd.faults_waited == 1
 
 
 def test_sigterm_drains_faults_then_exits_0(tmp_path, image):

