@@ -177,7 +177,7 @@ async def test_metrics_serve_while_an_eager_restore_loads(tmp_path, image):
     """Without --background the socket opens only when loaded; the metrics show the load meanwhile."""
     path = str(tmp_path / "metrics.sock")
     opts = options(tmp_path, image, background=False, metrics=MetricsAddress(path=path), aio_backend="sync",
-                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.01),
+                   wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.2),
                    config=LoaderConfig(sweep_read_size=PAGE * 16))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_daemon, opts)
