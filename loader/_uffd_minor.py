@@ -182,6 +182,8 @@ class MinorRegistration:
 
     # ------------------------------------------------------------ the loops
     async def run(self) -> None:
+        if self.closed:  # closed before this task first ran: its descriptor is gone (or reused)
+            return
         with self.scope:
             try:
                 async with trio.open_nursery() as nursery:
@@ -193,7 +195,7 @@ class MinorRegistration:
 
     async def _read_events(self) -> None:
         uffd = self.uffd
-        while not self.gone:
+        while not self.gone and not self.closed:
             await trio.lowlevel.wait_readable(uffd.fd)
             try:
                 messages = uffd.read_messages()

@@ -571,3 +571,27 @@ def test_bench_run_zero_copy_structure(tmp_path):
         assert run["handler"]["faults_failed"] == 0 and run["no_more_faults_s"] is not None
     assert set(result["ratios"]) == {"fault_p50", "blocked", "no_more_faults"}
     assert result["ratios"]["blocked"] is not None
+
+
+async def test_a_range_closed_before_its_task_runs_never_touches_a_descriptor():
+    """A connection can close between ``uffd-register`` and the first run of the task
+    serving it: the task then returns without waiting on the (closed, maybe reused) fd."""
+    from types import SimpleNamespace
+
+    from loader._rangeset import RangeSet
+
+    nothing = RangeSet()  # a loader with no data: nothing to map ahead
+    loader = SimpleNamespace(layout=SimpleNamespace(data_in=lambda lo, hi: iter(())),
+                             unloaded=nothing, inflight=nothing, failed=nothing)
+    fd = _uffd.userfaultfd()
+    reg = _uffd_minor.MinorRegistration(loader, fd, 0x10000000, 4096, 0, 4096)  # type: ignore[arg-type]
+    reg.close()
+    assert reg.closed and reg.uffd.fd == -1
+    r, w = os.pipe()  # likely takes the closed descriptor's number
+    try:
+        with trio.fail_after(5):
+            await reg.run()
+        os.fstat(r)
+    finally:
+        os.close(r)
+        os.close(w)
