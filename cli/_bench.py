@@ -24,7 +24,9 @@ def register(sub: Any) -> None:
         "RSS and heap, each against its goal), backends (every AIO backend, warm/cold page cache, "
         "--direct, thread counts), designs (priority/eager/lazy/fifo replaying a trace), latency (a "
         "wait against the raw socket round trip: loaded pages, pipelined waits/s, unloaded pages), "
-        "workingset (record a working set under the trace, restore with and without it).  "
+        "workingset (record a working set under the trace, restore with and without it), uffd "
+        "(page faults from an emulated VMM: our handler against eager and lazy ones, zero-copy mode, "
+        "and a real Firecracker restore where one can run), firecracker (only that restore).  "
         "See docs/BENCHMARKS.md.",
     )
     add_size(p, "--size", default=None, help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")
