@@ -143,6 +143,12 @@ class UffdConfig:
     #: the interpreter's switch interval while a VMM is served (None: leave it): how
     #: long the fault thread may wait for the GIL after the kernel wakes it
     switch_interval_s: float | None = 0.0005
+    #: the fill copies only once no fault has come for this long: while the guest
+    #: is faulting its vCPUs and the fault thread get the CPU first (docs/UFFD.md,
+    #: "Background fill"; 0: never wait) ...
+    fill_quiet_s: float = 0.002
+    #: ... but waits at most this long between two copies, so it never stops
+    fill_max_wait_s: float = 0.05
 
     @classmethod
     def for_mode(cls, mode: str) -> UffdConfig:
@@ -152,7 +158,7 @@ class UffdConfig:
         if mode == "fill":
             return cls()
         if mode == "eager":
-            return cls(eager=True)
+            return cls(eager=True, fill_quiet_s=0.0)  # its faults wait for the fill: never yield to them
         if mode == "lazy":
             return cls(fill=False, fault_around=4096, hint_around=0)
         raise ValueError(f"unknown uffd mode {mode!r} (fill, eager or lazy)")
@@ -228,6 +234,7 @@ class UffdHandler:
         #: read and the recording (docs/UFFD.md "Events")
         self._copy_lock = threading.Lock()
         self._want_read = False  # the fault thread waits for _copy_lock: the fill lets it in
+        self._last_fault_ns = 0  # when the fault thread last read messages (perf_counter_ns)
         self._fill_kick = threading.Event()
         self._fill_thread: threading.Thread | None = None
         self.histogram = LatencyHistogram()  # recorded under _lock
@@ -598,12 +605,26 @@ class UffdHandler:
                     continue
                 while self._want_read and not self._stop:
                     time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
+                self._yield_to_faults()
                 with self._copy_lock:
                     self._fill_step()
         except Exception:
             log.exception("uffd: the fill thread failed")
             self.gone = True
             self._wake()
+
+    def _yield_to_faults(self) -> None:
+        """Sleep while faults keep coming (``fill_quiet_s``), at most ``fill_max_wait_s``."""
+        quiet = self.config.fill_quiet_s
+        if quiet <= 0:
+            return
+        deadline = time.monotonic() + self.config.fill_max_wait_s
+        while not self._stop:
+            since = (time.perf_counter_ns() - self._last_fault_ns) / 1e9
+            left = min(quiet - since, deadline - time.monotonic())
+            if left <= 0:
+                return
+            time.sleep(left)
 
     def _read_ready(self) -> None:
         """Handle every message queued now (non-blocking).  Removals come first, so a
@@ -630,6 +651,7 @@ class UffdHandler:
                 return
             full = len(messages) == self.uffd.capacity  # more may be queued behind them
             now = time.perf_counter_ns()
+            self._last_fault_ns = now
             for m in messages:
                 if m.event == _uffd.EVENT_PAGEFAULT:
                     self.counts.faults += 1

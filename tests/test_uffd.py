@@ -317,3 +317,38 @@ async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images,
     assert all(b == bytes(len(b)) for b in removed)
     assert kept == _image_bytes(images["raw"], 0, 1 * MiB)
     assert state.uffd.counts.remove == len(holes)
+
+
+def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[float]:
+    """The sleeps the fill thread takes before its next copy, the last fault having
+    come ``last_fault_ago_s`` ago (on a fake clock: nothing is slept)."""
+    from types import SimpleNamespace
+
+    from loader._uffd_handler import UffdHandler
+
+    now = [1000.0]
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr("loader._uffd_handler.time", SimpleNamespace(
+        monotonic=lambda: now[0], perf_counter_ns=lambda: int(now[0] * 1e9), sleep=fake_sleep))
+    handler = UffdHandler.__new__(UffdHandler)
+    handler.config = config
+    handler._stop = False
+    handler._last_fault_ns = int((now[0] - last_fault_ago_s) * 1e9)
+    handler._yield_to_faults()
+    return sleeps
+
+
+def test_the_fill_waits_while_faults_come_but_never_stops(monkeypatch):
+    cfg = UffdConfig(fill_quiet_s=0.002, fill_max_wait_s=0.05)
+    assert _yielding(cfg, 10.0, monkeypatch) == []  # quiet guest: copy at once
+    assert sum(_yielding(cfg, 0.0005, monkeypatch)) == pytest.approx(0.0015)  # until 2 ms of quiet
+    assert _yielding(UffdConfig.for_mode("eager"), 0.0, monkeypatch) == []  # eager's faults wait for it
+    assert _yielding(UffdConfig(fill_quiet_s=0), 0.0, monkeypatch) == []
+    # faults that never stop: the fill still copies after fill_max_wait_s
+    assert sum(_yielding(UffdConfig(fill_quiet_s=100.0, fill_max_wait_s=0.01), 0.0, monkeypatch)) == \
+        pytest.approx(0.01)
