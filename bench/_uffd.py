@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client
+from loader import Client, _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
@@ -50,15 +50,6 @@ __all__ = ["MODES", "run_uffd_section"]
 
 MODES = ("fill", "eager", "lazy")
 PAGE = 4096
-
-
-def _uffd_unavailable() -> str | None:
-    path = "/proc/sys/vm/unprivileged_userfaultfd"
-    if not os.path.exists(path):
-        return "no userfaultfd in this kernel"
-    if os.geteuid() != 0 and open(path).read().strip() != "1":
-        return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
-    return None
 
 
 def _stats(sock: str) -> dict[str, Any]:
@@ -127,7 +118,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     from ._firecracker import run_firecracker_section  # both import this module
     from ._uffd_minor import _zero_copy
 
-    why = _uffd_unavailable()
+    why = _uffd.unavailable()
     if why is not None:
         return {"skipped": why}
     size = os.path.getsize(image)
@@ -144,9 +135,11 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         runs[mode] = _one(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
     ours = runs["fill"]
     least = min(runs.values(), key=lambda r: r["blocked_s"])["mode"]  # of the three designs
-    warm_cache(image)
-    runs["zero-copy"] = _zero_copy(image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
-    runs["zero-copy"]["fill_mb_s"] = None  # nothing is copied into the guest
+    why = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM)
+    if why is None:
+        warm_cache(image)
+        runs["zero-copy"] = _zero_copy(image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
+        runs["zero-copy"]["fill_mb_s"] = None  # nothing is copied into the guest
     ratio = ours["fill_mb_s"] / cp_rate if ours["fill_mb_s"] else None
     goals: list[Goal] = [
         _at_most("fault p50", ours["fault_us"]["p50"], 30, "us", "touch to return, faulting touches, during the fill"),
@@ -160,6 +153,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
         "cp": {"seconds": cp_s, "mb_s": cp_rate},
         "runs": runs,
+        "zero_copy_skipped": why,
         "goals": [g.as_dict() for g in goals],
         "firecracker": (run_firecracker_section(workdir, repeat=firecracker_repeat, log=log)
                         if firecracker_repeat else {"skipped": "not asked for"}),

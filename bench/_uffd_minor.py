@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client
+from loader import Client, _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import ZeroCopyVmm
 
 from ._tools import BenchError, cp_mb_s, warm_cache
-from ._uffd import PAGE, _one, _uffd_unavailable
+from ._uffd import PAGE, _one
 
 __all__ = ["run_zero_copy"]
 
@@ -87,7 +87,7 @@ def run_zero_copy(image: str, workdir: str, *, touches: int = 3000, vcpus: int =
                   window_s: float | None = None, seed: int = 0, compare: bool = True,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure zero-copy mode (and ``fill`` with ``compare``) on ``image``, a raw image."""
-    why = _uffd_unavailable()
+    why = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM)
     if why is not None:
         return {"skipped": why}
     size = os.path.getsize(image)

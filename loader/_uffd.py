@@ -124,6 +124,39 @@ def register(fd: int, start: int, length: int, mode: int = REGISTER_MODE_MISSING
     return int(REGISTER_STRUCT.unpack(buf)[3])
 
 
+#: what each feature :func:`unavailable` can be asked for needs, for its reason line
+_NEEDS = {FEATURE_MINOR_SHMEM: ("UFFD_FEATURE_MINOR_SHMEM", "Linux 5.13+"),
+          FEATURE_POISON: ("UFFD_FEATURE_POISON", "Linux 6.6+")}
+
+
+def unavailable(features: int = 0) -> str | None:
+    """Why this process cannot use userfaultfd with ``features`` (a mask of
+    ``FEATURE_MINOR_SHMEM`` and ``FEATURE_POISON``), as one line; None when it can."""
+    path = "/proc/sys/vm/unprivileged_userfaultfd"
+    if not os.path.exists(path):
+        return f"{path} is missing: no userfaultfd in this kernel"
+    if os.geteuid() != 0:
+        with open(path) as f:
+            if f.read().strip() != "1":
+                return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
+    if not features:
+        return None
+    try:
+        fd = userfaultfd()
+    except OSError as exc:
+        return f"userfaultfd(): {exc.strerror or exc}"
+    try:
+        granted, _ = api(fd, 0)
+    except OSError as exc:
+        return f"UFFDIO_API: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    for bit, (name, kernel) in _NEEDS.items():
+        if features & bit and not granted & bit:
+            return f"the kernel lacks {name} (needs {kernel})"
+    return None
+
+
 def is_userfaultfd(fd: int) -> bool:
     """True when ``fd`` is a userfaultfd (its /proc link names the anon inode)."""
     try:

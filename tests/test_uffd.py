@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import aio.testing
-from loader import DaemonOptions, LoaderConfig, UffdConfig, run_daemon
+from loader import DaemonOptions, LoaderConfig, UffdConfig, _uffd, run_daemon
 from loader.checkpoint import create_checkpoint
 from workloads import make_sample_image
 from workloads._vmm import HUGE_PAGE, GuestRegion, VmmEmulator, hugepages_free
@@ -19,11 +19,8 @@ MiB = 1 << 20
 PAGE = 4096
 SIZE = 16 * MiB
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/proc/sys/vm/unprivileged_userfaultfd")
-    or (os.geteuid() != 0 and open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() != "1"),
-    reason="userfaultfd needs root or vm.unprivileged_userfaultfd=1",
-)
+_REASON = _uffd.unavailable()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 
 @pytest.fixture(scope="module")

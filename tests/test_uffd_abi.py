@@ -113,3 +113,13 @@ def test_constants(kernel):
         pairs.update(UFFDIO_POISON=u.UFFDIO_POISON, UFFD_FEATURE_POISON=u.FEATURE_POISON)
     for name, value in pairs.items():
         assert kernel[name] == value, name
+
+
+def test_unavailable_names_the_missing_feature(monkeypatch):
+    """The one-line reason every uffd test, the bench and the skips use."""
+    if _uffd.unavailable() is not None:
+        pytest.skip(f"userfaultfd unusable here: {_uffd.unavailable()}")
+    monkeypatch.setattr(_uffd, "api", lambda fd, features=0: (_uffd.FEATURE_MINOR_SHMEM, 0))
+    assert _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM) is None
+    why = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM | _uffd.FEATURE_POISON)
+    assert why == "the kernel lacks UFFD_FEATURE_POISON (needs Linux 6.6+)"

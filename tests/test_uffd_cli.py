@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
+from loader import _uffd
 from workloads import DaemonProcess, make_sample_image
 
 MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def _reason() -> str | None:
-    path = "/proc/sys/vm/unprivileged_userfaultfd"
-    if not os.path.exists(path):
-        return f"{path} is missing: no userfaultfd in this kernel"
-    if os.geteuid() != 0 and open(path).read().strip() != "1":
-        return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_reason() is not None, reason=str(_reason()))
+_REASON = _uffd.unavailable()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

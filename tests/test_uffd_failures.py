@@ -25,26 +25,7 @@ SIZE = 4 * MiB
 GOOD, BAD = 1 * MiB, 3 * MiB  # every page is data (dense image)
 
 
-def _uffd_reason() -> str | None:
-    path = "/proc/sys/vm/unprivileged_userfaultfd"
-    if not os.path.exists(path):
-        return f"{path} is missing: no userfaultfd in this kernel"
-    if os.geteuid() != 0 and open(path).read().strip() != "1":
-        return "userfaultfd needs root or vm.unprivileged_userfaultfd=1"
-    try:
-        fd = _uffd.userfaultfd()
-    except OSError as exc:
-        return f"userfaultfd(): {exc}"
-    try:
-        features, _ = _uffd.api(fd, 0)
-    finally:
-        os.close(fd)
-    if not features & _uffd.FEATURE_POISON:
-        return "the kernel lacks UFFD_FEATURE_POISON (needs Linux 6.6+)"
-    return None
-
-
-_REASON = _uffd_reason()
+_REASON = _uffd.unavailable(_uffd.FEATURE_POISON)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
