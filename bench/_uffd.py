@@ -111,6 +111,21 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
     return out
 
 
+def guest_touches(image: str, touches: int, window_s: float | None, seed: int,
+                  log: Callable[[str], None]) -> tuple[float, float, float, list[tuple[int, int, int]]]:
+    """``cp``'s time and rate on the warm image, the touches' window (``cp``'s time
+    unless given) and the touches: ``touches`` random 4 KiB pages (seeded), paced
+    evenly over the window, as ``(time_us, offset, length)``."""
+    warm_cache(image)
+    cp_s, cp_rate = cp_mb_s(image)
+    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s)")
+    window = cp_s if window_s is None else window_s
+    rng = random.Random(seed)
+    pages = os.path.getsize(image) // PAGE
+    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
+    return cp_s, cp_rate, window, trace
+
+
 def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: int = 2,
                      window_s: float | None = None, seed: int = 0, firecracker_repeat: int = 3,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -122,13 +137,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     if why is not None:
         return {"skipped": why}
     size = os.path.getsize(image)
-    warm_cache(image)
-    cp_s, cp_rate = cp_mb_s(image)
-    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s)")
-    window = cp_s if window_s is None else window_s
-    rng = random.Random(seed)
-    pages = size // PAGE
-    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
+    cp_s, cp_rate, window, trace = guest_touches(image, touches, window_s, seed, log)
     runs = {}
     for mode in MODES:
         warm_cache(image)

@@ -21,7 +21,6 @@ row next to ``fill``, ``eager`` and ``lazy``.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +29,8 @@ from loader import Client, _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import ZeroCopyVmm
 
-from ._tools import BenchError, cp_mb_s, warm_cache
-from ._uffd import PAGE, _one
+from ._tools import BenchError, warm_cache
+from ._uffd import _one, guest_touches
 
 __all__ = ["run_zero_copy"]
 
@@ -91,13 +90,7 @@ def run_zero_copy(image: str, workdir: str, *, touches: int = 3000, vcpus: int =
     if why is not None:
         return {"skipped": why}
     size = os.path.getsize(image)
-    warm_cache(image)
-    cp_s, cp_rate = cp_mb_s(image)
-    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s)")
-    window = cp_s if window_s is None else window_s
-    rng = random.Random(seed)
-    pages = size // PAGE
-    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
+    cp_s, cp_rate, window, trace = guest_touches(image, touches, window_s, seed, log)
     timeout = max(30.0, 20 * cp_s)
     order = ("fill", "zero-copy", "zero-copy", "fill") if compare else ("zero-copy",)
     runs: dict[str, list[dict[str, Any]]] = {}

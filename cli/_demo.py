@@ -175,20 +175,11 @@ def run_uffd(args: argparse.Namespace) -> int:
     print(f"== pageload demo --uffd: {human(args.size)} guest memory, {args.clients} vCPUs faulting")
     _ensure_sample(image, args.size)
     print(f"$ pageload restore {image} --background --uffd-socket {uffd_sock} --socket {sock}")
-    daemon = DaemonProcess(image, sock, os.path.join(args.workdir, "daemon.log"),
-                           ["--background", "--uffd-socket", uffd_sock, "--aio", args.aio,
-                            "--progress-interval", "1"])
-    try:
-        daemon.start()
-    except DaemonStartError as exc:
-        print(f"daemon failed to start: {exc}", file=sys.stderr)
+    daemon = _start_daemon(args, image, sock, ["--uffd-socket", uffd_sock])
+    if daemon is None:
         return 1
     print(f"daemon ready in {daemon.ready_s:.3f} s; the VMM connects and its vCPUs resume at once")
-    rng = random.Random(1)
-    pages = args.size // 4096
-    hot = [rng.randrange(pages) for _ in range(64)]
-    faults = [(0, (rng.choice(hot) if rng.random() < 0.3 else rng.randrange(pages)) * 4096, 4096)
-              for _ in range(args.waits * args.clients)]
+    faults = _guest_faults(args.size, args.waits * args.clients)
     errors: list[str] = []
     filled_s = None
     try:
@@ -246,20 +237,11 @@ def run_uffd_minor(args: argparse.Namespace) -> int:
     print(f"== pageload demo --uffd-minor: {human(args.size)} guest memory, {args.clients} vCPUs faulting")
     _ensure_sample(image, args.size)
     print(f"$ pageload restore {image} --background --allow-writable-memory-fd --socket {sock}")
-    daemon = DaemonProcess(image, sock, os.path.join(args.workdir, "daemon.log"),
-                           ["--background", "--allow-writable-memory-fd", "--aio", args.aio,
-                            "--progress-interval", "1"])
-    try:
-        daemon.start()
-    except DaemonStartError as exc:
-        print(f"daemon failed to start: {exc}", file=sys.stderr)
+    daemon = _start_daemon(args, image, sock, ["--allow-writable-memory-fd"])
+    if daemon is None:
         return 1
     print(f"daemon ready in {daemon.ready_s:.3f} s; the VMM maps its memory file and hands over its userfaultfd")
-    rng = random.Random(1)
-    pages = args.size // 4096
-    hot = [rng.randrange(pages) for _ in range(64)]
-    faults = [(0, (rng.choice(hot) if rng.random() < 0.3 else rng.randrange(pages)) * 4096, 4096)
-              for _ in range(args.waits * args.clients)]
+    faults = _guest_faults(args.size, args.waits * args.clients)
     errors: list[str] = []
     mapped_s = None
     r: dict[str, Any] = {}
@@ -303,6 +285,27 @@ def run_uffd_minor(args: argparse.Namespace) -> int:
     ok = (report is not None and not report.mismatches and not report.errors and not bad and not errors
           and mapped_s is not None and daemon.returncode == 0)
     return 0 if ok else 1
+
+
+def _start_daemon(args: argparse.Namespace, image: str, sock: str, extra: list[str]) -> DaemonProcess | None:
+    """``pageload restore IMAGE --background EXTRA...`` started and ready (None: it failed, said so)."""
+    daemon = DaemonProcess(image, sock, os.path.join(args.workdir, "daemon.log"),
+                           ["--background", *extra, "--aio", args.aio, "--progress-interval", "1"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        print(f"daemon failed to start: {exc}", file=sys.stderr)
+        return None
+    return daemon
+
+
+def _guest_faults(size: int, count: int) -> list[tuple[int, int, int]]:
+    """``count`` 4 KiB touches, 30 % of them on 64 hot pages (seeded)."""
+    rng = random.Random(1)
+    pages = size // 4096
+    hot = [rng.randrange(pages) for _ in range(64)]
+    return [(0, (rng.choice(hot) if rng.random() < 0.3 else rng.randrange(pages)) * 4096, 4096)
+            for _ in range(count)]
 
 
 def _ensure_sample(image: str, size: int) -> None:
