@@ -15,6 +15,11 @@ Two things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
   caller's otherwise (where the process may lower a nice value: root, or
   ``RLIMIT_NICE``), so a fill nobody waits on competes with other processes as
   ``cp`` would;
+* while background reads yield, at most ``yield_threads`` of the pool's workers run
+  them at once (one less than the CPUs); the others wait.  More workers than CPUs
+  push each other off the CPU, and one pushed off while it holds the GIL (taken back
+  after each ``preadv``) stalls the trio thread until its next turn, milliseconds
+  (docs/BENCHMARKS.md);
 * an urgent lane: ``urgent_threads`` more threads (1) that take urgent requests
   only, at the caller's priority, so a read someone is blocked on never queues
   behind a pool full of background reads, even hung ones.
@@ -39,12 +44,21 @@ DEFAULT_INLINE_URGENT = 64 << 10
 DEFAULT_WORKER_NICE = 10
 
 
+def default_yield_threads() -> int:
+    """One less than the CPUs this process may run on, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(1, cpus - 1)
+
+
 class ThreadQueue(Queue):
     name = "threads"
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
-                 urgent_threads: int = 1) -> None:
+                 urgent_threads: int = 1, yield_threads: int | None = None) -> None:
         super().__init__(capacity)
         self.threads = threads or DEFAULT_THREADS
         #: threads that take urgent requests only (the urgent lane)
@@ -57,12 +71,15 @@ class ThreadQueue(Queue):
         #: (which answers faults) wins the CPU when the machine is busy; -1 means
         #: SCHED_IDLE (they run only when nothing else wants the CPU; kept for good)
         self.worker_nice = worker_nice
+        #: while background reads yield, at most this many of the pool's workers run
+        #: them at once (urgent requests are not counted nor held back)
+        self.yield_threads = default_yield_threads() if yield_threads is None else yield_threads
         self._pool_tids: list[int] = []  # native ids of the pool's workers
         self._yielding = True
         self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's: what workers go back to
         self.inline_reads = 0  #: urgent reads done in place (by add() or read_now())
-        if self.threads < 1 or urgent_threads < 0:
-            raise ValueError("threads must be at least 1 and urgent_threads at least 0")
+        if self.threads < 1 or urgent_threads < 0 or self.yield_threads < 1:
+            raise ValueError("threads and yield_threads must be at least 1 and urgent_threads at least 0")
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -70,6 +87,7 @@ class ThreadQueue(Queue):
         self._urgent: deque[Request] = deque()
         self._normal: deque[Request] = deque()
         self._running = 0
+        self._running_background = 0  # non-urgent requests the pool's workers are running
         self._ready: list[Completion] = []
         self._parked: trio.Event | None = None
         self._idle = threading.Condition(self._lock)
@@ -135,12 +153,17 @@ class ThreadQueue(Queue):
     def background_yields(self, yields: bool) -> None:
         """:meth:`Queue.background_yields`: the pool's workers go to ``worker_nice``
         (``yields``) or back to the nice value of the thread that made the queue.
-        Going back needs the right to lower a nice value; without it they stay."""
-        if yields == self._yielding or self.worker_nice <= 0:
+        Going back needs the right to lower a nice value; without it they stay.
+        While yielding, at most ``yield_threads`` workers run background reads."""
+        if yields == self._yielding:
             return
         with self._lock:
             self._yielding = yields
             tids = list(self._pool_tids)
+            if not yields:
+                self._work.notify_all()  # the workers held back take the queued reads
+        if self.worker_nice <= 0:
+            return
         nice = self.worker_nice if yields else self._base_nice
         for tid in tids:
             try:
@@ -168,15 +191,19 @@ class ThreadQueue(Queue):
                     while not (self._urgent or self._stopping):
                         self._urgent_work.wait()
                 else:
-                    while not (self._urgent or self._normal or self._stopping):
+                    while not (self._urgent or self._stopping or (self._normal and (
+                            not self._yielding or self._running_background < self.yield_threads))):
                         self._work.wait()
                 if self._stopping:
                     return
-                request = self._urgent.popleft() if self._urgent else self._normal.popleft()
+                background = not self._urgent
+                request = self._normal.popleft() if background else self._urgent.popleft()
                 self._running += 1
+                self._running_background += background
             result = self._run(request)
             with lock:
                 self._running -= 1
+                self._running_background -= background
                 self._ready.append(Completion(request.id, result))
                 parked = self._parked
                 if parked is not None:

@@ -315,7 +315,7 @@ def _blocking_thread_queue(release: threading.Event, started: threading.Semaphor
                 release.wait(60)  # a hung background read (released by the test)
             return super()._run(request)
 
-    return Stuck(capacity=16, threads=2, inline_urgent=0)
+    return Stuck(capacity=16, threads=2, inline_urgent=0, yield_threads=2)  # every worker may hang
 
 
 async def test_threads_urgent_lane_serves_waits_while_every_worker_hangs(tmp_path, resources):

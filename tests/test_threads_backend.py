@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 import time
 
 import pytest
@@ -94,3 +95,47 @@ async def test_background_yields_renices_the_pool_and_leaves_the_urgent_lane_alo
         assert nices(pool) == [10, 10] and nices(urgent) == [base]
     finally:
         await queue.aclose()
+
+
+async def test_while_yielding_at_most_yield_threads_workers_run_background_reads():
+    started: list[int] = []
+    release = threading.Event()
+
+    class Held(ThreadQueue):
+        def _run(self, request):
+            with self._lock:
+                started.append(request.id)
+            release.wait(30)
+            return 0
+
+    def wait_for(count):
+        deadline = time.monotonic() + 30
+        while len(started) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(started)
+
+    queue = Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0, yield_threads=1)
+    buf = memoryview(bytearray(4096))
+    try:
+        for i in range(3):  # yielding from the start: one worker takes them, one at a time
+            queue.add(aio.Request.read(i, 0, 0, buf))
+        assert wait_for(1) == 1
+        time.sleep(0.2)  # two idle workers had the time to take one, were they allowed to
+        assert started == [0]
+        queue.add(aio.Request.read(9, 0, 0, buf, urgent=True))  # urgent: not held back
+        assert wait_for(2) == 2 and started[1] == 9
+        queue.background_yields(False)  # the held-back reads start on the free worker
+        assert wait_for(3) == 3 and started[2] == 1
+        release.set()
+        done = {c.id for c in await queue.wait(4)}
+        while len(done) < 4:
+            done |= {c.id for c in await queue.wait(1)}
+        assert done == {0, 1, 2, 9}
+    finally:
+        release.set()
+        await queue.aclose()
+
+
+def test_yield_threads_must_be_positive():
+    with pytest.raises(ValueError):
+        ThreadQueue(capacity=4, threads=2, yield_threads=0)
