@@ -5,7 +5,7 @@ page-cache insert, so the pool is small (``pageload bench`` measures the size).
 Completions reach trio through the run's token: a worker wakes the trio task only
 when it is parked in :meth:`wait`, so there is no polling and no per-request task.
 
-Two things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
+Four things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
 
 * a small urgent read (<= ``inline_urgent``) is tried at once in the caller's thread
   with ``RWF_NOWAIT``: a page-cache hit costs microseconds and needs no hand-off to a
@@ -16,10 +16,11 @@ Two things keep faults fast on a busy machine (see docs/BENCHMARKS.md):
   ``RLIMIT_NICE``), so a fill nobody waits on competes with other processes as
   ``cp`` would;
 * while background reads yield, at most ``yield_threads`` of the pool's workers run
-  them at once (one less than the CPUs); the others wait.  More workers than CPUs
-  push each other off the CPU, and one pushed off while it holds the GIL (taken back
-  after each ``preadv``) stalls the trio thread until its next turn, milliseconds
-  (docs/BENCHMARKS.md);
+  them at once (one less than the CPUs); the others wait, the reads stay queued.
+  More running workers than CPUs push each other off the CPUs, and one pushed off
+  while it holds the GIL (taken back after each ``preadv``) keeps the trio thread
+  waiting until its next turn: gaps of milliseconds in the trio thread between two
+  lines of Python (docs/BENCHMARKS.md);
 * an urgent lane: ``urgent_threads`` more threads (1) that take urgent requests
   only, at the caller's priority, so a read someone is blocked on never queues
   behind a pool full of background reads, even hung ones.
