@@ -81,7 +81,7 @@ class LoaderConfig:
     queue_depth: int = 64  #: AIO queue capacity
     background_reads: int = 8  #: most sweep reads in flight; the rest of the queue is for waiters
     #: while clients are faulting (a wait blocked within ``busy_linger_s``), the sweep
-    #: shrinks to this many reads of at most ``read_size``, leaving CPU and disk to
+    #: shrinks to this many reads (of ``sweep_read_size``), leaving CPU and disk to
     #: the waiters; None: one less than the CPUs (at least 1, at most background_reads)
     busy_background_reads: int | None = None
     busy_linger_s: float = 0.05
