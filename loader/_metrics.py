@@ -158,10 +158,55 @@ class StatsCollector(Collector):
             outside = process.get("rssanon_bytes", 0) + process.get("rssfile_bytes", 0)
             yield _gauge("pageload_process_resident_outside_memory_bytes",
                          "Daemon RSS outside the memory file (anon + file)", outside)
+        yield from _uffd_metrics(s.get("uffd"), s.get("uffd_minor"))
         info = GaugeMetricFamily("pageload_info", "The daemon's backend and source",
                                  labels=["backend", "source"])
         info.add_metric([str(s.get("backend", "")), str(s.get("source", ""))], 1)
         yield info
+
+
+#: userfaultfd fault kinds, as the statistics name them: (label, key), per mode
+UFFD_FAULTS = (("copied", "faults_immediate"), ("direct", "faults_direct"), ("waited", "faults_waited"),
+               ("zero", "faults_zero"), ("failed", "faults_failed"))
+UFFD_MINOR_FAULTS = (("minor", "faults_minor"), ("waited", "faults_waited"), ("zero", "faults_zero"),
+                     ("failed", "faults_failed"), ("stray", "faults_stray"))
+
+
+def _uffd_metrics(handler: dict[str, Any] | None, minor: dict[str, Any] | None) -> Iterator[Metric]:
+    """Page faults served through userfaultfd: the Firecracker handler (``--uffd-socket``)
+    while a VMM is connected, and the zero-copy ranges (``uffd-register``) once one was
+    registered.  Their faults are counted in the waits too; these say how each was served."""
+    if not handler and not minor:
+        return
+    faults = CounterMetricFamily("pageload_uffd_faults", "Page faults served through userfaultfd, by mode and how",
+                                 labels=["mode", "how"])
+    latency: dict[str, Any] = {}
+    if handler:
+        for label, key in UFFD_FAULTS:
+            faults.add_metric(["handler", label], handler.get(key, 0))
+        latency = handler.get("fault_latency_us") or {}
+        yield _counter("pageload_uffd_copied_bytes", "Bytes copied into guest memory (UFFDIO_COPY)",
+                       handler.get("copied_bytes", 0))
+        yield _gauge("pageload_uffd_filled", "1 once every data byte is in guest memory",
+                     int(bool(handler.get("filled"))))
+    ranges = (minor or {}).get("ranges") or []
+    if minor:
+        for label, key in UFFD_MINOR_FAULTS:
+            faults.add_metric(["zero-copy", label], sum(r.get(key, 0) for r in ranges))
+        yield _gauge("pageload_uffd_zero_copy_ranges", "Zero-copy userfaultfd ranges registered now",
+                     minor.get("registrations", 0))
+        yield _counter("pageload_uffd_mapped_bytes", "Bytes mapped into VMMs ahead of their faults (UFFDIO_CONTINUE)",
+                       sum(r.get("mapped_bytes", 0) for r in ranges))
+    yield faults
+    counts = [0] * HISTOGRAM_BUCKETS
+    count, total_us = 0, 0.0
+    for lat in [latency, *(r.get("fault_latency_us") or {} for r in ranges)]:
+        for k, n in enumerate(lat.get("counts", [])[:HISTOGRAM_BUCKETS]):
+            counts[k] += n
+        count += lat.get("count", 0)
+        total_us += lat.get("mean_us", 0.0) * lat.get("count", 0)
+    yield _latency({"counts": counts, "count": count, "mean_us": total_us / count if count else 0.0},
+                   "pageload_uffd_fault_latency_seconds", "Time from reading a fault to its answer, in the daemon")
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -172,7 +217,8 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
-def _latency(lat: dict[str, Any]) -> HistogramMetricFamily:
+def _latency(lat: dict[str, Any], name: str = "pageload_wait_latency_seconds",
+             doc: str = "Time from a wait's arrival to its answer, in the daemon") -> HistogramMetricFamily:
     """The stats' power-of-two buckets, as they are: bucket k holds [2**(k-1), 2**k) us,
     so ``le`` = 2**k us is exact; the last bucket (the overflow) is ``+Inf``.  The
     bucket list is fixed, whatever has been seen so far."""
@@ -186,9 +232,7 @@ def _latency(lat: dict[str, Any]) -> HistogramMetricFamily:
     buckets.append(("+Inf", cumulative + counts[HISTOGRAM_BUCKETS - 1]))
     count = lat.get("count", 0)
     total_s = lat.get("mean_us", 0.0) * count / 1e6
-    return HistogramMetricFamily("pageload_wait_latency_seconds",
-                                 "Time from a wait's arrival to its answer, in the daemon",
-                                 buckets=buckets, sum_value=total_s)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_s)
 
 
 def _le(seconds: float) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +55,71 @@ def test_demo_uffd(tmp_path):
     assert "touches            60 by 2 vCPUs" in r.stdout
     assert "0 wrong touches, 0 wrong MiB" in r.stdout
     assert "daemon exit        0" in r.stdout
+
+
+def _scrape(path: str) -> dict:
+    import socket
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[1].decode()
+    return {f.name: f for f in text_string_to_metric_families(body)}
+
+
+def test_metrics_say_how_the_handlers_faults_were_served(tmp_path):
+    """With a VMM connected, the metrics carry the handler's faults by kind and its
+    fault-latency histogram, equal to its statistics."""
+    from loader import Client
+    from workloads._vmm import GuestRegion, VmmEmulator
+
+    image = str(tmp_path / "memory.img")
+    make_sample_image(image, SIZE, seed=4)
+    uffd, metrics, sock = str(tmp_path / "uffd.sock"), str(tmp_path / "m.sock"), str(tmp_path / "s.sock")
+    with DaemonProcess(image, sock, str(tmp_path / "d.log"),
+                       ["--background", "--uffd-socket", uffd, "--metrics", metrics]):
+        with VmmEmulator([GuestRegion(0, SIZE)], expected=image) as vmm:
+            vmm.connect(uffd)
+            report = vmm.touch([(0, page * 4096, 4096) for page in range(0, SIZE // 4096, 97)], vcpus=2)
+            assert not report.mismatches
+            keys = ("faults", "faults_immediate", "faults_direct", "faults_waited", "faults_zero",
+                    "faults_failed", "fault_latency_us")
+            with Client.connect(sock) as c:
+                for _ in range(50):  # the last fault's counts land just after its vCPU woke
+                    before = {k: c.stats()["uffd"][k] for k in keys}
+                    fams = _scrape(metrics)
+                    stats = {k: c.stats()["uffd"][k] for k in keys}
+                    if stats == before:
+                        break
+                    time.sleep(0.05)
+            vmm.disconnect()
+    by_how = {s.labels["how"]: s.value for s in fams["pageload_uffd_faults"].samples
+              if s.labels["mode"] == "handler"}
+    assert by_how == {"copied": stats["faults_immediate"], "direct": stats["faults_direct"],
+                      "waited": stats["faults_waited"], "zero": stats["faults_zero"], "failed": stats["faults_failed"]}
+    assert sum(by_how.values()) > 0
+    count = [s.value for s in fams["pageload_uffd_fault_latency_seconds"].samples if s.name.endswith("_count")]
+    assert count == [stats["fault_latency_us"]["count"]]
+    assert "pageload_uffd_copied_bytes" in fams and "pageload_uffd_zero_copy_ranges" not in fams
+
+
+def test_zero_copy_ranges_are_summed_in_the_metrics():
+    from loader._metrics import _uffd_metrics
+
+    lat = {"counts": [0, 2, 1], "count": 3, "mean_us": 2.0}
+    ranges = [{"faults_minor": 1, "faults_waited": 2, "faults_zero": 3, "faults_failed": 0, "faults_stray": 0,
+               "mapped_bytes": 4096, "fault_latency_us": lat} for _ in range(2)]
+    fams = {f.name: f for f in _uffd_metrics(None, {"registrations": 2, "ranges": ranges})}
+    by_how = {s.labels["how"]: s.value for s in fams["pageload_uffd_faults"].samples}
+    assert by_how == {"minor": 2, "waited": 4, "zero": 6, "failed": 0, "stray": 0}
+    assert fams["pageload_uffd_mapped_bytes"].samples[0].value == 8192
+    assert fams["pageload_uffd_zero_copy_ranges"].samples[0].value == 2
+    hist = {s.name: s.value for s in fams["pageload_uffd_fault_latency_seconds"].samples if "bucket" not in s.name}
+    assert hist["pageload_uffd_fault_latency_seconds_count"] == 6
+    assert hist["pageload_uffd_fault_latency_seconds_sum"] == pytest.approx(12e-6)
+    assert list(_uffd_metrics(None, None)) == []
