@@ -17,11 +17,9 @@ paths 404, other methods 405, anything unparsable 400.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket as stdsocket
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ._server import _clear_stale_socket
 from ._startup import StartupError
 from ._stats import HISTOGRAM_BUCKETS
 
@@ -273,7 +272,7 @@ class MetricsServer:
         a = self.address
         try:
             if a.path is not None:
-                _clear_stale(a.path)
+                _clear_stale_socket(a.path)  # the wait socket's rule: a live one is refused
                 sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
                 sockaddr: Any = a.path
             else:
@@ -376,22 +375,3 @@ def _response(status: int, body: bytes, content_type: bytes = b"text/plain; char
               extra: bytes = b"", head_only: bool = False) -> bytes:
     return (b"HTTP/1.0 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n%s\r\n"
             % (status, _REASONS[status], content_type, len(body), extra)) + (b"" if head_only else body)
-
-
-def _clear_stale(path: str) -> None:
-    """Remove a socket file nobody serves on; refuse a live one or a non-socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, "another process serves on this socket")
