@@ -10,6 +10,7 @@ must kill it and not pytest.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -83,6 +84,22 @@ def expected_bytes(path, offset, length=PAGE):
         return f.read(length).ljust(length, b"\0")
 
 
+@contextlib.asynccontextmanager
+async def serving(opts, expected, **vmm_kw):
+    """A daemon running ``opts`` and a zero-copy VMM on it (closed, then the daemon
+    stopped, on the way out, also when the test fails): ``(state, vmm)``."""
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        try:
+            vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=expected, **vmm_kw))
+            try:
+                yield state, vmm
+            finally:
+                await trio.to_thread.run_sync(vmm.close)
+        finally:
+            state.stop()
+
+
 def registrations(state):
     service = state.server.uffd_minor
     return [] if service is None else list(service.registrations)
@@ -128,48 +145,36 @@ async def test_faults_and_background_load_are_byte_exact(tmp_path, image):
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_now_bytes=0))
     holes, data = holes_and_data(image)
     touches = [(0, off, PAGE) for off in range(0, SIZE, 61 * PAGE)]
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=image))
-        try:
-            report = await trio.to_thread.run_sync(lambda: vmm.touch(touches, vcpus=3))
-            assert report.touches == len(touches) and report.mismatches == [] and report.errors == []
-            (reg,) = registrations(state)
-            assert reg.faults_waited > 0 and not state.loader.done.is_set()
-            state.loader.prefetch(0, SIZE)
-            await state.loader.done.wait()
-            await wait_for(lambda: reg.pending.total == 0)
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
-            hole_lo = holes[0][0]
-            assert await trio.to_thread.run_sync(lambda: vmm.read(hole_lo, PAGE)) == bytes(PAGE)
-            assert reg.faults_zero > 0 and reg.faults_failed == 0 and reg.faults_stray == 0
-            data_bytes = sum(hi - lo for lo, hi in data)
-            assert reg.mapped_bytes <= data_bytes
-            stats = await trio.to_thread.run_sync(vmm.memory.stats)
-            assert stats["uffd_minor"]["registrations"] == 1
-            assert stats["uffd_minor"]["ranges"][0]["faults"] == reg.faults
-        finally:
-            await trio.to_thread.run_sync(vmm.close)
-        state.stop()
+    async with serving(opts, image) as (state, vmm):
+        report = await trio.to_thread.run_sync(lambda: vmm.touch(touches, vcpus=3))
+        assert report.touches == len(touches) and report.mismatches == [] and report.errors == []
+        (reg,) = registrations(state)
+        assert reg.faults_waited > 0 and not state.loader.done.is_set()
+        state.loader.prefetch(0, SIZE)
+        await state.loader.done.wait()
+        await wait_for(lambda: reg.pending.total == 0)
+        assert await trio.to_thread.run_sync(vmm.verify_all) == []
+        hole_lo = holes[0][0]
+        assert await trio.to_thread.run_sync(lambda: vmm.read(hole_lo, PAGE)) == bytes(PAGE)
+        assert reg.faults_zero > 0 and reg.faults_failed == 0 and reg.faults_stray == 0
+        data_bytes = sum(hi - lo for lo, hi in data)
+        assert reg.mapped_bytes <= data_bytes
+        stats = await trio.to_thread.run_sync(vmm.memory.stats)
+        assert stats["uffd_minor"]["registrations"] == 1
+        assert stats["uffd_minor"]["ranges"][0]["faults"] == reg.faults
 
 
 async def test_loaded_pages_are_mapped_ahead_so_the_guest_stops_faulting(tmp_path, dense):
     """Once the load is done and mapped in, reading all of memory faults no more."""
     opts = options(tmp_path, dense)
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=dense))
-        try:
-            await state.loader.done.wait()
-            (reg,) = registrations(state)
-            await wait_for(lambda: reg.pending.total == 0)
-            before = reg.faults
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
-            assert reg.faults == before
-            assert reg.mapped_bytes == SIZE - before * PAGE
-        finally:
-            await trio.to_thread.run_sync(vmm.close)
-        state.stop()
+    async with serving(opts, dense) as (state, vmm):
+        await state.loader.done.wait()
+        (reg,) = registrations(state)
+        await wait_for(lambda: reg.pending.total == 0)
+        before = reg.faults
+        assert await trio.to_thread.run_sync(vmm.verify_all) == []
+        assert reg.faults == before
+        assert reg.mapped_bytes == SIZE - before * PAGE
 
 
 async def test_guest_writes_survive_the_rest_of_the_load(tmp_path, image):
@@ -181,39 +186,33 @@ async def test_guest_writes_survive_the_rest_of_the_load(tmp_path, image):
     holes, data = holes_and_data(image)
     targets = sorted({lo for lo, _ in data} | {hi - PAGE for lo, hi in data} | {lo for lo, _ in holes}
                      | {lo + PAGE for lo, hi in holes if hi - lo > PAGE})
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=image))
-        try:
-            def write_all() -> None:  # one thread per page: the waits go ahead of the sweep together
-                threads = [threading.Thread(target=vmm.write, args=(off, off.to_bytes(8, "little") * (PAGE // 8)))
-                           for off in targets]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+    async with serving(opts, image) as (state, vmm):
+        def write_all() -> None:  # one thread per page: the waits go ahead of the sweep together
+            threads = [threading.Thread(target=vmm.write, args=(off, off.to_bytes(8, "little") * (PAGE // 8)))
+                       for off in targets]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
 
-            await trio.to_thread.run_sync(write_all)
-            assert not state.loader.done.is_set(), "the load ended before the writes: nothing was tested"
-            state.loader.prefetch(0, SIZE)
-            await state.loader.done.wait()
-            (reg,) = registrations(state)
-            await wait_for(lambda: reg.pending.total == 0)
+        await trio.to_thread.run_sync(write_all)
+        assert not state.loader.done.is_set(), "the load ended before the writes: nothing was tested"
+        state.loader.prefetch(0, SIZE)
+        await state.loader.done.wait()
+        (reg,) = registrations(state)
+        await wait_for(lambda: reg.pending.total == 0)
 
-            def check() -> list[int]:
-                bad = []
-                mem = state.memory.view
-                for off in range(0, SIZE, PAGE):
-                    want = (off.to_bytes(8, "little") * (PAGE // 8) if off in targets
-                            else expected_bytes(image, off))
-                    if vmm.read(off, PAGE) != want or bytes(mem[off:off + PAGE]) != want:
-                        bad.append(off)
-                return bad
+        def check() -> list[int]:
+            bad = []
+            mem = state.memory.view
+            for off in range(0, SIZE, PAGE):
+                want = (off.to_bytes(8, "little") * (PAGE // 8) if off in targets
+                        else expected_bytes(image, off))
+                if vmm.read(off, PAGE) != want or bytes(mem[off:off + PAGE]) != want:
+                    bad.append(off)
+            return bad
 
-            assert await trio.to_thread.run_sync(check) == []
-        finally:
-            await trio.to_thread.run_sync(vmm.close)
-        state.stop()
+        assert await trio.to_thread.run_sync(check) == []
 
 
 async def test_disconnect_stops_serving_and_closes_the_uffd(tmp_path, image):
@@ -410,22 +409,16 @@ async def test_dropped_pages_come_back_as_minor_faults(tmp_path, dense):
     opts = options(tmp_path, dense)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = await trio.to_thread.run_sync(lambda: ZeroCopyVmm(opts.socket_path, expected=dense))
-        try:
-            await state.loader.done.wait()
-            (reg,) = registrations(state)
-            await wait_for(lambda: reg.pending.total == 0)
-            assert libc.madvise(vmm.address(MiB), 16 * PAGE, 4) == 0  # MADV_DONTNEED
-            before = reg.faults_minor
-            report = await trio.to_thread.run_sync(
-                lambda: vmm.touch([(0, MiB + i * PAGE, PAGE) for i in range(16)], vcpus=2))
-            assert report.mismatches == [] and report.errors == []
-            assert reg.faults_minor - before == 16 and reg.faults_waited == 0 and reg.faults_zero == 0
-        finally:
-            await trio.to_thread.run_sync(vmm.close)
-        state.stop()
+    async with serving(opts, dense) as (state, vmm):
+        await state.loader.done.wait()
+        (reg,) = registrations(state)
+        await wait_for(lambda: reg.pending.total == 0)
+        assert libc.madvise(vmm.address(MiB), 16 * PAGE, 4) == 0  # MADV_DONTNEED
+        before = reg.faults_minor
+        report = await trio.to_thread.run_sync(
+            lambda: vmm.touch([(0, MiB + i * PAGE, PAGE) for i in range(16)], vcpus=2))
+        assert report.mismatches == [] and report.errors == []
+        assert reg.faults_minor - before == 16 and reg.faults_waited == 0 and reg.faults_zero == 0
 
 
 async def test_daemon_stop_ends_the_registration(tmp_path, image):
@@ -510,22 +503,15 @@ async def test_fault_outside_the_range_handed_over_gets_sigbus(tmp_path, dense):
 async def test_part_of_memory_at_an_offset(tmp_path, image):
     """A mapping of memory [1 MiB, 2 MiB) only: its bytes are the image's there."""
     opts = options(tmp_path, image)
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = await trio.to_thread.run_sync(
-            lambda: ZeroCopyVmm(opts.socket_path, expected=image, offset=MiB, size=MiB))
-        try:
-            assert vmm.memory is not None and vmm.memory.size == MiB
-            (reg,) = registrations(state)
-            assert (reg.offset, reg.size) == (MiB, MiB)
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
-            with open(image, "rb") as f:
-                f.seek(MiB)
-                want = f.read(MiB)
-            assert await trio.to_thread.run_sync(lambda: vmm.read(MiB, MiB)) == want
-        finally:
-            await trio.to_thread.run_sync(vmm.close)
-        state.stop()
+    async with serving(opts, image, offset=MiB, size=MiB) as (state, vmm):
+        assert vmm.memory is not None and vmm.memory.size == MiB
+        (reg,) = registrations(state)
+        assert (reg.offset, reg.size) == (MiB, MiB)
+        assert await trio.to_thread.run_sync(vmm.verify_all) == []
+        with open(image, "rb") as f:
+            f.seek(MiB)
+            want = f.read(MiB)
+        assert await trio.to_thread.run_sync(lambda: vmm.read(MiB, MiB)) == want
 
 
 def test_demo_uffd_minor(tmp_path):
