@@ -554,6 +554,8 @@ class Server:
                                 self._accept_errors, [s.statistics() for s in self.sessions])
 
     def stats_dict(self) -> dict[str, Any]:
+        # first: the uffd handler merges the faults it answered into the loader's counts
+        extra = self.extra_stats() if self.extra_stats is not None else {}
         d = self.loader.statistics().as_dict()
         d["queue"] = _plain(self.loader.queue.statistics())
         s = self.statistics()
@@ -562,8 +564,7 @@ class Server:
                        "reply_bytes_queued": sum(x.reply_bytes_queued for x in s.sessions)}
         if self.uffd_minor is not None:
             d["uffd_minor"] = self.uffd_minor.statistics()
-        if self.extra_stats is not None:
-            d.update(self.extra_stats())
+        d.update(extra)
         return d
 
     def loaded_map(self) -> LoadedMap:

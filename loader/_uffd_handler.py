@@ -20,12 +20,14 @@ and answers each fault itself, in this order:
   or poisons it (``UFFDIO_POISON``, SIGBUS in the faulting thread) after a read
   error.
 
-Between faults the same thread fills guest memory in the background: every range the
-loader finishes is queued (in load order, i.e. sweep order) and copied in chunks of
-``fill_chunk`` bytes, checking for faults between chunks, so the guest stops faulting
-once the load is done.  ``UFFD_EVENT_REMOVE`` / ``UNMAP`` are read by the same thread
-(never copied again, later faults get zero pages), as is ``REMAP`` (the region
-moves); since only this thread copies, no copy can follow a removal it has read.
+A *fill thread* fills guest memory in the background: straight from the source in
+memory order (a raw image, direct copies on), or else every range the loader finishes
+(in load order, i.e. sweep order), in chunks of ``fill_chunk`` bytes, so the guest
+stops faulting once the load is done; it waits while faults keep coming
+(docs/UFFD.md "Background fill").
+``UFFD_EVENT_REMOVE`` / ``UNMAP`` are read by the fault thread (never copied again,
+later faults get zero pages), as is ``REMAP`` (the region moves); reading events and
+every fill copy hold one lock, so no fill copy can follow a removal once it is read.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import mmap
 import os
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -58,6 +61,10 @@ from ._rangeset import RangeSet
 from ._stats import LatencyHistogram
 
 log = logging.getLogger("pageload")
+
+_ADDRESS = struct.Struct("=Q")  # uffd_msg.arg.pagefault.address, at byte 16
+_MSGS_PER_READ = 64
+_PAGE_MASK = ~(mmap.PAGESIZE - 1)
 
 MAX_HANDSHAKE = 64 << 10
 MAX_REGIONS = 1024
@@ -149,6 +156,9 @@ class UffdConfig:
     fill_quiet_s: float = 0.002
     #: ... but waits at most this long between two copies, so it never stops
     fill_max_wait_s: float = 0.05
+    #: how often faults answered by the fault thread are added to the loader's wait
+    #: counts and the working-set recorder (a prefetch hint goes at once)
+    merge_interval_s: float = 0.005
 
     @classmethod
     def for_mode(cls, mode: str) -> UffdConfig:
@@ -204,7 +214,10 @@ class UffdHandler:
                  config: UffdConfig | None = None) -> None:
         self.loader = loader
         self.memory = memory
-        self.uffd = _uffd.Uffd(uffd_fd)
+        self.uffd = _uffd.Uffd(uffd_fd)  #: the fault thread's (each Uffd's argument buffers are its own)
+        self._fill_uffd = _uffd.Uffd(uffd_fd)  #: the fill thread's: its copies run while the fault thread's do
+        self._msg_buf = bytearray(_uffd.MSG_SIZE * _MSGS_PER_READ)  # the fault thread's reads
+        self._msg_bufs = [self._msg_buf]
         self.regions = list(regions)
         self.config = config or UffdConfig()
         self._src = _address_of(memory)
@@ -269,6 +282,7 @@ class UffdHandler:
         self.direct_fill = (self._direct_map is not None and self.config.fill and not self.config.eager
                             and (self._direct_identity or all(r.page_size == loader.page_size for r in regions)))
         self._skipped = 0  #: pages the direct fill could not read (left to faults)
+        self._fast = self._fast_region()  # the fault thread's short path (None: none)
         if self.direct_fill:
             self._seed_direct_fill()
         self._seed_pending()
@@ -360,6 +374,8 @@ class UffdHandler:
         return self.counts.failed
 
     def statistics(self) -> dict[str, Any]:
+        """Trio thread (the faults answered since the last merge are merged first)."""
+        self._merge()
         c, f = self.counts, self.fill_counts
         with self._lock:
             histogram = self.histogram.as_dict()
@@ -418,9 +434,11 @@ class UffdHandler:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_load)
+                nursery.start_soon(self._merge_loop)
                 await self._finished.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._merge()
             self._stop = True
             self._wake()
             with trio.CancelScope(shield=True):
@@ -434,6 +452,15 @@ class UffdHandler:
             os.close(wake_fd)
             if self._direct_map is not None and not self._thread.is_alive() and not self._fill_thread.is_alive():
                 self._direct_map.close()
+
+    async def _merge_loop(self) -> None:
+        """Merge what the fault thread answered every ``merge_interval_s``: waking the
+        trio thread for every fault would take the GIL from the fault thread just
+        when the next fault comes."""
+        while True:
+            await trio.sleep(self.config.merge_interval_s)
+            if self._for_loader or self._hints:
+                self._merge()
 
     async def _watch_load(self) -> None:
         await self.loader.done.wait()
@@ -540,6 +567,7 @@ class UffdHandler:
     # ------------------------------------------------------------ the fault thread
     def _main(self) -> None:
         self._local.counts = self.counts
+        self._local.uffd = self.uffd
         self._local.copied = 0
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
@@ -590,6 +618,7 @@ class UffdHandler:
         """The fill thread: background copies, one ``fill_chunk`` at a time, each under
         ``_copy_lock``; it lets the fault thread in between copies."""
         self._local.counts = self.fill_counts
+        self._local.uffd = self._fill_uffd
         self._local.copied = 0
         if self.config.fill_nice:
             try:
@@ -628,40 +657,57 @@ class UffdHandler:
 
     def _read_ready(self) -> None:
         """Handle every message queued now (non-blocking).  Removals come first, so a
-        fault read in the same batch never copies into a range being removed."""
+        fault read in the same batch never copies into a range being removed.
+
+        This is the fault's hot path: it reads the raw messages into one reused
+        buffer and looks only at their event byte and the fault's address (a woken
+        thread runs with cold caches, so every line here costs several times what a
+        warm loop would)."""
+        fd = self.uffd.fd
+        buf = self._msg_buf
+        size = _uffd.MSG_SIZE
         while not self.gone:
             self._want_read = True
             with self._copy_lock:
                 self._want_read = False
                 try:
-                    messages = self.uffd.read_messages()
+                    n = os.readv(fd, self._msg_bufs)
+                except BlockingIOError:
+                    return
                 except OSError as exc:
                     if exc.errno not in (errno_mod.EBADF,):
                         log.warning("uffd: reading events: %s", exc)
                     self.gone = True
                     return
-                for m in messages:
-                    if m.event in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
-                        if m.event == _uffd.EVENT_REMOVE:
-                            self.counts.remove += 1
-                        else:
-                            self.counts.unmap += 1
-                        self._remove(m.a, m.b)
-            if not messages:
+                n -= n % size
+                faults_only = True
+                for off in range(0, n, size):
+                    event = buf[off]
+                    if event != _uffd.EVENT_PAGEFAULT:
+                        faults_only = False
+                        if event == _uffd.EVENT_REMOVE or event == _uffd.EVENT_UNMAP:
+                            if event == _uffd.EVENT_REMOVE:
+                                self.counts.remove += 1
+                            else:
+                                self.counts.unmap += 1
+                            _, _, _, _, a, b, _ = _uffd.MSG_STRUCT.unpack_from(buf, off)
+                            self._remove(a, b)
+            if not n:
                 return
-            full = len(messages) == self.uffd.capacity  # more may be queued behind them
             now = time.perf_counter_ns()
             self._last_fault_ns = now
-            for m in messages:
-                if m.event == _uffd.EVENT_PAGEFAULT:
+            for off in range(0, n, size):
+                if faults_only or buf[off] == _uffd.EVENT_PAGEFAULT:
                     self.counts.faults += 1
-                    self._fault(m.b, now)
-                elif m.event == _uffd.EVENT_REMAP:
+                    self._fault(_ADDRESS.unpack_from(buf, off + 16)[0], now)
+                    continue
+                event, _, _, _, a, b, c = _uffd.MSG_STRUCT.unpack_from(buf, off)
+                if event == _uffd.EVENT_REMAP:
                     self.counts.remap += 1
-                    self._remap(m.a, m.b, m.c)
-                elif m.event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
-                    log.warning("uffd: ignoring event %#x", m.event)
-            if not full:
+                    self._remap(a, b, c)
+                elif event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
+                    log.warning("uffd: ignoring event %#x", event)
+            if n < len(buf):  # the buffer was not filled: nothing more is queued
                 return
 
     def _remove(self, start: int, end: int) -> None:
@@ -690,6 +736,7 @@ class UffdHandler:
                 out.append(Region(b, r.end - b, r.offset + (b - r.base), r.page_size))
         out.sort(key=lambda r: r.base)
         self.regions = out
+        self._fast = self._fast_region()
 
     def _region(self, address: int) -> Region | None:
         for r in self.regions:
@@ -697,8 +744,40 @@ class UffdHandler:
                 return r
         return None
 
+    def _fast_region(self) -> tuple[int, int, int, int] | None:
+        """``(base, end, offset, source address)`` of the region whose faults may take
+        the short path in :meth:`_fault`: a raw image copied directly from the source,
+        4 KiB pages, no eager hold; None when there is none (or several regions)."""
+        if (self._direct_map is None or not self._direct_identity or self.config.eager
+                or len(self.regions) != 1):
+            return None
+        r = self.regions[0]
+        if r.page_size != mmap.PAGESIZE or self.loader.layout.page_size != mmap.PAGESIZE:
+            return None
+        return r.base, r.end, r.offset, self._direct_base
+
     def _fault(self, address: int, start_ns: int) -> None:
         """Answer one fault, or hand it to the trio thread (module doc, in order)."""
+        fast = self._fast
+        if fast is not None and not self.removed and not self.pending:
+            # the short path, for the common case: a data page of a raw image, nothing
+            # removed or loaded-but-not-copied anywhere: one copy from the source (the
+            # full path below makes the same choice, with more lookups)
+            base, end, offset, source = fast
+            if base <= address < end:
+                va = address & _PAGE_MASK
+                off = offset + (va - base)
+                if off + mmap.PAGESIZE <= self._direct_size and self.loader.layout.find(off) >= 0:
+                    try:
+                        self.uffd.copy(va, source + off, mmap.PAGESIZE)
+                    except _uffd.UffdError:
+                        pass  # EEXIST, EAGAIN, EFAULT, gone: the full path decides
+                    else:
+                        c = self.counts
+                        c.copies += 1
+                        c.copied_bytes += mmap.PAGESIZE
+                        self._direct_done(off, mmap.PAGESIZE, start_ns)
+                        return
         r = self._region(address)
         if r is None:  # not ours (should not happen): wake it rather than leave it hanging
             log.warning("uffd: fault at %#x outside every region", address)
@@ -710,12 +789,19 @@ class UffdHandler:
         page = r.page_size
         va = address & ~(page - 1)
         off = r.offset + (va - r.base)
-        if self.removed.overlap_bytes(off, off + page) or not _has_data(self.loader, off, off + page):
+        layout = self.loader.layout
+        if page == layout.page_size:  # one layout page: data or hole, as a whole
+            data = layout.find(off) >= 0
+        else:
+            data = _has_data(self.loader, off, off + page)
+        if not data or (self.removed and self.removed.overlap_bytes(off, off + page)):
             self.counts.zero += 1
             self._zero(r, va, start_ns)
             return
-        with self._lock:
-            loaded = self.pending.overlap_bytes(off, off + page) == _data_bytes(self.loader, off, off + page)
+        loaded = False
+        if self.pending:  # (read without the lock: a page loaded just now is copied directly, or waited for)
+            with self._lock:
+                loaded = self.pending.overlap_bytes(off, off + page) == _data_bytes(self.loader, off, off + page)
         if loaded:
             self.counts.loaded += 1
             self._answer(r, va, start_ns, loader_wait=True)
@@ -727,23 +813,27 @@ class UffdHandler:
                 self._retry.append((address, start_ns))
                 return
             if status != errno_mod.EFAULT:
-                self.counts.direct += 1
-                if self.direct_fill:
-                    with self._lock:
-                        self.installed.add(off, off + page)
                 if status == errno_mod.EEXIST:
                     self.counts.spurious += 1
                     self._wake_range(va, page)
-                self._record(start_ns)
-                # the hint loads the memory file sooner; the direct fill covers the guest
-                # anyway, and the loader's reads would only take CPU from the guest then
-                hint = 0 if self.direct_fill else self.config.hint_around
-                window = (off & ~(hint - 1), min((off & ~(hint - 1)) + hint, self.loader.memory_size)) \
-                    if hint >= page else None
-                self._for_trio(off, off + page, window)
+                self._direct_done(off, page, start_ns)
                 return
             # the source page cannot be read (EFAULT): the loader's path decides
         self._call_trio(self._submit_wait, r, va, start_ns)
+
+    def _direct_done(self, off: int, page: int, start_ns: int) -> None:
+        """The bookkeeping after a direct copy answered a fault at memory ``off``."""
+        self.counts.direct += 1
+        if self.direct_fill:
+            with self._lock:
+                self.installed.add(off, off + page)
+        self._record(start_ns)
+        # the hint loads the memory file sooner; the direct fill covers the guest
+        # anyway, and the loader's reads would only take CPU from the guest then
+        hint = 0 if self.direct_fill else self.config.hint_around
+        window = (off & ~(hint - 1), min((off & ~(hint - 1)) + hint, self.loader.memory_size)) \
+            if hint >= page else None
+        self._for_trio(off, off + page, window)
 
     def _for_trio(self, lo: int, hi: int, hint: tuple[int, int] | None) -> None:
         """A fault answered here counts as an immediate wait of the loader (and a touch
@@ -752,12 +842,13 @@ class UffdHandler:
             self._for_loader += 1
             if self.loader.recorder is not None:
                 self._touched.append((lo, hi))
-            if hint is not None:
-                self._hints.append(hint)
+            if hint is None:
+                return  # counts and touches wait for the next merge (``merge_interval_s``)
+            self._hints.append(hint)
             if self._merge_scheduled:
                 return
             self._merge_scheduled = True
-        self._call_trio(self._merge)
+        self._call_trio(self._merge)  # a prefetch hint goes now
 
     def _direct_address(self, off: int, length: int) -> int | None:
         """Where memory ``[off, off+length)`` is in the source's mapping, if it is
@@ -894,10 +985,12 @@ class UffdHandler:
         page = r.page_size
         done = 0
         status = 0
-        c = self._local.counts
+        local = self._local
+        c = local.counts
+        copy = local.uffd.copy
         while done < length and not self.gone:
             try:
-                n = self.uffd.copy(va + done, src + done, length - done)
+                n = copy(va + done, src + done, length - done)
                 c.copies += 1
                 c.copied_bytes += n
                 done += n

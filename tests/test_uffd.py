@@ -316,6 +316,34 @@ async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images,
     assert state.uffd.counts.remove == len(holes)
 
 
+async def test_fault_and_fill_threads_never_share_ioctl_buffers(tmp_path, images, monkeypatch):
+    """Both threads copy at once (the fault thread's copies take no lock): each must
+    pack its UFFDIO_COPY arguments, and read back the bytes done, in a buffer of its
+    own.  One shared :class:`_uffd.Uffd` let one thread read the other's result."""
+    import threading
+
+    users: dict[int, set[str]] = {}
+    copy = _uffd.Uffd.copy
+
+    def recording(self, dst, src, length, mode=0):
+        users.setdefault(id(self._copy), set()).add(threading.current_thread().name)
+        return copy(self, dst, src, length, mode)
+
+    monkeypatch.setattr(_uffd.Uffd, "copy", recording)
+    # page-sized fill copies, no yielding: the fill runs while the guest faults
+    opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=PAGE, fill_quiet_s=0.0))
+    offsets = [o for o in range(0, SIZE, 97 * PAGE)]
+
+    def body(vmm):
+        return [vmm.read(o, PAGE) for o in offsets]
+
+    state, got = await run_vmm(tmp_path, opts, [GuestRegion(0, SIZE)], images["raw"], body)
+    assert got == [_image_bytes(images["raw"], o, PAGE) for o in offsets]
+    threads = set().union(*users.values())
+    assert {"pageload-uffd", "pageload-uffd-fill"} <= threads  # both copied
+    assert all(len(names) == 1 for names in users.values()), users
+
+
 def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[float]:
     """The sleeps the fill thread takes before its next copy, the last fault having
     come ``last_fault_ago_s`` ago (on a fake clock: nothing is slept)."""
