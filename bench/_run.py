@@ -406,6 +406,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      _num(r["fill_mb_s"])])
     lines += _table(["handler", "faults", "p50 us", "p99 us", "max us", "blocked s", "last fault s", "fill MB/s"],
                     rows)
+    if section.get("floor_ratio"):
+        lines.append(f"fault p50 against the floor (a Python handler that only copies): "
+                     f"{section['floor_ratio']:.2f}x")
     if section.get("zero_copy_skipped"):
         lines.append(f"zero-copy: skipped ({section['zero_copy_skipped']})")
     fc = section.get("firecracker", {})

@@ -200,15 +200,18 @@ def test_uffd_section_structure(tmp_path) -> None:
     from loader import _uffd
 
     zero_copy = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM) is None
-    assert set(section["runs"]) == {*MODES, *(["zero-copy"] if zero_copy else [])}
+    assert set(section["runs"]) == {*MODES, "floor", *(["zero-copy"] if zero_copy else [])}
     assert (section["zero_copy_skipped"] is None) == zero_copy
     for mode, run in section["runs"].items():
         assert run["touches"] == 60 and run.get("daemon_exit", 0) == 0, mode
         assert set(run["fault_us"]) >= {"count", "p50", "p99", "max"}
     assert section["runs"]["lazy"]["no_more_faults_s"] is None
+    floor = section["runs"]["floor"]  # the 10-line handler served every fault with the image's bytes
+    assert floor["faults_seen_by_guest"] > 0 and section["floor_ratio"] > 0
     assert section["runs"]["fill"]["no_more_faults_s"] is not None
     assert [g["name"] for g in section["goals"]] == ["fault p50", "fault p99", "fill / cp", "least blocked time"]
     assert not zero_copy or section["runs"]["zero-copy"]["copied_bytes"] == 0
     assert section["firecracker"] == {"skipped": "not asked for"}
     text = "\n".join(_format_uffd(section))
     assert "handler" in text and "zero-copy" in text and "real Firecracker: skipped" in text  # a row or a skip
+    assert "against the floor" in text
