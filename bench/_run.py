@@ -411,6 +411,8 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      f"{section['floor_ratio']:.2f}x")
     if section.get("zero_copy_skipped"):
         lines.append(f"zero-copy: skipped ({section['zero_copy_skipped']})")
+    if section.get("cold_cache_skipped"):
+        lines.append(f"fill (cold cache): skipped ({section['cold_cache_skipped']})")
     fc = section.get("firecracker", {})
     if "designs" in fc:
         lines += format_firecracker(fc)

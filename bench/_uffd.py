@@ -21,7 +21,10 @@ service histogram, the time from connect to the guest never faulting again (the
 handler's ``filled``; never for ``lazy``), and the fill's throughput (data bytes /
 that time) against ``cp IMAGE /dev/shm`` measured in the same run.
 
-Rows for reference (no goals): ``floor``, a Python handler that does nothing but one
+Rows for reference (no goals): ``fill (cold cache)``, ours again after
+``drop_caches`` (root only), the source read from the disk during the fill (the fill
+reads ahead and brings each chunk into the page cache before it takes the lock that
+faults need); ``floor``, a Python handler that does nothing but one
 ``UFFDIO_COPY`` per fault (:mod:`bench._uffd_floor`): what a fault costs on this
 machine before any of the daemon's work, with ``floor_ratio`` = our fault p50 / its
 p50; ``zero-copy`` (the VMM maps the memory
@@ -49,7 +52,7 @@ from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
 from ._daemon import Goal, _at_least, _at_most
-from ._tools import BenchError, cp_mb_s, warm_cache
+from ._tools import BenchError, cp_mb_s, drop_caches, warm_cache
 
 __all__ = ["MODES", "run_uffd_section"]
 
@@ -198,6 +201,9 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     warm_cache(image)
     runs["floor"] = _floor(image, workdir, trace, vcpus, log)
     floor_p50 = runs["floor"]["fault_us"]["p50"]
+    cold_skipped = drop_caches()  # our handler again, its source read from the disk
+    if cold_skipped is None:
+        runs["fill (cold cache)"] = _one("fill", image, workdir, trace, vcpus, max(60.0, 40 * cp_s), log)
     why = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM)
     if why is None:
         warm_cache(image)
@@ -217,6 +223,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "cp": {"seconds": cp_s, "mb_s": cp_rate},
         "runs": runs,
         "zero_copy_skipped": why,
+        "cold_cache_skipped": cold_skipped,
         #: our fault p50 against the floor's, measured on the same touches (no goal)
         "floor_ratio": ours["fault_us"]["p50"] / floor_p50 if floor_p50 else None,
         "goals": [g.as_dict() for g in goals],

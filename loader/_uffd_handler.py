@@ -65,6 +65,7 @@ log = logging.getLogger("pageload")
 _ADDRESS = struct.Struct("=Q")  # uffd_msg.arg.pagefault.address, at byte 16
 _MSGS_PER_READ = 64
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
+_READ_AHEAD = 8  #: fill chunks the direct fill asks the kernel to read ahead of its copy
 
 MAX_HANDSHAKE = 64 << 10
 MAX_REGIONS = 1024
@@ -620,6 +621,7 @@ class UffdHandler:
         self._local.counts = self.fill_counts
         self._local.uffd = self._fill_uffd
         self._local.copied = 0
+        self._local.cache = _PageCache()
         if self.config.fill_nice:
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.fill_nice)
@@ -635,12 +637,34 @@ class UffdHandler:
                 while self._want_read and not self._stop:
                     time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
                 self._yield_to_faults()
+                if self.direct_fill:
+                    self._populate_next()  # the disk is read here, without the copy lock
                 with self._copy_lock:
                     self._fill_step()
         except Exception:
             log.exception("uffd: the fill thread failed")
             self.gone = True
             self._wake()
+
+    def _populate_next(self) -> None:
+        """Bring the source bytes of the direct fill's next copy into the page cache
+        before the copy lock is taken: the copy under the lock then only copies, and
+        a slow or hung disk holds up the fill, never the faults (which read events
+        under that lock).  A page evicted in between is read by the copy itself."""
+        with self._lock:
+            if not self._fill_queue:
+                return
+            a, end = self._fill_queue[0]
+        b = min(end, a + self.config.fill_chunk)
+        src = self._direct_address(a, b - a)
+        if src is None:
+            return
+        lo = src & _PAGE_MASK
+        cache = self._local.cache
+        ahead = self._direct_address(b, min(end, b + _READ_AHEAD * self.config.fill_chunk) - b) if b < end else None
+        if ahead is not None:  # the next chunks: read ahead now, asynchronously
+            cache.advise(ahead & _PAGE_MASK, min(end, b + _READ_AHEAD * self.config.fill_chunk) - b)
+        cache.populate(lo, src + (b - a) - lo)
 
     def _yield_to_faults(self) -> None:
         """Sleep while faults keep coming (``fill_quiet_s``), at most ``fill_max_wait_s``."""
@@ -1223,6 +1247,32 @@ def _address_of(memory: MemoryFile) -> int:
         return ctypes.addressof(c)
     finally:
         del c
+
+
+_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (a disk read may block)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_WILLNEED = 3
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range's pages in (reading them), map nothing new
+
+
+class _PageCache:
+    """Bring pieces of the source's mapping into the page cache ahead of a direct
+    copy: ``UFFDIO_COPY`` reads an uncached source inside the ioctl, and the fill's
+    copies hold the lock that every fault needs to read its message, so the fill
+    reads the disk before it takes the lock (and asks the kernel to read ahead)."""
+
+    def __init__(self) -> None:
+        self.populate_works = True  #: False once MADV_POPULATE_READ is refused (kernel before 5.14)
+
+    def advise(self, address: int, length: int) -> None:
+        """Start reading ``[address, address+length)`` into the page cache (MADV_WILLNEED)."""
+        _libc.madvise(address, length, MADV_WILLNEED)
+
+    def populate(self, address: int, length: int) -> None:
+        """Read ``[address, address+length)`` into the page cache (blocking, GIL released)."""
+        if self.populate_works and _libc.madvise(address, length, MADV_POPULATE_READ) != 0:
+            if ctypes.get_errno() == errno_mod.EINVAL:
+                self.populate_works = False  # the copy then reads the source itself, as before
 
 
 def _address_of_map(m: mmap.mmap) -> int:

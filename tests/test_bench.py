@@ -200,7 +200,9 @@ def test_uffd_section_structure(tmp_path) -> None:
     from loader import _uffd
 
     zero_copy = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM) is None
-    assert set(section["runs"]) == {*MODES, "floor", *(["zero-copy"] if zero_copy else [])}
+    cold = section["cold_cache_skipped"] is None  # root only
+    assert set(section["runs"]) == {*MODES, "floor", *(["zero-copy"] if zero_copy else []),
+                                    *(["fill (cold cache)"] if cold else [])}
     assert (section["zero_copy_skipped"] is None) == zero_copy
     for mode, run in section["runs"].items():
         assert run["touches"] == 60 and run.get("daemon_exit", 0) == 0, mode

@@ -285,6 +285,61 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     assert u.counts.efault >= 1 and u.faults_direct == 0 and u.faults_failed == 1
 
 
+async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, images, monkeypatch):
+    """The direct fill reads the source into the page cache before it takes the copy
+    lock: while that read hangs (a stuck disk, simulated), the lock is free and the
+    guest's faults are answered."""
+    import threading
+
+    from loader._uffd_handler import _PageCache
+
+    stuck = threading.Event()
+    release = threading.Event()
+    populate = _PageCache.populate
+
+    def hanging(self, address, length):
+        if threading.current_thread().name == "pageload-uffd-fill" and not release.is_set():
+            stuck.set()
+            release.wait(20)
+        populate(self, address, length)
+
+    monkeypatch.setattr(_PageCache, "populate", hanging)
+    opts = options(tmp_path, images["raw"])
+    offsets = [o for o in range(0, SIZE, 193 * PAGE)]
+    seen = {}
+
+    def body(vmm):
+        try:
+            assert stuck.wait(10), "the fill never read its source"
+            seen["lock_held"] = state_box[0].uffd._copy_lock.locked()
+            seen["pages"] = [vmm.read(o, PAGE) for o in offsets]  # faults, the fill stuck
+            seen["faults"] = state_box[0].uffd.faults
+        finally:
+            release.set()
+        return True
+
+    state_box = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        state_box.append(state)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            await trio.to_thread.run_sync(body, vmm)
+            with trio.fail_after(20):
+                await state.uffd.filled.wait()
+            assert await trio.to_thread.run_sync(vmm.verify_all) == []
+        finally:
+            release.set()
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert seen["lock_held"] is False
+    assert seen["pages"] == [_image_bytes(images["raw"], o, PAGE) for o in offsets]
+    assert seen["faults"] >= len(offsets) // 2  # answered by the fault thread, not the stuck fill
+
+
 @pytest.mark.parametrize("config", [UffdConfig(direct=False), UffdConfig(fill_chunk=PAGE)],
                          ids=["fill-after-loader", "direct-fill"])
 async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images, config):
