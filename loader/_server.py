@@ -390,6 +390,7 @@ class Session:
         limit = self.server.max_backlog_bytes
         batch = self.server.batch
         unblocked = 0  # receives in a row that found data without waiting
+        drained = False  # the last receive took less than it could: wait before the next
         while not self._closing:
             if self._out_bytes > limit:  # backpressure: the client is not reading its replies
                 await self._wait_drained()
@@ -397,10 +398,16 @@ class Session:
                     return
             else:
                 # a plain non-blocking recv, awaiting readability only when there is
-                # nothing: no trio checkpoint per receive that finds data
+                # nothing: no trio checkpoint per receive that finds data.  After a
+                # short receive the socket was empty a moment ago: wait first (a
+                # client waiting for its reply sends nothing more, and a failed recv
+                # costs a syscall and an exception)
                 try:
+                    if drained:
+                        raise BlockingIOError
                     data = raw.recv(RECV_SIZE) if recv is None else recv()
                 except BlockingIOError:
+                    drained = False
                     unblocked = 0
                     try:
                         await trio.lowlevel.wait_readable(raw)
@@ -413,6 +420,7 @@ class Session:
                     return  # a second end of input: the first was served (never spin on it)
                 conn.receive_data(data)  # b"": end of input (CLOSED, or the error for a cut frame)
                 unblocked += 1
+                drained = 0 < len(data) < RECV_SIZE
             batch.open()
             try:
                 if not self._handle_received(limit):

@@ -601,3 +601,19 @@ def test_a_half_closed_client_gets_its_answers_and_the_error_for_a_cut_frame(dae
     assert [r.get("re") for r in replies[:3]] == [1, 2, 5]
     assert replies[-1].get("err") == "truncated", replies
     served(daemon.socket_path)
+
+
+def test_requests_trickling_in_a_byte_at_a_time_are_answered(daemon):
+    """After a short receive the session waits for the socket before it reads again:
+    a client that sends its frames a byte at a time still gets every answer."""
+    wait = msgpack.packb({"op": "wait", "id": 7, "off": PAGE, "len": PAGE})
+    with Client.connect(daemon.socket_path, deadline=time.monotonic() + DEADLINE_S) as client:
+        client.wait(0, SIZE)  # all loaded
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(daemon.socket_path)
+        for b in HELLO + wait + STATS:
+            s.sendall(bytes([b]))
+            time.sleep(0.0005)
+        replies = _replies(s, 3)
+    assert [r.get("re") for r in replies] == [1, 7, 2]
+    assert "err" not in replies[1]
