@@ -230,7 +230,9 @@ class UffdHandler:
         self._for_loader = 0  # faults answered without the loader, to add to its wait counts
         self._touched: list[tuple[int, int]] = []  # their pages, for a working-set recorder
         self._hints: list[tuple[int, int]] = []  # windows to prefetch
-        self._merge_scheduled = False
+        self._merge_scheduled = False  # a merge at once (for a hint) is scheduled
+        self._merge_later = False  # the merge task was kicked: it merges after merge_interval_s
+        self._merge_kick = trio.Event()  # the trio thread's
         # the fault thread's own
         self.removed = RangeSet()  #: memory offsets removed/unmapped by the VMM
         #: what faults put into guest memory (direct fill: skipped, not copied again)
@@ -455,13 +457,18 @@ class UffdHandler:
                 self._direct_map.close()
 
     async def _merge_loop(self) -> None:
-        """Merge what the fault thread answered every ``merge_interval_s``: waking the
-        trio thread for every fault would take the GIL from the fault thread just
-        when the next fault comes."""
+        """Merge what the fault thread answered ``merge_interval_s`` after the first
+        fault not merged yet: waking the trio thread for every fault would take the
+        GIL from the fault thread just when the next fault comes (and an idle guest
+        wakes nothing)."""
         while True:
+            await self._merge_kick.wait()
+            self._merge_kick = trio.Event()
             await trio.sleep(self.config.merge_interval_s)
-            if self._for_loader or self._hints:
-                self._merge()
+            self._merge()
+
+    def _kick_merge(self) -> None:
+        self._merge_kick.set()
 
     async def _watch_load(self) -> None:
         await self.loader.done.wait()
@@ -526,6 +533,7 @@ class UffdHandler:
             touched, self._touched = self._touched, []
             hints, self._hints = self._hints, []
             self._merge_scheduled = False
+            self._merge_later = False
         counters = self.loader.counters
         counters.waits_total += n
         counters.waits_immediate += n
@@ -866,13 +874,18 @@ class UffdHandler:
             self._for_loader += 1
             if self.loader.recorder is not None:
                 self._touched.append((lo, hi))
-            if hint is None:
-                return  # counts and touches wait for the next merge (``merge_interval_s``)
-            self._hints.append(hint)
-            if self._merge_scheduled:
-                return
-            self._merge_scheduled = True
-        self._call_trio(self._merge)  # a prefetch hint goes now
+            if hint is None:  # counts and touches: merged merge_interval_s from the first
+                if self._merge_later or self._merge_scheduled:
+                    return
+                self._merge_later = True
+                later = True
+            else:
+                self._hints.append(hint)
+                if self._merge_scheduled:
+                    return
+                self._merge_scheduled = True
+                later = False
+        self._call_trio(self._kick_merge if later else self._merge)  # a prefetch hint goes now
 
     def _direct_address(self, off: int, length: int) -> int | None:
         """Where memory ``[off, off+length)`` is in the source's mapping, if it is

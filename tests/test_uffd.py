@@ -224,6 +224,33 @@ async def test_fault_paths_loaded_hole_direct(tmp_path, images):
     assert s["direct"] == "on" and s["faults_direct"] == 1 and s["fault_latency_us"]["count"] == 3
 
 
+async def test_faults_answered_by_the_thread_reach_the_loader_counts_soon(tmp_path, images):
+    """Faults the fault thread answers itself are added to the loader's wait counts by a
+    merge ``merge_interval_s`` after the first of them (no trio wake-up per fault),
+    while the VMM is still connected and without anyone reading statistics."""
+    opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False),
+                   uffd_config=UffdConfig(fill=False, fault_around=PAGE, hint_around=0, merge_interval_s=0.05))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        layout = state.loader.layout
+        pages = [r.mem_offset for r in layout][:3]
+        before = state.loader.counters.waits_immediate
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            for o in pages:
+                await trio.to_thread.run_sync(vmm.read, o, PAGE)
+            with trio.fail_after(5):
+                while state.loader.counters.waits_immediate - before < len(pages):
+                    await trio.sleep(0.01)
+            assert state.uffd.faults_direct == len(pages)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+
+
 async def test_checksummed_pages_wait_for_the_loader(tmp_path, images):
     """A pages checkpoint is verified while loading: a fault on a page not loaded yet
     waits for the loader (never a direct copy of unverified bytes)."""
