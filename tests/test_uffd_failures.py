@@ -191,3 +191,47 @@ async def test_poison_works_without_the_vmm_asking_for_the_feature(tmp_path, ima
     assert code == -signal.SIGBUS, lines
     assert f"ok {GOOD}" in lines
     assert state.uffd.faults_failed == 1
+
+
+async def test_without_uffdio_poison_the_handler_stops_and_never_hands_out_wrong_bytes(
+        tmp_path, image, monkeypatch, caplog):
+    """A kernel before 6.6 has no UFFDIO_POISON (EINVAL): nothing can raise SIGBUS in
+    the faulting thread, so after a read error the handler logs it and stops serving
+    that VMM (docs/UFFD.md, "Failure behaviour"): the faulting thread stays blocked --
+    it never gets wrong bytes -- and the daemon ends once the VMM is gone."""
+    def no_poison(self, dst, length):
+        raise _uffd.UffdError(22, "UFFDIO_POISON", 0)  # EINVAL: an ioctl this kernel does not know
+
+    monkeypatch.setattr(_uffd.Uffd, "poison", no_poison)
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
+                   wrap_queue=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(BAD, BAD + PAGE)))
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, SIZE, [GOOD, BAD], expected=image)
+        try:
+            def until_stopped() -> None:
+                assert child.stdout is not None
+                for line in child.stdout:
+                    lines.append(line.strip())
+                    if line.strip() == f"touching {BAD}":
+                        break
+                deadline = time.monotonic() + 10
+                while not trio.from_thread.run_sync(lambda: state.uffd is not None and state.uffd.gone):
+                    assert time.monotonic() < deadline, "the handler did not stop"
+                    time.sleep(0.01)
+                time.sleep(0.2)  # the child stays blocked on the bad page
+                assert child.poll() is None
+
+            with trio.fail_after(15):
+                await trio.to_thread.run_sync(until_stopped)
+        finally:
+            if child.poll() is None:
+                child.kill()  # as an operator would: the VMM's memory is unusable
+            child.wait()
+            child.stdout.close()
+        with trio.fail_after(10):  # the daemon ends once the VMM has gone
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert f"ok {GOOD}" in lines and not any(x.endswith(f" {BAD}") and not x.startswith("touching") for x in lines)
+    assert "cannot poison" in caplog.text
