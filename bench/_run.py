@@ -188,7 +188,8 @@ def _run_section(
         )
     if name == "uffd":
         return run_uffd_section(image, workdir, touches=500 if quick else 3000, seed=opts.seed,
-                                firecracker_repeat=rep or (2 if quick else 3), log=log)
+                                firecracker_repeat=rep or (2 if quick else 3), repeat=rep or (1 if quick else 3),
+                                log=log)
     if name == "firecracker":
         return run_firecracker_section(workdir, repeat=rep or (2 if quick else 3), log=log)
     return _designs_section(opts, image, workdir, log)
@@ -395,7 +396,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
     g = section["guest"]
     lines = [
         f"uffd ({section['image']['size_bytes'] >> 20} MiB dense image, warm cache; guest: {g['vcpus']} vCPUs, "
-        f"{g['touches']} random 4 KiB touches over {g['window_s']:.3f} s; cp {section['cp']['mb_s']:.0f} MB/s)"
+        f"{g['touches']} random 4 KiB touches over {g['window_s']:.3f} s; cp {section['cp']['mb_s']:.0f} MB/s"
+        + (f"; fill/eager/lazy/floor: medians of {section['repeat']} rounds, taking turns"
+           if section.get("repeat", 1) > 1 else "") + ")"
     ]
     lines += _goal_table(section["goals"])
     rows = []

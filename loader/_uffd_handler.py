@@ -791,10 +791,14 @@ class UffdHandler:
     def _fault(self, address: int, start_ns: int) -> None:
         """Answer one fault, or hand it to the trio thread (module doc, in order)."""
         fast = self._fast
-        if fast is not None and not self.removed and not self.pending:
+        if fast is not None and not self.removed and (self.direct_fill or not self.pending):
             # the short path, for the common case: a data page of a raw image, nothing
-            # removed or loaded-but-not-copied anywhere: one copy from the source (the
-            # full path below makes the same choice, with more lookups)
+            # removed: one copy from the source.  The full path below makes the same
+            # choice with more lookups, except for a page loaded but not copied yet,
+            # which it copies from the memory file with the loaded bytes around it;
+            # the direct fill copies those from the source anyway, so with it the
+            # memory file's pending bytes do not matter here (the daemon loads from
+            # its start, before the VMM connects: there are always some)
             base, end, offset, source = fast
             if base <= address < end:
                 va = address & _PAGE_MASK
