@@ -66,6 +66,7 @@ _ADDRESS = struct.Struct("=Q")  # uffd_msg.arg.pagefault.address, at byte 16
 _MSGS_PER_READ = 64
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _READ_AHEAD = 8  #: fill chunks the direct fill asks the kernel to read ahead of its copy
+_DISK_THREADS = 4  #: at most this many threads read uncached source pages for faults
 
 MAX_HANDSHAKE = 64 << 10
 MAX_REGIONS = 1024
@@ -193,6 +194,8 @@ class _Counters:
     eexist: int = 0
     eagain: int = 0
     efault: int = 0  #: direct copies whose source page could not be read
+    uncached: int = 0  #: faults whose source page a disk thread read into the page cache first
+    disk_timeouts: int = 0  #: of those, answered as failed reads at the read deadline
     remove: int = 0
     unmap: int = 0
     remap: int = 0
@@ -238,6 +241,18 @@ class UffdHandler:
         #: what faults put into guest memory (direct fill: skipped, not copied again)
         self.installed = RangeSet()
         self._retry: list[tuple[int, int]] = []  # (address, start_ns) that hit EAGAIN
+        # faults whose source page is not in the page cache: a disk thread reads it in
+        # (the fault thread never waits for the disk), then the fault comes back
+        self._disk_out: dict[int, tuple[int, int, int]] = {}  # va -> (address, start_ns, deadline_ns)
+        self._disk_queue: deque[tuple[int, int, int]] = deque()  # (va, src, length), under _disk_cv
+        self._disk_done: list[int] = []  # va read in (or failed: the copy says), under _disk_cv
+        self._disk_cv = threading.Condition(threading.Lock())
+        self._disk_threads: list[threading.Thread] = []
+        self._disk_idle = 0  # disk threads waiting for work, under _disk_cv
+        self._disk_ready: list[tuple[int, int, int]] = []  # the fault thread's
+        self._disk_late: list[tuple[int, int]] = []  # the fault thread's
+        timeout = loader.config.read_timeout
+        self._disk_deadline_ns = None if timeout is None else int(timeout * 1e9)
         self._deferred: list[tuple[int, int]] = []  # eager mode: faults held until memory is filled
         self._zero_huge: mmap.mmap | None = None
         self._zero_src = 0
@@ -392,6 +407,8 @@ class UffdHandler:
             "faults_zero": c.zero,
             "faults_failed": c.failed,
             "faults_spurious": c.spurious,
+            "faults_uncached": c.uncached,
+            "faults_disk_timeouts": c.disk_timeouts,
             "faults_outstanding": self.outstanding,
             "fault_blocked_s": c.blocked_ns / 1e9,
             "direct": self.direct_off_reason or "on",
@@ -444,6 +461,8 @@ class UffdHandler:
             self._merge()
             self._stop = True
             self._wake()
+            with self._disk_cv:
+                self._disk_cv.notify_all()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._fill_thread.join, 2.0)
                 await trio.to_thread.run_sync(self._thread.join, 2.0)
@@ -565,6 +584,8 @@ class UffdHandler:
                 log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
                 while self.outstanding and not self.gone:
                     await self._none_outstanding.wait()
+            while self._disk_out and not self.gone:  # faults whose page a disk thread reads
+                await trio.sleep(0.005)
         if self.outstanding:
             log.warning("uffd: %d fault(s) still waiting for reads at shutdown: they will be poisoned",
                         self.outstanding)
@@ -578,6 +599,7 @@ class UffdHandler:
         self._local.counts = self.counts
         self._local.uffd = self.uffd
         self._local.copied = 0
+        self._local.cache = _PageCache(max(r.page_size for r in self.regions) // mmap.PAGESIZE)
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
@@ -585,6 +607,8 @@ class UffdHandler:
             while not self.gone:
                 if self._retry:
                     timeout = 1
+                elif self._disk_out:
+                    timeout = self._disk_timeout_ms()
                 else:
                     timeout = -1
                 # the GIL is released while blocked here; each syscall after it takes the GIL
@@ -606,6 +630,8 @@ class UffdHandler:
                     retry, self._retry = self._retry, []
                     for address, start in retry:
                         self._fault(address, start)
+                if self._disk_out:
+                    self._take_disk_reads()
                 self._take_answers()
                 if self._want_sync:
                     self._want_sync = False
@@ -616,6 +642,10 @@ class UffdHandler:
                         self._fault(address, start)
                 if self._stop:
                     break
+            if self._disk_out and not self.gone:  # stopping: never leave a fault unanswered
+                for va in list(self._disk_out):
+                    self._disk_out[va] = (*self._disk_out[va][:2], 0)  # past its deadline
+                self._take_disk_reads(stopping=True)
         except Exception:
             log.exception("uffd: the fault thread failed")
             self.gone = True
@@ -788,8 +818,10 @@ class UffdHandler:
             return None
         return r.base, r.end, r.offset, self._direct_base
 
-    def _fault(self, address: int, start_ns: int) -> None:
-        """Answer one fault, or hand it to the trio thread (module doc, in order)."""
+    def _fault(self, address: int, start_ns: int, from_disk: bool = False) -> None:
+        """Answer one fault, or hand it to the trio thread (module doc, in order).
+        ``from_disk``: its source page was just read into the page cache by a disk
+        thread (copy it directly now, whatever ``mincore`` says)."""
         fast = self._fast
         if fast is not None and not self.removed and (self.direct_fill or not self.pending):
             # the short path, for the common case: a data page of a raw image, nothing
@@ -803,7 +835,8 @@ class UffdHandler:
             if base <= address < end:
                 va = address & _PAGE_MASK
                 off = offset + (va - base)
-                if off + mmap.PAGESIZE <= self._direct_size and self.loader.layout.find(off) >= 0:
+                if (off + mmap.PAGESIZE <= self._direct_size and self.loader.layout.find(off) >= 0
+                        and self._local.cache.cached(source + off, mmap.PAGESIZE)):
                     try:
                         self.uffd.copy(va, source + off, mmap.PAGESIZE)
                     except _uffd.UffdError:
@@ -843,6 +876,10 @@ class UffdHandler:
             self._answer(r, va, start_ns, loader_wait=True)
             return
         src = self._direct_address(off, page)
+        if src is not None and not from_disk and not self._local.cache.cached(src, page):
+            if self._read_from_disk(va, src, page, address, start_ns):
+                return  # a disk thread brings the page in; the fault comes back here then
+            src = None  # the disk threads are stuck: the loader's path (its reads have deadlines)
         if src is not None:
             status = self._copy(r, va, src, page)
             if status == errno_mod.EAGAIN:
@@ -856,6 +893,83 @@ class UffdHandler:
                 return
             # the source page cannot be read (EFAULT): the loader's path decides
         self._call_trio(self._submit_wait, r, va, start_ns)
+
+    # ------------------------------------------------------------ disk reads (uncached faults)
+    def _read_from_disk(self, va: int, src: int, length: int, address: int, start_ns: int) -> bool:
+        """Hand an uncached source page to a disk thread; False when they are all stuck
+        past the deadline (the caller then takes the loader's path)."""
+        now = time.perf_counter_ns()
+        deadline = now + self._disk_deadline_ns if self._disk_deadline_ns is not None else 1 << 62
+        with self._disk_cv:
+            if self._disk_idle == 0 and len(self._disk_threads) >= _DISK_THREADS:
+                oldest = min((d for _, _, d in self._disk_out.values()), default=deadline)
+                if oldest <= now:
+                    return False
+            if va in self._disk_out:  # a second vCPU on the same page: one read, one copy wakes both
+                return True
+            self._disk_out[va] = (address, start_ns, deadline)
+            self._disk_queue.append((va, src, length))
+            if self._disk_idle == 0 and len(self._disk_threads) < _DISK_THREADS:
+                t = threading.Thread(target=self._disk_main, name="pageload-uffd-disk", daemon=True)
+                self._disk_threads.append(t)
+                t.start()
+            else:
+                self._disk_cv.notify()
+        self.counts.uncached += 1
+        return True
+
+    def _disk_main(self) -> None:
+        """A disk thread: read queued source pages into the page cache (the GIL is
+        released while the disk is read), hand each back to the fault thread."""
+        cache = _PageCache()
+        while True:
+            with self._disk_cv:
+                while not self._disk_queue and not self._stop and not self.gone:
+                    self._disk_idle += 1
+                    self._disk_cv.wait()
+                    self._disk_idle -= 1
+                if self._stop or self.gone:
+                    return
+                va, src, length = self._disk_queue.popleft()
+            lo = src & _PAGE_MASK
+            cache.populate(lo, src + length - lo)
+            with self._disk_cv:
+                self._disk_done.append(va)
+            self._wake()
+
+    def _disk_timeout_ms(self) -> int:
+        """The fault thread's poll timeout: until the first disk read's deadline."""
+        with self._disk_cv:
+            first = min((d for _, _, d in self._disk_out.values()), default=0)
+        return max(0, (first - time.perf_counter_ns()) // 1_000_000 + 1)
+
+    def _take_disk_reads(self, stopping: bool = False) -> None:
+        """Fault thread: faults whose page a disk thread read in go on (copied now);
+        those past the read deadline are answered as a failed read (poisoned)."""
+        with self._disk_cv:
+            done, self._disk_done = self._disk_done, []
+            for va in done:
+                entry = self._disk_out.pop(va, None)
+                if entry is not None:  # (None: answered at its deadline already)
+                    self._disk_ready.append(entry)
+            now = time.perf_counter_ns()
+            for va in [va for va, (_, _, d) in self._disk_out.items() if d <= now]:
+                address, start_ns, _ = self._disk_out.pop(va)
+                self._disk_late.append((address, start_ns))
+        ready, self._disk_ready = self._disk_ready, []
+        for address, start_ns, _ in ready:
+            self._fault(address, start_ns, from_disk=True)
+        late, self._disk_late = self._disk_late, []
+        for address, start_ns in late:
+            r = self._region(address)
+            if r is None:
+                continue
+            if stopping:
+                error = LoadError(codes.SHUTTING_DOWN, "the daemon stopped while the source page was read")
+            else:
+                self.counts.disk_timeouts += 1
+                error = LoadError(codes.TIMEOUT, "reading the source page took longer than the read deadline")
+            self._fail(r, address & ~(r.page_size - 1), start_ns, error)
 
     def _direct_done(self, off: int, page: int, start_ns: int) -> None:
         """The bookkeeping after a direct copy answered a fault at memory ``off``."""
@@ -1268,6 +1382,7 @@ def _address_of(memory: MemoryFile) -> int:
 
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (a disk read may block)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range's pages in (reading them), map nothing new
 
@@ -1278,8 +1393,20 @@ class _PageCache:
     copies hold the lock that every fault needs to read its message, so the fill
     reads the disk before it takes the lock (and asks the kernel to read ahead)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pages: int = 1) -> None:
         self.populate_works = True  #: False once MADV_POPULATE_READ is refused (kernel before 5.14)
+        self._vec = (ctypes.c_ubyte * pages)()
+        self._pages = pages
+
+    def cached(self, address: int, length: int) -> bool:
+        """Is every page of ``[address, address+length)`` (page-aligned) in the page
+        cache now?  (False when it cannot tell: the caller then takes the safe path.)"""
+        n = length // mmap.PAGESIZE
+        if n > self._pages or _libc.mincore(address, length, self._vec) != 0:
+            return False
+        if n == 1:
+            return bool(self._vec[0] & 1)
+        return all(b & 1 for b in bytes(self._vec)[:n])
 
     def advise(self, address: int, length: int) -> None:
         """Start reading ``[address, address+length)`` into the page cache (MADV_WILLNEED)."""

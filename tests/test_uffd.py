@@ -312,6 +312,32 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     assert u.counts.efault >= 1 and u.faults_direct == 0 and u.faults_failed == 1
 
 
+async def test_a_fault_on_an_uncached_source_page_is_read_in_by_a_disk_thread(tmp_path):
+    """The fault thread never reads the disk itself: a fault whose source page is not
+    in the page cache goes to a disk thread, which reads it in, and comes back to be
+    copied; a cached page is copied at once."""
+    raw = str(tmp_path / "memory.img")
+    make_sample_image(raw, 4 * MiB, seed=5, dense=True)
+    opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
+    cold, warm = 1 * MiB, 3 * MiB
+
+    def body(vmm):
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # written just now: only clean pages can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.pread(fd, PAGE, warm)  # and this one read back in
+        finally:
+            os.close(fd)
+        return vmm.read(cold, PAGE), vmm.read(warm, PAGE)
+
+    state, got = await run_vmm(tmp_path, opts, [GuestRegion(0, 4 * MiB)], raw, body)
+    assert got == (_image_bytes(raw, cold, PAGE), _image_bytes(raw, warm, PAGE))
+    u = state.uffd
+    assert (u.faults_direct, u.counts.uncached, u.faults_waited) == (2, 1, 0)
+    assert u.statistics()["faults_uncached"] == 1
+
+
 async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, images, monkeypatch):
     """The direct fill reads the source into the page cache before it takes the copy
     lock: while that read hangs (a stuck disk, simulated), the lock is free and the

@@ -235,3 +235,33 @@ async def test_without_uffdio_poison_the_handler_stops_and_never_hands_out_wrong
                 await trio.sleep(0.01)
     assert f"ok {GOOD}" in lines and not any(x.endswith(f" {BAD}") and not x.startswith("touching") for x in lines)
     assert "cannot poison" in caplog.text
+
+
+async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tmp_path, image, monkeypatch):
+    """A disk thread stuck reading an uncached source page (a hung disk, simulated):
+    the fault thread does not wait with it; at the read deadline the fault is answered
+    as a failed read (poisoned: SIGBUS in the vCPU), never left hanging."""
+    import threading
+
+    from loader._uffd_handler import _PageCache
+
+    release = threading.Event()
+    populate = _PageCache.populate
+
+    def hanging(self, address, length):
+        if threading.current_thread().name == "pageload-uffd-disk":
+            release.wait(20)
+        populate(self, address, length)
+
+    monkeypatch.setattr(_PageCache, "populate", hanging)
+    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)  # nothing is cached
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_timeout=0.3),
+                   uffd_config=UffdConfig.for_mode("lazy"))
+    try:
+        state, code, lines = await serve_child(opts, image, [GOOD])
+    finally:
+        release.set()
+    assert code == -signal.SIGBUS, lines
+    assert lines[-1] == f"touching {GOOD}"
+    u = state.uffd
+    assert (u.counts.uncached, u.counts.disk_timeouts, u.faults_failed) == (1, 1, 1)
