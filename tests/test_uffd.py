@@ -338,6 +338,49 @@ async def test_a_fault_on_an_uncached_source_page_is_read_in_by_a_disk_thread(tm
     assert u.statistics()["faults_uncached"] == 1
 
 
+async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path, monkeypatch):
+    """The VMM drops a range (balloon) while a disk thread reads the source page its
+    vCPU faulted on: when the page comes back, the fault gets a zero page, never the
+    old data."""
+    import threading
+
+    from loader._uffd_handler import _PageCache
+
+    raw = str(tmp_path / "memory.img")
+    make_sample_image(raw, 4 * MiB, seed=6, dense=True)
+    stuck, release = threading.Event(), threading.Event()
+    populate = _PageCache.populate
+
+    def slow(self, address, length):
+        if threading.current_thread().name == "pageload-uffd-disk":
+            stuck.set()
+            release.wait(5)
+        populate(self, address, length)
+
+    monkeypatch.setattr(_PageCache, "populate", slow)
+    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)
+    opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
+    page = 2 * MiB
+
+    def body(vmm):
+        got = {}
+        reader = threading.Thread(target=lambda: got.setdefault("page", vmm.read(page, PAGE)))
+        reader.start()
+        assert stuck.wait(5), "the fault never reached a disk thread"
+        vmm.balloon(page & ~(64 * 1024 - 1), 64 * 1024)  # returns once the REMOVE event is read
+        release.set()
+        reader.join(10)
+        return got.get("page")
+
+    try:
+        state, got = await run_vmm(tmp_path, opts, [GuestRegion(0, 4 * MiB)], raw, body)
+    finally:
+        release.set()
+    assert got == bytes(PAGE)
+    u = state.uffd
+    assert u.counts.uncached == 1 and u.counts.remove == 1 and u.faults_zero == 1
+
+
 async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, images, monkeypatch):
     """The direct fill reads the source into the page cache before it takes the copy
     lock: while that read hangs (a stuck disk, simulated), the lock is free and the

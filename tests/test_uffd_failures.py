@@ -265,3 +265,60 @@ async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tm
     assert lines[-1] == f"touching {GOOD}"
     u = state.uffd
     assert (u.counts.uncached, u.counts.disk_timeouts, u.faults_failed) == (1, 1, 1)
+
+
+async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_path, image, monkeypatch):
+    """SIGTERM while a disk thread is stuck on a fault's source page: the drain gives
+    it the shutdown timeout, then the fault is answered (poisoned, SIGBUS), so the
+    daemon exits and the vCPU is not left blocked on a handler that is gone."""
+    import threading
+
+    from loader._uffd_handler import _PageCache
+
+    release = threading.Event()
+    populate = _PageCache.populate
+
+    def hanging(self, address, length):
+        if threading.current_thread().name == "pageload-uffd-disk":
+            release.wait(3)  # a regression must fail, not hang the suite
+        populate(self, address, length)
+
+    monkeypatch.setattr(_PageCache, "populate", hanging)
+    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
+                   uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
+    lines: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            child = spawn_child(opts.uffd_socket, SIZE, [GOOD], expected=image)
+
+            def follow() -> int:
+                assert child.stdout is not None
+                for line in child.stdout:
+                    lines.append(line.strip())
+                    if line.strip() == f"touching {GOOD}":
+                        deadline = time.monotonic() + 5
+                        while not trio.from_thread.run_sync(lambda: bool(state.uffd and state.uffd._disk_out)):
+                            assert time.monotonic() < deadline, "the fault never reached a disk thread"
+                            time.sleep(0.005)
+                        trio.from_thread.run_sync(state.stop)
+                        break  # (reading on to the end would wait for a child that never ends)
+                return child.wait(10)
+
+            try:
+                with trio.fail_after(15):
+                    code = await trio.to_thread.run_sync(follow)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                child.stdout.close()
+            with trio.fail_after(10):
+                while nursery.child_tasks:
+                    await trio.sleep(0.01)
+    finally:
+        release.set()
+    assert code == -signal.SIGBUS, lines
+    u = state.uffd
+    assert u.counts.uncached == 1 and u.faults_failed == 1 and u.counts.disk_timeouts == 0
