@@ -450,6 +450,8 @@ class Session:
                 self.requests += 1
                 self._wait(*wait)
                 continue
+            if conn.nothing_buffered():
+                return True  # NEED_DATA, without the unpacker's exception
             try:
                 event = conn.next_event()
             except protocol.RemoteProtocolError as exc:

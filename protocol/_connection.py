@@ -261,6 +261,13 @@ class _Connection:
         assert error is not None
         return RemoteProtocolError(error.code, error.message, error.id, error.fatal)
 
+    def nothing_buffered(self) -> bool:
+        """True when :meth:`next_event` would return :data:`NEED_DATA` now: no bytes
+        held, no partial message, no end of input or error to report.  Cheaper than
+        asking (the unpacker says it with an exception)."""
+        return (self._raw is None and not self._pending and self._fed == self._message_start
+                and not self._eof and self._error is None)
+
     def next_event(self) -> Any:
         """The next event from the peer, :data:`NEED_DATA`, or :data:`CLOSED`.
 

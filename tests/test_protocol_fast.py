@@ -203,6 +203,43 @@ def test_next_wait_takes_only_a_valid_wait_and_consumes_nothing_else() -> None:
     assert conn.next_wait() is None and conn.next_event() is NEED_DATA
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_nothing_buffered_is_true_exactly_when_next_event_would_need_data(seed: int) -> None:
+    """``nothing_buffered`` lets the server skip asking for the next event; it must be
+    True only when that event is NEED_DATA, whatever the chunking, fast path on or off,
+    and False at end of input or after an error (which next_event must report)."""
+    rng = random.Random(seed)
+    frames = [msgpack.packb({"op": "hello", "id": 0, "v": [1]})]
+    frames += [msgpack.packb({"op": "wait", "id": i, "off": 4096 * i, "len": 4096}) for i in range(1, 40)]
+    frames += [msgpack.packb({"op": "stats", "id": 99})]
+    stream = b"".join(frames)
+    for fast in (True, False):
+        conn = ServerConnection()
+        conn._fast = fast
+        at = 0
+        while at < len(stream):
+            n = rng.randrange(1, 40)
+            conn.receive_data(stream[at:at + n])
+            at += n
+            while True:
+                if conn.next_wait() is not None:
+                    continue
+                quiet = conn.nothing_buffered()
+                event = conn.next_event()
+                assert event is NEED_DATA or not quiet, (fast, at, event)  # never hides an event
+                if event is NEED_DATA:
+                    break
+            if at >= len(stream):
+                assert conn.nothing_buffered(), fast  # all taken: the server may skip asking
+        conn.receive_data(stream[:3])  # a cut frame, then end of input
+        assert not conn.nothing_buffered()
+        conn.receive_data(b"")
+        assert not conn.nothing_buffered()
+    bad = ServerConnection()
+    bad.receive_data(b"\xc1")  # never valid msgpack: a fatal error to report
+    assert not bad.nothing_buffered()
+
+
 # ---------------------------------------------------------------- the client's side
 
 
