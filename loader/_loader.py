@@ -390,7 +390,9 @@ class Loader:
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1
             raise self._failure_for(lo, hi)
-        need = self.unloaded.overlap_bytes(lo, hi) + self.inflight.overlap_bytes(lo, hi)
+        unloaded, inflight = self.unloaded, self.inflight
+        need = ((unloaded.overlap_bytes(lo, hi) if unloaded else 0)
+                + (inflight.overlap_bytes(lo, hi) if inflight else 0))  # (all loaded: no lookups)
         if self._order_wait is not None:
             self._order_wait(lo, hi, need)
         if need == 0:

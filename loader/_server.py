@@ -401,18 +401,18 @@ class Session:
                 # nothing: no trio checkpoint per receive that finds data.  After a
                 # short receive the socket was empty a moment ago: wait first (a
                 # client waiting for its reply sends nothing more, and a failed recv
-                # costs a syscall and an exception)
-                try:
-                    if drained:
-                        raise BlockingIOError
-                    data = raw.recv(RECV_SIZE) if recv is None else recv()
-                except BlockingIOError:
+                # costs a syscall and an exception), then receive at once
+                if drained:
                     drained = False
                     unblocked = 0
                     try:
                         await trio.lowlevel.wait_readable(raw)
                     except (OSError, trio.ClosedResourceError):
                         return
+                try:
+                    data = raw.recv(RECV_SIZE) if recv is None else recv()
+                except BlockingIOError:
+                    drained = True  # nothing there (a first receive, or a spurious wake-up): wait
                     continue
                 except OSError:
                     return
