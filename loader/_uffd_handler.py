@@ -458,7 +458,6 @@ class UffdHandler:
                 await self._finished.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self._merge()
             self._stop = True
             self._wake()
             with self._disk_cv:
@@ -466,6 +465,7 @@ class UffdHandler:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._fill_thread.join, 2.0)
                 await trio.to_thread.run_sync(self._thread.join, 2.0)
+            self._merge()  # after the fault thread's last fault (it may answer one as it stops)
             self.gone = True
             sys.setswitchinterval(interval)
             if self.loader.sweep_held:

@@ -251,6 +251,39 @@ async def test_faults_answered_by_the_thread_reach_the_loader_counts_soon(tmp_pa
                 await trio.sleep(0.01)
 
 
+async def test_a_fault_answered_as_the_vmm_goes_is_still_counted(tmp_path, images, monkeypatch):
+    """The fault thread does a fault's bookkeeping after the copy that wakes the vCPU;
+    a VMM that leaves right then must not take that fault out of the loader's counts
+    (the last merge runs after the fault thread has stopped)."""
+    import time
+
+    from loader._uffd_handler import UffdHandler
+
+    done = UffdHandler._direct_done
+
+    def slow(self, off, page, start_ns):
+        time.sleep(0.2)  # the VMM has its page and closes meanwhile
+        done(self, off, page, start_ns)
+
+    monkeypatch.setattr(UffdHandler, "_direct_done", slow)
+    opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        page = next(r.mem_offset for r in state.loader.layout)
+        before = state.loader.counters.waits_immediate
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            await trio.to_thread.run_sync(vmm.read, page, PAGE)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert state.uffd.faults_direct == 1
+    assert state.loader.counters.waits_immediate - before == 1
+
+
 async def test_checksummed_pages_wait_for_the_loader(tmp_path, images):
     """A pages checkpoint is verified while loading: a fault on a page not loaded yet
     waits for the loader (never a direct copy of unverified bytes)."""
