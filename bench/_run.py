@@ -409,6 +409,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      _num(r["fill_mb_s"])])
     lines += _table(["handler", "faults", "p50 us", "p99 us", "max us", "blocked s", "last fault s", "fill MB/s"],
                     rows)
+    if section.get("fill_busy_ratio"):
+        lines.append(f"the fill thread while it copies (not while it waits for the guest's faults): "
+                     f"{section['runs']['fill']['fill_busy_mb_s']:.0f} MB/s, {section['fill_busy_ratio']:.2f}x cp")
     if section.get("floor_ratio"):
         lines.append(f"fault p50 against the floor (a Python handler that only copies): "
                      f"{section['floor_ratio']:.2f}x")

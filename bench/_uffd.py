@@ -106,10 +106,13 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
         "touch_elapsed_s": report.elapsed_s,
         "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_direct", "faults_waited",
                                           "faults_zero", "faults_failed", "copied_bytes", "copies",
-                                          "fault_blocked_s", "direct")},
+                                          "fault_blocked_s", "direct", "fill_copied_bytes", "fill_busy_s")},
         "handler_fault_latency_us": u.get("fault_latency_us"),
         "no_more_faults_s": filled,
         "fill_mb_s": data / filled / 1e6 if filled else None,
+        #: the fill thread's own rate while it copies (no goal: the goal counts from the connect)
+        "fill_busy_mb_s": (u["fill_copied_bytes"] / u["fill_busy_s"] / 1e6
+                           if filled and u.get("fill_busy_s") else None),
         "daemon_exit": daemon.returncode,
     }
     log(f"  {mode}: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
@@ -194,7 +197,7 @@ def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out["fault_us"] = {**out["fault_us"], "p50": med([r["fault_us"]["p50"] for r in rounds]),
                        "p99": med([r["fault_us"]["p99"] for r in rounds]),
                        "max": max(r["fault_us"]["max"] for r in rounds)}
-    for key in ("blocked_s", "no_more_faults_s", "fill_mb_s"):
+    for key in ("blocked_s", "no_more_faults_s", "fill_mb_s", "fill_busy_mb_s"):
         out[key] = med([r.get(key) for r in rounds])
     out["rounds"] = [{"fault_p50_us": r["fault_us"]["p50"], "fault_p99_us": r["fault_us"]["p99"],
                       "blocked_s": r["blocked_s"], "fill_mb_s": r.get("fill_mb_s")} for r in rounds]
@@ -252,6 +255,8 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "runs": runs,
         "zero_copy_skipped": why,
         "cold_cache_skipped": cold_skipped,
+        #: the fill thread's rate while it copies, against cp (no goal)
+        "fill_busy_ratio": ours["fill_busy_mb_s"] / cp_rate if ours.get("fill_busy_mb_s") else None,
         #: our fault p50 against the floor's, measured on the same touches (no goal)
         "floor_ratio": ours["fault_us"]["p50"] / floor_p50 if floor_p50 else None,
         "goals": [g.as_dict() for g in goals],

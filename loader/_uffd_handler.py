@@ -200,6 +200,7 @@ class _Counters:
     unmap: int = 0
     remap: int = 0
     blocked_ns: int = 0  #: total time faults waited (each fault counted)
+    busy_ns: int = 0  #: the fill thread's time reading ahead and copying (not waiting)
 
 
 class UffdHandler:
@@ -413,6 +414,10 @@ class UffdHandler:
             "fault_blocked_s": c.blocked_ns / 1e9,
             "direct": self.direct_off_reason or "on",
             "copied_bytes": c.copied_bytes + f.copied_bytes,
+            "fill_copied_bytes": f.copied_bytes,
+            #: the fill thread's copies over its busy time (reading ahead, the lock, the
+            #: copies; not its waits while the guest faults)
+            "fill_busy_s": f.busy_ns / 1e9,
             "copies": c.copies + f.copies,
             "eexist": c.eexist + f.eexist,
             "eagain": c.eagain + f.eagain,
@@ -675,10 +680,12 @@ class UffdHandler:
                 while self._want_read and not self._stop:
                     time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
                 self._yield_to_faults()
+                t0 = time.perf_counter_ns()
                 if self.direct_fill:
                     self._populate_next()  # the disk is read here, without the copy lock
                 with self._copy_lock:
                     self._fill_step()
+                self.fill_counts.busy_ns += time.perf_counter_ns() - t0
         except Exception:
             log.exception("uffd: the fill thread failed")
             self.gone = True

@@ -209,6 +209,7 @@ def test_uffd_section_structure(tmp_path) -> None:
         assert set(run["fault_us"]) >= {"count", "p50", "p99", "max"}
     assert section["runs"]["lazy"]["no_more_faults_s"] is None
     fill = section["runs"]["fill"]  # a median of the two rounds, which are kept
+    assert fill["fill_busy_mb_s"] > 0 and section["fill_busy_ratio"] > 0  # the fill's rate while it copies
     assert len(fill["rounds"]) == 2 and min(r["fault_p50_us"] for r in fill["rounds"]) <= fill["fault_us"]["p50"]
     floor = section["runs"]["floor"]  # the 10-line handler served every fault with the image's bytes
     assert floor["faults_seen_by_guest"] > 0 and section["floor_ratio"] > 0
