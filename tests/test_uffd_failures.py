@@ -44,10 +44,13 @@ def options(tmp_path, source, **kw):
                          uffd_socket=str(tmp_path / "uffd.sock"), **kw)
 
 
-async def serve_child(opts, image, offsets, *, stop_when=None):
+async def serve_child(opts, image, offsets, *, stop_when=None, stop_once=None):
     """Run the daemon in-process and a VMM child touching ``offsets``; return
     (state, child's return code, its output lines).  ``stop_when``: a line after
-    which the daemon is stopped (as by SIGTERM) while the child faults."""
+    which the daemon is stopped (as by SIGTERM) while the child faults, once
+    ``stop_once(state)`` is true (default: a fault waits for the loader).  A child
+    that never ends fails the test (its output is read to the end only after it
+    exited), rather than hanging it."""
     lines: list[str] = []
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
@@ -59,12 +62,15 @@ async def serve_child(opts, image, offsets, *, stop_when=None):
                 lines.append(line.strip())
                 if stop_when is not None and line.strip() == stop_when:
                     # the child prints before it touches: stop once the fault is in the daemon
+                    ready = stop_once or (lambda s: s.uffd.outstanding)
                     deadline = time.monotonic() + 5
-                    while not trio.from_thread.run_sync(lambda: state.uffd.outstanding) and \
-                            time.monotonic() < deadline:
+                    while not trio.from_thread.run_sync(ready, state) and time.monotonic() < deadline:
                         time.sleep(0.005)
                     trio.from_thread.run_sync(state.stop)
-            return child.wait(10)
+                    break
+            code = child.wait(10)
+            lines.extend(line.strip() for line in child.stdout)  # it has exited: the rest, to EOF
+            return code
 
         try:
             with trio.fail_after(15):
@@ -287,36 +293,9 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
     monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
                    uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
-    lines: list[str] = []
     try:
-        async with trio.open_nursery() as nursery:
-            state = await nursery.start(run_daemon, opts)
-            child = spawn_child(opts.uffd_socket, SIZE, [GOOD], expected=image)
-
-            def follow() -> int:
-                assert child.stdout is not None
-                for line in child.stdout:
-                    lines.append(line.strip())
-                    if line.strip() == f"touching {GOOD}":
-                        deadline = time.monotonic() + 5
-                        while not trio.from_thread.run_sync(lambda: bool(state.uffd and state.uffd._disk_out)):
-                            assert time.monotonic() < deadline, "the fault never reached a disk thread"
-                            time.sleep(0.005)
-                        trio.from_thread.run_sync(state.stop)
-                        break  # (reading on to the end would wait for a child that never ends)
-                return child.wait(10)
-
-            try:
-                with trio.fail_after(15):
-                    code = await trio.to_thread.run_sync(follow)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-                child.stdout.close()
-            with trio.fail_after(10):
-                while nursery.child_tasks:
-                    await trio.sleep(0.01)
+        state, code, lines = await serve_child(opts, image, [GOOD], stop_when=f"touching {GOOD}",
+                                               stop_once=lambda s: bool(s.uffd and s.uffd._disk_out))
     finally:
         release.set()
     assert code == -signal.SIGBUS, lines
