@@ -201,6 +201,7 @@ class _Counters:
     remap: int = 0
     blocked_ns: int = 0  #: total time faults waited (each fault counted)
     busy_ns: int = 0  #: the fill thread's time reading ahead and copying (not waiting)
+    around_bytes: int = 0  #: copied around direct faults (``fault_around``), so their neighbours never fault
 
 
 class UffdHandler:
@@ -409,6 +410,7 @@ class UffdHandler:
             "faults_failed": c.failed,
             "faults_spurious": c.spurious,
             "faults_uncached": c.uncached,
+            "fault_around_bytes": c.around_bytes,
             "faults_disk_timeouts": c.disk_timeouts,
             "faults_outstanding": self.outstanding,
             "fault_blocked_s": c.blocked_ns / 1e9,
@@ -604,7 +606,8 @@ class UffdHandler:
         self._local.counts = self.counts
         self._local.uffd = self.uffd
         self._local.copied = 0
-        self._local.cache = _PageCache(max(r.page_size for r in self.regions) // mmap.PAGESIZE)
+        self._local.cache = _PageCache(max(self.config.fault_around, *(r.page_size for r in self.regions))
+                                       // mmap.PAGESIZE)
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
@@ -991,6 +994,34 @@ class UffdHandler:
         window = (off & ~(hint - 1), min((off & ~(hint - 1)) + hint, self.loader.memory_size)) \
             if hint >= page else None
         self._for_trio(off, off + page, window)
+        if self.config.fault_around > page:
+            self._around_from_source(off, page)
+
+    def _around_from_source(self, off: int, page: int) -> None:
+        """After a direct copy (the vCPU is already woken): copy the rest of the aligned
+        ``fault_around`` window around memory ``off`` from the source too, so that its
+        neighbours never fault -- only data, only what is in the page cache (never a
+        disk read here), never a removed range; pages already there are skipped."""
+        window = self.config.fault_around
+        r = self._region_at(off)
+        if r is None or r.page_size != page:
+            return
+        wlo = max(off & ~(window - 1), r.offset)
+        whi = min(wlo + window, r.offset + r.size)
+        cache = self._local.cache
+        for a, b in ((wlo, off), (off + page, whi)):
+            for da, db in self.loader.layout.data_in(a, b):
+                if self.removed and self.removed.overlap_bytes(da, db):
+                    continue
+                src = self._direct_address(da, db - da)
+                if src is None or not cache.cached(src, db - da):
+                    continue
+                status = self._copy(r, r.base + (da - r.offset), src, db - da)
+                if status == 0 or status == errno_mod.EEXIST:
+                    self.counts.around_bytes += db - da
+                    if self.direct_fill:
+                        with self._lock:
+                            self.installed.add(da, db)
 
     def _for_trio(self, lo: int, hi: int, hint: tuple[int, int] | None) -> None:
         """A fault answered here counts as an immediate wait of the loader (and a touch

@@ -44,10 +44,13 @@ def slowed(delay):
     return lambda q: aio.testing.DelayedQueue(q, delay)
 
 
-async def run_vmm(tmp_path, opts, regions, expected, body, features=None):
-    """Start the daemon, run ``body(vmm)`` in a thread, disconnect; return (state, result)."""
+async def run_vmm(tmp_path, opts, regions, expected, body, features=None, started=None):
+    """Start the daemon, run ``body(vmm)`` in a thread, disconnect; return (state, result).
+    ``started(state)`` is called once the daemon serves."""
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
+        if started is not None:
+            started(state)
         kw = {} if features is None else {"features": features}
         vmm = VmmEmulator(regions, expected=expected, **kw)
         try:
@@ -282,6 +285,36 @@ async def test_a_fault_answered_as_the_vmm_goes_is_still_counted(tmp_path, image
                 await trio.sleep(0.01)
     assert state.uffd.faults_direct == 1
     assert state.loader.counters.waits_immediate - before == 1
+
+
+async def test_a_direct_fault_copies_its_window_so_the_neighbours_never_fault(tmp_path):
+    """After a fault copied straight from the source, the rest of its aligned 64 KiB
+    window (``fault_around``) is copied from the source too: touching a neighbour
+    then does not fault, and it reads the image's bytes."""
+    raw = str(tmp_path / "memory.img")
+    make_sample_image(raw, 4 * MiB, seed=8, dense=True)
+    opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig(fill=False))
+    page = 1 * MiB + 5 * PAGE
+    neighbours = [1 * MiB, 1 * MiB + 15 * PAGE]  # the first and last page of its window
+
+    def body(vmm):
+        import time
+
+        first = vmm.read(page, PAGE)  # woken by the page's own copy; the window follows
+        deadline = time.monotonic() + 5
+        while state_box[0].uffd.counts.around_bytes < 15 * PAGE and time.monotonic() < deadline:
+            time.sleep(0.005)
+        present = [vmm._present(vmm.address(o)) for o in neighbours]
+        return first, present, [vmm.read(o, PAGE) for o in neighbours]
+
+    state_box = []
+    state, (first, present, got) = await run_vmm(tmp_path, opts, [GuestRegion(0, 4 * MiB)], raw, body,
+                                                 started=state_box.append)
+    assert first == _image_bytes(raw, page, PAGE)
+    assert present == [True, True]  # in before they were touched
+    assert got == [_image_bytes(raw, o, PAGE) for o in neighbours]
+    u = state.uffd
+    assert u.faults == 1 and u.statistics()["fault_around_bytes"] == 15 * PAGE
 
 
 async def test_checksummed_pages_wait_for_the_loader(tmp_path, images):
