@@ -424,7 +424,7 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", slow)
-    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
     opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     page = 2 * MiB
 

@@ -260,7 +260,7 @@ async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tm
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
-    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)  # nothing is cached
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_timeout=0.3),
                    uffd_config=UffdConfig.for_mode("lazy"))
     try:
@@ -290,7 +290,7 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
-    monkeypatch.setattr(_PageCache, "cached", lambda self, address, length: False)
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
                    uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
     try:
