@@ -134,6 +134,9 @@ def parse_handshake(data: bytes, memory_size: int) -> list[Region]:
 class UffdConfig:
     fault_around: int = 64 << 10  #: after a fault, also copy loaded bytes in this aligned window
     fill_chunk: int = 256 << 10  #: largest background UFFDIO_COPY (a fault waits at most one)
+    #: the direct fill's unit of work: read in (outside the copy lock), its removed and
+    #: already installed pages looked up once, then copied ``fill_chunk`` at a time
+    fill_span: int = 1 << 20
     fill: bool = True  #: False: copy only on faults (the lazy per-fault handler, for comparison)
     #: True: copy all memory before answering any fault (Firecracker's "fault_all"
     #: example handler, for comparison): faults wait for the whole load
@@ -201,6 +204,7 @@ class _Counters:
     remap: int = 0
     blocked_ns: int = 0  #: total time faults waited (each fault counted)
     busy_ns: int = 0  #: the fill thread's time reading ahead and copying (not waiting)
+    relooked: int = 0  #: direct fill spans put back after a removal or remap came while they were copied
     around_bytes: int = 0  #: copied around direct faults (``fault_around``), so their neighbours never fault
 
 
@@ -267,6 +271,7 @@ class UffdHandler:
         #: read and the recording (docs/UFFD.md "Events")
         self._copy_lock = threading.Lock()
         self._want_read = False  # the fault thread waits for _copy_lock: the fill lets it in
+        self._removed_gen = 0  # counts removals and remaps (changed under _copy_lock, but remaps)
         self._last_fault_ns = 0  # when the fault thread last read messages (perf_counter_ns)
         self._fill_kick = threading.Event()
         self._fill_thread: threading.Thread | None = None
@@ -421,6 +426,7 @@ class UffdHandler:
             #: the fill thread's copies over its busy time (reading ahead, the lock, the
             #: copies; not its waits while the guest faults)
             "fill_busy_s": f.busy_ns / 1e9,
+            "fill_relooked": f.relooked,
             "copies": c.copies + f.copies,
             "eexist": c.eexist + f.eexist,
             "eagain": c.eagain + f.eagain,
@@ -681,38 +687,40 @@ class UffdHandler:
                     self._check_filled()
                     self._fill_kick.wait(0.1)
                     continue
-                while self._want_read and not self._stop:
-                    time.sleep(0.00002)  # the lock is not fair: let the fault thread read first
+                self._wait_for_reader()
                 self._yield_to_faults()
                 t0 = time.perf_counter_ns()
                 if self.direct_fill:
-                    self._populate_next()  # the disk is read here, without the copy lock
-                with self._copy_lock:
-                    self._fill_step()
+                    self._direct_fill_span()  # reads the disk first, then takes the copy lock per copy
+                else:
+                    with self._copy_lock:
+                        self._fill_step()
                 self.fill_counts.busy_ns += time.perf_counter_ns() - t0
         except Exception:
             log.exception("uffd: the fill thread failed")
             self.gone = True
             self._wake()
 
-    def _populate_next(self) -> None:
-        """Bring the source bytes of the direct fill's next copy into the page cache
-        before the copy lock is taken: the copy under the lock then only copies, and
-        a slow or hung disk holds up the fill, never the faults (which read events
+    def _wait_for_reader(self) -> None:
+        """The copy lock is not fair: when the fault thread waits for it, let it in first."""
+        while self._want_read and not self._stop:
+            time.sleep(0.00002)
+
+    def _read_in(self, a: int, b: int, end: int) -> None:
+        """Bring the source bytes of memory ``[a, b)`` into the page cache before the
+        copy lock is taken, and ask the kernel to read ahead up to ``end`` (at most
+        ``_READ_AHEAD`` spans): the copies under the lock then only copy, and a slow
+        or hung disk holds up the fill, never the faults (which read their messages
         under that lock).  A page evicted in between is read by the copy itself."""
-        with self._lock:
-            if not self._fill_queue:
-                return
-            a, end = self._fill_queue[0]
-        b = min(end, a + self.config.fill_chunk)
         src = self._direct_address(a, b - a)
         if src is None:
             return
         lo = src & _PAGE_MASK
         cache = self._local.cache
-        ahead = self._direct_address(b, min(end, b + _READ_AHEAD * self.config.fill_chunk) - b) if b < end else None
-        if ahead is not None:  # the next chunks: read ahead now, asynchronously
-            cache.advise(ahead & _PAGE_MASK, min(end, b + _READ_AHEAD * self.config.fill_chunk) - b)
+        stop = min(end, b + _READ_AHEAD * self.config.fill_span)
+        ahead = self._direct_address(b, stop - b) if b < stop else None
+        if ahead is not None:  # the next spans: read ahead now, asynchronously
+            cache.advise(ahead & _PAGE_MASK, stop - b)
         cache.populate(lo, src + (b - a) - lo)
 
     def _yield_to_faults(self) -> None:
@@ -791,6 +799,7 @@ class UffdHandler:
             if a < b:
                 lo, hi = r.offset + (a - r.base), r.offset + (b - r.base)
                 self.removed.add(lo, hi)
+                self._removed_gen += 1
                 with self._lock:
                     self.pending.remove(lo, hi)
 
@@ -809,6 +818,7 @@ class UffdHandler:
                 out.append(Region(b, r.end - b, r.offset + (b - r.base), r.page_size))
         out.sort(key=lambda r: r.base)
         self.regions = out
+        self._removed_gen += 1
         self._fast = self._fast_region()
 
     def _region(self, address: int) -> Region | None:
@@ -1290,9 +1300,6 @@ class UffdHandler:
     def _fill_step(self) -> None:
         """One background copy of at most ``fill_chunk`` bytes, at the fill queue's head."""
         chunk = self.config.fill_chunk
-        if self.direct_fill:
-            self._direct_fill_step(chunk)
-            return
         with self._lock:
             queue = self._fill_queue
             while queue:
@@ -1311,18 +1318,22 @@ class UffdHandler:
             with self._lock:  # EAGAIN: the events are read first, then this again
                 self._fill_queue.appendleft([a, b])
 
-    def _direct_fill_step(self, chunk: int) -> None:
-        """The direct fill: copy the next piece of the queue from the source, skipping
-        removed ranges (read by this thread, so never copied into after removal) and
-        pages already there (EEXIST)."""
+    def _direct_fill_span(self) -> None:
+        """The direct fill: take the next ``fill_span`` of the queue, read it in, look
+        up its removed ranges and the pages faults already put in (skipped), then copy
+        it from the source ``fill_chunk`` at a time, each copy under the copy lock.  A
+        removal or a remap read while the span is copied (``_removed_gen``, changed
+        under that lock) puts the rest of the span back, to be looked up again; pages
+        put in meanwhile by faults are skipped by the kernel (EEXIST)."""
         with self._lock:
             if not self._fill_queue:
                 return
             entry = self._fill_queue[0]
-            a = entry[0]
+            a, end = entry
             r = self._region_at(a)
-            step = chunk if r is None else max(r.page_size, chunk - chunk % r.page_size)  # whole pages
-            b = min(entry[1], a + step)
+            span = self.config.fill_span
+            step = span if r is None else max(r.page_size, span - span % r.page_size)  # whole pages
+            b = min(end, a + step)
             if r is not None:
                 b = min(b, r.offset + r.size)
             entry[0] = b
@@ -1330,10 +1341,13 @@ class UffdHandler:
                 self._fill_queue.popleft()
         if r is None:
             return
+        self._read_in(a, b, end)
+        with self._copy_lock:  # (removals are recorded under it)
+            gen = self._removed_gen
+            with self._lock:
+                skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
+                self.installed.remove(a, b)  # the fill is past it: forget it
         pieces = [(a, b)]
-        with self._lock:
-            skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
-            self.installed.remove(a, b)  # the fill is past it: forget it
         if skip:
             pieces = []
             at = a
@@ -1344,19 +1358,36 @@ class UffdHandler:
             if at < b:
                 pieces.append((at, b))
         page = r.page_size
+        chunk = max(page, self.config.fill_chunk - self.config.fill_chunk % page)
+        copy_lock = self._copy_lock
         for k, (plo, phi) in enumerate(pieces):
-            if r.page_size > self.loader.page_size and (plo % page or phi % page):
+            if page > self.loader.page_size and (plo % page or phi % page):
                 continue  # part of a huge page was removed: it is never copied again
             src = self._direct_address(plo, phi - plo)
             if src is None:  # cannot happen for queued data; leave it to faults
                 self._skipped += 1
                 continue
-            status = self._copy(r, r.base + (plo - r.offset), src, phi - plo)
-            if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
-                rest = plo + self._local.copied
-                if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
-                    self._skipped += 1
-                    rest += page
+            va = r.base + (plo - r.offset)
+            at = plo
+            while at < phi:
+                n = min(chunk, phi - at)
+                if self._want_read:
+                    self._wait_for_reader()
+                with copy_lock:
+                    if self._removed_gen != gen or self._stop:  # removed or remapped meanwhile: look again
+                        status = -1
+                        self.fill_counts.relooked += 1
+                    else:
+                        status = self._copy(r, va + (at - plo), src + (at - plo), n)
+                if status == 0 or status == errno_mod.EEXIST:
+                    at += n
+                    continue
+                rest = at
+                if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
+                    rest += self._local.copied
+                    if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
+                        self._skipped += 1
+                        rest += page
                 with self._lock:  # the rest of this piece and the ones after it, first
                     later = [[qlo, qhi] for qlo, qhi in pieces[k + 1:]]
                     if rest < phi:

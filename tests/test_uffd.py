@@ -533,6 +533,75 @@ async def test_removals_while_the_fill_runs_are_never_refilled(tmp_path, images,
     assert state.uffd.counts.remove == len(holes)
 
 
+async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path, images, monkeypatch):
+    """The direct fill looks up a span's removed ranges once, then copies it chunk by
+    chunk: a removal read between two of its chunks must send the rest of the span
+    back to be looked up again, so the removed part stays zeros."""
+    import threading
+
+    from loader import _uffd_handler
+
+    init = _uffd_handler.UffdHandler.__init__
+    seen: dict[str, object] = {}
+
+    class Lock:
+        """The copy lock; after the fill's second copy it lets the VMM remove a range of the same span."""
+
+        def __init__(self, handler, vmm_box):
+            self._lock = threading.Lock()
+            self._handler = handler
+            self._vmm_box = vmm_box
+            self._fill_releases = 0
+            a, end = handler._fill_queue[0]
+            self.target = (min(end, a + handler.config.fill_span) - 64 * 1024, 64 * 1024)
+
+        def __enter__(self):
+            self._lock.acquire()
+
+        def __exit__(self, *exc):
+            self._lock.release()
+            if threading.current_thread().name != "pageload-uffd-fill":
+                return
+            self._fill_releases += 1
+            if self._fill_releases == 3:  # the look-up, then two copies
+                t = threading.Thread(target=self._vmm_box[0].balloon, args=self.target)
+                t.start()
+                t.join(10)  # back once the fault thread has read the REMOVE event
+                seen["removed_at_once"] = self._handler.counts.remove == 1
+
+    vmm_box: list[VmmEmulator] = []
+
+    def patched(self, *args, **kw):
+        init(self, *args, **kw)
+        self._copy_lock = Lock(self, vmm_box)
+        seen["target"] = self._copy_lock.target
+
+    monkeypatch.setattr(_uffd_handler.UffdHandler, "__init__", patched)
+    opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=64 * 1024, fill_quiet_s=0.0))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        vmm_box.append(vmm)
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            with trio.fail_after(20):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            lo, length = seen["target"]
+            removed = await trio.to_thread.run_sync(vmm.read, lo, length)
+            rest = await trio.to_thread.run_sync(vmm.read, 0, lo)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert seen["removed_at_once"] is True
+    assert removed == bytes(length)
+    assert rest == _image_bytes(images["raw"], 0, lo)
+    assert state.uffd.fill_counts.relooked >= 1  # the span's rest was looked up again
+
+
 async def test_fault_and_fill_threads_never_share_ioctl_buffers(tmp_path, images, monkeypatch):
     """Both threads copy at once (the fault thread's copies take no lock): each must
     pack its UFFDIO_COPY arguments, and read back the bytes done, in a buffer of its
@@ -549,7 +618,11 @@ async def test_fault_and_fill_threads_never_share_ioctl_buffers(tmp_path, images
     monkeypatch.setattr(_uffd.Uffd, "copy", recording)
     # page-sized fill copies, no yielding: the fill runs while the guest faults
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=PAGE, fill_quiet_s=0.0))
-    offsets = [o for o in range(0, SIZE, 97 * PAGE)]
+    # data pages (holes are answered without a copy), from the end down: the fill goes
+    # up from the start, so the guest faults ahead of it
+    offsets = [o for o in range(0, SIZE, 97 * PAGE)
+               if _image_bytes(images["raw"], o, PAGE) != bytes(PAGE)][::-1]
+    assert len(offsets) > 20
 
     def body(vmm):
         return [vmm.read(o, PAGE) for o in offsets]
