@@ -192,6 +192,12 @@ class Queue(abc.ABC):
         then adds a request).  By default the backend does not offer it."""
         return -1
 
+    def completions_waiting(self) -> bool:
+        """Whether completions are there for :meth:`wait` to return now: a hint for an
+        owner that polls something else meanwhile (the server's busy polling stops to
+        let them be collected).  Cheap; False once closed."""
+        return not self._closed and self._ready_count() > 0
+
     def background_yields(self, yields: bool) -> None:
         """A hint from the queue's owner: while ``yields`` (clients are blocked on
         reads), non-urgent reads should leave the CPU to the caller's thread; otherwise

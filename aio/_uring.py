@@ -195,6 +195,12 @@ class UringQueue(Queue):
         except BlockingIOError:
             pass
 
+    def completions_waiting(self) -> bool:
+        """:meth:`Queue.completions_waiting`: also what the kernel posted, not reaped yet."""
+        if self._closed:
+            return False
+        return bool(self._ready) or bool(_lu.io_uring_cq_ready(self._ring))
+
     async def _park(self) -> None:
         """Sleep until the kernel posts a completion (or a spurious eventfd wakeup)."""
         self._drain_eventfd()

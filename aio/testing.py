@@ -449,6 +449,27 @@ async def check_statistics(make_queue: MakeQueue) -> None:
             await queue.aclose()
 
 
+async def check_completions_waiting(make_queue: MakeQueue) -> None:
+    """``completions_waiting()`` is False on a fresh and on a drained queue, and True
+    whenever completions are ready to be returned."""
+    with _pages_file(8 * PAGE, seed=11) as (fd, _), _mapping(8 * PAGE) as view:
+        queue = make_queue(8)
+        try:
+            _expect(not queue.completions_waiting(), "a fresh queue says completions are waiting")
+            for i in range(4):
+                queue.add(Request.read(i, fd, i * PAGE, view[i * PAGE : (i + 1) * PAGE]))
+            with trio.move_on_after(0.5):
+                while queue.statistics().ready == 0:
+                    await trio.sleep(0.001)
+            if queue.statistics().ready:  # (a backend may run reads only inside wait())
+                _expect(queue.completions_waiting(), "completions are ready, completions_waiting() says none")
+            await _drain(queue, [])
+            _expect(not queue.completions_waiting(), "a drained queue says completions are waiting")
+        finally:
+            await queue.aclose()
+        _expect(not queue.completions_waiting(), "a closed queue says completions are waiting")
+
+
 #: every check, by name, in the order :func:`check_queue` runs them
 async def check_read_now(make_queue: MakeQueue) -> None:
     """``read_now`` reads exactly its buffer from the page cache, or declines (-1);
@@ -487,6 +508,7 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "close_with_blocked_read": check_close_with_blocked_read,
     "use_after_close": check_use_after_close,
     "statistics": check_statistics,
+    "completions_waiting": check_completions_waiting,
 }
 
 

@@ -11,6 +11,8 @@ import trio
 
 import aio
 from loader import (
+    BUSY_POLL_US,
+    MAX_BUSY_POLL_US,
     UFFD_MODES,
     ActivationError,
     DaemonOptions,
@@ -118,6 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="hand a read-write memory fd to clients that ask for one, and serve the page faults of "
                    "VMMs that map it (uffd-register, zero-copy mode) (default: read-only fds only; "
                    "both requests are refused with 'forbidden')")
+    p.add_argument("--busy-poll-us", type=int, default=BUSY_POLL_US, metavar="US",
+                   help="after its replies, poll the one client asking for this long before sleeping: a client "
+                   "waiting one page at a time gets its next answer without a wake-up; only while no other "
+                   "connection asks and no VMM's page faults are served; 0: never (0 to "
+                   f"{MAX_BUSY_POLL_US}, default %(default)s)")
     p.add_argument("--metrics", metavar="ADDR",
                    help="serve Prometheus metrics over HTTP at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) "
                    "or a Unix socket path (containing a '/', mode 0600); GET /metrics")
@@ -165,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
-        allow_writable_memory_fd=args.allow_writable_memory_fd,
+        allow_writable_memory_fd=args.allow_writable_memory_fd, busy_poll_us=args.busy_poll_us,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,
         progress_bar=not args.background and sys.stderr.isatty(),
         working_set=args.working_set, use_working_set=not args.no_working_set,

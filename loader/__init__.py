@@ -15,7 +15,7 @@ from ._memfile import Destination, MemoryFile
 from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
 from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
-from ._server import Server, SocketInUse
+from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
@@ -36,6 +36,8 @@ from ._workingset import (
 )
 
 __all__ = [
+    "BUSY_POLL_US",
+    "MAX_BUSY_POLL_US",
     "UFFD_MODES",
     "UffdConfig",
     "AccessRecorder",

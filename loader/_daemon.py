@@ -51,7 +51,7 @@ from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
-from ._server import Server
+from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._uffd_handler import UffdConfig, UffdHandler, serve_uffd
@@ -106,6 +106,9 @@ class DaemonOptions:
     record_working_set: str | None = None
     record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
     max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
+    #: after its replies, poll the one asking connection this long before sleeping in
+    #: epoll (0: never; docs/DESIGN.md "Busy polling")
+    busy_poll_us: int = BUSY_POLL_US
     #: a listening Unix socket to serve on instead of binding ``socket_path`` (socket activation)
     listen_socket: socket.socket | None = None
     metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
@@ -158,6 +161,8 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
     if opts.max_pending_waits < 1:
         raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
+    if not 0 <= opts.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise StartupError(f"busy poll time must be 0 to {MAX_BUSY_POLL_US} us, not {opts.busy_poll_us}")
     if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
         raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
     if opts.record_seconds is not None and not (math.isfinite(opts.record_seconds) and opts.record_seconds > 0):
@@ -346,6 +351,7 @@ async def run_daemon(
 
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
                         max_pending_waits=opts.max_pending_waits, listener=opts.listen_socket,
+                        busy_poll_us=opts.busy_poll_us,
                         allow_writable_memory_fd=opts.allow_writable_memory_fd,
                         extra_stats=extra_stats)
         state = DaemonState(ckpt, memory, loader, server, backend, started)
@@ -425,9 +431,17 @@ async def _serve_uffd(opts: DaemonOptions, state: DaemonState, stop: trio.Event,
 
     def attach(handler: UffdHandler) -> None:
         state.uffd = handler
+        if not paused:
+            paused.append(True)
+            state.server.busy_poll_paused += 1  # its fault thread must get the GIL at once
 
-    await serve_uffd(opts.uffd_socket, state.loader, state.memory, opts.uffd_config,
-                     on_handler=attach, task_status=task_status)
+    paused: list[bool] = []
+    try:
+        await serve_uffd(opts.uffd_socket, state.loader, state.memory, opts.uffd_config,
+                         on_handler=attach, task_status=task_status)
+    finally:
+        if paused:
+            state.server.busy_poll_paused -= 1
     stop.set()  # the VMM has gone: finish
 async def _shutdown(loader: Loader, server: Server, timeout: float) -> None:
     """Everything after SIGTERM, within ``timeout`` seconds overall: waiters are

@@ -63,6 +63,7 @@ def test_loader_public_names():
         # operations: asyncio client, metrics, systemd
         "ActivationError", "AsyncioClient", "ConnectionLost", "MetricsAddress", "MetricsError", "MetricsServer",
         "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
+        "BUSY_POLL_US", "MAX_BUSY_POLL_US",
         # Firecracker's page-fault handler: the handler modes
         "UFFD_MODES", "UffdConfig",
     }

@@ -107,6 +107,8 @@ async def test_background_fill_ends_faults(tmp_path, images):
             assert u.direct_fill
             await state.loader.done.wait()
             assert not state.loader.sweep_held
+            # while a VMM's faults are served the server never busy-polls (the fault thread needs the GIL)
+            assert state.server.busy_poll_paused == 1 and not state.server.may_busy_poll(state.server.asking)
             s = u.statistics()
             assert s["copied_bytes"] >= state.loader.layout.data_bytes  # both threads' copies, merged
             assert s["copies"] == u.counts.copies + u.fill_counts.copies > u.counts.copies
