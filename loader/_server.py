@@ -425,10 +425,12 @@ class Session:
                 # costs a syscall and an exception), then receive at once
                 if drained:
                     drained = False
-                    unblocked = 0
                     replied = time.perf_counter_ns()
+                    # a request caught by the poll goes on without a checkpoint: it counts
+                    # towards the next one (other tasks and connections get their turn)
                     if not (self._busy_poll and not self.pending and self.server.may_busy_poll(self)
                             and self._poll_for_request(replied)):
+                        unblocked = 0
                         try:
                             await trio.lowlevel.wait_readable(raw)
                         except (OSError, trio.ClosedResourceError):

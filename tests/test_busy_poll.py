@@ -61,6 +61,65 @@ async def test_a_client_waiting_back_to_back_is_answered_from_the_poll(tmp_path,
     assert state.server.sessions == set()
 
 
+_TIGHT_CLIENT = """
+import json, os, sys, time
+from loader import Client
+path, stop, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Client.connect(path, timeout=10) as client:
+    deadline = time.monotonic() + 10
+    i = 0
+    while not os.path.exists(stop) and time.monotonic() < deadline:
+        client.wait((i * 7 % pages) * 4096, 4096)
+        i += 1
+        if i == 200:
+            print("going", flush=True)
+    print(json.dumps(client.stats()["server"]), flush=True)
+"""
+
+
+async def test_a_client_served_from_the_poll_never_starves_another(tmp_path, image):
+    """Requests caught by the poll take no checkpoint of their own: they count towards
+    the periodic one, where trio serves the other connections (and signals, timers).
+    The tight client is a process of its own, so that it never waits for our GIL."""
+    import json
+    import os
+
+    stop = str(tmp_path / "stop")
+
+    def other(path):
+        time.sleep(0.05)  # the tight client is being polled by now
+        t0 = time.monotonic()
+        try:
+            with Client.connect(path, timeout=10) as client:
+                client.stats()
+            return time.monotonic() - t0
+        finally:
+            open(stop, "w").close()
+
+    async with trio.open_nursery() as nursery:
+        state = await _loaded_daemon(nursery, tmp_path, image, busy_poll_us=1000)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _TIGHT_CLIENT, state.server.path, stop, str(SIZE // PAGE)],
+            stdout=subprocess.PIPE, cwd=root)
+        assert proc.stdout is not None
+        out = b""
+        with trio.fail_after(30):
+            while b"going\n" not in out:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the tight client ended early"
+                out += chunk
+        took = await trio.to_thread.run_sync(other, state.server.path)
+        with trio.fail_after(30):
+            async for chunk in proc.stdout:
+                out += chunk
+            await proc.wait()
+        nursery.cancel_scope.cancel()
+    server = json.loads(out.split(b"going\n", 1)[1])
+    assert server["busy_poll_hits"] > 0
+    assert took < 0.5  # served while the tight client kept asking (3-4 ms here; seconds without the turn)
+
+
 async def test_no_busy_polling_when_it_is_off(tmp_path, image):
     async with trio.open_nursery() as nursery:
         state = await _loaded_daemon(nursery, tmp_path, image, busy_poll_us=0)
