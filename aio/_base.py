@@ -13,6 +13,7 @@ belong to the backend.  The caller must keep them alive and must not touch them.
 from __future__ import annotations
 
 import abc
+import ctypes
 import enum
 import errno
 import os
@@ -104,12 +105,30 @@ def run_request(request: Request) -> int:
         return -errno.EINVAL
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+#: ``preadv2`` through a handle that keeps the GIL (``ctypes.PyDLL``): with RWF_NOWAIT
+#: it never waits for a disk, and letting the GIL go for its few microseconds let a
+#: worker thread take it, and the caller then waited for that thread's Python
+_preadv2_held = ctypes.PyDLL(None, use_errno=True).preadv2
+_preadv2_held.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_int, ctypes.c_long, ctypes.c_int]
+_preadv2_held.restype = ctypes.c_ssize_t
+
+
 def read_nowait(fd: int, buffer: memoryview, offset: int) -> int:
     """``preadv2(RWF_NOWAIT)`` into ``buffer``: the bytes read, or -1 if that would
-    block (data not in the page cache) or failed.  Shared by the backends' ``read_now``."""
+    block (data not in the page cache) or failed.  Shared by the backends' ``read_now``.
+    The GIL is kept (it never waits); a read-only or empty buffer takes ``os.preadv``
+    (a read-only one is declined)."""
+    n = len(buffer)
+    if n and not buffer.readonly:
+        iov = _IoVec(ctypes.addressof(ctypes.c_char.from_buffer(buffer)), n)
+        return max(-1, int(_preadv2_held(fd, ctypes.byref(iov), 1, offset, os.RWF_NOWAIT)))
     try:
         return os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
-    except OSError:
+    except (OSError, BufferError, TypeError, ValueError):  # (a read-only buffer: BufferError)
         return -1
 
 

@@ -322,3 +322,28 @@ async def test_uring_wait_parks_on_the_eventfd(page_file: tuple[int, bytes]) -> 
         await queue.aclose()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_read_nowait_keeps_to_its_buffer_and_declines_what_it_cannot_do(tmp_path):
+    """The GIL-keeping ``preadv2(RWF_NOWAIT)``: the file's bytes into a writable buffer,
+    nothing past it; an empty buffer reads nothing; a read-only one and errors: -1."""
+    from aio._base import read_nowait
+
+    path = tmp_path / "f"
+    data = os.urandom(4 * 4096)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, len(data), 0)  # in the page cache
+        m = mmap.mmap(-1, 3 * 4096)
+        view = memoryview(m)
+        assert read_nowait(fd, view[4096:8192], 8192) == 4096
+        assert view[4096:8192] == data[8192:12288]
+        assert view[:4096] == bytes(4096) and view[8192:] == bytes(4096)
+        assert read_nowait(fd, memoryview(bytes(4096)), 0) == -1  # read-only: declined
+        assert read_nowait(fd, view[:0], 0) == 0
+        assert read_nowait(-1, view[:4096], 0) == -1
+        view.release()
+        m.close()
+    finally:
+        os.close(fd)
