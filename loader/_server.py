@@ -68,7 +68,7 @@ _ACCEPT_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EPR
 _RECEIVES_PER_CHECKPOINT = 8
 #: how long a connection is polled after its replies before its task sleeps in epoll
 #: (0: never); sized from the measured turnaround of a blocking Python client (15-25 us)
-BUSY_POLL_US = int(os.environ.get("EXP_BP", "50"))  # TEMP
+BUSY_POLL_US = 50
 MAX_BUSY_POLL_US = 1000  #: the most it may be set to: the daemon's other tasks wait meanwhile
 #: busy polling only for the one connection asking: another one that sent a request
 #: within this long stops it (the daemon then serves them all through epoll)
