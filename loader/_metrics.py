@@ -45,6 +45,8 @@ MAX_CONNECTIONS = 8
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 
+#: busy-poll outcomes and their server statistics
+_BUSY_POLL_KEYS = {"hit": "busy_poll_hits", "miss": "busy_poll_misses", "yield": "busy_poll_yields"}
 #: wait outcomes, as the statistics name them: (label, stats key)
 WAIT_OUTCOMES = (
     ("immediate", "waits_immediate"),
@@ -147,6 +149,12 @@ class StatsCollector(Collector):
             yield _counter("pageload_connections", "Client connections accepted", server["connections_total"])
             yield _counter("pageload_connections_refused", "Connections refused (uid not allowed)",
                            server["connections_refused"])
+            if "busy_poll_hits" in server:
+                polls = CounterMetricFamily("pageload_busy_polls", "Polls of a lone client's socket after its "
+                                            "replies, by how they ended", labels=["outcome"])
+                for label in ("hit", "miss", "yield"):
+                    polls.add_metric([label], server[_BUSY_POLL_KEYS[label]])
+                yield polls
         ws = s.get("working_set")
         if isinstance(ws, dict) and "hits" in ws:  # once the working-set statistics exist
             yield _counter("pageload_working_set_hits", "Waits that hit the recorded working set", ws["hits"])

@@ -128,6 +128,8 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         assert value(fams, "pageload_corrupt_chunks_total") == 0
         assert value(fams, "pageload_clients_connected") == 1
         assert value(fams, "pageload_connections_total") == 1
+        for outcome, key in (("hit", "busy_poll_hits"), ("miss", "busy_poll_misses"), ("yield", "busy_poll_yields")):
+            assert value(fams, "pageload_busy_polls_total", outcome=outcome) == stats["server"][key]
         assert value(fams, "pageload_blocked_seconds_total") > 0
         assert value(fams, "pageload_fill_throughput_bytes_per_second") >= 0
         assert value(fams, "pageload_info", backend="sync") == 1
