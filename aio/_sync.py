@@ -6,7 +6,7 @@ from collections import deque
 
 import trio
 
-from ._base import Completion, Queue, Request, run_request
+from ._base import Completion, Queue, Request, SplicePipe, run_request
 
 
 class SyncQueue(Queue):
@@ -17,12 +17,14 @@ class SyncQueue(Queue):
     """
 
     name = "sync"
+    copies = True
 
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)
         self._urgent: deque[Request] = deque()
         self._normal: deque[Request] = deque()
         self._ready: list[Completion] = []
+        self._pipe = SplicePipe()  # for Op.COPY
 
     def _add(self, request: Request) -> None:
         (self._urgent if request.urgent else self._normal).append(request)
@@ -31,7 +33,7 @@ class SyncQueue(Queue):
         await trio.lowlevel.checkpoint()
         while len(self._ready) < max(min_completions, 1) and (self._urgent or self._normal):
             request = self._urgent.popleft() if self._urgent else self._normal.popleft()
-            self._ready.append(Completion(request.id, run_request(request)))
+            self._ready.append(Completion(request.id, run_request(request, self._pipe)))
         done, self._ready = self._ready, []
         return done
 
@@ -39,6 +41,7 @@ class SyncQueue(Queue):
         self._urgent.clear()
         self._normal.clear()
         self._ready.clear()
+        self._pipe.close()
         await trio.lowlevel.checkpoint()
 
     def _ready_count(self) -> int:

@@ -38,7 +38,7 @@ from collections import deque
 
 import trio
 
-from ._base import Completion, Queue, Request, read_nowait, run_request
+from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, run_request
 
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
@@ -56,6 +56,7 @@ def default_yield_threads() -> int:
 
 class ThreadQueue(Queue):
     name = "threads"
+    copies = True  # Op.COPY: each worker splices through a pipe of its own
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
@@ -104,7 +105,7 @@ class ThreadQueue(Queue):
             worker.start()
 
     def _add(self, request: Request) -> None:
-        if request.urgent and request.length <= self.inline_urgent:
+        if request.urgent and request.op != Op.COPY and request.length <= self.inline_urgent:
             # a small read someone is blocked on: do it here if the page cache has it
             # (RWF_NOWAIT fails rather than block); otherwise a worker does it
             try:
@@ -147,9 +148,9 @@ class ThreadQueue(Queue):
             parked.set()
         return len(dropped)
 
-    def _run(self, request: Request) -> int:
+    def _run(self, request: Request, pipe: SplicePipe | None = None) -> int:
         """Perform one request in a worker thread (tests override it to make reads hang)."""
-        return run_request(request)
+        return run_request(request, pipe)
 
     def background_yields(self, yields: bool) -> None:
         """:meth:`Queue.background_yields`: the pool's workers go to ``worker_nice``
@@ -185,6 +186,13 @@ class ThreadQueue(Queue):
                             os.setpriority(os.PRIO_PROCESS, tid, self.worker_nice)
             except OSError:
                 pass
+        pipe = SplicePipe()  # this worker's, for Op.COPY
+        try:
+            self._serve(urgent_only, pipe)
+        finally:
+            pipe.close()
+
+    def _serve(self, urgent_only: bool, pipe: SplicePipe) -> None:
         lock = self._lock
         while True:
             with lock:
@@ -201,7 +209,7 @@ class ThreadQueue(Queue):
                 request = self._normal.popleft() if background else self._urgent.popleft()
                 self._running += 1
                 self._running_background += background
-            result = self._run(request)
+            result = self._run(request, pipe)
             with lock:
                 self._running -= 1
                 self._running_background -= background

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import trio
 
-from ._base import Completion, Queue, Request
+from ._base import Completion, Op, Queue, Request
 
 #: decides a request's fate: ``None`` to pass it on, ``-errno`` to fail it,
 #: or a byte count >= 0 to cut it short to that many bytes.
@@ -36,6 +36,7 @@ class FaultInjectingQueue(Queue):
         super().__init__(inner.capacity)
         self.name = f"faulty({inner.name})"
         self.inner = inner
+        self.copies = inner.copies
         self.rule = rule
         self._ready: list[Completion] = []
         self.injected = 0
@@ -48,6 +49,19 @@ class FaultInjectingQueue(Queue):
         self.injected += 1
         if verdict < 0:
             self._ready.append(Completion(request.id, verdict))
+            return
+        if request.op == Op.COPY:
+            dest, left = [], verdict
+            for offset, length in request.dest:
+                if left <= 0:
+                    break
+                dest.append((offset, min(length, left)))
+                left -= dest[-1][1]
+            if dest:
+                self.inner.add(Request.copy(request.id, request.fd, request.offset, request.dest_fd, dest,
+                                            urgent=request.urgent))
+            else:
+                self._ready.append(Completion(request.id, 0))
             return
         buffers, left = [], verdict
         for buf in request.buffers:
@@ -82,6 +96,7 @@ class DelayedQueue(Queue):
         super().__init__(inner.capacity)
         self.name = f"delayed({inner.name})"
         self.inner = inner
+        self.copies = inner.copies
         self.delay = delay
         self._held: list[Completion] = []  # kept across a cancelled wait: nothing is lost
 
@@ -124,6 +139,7 @@ class HangingQueue(Queue):
         super().__init__(inner.capacity)
         self.name = f"hanging({inner.name})"
         self.inner = inner
+        self.copies = inner.copies
         self.hang = hang
         self._hung: list[Request] = []
         self._ready: list[Completion] = []

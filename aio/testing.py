@@ -28,7 +28,11 @@ urgent requests; cancelled ``wait`` losing nothing; ``aclose`` with requests in
 flight (including a read blocked on an empty pipe, where the backend accepts one)
 leaving the buffers alone afterwards; :class:`~aio.QueueClosed` after close;
 :meth:`~aio.Queue.statistics` consistent with what happened; :meth:`~aio.Queue.read_now`
-reading exactly its buffer or declining, and never making a request.
+reading exactly its buffer or declining, and never making a request; :data:`~aio.Op.COPY`
+(where :attr:`~aio.Queue.copies` says the backend takes it: refused otherwise) copying
+file to file at both offsets, larger than one pipe, short at end of file, ``-EBADF``
+for a bad source or a read-only destination (whose bytes never leak into a later
+copy), urgent or not, mixed with reads.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
-from ._base import Completion, Queue, QueueClosed, QueueFull, Request
+from ._base import SPLICE_PIPE_BYTES, Completion, Queue, QueueClosed, QueueFull, Request
 from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, HangingQueue, fail_offsets, hang_offsets
 
 __all__ = [
@@ -470,6 +474,80 @@ async def check_completions_waiting(make_queue: MakeQueue) -> None:
         _expect(not queue.completions_waiting(), "a closed queue says completions are waiting")
 
 
+@contextlib.contextmanager
+def _memfd(size: int) -> Iterator[tuple[int, mmap.mmap]]:
+    """A fresh memfd of ``size`` zero bytes, and a shared mapping to look at it."""
+    fd = os.memfd_create("aio-check-copy", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as mapping:
+            yield fd, mapping
+    finally:
+        os.close(fd)
+
+
+async def check_copies(make_queue: MakeQueue) -> None:
+    """:data:`Op.COPY` copies file to file at both offsets (also more than one pipe
+    holds, scattered over several destination ranges, urgent or not), short at end of
+    file, ``-EBADF`` for a bad source or a read-only destination, whose bytes never
+    reach a later copy; a backend that does not take it refuses it at :meth:`Queue.add`."""
+    big = SPLICE_PIPE_BYTES * 2 + 3 * PAGE  # more than the pipe holds: several splices
+    size = big + 16 * PAGE + 100
+    with _pages_file(size, seed=12) as (fd, data), _memfd(big + 64 * PAGE) as (dest, mapping):
+        queue = make_queue(8)
+        try:
+            if not queue.copies:
+                try:
+                    queue.add(Request.copy(1, fd, 0, dest, [(0, PAGE)]))
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError("a backend without copies took an Op.COPY request")
+                _expect(queue.outstanding == 0, "a refused copy left a request outstanding")
+                return
+            ro = os.open(f"/proc/self/fd/{dest}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                plan = {  # id: (source offset, [(destination offset, length)], expected result)
+                    1: (PAGE, [(40 * PAGE, big)], big),
+                    2: (0, [(3 * PAGE, 2 * PAGE)], 2 * PAGE),
+                    3: (big + 15 * PAGE, [(big + 20 * PAGE, 4 * PAGE)], PAGE + 100),  # crosses the end
+                    4: (size + PAGE, [(big + 30 * PAGE, PAGE)], 0),  # past the end
+                    # scattered over three ranges, out of memory order
+                    5: (7 * PAGE, [(big + 50 * PAGE, 2 * PAGE), (36 * PAGE, PAGE),
+                                   (big + 40 * PAGE, 3 * PAGE)], 6 * PAGE),
+                }
+                for i, (src, dst, _) in plan.items():
+                    queue.add(Request.copy(i, fd, src, dest, dst, urgent=i == 2))
+                queue.add(Request.copy(6, BAD_FD, 0, dest, [(8 * PAGE, PAGE)]))
+                queue.add(Request.copy(7, fd, 0, ro, [(9 * PAGE, 2 * PAGE)]))  # into the pipe, then refused
+                done: list[Completion] = []
+                await _drain(queue, done)
+                # after the refused destination: the pipe is clean, whichever worker copies
+                later = {i: (i * PAGE, [((i + 3) * PAGE, PAGE)], PAGE) for i in range(8, 12)}
+                for i, (src, dst, _) in later.items():
+                    queue.add(Request.copy(i, fd, src, dest, dst))
+                plan.update(later)
+                await _drain(queue, done)
+            finally:
+                os.close(ro)
+            results = _exactly_once(done, {*plan, 6, 7})
+            _expect(results[6] == -errno.EBADF, f"a copy from a bad descriptor returned {results[6]}, not -EBADF")
+            _expect(results[7] == -errno.EBADF,
+                    f"a copy into a read-only descriptor returned {results[7]}, not -EBADF")
+            expected = bytearray(len(mapping))
+            for i, (src, dst, result) in plan.items():
+                _expect(results[i] == result, f"copy {i} returned {results[i]}, not {result}")
+                left = result
+                for offset, length in dst:
+                    n = min(length, left)
+                    expected[offset : offset + n] = data[src : src + n]
+                    src += n
+                    left -= n
+            _expect(mapping[:] == expected, "the destination holds other bytes than the copies put there")
+        finally:
+            await queue.aclose()
+
+
 #: every check, by name, in the order :func:`check_queue` runs them
 async def check_read_now(make_queue: MakeQueue) -> None:
     """``read_now`` reads exactly its buffer from the page cache, or declines (-1);
@@ -509,6 +587,7 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "use_after_close": check_use_after_close,
     "statistics": check_statistics,
     "completions_waiting": check_completions_waiting,
+    "copies": check_copies,
 }
 
 

@@ -308,12 +308,12 @@ async def test_shutdown_with_a_hung_read_answers_waiters_and_gives_up_on_it(tmp_
 
 def _blocking_thread_queue(release: threading.Event, started: threading.Semaphore | None = None):
     class Stuck(ThreadQueue):
-        def _run(self, request):
+        def _run(self, request, pipe=None):
             if not request.urgent:
                 if started is not None:
                     started.release()
                 release.wait(60)  # a hung background read (released by the test)
-            return super()._run(request)
+            return super()._run(request, pipe)
 
     return Stuck(capacity=16, threads=2, inline_urgent=0, yield_threads=2)  # every worker may hang
 

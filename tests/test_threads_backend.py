@@ -102,7 +102,7 @@ async def test_while_yielding_at_most_yield_threads_workers_run_background_reads
     release = threading.Event()
 
     class Held(ThreadQueue):
-        def _run(self, request):
+        def _run(self, request, pipe=None):
             with self._lock:
                 started.append(request.id)
             release.wait(30)
