@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import errno as errno_mod
+import fcntl
 import logging
 import math
 import os
@@ -70,6 +71,23 @@ if TYPE_CHECKING:
     from ._workingset import AccessRecorder
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
+#: a copy completing so says the memory file cannot be written to through its fd
+_NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
+
+
+def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destination, pages_fd: int) -> int | None:
+    """The destination's fd for file-to-file copies (``aio.Op.COPY``), or None: not
+    configured, the queue does not copy, the destination offers none, or the pages
+    file is read with O_DIRECT (bypassing the page cache, which splice reads from)."""
+    copy_fd: int | None = getattr(destination, "copy_fd", None)
+    if not config.kernel_copy or not queue.copies or copy_fd is None:
+        return None
+    try:
+        if fcntl.fcntl(pages_fd, fcntl.F_GETFL) & os.O_DIRECT:
+            return None
+    except OSError:
+        return None
+    return copy_fd
 #: chunks hashed at once, in worker threads; the sweep pauses while this many wait
 _MAX_VERIFYING = 4
 
@@ -97,6 +115,11 @@ class LoaderConfig:
     #: waiting client's task, when the queue can do it without blocking (page cache);
     #: 0: never.  Without priority or with checksums it is never done.
     read_now_bytes: int = 64 << 10
+    #: background reads copy file to file in the kernel (``aio.Op.COPY``: splice), where the
+    #: queue takes copies and the destination has a ``copy_fd``: no page fault per page
+    #: of the memory file, so one thread fills at about ``cp``'s speed; False: every
+    #: read goes into the destination's mapping
+    kernel_copy: bool = True
 
     def __post_init__(self) -> None:
         if self.background_reads >= self.queue_depth:
@@ -191,7 +214,8 @@ class _Hint:
 
 
 class _Read:
-    __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline")
+    __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline",
+                 "copied")
 
     def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
                  segments: list[list[int]], retry: bool = False) -> None:
@@ -204,6 +228,7 @@ class _Read:
         self.attempts = 0
         self.retry = retry  #: a half of a failed read, being narrowed down
         self.deadline = math.inf  #: trio time after which it fails with ``timeout``
+        self.copied = False  #: in flight as an ``aio.Op.COPY`` (file to file), not a read
 
 
 class _Chunks:
@@ -308,6 +333,8 @@ class Loader:
         if self.config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
+        #: where background reads are copied to in the kernel (None: into the mapping)
+        self._copy_fd: int | None = _copy_target(self.config, queue, destination, pages_fd)
         # optional hooks (working-set replay, loader._workingset): looked up once
         self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
         self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
@@ -528,6 +555,7 @@ class Loader:
             reads_in_flight=len(self._reads),
             background_reads_in_flight=self._background_inflight,
             reads_total=c.reads_total,
+            reads_copied=c.reads_copied,
             reads_retried=c.reads_retried,
             reads_timed_out=c.reads_timed_out,
             reads_stuck=len(self._stuck),
@@ -799,9 +827,19 @@ class Loader:
             self._background_inflight += 1
         timeout = self.config.read_timeout
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
+        urgent = read.kind.urgent
+        copy_fd = self._copy_fd
+        if copy_fd is not None and not urgent:
+            # file to file in the kernel; a waiter's read goes into the mapping, where the
+            # backends read small ones at once in this thread (read_now, inline_urgent)
+            read.copied = True
+            self.counters.reads_copied += 1
+            self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
+                                            [(lo, hi - lo) for lo, hi in read.segments]))
+            return
+        read.copied = False
         dest = self.destination
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
-        urgent = read.kind.urgent
         if len(buffers) == 1:
             request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent)
         else:
@@ -844,6 +882,13 @@ class Loader:
         result = completion.result
         if result == read.length:
             self._land(read.segments, read.file_offset)
+            return
+        if read.copied and result in _NO_COPY:
+            # the memory file takes no writes (hugetlbfs: EINVAL): into the mapping from now on
+            log.info("memory file: copying into it in the kernel failed (%s); reading into its mapping "
+                     "instead", errno_mod.errorcode.get(-result, str(-result)))
+            self._copy_fd = None
+            self._submit(read)
             return
         counters = self.counters
         if result > 0:  # short read: keep what arrived, resubmit the rest

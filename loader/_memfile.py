@@ -35,6 +35,10 @@ _MAX_MAP = sys.maxsize
 
 
 class Destination(Protocol):
+    """Where the loader's reads land.  One may also have ``copy_fd``: a file whose
+    offset X holds memory offset X, so background reads can be copied into it file to
+    file in the kernel (``aio.Op.COPY``) rather than read into :meth:`buffer`."""
+
     size: int
     #: True when :meth:`commit` does work; the loader skips the call otherwise.
     needs_commit: bool
@@ -195,10 +199,10 @@ class MemoryFile:
         """What errno ``err`` from a read into this file's mapping means.
 
         A read into a shared mapping of a full file system fails with EFAULT (the
-        kernel cannot allocate the page it copies into): say so, rather than
-        "Bad address".  Anything else is ``os.strerror(err)``.
+        kernel cannot allocate the page it copies into), a copy into the file with
+        ENOSPC: say so, rather than "Bad address".  Anything else is ``os.strerror(err)``.
         """
-        if err != errno.EFAULT:
+        if err not in (errno.EFAULT, errno.ENOSPC):
             return os.strerror(err)
         where = self.path if self.path is not None else "memfd"
         try:
@@ -223,6 +227,13 @@ class MemoryFile:
 
     def buffer(self, offset: int, length: int) -> memoryview:
         return self._view[offset : offset + length]
+
+    @property
+    def copy_fd(self) -> int:
+        """The file itself: memory offset X is its offset X (the loader copies background
+        reads into it file to file; on hugetlbfs, which takes no writes, that fails
+        with EINVAL and the loader reads into the mapping instead)."""
+        return self.fd
 
     def commit(self, offset: int, length: int) -> None:
         pass

@@ -121,6 +121,8 @@ class StatsCollector(Collector):
         optional = (  # kept by newer loaders; emitted when the statistics have them
             (_gauge, "pageload_background_reads_in_flight", "Of the reads in flight, prefetch and sweep reads",
              "background_reads_in_flight"),
+            (_counter, "pageload_reads_copied", "Of the reads, those copied file to file in the kernel (splice)",
+             "reads_copied"),
             (_counter, "pageload_reads_timed_out", "Reads failed with timeout after --read-timeout",
              "reads_timed_out"),
             (_gauge, "pageload_reads_stuck", "Timed-out reads the backend has not returned yet", "reads_stuck"),

@@ -57,6 +57,7 @@ class LoaderCounters:
     turns them (with the loader's state) into a frozen :class:`LoaderStatistics`."""
 
     reads_total: int = 0
+    reads_copied: int = 0
     reads_retried: int = 0
     reads_timed_out: int = 0
     waits_total: int = 0
@@ -89,6 +90,9 @@ class LoaderStatistics:
     reads_in_flight: int
     background_reads_in_flight: int  #: of those, prefetch and sweep reads (at most ``background_reads``)
     reads_total: int
+    #: submissions (resubmits included) copied file to file in the kernel (``aio.Op.COPY``),
+    #: not read into the memory file's mapping
+    reads_copied: int
     reads_retried: int
     reads_timed_out: int  #: failed with ``timeout`` after ``read_timeout``; their slots were freed
     reads_stuck: int  #: of those, not returned by the backend yet (a thread may still be in it)

@@ -9,6 +9,7 @@ instead of hanging the suite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -408,6 +409,38 @@ async def test_a_file_system_filling_up_while_loading_is_named_not_bad_address(t
             assert "Bad address" not in message
             state.stop()
         assert info.value.errno == errno.ENOSPC  # what EFAULT meant here
+
+
+@needs_mount
+async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_path, images):
+    """The sweep copies file to file (splice): a full file system is ENOSPC there, not
+    EFAULT; the failed pages' errors say the memory file is full all the same."""
+    layout = open_checkpoint(images["raw"]).layout
+    with small_tmpfs(tmp_path / "small", "8m") as small:
+        mem = small / "mem"
+        opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
+                             ready_line=False, memory_file=str(mem), aio_backend="threads",
+                             config=LoaderConfig(sweep=False))
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            with open(small / "filler", "wb") as f:  # someone else takes the space
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\x01" * MiB)
+                        f.flush()
+            loader = state.loader
+            loader.config = dataclasses.replace(loader.config, sweep=True)  # the sweep starts now
+            loader.hold_sweep(False)
+            with trio.fail_after(30):
+                await loader.done.wait()
+            stats = loader.statistics()
+            assert stats.reads_copied > 0 and stats.failed_bytes == stats.total_bytes
+            assert {e for _, _, e in stats.failed_ranges} == {errno.ENOSPC}
+            first = layout[0]
+            with pytest.raises(LoadError) as info:
+                await loader.wait_loaded(first.mem_offset, first.length)
+            state.stop()
+        assert "memory file is full (ENOSPC on" in str(info.value) and str(mem) in str(info.value)
 
 
 def test_explain_error_names_a_full_file_only_when_full(tmp_path):

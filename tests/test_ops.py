@@ -124,6 +124,7 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         assert value(fams, "pageload_reads_in_flight") == 0
         assert value(fams, "pageload_reads_total") == stats["reads_total"] >= 1
         assert value(fams, "pageload_reads_timed_out_total") == stats["reads_timed_out"] == 0
+        assert value(fams, "pageload_reads_copied_total") == stats["reads_copied"]  # (sync copies: sweep reads)
         assert value(fams, "pageload_background_reads_in_flight") == 0
         assert value(fams, "pageload_corrupt_chunks_total") == 0
         assert value(fams, "pageload_clients_connected") == 1

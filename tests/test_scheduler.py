@@ -540,3 +540,97 @@ async def test_a_fault_read_at_once_yields_the_cpu_but_keeps_the_sweeps_width(im
     assert queue.hints == [False, True]
     await loader.aclose()
     mem.close()
+
+
+# --------------------------------------------------------------- file-to-file copies (Op.COPY)
+@pytest.mark.parametrize("backend", ["threads", "sync"])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+async def test_background_reads_are_copied_file_to_file(tmp_path, backend, kernel_copy):
+    """Sweep reads go file to file (splice) into the memory file, coalesced reads
+    scattered over memory included; the bytes are the image's either way."""
+    # ranges contiguous in the pages file but apart in memory: one read covers several
+    img = Image(str(tmp_path / "pages"), 16 * MiB, [(m, 512 * 1024) for m in range(0, 16 * MiB, MiB)], seed=5)
+    queue = aio.open_queue(backend, 16)
+    loader, mem = make_loader(img, queue, sweep_read_size=2 * MiB, kernel_copy=kernel_copy)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.done.wait()
+    assert mem.view == img.expected
+    stats = loader.statistics()
+    assert stats.reads_total == 4  # 2 MiB reads, each over four ranges apart in memory
+    assert stats.reads_copied == (stats.reads_total if kernel_copy else 0)
+    await loader.aclose()
+    img.close()
+
+
+async def test_waits_read_into_the_mapping_not_copied(image):
+    """A waiter's read goes into the mapping (where a small one can be read at once)."""
+    queue = aio.open_queue("threads", 16)
+    loader, mem = make_loader(image, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.wait_loaded(4 * MiB + 3 * PAGE, 300 * 1024)
+        nursery.cancel_scope.cancel()
+    lo = 4 * MiB + 3 * PAGE
+    assert mem.view[lo : lo + 300 * 1024] == image.expected[lo : lo + 300 * 1024]
+    stats = loader.statistics()
+    assert stats.reads_total >= 1 and stats.reads_copied == 0
+    await loader.aclose()
+
+
+class _RefusingMemory(MemoryFile):
+    """A memory file whose copy fd takes no writes (as hugetlbfs refuses them)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._ro = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def copy_fd(self) -> int:
+        return self._ro
+
+    def close(self) -> None:
+        os.close(self._ro)
+        super().close()
+
+
+@pytest.mark.parametrize("backend", ["threads", "sync"])
+async def test_a_memory_file_that_refuses_copies_is_read_into_instead(image, backend, caplog):
+    """The first copy fails (EBADF here, EINVAL on hugetlbfs): that read and every later
+    one go into the mapping, nothing fails, the bytes are right."""
+    mem = _RefusingMemory(image.memory_size)
+    _made.append(mem)
+    queue = aio.open_queue(backend, 16)
+    loader = Loader(image.layout, image.fd, mem, queue,
+                    LoaderConfig(queue_depth=16, background_reads=1, sweep_read_size=MiB))
+    with caplog.at_level("INFO", logger="pageload"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            await loader.done.wait()
+    assert mem.view == image.expected
+    stats = loader.statistics()
+    assert stats.failed_bytes == 0 and stats.reads_copied == 1 < stats.reads_total
+    assert "reading into its mapping instead" in caplog.text
+    await loader.aclose()
+
+
+async def test_an_o_direct_pages_file_is_read_not_copied(image, tmp_path):
+    """O_DIRECT bypasses the page cache, which splice reads from: no copies then."""
+    try:
+        fd = os.open(str(tmp_path / "pages"), os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"this file system refuses O_DIRECT ({exc.strerror})")
+    queue = aio.open_queue("sync", 16)
+    mem = MemoryFile(image.memory_size)
+    _made.append(mem)
+    loader = Loader(image.layout, fd, mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            await loader.done.wait()
+        stats = loader.statistics()
+        assert stats.reads_copied == 0 and stats.reads_total > 0 and stats.failed_bytes == 0
+        assert mem.view == image.expected
+        await loader.aclose()
+    finally:
+        os.close(fd)
