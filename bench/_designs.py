@@ -1,8 +1,10 @@
 """The design comparison: the same image and trace against four daemon designs.
 
 :func:`run_designs` starts, for each design, a fresh ``pageload restore``
-subprocess on the same image (``--tracemalloc``, stdout piped to catch its
-``READY`` line):
+subprocess on the same image (stdout piped to catch its ``READY`` line; with
+``tracemalloc=True`` also ``--tracemalloc``, for each design's heap peak: that
+tracing slows the daemon's Python, more so the busier it is, so the timed runs of
+``pageload bench`` go without it and the heap goal is the ``daemon`` section's):
 
 * ``priority`` — ``--background``: serve at once, waits jump ahead of the sweep (ours);
 * ``eager``    — no ``--background``: load everything, then open the socket;
@@ -163,9 +165,10 @@ class _Poller(threading.Thread):
             self.error = exc
 
 
-def _daemon(image: str, design: str, workdir: str, aio_name: str, flags: Iterable[str] | None = None) -> DaemonProcess:
+def _daemon(image: str, design: str, workdir: str, aio_name: str, flags: Iterable[str] | None = None,
+            tracemalloc: bool = False) -> DaemonProcess:
     flags = DESIGNS[design] if flags is None else flags
-    args = ["--tracemalloc", "--aio", aio_name, "--progress-interval", "3600", *flags]
+    args = [*(["--tracemalloc"] if tracemalloc else []), "--aio", aio_name, "--progress-interval", "3600", *flags]
     sock, log_path = os.path.join(workdir, f"{design}.sock"), os.path.join(workdir, f"{design}.log")
     return DaemonProcess(image, sock, log_path, args)
 
@@ -195,10 +198,11 @@ def _run_design(
     log: Callable[[str], None],
     ceiling: bool,
     flags: Iterable[str] | None = None,
+    tracemalloc: bool = False,
 ) -> tuple[dict[str, Any], float | None]:
     """One daemon (``flags``, default the design's) replaying ``trace``; its row."""
     flags = tuple(DESIGNS[design] if flags is None else flags)
-    daemon = _daemon(image, design, workdir, aio_name, flags)
+    daemon = _daemon(image, design, workdir, aio_name, flags, tracemalloc)
     sock = daemon.socket_path
     spawned: list[Any] = []  # [t0, poller]
 
@@ -298,6 +302,7 @@ def run_designs(
     designs: Iterable[str] = ("priority", "eager", "lazy", "fifo"),
     log: Callable[[str], None] = print,
     aio: str = "auto",
+    tracemalloc: bool = False,
 ) -> dict[str, Any]:
     """Run every design in turn on ``image_path`` with ``trace``; return the comparison.
 
@@ -308,6 +313,8 @@ def run_designs(
     Raises ``ValueError`` for an unknown design.  The result is JSON-ready:
     ``{"designs": {name: {...}}, "limits": {...}, "clients": N, "faults": N}``;
     each design's ``series`` holds thinned samples for :func:`plot_designs`.
+    ``tracemalloc``: run the daemons with ``--tracemalloc`` (``heap_peak_bytes``,
+    None otherwise), at the cost of timings that tracing distorts.
     """
     names = list(designs)
     for name in names:
@@ -330,6 +337,7 @@ def run_designs(
                 aio_name=aio,
                 log=log,
                 ceiling=name == "priority",
+                tracemalloc=tracemalloc,
             )
         except (DesignError, LoadgenError, ClientError, OSError) as exc:
             # one design failing (its daemon crashed) must not hide the others' results

@@ -221,7 +221,7 @@ def test_run_designs_shape(tmp_path: Path) -> None:
     make_sample_image(img, 8 * MiB, seed=3, hole_granularity=1 * MiB)
     trace = _data_trace(img, 60)
     lines: list[str] = []
-    result = run_designs(img, trace, clients=1, workdir=str(tmp_path / "work"), log=lines.append)
+    result = run_designs(img, trace, clients=1, workdir=str(tmp_path / "work"), log=lines.append, tracemalloc=True)
     assert set(result["designs"]) == {"priority", "eager", "lazy", "fifo"}
     assert {"cp_mb_s", "socket_rtt_us", "pread_4k_us"} <= result["limits"].keys()
     total = open_checkpoint(img).layout.data_bytes
