@@ -71,6 +71,10 @@ if TYPE_CHECKING:
     from ._workingset import AccessRecorder
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
+#: a waiter's read up to this long goes into the mapping (the threads backend reads
+#: such urgent reads at once, in the adding thread, when the page cache has them);
+#: a longer one is copied too
+_INLINE_LIMIT = 64 << 10
 #: a copy completing so says the memory file cannot be written to through its fd
 _NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
 
@@ -829,9 +833,9 @@ class Loader:
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         urgent = read.kind.urgent
         copy_fd = self._copy_fd
-        if copy_fd is not None and not urgent:
-            # file to file in the kernel; a waiter's read goes into the mapping, where the
-            # backends read small ones at once in this thread (read_now, inline_urgent)
+        if copy_fd is not None and (not urgent or read.length > _INLINE_LIMIT):
+            # file to file in the kernel; a waiter's small read goes into the mapping,
+            # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
             self.counters.reads_copied += 1
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,

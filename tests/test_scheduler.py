@@ -563,18 +563,22 @@ async def test_background_reads_are_copied_file_to_file(tmp_path, backend, kerne
     img.close()
 
 
-async def test_waits_read_into_the_mapping_not_copied(image):
-    """A waiter's read goes into the mapping (where a small one can be read at once)."""
+async def test_small_waiter_reads_go_into_the_mapping_larger_ones_are_copied(image):
+    """A waiter's read of at most 64 KiB goes into the mapping (where the threads backend
+    can read it at once, in the adding thread); a longer one is copied like the sweep's."""
     queue = aio.open_queue("threads", 16)
-    loader, mem = make_loader(image, queue, sweep=False)
+    loader, mem = make_loader(image, queue, sweep=False, read_size=256 * 1024)
+    small, large = (4 * MiB + 3 * PAGE, 48 * 1024), (8 * MiB + 5 * PAGE, 300 * 1024)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
-        await loader.wait_loaded(4 * MiB + 3 * PAGE, 300 * 1024)
+        await loader.wait_loaded(*small)
+        assert loader.statistics().reads_copied == 0
+        await loader.wait_loaded(*large)  # two reads: 256 KiB (copied) and 44 KiB (not)
         nursery.cancel_scope.cancel()
-    lo = 4 * MiB + 3 * PAGE
-    assert mem.view[lo : lo + 300 * 1024] == image.expected[lo : lo + 300 * 1024]
+    for lo, n in (small, large):
+        assert mem.view[lo : lo + n] == image.expected[lo : lo + n]
     stats = loader.statistics()
-    assert stats.reads_total >= 1 and stats.reads_copied == 0
+    assert stats.reads_total == 3 and stats.reads_copied == 1
     await loader.aclose()
 
 
