@@ -6,7 +6,6 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
-from ._asyncio_client import AsyncioClient
 from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
@@ -34,6 +33,17 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
+
+
+def __getattr__(name: str) -> object:
+    # the asyncio client is imported at first use: asyncio and aiofiles were about 60 ms
+    # of every daemon's start-up, which needs neither
+    if name == "AsyncioClient":
+        from ._asyncio_client import AsyncioClient
+
+        return AsyncioClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BUSY_POLL_US",

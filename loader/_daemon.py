@@ -44,7 +44,6 @@ from typing import Any
 import trio
 
 import aio
-import aio.testing
 
 from ._layout import Layout
 from ._loader import Loader, LoaderConfig
@@ -208,14 +207,16 @@ def _open_queue(opts: DaemonOptions, notes: list[str]) -> tuple[aio.Queue, str]:
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
     fail = os.environ.get(FAIL_READS_ENV)
+    hang = os.environ.get(HANG_READS_ENV)
+    if fail or hang:  # only for the test hooks: aio.testing is not part of every start-up
+        from aio.testing import FaultInjectingQueue, HangingQueue, fail_offsets, hang_offsets
     if fail:  # the test hook (module docstring)
         lo, _, hi = fail.partition(":")
-        queue = aio.testing.FaultInjectingQueue(queue, aio.testing.fail_offsets(int(lo, 0), int(hi, 0)))
+        queue = FaultInjectingQueue(queue, fail_offsets(int(lo, 0), int(hi, 0)))
         log.warning("%s=%s: reads of pages-file bytes [%s, %s) will fail (test hook)", FAIL_READS_ENV, fail, lo, hi)
-    hang = os.environ.get(HANG_READS_ENV)
     if hang:  # the test hook (module docstring)
         lo, _, hi = hang.partition(":")
-        queue = aio.testing.HangingQueue(queue, aio.testing.hang_offsets(int(lo, 0), int(hi, 0)))
+        queue = HangingQueue(queue, hang_offsets(int(lo, 0), int(hi, 0)))
         log.warning("%s=%s: reads of pages-file bytes [%s, %s) will hang (test hook)", HANG_READS_ENV, hang, lo, hi)
     return queue, name
 

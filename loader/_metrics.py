@@ -22,18 +22,19 @@ import os
 import socket as stdsocket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import (
-    CollectorRegistry,
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # prometheus_client is imported where it is used: only with --metrics
+    # (it and the http.server and ssl it imports were about 45 ms of every daemon's start-up)
+    from prometheus_client.core import (
+        CollectorRegistry,
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
 
 from ._server import _clear_stale_socket
 from ._startup import StartupError
@@ -96,14 +97,17 @@ def parse_metrics_address(text: str) -> MetricsAddress:
     return MetricsAddress(host=host or "0.0.0.0", port=port)
 
 
-class StatsCollector(Collector):
+class StatsCollector:
     """Turns one ``stats`` snapshot (the dict ``pageload stats --json`` prints) into
-    metric families.  ``snapshot`` is called once per scrape."""
+    metric families.  ``snapshot`` is called once per scrape.  A
+    ``prometheus_client`` collector: registries need only :meth:`collect`."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         s = self.snapshot()
         yield _gauge("pageload_memory_bytes", "Size of the restored memory", s["memory_size"])
         yield _gauge("pageload_data_bytes", "Bytes of data to load (holes excluded)", s["total_bytes"])
@@ -187,6 +191,8 @@ def _uffd_metrics(handler: dict[str, Any] | None, minor: dict[str, Any] | None) 
     registered.  Their faults are counted in the waits too; these say how each was served."""
     if not handler and not minor:
         return
+    from prometheus_client.core import CounterMetricFamily
+
     faults = CounterMetricFamily("pageload_uffd_faults", "Page faults served through userfaultfd, by mode and how",
                                  labels=["mode", "how"])
     latency: dict[str, Any] = {}
@@ -219,10 +225,14 @@ def _uffd_metrics(handler: dict[str, Any] | None, minor: dict[str, Any] | None) 
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, value=value)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(name, doc, value=value)
 
 
@@ -241,6 +251,8 @@ def _latency(lat: dict[str, Any], name: str = "pageload_wait_latency_seconds",
     buckets.append(("+Inf", cumulative + counts[HISTOGRAM_BUCKETS - 1]))
     count = lat.get("count", 0)
     total_s = lat.get("mean_us", 0.0) * count / 1e6
+    from prometheus_client.core import HistogramMetricFamily
+
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_s)
 
 
@@ -249,12 +261,16 @@ def _le(seconds: float) -> str:
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    from prometheus_client.core import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(snapshot))
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
+    from prometheus_client import generate_latest
+
     return generate_latest(registry)
 
 
@@ -374,6 +390,8 @@ class MetricsServer:
             log.exception("metrics: collecting failed")
             return _response(500, b"collecting the metrics failed\n")
         self.scrapes += 1
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         return _response(200, body, CONTENT_TYPE_LATEST.encode(), head_only=method == b"HEAD")
 
 

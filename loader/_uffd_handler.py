@@ -51,7 +51,6 @@ from typing import Any
 
 import trio
 
-import aio.testing
 from protocol import codes
 
 from . import _uffd
@@ -1436,8 +1435,10 @@ def _data_bytes(loader: Loader, lo: int, hi: int) -> int:
 def _injects_read_faults(queue: object) -> bool:
     """Whether ``queue`` (or a queue it wraps) makes reads fail or hang on purpose:
     then faults must take the loader's path, which those reads reach."""
+    from aio.testing import FaultInjectingQueue, HangingQueue  # (most daemons never import it otherwise)
+
     for _ in range(16):
-        if isinstance(queue, (aio.testing.FaultInjectingQueue, aio.testing.HangingQueue)):
+        if isinstance(queue, (FaultInjectingQueue, HangingQueue)):
             return True
         queue = getattr(queue, "inner", None)
         if queue is None:
