@@ -889,9 +889,10 @@ class Loader:
             return
         if read.copied and result in _NO_COPY:
             # the memory file takes no writes (hugetlbfs: EINVAL): into the mapping from now on
-            log.info("memory file: copying into it in the kernel failed (%s); reading into its mapping "
-                     "instead", errno_mod.errorcode.get(-result, str(-result)))
-            self._copy_fd = None
+            if self._copy_fd is not None:  # (said once: the other copies in flight fail alike)
+                log.info("memory file: copying into it in the kernel failed (%s); reading into its "
+                         "mapping instead", errno_mod.errorcode.get(-result, str(-result)))
+                self._copy_fd = None
             self._submit(read)
             return
         counters = self.counters

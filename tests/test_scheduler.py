@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
 import trio
@@ -23,6 +25,7 @@ import trio.testing
 import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
+from workloads._vmm import hugepages_free
 
 PAGE = 4096
 MiB = 1 << 20
@@ -638,3 +641,33 @@ async def test_an_o_direct_pages_file_is_read_not_copied(image, tmp_path):
         await loader.aclose()
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting hugetlbfs needs root and mount(8)")
+@pytest.mark.skipif(hugepages_free() < 8, reason="needs 8 free 2 MiB huge pages (vm.nr_hugepages)")
+@pytest.mark.parametrize("backend", ["threads", "sync"])
+async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fails(image, tmp_path, backend, caplog):
+    """hugetlbfs takes no writes: the first copies fail with EINVAL, which is said once;
+    every read then goes into the mapping and the bytes are right."""
+    where = tmp_path / "huge"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "hugetlbfs", "none", str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount hugetlbfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        mem = MemoryFile(image.memory_size, str(where / "mem"))
+        _made.append(mem)
+        queue = aio.open_queue(backend, 16)
+        loader = Loader(image.layout, image.fd, mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
+        with caplog.at_level("INFO", logger="pageload"):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(loader.run)
+                await loader.done.wait()
+        assert mem.view == image.expected
+        stats = loader.statistics()
+        assert stats.failed_bytes == 0 and 1 <= stats.reads_copied < stats.reads_total
+        assert caplog.text.count("copying into it in the kernel failed (EINVAL)") == 1
+        await loader.aclose()
+        mem.close()
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
