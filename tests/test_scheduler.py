@@ -643,7 +643,8 @@ async def test_an_o_direct_pages_file_is_read_not_copied(image, tmp_path):
         os.close(fd)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting hugetlbfs needs root and mount(8)")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                    reason="mounting hugetlbfs needs root and mount(8)")
 @pytest.mark.skipif(hugepages_free() < 8, reason="needs 8 free 2 MiB huge pages (vm.nr_hugepages)")
 @pytest.mark.parametrize("backend", ["threads", "sync"])
 async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fails(image, tmp_path, backend, caplog):
