@@ -92,6 +92,8 @@ def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destinatio
     except OSError:
         return None
     return copy_fd
+
+
 #: chunks hashed at once, in worker threads; the sweep pauses while this many wait
 _MAX_VERIFYING = 4
 
@@ -119,10 +121,10 @@ class LoaderConfig:
     #: waiting client's task, when the queue can do it without blocking (page cache);
     #: 0: never.  Without priority or with checksums it is never done.
     read_now_bytes: int = 64 << 10
-    #: background reads copy file to file in the kernel (``aio.Op.COPY``: splice), where the
-    #: queue takes copies and the destination has a ``copy_fd``: no page fault per page
-    #: of the memory file, so one thread fills at about ``cp``'s speed; False: every
-    #: read goes into the destination's mapping
+    #: background reads and a waiter's reads over 64 KiB copy file to file in the kernel
+    #: (``aio.Op.COPY``: splice), where the queue takes copies and the destination has a
+    #: ``copy_fd``: no page fault per page of the memory file, so one thread fills at
+    #: about ``cp``'s speed; False: every read goes into the destination's mapping
     kernel_copy: bool = True
 
     def __post_init__(self) -> None:
@@ -337,7 +339,7 @@ class Loader:
         if self.config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
-        #: where background reads are copied to in the kernel (None: into the mapping)
+        #: where reads are copied to in the kernel (None: into the mapping)
         self._copy_fd: int | None = _copy_target(self.config, queue, destination, pages_fd)
         # optional hooks (working-set replay, loader._workingset): looked up once
         self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
@@ -839,7 +841,7 @@ class Loader:
             read.copied = True
             self.counters.reads_copied += 1
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
-                                            [(lo, hi - lo) for lo, hi in read.segments]))
+                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent))
             return
         read.copied = False
         dest = self.destination

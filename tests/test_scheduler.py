@@ -569,7 +569,15 @@ async def test_background_reads_are_copied_file_to_file(tmp_path, backend, kerne
 async def test_small_waiter_reads_go_into_the_mapping_larger_ones_are_copied(image):
     """A waiter's read of at most 64 KiB goes into the mapping (where the threads backend
     can read it at once, in the adding thread); a longer one is copied like the sweep's."""
-    queue = aio.open_queue("threads", 16)
+    from aio._threads import ThreadQueue
+
+    class Recording(ThreadQueue):
+        def _add(self, request):
+            added.append((request.op, request.urgent))
+            super()._add(request)
+
+    added: list[tuple[aio.Op, bool]] = []
+    queue = Recording(16)
     loader, mem = make_loader(image, queue, sweep=False, read_size=256 * 1024)
     small, large = (4 * MiB + 3 * PAGE, 48 * 1024), (8 * MiB + 5 * PAGE, 300 * 1024)
     async with trio.open_nursery() as nursery:
@@ -582,6 +590,9 @@ async def test_small_waiter_reads_go_into_the_mapping_larger_ones_are_copied(ima
         assert mem.view[lo : lo + n] == image.expected[lo : lo + n]
     stats = loader.statistics()
     assert stats.reads_total == 3 and stats.reads_copied == 1
+    # (the small wait was read at once, no request); a waiter's copy is as urgent as its
+    # read: it never queues behind the sweep's
+    assert sorted(added) == [(aio.Op.READ, True), (aio.Op.COPY, True)]
     await loader.aclose()
 
 
