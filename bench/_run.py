@@ -66,6 +66,7 @@ class BenchOptions:
     keep: bool = False  #: keep the work directory (images, logs)
     trace: str | None = None  #: for ``designs``; default a zipf trace over the image
     clients: int = 4  #: for ``designs``
+    loaded_map: bool = False  #: ``designs``: the clients use the daemons' loaded map
     repeat: int | None = None  #: override the repetitions of every measurement
     min_wait_samples: int | None = None
     seed: int = 0
@@ -220,7 +221,7 @@ def _designs_section(
     opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
     out: dict[str, Any] = run_designs(
-        image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log
+        image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log, loaded_map=opts.loaded_map
     )
     return out
 

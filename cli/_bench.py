@@ -49,6 +49,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--clients", type=int, default=4, metavar="N", help="clients for the designs and workingset sections"
     )
+    p.add_argument(
+        "--loaded-map", action="store_true",
+        help="designs: the clients map each daemon's loaded map first (Client.load_map), so a wait for "
+        "bytes it shows loaded sends no request",
+    )
     p.add_argument("--repeat", type=int, metavar="N", help="repetitions of each measurement")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT ('-': stdout)")
     p.add_argument(
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             keep=args.keep,
             trace=args.trace,
             clients=args.clients,
+            loaded_map=args.loaded_map,
             repeat=args.repeat,
         )
     except ValueError as exc:

@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="checkpoint to check bytes against (default: the daemon's source)",
     )
     p.add_argument("--no-verify", action="store_true", help="do not check the bytes")
+    p.add_argument("--loaded-map", action="store_true",
+                   help="each client maps the daemon's loaded map first (Client.load_map): a wait for "
+                   "bytes it shows loaded sends nothing (counted as map hits)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-': stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=run)
@@ -93,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         print("pageload: loadgen needs --socket PATH or --uffd PATH (one of them)", file=sys.stderr)
         return 2
     if args.uffd is not None or args.uffd_minor:
+        if args.loaded_map:
+            print("pageload: --loaded-map is for clients of the wait socket, not with --uffd or --uffd-minor",
+                  file=sys.stderr)
+            return 2
         return _run_uffd(args)
     if args.clients < 1:
         print(f"pageload: --clients must be at least 1, not {args.clients}", file=sys.stderr)
@@ -115,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             image=args.image,
             verify=not args.no_verify,
             progress=None if args.quiet else stderr_progress(),
+            loaded_map=args.loaded_map,
         )
     except TraceError as exc:
         print(f"pageload: {exc}", file=sys.stderr)

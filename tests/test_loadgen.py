@@ -89,6 +89,31 @@ def test_two_clients_verify_and_every_wait_counted(image: str, daemon: Daemon) -
     assert seen and seen[-1] == (300, 300)
 
 
+def test_clients_with_the_loaded_map_send_nothing_for_loaded_bytes(image: str, daemon: Daemon) -> None:
+    """With ``loaded_map`` a wait the map shows loaded is answered by the client itself:
+    once the daemon has loaded everything, no wait reaches it, and the bytes check out."""
+    daemon.wait_loaded()
+    trace = _data_trace(image, 200, seed=2)
+    report = run_loadgen(daemon.socket, trace, clients=2, closed_loop=True, loaded_map=True)
+    assert report.ok and report.verify, report.summary()
+    assert report.waits == report.map_hits == 200
+    assert report.immediate == 0 and report.served == 0  # the daemon saw none of them
+    assert "200 answered from the loaded map" in report.summary()
+    assert report.as_dict()["map_hits"] == 200
+    plain = run_loadgen(daemon.socket, trace, clients=2, closed_loop=True)
+    assert plain.map_hits == 0 and plain.immediate == 200
+
+
+def test_loaded_map_with_uffd_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.trace"
+    save_trace(Trace([0], [0], [PAGE]), path)
+    code = main(["loadgen", "--uffd", str(tmp_path / "u.sock"), "--trace", str(path), "--image", "x",
+                 "--loaded-map", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--loaded-map" in err
+
+
 def test_open_loop_at_a_rate_defaults_the_image_to_the_daemons_source(
     image: str, daemon: Daemon
 ) -> None:

@@ -100,6 +100,9 @@ class LoadgenReport:
     closed_loop: bool
     rate: float | None  #: faults/s asked for in total (None: the trace's own timestamps)
     verify: bool
+    #: waits the clients answered from the daemon's loaded map, sending nothing
+    #: (``loaded_map``; 0 otherwise)
+    map_hits: int
     waits: int  #: waits that returned (successfully or not)
     errors: int  #: waits answered with an error
     not_issued: int  #: faults never sent because the client lost its connection
@@ -137,6 +140,7 @@ class LoadgenReport:
             "closed_loop": self.closed_loop,
             "rate": self.rate,
             "verify": self.verify,
+            "map_hits": self.map_hits,
             "waits": self.waits,
             "errors": self.errors,
             "not_issued": self.not_issued,
@@ -161,6 +165,8 @@ class LoadgenReport:
             f"({self.waits_per_s:.0f}/s); latency us p50 {lat['p50']:.0f} p90 {lat['p90']:.0f} "
             f"p99 {lat['p99']:.0f} p99.9 {lat['p999']:.0f} max {lat['max']:.0f}; "
         )
+        if self.map_hits:
+            line += f"{self.map_hits} answered from the loaded map (no request); "
         if self.immediate is not None:
             line += f"{self.immediate} found loaded (daemon count); "
         line += (
@@ -272,6 +278,7 @@ def _worker(
     closed_loop: bool,
     conn: multiprocessing.connection.Connection,
     done_counts: Any,
+    loaded_map: bool = False,
 ) -> None:
     """One client: wait for the go (it carries the image path, or None: no checking),
     connect, map, report ready, wait for the start time, replay, send the results.
@@ -288,6 +295,8 @@ def _worker(
     try:
         os.chdir(cwd)
         client = Client.connect(socket_path)
+        if loaded_map:
+            client.load_map()  # from now on a wait the map shows loaded sends nothing
     except (OSError, ClientError) as exc:
         conn.send(("error", f"client {index}: cannot connect to {socket_path}: {exc}"))
         conn.close()
@@ -410,6 +419,7 @@ def _replay(
         "overhead_ns": (ended - began) - wait_ns - sleep_ns,
         "verify_ns": verify_ns,
         "end_ns": ended,
+        "map_hits": client.map_hits,
     }
 
 
@@ -438,6 +448,7 @@ def run_loadgen(
     progress: ProgressFn | None = None,
     wait_for_daemon: Callable[[], None] | None = None,
     start_timeout: float = 60.0,
+    loaded_map: bool = False,
 ) -> LoadgenReport:
     """Replay ``trace`` against the daemon at ``socket_path`` from ``clients`` processes.
 
@@ -451,6 +462,11 @@ def run_loadgen(
     if given (the benchmark passes one that blocks until a daemon it just spawned
     says READY), so that process start-up is not counted against the daemon.  Then
     the workers connect, map the memory file and, once all have, start together.
+
+    With ``loaded_map`` each client maps the daemon's loaded map first
+    (:meth:`~loader.Client.load_map`): a wait for bytes it shows loaded returns at once
+    and sends nothing; the report counts those as ``map_hits`` (the daemon never sees
+    them, so its ``immediate`` count leaves them out).
 
     Raises ``OSError``/:class:`ClientError` when the daemon cannot be reached,
     :class:`~workloads.TraceError` when a fault runs past the daemon's memory
@@ -467,7 +483,7 @@ def run_loadgen(
     if rate is not None:
         trace = scale_to_rate(trace, rate)
     parts = trace.split(clients)
-    with _Workers(socket_path, parts, closed_loop) as workers:
+    with _Workers(socket_path, parts, closed_loop, loaded_map) as workers:
         if wait_for_daemon is not None:
             wait_for_daemon()
         with Client.connect(socket_path) as control:
@@ -510,7 +526,7 @@ WORKERS_START_TIMEOUT_S = 120.0
 class _Workers:
     """The worker processes of one run; leaving the ``with`` kills any still alive."""
 
-    def __init__(self, socket_path: str, parts: list[Trace], closed_loop: bool) -> None:
+    def __init__(self, socket_path: str, parts: list[Trace], closed_loop: bool, loaded_map: bool = False) -> None:
         ctx = _context()
         self.total = sum(len(p) for p in parts)
         self.done_counts = ctx.Array("Q", len(parts), lock=False)
@@ -533,6 +549,7 @@ class _Workers:
                         closed_loop,
                         child_end,
                         self.done_counts,
+                        loaded_map,
                     ),
                 )
                 proc.start()
@@ -632,7 +649,7 @@ def _merge(
     latencies = array("Q")
     completed = array("Q")
     late = array("Q")
-    errors = not_issued = mismatches = 0
+    errors = not_issued = mismatches = map_hits = 0
     overhead_ns = verify_ns = 0
     error_samples: list[str] = []
     mismatch_samples: list[Mismatch] = []
@@ -644,6 +661,7 @@ def _merge(
         errors += part["errors"]
         not_issued += part["not_issued"]
         mismatches += part["mismatches"]
+        map_hits += part["map_hits"]
         overhead_ns += part["overhead_ns"]
         verify_ns += part["verify_ns"]
         error_samples.extend(part["error_samples"])
@@ -656,6 +674,7 @@ def _merge(
         closed_loop=closed_loop,
         rate=rate,
         verify=verify,
+        map_hits=map_hits,
         waits=waits,
         errors=errors,
         not_issued=not_issued,
