@@ -375,6 +375,15 @@ _CAN_MOUNT = os.geteuid() == 0 and shutil.which("mount") is not None
 needs_mount = pytest.mark.skipif(not _CAN_MOUNT, reason="mounting a small tmpfs needs root and mount(8)")
 
 
+def _take_the_space(where: Path) -> None:
+    """Someone else fills the file system at ``where`` up."""
+    with open(where / "filler", "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\x01" * MiB)
+                f.flush()
+
+
 @needs_mount
 def test_memory_file_that_cannot_hold_the_data_is_refused_before_ready(tmp_path, images):
     data = open_checkpoint(images["raw"]).layout.data_bytes
@@ -396,11 +405,7 @@ async def test_a_file_system_filling_up_while_loading_is_named_not_bad_address(t
                              config=LoaderConfig(sweep=False))  # lazy: nothing loads until waited for
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
-            with open(small / "filler", "wb") as f:  # someone else takes the space
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\x01" * MiB)
-                        f.flush()
+            _take_the_space(small)
             first = layout[0]
             with pytest.raises(LoadError) as info:
                 await state.loader.wait_loaded(first.mem_offset, first.length)
@@ -423,11 +428,7 @@ async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_pat
                              config=LoaderConfig(sweep=False))
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
-            with open(small / "filler", "wb") as f:  # someone else takes the space
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\x01" * MiB)
-                        f.flush()
+            _take_the_space(small)
             loader = state.loader
             loader.config = dataclasses.replace(loader.config, sweep=True)  # the sweep starts now
             loader.hold_sweep(False)

@@ -596,6 +596,14 @@ async def test_small_waiter_reads_go_into_the_mapping_larger_ones_are_copied(ima
     await loader.aclose()
 
 
+async def _load_all_logged(loader: Loader, caplog) -> None:
+    """Run ``loader`` until everything is loaded, its INFO lines in ``caplog``."""
+    with caplog.at_level("INFO", logger="pageload"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            await loader.done.wait()
+
+
 class _RefusingMemory(MemoryFile):
     """A memory file whose copy fd takes no writes (as hugetlbfs refuses them)."""
 
@@ -621,10 +629,7 @@ async def test_a_memory_file_that_refuses_copies_is_read_into_instead(image, bac
     queue = aio.open_queue(backend, 16)
     loader = Loader(image.layout, image.fd, mem, queue,
                     LoaderConfig(queue_depth=16, background_reads=1, sweep_read_size=MiB))
-    with caplog.at_level("INFO", logger="pageload"):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(loader.run)
-            await loader.done.wait()
+    await _load_all_logged(loader, caplog)
     assert mem.view == image.expected
     stats = loader.statistics()
     assert stats.failed_bytes == 0 and stats.reads_copied == 1 < stats.reads_total
@@ -671,10 +676,7 @@ async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fail
         _made.append(mem)
         queue = aio.open_queue(backend, 16)
         loader = Loader(image.layout, image.fd, mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
-        with caplog.at_level("INFO", logger="pageload"):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(loader.run)
-                await loader.done.wait()
+        await _load_all_logged(loader, caplog)
         assert mem.view == image.expected
         stats = loader.statistics()
         assert stats.failed_bytes == 0 and 1 <= stats.reads_copied < stats.reads_total
