@@ -273,15 +273,11 @@ class Queue(abc.ABC):
                     or any(o < 0 or n <= 0 for o, n in request.dest)):
                 raise ValueError("Op.COPY takes no buffers, a destination fd and (offset, length) pairs, "
                                  "each length positive")
-            self._add(request)
-            self._outstanding += 1
-            self._submitted_total += 1
-            return
-        if not request.buffers:
+        elif not request.buffers:
             raise ValueError("a request needs at least one buffer")
-        if request.op == Op.READ and len(request.buffers) != 1:
+        elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
-        if any(b.readonly for b in request.buffers):
+        elif any(b.readonly for b in request.buffers):
             raise ValueError("a read needs writable buffers")
         self._add(request)  # may raise: count only what was accepted
         self._outstanding += 1
