@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tracemalloc
@@ -13,6 +14,7 @@ import aio
 from loader import (
     BUSY_POLL_US,
     MAX_BUSY_POLL_US,
+    MAX_UFFD_SPIN_US,
     UFFD_MODES,
     ActivationError,
     DaemonOptions,
@@ -64,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "verify, else once loaded); 'eager' copies all memory before answering any fault and "
                    "'lazy' copies only faulting pages (no sweep): Firecracker's 'fault_all' and 'valid' "
                    "example handlers, for comparison (pageload bench --sections uffd)")
+    p.add_argument("--uffd-spin-us", type=int, metavar="US",
+                   help="with --uffd-socket: after a fault, keep reading the userfaultfd without sleeping for "
+                   "this long, so the next fault of a burst is answered without a wake-up (it takes a CPU "
+                   f"meanwhile); 0: never (0 to {MAX_UFFD_SPIN_US}; default "
+                   f"{round(UffdConfig.for_mode('fill').spin_s * 1e6)} in 'fill' mode, 0 in the others)")
     p.add_argument("--background", action="store_true", help="serve at once and load behind (the point)")
     p.add_argument("--memory-file", metavar="PATH",
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
@@ -169,10 +176,13 @@ def run(args: argparse.Namespace) -> int:
               "(LISTEN_PID/LISTEN_FDS)", file=sys.stderr)
         return 2
     socket_path = args.socket or ("" if listen_socket is not None else args.uffd_socket + ".pageload")
+    uffd_config = UffdConfig.for_mode(args.uffd_mode)
+    if args.uffd_spin_us is not None:
+        uffd_config = dataclasses.replace(uffd_config, spin_s=args.uffd_spin_us / 1e6)
     opts = DaemonOptions(
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
-        uffd_config=UffdConfig.for_mode(args.uffd_mode), background=args.background,
+        uffd_config=uffd_config, background=args.background,
         memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
         direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,

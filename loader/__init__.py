@@ -18,7 +18,7 @@ from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
-from ._uffd_handler import UFFD_MODES, UffdConfig
+from ._uffd_handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 from ._units import human, parse_size
 from ._workingset import (
     AccessRecorder,
@@ -48,6 +48,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "BUSY_POLL_US",
     "MAX_BUSY_POLL_US",
+    "MAX_UFFD_SPIN_US",
     "UFFD_MODES",
     "UffdConfig",
     "AccessRecorder",

@@ -53,7 +53,7 @@ from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
-from ._uffd_handler import UffdConfig, UffdHandler, serve_uffd
+from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from ._workingset import (
     WorkingSetError,
@@ -162,6 +162,9 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
     if not 0 <= opts.busy_poll_us <= MAX_BUSY_POLL_US:
         raise StartupError(f"busy poll time must be 0 to {MAX_BUSY_POLL_US} us, not {opts.busy_poll_us}")
+    if opts.uffd_config is not None and not 0 <= opts.uffd_config.spin_s * 1e6 <= MAX_UFFD_SPIN_US:
+        raise StartupError(f"uffd spin time must be 0 to {MAX_UFFD_SPIN_US} us, "
+                           f"not {round(opts.uffd_config.spin_s * 1e6)}")
     if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
         raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
     if opts.record_seconds is not None and not (math.isfinite(opts.record_seconds) and opts.record_seconds > 0):

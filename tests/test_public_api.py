@@ -65,7 +65,7 @@ def test_loader_public_names():
         "Notifier", "SocketInUse", "StatsCollector", "activated_socket", "listen_fds", "parse_metrics_address",
         "BUSY_POLL_US", "MAX_BUSY_POLL_US",
         # Firecracker's page-fault handler: the handler modes
-        "UFFD_MODES", "UffdConfig",
+        "MAX_UFFD_SPIN_US", "UFFD_MODES", "UffdConfig",
     }
     assert set(loader.checkpoint.__all__) == {
         "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",

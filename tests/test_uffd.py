@@ -83,6 +83,65 @@ async def test_faults_and_fill_give_the_image(tmp_path, images, kind):
     assert s.waits_total >= u.faults_immediate + u.faults_waited
 
 
+@pytest.mark.parametrize("spin_us", [0, 5000])
+async def test_the_fault_thread_reads_the_next_fault_of_a_burst_while_it_spins(tmp_path, images, spin_us):
+    """After a fault the fault thread keeps reading the userfaultfd for ``spin_s``
+    (2 ms in fill mode): the faults of a burst are read without a wake-up, and are
+    answered the same.  With 0 it sleeps in poll after every fault.  (Lazy mode, so
+    that no fill puts the pages in first: every touch faults.)"""
+    import dataclasses
+
+    assert UffdConfig.for_mode("fill").spin_s > 0 and UffdConfig.for_mode("lazy").spin_s == 0
+    cfg = dataclasses.replace(UffdConfig.for_mode("lazy"), spin_s=spin_us / 1e6)
+    opts = options(tmp_path, images["raw"], uffd_config=cfg)
+    offsets = [(0, o, PAGE) for o in range(0, SIZE, 256 * 1024)]  # one vCPU, back to back
+
+    def body(vmm):
+        report = vmm.touch(offsets, vcpus=1)
+        assert not report.mismatches and not report.errors
+        return vmm.verify_all()
+
+    state, bad = await run_vmm(tmp_path, opts, [GuestRegion(0, SIZE)], images["raw"], body)
+    assert bad == []
+    s = state.uffd.statistics()
+    assert s["faults"] >= len(offsets)  # (and verify_all faults on the rest)
+    if spin_us:  # each fault after the first comes well within 5 ms of the one before
+        assert s["spin_reads"] >= len(offsets) // 2
+    else:
+        assert s["spin_reads"] == 0
+
+
+def test_cachestat_says_what_mincore_says(tmp_path):
+    """The fault thread's page-cache check (cachestat where the kernel has it) agrees
+    with mincore on a page dropped from the cache and read back."""
+    import ctypes
+    import mmap
+
+    from loader._uffd_handler import _Cachestat, _PageCache
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(16 * PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        c = _Cachestat.open(fd)
+        if c is None:
+            pytest.skip("cachestat(2) is not available here (Linux 6.5+, not blocked by seccomp)")
+        m = mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        cache = _PageCache()
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cache.cached(base + 5 * PAGE, PAGE):
+            pytest.skip(f"{tmp_path} keeps its pages cached (tmpfs?): nothing to drop")
+        assert not c.page(5 * PAGE)
+        os.pread(fd, PAGE, 5 * PAGE)
+        assert c.page(5 * PAGE) and cache.cached(base + 5 * PAGE, PAGE)
+        assert not c.page(6 * PAGE) or cache.cached(base + 6 * PAGE, PAGE)
+        assert not c.page(64 * PAGE)  # past the end: nothing cached
+    finally:
+        os.close(fd)
+
+
 async def test_background_fill_ends_faults(tmp_path, images):
     """After the load, the fill has put every data page in: touching all causes no fault."""
     opts = options(tmp_path, images["raw"])
@@ -426,7 +485,9 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", slow)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
+    # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     page = 2 * MiB
 

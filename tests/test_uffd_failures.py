@@ -260,7 +260,9 @@ async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tm
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
+    # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_timeout=0.3),
                    uffd_config=UffdConfig.for_mode("lazy"))
     try:
@@ -290,7 +292,9 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
         populate(self, address, length)
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)  # nothing is cached
+    # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
+    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
                    uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
     try:
