@@ -398,7 +398,7 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
     lines = [
         f"uffd ({section['image']['size_bytes'] >> 20} MiB dense image, warm cache; guest: {g['vcpus']} vCPUs, "
         f"{g['touches']} random 4 KiB touches over {g['window_s']:.3f} s; cp {section['cp']['mb_s']:.0f} MB/s"
-        + (f"; fill/eager/lazy/floor: medians of {section['repeat']} rounds, taking turns"
+        + (f"; fill/eager/lazy/floors: medians of {section['repeat']} rounds, taking turns"
            if section.get("repeat", 1) > 1 else "") + ")"
     ]
     lines += _goal_table(section["goals"])
@@ -415,7 +415,9 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
                      f"{section['runs']['fill']['fill_busy_mb_s']:.0f} MB/s, {section['fill_busy_ratio']:.2f}x cp")
     if section.get("floor_ratio"):
         lines.append(f"fault p50 against the floor (a Python handler that only copies): "
-                     f"{section['floor_ratio']:.2f}x")
+                     f"{section['floor_ratio']:.2f}x"
+                     + (f"; against that handler spinning as ours does: {section['spinning_floor_ratio']:.2f}x"
+                        if section.get("spinning_floor_ratio") else ""))
     if section.get("zero_copy_skipped"):
         lines.append(f"zero-copy: skipped ({section['zero_copy_skipped']})")
     if section.get("cold_cache_skipped"):

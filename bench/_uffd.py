@@ -6,7 +6,8 @@ the VMM emulator (:class:`workloads._vmm.VmmEmulator`, in this process) as the
 guest:
 
 * ``fill`` -- ours: a fault thread answers faults (from the memory file, or straight
-  from the source's page cache), a fill thread copies all memory in behind them;
+  from the source's page cache; it spins on the userfaultfd for 2 ms after a
+  fault), a fill thread copies all memory in behind them;
 * ``eager`` -- Firecracker's "fault_all" example: copy everything, then answer faults;
 * ``lazy`` -- its "valid" example: copy only the faulting page (from the source, as
   that example does with its mapped snapshot file), no fill.
@@ -27,7 +28,9 @@ reads ahead and brings each chunk into the page cache before it takes the lock t
 faults need); ``floor``, a Python handler that does nothing but one
 ``UFFDIO_COPY`` per fault (:mod:`bench._uffd_floor`): what a fault costs on this
 machine before any of the daemon's work, with ``floor_ratio`` = our fault p50 / its
-p50; ``zero-copy`` (the VMM maps the memory
+p50; ``floor (spinning)``, the same handler reading the userfaultfd for 2 ms after
+each fault instead of sleeping in ``poll``, as our fault thread does
+(``spinning_floor_ratio``); ``zero-copy`` (the VMM maps the memory
 file and hands over a MISSING|MINOR userfaultfd, :mod:`bench._uffd_minor`), on the
 same touches; and, where a real Firecracker can run, the ``firecracker`` section's
 restore of a real guest per handler (time from ``snapshot/load`` to its first
@@ -47,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client, _uffd
+from loader import Client, UffdConfig, _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
@@ -123,15 +126,16 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
 
 
 def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
-           log: Callable[[str], None]) -> dict[str, Any]:
+           log: Callable[[str], None], spin_us: int = 0) -> dict[str, Any]:
     """The same touches against :mod:`bench._uffd_floor` (a Python handler doing
-    nothing but one copy per fault): what a fault costs here before the daemon's work."""
+    nothing but one copy per fault, spinning ``spin_us`` after each as the daemon's
+    fault thread does): what a fault costs here before the daemon's work."""
     size = os.path.getsize(image)
     sock = os.path.join(workdir, "uffd-floor.uffd")
     if os.path.exists(sock):
         os.unlink(sock)  # left by an earlier run in the same work directory
-    proc = subprocess.Popen([sys.executable, "-m", "bench._uffd_floor", sock, image], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench._uffd_floor", sock, image, str(spin_us)],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "listening":
@@ -150,7 +154,7 @@ def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus:
     if report.mismatches or report.errors:
         raise BenchError(f"floor: the guest read wrong bytes at {report.mismatches[:3]} {report.errors[:3]}")
     out: dict[str, Any] = {
-        "mode": "floor",
+        "mode": "floor (spinning)" if spin_us else "floor",
         "touches": report.touches,
         "faults_seen_by_guest": len(report.fault_latencies_ns),
         "fault_us": percentiles(report.fault_latencies_ns),
@@ -159,7 +163,7 @@ def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus:
         "no_more_faults_s": None,
         "fill_mb_s": None,
     }
-    log(f"  floor: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
+    log(f"  {out['mode']}: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
         f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s")
     return out
 
@@ -218,7 +222,8 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     cp_s, cp_rate, window, trace = guest_touches(image, touches, window_s, seed, log)
     # the handlers take turns, ``repeat`` rounds: this machine's wake-ups drift by 2x
     # over minutes, which one run each would read as a difference between handlers
-    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in (*MODES, "floor")}
+    spin_us = round(UffdConfig.for_mode("fill").spin_s * 1e6)  # the spinning floor spins as ours does
+    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in (*MODES, "floor", "floor (spinning)")}
     for k in range(max(repeat, 1)):
         if repeat > 1:
             log(f"  round {k + 1} of {repeat}")
@@ -227,10 +232,13 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
             rounds[mode].append(_one(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log))
         warm_cache(image)
         rounds["floor"].append(_floor(image, workdir, trace, vcpus, log))
+        warm_cache(image)
+        rounds["floor (spinning)"].append(_floor(image, workdir, trace, vcpus, log, spin_us=spin_us))
     runs = {mode: _median_run(rs) for mode, rs in rounds.items()}
     ours = runs["fill"]
     least = min((runs[m] for m in MODES), key=lambda r: r["blocked_s"])["mode"]  # of the three designs
     floor_p50 = runs["floor"]["fault_us"]["p50"]
+    spin_floor_p50 = runs["floor (spinning)"]["fault_us"]["p50"]
     cold_skipped = drop_caches()  # our handler again, its source read from the disk
     if cold_skipped is None:
         runs["fill (cold cache)"] = _one("fill", image, workdir, trace, vcpus, max(60.0, 40 * cp_s), log)
@@ -257,8 +265,10 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "cold_cache_skipped": cold_skipped,
         #: the fill thread's rate while it copies, against cp (no goal)
         "fill_busy_ratio": ours["fill_busy_mb_s"] / cp_rate if ours.get("fill_busy_mb_s") else None,
-        #: our fault p50 against the floor's, measured on the same touches (no goal)
+        #: our fault p50 against the floor's, measured on the same touches (no goal):
+        #: the floor that sleeps in poll between faults, and the one that spins as ours does
         "floor_ratio": ours["fault_us"]["p50"] / floor_p50 if floor_p50 else None,
+        "spinning_floor_ratio": ours["fault_us"]["p50"] / spin_floor_p50 if spin_floor_p50 else None,
         "goals": [g.as_dict() for g in goals],
         "firecracker": (run_firecracker_section(workdir, repeat=firecracker_repeat, log=log)
                         if firecracker_repeat else {"skipped": "not asked for"}),

@@ -1,17 +1,21 @@
 """The floor of a Python page-fault handler on this machine, for the ``uffd`` section.
 
-``python -m bench._uffd_floor SOCKET IMAGE`` is the least a handler written in
-Python can do: it takes Firecracker's handshake on SOCKET (regions as JSON, the
-userfaultfd in SCM_RIGHTS), maps IMAGE read-only, and answers each fault with one
-``UFFDIO_COPY`` of the faulting 4 KiB page straight from that mapping -- no fill, no
-events, no statistics, no loader, about ten lines per fault (Firecracker's "valid"
-example handler, in Python).  It exits when the VMM closes the socket.
+``python -m bench._uffd_floor SOCKET IMAGE [SPIN_US]`` is the least a handler
+written in Python can do: it takes Firecracker's handshake on SOCKET (regions as
+JSON, the userfaultfd in SCM_RIGHTS), maps IMAGE read-only, and answers each fault
+with one ``UFFDIO_COPY`` of the faulting 4 KiB page straight from that mapping -- no
+fill, no events, no statistics, no loader, about ten lines per fault (Firecracker's
+"valid" example handler, in Python).  It sleeps in ``poll`` between faults, or with
+SPIN_US > 0 keeps reading the userfaultfd for that long after each fault, as the
+daemon's fault thread does (``--uffd-spin-us``).  It exits when the VMM closes the
+socket.
 
-The section runs it as a row of its own (``floor``) on the same touches as the
-daemon's handlers: its touch-to-return p50 is what the interpreter, the kernel's
-wake-ups and the emulator cost on this machine before any of the daemon's work, and
-the section reports ``fault p50 / floor p50`` next to the absolute goal.  It is a
-measuring stick, not a handler to deploy: it has no checks at all.
+The section runs it as rows of their own (``floor``, and ``floor (spinning)`` with
+the daemon's spin) on the same touches as the daemon's handlers: their
+touch-to-return p50 is what the interpreter, the kernel's wake-ups and the emulator
+cost on this machine before any of the daemon's work, and the section reports
+``fault p50 / floor p50`` next to the absolute goal.  It is a measuring stick, not a
+handler to deploy: it has no checks at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import select
 import socket
 import sys
+import time
 
 from loader import _uffd
 
@@ -30,7 +35,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
-    sock_path, image = argv
+    sock_path, image = argv[:2]
+    spin_ns = int(argv[2]) * 1000 if len(argv) > 2 else 0
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(1)
@@ -55,14 +61,18 @@ def main(argv: list[str]) -> int:
     poller.register(conn, select.POLLIN)
     copy = _uffd.UFFDIO_COPY
     mask = ~(mmap.PAGESIZE - 1)
+    os.set_blocking(uffd, False)
+    last = 0
     while True:
-        for fd, _ in poller.poll():
-            if fd == conn.fileno():
-                return 0  # the VMM went away
+        if not spin_ns or time.perf_counter_ns() - last >= spin_ns:
+            for fd, _ in poller.poll():
+                if fd == conn.fileno():
+                    return 0  # the VMM went away
         try:
             n = os.readv(uffd, [buf])
         except BlockingIOError:
             continue
+        last = time.perf_counter_ns()
         for at in range(0, n, _uffd.MSG_SIZE):
             if buf[at] != _uffd.EVENT_PAGEFAULT:
                 continue
