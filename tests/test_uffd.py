@@ -64,6 +64,31 @@ async def run_vmm(tmp_path, opts, regions, expected, body, features=None, starte
     return state, result
 
 
+async def run_filled(opts, regions, expected, body, created=None):
+    """Start the daemon, connect an emulated VMM, wait until the guest is filled,
+    then ``await body(state, vmm)``; close the VMM and wait for the daemon to end by
+    itself.  Returns (state, what body returned).  ``created(vmm)`` is called before
+    the VMM connects."""
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator(regions, expected=expected)
+        if created is not None:
+            created(vmm)
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            with trio.fail_after(20):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            result = await body(state, vmm)
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    return state, result
+
+
 @pytest.mark.parametrize("kind", ["raw", "pages"])
 async def test_faults_and_fill_give_the_image(tmp_path, images, kind):
     opts = options(tmp_path, images[kind], wrap_queue=slowed(0.002))
@@ -146,36 +171,25 @@ async def test_background_fill_ends_faults(tmp_path, images):
     """After the load, the fill has put every data page in: touching all causes no fault."""
     opts = options(tmp_path, images["raw"])
 
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
-        try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            with trio.fail_after(20):
-                while state.uffd is None:
-                    await trio.sleep(0.01)
-                await state.uffd.filled.wait()
-            u = state.uffd
-            data_faults = u.faults - u.faults_zero
-            bad = await trio.to_thread.run_sync(vmm.verify_all)
-            assert bad == []
-            assert u.faults - u.faults_zero == data_faults  # no data page faulted any more
-            assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
-            # the raw image was filled straight from the source, with the loader's sweep
-            # held meanwhile; the sweep goes on afterwards and loads the memory file
-            assert u.direct_fill
-            await state.loader.done.wait()
-            assert not state.loader.sweep_held
-            # while a VMM's faults are served the server never busy-polls (the fault thread needs the GIL)
-            assert state.server.busy_poll_paused == 1 and not state.server.may_busy_poll(state.server.asking)
-            s = u.statistics()
-            assert s["copied_bytes"] >= state.loader.layout.data_bytes  # both threads' copies, merged
-            assert s["copies"] == u.counts.copies + u.fill_counts.copies > u.counts.copies
-        finally:
-            vmm.close()
-        with trio.fail_after(10):
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
+    async def body(state, vmm):
+        u = state.uffd
+        data_faults = u.faults - u.faults_zero
+        bad = await trio.to_thread.run_sync(vmm.verify_all)
+        assert bad == []
+        assert u.faults - u.faults_zero == data_faults  # no data page faulted any more
+        assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
+        # the raw image was filled straight from the source, with the loader's sweep
+        # held meanwhile; the sweep goes on afterwards and loads the memory file
+        assert u.direct_fill
+        await state.loader.done.wait()
+        assert not state.loader.sweep_held
+        # while a VMM's faults are served the server never busy-polls (the fault thread needs the GIL)
+        assert state.server.busy_poll_paused == 1 and not state.server.may_busy_poll(state.server.asking)
+        s = u.statistics()
+        assert s["copied_bytes"] >= state.loader.layout.data_bytes  # both threads' copies, merged
+        assert s["copies"] == u.counts.copies + u.fill_counts.copies > u.counts.copies
+
+    await run_filled(opts, [GuestRegion(0, SIZE)], images["raw"], body)
 
 
 async def test_several_regions(tmp_path, images):
@@ -213,22 +227,12 @@ async def test_huge_pages_are_filled_whole(tmp_path, images, direct):
     """The fill copies whole 2 MiB pages (from the source, or after the loader): the
     guest is filled and then holds the image."""
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(direct=direct))
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, 8 * MiB, HUGE_PAGE)], expected=images["raw"])
-        try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            with trio.fail_after(20):
-                while state.uffd is None:
-                    await trio.sleep(0.01)
-                await state.uffd.filled.wait()
-            assert state.uffd.direct_fill == direct
-            bad = await trio.to_thread.run_sync(vmm.verify_all)
-        finally:
-            vmm.close()
-        with trio.fail_after(10):
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
+
+    async def body(state, vmm):
+        assert state.uffd.direct_fill == direct
+        return await trio.to_thread.run_sync(vmm.verify_all)
+
+    state, bad = await run_filled(opts, [GuestRegion(0, 8 * MiB, HUGE_PAGE)], images["raw"], body)
     assert bad == []
     assert state.uffd.faults == state.uffd.faults_zero  # only huge pages without data fault (zero)
 
@@ -641,24 +645,17 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
 
     monkeypatch.setattr(_uffd_handler.UffdHandler, "__init__", patched)
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=64 * 1024, fill_quiet_s=0.0))
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
-        vmm_box.append(vmm)
-        try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            with trio.fail_after(20):
-                while state.uffd is None:
-                    await trio.sleep(0.01)
-                await state.uffd.filled.wait()
-            lo, length = seen["target"]
-            removed = await trio.to_thread.run_sync(vmm.read, lo, length)
-            rest = await trio.to_thread.run_sync(vmm.read, 0, lo)
-        finally:
-            vmm.close()
-        with trio.fail_after(10):
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
+    lo, length = 0, 0
+
+    async def body(state, vmm):
+        nonlocal lo, length
+        lo, length = seen["target"]
+        removed = await trio.to_thread.run_sync(vmm.read, lo, length)
+        rest = await trio.to_thread.run_sync(vmm.read, 0, lo)
+        return removed, rest
+
+    state, (removed, rest) = await run_filled(opts, [GuestRegion(0, SIZE)], images["raw"], body,
+                                              created=vmm_box.append)
     assert seen["removed_at_once"] is True
     assert removed == bytes(length)
     assert rest == _image_bytes(images["raw"], 0, lo)
