@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,19 +354,38 @@ class UffdHandler:
         return None
 
     def _seed_direct_fill(self) -> None:
-        """The direct fill's queue: the data of every region, in memory order (whole
-        huge pages of a raw image, whose holes read as zeros)."""
+        """The direct fill's queue: the data of every region (whole huge pages of a raw
+        image, whose holes read as zeros), in the loader's sweep order: the working
+        set's spans first, in first-touch order, when the daemon replays one
+        (``--working-set``), then the rest in memory order."""
         queue = self._fill_queue
         layout = self.loader.layout
-        for r in sorted(self.regions, key=lambda r: r.offset):
-            for a, b in layout.data_in(r.offset, r.offset + r.size):
-                if r.page_size > layout.page_size:
-                    a &= ~(r.page_size - 1)
-                    b = (b + r.page_size - 1) & ~(r.page_size - 1)
-                if queue and self._direct_identity and a <= queue[-1][1]:
-                    queue[-1][1] = max(queue[-1][1], b)
-                else:
-                    queue.append([a, b])
+        regions = sorted(self.regions, key=lambda r: r.offset)
+        queued = RangeSet()  # what the working set's spans put in the queue already
+
+        def data(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+            for r in regions:
+                for a, b in layout.data_in(max(lo, r.offset), min(hi, r.offset + r.size)):
+                    if r.page_size > layout.page_size:
+                        a &= ~(r.page_size - 1)
+                        b = (b + r.page_size - 1) & ~(r.page_size - 1)
+                    yield a, b
+
+        def put(a: int, b: int) -> None:
+            if queue and self._direct_identity and queue[-1][0] <= a <= queue[-1][1]:
+                queue[-1][1] = max(queue[-1][1], b)
+            else:
+                queue.append([a, b])
+
+        order = self.loader.order
+        for lo, hi in zip(getattr(order, "span_lo", ()), getattr(order, "span_hi", ()), strict=True):
+            for a, b in data(lo, hi):
+                for ga, gb in _gaps(queued, a, b):  # (a span may overlap an earlier one's huge pages)
+                    put(ga, gb)
+                    queued.add(ga, gb)
+        for a, b in data(0, self.loader.memory_size):
+            for ga, gb in _gaps(queued, a, b):
+                put(ga, gb)
 
     def _seed_pending(self) -> None:
         loaded = RangeSet()
@@ -1456,6 +1476,17 @@ class UffdHandler:
         if self.loader.sweep_held:
             self._call_trio(self.loader.hold_sweep, False)
         self._wake()  # the fault thread answers the faults held in eager mode
+
+
+def _gaps(covered: RangeSet, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[lo, hi)`` that ``covered`` does not cover, in order."""
+    at = lo
+    for clo, chi in covered.overlapping(lo, hi):
+        if clo > at:
+            yield at, clo
+        at = max(at, chi)
+    if at < hi:
+        yield at, hi
 
 
 def _has_data(loader: Loader, lo: int, hi: int) -> bool:

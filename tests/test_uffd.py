@@ -167,6 +167,49 @@ def test_cachestat_says_what_mincore_says(tmp_path):
         os.close(fd)
 
 
+async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatch):
+    """With a working set replayed (``--working-set``), the fill from the source
+    copies its spans first, in first-touch order, then the rest in memory order; the
+    guest ends up holding the image either way."""
+    import threading
+    from array import array
+
+    from loader import WorkingSet, checkpoint_identity, write_working_set
+    from loader._uffd_handler import UffdHandler
+    from loader.checkpoint import open_checkpoint
+
+    raw = str(tmp_path / "memory.img")
+    make_sample_image(raw, SIZE, seed=8, dense=True)
+    ws = str(tmp_path / "ws.msgpack")
+    first = [(12 * MiB, MiB), (4 * MiB, 256 * 1024)]  # in first-touch order, far apart
+    write_working_set(ws, WorkingSet(checkpoint_identity(open_checkpoint(raw)), array("Q", [o for o, _ in first]),
+                                     array("Q", [n for _, n in first]), array("Q", [0, 1])))
+    copied: list[int] = []  # the fill thread's copies, as memory offsets, in order
+    copy = UffdHandler._copy
+
+    def recorded(self, r, va, src, length):
+        if threading.current_thread().name == "pageload-uffd-fill":
+            copied.append(r.offset + (va - r.base))
+        return copy(self, r, va, src, length)
+
+    monkeypatch.setattr(UffdHandler, "_copy", recorded)
+    opts = options(tmp_path, raw, working_set=ws)
+
+    async def body(state, vmm):
+        assert state.uffd.direct_fill
+        return await trio.to_thread.run_sync(vmm.verify_all)
+
+    _, bad = await run_filled(opts, [GuestRegion(0, SIZE)], raw, body)
+    assert bad == []
+    in_first = [next((k for k, (o, n) in enumerate(first) if o <= at < o + n), None) for at in copied]
+    n_first = sum(1 for k in in_first if k is not None)
+    assert n_first >= 2
+    assert in_first[:n_first] == sorted(in_first[:n_first])  # the spans first, in first-touch order
+    assert None not in in_first[:n_first] and 0 in in_first and 1 in in_first
+    rest = copied[n_first:]
+    assert rest and rest == sorted(rest) and rest[0] == 0  # then the rest, from the start, in memory order
+
+
 async def test_background_fill_ends_faults(tmp_path, images):
     """After the load, the fill has put every data page in: touching all causes no fault."""
     opts = options(tmp_path, images["raw"])
