@@ -317,6 +317,9 @@ class UffdHandler:
         self.direct_fill = (self._direct_map is not None and self.config.fill and not self.config.eager
                             and (self._direct_identity or all(r.page_size == loader.page_size for r in regions)))
         self._skipped = 0  #: pages the direct fill could not read (left to faults)
+        #: the replayed working set's spans in the direct fill's queue (copied first,
+        #: without yielding to faults: they are the pages the guest is about to touch)
+        self._working_set = RangeSet()
         self._fast = self._fast_region()  # the fault thread's short path (None: none)
         self._fast_vec = (ctypes.c_ubyte * 1)()  # its mincore vector
         #: its page-cache check where the kernel has cachestat (else mincore)
@@ -361,7 +364,7 @@ class UffdHandler:
         queue = self._fill_queue
         layout = self.loader.layout
         regions = sorted(self.regions, key=lambda r: r.offset)
-        queued = RangeSet()  # what the working set's spans put in the queue already
+        queued = self._working_set  # what the working set's spans put in the queue
 
         def data(lo: int, hi: int) -> Iterator[tuple[int, int]]:
             for r in regions:
@@ -736,7 +739,8 @@ class UffdHandler:
                     self._fill_kick.wait(0.1)
                     continue
                 self._wait_for_reader()
-                self._yield_to_faults()
+                if not self._replaying():
+                    self._yield_to_faults()
                 t0 = time.perf_counter_ns()
                 if self.direct_fill:
                     self._direct_fill_span()  # reads the disk first, then takes the copy lock per copy
@@ -748,6 +752,16 @@ class UffdHandler:
             log.exception("uffd: the fill thread failed")
             self.gone = True
             self._wake()
+
+    def _replaying(self) -> bool:
+        """Is the fill at the replayed working set's spans?  (Those it copies without
+        waiting for the guest's faults to pause, as the loader's sweep keeps its
+        width while it replays one: every page copied is a fault that never comes.)"""
+        if not self._working_set:
+            return False
+        with self._lock:
+            return bool(self._fill_queue) and self._working_set.overlap_bytes(self._fill_queue[0][0],
+                                                                                self._fill_queue[0][0] + 1) > 0
 
     def _wait_for_reader(self) -> None:
         """The copy lock is not fair: when the fault thread waits for it, let it in first."""

@@ -169,8 +169,8 @@ def test_cachestat_says_what_mincore_says(tmp_path):
 
 async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatch):
     """With a working set replayed (``--working-set``), the fill from the source
-    copies its spans first, in first-touch order, then the rest in memory order; the
-    guest ends up holding the image either way."""
+    copies its spans first, in first-touch order and without yielding to faults, then
+    the rest in memory order; the guest ends up holding the image either way."""
     import threading
     from array import array
 
@@ -193,6 +193,14 @@ async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatc
         return copy(self, r, va, src, length)
 
     monkeypatch.setattr(UffdHandler, "_copy", recorded)
+    waited_at: list[int] = []  # the queue's head each time the fill would wait for faults to pause
+    wait = UffdHandler._yield_to_faults
+
+    def waiting(self):
+        waited_at.append(self._fill_queue[0][0])
+        return wait(self)
+
+    monkeypatch.setattr(UffdHandler, "_yield_to_faults", waiting)
     opts = options(tmp_path, raw, working_set=ws)
 
     async def body(state, vmm):
@@ -208,6 +216,8 @@ async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatc
     assert None not in in_first[:n_first] and 0 in in_first and 1 in in_first
     rest = copied[n_first:]
     assert rest and rest == sorted(rest) and rest[0] == 0  # then the rest, from the start, in memory order
+    # the spans are copied without waiting for the guest's faults to pause; the rest waits
+    assert waited_at and not any(o <= at < o + n for at in waited_at for o, n in first)
 
 
 async def test_background_fill_ends_faults(tmp_path, images):
