@@ -27,6 +27,8 @@ import mmap
 import os
 from typing import Any
 
+from ._rangeset import gaps
+
 __all__ = ["LoadedMap"]
 
 
@@ -50,14 +52,8 @@ class LoadedMap:
             os.close(self.fd)
             raise
         # Everything not unloaded, in flight or failed is loaded (holes included).
-        pending = sorted([*loader.unloaded, *loader.inflight, *loader.failed])
-        at = 0
-        for lo, hi in pending:
-            if lo > at:
-                self.mark(at, lo)
-            at = max(at, hi)
-        if at < loader.memory_size:
-            self.mark(at, loader.memory_size)
+        for lo, hi in gaps(sorted([*loader.unloaded, *loader.inflight, *loader.failed]), 0, loader.memory_size):
+            self.mark(lo, hi)
         loader.add_loaded_listener(self.mark)
 
     def _page_loaded(self, p: int) -> bool:

@@ -121,3 +121,18 @@ class RangeSet:
     def first(self) -> int | None:
         """Lowest offset in the set."""
         return self._lo[0] if self._lo else None
+
+
+def gaps(covered: Iterable[tuple[int, int]], lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[lo, hi)`` outside ``covered``, in order: ``covered`` is any
+    ranges sorted by their start (they may overlap or reach outside ``[lo, hi)``),
+    e.g. a :meth:`RangeSet.overlapping`."""
+    at = lo
+    for clo, chi in covered:
+        if clo >= hi:
+            break
+        if clo > at:
+            yield at, clo
+        at = max(at, chi)
+    if at < hi:
+        yield at, hi

@@ -57,7 +57,7 @@ from protocol import codes
 from . import _uffd
 from ._loader import Loader, LoadError, WaitHandle
 from ._memfile import MemoryFile
-from ._rangeset import RangeSet
+from ._rangeset import RangeSet, gaps
 from ._stats import LatencyHistogram
 
 log = logging.getLogger("pageload")
@@ -383,11 +383,11 @@ class UffdHandler:
         order = self.loader.order
         for lo, hi in zip(getattr(order, "span_lo", ()), getattr(order, "span_hi", ()), strict=True):
             for a, b in data(lo, hi):
-                for ga, gb in _gaps(queued, a, b):  # (a span may overlap an earlier one's huge pages)
+                for ga, gb in gaps(queued.overlapping(a, b), a, b):  # (spans may share huge pages)
                     put(ga, gb)
                     queued.add(ga, gb)
         for a, b in data(0, self.loader.memory_size):
-            for ga, gb in _gaps(queued, a, b):
+            for ga, gb in gaps(queued.overlapping(a, b), a, b):
                 put(ga, gb)
 
     def _seed_pending(self) -> None:
@@ -760,8 +760,7 @@ class UffdHandler:
         if not self._working_set:
             return False
         with self._lock:
-            return bool(self._fill_queue) and self._working_set.overlap_bytes(self._fill_queue[0][0],
-                                                                                self._fill_queue[0][0] + 1) > 0
+            return bool(self._fill_queue) and self._working_set.contains(self._fill_queue[0][0])
 
     def _wait_for_reader(self) -> None:
         """The copy lock is not fair: when the fault thread waits for it, let it in first."""
@@ -1346,15 +1345,7 @@ class UffdHandler:
                         out.append((hp, hp + page))
         if not self.removed:
             return out
-        pieces: list[tuple[int, int]] = []
-        for plo, phi in out:
-            at = plo
-            for rlo, rhi in self.removed.overlapping(plo, phi):
-                if rlo > at:
-                    pieces.append((at, rlo))
-                at = max(at, rhi)
-            if at < phi:
-                pieces.append((at, phi))
+        pieces = [p for plo, phi in out for p in gaps(self.removed.overlapping(plo, phi), plo, phi)]
         if page > self.loader.page_size:  # a huge page goes in whole or not at all
             return [p for p in pieces if p[1] - p[0] == page]
         return pieces
@@ -1416,16 +1407,7 @@ class UffdHandler:
             with self._lock:
                 skip = sorted([*self.removed.overlapping(a, b), *self.installed.overlapping(a, b)])
                 self.installed.remove(a, b)  # the fill is past it: forget it
-        pieces = [(a, b)]
-        if skip:
-            pieces = []
-            at = a
-            for rlo, rhi in skip:
-                if rlo > at:
-                    pieces.append((at, rlo))
-                at = max(at, rhi)
-            if at < b:
-                pieces.append((at, b))
+        pieces = list(gaps(skip, a, b))
         page = r.page_size
         chunk = max(page, self.config.fill_chunk - self.config.fill_chunk % page)
         copy_lock = self._copy_lock
@@ -1490,17 +1472,6 @@ class UffdHandler:
         if self.loader.sweep_held:
             self._call_trio(self.loader.hold_sweep, False)
         self._wake()  # the fault thread answers the faults held in eager mode
-
-
-def _gaps(covered: RangeSet, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-    """The parts of ``[lo, hi)`` that ``covered`` does not cover, in order."""
-    at = lo
-    for clo, chi in covered.overlapping(lo, hi):
-        if clo > at:
-            yield at, clo
-        at = max(at, chi)
-    if at < hi:
-        yield at, hi
 
 
 def _has_data(loader: Loader, lo: int, hi: int) -> bool:

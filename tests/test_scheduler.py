@@ -685,3 +685,17 @@ async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fail
         mem.close()
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_gaps_are_the_parts_outside_sorted_ranges():
+    """``loader._rangeset.gaps``: what the fill, the loaded map and the fault-around
+    path skip by; the covering ranges may overlap and reach past the span."""
+    from loader._rangeset import RangeSet, gaps
+
+    assert list(gaps([], 10, 20)) == [(10, 20)]
+    assert list(gaps([(0, 30)], 10, 20)) == []
+    assert list(gaps([(12, 14), (13, 15), (18, 25)], 10, 20)) == [(10, 12), (15, 18)]
+    assert list(gaps([(0, 11), (20, 30)], 10, 20)) == [(11, 20)]
+    assert list(gaps([(25, 30)], 10, 20)) == [(10, 20)]
+    s = RangeSet([(4, 6), (8, 9)])
+    assert list(gaps(s.overlapping(0, 10), 0, 10)) == [(0, 4), (6, 8), (9, 10)]
