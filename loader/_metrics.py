@@ -204,6 +204,8 @@ def _uffd_metrics(handler: dict[str, Any] | None, minor: dict[str, Any] | None) 
                        handler.get("copied_bytes", 0))
         yield _gauge("pageload_uffd_filled", "1 once every data byte is in guest memory",
                      int(bool(handler.get("filled"))))
+        yield _counter("pageload_uffd_spin_reads", "Reads of the userfaultfd that found faults while the fault "
+                       "thread spun (read without a wake-up, --uffd-spin-us)", handler.get("spin_reads", 0))
     ranges = (minor or {}).get("ranges") or []
     if minor:
         for label, key in UFFD_MINOR_FAULTS:

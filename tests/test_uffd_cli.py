@@ -88,7 +88,7 @@ def test_metrics_say_how_the_handlers_faults_were_served(tmp_path):
             report = vmm.touch([(0, page * 4096, 4096) for page in range(0, SIZE // 4096, 97)], vcpus=2)
             assert not report.mismatches
             keys = ("faults", "faults_immediate", "faults_direct", "faults_waited", "faults_zero",
-                    "faults_failed", "fault_latency_us")
+                    "faults_failed", "fault_latency_us", "spin_reads")
             with Client.connect(sock) as c:
                 for _ in range(50):  # the last fault's counts land just after its vCPU woke
                     before = {k: c.stats()["uffd"][k] for k in keys}
@@ -106,6 +106,8 @@ def test_metrics_say_how_the_handlers_faults_were_served(tmp_path):
     count = [s.value for s in fams["pageload_uffd_fault_latency_seconds"].samples if s.name.endswith("_count")]
     assert count == [stats["fault_latency_us"]["count"]]
     assert "pageload_uffd_copied_bytes" in fams and "pageload_uffd_zero_copy_ranges" not in fams
+    assert [s.value for s in fams["pageload_uffd_spin_reads"].samples if s.name.endswith("_total")] == [
+        stats["spin_reads"]]
 
 
 def test_zero_copy_ranges_are_summed_in_the_metrics():
