@@ -379,8 +379,9 @@ class Loader:
         self._hash_limiter = trio.CapacityLimiter(2)
         self._nursery: trio.Nursery | None = None
         self._tail_failed_at: int | None = None
-        self._last_wait_ns = 0  # when a wait last blocked or finished
-        self._last_fault_ns = 0  # when a wait last needed bytes (blocked, or read at once)
+        # when a wait last blocked or finished / last needed bytes (blocked, or read at once);
+        # "never" is far in the past, not 0: the monotonic clock starts near 0 at boot
+        self._last_wait_ns = self._last_fault_ns = -(1 << 62)
         self._linger_ns = int(self.config.busy_linger_s * 1e9)
         self._busy = True  # as the queue starts: background reads yield until the first round
         # waits up to this many bytes may be read at once by the waiting task (_read_now)

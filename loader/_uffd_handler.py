@@ -281,7 +281,7 @@ class UffdHandler:
         self._copy_lock = threading.Lock()
         self._want_read = False  # the fault thread waits for _copy_lock: the fill lets it in
         self._removed_gen = 0  # counts removals and remaps (changed under _copy_lock, but remaps)
-        self._last_fault_ns = 0  # when the fault thread last read messages (perf_counter_ns)
+        self._last_fault_ns = -(1 << 62)  # when the fault thread last read messages (perf_counter_ns; never: long ago)
         self._fill_kick = threading.Event()
         self._fill_thread: threading.Thread | None = None
         self.histogram = LatencyHistogram()  # recorded under _lock
