@@ -307,11 +307,15 @@ async def run_daemon(
     if opts.listen_socket is not None:
         opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
-    ckpt = open_checkpoint(opts.source)
+    ckpt = open_checkpoint(opts.source, scan=_needs_holes_first(opts))
     layout = ckpt.layout
     # what start-up found is logged once it has succeeded: a failed start says one line
-    notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
-             f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
+    if ckpt.holes_known:
+        notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
+                 f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
+    else:
+        notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
+                 "its holes found while it loads"]
     order, recorder, record_path = _working_set_setup(opts, ckpt, notes)
     try:
         pages_fd = ckpt.open_pages(direct=opts.direct)
@@ -323,7 +327,7 @@ async def run_daemon(
     metrics: MetricsServer | None = None
     try:
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
-                            protect=ckpt.files(), data_bytes=layout.data_bytes)
+                            protect=ckpt.files(), data_bytes=_data_estimate(ckpt, pages_fd))
     except BaseException:
         os.close(pages_fd)
         raise
@@ -338,7 +342,8 @@ async def run_daemon(
                          "'pageload checkpoint verify' checks them")
             checksums = None
         loader = Loader(layout, pages_fd, memory, queue, opts.config, order,
-                        chunk_size=ckpt.chunk_size, checksums=checksums)
+                        chunk_size=ckpt.chunk_size, checksums=checksums,
+                        extents=None if ckpt.holes_known else ckpt.extent_scanner(pages_fd))
         loader.recorder = recorder
         if checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
@@ -596,5 +601,26 @@ async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float
 
 def _file_ascends(layout: Layout) -> bool:
     """Whether pages-file offsets ascend with memory (not so when laid out working set first)."""
-    files = layout.file
-    return all(files[i - 1] <= files[i] for i in range(1, len(files)))
+    return layout.file_ascends()
+
+
+def _needs_holes_first(opts: DaemonOptions) -> bool:
+    """Whether a raw image's holes must be found before READY: the page-fault handler
+    and the zero-copy mode place holes themselves, and a working set is matched to
+    the image by its extents (its identity).  Otherwise they are found while it loads."""
+    if opts.uffd_socket is not None or opts.allow_writable_memory_fd or opts.record_working_set is not None:
+        return True
+    if opts.order is not None or not opts.use_working_set:
+        return False
+    return opts.working_set is not None or os.path.exists(default_working_set_path(opts.source))
+
+
+def _data_estimate(ckpt: Checkpoint, pages_fd: int) -> int:
+    """The data bytes to make room for: the layout's, or for a raw image whose holes
+    are not found yet, what the file system has allocated to it."""
+    if ckpt.holes_known:
+        return ckpt.layout.data_bytes
+    try:
+        return min(ckpt.layout.memory_size, os.fstat(pages_fd).st_blocks * 512)
+    except OSError:
+        return ckpt.layout.memory_size

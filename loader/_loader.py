@@ -24,7 +24,13 @@ is in flight and only then.
 
 State is three :class:`RangeSet` of memory offsets: ``unloaded`` (not started),
 ``inflight`` (being read, or read and waiting for its chunk's checksum) and
-``failed``; everything else of the layout is loaded.  A waiter counts the bytes
+``failed``; everything else of the layout is loaded.  ``unloaded`` is a *window*:
+it holds the data below :attr:`Loader.frontier`, taken from an :class:`ExtentSource`
+a batch at a time as the sweep goes (the layout's columns; or a raw image's file
+system, scanned in a worker thread), plus what waits and hints beyond it asked for
+(``_beyond``: the source is asked about that one place).  So the loader is ready at
+once, and the sets cost what the window holds, not a Python object — nor 16 bytes —
+per range of the image.  A waiter counts the bytes
 it still needs; each settled span subtracts its overlap, so a waiter joins reads
 already in flight instead of reading twice.  A small wait whose bytes the page cache
 holds is read at once, in the waiting task, with the queue's ``read_now`` (no request,
@@ -59,9 +65,10 @@ import xxhash
 import aio
 from protocol import codes
 
+from ._extents import ExtentSource, LayoutExtents
 from ._layout import Layout
 from ._memfile import Destination, explain_error
-from ._rangeset import RangeSet
+from ._rangeset import RangeSet, gaps
 from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder
 
@@ -96,6 +103,13 @@ def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destinatio
 
 #: chunks hashed at once, in worker threads; the sweep pauses while this many wait
 _MAX_VERIFYING = 4
+#: extents taken from the source per batch; the window is refilled below the low
+#: mark and not beyond the high one (intervals of ``unloaded``: 16 bytes each)
+_BATCH_EXTENTS = 1 << 16
+_WINDOW_LOW = 1 << 14
+_WINDOW_HIGH = 1 << 18
+#: a prefetch hint past the window is looked up (and loaded) this far at most
+_HINT_PROBE_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,23 +264,30 @@ class _Chunks:
     def __init__(self, layout: Layout, chunk_size: int, checksums: Sequence[int]) -> None:
         if chunk_size <= 0 or chunk_size % layout.page_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of the page size")
-        files = layout.file
-        if any(files[i] < files[i - 1] for i in range(1, len(files))):
+        if not layout.file_ascends():
             raise ValueError("cannot verify chunks: the layout's pages-file offsets do not ascend with memory")
         self.layout = layout
         self.size = chunk_size
-        self.end = max((f + n for f, n in zip(layout.file, layout.length)), default=0)
+        n = len(layout)
+        self.end = layout.file[n - 1] + layout.length[n - 1] if n else 0
         count = -(-self.end // chunk_size)
         if len(checksums) != count:
             raise ValueError(f"{len(checksums)} checksums for {count} chunks of {chunk_size} bytes")
         self.sums = array("Q", checksums)
-        self.missing = array("Q", bytes(8 * count))
+        # ranges apart in the file (checked) and ascending cover every byte of [0, end)
+        # exactly when their lengths add up to it: then each chunk misses all its bytes
+        if layout.data_bytes != self.end:
+            covered = 0
+            for f, ln in zip(layout.file, layout.length):  # (only to name the chunk at fault)
+                if f != covered:
+                    break
+                covered = f + ln
+            raise ValueError(f"cannot verify chunk {covered // chunk_size}: the pages file has bytes outside "
+                             "the layout")
+        self.missing = array("Q", [chunk_size]) * count
+        if count and self.end % chunk_size:
+            self.missing[-1] = self.end % chunk_size
         self.bad = bytearray(count)
-        for f, n in zip(layout.file, layout.length):
-            self._count(f, f + n, 1)
-        for k in range(count):
-            if self.missing[k] != min(chunk_size, self.end - k * chunk_size):
-                raise ValueError(f"cannot verify chunk {k}: the pages file has bytes outside the layout")
 
     def _count(self, lo: int, hi: int, sign: int) -> list[int]:
         """Add (or take) the bytes of file span [lo, hi) to (from) each chunk's count;
@@ -328,6 +349,7 @@ class Loader:
         *,
         chunk_size: int | None = None,
         checksums: Sequence[int] | None = None,
+        extents: ExtentSource | None = None,
     ) -> None:
         self.layout = layout
         self.page_size = layout.page_size
@@ -354,15 +376,35 @@ class Loader:
         self._by_file: array[int] | None = None
         self._file_starts: array[int] | None = None
         files = layout.file
-        if any(files[i - 1] > files[i] for i in range(1, len(files))):
-            self._by_file = array("Q", sorted(range(len(files)), key=files.__getitem__))
-            self._file_starts = array("Q", (files[k] for k in self._by_file))
+        if not layout.file_ascends():
+            import numpy
+
+            by_file = numpy.argsort(numpy.frombuffer(files, dtype=numpy.uint64), kind="stable")
+            self._by_file = array("Q", by_file.astype(numpy.uint64).tobytes())
+            self._file_starts = array("Q", numpy.frombuffer(files, dtype=numpy.uint64)[by_file].tobytes())
         self._chunks = (
             _Chunks(layout, chunk_size, checksums)
             if self.config.verify and chunk_size is not None and checksums is not None
             else None
         )
-        self.unloaded = RangeSet((r.mem_offset, r.mem_offset + r.length) for r in layout)
+        #: where the data comes from, a batch at a time (see the module's docstring)
+        self._extents: ExtentSource = extents if extents is not None else LayoutExtents(layout)
+        self.frontier = 0  #: the data below this offset is in the sets (or loaded)
+        self._beyond = RangeSet()  #: spans past the frontier already looked up (waits, hints)
+        self._scan_wanted = trio.Event()  #: a blocking source's batch is wanted
+        self._scanning = False
+        self._hole_bytes = 0  #: holes found by a source without an exact total
+        #: data bytes to load: the layout's; with a source that has not found the holes
+        #: yet, the memory less the holes found so far (exact once the scan is done)
+        self.total_bytes = layout.data_bytes if self._extents.exact_total else self.memory_size
+        self._loaded_listeners: list[Callable[[int, int], None]] = []
+        self.unloaded = RangeSet()
+        if not isinstance(self.order, SequentialOrder):
+            # another order (working-set replay) may start anywhere: it sees every range
+            while not self._extents.done:
+                self._take_batch(*self._extents.next_batch(_BATCH_EXTENTS))
+        elif not self._extents.blocking:
+            self._take_batch(*self._extents.next_batch(_BATCH_EXTENTS))
         self.inflight = RangeSet()
         self.failed = RangeSet()
         #: failed intervals by (code, errno or 0, reason): merged, never one entry per page
@@ -395,17 +437,15 @@ class Loader:
         self.abandoned_reads = 0  #: reads still running when :meth:`aclose` gave up on them
         self._started_ns = time.perf_counter_ns()
         self._finished_ns: int | None = None
-        self.total_bytes = layout.data_bytes
         self.loaded_bytes = 0
         self.counters = LoaderCounters()
         self._blocked_since: int | None = None
         self.histogram = LatencyHistogram()
-        self._loaded_listeners: list[Callable[[int, int], None]] = []
         #: wait callbacks run inside ``reply_batch.open()`` ... ``close()``, one pair per
         #: batch of completions (the server writes the batch's replies at the close)
         self.reply_batch: CallbackBatch = _NoBatch()
         self.sweep_held = False  #: see :meth:`hold_sweep`
-        if not self.unloaded:
+        if self._all_settled():
             self._mark_done()
 
     # ------------------------------------------------------------------ public API
@@ -421,6 +461,8 @@ class Loader:
         counters.waits_total += 1
         if self.recorder is not None:
             self.recorder.touched(lo, hi)
+        if hi > self.frontier:
+            self._look_up(lo, hi)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1
             raise self._failure_for(lo, hi)
@@ -442,6 +484,8 @@ class Loader:
             return None  # no I/O to queue behind: the sweep keeps its width
         self._last_wait_ns = now
         read_lo, read_hi = self._read_span(lo, hi)
+        if read_hi > self.frontier:
+            self._look_up(read_lo, read_hi)
         handle = WaitHandle(lo, hi, need, callback, now, context, read_lo, read_hi)
         counters.bytes_waited += need
         if not self._waiters:
@@ -516,6 +560,9 @@ class Loader:
         """A hint: load ``[offset, offset+length)`` ahead of the sweep, behind waiters."""
         lo, hi = self._page_span(offset, length)
         self.counters.prefetches += 1
+        if hi > self.frontier and not self._closing:
+            hi = min(hi, max(lo, self.frontier) + _HINT_PROBE_LIMIT)
+            self._look_up(lo, hi)
         if self._closing or not self.unloaded.overlap_bytes(lo, hi):
             return
         self._prefetch.append(_Hint(lo, hi))
@@ -536,6 +583,26 @@ class Loader:
         self.sweep_held = held
         if not held:
             self._poke()
+
+    def not_loaded(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The parts of memory [lo, hi) that are not loaded (yet), sorted: unstarted,
+        in flight, failed, or past the frontier where nobody has looked (its holes
+        too: not known yet).  What a map of loaded memory must leave unset."""
+        parts = [*self.unloaded.overlapping(lo, hi), *self.inflight.overlapping(lo, hi),
+                 *self.failed.overlapping(lo, hi)]
+        start = max(lo, self.frontier)
+        if start < hi:
+            parts.extend(gaps(self._beyond.overlapping(start, hi), start, hi))
+        parts.sort()
+        return parts
+
+    def is_loaded(self, lo: int, hi: int) -> bool:
+        """Whether all of memory [lo, hi) is loaded (holes count as loaded)."""
+        if hi > self.frontier and any(True for _ in gaps(self._beyond.overlapping(max(lo, self.frontier), hi),
+                                                          max(lo, self.frontier), hi)):
+            return False
+        return not (self.unloaded.overlap_bytes(lo, hi) or self.inflight.overlap_bytes(lo, hi)
+                    or self.failed.overlap_bytes(lo, hi))
 
     def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)
@@ -580,6 +647,8 @@ class Loader:
             chunks_verified=c.chunks_verified,
             corrupt_chunks=c.corrupt_chunks,
             latency_us=self.histogram.as_dict(),
+            scanned_bytes=self.memory_size if self._extents.exact_total else min(self._extents.offset,
+                                                                                  self.memory_size),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -589,8 +658,10 @@ class Loader:
             raise RuntimeError("Loader.run is already running")
         self._running = True
         try:
-            async with trio.open_nursery() as nursery:  # chunk verifications
+            async with trio.open_nursery() as nursery:  # chunk verifications, the scan
                 self._nursery = nursery
+                if self._extents.blocking and not self._extents.done:
+                    nursery.start_soon(self._scan)
                 task_status.started()
                 await self._loop()
                 nursery.cancel_scope.cancel()
@@ -721,9 +792,12 @@ class Loader:
         if not cfg.sweep or self.sweep_held or self._verifying >= _MAX_VERIFYING:
             return
         order = self.order
+        self._refill()
         while self._background_inflight < background_cap and room():
             start = order.next_start(self.unloaded)
             if start is None:
+                if self._refill(force=True):
+                    continue
                 break
             limit = self._order_limit(start) if self._order_limit is not None else None
             self._issue(start, limit or self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
@@ -1082,7 +1156,7 @@ class Loader:
                 now = time.perf_counter_ns()
                 for w in finished:
                     self._finish_waiter(w, now)
-        if not self.unloaded and not self.inflight:
+        if self._all_settled():
             self._mark_done()
 
     def _finish_waiter(self, w: WaitHandle, now: int) -> None:
@@ -1154,6 +1228,116 @@ class Loader:
         out = [(lo, hi - lo, err) for (_, err, _), ranges in self._failures.items() for lo, hi in ranges]
         out.sort()
         return out[:limit]
+
+    # ------------------------------------------------------------------ the window
+    def _all_settled(self) -> bool:
+        return not self.unloaded and not self.inflight and self._extents.done
+
+    def _take_batch(self, starts: array[int], ends: array[int]) -> None:
+        """Put a batch of the source's extents into ``unloaded``: the parts between the
+        old frontier and the source's new offset that no wait or hint looked up already."""
+        old = self.frontier
+        new = self.memory_size if self._extents.done else max(self._extents.offset, ends[-1] if ends else 0)
+        if starts and starts[0] < old:  # the first extent reaches back into the window
+            if ends[0] <= old:
+                starts, ends = starts[1:], ends[1:]
+            else:
+                starts = array("Q", starts)
+                starts[0] = old
+        looked_up = list(self._beyond.overlapping(old, new)) if self._beyond else []
+        if not looked_up:
+            self.unloaded.insert_sorted(starts, ends)
+            data = sum(ends) - sum(starts)
+        else:
+            data = 0
+            for a, b in gaps(looked_up, old, new):  # nothing of unloaded lies there: in bulk
+                i = bisect_right(ends, a)
+                j = bisect_right(starts, b - 1)
+                if i >= j:
+                    continue
+                s, e = starts[i:j], ends[i:j]
+                s[0], e[-1] = max(a, s[0]), min(b, e[-1])
+                self.unloaded.insert_sorted(s, e)
+                data += sum(e) - sum(s)
+            self._beyond.remove(old, new)
+        self.frontier = new
+        if not self._extents.exact_total:
+            fresh = new - old - sum(b - a for a, b in looked_up)
+            self._found_holes(fresh - data, old, new, starts, ends, looked_up)
+
+    def _found_holes(self, nbytes: int, lo: int, hi: int, starts: array[int], ends: array[int],
+                     looked_up: list[tuple[int, int]]) -> None:
+        """``nbytes`` of [lo, hi) turned out to be holes: less to load; and loaded (zero)
+        for the listeners (the loaded map)."""
+        self._hole_bytes += nbytes
+        self.total_bytes -= nbytes
+        if self._loaded_listeners and nbytes:
+            data = zip(starts, ends)
+            for a, b in gaps(sorted([*looked_up, *data]), lo, hi):
+                for listener in self._loaded_listeners:
+                    listener(a, b)
+
+    def _look_up(self, lo: int, hi: int) -> None:
+        """A wait or hint reaches past the frontier: ask the source about [lo, hi) now,
+        and put the data there that nobody looked up before into ``unloaded``."""
+        lo = max(lo, self.frontier)
+        if lo >= hi:
+            return
+        fresh = list(gaps(self._beyond.overlapping(lo, hi), lo, hi)) if self._beyond else [(lo, hi)]
+        if not fresh:
+            return
+        extents = self._extents
+        for a, b in fresh:
+            try:
+                found = extents.probe(a, b)
+            except OSError as exc:
+                found = [(a, b)]  # cannot tell: read it all (holes read as zero)
+                log.warning("looking up the data in %#x-%#x failed (%s); reading it whole", a, b, exc)
+            data = 0
+            for x, y in found:
+                self.unloaded.add(x, y)
+                data += y - x
+            self._beyond.add(a, b)
+            if not extents.exact_total:
+                s = array("Q", (x for x, _ in found))
+                e = array("Q", (y for _, y in found))
+                self._found_holes(b - a - data, a, b, s, e, [])
+
+    def _refill(self, force: bool = False) -> bool:
+        """Take another batch when the window runs low (``force``: it ran dry); a
+        blocking source's batch is asked of the scan task.  True if one was taken now."""
+        extents = self._extents
+        if extents.done or (not force and len(self.unloaded) >= _WINDOW_LOW):
+            return False
+        if extents.blocking:
+            self._scan_wanted.set()
+            return False
+        self._take_batch(*extents.next_batch(_BATCH_EXTENTS))
+        return True
+
+    async def _scan(self) -> None:
+        """Takes a blocking source's batches in a worker thread, ahead of the sweep,
+        while the window holds fewer than ``_WINDOW_HIGH`` intervals."""
+        extents = self._extents
+        while not extents.done and not self._closing:
+            if len(self.unloaded) >= _WINDOW_HIGH:
+                self._scan_wanted = trio.Event()
+                await self._scan_wanted.wait()
+                continue
+            try:
+                batch = await trio.to_thread.run_sync(extents.next_batch, _BATCH_EXTENTS)
+            except OSError as exc:
+                # holes unknown past here: the rest is read whole (holes read as zero)
+                log.warning("finding the holes failed at %#x (%s); reading the rest of the image whole",
+                            extents.offset, exc.strerror or exc)
+                extents.offset = self.memory_size
+                self._take_batch(array("Q", [self.frontier]), array("Q", [self.memory_size]))
+                break
+            self._take_batch(*batch)
+            self._poke()
+        if self._all_settled():
+            self._mark_done()
+        self._poke()
 
     def _mark_done(self) -> None:
         if not self.done.is_set():

@@ -51,17 +51,16 @@ class LoadedMap:
         except BaseException:
             os.close(self.fd)
             raise
-        # Everything not unloaded, in flight or failed is loaded (holes included).
-        for lo, hi in gaps(sorted([*loader.unloaded, *loader.inflight, *loader.failed]), 0, loader.memory_size):
+        # Everything not unloaded, in flight, failed or past the loader's frontier is
+        # loaded (holes included).
+        for lo, hi in gaps(loader.not_loaded(0, loader.memory_size), 0, loader.memory_size):
             self.mark(lo, hi)
         loader.add_loaded_listener(self.mark)
 
     def _page_loaded(self, p: int) -> bool:
         lo = p * self.granule
         hi = min(lo + self.granule, self.loader.memory_size)
-        ld = self.loader
-        return not (ld.unloaded.overlap_bytes(lo, hi) or ld.inflight.overlap_bytes(lo, hi)
-                    or ld.failed.overlap_bytes(lo, hi))
+        return bool(self.loader.is_loaded(lo, hi))
 
     def mark(self, lo: int, hi: int) -> None:
         """``[lo, hi)`` is loaded: set the bits of the pages now wholly loaded."""

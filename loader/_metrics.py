@@ -133,6 +133,8 @@ class StatsCollector:
             (_counter, "pageload_chunks_verified", "Chunks checked against the checkpoint's checksums",
              "chunks_verified"),
             (_counter, "pageload_corrupt_chunks", "Chunks whose checksum did not match", "corrupt_chunks"),
+            (_gauge, "pageload_scanned_bytes", "Memory whose holes are known (memory_bytes once data_bytes is exact)",
+             "scanned_bytes"),
         )
         for make, name, doc, key in optional:
             if key in s:

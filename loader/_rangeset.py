@@ -133,7 +133,8 @@ class RangeSet:
             return 0, 0
         return b, bisect_left(self._los[b], x)
 
-    def _splice(self, bi: int, pi: int, bj: int, pj: int, new_lo: list[int], new_hi: list[int]) -> None:
+    def _splice(self, bi: int, pi: int, bj: int, pj: int, new_lo: list[int] | array[int],
+                new_hi: list[int] | array[int]) -> None:
         """Replace the intervals from position (bi, pi) up to (bj, pj) with the new ones."""
         los, his = self._los, self._his
         nb = len(los)
@@ -253,6 +254,31 @@ class RangeSet:
         kept = sum(b - a for a, b in zip(new_lo, new_hi))
         self._splice(bi, pi, bj, pj, new_lo, new_hi)
         self._total -= removed - kept
+
+    def insert_sorted(self, los: array[int], his: array[int]) -> None:
+        """Add sorted, disjoint, non-touching intervals that all fall in one gap of the
+        set (they may touch its neighbours, and are merged with them), in bulk: no
+        Python work per interval."""
+        n = len(los)
+        if not n:
+            return
+        if n == 1:
+            self.add(los[0], his[0])
+            return
+        first, last = los[0], his[-1]
+        bi, pi = self._pos_first_hi_ge(first)  # the left neighbour, if it ends at first
+        bj, pj = self._pos_first_lo_gt(last)  # past the right neighbour, if it starts at last
+        new_lo, new_hi = array("Q", los), array("Q", his)
+        added = sum(his) - sum(los)
+        for a, b in self._between(bi, pi, bj, pj):
+            if b == first:
+                new_lo[0] = a
+            elif a == last:
+                new_hi[-1] = b
+            else:
+                raise ValueError(f"[{first:#x}, {last:#x}) is not within a gap of the set")
+        self._splice(bi, pi, bj, pj, new_lo, new_hi)
+        self._total += added
 
     # ---------------------------------------------------------------- queries
     def overlapping(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:

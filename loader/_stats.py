@@ -78,7 +78,7 @@ class LoaderStatistics:
     """A snapshot of the loader's state (``Loader.statistics()``)."""
 
     memory_size: int
-    total_bytes: int  #: data bytes to load (holes excluded)
+    total_bytes: int  #: data bytes to load (holes excluded; while the holes are being found, those found so far)
     loaded_bytes: int
     failed_bytes: int
     #: (offset, length, errno), at most 64 listed; errno 0: no errno (corrupt, timeout,
@@ -110,6 +110,9 @@ class LoaderStatistics:
     chunks_verified: int
     corrupt_chunks: int  #: chunks whose checksum did not match: their pages failed with ``corrupt``
     latency_us: dict[str, Any] = field(default_factory=dict)  #: histogram (LatencyHistogram.as_dict)
+    #: memory the loader has found the data of (the layout's, or a raw image's holes
+    #: looked for); ``memory_size`` once ``total_bytes`` is exact
+    scanned_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (msgpack- and JSON-able); cheap: stats may be polled often."""

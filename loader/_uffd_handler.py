@@ -353,7 +353,7 @@ class UffdHandler:
         self._direct_base = _address_of_map(m)
         self._direct_size = size
         layout = self.loader.layout
-        self._direct_identity = all(f == mo for f, mo in zip(layout.file, layout.mem))
+        self._direct_identity = layout.identity_mapped or layout.file == layout.mem
         return None
 
     def _seed_direct_fill(self) -> None:
@@ -391,12 +391,10 @@ class UffdHandler:
                 put(ga, gb)
 
     def _seed_pending(self) -> None:
-        loaded = RangeSet()
-        for r in self.loader.layout:
-            loaded.add(r.mem_offset, r.mem_offset + r.length)
-        for s in (self.loader.unloaded, self.loader.inflight, self.loader.failed):
-            for lo, hi in s:
-                loaded.remove(lo, hi)
+        loader = self.loader
+        loaded = RangeSet(loader.layout.data_in(0, loader.memory_size))
+        for lo, hi in loader.not_loaded(0, loader.memory_size):
+            loaded.remove(lo, hi)
         for lo, hi in loaded:
             self._on_loaded(lo, hi)
 

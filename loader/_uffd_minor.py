@@ -155,9 +155,8 @@ class MinorRegistration:
     def _seed(self) -> None:
         lo, hi = self.offset, self.offset + self.size
         loaded = RangeSet(self.loader.layout.data_in(lo, hi))
-        for s in (self.loader.unloaded, self.loader.inflight, self.loader.failed):
-            for a, b in list(s.overlapping(lo, hi)):
-                loaded.remove(a, b)
+        for a, b in self.loader.not_loaded(lo, hi):
+            loaded.remove(a, b)
         for a, b in loaded:
             self.on_loaded(a, b)
 

@@ -107,6 +107,8 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         host, port = state.metrics.bound.rsplit(":", 1)
         address = (host, int(port))
         async with TrioClient.connect(state.server.path) as client:
+            while (await client.stats())["scanned_bytes"] < SIZE:  # the holes found: data_bytes exact
+                await trio.sleep(0.01)
             await client.wait(5 * PAGE, 3 * PAGE)  # blocks: nothing is loaded without a sweep
             await client.wait(5 * PAGE, PAGE)  # immediate
             with pytest.raises(Exception, match="out-of-range"):
@@ -127,6 +129,7 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         assert value(fams, "pageload_reads_copied_total") == stats["reads_copied"]  # (sync copies: sweep reads)
         assert value(fams, "pageload_background_reads_in_flight") == 0
         assert value(fams, "pageload_corrupt_chunks_total") == 0
+        assert value(fams, "pageload_scanned_bytes") == stats["scanned_bytes"] == SIZE
         assert value(fams, "pageload_clients_connected") == 1
         assert value(fams, "pageload_connections_total") == 1
         for outcome, key in (("hit", "busy_poll_hits"), ("miss", "busy_poll_misses"), ("yield", "busy_poll_yields")):

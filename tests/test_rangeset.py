@@ -87,3 +87,25 @@ def test_a_million_ranges_cost_16_bytes_each_and_edits_stay_local():
         s.remove(8 * k, 8 * k + 4)
     assert len(s) == n - 1000 and s.first() == 8000
     assert len(s._los[0]) < 2 * rangeset._BLOCK  # edited in place, never rebuilt whole
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_bulk_insert_into_a_gap_merges_with_touching_neighbours(monkeypatch, block):
+    monkeypatch.setattr(rangeset, "_BLOCK", block)
+    rng = random.Random(block)
+    for _ in range(200):
+        s, ref = RangeSet(), Reference()
+        for lo, hi in ((0, 10), (100, 110), (200, 210)):
+            s.add(lo, hi)
+            ref.add(lo, hi)
+        gap_lo, gap_hi = rng.choice([(10, 100), (110, 200), (210, 300)])
+        points = sorted(rng.sample(range(gap_lo, gap_hi + 1), rng.randrange(2, 12, 2)))
+        pieces = [(a, b) for a, b in zip(points[::2], points[1::2]) if a < b]
+        pieces = [p for k, p in enumerate(pieces) if k == 0 or p[0] > pieces[k - 1][1]]
+        s.insert_sorted(array("Q", [a for a, _ in pieces]), array("Q", [b for _, b in pieces]))
+        for a, b in pieces:
+            ref.add(a, b)
+        assert list(s) == ref.intervals() and s.total == len(ref.members)
+    s = RangeSet([(0, 10), (20, 30)])
+    with pytest.raises(ValueError):
+        s.insert_sorted(array("Q", [5, 12]), array("Q", [8, 14]))  # not within one gap

@@ -45,7 +45,7 @@ from ._index import (
     decode_index,
     looks_like_index,
 )
-from ._raw import data_extents
+from ._raw import ExtentScanner, scan_extents
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -65,6 +65,20 @@ class Checkpoint:
     source: Mapping[str, Any] = field(
         default_factory=lambda: _EMPTY
     )  #: what the index says about its origin
+    #: False: a raw image opened without looking for its holes (``scan=False``): the
+    #: layout is one range over all of it, and :meth:`extent_scanner` finds them
+    holes_known: bool = True
+
+    def extent_scanner(self, fd: int) -> ExtentScanner:
+        """A scanner of the raw image open at ``fd``, for the loader to find its holes
+        as it goes (see :class:`~loader._extents.ExtentSource`)."""
+        return ExtentScanner(fd, self.layout.memory_size, self.layout.page_size)
+
+    def scanned(self) -> Checkpoint:
+        """This checkpoint with its holes found (itself if they are)."""
+        if self.holes_known:
+            return self
+        return _open_raw(self.path, self.layout.page_size)
 
     def open_pages(self, direct: bool = False) -> int:
         """Open the pages file read-only (``O_CLOEXEC``, and ``O_DIRECT`` if ``direct``).
@@ -116,7 +130,7 @@ class Checkpoint:
         return spans
 
 
-def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
+def open_checkpoint(path: str, page_size: int = 4096, *, scan: bool = True) -> Checkpoint:
     """Open and validate the checkpoint at ``path``, without reading its page data.
 
     ``path`` may be a pages checkpoint directory, its ``index.msgpack`` (any file
@@ -126,6 +140,9 @@ def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
     ``SEEK_DATA``; pages checkpoints have their index decoded and checked (fields,
     types, version, ranges sorted, aligned, in bounds, not overlapping) and the
     pages file's size and the checksum count checked against it.
+
+    ``scan=False`` opens a raw image without looking for its holes (at once, whatever
+    its size): see :attr:`Checkpoint.holes_known`.
 
     Raises :class:`CheckpointError` (one line, naming the file) on any problem.
     """
@@ -145,10 +162,10 @@ def open_checkpoint(path: str, page_size: int = 4096) -> Checkpoint:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
     if path.endswith(".msgpack") or looks_like_index(head):
         return _open_pages(path, path)
-    return _open_raw(path, page_size)
+    return _open_raw(path, page_size, scan)
 
 
-def _open_raw(path: str, page_size: int) -> Checkpoint:
+def _open_raw(path: str, page_size: int, scan: bool = True) -> Checkpoint:
     try:
         fd = open_regular(path)
     except OSError as exc:
@@ -163,15 +180,22 @@ def _open_raw(path: str, page_size: int) -> Checkpoint:
             raise CheckpointError(
                 path, f"image size {st.st_size} is not a multiple of the page size {page_size}"
             )
-        try:
-            extents = data_extents(fd, st.st_size, page_size)
-        except OSError as exc:
-            raise CheckpointError(path, f"cannot find its holes: {exc.strerror or exc}") from None
+        if scan:
+            try:
+                starts, ends = scan_extents(fd, st.st_size, page_size)
+            except OSError as exc:
+                raise CheckpointError(path, f"cannot find its holes: {exc.strerror or exc}") from None
+        else:
+            starts, ends = array("Q", [0]), array("Q", [st.st_size])
     finally:
         os.close(fd)
-    layout = Layout(st.st_size, page_size, ((s, e - s, s) for s, e in extents))
+    import numpy
+
+    lengths = array("Q", (numpy.frombuffer(ends, dtype=numpy.uint64)
+                          - numpy.frombuffer(starts, dtype=numpy.uint64)).tobytes()) if starts else array("Q")
+    layout = Layout.from_arrays(st.st_size, page_size, starts, lengths)
     _validate(layout, path, st.st_size)
-    return Checkpoint("raw", path, path, layout, None, None, pages_size=st.st_size)
+    return Checkpoint("raw", path, path, layout, None, None, pages_size=st.st_size, holes_known=scan)
 
 
 def _open_pages(path: str, index_path: str) -> Checkpoint:
