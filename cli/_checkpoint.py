@@ -78,6 +78,11 @@ def register(subparsers: Any) -> None:
         "--zero-page-fraction", type=float, default=0.05, help="share of zero pages in data"
     )
     add_size(p, "--hole-granularity", default=2 << 20, help="block size")
+    p.add_argument(
+        "--scattered", type=int, default=0, metavar="STRIDE",
+        help="one data page every STRIDE pages, holes between: SIZE/4K/STRIDE ranges (fragmented memory; "
+        "e.g. --size 16G --scattered 4: a million ranges)",
+    )
     p.set_defaults(func=_guarded(_sample))
 
 
@@ -133,7 +138,8 @@ def _sample(args: argparse.Namespace) -> int:
         zero_page_fraction=args.zero_page_fraction,
         hole_granularity=args.hole_granularity,
         dense=args.dense,
+        scattered=args.scattered,
     )
-    kind = "dense" if args.dense else "sparse"
+    kind = "dense" if args.dense else f"scattered (1 page in {args.scattered})" if args.scattered else "sparse"
     print(f"wrote {args.out}: {human(args.size)} {kind} sample image (seed {args.seed})")
     return EXIT_OK

@@ -789,10 +789,10 @@ class Loader:
             hint = pf[0]
             if not self._issue_for(hint, ReadKind.PREFETCH, None) or not self._has_unstarted(hint):
                 pf.popleft()
+        self._refill()  # (also without the sweep: the window's holes and totals must be found)
         if not cfg.sweep or self.sweep_held or self._verifying >= _MAX_VERIFYING:
             return
         order = self.order
-        self._refill()
         while self._background_inflight < background_cap and room():
             start = order.next_start(self.unloaded)
             if start is None:
@@ -1312,8 +1312,12 @@ class Loader:
         if extents.blocking:
             self._scan_wanted.set()
             return False
-        self._take_batch(*extents.next_batch(_BATCH_EXTENTS))
-        return True
+        before = len(self.unloaded)
+        while not extents.done and len(self.unloaded) < _WINDOW_LOW:
+            self._take_batch(*extents.next_batch(_BATCH_EXTENTS))  # (a batch of looked-up data adds nothing)
+        if self._all_settled():
+            self._mark_done()
+        return len(self.unloaded) > before
 
     async def _scan(self) -> None:
         """Takes a blocking source's batches in a worker thread, ahead of the sweep,

@@ -33,6 +33,7 @@ def make_sample_image(
     zero_page_fraction: float = 0.05,
     hole_granularity: int = 2 << 20,
     dense: bool = False,
+    scattered: int = 0,
     page_size: int = 4096,
 ) -> None:
     """Write a raw memory image of ``size`` bytes to ``path`` (replacing any file there).
@@ -48,6 +49,11 @@ def make_sample_image(
     ``dense=True`` writes every page with random data: no holes, no zero pages
     (``data_fraction`` and ``zero_page_fraction`` are ignored).
 
+    ``scattered=STRIDE`` writes one page of random data every ``STRIDE`` pages (pages
+    0, STRIDE, 2*STRIDE, ...) and leaves the rest holes: fragmented guest memory,
+    with ``size / page_size / STRIDE`` data ranges of one page each (the other
+    options are ignored).  ``STRIDE`` is at least 2.
+
     Raises ``ValueError`` for sizes that are not positive multiples of
     ``page_size`` and ``OSError`` from the file system.
     """
@@ -59,6 +65,11 @@ def make_sample_image(
         raise ValueError(
             f"hole granularity {hole_granularity} is not a multiple of the page size {page_size}"
         )
+    if scattered:
+        if scattered < 2:
+            raise ValueError(f"scattered stride {scattered} must be at least 2 pages")
+        _write_scattered(path, size, scattered, page_size, random.Random(seed))
+        return
     if dense:
         data_fraction, zero_page_fraction = 1.0, 0.0
     if not (0.0 <= data_fraction <= 1.0 and 0.0 <= zero_page_fraction <= 1.0):
@@ -89,6 +100,29 @@ def make_sample_image(
                 for p in rng.sample(range(pages), round(pages * zero_page_fraction)):
                     buf[p * page_size : (p + 1) * page_size] = zero
                 _write_all(fd, view[:n], off)
+    finally:
+        os.close(fd)
+
+
+def _write_scattered(path: str, size: int, stride: int, page_size: int, rng: random.Random) -> None:
+    """One random page every ``stride`` pages, each written where it goes (one
+    ``pwrite`` a page), stamped with its memory offset + 1 like every sample page."""
+    batch = 1024  # pages generated at once
+    pool = rng.randbytes(batch * page_size + _POOL_SLACK)
+    buf = bytearray(batch * page_size)
+    view = memoryview(buf)
+    words = view.cast("Q")
+    step = stride * page_size
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for first in range(0, size, step * batch):
+            offsets = range(first, min(size, first + step * batch), step)
+            at = rng.randrange(_POOL_SLACK)
+            buf[:] = pool[at:at + len(buf)]
+            words[0:len(offsets) * page_size // 8:page_size // 8] = array("Q", (o + 1 for o in offsets))
+            for k, off in enumerate(offsets):
+                _write_all(fd, view[k * page_size:(k + 1) * page_size], off)
     finally:
         os.close(fd)
 

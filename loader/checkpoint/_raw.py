@@ -104,7 +104,8 @@ class ExtentScanner:
         buf, header = self._buf, _FIEMAP_HEADER
         starts, ends = array("Q"), array("Q")
         while len(starts) < max_extents and self.offset < self.size:
-            header.pack_into(buf, 0, self.offset, self.size - self.offset, 0, 0, _FIEMAP_BATCH, 0)
+            count = min(_FIEMAP_BATCH, max_extents - len(starts))
+            header.pack_into(buf, 0, self.offset, self.size - self.offset, 0, 0, count, 0)
             fcntl.ioctl(self.fd, _FS_IOC_FIEMAP, buf, True)
             self.calls += 1
             mapped = header.unpack_from(buf)[3]

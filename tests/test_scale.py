@@ -1,0 +1,245 @@
+"""Millions of ranges, proven small: the loader's window over an extent source, a raw
+image ready before its holes are found, the FIEMAP scanner against SEEK_DATA, and
+the scattered sample image.  Batches and windows are made tiny here, so that a
+few hundred ranges exercise every edge the millions do."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import pytest
+import trio
+
+import aio
+import aio.testing
+import loader._loader as loader_mod
+from loader import Client, LoaderConfig
+from loader._daemon import DaemonOptions, run_daemon
+from loader._loadmap import LoadedMap
+from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.checkpoint._raw import ExtentScanner, data_extents, scan_extents
+from workloads import make_sample_image
+
+PAGE = 4096
+STRIDE = 3
+SIZE = 2 << 20  # 512 pages: 171 one-page ranges
+
+
+@pytest.fixture
+def tiny_window(monkeypatch):
+    monkeypatch.setattr(loader_mod, "_BATCH_EXTENTS", 8)
+    monkeypatch.setattr(loader_mod, "_WINDOW_LOW", 4)
+    monkeypatch.setattr(loader_mod, "_WINDOW_HIGH", 16)
+
+
+@pytest.fixture(scope="module")
+def scattered(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scattered")
+    raw = str(d / "memory.img")
+    make_sample_image(raw, SIZE, scattered=STRIDE, seed=3)
+    ckpt = str(d / "ckpt")
+    create_checkpoint(raw, ckpt)
+    with open(raw, "rb") as f:
+        expected = f.read()
+    return {"raw": raw, "pages": ckpt, "expected": expected}
+
+
+def options(tmp_path, source, **kw):
+    kw.setdefault("handle_signals", False)
+    kw.setdefault("ready_line", False)
+    return DaemonOptions(source=source, socket_path=str(tmp_path / "s.sock"), **kw)
+
+
+def test_the_scattered_sample_has_one_range_every_stride_pages(scattered):
+    layout = open_checkpoint(scattered["raw"]).layout
+    assert list(layout.mem) == list(range(0, SIZE, STRIDE * PAGE))
+    assert set(layout.length) == {PAGE}
+    data = scattered["expected"]
+    for off in range(0, SIZE, PAGE):
+        page = data[off:off + PAGE]
+        if off % (STRIDE * PAGE):
+            assert page == bytes(PAGE)
+        else:
+            assert int.from_bytes(page[:8], "little") == off + 1  # stamped with where it goes
+
+
+@pytest.mark.parametrize("kind", ["raw", "pages"])
+@pytest.mark.parametrize("sweep", [True, False])
+async def test_waits_past_the_window_get_their_bytes_and_the_window_stays_small(
+        tmp_path, scattered, tiny_window, kind, sweep):
+    """Waits anywhere (data, holes, far past the frontier) are answered with the
+    image's bytes while the window holds a few ranges at a time, and the whole
+    image loads byte-exact; a raw image's total is exact once its holes are found."""
+    opts = options(tmp_path, scattered[kind], wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.001),
+                   config=LoaderConfig(sweep=sweep, busy_linger_s=0.0))
+    widest = 0
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        ld = state.loader
+        if kind == "raw":
+            assert not state.checkpoint.holes_known  # ready before the scan
+
+        async def watch():
+            nonlocal widest
+            while True:
+                widest = max(widest, len(ld.unloaded))
+                await trio.sleep(0)
+
+        nursery.start_soon(watch)
+        small_waits_widest = 0
+        expected = scattered["expected"]
+        offsets = [SIZE - PAGE, SIZE // 2 + PAGE, STRIDE * PAGE * 100, PAGE, 0, SIZE - STRIDE * PAGE * 2]
+
+        def waits():
+            with Client.connect(state.server.path) as client:
+                for off in offsets:
+                    client.wait(off, PAGE)
+                    assert state.memory.view[off:off + PAGE] == expected[off:off + PAGE], hex(off)
+                nonlocal small_waits_widest
+                small_waits_widest = widest
+                client.wait(0, SIZE)  # everything, in one wait (looks all of it up)
+
+        await trio.to_thread.run_sync(waits)
+        with trio.fail_after(30):
+            await ld.done.wait()
+        assert state.memory.view == expected
+        stats = ld.statistics()
+        data = sum(1 for off in range(0, SIZE, PAGE) if off % (STRIDE * PAGE) == 0) * PAGE
+        assert stats.total_bytes == stats.loaded_bytes == data
+        assert stats.scanned_bytes == SIZE and ld.frontier == SIZE
+        # a page wait adds its page to the window (with checksums, its chunk's ranges: one
+        # page each in the pages file); a batch arrives when it runs low
+        per_wait = (state.checkpoint.chunk_size or PAGE) // PAGE
+        assert small_waits_widest <= loader_mod._WINDOW_HIGH + loader_mod._BATCH_EXTENTS + len(offsets) * per_wait
+        assert small_waits_widest < len(open_checkpoint(scattered["raw"]).layout) or per_wait > 1
+        state.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_loaded_map_never_shows_memory_past_the_frontier_as_loaded(tmp_path, scattered, tiny_window,
+                                                                            monkeypatch):
+    """A client that trusts the map reads the memory file directly: a bit set past
+    the frontier (where the data is not even known yet) would give it zeros."""
+    monkeypatch.setattr(loader_mod, "_WINDOW_HIGH", 1 << 20)  # without the sweep the scan stops at the window
+    opts = options(tmp_path, scattered["raw"], config=LoaderConfig(sweep=False))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        ld = state.loader
+        with trio.fail_after(30):
+            while ld.frontier < SIZE:  # the scan runs ahead even without the sweep
+                await trio.sleep(0.001)
+        loaded_map = LoadedMap(ld)
+        expected = scattered["expected"]
+        for p in range(SIZE // PAGE):
+            bit = loaded_map._map[p >> 3] >> (p & 7) & 1
+            is_data = expected[p * PAGE:(p + 1) * PAGE] != bytes(PAGE)
+            assert bit == (not is_data), p  # holes loaded (zero), data not yet: no sweep
+        state.stop()
+
+    # and before the scan has found anything: nothing past the frontier is set
+    ckpt = open_checkpoint(scattered["raw"], scan=False)
+    fd = ckpt.open_pages()
+    from loader import MemoryFile
+
+    mem = MemoryFile(SIZE)
+    try:
+        ld = loader_mod.Loader(ckpt.layout, fd, mem, aio.open_queue("sync", 64), LoaderConfig(sweep=False),
+                               extents=ckpt.extent_scanner(fd))
+        assert ld.frontier == 0
+        m = LoadedMap(ld)
+        assert bytes(m._map) == bytes(len(m._map))
+        assert not ld.is_loaded(0, PAGE) and ld.not_loaded(0, SIZE) == [(0, SIZE)]
+        await ld.aclose()
+    finally:
+        mem.close()
+        os.close(fd)
+
+
+def _write_fragmented(path: str, sync: bool) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, 8 << 20)
+        for i in range(0, 2048, 5):
+            os.pwrite(fd, b"x" * 100, i * PAGE + 7)  # partial pages: rounded out
+        os.posix_fallocate(fd, 6 << 20, 1 << 20)  # an unwritten extent...
+        os.pwrite(fd, b"y" * PAGE, (6 << 20) + 2 * PAGE)  # ...with data in it
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_the_fiemap_scan_finds_all_the_data_seek_data_finds(tmp_path, sync):
+    """Every byte SEEK_DATA calls data is in an extent FIEMAP gives (delayed
+    allocation and unwritten extents count as data), in batches of any size."""
+    path = str(tmp_path / "img")
+    _write_fragmented(path, sync)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        by_seek = ExtentScanner(fd, size, PAGE, fiemap=False)
+        seek = []
+        while not by_seek.done:
+            s, e = by_seek.next_batch(1000)
+            seek.extend(zip(s, e))
+        for batch in (1, 7, 1 << 16):
+            scanner = ExtentScanner(fd, size, PAGE)
+            found: list[tuple[int, int]] = []
+            while not scanner.done:
+                s, e = scanner.next_batch(batch)
+                assert list(s) == sorted(s) and all(a < b for a, b in zip(s, e))
+                found.extend(zip(s, e))
+            from loader._rangeset import RangeSet
+
+            covered = RangeSet(sorted(found))
+            for a, b in seek:
+                assert covered.overlap_bytes(a, b) == b - a, (hex(a), hex(b), scanner.method)
+            assert all(a % PAGE == 0 and b % PAGE == 0 for a, b in found)
+        starts, ends = scan_extents(fd, size, PAGE)
+        assert list(zip(starts, ends)) == data_extents(fd, size, PAGE)
+        assert scanner.probe(0, 2 * PAGE) == [(0, PAGE)]  # the probe asks SEEK_DATA: exact
+        assert scanner.probe(PAGE, 5 * PAGE) == []
+    finally:
+        os.close(fd)
+
+
+def test_where_fiemap_is_missing_the_scan_seeks(tmp_path):
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm (tmpfs) on this host")
+    path = os.path.join(shm, f"pageload-test-{os.getpid()}")
+    try:
+        _write_fragmented(path, False)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            scanner = ExtentScanner(fd, size, PAGE)
+            s, e = scanner.next_batch(1 << 16)
+            assert scanner.method == "seek"  # tmpfs has no FIEMAP
+            assert list(zip(s, e))[:2] == [(0, PAGE), (5 * PAGE, 6 * PAGE)]
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(path)
+
+
+def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_path):
+    """from_arrays + validate over columns: the range table is its three arrays
+    (two for a raw image), and a broken one is still named by range."""
+    from loader import Layout, LayoutError
+
+    n = 1 << 20
+    mem = array("Q", range(0, n * 4 * PAGE, 4 * PAGE))
+    length = array("Q", [PAGE]) * n
+    raw = Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length)
+    raw.validate(n * 4 * PAGE)
+    assert raw.identity_mapped and raw.table_bytes() == 16 * n and raw.data_bytes == n * PAGE
+    packed = Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length, array("Q", range(0, n * PAGE, PAGE)))
+    packed.validate(n * PAGE)
+    assert packed.prefix() is packed.file and packed.table_bytes() == 24 * n
+    bad = array("Q", mem)
+    bad[n // 2] = bad[n // 2 - 1]
+    with pytest.raises(LayoutError, match=f"range {n // 2} at memory"):
+        Layout.from_arrays(n * 4 * PAGE, PAGE, bad, length).validate()
