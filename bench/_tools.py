@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loader import Client, ClientError
+from loader._stats import histogram_bound_us
 from workloads import DaemonProcess, DaemonStartError
 
 __all__ = [
@@ -301,7 +302,9 @@ class FillRun:
     heap_peak_bytes: int | None  #: with --tracemalloc
     waits_served: int  #: waits that blocked (daemon's count)
     waits_immediate: int  #: waits answered at once, already loaded (daemon's count)
-    daemon_p99_us: float  #: upper bound of the daemon histogram's p99 bucket (power of two)
+    #: an upper bound on the p99 from the daemon's histogram: its bucket's bound (a power of
+    #: two), or the histogram's max where that is lower; a bound, not a percentile
+    daemon_p99_us: float
     samples_ns: list[int] = field(
         default_factory=list
     )  #: client-timed 4 KiB waits on unloaded pages
@@ -316,17 +319,8 @@ class FillRun:
 
 
 def _histogram_p99(hist: dict[str, Any]) -> float:
-    counts, bounds, total = (
-        hist.get("counts", []),
-        hist.get("bucket_upper_us", []),
-        hist.get("count", 0),
-    )
-    seen = 0
-    for c, b in zip(counts, bounds, strict=False):
-        seen += c
-        if total and seen >= 0.99 * total:
-            return float(b)
-    return 0.0
+    """An upper bound on the daemon histogram's p99 (its bucket's bound, never above its max)."""
+    return histogram_bound_us(hist, 99)
 
 
 def fill_run(

@@ -221,3 +221,29 @@ def test_uffd_section_structure(tmp_path) -> None:
     text = "\n".join(_format_uffd(section))
     assert "handler" in text and "zero-copy" in text and "real Firecracker: skipped" in text  # a row or a skip
     assert "against the floor" in text and "spinning as ours does" in text
+
+
+def test_histogram_percentiles_are_bounds_never_above_the_max() -> None:
+    """The daemon's LatencyHistogram only knows power-of-two buckets: a "percentile" from
+    it is a bound.  Ten waits of 73 us fall in the bucket [64, 128): the bound is 73 us
+    (the max), never 128 ("p50 128 us ... max 73 us" was printed once)."""
+    from loader import LatencyHistogram
+    from loader._stats import histogram_bound_us
+
+    h = LatencyHistogram()
+    for _ in range(10):
+        h.record(73_000)
+    assert h.percentile_us(50) == h.percentile_us(99) == 73.0
+    assert h.describe(50, 99) == "p50 <= 73 us, p99 <= 73 us, max 73 us"
+    for ns in (5_000, 9_000, 40_000, 2_851_000):  # p50 in (4, 8], ... the max alone in [2048, 4096)
+        h.record(ns)
+    for p in (1, 50, 90, 99, 100):
+        bound = h.percentile_us(p)
+        assert bound <= h.max_ns / 1000
+        assert histogram_bound_us(h.as_dict(), p) == bound  # the stats reply's form agrees
+    assert h.percentile_us(50) == 128.0 and h.percentile_us(99) == 2851.0
+    assert "p99 <= 2851 us" in h.describe(50, 99) and LatencyHistogram().describe() == "no samples"
+    from bench._tools import _histogram_p99  # fill_run's daemon_p99_us, from the stats reply
+
+    assert _histogram_p99({"counts": [0, 0, 0, 0, 0, 0, 0, 4], "count": 4, "max_us": 73.0}) == 73.0
+
