@@ -5,7 +5,7 @@ backend), in one run:
 
 * fill throughput — the daemon's own ``throughput_bps`` once ``done`` (loader
   created -> last byte), median of ``repeat`` runs without waits — against
-  ``cp IMAGE /dev/shm/x`` on the warmed image (median of ``repeat``, after one cold cp
+  ``cp IMAGE /dev/shm/x`` on the warmed image (median of ``repeat``, at least 3, after one cold cp
   that is shown apart: :func:`~bench._tools.cp_limit`); goal ratio >= 0.8;
 * spawn -> ``READY`` for that image (from the same runs) and for a 16 GiB sparse
   image (``repeat`` fresh daemons); goal <= 0.5 s each;
@@ -90,7 +90,7 @@ def run_daemon_section(
             hole_granularity=SPARSE_HOLE_GRANULARITY,
         )
     args = ["--aio", "threads"]
-    cpl = cp_limit(image, warm_runs=repeat)  # one cold cp (shown, not used), then the image warmed
+    cpl = cp_limit(image, warm_runs=max(repeat, 3))  # one cold cp (shown, not used), then the image warmed
     cp_runs = cpl.warm_runs_mb_s
     log(cpl.line())
 
