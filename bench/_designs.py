@@ -20,10 +20,14 @@ client is blocked from the spawn until ready, then for each of its waits
 polls the daemon's statistics every :data:`POLL_INTERVAL_S` from ready until it is
 fully loaded (or, for lazy, until the clients finish), giving ``loaded_s``
 (resolution: the poll interval) and a loaded-bytes time series for the plot.
-Nothing is dropped from the page cache between designs (a warm cache).
+Nothing is dropped from the page cache between designs (a warm cache): the image is
+read through before each design's daemon starts.  With ``rounds`` > 1 the designs
+take turns, their order alternating from round to round (:func:`design_order`), so
+none always runs first on a machine whose speed drifts.
 
 The same run measures the limits the numbers should be read against: copying
-the image to ``/dev/shm`` with ``cp`` (MB/s of the image's apparent size), a raw
+the image to ``/dev/shm`` with ``cp`` (MB/s of the image's apparent size: the median
+of three on the warmed image; one cold cp before them is shown apart), a raw
 Unix-socket round trip to an echo process (p50 us) and a 4 KiB ``pread`` of the
 image (p50 us).  After the priority design has loaded everything, the trace is
 replayed once more in closed loop: that rate is the generator's ceiling against a
@@ -43,7 +47,7 @@ from typing import Any
 from loader import Client, ClientError
 from workloads import DaemonProcess, DaemonStartError, LoadgenError, LoadgenReport, Trace, percentiles, run_loadgen
 
-from ._tools import BenchError, cp_mb_s, echo_socket, round_trips
+from ._tools import BenchError, CpLimit, cp_limit, cp_text, echo_socket, median, round_trips, warm_cache
 
 __all__ = [
     "DESIGNS",
@@ -107,23 +111,26 @@ def _pread_4k_us(image: str, rounds: int = 2000) -> float:
     return percentiles(samples)["p50"]
 
 
-def _cp_or_none(image: str, log: Callable[[str], None]) -> float | None:
+def _cp_or_none(image: str, log: Callable[[str], None]) -> CpLimit | None:
     try:
-        return cp_mb_s(image)[1]
+        return cp_limit(image)
     except BenchError as exc:
         log(f"limits: {exc}")
         return None
 
 
 def measure_limits(image: str, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``cp`` to /dev/shm (MB/s), a Unix-socket round trip and a 4 KiB pread (p50 us)."""
+    """``cp`` to /dev/shm (MB/s: the median of three on the warmed image, after one cold cp
+    shown apart, :func:`~bench._tools.cp_limit`), a Unix-socket round trip and a 4 KiB pread (p50 us)."""
+    cp = _cp_or_none(image, log)
     limits = {
-        "cp_mb_s": _cp_or_none(image, log),
+        "cp_mb_s": None if cp is None else cp.warm_mb_s,
+        "cp": None if cp is None else cp.as_dict(),
         "socket_rtt_us": _socket_rtt_us(workdir),
         "pread_4k_us": _pread_4k_us(image),
     }
     log(
-        f"limits: cp to /dev/shm {limits['cp_mb_s'] or 0:.0f} MB/s, socket round trip "
+        f"limits: {'cp not timed' if cp is None else cp.line()}; socket round trip "
         f"{limits['socket_rtt_us']:.1f} us, 4 KiB pread {limits['pread_4k_us']:.1f} us (p50)"
     )
     return limits
@@ -200,10 +207,12 @@ def _run_design(
     flags: Iterable[str] | None = None,
     tracemalloc: bool = False,
     loaded_map: bool = False,
+    samples_ns: list[int] | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """One daemon (``flags``, default the design's) replaying ``trace``; its row.
     ``loaded_map``: the clients answer waits the daemon's loaded map shows loaded
-    themselves (``run_loadgen(loaded_map=True)``)."""
+    themselves (``run_loadgen(loaded_map=True)``).  ``samples_ns``: the clients' wait
+    latencies are appended to it (to pool several rounds' percentiles)."""
     flags = tuple(DESIGNS[design] if flags is None else flags)
     daemon = _daemon(image, design, workdir, aio_name, flags, tracemalloc)
     sock = daemon.socket_path
@@ -248,6 +257,8 @@ def _run_design(
             if poller.is_alive():
                 poller.join()
             _stop(daemon, design)
+    if samples_ns is not None:
+        samples_ns.extend(report.latencies_ns)
     process = final.get("process", {})
     total = final["total_bytes"]
     row = {
@@ -298,6 +309,53 @@ def _series(report: LoadgenReport, poller: _Poller) -> dict[str, list[float]]:
     }
 
 
+def design_order(names: list[str], round_index: int) -> list[str]:
+    """The order the designs run in, in round ``round_index`` (from 0): round ``2k`` is
+    ``names`` rotated left by ``k``, round ``2k+1`` the reverse of round ``2k``.  Over
+    each pair of rounds every design's mean position is the same, and the design that
+    goes first changes from pair to pair (each goes first equally often over
+    ``2 * len(names)`` rounds): no design always runs first, or always right after
+    the same one, on a machine whose speed drifts over minutes."""
+    if not names:
+        return []
+    k = (round_index // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if round_index % 2 else order
+
+
+#: per-round figures that are combined as their median over the rounds
+_MEDIAN_KEYS = ("ready_s", "clients_done_s", "blocked_s", "wait_blocked_s", "waits_per_s",
+                "generator_overhead_us_per_wait", "daemon_wait_time_s")
+#: counts summed over the rounds
+_SUM_KEYS = ("waits", "errors", "mismatches", "map_hits", "waits_blocked")
+
+
+def _combine(rows: list[dict[str, Any]], samples_ns: list[int]) -> dict[str, Any]:
+    """One design's row from several rounds: medians of the times (``loaded_s`` only when
+    every round loaded everything), counts summed, latency percentiles over every round's
+    waits pooled, memory peaks the largest; series and working set from the round with
+    the median blocked time; each round's own figures kept in ``rounds``."""
+    if len(rows) == 1:
+        return rows[0]
+    by_blocked = sorted(rows, key=lambda r: r["blocked_s"])
+    out = dict(by_blocked[(len(rows) - 1) // 2])
+    for key in _MEDIAN_KEYS:
+        out[key] = median([r[key] for r in rows])
+    for key in _SUM_KEYS:
+        out[key] = sum(r[key] for r in rows)
+    loaded = [r["loaded_s"] for r in rows]
+    out["loaded_s"] = median(loaded) if all(v is not None for v in loaded) else None
+    out["loaded_fraction"] = min(r["loaded_fraction"] for r in rows)
+    immediate = [r["immediate"] for r in rows]
+    out["immediate"] = sum(immediate) if all(v is not None for v in immediate) else None
+    for key in ("peak_rss_bytes", "rss_outside_memory_bytes", "heap_peak_bytes"):
+        got = [r[key] for r in rows if r[key] is not None]
+        out[key] = max(got) if got else None
+    p = percentiles(samples_ns)
+    out["latency_us"] = {k: p[k] for k in ("p50", "p90", "p99", "p999", "max", "mean")}
+    return out
+
+
 def run_designs(
     image_path: str,
     trace: Trace,
@@ -309,15 +367,20 @@ def run_designs(
     aio: str = "auto",
     tracemalloc: bool = False,
     loaded_map: bool = False,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Run every design in turn on ``image_path`` with ``trace``; return the comparison.
+    """Run every design on ``image_path`` with ``trace``, ``rounds`` times; return the comparison.
 
+    The designs take turns, in :func:`design_order` (``order``: each round's), each from
+    an image read through just before.  With several rounds a design's row combines them
+    (:func:`_combine`: medians, pooled latencies) and keeps each round's own figures,
+    with its position in that round, in ``rounds``.
     ``workdir`` holds the sockets and each daemon's log (``<design>.log``).  Each
     daemon is stopped with SIGTERM and must exit 0.  A design whose daemon fails
     (does not start, crashes, exits non-zero) or whose run cannot be made gets
     ``{"error": "<one line>"}`` instead of its numbers, and the others still run.
     Raises ``ValueError`` for an unknown design.  The result is JSON-ready:
-    ``{"designs": {name: {...}}, "limits": {...}, "clients": N, "faults": N}``;
+    ``{"designs": {name: {...}}, "limits": {...}, "clients": N, "faults": N, "order": [[...], ...]}``;
     each design's ``series`` holds thinned samples for :func:`plot_designs`.
     ``tracemalloc``: run the daemons with ``--tracemalloc`` (``heap_peak_bytes``,
     None otherwise), at the cost of timings that tracing distorts.  ``loaded_map``:
@@ -328,36 +391,66 @@ def run_designs(
     for name in names:
         if name not in DESIGNS:
             raise ValueError(f"unknown design {name!r} (one of {', '.join(DESIGNS)})")
+    rounds = max(1, rounds)
     os.makedirs(workdir, exist_ok=True)
     image = os.path.abspath(image_path)
     limits = measure_limits(image, workdir, log)
     limits["loadgen_ceiling_waits_per_s"] = None
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    errors: dict[str, str] = {}
+    orders: list[list[str]] = []
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        order = design_order(names, r)
+        orders.append(order)
+        if rounds > 1:
+            log(f"round {r + 1} of {rounds}: {', '.join(order)}")
+        for position, name in enumerate(order):
+            if name in errors:
+                continue
+            log(f"{name}: pageload restore {' '.join(DESIGNS[name]) or '(eager)'} ...")
+            warm_cache(image)  # every design starts from the same page cache: the image read through
+            started_s = time.perf_counter() - t_start
+            try:
+                row, ceiling = _run_design(
+                    image,
+                    trace,
+                    name,
+                    clients=clients,
+                    workdir=workdir,
+                    aio_name=aio,
+                    log=log,
+                    ceiling=name == "priority" and limits["loadgen_ceiling_waits_per_s"] is None,
+                    tracemalloc=tracemalloc,
+                    loaded_map=loaded_map,
+                    samples_ns=samples[name],
+                )
+            except (DesignError, LoadgenError, ClientError, OSError) as exc:
+                # one design failing (its daemon crashed) must not hide the others' results
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                log(f"{name}: FAILED: {errors[name]}")
+                continue
+            if ceiling is not None:
+                limits["loadgen_ceiling_waits_per_s"] = ceiling
+            row["round"] = {"round": r, "position": position, "started_s": started_s}
+            rows[name].append(row)
+            log(_row_line(name, row))
     out: dict[str, Any] = {}
     for name in names:
-        log(f"{name}: pageload restore {' '.join(DESIGNS[name]) or '(eager)'} ...")
-        try:
-            row, ceiling = _run_design(
-                image,
-                trace,
-                name,
-                clients=clients,
-                workdir=workdir,
-                aio_name=aio,
-                log=log,
-                ceiling=name == "priority",
-                tracemalloc=tracemalloc,
-                loaded_map=loaded_map,
-            )
-        except (DesignError, LoadgenError, ClientError, OSError) as exc:
-            # one design failing (its daemon crashed) must not hide the others' results
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            log(f"{name}: FAILED: {out[name]['error']}")
+        if name in errors:
+            out[name] = {"error": errors[name]}
             continue
-        if ceiling is not None:
-            limits["loadgen_ceiling_waits_per_s"] = ceiling
-        out[name] = row
-        log(_row_line(name, row))
-    return {"designs": out, "limits": limits, "clients": clients, "faults": len(trace), "loaded_map": loaded_map}
+        combined = _combine(rows[name], samples[name])
+        combined["rounds"] = [
+            {**r.pop("round"), **{k: r[k] for k in ("ready_s", "loaded_s", "blocked_s", "wait_blocked_s")},
+             "latency_p50_us": r["latency_us"]["p50"], "latency_p99_us": r["latency_us"]["p99"]}
+            for r in rows[name]
+        ]
+        combined.pop("round", None)
+        out[name] = combined
+    return {"designs": out, "limits": limits, "clients": clients, "faults": len(trace), "loaded_map": loaded_map,
+            "rounds": rounds, "order": orders}
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -434,10 +527,10 @@ def format_designs(result: dict[str, Any]) -> str:
     ]
     lines.extend(failed)
     lim = result["limits"]
-    cp = "-" if lim.get("cp_mb_s") is None else f"{lim['cp_mb_s']:.0f} MB/s"
+    cp = "cp to /dev/shm not timed" if not lim.get("cp") else cp_text(lim["cp"])
     ceiling = lim.get("loadgen_ceiling_waits_per_s")
     lines.append(
-        f"limits: cp to /dev/shm {cp}; Unix socket round trip p50 {lim['socket_rtt_us']:.1f} us; "
+        f"limits: {cp}; Unix socket round trip p50 {lim['socket_rtt_us']:.1f} us; "
         f"4 KiB pread p50 {lim['pread_4k_us']:.1f} us"
         + (f"; loadgen ceiling (loaded daemon, closed loop) {ceiling:.0f} waits/s" if ceiling else "")
     )
@@ -445,6 +538,10 @@ def format_designs(result: dict[str, Any]) -> str:
         f"{result.get('faults', '?')} faults from {result.get('clients', '?')} clients; "
         "ready: spawn to READY; loaded: spawn to fully loaded (+-50 ms); blocked: clients x ready + sum of "
         "wait latencies; immed.: waits the daemon answered at once"
+        + (f"; {result['rounds']} rounds, the designs taking turns in alternating order "
+           "(" + " / ".join(",".join(o) for o in result.get("order", [])) + "): times are medians over the "
+           "rounds, counts their sums, percentiles over every round's waits"
+           if result.get("rounds", 1) > 1 else "")
         + ("; the clients used the loaded map: immed. includes the waits they answered from it, sending nothing"
            if result.get("loaded_map") else "")
     )

@@ -8,7 +8,8 @@ directory and runs the chosen sections on it, each against real
   4 KiB wait latency during the fill, RSS and heap, each against its goal;
 * ``backends`` (:mod:`bench._backends`): every AIO backend, warm/cold page
   cache, with/without ``--direct``, raw image and pages checkpoint; thread counts;
-* ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace;
+* ``designs`` (:mod:`bench._designs`): priority/eager/lazy/fifo under a replayed trace,
+  two rounds (``repeat``) in alternating order;
 * ``latency`` (:mod:`bench._latency`): a wait's cost against the raw socket round
   trip (loaded pages one at a time, pipelined waits/s, unloaded pages during the fill).
 * ``workingset`` (:mod:`bench._workingset`): record a working set under the same
@@ -43,7 +44,7 @@ from ._daemon import run_daemon_section
 from ._designs import run_designs
 from ._firecracker import format_firecracker, run_firecracker_section
 from ._latency import run_latency_section
-from ._tools import BenchError
+from ._tools import BenchError, cp_text
 from ._uffd import run_uffd_section
 from ._workingset import format_workingset, run_workingset_section
 
@@ -220,8 +221,11 @@ def _trace(opts: BenchOptions, image: str) -> Trace:
 def _designs_section(
     opts: BenchOptions, image: str, workdir: str, log: Callable[[str], None]
 ) -> dict[str, Any]:
+    # two rounds at least: the designs take turns in alternating order (one round would
+    # always run priority first)
     out: dict[str, Any] = run_designs(
-        image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log, loaded_map=opts.loaded_map
+        image, _trace(opts, image), clients=opts.clients, workdir=workdir, log=log, loaded_map=opts.loaded_map,
+        rounds=opts.repeat or 2,
     )
     return out
 
@@ -283,9 +287,10 @@ def format_bench(result: dict[str, Any]) -> str:
             lines += _table(["figure", "value", "goal", "", "how"], rows)
             w = section["waits"]["client_us"]
             lines.append(
-                f"fill {section['fill']['throughput_mb_s']:.0f} MB/s, "
-                f"cp {section['cp']['mb_s']:.0f} MB/s; "
-                f"waits p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
+                f"fill {section['fill']['throughput_mb_s']:.0f} MB/s; {cp_text(section['cp'])}"
+            )
+            lines.append(
+                f"waits (client-timed) p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
                 f"max {w['max']:.0f} us (n={w['count']})"
             )
         elif name == "latency":
@@ -305,6 +310,10 @@ def format_bench(result: dict[str, Any]) -> str:
                     for d, r in ld["pipelined_waits_per_s"].items()
                 )
             )
+            cpd = lim.get("cp")
+            if cpd:
+                lines.append(cp_text(cpd) + f"; the loaded daemon's fill {section['fill_mb_s']:.0f} MB/s "
+                             f"({section['fill_mb_s'] / cpd['warm_mb_s']:.2f}x the warm cp)")
         elif name == "backends":
             lines += _format_backends(section)
         elif name == "uffd":
@@ -398,6 +407,8 @@ def _format_uffd(section: dict[str, Any]) -> list[str]:
     lines = [
         f"uffd ({section['image']['size_bytes'] >> 20} MiB dense image, warm cache; guest: {g['vcpus']} vCPUs, "
         f"{g['touches']} random 4 KiB touches over {g['window_s']:.3f} s; cp {section['cp']['mb_s']:.0f} MB/s"
+        + (f" (the fastest warm cp; cold {section['cp']['cold_mb_s']:.0f} MB/s, not used)"
+           if "cold_mb_s" in section["cp"] else "")
         + (f"; fill/eager/lazy/floors: medians of {section['repeat']} rounds, taking turns"
            if section.get("repeat", 1) > 1 else "") + ")"
     ]

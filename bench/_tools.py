@@ -3,7 +3,8 @@
 * :func:`fill_run` — start a daemon (:class:`workloads.DaemonProcess`), poll its stats until the fill is ``done``,
   optionally with a :class:`WaitProber` thread issuing 4 KiB waits on pages that
   are not loaded yet; returns a :class:`FillRun`.
-* :func:`cp_mb_s` — the limit: ``cp IMAGE /dev/shm/...``, timed.
+* :func:`cp_mb_s` — the limit: ``cp IMAGE /dev/shm/...``, timed; :func:`cp_limit` — the
+  limit as the sections use it: one cold cp, then the image warmed and cp timed warm.
 * :func:`drop_caches` / :func:`warm_cache` — page-cache state before a run.
 
 Nothing here asserts a speed: figures are returned, the caller compares them
@@ -30,13 +31,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loader import Client, ClientError
+from loader._stats import histogram_bound_us
 from workloads import DaemonProcess, DaemonStartError
 
 __all__ = [
     "BenchError",
+    "CpLimit",
     "FillRun",
     "WaitProber",
+    "cp_limit",
     "cp_mb_s",
+    "cp_text",
     "drop_caches",
     "fill_run",
     "median",
@@ -105,6 +110,66 @@ def cp_mb_s(src: str, shm_dir: str = "/dev/shm") -> tuple[float, float]:
         except FileNotFoundError:
             pass
     return seconds, size / seconds / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class CpLimit:
+    """``cp IMAGE /dev/shm``, the limit a fill is read against, as :func:`cp_limit` took it.
+
+    ``warm_*``: after the image was read through once (:func:`warm_cache`) and after one
+    first cp (``cold_mb_s``): every ratio to cp uses a warm figure.  ``cold_mb_s`` is
+    shown beside it, never used for a ratio."""
+
+    warm_runs_mb_s: list[float]  #: each warm cp, in the order taken
+    warm_runs_s: list[float]
+    cold_mb_s: float  #: the first cp of the call, before the image was warmed
+    cold_how: str  #: what "cold" means here (after drop_caches, or the page cache as found)
+
+    @property
+    def warm_mb_s(self) -> float:
+        """The median warm cp."""
+        return median(self.warm_runs_mb_s)
+
+    @property
+    def warm_best_mb_s(self) -> float:
+        return max(self.warm_runs_mb_s)
+
+    @property
+    def warm_best_s(self) -> float:
+        return min(self.warm_runs_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mb_s": self.warm_mb_s, "warm_mb_s": self.warm_mb_s, "warm_best_mb_s": self.warm_best_mb_s,
+                "warm_runs_mb_s": list(self.warm_runs_mb_s), "cold_mb_s": self.cold_mb_s, "cold_how": self.cold_how}
+
+    def line(self) -> str:
+        return cp_text(self.as_dict())
+
+
+def cp_text(cp: dict[str, Any]) -> str:
+    """:meth:`CpLimit.as_dict` in words: the warm figure that ratios use, the cold one apart."""
+    return (f"cp to /dev/shm: warm {cp['warm_mb_s']:.0f} MB/s (median of "
+            + ", ".join(f"{r:.0f}" for r in cp["warm_runs_mb_s"])
+            + f"; ratios use it), cold {cp['cold_mb_s']:.0f} MB/s ({cp['cold_how']})")
+
+
+COLD_HOW = "the first cp, before the image was read through: the page cache as found"
+
+
+def cp_limit(src: str, warm_runs: int = 3) -> CpLimit:
+    """Time ``cp SRC /dev/shm`` once "cold", then ``warm_runs`` times warm (at least 1).
+
+    Cold: the first cp, before this call reads the image (the page cache as found: no
+    ``drop_caches`` here, which would also empty the cache under whatever else runs on
+    the machine; the ``backends`` section has a truly cold cp where it can).  Then the
+    image is read through (:func:`warm_cache`) and each warm cp is timed: the first cp
+    of a run has been seen far slower than the next ones (one at 617 MB/s made a fill
+    read 3.38x cp, issue 20), and a fill from a warm image must be compared with a warm cp."""
+    _, cold = cp_mb_s(src)
+    warm_cache(src)
+    runs = [cp_mb_s(src) for _ in range(max(1, warm_runs))]
+    return CpLimit(warm_runs_mb_s=[r for _, r in runs], warm_runs_s=[t for t, _ in runs], cold_mb_s=cold,
+                   cold_how=COLD_HOW)
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -301,7 +366,9 @@ class FillRun:
     heap_peak_bytes: int | None  #: with --tracemalloc
     waits_served: int  #: waits that blocked (daemon's count)
     waits_immediate: int  #: waits answered at once, already loaded (daemon's count)
-    daemon_p99_us: float  #: upper bound of the daemon histogram's p99 bucket (power of two)
+    #: an upper bound on the p99 from the daemon's histogram: its bucket's bound (a power of
+    #: two), or the histogram's max where that is lower; a bound, not a percentile
+    daemon_p99_us: float
     samples_ns: list[int] = field(
         default_factory=list
     )  #: client-timed 4 KiB waits on unloaded pages
@@ -316,17 +383,8 @@ class FillRun:
 
 
 def _histogram_p99(hist: dict[str, Any]) -> float:
-    counts, bounds, total = (
-        hist.get("counts", []),
-        hist.get("bucket_upper_us", []),
-        hist.get("count", 0),
-    )
-    seen = 0
-    for c, b in zip(counts, bounds, strict=False):
-        seen += c
-        if total and seen >= 0.99 * total:
-            return float(b)
-    return 0.0
+    """An upper bound on the daemon histogram's p99 (its bucket's bound, never above its max)."""
+    return histogram_bound_us(hist, 99)
 
 
 def fill_run(

@@ -55,7 +55,7 @@ from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
 from ._daemon import Goal, _at_least, _at_most
-from ._tools import BenchError, cp_mb_s, drop_caches, median, warm_cache
+from ._tools import BenchError, CpLimit, cp_limit, drop_caches, median, warm_cache
 
 __all__ = ["MODES", "run_uffd_section"]
 
@@ -169,22 +169,28 @@ def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus:
 
 
 def guest_touches(image: str, touches: int, window_s: float | None, seed: int,
-                  log: Callable[[str], None]) -> tuple[float, float, float, list[tuple[int, int, int]]]:
-    """``cp``'s time and rate on the warm image (the fastest of three), the touches' window (``cp``'s time
-    unless given) and the touches: ``touches`` random 4 KiB pages (seeded), paced
-    evenly over the window, as ``(time_us, offset, length)``."""
-    warm_cache(image)
+                  log: Callable[[str], None]) -> tuple[float, float, float, list[tuple[int, int, int]], CpLimit]:
+    """``cp``'s time and rate on the warm image (the fastest of three, after one cold cp
+    shown apart), the touches' window (``cp``'s time unless given), the touches:
+    ``touches`` random 4 KiB pages (seeded), paced evenly over the window, as
+    ``(time_us, offset, length)``, and the cp figures themselves."""
     # the fastest of three: one cp measured 570-1840 MB/s on the same quiet machine
     # (the first into /dev/shm is often the slowest), which made the ratio to it noise
-    cps = [cp_mb_s(image) for _ in range(3)]
-    cp_s, cp_rate = min(cps)
+    cpl = cp_limit(image, warm_runs=3)
+    cp_s, cp_rate = cpl.warm_best_s, cpl.warm_best_mb_s
     log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s; fastest of "
-        + ", ".join(f"{r:.0f}" for _, r in cps) + " MB/s)")
+        + ", ".join(f"{r:.0f}" for r in cpl.warm_runs_mb_s)
+        + f" MB/s on the warmed image; cold {cpl.cold_mb_s:.0f} MB/s, not used)")
     window = cp_s if window_s is None else window_s
     rng = random.Random(seed)
     pages = os.path.getsize(image) // PAGE
     trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
-    return cp_s, cp_rate, window, trace
+    return cp_s, cp_rate, window, trace, cpl
+
+
+def _cp_extra(cpl: CpLimit) -> dict[str, Any]:
+    d = cpl.as_dict()
+    return {k: d[k] for k in ("warm_runs_mb_s", "cold_mb_s", "cold_how")}
 
 
 def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -219,7 +225,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     if why is not None:
         return {"skipped": why}
     size = os.path.getsize(image)
-    cp_s, cp_rate, window, trace = guest_touches(image, touches, window_s, seed, log)
+    cp_s, cp_rate, window, trace, cpl = guest_touches(image, touches, window_s, seed, log)
     # the handlers take turns, ``repeat`` rounds: this machine's wake-ups drift by 2x
     # over minutes, which one run each would read as a difference between handlers
     spin_us = round(UffdConfig.for_mode("fill").spin_s * 1e6)  # the spinning floor spins as ours does
@@ -259,7 +265,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "image": {"path": image, "size_bytes": size},
         "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
         "repeat": max(repeat, 1),  #: rounds of fill/eager/lazy/floor; their rows are medians
-        "cp": {"seconds": cp_s, "mb_s": cp_rate},
+        "cp": {"seconds": cp_s, "mb_s": cp_rate, "how": "the fastest warm cp", **_cp_extra(cpl)},
         "runs": runs,
         "zero_copy_skipped": why,
         "cold_cache_skipped": cold_skipped,

@@ -14,8 +14,18 @@ they idle, its stats polled):
    working set read as coalesced but scattered reads) and ``laid-out`` (CKPT, whose
    working set is picked up by default).
 
+Each of the six restores runs twice: with plain clients (``same``, ``perturbed``) and
+with clients that read the daemon's loaded map first (``same, loaded map``, ...:
+a wait for a range the map shows loaded sends nothing).  The three variants of a
+trace take turns in an order that alternates from trace to trace
+(:func:`~bench._designs.design_order`), each restore from its source read through just
+before, and the checkpoint's files are fsynced before the first: no baseline runs
+alone right after the checkpoint's gigabyte was written.
+
 Each run reports the waits that blocked and the daemon's total blocked time (sum
-over waits of the time each was blocked), the clients' summed wait latency, the
+over waits of the time each was blocked), the clients' own summed wait latency
+(``client_wait_s``: what the application feels, every round trip included; with
+its ratio to ``without`` in ``client_wait``), the
 time to the last fault (the last wait that blocked, from the stats polled every
 50 ms) and to the end of the trace, the full-load time, and the working set's own
 statistics.  ``goals`` compares ``with`` against ``without`` on the same trace
@@ -35,12 +45,14 @@ from loader import ClientError, read_working_set
 from loader.checkpoint import CheckpointError, create_checkpoint, open_checkpoint
 from workloads import LoadgenError, Trace
 
-from ._designs import DesignError, PlotUnavailable, _run_design
-from ._tools import BenchError
+from ._designs import DesignError, PlotUnavailable, _run_design, design_order
+from ._tools import BenchError, warm_cache
 
 __all__ = ["format_workingset", "perturb_trace", "plot_workingset", "run_workingset_section"]
 
 VARIANTS = ("without", "with", "laid-out")
+#: the runs whose clients read the daemon's loaded map (``run_loadgen(loaded_map=True)``)
+MAP_SUFFIX = ", loaded map"
 PERTURB_FRACTION = 0.2
 
 
@@ -78,7 +90,8 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
         "waits": row["waits"],
         "waits_blocked": row["waits_blocked"],
         "blocked_s": row["daemon_wait_time_s"],
-        "client_wait_s": row["wait_blocked_s"],
+        "client_wait_s": row["wait_blocked_s"],  #: the clients' own sum of their wait latencies
+        "map_hits": row["map_hits"],  #: waits the clients answered from the loaded map, sending nothing
         "last_blocked_wait_s": _last_blocked_s(row),
         "trace_done_s": row["clients_done_s"],
         "ready_s": row["ready_s"],
@@ -111,10 +124,10 @@ def run_workingset_section(
     data = [(m, m + n) for m, n in zip(layout.mem, layout.length)]
     perturbed = perturb_trace(trace, PERTURB_FRACTION, data, seed)
 
-    def run(name: str, source: str, flags: tuple[str, ...], tr: Trace) -> dict[str, Any]:
+    def run(name: str, source: str, flags: tuple[str, ...], tr: Trace, use_map: bool = False) -> dict[str, Any]:
         try:
             row, _ = _run_design(source, tr, name, clients=clients, workdir=work, aio_name=aio, log=log,
-                                 ceiling=False, flags=("--background", *flags))
+                                 ceiling=False, flags=("--background", *flags), loaded_map=use_map)
         except (DesignError, LoadgenError, ClientError, OSError) as exc:
             raise BenchError(f"workingset {name}: {type(exc).__name__}: {exc}") from None
         return row
@@ -129,29 +142,71 @@ def run_workingset_section(
     except CheckpointError as exc:
         raise BenchError(f"workingset: checkpoint create --working-set: {exc}") from None
     log(f"workingset: laid out {report.working_set_bytes >> 10} KiB first in {ckpt}/pages.img")
+    _settle(ckpt)
     sources = {
         "without": (image, ("--no-working-set",)),
         "with": (image, ("--working-set", ws_path)),
         "laid-out": (ckpt, ()),
     }
+    warm = {"without": image, "with": image, "laid-out": open_checkpoint(ckpt).pages_path}
     runs: dict[str, dict[str, Any]] = {}
-    for trace_name, tr in (("same", trace), ("perturbed", perturbed)):
-        runs[trace_name] = {}
-        for variant in VARIANTS:
+    orders: dict[str, list[str]] = {}
+    traces = (("same", trace), ("perturbed", perturbed))
+    sets = [(name, tr, use_map) for use_map in (False, True) for name, tr in traces]
+    for index, (trace_name, tr, use_map) in enumerate(sets):
+        key = f"{trace_name}{MAP_SUFFIX if use_map else ''}"
+        runs[key] = {}
+        # the variants take turns in an order that alternates from set to set (none always
+        # runs first, e.g. right after the checkpoint was written), each from its source
+        # read through just before
+        orders[key] = design_order(list(VARIANTS), index)
+        for variant in orders[key]:
             source, flags = sources[variant]
-            row = _summary(run(f"{trace_name[0]}-{variant}", source, flags, tr))  # s-with, p-laid-out, ...
-            runs[trace_name][variant] = row
-            log(f"workingset {trace_name} {variant}: {_line(row)}")
+            warm_cache(warm[variant])
+            tag = f"{trace_name[0]}{'m' if use_map else ''}-{variant}"  # s-with, pm-laid-out, ...
+            row = _summary(run(tag, source, flags, tr, use_map))
+            runs[key][variant] = row
+            log(f"workingset {key} {variant}: {_line(row)}")
+        runs[key] = {v: runs[key][v] for v in VARIANTS}  # rows in the same order every time
     result = {
         "faults": len(trace),
         "clients": clients,
         "perturbed_fraction": PERTURB_FRACTION,
         "recorded": {"bytes": ws.total_bytes, "ranges": len(ws), "window_s": ws.window_s},
         "laid_out_bytes": report.working_set_bytes,
+        "order": orders,
         "runs": runs,
     }
     result["goals"] = _goals(runs)
+    result["client_wait"] = _client_wait(runs)
     return result
+
+
+def _settle(ckpt: str) -> None:
+    """Write the new checkpoint's files out (fsync) before anything is timed: a run
+    right after ``checkpoint create`` otherwise shares the disk with the writeback of
+    its 1 GiB (the same-trace baseline once took 2.1-2.7 s to load, against 0.70 s)."""
+    for name in sorted(os.listdir(ckpt)):
+        path = os.path.join(ckpt, name)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _client_wait(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per set of runs, the clients' own summed wait time for each variant and its ratio
+    to ``without``: what the application feels, where the daemon's blocked time leaves
+    out every wait's round trip (a wait that finds its range loaded still costs one,
+    unless the client reads the loaded map)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, variants in runs.items():
+        base = variants["without"]["client_wait_s"]
+        out[key] = {v: {"client_wait_s": r["client_wait_s"], "ratio_to_without": _ratio(r["client_wait_s"], base)}
+                    for v, r in variants.items()}
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -201,21 +256,22 @@ def _line(row: dict[str, Any]) -> str:
         extra = (f"; working set {ws['size_bytes'] >> 10} KiB loaded in {_s(ws['loaded_s'])} s, "
                  f"waits {ws['waits_hit']} hit / {ws['waits_early']} early / {ws['waits_missed']} missed")
     return (f"{row['waits_blocked']} of {row['waits']} waits blocked, blocked {row['blocked_s']:.4f} s, "
+            f"clients' summed wait {row['client_wait_s']:.4f} s, "
             f"last blocked wait {_s(row['last_blocked_wait_s'])} s, trace done {_s(row['trace_done_s'])} s, "
             f"loaded {_s(row['loaded_s'])} s, {row['errors']} errors, {row['mismatches']} mismatches{extra}")
 
 
 def format_workingset(result: dict[str, Any]) -> str:
     """The section as a terminal table, goals underneath."""
-    head = ("trace", "restore", "blocked waits", "blocked s", "last blocked s", "trace done s", "loaded s",
-            "ws loaded s", "hit/early/missed", "err", "mism")
+    head = ("trace", "restore", "blocked waits", "blocked s", "client wait s", "last blocked s", "trace done s",
+            "loaded s", "ws loaded s", "hit/early/missed", "err", "mism")
     rows = [head]
     for trace_name, variants in result["runs"].items():
         for variant, r in variants.items():
             ws = r["working_set"]
             rows.append((
                 trace_name, variant, f"{r['waits_blocked']}/{r['waits']}", f"{r['blocked_s']:.4f}",
-                _s(r["last_blocked_wait_s"]), _s(r["trace_done_s"]), _s(r["loaded_s"]),
+                f"{r['client_wait_s']:.4f}", _s(r["last_blocked_wait_s"]), _s(r["trace_done_s"]), _s(r["loaded_s"]),
                 _s(ws["loaded_s"]) if ws else "-",
                 f"{ws['waits_hit']}/{ws['waits_early']}/{ws['waits_missed']}" if ws else "-",
                 str(r["errors"]), str(r["mismatches"]),
@@ -231,7 +287,17 @@ def format_workingset(result: dict[str, Any]) -> str:
         shown = none if v is None else (f"{v * 100:.0f} %" if "waits" in g["name"] else f"{v:.1f}x")
         met = {True: "met", False: "NOT MET", None: "missing"}[g["met"]]
         lines.append(f"  {g['name']}: {shown} (goal {g['goal']}): {met}")
-    lines.append("  blocked s: the daemon's sum over waits of the time each was blocked; last blocked: "
+    for key, variants in result.get("client_wait", {}).items():
+        lines.append(f"  clients' summed wait, {key} trace: " + ", ".join(
+            f"{v} {c['client_wait_s']:.3f} s" + ("" if v == "without" or c["ratio_to_without"] is None
+                                                  else f" ({c['ratio_to_without']:.2f}x without)")
+            for v, c in variants.items()))
+    if result.get("order"):
+        lines.append("  run order: " + "; ".join(f"{k}: {', '.join(o)}" for k, o in result["order"].items())
+                     + " (each from its source read through just before; the checkpoint fsynced first)")
+    lines.append("  blocked s: the daemon's sum over waits of the time each was blocked; client wait s: the "
+                 "clients' own sum of their wait latencies (every request's round trip included; the loaded-map "
+                 "runs send none for ranges the map shows loaded); last blocked: "
                  "when the last wait that blocked was seen (stats polled every 50 ms), from the spawn")
     return "\n".join(lines)
 

@@ -52,9 +52,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--loaded-map", action="store_true",
         help="designs: the clients map each daemon's loaded map first (Client.load_map), so a wait for "
-        "bytes it shows loaded sends no request",
+        "bytes it shows loaded sends no request (workingset always runs both ways)",
     )
-    p.add_argument("--repeat", type=int, metavar="N", help="repetitions of each measurement")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="repetitions of each measurement; for designs, the rounds (default 2), "
+                   "the designs taking turns in alternating order")
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT ('-': stdout)")
     p.add_argument(
         "--plot", metavar="FILE.png",

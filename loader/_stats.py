@@ -9,6 +9,39 @@ from typing import Any
 HISTOGRAM_BUCKETS = 40
 
 
+def bound_us(counts: list[int], count: int, max_us: float, p: float) -> float:
+    """Upper bound on the p-th percentile of a histogram of :data:`HISTOGRAM_BUCKETS`
+    power-of-two buckets (``counts[k]``: latencies of ``[2**(k-1), 2**k)`` whole us):
+    its bucket's upper bound ``2**k``, clamped to ``max_us`` (no sample lies above
+    the max).  0.0 for an empty histogram."""
+    if not count:
+        return 0.0
+    rank = p / 100 * count
+    seen = 0
+    upper = float(1 << (len(counts) - 1)) if counts else 0.0
+    for k, c in enumerate(counts):
+        seen += c
+        if seen >= rank and c:
+            upper = float(1 << k)
+            break
+    return min(upper, max_us)
+
+
+def describe_bounds(counts: list[int], count: int, max_us: float, ps: tuple[float, ...] = (50, 99)) -> str:
+    """The bounds of :func:`bound_us` for each of ``ps``, as bounds, then the max:
+    ``"p50 <= 128 us, p99 <= 4096 us, max 2851 us"``."""
+    if not count:
+        return "no samples"
+    parts = [f"p{p:g} <= {bound_us(counts, count, max_us, p):.0f} us" for p in ps]
+    return ", ".join([*parts, f"max {max_us:.0f} us"])
+
+
+def histogram_bound_us(hist: dict[str, Any], p: float) -> float:
+    """:func:`bound_us` on a histogram as ``LatencyHistogram.as_dict`` (or the stats
+    reply's ``latency_us``) gives it."""
+    return bound_us(list(hist.get("counts", [])), int(hist.get("count", 0)), float(hist.get("max_us", 0.0)), p)
+
+
 class LatencyHistogram:
     """Power-of-two microsecond buckets, as QEMU's postcopy reports them.  Fixed size."""
 
@@ -29,16 +62,16 @@ class LatencyHistogram:
             self.max_ns = ns
 
     def percentile_us(self, p: float) -> float:
-        """Upper bound of the bucket holding the p-th percentile (0 < p <= 100)."""
-        if not self.count:
-            return 0.0
-        rank = p / 100 * self.count
-        seen = 0
-        for k, c in enumerate(self.counts):
-            seen += c
-            if seen >= rank and c:
-                return float(1 << k)
-        return float(1 << (HISTOGRAM_BUCKETS - 1))
+        """An upper bound on the p-th percentile (0 < p <= 100), in microseconds: the
+        upper bound of the bucket holding it, or the largest latency recorded where
+        that is lower.  A bound, not a measurement: print it as one
+        (:meth:`describe`), never as "p50 128 us"; 0.0 when nothing was recorded."""
+        return bound_us(self.counts, self.count, self.max_ns / 1000, p)
+
+    def describe(self, *ps: float) -> str:
+        """``"p50 <= 128 us, p99 <= 4096 us, max 2851 us"`` (percentiles as the bounds
+        they are, never above the max); ``"no samples"`` when empty."""
+        return describe_bounds(self.counts, self.count, self.max_ns / 1000, ps or (50, 99))
 
     def as_dict(self) -> dict[str, Any]:
         last = max((k for k, c in enumerate(self.counts) if c), default=-1)

@@ -476,9 +476,9 @@ class UffdHandler:
         c = self.counts
         with self._lock:
             h = self.histogram
-            p50, p99, top = h.percentile_us(50), h.percentile_us(99), h.max_ns / 1000
+            latency = h.describe(50, 99)  # the histogram's bucket bounds, as bounds
         return (f"uffd: {c.faults} faults ({c.loaded} immediate, {c.direct} direct, {self.faults_waited} waited, "
-                f"{c.zero} zero, {c.failed} failed), p50 {p50:.0f} us p99 {p99:.0f} us max {top:.0f} us; "
+                f"{c.zero} zero, {c.failed} failed), {latency}; "
                 f"copied {(c.copied_bytes + self.fill_counts.copied_bytes) >> 20} MiB in "
                 f"{c.copies + self.fill_counts.copies} UFFDIO_COPY"
                 + (f"; guest filled in {(self.filled_ns - self.started_ns) / 1e9:.3f} s"

@@ -412,9 +412,9 @@ class MinorRegistration:
         self.pending = RangeSet()
         h = self.histogram
         log.info("uffd: zero-copy range %#x+%#x closed: %d faults (%d minor, %d waited, %d zero, %d failed), "
-                 "p50 %.0f us p99 %.0f us; %d MiB mapped ahead of faults", self.base, self.size, self.faults,
+                 "%s; %d MiB mapped ahead of faults", self.base, self.size, self.faults,
                  self.faults_minor, self.faults_waited, self.faults_zero, self.faults_failed,
-                 h.percentile_us(50), h.percentile_us(99), self.mapped_bytes >> 20)
+                 h.describe(50, 99), self.mapped_bytes >> 20)
         if self.uffd.fd >= 0:
             os.close(self.uffd.fd)
             self.uffd.fd = -1

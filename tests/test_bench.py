@@ -62,6 +62,10 @@ def test_quick_daemon_section_end_to_end(tmp_path: Path) -> None:
     assert "error" not in daemon
 
     assert daemon["cp"]["mb_s"] > 0
+    # the ratio uses the warm cp (median of the runs on the warmed image); the cold one is apart
+    assert daemon["cp"]["mb_s"] == daemon["cp"]["warm_mb_s"] == median(daemon["cp"]["warm_runs_mb_s"])
+    assert daemon["cp"]["cold_mb_s"] > 0 and daemon["cp"]["cold_how"]
+    assert "warm" in proc.stdout and "cold" in proc.stdout
     assert daemon["fill"]["throughput_mb_s"] > 0
     assert math.isclose(
         daemon["fill"]["ratio_to_cp"], daemon["fill"]["throughput_mb_s"] / daemon["cp"]["mb_s"]
@@ -221,3 +225,79 @@ def test_uffd_section_structure(tmp_path) -> None:
     text = "\n".join(_format_uffd(section))
     assert "handler" in text and "zero-copy" in text and "real Firecracker: skipped" in text  # a row or a skip
     assert "against the floor" in text and "spinning as ours does" in text
+
+
+def test_histogram_percentiles_are_bounds_never_above_the_max() -> None:
+    """The daemon's LatencyHistogram only knows power-of-two buckets: a "percentile" from
+    it is a bound.  Ten waits of 73 us fall in the bucket [64, 128): the bound is 73 us
+    (the max), never 128 ("p50 128 us ... max 73 us" was printed once)."""
+    from loader import LatencyHistogram
+    from loader._stats import histogram_bound_us
+
+    h = LatencyHistogram()
+    for _ in range(10):
+        h.record(73_000)
+    assert h.percentile_us(50) == h.percentile_us(99) == 73.0
+    assert h.describe(50, 99) == "p50 <= 73 us, p99 <= 73 us, max 73 us"
+    for ns in (5_000, 9_000, 40_000, 2_851_000):  # p50 in (4, 8], ... the max alone in [2048, 4096)
+        h.record(ns)
+    for p in (1, 50, 90, 99, 100):
+        bound = h.percentile_us(p)
+        assert bound <= h.max_ns / 1000
+        assert histogram_bound_us(h.as_dict(), p) == bound  # the stats reply's form agrees
+    assert h.percentile_us(50) == 128.0 and h.percentile_us(99) == 2851.0
+    assert "p99 <= 2851 us" in h.describe(50, 99) and LatencyHistogram().describe() == "no samples"
+    from bench._tools import _histogram_p99  # fill_run's daemon_p99_us, from the stats reply
+
+    assert _histogram_p99({"counts": [0, 0, 0, 0, 0, 0, 0, 4], "count": 4, "max_us": 73.0}) == 73.0
+
+
+
+def test_design_order_alternates_so_no_design_always_goes_first() -> None:
+    from bench._designs import design_order
+
+    names = ["priority", "eager", "lazy", "fifo"]
+    orders = [design_order(names, r) for r in range(8)]
+    assert orders[0] == names and orders[1] == names[::-1]  # a pair: forward, then backward
+    for r, order in enumerate(orders):
+        assert sorted(order) == sorted(names), r  # every design once a round
+    for pair in range(4):  # within each pair of rounds, every design's mean position is the same
+        a, b = orders[2 * pair], orders[2 * pair + 1]
+        assert {a.index(n) + b.index(n) for n in names} == {len(names) - 1}
+    firsts = [o[0] for o in orders]
+    assert sorted(firsts) == sorted(names * 2)  # over 8 rounds each design goes first twice
+    assert design_order(["priority"], 3) == ["priority"]
+
+
+def test_designs_run_in_alternating_order_across_rounds(tmp_path: Path) -> None:
+    """Two rounds: the daemons really start in the announced orders (priority first,
+    then last), each design's row keeps both rounds, and its percentiles are taken over
+    the clients' own samples from both (never the daemon's histogram)."""
+    from bench import format_designs, run_designs
+    from loader.checkpoint import open_checkpoint
+    from workloads import generate
+
+    image = str(tmp_path / "img")
+    make_sample_image(image, 8 << 20, seed=3, dense=True)
+    trace = generate("uniform", count=40, memory_size=0, layout=open_checkpoint(image).layout, seed=1,
+                     rate=50_000)
+    result = run_designs(image, trace, clients=1, workdir=str(tmp_path / "w"), designs=("priority", "lazy", "fifo"),
+                         log=lambda _: None, rounds=2)
+    assert result["order"] == [["priority", "lazy", "fifo"], ["fifo", "lazy", "priority"]]
+    started = sorted((r["started_s"], name, r["round"]) for name, row in result["designs"].items()
+                     for r in row["rounds"])
+    assert [(n, r) for _, n, r in started] == [("priority", 0), ("lazy", 0), ("fifo", 0),
+                                                ("fifo", 1), ("lazy", 1), ("priority", 1)]
+    for name, row in result["designs"].items():
+        assert [r["position"] for r in row["rounds"]] == [result["order"][k].index(name) for k in (0, 1)]
+        assert row["waits"] == 80 and row["errors"] == row["mismatches"] == 0, name  # both rounds' waits
+        lat = row["latency_us"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"], name
+        assert min(r["latency_p50_us"] for r in row["rounds"]) <= lat["p50"] <= max(
+            r["latency_p50_us"] for r in row["rounds"]), name
+    cp = result["limits"]["cp"]  # a warm cp, the cold one apart
+    assert cp["warm_mb_s"] == result["limits"]["cp_mb_s"] > 0 and len(cp["warm_runs_mb_s"]) == 3
+    assert cp["cold_mb_s"] > 0
+    text = format_designs(result)
+    assert "2 rounds" in text and "priority,lazy,fifo / fifo,lazy,priority" in text
+    assert "warm" in text and "cold" in text

@@ -51,8 +51,8 @@ def test_serial_waits_for_a_verdict_at_the_end_of_the_data() -> None:
 
 
 def test_summary_figures_found_by_their_words() -> None:
-    line = ("uffd: 7 faults (1 immediate, 2 direct, 3 waited, 1 zero, 0 failed), p50 64 us p99 64 us max 49 us; "
-            "copied 128 MiB in 514 UFFDIO_COPY; guest filled in 0.338 s")
+    line = ("uffd: 7 faults (1 immediate, 2 direct, 3 waited, 1 zero, 0 failed), p50 <= 49 us, p99 <= 49 us, "
+            "max 49 us; copied 128 MiB in 514 UFFDIO_COPY; guest filled in 0.338 s")
     assert _parse_summary(line) == {"faults": 7, "faults_waited": 3, "copied_mib": 128, "filled_s": 0.338}
     lazy = "uffd: 9 faults (0 immediate, 9 waited, 0 zero, 0 failed); copied 64 MiB in 9 UFFDIO_COPY; not filled"
     assert _parse_summary(lazy) == {"faults": 9, "faults_waited": 9, "copied_mib": 64, "filled_s": None}

@@ -40,6 +40,36 @@ def test_loadgen_uffd_replays_a_trace_as_faults(tmp_path):
     assert '"faults"' in (tmp_path / "r.json").read_text()
 
 
+def test_the_summary_line_prints_the_histograms_percentiles_as_bounds_never_above_the_max(tmp_path):
+    """issue 21 item 15: the daemon's "uffd: N faults" line printed bucket upper bounds as if they were
+    percentiles ("p50 4096 us ... max 2851 us").  Through a real daemon and real faults: each
+    percentile is shown as a bound ("p50 <= X us") and no bound exceeds the max."""
+    import re
+
+    image = str(tmp_path / "memory.img")
+    make_sample_image(image, SIZE, seed=5, dense=True)
+    trace = tmp_path / "t.txt"
+    trace.write_text("# page_size: 4096\n" + "".join(f"{i * 100} {(i * 53 % 4096) * 4096:#x} 4096\n"
+                                                     for i in range(200)))
+    uffd, log = str(tmp_path / "uffd.sock"), tmp_path / "d.log"
+    # lazy: no fill copies pages in ahead of the touches, so every touch is a fault the histogram records
+    with DaemonProcess(image, str(tmp_path / "s.sock"), str(log),
+                       ["--background", "--uffd-socket", uffd, "--uffd-mode", "lazy"]) as daemon:
+        r = cli("loadgen", "--uffd", uffd, "--trace", str(trace), "--image", image, "--vcpus", "2", "--closed-loop")
+        assert r.returncode == 0, r.stderr
+        assert daemon.proc is not None and daemon.proc.wait(10) == 0
+    lines = [ln for ln in log.read_text().splitlines() if re.search(r"uffd: \d+ faults \(", ln)]
+    assert len(lines) == 1, log.read_text()[-2000:]
+    line = lines[0]
+    assert "200 faults" in line, line
+    top = re.search(r"max (\d+) us", line)
+    assert top is not None, line
+    bounds = re.findall(r"p(50|99) <= (\d+) us", line)
+    assert [p for p, _ in bounds] == ["50", "99"], line  # shown as bounds, both
+    assert all(int(b) <= int(top.group(1)) for _, b in bounds), line
+    assert not re.search(r"p\d+ \d", line), line  # no bare "p50 128 us"
+
+
 def test_loadgen_needs_one_target(tmp_path):
     trace = tmp_path / "t.txt"
     trace.write_text("0 0 4096\n")

@@ -662,11 +662,25 @@ def test_workingset_bench_section_end_to_end(tmp_path):
     trace = generate("zipf", count=60, memory_size=16 * MiB, rate=2000.0, seed=1,
                      layout=open_checkpoint(image).layout)
     result = run_workingset_section(image, trace, clients=2, workdir=str(tmp_path / "work"), log=lambda _: None)
-    assert set(result["runs"]) == {"same", "perturbed"}
-    for variants in result["runs"].values():
+    # each trace also with clients that read the loaded map (issue 20: the client-side figure barely moved
+    # without it, every wait still costing a round trip)
+    assert set(result["runs"]) == {"same", "perturbed", "same, loaded map", "perturbed, loaded map"}
+    for key, variants in result["runs"].items():
         assert set(variants) == {"without", "with", "laid-out"}
         for name, row in variants.items():
             assert row["errors"] == 0 and row["mismatches"] == 0 and row["waits"] == 60
             assert (row["working_set"] is None) == (name == "without")
+            # the clients' own summed wait is reported beside the daemon's blocked time
+            assert row["client_wait_s"] > 0 and result["client_wait"][key][name]["client_wait_s"] == row[
+                "client_wait_s"]
+            if not key.endswith("loaded map"):
+                assert row["map_hits"] == 0, (key, name)
+        if key.endswith("loaded map"):  # those clients really read the map: some waits sent nothing
+            assert sum(r["map_hits"] for r in variants.values()) > 0, key
+    # the variants take turns in alternating order: the same-trace baseline is not always first
+    orders = result["order"]
+    assert orders["same"] == ["without", "with", "laid-out"] and orders["perturbed"] == ["laid-out", "with", "without"]
+    assert len({tuple(o) for o in orders.values()}) == 4
     assert result["recorded"]["bytes"] > 0 and len(result["goals"]) == 8
-    assert "blocked waits" in format_workingset(result)
+    text = format_workingset(result)
+    assert "blocked waits" in text and "client wait s" in text and "clients' summed wait, same, loaded map" in text
