@@ -32,6 +32,7 @@ import trio
 import xxhash
 
 from ._layout import Layout
+from ._columns import column_bytes, read_column
 from ._rangeset import RangeSet
 from ._startup import StartupError
 from ._sweep import SweepOrder, WorkingSetOrder
@@ -289,24 +290,11 @@ def encode_working_set(ws: WorkingSet) -> bytes:
 
 
 def _column_bytes(col: array[int]) -> bytes:
-    if sys.byteorder == "little":
-        return col.tobytes()
-    swapped = array("Q", col)
-    swapped.byteswap()
-    return swapped.tobytes()
+    return column_bytes(col)
 
 
 def _column(obj: dict[str, Any], name: str, count: int) -> array[int]:
-    blob = obj.get(name)
-    if not isinstance(blob, bytes):
-        raise ValueError(f"field {name!r} is missing or not binary")
-    if len(blob) != 8 * count:
-        raise ValueError(f"field {name!r} holds {len(blob)} bytes, not 8 x {count} ranges")
-    col = array("Q")
-    col.frombytes(blob)
-    if sys.byteorder != "little":
-        col.byteswap()
-    return col
+    return read_column(obj, name, count)
 
 
 def _int(obj: dict[str, Any], name: str, minimum: int = 0) -> int:

@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import sys
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -356,7 +357,7 @@ def _swap(r: list[list[int]]) -> None:
 
 
 BAD_INDEXES: list[tuple[str, Mutation, str, str]] = [
-    ("version", _set(version=2), "index.msgpack", "unsupported format version 2"),
+    ("version", _set(version=3), "index.msgpack", "unsupported format version 3"),
     ("garbage", _raw_bytes(b"\xc1\xff garbage"), "index.msgpack", "not a msgpack index"),
     ("empty", _raw_bytes(b""), "index.msgpack", "empty index"),
     ("truncated", _truncated, "index.msgpack", "truncated index"),
@@ -408,6 +409,80 @@ BAD_INDEXES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
+def _column(values: list[int]) -> bytes:
+    return array("Q", values).tobytes() if sys.byteorder == "little" else _swapped(values)
+
+
+def _swapped(values: list[int]) -> bytes:
+    a = array("Q", values)
+    a.byteswap()
+    return a.tobytes()
+
+
+def as_version_1(index: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 index (the range table in binary columns) as version 1 would hold it."""
+    if index.get("version") != 2:
+        return index
+    cols = []
+    for name in ("range_mem", "range_length", "range_file"):
+        a = array("Q")
+        a.frombytes(index.pop(name))
+        if sys.byteorder != "little":
+            a.byteswap()
+        cols.append(a)
+    return {**index, "version": 1, "ranges": [list(t) for t in zip(*cols)]}
+
+
+def test_version_1_and_version_2_indexes_open_alike(ckpt: Path) -> None:
+    """The index is written as version 2 (binary columns); one rewritten as version 1
+    (a list of triples, as older pageloads wrote) opens to the same layout."""
+    index_path = ckpt / "index.msgpack"
+    index = msgpack.unpackb(index_path.read_bytes())
+    assert index["version"] == 2 and "ranges" not in index and isinstance(index["range_mem"], bytes)
+    v2 = open_checkpoint(str(ckpt)).layout
+    index_path.write_bytes(msgpack.packb(as_version_1(index)))
+    v1 = open_checkpoint(str(ckpt)).layout
+    assert list(v1) == list(v2) and len(v2) >= 2
+    assert v1.mem == v2.mem and v1.length == v2.length and v1.file == v2.file
+
+
+def _v2_set(**fields: Any) -> Mutation:
+    return lambda c, i: {**i, **fields}
+
+
+def _v2_cut(name: str) -> Mutation:
+    return lambda c, i: {**i, name: i[name][:-8]}
+
+
+BAD_V2_INDEXES: list[tuple[str, Mutation, str]] = [
+    ("list, not bin", lambda c, i: {**i, "range_mem": list(i["range_mem"])}, "field 'range_mem' is missing or not binary"),
+    ("missing column", lambda c, i: {k: v for k, v in i.items() if k != "range_file"},
+     "field 'range_file' is missing or not binary"),
+    ("short column", _v2_cut("range_length"), "field 'range_length' holds"),
+    ("ragged", _v2_set(range_mem=b"\0" * 12), "not a whole number of 8-byte values"),
+    ("overlap", lambda c, i: {**i, "range_mem": _column([0] * (len(i["range_mem"]) // 8))}, "overlaps or precedes"),
+    ("unaligned", lambda c, i: {**i, "range_file": _column([8] + [0] * (len(i["range_file"]) // 8 - 1))},
+     "not page-aligned"),
+    ("past 2**64", lambda c, i: {**i, "range_mem": _column([(1 << 64) - PS] * (len(i["range_mem"]) // 8))},
+     "runs past"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "problem"), [pytest.param(m, p, id=name) for name, m, p in BAD_V2_INDEXES])
+def test_bad_version_2_columns_are_named(ckpt: Path, mutate: Mutation, problem: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    index_path = ckpt / "index.msgpack"
+    index = msgpack.unpackb(index_path.read_bytes())
+    index_path.write_bytes(msgpack.packb(mutate(ckpt, index), use_bin_type=True))
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(str(ckpt))
+    message = str(info.value)
+    assert message.startswith(f"{index_path}: ") and problem in message and "\n" not in message, message
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", str(ckpt)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("mutate", "culprit", "problem"),
     [pytest.param(m, c, p, id=name) for name, m, c, p in BAD_INDEXES],
@@ -416,7 +491,7 @@ def test_bad_checkpoint_raises_naming_the_file(
     ckpt: Path, mutate: Mutation, culprit: str, problem: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     index_path = ckpt / "index.msgpack"
-    index = msgpack.unpackb(index_path.read_bytes())
+    index = as_version_1(msgpack.unpackb(index_path.read_bytes()))  # the list of triples: every field hostile
     assert len(index["ranges"]) >= 2
     result = mutate(ckpt, index)
     index_path.write_bytes(result if isinstance(result, bytes) else msgpack.packb(result))

@@ -219,7 +219,7 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
         fields = decode_index(data)
     except ValueError as exc:
         raise CheckpointError(index_path, str(exc)) from None
-    layout = Layout(fields.memory_size, fields.page_size, fields.ranges)
+    layout = Layout.from_arrays(fields.memory_size, fields.page_size, fields.mem, fields.length, fields.file)
     _validate(layout, index_path, fields.pages_size)
     pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)
     if not os.path.exists(pages_path):

@@ -202,7 +202,7 @@ def create_checkpoint(
         page_size=page_size,
         memory_size=size,
         data_bytes=fields.pages_size,
-        ranges=len(fields.ranges),
+        ranges=len(fields.mem),
         hole_bytes=size - extent_bytes,
         zero_page_bytes=extent_bytes - fields.pages_size,
         chunk_size=chunk_size,
@@ -309,21 +309,23 @@ def _write_pages(
     finally:
         os.close(out_fd)
     extent_bytes = sum(end - start for start, end in extents)
-    ranges = list(zip(mem, length, file, strict=True))
     if pieces is not extents:  # laid out out of memory order: the index is sorted by memory
-        ranges.sort()
         merged: list[tuple[int, int, int]] = []
-        for m, n, f in ranges:
+        for m, n, f in sorted(zip(mem, length, file, strict=True)):
             if merged and merged[-1][0] + merged[-1][1] == m and merged[-1][2] + merged[-1][1] == f:
                 merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2])
             else:
                 merged.append((m, n, f))
-        ranges = merged
+        mem = array("Q", (m for m, _, _ in merged))
+        length = array("Q", (n for _, n, _ in merged))
+        file = array("Q", (f for _, _, f in merged))
     return IndexFields(
         page_size=page_size,
         memory_size=size,
         pages_size=writer.position,
-        ranges=ranges,
+        mem=mem,
+        length=length,
+        file=file,
         chunk_size=chunk_size,
         checksums=checksums,
         source={

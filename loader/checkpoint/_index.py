@@ -16,6 +16,8 @@ from typing import Any
 
 import msgpack
 
+from .._columns import column_bytes, read_column
+
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "FORMAT",
@@ -31,7 +33,10 @@ __all__ = [
 ]
 
 FORMAT = "pageload-checkpoint"  #: value of the ``"format"`` field, the file's magic
-VERSION = 1  #: the one format version this code reads and writes
+#: the format version this code writes: 2 holds the range table as three binary
+#: columns (decoded straight into ``array('Q')``); version 1's list of triples still reads
+VERSION = 2
+READS = (1, 2)  #: the versions this code reads
 INDEX_NAME = "index.msgpack"
 PAGES_NAME = "pages.img"
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -59,15 +64,23 @@ class CheckpointError(Exception):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class IndexFields:
-    """The checked contents of an index (ranges not yet checked against each other)."""
+    """The checked contents of an index (ranges not yet checked against each other):
+    the range table as three columns (memory offset, length, ``pages.img`` offset)."""
 
     page_size: int
     memory_size: int
     pages_size: int
-    ranges: list[tuple[int, int, int]]
+    mem: array[int]
+    length: array[int]
+    file: array[int]
     chunk_size: int
     checksums: array[int]
     source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """The range table as triples (one tuple per range: for small tables and tests)."""
+        return list(zip(self.mem, self.length, self.file))
 
 
 def encode_index(fields: IndexFields) -> bytes:
@@ -82,12 +95,15 @@ def encode_index(fields: IndexFields) -> bytes:
             "page_size": fields.page_size,
             "memory_size": fields.memory_size,
             "pages_size": fields.pages_size,
-            "ranges": [list(r) for r in fields.ranges],
+            "range_mem": column_bytes(fields.mem),
+            "range_length": column_bytes(fields.length),
+            "range_file": column_bytes(fields.file),
             "checksum": CHECKSUM_ALGORITHM,
             "chunk_size": fields.chunk_size,
             "checksums": list(fields.checksums),
             "source": fields.source,
-        }
+        },
+        use_bin_type=True,
     )
     return packed
 
@@ -126,9 +142,10 @@ def decode_index(data: bytes) -> IndexFields:
     if obj.get("format") != FORMAT:
         raise ValueError(f'not a pageload checkpoint index (no "format": "{FORMAT}" field)')
     version = _int(obj, "version")
-    if version != VERSION:
+    if version not in READS:
         raise ValueError(
-            f"unsupported format version {version} (this pageload reads version {VERSION})"
+            f"unsupported format version {version} (this pageload reads versions "
+            f"{' and '.join(map(str, READS))})"
         )
     page_size = _int(obj, "page_size", minimum=1)
     memory_size = _int(obj, "memory_size")
@@ -141,12 +158,17 @@ def decode_index(data: bytes) -> IndexFields:
         raise ValueError(
             f"unknown checksum algorithm {algorithm!r} (expected {CHECKSUM_ALGORITHM!r})"
         )
-    ranges = _ranges(_field(obj, "ranges", list))
+    if version == 1:
+        mem, length, file = _ranges(_field(obj, "ranges", list))
+    else:
+        mem = read_column(obj, "range_mem")
+        length = read_column(obj, "range_length", len(mem))
+        file = read_column(obj, "range_file", len(mem))
     checksums = _checksums(_field(obj, "checksums", list))
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise ValueError(f"field 'source' is {_a(type(source).__name__)}, not a map")
-    return IndexFields(page_size, memory_size, pages_size, ranges, chunk_size, checksums, source)
+    return IndexFields(page_size, memory_size, pages_size, mem, length, file, chunk_size, checksums, source)
 
 
 def _a(noun: str) -> str:
@@ -173,16 +195,19 @@ def _is_u64(value: object) -> bool:
     return type(value) is int and 0 <= value < _U64
 
 
-def _ranges(items: list[Any]) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
+def _ranges(items: list[Any]) -> tuple[array[int], array[int], array[int]]:
+    """Version 1's ``ranges``: a list of ``[mem, len, off]`` triples, as three columns."""
+    mem, length, file = array("Q"), array("Q"), array("Q")
     for i, item in enumerate(items):
         if not (isinstance(item, list) and len(item) == 3 and all(_is_u64(v) for v in item)):
             raise ValueError(
                 f"ranges[{i}] is {item!r:.60}, not [memory offset, length, pages-file offset] "
                 "(three integers in [0, 2**64))"
             )
-        out.append((item[0], item[1], item[2]))
-    return out
+        mem.append(item[0])
+        length.append(item[1])
+        file.append(item[2])
+    return mem, length, file
 
 
 def _checksums(items: list[Any]) -> array[int]:
