@@ -29,6 +29,7 @@ bench: setup
 # checked waits alongside; fails on a crash, a wrong byte, or RssAnon growth > 10 MiB.
 fuzz: setup
 	$(PY) -m workloads.fuzz --frames 1000000
+	$(PY) -m workloads.fuzz_uffd --handshakes 100000
 
 lint: setup
 	$(PY) -m pip install -q ruff mypy

@@ -175,8 +175,23 @@ def check_options(opts: DaemonOptions) -> None:
         check_socket_path(opts.socket_path)
     if opts.uffd_socket is not None:
         check_socket_path(opts.uffd_socket)
+        if _same_path(opts.uffd_socket, opts.socket_path):
+            raise StartupError(f"--uffd-socket {opts.uffd_socket} is also the wait socket's path (--socket): "
+                               "give each its own")
+    if opts.metrics is not None and opts.metrics.path is not None:
+        for what, other in (("the wait socket's path (--socket)", opts.socket_path),
+                            ("--uffd-socket", opts.uffd_socket)):
+            if other is not None and _same_path(opts.metrics.path, other):
+                raise StartupError(f"--metrics {opts.metrics.path} is also {what}: give each its own")
     if opts.ready_fd is not None:
         check_ready_fd(opts.ready_fd)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two socket paths name one file (an abstract name, '@...', is no file)."""
+    if not a or not b or a.startswith("@") or b.startswith("@"):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:

@@ -7,16 +7,17 @@ scrape costs the hot paths nothing between scrapes.
 
 It is served from the daemon's own trio loop, not from a thread: the snapshot is
 taken where the statistics change, so it is consistent, and TCP and Unix-socket
-addresses share one tiny HTTP/1.0 responder.  The responder is bounded: at most
-``MAX_CONNECTIONS`` at once (more wait in the listen backlog), a request head of at
-most ``MAX_REQUEST_BYTES``, ``REQUEST_TIMEOUT_S`` to send it, one request per
-connection; only ``GET``/``HEAD`` of ``/metrics`` (or ``/``) get the metrics, other
-paths 404, other methods 405, anything unparsable 400.
+addresses share one tiny HTTP/1.0 responder.  The responder is bounded, and idle or
+slow peers cannot lock a scraper out: every connection is accepted at once; at most
+``MAX_CONNECTIONS`` are open, and one more closes the oldest (the oldest still sending
+its request first); a request head of at most ``MAX_REQUEST_BYTES`` must come within
+``REQUEST_TIMEOUT_S``, the response must be taken within ``RESPONSE_TIMEOUT_S``; one
+request per connection.  Only ``GET``/``HEAD`` of ``/metrics`` (or ``/``) get the
+metrics, other paths 404, other methods 405, anything unparsable 400.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket as stdsocket
@@ -36,15 +37,17 @@ if TYPE_CHECKING:  # prometheus_client is imported where it is used: only with -
         Metric,
     )
 
-from ._server import _clear_stale_socket
+from ._server import _clear_stale_socket, _remove_socket_file
 from ._startup import StartupError
 from ._stats import HISTOGRAM_BUCKETS
 
 log = logging.getLogger("pageload.metrics")
 
-MAX_CONNECTIONS = 8
+MAX_CONNECTIONS = 16
 MAX_REQUEST_BYTES = 8192
-REQUEST_TIMEOUT_S = 5.0
+#: a scraper sends its request as it connects: a peer silent this long is closed
+REQUEST_TIMEOUT_S = 1.0
+RESPONSE_TIMEOUT_S = 5.0
 
 #: busy-poll outcomes and their server statistics
 _BUSY_POLL_KEYS = {"hit": "busy_poll_hits", "miss": "busy_poll_misses", "yield": "busy_poll_yields"}
@@ -286,8 +289,12 @@ class MetricsServer:
         self.address = address
         self.registry = registry
         self._listener: trio.socket.SocketType | None = None
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file bound
+        #: open connections, oldest first: their cancel scopes, and whether they are
+        #: still reading the request (those are closed first to make room)
+        self._open: dict[trio.socket.SocketType, tuple[trio.CancelScope, list[bool]]] = {}
         self.scrapes = 0
+        self.evicted = 0  #: connections closed to make room for newer ones
 
     @property
     def bound(self) -> str:
@@ -316,7 +323,10 @@ class MetricsServer:
             old = os.umask(0o177)  # a Unix socket file is created mode 0600
             try:
                 await sock.bind(sockaddr)
-                sock.listen(16)
+                if a.path is not None:
+                    st = os.lstat(a.path)
+                    self._inode = (st.st_dev, st.st_ino)
+                sock.listen(128)
             except BaseException:
                 sock.close()
                 raise
@@ -335,15 +345,24 @@ class MetricsServer:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
-                    await self._slots.acquire()
-                    try:
-                        conn, _ = await listener.accept()
-                    except BaseException:
-                        self._slots.release()
-                        raise
-                    nursery.start_soon(self._handle, conn)
+                    conn, _ = await listener.accept()
+                    if len(self._open) >= MAX_CONNECTIONS:
+                        self._evict()
+                    scope = trio.CancelScope()
+                    reading = [True]
+                    self._open[conn] = (scope, reading)
+                    nursery.start_soon(self._handle, conn, scope, reading)
         finally:
             self.close()
+
+    def _evict(self) -> None:
+        """Close the oldest connection still sending its request, else the oldest."""
+        victim = next((c for c, (_, reading) in self._open.items() if reading[0]), None)
+        if victim is None:
+            victim = next(iter(self._open))
+        scope, _ = self._open.pop(victim)
+        scope.cancel()
+        self.evicted += 1
 
     def close(self) -> None:
         """Stop listening and remove the socket file; idempotent."""
@@ -351,29 +370,33 @@ class MetricsServer:
             return
         self._listener.close()
         self._listener = None
-        if self.address.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.path)
+        if self.address.path is not None and self._inode is not None:
+            _remove_socket_file(self.address.path, self._inode)  # only the file bound here
+            self._inode = None
 
-    async def _handle(self, conn: trio.socket.SocketType) -> None:
+    async def _handle(self, conn: trio.socket.SocketType, scope: trio.CancelScope, reading: list[bool]) -> None:
         try:
-            with conn:
+            with conn, scope:
                 head = b""
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                with trio.move_on_after(REQUEST_TIMEOUT_S) as waited:
                     while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) <= MAX_REQUEST_BYTES:
                         chunk = await conn.recv(4096)
                         if not chunk:
                             break
                         head += chunk
+                reading[0] = False
+                if waited.cancelled_caught and not head:
+                    return  # it never said anything: nothing to answer
                 response = self._respond(head)
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                with trio.move_on_after(RESPONSE_TIMEOUT_S):
                     view = memoryview(response)
                     while view:
                         view = view[await conn.send(view):]
         except OSError:
             pass  # the scraper went away: nothing to answer
         finally:
-            self._slots.release()
+            if self._open.get(conn, (None,))[0] is scope:
+                del self._open[conn]
 
     def _respond(self, head: bytes) -> bytes:
         if len(head) > MAX_REQUEST_BYTES:

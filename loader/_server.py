@@ -183,7 +183,7 @@ class Session:
         self._poller: Any = None  # a select.poll on this socket, made on the first poll
         self._on_loaded: Callable[[WaitHandle], None] = self._loaded  # one bound method, reused
         self.fds: deque[int] = deque()  # descriptors received (SCM_RIGHTS), oldest first
-        self.uffd_registrations: list[_uffd_minor.MinorRegistration] = []
+        self.uffd_registrations: list[_uffd_minor.Registration] = []  # and those being checked
         self.nursery: trio.Nursery | None = None  # the session's tasks (zero-copy userfaultfd ranges run here)
 
     def statistics(self) -> SessionStatistics:
@@ -708,15 +708,7 @@ class Server:
         """Unlink the socket file, only if it is still the one this server created."""
         if self._inode is None:
             return
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self._inode:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        else:
-            log.warning("%s is no longer the socket this daemon created: left in place", self.path)
+        _remove_socket_file(self.path, self._inode)
         self._inode = None
 
     def _stop_listening(self) -> None:
@@ -842,6 +834,20 @@ async def _lingering_close(sock: trio.socket.SocketType, timeout: float = 0.5) -
 
 def _plain(record: Any) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__slots__}
+
+
+def _remove_socket_file(path: str, inode: tuple[int, int]) -> None:
+    """Unlink the socket file at ``path`` only if it is still ``inode`` (st_dev, st_ino),
+    the one this daemon bound: another daemon's socket put there since is left alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == inode:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        log.warning("%s is no longer the socket this daemon created: left in place", path)
 
 
 def _clear_stale_socket(path: str) -> None:

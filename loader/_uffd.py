@@ -157,6 +157,19 @@ def unavailable(features: int = 0) -> str | None:
     return None
 
 
+def close_forked(arg: int) -> int:
+    """A ``UFFD_EVENT_FORK`` message's new userfaultfd (``arg.fork.ufd``, the low 32
+    bits of the message's first argument word), which reading the message put into
+    this process: closed at once (the child's copy of the mapping is then not served,
+    and no descriptor is left behind per fork).  Returns the descriptor number."""
+    fd = arg & 0xFFFFFFFF
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    return fd
+
+
 def is_userfaultfd(fd: int) -> bool:
     """True when ``fd`` is a userfaultfd (its /proc link names the anon inode)."""
     try:

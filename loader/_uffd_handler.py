@@ -26,7 +26,9 @@ memory order (a raw image, direct copies on), or else every range the loader fin
 stops faulting once the load is done; it waits while faults keep coming
 (docs/UFFD.md "Background fill").
 ``UFFD_EVENT_REMOVE`` / ``UNMAP`` are read by the fault thread (never copied again,
-later faults get zero pages), as is ``REMAP`` (the region moves); reading events and
+later faults get zero pages), as is ``REMAP`` (the region moves); ``FORK`` (a VMM that
+asked for it forked) puts the child's userfaultfd into the daemon, which closes it at
+once (the child's copy is not served, and nothing is left open); reading events and
 every fill copy hold one lock, so no fill copy can follow a removal once it is read.
 """
 
@@ -37,6 +39,7 @@ import ctypes
 import errno as errno_mod
 import json
 import logging
+import math
 import mmap
 import os
 import select
@@ -58,6 +61,8 @@ from . import _uffd
 from ._loader import Loader, LoadError, WaitHandle
 from ._memfile import MemoryFile
 from ._rangeset import RangeSet, gaps
+from ._server import _clear_stale_socket, _remove_socket_file
+from ._startup import StartupError, describe_os_error
 from ._stats import LatencyHistogram
 
 log = logging.getLogger("pageload")
@@ -68,8 +73,17 @@ _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _READ_AHEAD = 8  #: fill chunks the direct fill asks the kernel to read ahead of its copy
 _DISK_THREADS = 4  #: at most this many threads read uncached source pages for faults
 
-MAX_HANDSHAKE = 64 << 10
+#: Regions a handshake may name.
 MAX_REGIONS = 1024
+#: Bytes a handshake may take: room for ``MAX_REGIONS`` regions in Firecracker's format
+#: with every number at its widest (about 170 bytes each), indented
+MAX_HANDSHAKE = MAX_REGIONS * 256
+#: A connection that has not sent its whole handshake by then is refused.
+HANDSHAKE_TIMEOUT_S = 5.0
+#: Connections whose handshake is being read at once; one more refuses the oldest of them
+#: (a VMM sends its handshake as it connects: it is never the oldest for long)
+MAX_PENDING_HANDSHAKES = 8
+_ADDRESS_SPACE = 1 << 64
 
 
 class HandshakeError(ValueError):
@@ -88,13 +102,39 @@ class Region:
         return self.base + self.size
 
 
+def _decode(data: bytes, final: bool = True) -> Any:
+    """The handshake's JSON value; None when ``data`` is only the start of one (and
+    not ``final``).  Nesting too deep for the parser is refused, not raised."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if not final and exc.reason == "unexpected end of data":
+            return None  # cut inside a character: more is coming
+        raise HandshakeError(f"handshake is not JSON: {exc}") from None
+    try:
+        return json.loads(text)
+    except RecursionError:  # the parser's own bound (about 1000 levels): one line, never a crash
+        raise HandshakeError("handshake is not JSON: nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        if not final and (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")):
+            return None  # it ended early (cut between values, in a number or in a string): more is coming
+        raise HandshakeError(f"handshake is not JSON: {exc}") from None
+    except ValueError as exc:  # an integer of too many digits
+        raise HandshakeError(f"handshake is not JSON: {exc}") from None
+
+
 def parse_handshake(data: bytes, memory_size: int) -> list[Region]:
     """Firecracker's region list, checked: page sizes are powers of two from 4 KiB,
-    everything aligned to them, inside the image, no overlaps."""
-    try:
-        items = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HandshakeError(f"handshake is not JSON: {exc}") from None
+    everything aligned to them, inside the image and the 64-bit address space, no
+    overlaps, at most :data:`MAX_REGIONS` regions in :data:`MAX_HANDSHAKE` bytes."""
+    if len(data) > MAX_HANDSHAKE:
+        raise HandshakeError(f"handshake is {len(data)} bytes, more than {MAX_HANDSHAKE} "
+                             f"(room for {MAX_REGIONS} regions)")
+    return check_regions(_decode(data), memory_size)
+
+
+def check_regions(items: Any, memory_size: int) -> list[Region]:
+    """:func:`parse_handshake` after the JSON: the regions of a decoded handshake."""
     if not isinstance(items, list) or not items:
         raise HandshakeError("handshake must be a non-empty JSON array of regions")
     if len(items) > MAX_REGIONS:
@@ -106,15 +146,19 @@ def parse_handshake(data: bytes, memory_size: int) -> list[Region]:
         values: dict[str, int] = {}
         for key in ("base_host_virt_addr", "size", "offset"):
             v = item.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise HandshakeError(f"region {n}: {key} must be a non-negative integer")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _ADDRESS_SPACE:
+                raise HandshakeError(f"region {n}: {key} must be an integer from 0 to 2^64-1")
             values[key] = v
         page = item.get("page_size", item.get("page_size_kib"))  # the old field holds bytes too
-        if not isinstance(page, int) or isinstance(page, bool) or page < 4096 or page & (page - 1):
+        if (not isinstance(page, int) or isinstance(page, bool) or page < 4096 or page & (page - 1)
+                or page >= _ADDRESS_SPACE):
             raise HandshakeError(f"region {n}: page_size must be a power of two of at least 4096")
         base, size, offset = values["base_host_virt_addr"], values["size"], values["offset"]
         if size == 0 or (base | size | offset) % page:
             raise HandshakeError(f"region {n}: base, size and offset must be non-zero multiples of {page}")
+        if base + size > _ADDRESS_SPACE:
+            raise HandshakeError(f"region {n}: base {base:#x} + size {size:#x} is past the end of the "
+                                 f"64-bit address space")
         if offset + size > memory_size:
             raise HandshakeError(f"region {n}: offset {offset:#x} + size {size:#x} is beyond the image "
                                  f"({memory_size:#x} bytes)")
@@ -210,6 +254,7 @@ class _Counters:
     remove: int = 0
     unmap: int = 0
     remap: int = 0
+    fork: int = 0  #: UFFD_EVENT_FORK: the child's userfaultfd closed at once
     blocked_ns: int = 0  #: total time faults waited (each fault counted)
     busy_ns: int = 0  #: the fill thread's time reading ahead and copying (not waiting)
     relooked: int = 0  #: direct fill spans put back after a removal or remap came while they were copied
@@ -272,6 +317,7 @@ class UffdHandler:
         self._zero_huge: mmap.mmap | None = None
         self._zero_src = 0
         self.counts = _Counters()  #: the fault thread's
+        self._ignored: set[int] = set()  # unknown events logged once (the fault thread's)
         self.fill_counts = _Counters()  #: the fill thread's (copies only)
         self._local = threading.local()  # per thread: counts, copied
         #: held by the fill thread around each copy and by the fault thread around
@@ -464,7 +510,7 @@ class UffdHandler:
             "eexist": c.eexist + f.eexist,
             "eagain": c.eagain + f.eagain,
             "efault": c.efault + f.efault,
-            "events": {"remove": c.remove, "unmap": c.unmap, "remap": c.remap},
+            "events": {"remove": c.remove, "unmap": c.unmap, "remap": c.remap, "fork": c.fork},
             "removed_bytes": self.removed.total,
             "pending_bytes": pending,
             "filled": self.filled.is_set(),
@@ -850,8 +896,15 @@ class UffdHandler:
                 if event == _uffd.EVENT_REMAP:
                     self.counts.remap += 1
                     self._remap(a, b, c)
-                elif event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP):
-                    log.warning("uffd: ignoring event %#x", event)
+                elif event == _uffd.EVENT_FORK:
+                    _uffd.close_forked(a)
+                    self.counts.fork += 1
+                    if self.counts.fork == 1:
+                        log.warning("uffd: the VMM forked (UFFD_EVENT_FORK): the child's userfaultfd is closed, "
+                                    "its copy of guest memory is not served (said once; counted as events.fork)")
+                elif event not in (_uffd.EVENT_REMOVE, _uffd.EVENT_UNMAP) and event not in self._ignored:
+                    self._ignored.add(event)
+                    log.warning("uffd: ignoring event %#x (said once)", event)
             if n < len(buf):  # the buffer was not filled: nothing more is queued
                 return True
         return read
@@ -1591,25 +1644,42 @@ def _address_of_map(m: mmap.mmap) -> int:
 
 
 # ------------------------------------------------------------ the listener
+_RECV_CHUNK = 64 << 10
+_MAX_FDS = 16  #: descriptors read from one handshake (more are closed by the kernel: MSG_CTRUNC)
+
+
 async def receive_handshake(conn: trio.socket.SocketType, memory_size: int) -> tuple[list[Region], int]:
     """Read the VMM's one message: regions + the userfaultfd.  Closes any fds that
-    came with a bad message.  Raises :class:`HandshakeError`."""
+    came with a bad message.  Raises :class:`HandshakeError`.
+
+    Firecracker sends the message in one ``sendmsg`` with the descriptor, which
+    arrives with its first byte: bytes without one are refused at once.  The rest
+    is read until it is a whole JSON value (or the peer closes the connection), at
+    most :data:`MAX_HANDSHAKE` bytes."""
     fds = array.array("i")
     data = b""
-    while True:
-        msg, ancdata, _flags, _addr = await conn.recvmsg(MAX_HANDSHAKE, socket.CMSG_SPACE(16 * fds.itemsize))
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        data += msg
-        if not msg or fds:
-            break
-        if len(data) > MAX_HANDSHAKE:
-            break
     try:
+        while True:
+            msg, ancdata, _flags, _addr = await conn.recvmsg(
+                _RECV_CHUNK, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            if not msg:
+                if not data and not fds:
+                    raise HandshakeError("the VMM closed the connection before the handshake")
+                break  # the peer is done: what came is the message
+            data += msg
+            if not fds:
+                raise HandshakeError("handshake carried no userfaultfd (SCM_RIGHTS)")
+            if len(data) > MAX_HANDSHAKE:
+                raise HandshakeError(f"handshake is more than {MAX_HANDSHAKE} bytes "
+                                     f"(room for {MAX_REGIONS} regions)")
+            items = _decode(data, final=False)
+            if items is not None:
+                break
         if not fds:
-            raise HandshakeError("handshake carried no userfaultfd (SCM_RIGHTS)" if data
-                                 else "the VMM closed the connection before the handshake")
+            raise HandshakeError("handshake carried no userfaultfd (SCM_RIGHTS)")
         if len(fds) != 1:
             raise HandshakeError(f"handshake carried {len(fds)} file descriptors, expected 1")
         if not _uffd.is_userfaultfd(fds[0]):
@@ -1631,6 +1701,111 @@ def _fcntl_getfl(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
+class _Refusals:
+    """Refused connections, logged at most once a second (a flood is one line a
+    second, with the number left out), all counted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._unlogged = 0
+        self._last = -math.inf
+
+    def note(self, why: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._unlogged += 1
+            return
+        more = f" (and {self._unlogged} more refused since the last line)" if self._unlogged else ""
+        self._last, self._unlogged = now, 0
+        log.error("uffd: refused a connection: %s%s", why, more)
+
+
+def bind_uffd_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """Bind and listen on ``path`` (mode 0600) with the wait socket's rules: a stale
+    socket (nobody listening) is replaced; a live one (another daemon's, or this
+    one's wait socket) and anything that is not a socket are refused
+    (:class:`StartupError`).  Returns the socket and the file's (st_dev, st_ino), so
+    that only that file is removed at exit."""
+    try:
+        _clear_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            st = os.lstat(path)
+            sock.listen(MAX_PENDING_HANDSHAKES)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        line = describe_os_error(exc, None)
+        raise StartupError(f"--uffd-socket {line}" if path in line else f"--uffd-socket {path}: {line}") from None
+    return sock, (st.st_dev, st.st_ino)
+
+
+class _Handshakes:
+    """The uffd socket's connections before one of them is served.  Each handshake is
+    read in a task of its own (:meth:`accept`), so a peer that sends nothing delays no
+    other: it is refused after :data:`HANDSHAKE_TIMEOUT_S`, or as soon as
+    :data:`MAX_PENDING_HANDSHAKES` newer connections are being read.  The first good
+    handshake wins (:attr:`won`); one that completes after it is refused, and so is
+    every connection accepted after it."""
+
+    def __init__(self, listener: trio.socket.SocketType, memory_size: int) -> None:
+        self.listener = listener
+        self.memory_size = memory_size
+        self.refusals = _Refusals()
+        self.won: tuple[trio.socket.SocketType, list[Region], int] | None = None
+        self.ready = trio.Event()  #: set once :attr:`won` is
+        self._pending: dict[trio.socket.SocketType, trio.CancelScope] = {}  # oldest first
+        self._evicted: set[trio.socket.SocketType] = set()
+
+    async def accept(self) -> None:
+        """Accept connections until cancelled (run in a nursery; see the class doc)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await self.listener.accept()
+                if self.won is not None:
+                    conn.close()
+                    self.refusals.note("already serving a VMM")
+                    continue
+                if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+                    oldest = next(iter(self._pending))
+                    self._evicted.add(oldest)
+                    self._pending.pop(oldest).cancel()
+                scope = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
+                self._pending[conn] = scope
+                nursery.start_soon(self._one, conn, scope)
+
+    async def _one(self, conn: trio.socket.SocketType, scope: trio.CancelScope) -> None:
+        keep = False
+        try:
+            with scope:
+                regions, fd = await receive_handshake(conn, self.memory_size)
+                if self.won is not None:
+                    os.close(fd)
+                    self.refusals.note("already serving a VMM")
+                    return
+                self.won = (conn, regions, fd)
+                keep = True
+                self.ready.set()
+            if scope.cancelled_caught:
+                self.refusals.note(f"{MAX_PENDING_HANDSHAKES} newer connections came before its handshake"
+                                   if conn in self._evicted else f"no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
+        except (HandshakeError, OSError) as exc:
+            self.refusals.note(str(exc))
+        finally:
+            self._pending.pop(conn, None)
+            self._evicted.discard(conn)
+            if not keep:
+                conn.close()
+
+
 async def serve_uffd(
     path: str,
     loader: Loader,
@@ -1640,38 +1815,29 @@ async def serve_uffd(
     on_handler: Any = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> UffdHandler | None:
-    """Listen on ``path`` (mode 0600) for one VMM; serve it until it closes the
-    connection (or exits); return its handler.  A bad handshake is logged and
-    refused (the connection closed), and the next connection is awaited."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Listen on ``path`` (mode 0600; :func:`bind_uffd_socket`) for one VMM; serve it
+    until it closes the connection (or exits); return its handler.  Handshakes are
+    read concurrently and bounded (:class:`_Handshakes`); a bad one is logged and
+    refused (the connection closed).  The socket file is removed at exit if it is
+    still the one bound here."""
+    raw, inode = bind_uffd_socket(path)
+    sock = trio.socket.from_stdlib_socket(raw)
+    handshakes = _Handshakes(sock, loader.memory_size)
     try:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        task_status.started()
-        while True:
-            conn, _ = await sock.accept()
+        async with trio.open_nursery() as listening:
+            listening.start_soon(handshakes.accept)
+            task_status.started()
+            await handshakes.ready.wait()
+            assert handshakes.won is not None
+            conn, regions, fd = handshakes.won
             with conn:
-                try:
-                    with trio.fail_after(10):
-                        regions, fd = await receive_handshake(conn, loader.memory_size)
-                except (HandshakeError, trio.TooSlowError, OSError) as exc:
-                    why = "no handshake within 10 s" if isinstance(exc, trio.TooSlowError) else str(exc)
-                    log.error("uffd: refused a connection: %s", why)
-                    continue
                 handler = None
                 try:
                     handler = UffdHandler(loader, memory, fd, regions, config)
-                    log.info("uffd: serving %d region(s): %s", len(regions),
-                             ", ".join(f"{r.size >> 20} MiB at memory {r.offset:#x} ({r.page_size >> 10} KiB pages)"
-                                       for r in regions))
+                    shown = ", ".join(f"{r.size >> 20} MiB at memory {r.offset:#x} ({r.page_size >> 10} KiB pages)"
+                                      for r in regions[:8])
+                    log.info("uffd: serving %d region(s): %s%s", len(regions), shown,
+                             f", ... ({len(regions) - 8} more)" if len(regions) > 8 else "")
                     if on_handler is not None:
                         on_handler(handler)
                     async with trio.open_nursery() as nursery:
@@ -1684,13 +1850,11 @@ async def serve_uffd(
                     os.close(fd)
                 log.info("uffd: the VMM went away")
                 log.info(handler.summary_line())
-                return handler
+            listening.cancel_scope.cancel()
+        return handler
     finally:
         sock.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _remove_socket_file(path, inode)
 
 
 async def _until_closed(conn: trio.socket.SocketType, scope: trio.CancelScope) -> None:

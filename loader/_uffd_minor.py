@@ -61,6 +61,14 @@ MAX_REGISTRATIONS = 16
 MAP_CHUNK = 2 << 20
 #: After a fault, the loaded pages of the aligned window around it are mapped too.
 FAULT_AROUND = 64 << 10
+#: ``uffd-register`` reads the VMM's ``/proc/PID/maps`` (in a worker thread) up to the
+#: range: at most this many bytes of it (``vm.max_map_count`` 65530 mappings of about
+#: 100 bytes each fit) ...
+MAX_MAPS_BYTES = 16 << 20
+#: ... for at most this long
+MAPS_TIMEOUT_S = 2.0
+#: Worker threads reading mappings at once, for all connections.
+MAPS_THREADS = 2
 #: Features the VMM's ``UFFDIO_API`` must have asked for.
 REQUIRED_FEATURES = _uffd.FEATURE_MINOR_SHMEM
 _GONE = (errno_mod.ESRCH, errno_mod.ENOENT)
@@ -87,35 +95,53 @@ def uffd_features(fd: int) -> int | None:
     return None
 
 
-def mapping_covers(pid: int, address: int, length: int, offset: int, st: os.stat_result) -> str | None:
+def mapping_covers(pid: int, address: int, length: int, offset: int, st: os.stat_result, *,
+                   max_bytes: int | None = None, timeout: float | None = None) -> str | None:
     """Why ``[address, address+length)`` of process ``pid`` is not a shared mapping of
-    the file ``st`` at file offset ``offset`` (from ``/proc/PID/maps``), or None if it is."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.readlines()
-    except OSError as exc:
-        return f"cannot read the mappings of pid {pid}: {exc.strerror}"
+    the file ``st`` at file offset ``offset`` (from ``/proc/PID/maps``), or None if it is.
+
+    Blocking (the kernel walks the process's mappings as they are read): called in a
+    worker thread.  Bounded: the listing is read in address order only up to the end
+    of the range, and at most ``max_bytes`` of it (:data:`MAX_MAPS_BYTES`) for at most
+    ``timeout`` seconds (:data:`MAPS_TIMEOUT_S`); past either the answer is a refusal."""
+    max_bytes = MAX_MAPS_BYTES if max_bytes is None else max_bytes
+    timeout = MAPS_TIMEOUT_S if timeout is None else timeout
+    deadline = time.monotonic() + timeout
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     pos, end = address, address + length
-    for line in lines:
-        fields = line.split(None, 5)
-        if len(fields) < 5:
-            continue
-        lo_s, _, hi_s = fields[0].partition("-")
-        lo, hi = int(lo_s, 16), int(hi_s, 16)
-        if hi <= pos or lo > pos:
-            continue
-        perms, file_off, mdev, inode = fields[1], int(fields[2], 16), fields[3], int(fields[4])
-        if mdev != dev or inode != st.st_ino:
-            return f"address {pos:#x} is not a mapping of the memory file"
-        if len(perms) < 4 or perms[3] != "s":
-            return f"the mapping at {pos:#x} is private, not MAP_SHARED"
-        if file_off + (pos - lo) != offset + (pos - address):
-            return (f"address {pos:#x} maps memory offset {file_off + (pos - lo):#x}, "
-                    f"not {offset + (pos - address):#x}")
-        pos = hi
-        if pos >= end:
-            return None
+    read = 0
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                read += len(line)
+                if read > max_bytes:
+                    return f"pid {pid} has more than {max_bytes} bytes of mappings below {pos:#x}"
+                if time.monotonic() > deadline:
+                    return f"the mappings of pid {pid} could not be read within {timeout:g} s"
+                fields = line.split(None, 5)
+                if len(fields) < 5:
+                    continue
+                lo_s, _, hi_s = fields[0].partition("-")
+                lo, hi = int(lo_s, 16), int(hi_s, 16)
+                if hi <= pos:
+                    continue
+                if lo > pos:
+                    break  # the listing ascends: nothing maps pos
+                perms, file_off, mdev, inode = fields[1], int(fields[2], 16), fields[3], int(fields[4])
+                if mdev != dev or inode != st.st_ino:
+                    return f"address {pos:#x} is not a mapping of the memory file"
+                if len(perms) < 4 or perms[3] != "s":
+                    return f"the mapping at {pos:#x} is private, not MAP_SHARED"
+                if file_off + (pos - lo) != offset + (pos - address):
+                    return (f"address {pos:#x} maps memory offset {file_off + (pos - lo):#x}, "
+                            f"not {offset + (pos - address):#x}")
+                pos = hi
+                if pos >= end:
+                    return None
+    except OSError as exc:
+        return f"cannot read the mappings of pid {pid}: {exc.strerror}"
+    except ValueError:
+        return f"cannot parse the mappings of pid {pid}"
     return f"address {pos:#x} is not mapped"
 
 
@@ -146,6 +172,7 @@ class MinorRegistration:
         self.faults_failed = 0  #: poisoned
         self.faults_stray = 0  #: outside the registered range: poisoned
         self.remap_events = 0
+        self.fork_events = 0  #: UFFD_EVENT_FORK: the child's userfaultfd closed at once
         self.mapped_bytes = 0  #: mapped into the VMM ahead of faults
         self.eexist = 0
         self.eagain = 0
@@ -176,6 +203,7 @@ class MinorRegistration:
             "faults_stray": self.faults_stray, "faults_outstanding": len(self._waits),
             "mapped_bytes": self.mapped_bytes, "pending_bytes": self.pending.total,
             "eexist": self.eexist, "eagain": self.eagain, "remap_events": self.remap_events,
+            "fork_events": self.fork_events,
             "fault_latency_us": self.histogram.as_dict(),
         }
 
@@ -207,6 +235,12 @@ class MinorRegistration:
                         self._fault(m.b, m.a, time.perf_counter_ns())
                     elif m.event == _uffd.EVENT_REMAP:
                         self._remap(m.a, m.b, m.c)
+                    elif m.event == _uffd.EVENT_FORK:  # the child's userfaultfd, now ours: closed
+                        _uffd.close_forked(m.a)
+                        self.fork_events += 1
+                        if self.fork_events == 1:
+                            log.warning("uffd: the VMM forked (UFFD_EVENT_FORK): the child's userfaultfd is "
+                                        "closed, its copy of the range is not served (said once)")
                 messages = uffd.read_messages()
             if self._retry:
                 retry, self._retry = self._retry, []
@@ -428,6 +462,8 @@ class MinorService:
         self.registrations: set[MinorRegistration] = set()
         self.total = 0
         self.refused = 0
+        #: the worker threads that read VMMs' mappings (one service per server and trio run)
+        self.maps_limiter = trio.CapacityLimiter(MAPS_THREADS)
         loader.add_loaded_listener(self._on_loaded)
 
     def _on_loaded(self, lo: int, hi: int) -> None:
@@ -446,9 +482,33 @@ def _service(session: Session) -> MinorService:
     return server.uffd_minor
 
 
+class PendingRegistration:
+    """A ``uffd-register`` whose mappings are being read: it holds its place (the
+    connection's count, the range for overlaps) and its descriptor until answered."""
+
+    def __init__(self, address: int, length: int, fd: int) -> None:
+        self.base = address
+        self.size = length
+        self.fd = fd
+        self.closed = False
+        self.scope = trio.CancelScope()
+
+    def close(self) -> None:
+        """The connection went: stop waiting, close the descriptor; idempotent."""
+        self.scope.cancel()
+        self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+Registration = MinorRegistration | PendingRegistration
+
+
 def check_request(session: Session, event: protocol.RegisterUffd, fd: int | None,
-                  mine: list[MinorRegistration]) -> int:
-    """Validate a ``uffd-register`` request; returns the page size to serve it with."""
+                  mine: list[Registration]) -> int:
+    """Validate a ``uffd-register`` request (all but the VMM's mappings, which
+    :func:`mapping_covers` reads in a worker thread); returns the page size to serve it with."""
     server = session.server
     loader = session.loader
     if not server.allow_writable_memory_fd:
@@ -476,50 +536,78 @@ def check_request(session: Session, event: protocol.RegisterUffd, fd: int | None
     for r in mine:
         if event.address < r.base + r.size and r.base < event.address + event.length:
             raise RegistrationError(codes.BAD_MESSAGE, f"the range overlaps the one registered at {r.base:#x}")
-    why = mapping_covers(session.peer_pid, event.address, event.length, event.offset,
-                         os.fstat(server.memory_fd))
-    if why is not None:
-        raise RegistrationError(codes.BAD_MESSAGE, why)
     return page
 
 
+def _refuse(session: Session, service: MinorService, event: protocol.RegisterUffd, exc: RegistrationError) -> None:
+    service.refused += 1
+    if exc.code in (codes.BAD_MESSAGE, codes.OUT_OF_RANGE):  # the client's fault: counted as bad requests
+        session._error(event.id, exc.code, exc.message)
+    else:
+        session.reply(protocol.ErrorReply(event.id, exc.code, exc.message))
+
+
 def register(session: Session, event: protocol.RegisterUffd, fd: int | None) -> None:
-    """Serve ``uffd-register``: check it, start serving the range, answer.  Takes ``fd``
-    (closed on refusal)."""
-    mine: list[MinorRegistration] = session.uffd_registrations
+    """Serve ``uffd-register``: check it, then (in a task of the connection) read the
+    VMM's mappings in a worker thread, start serving the range and answer.  Takes
+    ``fd`` (closed on refusal, or when the connection goes first)."""
+    mine: list[Registration] = session.uffd_registrations
     service = _service(session)
     try:
         mine[:] = [r for r in mine if not r.closed]
         page = check_request(session, event, fd, mine)
     except RegistrationError as exc:
-        service.refused += 1
         if fd is not None:
             os.close(fd)
-        if exc.code in (codes.BAD_MESSAGE, codes.OUT_OF_RANGE):  # the client's fault: counted as bad requests
-            session._error(event.id, exc.code, exc.message)
-        else:
-            session.reply(protocol.ErrorReply(event.id, exc.code, exc.message))
+        _refuse(session, service, event, exc)
         return
     assert fd is not None and session.nursery is not None
+    pending = PendingRegistration(event.address, event.length, fd)
+    mine.append(pending)
+    session.nursery.start_soon(_register_mapped, session, service, event, pending, page)
+
+
+async def _register_mapped(session: Session, service: MinorService, event: protocol.RegisterUffd,
+                           pending: PendingRegistration, page: int) -> None:
+    """The rest of :func:`register`: the VMM's mappings, read off the event loop."""
+    mine: list[Registration] = session.uffd_registrations
+    server = session.server
+    assert server.memory_fd is not None
+    why: str | None = None
+    try:
+        with pending.scope:  # cancelled when the connection goes (close_all)
+            why = await trio.to_thread.run_sync(
+                mapping_covers, session.peer_pid, event.address, event.length, event.offset,
+                os.fstat(server.memory_fd), limiter=service.maps_limiter, abandon_on_cancel=True)
+    except BaseException:  # the daemon is stopping
+        pending.close()
+        raise
+    finally:
+        if pending in mine:
+            mine.remove(pending)
+    if pending.closed:  # the connection went meanwhile: nothing to answer
+        return
+    fd, pending.fd = pending.fd, -1
+    pending.closed = True
+    if why is not None:
+        os.close(fd)
+        _refuse(session, service, event, RegistrationError(codes.BAD_MESSAGE, why))
+        return
     os.set_blocking(fd, False)
     reg = MinorRegistration(session.loader, fd, event.address, event.length, event.offset, page)
     mine.append(reg)
     service.registrations.add(reg)
     service.total += 1
-
-    async def serve() -> None:
-        try:
-            await reg.run()
-        finally:
-            service.registrations.discard(reg)
-
-    session.nursery.start_soon(serve)
     log.info("uffd: pid %d registered %#x+%#x (memory offset %#x) for zero-copy faults",
              session.peer_pid, event.address, event.length, event.offset)
     session.reply(protocol.UffdRegistered(event.id))
+    try:
+        await reg.run()
+    finally:
+        service.registrations.discard(reg)
 
 
-def close_all(registrations: list[MinorRegistration]) -> None:
+def close_all(registrations: list[Registration]) -> None:
     for reg in registrations:
         reg.close()
     registrations.clear()

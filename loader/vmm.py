@@ -75,9 +75,11 @@ class ZeroCopyMemory:
 
     @classmethod
     def open(cls, socket_path: str, *, offset: int = 0, size: int | None = None,
-             timeout: float | None = 30.0) -> ZeroCopyMemory:
+             timeout: float | None = 30.0, features: int = 0) -> ZeroCopyMemory:
         """Connect to the daemon at ``socket_path`` and map memory ``[offset, offset+size)``
-        (all of it by default), its faults served by the daemon.
+        (all of it by default), its faults served by the daemon.  ``features``: more
+        ``UFFD_FEATURE_*`` bits to ask ``UFFDIO_API`` for (``UFFD_FEATURE_MINOR_SHMEM`` is
+        always asked for).
 
         Raises :class:`loader.ClientError` when the daemon refuses (``forbidden``: it
         runs without ``--allow-writable-memory-fd``), :class:`ZeroCopyUnsupported`
@@ -99,7 +101,7 @@ class ZeroCopyMemory:
                 raise OSError(err, f"mmap of {size} bytes of the memory file: {os.strerror(err)}")
             uffd = _uffd.userfaultfd()
             try:
-                features, _ = _uffd.api(uffd, _uffd.FEATURE_MINOR_SHMEM)
+                features, _ = _uffd.api(uffd, _uffd.FEATURE_MINOR_SHMEM | features)
             except OSError as exc:
                 raise ZeroCopyUnsupported(exc.errno or errnos.EINVAL,
                                           "UFFDIO_API refused UFFD_FEATURE_MINOR_SHMEM") from None

@@ -124,3 +124,32 @@ def test_daemon_survives_a_fuzz_burst_and_serves_correct_bytes(fuzz_daemon) -> N
             time.sleep(0.01)  # the last sessions finish their lingering close
         assert client.stats()["server"]["connections"] == 1  # every fuzz connection is gone
     assert os.path.exists(daemon.socket_path)
+
+
+def test_daemon_survives_a_uffd_handshake_fuzz_burst(tmp_path) -> None:
+    """Hostile handshakes on --uffd-socket (JSON and SCM_RIGHTS variants), with checked
+    waits alongside: every one refused, nothing left open, and a VMM served after."""
+    from loader import _uffd
+    from workloads._fuzz_uffd import run_uffd_fuzz
+
+    why = _uffd.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    image = str(tmp_path / "memory.img")
+    make_sample_image(image, SIZE, seed=7)
+    with open(image, "rb") as f:
+        data = f.read()
+    uffd = str(tmp_path / "fuzz.uffd")
+    with DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "d.log"),
+                       ["--background", "-q", "--uffd-socket", uffd]) as daemon:
+        report = run_uffd_fuzz(uffd, daemon.socket_path, daemon.pid, data, handshakes=1500, seed=SEED,
+                               image_path=image)
+        assert report.daemon_alive, daemon.stderr_tail()
+        assert report.handshakes == 1500 and report.with_uffd > 500 and report.junk_fds > 200
+        assert report.closed_by_daemon == report.handshakes  # each refused, none hung
+        assert report.check_errors == [] and report.checked_waits > 0
+        assert report.fds_after <= report.fds_before
+        assert report.vmm_served and report.vmm_mismatches == 0
+        assert daemon.proc.wait(30) == 0  # the VMM went: the daemon ends by itself
+    with open(tmp_path / "d.log") as f:
+        assert "Traceback" not in f.read()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -212,6 +213,95 @@ def test_cli_bad_metrics_is_one_line_exit_2(tmp_path, image):
                                "--metrics", arg], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and "--metrics" in proc.stderr
+
+
+IDLE = 1000
+SCRAPE_TIMEOUT_S = 10.0  # Prometheus's default scrape_timeout: a scrape that takes longer has failed
+
+
+class _IdleFlood:
+    """``count`` TCP connections to ``port`` that never send anything, held: one the
+    daemon closes is opened again at once (a thread), as a hostile client would."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
+        self.socks: dict[int, socket.socket] = {}
+        self.poll = select.poll()
+        self.stop = False
+        self.reopened = 0
+        for _ in range(count):
+            self._open()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+
+    def _open(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", self.port))  # never waits: a full backlog leaves it connecting
+        self.socks[s.fileno()] = s
+        self.poll.register(s, select.POLLIN)
+
+    def _hold(self) -> None:
+        while not self.stop:
+            for fd, _ in self.poll.poll(50):
+                s = self.socks.pop(fd)
+                self.poll.unregister(fd)
+                s.close()  # the daemon closed it (or answered it): open another
+                self.reopened += 1
+                if not self.stop:
+                    self._open()
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join()
+        for s in self.socks.values():
+            s.close()
+
+
+def _scrape_tcp(port: int) -> bytes:
+    """One scrape as Prometheus makes it: connect, ask, read, within SCRAPE_TIMEOUT_S in all."""
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    data = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=SCRAPE_TIMEOUT_S) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+    except OSError:
+        pass
+    return b""
+
+
+def test_idle_tcp_connections_cannot_lock_a_scraper_out(tmp_path, image):
+    """1000 connections to the TCP metrics port that never say anything, held (one
+    the daemon closes is opened again): scrapes still get their metrics.  Before,
+    eight of them held every slot for 5 s each, the rest waited in the backlog ahead
+    of the scraper, and scrapes failed for as long as they were held."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < IDLE + 200:
+        if hard != resource.RLIM_INFINITY and hard < IDLE + 200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {IDLE + 200} descriptors this test holds")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (IDLE + 200, hard))
+    with DaemonProcess(image, str(tmp_path / "s.sock"), str(tmp_path / "d.log"),
+                       ["--background", "--metrics", "127.0.0.1:0"]) as daemon:
+        with open(daemon.log_path) as f:
+            port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", f.read()).group(1))
+        flood = _IdleFlood(port, IDLE)
+        try:
+            time.sleep(0.5)  # the flood reaches the daemon first
+            results = [_scrape_tcp(port) for _ in range(3)]
+        finally:
+            flood.close()
+        assert all(results), [len(r) for r in results]
+        for data in results:
+            assert value(families(data), "pageload_memory_bytes") == SIZE
+        assert daemon.proc.poll() is None
 
 
 # -- systemd -------------------------------------------------------------------------------------

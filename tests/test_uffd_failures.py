@@ -62,7 +62,7 @@ async def serve_child(opts, image, offsets, *, stop_when=None, stop_once=None):
                 lines.append(line.strip())
                 if stop_when is not None and line.strip() == stop_when:
                     # the child prints before it touches: stop once the fault is in the daemon
-                    ready = stop_once or (lambda s: s.uffd.outstanding)
+                    ready = stop_once or (lambda s: s.uffd is not None and s.uffd.outstanding)
                     deadline = time.monotonic() + 5
                     while not trio.from_thread.run_sync(ready, state) and time.monotonic() < deadline:
                         time.sleep(0.005)
