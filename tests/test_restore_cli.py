@@ -186,3 +186,14 @@ def test_the_daemon_runs_the_design_its_flags_ask_for(tmp_path, corrupt, flags, 
                 client.wait(SIZE - PAGE, PAGE)
                 assert client.stats()["loaded_bytes"] >= SIZE - 64 * 1024
         assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-kernel-copy",)])
+def test_no_kernel_copy_reaches_the_loader(tmp_path, corrupt, flags):
+    """Background reads are copied file to file by default (threads backend, a memfd);
+    with --no-kernel-copy none is."""
+    with _daemon(tmp_path, corrupt.raw, "--background", "--aio", "threads", *flags) as daemon:
+        with Client.connect(daemon.socket_path) as client:
+            stats = _until_done(client)
+        assert (stats["reads_copied"] > 0) is (not flags), stats["reads_copied"]
+        assert daemon.stop() == 0
