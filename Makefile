@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint fuzz clean
+.PHONY: setup demo test bench lint fuzz mutate clean
 
 setup: $(STAMP)
 
@@ -31,10 +31,18 @@ fuzz: setup
 	$(PY) -m workloads.fuzz --frames 1000000
 	$(PY) -m workloads.fuzz_uffd --handshakes 100000
 
+# mutation testing (cosmic-ray) of the protocol, the loader's waits/checksums/shutdown,
+# the uffd answering code and restore's options, each against its own tests; not part
+# of `make test`.  Report: .mutate/report.md (docs/TESTING.md).  MUTATE_ARGS: e.g.
+# "protocol --sample 100" (targets, a random sample per target, --jobs N)
+mutate: setup
+	$(PY) -m pip install -q 'cosmic-ray>=8.7,<9'
+	$(PY) mutation/run.py $(MUTATE_ARGS)
+
 lint: setup
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check loader aio protocol workloads bench cli tests examples
 	$(VENV)/bin/mypy loader aio protocol workloads bench cli
 
 clean:
-	rm -rf $(VENV) .demo .bench
+	rm -rf $(VENV) .demo .bench .mutate

@@ -247,6 +247,12 @@ def _run_design(
             raise DesignError(f"{design}: polling the daemon's stats failed: {poller.error}")
         with Client.connect(sock) as client:
             final = client.stats()
+        # the daemon says which design it ran: a flag lost on the way (a fifo run that
+        # was really priority) must not become a wrong comparison
+        asked = {"priority": "--no-priority" not in flags, "sweep": "--no-sweep" not in flags}
+        ran = {key: final.get(key) for key in asked}
+        if ran != asked:
+            raise DesignError(f"{design}: the daemon reports {ran}, not the design's {asked} (log {daemon.log_path})")
         if ceiling and final["done"]:
             again = run_loadgen(sock, trace, clients=clients, image=image, verify=True, closed_loop=True)
             ceiling_wps = again.waits_per_s

@@ -644,6 +644,8 @@ class Loader:
             total_wait_time_s=(c.wait_ns + waiting_now) / 1e9,
             prefetches=c.prefetches,
             verify=self._chunks is not None,
+            priority=self.config.priority,
+            sweep=self.config.sweep,
             chunks_verified=c.chunks_verified,
             corrupt_chunks=c.corrupt_chunks,
             latency_us=self.histogram.as_dict(),

@@ -140,6 +140,8 @@ class LoaderStatistics:
     total_wait_time_s: float  #: sum over waits of the time each was blocked
     prefetches: int
     verify: bool  #: chunks are checked against the checkpoint's checksums before being served
+    priority: bool  #: waits jump ahead of the sweep (False: ``--no-priority``, first come, first served)
+    sweep: bool  #: the background sweep loads everything (False: ``--no-sweep``, lazy only)
     chunks_verified: int
     corrupt_chunks: int  #: chunks whose checksum did not match: their pages failed with ``corrupt``
     latency_us: dict[str, Any] = field(default_factory=dict)  #: histogram (LatencyHistogram.as_dict)

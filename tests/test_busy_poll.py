@@ -66,14 +66,15 @@ import json, os, sys, time
 from loader import Client
 path, stop, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with Client.connect(path, timeout=10) as client:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a guard against a hang, not a bound on anything measured
     i = 0
     while not os.path.exists(stop) and time.monotonic() < deadline:
         client.wait((i * 7 % pages) * 4096, 4096)
         i += 1
         if i == 200:
             print("going", flush=True)
-    print(json.dumps(client.stats()["server"]), flush=True)
+    stopped_by = "stop-file" if os.path.exists(stop) else "deadline"
+    print(json.dumps({"stopped_by": stopped_by, "server": client.stats()["server"]}), flush=True)
 """
 
 
@@ -88,13 +89,11 @@ async def test_a_client_served_from_the_poll_never_starves_another(tmp_path, ima
 
     def other(path):
         time.sleep(0.05)  # the tight client is being polled by now
-        t0 = time.monotonic()
         try:
-            with Client.connect(path, timeout=10) as client:
-                client.stats()
-            return time.monotonic() - t0
+            with Client.connect(path, timeout=90) as client:
+                return client.stats()["server"]["connections"]
         finally:
-            open(stop, "w").close()
+            open(stop, "w").close()  # only now may the tight client stop asking
 
     async with trio.open_nursery() as nursery:
         state = await _loaded_daemon(nursery, tmp_path, image, busy_poll_us=1000)
@@ -109,15 +108,18 @@ async def test_a_client_served_from_the_poll_never_starves_another(tmp_path, ima
                 chunk = await proc.stdout.receive_some()
                 assert chunk, "the tight client ended early"
                 out += chunk
-        took = await trio.to_thread.run_sync(other, state.server.path)
-        with trio.fail_after(30):
+        connections = await trio.to_thread.run_sync(other, state.server.path)
+        with trio.fail_after(90):
             async for chunk in proc.stdout:
                 out += chunk
             await proc.wait()
         nursery.cancel_scope.cancel()
-    server = json.loads(out.split(b"going\n", 1)[1])
-    assert server["busy_poll_hits"] > 0
-    assert took < 0.5  # served while the tight client kept asking (3-4 ms here; seconds without the turn)
+    tight = json.loads(out.split(b"going\n", 1)[1])
+    assert tight["server"]["busy_poll_hits"] > 0
+    # the other client was answered while the tight one was still connected and asking:
+    # the tight client stopped because of the file written after that answer, not at its
+    # deadline (a starved connection is answered only once the tight one has gone)
+    assert connections == 2 and tight["stopped_by"] == "stop-file"
 
 
 async def test_no_busy_polling_when_it_is_off(tmp_path, image):

@@ -272,6 +272,36 @@ async def test_shutdown_answers_waiting_clients(tmp_path, images):
     assert not os.path.exists(opts.socket_path)
 
 
+async def test_shutdown_answers_every_waiting_client_with_an_error(tmp_path, images):
+    """Several clients blocked on slow reads: each one gets ``shutting-down``, none
+    a late ``loaded`` and none a dropped connection.  The deadline only turns a
+    client left unanswered (a hang) into a failure; it bounds nothing measured."""
+    opts = options(tmp_path, images["raw"], wrap_queue=slowed(0.05), aio_backend="sync",
+                   config=LoaderConfig(sweep=False, waiter_reads=1))
+    offsets = [0, 5 * MiB, 11 * MiB, 17 * MiB, 23 * MiB]
+    outcomes: dict[int, str] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+
+            async def waiter(offset):
+                try:
+                    async with TrioClient.connect(state.server.path) as client:
+                        await client.wait(offset, 8 * MiB)
+                        outcomes[offset] = "loaded"
+                except ClientError as exc:
+                    outcomes[offset] = exc.code
+
+            for off in offsets:
+                nursery.start_soon(waiter, off)
+            while state.loader.statistics().waiters_blocked < len(offsets):
+                await trio.sleep(0.01)
+            state.stop()
+    assert outcomes == {off: "shutting-down" for off in offsets}
+    s = state.loader.statistics()
+    assert s.waits_failed == len(offsets) and s.waits_served == 0
+
+
 async def test_eager_mode_opens_the_socket_only_when_loaded(tmp_path, images):
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, options(tmp_path, images["raw"], background=False))

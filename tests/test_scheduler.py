@@ -341,6 +341,40 @@ async def test_shutdown_answers_every_waiter(image, autojump_clock):
     mem.close()
 
 
+async def test_shutdown_answers_several_waiters_each_with_an_error_at_once(image, autojump_clock):
+    """Every waiter, not only the first, gets ``shutting-down`` from ``shutdown()``
+    itself (before any read could complete), never a late success.  The deadline
+    only turns a waiter left unanswered (a hang) into a failure: with the mock
+    clock it fires as soon as nothing else can happen."""
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, mem = make_loader(image, queue, sweep=False, waiter_reads=1)
+    outcomes: dict[int, str] = {}
+    offsets = [0, 4 * MiB, 8 * MiB + 5 * PAGE, 12 * MiB, 14 * MiB + PAGE]  # distinct data ranges
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+
+            async def waiter(offset):
+                try:
+                    await loader.wait_loaded(offset, MiB - (offset % MiB))
+                    outcomes[offset] = "loaded"
+                except LoadError as exc:
+                    outcomes[offset] = exc.code
+
+            for off in offsets:
+                nursery.start_soon(waiter, off)
+            await trio.sleep(0.02)
+            before = loader.statistics()
+            assert before.waiters_blocked == len(offsets) and before.waits_failed == 0 and not outcomes
+            loader.shutdown()
+            # answered inside shutdown(): nothing blocked, every one counted failed
+            after = loader.statistics()
+            assert (after.waiters_blocked, after.waits_failed, after.waits_served) == (0, len(offsets), 0)
+            await loader.aclose()
+    assert outcomes == {off: "shutting-down" for off in offsets}
+    mem.close()
+
+
 def test_out_of_memory_range_is_refused(image):
     async def main():
         loader, mem = make_loader(image, aio.open_queue("sync", 16))

@@ -1,6 +1,11 @@
 """pageload as the page-fault handler of a real Firecracker (v1.12.1), end to end:
 ../shared/firecracker/snapshot-and-restore.sh snapshots a tiny guest that checks 64 MiB
-of its own RAM, then restores it with the Uffd backend, pageload listening."""
+of its own RAM, then restores it with the Uffd backend, pageload listening.
+
+Skipped only for what is checked directly before anything runs: no usable KVM
+(/dev/kvm opened and a VM created: ``kvm_unavailable``), a missing tool, or no
+Firecracker binary.  Past that, a failed snapshot or restore fails the test: no
+output is read for a reason to skip, and the script's exit code is the verdict."""
 
 from __future__ import annotations
 
@@ -35,12 +40,17 @@ def firecracker():
 @pytest.fixture(scope="session")
 def snapshot(firecracker, tmp_path_factory):
     work = tmp_path_factory.mktemp("fc")
-    r = subprocess.run(["bash", str(SHARED / "snapshot-and-restore.sh"), "snapshot", str(work)],
-                       env=dict(os.environ, FIRECRACKER=firecracker), capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 and "kvm" in (r.stdout + r.stderr).lower():
-        pytest.skip(f"Firecracker cannot run a VM here: {r.stderr.strip()[-200:]}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return work
+    for _ in range(2):
+        r = subprocess.run(["bash", str(SHARED / "snapshot-and-restore.sh"), "snapshot", str(work)],
+                           env=dict(os.environ, FIRECRACKER=firecracker), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the restore's verdict compares its first tick with the snapshot's last one: under
+        # load the guest's last serial line can be cut short by the pause, so a snapshot
+        # whose log does not end in a whole tick line is taken again (once), never judged
+        if _last_tick_whole(work / "serial-snapshot.log"):
+            return work
+    pytest.fail(f"the snapshot's serial log twice ended in a cut tick line: {r.stdout}")
 
 
 @pytest.mark.parametrize("form", ["raw", "pages"])
@@ -66,10 +76,9 @@ def test_real_firecracker_restores_through_pageload(firecracker, snapshot, tmp_p
                 break
             shutil.rmtree(work)
             shutil.copytree(snapshot, work, ignore=shutil.ignore_patterns("*.sock"))
-        # the script compares the last tick before the snapshot with the first after it; under
-        # load the snapshot's last serial line can be cut short and garble its parse, so the
-        # same verdict is re-derived here from well-formed ticks only
-        assert r.returncode == 0 or _verdict(work), r.stdout + r.stderr + daemon.stderr_tail(20)
+        # the script's verdict: the counter went on from the snapshot's last tick, some
+        # ticks said ok and none BAD
+        assert r.returncode == 0, r.stdout + r.stderr + daemon.stderr_tail(20)
         assert " 0 BAD" in r.stdout
         assert daemon.proc is not None
         daemon.proc.wait(10)  # Firecracker has exited: the daemon finishes by itself
@@ -83,12 +92,10 @@ def _api_refused(output: str) -> bool:
     return "curl: (7)" in output and "restore:" not in output
 
 
-def _verdict(work: Path) -> bool:
+def _last_tick_whole(log: Path) -> bool:
+    """The last ``tick`` in the guest's serial log is a whole one (8 hex digits, then
+    the end of a word): what the script takes as the counter before the snapshot."""
     import re
 
-    tick = re.compile(rb"tick ([0-9a-f]{8})\b")
-    before = tick.findall((work / "serial-snapshot.log").read_bytes())
-    after = (work / "serial-restore.log").read_bytes()
-    first = tick.findall(after)
-    return bool(before and first) and int(first[0], 16) > int(before[-1], 16) and b"BAD" not in after \
-        and b" ok" in after
+    ticks = re.findall(rb"tick [0-9a-f]*", log.read_bytes())
+    return bool(ticks) and re.fullmatch(rb"tick [0-9a-f]{8}", ticks[-1]) is not None

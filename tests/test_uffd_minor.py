@@ -27,7 +27,7 @@ import trio
 import aio.testing
 import protocol
 from loader import Client, ClientError, DaemonOptions, LoaderConfig, _uffd, _uffd_minor, run_daemon
-from loader.checkpoint import open_checkpoint
+from loader.checkpoint import create_checkpoint, open_checkpoint
 from loader.vmm import ZeroCopyMemory
 from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import ZeroCopyVmm, spawn_zero_copy_child
@@ -137,13 +137,25 @@ def test_register_request_frame():
 # ---------------------------------------------------------------- serving
 
 
-async def test_faults_and_background_load_are_byte_exact(tmp_path, image):
+@pytest.fixture(scope="module")
+def pages(image, tmp_path_factory):
+    """``image`` as a pages checkpoint (zero pages dropped, 64 KiB checksum chunks)."""
+    out = str(tmp_path_factory.mktemp("uffd-minor-pages") / "ckpt")
+    create_checkpoint(image, out, chunk_size=64 << 10)
+    return out
+
+
+@pytest.mark.parametrize("form", ["raw", "pages"])
+async def test_faults_and_background_load_are_byte_exact(tmp_path, image, pages, form):
     """vCPUs fault while nothing else loads (no sweep: every data touch waits for its
     read), then the rest is loaded (a prefetch of everything) and the whole memory is
-    checked: data pages carry the image's bytes, holes read as zero."""
+    checked: data pages carry the image's bytes, holes read as zero.  From the raw
+    image and from its pages checkpoint (each page served only once its chunk's
+    checksum matched; zero pages are holes there)."""
     # no read at once either: a cached page would be read inside submit_wait, not waited for
-    opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_now_bytes=0))
-    holes, data = holes_and_data(image)
+    source = image if form == "raw" else pages
+    opts = options(tmp_path, source, config=LoaderConfig(sweep=False, read_now_bytes=0))
+    holes, data = holes_and_data(source)
     touches = [(0, off, PAGE) for off in range(0, SIZE, 61 * PAGE)]
     async with serving(opts, image) as (state, vmm):
         report = await trio.to_thread.run_sync(lambda: vmm.touch(touches, vcpus=3))
@@ -160,6 +172,9 @@ async def test_faults_and_background_load_are_byte_exact(tmp_path, image):
         data_bytes = sum(hi - lo for lo, hi in data)
         assert reg.mapped_bytes <= data_bytes
         stats = await trio.to_thread.run_sync(vmm.memory.stats)
+        assert stats["verify"] is (form == "pages")
+        if form == "pages":
+            assert stats["chunks_verified"] > 0 and stats["corrupt_chunks"] == 0
         assert stats["uffd_minor"]["registrations"] == 1
         assert stats["uffd_minor"]["ranges"][0]["faults"] == reg.faults
 
@@ -400,6 +415,53 @@ async def test_read_error_gives_the_vcpu_sigbus(tmp_path, dense):
         state.stop()
     assert code == -signal.SIGBUS, lines
     assert f"ok {good}" in lines and lines[-1] == f"touching {bad}"
+
+
+async def test_a_corrupt_chunk_gives_the_vcpu_sigbus_never_its_bytes(tmp_path, dense):
+    """A pages checkpoint with one byte flipped in a chunk: the zero-copy VMM gets
+    the good pages (those loaded with it and mapped ahead included), and SIGBUS on
+    the corrupt chunk, whose wrong bytes lie in the memory file but are never mapped."""
+    ckpt = str(tmp_path / "ckpt")
+    create_checkpoint(dense, ckpt, chunk_size=64 << 10)
+    layout = open_checkpoint(ckpt).layout
+    assert len(layout) == 1 and layout.mem[0] == layout.file[0] == 0, "a dense image: file offset == memory"
+    flip = 3 * MiB + 100
+    with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
+        f.seek(flip)
+        byte = f.read(1)[0]
+        f.seek(flip)
+        f.write(bytes([byte ^ 0x08]))
+    good = flip - flip % (64 << 10) - PAGE  # the page just before the corrupt chunk
+    bad = flip - flip % PAGE
+    # a read of the good page's chunk reads its neighbours too: the sweep is off, so
+    # only faults and what comes with them load
+    opts = options(tmp_path, ckpt, config=LoaderConfig(sweep=False, read_size=256 << 10))
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_zero_copy_child(opts.socket_path, [good, 1 * MiB, bad], expected=dense)
+        try:
+            def follow() -> int:
+                assert child.stdout is not None
+                lines.extend(line.strip() for line in child.stdout)
+                return child.wait(10)
+
+            with trio.fail_after(15):
+                code = await trio.to_thread.run_sync(follow)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
+        service = state.server.uffd_minor
+        assert service is not None
+        await wait_for(lambda: not service.registrations)
+        stats = state.loader.statistics()
+        state.stop()
+    assert code == -signal.SIGBUS, lines
+    assert f"ok {good}" in lines and f"ok {MiB}" in lines and lines[-1] == f"touching {bad}"
+    assert stats.corrupt_chunks == 1 and stats.failed_ranges == [(flip - flip % (64 << 10), 64 << 10, 0)]
 
 
 async def test_dropped_pages_come_back_as_minor_faults(tmp_path, dense):

@@ -1,0 +1,330 @@
+"""``make mutate``: mutation testing (cosmic-ray) of the code where a wrong answer
+costs guest memory, each part against its own targeted tests (docs/TESTING.md).
+
+    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR]
+
+cosmic-ray mutates files in place, so each target runs in its own copy of the
+tree (``git ls-files``: tracked and untracked-not-ignored files) under the work
+directory (default ``.mutate/``), with ``PYTHONPATH`` set to that copy (the
+project's editable install would otherwise import the original); the tests'
+subprocesses (``python -m cli restore ...``) inherit it.  A target is a set of
+modules, optionally only some of their functions (so that a module shared with
+code under work elsewhere is mutated only where its target asks), plus the tests
+run for each mutant.  ``--sample N`` runs a random N mutants of each target
+(seeded) instead of all of them, for a quicker estimate.
+
+Writes ``WORKDIR/report.md``: per target the counts (killed, timeouts counted as
+killed, survived, incompetent), the score, and every survivor not listed in
+``mutation/equivalent.txt`` (module, function, line, operator, the mutated line).
+Exit 0 always once the runs finished: the score is a report, not a gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTEST = "python -m pytest -x -q -p no:cacheprovider -p no:randomly"
+
+#: the "sufficient" operator set (Offutt et al.): each arithmetic and comparison
+#: operator replaced by its inverse and its boundary, not by all eleven others
+_KEEP_BINARY = ["Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Mul", "Mod_FloorDiv",
+                "BitOr_BitAnd", "BitAnd_BitOr", "BitXor_BitOr", "LShift_RShift", "RShift_LShift", "Pow_Mul"]
+_KEEP_COMPARE = ["Eq_NotEq", "NotEq_Eq", "Lt_GtE", "Lt_LtE", "LtE_Gt", "LtE_Lt", "Gt_LtE", "Gt_GtE",
+                 "GtE_Lt", "GtE_Gt", "Is_IsNot", "IsNot_Is"]
+EXCLUDE_OPERATORS = [
+    "core/ReplaceBinaryOperator_(?!(" + "|".join(_KEEP_BINARY) + ")$)",
+    "core/ReplaceComparisonOperator_(?!(" + "|".join(_KEEP_COMPARE) + ")$)",
+    "core/ReplaceUnaryOperator_(?!(USub_UAdd|Delete_Not)$)",
+    "core/VariableInserter", "core/VariableReplacer", "core/RemoveDecorator",
+]
+
+
+@dataclass
+class Target:
+    name: str
+    modules: list[str]
+    tests: list[str]
+    #: only mutations inside these functions ("Class.method" or "function"); None: all
+    functions: dict[str, list[str]] | None = None
+    timeout: float = 60.0
+    extra: str = ""  #: more pytest arguments (-k ...)
+
+
+TARGETS = [
+    Target("protocol", ["protocol"], ["tests/test_protocol.py", "tests/test_protocol_fast.py"], timeout=30),
+    Target("restore-cli", ["cli/_restore.py"],
+           ["tests/test_restore_cli.py", "tests/test_faults_startup.py"], timeout=120,
+           extra="-k 'test_restore_cli or bad_options or missing_socket or ready_fd'"),
+    Target("uffd", ["loader/_uffd.py"],
+           ["tests/test_uffd_abi.py", "tests/test_uffd_failures.py", "tests/test_uffd_minor.py"], timeout=120),
+    # the loader's waits, completion, checksums and shutdown; not its range bookkeeping
+    # (_rangeset.py, _layout.py and the range code of _loader.py are being rewritten)
+    Target("loader", ["loader/_loader.py"], ["tests/test_scheduler.py", "tests/test_faults_loader.py"],
+           functions={"loader/_loader.py": [
+               "Loader.shutdown", "Loader.aclose", "Loader._finish_waiter", "Loader._drop_waiter",
+               "Loader._verify", "Loader._chunk_complete", "Loader._settle", "Loader._complete",
+               "Loader.wait_loaded", "Loader.submit_wait", "Loader._wants_turn", "_hash_matches",
+               "LoaderConfig.__post_init__"]},
+           timeout=120),
+    # the fault answering code of the page-fault handler
+    Target("uffd-handler", ["loader/_uffd_handler.py"],
+           ["tests/test_uffd.py", "tests/test_uffd_failures.py"],
+           functions={"loader/_uffd_handler.py": [
+               "UffdHandler._fault", "UffdHandler._on_waited", "UffdHandler._answer", "UffdHandler._zero",
+               "UffdHandler._fail", "UffdHandler._wake_range", "UffdHandler._copy"]},
+           timeout=180),
+]
+
+
+@dataclass
+class Outcome:
+    target: str
+    killed: int = 0
+    timeouts: int = 0
+    survived: list[dict] = field(default_factory=list)
+    incompetent: int = 0
+    equivalent: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    error: str = ""
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in files:
+        if not name:
+            continue
+        src = ROOT / os.fsdecode(name)
+        if src.is_file():
+            out = dest / os.fsdecode(name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out)
+
+
+def function_spans(path: Path, names: list[str]) -> list[tuple[int, int]]:
+    """(first, last) lines of the named functions in ``path``."""
+    tree = ast.parse(path.read_text())
+    spans = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if f"{prefix}{child.name}" in names:
+                    spans.append((child.lineno, child.end_lineno or child.lineno))
+    visit(tree, "")
+    found = len(spans)
+    if found < len(names):
+        print(f"mutate: {path}: only {found} of {len(names)} functions found", file=sys.stderr)
+    return spans
+
+
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where ``path``'s type annotations are: with ``from __future__ import annotations``
+    they are never evaluated, so a mutant there (``int | None`` -> ``int & None``) is
+    equivalent by construction and is not run."""
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        notes: list[ast.expr | None] = []
+        if isinstance(node, ast.arg):
+            notes.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            notes.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            notes.append(node.annotation)
+        for a in notes:
+            if a is not None:
+                spans.append(((a.lineno, a.col_offset), (a.end_lineno or a.lineno, a.end_col_offset or 0)))
+    return spans
+
+
+def enclosing(path: Path, line: int) -> str:
+    tree = ast.parse(path.read_text())
+    best = ""
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        nonlocal best
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if child.lineno <= line <= (child.end_lineno or child.lineno):
+                    best = f"{prefix}{child.name}"
+                    visit(child, f"{prefix}{child.name}.")
+    visit(tree, "")
+    return best or "<module>"
+
+
+def load_equivalents() -> set[tuple[str, str, str]]:
+    """(module, operator, mutated line stripped) of mutants judged equivalent."""
+    path = ROOT / "mutation" / "equivalent.txt"
+    out = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            module, operator, code = line.split(" | ", 2)[:3]
+            out.add((module.strip(), operator.strip(), code.split(" # ")[0].strip()))
+    return out
+
+
+def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outcome:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    tree = workdir / t.name / "tree"
+    copy_tree(tree)
+    session = workdir / t.name / "session.sqlite"
+    session.unlink(missing_ok=True)
+    config = workdir / t.name / "config.toml"
+    module_path = t.modules[0] if len(t.modules) == 1 else t.modules
+    config.write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {module_path!r}\n".replace("'", '"')
+        + f"timeout = {t.timeout}\nexcluded-modules = []\n"
+        f"test-command = \"{PYTEST} {' '.join(t.tests)} {t.extra}\"\n\n"
+        "[cosmic-ray.distributor]\nname = \"local\"\n\n"
+        "[cosmic-ray.filters.operators-filter]\nexclude-operators = ["
+        + ", ".join(repr(e).replace("'", '"') for e in EXCLUDE_OPERATORS) + "]\n")
+    bindir = Path(sys.executable).parent
+    # "python" in the test command is this one (the project's virtual environment)
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1",
+               PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    subprocess.run([bindir / "cosmic-ray", "init", config, session], cwd=tree, env=env, check=True)
+    subprocess.run([bindir / "cr-filter-operators", session, config], cwd=tree, env=env, check=True)
+    keep_lines: dict[str, list[tuple[int, int]]] = {}
+    if t.functions:
+        keep_lines = {m: function_spans(tree / m, names) for m, names in t.functions.items()}
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        pending = list(db.pending_work_items)
+        rng = random.Random(seed)
+        chosen = {item.job_id for item in pending}
+        notes = {m: annotation_spans(tree / m) for m in {str(i.mutations[0].module_path) for i in pending}}
+
+        def inside(item) -> bool:
+            m = item.mutations[0]
+            pos = tuple(m.start_pos)
+            if any(a <= pos < b for a, b in notes[str(m.module_path)]):
+                return False  # an annotation: equivalent
+            spans = keep_lines.get(str(m.module_path))
+            return spans is None or any(a <= m.start_pos[0] <= b for a, b in spans)
+        chosen = {item.job_id for item in pending if inside(item)}
+        if sample is not None and len(chosen) > sample:
+            chosen = set(rng.sample(sorted(chosen), sample))
+        for item in pending:
+            if item.job_id not in chosen:
+                db.set_result(item.job_id, WorkResult(output="not in this run",
+                                                      worker_outcome=WorkerOutcome.SKIPPED))
+    print(f"mutate: {t.name}: {len(chosen)} mutants, tests {' '.join(t.tests)}", flush=True)
+    subprocess.run([bindir / "cosmic-ray", "exec", config, session], cwd=tree, env=env, check=True)
+    # the tree is left mutated by nothing: cosmic-ray restores each file after its test
+    return collect(t, tree, session)
+
+
+def collect(t: Target, tree: Path, session: Path) -> Outcome:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    equivalents = load_equivalents()
+    out = Outcome(t.name)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome == WorkerOutcome.SKIPPED:
+                out.skipped += 1
+                continue
+            if result.worker_outcome == WorkerOutcome.TIMEOUT:
+                out.timeouts += 1
+                continue
+            if result.test_outcome == TestOutcome.KILLED:
+                out.killed += 1
+                continue
+            if result.test_outcome == TestOutcome.INCOMPETENT:
+                out.incompetent += 1
+                continue
+            m = item.mutations[0]
+            line = m.start_pos[0]
+            mutated = _mutated_line(result.diff or "")
+            module = str(m.module_path)
+            entry = {"module": module, "line": line, "operator": m.operator_name,
+                     "function": enclosing(tree / module, line), "code": mutated,
+                     "original": (tree / module).read_text().splitlines()[line - 1].strip()}
+            if (module, m.operator_name, mutated) in equivalents:
+                out.equivalent.append(entry)
+            else:
+                out.survived.append(entry)
+    return out
+
+
+def _mutated_line(diff: str) -> str:
+    for line in diff.splitlines():
+        if line.startswith("+") and not line.startswith("+++"):
+            return line[1:].strip()
+    return ""
+
+
+def report(outcomes: list[Outcome], sample: int | None) -> str:
+    lines = ["# Mutation run", "",
+             f"{'a sample of ' + str(sample) + ' mutants per target' if sample else 'every mutant'}; "
+             "score = killed (timeouts included) / (run - incompetent - equivalent)", "",
+             "| target | run | killed | timeouts | survived | equivalent | incompetent | score |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for o in outcomes:
+        run = o.killed + o.timeouts + len(o.survived) + len(o.equivalent) + o.incompetent
+        counted = run - o.incompetent - len(o.equivalent)
+        score = f"{100 * (o.killed + o.timeouts) / counted:.1f}%" if counted else "-"
+        lines.append(f"| {o.target} | {run} | {o.killed} | {o.timeouts} | {len(o.survived)} | "
+                     f"{len(o.equivalent)} | {o.incompetent} | {score} |" + (f" error: {o.error}" if o.error else ""))
+    for o in outcomes:
+        if o.survived:
+            lines += ["", f"## Survivors: {o.target}", ""]
+            for s in sorted(o.survived, key=lambda s: (s["module"], s["line"])):
+                lines.append(f"- `{s['module']}:{s['line']}` {s['function']} {s['operator']}: "
+                             f"`{s['original']}` -> `{s['code']}`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("targets", nargs="*", help=f"default: all of {', '.join(t.name for t in TARGETS)}")
+    p.add_argument("--jobs", type=int, default=2, help="targets run at once, each in its own tree (default 2)")
+    p.add_argument("--sample", type=int, help="run a random N mutants per target")
+    p.add_argument("--seed", type=int, default=25)
+    p.add_argument("--workdir", default=str(ROOT / ".mutate"))
+    args = p.parse_args(argv)
+    by_name = {t.name: t for t in TARGETS}
+    unknown = [n for n in args.targets if n not in by_name]
+    if unknown:
+        p.error(f"unknown target(s) {', '.join(unknown)}")
+    chosen = [by_name[n] for n in args.targets] or TARGETS
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[Outcome] = []
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed): t for t in chosen}
+        for f in concurrent.futures.as_completed(futures):
+            t = futures[f]
+            try:
+                outcomes.append(f.result())
+            except Exception as exc:  # one target's failure must not lose the others' results
+                outcomes.append(Outcome(t.name, error=str(exc)))
+    outcomes.sort(key=lambda o: [t.name for t in TARGETS].index(o.target))
+    text = report(outcomes, args.sample)
+    (workdir / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
