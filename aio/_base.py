@@ -64,7 +64,9 @@ class Request:
     that a client is blocked on; backends start urgent requests before queued
     non-urgent ones (a hint: the ring backend passes it on as submission order).
     A :data:`Op.COPY` has no buffers: its bytes go into ``dest_fd``, in order, at
-    each ``(offset, length)`` of ``dest`` (consecutive bytes of the source).
+    each ``(offset, length)`` of ``dest`` (consecutive bytes of the source; with
+    ``gather``, each range's bytes from the same offset of the source: a raw image
+    copied into its memory file, many ranges apart in one request).
     """
 
     id: int
@@ -75,6 +77,7 @@ class Request:
     urgent: bool = False
     dest_fd: int = -1
     dest: Sequence[tuple[int, int]] = ()
+    gather: bool = False
 
     @property
     def length(self) -> int:
@@ -94,12 +97,14 @@ class Request:
 
     @classmethod
     def copy(
-        cls, id: int, fd: int, offset: int, dest_fd: int, dest: Sequence[tuple[int, int]], *, urgent: bool = False
+        cls, id: int, fd: int, offset: int, dest_fd: int, dest: Sequence[tuple[int, int]], *, urgent: bool = False,
+        gather: bool = False,
     ) -> Request:
         """The bytes of ``fd`` from ``offset`` on into ``dest_fd`` at each ``(offset,
         length)`` of ``dest``, in order (only for a queue whose :attr:`Queue.copies`
-        is true)."""
-        return cls(id, Op.COPY, fd, offset, (), urgent, dest_fd, tuple(dest))
+        is true).  ``gather=True``: each range's bytes come from the same offset of
+        ``fd`` (``offset`` is then the first range's)."""
+        return cls(id, Op.COPY, fd, offset, (), urgent, dest_fd, tuple(dest), gather)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +159,35 @@ class SplicePipe:
         except OSError as exc:  # out of descriptors, say: this copy fails, the next tries again
             return -(exc.errno or errno.EIO)
         src, offset, dest = request.fd, request.offset, request.dest_fd
+        gather = request.gather
         done = 0  # bytes in the destination
         held = 0  # bytes in the pipe
         try:
             for dest_offset, count in request.dest:
                 part = 0
+                if gather and count <= self._size:  # (a raw image's page: the short way, one splice each way)
+                    held = os.splice(src, w, count, offset_src=dest_offset)
+                    if held == 0:
+                        return done
+                    if held == count:
+                        out = os.splice(r, dest, held, offset_dst=dest_offset)
+                        done += out
+                        held -= out
+                        if not held:
+                            continue
+                        part = out
+                    else:
+                        part = 0
+                    while held:  # the rest of a short splice, as below
+                        out = os.splice(r, dest, held, offset_dst=dest_offset + part)
+                        if out <= 0:
+                            raise OSError(errno.EIO, "the destination took no bytes")
+                        done += out
+                        part += out
+                        held -= out
                 while part < count:
-                    held = os.splice(src, w, min(count - part, self._size), offset_src=offset + done)
+                    at = dest_offset + part if gather else offset + done
+                    held = os.splice(src, w, min(count - part, self._size), offset_src=at)
                     if held == 0:  # the source's end
                         return done
                     while held:

@@ -59,7 +59,7 @@ class FaultInjectingQueue(Queue):
                 left -= dest[-1][1]
             if dest:
                 self.inner.add(Request.copy(request.id, request.fd, request.offset, request.dest_fd, dest,
-                                            urgent=request.urgent))
+                                            urgent=request.urgent, gather=request.gather))
             else:
                 self._ready.append(Completion(request.id, 0))
             return

@@ -518,6 +518,9 @@ async def check_copies(make_queue: MakeQueue) -> None:
                 }
                 for i, (src, dst, _) in plan.items():
                     queue.add(Request.copy(i, fd, src, dest, dst, urgent=i == 2))
+                # a gather: each range from the same offset of the source (a raw image)
+                gathered = [(20 * PAGE, PAGE), (25 * PAGE, 2 * PAGE), (big + 10 * PAGE, 3 * PAGE)]
+                queue.add(Request.copy(12, fd, 20 * PAGE, dest, gathered, gather=True))
                 queue.add(Request.copy(6, BAD_FD, 0, dest, [(8 * PAGE, PAGE)]))
                 queue.add(Request.copy(7, fd, 0, ro, [(9 * PAGE, 2 * PAGE)]))  # into the pipe, then refused
                 done: list[Completion] = []
@@ -530,7 +533,8 @@ async def check_copies(make_queue: MakeQueue) -> None:
                 await _drain(queue, done)
             finally:
                 os.close(ro)
-            results = _exactly_once(done, {*plan, 6, 7})
+            results = _exactly_once(done, {*plan, 6, 7, 12})
+            _expect(results[12] == 6 * PAGE, f"a gathered copy returned {results[12]}, not {6 * PAGE}")
             _expect(results[6] == -errno.EBADF, f"a copy from a bad descriptor returned {results[6]}, not -EBADF")
             _expect(results[7] == -errno.EBADF,
                     f"a copy into a read-only descriptor returned {results[7]}, not -EBADF")
@@ -543,6 +547,8 @@ async def check_copies(make_queue: MakeQueue) -> None:
                     expected[offset : offset + n] = data[src : src + n]
                     src += n
                     left -= n
+            for offset, length in gathered:
+                expected[offset : offset + length] = data[offset : offset + length]
             _expect(mapping[:] == expected, "the destination holds other bytes than the copies put there")
         finally:
             await queue.aclose()

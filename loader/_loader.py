@@ -110,6 +110,8 @@ _WINDOW_LOW = 1 << 14
 _WINDOW_HIGH = 1 << 18
 #: a prefetch hint past the window is looked up (and loaded) this far at most
 _HINT_PROBE_LIMIT = 64 << 20
+#: most ranges one gathered background copy takes (two ``splice`` calls each)
+_GATHER_SEGMENTS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +237,7 @@ class _Hint:
 
 class _Read:
     __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline",
-                 "copied")
+                 "copied", "gather")
 
     def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
                  segments: list[list[int]], retry: bool = False) -> None:
@@ -249,6 +251,9 @@ class _Read:
         self.retry = retry  #: a half of a failed read, being narrowed down
         self.deadline = math.inf  #: trio time after which it fails with ``timeout``
         self.copied = False  #: in flight as an ``aio.Op.COPY`` (file to file), not a read
+        #: segments apart in the file, each at its own memory offset (a raw image's
+        #: ranges: :meth:`Loader._issue_gather`); ``file_offset`` is the first's
+        self.gather = False
 
 
 class _Chunks:
@@ -842,6 +847,8 @@ class Loader:
     def _issue(self, start: int, limit: int, budget: int, kind: ReadKind, owner: WaitHandle | None) -> int:
         """Start one read at unstarted ``start``, coalescing forward while the pages
         file stays contiguous, up to ``limit`` and ``budget`` bytes.  Returns its end."""
+        if owner is None and self._copy_fd is not None and self.layout.identity_mapped:
+            return self._issue_gather(start, limit, budget, kind)
         layout = self.layout
         unloaded = self.unloaded
         i = layout.find(start)
@@ -888,6 +895,35 @@ class Loader:
         self._submit(read)
         return segments[-1][1]
 
+    def _issue_gather(self, start: int, limit: int, budget: int, kind: ReadKind) -> int:
+        """A background read of a raw image (file offset == memory offset) copied in the
+        kernel: the unstarted ranges from ``start`` on, holes between them skipped, up to
+        ``budget`` bytes or ``_GATHER_SEGMENTS`` ranges, in one request; the sets are
+        edited once for all of them where nothing else is in flight among them."""
+        segments = self.unloaded.take(start, limit, budget, _GATHER_SEGMENTS)
+        first, last = segments[0][0], segments[-1][1]
+        self.unloaded.remove(first, last)  # (every unstarted byte in between is in segments)
+        inflight = self.inflight
+        if len(segments) > 1 and not inflight.overlap_bytes(first, last):
+            inflight.insert_sorted(array("Q", [lo for lo, _ in segments]), array("Q", [hi for _, hi in segments]))
+        else:
+            for lo, hi in segments:
+                inflight.add(lo, hi)
+        read = _Read(self._next_id, kind, None, first, segments)
+        read.gather = True
+        self._next_id += 1
+        self.counters.reads_total += 1
+        self._submit(read)
+        return last
+
+    def _degather(self, read: _Read) -> None:
+        """A gathered read that cannot be copied in the kernel (the memory file refused a
+        copy): one read into the mapping per range."""
+        for lo, hi in read.segments:
+            part = _Read(self._next_id, read.kind, read.owner, lo, [[lo, hi]], read.retry)
+            self._next_id += 1
+            self._submit(part)
+
     def _file_next(self, file_pos: int) -> int | None:
         """The memory offset whose data is at pages-file offset ``file_pos``, if unloaded."""
         assert self._by_file is not None and self._file_starts is not None
@@ -912,13 +948,18 @@ class Loader:
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         urgent = read.kind.urgent
         copy_fd = self._copy_fd
-        if copy_fd is not None and (not urgent or read.length > _INLINE_LIMIT):
+        if copy_fd is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
             self.counters.reads_copied += 1
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
-                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent))
+                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
+                                            gather=read.gather))
+            return
+        if read.gather and len(read.segments) > 1:
+            self._release(read)
+            self._degather(read)
             return
         read.copied = False
         dest = self.destination
@@ -980,7 +1021,7 @@ class Loader:
             self._land(done, read.file_offset)
             read.segments = rest
             read.length -= result
-            read.file_offset += result
+            read.file_offset = rest[0][0] if read.gather else read.file_offset + result
             counters.reads_retried += 1
             self._submit(read)
             return
@@ -1014,7 +1055,10 @@ class Loader:
         first, second = _split(read.segments, half)
         for segments, file_offset in ((first, read.file_offset), (second, read.file_offset + half)):
             if segments:
-                self._resubmit.append(_Read(self._next_id, read.kind, read.owner, file_offset, segments, True))
+                part = _Read(self._next_id, read.kind, read.owner, segments[0][0] if read.gather else file_offset,
+                             segments, True)
+                part.gather = read.gather
+                self._resubmit.append(part)
                 self._next_id += 1
                 self.counters.reads_retried += 1
 
@@ -1125,25 +1169,44 @@ class Loader:
             failures = self._failures.get(key)
             if failures is None:
                 failures = self._failures[key] = RangeSet()
-        for lo, hi in segments:
-            inflight.remove(lo, hi)
-            if failures is None:
-                self.loaded_bytes += hi - lo
-                if self._order_loaded is not None:
-                    self._order_loaded(lo, hi)
-                if dest.needs_commit:
-                    dest.commit(lo, hi - lo)
-                for listener in self._loaded_listeners:
-                    listener(lo, hi)
+        many = len(segments) > 8  # a gathered read: the sets edited once, waiters found by bisection
+        first, last = segments[0][0], segments[-1][1]
+        length = 0
+        if many and failures is None and not self._order_loaded and not dest.needs_commit \
+                and not self._loaded_listeners:
+            length = sum(hi - lo for lo, hi in segments)
+            if inflight.overlap_bytes(first, last) == length:  # nothing else in flight among them
+                inflight.remove(first, last)
             else:
-                self.failed.add(lo, hi)
-                failures.add(lo, hi)
+                for lo, hi in segments:
+                    inflight.remove(lo, hi)
+            self.loaded_bytes += length
+        else:
+            for lo, hi in segments:
+                inflight.remove(lo, hi)
+                if failures is None:
+                    self.loaded_bytes += hi - lo
+                    if self._order_loaded is not None:
+                        self._order_loaded(lo, hi)
+                    if dest.needs_commit:
+                        dest.commit(lo, hi - lo)
+                    for listener in self._loaded_listeners:
+                        listener(lo, hi)
+                else:
+                    self.failed.add(lo, hi)
+                    failures.add(lo, hi)
         if self._waiters:
             finished: list[WaitHandle] | None = None  # allocated only when someone is done
+            starts = [lo for lo, _ in segments] if many else None
             for w in self._waiters:
+                if w.hi <= first or w.lo >= last:
+                    continue
                 got = 0
-                for lo, hi in segments:
-                    if lo < w.hi and hi > w.lo:
+                k = max(0, bisect_right(starts, w.lo) - 1) if starts is not None else 0
+                for lo, hi in segments[k:] if starts is not None else segments:
+                    if lo >= w.hi:
+                        break
+                    if hi > w.lo:
                         got += min(hi, w.hi) - max(lo, w.lo)
                 if not got:
                     continue

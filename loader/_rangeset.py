@@ -296,6 +296,32 @@ class RangeSet:
                 p += 1
             b, p = b + 1, 0
 
+    def take(self, lo: int, hi: int, budget: int, count: int) -> list[list[int]]:
+        """The parts of the set in ``[lo, hi)`` from ``lo`` on, as ``[start, end]`` lists,
+        until ``budget`` bytes or ``count`` parts (the last cut to the budget); the set
+        is not changed."""
+        b, p = self._pos_first_hi_gt(lo)
+        los, his = self._los, self._his
+        out: list[list[int]] = []
+        left = budget
+        while b < len(los) and left > 0 and len(out) < count:
+            blo, bhi = los[b], his[b]
+            end = min(len(blo), p + count - len(out))
+            for a, z in zip(blo[p:end], bhi[p:end]):
+                if a >= hi:
+                    return out
+                if a < lo:
+                    a = lo
+                if z > hi:
+                    z = hi
+                if z - a >= left:
+                    out.append([a, a + left])
+                    return out
+                out.append([a, z])
+                left -= z - a
+            b, p = b + 1, 0
+        return out
+
     def overlap_bytes(self, lo: int, hi: int) -> int:
         """How many bytes of ``[lo, hi)`` are in the set."""
         if not self._count:

@@ -109,3 +109,14 @@ def test_bulk_insert_into_a_gap_merges_with_touching_neighbours(monkeypatch, blo
     s = RangeSet([(0, 10), (20, 30)])
     with pytest.raises(ValueError):
         s.insert_sorted(array("Q", [5, 12]), array("Q", [8, 14]))  # not within one gap
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_take_lists_the_parts_from_lo_within_a_budget_and_a_count(monkeypatch, block):
+    monkeypatch.setattr(rangeset, "_BLOCK", block)
+    s = RangeSet([(0, 10), (20, 30), (40, 50), (60, 70)])
+    assert s.take(5, 100, 1000, 100) == [[5, 10], [20, 30], [40, 50], [60, 70]]
+    assert s.take(5, 45, 1000, 100) == [[5, 10], [20, 30], [40, 45]]
+    assert s.take(25, 100, 12, 100) == [[25, 30], [40, 47]]  # the last cut to the budget
+    assert s.take(0, 100, 1000, 2) == [[0, 10], [20, 30]]
+    assert s.take(70, 100, 1000, 5) == [] and len(s) == 4  # (nothing changed)
