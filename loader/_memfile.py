@@ -33,6 +33,14 @@ from ._units import human
 #: larger memory sizes cannot be given to ftruncate (an off_t) nor mapped
 _MAX_MAP = sys.maxsize
 
+#: the mode of the memfds handed to clients: read-only for the daemon's uid, nothing for
+#: anyone else.  A memfd is made 0777, and a client given a read-only descriptor could
+#: reopen ``/proc/self/fd/N`` read-write; the daemon never reopens its own for writing.
+MEMFD_MODE = 0o400
+
+#: Linux 5.1; Python's fcntl module does not name it
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+
 
 class Destination(Protocol):
     """Where the loader's reads land.  One may also have ``copy_fd``: a file whose
@@ -63,7 +71,10 @@ class MemoryFile:
     """A sparse memory file of ``size`` bytes, mapped shared.
 
     With ``path=None`` it is a memfd (nothing on any filesystem), created with
-    ``MFD_ALLOW_SEALING`` and sealed against shrinking once sized.  Otherwise the
+    ``MFD_ALLOW_SEALING``, made mode 0400 (:data:`MEMFD_MODE`: no one reopens a
+    descriptor a client was given read-only as read-write through ``/proc/self/fd``
+    unless it is root, or the daemon's uid after a ``chmod`` of its own) and sealed
+    against shrinking and growing once sized.  Otherwise the
     file at ``path`` is created, never followed through a symbolic link:
 
     - it must not exist (``O_CREAT|O_EXCL|O_NOFOLLOW``) unless ``force``; with
@@ -71,6 +82,7 @@ class MemoryFile:
       then emptied (so stale bytes never show through the holes);
     - symbolic links, non-regular files and the files in ``protect`` (the
       checkpoint's own: same st_dev/st_ino) are refused, ``force`` or not;
+    - it is mode 0600 (a reused file is made so);
     - it is locked (``flock(LOCK_EX|LOCK_NB)``) until :meth:`close`: a second
       daemon on the same file is refused instead of truncating the first one's
       memory.  The lock belongs to the open file description, so it also lasts
@@ -113,7 +125,8 @@ class MemoryFile:
             self._check_space(where, data_bytes)
             os.ftruncate(self.fd, size)
             if path is None:
-                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+                os.fchmod(self.fd, MEMFD_MODE)
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException as exc:
             self._abandon()
@@ -176,6 +189,12 @@ class MemoryFile:
                                        "(another pageload daemon?)") from None
                 raise StartupError(f"{path}: cannot lock the memory file: {exc.strerror or exc}") from None
             os.set_blocking(fd, True)
+            if st.st_mode & 0o7777 != 0o600:  # a reused file: no other uid opens it by its path
+                try:
+                    os.fchmod(fd, 0o600)
+                except OSError as exc:
+                    raise StartupError(f"{path}: cannot make the memory file mode 0600 (it belongs to uid "
+                                       f"{st.st_uid}): {exc.strerror or exc}") from None
             if st.st_size:
                 os.ftruncate(fd, 0)  # locked: nobody else's memory; empty, so holes read as zero
         except BaseException:
