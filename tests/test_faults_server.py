@@ -5,6 +5,7 @@ processes where the fault is about processes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import mmap
@@ -197,6 +198,39 @@ def test_unread_replies_are_bounded(daemon):
         assert rss(daemon.pid) - before < 32 * MiB
         assert sent < 200_000 * len(STATS)  # it did stop reading
     served(daemon.socket_path)
+
+
+def _unread_stats(path, count):
+    """A connection that asked for ``count`` stats replies and reads none of them yet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(path)
+    s.sendall(HELLO + STATS * count)
+    return s
+
+
+def test_a_request_after_sigterm_with_unread_replies_still_exits_0(daemon):
+    """Session.flush ran twice on one session (from aclose and from the session's own
+    task), and ``self._flushed or trio.Event()`` raised 'Trio events cannot be treated
+    as bools': the daemon exited 1 and cut the other clients' last replies short."""
+    count = 1000
+    greedy = _unread_stats(daemon.socket_path, count)
+    bystander = _unread_stats(daemon.socket_path, count)
+    try:
+        with Client.connect(daemon.socket_path) as c:  # both backlogs are queued by now
+            c.stats()
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)  # the shutdown's flush has begun
+        with contextlib.suppress(OSError):
+            greedy.sendall(STATS)
+        replies = read_until_closed(bystander)
+        assert daemon.proc.wait(timeout=DEADLINE_S) == 0, daemon.stderr_tail()
+        assert sum(1 for r in replies if r.get("ok") == "stats") == count
+        read_until_closed(greedy)
+    finally:
+        greedy.close()
+        bystander.close()
+    assert "Traceback" not in pathlib.Path(daemon.log_path).read_text()
 
 
 async def test_closed_session_is_freed_by_refcount(tmp_path, image):
