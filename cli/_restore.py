@@ -76,9 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
                    "created with O_EXCL, never through a symbolic link, locked while the daemon runs")
     p.add_argument("--force", action="store_true",
-                   help="reuse an existing --memory-file: lock it first, then empty it (a file locked by "
-                   "another daemon, a symbolic link, a non-regular file or the checkpoint itself are "
-                   "still refused)")
+                   help="reuse an existing --memory-file: lock it first, then empty it; and let "
+                   "--record-working-set replace an existing file (a file locked by another daemon, a "
+                   "symbolic link, a non-regular file or the checkpoint's own files are still refused)")
     p.add_argument("--aio", default="auto", metavar="NAME",
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
     p.add_argument("--threads", type=positive_int, metavar="N", help="threads for the threads backend")
@@ -119,7 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ws.add_argument("--record-working-set", nargs="?", const="", metavar="FILE",
                     help="record the ranges waited on after READY, in first-touch order, and write them "
                     "atomically at the end of the window or at shutdown (default FILE: the default "
-                    "working-set path above); checked writable at start")
+                    "working-set path above); checked writable at start; a new file unless --force, never "
+                    "through a symbolic link, never in place of a non-regular file or the checkpoint's own")
     ws.add_argument("--record-seconds", type=float, default=10.0, metavar="SECONDS",
                     help="the recording window after READY; a 'mark' request ends it early; 0: until a mark "
                     "or shutdown (default %(default)s)")
@@ -183,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
         uffd_config=uffd_config, background=args.background,
-        memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
-        direct=args.direct,
+        memory_file=args.memory_file, force_memory_file=args.force, force_working_set=args.force,
+        aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         allow_writable_memory_fd=args.allow_writable_memory_fd, busy_poll_us=args.busy_poll_us,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,

@@ -85,6 +85,9 @@ class DaemonOptions:
     #: reuse an existing ``memory_file`` (locked first, then emptied); never a
     #: symbolic link, a non-regular file or one of the checkpoint's own files
     force_memory_file: bool = False
+    #: ``--force`` too: an existing ``record_working_set`` file may be replaced (never a
+    #: symbolic link, a non-regular file or the checkpoint's own)
+    force_working_set: bool = False
     aio_backend: str = "auto"
     threads: int | None = None
     direct: bool = False
@@ -550,8 +553,10 @@ def _working_set_setup(
     recorder = record_path = None
     if opts.record_working_set is not None:
         record_path = opts.record_working_set or default_working_set_path(opts.source)
-        check_recording_path(record_path)
+        protect = [*ckpt.files(), *([opts.memory_file] if opts.memory_file else [])]
+        replaces = check_recording_path(record_path, force=opts.force_working_set, protect=protect)
         recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
+        recorder.replaces = replaces
     return order, recorder, record_path
 
 
@@ -584,7 +589,7 @@ async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float
         ws = recorder.stop()
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(write_working_set, path, ws)
+                await trio.to_thread.run_sync(write_working_set, path, ws, recorder.replaces)
             except WorkingSetError as exc:
                 log.warning("working set not recorded: %s", exc)
             else:

@@ -16,14 +16,16 @@ never an object per page, whatever the working set's size.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import statistics
 import sys
 import tempfile
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +36,7 @@ import xxhash
 from ._layout import Layout
 from ._rangeset import RangeSet
 from ._startup import StartupError
+from ._startup import identity as file_identity
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._units import human
 
@@ -153,11 +156,36 @@ def default_working_set_path(source: str) -> str:
     return f"{source}.{DEFAULT_NAME}"
 
 
-def check_recording_path(path: str) -> None:
+#: ``write_working_set(replaces=...)``: replace a regular file found at the path (never
+#: anything else), as ``working-set merge -o`` does
+ANY_REGULAR_FILE = "any regular file"
+
+
+def check_recording_path(path: str, *, force: bool = False,
+                         protect: Iterable[str] = ()) -> tuple[int, int] | None:
     """Fail now, with one line, if a working set cannot be written at ``path``
-    (a read-only checkpoint directory must not be found out at shutdown)."""
-    if os.path.isdir(path):
-        raise WorkingSetError(path, "cannot record a working set here: it is a directory")
+    (a read-only checkpoint directory must not be found out at shutdown), and
+    apply the ``--memory-file`` rules: what is at ``path`` must not be a symbolic
+    link (never followed), anything but a regular file, or one of the files in
+    ``protect`` (the checkpoint's own, the memory file: same st_dev/st_ino), and
+    an existing file is replaced only with ``force``.
+
+    Returns the (st_dev, st_ino) of the file ``force`` lets the recording replace,
+    or None when nothing is there: pass it to :func:`write_working_set` as
+    ``replaces``, which checks again just before it puts the file in place."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise WorkingSetError(path, f"cannot record a working set here: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise WorkingSetError(path, "cannot record a working set here: it is a directory")
+        _refuse_kind(path, st, protect)
+        if not force:
+            raise WorkingSetError(path, "cannot record a working set here: the file exists (--force replaces "
+                                  "it)")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         fd, probe = tempfile.mkstemp(prefix=".working-set.", suffix=".probe", dir=parent)
@@ -165,6 +193,23 @@ def check_recording_path(path: str) -> None:
         raise WorkingSetError(path, f"cannot record a working set here: {parent}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
+    return None if st is None else file_identity(st)
+
+
+def _refuse_kind(path: str, st: os.stat_result, protect: Iterable[str] = ()) -> None:
+    """A working set is written only in place of a regular file, never one in ``protect``."""
+    if stat.S_ISLNK(st.st_mode):
+        raise WorkingSetError(path, "cannot record a working set here: it is a symbolic link; refusing to "
+                              "write through it or replace it")
+    if not stat.S_ISREG(st.st_mode):
+        raise WorkingSetError(path, "cannot record a working set here: it exists and is not a regular file")
+    for p in protect:
+        try:
+            if file_identity(os.stat(p)) == file_identity(st):
+                raise WorkingSetError(path, f"cannot record a working set here: it is the checkpoint's own "
+                                      f"file {p}; refusing to write over it")
+        except OSError:
+            pass
 
 
 @dataclass(eq=False)
@@ -210,7 +255,7 @@ class WorkingSetRecorder:
     Cost per touch: a few bisects on the set of pages seen (merged intervals)."""
 
     __slots__ = ("identity", "seen", "offset", "length", "first_touch_us", "active", "t0_ns", "ended_ns",
-                 "touches", "closed")
+                 "touches", "closed", "replaces")
 
     def __init__(self, identity: CheckpointIdentity) -> None:
         self.identity = identity
@@ -223,6 +268,8 @@ class WorkingSetRecorder:
         self.ended_ns: int | None = None
         self.touches = 0
         self.closed = trio.Event()  #: set when the window closes (``stop``: its end, or a ``mark``)
+        #: the file the daemon may replace with the recording (``write_working_set``'s ``replaces``)
+        self.replaces: tuple[int, int] | None = None
 
     def start(self, now_ns: int | None = None) -> None:
         """Open the window (the daemon does it at READY): times count from here."""
@@ -393,8 +440,16 @@ def read_working_set(path: str) -> WorkingSet:
         raise WorkingSetError(path, str(exc)) from None
 
 
-def write_working_set(path: str, ws: WorkingSet) -> None:
-    """Write atomically: a temporary file beside ``path``, fsynced, renamed over it."""
+def write_working_set(path: str, ws: WorkingSet,
+                      replaces: tuple[int, int] | str | None = ANY_REGULAR_FILE) -> None:
+    """Write atomically: a temporary file beside ``path``, fsynced, then put in place.
+
+    What may be at ``path`` then: with ``replaces=None`` nothing (the file is linked
+    in, which never replaces anything); with a (st_dev, st_ino) from
+    :func:`check_recording_path` that file, or nothing; with :data:`ANY_REGULAR_FILE`
+    a regular file, or nothing.  Symbolic links and non-regular files are never
+    replaced.  Anything else is a :class:`WorkingSetError`, and the path is left as
+    it was."""
     parent = os.path.dirname(os.path.abspath(path))
     data = encode_working_set(ws)
     try:
@@ -410,18 +465,49 @@ def write_working_set(path: str, ws: WorkingSet) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        _put_in_place(tmp, path, replaces)
         dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError as exc:
+    except (OSError, WorkingSetError) as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, WorkingSetError):
+            raise
         raise WorkingSetError(path, f"cannot write: {exc.strerror or exc}") from None
+
+
+def _put_in_place(tmp: str, path: str, replaces: tuple[int, int] | str | None) -> None:
+    """Move ``tmp`` to ``path`` as :func:`write_working_set` allows."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is None:
+        try:
+            os.link(tmp, path)  # atomically: fails if anything appeared at path meanwhile
+        except FileExistsError:
+            raise WorkingSetError(path, "not written: a file appeared there since the daemon started; "
+                                  "left as it is") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            os.rename(tmp, path)  # a file system without hard links
+        else:
+            os.unlink(tmp)
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        _refuse_kind(path, st)
+    if replaces is None:
+        raise WorkingSetError(path, "not written: a file appeared there since the daemon started; left as it is")
+    if replaces != ANY_REGULAR_FILE and file_identity(st) != replaces:
+        raise WorkingSetError(path, "not written: the file there was replaced since the daemon started; left "
+                              "as it is")
+    os.rename(tmp, path)
 
 
 # --------------------------------------------------------------------------- use
