@@ -63,6 +63,7 @@ from ._workingset import (
     checkpoint_identity,
     clip_working_set,
     default_working_set_path,
+    max_file_bytes,
     read_working_set,
     replay_order,
     write_working_set,
@@ -533,7 +534,7 @@ def _working_set_setup(
                 path = None
         if path is not None:
             try:
-                ws = read_working_set(path)
+                ws = read_working_set(path, max_file_bytes(ckpt.layout.memory_size, ckpt.layout.page_size))
                 identity = checkpoint_identity(ckpt)
                 check_identity(ws, identity, path)
             except WorkingSetError as exc:

@@ -631,6 +631,76 @@ def test_write_working_set_replaces_only_the_file_it_was_told(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ws.msgpack"]
 
 
+def _one_line_exit_2(argv, needle, timeout=30):
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("pageload: ") and needle in r.stderr, r.stderr
+
+
+def test_a_fifo_as_an_explicit_working_set_is_one_line_and_exit_2(tmp_path, images, ckpt):
+    """A FIFO as the working-set file hung restore before READY, and show and merge."""
+    fifo = str(tmp_path / "ws.fifo")
+    os.mkfifo(fifo)
+    _one_line_exit_2(["restore", ckpt, "--socket", str(tmp_path / "s.sock"), "--working-set", fifo], "FIFO")
+    _one_line_exit_2(["working-set", "show", fifo], "FIFO")
+    _one_line_exit_2(["working-set", "merge", fifo, "-o", str(tmp_path / "out.msgpack")], "FIFO")
+    _one_line_exit_2(["checkpoint", "create", images["raw"], str(tmp_path / "c2"), "--working-set", fifo], "FIFO")
+    assert not os.path.exists(tmp_path / "out.msgpack")
+
+
+def test_a_fifo_as_the_default_working_set_is_one_warning_and_restore_goes_on(tmp_path, ckpt):
+    from workloads import DaemonProcess
+    os.mkfifo(os.path.join(ckpt, DEFAULT_NAME))
+    log = str(tmp_path / "d.log")
+    with DaemonProcess(ckpt, str(tmp_path / "s.sock"), log, ["--background"]) as d:
+        from loader import Client
+        with Client.connect(d.socket_path) as c:
+            c.wait(0, SIZE)
+        assert d.stop() == 0
+    lines = [ln for ln in pathlib.Path(log).read_text().splitlines() if DEFAULT_NAME in ln]
+    assert len(lines) == 1 and "FIFO" in lines[0] and "ignoring" in lines[0], lines
+
+
+def test_a_working_set_larger_than_its_checkpoint_allows_is_refused_before_it_is_read(tmp_path, images, ckpt):
+    """A 240 MB working-set file delayed READY by 6 s at a 1.5 GB peak: it was read whole
+    before anything looked at its size.  A 32 MiB checkpoint has 8192 pages: a working
+    set of it is at most 8192 ranges (24 bytes each in the file)."""
+    path = str(tmp_path / "big.msgpack")
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)  # sparse: costs nothing here, 64 MiB to whoever reads it
+    _one_line_exit_2(["restore", ckpt, "--socket", str(tmp_path / "s.sock"), "--working-set", path],
+                     "more than the 200704-byte most a working set of this checkpoint can be")
+    _one_line_exit_2(["checkpoint", "create", images["raw"], str(tmp_path / "c2"), "--working-set", path],
+                     "most a working set of this checkpoint can be")
+    ws = read_working_set_at_most(tmp_path)  # the bound admits the largest real one
+    assert len(ws) == SIZE // PAGE // 2
+
+
+def read_working_set_at_most(tmp_path):
+    """A working set of every other page of SIZE (the most ranges one can have, less one
+    in two), read with the checkpoint's bound."""
+    from loader._workingset import max_file_bytes
+    n = SIZE // PAGE // 2
+    ws = WorkingSet(CheckpointIdentity("raw", SIZE, PAGE, 1), array("Q", range(0, SIZE, 2 * PAGE)),
+                    array("Q", [PAGE]) * n, array("Q", range(n)))
+    path = str(tmp_path / "most.msgpack")
+    write_working_set(path, ws)
+    assert os.path.getsize(path) <= max_file_bytes(SIZE, PAGE)
+    return read_working_set(path, max_file_bytes(SIZE, PAGE))
+
+
+def test_a_working_set_that_would_not_fit_in_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The host's memory (MemAvailable + SwapFree, cgroup limit) bounds it too: a host
+    with 1 MiB left (simulated: ``memory_available`` reads the host)."""
+    path = str(tmp_path / "ws.msgpack")
+    write_working_set(path, ws_of([(i * 2 * PAGE, PAGE) for i in range(10_000)]))
+    import loader._workingset as module
+    monkeypatch.setattr(module, "memory_available", lambda: MiB)
+    with pytest.raises(WorkingSetError, match="of memory, more than the 1.0 MiB left"):
+        read_working_set(path)
+
+
 def test_recording_path_that_is_a_directory_fails(tmp_path):
     with pytest.raises(WorkingSetError, match="is a directory"):
         check_recording_path(str(tmp_path))
