@@ -31,7 +31,7 @@ from loader import (
 )
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size, positive_float, positive_int
+from ._args import add_size, positive_float, positive_int, uid_arg
 
 _DEFAULTS = LoaderConfig()
 
@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ws.add_argument("--record-seconds", type=float, default=10.0, metavar="SECONDS",
                     help="the recording window after READY; a 'mark' request ends it early; 0: until a mark "
                     "or shutdown (default %(default)s)")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+    p.add_argument("--allow-uid", type=uid_arg, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root); the socket "
                    "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
                    "and each peer's uid is checked with SO_PEERCRED")

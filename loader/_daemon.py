@@ -51,7 +51,7 @@ from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
-from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
+from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
@@ -158,6 +158,8 @@ def process_stats() -> dict[str, int]:
 
 def check_options(opts: DaemonOptions) -> None:
     """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
+    for uid in opts.allow_uids:
+        check_uid(uid, "allowed uid")
     if opts.threads is not None and opts.threads < 1:
         raise StartupError(f"threads must be at least 1, not {opts.threads}")
     if opts.config.queue_depth < 1:

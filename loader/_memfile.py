@@ -23,6 +23,7 @@ from typing import Protocol
 from ._startup import (
     StartupError,
     describe_os_error,
+    host_memory,
     identity,
     memory_available,
     not_enough_space,
@@ -116,6 +117,13 @@ class MemoryFile:
             raise StartupError(
                 f"{where}: memory size {size} bytes ({human(size)}) is more than a mapping can "
                 f"hold"
+            )
+        host = host_memory()
+        if host is not None and size > host:  # before anything is made for it (the loaded map: 1 bit a page)
+            raise StartupError(
+                f"{where}: memory size {size} bytes ({human(size)}) is more than this host's memory "
+                f"({human(host)}: RAM + swap); no guest that large runs here (vm.overcommit_memory=1 "
+                "lifts this)"
             )
         if path is None:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)

@@ -131,7 +131,7 @@ def decode_index(data: bytes) -> IndexFields:
             f"unsupported format version {version} (this pageload reads version {VERSION})"
         )
     page_size = _int(obj, "page_size", minimum=1)
-    memory_size = _int(obj, "memory_size")
+    memory_size = _int(obj, "memory_size", minimum=1)  # 0: nothing to restore (as an empty image)
     pages_size = _int(obj, "pages_size")
     chunk_size = _int(obj, "chunk_size", minimum=1)
     if chunk_size % page_size:
