@@ -29,6 +29,7 @@ from loader import (
     parse_metrics_address,
     run_daemon,
 )
+from loader._daemon import RESERVE_CHOICES
 from loader.checkpoint import CheckpointError
 
 from ._args import add_size, positive_float, positive_int, uid_arg
@@ -79,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="reuse an existing --memory-file: lock it first, then empty it; and let "
                    "--record-working-set replace an existing file (a file locked by another daemon, a "
                    "symbolic link, a non-regular file or the checkpoint's own files are still refused)")
+    p.add_argument("--reserve", choices=RESERVE_CHOICES, default="auto",
+                   help="allocate the memory file's space at start (fallocate), so that a file system filled "
+                   "by others later fails nothing: 'data' (the image's data), 'all' (the whole memory size, "
+                   "holes too: no client mapping the file can get SIGBUS reading a hole), 'none'; 'auto' "
+                   "(default): 'data' for --memory-file, 'none' for a memfd (docs/OPERATIONS.md)")
     p.add_argument("--aio", default="auto", metavar="NAME",
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
     p.add_argument("--threads", type=positive_int, metavar="N", help="threads for the threads backend")
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
         uffd_config=uffd_config, background=args.background,
-        memory_file=args.memory_file, force_memory_file=args.force, force_working_set=args.force,
+        memory_file=args.memory_file, force_memory_file=args.force, force_working_set=args.force, reserve=args.reserve,
         aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         allow_writable_memory_fd=args.allow_writable_memory_fd, busy_poll_us=args.busy_poll_us,

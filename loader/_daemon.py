@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,11 @@ class DaemonOptions:
     #: ``--force`` too: an existing ``record_working_set`` file may be replaced (never a
     #: symbolic link, a non-regular file or the checkpoint's own)
     force_working_set: bool = False
+    #: what of the memory file to allocate at start (``fallocate``): ``data`` (the
+    #: image's data ranges), ``all`` (the whole memory size, holes included),
+    #: ``none``; ``auto``: ``data`` for a ``memory_file``, ``none`` for a memfd
+    #: (docs/OPERATIONS.md, "The memory file's space")
+    reserve: str = "auto"
     aio_backend: str = "auto"
     threads: int | None = None
     direct: bool = False
@@ -160,6 +165,8 @@ def check_options(opts: DaemonOptions) -> None:
     """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
     for uid in opts.allow_uids:
         check_uid(uid, "allowed uid")
+    if opts.reserve not in RESERVE_CHOICES:
+        raise StartupError(f"reserve must be one of {', '.join(RESERVE_CHOICES)}, not {opts.reserve!r}")
     if opts.threads is not None and opts.threads < 1:
         raise StartupError(f"threads must be at least 1, not {opts.threads}")
     if opts.config.queue_depth < 1:
@@ -183,6 +190,18 @@ def check_options(opts: DaemonOptions) -> None:
         check_socket_path(opts.uffd_socket)
     if opts.ready_fd is not None:
         check_ready_fd(opts.ready_fd)
+
+
+RESERVE_CHOICES = ("auto", "data", "all", "none")
+
+
+def _reserve_ranges(layout: Layout, reserve: str) -> Iterator[tuple[int, int]]:
+    """The memory ranges ``--reserve`` allocates at start, ascending."""
+    if reserve == "all":
+        yield 0, layout.memory_size
+    elif reserve == "data":
+        for lo, n in zip(layout.mem, layout.length):
+            yield lo, lo + n
 
 
 def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
@@ -328,8 +347,13 @@ async def run_daemon(
         pages_fd = ckpt.open_pages(direct=False)
     metrics: MetricsServer | None = None
     try:
+        reserve = opts.reserve if opts.reserve != "auto" else "data" if opts.memory_file else "none"
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
-                            protect=ckpt.files(), data_bytes=layout.data_bytes)
+                            protect=ckpt.files(), data_bytes=layout.data_bytes,
+                            reserve=_reserve_ranges(layout, reserve))
+        if reserve != "none":
+            notes.append(f"memory file: {human(memory.reserved)} reserved ({reserve})" if memory.reserved is not None
+                         else "memory file: its file system cannot reserve space (fallocate); not reserved")
     except BaseException:
         os.close(pages_fd)
         raise

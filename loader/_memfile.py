@@ -90,7 +90,10 @@ class MemoryFile:
       while a client holds a copy of :attr:`fd` received over the socket.
 
     Where the file system can tell (``fstatvfs``; for a memfd, /proc/meminfo and
-    the cgroup's ``memory.max``), ``data_bytes`` must fit in the space left.
+    the cgroup's ``memory.max``), ``data_bytes`` must fit in the space left.  The
+    ``reserve`` ranges are then allocated (``fallocate``), where the file system
+    can: that check is no reservation, and another writer could fill the file
+    system before the daemon's loads land (:attr:`reserved`: the bytes, or None).
     Every refusal is a :class:`StartupError` (one line).  Unwritten parts are holes
     and read as zero, so zero pages of the image need no I/O at all.
     """
@@ -106,12 +109,15 @@ class MemoryFile:
         force: bool = False,
         protect: Iterable[str] = (),
         data_bytes: int = 0,
+        reserve: Iterable[tuple[int, int]] = (),
     ) -> None:
         if size <= 0:
             raise ValueError(f"memory size must be positive, not {size}")
         self.size = size
         self.path = path
         self._created = False  #: we created the file at path (discard() may remove it)
+        #: bytes allocated at start for ``reserve``, None where the file system cannot
+        self.reserved: int | None = 0
         where = path if path is not None else "memory file (memfd)"
         if size > _MAX_MAP:
             raise StartupError(
@@ -132,6 +138,7 @@ class MemoryFile:
         try:
             self._check_space(where, data_bytes)
             os.ftruncate(self.fd, size)
+            self.reserved = self._reserve(where, reserve)
             if path is None:
                 os.fchmod(self.fd, MEMFD_MODE)
                 fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
@@ -221,6 +228,41 @@ class MemoryFile:
         space = space_free(self.fd)
         if space is not None and data_bytes > space[0]:
             raise not_enough_space(where, data_bytes, space[0], f"its file system ({human(space[1])})")
+
+    def _reserve(self, where: str, ranges: Iterable[tuple[int, int]]) -> int | None:
+        """``fallocate`` the ``[lo, hi)`` ranges (in ascending order; touching ones are
+        joined): the file system then holds their blocks for this file, and no write
+        into them fails with ENOSPC later.  Returns the bytes reserved, or None where
+        the file system cannot (EOPNOTSUPP: nothing is reserved)."""
+        total = 0
+        start = end = 0
+
+        def one(lo: int, hi: int) -> None:
+            try:
+                os.posix_fallocate(self.fd, lo, hi - lo)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise StartupError(f"{where}: cannot reserve {human(hi - lo)} at {lo:#x} for the data "
+                                       f"(--reserve): {exc.strerror}") from None
+                raise
+
+        try:
+            for lo, hi in ranges:
+                if lo == end:
+                    end = hi
+                    continue
+                if end > start:
+                    one(start, end)
+                    total += end - start
+                start, end = lo, hi
+            if end > start:
+                one(start, end)
+                total += end - start
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
+        return total
 
     def explain_error(self, err: int) -> str:
         """What errno ``err`` from a read into this file's mapping means.

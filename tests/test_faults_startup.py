@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -475,7 +476,7 @@ async def test_a_file_system_filling_up_while_loading_is_named_not_bad_address(t
     with small_tmpfs(tmp_path / "small", "8m") as small:
         mem = small / "mem"
         opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
-                             ready_line=False, memory_file=str(mem), aio_backend="sync",
+                             ready_line=False, memory_file=str(mem), aio_backend="sync", reserve="none",
                              config=LoaderConfig(sweep=False))  # lazy: nothing loads until waited for
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
@@ -498,7 +499,7 @@ async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_pat
     with small_tmpfs(tmp_path / "small", "8m") as small:
         mem = small / "mem"
         opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
-                             ready_line=False, memory_file=str(mem), aio_backend="threads",
+                             ready_line=False, memory_file=str(mem), aio_backend="threads", reserve="none",
                              config=LoaderConfig(sweep=False))
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
@@ -516,6 +517,75 @@ async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_pat
                 await loader.wait_loaded(first.mem_offset, first.length)
             state.stop()
         assert "memory file is full (ENOSPC on" in str(info.value) and str(mem) in str(info.value)
+
+
+@needs_mount
+async def test_the_data_is_reserved_so_a_file_system_filled_after_ready_fails_no_load(tmp_path, images):
+    """The space check at start was no reservation: a file system filled by someone else
+    after READY failed the loads with ENOSPC ('io-error' to the waiters)."""
+    layout = open_checkpoint(images["raw"]).layout
+    with open(images["raw"], "rb") as f:
+        expected = f.read()
+    with small_tmpfs(tmp_path / "small", "8m") as small:
+        opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
+                             ready_line=False, memory_file=str(small / "mem"), aio_backend="threads",
+                             config=LoaderConfig(sweep=False))  # lazy; --reserve auto: data, for a file
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            _take_the_space(small)
+            with trio.fail_after(30):
+                for r in layout:
+                    await state.loader.wait_loaded(r.mem_offset, r.length)  # LoadError (ENOSPC) unreserved
+            assert state.memory.reserved == layout.data_bytes
+            # pread: the holes read as zeros (the daemon's own mapping would SIGBUS on them now)
+            assert os.pread(state.memory.fd, len(expected), 0) == expected
+            state.stop()
+
+
+def _read_every_page(fd: int, size: int) -> int:
+    """In a forked child: map ``fd`` and read a byte of every page; its exit status
+    (negative: the signal that killed it)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import faulthandler
+            import mmap
+            faulthandler.disable()  # a SIGBUS is the answer here, not a crash to report
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            total = 0
+            for off in range(0, size, 4096):
+                total += m[off]
+            os._exit(0)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@needs_mount
+@pytest.mark.parametrize("reserve", ["all", "data"])
+def test_a_client_mapping_the_memory_file_on_a_full_file_system(tmp_path, images, reserve):
+    """A client mapping the memory fd got SIGBUS reading a hole once the file system was
+    full.  With --reserve all the holes are allocated too, and every page reads; with
+    'data' (the default for a file) a hole is the file system's to allocate when a
+    mapping first touches it, so such a client gets SIGBUS: what docs/OPERATIONS.md says
+    a mapping client must expect (pread reads a hole as zeros and allocates nothing)."""
+    with small_tmpfs(tmp_path / "small", "12m") as small:
+        with DaemonProcess(images["raw"], str(tmp_path / "s.sock"), str(tmp_path / "d.log"),
+                           ["--background", "-q", "--no-sweep", "--memory-file", str(small / "mem"),
+                            "--reserve", reserve]) as d:
+            _take_the_space(small)
+            with Client.connect(d.socket_path) as c:
+                c.wait(0, 8 * MiB)  # every data page, from reserved space
+                fd = c.memory_fd()
+            try:
+                code = _read_every_page(fd, 8 * MiB)
+                holes = [off for off in range(0, 8 * MiB, 4096) if os.pread(fd, 4096, off) == bytes(4096)]
+            finally:
+                os.close(fd)
+            assert holes  # the image has holes and zero pages
+            assert code == (0 if reserve == "all" else -signal.SIGBUS)
+            assert d.stop() == 0
 
 
 def test_explain_error_names_a_full_file_only_when_full(tmp_path):
