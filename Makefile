@@ -27,9 +27,13 @@ bench: setup
 
 # >= 1M seeded random/mutated frames over many connections to a real daemon, with
 # checked waits alongside; fails on a crash, a wrong byte, or RssAnon growth > 10 MiB.
+# Then 100k seeded working-set files through every reader (60 through the commands);
+# fails on anything but a working set or a one-line refusal, or a decode memory peak
+# above what read_working_set's check assumes.
 fuzz: setup
 	$(PY) -m workloads.fuzz --frames 1000000
 	$(PY) -m workloads.fuzz_uffd --handshakes 100000
+	$(PY) -m workloads.wsfuzz --files 100000 --commands 60
 
 # mutation testing (cosmic-ray) of the protocol, the loader's waits/checksums/shutdown,
 # the uffd answering code and restore's options, each against its own tests; not part

@@ -7,6 +7,7 @@ import math
 from typing import NoReturn
 
 from loader import parse_size
+from loader._startup import UID_MAX
 
 _SHORT = ((1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K"))
 
@@ -50,6 +51,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def uid_arg(text: str) -> int:
+    """argparse ``type=`` for a user id: 0 to 2**32 - 2 ((uid_t)-1 is no user)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a user id: {text!r}") from None
+    if not 0 <= value <= UID_MAX:
+        raise argparse.ArgumentTypeError(f"not a user id (0 to {UID_MAX}): {text}")
     return value
 
 

@@ -29,9 +29,10 @@ from loader import (
     parse_metrics_address,
     run_daemon,
 )
+from loader._daemon import RESERVE_CHOICES
 from loader.checkpoint import CheckpointError
 
-from ._args import add_size, positive_float, positive_int
+from ._args import add_size, positive_float, positive_int, uid_arg
 
 _DEFAULTS = LoaderConfig()
 
@@ -76,9 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="write into this new file (e.g. on /dev/shm or hugetlbfs) instead of a memfd; "
                    "created with O_EXCL, never through a symbolic link, locked while the daemon runs")
     p.add_argument("--force", action="store_true",
-                   help="reuse an existing --memory-file: lock it first, then empty it (a file locked by "
-                   "another daemon, a symbolic link, a non-regular file or the checkpoint itself are "
-                   "still refused)")
+                   help="reuse an existing --memory-file: lock it first, then empty it; and let "
+                   "--record-working-set replace an existing file (a file locked by another daemon, a "
+                   "symbolic link, a non-regular file or the checkpoint's own files are still refused)")
+    p.add_argument("--reserve", choices=RESERVE_CHOICES, default="auto",
+                   help="allocate the memory file's space at start (fallocate), so that a file system filled "
+                   "by others later fails nothing: 'data' (the image's data), 'all' (the whole memory size, "
+                   "holes too: no client mapping the file can get SIGBUS reading a hole), 'none'; 'auto' "
+                   "(default): 'data' for --memory-file, 'none' for a memfd (docs/OPERATIONS.md)")
     p.add_argument("--aio", default="auto", metavar="NAME",
                    help=f"I/O backend: auto (default) or one of {', '.join(aio.backends())}")
     p.add_argument("--threads", type=positive_int, metavar="N", help="threads for the threads backend")
@@ -119,11 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ws.add_argument("--record-working-set", nargs="?", const="", metavar="FILE",
                     help="record the ranges waited on after READY, in first-touch order, and write them "
                     "atomically at the end of the window or at shutdown (default FILE: the default "
-                    "working-set path above); checked writable at start")
+                    "working-set path above); checked writable at start; a new file unless --force, never "
+                    "through a symbolic link, never in place of a non-regular file or the checkpoint's own")
     ws.add_argument("--record-seconds", type=float, default=10.0, metavar="SECONDS",
                     help="the recording window after READY; a 'mark' request ends it early; 0: until a mark "
                     "or shutdown (default %(default)s)")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+    p.add_argument("--allow-uid", type=uid_arg, action="append", default=[], metavar="UID",
                    help="also accept clients running as UID (default: the daemon's uid and root); the socket "
                    "gets a POSIX ACL granting these uids (mode 0666 where the file system has no ACLs), "
                    "and each peer's uid is checked with SO_PEERCRED")
@@ -183,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
         uffd_config=uffd_config, background=args.background,
-        memory_file=args.memory_file, force_memory_file=args.force, aio_backend=args.aio, threads=args.threads,
-        direct=args.direct,
+        memory_file=args.memory_file, force_memory_file=args.force, force_working_set=args.force, reserve=args.reserve,
+        aio_backend=args.aio, threads=args.threads, direct=args.direct,
         config=config, allow_uids=tuple(args.allow_uid), ready_fd=args.ready_fd,
         allow_writable_memory_fd=args.allow_writable_memory_fd, busy_poll_us=args.busy_poll_us,
         progress_interval=args.progress_interval, shutdown_timeout=args.shutdown_timeout,

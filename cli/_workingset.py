@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="working_set_command", metavar="ACTION", required=True)
     p = sub.add_parser("merge", help="union of several recordings, ordered by median first touch")
     p.add_argument("inputs", nargs="+", metavar="FILE", help="working sets of the same checkpoint")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (atomically)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="file to write (atomically; it replaces a regular file, never a symbolic link or a "
+                   "non-regular file)")
     p.set_defaults(func=_merge)
     p = sub.add_parser("show", help="describe a working set")
     p.add_argument("path", metavar="FILE")

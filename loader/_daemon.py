@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,7 @@ from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
-from ._startup import StartupError, check_ready_fd, check_socket_path, describe_os_error
+from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
@@ -63,6 +63,7 @@ from ._workingset import (
     checkpoint_identity,
     clip_working_set,
     default_working_set_path,
+    max_file_bytes,
     read_working_set,
     replay_order,
     write_working_set,
@@ -85,6 +86,14 @@ class DaemonOptions:
     #: reuse an existing ``memory_file`` (locked first, then emptied); never a
     #: symbolic link, a non-regular file or one of the checkpoint's own files
     force_memory_file: bool = False
+    #: ``--force`` too: an existing ``record_working_set`` file may be replaced (never a
+    #: symbolic link, a non-regular file or the checkpoint's own)
+    force_working_set: bool = False
+    #: what of the memory file to allocate at start (``fallocate``): ``data`` (the
+    #: image's data ranges), ``all`` (the whole memory size, holes included),
+    #: ``none``; ``auto``: ``data`` for a ``memory_file``, ``none`` for a memfd
+    #: (docs/OPERATIONS.md, "The memory file's space")
+    reserve: str = "auto"
     aio_backend: str = "auto"
     threads: int | None = None
     direct: bool = False
@@ -154,6 +163,10 @@ def process_stats() -> dict[str, int]:
 
 def check_options(opts: DaemonOptions) -> None:
     """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
+    for uid in opts.allow_uids:
+        check_uid(uid, "allowed uid")
+    if opts.reserve not in RESERVE_CHOICES:
+        raise StartupError(f"reserve must be one of {', '.join(RESERVE_CHOICES)}, not {opts.reserve!r}")
     if opts.threads is not None and opts.threads < 1:
         raise StartupError(f"threads must be at least 1, not {opts.threads}")
     if opts.config.queue_depth < 1:
@@ -192,6 +205,18 @@ def _same_path(a: str, b: str) -> bool:
     if not a or not b or a.startswith("@") or b.startswith("@"):
         return a == b
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+RESERVE_CHOICES = ("auto", "data", "all", "none")
+
+
+def _reserve_ranges(layout: Layout, reserve: str) -> Iterator[tuple[int, int]]:
+    """The memory ranges ``--reserve`` allocates at start, ascending."""
+    if reserve == "all":
+        yield 0, layout.memory_size
+    elif reserve == "data":
+        for lo, n in zip(layout.mem, layout.length):
+            yield lo, lo + n
 
 
 def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:
@@ -341,8 +366,13 @@ async def run_daemon(
         pages_fd = ckpt.open_pages(direct=False)
     metrics: MetricsServer | None = None
     try:
+        reserve = opts.reserve if opts.reserve != "auto" else "data" if opts.memory_file else "none"
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
-                            protect=ckpt.files(), data_bytes=_data_estimate(ckpt, pages_fd))
+                            protect=ckpt.files(), data_bytes=_data_estimate(ckpt, pages_fd),
+                            reserve=_reserve_ranges(layout, reserve))
+        if reserve != "none":
+            notes.append(f"memory file: {human(memory.reserved)} reserved ({reserve})" if memory.reserved is not None
+                         else "memory file: its file system cannot reserve space (fallocate); not reserved")
     except BaseException:
         os.close(pages_fd)
         raise
@@ -550,7 +580,7 @@ def _working_set_setup(
                 path = None
         if path is not None:
             try:
-                ws = read_working_set(path)
+                ws = read_working_set(path, max_file_bytes(ckpt.layout.memory_size, ckpt.layout.page_size))
                 identity = checkpoint_identity(ckpt)
                 check_identity(ws, identity, path)
             except WorkingSetError as exc:
@@ -570,8 +600,10 @@ def _working_set_setup(
     recorder = record_path = None
     if opts.record_working_set is not None:
         record_path = opts.record_working_set or default_working_set_path(opts.source)
-        check_recording_path(record_path)
+        protect = [*ckpt.files(), *([opts.memory_file] if opts.memory_file else [])]
+        replaces = check_recording_path(record_path, force=opts.force_working_set, protect=protect)
         recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
+        recorder.replaces = replaces
     return order, recorder, record_path
 
 
@@ -604,7 +636,7 @@ async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float
         ws = recorder.stop()
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(write_working_set, path, ws)
+                await trio.to_thread.run_sync(write_working_set, path, ws, recorder.replaces)
             except WorkingSetError as exc:
                 log.warning("working set not recorded: %s", exc)
             else:
@@ -621,10 +653,13 @@ def _file_ascends(layout: Layout) -> bool:
 
 def _needs_holes_first(opts: DaemonOptions) -> bool:
     """Whether a raw image's holes must be found before READY: the page-fault handler
-    and the zero-copy mode place holes themselves, and a working set is matched to
-    the image by its extents (its identity).  Otherwise they are found while it loads."""
+    and the zero-copy mode place holes themselves, a working set is matched to the
+    image by its extents (its identity), and ``--reserve data`` (the default for a
+    ``--memory-file``) reserves exactly the data.  Otherwise they are found while it loads."""
     if opts.uffd_socket is not None or opts.allow_writable_memory_fd or opts.record_working_set is not None:
         return True
+    if opts.memory_file is not None and opts.reserve in ("auto", "data"):
+        return True  # the data's space is reserved before READY: where the data is must be known
     if opts.order is not None or not opts.use_working_set:
         return False
     return opts.working_set is not None or os.path.exists(default_working_set_path(opts.source))

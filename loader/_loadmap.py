@@ -1,5 +1,7 @@
 """The shared read-only loaded map: one bit per page of guest memory, set once the
 page is loaded, in a sealed memfd that clients map read-only (protocol ``loadmap``).
+The memfd is mode 0400 and sealed with ``F_SEAL_FUTURE_WRITE`` once the daemon's own
+writable mapping exists: no client, whatever its uid, can set a bit another reads.
 
 A client that finds every bit of a range set skips the ``wait`` round trip.  The map
 is O(image) bits (64 GiB of 4 KiB pages: 2 MiB), against principle 2 (memory
@@ -23,10 +25,12 @@ are only ever set, and the daemon is the only writer, so a stale bit is only eve
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from typing import Any
 
+from ._memfile import F_SEAL_FUTURE_WRITE, MEMFD_MODE
 from ._rangeset import gaps
 
 __all__ = ["LoadedMap"]
@@ -43,10 +47,14 @@ class LoadedMap:
         self.fd = os.memfd_create("pageload-loaded-map", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size)
+            os.fchmod(self.fd, MEMFD_MODE)
             # A client's mapping can never lose its pages under it.
-            import fcntl
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._map = mmap.mmap(self.fd, self.size)
+            # Only the daemon's mapping, made above, can write it: no write(2) and no new
+            # writable shared mapping, through any descriptor (a client's bits are never
+            # set by another client, even one of the daemon's uid or root).
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
             self.readonly_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             os.close(self.fd)

@@ -23,6 +23,7 @@ from typing import Protocol
 from ._startup import (
     StartupError,
     describe_os_error,
+    host_memory,
     identity,
     memory_available,
     not_enough_space,
@@ -32,6 +33,14 @@ from ._units import human
 
 #: larger memory sizes cannot be given to ftruncate (an off_t) nor mapped
 _MAX_MAP = sys.maxsize
+
+#: the mode of the memfds handed to clients: read-only for the daemon's uid, nothing for
+#: anyone else.  A memfd is made 0777, and a client given a read-only descriptor could
+#: reopen ``/proc/self/fd/N`` read-write; the daemon never reopens its own for writing.
+MEMFD_MODE = 0o400
+
+#: Linux 5.1; Python's fcntl module does not name it
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 
 
 class Destination(Protocol):
@@ -63,7 +72,10 @@ class MemoryFile:
     """A sparse memory file of ``size`` bytes, mapped shared.
 
     With ``path=None`` it is a memfd (nothing on any filesystem), created with
-    ``MFD_ALLOW_SEALING`` and sealed against shrinking once sized.  Otherwise the
+    ``MFD_ALLOW_SEALING``, made mode 0400 (:data:`MEMFD_MODE`: no one reopens a
+    descriptor a client was given read-only as read-write through ``/proc/self/fd``
+    unless it is root, or the daemon's uid after a ``chmod`` of its own) and sealed
+    against shrinking and growing once sized.  Otherwise the
     file at ``path`` is created, never followed through a symbolic link:
 
     - it must not exist (``O_CREAT|O_EXCL|O_NOFOLLOW``) unless ``force``; with
@@ -71,13 +83,17 @@ class MemoryFile:
       then emptied (so stale bytes never show through the holes);
     - symbolic links, non-regular files and the files in ``protect`` (the
       checkpoint's own: same st_dev/st_ino) are refused, ``force`` or not;
+    - it is mode 0600 (a reused file is made so);
     - it is locked (``flock(LOCK_EX|LOCK_NB)``) until :meth:`close`: a second
       daemon on the same file is refused instead of truncating the first one's
       memory.  The lock belongs to the open file description, so it also lasts
       while a client holds a copy of :attr:`fd` received over the socket.
 
     Where the file system can tell (``fstatvfs``; for a memfd, /proc/meminfo and
-    the cgroup's ``memory.max``), ``data_bytes`` must fit in the space left.
+    the cgroup's ``memory.max``), ``data_bytes`` must fit in the space left.  The
+    ``reserve`` ranges are then allocated (``fallocate``), where the file system
+    can: that check is no reservation, and another writer could fill the file
+    system before the daemon's loads land (:attr:`reserved`: the bytes, or None).
     Every refusal is a :class:`StartupError` (one line).  Unwritten parts are holes
     and read as zero, so zero pages of the image need no I/O at all.
     """
@@ -93,17 +109,27 @@ class MemoryFile:
         force: bool = False,
         protect: Iterable[str] = (),
         data_bytes: int = 0,
+        reserve: Iterable[tuple[int, int]] = (),
     ) -> None:
         if size <= 0:
             raise ValueError(f"memory size must be positive, not {size}")
         self.size = size
         self.path = path
         self._created = False  #: we created the file at path (discard() may remove it)
+        #: bytes allocated at start for ``reserve``, None where the file system cannot
+        self.reserved: int | None = 0
         where = path if path is not None else "memory file (memfd)"
         if size > _MAX_MAP:
             raise StartupError(
                 f"{where}: memory size {size} bytes ({human(size)}) is more than a mapping can "
                 f"hold"
+            )
+        host = host_memory()
+        if host is not None and size > host:  # before anything is made for it (the loaded map: 1 bit a page)
+            raise StartupError(
+                f"{where}: memory size {size} bytes ({human(size)}) is more than this host's memory "
+                f"({human(host)}: RAM + swap); no guest that large runs here (vm.overcommit_memory=1 "
+                "lifts this)"
             )
         if path is None:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -112,8 +138,10 @@ class MemoryFile:
         try:
             self._check_space(where, data_bytes)
             os.ftruncate(self.fd, size)
+            self.reserved = self._reserve(where, reserve)
             if path is None:
-                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+                os.fchmod(self.fd, MEMFD_MODE)
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException as exc:
             self._abandon()
@@ -176,6 +204,12 @@ class MemoryFile:
                                        "(another pageload daemon?)") from None
                 raise StartupError(f"{path}: cannot lock the memory file: {exc.strerror or exc}") from None
             os.set_blocking(fd, True)
+            if st.st_mode & 0o7777 != 0o600:  # a reused file: no other uid opens it by its path
+                try:
+                    os.fchmod(fd, 0o600)
+                except OSError as exc:
+                    raise StartupError(f"{path}: cannot make the memory file mode 0600 (it belongs to uid "
+                                       f"{st.st_uid}): {exc.strerror or exc}") from None
             if st.st_size:
                 os.ftruncate(fd, 0)  # locked: nobody else's memory; empty, so holes read as zero
         except BaseException:
@@ -194,6 +228,41 @@ class MemoryFile:
         space = space_free(self.fd)
         if space is not None and data_bytes > space[0]:
             raise not_enough_space(where, data_bytes, space[0], f"its file system ({human(space[1])})")
+
+    def _reserve(self, where: str, ranges: Iterable[tuple[int, int]]) -> int | None:
+        """``fallocate`` the ``[lo, hi)`` ranges (in ascending order; touching ones are
+        joined): the file system then holds their blocks for this file, and no write
+        into them fails with ENOSPC later.  Returns the bytes reserved, or None where
+        the file system cannot (EOPNOTSUPP: nothing is reserved)."""
+        total = 0
+        start = end = 0
+
+        def one(lo: int, hi: int) -> None:
+            try:
+                os.posix_fallocate(self.fd, lo, hi - lo)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise StartupError(f"{where}: cannot reserve {human(hi - lo)} at {lo:#x} for the data "
+                                       f"(--reserve): {exc.strerror}") from None
+                raise
+
+        try:
+            for lo, hi in ranges:
+                if lo == end:
+                    end = hi
+                    continue
+                if end > start:
+                    one(start, end)
+                    total += end - start
+                start, end = lo, hi
+            if end > start:
+                one(start, end)
+                total += end - start
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise
+        return total
 
     def explain_error(self, err: int) -> str:
         """What errno ``err`` from a read into this file's mapping means.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 
 from ._startup import StartupError
@@ -116,6 +117,10 @@ def listen_fds(unset: bool = True) -> list[int]:
         raise ActivationError(f"LISTEN_FDS={count_text!r} is not a number") from None
     if count < 0:
         raise ActivationError(f"LISTEN_FDS={count} is negative")
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit != resource.RLIM_INFINITY and count > limit - SD_LISTEN_FDS_START:
+        raise ActivationError(f"LISTEN_FDS={count} is more descriptors than this process may have open "
+                              f"(RLIMIT_NOFILE {limit})")
     fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
     for fd in fds:
         try:

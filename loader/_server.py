@@ -302,14 +302,16 @@ class Session:
 
     async def flush(self) -> None:
         """Wait until every queued reply is written (or the socket broke)."""
-        while self._out and not self._broken:
-            event = self._flushed = self._flushed or trio.Event()
-            await event.wait()
+        while self._out and not self._broken:  # the shutdown and the session's own task may both wait
+            if self._flushed is None:
+                self._flushed = trio.Event()
+            await self._flushed.wait()
 
     async def _wait_drained(self) -> None:
         while self._out_bytes > self.server.max_backlog_bytes and not self._broken:
-            event = self._drained = self._drained or trio.Event()
-            await event.wait()
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
 
     # ----------------------------------------------------------------- requests
     def handle(self, event: Any) -> None:

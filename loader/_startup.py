@@ -20,7 +20,9 @@ __all__ = [
     "StartupError",
     "check_ready_fd",
     "check_socket_path",
+    "check_uid",
     "describe_os_error",
+    "host_memory",
     "identity",
     "memory_available",
     "space_free",
@@ -148,6 +150,40 @@ def memory_available() -> int | None:
     if limit is not None:
         avail = limit if avail is None else min(avail, limit)
     return avail
+
+
+def host_memory() -> int | None:
+    """The largest guest this host can hold: MemTotal + SwapTotal from /proc/meminfo
+    (above it the kernel's default heuristic refuses a VMM's allocation of the guest's
+    memory as an obvious overcommit), or None where there is no such bound: with
+    ``vm.overcommit_memory=1`` (always overcommit), or when /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            if f.read().strip() == "1":
+                return None
+    except OSError:
+        pass
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if key in ("MemTotal", "SwapTotal") and parts and parts[0].isdigit():
+                    total += int(parts[0]) * 1024
+    except OSError:
+        return None
+    return total or None
+
+
+#: uid_t is 32 bits, and (uid_t)-1 means "no change" to chown(2) and friends: never a user
+UID_MAX = (1 << 32) - 2
+
+
+def check_uid(uid: int, what: str = "uid") -> None:
+    """Refuse (one line) a uid that no process can have."""
+    if type(uid) is not int or not 0 <= uid <= UID_MAX:
+        raise StartupError(f"{what} {uid!r}: not a user id (0 to {UID_MAX})")
 
 
 def _cgroup_memory_max() -> int | None:

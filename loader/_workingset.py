@@ -16,14 +16,16 @@ never an object per page, whatever the working set's size.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import statistics
 import sys
 import tempfile
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,7 +36,8 @@ import xxhash
 from ._layout import Layout
 from ._columns import column_bytes, read_column
 from ._rangeset import RangeSet
-from ._startup import StartupError
+from ._startup import StartupError, memory_available
+from ._startup import identity as file_identity
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._units import human
 
@@ -67,6 +70,11 @@ FORMAT = "pageload-working-set"  #: the file's magic (its first key's value)
 VERSION = 1
 DEFAULT_NAME = "working-set.msgpack"  #: in a pages checkpoint's directory
 MAX_FILE_BYTES = 1 << 30
+#: a working-set file's fields besides its three columns, at most (about 200 bytes in practice)
+FILE_OVERHEAD_BYTES = 4096
+#: reading a working set takes about this many bytes of memory per byte of the file at
+#: its peak (measured: 6.4 for a million ranges; the overlap check sorts a list of them)
+DECODE_BYTES_PER_FILE_BYTE = 8
 _U64 = 1 << 64
 #: replay: ranges within this many bytes of each other in first-touch order may merge
 REPLAY_BATCH = 8 << 20
@@ -154,11 +162,36 @@ def default_working_set_path(source: str) -> str:
     return f"{source}.{DEFAULT_NAME}"
 
 
-def check_recording_path(path: str) -> None:
+#: ``write_working_set(replaces=...)``: replace a regular file found at the path (never
+#: anything else), as ``working-set merge -o`` does
+ANY_REGULAR_FILE = "any regular file"
+
+
+def check_recording_path(path: str, *, force: bool = False,
+                         protect: Iterable[str] = ()) -> tuple[int, int] | None:
     """Fail now, with one line, if a working set cannot be written at ``path``
-    (a read-only checkpoint directory must not be found out at shutdown)."""
-    if os.path.isdir(path):
-        raise WorkingSetError(path, "cannot record a working set here: it is a directory")
+    (a read-only checkpoint directory must not be found out at shutdown), and
+    apply the ``--memory-file`` rules: what is at ``path`` must not be a symbolic
+    link (never followed), anything but a regular file, or one of the files in
+    ``protect`` (the checkpoint's own, the memory file: same st_dev/st_ino), and
+    an existing file is replaced only with ``force``.
+
+    Returns the (st_dev, st_ino) of the file ``force`` lets the recording replace,
+    or None when nothing is there: pass it to :func:`write_working_set` as
+    ``replaces``, which checks again just before it puts the file in place."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise WorkingSetError(path, f"cannot record a working set here: {exc.strerror or exc}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise WorkingSetError(path, "cannot record a working set here: it is a directory")
+        _refuse_kind(path, st, protect)
+        if not force:
+            raise WorkingSetError(path, "cannot record a working set here: the file exists (--force replaces "
+                                  "it)")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         fd, probe = tempfile.mkstemp(prefix=".working-set.", suffix=".probe", dir=parent)
@@ -166,6 +199,23 @@ def check_recording_path(path: str) -> None:
         raise WorkingSetError(path, f"cannot record a working set here: {parent}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
+    return None if st is None else file_identity(st)
+
+
+def _refuse_kind(path: str, st: os.stat_result, protect: Iterable[str] = ()) -> None:
+    """A working set is written only in place of a regular file, never one in ``protect``."""
+    if stat.S_ISLNK(st.st_mode):
+        raise WorkingSetError(path, "cannot record a working set here: it is a symbolic link; refusing to "
+                              "write through it or replace it")
+    if not stat.S_ISREG(st.st_mode):
+        raise WorkingSetError(path, "cannot record a working set here: it exists and is not a regular file")
+    for p in protect:
+        try:
+            if file_identity(os.stat(p)) == file_identity(st):
+                raise WorkingSetError(path, f"cannot record a working set here: it is the checkpoint's own "
+                                      f"file {p}; refusing to write over it")
+        except OSError:
+            pass
 
 
 @dataclass(eq=False)
@@ -211,7 +261,7 @@ class WorkingSetRecorder:
     Cost per touch: a few bisects on the set of pages seen (merged intervals)."""
 
     __slots__ = ("identity", "seen", "offset", "length", "first_touch_us", "active", "t0_ns", "ended_ns",
-                 "touches", "closed")
+                 "touches", "closed", "replaces")
 
     def __init__(self, identity: CheckpointIdentity) -> None:
         self.identity = identity
@@ -224,6 +274,8 @@ class WorkingSetRecorder:
         self.ended_ns: int | None = None
         self.touches = 0
         self.closed = trio.Event()  #: set when the window closes (``stop``: its end, or a ``mark``)
+        #: the file the daemon may replace with the recording (``write_working_set``'s ``replaces``)
+        self.replaces: tuple[int, int] | None = None
 
     def start(self, now_ns: int | None = None) -> None:
         """Open the window (the daemon does it at READY): times count from here."""
@@ -306,25 +358,75 @@ def _int(obj: dict[str, Any], name: str, minimum: int = 0) -> int:
     return value
 
 
+#: a msgpack value's first byte that starts an array, a map or an ext (or is never used)
+_NOT_SCALAR = frozenset([*range(0x80, 0xA0), 0xC1, 0xC7, 0xC8, 0xC9, *range(0xD4, 0xD9), 0xDC, 0xDD, 0xDE, 0xDF])
+_MAP_FIRST = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+#: more fields than any version of the file has: refused before any is read
+MAX_FIELDS = 32
+_NESTED = object()  #: a field whose value was an array, a map or an ext: skipped, never built
+
+
+def _read_map(up: msgpack.Unpacker, data: bytes, limit: int, nested: str | None) -> dict[str, Any]:
+    """The map at the unpacker's position, of at most ``limit`` fields with string
+    names.  Values are scalars (strings, bins, numbers); an array, a map or an ext is
+    skipped without building it (:data:`_NESTED`), except a map under the name
+    ``nested``, read the same way one level down.  So whatever the bytes, decoding
+    builds no more objects than the few fields (the columns are single bins)."""
+    count = up.read_map_header()
+    if count > limit:
+        raise ValueError(f"not a working set (a map of {count} fields)")
+    out: dict[str, Any] = {}
+    for _ in range(count):
+        if data[up.tell()] in _NOT_SCALAR:
+            raise ValueError("not a working set (a field name that is not a string)")
+        key = up.unpack()
+        if not isinstance(key, str):
+            raise ValueError("not a working set (a field name that is not a string)")
+        first = data[up.tell()]
+        if key == nested and first in _MAP_FIRST:
+            out[key] = _read_map(up, data, limit, None)
+        elif first in _NOT_SCALAR:
+            up.skip()
+            out[key] = _NESTED
+        else:
+            out[key] = up.unpack()
+    return out
+
+
+def _read_fields(data: bytes) -> dict[str, Any]:
+    """The file's top-level map (see :func:`_read_map`); ``ValueError`` otherwise."""
+    n = len(data)
+    if data[0] not in _MAP_FIRST:
+        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)')
+    up = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=n, max_str_len=n, max_bin_len=n,
+                          max_array_len=n, max_map_len=n, max_ext_len=n)
+    up.feed(data)
+    try:
+        obj = _read_map(up, data, MAX_FIELDS, "checkpoint")
+    except (msgpack.OutOfData, IndexError):  # IndexError: a peek past the end
+        raise ValueError("truncated: the msgpack data ends early") from None
+    except ValueError as exc:
+        if str(exc).startswith("not a working set"):
+            raise
+        raise ValueError(f"not a working set (invalid msgpack: {type(exc).__name__})") from None
+    except (TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"not a working set (invalid msgpack: {type(exc).__name__})") from None
+    if obj.get("format") != FORMAT:
+        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)')
+    if up.tell() != n:
+        raise ValueError("trailing bytes after the working set's msgpack map")
+    return obj
+
+
 def decode_working_set(data: bytes) -> WorkingSet:
-    """Parse and check a working set file; ``ValueError`` with a one-line reason."""
+    """Parse and check a working set file; ``ValueError`` with a one-line reason.
+
+    Nothing in the file makes it build objects beyond its fields (:func:`_read_map`):
+    the peak is the ranges' overlap check, about 6.4 bytes per byte of the file."""
     n = len(data)
     if n == 0:
         raise ValueError("empty file")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=n, max_bin_len=n,
-                              max_array_len=n, max_map_len=n, max_ext_len=0)
-    except msgpack.ExtraData as exc:
-        head = exc.unpacked
-        if isinstance(head, dict) and head.get("format") == FORMAT:
-            raise ValueError("trailing bytes after the working set's msgpack map") from None
-        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)') from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        if "incomplete" in str(exc):
-            raise ValueError("truncated: the msgpack data ends early") from None
-        raise ValueError(f"not a working set (invalid msgpack: {type(exc).__name__})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f'not a working set (no "format": "{FORMAT}" field)')
+    obj = _read_fields(data)
     version = _int(obj, "version")
     if version != VERSION:
         raise ValueError(f"unsupported working-set version {version} (this pageload reads version {VERSION})")
@@ -365,13 +467,40 @@ def _check_ranges(ws: WorkingSet) -> None:
             raise ValueError(f"ranges {a} and {b} overlap (at {offs[b]:#x})")
 
 
-def read_working_set(path: str) -> WorkingSet:
-    """Read and check the file; :class:`WorkingSetError` (one line) on any problem."""
+def max_file_bytes(memory_size: int, page_size: int) -> int:
+    """The largest working-set file of a checkpoint of ``memory_size`` bytes in pages of
+    ``page_size``: its ranges never overlap, so there are at most that many pages of
+    them, each 24 bytes in the file, plus the fields around them."""
+    return min(MAX_FILE_BYTES, FILE_OVERHEAD_BYTES + 24 * -(-memory_size // page_size))
+
+
+def read_working_set(path: str, max_bytes: int = MAX_FILE_BYTES) -> WorkingSet:
+    """Read and check the file; :class:`WorkingSetError` (one line) on any problem.
+
+    Only a regular file is opened, never blocking (``O_NONBLOCK``; a FIFO or a device
+    is refused without being read).  Its size is checked before anything is read:
+    at most ``max_bytes`` (:func:`max_file_bytes` for a known checkpoint), and reading
+    it must fit in the memory left (about :data:`DECODE_BYTES_PER_FILE_BYTE` times
+    its size at the peak)."""
+    from .checkpoint import CheckpointError
+    from .checkpoint._files import open_regular
     try:
-        with open(path, "rb") as f:
+        fd = open_regular(path)
+    except CheckpointError as exc:
+        raise WorkingSetError(path, exc.problem) from None
+    except OSError as exc:
+        raise WorkingSetError(path, exc.strerror or str(exc)) from None
+    try:
+        with open(fd, "rb", closefd=True) as f:
             size = os.fstat(f.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise WorkingSetError(path, f"{size} bytes, more than the {MAX_FILE_BYTES}-byte limit")
+            if size > max_bytes:
+                why = "limit" if max_bytes >= MAX_FILE_BYTES else "most a working set of this checkpoint can be"
+                raise WorkingSetError(path, f"{size} bytes, more than the {max_bytes}-byte {why}")
+            avail = memory_available()
+            if avail is not None and size * DECODE_BYTES_PER_FILE_BYTE > avail:
+                raise WorkingSetError(path, f"{size} bytes: reading it takes about "
+                                      f"{human(size * DECODE_BYTES_PER_FILE_BYTE)} of memory, more than the "
+                                      f"{human(avail)} left")
             data = f.read(size + 1)
     except OSError as exc:
         raise WorkingSetError(path, exc.strerror or str(exc)) from None
@@ -381,8 +510,16 @@ def read_working_set(path: str) -> WorkingSet:
         raise WorkingSetError(path, str(exc)) from None
 
 
-def write_working_set(path: str, ws: WorkingSet) -> None:
-    """Write atomically: a temporary file beside ``path``, fsynced, renamed over it."""
+def write_working_set(path: str, ws: WorkingSet,
+                      replaces: tuple[int, int] | str | None = ANY_REGULAR_FILE) -> None:
+    """Write atomically: a temporary file beside ``path``, fsynced, then put in place.
+
+    What may be at ``path`` then: with ``replaces=None`` nothing (the file is linked
+    in, which never replaces anything); with a (st_dev, st_ino) from
+    :func:`check_recording_path` that file, or nothing; with :data:`ANY_REGULAR_FILE`
+    a regular file, or nothing.  Symbolic links and non-regular files are never
+    replaced.  Anything else is a :class:`WorkingSetError`, and the path is left as
+    it was."""
     parent = os.path.dirname(os.path.abspath(path))
     data = encode_working_set(ws)
     try:
@@ -398,18 +535,49 @@ def write_working_set(path: str, ws: WorkingSet) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        _put_in_place(tmp, path, replaces)
         dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError as exc:
+    except (OSError, WorkingSetError) as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, WorkingSetError):
+            raise
         raise WorkingSetError(path, f"cannot write: {exc.strerror or exc}") from None
+
+
+def _put_in_place(tmp: str, path: str, replaces: tuple[int, int] | str | None) -> None:
+    """Move ``tmp`` to ``path`` as :func:`write_working_set` allows."""
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is None:
+        try:
+            os.link(tmp, path)  # atomically: fails if anything appeared at path meanwhile
+        except FileExistsError:
+            raise WorkingSetError(path, "not written: a file appeared there since the daemon started; "
+                                  "left as it is") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            os.rename(tmp, path)  # a file system without hard links
+        else:
+            os.unlink(tmp)
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        _refuse_kind(path, st)
+    if replaces is None:
+        raise WorkingSetError(path, "not written: a file appeared there since the daemon started; left as it is")
+    if replaces != ANY_REGULAR_FILE and file_identity(st) != replaces:
+        raise WorkingSetError(path, "not written: the file there was replaced since the daemon started; left "
+                              "as it is")
+    os.rename(tmp, path)
 
 
 # --------------------------------------------------------------------------- use

@@ -5,6 +5,7 @@ processes where the fault is about processes."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import mmap
@@ -37,6 +38,7 @@ SIZE = 16 * MiB
 HELLO = msgpack.packb({"op": "hello", "id": 1, "v": [1]})
 STATS = msgpack.packb({"op": "stats", "id": 2})
 NOBODY = 65534
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])  # the repository, for a daemon of another uid
 DEADLINE_S = 30.0  # for poll loops: only a hang reaches it
 
 
@@ -198,6 +200,39 @@ def test_unread_replies_are_bounded(daemon):
     served(daemon.socket_path)
 
 
+def _unread_stats(path, count):
+    """A connection that asked for ``count`` stats replies and reads none of them yet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(path)
+    s.sendall(HELLO + STATS * count)
+    return s
+
+
+def test_a_request_after_sigterm_with_unread_replies_still_exits_0(daemon):
+    """Session.flush ran twice on one session (from aclose and from the session's own
+    task), and ``self._flushed or trio.Event()`` raised 'Trio events cannot be treated
+    as bools': the daemon exited 1 and cut the other clients' last replies short."""
+    count = 1000
+    greedy = _unread_stats(daemon.socket_path, count)
+    bystander = _unread_stats(daemon.socket_path, count)
+    try:
+        with Client.connect(daemon.socket_path) as c:  # both backlogs are queued by now
+            c.stats()
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)  # the shutdown's flush has begun
+        with contextlib.suppress(OSError):
+            greedy.sendall(STATS)
+        replies = read_until_closed(bystander)
+        assert daemon.proc.wait(timeout=DEADLINE_S) == 0, daemon.stderr_tail()
+        assert sum(1 for r in replies if r.get("ok") == "stats") == count
+        read_until_closed(greedy)
+    finally:
+        greedy.close()
+        bystander.close()
+    assert "Traceback" not in pathlib.Path(daemon.log_path).read_text()
+
+
 async def test_closed_session_is_freed_by_refcount(tmp_path, image):
     """Closed sessions waited for the cyclic GC."""
     async with trio.open_nursery() as nursery:
@@ -259,7 +294,7 @@ async def test_memory_fd_is_read_only_by_default(tmp_path, image):
         state.stop()
 
 
-async def test_writable_memory_fd_only_when_allowed_and_never_shrinks(tmp_path, image):
+async def test_writable_memory_fd_only_when_allowed_and_never_shrinks_nor_grows(tmp_path, image):
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, options(tmp_path, image, allow_writable_memory_fd=True))
         async with TrioClient.connect(state.server.path) as client:
@@ -268,6 +303,12 @@ async def test_writable_memory_fd_only_when_allowed_and_never_shrinks(tmp_path, 
                 os.pwrite(fd, b"\x00", SIZE - 1)
                 with pytest.raises(PermissionError):  # F_SEAL_SHRINK
                     os.ftruncate(fd, 0)
+                with pytest.raises(PermissionError):  # F_SEAL_GROW: a client grew it to 512 MiB
+                    os.ftruncate(fd, 512 * MiB)
+                with pytest.raises(PermissionError):
+                    os.pwrite(fd, b"\x00", SIZE)
+                with pytest.raises(PermissionError):
+                    os.posix_fallocate(fd, SIZE, PAGE)
             finally:
                 os.close(fd)
         assert os.fstat(state.memory.fd).st_size == SIZE
@@ -363,6 +404,134 @@ def test_allow_uid_lets_that_uid_connect(image, shared_dir, allow):
 
         assert _as_nobody(client) == (0 if allow else 1)
         served(path)  # the daemon's own uid, as ever
+
+
+def _loaded_map_fd(client):
+    """The daemon's loaded-map descriptor, as ``Client.load_map`` gets it (the caller closes it)."""
+    return client._fd_for(client._request(protocol.GetLoadedMap(next(client._ids))))
+
+
+def _reopen_rw(fd):
+    """The errno of reopening ``fd`` read-write through /proc/self/fd, or 0 if that worked."""
+    try:
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR))
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def _cannot_write(fd):
+    """Whether neither write(2) nor a writable shared mapping of ``fd`` (read-write) is allowed."""
+    try:
+        os.pwrite(fd, b"\xff", 0)
+        return False
+    except PermissionError:
+        pass
+    try:
+        mmap.mmap(fd, 1, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+        return False
+    except PermissionError:
+        return True
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to uid 65534 needs root")
+def test_a_client_of_another_uid_cannot_write_guest_memory_or_the_loaded_map(image, shared_dir):
+    """Both memfds were mode 0777: a client of --allow-uid reopened its read-only fd through
+    /proc/self/fd read-write, wrote guest memory, grew the memory file and set loaded bits."""
+    path = str(shared_dir / "s.sock")
+    with DaemonProcess(image, path, str(shared_dir / "d.log"), ["--background", "-q", "--allow-uid", str(NOBODY)]):
+        with Client.connect(path) as owner:
+            owner.wait(0, SIZE)
+            before = os.pread(fd := owner.memory_fd(), PAGE, 0)
+            os.close(fd)
+
+        def client():
+            with Client.connect(path, deadline=time.monotonic() + DEADLINE_S) as c:
+                mem = c.memory_fd()
+                lmap = _loaded_map_fd(c)
+                assert _reopen_rw(mem) == errno.EACCES
+                assert _reopen_rw(lmap) == errno.EACCES
+                for fd in (mem, lmap):
+                    with pytest.raises(OSError):
+                        os.ftruncate(fd, 512 * MiB)
+                    with pytest.raises(OSError):
+                        os.pwrite(fd, b"\xff", 0)
+                    with pytest.raises(OSError):
+                        os.fchmod(fd, 0o666)
+                    assert os.fstat(fd).st_mode & 0o777 == 0o400
+                return True
+
+        assert _as_nobody(client) == 0
+        with Client.connect(path) as owner:
+            fd = owner.memory_fd()
+            try:
+                assert os.fstat(fd).st_size == SIZE
+                assert os.pread(fd, PAGE, 0) == before
+            finally:
+                os.close(fd)
+
+
+def test_no_client_can_write_the_loaded_map_even_as_root(daemon):
+    """A client of the daemon's own uid (root here: file modes do not stop it) set every
+    bit of the loaded map, and another client read unloaded pages as loaded."""
+    with Client.connect(daemon.socket_path) as c:
+        fd = _loaded_map_fd(c)
+        try:
+            rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR) if os.getuid() == 0 else None
+            if rw is not None:
+                try:
+                    assert _cannot_write(rw)  # F_SEAL_FUTURE_WRITE: the daemon's mapping only
+                finally:
+                    os.close(rw)
+            else:
+                assert _reopen_rw(fd) == errno.EACCES
+            with pytest.raises(OSError):
+                os.ftruncate(fd, 1 << 30)
+        finally:
+            os.close(fd)
+    served(daemon.socket_path)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="starting a daemon as uid 65534 needs root")
+def test_a_client_of_the_daemons_own_uid_cannot_reopen_the_memory_fd_read_write(image, shared_dir):
+    """Not a boundary (the uid may chmod the memfd it owns), but no client of the daemon's
+    uid writes guest memory by reopening its read-only fd by accident: mode 0400."""
+    home = shared_dir / "nobody"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    img = home / "memory.img"
+    shutil.copyfile(image, img)
+    os.chmod(img, 0o644)
+    path = str(home / "s.sock")
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable]
+    try:
+        probe = subprocess.run([*as_nobody, "-c", "import cli"], capture_output=True, timeout=DEADLINE_S,
+                               cwd=str(home), env={**os.environ, "PYTHONPATH": ROOT})
+    except FileNotFoundError:
+        pytest.skip("no setpriv (util-linux) to start the daemon as uid 65534")
+    if probe.returncode != 0:
+        pytest.skip(f"this interpreter cannot run the project as uid 65534: {probe.stderr[-200:]!r}")
+    proc = subprocess.Popen([*as_nobody, "-m", "cli", "restore", str(img), "--socket", path, "--background", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(home), text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert proc.stdout.readline().startswith("READY"), proc.stderr.read()
+
+        def client():
+            with Client.connect(path, deadline=time.monotonic() + DEADLINE_S) as c:
+                mem = c.memory_fd()
+                lmap = _loaded_map_fd(c)
+                assert _reopen_rw(mem) == errno.EACCES
+                assert _reopen_rw(lmap) == errno.EACCES
+                with pytest.raises(OSError):
+                    os.ftruncate(mem, 512 * MiB)
+                return True
+
+        assert _as_nobody(client) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 0
 
 
 # ---------------------------------------------------------------- full backlog, stopped daemon

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -183,11 +184,15 @@ def test_memory_file_lock_and_refusals_in_process(tmp_path, images):
         MemoryFile(8 * MiB, images["raw"], force=True, protect=open_checkpoint(images["raw"]).files())
 
 
-def test_memfd_is_sealed_against_shrinking():
+def test_memfd_is_sealed_against_shrinking_and_growing_and_mode_0400():
     with MemoryFile(1 * MiB) as mem:
-        assert fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        assert os.fstat(mem.fd).st_mode & 0o7777 == 0o400
         with pytest.raises(PermissionError):
             os.ftruncate(mem.fd, 4096)
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 2 * MiB)
 
 
 @pytest.mark.parametrize("memory_size", [1 << 63, (1 << 64) - 4096, 1 << 62])
@@ -200,6 +205,74 @@ def test_huge_memory_size_in_an_index_is_one_line(tmp_path, memory_size):
         "pages_size": 0, "ranges": [], "checksum": "xxh3_64", "chunk_size": 1 << 20, "checksums": []}))
     line = one_line(restore(str(ckpt), tmp_path / "s"), "memory")
     assert "OverflowError" not in line
+
+
+def _index(tmp_path: Path, name: str, memory_size: int, images: dict[str, str] | None = None) -> Path:
+    """A checkpoint whose index claims ``memory_size`` (the pages and ranges of the
+    sample checkpoint in ``images``, or none)."""
+    ckpt = tmp_path / name
+    if images is None:
+        ckpt.mkdir()
+        (ckpt / "pages.img").write_bytes(b"")
+        fields = {"format": "pageload-checkpoint", "version": 1, "page_size": 4096, "pages_size": 0,
+                  "ranges": [], "checksum": "xxh3_64", "chunk_size": 1 << 20, "checksums": []}
+    else:
+        shutil.copytree(images["pages"], ckpt)
+        fields = msgpack.unpackb((ckpt / "index.msgpack").read_bytes())
+    fields["memory_size"] = memory_size
+    (ckpt / "index.msgpack").write_bytes(msgpack.packb(fields))
+    return ckpt
+
+
+def test_memory_size_0_in_an_index_is_one_line_for_restore_and_inspect(tmp_path):
+    """Restore printed a 17-line traceback (exit 1), while checkpoint inspect exited 0."""
+    ckpt = _index(tmp_path, "zero", 0)
+    one_line(restore(str(ckpt), tmp_path / "s"), "memory_size", "is 0")
+    one_line(cli("checkpoint", "inspect", str(ckpt)), "memory_size", "is 0")
+
+
+def test_a_memory_size_past_the_hosts_memory_is_refused_before_ready(tmp_path, images):
+    """An index claiming 64 TiB was served, and the first loadmap built a 2 GiB map."""
+    from loader._startup import host_memory
+    host = host_memory()
+    if host is None or host >= 1 << 46:
+        pytest.skip(f"no bound on this host (vm.overcommit_memory=1, or {host} bytes of RAM + swap)")
+    ckpt = _index(tmp_path, "huge", 1 << 46, images)
+    one_line(restore(str(ckpt), tmp_path / "s"), "64.0 TiB", "more than this host's memory")
+    # the bound is the host's: what fits is served
+    with DaemonProcess(str(_index(tmp_path, "fits", 64 * MiB, images)), str(tmp_path / "ok.sock"),
+                       str(tmp_path / "ok.log"), ["--background", "-q"]) as d:
+        with Client.connect(d.socket_path) as c:
+            c.load_map()
+            c.wait(64 * MiB - 4096, 4096)
+
+
+@pytest.mark.parametrize("uid", ["-1", "99999999999", "4294967295", "x"])
+def test_an_impossible_allow_uid_is_one_line(tmp_path, images, uid):
+    """--allow-uid -1 or 99999999999: a 45-line traceback, exit 1."""
+    one_line(restore(images["raw"], tmp_path / "s", "--allow-uid", uid), "--allow-uid", "not a user id")
+
+
+async def test_an_impossible_allowed_uid_is_a_startup_error(tmp_path, images):
+    with pytest.raises(StartupError, match="not a user id"):
+        await run_daemon(DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s"), allow_uids=(-1,),
+                                       handle_signals=False, ready_line=False))
+
+
+_MAXRSS = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+           "sys.stderr.write(r.stderr); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+           "sys.exit(r.returncode)")
+
+
+@pytest.mark.parametrize("count", ["99999999999999999999", "50000000"])
+def test_a_huge_listen_fds_is_one_line_before_any_memory_is_spent(tmp_path, images, count):
+    """LISTEN_FDS=50000000 took 2 GB and 1.6 s before its one-line error;
+    LISTEN_FDS=99999999999999999999 was a 14-line traceback."""
+    script = f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$0" -m cli restore "$1"'  # $$: the daemon's pid, after exec
+    proc = subprocess.run([sys.executable, "-c", _MAXRSS, "sh", "-c", script, sys.executable, images["raw"]],
+                          capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    one_line(proc, f"LISTEN_FDS={count}", "RLIMIT_NOFILE")
+    assert int(proc.stdout.split()[-1]) < 200 * 1024, proc.stdout  # KiB: the daemon's peak RSS
 
 
 # ------------------------------------------------------------- FIFOs and types
@@ -403,7 +476,7 @@ async def test_a_file_system_filling_up_while_loading_is_named_not_bad_address(t
     with small_tmpfs(tmp_path / "small", "8m") as small:
         mem = small / "mem"
         opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
-                             ready_line=False, memory_file=str(mem), aio_backend="sync",
+                             ready_line=False, memory_file=str(mem), aio_backend="sync", reserve="none",
                              config=LoaderConfig(sweep=False))  # lazy: nothing loads until waited for
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
@@ -426,7 +499,7 @@ async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_pat
     with small_tmpfs(tmp_path / "small", "8m") as small:
         mem = small / "mem"
         opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
-                             ready_line=False, memory_file=str(mem), aio_backend="threads",
+                             ready_line=False, memory_file=str(mem), aio_backend="threads", reserve="none",
                              config=LoaderConfig(sweep=False))
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
@@ -444,6 +517,75 @@ async def test_a_file_system_filling_up_under_the_sweeps_copies_is_named(tmp_pat
                 await loader.wait_loaded(first.mem_offset, first.length)
             state.stop()
         assert "memory file is full (ENOSPC on" in str(info.value) and str(mem) in str(info.value)
+
+
+@needs_mount
+async def test_the_data_is_reserved_so_a_file_system_filled_after_ready_fails_no_load(tmp_path, images):
+    """The space check at start was no reservation: a file system filled by someone else
+    after READY failed the loads with ENOSPC ('io-error' to the waiters)."""
+    layout = open_checkpoint(images["raw"]).layout
+    with open(images["raw"], "rb") as f:
+        expected = f.read()
+    with small_tmpfs(tmp_path / "small", "8m") as small:
+        opts = DaemonOptions(source=images["raw"], socket_path=str(tmp_path / "s.sock"), handle_signals=False,
+                             ready_line=False, memory_file=str(small / "mem"), aio_backend="threads",
+                             config=LoaderConfig(sweep=False))  # lazy; --reserve auto: data, for a file
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            _take_the_space(small)
+            with trio.fail_after(30):
+                for r in layout:
+                    await state.loader.wait_loaded(r.mem_offset, r.length)  # LoadError (ENOSPC) unreserved
+            assert state.memory.reserved == layout.data_bytes
+            # pread: the holes read as zeros (the daemon's own mapping would SIGBUS on them now)
+            assert os.pread(state.memory.fd, len(expected), 0) == expected
+            state.stop()
+
+
+def _read_every_page(fd: int, size: int) -> int:
+    """In a forked child: map ``fd`` and read a byte of every page; its exit status
+    (negative: the signal that killed it)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import faulthandler
+            import mmap
+            faulthandler.disable()  # a SIGBUS is the answer here, not a crash to report
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            total = 0
+            for off in range(0, size, 4096):
+                total += m[off]
+            os._exit(0)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@needs_mount
+@pytest.mark.parametrize("reserve", ["all", "data"])
+def test_a_client_mapping_the_memory_file_on_a_full_file_system(tmp_path, images, reserve):
+    """A client mapping the memory fd got SIGBUS reading a hole once the file system was
+    full.  With --reserve all the holes are allocated too, and every page reads; with
+    'data' (the default for a file) a hole is the file system's to allocate when a
+    mapping first touches it, so such a client gets SIGBUS: what docs/OPERATIONS.md says
+    a mapping client must expect (pread reads a hole as zeros and allocates nothing)."""
+    with small_tmpfs(tmp_path / "small", "12m") as small:
+        with DaemonProcess(images["raw"], str(tmp_path / "s.sock"), str(tmp_path / "d.log"),
+                           ["--background", "-q", "--no-sweep", "--memory-file", str(small / "mem"),
+                            "--reserve", reserve]) as d:
+            _take_the_space(small)
+            with Client.connect(d.socket_path) as c:
+                c.wait(0, 8 * MiB)  # every data page, from reserved space
+                fd = c.memory_fd()
+            try:
+                code = _read_every_page(fd, 8 * MiB)
+                holes = [off for off in range(0, 8 * MiB, 4096) if os.pread(fd, 4096, off) == bytes(4096)]
+            finally:
+                os.close(fd)
+            assert holes  # the image has holes and zero pages
+            assert code == (0 if reserve == "all" else -signal.SIGBUS)
+            assert d.stop() == 0
 
 
 def test_explain_error_names_a_full_file_only_when_full(tmp_path):

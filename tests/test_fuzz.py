@@ -1,6 +1,7 @@
 """Seeded fuzzing in bounded time: random and mutated frames against the sans-I/O
 connections in-process, then a short burst against a real daemon with correct
-clients waiting alongside.  ``make fuzz`` runs the long version (>= 1M frames)."""
+clients waiting alongside, and working-set files through every reader.  ``make fuzz``
+runs the long versions (>= 1M frames, 100k working-set files)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,22 @@ def test_client_connection_survives_random_replies() -> None:
             except protocol.RemoteProtocolError as exc:
                 if exc.fatal:
                     break
+
+
+def test_working_set_reader_survives_random_and_mutated_files(tmp_path) -> None:
+    """Every consumer of a working-set file (decode, read, clip, merge, replay, show;
+    restore --working-set, working-set show and merge as processes) on seeded valid,
+    hostile and broken files: a working set or one line, never another exception, a
+    traceback or a hang, and no decode peaks above what the memory check assumes
+    (a file of 50k empty arrays cost 64 bytes a byte when they were built)."""
+    from workloads._wsfuzz import MEMORY_SIZE, run_working_set_fuzz
+    image = str(tmp_path / "memory.img")
+    make_sample_image(image, MEMORY_SIZE, seed=5)
+    report = run_working_set_fuzz(1500, seed=SEED, commands=9, checkpoint=image)
+    assert report.findings == [], report.findings[:5]
+    assert report.accepted > 200 and sum(report.refused.values()) > 700, report.summary()
+    assert report.commands == 9 and set(report.command_exits) == {0, 2}, report.summary()
+    assert report.peak_bytes_per_file_byte > 1  # it was measured
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import random
+import signal
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -499,6 +502,203 @@ def test_recording_into_an_unwritable_directory_fails_even_as_root():
     # /proc takes no new files, whoever asks: the check that runs before READY says so
     with pytest.raises(WorkingSetError, match="cannot record a working set here: /proc"):
         check_recording_path("/proc/working-set.msgpack")
+
+
+def _restore_recording(source, record, tmp_path, *extra):
+    """``pageload restore SOURCE --record-working-set RECORD`` as a process: (exit status, stderr).
+    A daemon that starts gets a request and a mark (so it writes its recording), then SIGTERM."""
+    sock = str(tmp_path / "rec.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "restore", source, "--socket", sock, "--background",
+                             "-q", "--record-working-set", record, "--record-seconds", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout.readline().startswith("READY"):
+            from loader import Client
+            with Client.connect(sock) as c:
+                c.wait(0, PAGE)
+                c.mark()
+                for _ in range(200):  # the window task writes the file, then answers nothing: poll stats
+                    if not c.stats()["recording"]["active"]:
+                        break
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def _fingerprint(path):
+    st = os.lstat(path)
+    data = b"" if not stat.S_ISREG(st.st_mode) else pathlib.Path(path).read_bytes()
+    return stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, data
+
+
+@pytest.fixture
+def ckpt(tmp_path, images):
+    d = str(tmp_path / "ckpt")
+    create_checkpoint(images["raw"], d)
+    return d
+
+
+@pytest.mark.parametrize("what", ["pages.img", "index.msgpack", "source image", "fifo", "symlink to pages.img",
+                                  "dangling symlink", "existing file"])
+def test_record_working_set_never_replaces_what_is_not_its_own(tmp_path, images, ckpt, what):
+    """--record-working-set renamed its file over whatever was at the path: a checkpoint's
+    pages.img (133 MB -> 180 bytes), a raw source image, a FIFO, /dev/full as root."""
+    source = ckpt
+    target = str(tmp_path / "target")
+    if what in ("pages.img", "index.msgpack"):
+        target = os.path.join(ckpt, what)
+    elif what == "source image":
+        source = str(tmp_path / "mem.img")
+        os.link(images["raw"], source)
+        target = source
+    elif what == "fifo":
+        os.mkfifo(target)
+    elif what == "symlink to pages.img":
+        os.symlink(os.path.join(ckpt, "pages.img"), target)
+    elif what == "dangling symlink":
+        os.symlink(str(tmp_path / "nowhere"), target)
+    else:
+        pathlib.Path(target).write_bytes(b"someone's file")
+    before = _fingerprint(target)
+    pages_before = _fingerprint(os.path.join(ckpt, "pages.img"))
+    code, err = _restore_recording(source, target, tmp_path)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("pageload: ") and "cannot record a working set" in err, err
+    assert _fingerprint(target) == before
+    assert _fingerprint(os.path.join(ckpt, "pages.img")) == pages_before
+    assert not os.path.exists(str(tmp_path / "nowhere"))
+    if what not in ("pages.img", "index.msgpack", "source image"):
+        # --force replaces an existing regular file only; the rest stay refused
+        code, err = _restore_recording(source, target, tmp_path, "--force")
+        if what == "existing file":
+            assert code == 0, err
+            assert read_working_set(target).identity == checkpoint_identity(open_checkpoint(source))
+        else:
+            assert code == 2 and err.count("\n") == 1, err
+            assert _fingerprint(target) == before
+    if what in ("pages.img", "index.msgpack", "source image"):
+        code, err = _restore_recording(source, target, tmp_path, "--force")
+        assert code == 2 and "checkpoint's own file" in err, err
+        assert _fingerprint(target) == before
+
+
+def test_record_working_set_never_replaces_what_appears_after_start(tmp_path, ckpt):
+    """The path was free at start; a FIFO put there later is left alone (one warning)."""
+    target = str(tmp_path / "later")
+    opts = options(tmp_path, ckpt, record_working_set=target, record_seconds=None)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            async with TrioClient.connect(state.server.path) as client:
+                await client.wait(0, PAGE)
+                os.mkfifo(target)
+                await client.mark()
+                with trio.fail_after(30):
+                    while (await client.stats())["recording"]["active"]:
+                        await trio.sleep(0.01)
+                    await state.loader.done.wait()
+            state.stop()
+
+    trio.run(main)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".working-set.")]  # no temporary left
+
+
+def test_write_working_set_replaces_only_the_file_it_was_told(tmp_path):
+    ws = ws_of([(0, PAGE)])
+    path = str(tmp_path / "ws.msgpack")
+    pathlib.Path(path).write_bytes(b"x")
+    with pytest.raises(WorkingSetError, match="appeared"):
+        write_working_set(path, ws, replaces=None)
+    replaces = check_recording_path(path, force=True)
+    pathlib.Path(path + ".new").write_bytes(b"y")
+    os.rename(path + ".new", path)  # another file, same name (made before the first went: another inode)
+    with pytest.raises(WorkingSetError, match="replaced since"):
+        write_working_set(path, ws, replaces=replaces)
+    assert pathlib.Path(path).read_bytes() == b"y"
+    write_working_set(path, ws, replaces=check_recording_path(path, force=True))
+    assert len(read_working_set(path)) == 1
+    os.unlink(path)
+    os.symlink(str(tmp_path / "elsewhere"), path)
+    with pytest.raises(WorkingSetError, match="symbolic link"):
+        write_working_set(path, ws)  # merge -o: any regular file, but never through a link
+    assert not os.path.exists(tmp_path / "elsewhere")
+    assert sorted(os.listdir(tmp_path)) == ["ws.msgpack"]
+
+
+def _one_line_exit_2(argv, needle, timeout=30):
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("pageload: ") and needle in r.stderr, r.stderr
+
+
+def test_a_fifo_as_an_explicit_working_set_is_one_line_and_exit_2(tmp_path, images, ckpt):
+    """A FIFO as the working-set file hung restore before READY, and show and merge."""
+    fifo = str(tmp_path / "ws.fifo")
+    os.mkfifo(fifo)
+    _one_line_exit_2(["restore", ckpt, "--socket", str(tmp_path / "s.sock"), "--working-set", fifo], "FIFO")
+    _one_line_exit_2(["working-set", "show", fifo], "FIFO")
+    _one_line_exit_2(["working-set", "merge", fifo, "-o", str(tmp_path / "out.msgpack")], "FIFO")
+    _one_line_exit_2(["checkpoint", "create", images["raw"], str(tmp_path / "c2"), "--working-set", fifo], "FIFO")
+    assert not os.path.exists(tmp_path / "out.msgpack")
+
+
+def test_a_fifo_as_the_default_working_set_is_one_warning_and_restore_goes_on(tmp_path, ckpt):
+    from workloads import DaemonProcess
+    os.mkfifo(os.path.join(ckpt, DEFAULT_NAME))
+    log = str(tmp_path / "d.log")
+    with DaemonProcess(ckpt, str(tmp_path / "s.sock"), log, ["--background"]) as d:
+        from loader import Client
+        with Client.connect(d.socket_path) as c:
+            c.wait(0, SIZE)
+        assert d.stop() == 0
+    lines = [ln for ln in pathlib.Path(log).read_text().splitlines() if DEFAULT_NAME in ln]
+    assert len(lines) == 1 and "FIFO" in lines[0] and "ignoring" in lines[0], lines
+
+
+def test_a_working_set_larger_than_its_checkpoint_allows_is_refused_before_it_is_read(tmp_path, images, ckpt):
+    """A 240 MB working-set file delayed READY by 6 s at a 1.5 GB peak: it was read whole
+    before anything looked at its size.  A 32 MiB checkpoint has 8192 pages: a working
+    set of it is at most 8192 ranges (24 bytes each in the file)."""
+    path = str(tmp_path / "big.msgpack")
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)  # sparse: costs nothing here, 64 MiB to whoever reads it
+    _one_line_exit_2(["restore", ckpt, "--socket", str(tmp_path / "s.sock"), "--working-set", path],
+                     "more than the 200704-byte most a working set of this checkpoint can be")
+    _one_line_exit_2(["checkpoint", "create", images["raw"], str(tmp_path / "c2"), "--working-set", path],
+                     "most a working set of this checkpoint can be")
+    ws = read_working_set_at_most(tmp_path)  # the bound admits the largest real one
+    assert len(ws) == SIZE // PAGE // 2
+
+
+def read_working_set_at_most(tmp_path):
+    """A working set of every other page of SIZE (the most ranges one can have, less one
+    in two), read with the checkpoint's bound."""
+    from loader._workingset import max_file_bytes
+    n = SIZE // PAGE // 2
+    ws = WorkingSet(CheckpointIdentity("raw", SIZE, PAGE, 1), array("Q", range(0, SIZE, 2 * PAGE)),
+                    array("Q", [PAGE]) * n, array("Q", range(n)))
+    path = str(tmp_path / "most.msgpack")
+    write_working_set(path, ws)
+    assert os.path.getsize(path) <= max_file_bytes(SIZE, PAGE)
+    return read_working_set(path, max_file_bytes(SIZE, PAGE))
+
+
+def test_a_working_set_that_would_not_fit_in_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """The host's memory (MemAvailable + SwapFree, cgroup limit) bounds it too: a host
+    with 1 MiB left (simulated: ``memory_available`` reads the host)."""
+    path = str(tmp_path / "ws.msgpack")
+    write_working_set(path, ws_of([(i * 2 * PAGE, PAGE) for i in range(10_000)]))
+    import loader._workingset as module
+    monkeypatch.setattr(module, "memory_available", lambda: MiB)
+    with pytest.raises(WorkingSetError, match="of memory, more than the 1.0 MiB left"):
+        read_working_set(path)
 
 
 def test_recording_path_that_is_a_directory_fails(tmp_path):

@@ -29,6 +29,7 @@ from .._workingset import (
     check_identity,
     clip_working_set,
     layout_digest,
+    max_file_bytes,
     read_working_set,
     replay_plan,
 )
@@ -232,7 +233,7 @@ def _working_set_for(
     if path is None:
         return None
     try:
-        ws = read_working_set(path)
+        ws = read_working_set(path, max_file_bytes(size, page_size))
         layout = Layout(size, page_size, ((s, e - s, s) for s, e in extents))
         check_identity(ws, CheckpointIdentity("raw", size, page_size, layout_digest(layout)), path)
     except WorkingSetError as exc:

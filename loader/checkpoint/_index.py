@@ -148,7 +148,7 @@ def decode_index(data: bytes) -> IndexFields:
             f"{' and '.join(map(str, READS))})"
         )
     page_size = _int(obj, "page_size", minimum=1)
-    memory_size = _int(obj, "memory_size")
+    memory_size = _int(obj, "memory_size", minimum=1)  # 0: nothing to restore (as an empty image)
     pages_size = _int(obj, "pages_size")
     chunk_size = _int(obj, "chunk_size", minimum=1)
     if chunk_size % page_size:
