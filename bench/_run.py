@@ -17,6 +17,8 @@ directory and runs the chosen sections on it, each against real
 * ``uffd`` (:mod:`bench._uffd`): the page-fault handler against two classic ones.
 * ``firecracker`` (:mod:`bench._firecracker`): a real Firecracker's snapshot restored
   through pageload, load call to the guest's first ticks, per handler design.
+* ``scale`` (:mod:`bench._scale`): scattered images of 64K to 4M one-page ranges, raw
+  and as pages checkpoints, against a dense image of the same data bytes.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -44,16 +46,17 @@ from ._daemon import run_daemon_section
 from ._designs import run_designs
 from ._firecracker import format_firecracker, run_firecracker_section
 from ._latency import run_latency_section
+from ._scale import format_scale, run_scale_section
 from ._tools import BenchError, cp_text
 from ._uffd import run_uffd_section
 from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker", "scale")
 QUICK_SIZE = 256 << 20
 #: sections that bring their own memory image (no dense random image is made for them alone)
-OWN_IMAGE = frozenset({"firecracker"})
+OWN_IMAGE = frozenset({"firecracker", "scale"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,10 @@ def _run_section(
                                 log=log)
     if name == "firecracker":
         return run_firecracker_section(workdir, repeat=rep or (2 if quick else 3), log=log)
+    if name == "scale":
+        counts = opts.extra.get("scale_counts")
+        return run_scale_section(workdir, quick=quick, repeat=rep or (1 if quick else 2),
+                                 counts=tuple(counts) if counts else None, log=log)
     return _designs_section(opts, image, workdir, log)
 
 
@@ -293,6 +300,8 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"waits (client-timed) p50 {w['p50']:.0f} us p90 {w['p90']:.0f} us p99 {w['p99']:.0f} us "
                 f"max {w['max']:.0f} us (n={w['count']})"
             )
+        elif name == "scale":
+            lines += format_scale(section)
         elif name == "latency":
             lines.append(
                 f"latency ({section['image']['size_bytes'] >> 20} MiB dense image, "

@@ -277,9 +277,10 @@ class WaitProber:
     current wait; errors end it and are kept in ``error``.
     """
 
-    def __init__(self, socket_path: str, *, seed: int = 0, length: int = 4096) -> None:
+    def __init__(self, socket_path: str, *, seed: int = 0, length: int = 4096, stride: int = 1) -> None:
         self.socket_path = socket_path
         self.length = length
+        self.stride = stride  #: pages asked for are multiples of this (a scattered image's data pages)
         self.rng = random.Random(seed)
         self.samples_ns = array("q")
         self.skipped_resident = 0
@@ -330,13 +331,15 @@ class WaitProber:
             self.samples_ns,
             time.perf_counter_ns,
         )
+        step = self.stride
+        slots = max(1, pages // step)
         try:
             while not stop.is_set():
-                offset = randrange(pages) * page
+                offset = randrange(slots) * step * page
                 if mc is not None:
                     tries = 0
                     while mc.resident(offset, page) and tries < 256:
-                        offset = randrange(pages) * page
+                        offset = randrange(slots) * step * page
                         tries += 1
                     if tries == 256:
                         self.skipped_resident += 1
@@ -396,6 +399,7 @@ def fill_run(
     poll_s: float = 0.05,
     seed: int = 0,
     timeout_s: float = 600.0,
+    stride: int = 1,
 ) -> FillRun:
     """Start a daemon on ``source`` with ``extra_args``, poll stats every ``poll_s``
     until ``done`` (and with ``probe`` run a :class:`WaitProber` meanwhile), stop it.
@@ -410,7 +414,7 @@ def fill_run(
     except DaemonStartError as exc:
         raise BenchError(str(exc)) from None
     with daemon:
-        prober = WaitProber(socket_path, seed=seed) if probe else None
+        prober = WaitProber(socket_path, seed=seed, stride=stride) if probe else None
         if prober is not None:
             prober.start()
         rss_peak, polls = 0, 0

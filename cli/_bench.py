@@ -57,6 +57,11 @@ def register(sub: Any) -> None:
     p.add_argument("--repeat", type=int, metavar="N",
                    help="repetitions of each measurement; for designs, the rounds (default 2), "
                    "the designs taking turns in alternating order")
+    p.add_argument(
+        "--scale-ranges", metavar="LIST",
+        help="scale: the range counts to restore, comma-separated (K and M suffixes; default 64K,256K,1M,4M, "
+        "--quick 64K,256K); each image holds one 4 KiB page every 4 pages",
+    )
     p.add_argument("--json", metavar="OUT", help="write every figure as JSON to OUT ('-': stdout)")
     p.add_argument(
         "--plot", metavar="FILE.png",
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             clients=args.clients,
             loaded_map=args.loaded_map,
             repeat=args.repeat,
+            extra={"scale_counts": _counts(args.scale_ranges)} if args.scale_ranges else {},
         )
     except ValueError as exc:
         print(f"pageload: {exc}", file=sys.stderr)
@@ -136,3 +142,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
     failed = [n for n, s in result["sections"].items() if "error" in s]
     return 1 if failed else 0
+
+
+def _counts(text: str) -> list[int]:
+    """'64K,1M' -> [65536, 1048576]; ValueError (one line) for anything else."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(part[-1:], 1)
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) <= 0:
+            raise ValueError(f"--scale-ranges: {part!r} is not a positive count (e.g. 64K, 1M)")
+        out.append(int(digits) * scale)
+    return out

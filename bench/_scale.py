@@ -1,0 +1,205 @@
+"""``pageload bench`` section ``scale``: millions of ranges against a dense image.
+
+For each range count (64K, 256K, 1M and 4M; ``--quick``: 64K and 256K) a raw
+image with one 4 KiB page of data every ``STRIDE`` pages (``checkpoint sample
+--scattered``: count x 16 KiB of memory, count x 4 KiB of data) and its pages
+checkpoint are restored by real daemons, warm cache, each beside a warm ``cp`` of
+its own image and a *dense* image of the same data bytes (the fill it is compared
+with).  Figures per count and kind: spawn -> READY, the fill, RSS outside the
+memory file, the Python heap peak (``--tracemalloc``, a run of its own), and 4 KiB
+waits on data pages not loaded yet during the fill, client-timed (the dense image's
+waits taken the same way).  The goals are the issue's (docs/BENCHMARKS.md,
+"Scale").  A count whose data would not fit in the host's memory twice over (the
+memory file plus the page cache) is skipped, saying so.  Also a microbenchmark
+of the range set at each count (front removal, a page punched out, a lookup).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loader._rangeset import RangeSet
+from loader.checkpoint import create_checkpoint
+from workloads import make_sample_image, percentiles
+
+from ._daemon import Goal, _at_most
+from ._tools import BenchError, cp_limit, fill_run, median, warm_cache
+
+__all__ = ["COUNTS", "run_scale_section"]
+
+COUNTS = (1 << 16, 1 << 18, 1 << 20, 1 << 22)
+QUICK_COUNTS = (1 << 16, 1 << 18)
+STRIDE = 4
+PAGE = 4096
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rangeset_micro(count: int, ops: int = 2000) -> dict[str, float]:
+    """Per-call costs of the loader's range set holding ``count`` one-page intervals:
+    removing from the front (the sweep), punching a page out (a wait), a lookup."""
+    from array import array
+
+    step = STRIDE * PAGE
+    s = RangeSet.from_arrays(array("Q", range(0, count * step, step)), array("Q", range(PAGE, count * step, step)))
+    rng = random.Random(count)
+    t = time.perf_counter()
+    for i in range(ops):
+        s.remove(i * step, i * step + PAGE)
+    front = (time.perf_counter() - t) / ops
+    t = time.perf_counter()
+    for _ in range(ops):
+        x = rng.randrange(ops, count) * step
+        s.overlap_bytes(x, x + PAGE)
+    query = (time.perf_counter() - t) / ops
+    t = time.perf_counter()
+    for _ in range(ops):
+        x = rng.randrange(ops, count) * step
+        s.remove(x + 1024, x + 2048)
+    punch = (time.perf_counter() - t) / ops
+    return {"front_remove_us": front * 1e6, "lookup_us": query * 1e6, "punch_us": punch * 1e6,
+            "bytes_per_interval": s.memory_bytes() / max(1, len(s))}
+
+
+def _run(source: str, workdir: str, args: list[str], stride: int, probe: bool, log: Callable[[str], None],
+         label: str) -> dict[str, Any]:
+    run = fill_run(source, workdir, args, probe=probe, stride=stride, timeout_s=1800.0)
+    d = run.as_dict()
+    d["fill_s"] = run.fill_s
+    us = list(run.samples_ns)
+    if probe:
+        d["wait_client_us"] = percentiles(us) if us else None
+    log(f"  {label}: ready {run.ready_s:.3f} s, fill {run.fill_s:.2f} s ({run.throughput_mb_s:.0f} MB/s), "
+        f"RSS outside {run.rss_outside_peak_bytes / 2**20:.1f} MiB"
+        + (f", heap peak {run.heap_peak_bytes / 2**20:.1f} MiB" if run.heap_peak_bytes else "")
+        + (f", waits p50 {d['wait_client_us']['p50']:.0f} us (n={len(us)})" if probe and us else ""))
+    return d
+
+
+def run_scale_section(workdir: str, *, quick: bool = False, repeat: int = 1, counts: tuple[int, ...] | None = None,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    counts = counts or (QUICK_COUNTS if quick else COUNTS)
+    out: dict[str, Any] = {"stride": STRIDE, "page": PAGE, "counts": {}, "micro": {}, "goals": []}
+    for count in counts:
+        out["micro"][str(count)] = rangeset_micro(count)
+    for count in counts:
+        data = count * PAGE
+        size = count * STRIDE * PAGE
+        if _mem_available() < 2 * data + (1 << 30):
+            out["counts"][str(count)] = {"skipped": f"needs about {2 * data / 2**30:.0f} GiB of free memory "
+                                                    f"(memory file + page cache), the host has "
+                                                    f"{_mem_available() / 2**30:.1f} GiB available"}
+            log(f"scale {count}: skipped (memory)")
+            continue
+        raw = os.path.join(workdir, f"scattered-{count}.raw")
+        pages = os.path.join(workdir, f"scattered-{count}.ckpt")
+        dense = os.path.join(workdir, f"dense-{data >> 20}M.raw")
+        t0 = time.perf_counter()
+        if not os.path.exists(raw) or os.path.getsize(raw) != size:
+            make_sample_image(raw, size, scattered=STRIDE)
+        if not os.path.exists(pages):
+            create_checkpoint(raw, pages)
+        if not os.path.exists(dense) or os.path.getsize(dense) != data:
+            make_sample_image(dense, data, dense=True)
+        log(f"scale {count}: images ready in {time.perf_counter() - t0:.1f} s")
+        row: dict[str, Any] = {"memory_bytes": size, "data_bytes": data}
+        for name, src in (("dense", dense), ("raw", raw), ("pages", os.path.join(pages, "pages.img"))):
+            row[f"cp_{name}"] = cp_limit(src, warm_runs=max(2, repeat)).as_dict()
+        runs: dict[str, list[dict[str, Any]]] = {"dense": [], "raw": [], "pages": []}
+        for r in range(max(1, repeat)):  # the kinds take turns, in an order that alternates
+            order = [("dense", dense, 1), ("raw", raw, STRIDE), ("pages", pages, STRIDE)]
+            for kind, src, stride in (order if r % 2 == 0 else order[::-1]):
+                warm_cache(src if kind != "pages" else os.path.join(pages, "pages.img"))
+                runs[kind].append(_run(src, workdir, [], stride, True, log, f"{kind} #{r + 1}"))
+        for kind, src, stride in (("raw", raw, STRIDE), ("pages", pages, STRIDE)):
+            heap = _run(src, workdir, ["--tracemalloc"], stride, False, log, f"{kind} heap")
+            runs[kind + "_heap"] = [heap]
+        for kind in ("dense", "raw", "pages"):
+            rs = runs[kind]
+            row[kind] = {
+                "ready_s": median([x["ready_s"] for x in rs]),
+                "fill_s": median([x["fill_s"] for x in rs]),
+                "rss_outside_peak_bytes": max(x["rss_outside_peak_bytes"] for x in rs),
+                "wait_p50_us": median([x["wait_client_us"]["p50"] for x in rs if x.get("wait_client_us")] or [0.0]),
+                "runs": rs,
+            }
+            if kind != "dense":
+                row[kind]["heap_peak_bytes"] = runs[kind + "_heap"][0]["heap_peak_bytes"]
+                row[kind]["fill_vs_dense"] = row[kind]["fill_s"] / row["dense"]["fill_s"]
+                row[kind]["wait_p50_vs_dense"] = (row[kind]["wait_p50_us"] / row["dense"]["wait_p50_us"]
+                                                  if row["dense"]["wait_p50_us"] else None)
+        out["counts"][str(count)] = row
+    out["goals"] = [g.as_dict() for g in _goals(out["counts"])]
+    return out
+
+
+def _goals(rows: dict[str, Any]) -> list[Goal]:
+    goals: list[Goal] = []
+    one, four = rows.get(str(1 << 20)), rows.get(str(1 << 22))
+    for label, row, rss_limit in (("1M", one, 64.0), ("4M", four, 160.0)):
+        if row is None or "skipped" in row:
+            continue
+        count = 1 << 20 if label == "1M" else 1 << 22
+        for kind in ("raw", "pages"):
+            r = row[kind]
+            goals.append(_at_most(f"{label} {kind}: spawn to READY", r["ready_s"], 0.5, "s", "median"))
+            goals.append(_at_most(f"{label} {kind}: RSS outside the memory file", r["rss_outside_peak_bytes"] / 2**20,
+                                  rss_limit, "MiB", "peak of the polls"))
+            heap = r.get("heap_peak_bytes")
+            goals.append(_at_most(f"{label} {kind}: Python heap peak", None if heap is None else heap / 2**20,
+                                  16 + 32 * count / 2**20, "MiB", "--tracemalloc, 16 MiB + 32 B per range"))
+            if label == "1M":
+                goals.append(_at_most(f"1M {kind}: fill / dense fill of the same bytes", r["fill_vs_dense"], 3.0, "x",
+                                      "median fills"))
+                goals.append(_at_most(f"1M {kind}: 4 KiB wait p50 / dense", r["wait_p50_vs_dense"], 1.5, "x",
+                                      "client-timed, during the fill"))
+    if one is not None and four is not None and "skipped" not in one and "skipped" not in four:
+        for kind in ("raw", "pages"):
+            goals.append(_at_most(f"{kind}: fill growth 1M -> 4M", four[kind]["fill_s"] / one[kind]["fill_s"], 4.5,
+                                  "x", "median fills"))
+    return goals
+
+
+def format_scale(section: dict[str, Any]) -> list[str]:
+    lines = [f"scale (one 4 KiB page of data every {section['stride']} pages, warm cache; "
+             "against a dense image of the same data)"]
+    header = f"{'ranges':>8} {'kind':6} {'ready s':>8} {'fill s':>8} {'x dense':>8} {'RSS MiB':>8} {'heap MiB':>9} " \
+             f"{'wait p50 us':>11} {'cp MB/s':>8}"
+    lines.append(header)
+    for count, row in section["counts"].items():
+        if "skipped" in row:
+            lines.append(f"{count:>8} skipped: {row['skipped']}")
+            continue
+        for kind in ("dense", "raw", "pages"):
+            r = row[kind]
+            heap = r.get("heap_peak_bytes")
+            lines.append(f"{count:>8} {kind:6} {r['ready_s']:8.3f} {r['fill_s']:8.2f} "
+                         f"{r.get('fill_vs_dense', 1.0):8.2f} {r['rss_outside_peak_bytes'] / 2**20:8.1f} "
+                         f"{'-' if heap is None else f'{heap / 2**20:.1f}':>9} {r['wait_p50_us']:11.0f} "
+                         f"{row['cp_' + kind]['warm_mb_s']:8.0f}")
+    lines.append("range set, per call: " + "; ".join(
+        f"{c}: front {m['front_remove_us']:.1f} us, punch {m['punch_us']:.1f} us, lookup {m['lookup_us']:.1f} us, "
+        f"{m['bytes_per_interval']:.1f} B/interval" for c, m in section["micro"].items()))
+    for g in section["goals"]:
+        met = {True: "met", False: "NOT MET", None: "missing"}[g["met"]]
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        lines.append(f"  {g['name']}: {value} {g['unit']} (goal {g['goal']}) {met}")
+    return lines
+
+
+def check_counts(counts: tuple[int, ...]) -> None:
+    if not counts or any(c <= 0 for c in counts):
+        raise BenchError("scale counts must be positive")
