@@ -20,7 +20,6 @@ import errno
 import os
 import stat
 import statistics
-import sys
 import tempfile
 import time
 from array import array
@@ -33,8 +32,8 @@ import msgpack
 import trio
 import xxhash
 
-from ._layout import Layout
 from ._columns import column_bytes, read_column
+from ._layout import Layout
 from ._rangeset import RangeSet
 from ._startup import StartupError, memory_available
 from ._startup import identity as file_identity

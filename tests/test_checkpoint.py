@@ -455,7 +455,8 @@ def _v2_cut(name: str) -> Mutation:
 
 
 BAD_V2_INDEXES: list[tuple[str, Mutation, str]] = [
-    ("list, not bin", lambda c, i: {**i, "range_mem": list(i["range_mem"])}, "field 'range_mem' is missing or not binary"),
+    ("list, not bin", lambda c, i: {**i, "range_mem": list(i["range_mem"])},
+     "field 'range_mem' is missing or not binary"),
     ("missing column", lambda c, i: {k: v for k, v in i.items() if k != "range_file"},
      "field 'range_file' is missing or not binary"),
     ("short column", _v2_cut("range_length"), "field 'range_length' holds"),
