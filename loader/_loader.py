@@ -654,8 +654,7 @@ class Loader:
             chunks_verified=c.chunks_verified,
             corrupt_chunks=c.corrupt_chunks,
             latency_us=self.histogram.as_dict(),
-            scanned_bytes=self.memory_size if self._extents.exact_total else min(self._extents.offset,
-                                                                                  self.memory_size),
+            scanned_bytes=self.memory_size if self._extents.exact_total else self.frontier,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1296,7 +1295,9 @@ class Loader:
 
     # ------------------------------------------------------------------ the window
     def _all_settled(self) -> bool:
-        return not self.unloaded and not self.inflight and self._extents.done
+        # (the frontier, not the source's own offset: a batch in a worker thread moves that
+        # before the batch is in the sets)
+        return not self.unloaded and not self.inflight and self.frontier >= self.memory_size
 
     def _take_batch(self, starts: array[int], ends: array[int]) -> None:
         """Put a batch of the source's extents into ``unloaded``: the parts between the

@@ -243,3 +243,60 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     bad[n // 2] = bad[n // 2 - 1]
     with pytest.raises(LayoutError, match=f"range {n // 2} at memory"):
         Layout.from_arrays(n * 4 * PAGE, PAGE, bad, length).validate()
+
+
+class _SlowScanner:
+    """A blocking extent source whose batch, in its worker thread, says it is done
+    before it returns (as the FIEMAP scanner's last batch does), then waits."""
+
+    blocking = True
+    exact_total = False
+
+    def __init__(self, size: int, data: list[tuple[int, int]]) -> None:
+        import threading
+
+        self.size, self.data, self.offset = size, data, 0
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.size
+
+    def next_batch(self, max_extents: int) -> tuple[array[int], array[int]]:
+        self.offset = self.size  # done, as far as anyone asking the source can tell...
+        self.entered.set()
+        self.release.wait(30)  # ...while the batch is not in the loader's sets yet
+        return array("Q", [a for a, _ in self.data]), array("Q", [b for _, b in self.data])
+
+    def probe(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        return [(max(lo, a), min(hi, b)) for a, b in self.data if a < hi and b > lo]
+
+
+async def test_the_loader_is_not_done_before_the_last_batch_is_in(tmp_path, scattered):
+    """A wait settles while the scan's last batch is still in its worker thread: the
+    source already says done, but its data is not loaded; the loader must not say done."""
+    ckpt = open_checkpoint(scattered["raw"], scan=False)
+    fd = ckpt.open_pages()
+    from loader import MemoryFile
+
+    data = [(off, off + PAGE) for off in range(0, SIZE, STRIDE * PAGE)]
+    source = _SlowScanner(SIZE, data)
+    mem = MemoryFile(SIZE)
+    try:
+        ld = loader_mod.Loader(ckpt.layout, fd, mem, aio.open_queue("threads", 64), LoaderConfig(),
+                               extents=source)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ld.run)
+            await trio.to_thread.run_sync(source.entered.wait, 30)
+            await ld.wait_loaded(STRIDE * PAGE * 7, PAGE)  # a wait past the frontier, loaded and settled
+            assert source.done and not ld.done.is_set()
+            source.release.set()
+            with trio.fail_after(30):
+                await ld.done.wait()
+        assert mem.view == scattered["expected"]
+        assert ld.statistics().total_bytes == len(data) * PAGE
+        await ld.aclose()
+    finally:
+        mem.close()
+        os.close(fd)
