@@ -387,6 +387,9 @@ class Loader:
             by_file = numpy.argsort(numpy.frombuffer(files, dtype=numpy.uint64), kind="stable")
             self._by_file = array("Q", by_file.astype(numpy.uint64).tobytes())
             self._file_starts = array("Q", numpy.frombuffer(files, dtype=numpy.uint64)[by_file].tobytes())
+        #: the pages file holds the ranges back to back in memory order from 0
+        #: (``checkpoint create``'s layout): a sweep read takes ranges straight from the table
+        self._packed = not layout.identity_mapped and len(layout) > 1 and layout.prefix() is layout.file
         self._chunks = (
             _Chunks(layout, chunk_size, checksums)
             if self.config.verify and chunk_size is not None and checksums is not None
@@ -848,6 +851,10 @@ class Loader:
         file stays contiguous, up to ``limit`` and ``budget`` bytes.  Returns its end."""
         if owner is None and self._copy_fd is not None and self.layout.identity_mapped:
             return self._issue_gather(start, limit, budget, kind)
+        if owner is None and self._packed:
+            end = self._issue_packed(start, limit, budget, kind)
+            if end is not None:
+                return end
         layout = self.layout
         unloaded = self.unloaded
         i = layout.find(start)
@@ -910,6 +917,51 @@ class Loader:
                 inflight.add(lo, hi)
         read = _Read(self._next_id, kind, None, first, segments)
         read.gather = True
+        self._next_id += 1
+        self.counters.reads_total += 1
+        self._submit(read)
+        return last
+
+    def _issue_packed(self, start: int, limit: int, budget: int, kind: ReadKind) -> int | None:
+        """A background read of a pages file packed in memory order (``checkpoint
+        create``'s): the file bytes from ``start``'s on are the next ranges' in memory
+        order, so where all of them are unstarted the read's segments are the ranges
+        themselves, taken from the table's columns and put in the sets at once.  None
+        where some are started (the general loop then walks them)."""
+        layout = self.layout
+        i = layout.find(start)
+        if i < 0:
+            return None
+        mem, length = layout.mem, layout.length
+        k = min(len(mem), i + _GATHER_SEGMENTS, bisect_right(mem, limit - 1))
+        segments: list[list[int]] = []
+        left = budget
+        for lo, ln in zip(mem[i:k], length[i:k]):
+            hi = min(lo + ln, limit)
+            if lo < start:
+                lo = start
+            if hi - lo >= left:
+                hi = lo + left
+            if segments and segments[-1][1] == lo:
+                segments[-1][1] = hi
+            else:
+                segments.append([lo, hi])
+            left -= hi - lo
+            if not left:
+                break
+        total = budget - left
+        first, last = start, segments[-1][1]
+        unloaded = self.unloaded
+        if len(segments) < 2 or unloaded.overlap_bytes(first, last) != total:
+            return None  # a single range, or some of it started: the general loop
+        unloaded.remove(first, last)
+        inflight = self.inflight
+        if not inflight.overlap_bytes(first, last):
+            inflight.insert_sorted(array("Q", [lo for lo, _ in segments]), array("Q", [hi for _, hi in segments]))
+        else:
+            for lo, hi in segments:
+                inflight.add(lo, hi)
+        read = _Read(self._next_id, kind, None, layout.file[i] + start - mem[i], segments)
         self._next_id += 1
         self.counters.reads_total += 1
         self._submit(read)
