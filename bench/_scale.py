@@ -5,10 +5,10 @@ image with one 4 KiB page of data every ``STRIDE`` pages (``checkpoint sample
 --scattered``: count x 16 KiB of memory, count x 4 KiB of data) and its pages
 checkpoint are restored by real daemons, warm cache, each beside a warm ``cp`` of
 its own image and a *dense* image of the same data bytes (the fill it is compared
-with).  Figures per count and kind: spawn -> READY, the fill, RSS outside the
-memory file, the Python heap peak (``--tracemalloc``, a run of its own), and 4 KiB
-waits on data pages not loaded yet during the fill, client-timed (the dense image's
-waits taken the same way).  The goals are the issue's (docs/BENCHMARKS.md,
+with).  Figures per count and kind: spawn -> READY, the fill (nobody waiting), RSS
+outside the memory file, the Python heap peak (``--tracemalloc``, a run of its own),
+and, in a run of their own, 4 KiB waits back to back on data pages not loaded yet
+during the fill, client-timed (the dense image's waits taken the same way).  The goals are the issue's (docs/BENCHMARKS.md,
 "Scale").  A count whose data would not fit in the host's memory twice over (the
 memory file plus the page cache) is skipped, saying so.  Also a microbenchmark
 of the range set at each count (front removal, a page punched out, a lookup).
@@ -119,11 +119,13 @@ def run_scale_section(workdir: str, *, quick: bool = False, repeat: int = 1, cou
         for name, src in (("dense", dense), ("raw", raw), ("pages", os.path.join(pages, "pages.img"))):
             row[f"cp_{name}"] = cp_limit(src, warm_runs=max(2, repeat)).as_dict()
         runs: dict[str, list[dict[str, Any]]] = {"dense": [], "raw": [], "pages": []}
+        probes: dict[str, list[dict[str, Any]]] = {"dense": [], "raw": [], "pages": []}
         for r in range(max(1, repeat)):  # the kinds take turns, in an order that alternates
             order = [("dense", dense, 1), ("raw", raw, STRIDE), ("pages", pages, STRIDE)]
             for kind, src, stride in (order if r % 2 == 0 else order[::-1]):
                 warm_cache(src if kind != "pages" else os.path.join(pages, "pages.img"))
-                runs[kind].append(_run(src, workdir, [], stride, True, log, f"{kind} #{r + 1}"))
+                runs[kind].append(_run(src, workdir, [], stride, False, log, f"{kind} #{r + 1} fill"))
+                probes[kind].append(_run(src, workdir, [], stride, True, log, f"{kind} #{r + 1} waits"))
         for kind, src, stride in (("raw", raw, STRIDE), ("pages", pages, STRIDE)):
             heap = _run(src, workdir, ["--tracemalloc"], stride, False, log, f"{kind} heap")
             runs[kind + "_heap"] = [heap]
@@ -132,9 +134,12 @@ def run_scale_section(workdir: str, *, quick: bool = False, repeat: int = 1, cou
             row[kind] = {
                 "ready_s": median([x["ready_s"] for x in rs]),
                 "fill_s": median([x["fill_s"] for x in rs]),
-                "rss_outside_peak_bytes": max(x["rss_outside_peak_bytes"] for x in rs),
-                "wait_p50_us": median([x["wait_client_us"]["p50"] for x in rs if x.get("wait_client_us")] or [0.0]),
+                "rss_outside_peak_bytes": max(x["rss_outside_peak_bytes"] for x in rs + probes[kind]),
+                "wait_p50_us": median([x["wait_client_us"]["p50"] for x in probes[kind] if x.get("wait_client_us")]
+                                      or [0.0]),
+                "fill_with_waits_s": median([x["fill_s"] for x in probes[kind]]),
                 "runs": rs,
+                "wait_runs": probes[kind],
             }
             if kind != "dense":
                 row[kind]["heap_peak_bytes"] = runs[kind + "_heap"][0]["heap_peak_bytes"]
