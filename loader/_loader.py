@@ -233,9 +233,13 @@ class _Hint:
         self.read_hi = hi
 
 
+#: what :meth:`_Chunks.check` finds: (good memory, merged; chunks good; each bad chunk with its memory)
+_Checked = tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]
+
+
 class _Read:
     __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline",
-                 "copied")
+                 "copied", "hashed")
 
     def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
                  segments: list[list[int]], retry: bool = False) -> None:
@@ -249,6 +253,9 @@ class _Read:
         self.retry = retry  #: a half of a failed read, being narrowed down
         self.deadline = math.inf  #: trio time after which it fails with ``timeout``
         self.copied = False  #: in flight as an ``aio.Op.COPY`` (file to file), not a read
+        #: (first, last, what check found) for the checksum chunks wholly inside it,
+        #: hashed by the backend's thread right after the read (``aio.Request.then``)
+        self.hashed: tuple[int, int, _Checked] | None = None
 
 
 class _Chunks:
@@ -390,7 +397,7 @@ class _Chunks:
         return bool(hasher.intdigest() == self.sums[k])
 
     def check(self, destination: Destination, runs: list[tuple[int, int]]
-              ) -> tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]:
+              ) -> _Checked:
         """Hash each chunk of ``runs`` (all landed) in ``destination``: returns (the
         memory of the good ones, merged; how many were good; each bad one with its
         memory).  One walk of the layout per run; xxhash releases the GIL while it
@@ -468,7 +475,7 @@ class _Hasher:
     it (going back needs the right to lower a nice value: without it, it stays)."""
 
     def __init__(self, chunks: _Chunks, destination: Destination,
-                 deliver: Callable[[tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]], None],
+                 deliver: Callable[[_Checked], None],
                  ) -> None:
         self._chunks = chunks
         self._destination = destination
@@ -593,7 +600,7 @@ class Loader:
         self._resubmit: deque[_Read] = deque()
         self._hash_jobs = 0  # background hash jobs given to the hash thread, not delivered yet
         self._hasher: _Hasher | None = None  # made at the first background hash
-        self._hashed: list[tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]] = []
+        self._hashed: list[_Checked] = []
         self._tail_failed_at: int | None = None
         # when a wait last blocked or finished / last needed bytes (blocked, or read at once);
         # "never" is far in the past, not 0: the monotonic clock starts near 0 at boot
@@ -1142,22 +1149,45 @@ class Loader:
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         urgent = read.kind.urgent
         copy_fd = self._copy_fd
+        read.hashed = None
+        then = self._hash_after(read) if self._chunks is not None and not urgent else None
         if copy_fd is not None and (not urgent or read.length > _INLINE_LIMIT):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
             self.counters.reads_copied += 1
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
-                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent))
+                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent, then=then))
             return
         read.copied = False
         dest = self.destination
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
         if len(buffers) == 1:
-            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent)
+            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent,
+                                       then=then)
         else:
-            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent)
+            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent,
+                                        then=then)
         self.queue.add(request)
+
+    def _hash_after(self, read: _Read) -> Callable[[], None] | None:
+        """For a background read: hash the checksum chunks wholly inside it in the
+        backend's thread, right after it lands (``aio.Request.then``), while its bytes
+        are in the CPU's cache; :meth:`_land` takes the result.  None: no whole chunk."""
+        chunks = self._chunks
+        assert chunks is not None
+        size, end = chunks.size, chunks.end
+        lo, hi = read.file_offset, read.file_offset + read.length
+        first = -(-lo // size)
+        last = (end - 1) // size if hi >= end else hi // size - 1
+        if first > last:
+            return None
+        check, destination = chunks.check, self.destination
+
+        def then() -> None:
+            read.hashed = (first, last, check(destination, [(first, last)]))
+
+        return then
 
     def _release(self, read: _Read) -> None:
         """``read`` is out of flight (completed or timed out): uncount it."""
@@ -1194,7 +1224,7 @@ class Loader:
             return
         result = completion.result
         if result == read.length:
-            self._land(read.segments, read.file_offset)
+            self._land(read.segments, read.file_offset, read.hashed)
             return
         if read.copied and result in _NO_COPY:
             # the memory file takes no writes (hugetlbfs: EINVAL): into the mapping from now on
@@ -1281,15 +1311,21 @@ class Loader:
         log.warning("%s: %d bytes of memory failed", reason, self.failed.total)
 
     # ------------------------------------------------------------------ settling
-    def _land(self, segments: list[list[int]], file_offset: int) -> None:
+    def _land(self, segments: list[list[int]], file_offset: int,
+              hashed: tuple[int, int, _Checked] | None = None) -> None:
         """Bytes were read into ``segments`` (contiguous in the file from ``file_offset``).
-        Without checksums they are loaded; with, they wait for their chunk."""
+        Without checksums they are loaded; with, they wait for their chunk, unless the
+        chunks wholly inside were ``hashed`` already (by the backend's thread)."""
         chunks = self._chunks
         if chunks is None:
             self._settle(segments, None)
             return
         length = sum(hi - lo for lo, hi in segments)
         complete = chunks.landed(file_offset, file_offset + length, bad=False)
+        if hashed is not None:
+            first, last, found = hashed  # all complete now: each byte lands once
+            complete = [k for k in complete if k < first or k > last]
+            self._checked(*found)
         if complete:
             self._chunks_complete(complete)
 
@@ -1359,7 +1395,7 @@ class Loader:
             self._hasher.busy = self._busy
             self._hasher.submit(chunks.take(_HASH_BATCH))
 
-    def _hash_delivered(self, result: tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]) -> None:
+    def _hash_delivered(self, result: _Checked) -> None:
         """A batch was hashed (called in the trio thread, outside any task): the loop settles it."""
         self._hashed.append(result)
         if self._wait_scope is not None:
