@@ -10,6 +10,7 @@ See ``docs/FORMAT.md`` for the format, field by field.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,7 @@ def encode_index(fields: IndexFields) -> bytes:
             "ranges": [list(r) for r in fields.ranges],
             "checksum": CHECKSUM_ALGORITHM,
             "chunk_size": fields.chunk_size,
-            "checksums": list(fields.checksums),
+            "checksums": _checksum_bytes(fields.checksums),
             "source": fields.source,
         }
     )
@@ -142,7 +143,7 @@ def decode_index(data: bytes) -> IndexFields:
             f"unknown checksum algorithm {algorithm!r} (expected {CHECKSUM_ALGORITHM!r})"
         )
     ranges = _ranges(_field(obj, "ranges", list))
-    checksums = _checksums(_field(obj, "checksums", list))
+    checksums = _checksums(obj)
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise ValueError(f"field 'source' is {_a(type(source).__name__)}, not a map")
@@ -185,7 +186,30 @@ def _ranges(items: list[Any]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _checksums(items: list[Any]) -> array[int]:
+def _checksum_bytes(checksums: array[int]) -> bytes:
+    """The checksums as msgpack bin: 8 bytes each, little-endian."""
+    out = array("Q", checksums)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _checksums(obj: dict[str, Any]) -> array[int]:
+    """``checksums``: bin of 8-byte little-endian integers (written since 16 KiB chunks
+    became the default: decoded straight into an array, no object per chunk), or an
+    array of integers (the form written before, still read)."""
+    if "checksums" not in obj:
+        raise ValueError("missing field 'checksums'")
+    value = obj["checksums"]
+    if isinstance(value, bytes):
+        if len(value) % 8:
+            raise ValueError(f"field 'checksums' is {len(value)} bytes, not a multiple of 8")
+        out = array("Q")
+        out.frombytes(value)
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out
+    items = _field(obj, "checksums", list)
     if not all(_is_u64(v) for v in items):
         bad = next(i for i, v in enumerate(items) if not _is_u64(v))
         raise ValueError(f"checksums[{bad}] is {items[bad]!r:.40}, not an integer in [0, 2**64)")
