@@ -31,10 +31,14 @@ holds is read at once, in the waiting task, with the queue's ``read_now`` (no re
 no round of this loop: :meth:`Loader._read_now`).
 
 With checksums (a pages checkpoint: one xxh3_64 per ``chunk_size`` of the pages
-file), bytes that land are not loaded yet: once every byte of their chunk has
-landed, the chunk is hashed in a worker thread, and only then are its bytes
-loaded (and waiters answered), or failed with ``corrupt``.  A waiter's reads
-cover the whole chunks its bytes are in, so it never waits for the sweep.
+file, 16 KiB by default), bytes that land are not loaded yet: once every byte of
+their chunk has landed, the chunk is hashed, and only then are its bytes loaded
+(and waiters answered), or failed with ``corrupt``.  A waiter's reads cover the
+whole chunks its bytes are in, so it never waits for the sweep.  A small wait's
+chunks are read and hashed at once in the waiting task (:meth:`Loader._verify_now`);
+a chunk a waiter needs is hashed on landing; a background read's whole chunks are
+hashed by the backend's thread right after it (``aio.Request.then``); the rest go
+to the hash thread (:class:`_Hasher`) in runs (docs/DESIGN.md, Verification).
 """
 
 from __future__ import annotations
