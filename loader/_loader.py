@@ -414,6 +414,26 @@ class _Chunks:
         digest = xxhash.xxh3_64_intdigest
         for first, last in runs:
             spans = self.file_spans(first * size, min((last + 1) * size, end))
+            if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
+                lo, hi = spans[0]
+                view = buffer(lo, hi - lo)
+                failed = [k for k, off in zip(range(first, last + 1), range(0, hi - lo, size))
+                          if digest(view[off : off + size]) != sums[k]]
+                verified += last - first + 1 - len(failed)
+                pos = lo
+                for k in failed:
+                    k_lo = lo + (k - first) * size
+                    k_hi = min(k_lo + size, hi)
+                    if pos < k_lo:
+                        good.append([pos, k_lo])
+                    bad.append((k, [(k_lo, k_hi)]))
+                    pos = k_hi
+                if pos < hi:
+                    if good and good[-1][1] == pos:
+                        good[-1][1] = hi
+                    else:
+                        good.append([pos, hi])
+                continue
             j = 0
             lo, hi = spans[0]
             for k in range(first, last + 1):

@@ -253,6 +253,49 @@ async def test_corrupt_small_chunk_is_never_served(tmp_path, opened, backend, fi
     await loader.aclose()
 
 
+@pytest.mark.parametrize("backend", ["sync", "threads", "no-then"])
+@pytest.mark.parametrize("first", ["wait in the bad chunk", "sweep only"])
+async def test_corrupt_chunk_over_many_ranges_is_never_served(tmp_path, opened, backend, first):
+    """Every other page is zero, so each range is one page and a 16 KiB chunk holds
+    four of them, spread over 32 KiB of memory: the bad chunk's four pages fail, the
+    pages between them (holes) and every other chunk load."""
+    raw = tmp_path / "raw.img"
+    data = bytearray(random.Random(7).randbytes(MiB))
+    for page in range(1, MiB // PAGE, 2):
+        data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    raw.write_bytes(bytes(data))
+    ckpt = str(tmp_path / "ckpt")
+    create_checkpoint(str(raw), ckpt)
+    assert len(open_checkpoint(ckpt).layout) == MiB // PAGE // 2
+    with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
+        f.seek(BAD * CHUNK + 2 * PAGE + 99)  # chunk 5's third page: memory page 2 * (4 * 5 + 2)
+        byte = f.read(1)
+        f.seek(BAD * CHUNK + 2 * PAGE + 99)
+        f.write(bytes([byte[0] ^ 0x80]))
+    bad_pages = [2 * (4 * BAD + i) * PAGE for i in range(4)]
+    loader, mem = _loader(opened, ckpt, _queue(backend))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            if first != "sweep only":
+                with pytest.raises(LoadError) as info:
+                    await loader.wait_loaded(bad_pages[0], PAGE)
+                _check_corrupt(info.value)
+            await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_ranges == [(p, PAGE, 0) for p in bad_pages] and s.corrupt_chunks == 1
+    assert s.loaded_bytes == MiB // 2 - CHUNK
+    got = bytearray(mem.view[:MiB])
+    for p in bad_pages:  # (what landed there is failed: never served)
+        got[p : p + PAGE] = data[p : p + PAGE]
+    assert got == data
+    for p in bad_pages:
+        with pytest.raises(LoadError) as later:
+            loader.submit_wait(p, PAGE, lambda h: None)
+        _check_corrupt(later.value)
+    await loader.aclose()
+
+
 async def test_a_wait_takes_its_chunks_out_of_the_hash_queue(tmp_path, opened, monkeypatch):
     """Chunks that landed and wait for the (here: held) hash thread: a wait hashes
     its own at once, in its task; a corrupt one fails it, a good one serves it."""
