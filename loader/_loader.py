@@ -400,18 +400,30 @@ class _Chunks:
             hasher.update(destination.buffer(lo, hi - lo))
         return bool(hasher.intdigest() == self.sums[k])
 
-    def check(self, destination: Destination, runs: list[tuple[int, int]]
-              ) -> _Checked:
+    def check(self, destination: Destination, runs: list[tuple[int, int]],
+              polite: Callable[[], bool] | None = None) -> _Checked:
         """Hash each chunk of ``runs`` (all landed) in ``destination``: returns (the
         memory of the good ones, merged; how many were good; each bad one with its
-        memory).  One walk of the layout per run; xxhash releases the GIL while it
-        hashes, so this runs in a worker thread as well as in the loader's."""
+        memory).  One walk of the layout per run.
+
+        xxhash keeps the GIL for inputs up to 64 KiB, so a worker thread hashing a run
+        of small chunks would keep the trio thread from running for the whole run:
+        where ``polite()`` (clients are faulting), it lets the GIL go after each chunk
+        (``os.sched_yield``)."""
         size, end, sums = self.size, self.end, self.sums
         buffer = destination.buffer
         good: list[list[int]] = []
         bad: list[tuple[int, list[tuple[int, int]]]] = []
         verified = 0
-        digest = xxhash.xxh3_64_intdigest
+        plain = xxhash.xxh3_64_intdigest
+        yielding = polite is not None and polite()
+
+        def yielding_digest(data: memoryview) -> int:
+            value: int = plain(data)
+            os.sched_yield()  # (lets the GIL go)
+            return value
+
+        digest: Callable[[memoryview], int] = yielding_digest if yielding else plain
         for first, last in runs:
             spans = self.file_spans(first * size, min((last + 1) * size, end))
             if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
@@ -455,6 +467,8 @@ class _Chunks:
                             j += 1
                             lo, hi = spans[j]
                     ok = hasher.intdigest() == sums[k]
+                    if yielding:
+                        os.sched_yield()
                 if lo == hi and j + 1 < len(spans):
                     j += 1
                     lo, hi = spans[j]
@@ -499,7 +513,7 @@ class _Hasher:
     it (going back needs the right to lower a nice value: without it, it stays)."""
 
     def __init__(self, chunks: _Chunks, destination: Destination,
-                 deliver: Callable[[_Checked], None],
+                 deliver: Callable[[list[tuple[int, int]], _Checked | Exception], None],
                  ) -> None:
         self._chunks = chunks
         self._destination = destination
@@ -511,6 +525,9 @@ class _Hasher:
         self._thread: threading.Thread | None = None
         self.busy = False  #: clients are faulting: run niced
         self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def _is_busy(self) -> bool:
+        return self.busy
 
     def submit(self, runs: list[tuple[int, int]]) -> None:
         with self._cv:
@@ -548,9 +565,13 @@ class _Hasher:
                     nice = want
                 except OSError:  # lowering it again needs the right to
                     pass
-            result = check(self._destination, runs)
+            result: _Checked | Exception
             try:
-                self._token.run_sync_soon(self._deliver, result)
+                result = check(self._destination, runs, self._is_busy)
+            except Exception as exc:  # (a bug, or the memory unmapped under it): its chunks fail
+                result = exc
+            try:
+                self._token.run_sync_soon(self._deliver, runs, result)
             except trio.RunFinishedError:
                 return
 
@@ -624,7 +645,7 @@ class Loader:
         self._resubmit: deque[_Read] = deque()
         self._hash_jobs = 0  # background hash jobs given to the hash thread, not delivered yet
         self._hasher: _Hasher | None = None  # made at the first background hash
-        self._hashed: list[_Checked] = []
+        self._hashed: list[tuple[list[tuple[int, int]], _Checked | Exception]] = []
         self._tail_failed_at: int | None = None
         # when a wait last blocked or finished / last needed bytes (blocked, or read at once);
         # "never" is far in the past, not 0: the monotonic clock starts near 0 at boot
@@ -1063,6 +1084,10 @@ class Loader:
             limit = self._order_limit(start) if self._order_limit is not None else None
             self._issue(start, limit or self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
 
+    def _is_busy(self) -> bool:
+        """Clients are faulting (read from other threads: hashing lets the GIL go then)."""
+        return self._busy
+
     def _set_busy(self, busy: bool) -> None:
         """Clients are faulting (or no longer): the queue's background reads yield the
         CPU to this thread meanwhile (:meth:`aio.Queue.background_yields`)."""
@@ -1206,10 +1231,10 @@ class Loader:
         last = (end - 1) // size if hi >= end else hi // size - 1
         if first > last:
             return None
-        check, destination = chunks.check, self.destination
+        check, destination, busy = chunks.check, self.destination, self._is_busy
 
         def then() -> None:
-            read.hashed = (first, last, check(destination, [(first, last)]))
+            read.hashed = (first, last, check(destination, [(first, last)], busy))
 
         return then
 
@@ -1419,9 +1444,9 @@ class Loader:
             self._hasher.busy = self._busy
             self._hasher.submit(chunks.take(_HASH_BATCH))
 
-    def _hash_delivered(self, result: _Checked) -> None:
+    def _hash_delivered(self, runs: list[tuple[int, int]], result: _Checked | Exception) -> None:
         """A batch was hashed (called in the trio thread, outside any task): the loop settles it."""
-        self._hashed.append(result)
+        self._hashed.append((runs, result))
         if self._wait_scope is not None:
             self._wait_scope.cancel()
         else:
@@ -1434,11 +1459,25 @@ class Loader:
         batch = self.reply_batch
         batch.open()
         try:
-            for result in results:
-                self._checked(*result)
+            for runs, result in results:
+                if isinstance(result, Exception):
+                    self._unhashable(runs, result)
+                else:
+                    self._checked(*result)
         finally:
             batch.close()
         self._start_hashing()
+
+    def _unhashable(self, runs: list[tuple[int, int]], exc: Exception) -> None:
+        """Hashing chunks ``runs`` raised ``exc``: their bytes cannot be verified, so they fail."""
+        chunks = self._chunks
+        assert chunks is not None
+        reason = f"its checksum chunk could not be hashed ({type(exc).__name__}: {exc})"
+        log.error("checksum chunks %s: %s", runs, reason)
+        for first, last in runs:
+            spans = chunks.file_spans(first * chunks.size, min((last + 1) * chunks.size, chunks.end))
+            segments = [[lo, hi] for lo, hi in spans]
+            self._settle(segments, LoadError(codes.IO_ERROR, f"memory {spans[0][0]:#x}: {reason}"), reason)
 
     def _checked(self, good: list[list[int]], verified: int, bad: list[tuple[int, list[tuple[int, int]]]]) -> None:
         """Chunks were hashed: ``good`` memory (``verified`` chunks) is loaded, in one

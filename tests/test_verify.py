@@ -302,10 +302,10 @@ async def test_a_wait_takes_its_chunks_out_of_the_hash_queue(tmp_path, opened, m
     gate = threading.Event()
     check = _Chunks.check
 
-    def held_in_the_hash_thread(self, destination, runs):
+    def held_in_the_hash_thread(self, destination, runs, *polite):
         if threading.current_thread().name == "pageload-hash":
             gate.wait(60)
-        return check(self, destination, runs)
+        return check(self, destination, runs, *polite)
 
     monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
     bad = 200  # past the first batches the hash thread is given (and holds)
@@ -369,3 +369,28 @@ def test_corrupt_small_chunk_is_never_served_by_a_daemon(tmp_path):
             os.close(fd)
     assert s["failed_bytes"] == CHUNK and s["corrupt_chunks"] == 1
     assert s["chunks_verified"] == 4 * MiB // CHUNK - 1
+
+
+async def test_a_batch_the_hash_thread_cannot_hash_fails_instead_of_hanging(tmp_path, opened, monkeypatch):
+    """Every request gets an answer: chunks whose hash raised (a bug, memory unmapped)
+    fail with ``io-error``, the rest load, and the load finishes."""
+    check = _Chunks.check
+
+    def broken_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            raise RuntimeError("simulated")
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", broken_in_the_hash_thread)
+    ckpt, data = _make(tmp_path, flip=None)
+    loader, mem = _loader(opened, ckpt, _queue("no-then"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_bytes > 0 and s.failed_bytes + s.loaded_bytes == MiB
+    with pytest.raises(LoadError) as info:
+        loader.submit_wait(s.failed_ranges[0][0], PAGE, lambda h: None)
+    assert info.value.code == codes.IO_ERROR and "could not be hashed (RuntimeError: simulated)" in info.value.message
+    await loader.aclose()
