@@ -43,6 +43,7 @@ to the hash thread (:class:`_Hasher`) in runs (docs/DESIGN.md, Verification).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno as errno_mod
 import fcntl
@@ -237,6 +238,27 @@ class _Hint:
         self.read_hi = hi
 
 
+def _c_xxh3() -> Callable[[int, int], int] | None:
+    """``XXH3_64bits(address, length)`` of the system's libxxhash (0.8 or later), called
+    through ctypes, which lets the GIL go for the call; None where there is none, or
+    where it does not agree with the ``xxhash`` module on a probe.  The Python module
+    keeps the GIL for inputs up to 64 KiB: a worker thread hashing 16 KiB chunks with
+    it keeps the trio thread (answering clients) waiting."""
+    try:
+        f = ctypes.CDLL("libxxhash.so.0").XXH3_64bits
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_uint64
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    probe = ctypes.create_string_buffer(bytes(range(256)) * 129)
+    if any(f(ctypes.addressof(probe), n) != xxhash.xxh3_64_intdigest(probe.raw[:n]) for n in (0, 1, 17, 240, 33000)):
+        return None
+    return f
+
+
+#: see :func:`_c_xxh3`
+_C_XXH3 = _c_xxh3()
+
 #: what :meth:`_Chunks.check` finds: (good memory, merged; chunks good; each bad chunk with its memory)
 _Checked = tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]
 
@@ -424,13 +446,22 @@ class _Chunks:
             return value
 
         digest: Callable[[memoryview], int] = yielding_digest if yielding else plain
+        # in another thread (polite given): the C library's XXH3 where there is one
+        c_digest = _C_XXH3 if polite is not None else None
         for first, last in runs:
             spans = self.file_spans(first * size, min((last + 1) * size, end))
             if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
                 lo, hi = spans[0]
                 view = buffer(lo, hi - lo)
-                failed = [k for k, off in zip(range(first, last + 1), range(0, hi - lo, size))
-                          if digest(view[off : off + size]) != sums[k]]
+                if c_digest is not None and not view.readonly:  # the GIL let go while it hashes
+                    anchor = ctypes.c_char.from_buffer(view)  # (holds the memory while hashing)
+                    base, n = ctypes.addressof(anchor), hi - lo
+                    failed = [k for k, off in zip(range(first, last + 1), range(0, n, size))
+                              if c_digest(base + off, min(size, n - off)) != sums[k]]
+                    del anchor
+                else:
+                    failed = [k for k, off in zip(range(first, last + 1), range(0, hi - lo, size))
+                              if digest(view[off : off + size]) != sums[k]]
                 verified += last - first + 1 - len(failed)
                 pos = lo
                 for k in failed:

@@ -394,3 +394,39 @@ async def test_a_batch_the_hash_thread_cannot_hash_fails_instead_of_hanging(tmp_
         loader.submit_wait(s.failed_ranges[0][0], PAGE, lambda h: None)
     assert info.value.code == codes.IO_ERROR and "could not be hashed (RuntimeError: simulated)" in info.value.message
     await loader.aclose()
+
+
+@pytest.mark.parametrize("where", ["in the trio thread", "in another thread, clients faulting", "in another thread"])
+def test_check_finds_the_same_in_every_way_it_hashes(tmp_path, opened, where, monkeypatch):
+    """The chunk hash is the same whichever way check() takes: the ``xxhash`` module
+    (in the trio thread; in another thread, letting the GIL go after each chunk while
+    clients fault) or the C library through ctypes (in another thread, where there is
+    one: ``_C_XXH3``), on one stretch of memory and on chunks over many ranges."""
+    import loader._loader as impl
+
+    if where == "in another thread, clients faulting":
+        monkeypatch.setattr(impl, "_C_XXH3", None)
+    for ckpt_name, flip in (("dense", BAD), ("scattered", 2)):
+        raw = tmp_path / f"{ckpt_name}.img"
+        data = bytearray(random.Random(3).randbytes(MiB))
+        if ckpt_name == "scattered":
+            for page in range(1, MiB // PAGE, 2):
+                data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+        raw.write_bytes(bytes(data))
+        out = str(tmp_path / f"{ckpt_name}-ckpt")
+        create_checkpoint(str(raw), out)
+        ck = open_checkpoint(out)
+        fd = ck.open_pages()
+        opened[0].append(fd)
+        mem = MemoryFile(ck.layout.memory_size)
+        opened[1].append(mem)
+        chunks = _Chunks(ck.layout, ck.chunk_size, ck.checksums)
+        for m, n, f in ((r.mem_offset, r.length, r.file_offset) for r in ck.layout):
+            mem.view[m : m + n] = os.pread(fd, n, f)
+        at = ck.layout[0].mem_offset + flip * CHUNK if ckpt_name == "dense" else 2 * (4 * flip) * PAGE
+        mem.view[at] ^= 0x10
+        count = len(ck.checksums)
+        polite = None if where == "in the trio thread" else (lambda: True)
+        good, verified, bad = chunks.check(mem, [(0, count // 2 - 1), (count // 2, count - 1)], polite)
+        assert verified == count - 1 and [k for k, _ in bad] == [flip]
+        assert sum(hi - lo for lo, hi in good) + sum(b - a for a, b in bad[0][1]) == ck.layout.data_bytes
