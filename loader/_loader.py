@@ -430,8 +430,10 @@ class _Chunks:
 
         xxhash keeps the GIL for inputs up to 64 KiB, so a worker thread hashing a run
         of small chunks would keep the trio thread from running for the whole run:
-        where ``polite()`` (clients are faulting), it lets the GIL go after each chunk
-        (``os.sched_yield``)."""
+        where ``polite()`` (in another thread, while clients fault), the chunks of one
+        stretch of memory are hashed by the C library through ctypes (``_C_XXH3``,
+        which lets the GIL go) where there is one, and otherwise the GIL is let go
+        after each chunk (``os.sched_yield``)."""
         size, end, sums = self.size, self.end, self.sums
         buffer = destination.buffer
         good: list[list[int]] = []
@@ -446,8 +448,9 @@ class _Chunks:
             return value
 
         digest: Callable[[memoryview], int] = yielding_digest if yielding else plain
-        # in another thread (polite given): the C library's XXH3 where there is one
-        c_digest = _C_XXH3 if polite is not None else None
+        # while clients fault: the C library's XXH3 where there is one (the GIL let go;
+        # otherwise slower than the module: ctypes costs about a microsecond a call)
+        c_digest = _C_XXH3 if yielding else None
         for first, last in runs:
             spans = self.file_spans(first * size, min((last + 1) * size, end))
             if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
