@@ -690,7 +690,7 @@ class Loader:
         self._read_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is None else 0
         # with checksums: a wait whose chunks (at most this many bytes) are unstarted and
         # cached, or landed and waiting for their hash, is read and hashed at once (_verify_now)
-        self._verify_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks else 0
+        self._verify_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is not None else 0
         self._wait_scope: trio.CancelScope | None = None
         self._kick = trio.Event()
         self._closing = False
