@@ -26,7 +26,7 @@ import enum
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -67,6 +67,13 @@ class Request:
     each ``(offset, length)`` of ``dest`` (consecutive bytes of the source; with
     ``gather``, each range's bytes from the same offset of the source: a raw image
     copied into its memory file, many ranges apart in one request).
+
+    ``then`` (optional) is called with no arguments right after the request completed
+    in full, before its completion is returned, in the thread that ran it, where a
+    backend runs requests in threads of its own (``threads``, and ``sync`` in the
+    trio thread); other backends never call it, and neither does a request that
+    failed or came back short.  The loader hashes what a background read just
+    copied there, while it is still in the CPU's cache.  What it raises is ignored.
     """
 
     id: int
@@ -78,6 +85,7 @@ class Request:
     dest_fd: int = -1
     dest: Sequence[tuple[int, int]] = ()
     gather: bool = False
+    then: Callable[[], object] | None = None
 
     @property
     def length(self) -> int:
@@ -86,25 +94,27 @@ class Request:
         return sum(len(b) for b in self.buffers)
 
     @classmethod
-    def read(cls, id: int, fd: int, offset: int, buffer: memoryview, *, urgent: bool = False) -> Request:
-        return cls(id, Op.READ, fd, offset, (buffer,), urgent)
+    def read(cls, id: int, fd: int, offset: int, buffer: memoryview, *, urgent: bool = False,
+             then: Callable[[], object] | None = None) -> Request:
+        return cls(id, Op.READ, fd, offset, (buffer,), urgent, then=then)
 
     @classmethod
     def readv(
-        cls, id: int, fd: int, offset: int, buffers: Sequence[memoryview], *, urgent: bool = False
+        cls, id: int, fd: int, offset: int, buffers: Sequence[memoryview], *, urgent: bool = False,
+        then: Callable[[], object] | None = None,
     ) -> Request:
-        return cls(id, Op.READV, fd, offset, tuple(buffers), urgent)
+        return cls(id, Op.READV, fd, offset, tuple(buffers), urgent, then=then)
 
     @classmethod
     def copy(
         cls, id: int, fd: int, offset: int, dest_fd: int, dest: Sequence[tuple[int, int]], *, urgent: bool = False,
-        gather: bool = False,
+        gather: bool = False, then: Callable[[], object] | None = None,
     ) -> Request:
         """The bytes of ``fd`` from ``offset`` on into ``dest_fd`` at each ``(offset,
         length)`` of ``dest``, in order (only for a queue whose :attr:`Queue.copies`
         is true).  ``gather=True``: each range's bytes come from the same offset of
-        ``fd`` (``offset`` is then the first range's)."""
-        return cls(id, Op.COPY, fd, offset, (), urgent, dest_fd, tuple(dest), gather)
+        ``fd`` (``offset`` is then the first range's).  ``then``: as for any request."""
+        return cls(id, Op.COPY, fd, offset, (), urgent, dest_fd, tuple(dest), gather, then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,17 +222,23 @@ class SplicePipe:
 
 def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
     """Perform ``request`` now; return bytes read or ``-errno``.  Shared by the preadv
-    backends; an :data:`Op.COPY` goes through ``pipe``."""
+    backends; an :data:`Op.COPY` goes through ``pipe``.  Calls ``request.then`` after
+    a request that completed in full."""
     if request.op == Op.COPY:
-        if pipe is None:
-            return -errno.EOPNOTSUPP
-        return pipe.copy(request)
-    try:
-        return os.preadv(request.fd, request.buffers, request.offset)
-    except OSError as exc:
-        return -(exc.errno or errno.EIO)
-    except (TypeError, ValueError, BufferError):  # a buffer the kernel cannot take
-        return -errno.EINVAL
+        result = -errno.EOPNOTSUPP if pipe is None else pipe.copy(request)
+    else:
+        try:
+            result = os.preadv(request.fd, request.buffers, request.offset)
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        except (TypeError, ValueError, BufferError):  # a buffer the kernel cannot take
+            return -errno.EINVAL
+    if request.then is not None and result == request.length:
+        try:
+            request.then()
+        except Exception:  # the caller's: it finds its work undone
+            pass
+    return result
 
 
 class _IoVec(ctypes.Structure):

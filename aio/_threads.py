@@ -114,6 +114,11 @@ class ThreadQueue(Queue):
                 result = -1
             if result == request.length:
                 self.inline_reads += 1
+                if request.then is not None:
+                    try:
+                        request.then()
+                    except Exception:  # the caller's: it finds its work undone
+                        pass
                 with self._lock:
                     self._ready.append(Completion(request.id, result))
                 return

@@ -404,10 +404,22 @@ def _format_backends(section: dict[str, Any]) -> list[str]:
         )
     verify = section.get("verify")
     if verify:
-        lines.append(
-            f"checksum verification, pages checkpoint, warm, threads: {verify['verified_mb_s']:.0f} MB/s verified, "
-            f"{verify['unverified_mb_s']:.0f} MB/s with --no-verify (ratio {verify['ratio'] or 0:.2f})"
-        )
+        goals = verify.get("goals", {})
+        for cell in verify.get("chunks", {}).values():
+            fill, wait = cell["fill_ratio"] or 0, cell["wait_p50_ratio"] or 0
+            met = ""
+            if goals and cell["chunk_size"] == verify.get("chunk_size"):
+                fill_ok = fill >= goals["fill_ratio_min"]
+                wait_ok = 0 < wait <= goals["wait_p50_ratio_max"]
+                met = (f" [goals: fill >= {goals['fill_ratio_min']}x {'met' if fill_ok else 'MISSED'}, "
+                       f"wait <= {goals['wait_p50_ratio_max']}x {'met' if wait_ok else 'MISSED'}]")
+            w_on, w_off = cell["wait_us"]["verified"], cell["wait_us"]["unverified"]
+            lines.append(
+                f"checksum verification, {cell['chunk_size'] >> 10} KiB chunks, pages checkpoint, warm, threads: "
+                f"fill {cell['verified_mb_s']:.0f} MB/s verified, {cell['unverified_mb_s']:.0f} MB/s with "
+                f"--no-verify ({fill:.2f}x); 4 KiB wait p50/p99 {w_on['p50']:.0f}/{w_on['p99']:.0f} us verified, "
+                f"{w_off['p50']:.0f}/{w_off['p99']:.0f} us not ({wait:.2f}x){met}"
+            )
     return lines
 
 

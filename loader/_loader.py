@@ -37,20 +37,26 @@ holds is read at once, in the waiting task, with the queue's ``read_now`` (no re
 no round of this loop: :meth:`Loader._read_now`).
 
 With checksums (a pages checkpoint: one xxh3_64 per ``chunk_size`` of the pages
-file), bytes that land are not loaded yet: once every byte of their chunk has
-landed, the chunk is hashed in a worker thread, and only then are its bytes
-loaded (and waiters answered), or failed with ``corrupt``.  A waiter's reads
-cover the whole chunks its bytes are in, so it never waits for the sweep.
+file, 16 KiB by default), bytes that land are not loaded yet: once every byte of
+their chunk has landed, the chunk is hashed, and only then are its bytes loaded
+(and waiters answered), or failed with ``corrupt``.  A waiter's reads cover the
+whole chunks its bytes are in, so it never waits for the sweep.  A small wait's
+chunks are read and hashed at once in the waiting task (:meth:`Loader._verify_now`);
+a chunk a waiter needs is hashed on landing; a background read's whole chunks are
+hashed by the backend's thread right after it (``aio.Request.then``); the rest go
+to the hash thread (:class:`_Hasher`) in runs (docs/DESIGN.md, Verification).
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno as errno_mod
 import fcntl
 import logging
 import math
 import os
+import threading
 import time
 from array import array
 from bisect import bisect_right
@@ -101,8 +107,19 @@ def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destinatio
     return copy_fd
 
 
-#: chunks hashed at once, in worker threads; the sweep pauses while this many wait
-_MAX_VERIFYING = 4
+#: checksum chunks that landed and wait for their hash: the sweep pauses while this
+#: many bytes of them wait (hashing is behind the reads)
+_MAX_UNHASHED = 16 << 20
+#: a background hash job hashes about this many bytes of landed chunks, in the hash thread
+_HASH_BATCH = 1 << 20
+#: background hash jobs given to the hash thread at once
+_HASH_JOBS = 2
+#: the hash thread's nice value while clients fault
+_HASH_NICE = 10
+#: a chunk a waiter needs, once all its bytes landed, is hashed at once in the loader's
+#: task when it is at most this long (no worker-thread round trip, ~10 us per 64 KiB);
+#: a longer one goes to the front of the background queue
+_INLINE_HASH = 256 << 10
 #: extents taken from the source per batch; the window is refilled below the low
 #: mark and not beyond the high one (intervals of ``unloaded``: 16 bytes each)
 _BATCH_EXTENTS = 1 << 16
@@ -202,7 +219,7 @@ class WaitHandle:
 
     __slots__ = (
         "lo", "hi", "read_hi", "cursor", "remaining", "error", "callback", "start_ns",
-        "inflight", "queued", "finished", "cancelled", "context",
+        "inflight", "queued", "finished", "cancelled", "context", "chunk_lo", "chunk_hi",
     )
 
     def __init__(self, lo: int, hi: int, remaining: int, callback: Callable[[WaitHandle], None] | None,
@@ -223,6 +240,8 @@ class WaitHandle:
         self.finished = False
         self.cancelled = False
         self.context = context  #: the caller's (e.g. the request id)
+        #: the checksum chunks its bytes are in, first and last (none: last < first)
+        self.chunk_lo, self.chunk_hi = 0, -1
 
 
 class _Hint:
@@ -235,9 +254,34 @@ class _Hint:
         self.read_hi = hi
 
 
+def _c_xxh3() -> Callable[[int, int], int] | None:
+    """``XXH3_64bits(address, length)`` of the system's libxxhash (0.8 or later), called
+    through ctypes, which lets the GIL go for the call; None where there is none, or
+    where it does not agree with the ``xxhash`` module on a probe.  The Python module
+    keeps the GIL for inputs up to 64 KiB: a worker thread hashing 16 KiB chunks with
+    it keeps the trio thread (answering clients) waiting."""
+    try:
+        f = ctypes.CDLL("libxxhash.so.0").XXH3_64bits
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_uint64
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    probe = ctypes.create_string_buffer(bytes(range(256)) * 129)
+    if any(f(ctypes.addressof(probe), n) != xxhash.xxh3_64_intdigest(probe.raw[:n]) for n in (0, 1, 17, 240, 33000)):
+        return None
+    return f
+
+
+#: see :func:`_c_xxh3`
+_C_XXH3 = _c_xxh3()
+
+#: what :meth:`_Chunks.check` finds: (good memory, merged; chunks good; each bad chunk with its memory)
+_Checked = tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]
+
+
 class _Read:
     __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline",
-                 "copied", "gather")
+                 "copied", "gather", "hashed")
 
     def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
                  segments: list[list[int]], retry: bool = False) -> None:
@@ -254,17 +298,24 @@ class _Read:
         #: segments apart in the file, each at its own memory offset (a raw image's
         #: ranges: :meth:`Loader._issue_gather`); ``file_offset`` is the first's
         self.gather = False
+        #: (first, last, what check found) for the checksum chunks wholly inside it,
+        #: hashed by the backend's thread right after the read (``aio.Request.then``)
+        self.hashed: tuple[int, int, _Checked] | None = None
 
 
 class _Chunks:
-    """The checkpoint's checksum chunks: which bytes of each have landed, which are bad.
+    """The checkpoint's checksum chunks: which bytes of each have landed, which are bad,
+    which wait for their hash.
 
-    Needs a layout whose pages-file offsets ascend with memory (pages checkpoints
-    are written so) and whose ranges cover the pages file: then chunk ``k``'s
-    memory is the ranges over file bytes [k*size, (k+1)*size), in memory order.
-    Costs 9 bytes a chunk."""
+    Needs a layout whose ranges lie back to back in the pages file, in memory order
+    (pages checkpoints are written so): then chunk ``k``'s memory is the ranges over
+    file bytes [k*size, (k+1)*size), in memory order.  Costs 8 bytes a chunk (its
+    checksum, the checkpoint's own array); the chunks partly landed (a count of their
+    bytes still to land), bad, or waiting for their hash are kept in a dict and sets
+    (few at a time).  Chunks are handled in runs of consecutive ones: one walk of
+    the layout per run."""
 
-    __slots__ = ("size", "sums", "missing", "bad", "end", "layout")
+    __slots__ = ("size", "sums", "partial", "bad", "end", "layout", "queued", "runs", "queued_bytes")
 
     def __init__(self, layout: Layout, chunk_size: int, checksums: Sequence[int]) -> None:
         if chunk_size <= 0 or chunk_size % layout.page_size:
@@ -278,9 +329,8 @@ class _Chunks:
         count = -(-self.end // chunk_size)
         if len(checksums) != count:
             raise ValueError(f"{len(checksums)} checksums for {count} chunks of {chunk_size} bytes")
-        self.sums = array("Q", checksums)
         # ranges apart in the file (checked) and ascending cover every byte of [0, end)
-        # exactly when their lengths add up to it: then each chunk misses all its bytes
+        # exactly when their lengths add up to it: then they lie back to back, in memory order
         if layout.data_bytes != self.end:
             covered = 0
             for f, ln in zip(layout.file, layout.length):  # (only to name the chunk at fault)
@@ -289,49 +339,301 @@ class _Chunks:
                 covered = f + ln
             raise ValueError(f"cannot verify chunk {covered // chunk_size}: the pages file has bytes outside "
                              "the layout")
-        self.missing = array("Q", [chunk_size]) * count
-        if count and self.end % chunk_size:
-            self.missing[-1] = self.end % chunk_size
-        self.bad = bytearray(count)
-
-    def _count(self, lo: int, hi: int, sign: int) -> list[int]:
-        """Add (or take) the bytes of file span [lo, hi) to (from) each chunk's count;
-        returns the chunks whose count reached zero."""
-        size, missing = self.size, self.missing
-        emptied: list[int] = []
-        k = lo // size
-        while lo < hi:
-            end = min(hi, (k + 1) * size)
-            missing[k] += sign * (end - lo)
-            if sign < 0 and missing[k] == 0:
-                emptied.append(k)
-            lo, k = end, k + 1
-        return emptied
+        # the checkpoint's array('Q') as it is (no copy)
+        self.sums = checksums if isinstance(checksums, array) and checksums.typecode == "Q" else array("Q", checksums)
+        #: chunks partly landed: bytes of each still to land (or fail)
+        self.partial: dict[int, int] = {}
+        self.bad: set[int] = set()
+        #: chunks whose bytes all landed, waiting for a background hash: as a set, and as
+        #: runs (first, last) in landing order (which may still cover chunks hashed since)
+        self.queued: set[int] = set()
+        self.runs: deque[tuple[int, int]] = deque()
+        self.queued_bytes = 0
 
     def landed(self, lo: int, hi: int, bad: bool) -> list[int]:
-        """File bytes [lo, hi) landed (or failed: ``bad``); returns the chunks now complete."""
+        """File bytes [lo, hi) landed (or failed: ``bad``); returns the chunks now
+        complete, ascending.  (Each byte lands once: a chunk wholly inside [lo, hi)
+        is complete now; one cut by an end is counted in ``partial``.)"""
+        k0, k1 = lo // self.size, (hi - 1) // self.size
         if bad:
-            for k in range(lo // self.size, (hi - 1) // self.size + 1):
-                self.bad[k] = 1
-        return self._count(lo, hi, -1)
+            self.bad.update(range(k0, k1 + 1))
+        done: list[int] = [k0] if self._take(k0, lo, hi) else []
+        if k1 > k0:
+            done.extend(range(k0 + 1, k1))
+            if self._take(k1, lo, hi):
+                done.append(k1)
+        return done
+
+    def _take(self, k: int, lo: int, hi: int) -> bool:
+        """Chunk ``k``'s part of file bytes [lo, hi) landed: whether all of it has now."""
+        c_lo, c_hi = k * self.size, min((k + 1) * self.size, self.end)
+        left = self.partial.pop(k, c_hi - c_lo) - (min(hi, c_hi) - max(lo, c_lo))
+        if left:
+            self.partial[k] = left
+            return False
+        return True
+
+    def run_bytes(self, first: int, last: int) -> int:
+        return min((last + 1) * self.size, self.end) - first * self.size
+
+    def queue(self, first: int, last: int, urgent: bool = False) -> None:
+        """Chunks ``first..last`` wait for a background hash (``urgent``: ahead of the others)."""
+        self.queued.update(range(first, last + 1))
+        self.queued_bytes += self.run_bytes(first, last)
+        if urgent:
+            self.runs.appendleft((first, last))
+        else:
+            self.runs.append((first, last))
+
+    def unqueue(self, k: int) -> bool:
+        """Take chunk ``k`` out of the hash queue (it is hashed now); False if it was not in it."""
+        if k not in self.queued:
+            return False
+        self.queued.discard(k)
+        self.queued_bytes -= self.run_bytes(k, k)
+        return True
+
+    def take(self, budget: int) -> list[tuple[int, int]]:
+        """The next queued chunks, as runs in landing order, up to ``budget`` bytes
+        (at least one chunk); they leave the queue."""
+        out: list[tuple[int, int]] = []
+        total = 0
+        runs, queued, size = self.runs, self.queued, self.size
+        while runs and total < budget:
+            first, last = runs.popleft()
+            k = first
+            while k <= last and total < budget:
+                if k not in queued:
+                    k += 1
+                    continue
+                j = k
+                while j <= last and j in queued and (j == k or total + (j - k + 1) * size <= budget):
+                    queued.discard(j)
+                    j += 1
+                taken = self.run_bytes(k, j - 1)
+                total += taken
+                out.append((k, j - 1))
+                k = j
+            if k <= last:
+                runs.appendleft((k, last))
+        self.queued_bytes -= total
+        return out
+
+    def file_spans(self, flo: int, fhi: int) -> list[tuple[int, int]]:
+        """The memory of pages-file bytes [flo, fhi), in file order (which is memory order)."""
+        layout = self.layout
+        files, lengths, mems = layout.file, layout.length, layout.mem
+        i = max(bisect_right(files, flo) - 1, 0)
+        n = len(files)
+        spans: list[tuple[int, int]] = []
+        while i < n and files[i] < fhi:
+            f = files[i]
+            lo, hi = max(f, flo), min(f + lengths[i], fhi)
+            if lo < hi:
+                spans.append((mems[i] + lo - f, mems[i] + hi - f))
+            i += 1
+        return spans
 
     def memory_spans(self, k: int) -> list[tuple[int, int]]:
         """Chunk ``k``'s memory, in pages-file order (which is memory order)."""
+        return self.file_spans(k * self.size, min((k + 1) * self.size, self.end))
+
+    def matches(self, destination: Destination, k: int, spans: list[tuple[int, int]]) -> bool:
+        """Whether chunk ``k`` (all landed, its memory ``spans``) hashes to its checksum."""
+        if len(spans) == 1:
+            lo, hi = spans[0]
+            return bool(xxhash.xxh3_64_intdigest(destination.buffer(lo, hi - lo)) == self.sums[k])
+        hasher = xxhash.xxh3_64()
+        for lo, hi in spans:
+            hasher.update(destination.buffer(lo, hi - lo))
+        return bool(hasher.intdigest() == self.sums[k])
+
+    def check(self, destination: Destination, runs: list[tuple[int, int]],
+              polite: Callable[[], bool] | None = None) -> _Checked:
+        """Hash each chunk of ``runs`` (all landed) in ``destination``: returns (the
+        memory of the good ones, merged; how many were good; each bad one with its
+        memory).  One walk of the layout per run.
+
+        xxhash keeps the GIL for inputs up to 64 KiB, so a worker thread hashing a run
+        of small chunks would keep the trio thread from running for the whole run:
+        where ``polite()`` (in another thread, while clients fault), the chunks of one
+        stretch of memory are hashed by the C library through ctypes (``_C_XXH3``,
+        which lets the GIL go) where there is one, and otherwise the GIL is let go
+        after each chunk (``os.sched_yield``)."""
+        size, end, sums = self.size, self.end, self.sums
+        buffer = destination.buffer
+        good: list[list[int]] = []
+        bad: list[tuple[int, list[tuple[int, int]]]] = []
+        verified = 0
+        plain = xxhash.xxh3_64_intdigest
+        yielding = polite is not None and polite()
+
+        def yielding_digest(data: memoryview) -> int:
+            value: int = plain(data)
+            os.sched_yield()  # (lets the GIL go)
+            return value
+
+        digest: Callable[[memoryview], int] = yielding_digest if yielding else plain
+        # while clients fault: the C library's XXH3 where there is one (the GIL let go;
+        # otherwise slower than the module: ctypes costs about a microsecond a call)
+        c_digest = _C_XXH3 if yielding else None
+        for first, last in runs:
+            spans = self.file_spans(first * size, min((last + 1) * size, end))
+            if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
+                lo, hi = spans[0]
+                view = buffer(lo, hi - lo)
+                if c_digest is not None and not view.readonly:  # the GIL let go while it hashes
+                    anchor = ctypes.c_char.from_buffer(view)  # (holds the memory while hashing)
+                    base, n = ctypes.addressof(anchor), hi - lo
+                    failed = [k for k, off in zip(range(first, last + 1), range(0, n, size))
+                              if c_digest(base + off, min(size, n - off)) != sums[k]]
+                    del anchor
+                else:
+                    failed = [k for k, off in zip(range(first, last + 1), range(0, hi - lo, size))
+                              if digest(view[off : off + size]) != sums[k]]
+                verified += last - first + 1 - len(failed)
+                pos = lo
+                for k in failed:
+                    k_lo = lo + (k - first) * size
+                    k_hi = min(k_lo + size, hi)
+                    if pos < k_lo:
+                        good.append([pos, k_lo])
+                    bad.append((k, [(k_lo, k_hi)]))
+                    pos = k_hi
+                if pos < hi:
+                    if good and good[-1][1] == pos:
+                        good[-1][1] = hi
+                    else:
+                        good.append([pos, hi])
+                continue
+            j = 0
+            lo, hi = spans[0]
+            for k in range(first, last + 1):
+                want = min((k + 1) * size, end) - k * size  # this chunk's bytes
+                if hi - lo >= want:  # within one span (the common case): one call
+                    pieces = [(lo, lo + want)]
+                    ok = digest(buffer(lo, want)) == sums[k]
+                    lo += want
+                else:
+                    pieces = []
+                    hasher = xxhash.xxh3_64()
+                    while want:
+                        take = min(want, hi - lo)
+                        pieces.append((lo, lo + take))
+                        hasher.update(buffer(lo, take))
+                        lo += take
+                        want -= take
+                        if lo == hi and want:
+                            j += 1
+                            lo, hi = spans[j]
+                    ok = hasher.intdigest() == sums[k]
+                    if yielding:
+                        os.sched_yield()
+                if lo == hi and j + 1 < len(spans):
+                    j += 1
+                    lo, hi = spans[j]
+                if not ok:
+                    bad.append((k, pieces))
+                    continue
+                verified += 1
+                for a, b in pieces:
+                    if good and good[-1][1] == a:
+                        good[-1][1] = b
+                    else:
+                        good.append([a, b])
+        return good, verified, bad
+
+    def chunk_range(self, lo: int, hi: int) -> tuple[int, int] | None:
+        """The first and last chunk holding data of memory [lo, hi); None for holes only."""
         layout = self.layout
-        flo, fhi = k * self.size, min((k + 1) * self.size, self.end)
-        i = max(bisect_right(layout.file, flo) - 1, 0)
-        spans: list[tuple[int, int]] = []
-        while i < len(layout) and layout.file[i] < fhi:
-            f, n, m = layout.file[i], layout.length[i], layout.mem[i]
-            lo, hi = max(f, flo), min(f + n, fhi)
-            if lo < hi:
-                spans.append((m + lo - f, m + hi - f))
-            i += 1
-        return spans
+        first = layout.first_at_or_after(lo)
+        last = bisect_right(layout.mem, hi - 1) - 1
+        if first >= len(layout) or last < first:
+            return None
+        first_byte = max(lo, layout.mem[first])
+        last_byte = min(hi, layout.mem[last] + layout.length[last]) - 1
+        if first_byte > last_byte:
+            return None
+        return ((layout.file[first] + first_byte - layout.mem[first]) // self.size,
+                (layout.file[last] + last_byte - layout.mem[last]) // self.size)
 
     def memory_hull(self, first: int, last: int) -> tuple[int, int]:
         """The memory from chunk ``first``'s start to chunk ``last``'s end."""
         return self.memory_spans(first)[0][0], self.memory_spans(last)[-1][1]
+
+
+class _Hasher:
+    """The loader's hash thread: runs :meth:`_Chunks.check` on batches of landed chunks
+    and hands each result to ``deliver`` in the trio thread.
+
+    One thread (hashing, ~8 GB/s, outpaces the fill), fed at most ``_HASH_JOBS``
+    batches at once so it never idles between two.  While clients fault (``busy``) it
+    runs at ``_HASH_NICE``, like the queue's background workers, so the trio thread
+    answering them comes first; otherwise at the nice value of the thread that made
+    it (going back needs the right to lower a nice value: without it, it stays)."""
+
+    def __init__(self, chunks: _Chunks, destination: Destination,
+                 deliver: Callable[[list[tuple[int, int]], _Checked | Exception], None],
+                 ) -> None:
+        self._chunks = chunks
+        self._destination = destination
+        self._deliver = deliver
+        self._token = trio.lowlevel.current_trio_token()
+        self._cv = threading.Condition()
+        self._jobs: deque[list[tuple[int, int]]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.busy = False  #: clients are faulting: run niced
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def _is_busy(self) -> bool:
+        return self.busy
+
+    def submit(self, runs: list[tuple[int, int]]) -> None:
+        with self._cv:
+            self._jobs.append(runs)
+            self._cv.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="pageload-hash", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread once its current batch is hashed (it reads the destination's
+        memory: the caller may unmap it after this returns); queued batches are dropped."""
+        with self._cv:
+            self._stopping = True
+            self._jobs.clear()
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _work(self) -> None:
+        tid = threading.get_native_id()
+        nice = self._base_nice
+        check = self._chunks.check
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                runs = self._jobs.popleft()
+            want = _HASH_NICE if self.busy else self._base_nice
+            if want != nice:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, want)
+                    nice = want
+                except OSError:  # lowering it again needs the right to
+                    pass
+            result: _Checked | Exception
+            try:
+                result = check(self._destination, runs, self._is_busy)
+            except Exception as exc:  # (a bug, or the memory unmapped under it): its chunks fail
+                result = exc
+            try:
+                self._token.run_sync_soon(self._deliver, runs, result)
+            except trio.RunFinishedError:
+                return
 
 
 class Loader:
@@ -425,9 +727,9 @@ class Loader:
         self._priority: deque[WaitHandle] = deque()
         self._prefetch: deque[_Hint] = deque()
         self._resubmit: deque[_Read] = deque()
-        self._verifying = 0
-        self._hash_limiter = trio.CapacityLimiter(2)
-        self._nursery: trio.Nursery | None = None
+        self._hash_jobs = 0  # background hash jobs given to the hash thread, not delivered yet
+        self._hasher: _Hasher | None = None  # made at the first background hash
+        self._hashed: list[tuple[list[tuple[int, int]], _Checked | Exception]] = []
         self._tail_failed_at: int | None = None
         # when a wait last blocked or finished / last needed bytes (blocked, or read at once);
         # "never" is far in the past, not 0: the monotonic clock starts near 0 at boot
@@ -436,6 +738,9 @@ class Loader:
         self._busy = True  # as the queue starts: background reads yield until the first round
         # waits up to this many bytes may be read at once by the waiting task (_read_now)
         self._read_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is None else 0
+        # with checksums: a wait whose chunks (at most this many bytes) are unstarted and
+        # cached, or landed and waiting for their hash, is read and hashed at once (_verify_now)
+        self._verify_now_limit = self.config.read_now_bytes if self.config.priority and self._chunks is not None else 0
         self._wait_scope: trio.CancelScope | None = None
         self._kick = trio.Event()
         self._closing = False
@@ -490,11 +795,17 @@ class Loader:
             self._set_busy(True)  # clients fault from now: background reads yield the CPU at once
         if need <= self._read_now_limit and self._read_now(lo, hi, need, now):
             return None  # no I/O to queue behind: the sweep keeps its width
-        self._last_wait_ns = now
-        read_lo, read_hi = self._read_span(lo, hi)
+        read_lo, read_hi, chunk_span = self._read_span(lo, hi)
         if read_hi > self.frontier:
-            self._look_up(read_lo, read_hi)
+            self._look_up(read_lo, read_hi)  # (a chunk's memory may reach past [lo, hi))
+        if self._verify_now_limit:  # (after the look-up: it looks at the window only)
+            need = self._verify_now(lo, hi, need, now)
+            if need == 0:
+                return None
+        self._last_wait_ns = now
         handle = WaitHandle(lo, hi, need, callback, now, context, read_lo, read_hi)
+        if chunk_span is not None:
+            handle.chunk_lo, handle.chunk_hi = chunk_span
         counters.bytes_waited += need
         if not self._waiters:
             self._blocked_since = now
@@ -539,6 +850,81 @@ class Loader:
         if self.done.is_set():
             self._poke()  # the driver may be parked with nothing left to do
         return True
+
+    def _verify_now(self, lo: int, hi: int, need: int, now: int) -> int:
+        """With checksums: serve a small wait in the caller's task, as :meth:`_read_now`
+        does without.  Each chunk of ``[lo, hi)`` (at most ``read_now_bytes`` of chunks
+        in all) whose bytes all landed and wait for their hash is hashed now; each one
+        wholly unstarted is read now when the queue can do that without blocking (page
+        cache), then hashed.  Returns the bytes still needed (0: served; raises the
+        chunk's :class:`LoadError` when it is corrupt).  A chunk partly in flight, or
+        not cached, is left to the loader's task, with the bytes already needed."""
+        chunks = self._chunks
+        assert chunks is not None
+        span = chunks.chunk_range(lo, hi)
+        if span is None:
+            return need
+        k0, k1 = span
+        if (k1 - k0 + 1) * chunks.size > self._verify_now_limit:
+            for k in range(k0, k1 + 1):  # too long to hash here: queued ones go first
+                if k in chunks.queued:
+                    chunks.runs.appendleft((k, k))
+            return need
+        unloaded = self.unloaded
+        dest, queue, fd = self.destination, self.queue, self.pages_fd
+        counters = self.counters
+        served = corrupt = pending = False
+        for k in range(k0, k1 + 1):
+            spans = chunks.memory_spans(k)
+            if chunks.unqueue(k):  # landed, waiting for a background hash
+                pass
+            elif k in chunks.bad:
+                pending = True
+                break
+            elif all(unloaded.overlap_bytes(a, b) == b - a for a, b in spans):
+                file_offset = k * chunks.size
+                for a, b in spans:
+                    if queue.read_now(fd, dest.buffer(a, b - a), file_offset) != b - a:
+                        break  # not cached: the loader reads it (what was read is read again)
+                    file_offset += b - a
+                else:
+                    for a, b in spans:
+                        unloaded.remove(a, b)  # never in flight: _settle finds nothing to remove there
+                    chunks.partial.pop(k, None)  # (none: all of it was unstarted)
+                    counters.reads_total += 1
+                    self.order.note_served(spans[-1][1])
+                if file_offset != k * chunks.size + chunks.run_bytes(k, k):
+                    pending = True
+                    break
+            else:  # loaded already, or (partly) in flight: the loader's task finishes it
+                pending = pending or any(unloaded.overlap_bytes(a, b) or self.inflight.overlap_bytes(a, b)
+                                         for a, b in spans)
+                continue
+            served = True
+            if chunks.matches(dest, k, spans):
+                counters.chunks_verified += 1
+                self._settle([[a, b] for a, b in spans], None)
+            else:
+                corrupt = True
+                self._checked([], 0, [(k, spans)])
+        if corrupt:
+            counters.waits_failed += 1
+            raise self._failure_for(lo, hi)
+        if not served:
+            return need
+        if pending:
+            return ((unloaded.overlap_bytes(lo, hi) if unloaded else 0)
+                    + (self.inflight.overlap_bytes(lo, hi) if self.inflight else 0))
+        elapsed = time.perf_counter_ns() - now
+        counters.waits_served += 1
+        counters.bytes_waited += need
+        counters.wait_ns += elapsed
+        if not self._waiters:
+            counters.blocked_ns += elapsed
+        self.histogram.record(elapsed)
+        if self.done.is_set():
+            self._poke()
+        return 0
 
     async def wait_loaded(self, offset: int, length: int) -> None:
         """Return once ``[offset, offset+length)`` is loaded; raise :class:`LoadError`
@@ -667,15 +1053,18 @@ class Loader:
             raise RuntimeError("Loader.run is already running")
         self._running = True
         try:
-            async with trio.open_nursery() as nursery:  # chunk verifications, the scan
-                self._nursery = nursery
+            async with trio.open_nursery() as nursery:  # the scan
                 if self._extents.blocking and not self._extents.done:
                     nursery.start_soon(self._scan)
                 task_status.started()
                 await self._loop()
                 nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
+            if self._hasher is not None:
+                self._hasher.stop()
+                self._hasher = None
+            self._hash_jobs = 0
+            self._hashed.clear()
             self._running = False
             self._closed.set()
 
@@ -725,10 +1114,12 @@ class Loader:
     async def _loop(self) -> None:
         queue = self.queue
         while not self._closing:
+            if self._hashed:
+                self._settle_hashed()
             self._schedule()
             if not self._reads:
                 if (self.done.is_set() and not self._priority and not self._prefetch
-                        and not self._verifying):
+                        and not self._hashing()):
                     return
                 self._kick = trio.Event()
                 await self._kick.wait()
@@ -792,14 +1183,15 @@ class Loader:
             if not progressed:
                 break
         # 2. prefetch hints, 3. the sweep: within the background share only, and a
-        # smaller one while clients are faulting (or while chunks wait for their hash)
+        # smaller one while clients are faulting; paused while hashing is behind
         pf = self._prefetch
         while pf and self._background_inflight < background_cap and room():
             hint = pf[0]
             if not self._issue_for(hint, ReadKind.PREFETCH, None) or not self._has_unstarted(hint):
                 pf.popleft()
         self._refill()  # (also without the sweep: the window's holes and totals must be found)
-        if not cfg.sweep or self.sweep_held or self._verifying >= _MAX_VERIFYING:
+        if not cfg.sweep or self.sweep_held or (self._chunks is not None
+                                                 and self._chunks.queued_bytes >= _MAX_UNHASHED):
             return
         order = self.order
         while self._background_inflight < background_cap and room():
@@ -811,12 +1203,18 @@ class Loader:
             limit = self._order_limit(start) if self._order_limit is not None else None
             self._issue(start, limit or self.memory_size, cfg.sweep_read_size, ReadKind.SWEEP, None)
 
+    def _is_busy(self) -> bool:
+        """Clients are faulting (read from other threads: hashing lets the GIL go then)."""
+        return self._busy
+
     def _set_busy(self, busy: bool) -> None:
         """Clients are faulting (or no longer): the queue's background reads yield the
         CPU to this thread meanwhile (:meth:`aio.Queue.background_yields`)."""
         if busy != self._busy:
             self._busy = busy
             self.queue.background_yields(busy)
+            if self._hasher is not None:
+                self._hasher.busy = busy
 
     def _wants_turn(self, w: WaitHandle) -> bool:
         """The one rule for (re-)entering the priority deque: a live waiter with
@@ -999,6 +1397,9 @@ class Loader:
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         urgent = read.kind.urgent
         copy_fd = self._copy_fd
+        read.hashed = None
+        # (a gathered read is a raw image's, which has no checksums; its file bytes are apart)
+        then = self._hash_after(read) if self._chunks is not None and not urgent and not read.gather else None
         if copy_fd is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
@@ -1006,7 +1407,7 @@ class Loader:
             self.counters.reads_copied += 1
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
                                             [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
-                                            gather=read.gather))
+                                            gather=read.gather, then=then))
             return
         if read.gather and len(read.segments) > 1:
             self._release(read)
@@ -1016,10 +1417,31 @@ class Loader:
         dest = self.destination
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
         if len(buffers) == 1:
-            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent)
+            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent,
+                                       then=then)
         else:
-            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent)
+            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent,
+                                        then=then)
         self.queue.add(request)
+
+    def _hash_after(self, read: _Read) -> Callable[[], None] | None:
+        """For a background read: hash the checksum chunks wholly inside it in the
+        backend's thread, right after it lands (``aio.Request.then``), while its bytes
+        are in the CPU's cache; :meth:`_land` takes the result.  None: no whole chunk."""
+        chunks = self._chunks
+        assert chunks is not None
+        size, end = chunks.size, chunks.end
+        lo, hi = read.file_offset, read.file_offset + read.length
+        first = -(-lo // size)
+        last = (end - 1) // size if hi >= end else hi // size - 1
+        if first > last:
+            return None
+        check, destination, busy = chunks.check, self.destination, self._is_busy
+
+        def then() -> None:
+            read.hashed = (first, last, check(destination, [(first, last)], busy))
+
+        return then
 
     def _release(self, read: _Read) -> None:
         """``read`` is out of flight (completed or timed out): uncount it."""
@@ -1056,7 +1478,7 @@ class Loader:
             return
         result = completion.result
         if result == read.length:
-            self._land(read.segments, read.file_offset)
+            self._land(read.segments, read.file_offset, read.hashed)
             return
         if read.copied and result in _NO_COPY:
             # the memory file takes no writes (hugetlbfs: EINVAL): into the mapping from now on
@@ -1146,16 +1568,23 @@ class Loader:
         log.warning("%s: %d bytes of memory failed", reason, self.failed.total)
 
     # ------------------------------------------------------------------ settling
-    def _land(self, segments: list[list[int]], file_offset: int) -> None:
+    def _land(self, segments: list[list[int]], file_offset: int,
+              hashed: tuple[int, int, _Checked] | None = None) -> None:
         """Bytes were read into ``segments`` (contiguous in the file from ``file_offset``).
-        Without checksums they are loaded; with, they wait for their chunk."""
+        Without checksums they are loaded; with, they wait for their chunk, unless the
+        chunks wholly inside were ``hashed`` already (by the backend's thread)."""
         chunks = self._chunks
         if chunks is None:
             self._settle(segments, None)
             return
         length = sum(hi - lo for lo, hi in segments)
-        for k in chunks.landed(file_offset, file_offset + length, bad=False):
-            self._chunk_complete(k)
+        complete = chunks.landed(file_offset, file_offset + length, bad=False)
+        if hashed is not None:
+            first, last, found = hashed  # all complete now: each byte lands once
+            complete = [k for k in complete if k < first or k > last]
+            self._checked(*found)
+        if complete:
+            self._chunks_complete(complete)
 
     def _fail(self, segments: list[list[int]], file_offset: int, code: str, err: int | None,
               reason: str) -> None:
@@ -1165,50 +1594,114 @@ class Loader:
         self._settle(segments, LoadError(code, f"{where}: {reason}", err), reason)
         chunks = self._chunks
         if chunks is not None:
-            for k in chunks.landed(file_offset, file_offset + length, bad=True):
-                self._chunk_complete(k)
+            complete = chunks.landed(file_offset, file_offset + length, bad=True)
+            if complete:
+                self._chunks_complete(complete)
 
-    def _chunk_complete(self, k: int) -> None:
-        """Every byte of chunk ``k`` has landed or failed."""
+    def _chunks_complete(self, ks: list[int]) -> None:
+        """Every byte of chunks ``ks`` (ascending) has landed or failed.  Chunks a
+        waiter needs are hashed at once, in this task (up to ``_INLINE_HASH`` bytes;
+        more go first in the queue); the others queue, in runs, for background hash jobs."""
         chunks = self._chunks
         assert chunks is not None
-        spans = chunks.memory_spans(k)
-        if chunks.bad[k]:  # what landed cannot be verified without the rest
-            landed = [[a, b] for lo, hi in spans for a, b in self.inflight.overlapping(lo, hi)]
-            if landed:
-                self._settle(landed, LoadError(
-                    codes.IO_ERROR, f"memory {landed[0][0]:#x}: other pages of its checksum chunk {k} "
-                    "failed to load, so it cannot be verified"),
-                    "other pages of its checksum chunk failed to load, so it cannot be verified")
+        if chunks.bad:
+            for k in [k for k in ks if k in chunks.bad]:
+                self._unverifiable(k)
+            ks = [k for k in ks if k not in chunks.bad]
+        if not ks or not self._running or self._closing:
             return
-        if self._nursery is None or self._closing:
-            return
-        self._verifying += 1
-        self._nursery.start_soon(self._verify, k, spans)
+        first, last = ks[0], ks[-1]
+        wanted = [(w.chunk_lo, w.chunk_hi) for w in self._waiters if w.chunk_lo <= last and w.chunk_hi >= first]
+        runs: list[list[int]] = []  # [first, last, urgent]
+        for k in ks:
+            urgent = int(any(a <= k <= b for a, b in wanted)) if wanted else 0
+            if runs and runs[-1][1] == k - 1 and runs[-1][2] == urgent:
+                runs[-1][1] = k
+            else:
+                runs.append([k, k, urgent])
+        now = [(a, b) for a, b, urgent in runs if urgent]
+        if now and sum(chunks.run_bytes(a, b) for a, b in now) <= _INLINE_HASH:
+            self._checked(*chunks.check(self.destination, now))
+            runs = [r for r in runs if not r[2]]
+        for a, b, urgent in runs:
+            chunks.queue(a, b, bool(urgent))
+        self._start_hashing()
 
-    async def _verify(self, k: int, spans: list[tuple[int, int]]) -> None:
+    def _unverifiable(self, k: int) -> None:
+        """Part of bad chunk ``k`` failed: what landed of it cannot be verified."""
+        spans = self._chunks.memory_spans(k) if self._chunks is not None else []
+        landed = [[a, b] for lo, hi in spans for a, b in self.inflight.overlapping(lo, hi)]
+        if landed:
+            self._settle(landed, LoadError(
+                codes.IO_ERROR, f"memory {landed[0][0]:#x}: other pages of its checksum chunk {k} "
+                "failed to load, so it cannot be verified"),
+                "other pages of its checksum chunk failed to load, so it cannot be verified")
+
+    def _hashing(self) -> bool:
+        """Whether chunks wait for their hash or are being hashed."""
+        return self._chunks is not None and (bool(self._chunks.queued) or self._hash_jobs > 0)
+
+    def _start_hashing(self) -> None:
+        """Give the hash thread batches of the queued chunks, up to ``_HASH_JOBS`` at once."""
         chunks = self._chunks
         assert chunks is not None
-        buffers = [self.destination.buffer(lo, hi - lo) for lo, hi in spans]
-        expected = chunks.sums[k]
-        try:
-            ok = await trio.to_thread.run_sync(_hash_matches, buffers, expected,
-                                               limiter=self._hash_limiter, abandon_on_cancel=True)
-        finally:
-            self._verifying -= 1
-        if self._closing:
-            return
-        segments = [[lo, hi] for lo, hi in spans]
-        if ok:
-            self.counters.chunks_verified += 1
-            self._settle(segments, None)
+        while chunks.queued and self._hash_jobs < _HASH_JOBS and self._running and not self._closing:
+            if self._hasher is None:
+                self._hasher = _Hasher(chunks, self.destination, self._hash_delivered)
+            self._hash_jobs += 1
+            self._hasher.busy = self._busy
+            self._hasher.submit(chunks.take(_HASH_BATCH))
+
+    def _hash_delivered(self, runs: list[tuple[int, int]], result: _Checked | Exception) -> None:
+        """A batch was hashed (called in the trio thread, outside any task): the loop settles it."""
+        self._hashed.append((runs, result))
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
         else:
-            self.counters.corrupt_chunks += 1
+            self._kick.set()
+
+    def _settle_hashed(self) -> None:
+        """Settle the batches the hash thread delivered, and give it more."""
+        results, self._hashed = self._hashed, []
+        self._hash_jobs -= len(results)
+        batch = self.reply_batch
+        batch.open()
+        try:
+            for runs, result in results:
+                if isinstance(result, Exception):
+                    self._unhashable(runs, result)
+                else:
+                    self._checked(*result)
+        finally:
+            batch.close()
+        self._start_hashing()
+
+    def _unhashable(self, runs: list[tuple[int, int]], exc: Exception) -> None:
+        """Hashing chunks ``runs`` raised ``exc``: their bytes cannot be verified, so they fail."""
+        chunks = self._chunks
+        assert chunks is not None
+        reason = f"its checksum chunk could not be hashed ({type(exc).__name__}: {exc})"
+        log.error("checksum chunks %s: %s", runs, reason)
+        for first, last in runs:
+            spans = chunks.file_spans(first * chunks.size, min((last + 1) * chunks.size, chunks.end))
+            segments = [[lo, hi] for lo, hi in spans]
+            self._settle(segments, LoadError(codes.IO_ERROR, f"memory {spans[0][0]:#x}: {reason}"), reason)
+
+    def _checked(self, good: list[list[int]], verified: int, bad: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        """Chunks were hashed: ``good`` memory (``verified`` chunks) is loaded, in one
+        settle; each ``bad`` chunk fails with ``corrupt``."""
+        counters = self.counters
+        counters.chunks_verified += verified
+        for k, spans in bad:
+            counters.corrupt_chunks += 1
             where = f"memory {spans[0][0]:#x}+{spans[-1][1] - spans[0][0]:#x}"
             reason = f"chunk {k} of the pages file does not match its checksum"
             log.warning("%s: %s", where, reason)
-            self._settle(segments, LoadError(codes.CORRUPT, f"{where}: {reason}"), reason)
-        self._poke()
+            self._settle([[lo, hi] for lo, hi in spans], LoadError(codes.CORRUPT, f"{where}: {reason}"), reason)
+        if good:
+            if any(good[i][0] < good[i - 1][1] for i in range(1, len(good))):
+                good.sort()  # runs hashed in landing order: _settle takes segments in memory order
+            self._settle(good, None)
 
     def _settle(self, segments: list[list[int]], error: LoadError | None, reason: str = "") -> None:
         """Segments are loaded (or failed): update the sets and the waiters."""
@@ -1307,23 +1800,18 @@ class Loader:
         mask = self.page_size - 1
         return offset & ~mask, (offset + length + mask) & ~mask
 
-    def _read_span(self, lo: int, hi: int) -> tuple[int, int]:
+    def _read_span(self, lo: int, hi: int) -> tuple[int, int, tuple[int, int] | None]:
         """What a waiter on [lo, hi) reads: its span, or with checksums the whole
-        chunks its data is in (a chunk is served only once all of it is verified)."""
+        chunks its data is in (a chunk is served only once all of it is verified);
+        and those chunks (first, last), if any."""
         chunks = self._chunks
         if chunks is None:
-            return lo, hi
-        layout = self.layout
-        first = layout.first_at_or_after(lo)
-        last = bisect_right(layout.mem, hi - 1) - 1
-        if first >= len(layout) or last < first:
-            return lo, hi
-        first_byte = max(lo, layout.mem[first])
-        last_byte = min(hi, layout.mem[last] + layout.length[last]) - 1
-        k0 = (layout.file[first] + first_byte - layout.mem[first]) // chunks.size
-        k1 = (layout.file[last] + last_byte - layout.mem[last]) // chunks.size
-        hull_lo, hull_hi = chunks.memory_hull(k0, k1)
-        return min(lo, hull_lo), max(hi, hull_hi)
+            return lo, hi, None
+        span = chunks.chunk_range(lo, hi)
+        if span is None:
+            return lo, hi, None
+        hull_lo, hull_hi = chunks.memory_hull(*span)
+        return min(lo, hull_lo), max(hi, hull_hi), span
 
     def _poke(self) -> None:
         """New work arrived: wake the driver if it is parked or blocked in queue.wait."""
@@ -1465,15 +1953,6 @@ class Loader:
         if not self.done.is_set():
             self._finished_ns = time.perf_counter_ns()
             self.done.set()
-
-
-def _hash_matches(buffers: list[memoryview], expected: int) -> bool:
-    """xxh3_64 over ``buffers`` in order equals ``expected`` (runs in a worker thread;
-    xxhash releases the GIL)."""
-    hasher = xxhash.xxh3_64()
-    for buf in buffers:
-        hasher.update(buf)
-    return hasher.intdigest() == expected
 
 
 def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -347,3 +347,40 @@ def test_read_nowait_keeps_to_its_buffer_and_declines_what_it_cannot_do(tmp_path
         m.close()
     finally:
         os.close(fd)
+
+
+# -- Request.then ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sync", "threads"])
+async def test_then_runs_after_a_full_read_in_the_backends_thread_and_never_after_a_short_one(
+    page_file: tuple[int, bytes], backend: str
+) -> None:
+    """``then`` sees the bytes already in the buffer; a read cut short by the end of
+    the file, a failed one, or one whose ``then`` raises completes as without it."""
+    fd, data = page_file
+    seen: dict[int, bytes] = {}
+    buf = mmap.mmap(-1, 4 * PAGE)
+    view = memoryview(buf)
+
+    def then_for(i: int, part: memoryview) -> Callable[[], None]:
+        return lambda: seen.__setitem__(i, bytes(part))
+
+    def boom() -> None:
+        raise RuntimeError("the caller's bug")
+
+    queue = aio.open_queue(backend, 8)
+    try:
+        queue.add(Request.read(0, fd, PAGE, view[:PAGE], then=then_for(0, view[:PAGE])))
+        queue.add(Request.readv(1, fd, 2 * PAGE, [view[PAGE : 2 * PAGE]], then=then_for(1, view[PAGE : 2 * PAGE])))
+        queue.add(Request.read(2, fd, 15 * PAGE, view[2 * PAGE :], then=then_for(2, view[2 * PAGE :])))  # short
+        queue.add(Request.read(3, -1, 0, view[:PAGE], then=then_for(3, view[:PAGE])))  # EBADF
+        queue.add(Request.read(4, fd, 0, view[3 * PAGE :], urgent=True, then=boom))
+        results: dict[int, int] = {}
+        with trio.fail_after(30):
+            while len(results) < 5:
+                results.update((c.id, c.result) for c in await queue.wait(1))
+    finally:
+        await queue.aclose()
+        view.release()
+        buf.close()
+    assert results == {0: PAGE, 1: PAGE, 2: PAGE, 3: -errno.EBADF, 4: PAGE}
+    assert seen == {0: data[PAGE : 2 * PAGE], 1: data[2 * PAGE : 3 * PAGE]}

@@ -18,6 +18,7 @@ import xxhash
 
 from cli import main
 from loader.checkpoint import (
+    DEFAULT_CHUNK_SIZE,
     CheckpointError,
     _raw,
     create_checkpoint,
@@ -235,7 +236,8 @@ def test_create_report_matches_inspect(image: Path, tmp_path: Path) -> None:
     assert report.data_bytes == info["data_bytes"]
     assert report.ranges == info["ranges"]
     assert report.zero_bytes_skipped == info["zero_bytes_skipped"]
-    assert report.chunks == info["chunks"] == -(-report.data_bytes // MiB)
+    assert report.chunk_size == info["chunk_size"] == DEFAULT_CHUNK_SIZE == 16 * 1024
+    assert report.chunks == info["chunks"] == -(-report.data_bytes // DEFAULT_CHUNK_SIZE)
 
 
 def test_verify_passes_then_names_the_flipped_chunk(ckpt: Path) -> None:
@@ -394,7 +396,7 @@ BAD_INDEXES: list[tuple[str, Mutation, str, str]] = [
     ("algorithm", _set(checksum="md5"), "index.msgpack", "unknown checksum algorithm"),
     (
         "checksums",
-        lambda c, i: {**i, "checksums": i["checksums"][:-1]},
+        lambda c, i: {**i, "checksums": i["checksums"][:-8]},
         "index.msgpack",
         "checksums for a",
     ),
@@ -403,6 +405,12 @@ BAD_INDEXES: list[tuple[str, Mutation, str, str]] = [
         lambda c, i: {**i, "checksums": ["x"] * len(i["checksums"])},
         "index.msgpack",
         "checksums[0]",
+    ),
+    (
+        "checksum bytes",
+        lambda c, i: {**i, "checksums": i["checksums"][:-1]},
+        "index.msgpack",
+        "not a multiple of 8",
     ),
     ("pages short", _shorten_pages, "pages.img", "shorter than the index says"),
     ("pages missing", _remove_pages, "pages.img", "pages file missing"),

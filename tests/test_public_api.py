@@ -68,7 +68,8 @@ def test_loader_public_names():
         "MAX_UFFD_SPIN_US", "UFFD_MODES", "UffdConfig",
     }
     assert set(loader.checkpoint.__all__) == {
-        "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport", "create_checkpoint",
+        "DEFAULT_CHUNK_SIZE", "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport",
+        "create_checkpoint",
         "format_inspection", "inspect_checkpoint", "open_checkpoint", "verify_checkpoint",
     }
 

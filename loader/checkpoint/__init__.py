@@ -14,10 +14,11 @@ from ._checkpoint import (
     open_checkpoint,
     verify_checkpoint,
 )
-from ._create import CreateReport, create_checkpoint
+from ._create import DEFAULT_CHUNK_SIZE, CreateReport, create_checkpoint
 from ._index import CheckpointError
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "BadChunk",
     "Checkpoint",
     "CheckpointError",

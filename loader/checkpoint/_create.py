@@ -44,9 +44,13 @@ from ._index import (
 )
 from ._raw import data_extents, nonzero_runs
 
-__all__ = ["READ_SIZE", "CreateReport", "create_checkpoint"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "READ_SIZE", "CreateReport", "create_checkpoint"]
 
 READ_SIZE = 8 << 20  #: bytes read from the image per ``preadv``
+#: bytes of ``pages.img`` per checksum: a wait reads and hashes its whole chunk before
+#: it is served, so a chunk is small (docs/FORMAT.md, docs/BENCHMARKS.md); it costs
+#: 8 bytes of index and of the daemon's memory per chunk (512 KiB per GiB of data)
+DEFAULT_CHUNK_SIZE = 16 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,7 @@ class _PagesWriter:
 
 
 def create_checkpoint(
-    image: str, out: str, page_size: int = 4096, chunk_size: int = 1 << 20,
+    image: str, out: str, page_size: int = 4096, chunk_size: int = DEFAULT_CHUNK_SIZE,
     working_set: str | None = None,
 ) -> CreateReport:
     """Convert the raw memory image ``image`` into a pages checkpoint directory ``out``.

@@ -34,7 +34,8 @@ __all__ = [
 
 FORMAT = "pageload-checkpoint"  #: value of the ``"format"`` field, the file's magic
 #: the format version this code writes: 2 holds the range table as three binary
-#: columns (decoded straight into ``array('Q')``); version 1's list of triples still reads
+#: columns and the checksums as one (decoded straight into ``array('Q')``); version
+#: 1's list of triples and list of checksums still read
 VERSION = 2
 READS = (1, 2)  #: the versions this code reads
 INDEX_NAME = "index.msgpack"
@@ -100,7 +101,7 @@ def encode_index(fields: IndexFields) -> bytes:
             "range_file": column_bytes(fields.file),
             "checksum": CHECKSUM_ALGORITHM,
             "chunk_size": fields.chunk_size,
-            "checksums": list(fields.checksums),
+            "checksums": column_bytes(fields.checksums),
             "source": fields.source,
         },
         use_bin_type=True,
@@ -164,7 +165,7 @@ def decode_index(data: bytes) -> IndexFields:
         mem = read_column(obj, "range_mem")
         length = read_column(obj, "range_length", len(mem))
         file = read_column(obj, "range_file", len(mem))
-    checksums = _checksums(_field(obj, "checksums", list))
+    checksums = _checksums(obj)
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise ValueError(f"field 'source' is {_a(type(source).__name__)}, not a map")
@@ -210,7 +211,19 @@ def _ranges(items: list[Any]) -> tuple[array[int], array[int], array[int]]:
     return mem, length, file
 
 
-def _checksums(items: list[Any]) -> array[int]:
+def _checksums(obj: dict[str, Any]) -> array[int]:
+    """``checksums``: bin of 8-byte little-endian integers (what this code writes, in
+    version 2: decoded straight into an array, no object per chunk), or an array of
+    integers (version 1's form, and that of version 2 indexes written before checksums
+    became binary: still read, in either version)."""
+    if "checksums" not in obj:
+        raise ValueError("missing field 'checksums'")
+    value = obj["checksums"]
+    if isinstance(value, bytes):
+        if len(value) % 8:
+            raise ValueError(f"field 'checksums' is {len(value)} bytes, not a multiple of 8")
+        return read_column(obj, "checksums", what="checksums")
+    items = _field(obj, "checksums", list)
     if not all(_is_u64(v) for v in items):
         bad = next(i for i, v in enumerate(items) if not _is_u64(v))
         raise ValueError(f"checksums[{bad}] is {items[bad]!r:.40}, not an integer in [0, 2**64)")

@@ -1,0 +1,472 @@
+"""Verified pages checkpoints at wait speed (issue 20, item 5).
+
+A wait reads and hashes only its small checksum chunk (16 KiB by default, not
+1 MiB); a corrupt chunk is never served, whichever path hashed it: read and hashed
+in the waiting task (``_verify_now``), hashed on landing because a waiter needs it,
+hashed by the backend's thread right after a background read
+(``aio.Request.then``), hashed by the loader's hash thread (chunks cut by a read's
+ends; backends that do not call ``then``), or taken out of the hash queue by a
+wait.  Old checkpoints (1 MiB chunks, checksums as a msgpack array) still open,
+verify and restore.
+
+Threads are real here (the threads backend, the hash thread, a daemon process):
+generous deadlines only, no timing assertions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import random
+import threading
+
+import msgpack
+import pytest
+import trio
+
+import aio
+import aio.testing
+from aio._sync import SyncQueue
+from loader import Client, ClientError, Loader, LoaderConfig, LoadError, MemoryFile
+from loader._loader import _Chunks
+from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint, verify_checkpoint
+from protocol import codes
+from workloads import DaemonProcess
+
+PAGE = 4096
+KiB = 1 << 10
+MiB = 1 << 20
+CHUNK = DEFAULT_CHUNK_SIZE
+BAD = 5  # the chunk with a flipped byte
+
+
+def _make(tmp_path, size: int = MiB, chunk_size: int | None = None, flip: int | None = BAD):
+    """A pages checkpoint of ``size`` bytes of random data (one range); with ``flip``,
+    one byte of that chunk flipped.  Returns (checkpoint dir, the image's bytes)."""
+    raw = tmp_path / "raw.img"
+    data = random.Random(size).randbytes(size)
+    raw.write_bytes(data)
+    out = str(tmp_path / "ckpt")
+    if chunk_size is None:
+        create_checkpoint(str(raw), out)
+    else:
+        create_checkpoint(str(raw), out, chunk_size=chunk_size)
+    if flip is not None:
+        at = flip * open_checkpoint(out).chunk_size + 1234
+        with open(os.path.join(out, "pages.img"), "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x01]))
+    return out, data
+
+
+class Recording(SyncQueue):
+    """The sync backend, recording each request's (file offset, length)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.requests: list[tuple[int, int]] = []
+
+    def _add(self, request: aio.Request) -> None:
+        self.requests.append((request.offset, request.length))
+        super()._add(request)
+
+
+class NoThen(aio.testing.DelayedQueue):
+    """Passes requests on without their ``then``: as a backend that never calls it,
+    so every chunk goes to the loader's hash thread (or is hashed on landing)."""
+
+    def __init__(self, inner: aio.Queue) -> None:
+        super().__init__(inner, 0)
+
+    def _add(self, request: aio.Request) -> None:
+        super()._add(dataclasses.replace(request, then=None))
+
+
+@pytest.fixture
+def opened():
+    """Closes what a test opened: fds and memory files."""
+    fds: list[int] = []
+    mems: list[MemoryFile] = []
+    yield fds, mems
+    for mem in mems:
+        mem.close()
+    for fd in fds:
+        os.close(fd)
+
+
+def _loader(opened, ckpt_dir: str, queue: aio.Queue, **config) -> tuple[Loader, MemoryFile]:
+    ck = open_checkpoint(ckpt_dir)
+    fd = ck.open_pages()
+    opened[0].append(fd)
+    mem = MemoryFile(ck.layout.memory_size)
+    opened[1].append(mem)
+    cfg = LoaderConfig(**{"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * KiB,
+                          "busy_background_reads": 2, **config})
+    return Loader(ck.layout, fd, mem, queue, cfg, chunk_size=ck.chunk_size, checksums=ck.checksums), mem
+
+
+def _queue(backend: str) -> aio.Queue:
+    if backend == "no-then":
+        return NoThen(aio.open_queue("sync", 16))
+    return aio.open_queue(backend, 16)
+
+
+def _check_corrupt(err: LoadError | ClientError, chunk: int = BAD) -> None:
+    assert err.code == codes.CORRUPT, err
+    assert f"chunk {chunk} of the pages file does not match its checksum" in err.message
+
+
+# -- the format ------------------------------------------------------------------------
+def test_new_checkpoints_have_small_chunks_and_compact_checksums(tmp_path):
+    ckpt, _ = _make(tmp_path, flip=None)
+    ck = open_checkpoint(ckpt)
+    assert ck.chunk_size == CHUNK == 16 * KiB
+    assert ck.checksums is not None and len(ck.checksums) == MiB // CHUNK
+    with open(os.path.join(ckpt, "index.msgpack"), "rb") as f:
+        raw = msgpack.unpackb(f.read())
+    assert isinstance(raw["checksums"], bytes) and len(raw["checksums"]) == 8 * len(ck.checksums)
+    assert verify_checkpoint(ckpt).ok
+
+
+def _as_old_format(ckpt_dir: str) -> None:
+    """Rewrite the index as the code before 16 KiB chunks wrote it: checksums as a
+    msgpack array of integers."""
+    path = os.path.join(ckpt_dir, "index.msgpack")
+    with open(path, "rb") as f:
+        index = msgpack.unpackb(f.read())
+    index["checksums"] = list(open_checkpoint(ckpt_dir).checksums or [])
+    with open(path, "wb") as f:
+        f.write(msgpack.packb(index))
+
+
+def test_old_format_with_1mib_chunks_opens_verifies_and_names_the_bad_chunk(tmp_path):
+    ckpt, _ = _make(tmp_path, size=4 * MiB, chunk_size=MiB, flip=None)
+    _as_old_format(ckpt)
+    with open(os.path.join(ckpt, "index.msgpack"), "rb") as f:
+        assert isinstance(msgpack.unpackb(f.read())["checksums"], list)
+    ck = open_checkpoint(ckpt)
+    assert ck.chunk_size == MiB and ck.checksums is not None and len(ck.checksums) == 4
+    assert verify_checkpoint(ckpt).ok
+    with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
+        f.seek(2 * MiB + 77)
+        f.write(b"\xff\x00")
+    report = verify_checkpoint(ckpt)
+    assert [b.index for b in report.bad_chunks] == [2]
+    assert report.bad_chunks[0].memory == ((2 * MiB, 3 * MiB),)
+
+
+@pytest.mark.parametrize("backend", ["sync", "threads"])
+async def test_old_format_with_1mib_chunks_restores_and_never_serves_its_bad_chunk(tmp_path, opened, backend):
+    ckpt, data = _make(tmp_path, size=4 * MiB, chunk_size=MiB, flip=2)
+    _as_old_format(ckpt)
+    loader, mem = _loader(opened, ckpt, aio.open_queue(backend, 16))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(2 * MiB + 5 * PAGE, PAGE)
+        _check_corrupt(info.value, 2)
+        with trio.fail_after(60):
+            await loader.wait_loaded(3 * MiB, PAGE)
+            await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_ranges == [(2 * MiB, MiB, 0)] and s.corrupt_chunks == 1 and s.chunks_verified == 3
+    assert mem.view[: 2 * MiB] == data[: 2 * MiB] and mem.view[3 * MiB :] == data[3 * MiB :]
+    await loader.aclose()
+
+
+# -- a wait reads its small chunk ------------------------------------------------------
+async def test_a_waiters_read_covers_only_its_small_chunk(tmp_path, opened):
+    """Nothing else loads (no sweep): the wait reads its 16 KiB chunk, not 1 MiB."""
+    ckpt, data = _make(tmp_path, flip=None)
+    queue = Recording(16)
+    loader, mem = _loader(opened, ckpt, queue, sweep=False)
+    at = 37 * PAGE  # in chunk 9 (pages 36-39)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.wait_loaded(at, PAGE)
+        assert queue.requests == [(9 * CHUNK, CHUNK)]
+        s = loader.statistics()
+        assert s.loaded_bytes == CHUNK and s.chunks_verified == 1
+        assert mem.view[9 * CHUNK : 10 * CHUNK] == data[9 * CHUNK : 10 * CHUNK]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_small_verified_wait_is_read_and_hashed_at_once(tmp_path, opened):
+    """The threads backend reads a cached chunk in the waiting task: no request, no
+    round of the loader's loop (submit_wait returns None: served), only its chunk."""
+    ckpt, data = _make(tmp_path, flip=None)
+    with open(os.path.join(ckpt, "pages.img"), "rb") as f:
+        f.read()  # in the page cache
+    async with trio.open_nursery() as nursery:
+        loader, mem = _loader(opened, ckpt, aio.open_queue("threads", 16), sweep=False)
+        nursery.start_soon(loader.run)
+        handle = loader.submit_wait(37 * PAGE, PAGE, lambda h: None)
+        assert handle is None
+        s = loader.statistics()
+        assert s.loaded_bytes == CHUNK and s.chunks_verified == 1 and s.waits_served == 1
+        assert mem.view[9 * CHUNK : 10 * CHUNK] == data[9 * CHUNK : 10 * CHUNK]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+# -- a corrupt chunk is never served -----------------------------------------------------
+@pytest.mark.parametrize("backend", ["sync", "threads", "no-then"])
+@pytest.mark.parametrize("first", ["wait in the bad chunk", "sweep only", "wait without sweep"])
+async def test_corrupt_small_chunk_is_never_served(tmp_path, opened, backend, first):
+    """Only the bad 16 KiB fail; the chunks around it load.  ``sync``: the waiter's
+    read lands and is hashed in the loader's task, the sweep's in ``then``;
+    ``threads``: read and hashed in the waiting task, the sweep's in the pool's
+    threads; ``no-then``: the sweep's chunks in the loader's hash thread."""
+    ckpt, data = _make(tmp_path)
+    loader, mem = _loader(opened, ckpt, _queue(backend), sweep=first != "wait without sweep")
+    bad_lo = BAD * CHUNK
+    errors: list[LoadError] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            if first != "sweep only":
+                with pytest.raises(LoadError) as info:
+                    await loader.wait_loaded(bad_lo + 3 * PAGE, PAGE)
+                errors.append(info.value)
+                for k in (BAD - 1, BAD + 1):  # the neighbours are served
+                    await loader.wait_loaded(k * CHUNK, CHUNK)
+                    assert mem.view[k * CHUNK : (k + 1) * CHUNK] == data[k * CHUNK : (k + 1) * CHUNK]
+                if first == "wait without sweep":
+                    assert loader.statistics().loaded_bytes == 2 * CHUNK
+                    nursery.cancel_scope.cancel()
+            if first != "wait without sweep":
+                await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_ranges == [(bad_lo, CHUNK, 0)] and s.corrupt_chunks == 1
+    if first != "wait without sweep":
+        assert s.loaded_bytes == MiB - CHUNK and s.chunks_verified == MiB // CHUNK - 1
+        assert mem.view[:bad_lo] == data[:bad_lo] and mem.view[bad_lo + CHUNK :] == data[bad_lo + CHUNK :]
+    with pytest.raises(LoadError) as later:
+        loader.submit_wait(bad_lo + CHUNK - PAGE, PAGE, lambda h: None)
+    for err in [*errors, later.value]:
+        _check_corrupt(err)
+    await loader.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sync", "threads", "no-then"])
+@pytest.mark.parametrize("first", ["wait in the bad chunk", "sweep only"])
+async def test_corrupt_chunk_over_many_ranges_is_never_served(tmp_path, opened, backend, first):
+    """Every other page is zero, so each range is one page and a 16 KiB chunk holds
+    four of them, spread over 32 KiB of memory: the bad chunk's four pages fail, the
+    pages between them (holes) and every other chunk load."""
+    raw = tmp_path / "raw.img"
+    data = bytearray(random.Random(7).randbytes(MiB))
+    for page in range(1, MiB // PAGE, 2):
+        data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    raw.write_bytes(bytes(data))
+    ckpt = str(tmp_path / "ckpt")
+    create_checkpoint(str(raw), ckpt)
+    assert len(open_checkpoint(ckpt).layout) == MiB // PAGE // 2
+    with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
+        f.seek(BAD * CHUNK + 2 * PAGE + 99)  # chunk 5's third page: memory page 2 * (4 * 5 + 2)
+        byte = f.read(1)
+        f.seek(BAD * CHUNK + 2 * PAGE + 99)
+        f.write(bytes([byte[0] ^ 0x80]))
+    bad_pages = [2 * (4 * BAD + i) * PAGE for i in range(4)]
+    loader, mem = _loader(opened, ckpt, _queue(backend))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            if first != "sweep only":
+                with pytest.raises(LoadError) as info:
+                    await loader.wait_loaded(bad_pages[0], PAGE)
+                _check_corrupt(info.value)
+            await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_ranges == [(p, PAGE, 0) for p in bad_pages] and s.corrupt_chunks == 1
+    assert s.loaded_bytes == MiB // 2 - CHUNK
+    got = bytearray(mem.view[:MiB])
+    for p in bad_pages:  # (what landed there is failed: never served)
+        got[p : p + PAGE] = data[p : p + PAGE]
+    assert got == data
+    for p in bad_pages:
+        with pytest.raises(LoadError) as later:
+            loader.submit_wait(p, PAGE, lambda h: None)
+        _check_corrupt(later.value)
+    await loader.aclose()
+
+
+async def test_a_wait_takes_its_chunks_out_of_the_hash_queue(tmp_path, opened, monkeypatch):
+    """Chunks that landed and wait for the (here: held) hash thread: a wait hashes
+    its own at once, in its task; a corrupt one fails it, a good one serves it."""
+    gate = threading.Event()
+    check = _Chunks.check
+
+    def held_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            gate.wait(60)
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
+    bad = 200  # past the first batches the hash thread is given (and holds)
+    ckpt, data = _make(tmp_path, size=4 * MiB, flip=bad)
+    loader, mem = _loader(opened, ckpt, _queue("no-then"))
+    chunks = loader._chunks
+    assert chunks is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            with trio.fail_after(60):
+                while not {bad, bad + 2} <= chunks.queued:
+                    await trio.sleep(0.001)
+            assert loader.statistics().loaded_bytes == 0  # nothing hashed yet
+            with pytest.raises(LoadError) as info:
+                loader.submit_wait(bad * CHUNK, PAGE, lambda h: None)
+            _check_corrupt(info.value, bad)
+            assert loader.submit_wait((bad + 2) * CHUNK + PAGE, PAGE, lambda h: None) is None  # served
+            assert mem.view[(bad + 2) * CHUNK : (bad + 3) * CHUNK] == data[(bad + 2) * CHUNK : (bad + 3) * CHUNK]
+            assert bad not in chunks.queued and bad + 2 not in chunks.queued
+            s = loader.statistics()
+            assert s.corrupt_chunks == 1 and s.chunks_verified == 1 and s.loaded_bytes == CHUNK
+            gate.set()
+            with trio.fail_after(60):
+                await loader.done.wait()
+    finally:
+        gate.set()
+    s = loader.statistics()
+    assert s.failed_ranges == [(bad * CHUNK, CHUNK, 0)] and s.loaded_bytes == 4 * MiB - CHUNK
+    await loader.aclose()
+
+
+def test_corrupt_small_chunk_is_never_served_by_a_daemon(tmp_path):
+    """Through a real daemon and its socket: a wait in the bad chunk gets ``corrupt``,
+    the chunks beside it are served with the image's bytes, and only 16 KiB fail."""
+    ckpt, data = _make(tmp_path, size=4 * MiB)
+    bad_lo = BAD * CHUNK
+    sock = str(tmp_path / "s.sock")
+    daemon = DaemonProcess(ckpt, sock, str(tmp_path / "log"), ["--background", "--aio", "threads"])
+    with daemon, Client.connect(sock) as client:
+        with pytest.raises(ClientError) as info:
+            client.wait(bad_lo + 2 * PAGE, PAGE)
+        _check_corrupt(info.value)
+        client.wait(bad_lo - PAGE, PAGE)
+        client.wait(bad_lo + CHUNK, PAGE)
+        for _ in range(6000):
+            s = client.stats()
+            if s["done"]:
+                break
+            threading.Event().wait(0.01)
+        else:
+            pytest.fail(f"the load did not finish: {s}")
+        with pytest.raises(ClientError) as again:
+            client.wait(bad_lo + CHUNK - PAGE, PAGE)
+        _check_corrupt(again.value)
+        fd = client.memory_fd()
+        try:
+            with mmap.mmap(fd, 4 * MiB, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:bad_lo] == data[:bad_lo] and m[bad_lo + CHUNK :] == data[bad_lo + CHUNK :]
+        finally:
+            os.close(fd)
+    assert s["failed_bytes"] == CHUNK and s["corrupt_chunks"] == 1
+    assert s["chunks_verified"] == 4 * MiB // CHUNK - 1
+
+
+async def test_a_batch_the_hash_thread_cannot_hash_fails_instead_of_hanging(tmp_path, opened, monkeypatch):
+    """Every request gets an answer: chunks whose hash raised (a bug, memory unmapped)
+    fail with ``io-error``, the rest load, and the load finishes."""
+    check = _Chunks.check
+
+    def broken_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            raise RuntimeError("simulated")
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", broken_in_the_hash_thread)
+    ckpt, data = _make(tmp_path, flip=None)
+    loader, mem = _loader(opened, ckpt, _queue("no-then"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+    s = loader.statistics()
+    assert s.failed_bytes > 0 and s.failed_bytes + s.loaded_bytes == MiB
+    with pytest.raises(LoadError) as info:
+        loader.submit_wait(s.failed_ranges[0][0], PAGE, lambda h: None)
+    assert info.value.code == codes.IO_ERROR and "could not be hashed (RuntimeError: simulated)" in info.value.message
+    await loader.aclose()
+
+
+@pytest.mark.parametrize("where", ["nobody faulting", "clients faulting, no libxxhash", "clients faulting"])
+def test_check_finds_the_same_in_every_way_it_hashes(tmp_path, opened, where, monkeypatch):
+    """The chunk hash is the same whichever way check() takes: the ``xxhash`` module
+    (nobody faulting; or clients faulting, letting the GIL go after each chunk) or the
+    C library through ctypes (clients faulting, where there is one: ``_C_XXH3``), on
+    one stretch of memory and on chunks over many ranges."""
+    import loader._loader as impl
+
+    if where == "clients faulting, no libxxhash":
+        monkeypatch.setattr(impl, "_C_XXH3", None)
+    for ckpt_name, flip in (("dense", BAD), ("scattered", 2)):
+        raw = tmp_path / f"{ckpt_name}.img"
+        data = bytearray(random.Random(3).randbytes(MiB))
+        if ckpt_name == "scattered":
+            for page in range(1, MiB // PAGE, 2):
+                data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+        raw.write_bytes(bytes(data))
+        out = str(tmp_path / f"{ckpt_name}-ckpt")
+        create_checkpoint(str(raw), out)
+        ck = open_checkpoint(out)
+        fd = ck.open_pages()
+        opened[0].append(fd)
+        mem = MemoryFile(ck.layout.memory_size)
+        opened[1].append(mem)
+        chunks = _Chunks(ck.layout, ck.chunk_size, ck.checksums)
+        for m, n, f in ((r.mem_offset, r.length, r.file_offset) for r in ck.layout):
+            mem.view[m : m + n] = os.pread(fd, n, f)
+        at = ck.layout[0].mem_offset + flip * CHUNK if ckpt_name == "dense" else 2 * (4 * flip) * PAGE
+        mem.view[at] ^= 0x10
+        count = len(ck.checksums)
+        polite = (lambda: False) if where == "nobody faulting" else (lambda: True)
+        good, verified, bad = chunks.check(mem, [(0, count // 2 - 1), (count // 2, count - 1)], polite)
+        assert verified == count - 1 and [k for k, _ in bad] == [flip]
+        assert sum(hi - lo for lo, hi in good) + sum(b - a for a, b in bad[0][1]) == ck.layout.data_bytes
+
+
+async def test_a_long_wait_whose_chunks_jump_the_hash_queue_is_answered(tmp_path, opened, monkeypatch):
+    """A wait too long to hash in its task puts its queued chunks first in the hash
+    queue, so the hash thread's next batch holds them before lower chunks: the memory
+    it verified is out of memory order, and settling it must still find the waiter
+    (the loader's settle looks for waiters between the first segment and the last)."""
+    gate = threading.Event()
+    check = _Chunks.check
+
+    def held_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            gate.wait(60)
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
+    ckpt, data = _make(tmp_path, size=4 * MiB, flip=None)
+    loader, mem = _loader(opened, ckpt, _queue("no-then"))
+    chunks = loader._chunks
+    assert chunks is not None
+    first, count = 200, 16  # 256 KiB: past what a wait hashes in its task
+    wanted = set(range(first, first + count)) | {first - 40}
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            with trio.fail_after(60):
+                while not wanted <= chunks.queued:
+                    await trio.sleep(0.001)
+            handle = loader.submit_wait(first * CHUNK, count * CHUNK, lambda h: None)
+            assert handle is not None and not handle.finished
+            gate.set()
+            with trio.fail_after(60):
+                await loader.wait_loaded(first * CHUNK, count * CHUNK)
+                await loader.done.wait()
+            assert handle.finished and handle.error is None
+    finally:
+        gate.set()
+    assert mem.view[: 4 * MiB] == data
+    assert loader.statistics().loaded_bytes == 4 * MiB
+    await loader.aclose()
