@@ -1713,6 +1713,10 @@ class Loader:
             failures = self._failures.get(key)
             if failures is None:
                 failures = self._failures[key] = RangeSet()
+        if len(segments) > 1 and any(segments[k][0] < segments[k - 1][1] for k in range(1, len(segments))):
+            # (a sweep read that follows a pages file laid out working set first can go
+            # back in memory; the hash thread hands chunks back in the order they landed)
+            segments = sorted(segments)
         many = len(segments) > 8  # a gathered read: the sets edited once, waiters found by bisection
         first, last = segments[0][0], segments[-1][1]
         length = 0

@@ -733,3 +733,39 @@ def test_gaps_are_the_parts_outside_sorted_ranges():
     assert list(gaps([(25, 30)], 10, 20)) == [(10, 20)]
     s = RangeSet([(4, 6), (8, 9)])
     assert list(gaps(s.overlapping(0, 10), 0, 10)) == [(0, 4), (6, 8), (9, 10)]
+
+
+async def test_a_waiter_on_a_sweep_read_that_goes_back_in_memory_is_answered(tmp_path):
+    """Pages laid out working set first: a sweep read that starts with the working
+    set's range goes on with what is next in the pages file, lower in memory.  A wait
+    that joins that read in flight, on its lower part, is answered when it lands."""
+    from array import array as _array
+
+    from loader._sweep import WorkingSetOrder
+    from loader._rangeset import RangeSet
+
+    rng = random.Random(5)
+    a, b = rng.randbytes(MiB), rng.randbytes(MiB)
+    path = tmp_path / "pages"
+    path.write_bytes(b + a)  # B (memory 1 MiB) first in the file, then A (memory 0)
+    layout = Layout(4 * MiB, PAGE, [(0, MiB, MiB), (MiB, MiB, 0)])
+    layout.validate(2 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    mem = MemoryFile(4 * MiB)
+    try:
+        order = WorkingSetOrder(_array("Q", [MiB]), _array("Q", [2 * MiB]), RangeSet([(MiB, 2 * MiB)]))
+        queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.05)
+        loader = Loader(layout, fd, mem, queue, LoaderConfig(queue_depth=16, sweep_read_size=2 * MiB,
+                                                             kernel_copy=False), order)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            await _until(lambda: loader.statistics().reads_in_flight == 1, "the sweep's read")
+            assert not loader.unloaded  # one read holds both ranges: B, then A below it
+            with trio.fail_after(10):
+                await loader.wait_loaded(PAGE, PAGE)  # in A: joins the read in flight
+            assert bytes(mem.view[:MiB]) == a and bytes(mem.view[MiB:2 * MiB]) == b
+            await loader.done.wait()
+        await loader.aclose()
+    finally:
+        mem.close()
+        os.close(fd)
