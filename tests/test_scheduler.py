@@ -741,8 +741,8 @@ async def test_a_waiter_on_a_sweep_read_that_goes_back_in_memory_is_answered(tmp
     that joins that read in flight, on its lower part, is answered when it lands."""
     from array import array as _array
 
-    from loader._sweep import WorkingSetOrder
     from loader._rangeset import RangeSet
+    from loader._sweep import WorkingSetOrder
 
     rng = random.Random(5)
     a, b = rng.randbytes(MiB), rng.randbytes(MiB)
