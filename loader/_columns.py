@@ -20,10 +20,12 @@ def column_bytes(col: array[int]) -> bytes:
     return swapped.tobytes()
 
 
-def read_column(obj: dict[str, Any], name: str, count: int | None = None, what: str = "ranges") -> array[int]:
+def read_column(obj: dict[str, Any], name: str, count: int | None = None, what: str = "ranges",
+                release: bool = False) -> array[int]:
     """Field ``name`` of ``obj`` as an ``array('Q')``: binary, a whole number of u64
-    values (``count`` of them, if given); ``ValueError`` with one line otherwise."""
-    blob = obj.get(name)
+    values (``count`` of them, if given); ``ValueError`` with one line otherwise.
+    ``release``: the field is taken out of ``obj`` (its bytes freed with the array made)."""
+    blob = obj.pop(name, None) if release else obj.get(name)
     if not isinstance(blob, bytes):
         raise ValueError(f"field {name!r} is missing or not binary")
     if count is not None and len(blob) != 8 * count:

@@ -208,7 +208,9 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
                 raise CheckpointError(
                     index_path, f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit"
                 )
-            data = f.read(size + 1)
+            data = bytearray(size + 1)  # read straight into it; decode_index empties it once parsed
+            got = f.readinto(data)
+            del data[got:]
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and index_path != path:
             raise CheckpointError(

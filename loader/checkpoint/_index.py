@@ -114,8 +114,12 @@ def looks_like_index(head: bytes) -> bool:
     return _MAGIC in head[:48]
 
 
-def decode_index(data: bytes) -> IndexFields:
-    """Parse and check an index; raises ``ValueError`` with a one-line reason."""
+def decode_index(data: bytes | bytearray) -> IndexFields:
+    """Parse and check an index; raises ``ValueError`` with a one-line reason.
+
+    A ``bytearray`` is emptied once parsed, and each binary column is let go once it
+    is an array: a million ranges then peak at the parsed columns plus one array,
+    not at the file, its columns and their arrays at once."""
     n = len(data)
     try:
         obj = msgpack.unpackb(
@@ -138,6 +142,8 @@ def decode_index(data: bytes) -> IndexFields:
             raise ValueError("truncated index: the msgpack data ends early") from None
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else "invalid msgpack data"
         raise ValueError(f"not a msgpack index ({detail})") from None
+    if isinstance(data, bytearray):
+        del data[:]
     if not isinstance(obj, dict):
         raise ValueError(f"not an index: the msgpack data is {_a(type(obj).__name__)}, not a map")
     if obj.get("format") != FORMAT:
@@ -162,9 +168,9 @@ def decode_index(data: bytes) -> IndexFields:
     if version == 1:
         mem, length, file = _ranges(_field(obj, "ranges", list))
     else:
-        mem = read_column(obj, "range_mem")
-        length = read_column(obj, "range_length", len(mem))
-        file = read_column(obj, "range_file", len(mem))
+        mem = read_column(obj, "range_mem", release=True)
+        length = read_column(obj, "range_length", len(mem), release=True)
+        file = read_column(obj, "range_file", len(mem), release=True)
     checksums = _checksums(obj)
     source = obj.get("source", {})
     if not isinstance(source, dict):
