@@ -33,6 +33,8 @@ from ._units import human
 
 #: larger memory sizes cannot be given to ftruncate (an off_t) nor mapped
 _MAX_MAP = sys.maxsize
+#: a memory size past this many times the host's RAM + swap is refused at start
+_MEMORY_PER_HOST = 64
 
 #: the mode of the memfds handed to clients: read-only for the daemon's uid, nothing for
 #: anyone else.  A memfd is made 0777, and a client given a read-only descriptor could
@@ -125,11 +127,14 @@ class MemoryFile:
                 f"hold"
             )
         host = host_memory()
-        if host is not None and size > host:  # before anything is made for it (the loaded map: 1 bit a page)
+        if host is not None and size > _MEMORY_PER_HOST * host:
+            # before anything is made for it (the loaded map: 1 bit a page).  A sparse guest
+            # larger than the host is normal (a 64 GiB guest of which 16 GiB is data, on a
+            # 24 GiB host): only a claim no host could ever back is refused
             raise StartupError(
-                f"{where}: memory size {size} bytes ({human(size)}) is more than this host's memory "
-                f"({human(host)}: RAM + swap); no guest that large runs here (vm.overcommit_memory=1 "
-                "lifts this)"
+                f"{where}: memory size {size} bytes ({human(size)}) is more than {_MEMORY_PER_HOST} times this "
+                f"host's memory ({human(host)}: RAM + swap); no guest that large runs here "
+                "(vm.overcommit_memory=1 lifts this)"
             )
         if path is None:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
