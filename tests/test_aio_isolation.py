@@ -278,3 +278,26 @@ def test_haswell_in_qemu_really_lacks_avx512(tmp_path: Path) -> None:
     source.write_text('int main(void) { __asm__ volatile("vpxord %zmm0, %zmm0, %zmm0"); return 0; }\n')
     subprocess.run(["cc", "-O0", "-o", str(tmp_path / "avx512"), str(source)], check=True)
     assert _haswell(str(tmp_path / "avx512")).returncode == -signal.SIGILL
+
+
+NUMPY_SNIPPET = """
+from array import array
+from loader import Layout
+from loader.checkpoint._raw import _round_merge
+n = 1 << 12
+layout = Layout.from_arrays(n * 16384, 4096, array('Q', range(0, n * 16384, 16384)), array('Q', [4096]) * n)
+layout.validate()
+print(layout.data_bytes, layout.prefix()[1], layout.file_ascends())
+print(list(zip(*_round_merge(array('Q', [1, 5000, 9000]), array('Q', [10, 6000, 20000]), 4096, 1 << 20))))
+"""
+
+
+@needs_qemu
+def test_the_range_tables_numpy_runs_on_haswell_without_avx512() -> None:
+    """NumPy checks and merges range tables of millions of ranges: its wheel picks its
+    CPU features at run time, so it must run where AVX-512 is missing (it needs
+    x86-64-v2, SSE4.2, as Nehalem has)."""
+    run = _haswell(sys.executable, "-c", NUMPY_SNIPPET)
+    died = f" ({signal.Signals(-run.returncode).name})" if run.returncode < 0 else ""
+    assert run.returncode == 0, f"exit {run.returncode}{died}: {run.stderr[-500:]}"
+    assert run.stdout.splitlines() == [f"{(1 << 12) * 4096} 4096 True", "[(0, 20480)]"]
