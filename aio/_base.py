@@ -175,42 +175,39 @@ class SplicePipe:
         try:
             for dest_offset, count in request.dest:
                 part = 0
-                if gather and count <= self._size:  # (a raw image's page: the short way, one splice each way)
-                    held = os.splice(src, w, count, offset_src=dest_offset)
-                    if held == 0:
-                        return done
-                    if held == count:
-                        out = os.splice(r, dest, held, offset_dst=dest_offset)
-                        done += out
-                        held -= out
-                        if not held:
-                            continue
-                        part = out
-                    else:
-                        part = 0
-                    while held:  # the rest of a short splice, as below
-                        out = os.splice(r, dest, held, offset_dst=dest_offset + part)
-                        if out <= 0:
-                            raise OSError(errno.EIO, "the destination took no bytes")
-                        done += out
-                        part += out
-                        held -= out
                 while part < count:
                     at = dest_offset + part if gather else offset + done
                     held = os.splice(src, w, min(count - part, self._size), offset_src=at)
                     if held == 0:  # the source's end
                         return done
-                    while held:
-                        out = os.splice(r, dest, held, offset_dst=dest_offset + part)
-                        if out <= 0:
-                            raise OSError(errno.EIO, "the destination took no bytes")
+                    out = os.splice(r, dest, held, offset_dst=dest_offset + part)
+                    if out == held:  # (all of it at once: the usual case, a page of a raw image)
                         done += out
                         part += out
-                        held -= out
+                        held = 0
+                        continue
+                    out = self._rest(r, dest, held, out, dest_offset + part)
+                    done += out
+                    part += out
+                    held = 0
         except OSError as exc:
             if held:  # bytes left in the pipe: never let them reach the next copy
                 self.close()
             return done if done else -(exc.errno or errno.EIO)
+        return done
+
+    @staticmethod
+    def _rest(r: int, dest: int, held: int, out: int, at: int) -> int:
+        """The pipe held ``held`` bytes and ``out`` of them went to ``dest`` at ``at``:
+        write the rest after them; returns all written (OSError: the pipe may still hold some)."""
+        if out <= 0:
+            raise OSError(errno.EIO, "the destination took no bytes")
+        done = out
+        while done < held:
+            out = os.splice(r, dest, held - done, offset_dst=at + done)
+            if out <= 0:
+                raise OSError(errno.EIO, "the destination took no bytes")
+            done += out
         return done
 
     def close(self) -> None:

@@ -839,16 +839,7 @@ class Loader:
         counters.reads_total += 1
         self.order.note_served(hi)
         self._settle([[lo, hi]], None)  # also answers earlier waiters on these bytes
-        end = time.perf_counter_ns()
-        elapsed = end - now
-        counters.waits_served += 1
-        counters.bytes_waited += need
-        counters.wait_ns += elapsed
-        if not self._waiters:
-            counters.blocked_ns += elapsed
-        self.histogram.record(elapsed)
-        if self.done.is_set():
-            self._poke()  # the driver may be parked with nothing left to do
+        self._served_at_once(need, now)
         return True
 
     def _verify_now(self, lo: int, hi: int, need: int, now: int) -> int:
@@ -915,7 +906,13 @@ class Loader:
         if pending:
             return ((unloaded.overlap_bytes(lo, hi) if unloaded else 0)
                     + (self.inflight.overlap_bytes(lo, hi) if self.inflight else 0))
-        elapsed = time.perf_counter_ns() - now
+        self._served_at_once(need, now)
+        return 0
+
+    def _served_at_once(self, need: int, start_ns: int) -> None:
+        """Count a wait served in the waiting task (read, or verified, at once)."""
+        counters = self.counters
+        elapsed = time.perf_counter_ns() - start_ns
         counters.waits_served += 1
         counters.bytes_waited += need
         counters.wait_ns += elapsed
@@ -923,8 +920,7 @@ class Loader:
             counters.blocked_ns += elapsed
         self.histogram.record(elapsed)
         if self.done.is_set():
-            self._poke()
-        return 0
+            self._poke()  # the driver may be parked with nothing left to do
 
     async def wait_loaded(self, offset: int, length: int) -> None:
         """Return once ``[offset, offset+length)`` is loaded; raise :class:`LoadError`
