@@ -169,29 +169,54 @@ class SplicePipe:
         except OSError as exc:  # out of descriptors, say: this copy fails, the next tries again
             return -(exc.errno or errno.EIO)
         src, offset, dest = request.fd, request.offset, request.dest_fd
-        gather = request.gather
+        if request.gather:
+            return self._gather(r, w, request)
         done = 0  # bytes in the destination
-        held = 0  # bytes in the pipe
+        held = 0  # bytes in the pipe, not written yet
+        total = request.length
+        try:
+            # the source is consecutive: it goes into the pipe a pipe's worth at a time, and
+            # out of it into each destination range (one splice a range, not two)
+            for dest_offset, count in request.dest:
+                part = 0
+                while part < count:
+                    if not held:
+                        held = os.splice(src, w, min(total - done, self._size), offset_src=offset + done)
+                        if held == 0:  # the source's end
+                            return done
+                    n = min(held, count - part)
+                    out = os.splice(r, dest, n, offset_dst=dest_offset + part)
+                    if out <= 0:
+                        raise OSError(errno.EIO, "the destination took no bytes")
+                    done += out
+                    part += out
+                    held -= out
+        except OSError as exc:
+            if held:  # bytes left in the pipe: never let them reach the next copy
+                self.close()
+            return done if done else -(exc.errno or errno.EIO)
+        return done
+
+    def _gather(self, r: int, w: int, request: Request) -> int:
+        """An :data:`Op.COPY` with ``gather``: each range from its own offset of the source."""
+        src, dest = request.fd, request.dest_fd
+        done = 0
+        held = 0
         try:
             for dest_offset, count in request.dest:
                 part = 0
                 while part < count:
-                    at = dest_offset + part if gather else offset + done
-                    held = os.splice(src, w, min(count - part, self._size), offset_src=at)
+                    held = os.splice(src, w, min(count - part, self._size), offset_src=dest_offset + part)
                     if held == 0:  # the source's end
                         return done
                     out = os.splice(r, dest, held, offset_dst=dest_offset + part)
-                    if out == held:  # (all of it at once: the usual case, a page of a raw image)
-                        done += out
-                        part += out
-                        held = 0
-                        continue
-                    out = self._rest(r, dest, held, out, dest_offset + part)
+                    if out != held:
+                        out = self._rest(r, dest, held, out, dest_offset + part)
                     done += out
                     part += out
                     held = 0
         except OSError as exc:
-            if held:  # bytes left in the pipe: never let them reach the next copy
+            if held:
                 self.close()
             return done if done else -(exc.errno or errno.EIO)
         return done
