@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 import pytest
 import trio
@@ -743,7 +744,14 @@ async def test_fault_and_fill_threads_never_share_ioctl_buffers(tmp_path, images
     assert len(offsets) > 20
 
     def body(vmm):
-        return [vmm.read(o, PAGE) for o in offsets]
+        got = [vmm.read(o, PAGE) for o in offsets]
+        # the fill copies the rest of the guest once the faults are quiet: wait for its
+        # first copy while the guest is still there (it may come only after the reads)
+        deadline = time.monotonic() + 30
+        while not any("pageload-uffd-fill" in names for names in list(users.values())) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return got
 
     state, got = await run_vmm(tmp_path, opts, [GuestRegion(0, SIZE)], images["raw"], body)
     assert got == [_image_bytes(images["raw"], o, PAGE) for o in offsets]
