@@ -67,14 +67,16 @@ TARGETS = [
            extra="-k 'test_restore_cli or bad_options or missing_socket or ready_fd'"),
     Target("uffd", ["loader/_uffd.py"],
            ["tests/test_uffd_abi.py", "tests/test_uffd_failures.py", "tests/test_uffd_minor.py"], timeout=120),
-    # the loader's waits, completion, checksums and shutdown; not its range bookkeeping
-    # (_rangeset.py, _layout.py and the range code of _loader.py are being rewritten)
-    Target("loader", ["loader/_loader.py"], ["tests/test_scheduler.py", "tests/test_faults_loader.py"],
+    # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
+    # after they land: _verify_now, _land, _chunks_complete, _checked); not its range
+    # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own
+    Target("loader", ["loader/_loader.py"],
+           ["tests/test_scheduler.py", "tests/test_faults_loader.py", "tests/test_verify.py", "tests/test_scale.py"],
            functions={"loader/_loader.py": [
                "Loader.shutdown", "Loader.aclose", "Loader._finish_waiter", "Loader._drop_waiter",
-               "Loader._verify", "Loader._chunk_complete", "Loader._settle", "Loader._complete",
-               "Loader.wait_loaded", "Loader.submit_wait", "Loader._wants_turn", "_hash_matches",
-               "LoaderConfig.__post_init__"]},
+               "Loader._verify_now", "Loader._land", "Loader._chunks_complete", "Loader._checked",
+               "Loader._settle", "Loader._complete", "Loader.wait_loaded", "Loader.submit_wait",
+               "Loader._wants_turn", "LoaderConfig.__post_init__"]},
            timeout=120),
     # the fault answering code of the page-fault handler
     Target("uffd-handler", ["loader/_uffd_handler.py"],
