@@ -239,6 +239,8 @@ def collect(t: Target, tree: Path, session: Path) -> Outcome:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
+    _ABNORMAL = {o for o in (getattr(WorkerOutcome, "TIMEOUT", None), WorkerOutcome.ABNORMAL) if o is not None}
+
     equivalents = load_equivalents()
     out = Outcome(t.name)
     with use_db(str(session), WorkDB.Mode.open) as db:
@@ -246,7 +248,9 @@ def collect(t: Target, tree: Path, session: Path) -> Outcome:
             if result.worker_outcome == WorkerOutcome.SKIPPED:
                 out.skipped += 1
                 continue
-            if result.worker_outcome == WorkerOutcome.TIMEOUT:
+            # a test run that hung past the timeout or died: cosmic-ray 8.7 has no TIMEOUT
+            # outcome (it reports ABNORMAL); either way the mutant did not pass the tests
+            if result.worker_outcome in _ABNORMAL:
                 out.timeouts += 1
                 continue
             if result.test_outcome == TestOutcome.KILLED:
