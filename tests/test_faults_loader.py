@@ -373,3 +373,26 @@ def test_sigterm_with_a_hung_read_exits_within_the_deadline(tmp_path, raw_image,
         log = f.read()
     assert "still running after 0.9 s" in log and "test hook" in log
     assert not os.path.exists(sock)
+
+
+async def test_a_read_that_keeps_answering_eagain_fails_after_max_retries(tmp_path, resources, autojump_clock):
+    """EAGAIN may pass, so it is retried, but only ``max_retries`` times: a page whose
+    reads answer EAGAIN forever fails its waiter with io-error instead of spinning."""
+    img = _image(tmp_path, resources, MiB)
+    tries = []
+
+    def again(request):
+        if request.offset < PAGE:
+            tries.append(request.offset)
+            return -errno.EAGAIN
+        return None
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 8), again)
+    loader, _ = _loader(resources, img.layout, img.fd, queue, MiB, sweep=False, max_retries=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(30), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(0, PAGE)
+        nursery.cancel_scope.cancel()
+    assert info.value.code == codes.IO_ERROR
+    assert len(tries) == 1 + 3  # the first read and its three retries, never more
