@@ -396,3 +396,35 @@ async def test_a_read_that_keeps_answering_eagain_fails_after_max_retries(tmp_pa
         nursery.cancel_scope.cancel()
     assert info.value.code == codes.IO_ERROR
     assert len(tries) == 1 + 3  # the first read and its three retries, never more
+
+
+async def test_a_wait_is_not_answered_by_other_reads_landing(tmp_path, resources, autojump_clock):
+    """A waiter's count is taken down only by bytes of its own span: thousands of other
+    reads settling while its own read hangs never answer it (a count off by one per
+    settle would, after 4096 of them); it ends with the error of its own read."""
+    size = 24 * MiB  # 6144 one-page sweep reads besides the hung one
+    img = _image(tmp_path, resources, size)
+    queue = aio.testing.HangingQueue(aio.open_queue("sync", 16), lambda r: r.offset < PAGE)
+    loader, _ = _loader(resources, img.layout, img.fd, queue, size, sweep_read_size=PAGE, kernel_copy=False)
+    outcome: list[str] = []
+
+    async def waiter():
+        try:
+            await loader.wait_loaded(0, PAGE)
+            outcome.append("loaded")
+        except LoadError as exc:
+            outcome.append(exc.code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        nursery.start_soon(waiter)
+        with trio.fail_after(60):
+            while loader.statistics().loaded_bytes < size - PAGE:  # everything else lands
+                await trio.sleep(0.01)
+        assert queue.hung == 1 and outcome == []  # still waiting for its own page
+        queue.release()  # the hung read fails with EIO
+        with trio.fail_after(60):
+            while not outcome:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert outcome == [codes.IO_ERROR]
