@@ -35,7 +35,7 @@ import xxhash
 from .._layout import Layout, LayoutError
 from .._units import human
 from ._create import READ_SIZE
-from ._files import open_regular, stat_regular
+from ._files import open_regular, read_span, stat_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -410,7 +410,7 @@ def verify_checkpoint(path: str) -> VerifyReport:
             last = min(first + per_read, len(sums))
             lo, hi = first * chunk_size, min(last * chunk_size, size)
             if per_read > 1:  # read them at once, hash each
-                got = _read_span(fd, ckpt.pages_path, view[: hi - lo], lo)
+                got = read_span(fd, ckpt.pages_path, view[: hi - lo], lo)
                 found = [xxhash.xxh3_64_intdigest(view[c - lo : min(c + chunk_size, hi) - lo])
                          if min(c + chunk_size, hi) - lo <= got else None
                          for c in range(lo, hi, chunk_size)]
@@ -428,22 +428,6 @@ def verify_checkpoint(path: str) -> VerifyReport:
     return VerifyReport(
         path, ckpt.kind, True, len(ckpt.checksums), size, tuple(bad), time.perf_counter() - started
     )
-
-
-def _read_span(fd: int, path: str, view: memoryview, offset: int) -> int:
-    """Read into all of ``view`` from ``offset``; the bytes read (fewer at the end of the file)."""
-    done = 0
-    while done < len(view):
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise CheckpointError(
-                path, f"read error at offset {offset + done}: {exc.strerror or exc}"
-            ) from None
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 def _hash_span(fd: int, path: str, view: memoryview, hasher: Any, lo: int, hi: int) -> bool:

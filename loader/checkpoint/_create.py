@@ -33,7 +33,7 @@ from .._workingset import (
     read_working_set,
     replay_plan,
 )
-from ._files import open_regular
+from ._files import open_regular, read_span
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,
@@ -342,19 +342,9 @@ def _write_pages(
 
 
 def _read_exactly(fd: int, image: str, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise CheckpointError(
-                image, f"read error at offset {offset + done}: {exc.strerror or exc}"
-            ) from None
-        if n == 0:
-            raise CheckpointError(
-                image, f"the image shrank while it was read (end at {offset + done})"
-            )
-        done += n
+    done = read_span(fd, image, view, offset)
+    if done < len(view):
+        raise CheckpointError(image, f"the image shrank while it was read (end at {offset + done})")
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -16,7 +16,7 @@ import stat
 
 from ._index import CheckpointError
 
-__all__ = ["describe_kind", "open_regular", "stat_regular"]
+__all__ = ["describe_kind", "open_regular", "read_span", "stat_regular"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -70,3 +70,19 @@ def open_regular(path: str, extra_flags: int = 0) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_span(fd: int, path: str, view: memoryview, offset: int) -> int:
+    """Read into all of ``view`` from ``offset``; the bytes read (fewer at the end of the file)."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(
+                path, f"read error at offset {offset + done}: {exc.strerror or exc}"
+            ) from None
+        if n == 0:
+            break
+        done += n
+    return done
