@@ -9,7 +9,7 @@ and without a recorded working set).
 
 from ._designs import DESIGNS, DesignError, PlotUnavailable, format_designs, plot_designs, run_designs
 from ._run import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
-from ._tools import BenchError, WaitProber, cp_mb_s, drop_caches, fill_run, median, warm_cache
+from ._tools import BenchError, WaitProber, cp_mb_s, drop_caches, evict_cache, fill_run, median, warm_cache
 from ._workingset import format_workingset, perturb_trace, plot_workingset, run_workingset_section
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "run_bench",
     "run_designs",
     "warm_cache",
+    "evict_cache",
 ]

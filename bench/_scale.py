@@ -28,7 +28,7 @@ from loader.checkpoint import create_checkpoint
 from workloads import make_sample_image, percentiles
 
 from ._daemon import Goal, _at_most
-from ._tools import BenchError, cp_limit, fill_run, median, warm_cache
+from ._tools import BenchError, cp_limit, evict_cache, fill_run, median, warm_cache
 
 __all__ = ["COUNTS", "run_scale_section"]
 
@@ -117,17 +117,27 @@ def run_scale_section(workdir: str, *, quick: bool = False, repeat: int = 1, cou
             make_sample_image(dense, data, dense=True)
         log(f"scale {count}: images ready in {time.perf_counter() - t0:.1f} s")
         row: dict[str, Any] = {"memory_bytes": size, "data_bytes": data}
-        for name, src in (("dense", dense), ("raw", raw), ("pages", os.path.join(pages, "pages.img"))):
+        sources = (("dense", dense), ("raw", raw), ("pages", os.path.join(pages, "pages.img")))
+        for name, src in sources:
+            for _, other in sources:
+                evict_cache(other)
             row[f"cp_{name}"] = cp_limit(src, warm_runs=max(2, repeat)).as_dict()
         runs: dict[str, list[dict[str, Any]]] = {"dense": [], "raw": [], "pages": []}
         probes: dict[str, list[dict[str, Any]]] = {"dense": [], "raw": [], "pages": []}
         for r in range(max(1, repeat)):  # the kinds take turns, in an order that alternates
             order = [("dense", dense, 1), ("raw", raw, STRIDE), ("pages", pages, STRIDE)]
             for kind, src, stride in (order if r % 2 == 0 else order[::-1]):
+                # only this run's source in the cache, warm: the others' cache would be reclaimed
+                # while the memory file is made, inside the measurement
+                for _, other in sources:
+                    evict_cache(other)
                 warm_cache(src if kind != "pages" else os.path.join(pages, "pages.img"))
                 runs[kind].append(_run(src, workdir, [], stride, False, log, f"{kind} #{r + 1} fill"))
                 probes[kind].append(_run(src, workdir, [], stride, True, log, f"{kind} #{r + 1} waits"))
         for kind, src, stride in (("raw", raw, STRIDE), ("pages", pages, STRIDE)):
+            for _, other in sources:
+                evict_cache(other)
+            warm_cache(src if kind != "pages" else os.path.join(pages, "pages.img"))
             heap = _run(src, workdir, ["--tracemalloc"], stride, False, log, f"{kind} heap")
             runs[kind + "_heap"] = [heap]
         for kind in ("dense", "raw", "pages"):
