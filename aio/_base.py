@@ -5,6 +5,11 @@ queue, adds requests, and waits for completions.  A request names a file descrip
 an offset and one or more destination buffers (slices of a mapping, normally); the
 backend reads straight into those buffers, so page data is copied once, by the kernel.
 
+A backend whose :attr:`Queue.gathers` is true takes :data:`Op.GATHER`: many ranges
+apart in one request, each read from its own offset (a sparse raw image's data
+islands into its memory file's mapping: one request, and one system call per
+range, instead of a request per range).
+
 A backend whose :attr:`Queue.copies` is true also takes :data:`Op.COPY`: bytes go
 from one file into another at given offsets without passing through any mapping
 (``splice`` through a pipe of the worker's: the source's page-cache pages go into
@@ -38,6 +43,7 @@ class Op(enum.IntEnum):
     READ = 0  #: ``pread`` into ``buffers[0]``
     READV = 1  #: ``preadv`` into every buffer in order
     COPY = 2  #: bytes from ``fd`` at ``offset`` into ``dest_fd`` at the ``dest`` ranges, in the kernel
+    GATHER = 3  #: ``pread`` into each buffer from its own offset of ``fd`` (``offsets``), in order
 
 
 class AioError(Exception):
@@ -86,12 +92,22 @@ class Request:
     dest: Sequence[tuple[int, int]] = ()
     gather: bool = False
     then: Callable[[], object] | None = None
+    offsets: Sequence[int] = ()  #: :data:`Op.GATHER`: the file offset of each buffer
 
     @property
     def length(self) -> int:
         if self.op == Op.COPY:
             return sum(n for _, n in self.dest)
         return sum(len(b) for b in self.buffers)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The first and past-the-last byte of ``fd`` the request reads."""
+        if self.op == Op.GATHER:
+            return self.offsets[0], self.offsets[-1] + len(self.buffers[-1])
+        if self.op == Op.COPY and self.gather:
+            return self.dest[0][0], self.dest[-1][0] + self.dest[-1][1]
+        return self.offset, self.offset + self.length
 
     @classmethod
     def read(cls, id: int, fd: int, offset: int, buffer: memoryview, *, urgent: bool = False,
@@ -115,6 +131,19 @@ class Request:
         is true).  ``gather=True``: each range's bytes come from the same offset of
         ``fd`` (``offset`` is then the first range's).  ``then``: as for any request."""
         return cls(id, Op.COPY, fd, offset, (), urgent, dest_fd, tuple(dest), gather, then)
+
+
+    @classmethod
+    def gather_read(
+        cls, id: int, fd: int, buffers: Sequence[memoryview], offsets: Sequence[int], *, urgent: bool = False,
+        then: Callable[[], object] | None = None,
+    ) -> Request:
+        """Each of ``buffers`` read from ``fd`` at its own offset (``offsets``, ascending,
+        as many), in order (only for a queue whose :attr:`Queue.gathers` is true).  The
+        result counts the bytes read in order up to the first short or failed range:
+        the ranges after it are not read.  ``then``: as for any request."""
+        return cls(id, Op.GATHER, fd, offsets[0] if offsets else 0, tuple(buffers), urgent, then=then,
+                   offsets=tuple(offsets))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +277,8 @@ def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
     a request that completed in full."""
     if request.op == Op.COPY:
         result = -errno.EOPNOTSUPP if pipe is None else pipe.copy(request)
+    elif request.op == Op.GATHER:
+        result = _gather_read(request)
     else:
         try:
             result = os.preadv(request.fd, request.buffers, request.offset)
@@ -261,6 +292,22 @@ def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
         except Exception:  # the caller's: it finds its work undone
             pass
     return result
+
+
+def _gather_read(request: Request) -> int:
+    """An :data:`Op.GATHER`: one ``pread`` a range, in order, until one is short or fails."""
+    fd, done = request.fd, 0
+    try:
+        for buffer, offset in zip(request.buffers, request.offsets):
+            n = os.preadv(fd, (buffer,), offset)
+            done += n
+            if n < len(buffer):
+                break
+    except OSError as exc:
+        return done if done else -(exc.errno or errno.EIO)
+    except (TypeError, ValueError, BufferError):
+        return done if done else -errno.EINVAL
+    return done
 
 
 class _IoVec(ctypes.Structure):
@@ -306,6 +353,8 @@ class Queue(abc.ABC):
     name: str = "?"
     #: whether :data:`Op.COPY` requests are taken (otherwise :meth:`add` refuses them)
     copies: bool = False
+    #: whether :data:`Op.GATHER` requests are taken (otherwise :meth:`add` refuses them)
+    gathers: bool = False
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -340,6 +389,13 @@ class Queue(abc.ABC):
                                  "each length positive")
         elif not request.buffers:
             raise ValueError("a request needs at least one buffer")
+        elif request.op == Op.GATHER and not self.gathers:
+            raise ValueError(f"the {self.name} backend does not take Op.GATHER requests")
+        elif request.op == Op.GATHER and (
+                len(request.offsets) != len(request.buffers) or any(o < 0 for o in request.offsets)
+                or any(request.offsets[k] < request.offsets[k - 1] + len(request.buffers[k - 1])
+                       for k in range(1, len(request.offsets)))):
+            raise ValueError("Op.GATHER takes one offset a buffer, ascending, the ranges apart")
         elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
         elif any(b.readonly for b in request.buffers):

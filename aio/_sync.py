@@ -18,6 +18,7 @@ class SyncQueue(Queue):
 
     name = "sync"
     copies = True
+    gathers = True
 
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)

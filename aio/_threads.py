@@ -57,6 +57,7 @@ def default_yield_threads() -> int:
 class ThreadQueue(Queue):
     name = "threads"
     copies = True  # Op.COPY: each worker splices through a pipe of its own
+    gathers = True  # Op.GATHER: a worker reads the ranges one after the other
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
@@ -105,7 +106,7 @@ class ThreadQueue(Queue):
             worker.start()
 
     def _add(self, request: Request) -> None:
-        if request.urgent and request.op != Op.COPY and request.length <= self.inline_urgent:
+        if request.urgent and request.op in (Op.READ, Op.READV) and request.length <= self.inline_urgent:
             # a small read someone is blocked on: do it here if the page cache has it
             # (RWF_NOWAIT fails rather than block); otherwise a worker does it
             try:

@@ -40,11 +40,13 @@ from collections.abc import Sequence
 import liburing as _lu
 import trio
 
-from ._base import AioError, BackendUnavailable, Completion, Queue, Request, read_nowait
+from ._base import AioError, BackendUnavailable, Completion, Op, Queue, Request, read_nowait
 from ._probe import explain, read_disabled, setup_errno
 
-#: user_data of our cancel entries; read entries use their slot index
+#: user_data of our cancel entries; read entries use their slot index, plus the range's
+#: index times :data:`_RANGE_TAG` for an :data:`~aio.Op.GATHER`'s ranges
 _CANCEL_TAG = (1 << 64) - 1
+_RANGE_TAG = 1 << 32
 _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 
 
@@ -82,6 +84,7 @@ class UringQueue(Queue):
     """A :class:`~aio.Queue` on one io_uring ring; see the module docstring."""
 
     name = "uring"
+    gathers = True  #: an Op.GATHER is one entry a range, its completion the ranges' in order
 
     def __init__(self, capacity: int = 64, *, force_async: bool = True) -> None:
         super().__init__(capacity)
@@ -112,6 +115,8 @@ class UringQueue(Queue):
         self._urgent: deque[int] = deque()  # slots added, not yet in the submission ring
         self._normal: deque[int] = deque()
         self._in_kernel = 0  # read entries placed in the submission ring, not yet reaped
+        #: an Op.GATHER's slot: [ranges placed, ranges reaped, each range's result]
+        self._gathers: dict[int, list[object]] = {}
         self._ready: list[Completion] = []
         self._submit_calls = 0
 
@@ -123,6 +128,14 @@ class UringQueue(Queue):
         return read_nowait(fd, buffer, offset)
 
     def _add(self, request: Request) -> None:
+        if request.op == Op.GATHER:
+            if any(not b.c_contiguous for b in request.buffers):
+                raise ValueError("the uring backend reads into contiguous buffers only")
+            slot = self._free.pop()
+            self._requests[slot] = request
+            self._gathers[slot] = [0, 0, [0] * len(request.buffers)]
+            (self._urgent if request.urgent else self._normal).append(slot)
+            return
         buffers = request.buffers
         if len(buffers) > _IOV_MAX:
             raise ValueError(f"a request takes at most {_IOV_MAX} buffers, not {len(buffers)}")
@@ -145,9 +158,18 @@ class UringQueue(Queue):
                 if not sqe:  # ring full (a NULL entry): the rest waits for the next round
                     self._in_kernel += placed
                     return placed
-                slot = pending.popleft()
+                slot = pending[0]
                 request = self._requests[slot]
                 assert request is not None
+                gather = self._gathers.get(slot)
+                if gather is not None:  # one entry a range, as many as the ring takes now
+                    placed += self._fill_gather(sqe, slot, request, gather)
+                    if gather[0] == len(request.buffers):
+                        pending.popleft()
+                        continue
+                    self._in_kernel += placed
+                    return placed  # the ring is full
+                pending.popleft()
                 _lu.io_uring_prep_readv(sqe, request.fd, self._iovecs[slot], request.offset)
                 _lu.io_uring_sqe_set_data64(sqe, slot)
                 if flags:
@@ -155,6 +177,49 @@ class UringQueue(Queue):
                 placed += 1
         self._in_kernel += placed
         return placed
+
+    def _fill_gather(self, sqe: object, slot: int, request: Request, gather: list[object]) -> int:
+        """Place an Op.GATHER's next ranges, the first into ``sqe``; return how many."""
+        ring, flags, fd = self._ring, self._sqe_flags, request.fd
+        buffers, offsets = request.buffers, request.offsets
+        k = gather[0]
+        assert isinstance(k, int)
+        start = k
+        while k < len(buffers):
+            if k > start:
+                sqe = _lu.io_uring_get_sqe(ring)
+                if not sqe:
+                    break
+            buffer = buffers[k]
+            _lu.io_uring_prep_read(sqe, fd, buffer, len(buffer), offsets[k])
+            _lu.io_uring_sqe_set_data64(sqe, slot + k * _RANGE_TAG)
+            if flags:
+                _lu.io_uring_sqe_set_flags(sqe, flags)
+            k += 1
+        gather[0] = k
+        return k - start
+
+    def _gather_done(self, slot: int, index: int, result: int) -> Completion | None:
+        """Range ``index`` of the Op.GATHER in ``slot`` came back with ``result``; the
+        request's completion once all its ranges have: the bytes read in order up to
+        the first short or failed range (its ``-errno`` where none were)."""
+        request = self._requests[slot]
+        gather = self._gathers[slot]
+        results = gather[2]
+        assert request is not None and isinstance(results, list) and isinstance(gather[1], int)
+        results[index] = result
+        gather[1] += 1
+        if gather[1] < len(results):
+            return None
+        del self._gathers[slot]
+        done = 0
+        for buffer, got in zip(request.buffers, results):
+            if got < 0:
+                return Completion(request.id, done if done else got)
+            done += got
+            if got < len(buffer):
+                break
+        return Completion(request.id, done)
 
     def _submit(self) -> None:
         """Hand everything in the submission ring to the kernel (one system call)."""
@@ -180,9 +245,18 @@ class UringQueue(Queue):
             advance(ring, 1)
             if slot == _CANCEL_TAG:
                 continue
+            reads += 1
+            if slot >= _RANGE_TAG or slot in self._gathers:  # one range of an Op.GATHER
+                index, slot = divmod(slot, _RANGE_TAG)
+                completion = self._gather_done(slot, index, result)
+                if completion is None:
+                    continue
+                requests[slot] = None
+                free.append(slot)
+                ready.append(completion)
+                continue
             request = requests[slot]
             assert request is not None
-            reads += 1
             requests[slot] = iovecs[slot] = None  # the kernel is done with its buffers and iovec
             free.append(slot)
             ready.append(Completion(request.id, result))
@@ -229,6 +303,11 @@ class UringQueue(Queue):
         for pending in (self._urgent, self._normal):  # never started: just forget them
             while pending:
                 slot = pending.popleft()
+                gather = self._gathers.get(slot)
+                if gather is not None and gather[0]:  # some of its ranges are in the kernel
+                    gather[2] = gather[2][: gather[0]]  # type: ignore[index]  # (wait for those only)
+                    continue
+                self._gathers.pop(slot, None)
                 self._requests[slot] = self._iovecs[slot] = None
                 self._free.append(slot)
         if self._in_kernel:
@@ -245,13 +324,17 @@ class UringQueue(Queue):
         for slot, request in enumerate(self._requests):
             if request is None:
                 continue
-            sqe = _lu.io_uring_get_sqe(self._ring)
-            if not sqe:
-                self._submit()
+            gather = self._gathers.get(slot)
+            placed = gather[0] if gather is not None else 1
+            assert isinstance(placed, int)
+            for k in range(placed):
                 sqe = _lu.io_uring_get_sqe(self._ring)
-                assert sqe
-            _lu.io_uring_prep_cancel64(sqe, slot, 0)
-            _lu.io_uring_sqe_set_data64(sqe, _CANCEL_TAG)
+                if not sqe:
+                    self._submit()
+                    sqe = _lu.io_uring_get_sqe(self._ring)
+                    assert sqe
+                _lu.io_uring_prep_cancel64(sqe, slot + k * _RANGE_TAG, 0)
+                _lu.io_uring_sqe_set_data64(sqe, _CANCEL_TAG)
         self._submit()
 
     def _exit_ring(self) -> None:

@@ -18,7 +18,8 @@ def fail_offsets(lo: int, hi: int, err: int = errno.EIO) -> FaultRule:
     """A rule failing every request whose file span touches [lo, hi)."""
 
     def rule(request: Request) -> int | None:
-        if request.offset < hi and request.offset + request.length > lo:
+        first, last = request.span
+        if first < hi and last > lo:
             return -err
         return None
 
@@ -37,6 +38,7 @@ class FaultInjectingQueue(Queue):
         self.name = f"faulty({inner.name})"
         self.inner = inner
         self.copies = inner.copies
+        self.gathers = inner.gathers
         self.rule = rule
         self._ready: list[Completion] = []
         self.injected = 0
@@ -72,6 +74,10 @@ class FaultInjectingQueue(Queue):
         if not buffers:
             self._ready.append(Completion(request.id, 0))
             return
+        if request.op == Op.GATHER:
+            self.inner.add(Request.gather_read(request.id, request.fd, buffers, request.offsets[:len(buffers)],
+                                               urgent=request.urgent))
+            return
         self.inner.add(Request.readv(request.id, request.fd, request.offset, buffers, urgent=request.urgent))
 
     async def _wait(self, min_completions: int) -> list[Completion]:
@@ -97,6 +103,7 @@ class DelayedQueue(Queue):
         self.name = f"delayed({inner.name})"
         self.inner = inner
         self.copies = inner.copies
+        self.gathers = inner.gathers
         self.delay = delay
         self._held: list[Completion] = []  # kept across a cancelled wait: nothing is lost
 
@@ -121,7 +128,8 @@ def hang_offsets(lo: int, hi: int) -> Callable[[Request], bool]:
     """A rule for :class:`HangingQueue`: hang every request whose file span touches [lo, hi)."""
 
     def rule(request: Request) -> bool:
-        return request.offset < hi and request.offset + request.length > lo
+        first, last = request.span
+        return first < hi and last > lo
 
     return rule
 
@@ -140,6 +148,7 @@ class HangingQueue(Queue):
         self.name = f"hanging({inner.name})"
         self.inner = inner
         self.copies = inner.copies
+        self.gathers = inner.gathers
         self.hang = hang
         self._hung: list[Request] = []
         self._ready: list[Completion] = []

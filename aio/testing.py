@@ -32,7 +32,9 @@ reading exactly its buffer or declining, and never making a request; :data:`~aio
 (where :attr:`~aio.Queue.copies` says the backend takes it: refused otherwise) copying
 file to file at both offsets, larger than one pipe, short at end of file, ``-EBADF``
 for a bad source or a read-only destination (whose bytes never leak into a later
-copy), urgent or not, mixed with reads.
+copy), urgent or not, mixed with reads; :data:`~aio.Op.GATHER` (where
+:attr:`~aio.Queue.gathers` says so: refused otherwise) reading ranges apart from their
+own offsets, short at end of file with nothing read after the short range.
 """
 
 from __future__ import annotations
@@ -554,6 +556,88 @@ async def check_copies(make_queue: MakeQueue) -> None:
             await queue.aclose()
 
 
+async def check_gathers(make_queue: MakeQueue) -> None:
+    """:data:`Op.GATHER` reads each range from its own offset into its buffer, urgent or
+    not; short at end of file and failed (``-EBADF``) as one request: the bytes read in
+    order up to the short range, nothing after it; refused at :meth:`Queue.add` by a
+    backend that does not take it, and when its offsets are not ascending ranges apart."""
+    size = 64 * PAGE + 100
+    with _pages_file(size, seed=13) as (fd, data), _mapping(96 * PAGE) as view:
+        queue = make_queue(8)
+        try:
+            def ranges(pairs: list[tuple[int, int]]) -> tuple[list[memoryview], list[int]]:
+                return [view[o : o + n] for o, n in pairs], [o for o, _ in pairs]
+
+            if not queue.gathers:
+                try:
+                    queue.add(Request.gather_read(1, fd, *ranges([(0, PAGE)])))
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError("a backend without gathers took an Op.GATHER request")
+                _expect(queue.outstanding == 0, "a refused gather left a request outstanding")
+                return
+            for bad in ([(4 * PAGE, PAGE), (2 * PAGE, PAGE)], [(2 * PAGE, 2 * PAGE), (3 * PAGE, PAGE)]):
+                try:
+                    queue.add(Request.gather_read(9, fd, *ranges(bad)))
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError(f"a gather over {bad} (not ascending ranges apart) was taken")
+            plan = {  # id: ([(offset, length)], expected result)
+                1: ([(PAGE, PAGE), (5 * PAGE, 3 * PAGE), (20 * PAGE, 2 * PAGE)], 6 * PAGE),
+                2: ([(10 * PAGE, PAGE), (12 * PAGE, PAGE)], 2 * PAGE),  # urgent
+                # the second range crosses the end of the file: the third is not read
+                3: ([(30 * PAGE, PAGE), (63 * PAGE, 2 * PAGE), (70 * PAGE, PAGE)], PAGE + PAGE + 100),
+                4: ([(80 * PAGE, PAGE)], 0),  # past the end
+            }
+            for i, (pairs, _) in plan.items():
+                queue.add(Request.gather_read(i, fd, *ranges(pairs), urgent=i == 2))
+            queue.add(Request.gather_read(5, BAD_FD, *ranges([(90 * PAGE, PAGE)])))
+            done: list[Completion] = []
+            await _drain(queue, done)
+            results = _exactly_once(done, {*plan, 5})
+            _expect(results[5] == -errno.EBADF, f"a gather from a bad descriptor returned {results[5]}")
+            expected = bytearray(len(view))
+            for i, (pairs, result) in plan.items():
+                _expect(results[i] == result, f"gather {i} returned {results[i]}, not {result}")
+                left = result
+                for offset, length in pairs:
+                    n = max(0, min(length, left, size - offset))
+                    expected[offset : offset + n] = data[offset : offset + n]
+                    left -= n
+            _expect(view[:] == expected, "the mapping holds other bytes than the gathers read there")
+        finally:
+            await queue.aclose()
+    # more ranges than a small queue's ring holds (placed over several rounds), then a
+    # close with such gathers in flight: nothing is written after aclose returns
+    pages = 600
+    with _pages_file(pages * PAGE, seed=14) as (fd, data), _mapping(pages * PAGE) as view:
+        queue = make_queue(2)
+        try:
+            every_other = [(k * PAGE, PAGE) for k in range(0, pages, 2)]
+            queue.add(Request.gather_read(1, fd, [view[o : o + n] for o, n in every_other],
+                                          [o for o, _ in every_other]))
+            done = []
+            await _drain(queue, done)
+            results = _exactly_once(done, {1})
+            _expect(results[1] == len(every_other) * PAGE, f"a gather of {len(every_other)} ranges returned "
+                    f"{results[1]}, not {len(every_other) * PAGE}")
+            for o, n in every_other:
+                _expect(view[o : o + n] == data[o : o + n], f"gathered range at {o:#x} differs from the file")
+            _expect(view[PAGE : 2 * PAGE] == bytes(PAGE), "a gather wrote between its ranges")
+            view[:] = bytes(len(view))
+            odd = [(k * PAGE, PAGE) for k in range(1, pages, 2)]
+            queue.add(Request.gather_read(2, fd, [view[o : o + n] for o, n in odd], [o for o, _ in odd]))
+            queue.add(Request.gather_read(3, fd, [view[o : o + n] for o, n in every_other],
+                                          [o for o, _ in every_other]))
+        finally:
+            await queue.aclose()
+        after = bytes(view)
+        await trio.sleep(0.05)
+        _expect(bytes(view) == after, "the mapping changed after aclose returned")
+
+
 #: every check, by name, in the order :func:`check_queue` runs them
 async def check_read_now(make_queue: MakeQueue) -> None:
     """``read_now`` reads exactly its buffer from the page cache, or declines (-1);
@@ -594,6 +678,7 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "statistics": check_statistics,
     "completions_waiting": check_completions_waiting,
     "copies": check_copies,
+    "gathers": check_gathers,
 }
 
 

@@ -1243,7 +1243,7 @@ class Loader:
     def _issue(self, start: int, limit: int, budget: int, kind: ReadKind, owner: WaitHandle | None) -> int:
         """Start one read at unstarted ``start``, coalescing forward while the pages
         file stays contiguous, up to ``limit`` and ``budget`` bytes.  Returns its end."""
-        if owner is None and self._copy_fd is not None and self.layout.identity_mapped:
+        if owner is None and self.layout.identity_mapped and (self._copy_fd is not None or self.queue.gathers):
             return self._issue_gather(start, limit, budget, kind)
         if owner is None and self._packed:
             end = self._issue_packed(start, limit, budget, kind)
@@ -1296,8 +1296,9 @@ class Loader:
         return segments[-1][1]
 
     def _issue_gather(self, start: int, limit: int, budget: int, kind: ReadKind) -> int:
-        """A background read of a raw image (file offset == memory offset) copied in the
-        kernel: the unstarted ranges from ``start`` on, holes between them skipped, up to
+        """A background read of a raw image (file offset == memory offset), copied in the
+        kernel (``aio.Op.COPY``) or read range by range into the mapping (``aio.Op.GATHER``):
+        the unstarted ranges from ``start`` on, holes between them skipped, up to
         ``budget`` bytes or ``_GATHER_SEGMENTS`` ranges, in one request; the sets are
         edited once for all of them where nothing else is in flight among them."""
         segments = self.unloaded.take(start, limit, budget, _GATHER_SEGMENTS)
@@ -1362,8 +1363,9 @@ class Loader:
         return last
 
     def _degather(self, read: _Read) -> None:
-        """A gathered read that cannot be copied in the kernel (the memory file refused a
-        copy): one read into the mapping per range."""
+        """A gathered read that can be neither copied in the kernel nor gathered by the
+        queue (the memory file refused a copy, and the backend takes no ``Op.GATHER``):
+        one read into the mapping per range."""
         for lo, hi in read.segments:
             part = _Read(self._next_id, read.kind, read.owner, lo, [[lo, hi]], read.retry)
             self._next_id += 1
@@ -1405,12 +1407,18 @@ class Loader:
                                             [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
                                             gather=read.gather, then=then))
             return
-        if read.gather and len(read.segments) > 1:
-            self._release(read)
-            self._degather(read)
-            return
         read.copied = False
         dest = self.destination
+        if read.gather and len(read.segments) > 1:
+            if not self.queue.gathers:
+                self._release(read)
+                self._degather(read)
+                return
+            # a raw image: each range from its own offset of the file into the mapping
+            self.queue.add(aio.Request.gather_read(read.id, self.pages_fd,
+                                                   [dest.buffer(lo, hi - lo) for lo, hi in read.segments],
+                                                   [lo for lo, _ in read.segments], urgent=urgent))
+            return
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
         if len(buffers) == 1:
             request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent,
