@@ -26,6 +26,10 @@ def read_column(obj: dict[str, Any], name: str, count: int | None = None, what: 
     values (``count`` of them, if given); ``ValueError`` with one line otherwise.
     ``release``: the field is taken out of ``obj`` (its bytes freed with the array made)."""
     blob = obj.pop(name, None) if release else obj.get(name)
+    if isinstance(blob, array) and blob.typecode == "Q":  # read from the file into an array already
+        if count is not None and len(blob) != count:
+            raise ValueError(f"field {name!r} holds {8 * len(blob)} bytes, not 8 x {count} {what}")
+        return blob
     if not isinstance(blob, bytes):
         raise ValueError(f"field {name!r} is missing or not binary")
     if count is not None and len(blob) != 8 * count:

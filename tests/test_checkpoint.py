@@ -687,3 +687,60 @@ def test_open_pages_direct_reads_aligned_ranges(ckpt: Path) -> None:
     finally:
         os.close(fd)
         buf.close()
+
+
+def _index_of(ranges: int) -> bytes:
+    from loader.checkpoint._index import IndexFields, encode_index
+
+    page = 4096
+    mem = array("Q", range(0, ranges * 2 * page, 2 * page))
+    length = array("Q", [page]) * ranges
+    file = array("Q", range(0, ranges * page, page))
+    return encode_index(IndexFields(page, ranges * 2 * page, ranges * page, mem, length, file, page,
+                                    array("Q", [0]) * ranges, {}))
+
+
+def test_the_index_columns_are_read_from_the_file_into_their_arrays(tmp_path: Path) -> None:
+    """Issue 20: opening a pages checkpoint never holds the index file, its columns'
+    bytes and their arrays at once (a million ranges peaked at 48 MiB for those alone).
+    The streamed read gives what the whole decode gives; where the streaming read meets
+    anything irregular, the whole decode's one-line reason is the answer."""
+    import tracemalloc
+
+    from loader.checkpoint._index import decode_index, read_index
+
+    ranges = 1 << 17
+    data = _index_of(ranges)
+    path = tmp_path / "index"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        tracemalloc.start()
+        try:
+            got = read_index(fd, len(data))
+            _, streamed_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        whole = decode_index(bytearray(data))
+        assert (got.mem, got.length, got.file, got.checksums) == (whole.mem, whole.length, whole.file,
+                                                                   whole.checksums)
+        columns = 4 * 8 * ranges  # the range table and the checksums: the file is not much more
+        # the arrays plus one column's read buffer (the whole decode: the file, the columns'
+        # bytes, an array: more than twice the columns)
+        assert streamed_peak < 1.6 * columns, (streamed_peak, columns)
+    finally:
+        os.close(fd)
+    # hostile or damaged: the same reason as the whole decode gives
+    for damaged in (data[:-5], data + b"\xc0", data.replace(b"range_length", b"range_lengtX"),
+                    data.replace(b"range_mem\xc6\x00\x10\x00\x00", b"range_mem\xc6\x00\x10\x00\x08", 1),
+                    data.replace(b"range_mem\xc6", b"range_mem\xc4", 1)):
+        path.write_bytes(damaged)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(ValueError) as streamed:
+                read_index(fd, len(damaged))
+        finally:
+            os.close(fd)
+        with pytest.raises(ValueError) as decoded:
+            decode_index(bytearray(damaged))
+        assert str(streamed.value) == str(decoded.value)

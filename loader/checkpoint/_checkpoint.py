@@ -42,8 +42,8 @@ from ._index import (
     MAX_INDEX_BYTES,
     PAGES_NAME,
     CheckpointError,
-    decode_index,
     looks_like_index,
+    read_index,
 )
 from ._raw import ExtentScanner, scan_extents
 
@@ -208,19 +208,16 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
                 raise CheckpointError(
                     index_path, f"index is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit"
                 )
-            data = bytearray(size + 1)  # read straight into it; decode_index empties it once parsed
-            got = f.readinto(data)
-            del data[got:]
+            try:  # the range columns straight from the file into their arrays
+                fields = read_index(f.fileno(), size)
+            except ValueError as exc:
+                raise CheckpointError(index_path, str(exc)) from None
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) and index_path != path:
             raise CheckpointError(
                 index_path, "missing: this directory is not a pages checkpoint"
             ) from None
         raise CheckpointError(index_path, exc.strerror or str(exc)) from None
-    try:
-        fields = decode_index(data)
-    except ValueError as exc:
-        raise CheckpointError(index_path, str(exc)) from None
     layout = Layout.from_arrays(fields.memory_size, fields.page_size, fields.mem, fields.length, fields.file)
     _validate(layout, index_path, fields.pages_size)
     pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)

@@ -10,6 +10,8 @@ See ``docs/FORMAT.md`` for the format, field by field.
 
 from __future__ import annotations
 
+import os
+import sys
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ import msgpack
 from .._columns import column_bytes, read_column
 
 __all__ = [
+    "read_index",
     "CHECKSUM_ALGORITHM",
     "FORMAT",
     "INDEX_NAME",
@@ -144,6 +147,76 @@ def decode_index(data: bytes | bytearray) -> IndexFields:
         raise ValueError(f"not a msgpack index ({detail})") from None
     if isinstance(data, bytearray):
         del data[:]
+    return _fields(obj)
+
+
+#: the binary columns :func:`read_index` reads from the file straight into their arrays
+_COLUMNS = ("range_mem", "range_length", "range_file", "checksums")
+
+
+def read_index(fd: int, size: int) -> IndexFields:
+    """:func:`decode_index` of the ``size``-byte index open at ``fd``, reading its range
+    columns from the file straight into their arrays: the heap never holds the file,
+    its columns' bytes and their arrays at once (a million ranges peaked at 48 MiB for
+    those; now the arrays plus one column's read buffer).  An index this streaming read
+    does not follow to the end (any irregularity) is read whole and decoded by
+    :func:`decode_index`, for the same checks and the same one-line reasons."""
+    obj = _stream(fd, size)
+    if obj is None:
+        data = bytearray(size + 1)
+        got = os.preadv(fd, [data], 0)
+        del data[got:]
+        return decode_index(data)
+    return _fields(obj)
+
+
+def _stream(fd: int, size: int) -> dict[str, Any] | None:
+    """The index's top-level map, its range columns as arrays; None where it is not a
+    well-formed version-2 map of this shape (the caller then decodes it whole)."""
+    reader = os.fdopen(os.dup(fd), "rb", buffering=0)
+    try:
+        os.lseek(reader.fileno(), 0, os.SEEK_SET)
+        unpacker = msgpack.Unpacker(reader, raw=False, strict_map_key=True, use_list=True, read_size=1 << 16,
+                                    max_buffer_size=max(size, 1 << 16), max_str_len=size, max_bin_len=size,
+                                    max_array_len=size, max_map_len=size, max_ext_len=0)
+        count = unpacker.read_map_header()
+        obj: dict[str, Any] = {}
+        for _ in range(count):
+            key = unpacker.unpack()
+            if not isinstance(key, str) or key in obj:
+                return None
+            if key not in _COLUMNS:
+                obj[key] = unpacker.unpack()
+                continue
+            start = unpacker.tell()
+            head = os.pread(fd, 5, start)
+            width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(head[0]) if head else None
+            if width is None:  # not binary (an older index's checksums): as it is
+                obj[key] = unpacker.unpack()
+                continue
+            if len(head) < 1 + width:
+                return None
+            length = int.from_bytes(head[1 : 1 + width], "big")
+            unpacker.skip()
+            if unpacker.tell() != start + 1 + width + length or length % 8:
+                return None
+            col = array("Q", [0]) * (length // 8)
+            if col and os.preadv(fd, [memoryview(col).cast("B")], start + 1 + width) != length:
+                return None
+            if sys.byteorder != "little":
+                col.byteswap()
+            obj[key] = col
+        if unpacker.tell() != size:
+            return None  # trailing bytes (or the file grew): the whole decode says which
+        return obj
+    except (ValueError, TypeError, OSError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
+    finally:
+        reader.close()
+
+
+def _fields(obj: Any) -> IndexFields:
+    """The index's fields, checked, from its parsed top-level map."""
     if not isinstance(obj, dict):
         raise ValueError(f"not an index: the msgpack data is {_a(type(obj).__name__)}, not a map")
     if obj.get("format") != FORMAT:
@@ -225,6 +298,8 @@ def _checksums(obj: dict[str, Any]) -> array[int]:
     if "checksums" not in obj:
         raise ValueError("missing field 'checksums'")
     value = obj["checksums"]
+    if isinstance(value, array):  # read from the file into an array already (read_index)
+        return read_column(obj, "checksums", what="checksums")
     if isinstance(value, bytes):
         if len(value) % 8:
             raise ValueError(f"field 'checksums' is {len(value)} bytes, not a multiple of 8")
