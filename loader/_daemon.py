@@ -29,6 +29,7 @@ them otherwise.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -159,6 +160,29 @@ def process_stats() -> dict[str, int]:
         out["heap_bytes"] = current
         out["heap_peak_bytes"] = peak
     return out
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast("Callable[[int], int]", trim)
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; a
+    no-op elsewhere).  Start-up's big temporaries (a million-range index decoded:
+    about 48 MiB) are freed but kept by glibc for reuse, which is never coming: the
+    daemon's RSS stayed 22 MiB higher for its whole life (issue 20)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def check_options(opts: DaemonOptions) -> None:
@@ -390,6 +414,7 @@ async def run_daemon(
                         chunk_size=ckpt.chunk_size, checksums=checksums,
                         extents=None if ckpt.holes_known else ckpt.extent_scanner(pages_fd))
         loader.recorder = recorder
+        release_free_heap()  # what opening the checkpoint and building the tables freed
         if checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
