@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
+#: ranges :meth:`Layout.validate` checks at a time (its temporaries: a few bytes each)
+_CHECK_BLOCK = 1 << 18
+
+
 class DataRange(NamedTuple):
     mem_offset: int
     length: int
@@ -115,44 +119,60 @@ class Layout:
             return
         import numpy
 
-        mem, length, file = _np(self.mem), _np(self.length), _np(self.file)
+        mem_all, length_all, file_all = _np(self.mem), _np(self.length), _np(self.file)
         limit = numpy.uint64((1 << 64) - 1)
-        bad = (((mem | length | file) & numpy.uint64(ps - 1)) != 0) | (length == 0)
-        bad |= length > limit - mem  # mem + length would wrap
-        bad |= length > limit - file
-        if bad.any():
-            i = int(numpy.argmax(bad))
-            m, ln, f = int(mem[i]), int(length[i]), int(file[i])
-            if ln == 0:
-                raise LayoutError(f"range {i} at memory {m:#x} is empty")
-            if (m | ln | f) % ps:
-                raise LayoutError(f"range {i} (memory {m:#x}+{ln:#x} at file {f:#x}) is not page-aligned")
-            raise LayoutError(f"range {i} (memory {m:#x}+{ln:#x} at file {f:#x}) runs past 2**64")
-        ends = mem + length
-        order_bad = mem[1:] < ends[:-1]
-        if order_bad.any():
-            i = int(numpy.argmax(order_bad)) + 1
-            raise LayoutError(f"range {i} at memory {int(mem[i]):#x} overlaps or precedes the one before it")
-        if int(ends[-1]) > self.memory_size:
-            i = int(numpy.argmax(ends > numpy.uint64(self.memory_size)))
+        prev_end = 0
+        # a block of the columns at a time: the temporaries stay a few MiB at millions of ranges
+        for b in range(0, n, _CHECK_BLOCK):
+            mem, length, file = (c[b : b + _CHECK_BLOCK] for c in (mem_all, length_all, file_all))
+            bad = (((mem | length | file) & numpy.uint64(ps - 1)) != 0) | (length == 0)
+            bad |= length > limit - mem  # mem + length would wrap
+            bad |= length > limit - file
+            if bad.any():
+                i = int(numpy.argmax(bad))
+                m, ln, f = int(mem[i]), int(length[i]), int(file[i])
+                i += b
+                if ln == 0:
+                    raise LayoutError(f"range {i} at memory {m:#x} is empty")
+                if (m | ln | f) % ps:
+                    raise LayoutError(f"range {i} (memory {m:#x}+{ln:#x} at file {f:#x}) is not page-aligned")
+                raise LayoutError(f"range {i} (memory {m:#x}+{ln:#x} at file {f:#x}) runs past 2**64")
+            ends = mem + length
+            if int(mem[0]) < prev_end:
+                raise LayoutError(f"range {b} at memory {int(mem[0]):#x} overlaps or precedes the one before it")
+            order_bad = mem[1:] < ends[:-1]
+            if order_bad.any():
+                i = int(numpy.argmax(order_bad)) + 1
+                raise LayoutError(f"range {i + b} at memory {int(mem[i]):#x} overlaps or precedes the one before it")
+            prev_end = int(ends[-1])
+            del bad, ends, order_bad
+        mem, length, file = mem_all, length_all, file_all
+        if prev_end > self.memory_size:
+            i = int(numpy.argmax(mem + length > numpy.uint64(self.memory_size)))
             raise LayoutError(
                 f"range {i} (memory {int(mem[i]):#x}+{int(length[i]):#x}) runs past the memory size "
                 f"{self.memory_size:#x}"
             )
         if self.identity_mapped:
-            file_end = int(ends[-1])
+            file_end = prev_end
         else:
-            if n > 1 and bool((file[1:] < file[:-1]).any()):
+            if n > 1 and not self.file_ascends():
                 by_file = numpy.argsort(file, kind="stable")
                 f_sorted, l_sorted = file[by_file], length[by_file]
             else:
                 f_sorted, l_sorted = file, length
-            f_ends = f_sorted + l_sorted
-            clash = f_sorted[1:] < f_ends[:-1]
-            if clash.any():
-                k = int(numpy.argmax(clash))
-                raise LayoutError(f"pages-file spans at {int(f_sorted[k]):#x} and {int(f_sorted[k + 1]):#x} overlap")
-            file_end = int(f_ends.max())
+            file_end = last_end = 0
+            for b in range(0, n, _CHECK_BLOCK):
+                fs, fl = f_sorted[b : b + _CHECK_BLOCK], l_sorted[b : b + _CHECK_BLOCK]
+                f_ends = fs + fl
+                if b and int(fs[0]) < last_end:
+                    raise LayoutError(f"pages-file spans at {int(f_sorted[b - 1]):#x} and {int(fs[0]):#x} overlap")
+                clash = fs[1:] < f_ends[:-1]
+                if clash.any():
+                    k = int(numpy.argmax(clash))
+                    raise LayoutError(f"pages-file spans at {int(fs[k]):#x} and {int(fs[k + 1]):#x} overlap")
+                file_end = max(file_end, int(f_ends.max()))
+                last_end = int(f_ends[-1])
         if pages_file_size is not None and file_end > pages_file_size:
             raise LayoutError(f"the pages file holds {pages_file_size} bytes but the index needs {file_end}")
 

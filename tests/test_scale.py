@@ -243,6 +243,28 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     bad[n // 2] = bad[n // 2 - 1]
     with pytest.raises(LayoutError, match=f"range {n // 2} at memory"):
         Layout.from_arrays(n * 4 * PAGE, PAGE, bad, length).validate()
+    # checked a block at a time: an overlap just across a block's edge is still found
+    import tracemalloc
+
+    import loader._layout as layout_mod
+
+    edge = layout_mod._CHECK_BLOCK
+    bad = array("Q", mem)
+    bad[edge] = bad[edge - 1]
+    with pytest.raises(LayoutError, match=f"range {edge} at memory"):
+        Layout.from_arrays(n * 4 * PAGE, PAGE, bad, length).validate()
+    file = array("Q", range(0, n * PAGE, PAGE))
+    file[edge] = file[edge - 1]
+    with pytest.raises(LayoutError, match="pages-file spans .* overlap"):
+        Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length, file).validate()
+    # and its temporaries stay small beside the columns (24 MiB here)
+    tracemalloc.start()
+    try:
+        packed.validate(n * PAGE)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"validate's temporaries peaked at {peak >> 20} MiB for {n} ranges"
 
 
 class _SlowScanner:

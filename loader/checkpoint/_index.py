@@ -171,43 +171,56 @@ def read_index(fd: int, size: int) -> IndexFields:
 
 
 def _stream(fd: int, size: int) -> dict[str, Any] | None:
-    """The index's top-level map, its range columns as arrays; None where it is not a
-    well-formed version-2 map of this shape (the caller then decodes it whole)."""
+    """The index's top-level map, its binary columns as arrays; None where it is not a
+    map of this shape (the caller then decodes it whole).  Each field is parsed where
+    it starts, by an unpacker of its own; a column is read past, never through one."""
+    limits = dict(raw=False, strict_map_key=True, use_list=True, max_buffer_size=max(size, 1 << 16),
+                  max_str_len=size, max_bin_len=size, max_array_len=size, max_map_len=size, max_ext_len=0)
     reader = os.fdopen(os.dup(fd), "rb", buffering=0)
+
+    def value_at(pos: int) -> tuple[Any, int]:
+        """The msgpack value at ``pos`` and where the next one starts."""
+        os.lseek(reader.fileno(), pos, os.SEEK_SET)
+        unpacker = msgpack.Unpacker(reader, read_size=min(1 << 16, max(1, size - pos)), **limits)
+        value = unpacker.unpack()
+        return value, pos + unpacker.tell()
+
     try:
-        os.lseek(reader.fileno(), 0, os.SEEK_SET)
-        unpacker = msgpack.Unpacker(reader, raw=False, strict_map_key=True, use_list=True, read_size=1 << 16,
-                                    max_buffer_size=max(size, 1 << 16), max_str_len=size, max_bin_len=size,
-                                    max_array_len=size, max_map_len=size, max_ext_len=0)
-        count = unpacker.read_map_header()
+        head = os.pread(fd, 5, 0)
+        if not head:
+            return None
+        if 0x80 <= head[0] <= 0x8F:
+            count, pos = head[0] & 0x0F, 1
+        elif head[0] in (0xDE, 0xDF) and len(head) >= (3 if head[0] == 0xDE else 5):
+            size_bytes = 2 if head[0] == 0xDE else 4
+            count, pos = int.from_bytes(head[1 : 1 + size_bytes], "big"), 1 + size_bytes
+        else:
+            return None
         obj: dict[str, Any] = {}
         for _ in range(count):
-            key = unpacker.unpack()
+            key, pos = value_at(pos)
             if not isinstance(key, str) or key in obj:
                 return None
-            if key not in _COLUMNS:
-                obj[key] = unpacker.unpack()
-                continue
-            start = unpacker.tell()
-            head = os.pread(fd, 5, start)
-            width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(head[0]) if head else None
-            if width is None:  # not binary (an older index's checksums): as it is
-                obj[key] = unpacker.unpack()
+            head = os.pread(fd, 5, pos)
+            width: int | None = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(head[0]) if head and key in _COLUMNS else None
+            if width is None:  # not a column, or not binary (an older index's checksums)
+                obj[key], pos = value_at(pos)
                 continue
             if len(head) < 1 + width:
                 return None
             length = int.from_bytes(head[1 : 1 + width], "big")
-            unpacker.skip()
-            if unpacker.tell() != start + 1 + width + length or length % 8:
+            start = pos + 1 + width
+            if length % 8 or start + length > size:
                 return None
             col = array("Q", [0]) * (length // 8)
-            if col and os.preadv(fd, [memoryview(col).cast("B")], start + 1 + width) != length:
+            if col and os.preadv(fd, [memoryview(col).cast("B")], start) != length:
                 return None
             if sys.byteorder != "little":
                 col.byteswap()
             obj[key] = col
-        if unpacker.tell() != size:
-            return None  # trailing bytes (or the file grew): the whole decode says which
+            pos = start + length
+        if pos != size:
+            return None  # trailing bytes (or the file changed): the whole decode says which
         return obj
     except (ValueError, TypeError, OSError, msgpack.UnpackException, msgpack.OutOfData):
         return None
