@@ -33,6 +33,7 @@ import fcntl
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import add, itemgetter, le
 
 import trio
 
@@ -384,7 +385,7 @@ class Queue(abc.ABC):
             if not self.copies:
                 raise ValueError(f"the {self.name} backend does not take Op.COPY requests")
             if (request.buffers or request.dest_fd < 0 or not request.dest
-                    or any(o < 0 or n <= 0 for o, n in request.dest)):
+                    or min(map(itemgetter(0), request.dest)) < 0 or min(map(itemgetter(1), request.dest)) <= 0):
                 raise ValueError("Op.COPY takes no buffers, a destination fd and (offset, length) pairs, "
                                  "each length positive")
         elif not request.buffers:
@@ -392,9 +393,10 @@ class Queue(abc.ABC):
         elif request.op == Op.GATHER and not self.gathers:
             raise ValueError(f"the {self.name} backend does not take Op.GATHER requests")
         elif request.op == Op.GATHER and (
-                len(request.offsets) != len(request.buffers) or any(o < 0 for o in request.offsets)
-                or any(request.offsets[k] < request.offsets[k - 1] + len(request.buffers[k - 1])
-                       for k in range(1, len(request.offsets)))):
+                len(request.offsets) != len(request.buffers) or min(request.offsets) < 0
+                # each range ends at or before the next one starts (C loops: no Python per range)
+                or not all(map(le, map(add, request.offsets, map(len, request.buffers)),
+                               request.offsets[1:]))):
             raise ValueError("Op.GATHER takes one offset a buffer, ascending, the ranges apart")
         elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")

@@ -61,9 +61,10 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from operator import itemgetter, sub
+from typing import TYPE_CHECKING, Protocol, overload
 
 import trio
 import xxhash
@@ -279,18 +280,49 @@ _C_XXH3 = _c_xxh3()
 _Checked = tuple[list[list[int]], int, list[tuple[int, list[tuple[int, int]]]]]
 
 
+class _Segs(Sequence[list[int]]):
+    """A gathered read's segments, ``[lo, hi]`` lists made only when asked for: the
+    read keeps them as two columns (starts and lengths), so a thousand ranges landing
+    together cost no Python object each unless a waiter or an error looks at them."""
+
+    __slots__ = ("los", "lens")
+
+    def __init__(self, los: array[int], lens: array[int]) -> None:
+        self.los = los
+        self.lens = lens
+
+    def __len__(self) -> int:
+        return len(self.los)
+
+    @overload
+    def __getitem__(self, i: int) -> list[int]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[list[int]]: ...
+
+    def __getitem__(self, i: int | slice) -> list[int] | list[list[int]]:
+        if isinstance(i, slice):
+            return [[lo, lo + n] for lo, n in zip(self.los[i], self.lens[i])]
+        lo = self.los[i]
+        return [lo, lo + self.lens[i]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for lo, n in zip(self.los, self.lens):
+            yield [lo, lo + n]
+
+
 class _Read:
     __slots__ = ("id", "kind", "owner", "file_offset", "segments", "length", "attempts", "retry", "deadline",
-                 "copied", "gather", "hashed")
+                 "copied", "gather", "hashed", "columns")
 
     def __init__(self, id: int, kind: ReadKind, owner: WaitHandle | None, file_offset: int,
-                 segments: list[list[int]], retry: bool = False) -> None:
+                 segments: Sequence[list[int]], retry: bool = False, length: int | None = None) -> None:
         self.id = id
         self.kind = kind
         self.owner = owner  #: the waiter of a WAITER read
         self.file_offset = file_offset
         self.segments = segments  #: [[mem_lo, mem_hi], ...], contiguous in the pages file
-        self.length = sum(hi - lo for lo, hi in segments)
+        self.length = sum(hi - lo for lo, hi in segments) if length is None else length
         self.attempts = 0
         self.retry = retry  #: a half of a failed read, being narrowed down
         self.deadline = math.inf  #: trio time after which it fails with ``timeout``
@@ -298,6 +330,9 @@ class _Read:
         #: segments apart in the file, each at its own memory offset (a raw image's
         #: ranges: :meth:`Loader._issue_gather`); ``file_offset`` is the first's
         self.gather = False
+        #: a gathered read's segments as (starts, lengths) arrays, in memory order, while
+        #: they are all of it (None once it is cut: a short read's rest)
+        self.columns: tuple[array[int], array[int]] | None = None
         #: (first, last, what check found) for the checksum chunks wholly inside it,
         #: hashed by the backend's thread right after the read (``aio.Request.then``)
         self.hashed: tuple[int, int, _Checked] | None = None
@@ -1301,17 +1336,19 @@ class Loader:
         the unstarted ranges from ``start`` on, holes between them skipped, up to
         ``budget`` bytes or ``_GATHER_SEGMENTS`` ranges, in one request; the sets are
         edited once for all of them where nothing else is in flight among them."""
-        segments = self.unloaded.take(start, limit, budget, _GATHER_SEGMENTS)
-        first, last = segments[0][0], segments[-1][1]
+        los, his = self.unloaded.take_arrays(start, limit, budget, _GATHER_SEGMENTS)
+        first, last = los[0], his[-1]
         self.unloaded.remove(first, last)  # (every unstarted byte in between is in segments)
         inflight = self.inflight
-        if len(segments) > 1 and not inflight.overlap_bytes(first, last):
-            inflight.insert_sorted(array("Q", [lo for lo, _ in segments]), array("Q", [hi for _, hi in segments]))
+        if len(los) > 1 and not inflight.overlap_bytes(first, last):
+            inflight.insert_sorted(los, his)
         else:
-            for lo, hi in segments:
+            for lo, hi in zip(los, his):
                 inflight.add(lo, hi)
-        read = _Read(self._next_id, kind, None, first, segments)
+        lengths = array("Q", map(sub, his, los))  # (no Python work per range: C loops all through)
+        read = _Read(self._next_id, kind, None, first, _Segs(los, lengths), length=sum(lengths))
         read.gather = True
+        read.columns = (los, lengths)
         self._next_id += 1
         self.counters.reads_total += 1
         self._submit(read)
@@ -1403,8 +1440,10 @@ class Loader:
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
             self.counters.reads_copied += 1
+            columns = read.columns
             self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
-                                            [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
+                                            list(zip(*columns)) if columns is not None
+                                            else [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
                                             gather=read.gather, then=then))
             return
         read.copied = False
@@ -1415,9 +1454,13 @@ class Loader:
                 self._degather(read)
                 return
             # a raw image: each range from its own offset of the file into the mapping
-            self.queue.add(aio.Request.gather_read(read.id, self.pages_fd,
-                                                   [dest.buffer(lo, hi - lo) for lo, hi in read.segments],
-                                                   [lo for lo, _ in read.segments], urgent=urgent))
+            columns = read.columns
+            if columns is not None:
+                buffers, offsets = list(map(dest.buffer, *columns)), columns[0]
+            else:
+                buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
+                offsets = array("Q", [lo for lo, _ in read.segments])
+            self.queue.add(aio.Request.gather_read(read.id, self.pages_fd, buffers, offsets, urgent=urgent))
             return
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
         if len(buffers) == 1:
@@ -1482,7 +1525,7 @@ class Loader:
             return
         result = completion.result
         if result == read.length:
-            self._land(read.segments, read.file_offset, read.hashed)
+            self._land(read.segments, read.file_offset, read.hashed, read.length if read.columns else None)
             return
         if read.copied and result in _NO_COPY:
             # the memory file takes no writes (hugetlbfs: EINVAL): into the mapping from now on
@@ -1497,6 +1540,7 @@ class Loader:
             done, rest = _split(read.segments, result)
             self._land(done, read.file_offset)
             read.segments = rest
+            read.columns = None
             read.length -= result
             read.file_offset = rest[0][0] if read.gather else read.file_offset + result
             counters.reads_retried += 1
@@ -1572,14 +1616,14 @@ class Loader:
         log.warning("%s: %d bytes of memory failed", reason, self.failed.total)
 
     # ------------------------------------------------------------------ settling
-    def _land(self, segments: list[list[int]], file_offset: int,
-              hashed: tuple[int, int, _Checked] | None = None) -> None:
+    def _land(self, segments: Sequence[list[int]], file_offset: int,
+              hashed: tuple[int, int, _Checked] | None = None, ordered_length: int | None = None) -> None:
         """Bytes were read into ``segments`` (contiguous in the file from ``file_offset``).
         Without checksums they are loaded; with, they wait for their chunk, unless the
         chunks wholly inside were ``hashed`` already (by the backend's thread)."""
         chunks = self._chunks
         if chunks is None:
-            self._settle(segments, None)
+            self._settle(segments, None, ordered_length=ordered_length)
             return
         length = sum(hi - lo for lo, hi in segments)
         complete = chunks.landed(file_offset, file_offset + length, bad=False)
@@ -1590,7 +1634,7 @@ class Loader:
         if complete:
             self._chunks_complete(complete)
 
-    def _fail(self, segments: list[list[int]], file_offset: int, code: str, err: int | None,
+    def _fail(self, segments: Sequence[list[int]], file_offset: int, code: str, err: int | None,
               reason: str) -> None:
         """``segments`` (contiguous in the file from ``file_offset``) failed for good."""
         length = sum(hi - lo for lo, hi in segments)
@@ -1707,8 +1751,10 @@ class Loader:
                 good.sort()  # runs hashed in landing order: _settle takes segments in memory order
             self._settle(good, None)
 
-    def _settle(self, segments: list[list[int]], error: LoadError | None, reason: str = "") -> None:
-        """Segments are loaded (or failed): update the sets and the waiters."""
+    def _settle(self, segments: Sequence[list[int]], error: LoadError | None, reason: str = "",
+                ordered_length: int | None = None) -> None:
+        """Segments are loaded (or failed): update the sets and the waiters.
+        ``ordered_length``: they are known to be in memory order, this many bytes."""
         inflight = self.inflight
         dest = self.destination
         failures: RangeSet | None = None
@@ -1717,7 +1763,8 @@ class Loader:
             failures = self._failures.get(key)
             if failures is None:
                 failures = self._failures[key] = RangeSet()
-        if len(segments) > 1 and any(segments[k][0] < segments[k - 1][1] for k in range(1, len(segments))):
+        if ordered_length is None and len(segments) > 1 \
+                and any(segments[k][0] < segments[k - 1][1] for k in range(1, len(segments))):
             # (a sweep read that follows a pages file laid out working set first can go
             # back in memory; the hash thread hands chunks back in the order they landed)
             segments = sorted(segments)
@@ -1726,7 +1773,7 @@ class Loader:
         length = 0
         if many and failures is None and not self._order_loaded and not dest.needs_commit \
                 and not self._loaded_listeners:
-            length = sum(hi - lo for lo, hi in segments)
+            length = sum(hi - lo for lo, hi in segments) if ordered_length is None else ordered_length
             if inflight.overlap_bytes(first, last) == length:  # nothing else in flight among them
                 inflight.remove(first, last)
             else:
@@ -1749,10 +1796,13 @@ class Loader:
                     failures.add(lo, hi)
         if self._waiters:
             finished: list[WaitHandle] | None = None  # allocated only when someone is done
-            starts = [lo for lo, _ in segments] if many else None
+            starts: list[int] | None = None  # (made for the first waiter among a gathered read's segments)
             for w in self._waiters:
                 if w.hi <= first or w.lo >= last:
                     continue
+                if many and starts is None:
+                    starts = (segments.los.tolist() if isinstance(segments, _Segs)
+                              else list(map(itemgetter(0), segments)))
                 got = 0
                 k = max(0, bisect_right(starts, w.lo) - 1) if starts is not None else 0
                 for lo, hi in segments[k:] if starts is not None else segments:
@@ -1963,7 +2013,7 @@ class Loader:
             self.done.set()
 
 
-def _split(segments: list[list[int]], nbytes: int) -> tuple[list[list[int]], list[list[int]]]:
+def _split(segments: Sequence[list[int]], nbytes: int) -> tuple[list[list[int]], list[list[int]]]:
     """Cut ``segments`` after ``nbytes`` bytes: (the part read, the rest)."""
     done: list[list[int]] = []
     rest: list[list[int]] = []

@@ -66,6 +66,10 @@ def test_rangeset_matches_a_reference_through_random_edits(monkeypatch, block):
             q = rng.randrange(0, 260)
             q2 = q + rng.randrange(0, 40)
             assert s.overlap_bytes(q, q2) == sum(1 for v in ref.members if q <= v < q2)
+            budget, count = rng.randrange(1, 60), rng.randrange(1, 12)
+            taken = s.take(q, q2, budget, count)
+            los, his = s.take_arrays(q, q2, budget, count)
+            assert [[a, b] for a, b in zip(los, his)] == taken, (q, q2, budget, count)
             assert list(s.overlapping(q, q2)) == [(max(a, q), min(b, q2)) for a, b in want if a < q2 and b > q]
             assert s.contains(q) == (q in ref.members)
             holding = [(a, b) for a, b in want if a <= q < b]
@@ -120,3 +124,14 @@ def test_take_lists_the_parts_from_lo_within_a_budget_and_a_count(monkeypatch, b
     assert s.take(25, 100, 12, 100) == [[25, 30], [40, 47]]  # the last cut to the budget
     assert s.take(0, 100, 1000, 2) == [[0, 10], [20, 30]]
     assert s.take(70, 100, 1000, 5) == [] and len(s) == 4  # (nothing changed)
+
+
+@pytest.mark.parametrize("block", [1, 2, 1024])
+def test_take_arrays_is_take_as_two_columns(monkeypatch, block):
+    monkeypatch.setattr(rangeset, "_BLOCK", block)
+    s = RangeSet([(0, 10), (20, 30), (40, 50), (60, 70)])
+    for args in ((5, 100, 1000, 100), (5, 45, 1000, 100), (25, 100, 12, 100), (0, 100, 1000, 2), (70, 100, 1000, 5),
+                 (0, 70, 40, 100), (21, 22, 1000, 100)):
+        los, his = s.take_arrays(*args)
+        assert los.typecode == his.typecode == "Q"
+        assert [[a, b] for a, b in zip(los, his)] == s.take(*args), args

@@ -359,3 +359,13 @@ async def test_a_raw_image_read_into_the_mapping_takes_many_ranges_a_read(tmp_pa
         assert stats.reads_total * 8 <= ranges, f"{stats.reads_total} reads for {ranges} ranges"
         state.stop()
         nursery.cancel_scope.cancel()
+
+
+def test_a_gathered_reads_segments_are_made_only_when_looked_at():
+    """A gathered read keeps its segments as two columns; looking at them gives the
+    same ``[lo, hi]`` lists a plain read has (index, negative index, slice, iteration)."""
+    segs = loader_mod._Segs(array("Q", [0, 8192, 20480]), array("Q", [4096, 4096, 8192]))
+    want = [[0, 4096], [8192, 12288], [20480, 28672]]
+    assert len(segs) == 3 and list(segs) == want
+    assert segs[0] == want[0] and segs[-1] == want[-1] and segs[1:] == want[1:] and segs[::2] == want[::2]
+    assert sorted(segs) == want
