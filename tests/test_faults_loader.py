@@ -428,3 +428,50 @@ async def test_a_wait_is_not_answered_by_other_reads_landing(tmp_path, resources
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert outcome == [codes.IO_ERROR]
+
+
+@pytest.mark.parametrize("kernel_copy", [False, True])
+async def test_a_gathered_read_of_a_raw_image_narrows_an_error_and_resumes_after_a_short_read(
+        tmp_path, resources, autojump_clock, kernel_copy):
+    """A raw image's islands go many to a request (Op.GATHER into the mapping, or
+    Op.COPY with gather in the kernel).  One bad page among them fails alone; a
+    request cut short lands what it read and the rest is read again; every other
+    byte lands exactly where it belongs."""
+    pages = 256
+    size = pages * PAGE
+    data = bytearray(random.Random(7).randbytes(size))
+    ranges = [(k * PAGE, PAGE, k * PAGE) for k in range(0, pages, 2)]  # every other page: holes between
+    for k in range(1, pages, 2):
+        data[k * PAGE:(k + 1) * PAGE] = bytes(PAGE)
+    path = tmp_path / "raw"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    resources[0].append(fd)
+    from array import array
+
+    starts = array("Q", [m for m, _, _ in ranges])
+    layout = Layout.from_arrays(size, PAGE, starts, array("Q", [n for _, n, _ in ranges]))  # a raw image's
+    assert layout.identity_mapped
+    bad = 100 * PAGE  # a data page in the middle of a gathered read
+    cut = []
+
+    def rule(request: aio.Request) -> int | None:
+        first, last = request.span
+        if first < bad + PAGE and last > bad:
+            return -errno.EIO
+        if not cut and len(request.buffers or request.dest) >= 4:
+            cut.append(request.id)
+            return 2 * PAGE + 100  # short, in the middle of its third range
+        return None
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), rule)
+    loader, mem = _loader(resources, layout, fd, queue, size, kernel_copy=kernel_copy)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await loader.done.wait()
+    s = loader.statistics()
+    assert cut and queue.injected >= 2
+    assert s.failed_bytes == PAGE and s.loaded_bytes == len(ranges) * PAGE - PAGE
+    assert s.reads_total < len(ranges) // 4  # gathered, not one read a range
+    expected = bytes(data[:bad]) + bytes(PAGE) + bytes(data[bad + PAGE:])
+    assert mem.view[:] == expected
