@@ -310,7 +310,7 @@ class MetricsServer:
         try:
             if a.path is not None:
                 _clear_stale_socket(a.path)  # the wait socket's rule: a live one is refused
-                sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+                std = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
                 sockaddr: Any = a.path
             else:
                 infos = await trio.socket.getaddrinfo(a.host, a.port, type=stdsocket.SOCK_STREAM,
@@ -318,20 +318,23 @@ class MetricsServer:
                 if not infos:
                     raise MetricsError(f"--metrics {a}: the host does not resolve")
                 family, type_, proto, _, sockaddr = infos[0]
-                sock = trio.socket.socket(family, type_, proto)
-                sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+                std = stdsocket.socket(family, type_, proto)
+                std.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+            # bind and listen with nothing in between: a scraper connecting as soon as the
+            # socket file appears is never refused, and the umask is ours only meanwhile
             old = os.umask(0o177)  # a Unix socket file is created mode 0600
             try:
-                await sock.bind(sockaddr)
+                std.bind(sockaddr)
                 if a.path is not None:
                     st = os.lstat(a.path)
                     self._inode = (st.st_dev, st.st_ino)
-                sock.listen(128)
+                std.listen(128)
             except BaseException:
-                sock.close()
+                std.close()
                 raise
             finally:
                 os.umask(old)
+            sock = trio.socket.from_stdlib_socket(std)
         except OSError as exc:
             raise MetricsError(f"--metrics {a}: {exc.strerror or exc}") from exc
         self._listener = sock

@@ -564,3 +564,31 @@ def test_quick_latency_section_end_to_end(tmp_path):
     assert loaded["with_map_us"]["count"] == 2000
     for name, g in goals.items():
         assert isinstance(g["met"], bool) and name in proc.stdout
+
+
+async def test_the_metrics_socket_listens_as_soon_as_its_file_exists(tmp_path):
+    """A scraper connecting the moment the socket file appears is served, never
+    refused: bind and listen happen with no checkpoint between them (the test that
+    waited for the file then connected failed with ECONNREFUSED under load)."""
+    from loader._metrics import MetricsServer
+
+    path = str(tmp_path / "metrics.sock")
+    server = MetricsServer(MetricsAddress(path=path), None)  # type: ignore[arg-type]  # (no request is sent)
+    outcome: list[str] = []
+
+    async def connect_at_once() -> None:
+        while not os.path.exists(path):
+            await trio.sleep(0)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(path)
+                outcome.append("connected")
+            except OSError as exc:
+                outcome.append(f"refused: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connect_at_once)
+        await trio.sleep(0)
+        await server.bind()
+    assert outcome == ["connected"]
+    server._listener.close()
