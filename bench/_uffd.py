@@ -43,86 +43,24 @@ blocked time of the three.
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client, UffdConfig, _uffd
-from workloads import DaemonProcess, DaemonStartError, percentiles
+from loader import UffdConfig, _uffd
+from workloads import percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
 from ._daemon import Goal, _at_least, _at_most
-from ._tools import BenchError, CpLimit, cp_limit, drop_caches, median, warm_cache
+from ._guest import _cp_extra, _one, guest_touches
+from ._tools import BenchError, drop_caches, median, warm_cache
+from ._uffd_minor import _zero_copy
 
 __all__ = ["MODES", "run_uffd_section"]
 
 MODES = ("fill", "eager", "lazy")
 PAGE = 4096
-
-
-def _stats(sock: str) -> dict[str, Any]:
-    with Client.connect(sock, timeout=5) as c:
-        return c.stats()
-
-
-def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
-         timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
-    size = os.path.getsize(image)
-    sock = os.path.join(workdir, f"uffd-{mode}.sock")
-    uffd_sock = os.path.join(workdir, f"uffd-{mode}.uffd")
-    daemon = DaemonProcess(image, sock, os.path.join(workdir, f"uffd-{mode}.log"),
-                           ["--background", "--uffd-socket", uffd_sock, "--uffd-mode", mode,
-                            "--progress-interval", "60"])
-    try:
-        daemon.start()
-    except DaemonStartError as exc:
-        raise BenchError(str(exc)) from None
-    with daemon:
-        with VmmEmulator([GuestRegion(0, size)], expected=image) as vmm:
-            vmm.connect(uffd_sock)
-            report = vmm.touch(touches, vcpus=vcpus, paced=True, verify=True, classify=True)
-            filled = None
-            deadline = time.monotonic() + timeout_s
-            while mode != "lazy" and time.monotonic() < deadline:
-                u = _stats(sock).get("uffd") or {}
-                if u.get("filled"):
-                    filled = u["filled_s"]
-                    break
-                time.sleep(0.02)
-            u = _stats(sock).get("uffd") or {}
-            vmm.disconnect()  # the daemon exits by itself once the VMM has gone
-        if daemon.proc is not None:
-            daemon.proc.wait(10)
-    if report.mismatches or report.errors:
-        raise BenchError(f"{mode}: the guest read wrong bytes at {report.mismatches[:3]} {report.errors[:3]}")
-    data = u.get("copied_bytes", 0)
-    out: dict[str, Any] = {
-        "mode": mode,
-        "touches": report.touches,
-        "faults_seen_by_guest": len(report.fault_latencies_ns),
-        "fault_us": percentiles(report.fault_latencies_ns),
-        "touch_us": percentiles(report.latencies_ns),
-        "blocked_s": report.blocked_s,
-        "touch_elapsed_s": report.elapsed_s,
-        "handler": {k: u.get(k) for k in ("faults", "faults_immediate", "faults_direct", "faults_waited",
-                                          "faults_zero", "faults_failed", "copied_bytes", "copies",
-                                          "fault_blocked_s", "direct", "fill_copied_bytes", "fill_busy_s")},
-        "handler_fault_latency_us": u.get("fault_latency_us"),
-        "no_more_faults_s": filled,
-        "fill_mb_s": data / filled / 1e6 if filled else None,
-        #: the fill thread's own rate while it copies (no goal: the goal counts from the connect)
-        "fill_busy_mb_s": (u["fill_copied_bytes"] / u["fill_busy_s"] / 1e6
-                           if filled and u.get("fill_busy_s") else None),
-        "daemon_exit": daemon.returncode,
-    }
-    log(f"  {mode}: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
-        f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s, "
-        f"no more faults after {'never' if filled is None else f'{filled:.3f} s'}"
-        + (f", fill {out['fill_mb_s']:.0f} MB/s" if out["fill_mb_s"] else ""))
-    return out
 
 
 def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
@@ -168,31 +106,6 @@ def _floor(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus:
     return out
 
 
-def guest_touches(image: str, touches: int, window_s: float | None, seed: int,
-                  log: Callable[[str], None]) -> tuple[float, float, float, list[tuple[int, int, int]], CpLimit]:
-    """``cp``'s time and rate on the warm image (the fastest of three, after one cold cp
-    shown apart), the touches' window (``cp``'s time unless given), the touches:
-    ``touches`` random 4 KiB pages (seeded), paced evenly over the window, as
-    ``(time_us, offset, length)``, and the cp figures themselves."""
-    # the fastest of three: one cp measured 570-1840 MB/s on the same quiet machine
-    # (the first into /dev/shm is often the slowest), which made the ratio to it noise
-    cpl = cp_limit(image, warm_runs=3)
-    cp_s, cp_rate = cpl.warm_best_s, cpl.warm_best_mb_s
-    log(f"  cp to /dev/shm: {cp_rate:.0f} MB/s ({cp_s:.3f} s; fastest of "
-        + ", ".join(f"{r:.0f}" for r in cpl.warm_runs_mb_s)
-        + f" MB/s on the warmed image; cold {cpl.cold_mb_s:.0f} MB/s, not used)")
-    window = cp_s if window_s is None else window_s
-    rng = random.Random(seed)
-    pages = os.path.getsize(image) // PAGE
-    trace = sorted((int(i * window * 1e6 / touches), rng.randrange(pages) * PAGE, PAGE) for i in range(touches))
-    return cp_s, cp_rate, window, trace, cpl
-
-
-def _cp_extra(cpl: CpLimit) -> dict[str, Any]:
-    d = cpl.as_dict()
-    return {k: d[k] for k in ("warm_runs_mb_s", "cold_mb_s", "cold_how")}
-
-
 def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for several rounds of a handler: each figure's median over them (the
     worst of the maxima), with every round's p50 and blocked time kept."""
@@ -219,7 +132,6 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
                      repeat: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure what the module docstring lists; returns the section's JSON."""
     from ._firecracker import run_firecracker_section  # both import this module
-    from ._uffd_minor import _zero_copy
 
     why = _uffd.unavailable()
     if why is not None:

@@ -29,8 +29,8 @@ from loader import Client, _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import ZeroCopyVmm
 
+from ._guest import _cp_extra, _one, guest_touches
 from ._tools import BenchError, warm_cache
-from ._uffd import _cp_extra, _one, guest_touches
 
 __all__ = ["run_zero_copy"]
 

@@ -33,6 +33,7 @@ import trio
 import xxhash
 
 from ._columns import column_bytes, read_column
+from ._files import CheckpointError, open_regular
 from ._layout import Layout
 from ._rangeset import RangeSet
 from ._startup import StartupError, memory_available
@@ -481,8 +482,6 @@ def read_working_set(path: str, max_bytes: int = MAX_FILE_BYTES) -> WorkingSet:
     at most ``max_bytes`` (:func:`max_file_bytes` for a known checkpoint), and reading
     it must fit in the memory left (about :data:`DECODE_BYTES_PER_FILE_BYTE` times
     its size at the peak)."""
-    from .checkpoint import CheckpointError
-    from .checkpoint._files import open_regular
     try:
         fd = open_regular(path)
     except CheckpointError as exc:

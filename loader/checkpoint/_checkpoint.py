@@ -32,10 +32,10 @@ from typing import Any
 
 import xxhash
 
+from .._files import open_regular, read_span, stat_regular
 from .._layout import Layout, LayoutError
 from .._units import human
 from ._create import READ_SIZE
-from ._files import open_regular, read_span, stat_regular
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .._files import open_regular, read_span
 from .._layout import Layout
 from .._rangeset import RangeSet
 from .._units import human
@@ -33,7 +34,6 @@ from .._workingset import (
     read_working_set,
     replay_plan,
 )
-from ._files import open_regular, read_span
 from ._index import (
     CHECKSUM_ALGORITHM,
     INDEX_NAME,

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from .._columns import column_bytes, read_column
+from .._files import CheckpointError
 
 __all__ = [
     "read_index",
@@ -49,21 +50,6 @@ _U64 = 1 << 64
 
 #: the index's first key, as msgpack writes it; used to recognise an index by content
 _MAGIC = msgpack.packb("format") + msgpack.packb(FORMAT)
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be used.  ``str()`` is one line: ``"<path>: <what is wrong>"``.
-
-    Raised for bad input (a malformed index, a missing or short pages file, an
-    image whose size is not a whole number of pages) and for I/O errors on the
-    checkpoint's files.  ``path`` is the file at fault, ``problem`` the rest.
-    """
-
-    def __init__(self, path: str, problem: str) -> None:
-        problem = " ".join(problem.split())  # one line, whatever the cause said
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -1,4 +1,6 @@
-"""Opening checkpoint files for reading without ever blocking on the open.
+"""Opening checkpoint files for reading without ever blocking on the open, and the
+one-line error about such a file (:class:`CheckpointError`; below the checkpoint
+package and the working-set code, which both open files this way).
 
 A FIFO opened for reading blocks until a writer comes (forever, for a daemon at
 start-up); a device may do anything when opened.  So a checkpoint file is looked
@@ -14,9 +16,23 @@ from __future__ import annotations
 import os
 import stat
 
-from ._index import CheckpointError
+__all__ = ["CheckpointError", "describe_kind", "open_regular", "read_span", "stat_regular"]
 
-__all__ = ["describe_kind", "open_regular", "read_span", "stat_regular"]
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used.  ``str()`` is one line: ``"<path>: <what is wrong>"``.
+
+    Raised for bad input (a malformed index, a missing or short pages file, an
+    image whose size is not a whole number of pages) and for I/O errors on the
+    checkpoint's files.  ``path`` is the file at fault, ``problem`` the rest.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        problem = " ".join(problem.split())  # one line, whatever the cause said
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
