@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from array import array
 
 import pytest
 import trio
@@ -65,19 +66,30 @@ def _loader(opened, layout: Layout, fd: int, queue: aio.Queue, checkpoint=None, 
     return Loader(layout, fd, mem, queue, cfg, **extra), mem
 
 
-def _checkpoint(tmp_path, opened, size: int = MiB):
+def _checkpoint(tmp_path, opened, size: int = MiB, flip: int | None = None, sparse: bool = False):
     """A verified pages checkpoint of ``size`` random bytes (16 KiB chunks), its pages
-    file open; returns (checkpoint, fd, the image's bytes)."""
+    file open; with ``flip``, one byte of that chunk flipped in the pages file; with
+    ``sparse``, every other page zero (so each range is one page, a chunk four ranges).
+    Returns (checkpoint, fd, the image's bytes)."""
     raw = tmp_path / "raw.img"
-    data = random.Random(size + 1).randbytes(size)
+    data = bytearray(random.Random(size + 1).randbytes(size))
+    if sparse:
+        for page in range(1, size // PAGE, 2):
+            data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
     raw.write_bytes(data)
     out = str(tmp_path / "ckpt")
     create_checkpoint(str(raw), out)
+    if flip is not None:
+        with open(os.path.join(out, "pages.img"), "r+b") as f:
+            f.seek(flip * CHUNK + 99)
+            byte = f.read(1)
+            f.seek(flip * CHUNK + 99)
+            f.write(bytes([byte[0] ^ 0x01]))
     ck = open_checkpoint(out)
     assert ck.chunk_size == CHUNK
     fd = ck.open_pages()
     opened[0].append(fd)
-    return ck, fd, data
+    return ck, fd, bytes(data)
 
 
 class Cached(aio.testing.HangingQueue):
@@ -95,7 +107,7 @@ class Cached(aio.testing.HangingQueue):
         return os.preadv(fd, [buffer], offset) if self.cached(offset) else -1
 
     async def _aclose(self) -> None:
-        self.release()  # (the hung requests fail: their buffers are never written)
+        self.release()  # (a test releases the hung requests before Loader.aclose waits for them)
         await super()._aclose()
 
 
@@ -326,5 +338,212 @@ async def test_a_waiters_landed_chunks_up_to_inline_hash_bytes_are_hashed_in_the
         s = loader.statistics()
         assert s.chunks_verified == _INLINE_HASH // CHUNK and s.reads_total == 1
         assert mem.view[lo : lo + _INLINE_HASH] == data[lo : lo + _INLINE_HASH]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_chunk_over_several_ranges_partly_cached_is_left_whole_to_the_loader(tmp_path, opened, autojump_clock):
+    """A chunk of four one-page ranges whose first page is cached and the others are not:
+    the waiting task reads no part of it for good (what it read is read again), and the
+    loader's task serves the wait with the image's bytes."""
+    ck, fd, data = _checkpoint(tmp_path, opened, sparse=True)
+    k = 6
+    assert ck.layout.file_offset(2 * 4 * k * PAGE) == k * CHUNK  # chunk k: memory pages 8k, 8k+2, 8k+4, 8k+6
+    queue = Cached(16, cached=lambda offset: offset < k * CHUNK + PAGE)
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep=False)
+    lo, hi = 8 * k * PAGE, 8 * (k + 1) * PAGE
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        handle = loader.submit_wait(lo, hi - lo, lambda h: None)
+        assert handle is not None and handle.remaining == CHUNK
+        assert loader.statistics().loaded_bytes == 0 and loader.unloaded.overlap_bytes(lo, hi) == CHUNK
+        with trio.fail_after(60):
+            await loader.wait_loaded(lo, hi - lo)
+        assert handle.finished and handle.error is None
+        assert mem.view[lo:hi] == data[lo:hi]
+        assert loader.statistics().chunks_verified == 1
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_corrupt_chunk_names_its_memory_in_the_waiters_error(tmp_path, opened, autojump_clock):
+    """Hashed on landing in the loader's task: the error says where, exactly."""
+    bad = 5
+    ck, fd, _ = _checkpoint(tmp_path, opened, flip=bad)
+    loader, _ = _loader(opened, ck.layout, fd, NoThen(16), ck, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(bad * CHUNK + PAGE, PAGE)
+        assert info.value.code == codes.CORRUPT
+        assert info.value.message == (f"memory {bad * CHUNK:#x}+{CHUNK:#x}: chunk {bad} of the pages file "
+                                      "does not match its checksum")
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_read_cut_short_to_one_byte_keeps_it_and_reads_the_rest(tmp_path, opened, autojump_clock):
+    layout, fd, data = _raw(tmp_path, opened)
+    cut: list[int] = []
+
+    def once_one_byte(request: aio.Request) -> int | None:
+        if cut:
+            return None
+        cut.append(request.offset)
+        return 1
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), once_one_byte)
+    loader, mem = _loader(opened, layout, fd, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, 2 * PAGE)
+        assert cut == [MiB] and mem.view[MiB : MiB + 2 * PAGE] == data[MiB : MiB + 2 * PAGE]
+        s = loader.statistics()
+        assert (s.reads_retried, s.waits_served, s.waits_failed) == (1, 1, 0)
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_gathered_read_landing_around_a_read_in_flight_leaves_that_one_in_flight(tmp_path, opened):
+    """A raw image of one-page ranges (every other page): the sweep's gathered reads
+    (many ranges each) land around a prefetch's read that hangs; that page stays in
+    flight, not loaded, and everything else loads."""
+    size, hung = 2 * MiB, 40 * PAGE
+    data = bytearray(random.Random(3).randbytes(size))
+    path = tmp_path / "raw.img"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    opened[0].append(fd)
+    starts = array("Q", range(0, size, 2 * PAGE))
+    layout = Layout.from_arrays(size, PAGE, starts, array("Q", [PAGE] * len(starts)))
+    assert layout.identity_mapped
+    queue = Cached(16, cached=lambda offset: False, hang=lambda request: request.offset == hung)
+    loader, mem = _loader(opened, layout, fd, queue, read_timeout=None)
+    loader.prefetch(hung, PAGE)  # read in the first round, before the sweep's first read
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            while loader.statistics().loaded_bytes < layout.data_bytes - PAGE:
+                await trio.sleep(0.001)
+        assert queue.hung == 1
+        assert loader.statistics().reads_total < len(starts) // 8  # (gathered: many ranges a read)
+        assert not loader.is_loaded(hung, hung + PAGE) and loader.is_loaded(0, hung)
+        assert loader.not_loaded(0, size) == [(hung, hung + PAGE)]
+        for m in starts:
+            if m != hung:
+                assert mem.view[m : m + PAGE] == data[m : m + PAGE]
+        nursery.cancel_scope.cancel()
+    queue.release()
+    await loader.aclose()
+
+
+class Held(NoThen):
+    """:class:`NoThen` whose completions are held back until ``go`` is set."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.go = trio.Event()
+
+    async def _wait(self, min_completions: int) -> list[aio.Completion]:
+        await self.go.wait()
+        return await super()._wait(min_completions)
+
+
+async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_needs(
+        tmp_path, opened, autojump_clock, monkeypatch):
+    """A sweep read of 16 chunks is in flight; a wait joins it for chunks 5 and 6.  When
+    it lands, those two are hashed in the loader's task (the wait is answered while the
+    hash thread is held); the 14 around them wait for the hash thread."""
+    gate = threading.Event()
+    check = _Chunks.check
+
+    def held_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            gate.wait(60)
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
+    ck, fd, data = _checkpoint(tmp_path, opened)
+    queue = Held(16)
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, background_reads=1, busy_background_reads=1,
+                          sweep_read_size=16 * CHUNK)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        try:
+            await _rounds()
+            assert loader.inflight.total == 16 * CHUNK and loader.statistics().reads_total == 1
+            handle = loader.submit_wait(5 * CHUNK + PAGE, 2 * CHUNK - 2 * PAGE, lambda h: None)
+            assert handle is not None and loader.statistics().reads_total == 1  # joined the sweep's read
+            queue.go.set()
+            with trio.fail_after(60):
+                while not handle.finished:
+                    await trio.sleep(0.001)
+            assert handle.error is None
+            assert mem.view[5 * CHUNK : 7 * CHUNK] == data[5 * CHUNK : 7 * CHUNK]
+            s = loader.statistics()
+            assert s.chunks_verified == 2 and s.loaded_bytes == 2 * CHUNK  # (the others: held)
+        finally:
+            gate.set()
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+# -- the configuration's refusals, each at its edge ---------------------------------------
+def test_the_loader_configuration_is_refused_exactly_at_its_limits(monkeypatch):
+    LoaderConfig(queue_depth=8, background_reads=7)
+    with pytest.raises(ValueError, match="leave queue slots"):
+        LoaderConfig(queue_depth=8, background_reads=8)
+    for name in ("read_size", "sweep_read_size", "waiter_reads", "background_reads"):
+        LoaderConfig(**{name: 1})
+        with pytest.raises(ValueError, match="must be positive"):
+            LoaderConfig(**{name: 0})
+    LoaderConfig(sweep=False)
+    LoaderConfig(priority=False)
+    with pytest.raises(ValueError, match="nothing would ever load"):
+        LoaderConfig(sweep=False, priority=False)
+    LoaderConfig(read_timeout=None)
+    LoaderConfig(read_timeout=0.001)
+    for bad in (0, 0.0, -1.0):
+        with pytest.raises(ValueError, match="read_timeout"):
+            LoaderConfig(read_timeout=bad)
+    # the sweep's width while clients fault: one less than the CPUs, within [1, background_reads]
+    assert LoaderConfig(busy_background_reads=3).busy_background_reads == 3
+    for cpus, background, busy in [(4, 8, 3), (4, 2, 2), (1, 8, 1), (None, 8, 1)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert LoaderConfig(background_reads=background).busy_background_reads == busy, (cpus, background)
+
+
+async def test_a_long_waits_queued_chunks_go_first_in_the_hash_queue(tmp_path, opened, monkeypatch):
+    """A wait too long to hash in its task puts every one of its queued chunks, its last
+    included, ahead of the others in the (here: held) hash thread's queue."""
+    gate = threading.Event()
+    check = _Chunks.check
+
+    def held_in_the_hash_thread(self, destination, runs, *polite):
+        if threading.current_thread().name == "pageload-hash":
+            gate.wait(60)
+        return check(self, destination, runs, *polite)
+
+    monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
+    ck, fd, _ = _checkpoint(tmp_path, opened, size=4 * MiB)
+    loader, _ = _loader(opened, ck.layout, fd, NoThen(16), ck)
+    chunks = loader._chunks
+    assert chunks is not None
+    first, count = 200, 8  # 128 KiB: more than read_now_bytes
+    wanted = set(range(first, first + count))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        try:
+            with trio.fail_after(60):
+                while not wanted | {first - 1, first + count} <= chunks.queued:
+                    await trio.sleep(0.001)
+            handle = loader.submit_wait(first * CHUNK, count * CHUNK, lambda h: None)
+            assert handle is not None
+            assert sorted(list(chunks.runs)[:count]) == [(k, k) for k in sorted(wanted)]
+        finally:
+            gate.set()
+        with trio.fail_after(60):
+            await loader.wait_loaded(first * CHUNK, count * CHUNK)
         nursery.cancel_scope.cancel()
     await loader.aclose()
