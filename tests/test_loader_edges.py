@@ -26,6 +26,7 @@ import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
 from loader._loader import _INLINE_HASH, _Chunks
+from loader._sweep import SequentialOrder
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
 from protocol import codes
 
@@ -485,6 +486,185 @@ async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_nee
             assert s.chunks_verified == 2 and s.loaded_bytes == 2 * CHUNK  # (the others: held)
         finally:
             gate.set()
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_read_returning_nothing_before_the_end_of_the_file_is_read_again(tmp_path, opened, autojump_clock):
+    layout, fd, data = _raw(tmp_path, opened)
+    seen: list[int] = []
+
+    def once_nothing(request: aio.Request) -> int | None:
+        seen.append(request.offset)
+        return 0 if len(seen) == 1 else None
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), once_nothing)
+    loader, mem = _loader(opened, layout, fd, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, PAGE)
+        assert seen == [MiB, MiB] and mem.view[MiB : MiB + PAGE] == data[MiB : MiB + PAGE]
+        s = loader.statistics()
+        assert (s.reads_retried, s.waits_served, s.waits_failed) == (1, 1, 0)
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+class LastAt(aio.testing.DelayedQueue):
+    """The sync backend (a background read hashes the chunks wholly inside it in its
+    ``then``), completing every request in flight at each wait and handing the one at
+    file offset ``last`` over after the others."""
+
+    def __init__(self, capacity: int, last: int) -> None:
+        super().__init__(aio.open_queue("sync", capacity), 0)
+        self.last = last
+        self.offsets: dict[int, int] = {}
+
+    def _add(self, request: aio.Request) -> None:
+        self.offsets[request.id] = request.offset
+        super()._add(request)
+
+    async def _wait(self, min_completions: int) -> list[aio.Completion]:
+        done = list(await self.inner.wait(min_completions))
+        while self.inner.outstanding:
+            done.extend(await self.inner.wait(1))
+        return sorted(done, key=lambda c: self.offsets[c.id] == self.last)
+
+
+async def test_a_read_landing_last_completes_the_chunks_cut_at_both_its_ends_once(tmp_path, opened):
+    """Six chunks, swept in three reads of 36 KiB at once; the middle one lands last and
+    completes chunks 2 and 4 (cut by its ends), while chunk 3, wholly inside it, was
+    hashed with the read (as were 0, 1 and 5 with theirs): each chunk is verified once,
+    each byte loaded once.  (Real time: the hash thread hashes chunks 2 and 4.)"""
+    ck, fd, data = _checkpoint(tmp_path, opened, size=6 * CHUNK)
+    queue = LastAt(16, last=36 * KiB)
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep_read_size=36 * KiB, background_reads=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+    assert sorted(queue.offsets.values()) == [0, 36 * KiB, 72 * KiB]
+    assert mem.view[: 6 * CHUNK] == data
+    s = loader.statistics()
+    assert (s.chunks_verified, s.loaded_bytes) == (6, 6 * CHUNK)
+    await loader.aclose()
+
+
+def _one_page_ranges(tmp_path, opened, size: int = 2 * MiB) -> tuple[Layout, int, bytes]:
+    """A raw image whose data is every other page (one-page ranges, file offset = memory offset)."""
+    data = random.Random(3).randbytes(size)
+    path = tmp_path / "raw.img"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    opened[0].append(fd)
+    starts = array("Q", range(0, size, 2 * PAGE))
+    layout = Layout.from_arrays(size, PAGE, starts, array("Q", [PAGE] * len(starts)))
+    assert layout.identity_mapped
+    return layout, fd, data
+
+
+async def test_a_gathered_read_that_times_out_fails_every_one_of_its_ranges(tmp_path, opened, autojump_clock):
+    layout, fd, _ = _one_page_ranges(tmp_path, opened)
+    queue = Cached(16, cached=lambda offset: False, hang=lambda request: request.offset == 0)
+    loader, _ = _loader(opened, layout, fd, queue, read_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+        nursery.cancel_scope.cancel()
+    s = loader.statistics()
+    assert s.reads_timed_out == 1 and s.failed_bytes > 8 * PAGE  # (one read of many ranges)
+    assert s.loaded_bytes + s.failed_bytes == layout.data_bytes
+    for page in (0, 2 * PAGE):
+        with pytest.raises(LoadError) as info:
+            loader.submit_wait(page, PAGE, lambda h: None)
+        assert info.value.code == codes.TIMEOUT
+    queue.release()
+    await loader.aclose()
+
+
+class Replaying(SequentialOrder):
+    """The sequential order with a working-set replay's hooks: it wants the sweep's full
+    width while clients fault, and is told of every range loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded = 0
+
+    def wants_full_width(self) -> bool:
+        return True
+
+    def note_loaded(self, lo: int, hi: int) -> None:
+        self.loaded += hi - lo
+
+
+class Yields(Cached):
+    """:class:`Cached`, recording what the loader says of background reads yielding."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, cached=lambda offset: False)
+        self.yields: list[bool] = []
+
+    def background_yields(self, yields: bool) -> None:
+        self.yields.append(yields)
+
+
+async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp_path, opened, autojump_clock):
+    """With an order like the working-set replay: each loaded range is reported to it,
+    also those of gathered reads, and a fault does not make background reads yield."""
+    layout, fd, data = _one_page_ranges(tmp_path, opened)
+    queue = Yields(16)
+    order = Replaying()
+    mem = MemoryFile(layout.memory_size)
+    opened[1].append(mem)
+    cfg = LoaderConfig(queue_depth=16, sweep_read_size=4 * PAGE, background_reads=1)  # (a slow sweep)
+    loader = Loader(layout, fd, mem, queue, cfg, order)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _rounds()
+        assert True not in queue.yields[1:]
+        last = layout.memory_size - 2 * PAGE
+        handle = loader.submit_wait(last, PAGE, lambda h: None)
+        assert handle is not None  # blocked
+        with trio.fail_after(60):
+            await loader.wait_loaded(last, PAGE)
+            await loader.done.wait()
+        nursery.cancel_scope.cancel()
+    assert True not in queue.yields[1:]  # (the first: as the queue starts, until the first round)
+    assert order.loaded == layout.data_bytes == loader.statistics().loaded_bytes
+    assert mem.view[: 2 * MiB : 2 * PAGE] == data[: 2 * MiB : 2 * PAGE]
+    await loader.aclose()
+
+
+async def test_a_wait_on_the_highest_range_of_a_sweep_read_that_goes_back_in_memory_is_answered(
+        tmp_path, opened, autojump_clock):
+    """Three ranges laid out X, Z, Y in the pages file but X < Y < Z in memory: one
+    sweep read takes them in file order, so its last range is not its highest; a wait
+    that joins it on Z is answered when it lands."""
+    x, y, z = 0, MiB, 2 * MiB
+    part = 64 * KiB
+    data = random.Random(9).randbytes(3 * part)
+    path = tmp_path / "pages"
+    path.write_bytes(data)  # X, Z, Y
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    opened[0].append(fd)
+    layout = Layout(4 * MiB, PAGE, [(x, part, 0), (y, part, 2 * part), (z, part, part)])
+    layout.validate(3 * part)
+    queue = Held(16)
+    loader, mem = _loader(opened, layout, fd, queue, sweep_read_size=MiB, kernel_copy=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _rounds()
+        s = loader.statistics()
+        assert s.reads_total == 1 and loader.inflight.total == 3 * part  # one read: X, Z, Y
+        handle = loader.submit_wait(z + PAGE, PAGE, lambda h: None)
+        assert handle is not None and loader.statistics().reads_total == 1  # joined it
+        queue.go.set()
+        with trio.fail_after(60):
+            await loader.wait_loaded(z + PAGE, PAGE)
+        assert handle.finished and handle.error is None
+        assert mem.view[z : z + part] == data[part : 2 * part] and mem.view[y : y + part] == data[2 * part :]
         nursery.cancel_scope.cancel()
     await loader.aclose()
 
