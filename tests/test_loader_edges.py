@@ -511,6 +511,22 @@ async def test_a_read_returning_nothing_before_the_end_of_the_file_is_read_again
     await loader.aclose()
 
 
+async def test_a_read_returning_nothing_again_and_again_fails_its_wait_saying_so(tmp_path, opened, autojump_clock):
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), lambda request: 0)
+    loader, _ = _loader(opened, layout, fd, queue, sweep=False, max_retries=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(MiB, PAGE)
+        assert (info.value.code, info.value.errno) == (codes.IO_ERROR, None)
+        assert info.value.message == (f"memory {MiB:#x}+{PAGE:#x} (pages file {MiB:#x}): "
+                                      "the pages file returned no data here, again and again")
+        assert loader.statistics().reads_retried == 2
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
 class LastAt(aio.testing.DelayedQueue):
     """The sync backend (a background read hashes the chunks wholly inside it in its
     ``then``), completing every request in flight at each wait and handing the one at
