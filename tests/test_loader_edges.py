@@ -367,19 +367,112 @@ async def test_a_chunk_over_several_ranges_partly_cached_is_left_whole_to_the_lo
     await loader.aclose()
 
 
-async def test_a_corrupt_chunk_names_its_memory_in_the_waiters_error(tmp_path, opened, autojump_clock):
-    """Hashed on landing in the loader's task: the error says where, exactly."""
+@pytest.mark.parametrize("sparse", [False, True])
+async def test_a_corrupt_chunk_names_its_memory_in_the_waiters_error(tmp_path, opened, autojump_clock, sparse):
+    """Hashed on landing in the loader's task: the error says where, exactly: from its
+    chunk's first byte to its last (one range; or four one-page ranges over 28 KiB)."""
     bad = 5
-    ck, fd, _ = _checkpoint(tmp_path, opened, flip=bad)
+    ck, fd, _ = _checkpoint(tmp_path, opened, flip=bad, sparse=sparse)
     loader, _ = _loader(opened, ck.layout, fd, NoThen(16), ck, sweep=False)
+    lo, length = (8 * bad * PAGE, 7 * PAGE) if sparse else (bad * CHUNK, CHUNK)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         with trio.fail_after(60), pytest.raises(LoadError) as info:
-            await loader.wait_loaded(bad * CHUNK + PAGE, PAGE)
+            await loader.wait_loaded(lo, PAGE)
         assert info.value.code == codes.CORRUPT
-        assert info.value.message == (f"memory {bad * CHUNK:#x}+{CHUNK:#x}: chunk {bad} of the pages file "
+        assert info.value.message == (f"memory {lo:#x}+{length:#x}: chunk {bad} of the pages file "
                                       "does not match its checksum")
         nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_corrupt_chunk_read_at_once_fails_the_wait_and_counts_it(tmp_path, opened):
+    bad = 5
+    ck, fd, _ = _checkpoint(tmp_path, opened, flip=bad)
+    loader, _ = _loader(opened, ck.layout, fd, Cached(16), ck, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with pytest.raises(LoadError) as info:
+            loader.submit_wait(bad * CHUNK + PAGE, PAGE, lambda h: None)  # read and hashed in this task
+        assert info.value.code == codes.CORRUPT
+        s = loader.statistics()
+        assert (s.waits_total, s.waits_failed, s.waits_served, s.corrupt_chunks, s.chunks_verified) == (1, 1, 0, 1, 0)
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_read_error_is_reported_with_its_own_errno(tmp_path, opened, autojump_clock):
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16),
+                                            aio.testing.fail_offsets(MiB, MiB + PAGE, errno.EPERM))
+    loader, _ = _loader(opened, layout, fd, queue, sweep=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(MiB, PAGE)
+        assert (info.value.code, info.value.errno) == (codes.IO_ERROR, errno.EPERM)
+        assert loader.statistics().failed_ranges == [(MiB, PAGE, errno.EPERM)]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_the_queue_is_told_to_yield_as_soon_as_a_wait_blocks(tmp_path, opened, autojump_clock):
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = Yields(16)
+    loader, _ = _loader(opened, layout, fd, queue, sweep=False, busy_linger_s=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _rounds()
+        assert queue.yields == [False]  # (as the queue starts it yields; the first round: nobody waits)
+        handle = loader.submit_wait(MiB, PAGE, lambda h: None)
+        assert handle is not None and queue.yields == [False, True]  # at once, before any round
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, PAGE)
+        await _rounds()
+        assert queue.yields == [False, True, False]
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+class Committing:
+    """A destination whose loaded bytes must be committed (``needs_commit``), over a
+    memory file; it counts the bytes committed."""
+
+    needs_commit = True
+
+    def __init__(self, mem: MemoryFile) -> None:
+        self.mem = mem
+        self.copy_fd = mem.copy_fd
+        self.committed = 0
+
+    def buffer(self, offset: int, length: int) -> memoryview:
+        return self.mem.buffer(offset, length)
+
+    def commit(self, offset: int, length: int) -> None:
+        self.committed += length
+
+
+@pytest.mark.parametrize("told", ["commit", "listener"])
+async def test_every_loaded_byte_is_committed_and_told_to_the_listeners(tmp_path, opened, autojump_clock, told):
+    """Also those of gathered reads (many ranges a read), which edit the sets at once."""
+    layout, fd, data = _one_page_ranges(tmp_path, opened)
+    mem = MemoryFile(layout.memory_size)
+    opened[1].append(mem)
+    dest = Committing(mem) if told == "commit" else mem
+    loader = Loader(layout, fd, dest, Cached(16), LoaderConfig(queue_depth=16, sweep_read_size=256 * KiB))
+    heard: list[tuple[int, int]] = []
+    if told == "listener":
+        loader.add_loaded_listener(lambda lo, hi: heard.append((lo, hi)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+    assert loader.statistics().reads_total < len(layout) // 8  # (gathered)
+    if told == "commit":
+        assert dest.committed == layout.data_bytes
+    else:
+        assert sorted(heard) == [(m, m + PAGE) for m in layout.mem]
+    assert mem.view[: layout.memory_size : 2 * PAGE] == data[: layout.memory_size : 2 * PAGE]
     await loader.aclose()
 
 
