@@ -660,6 +660,43 @@ async def test_a_read_landing_last_completes_the_chunks_cut_at_both_its_ends_onc
     await loader.aclose()
 
 
+class HeldLastAt(LastAt):
+    """:class:`LastAt` holding every completion back until ``go`` is set."""
+
+    def __init__(self, capacity: int, last: int) -> None:
+        super().__init__(capacity, last)
+        self.go = trio.Event()
+
+    async def _wait(self, min_completions: int) -> list[aio.Completion]:
+        await self.go.wait()
+        return await super()._wait(min_completions)
+
+
+async def test_a_waiters_chunks_cut_at_both_ends_of_the_read_landing_last_are_hashed_once(tmp_path, opened):
+    """A wait over chunks 0-2 reads [0, 8 KiB) (one read at a time); the sweep follows
+    with [8, 40) and [40, 72) KiB.  The sweep's first read lands last: it completes
+    chunks 0 and 2, which the waiter needs (hashed at once), around chunk 1 (hashed with
+    the read): each chunk is verified once.  (Real time: the hash thread runs.)"""
+    ck, fd, data = _checkpoint(tmp_path, opened, size=6 * CHUNK)
+    queue = HeldLastAt(16, last=8 * KiB)
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, read_size=8 * KiB, waiter_reads=1,
+                          sweep_read_size=32 * KiB, background_reads=2, busy_background_reads=2, read_now_bytes=0)
+    handle = loader.submit_wait(0, 3 * CHUNK, lambda h: None)
+    assert handle is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _rounds()
+        assert sorted(queue.offsets.values()) == [0, 8 * KiB, 40 * KiB]
+        queue.go.set()
+        with trio.fail_after(60):
+            await loader.wait_loaded(0, 3 * CHUNK)
+            await loader.done.wait()
+    assert handle.finished and handle.error is None and mem.view[: 6 * CHUNK] == data
+    s = loader.statistics()
+    assert (s.chunks_verified, s.loaded_bytes) == (6, 6 * CHUNK)
+    await loader.aclose()
+
+
 def _one_page_ranges(tmp_path, opened, size: int = 2 * MiB) -> tuple[Layout, int, bytes]:
     """A raw image whose data is every other page (one-page ranges, file offset = memory offset)."""
     data = random.Random(3).randbytes(size)
