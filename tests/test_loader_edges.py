@@ -730,6 +730,33 @@ async def test_a_gathered_read_that_times_out_fails_every_one_of_its_ranges(tmp_
     await loader.aclose()
 
 
+async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(tmp_path, opened, autojump_clock):
+    """The sweep's first gathered read (two one-page ranges) comes back a page and a
+    half long: the rest, half a page of its second range, is read again from there,
+    and every page holds the image's bytes."""
+    layout, fd, data = _one_page_ranges(tmp_path, opened)
+    cut: list[aio.Request] = []
+
+    def first_gathered_cut(request: aio.Request) -> int | None:
+        if cut or not request.gather:
+            return None
+        cut.append(request)
+        return PAGE + PAGE // 2
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), first_gathered_cut)
+    loader, mem = _loader(opened, layout, fd, queue, sweep_read_size=2 * PAGE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60):
+            await loader.done.wait()
+    assert len(cut) == 1 and cut[0].dest == ((0, PAGE), (2 * PAGE, PAGE))
+    s = loader.statistics()
+    assert s.reads_retried == 1 and s.loaded_bytes == layout.data_bytes and s.failed_bytes == 0
+    for m in layout.mem:
+        assert mem.view[m : m + PAGE] == data[m : m + PAGE], m
+    await loader.aclose()
+
+
 class Replaying(SequentialOrder):
     """The sequential order with a working-set replay's hooks: it wants the sweep's full
     width while clients fault, and is told of every range loaded."""
