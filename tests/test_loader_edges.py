@@ -217,7 +217,12 @@ async def test_blocked_time_runs_only_while_a_wait_is_blocked(tmp_path, opened):
         stopped = loader.statistics().blocked_time_s
         time.sleep(0.002)
         assert loader.statistics().blocked_time_s == stopped > third
-        assert stopped <= time.perf_counter() - started
+        s = loader.statistics()
+        took = time.perf_counter() - started
+        assert stopped <= took
+        # the one wait answered (the others were withdrawn): its time, within the test's
+        assert 0 < s.total_wait_time_s <= took and s.latency_us["count"] == 1
+        assert s.latency_us["max_us"] <= took * 1e6
         nursery.cancel_scope.cancel()
     queue.release()
     await loader.aclose()
