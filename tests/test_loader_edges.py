@@ -98,10 +98,18 @@ class Cached(aio.testing.HangingQueue):
     says the file offset is in the page cache (a plain ``pread`` here), and requests that
     ``hang`` picks never completing (until :meth:`release`)."""
 
-    def __init__(self, capacity: int, cached=lambda offset: True, hang=lambda request: False) -> None:
+    def __init__(self, capacity: int, cached=lambda offset: True, hang=lambda request: False,
+                 held: bool = False) -> None:
         super().__init__(aio.open_queue("sync", capacity), hang)
         self.cached = cached
         self.read_now_calls = 0
+        self.go = trio.Event()  #: with ``held``: no completion is handed over before it is set
+        if not held:
+            self.go.set()
+
+    async def _wait(self, min_completions: int) -> list[aio.Completion]:
+        await self.go.wait()
+        return await super()._wait(min_completions)
 
     def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
         self.read_now_calls += 1
@@ -266,6 +274,7 @@ async def test_a_verified_wait_of_read_now_bytes_of_chunks_is_served_at_once_one
         if chunks == 4:
             assert handle is None
             assert (s.chunks_verified, s.loaded_bytes, s.waits_served, s.bytes_waited) == (4, 4 * CHUNK, 1, length)
+            assert s.reads_total == 4  # (one read at once per chunk)
         else:
             assert handle is not None and s.chunks_verified == 0 and s.loaded_bytes == 0
             assert queue.read_now_calls == 0
@@ -277,38 +286,39 @@ async def test_a_verified_wait_of_read_now_bytes_of_chunks_is_served_at_once_one
     await loader.aclose()
 
 
-@pytest.mark.parametrize("second", ["in flight", "not cached"])
-async def test_a_verified_wait_half_served_at_once_needs_exactly_its_other_half(tmp_path, opened, second):
-    """Of a wait over two chunks, the first is read and hashed in the waiting task; the
-    second is in flight for another wait (and nothing else is unstarted), or not in the
-    page cache: the wait blocks for exactly the second chunk's bytes."""
+@pytest.mark.parametrize("other", ["second in flight", "first in flight", "second not cached"])
+async def test_a_verified_wait_half_served_at_once_needs_exactly_its_other_half(tmp_path, opened, other):
+    """Of a wait over two chunks, one is read and hashed in the waiting task; the other
+    is in flight for another wait (and nothing else is unstarted), or not in the page
+    cache: the wait blocks for exactly the other chunk's bytes."""
     size = 2 * CHUNK
     ck, fd, data = _checkpoint(tmp_path, opened, size=size)
-    if second == "in flight":
-        queue = Cached(16, hang=aio.testing.hang_offsets(CHUNK, size))
+    busy = 0 if other == "first in flight" else 1  # the chunk not served at once
+    lo, hi = busy * CHUNK, (busy + 1) * CHUNK
+    if other == "second not cached":
+        queue = Cached(16, cached=lambda offset: not lo <= offset < hi)
     else:
-        queue = Cached(16, cached=lambda offset: offset < CHUNK)
+        queue = Cached(16, hang=aio.testing.hang_offsets(lo, hi))
     loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep=False, read_timeout=None)
     answered: list[object] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
-        if second == "in flight":
+        before = 0
+        if other != "second not cached":
             queue.cached = lambda offset: False
-            other = loader.submit_wait(CHUNK, PAGE, answered.append)  # takes the second chunk
-            assert other is not None
+            assert loader.submit_wait(lo, PAGE, answered.append) is not None  # takes that chunk
             await _rounds()
-            assert queue.hung == 1 and loader.unloaded.total == CHUNK  # the first chunk unstarted, the second in flight
-            queue.cached = lambda offset: offset < CHUNK
+            assert queue.hung == 1 and loader.unloaded.total == CHUNK  # the other chunk unstarted
+            queue.cached = lambda offset: not lo <= offset < hi
             before = loader.statistics().bytes_waited
-        else:
-            before = 0
         handle = loader.submit_wait(0, size, answered.append)
         assert handle is not None and handle.remaining == CHUNK
         s = loader.statistics()
-        assert s.chunks_verified == 1 and s.loaded_bytes == CHUNK and s.bytes_waited - before == CHUNK
-        assert mem.view[:CHUNK] == data[:CHUNK]
-        if second == "in flight":
-            queue.release()  # the hung read fails; its halves are read again, and land
+        assert (s.chunks_verified, s.loaded_bytes, s.reads_total - (other != "second not cached")) == (1, CHUNK, 1)
+        assert s.bytes_waited - before == CHUNK
+        served = 1 - busy
+        assert mem.view[served * CHUNK : (served + 1) * CHUNK] == data[served * CHUNK : (served + 1) * CHUNK]
+        queue.release()  # a hung read fails; its halves are read again, and land
         with trio.fail_after(60):
             await loader.wait_loaded(0, size)
         assert handle.finished and handle.error is None and mem.view[:size] == data
@@ -507,7 +517,8 @@ async def test_a_read_cut_short_to_one_byte_keeps_it_and_reads_the_rest(tmp_path
 async def test_a_gathered_read_landing_around_a_read_in_flight_leaves_that_one_in_flight(tmp_path, opened):
     """A raw image of one-page ranges (every other page): the sweep's gathered reads
     (many ranges each) land around a prefetch's read that hangs; that page stays in
-    flight, not loaded, and everything else loads."""
+    flight, not loaded, and everything else loads.  Of two waits that joined the reads
+    in flight, the one on the hung page (the first) stays blocked, the other is answered."""
     size, hung = 2 * MiB, 40 * PAGE
     data = bytearray(random.Random(3).randbytes(size))
     path = tmp_path / "raw.img"
@@ -517,15 +528,22 @@ async def test_a_gathered_read_landing_around_a_read_in_flight_leaves_that_one_i
     starts = array("Q", range(0, size, 2 * PAGE))
     layout = Layout.from_arrays(size, PAGE, starts, array("Q", [PAGE] * len(starts)))
     assert layout.identity_mapped
-    queue = Cached(16, cached=lambda offset: False, hang=lambda request: request.offset == hung)
+    queue = Cached(16, cached=lambda offset: False, hang=lambda request: request.offset == hung, held=True)
     loader, mem = _loader(opened, layout, fd, queue, read_timeout=None)
     loader.prefetch(hung, PAGE)  # read in the first round, before the sweep's first read
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
+        await _rounds()
+        reads = loader.statistics().reads_total
+        first = loader.submit_wait(hung, PAGE, lambda h: None)
+        second = loader.submit_wait(hung + 2 * PAGE, PAGE, lambda h: None)
+        assert first is not None and second is not None and loader.statistics().reads_total == reads  # joined
+        queue.go.set()
         with trio.fail_after(60):
             while loader.statistics().loaded_bytes < layout.data_bytes - PAGE:
                 await trio.sleep(0.001)
         assert queue.hung == 1
+        assert second.finished and second.error is None and not first.finished
         assert loader.statistics().reads_total < len(starts) // 8  # (gathered: many ranges a read)
         assert not loader.is_loaded(hung, hung + PAGE) and loader.is_loaded(0, hung)
         assert loader.not_loaded(0, size) == [(hung, hung + PAGE)]
@@ -735,30 +753,46 @@ async def test_a_gathered_read_that_times_out_fails_every_one_of_its_ranges(tmp_
     await loader.aclose()
 
 
-async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(tmp_path, opened, autojump_clock):
+@pytest.mark.parametrize("rest", ["lands", "fails"])
+async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(tmp_path, opened, autojump_clock, rest):
     """The sweep's first gathered read (two one-page ranges) comes back a page and a
     half long: the rest, half a page of its second range, is read again from there,
-    and every page holds the image's bytes."""
+    and every page holds the image's bytes; or the rest fails, and its error says
+    where it was."""
     layout, fd, data = _one_page_ranges(tmp_path, opened)
     cut: list[aio.Request] = []
+    at = 2 * PAGE + PAGE // 2  # where the rest starts
 
     def first_gathered_cut(request: aio.Request) -> int | None:
+        if rest == "fails" and request.gather and request.dest == ((at, PAGE // 2),):
+            return -errno.EIO
         if cut or not request.gather:
             return None
         cut.append(request)
         return PAGE + PAGE // 2
 
-    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), first_gathered_cut)
+    held = Cached(16, held=True)
+    queue = aio.testing.FaultInjectingQueue(held, first_gathered_cut)
     loader, mem = _loader(opened, layout, fd, queue, sweep_read_size=2 * PAGE)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
+        await _rounds()
+        handle = loader.submit_wait(2 * PAGE, PAGE, lambda h: None)  # joins the first read
+        assert handle is not None
+        held.go.set()
         with trio.fail_after(60):
             await loader.done.wait()
     assert len(cut) == 1 and cut[0].dest == ((0, PAGE), (2 * PAGE, PAGE))
     s = loader.statistics()
-    assert s.reads_retried == 1 and s.loaded_bytes == layout.data_bytes and s.failed_bytes == 0
-    for m in layout.mem:
-        assert mem.view[m : m + PAGE] == data[m : m + PAGE], m
+    if rest == "fails":
+        assert s.failed_ranges == [(at, PAGE // 2, errno.EIO)]
+        assert handle.error is not None and handle.error.message == (
+            f"memory {at:#x}+{PAGE // 2:#x} (pages file {at:#x}): reading the pages file failed")
+    else:
+        assert handle.finished and handle.error is None
+        assert s.reads_retried == 1 and s.loaded_bytes == layout.data_bytes and s.failed_bytes == 0
+        for m in layout.mem:
+            assert mem.view[m : m + PAGE] == data[m : m + PAGE], m
     await loader.aclose()
 
 
