@@ -120,6 +120,13 @@ class Cached(aio.testing.HangingQueue):
         await super()._aclose()
 
 
+class Faulty(aio.testing.FaultInjectingQueue):
+    """:class:`aio.testing.FaultInjectingQueue` that reads at once where its inner queue does."""
+
+    def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
+        return self.inner.read_now(fd, buffer, offset)
+
+
 class NoThen(aio.testing.DelayedQueue):
     """The sync backend without the requests' ``then``: a backend that never hashes, so
     chunks are hashed on landing or by the loader's hash thread."""
@@ -323,6 +330,37 @@ async def test_a_verified_wait_half_served_at_once_needs_exactly_its_other_half(
             await loader.wait_loaded(0, size)
         assert handle.finished and handle.error is None and mem.view[:size] == data
         assert answered[-1] is handle and loader.statistics().chunks_verified == 2
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_wait_reaching_into_a_chunk_that_partly_failed_is_not_served_at_once(tmp_path, opened):
+    """Chunk 1's last page fails (its read, narrowed down, fails there for good) while
+    its first half hangs in flight.  A wait over chunk 0 (cached) and chunk 1's first
+    page: chunk 0 is served in the waiting task, but the wait blocks on chunk 1, which
+    can never be verified: it fails once chunk 1's bytes are in."""
+    size = 2 * CHUNK
+    ck, fd, data = _checkpoint(tmp_path, opened, size=size)
+    held = Cached(16, cached=lambda offset: False,
+                  hang=lambda request: request.offset == CHUNK and request.length == CHUNK // 2)
+    queue = Faulty(held, aio.testing.fail_offsets(size - PAGE, size))
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep=False, read_timeout=None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as first:
+            await loader.wait_loaded(size - PAGE, PAGE)
+        assert first.value.errno == errno.EIO and held.hung == 1  # chunk 1: last page failed, first half hung
+        held.cached = lambda offset: offset < CHUNK
+        handle = loader.submit_wait(0, CHUNK + PAGE, lambda h: None)
+        assert handle is not None and handle.remaining == PAGE
+        s = loader.statistics()
+        assert (s.chunks_verified, s.loaded_bytes) == (1, CHUNK) and mem.view[:CHUNK] == data[:CHUNK]
+        held.release()  # the hung half fails, is narrowed down, and its pages land
+        with trio.fail_after(60):
+            while not handle.finished:
+                await trio.sleep(0.001)
+        assert handle.error is not None and handle.error.code == codes.IO_ERROR
+        assert "cannot be verified" in handle.error.message
         nursery.cancel_scope.cancel()
     await loader.aclose()
 
