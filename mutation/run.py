@@ -339,7 +339,8 @@ def collect(t: Target, tree: Path, session: Path) -> Outcome:
             entry = {"module": module, "line": line, "operator": m.operator_name,
                      "function": enclosing(tree / module, line), "code": mutated,
                      "original": (tree / module).read_text().splitlines()[line - 1].strip()}
-            if (module, m.operator_name, mutated) in equivalents:
+            # (a line's own comment is cut off both here and in equivalent.txt, whose reasons follow ' # ')
+            if (module, m.operator_name, mutated.split(" # ")[0].strip()) in equivalents:
                 out.equivalent.append(entry)
             else:
                 out.survived.append(entry)

@@ -293,15 +293,28 @@ async def test_a_verified_wait_of_read_now_bytes_of_chunks_is_served_at_once_one
     await loader.aclose()
 
 
-@pytest.mark.parametrize("other", ["second in flight", "first in flight", "second not cached"])
+@pytest.mark.parametrize("other", ["second in flight", "first in flight", "second not cached", "first not cached"])
 async def test_a_verified_wait_half_served_at_once_needs_exactly_its_other_half(tmp_path, opened, other):
     """Of a wait over two chunks, one is read and hashed in the waiting task; the other
     is in flight for another wait (and nothing else is unstarted), or not in the page
     cache: the wait blocks for exactly the other chunk's bytes."""
     size = 2 * CHUNK
     ck, fd, data = _checkpoint(tmp_path, opened, size=size)
-    busy = 0 if other == "first in flight" else 1  # the chunk not served at once
+    busy = 0 if other.startswith("first") else 1  # the chunk not served at once
     lo, hi = busy * CHUNK, (busy + 1) * CHUNK
+    if other == "first not cached":  # the cache is cold: nothing is read in the waiting task
+        queue = Cached(16, cached=lambda offset: not lo <= offset < hi)
+        loader, _ = _loader(opened, ck.layout, fd, queue, ck, sweep=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            handle = loader.submit_wait(0, size, lambda h: None)
+            assert handle is not None and handle.remaining == size
+            assert loader.statistics().chunks_verified == 0
+            with trio.fail_after(60):
+                await loader.wait_loaded(0, size)
+            nursery.cancel_scope.cancel()
+        await loader.aclose()
+        return
     if other == "second not cached":
         queue = Cached(16, cached=lambda offset: not lo <= offset < hi)
     else:
@@ -605,11 +618,12 @@ class Held(NoThen):
         return await super()._wait(min_completions)
 
 
+@pytest.mark.parametrize("wanted", [(5, 6), (0, 0)])
 async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_needs(
-        tmp_path, opened, autojump_clock, monkeypatch):
-    """A sweep read of 16 chunks is in flight; a wait joins it for chunks 5 and 6.  When
-    it lands, those two are hashed in the loader's task (the wait is answered while the
-    hash thread is held); the 14 around them wait for the hash thread."""
+        tmp_path, opened, autojump_clock, monkeypatch, wanted):
+    """A sweep read of 16 chunks is in flight; a wait joins it for chunks 5 and 6 (or 0).
+    When it lands, those are hashed in the loader's task (the wait is answered while the
+    hash thread is held); the others wait for the hash thread."""
     gate = threading.Event()
     check = _Chunks.check
 
@@ -628,16 +642,18 @@ async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_nee
         try:
             await _rounds()
             assert loader.inflight.total == 16 * CHUNK and loader.statistics().reads_total == 1
-            handle = loader.submit_wait(5 * CHUNK + PAGE, 2 * CHUNK - 2 * PAGE, lambda h: None)
+            first, last = wanted
+            count = last - first + 1
+            handle = loader.submit_wait(first * CHUNK + PAGE, count * CHUNK - 2 * PAGE, lambda h: None)
             assert handle is not None and loader.statistics().reads_total == 1  # joined the sweep's read
             queue.go.set()
             with trio.fail_after(60):
                 while not handle.finished:
                     await trio.sleep(0.001)
             assert handle.error is None
-            assert mem.view[5 * CHUNK : 7 * CHUNK] == data[5 * CHUNK : 7 * CHUNK]
+            assert mem.view[first * CHUNK : (last + 1) * CHUNK] == data[first * CHUNK : (last + 1) * CHUNK]
             s = loader.statistics()
-            assert s.chunks_verified == 2 and s.loaded_bytes == 2 * CHUNK  # (the others: held)
+            assert s.chunks_verified == count and s.loaded_bytes == count * CHUNK  # (the others: held)
         finally:
             gate.set()
         nursery.cancel_scope.cancel()
@@ -677,6 +693,61 @@ async def test_a_read_returning_nothing_again_and_again_fails_its_wait_saying_so
         assert info.value.message == (f"memory {MiB:#x}+{PAGE:#x} (pages file {MiB:#x}): "
                                       "the pages file returned no data here, again and again")
         assert loader.statistics().reads_retried == 2
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+class Explaining(Committing):
+    """A destination that explains some errnos itself, as a memory file on a full file
+    system does (EFAULT from a read into its mapping: it is full)."""
+
+    needs_commit = False
+
+    def explain_error(self, err: int) -> str:
+        return "the memory file is full" if err in (errno.EFAULT, errno.ENOSPC) else os.strerror(err)
+
+
+@pytest.mark.parametrize("err", [errno.EFAULT, errno.ENOSPC])
+async def test_a_read_error_the_destination_explains_is_reported_in_its_words(tmp_path, opened, autojump_clock, err):
+    """EFAULT into the mapping of a full memory file is reported as ENOSPC; ENOSPC as
+    itself; both with the destination's explanation."""
+    layout, fd, _ = _raw(tmp_path, opened)
+    mem = MemoryFile(layout.memory_size)
+    opened[1].append(mem)
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(MiB, MiB + PAGE, err))
+    loader = Loader(layout, fd, Explaining(mem), queue, LoaderConfig(queue_depth=16, sweep=False, kernel_copy=False))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError) as info:
+            await loader.wait_loaded(MiB, PAGE)
+        assert (info.value.code, info.value.errno) == (codes.IO_ERROR, errno.ENOSPC)
+        assert info.value.message.endswith("): the memory file is full")
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_wait_is_answered_only_once_its_last_byte_is_in(tmp_path, opened, autojump_clock):
+    """Its read comes back one byte short: the wait is answered when the rest lands."""
+    layout, fd, data = _raw(tmp_path, opened)
+    cut: list[int] = []
+
+    def once_one_byte_short(request: aio.Request) -> int | None:
+        if cut:
+            return None
+        cut.append(request.offset)
+        return request.length - 1
+
+    queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), once_one_byte_short)
+    loader, mem = _loader(opened, layout, fd, queue, sweep=False)
+    seen: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        handle = loader.submit_wait(MiB, PAGE, lambda h: seen.append(loader.is_loaded(MiB, MiB + PAGE)))
+        assert handle is not None
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, PAGE)
+        assert cut == [MiB] and seen == [True] and handle.error is None
+        assert mem.view[MiB : MiB + PAGE] == data[MiB : MiB + PAGE]
         nursery.cancel_scope.cancel()
     await loader.aclose()
 
