@@ -168,6 +168,20 @@ async def test_a_waiter_has_at_most_waiter_reads_reads_in_flight(tmp_path, opene
     assert a.error is not None and a.error.code == codes.SHUTTING_DOWN
 
 
+async def test_aclose_waits_within_its_timeout_for_the_reads_in_flight(tmp_path, opened, autojump_clock):
+    """Reads in flight that complete within the timeout are waited for: none is
+    abandoned, and the queue is closed."""
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 1.0)
+    loader, _ = _loader(opened, layout, fd, queue)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        await _rounds()
+        assert queue.outstanding > 0
+        await loader.aclose(timeout=60)
+    assert loader.abandoned_reads == 0 and queue.outstanding == 0 and queue.closed
+
+
 # -- the statistics of waits -----------------------------------------------------------
 async def test_each_kind_of_wait_is_counted_once(tmp_path, opened, autojump_clock):
     """waits_total / immediate / served / failed / cancelled and bytes_waited, exactly,
