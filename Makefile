@@ -40,7 +40,7 @@ fuzz: setup
 # of `make test`.  Report: .mutate/report.md (docs/TESTING.md).  MUTATE_ARGS: e.g.
 # "protocol --sample 100" (targets, a random sample per target, --jobs N)
 mutate: setup
-	$(PY) -m pip install -q 'cosmic-ray>=8.7,<9'
+	$(PY) -m pip install -q 'cosmic-ray>=8.7,<9' 'pytest-timeout>=2.1'
 	$(PY) mutation/run.py $(MUTATE_ARGS)
 
 lint: setup

@@ -1,7 +1,7 @@
 """``make mutate``: mutation testing (cosmic-ray) of the code where a wrong answer
 costs guest memory, each part against its own targeted tests (docs/TESTING.md).
 
-    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR]
+    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--survivors-only] [--workdir DIR]
 
 cosmic-ray mutates files in place, so each target runs in its own copy of the
 tree (``git ls-files``: tracked and untracked-not-ignored files) under the work
@@ -10,8 +10,12 @@ project's editable install would otherwise import the original); the tests'
 subprocesses (``python -m cli restore ...``) inherit it.  A target is a set of
 modules, optionally only some of their functions (so that a module shared with
 code under work elsewhere is mutated only where its target asks), plus the tests
-run for each mutant.  ``--sample N`` runs a random N mutants of each target
-(seeded) instead of all of them, for a quicker estimate.
+run for each mutant; they must pass on the unmutated copy first (else every mutant
+would count as killed).  ``--sample N`` runs a random N mutants of each target
+(seeded) instead of all of them, for a quicker estimate.  ``--survivors-only`` runs
+again only the survivors of the last run in the work directory (once tests were
+added for them) and carries its other results over; it is refused where a mutated
+module changed since that run.
 
 Writes ``WORKDIR/report.md``: per target the counts (killed, timeouts counted as
 killed, survived, incompetent), the score, and every survivor not listed in
@@ -26,9 +30,12 @@ import ast
 import concurrent.futures
 import os
 import random
+import resource
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +65,9 @@ class Target:
     functions: dict[str, list[str]] | None = None
     timeout: float = 60.0
     extra: str = ""  #: more pytest arguments (-k ...)
+    #: a test running longer than this many seconds fails the run (pytest-timeout), so a
+    #: mutant that makes one test hang costs this, not the whole ``timeout``; None: off
+    test_timeout: float | None = None
 
 
 TARGETS = [
@@ -69,15 +79,21 @@ TARGETS = [
            ["tests/test_uffd_abi.py", "tests/test_uffd_failures.py", "tests/test_uffd_minor.py"], timeout=120),
     # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
     # after they land: _verify_now, _land, _chunks_complete, _checked); not its range
-    # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own
+    # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own.
+    # The quickest tests first (-x stops at the first failure); left out: the daemon
+    # processes and the tests of other code (checkpoint format, hashing, the extent scan)
     Target("loader", ["loader/_loader.py"],
-           ["tests/test_scheduler.py", "tests/test_faults_loader.py", "tests/test_verify.py", "tests/test_scale.py"],
+           ["tests/test_loader_edges.py", "tests/test_scheduler.py", "tests/test_faults_loader.py",
+            "tests/test_verify.py", "tests/test_scale.py"],
+           extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not fiemap and not million and not "
+                 "scattered_sample and not check_finds_the_same and not new_checkpoints and not opens_verifies "
+                 "and not gaps_are and not o_direct and not hugetlbfs'",
            functions={"loader/_loader.py": [
                "Loader.shutdown", "Loader.aclose", "Loader._finish_waiter", "Loader._drop_waiter",
                "Loader._verify_now", "Loader._land", "Loader._chunks_complete", "Loader._checked",
                "Loader._settle", "Loader._complete", "Loader.wait_loaded", "Loader.submit_wait",
                "Loader._wants_turn", "LoaderConfig.__post_init__"]},
-           timeout=120),
+           timeout=60, test_timeout=5),
     # the fault answering code of the page-fault handler
     Target("uffd-handler", ["loader/_uffd_handler.py"],
            ["tests/test_uffd.py", "tests/test_uffd_failures.py"],
@@ -98,6 +114,9 @@ class Outcome:
     equivalent: list[dict] = field(default_factory=list)
     skipped: int = 0
     error: str = ""
+    baseline_s: float = 0.0  #: the tests' time on the unmutated code
+    carried: int = 0  #: results taken from the earlier run (--survivors-only)
+    seconds: float = 0.0  #: the target's whole run
 
 
 def copy_tree(dest: Path) -> None:
@@ -182,21 +201,41 @@ def load_equivalents() -> set[tuple[str, str, str]]:
     return out
 
 
-def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outcome:
+def module_files(root: Path, modules: list[str]) -> dict[str, bytes]:
+    """The text of each source file of ``modules`` (files or packages) under ``root``."""
+    out = {}
+    for m in modules:
+        files = [root / m] if m.endswith(".py") else sorted((root / m).rglob("*.py"))
+        for f in files:
+            out[str(f.relative_to(root))] = f.read_bytes() if f.exists() else b""
+    return out
+
+
+def run_target(t: Target, workdir: Path, sample: int | None, seed: int, survivors_only: bool = False) -> Outcome:
     from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
     tree = workdir / t.name / "tree"
-    copy_tree(tree)
     session = workdir / t.name / "session.sqlite"
+    previous = workdir / t.name / "previous.sqlite"
+    if survivors_only:
+        # the last run's results stand for every mutant but its survivors, which run again
+        # against today's tests: only where the mutated code is byte for byte the same
+        if not session.exists() or not tree.exists():
+            raise RuntimeError(f"no earlier run of {t.name} in {workdir} to take the survivors of")
+        if module_files(tree, t.modules) != module_files(ROOT, t.modules):
+            raise RuntimeError(f"{', '.join(t.modules)} changed since the earlier run: run every mutant")
+        shutil.copy2(session, previous)
+    copy_tree(tree)
     session.unlink(missing_ok=True)
     config = workdir / t.name / "config.toml"
     module_path = t.modules[0] if len(t.modules) == 1 else t.modules
+    command = test_command(t)
     config.write_text(
         "[cosmic-ray]\n"
         f"module-path = {module_path!r}\n".replace("'", '"')
         + f"timeout = {t.timeout}\nexcluded-modules = []\n"
-        f"test-command = \"{PYTEST} {' '.join(t.tests)} {t.extra}\"\n\n"
+        f"test-command = \"{command}\"\n\n"
         "[cosmic-ray.distributor]\nname = \"local\"\n\n"
         "[cosmic-ray.filters.operators-filter]\nexclude-operators = ["
         + ", ".join(repr(e).replace("'", '"') for e in EXCLUDE_OPERATORS) + "]\n")
@@ -204,6 +243,13 @@ def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outco
     # "python" in the test command is this one (the project's virtual environment)
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1",
                PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    # the tests must pass on the unmutated copy, or every mutant would count as killed
+    started = time.monotonic()
+    baseline = subprocess.run(shlex.split(command), cwd=tree, env=env, capture_output=True, text=True)
+    if baseline.returncode != 0:
+        tail = (baseline.stdout + baseline.stderr).strip().splitlines()[-3:]
+        raise RuntimeError(f"the tests fail on the unmutated code: {' / '.join(tail)}")
+    baseline_s = time.monotonic() - started
     subprocess.run([bindir / "cosmic-ray", "init", config, session], cwd=tree, env=env, check=True)
     subprocess.run([bindir / "cr-filter-operators", session, config], cwd=tree, env=env, check=True)
     keep_lines: dict[str, list[tuple[int, int]]] = {}
@@ -225,14 +271,41 @@ def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outco
         chosen = {item.job_id for item in pending if inside(item)}
         if sample is not None and len(chosen) > sample:
             chosen = set(rng.sample(sorted(chosen), sample))
+        carried: set[str] = set()
+        if survivors_only:
+            def key(item) -> tuple[str, str, int]:
+                m = item.mutations[0]
+                return str(m.module_path), m.operator_name, m.occurrence
+            with use_db(str(previous), WorkDB.Mode.open) as old:
+                before = {key(item): result for item, result in old.completed_work_items}
+            for item in pending:
+                result = before.get(key(item))
+                if item.job_id not in chosen:
+                    continue
+                if result is None or result.worker_outcome == WorkerOutcome.SKIPPED:
+                    raise RuntimeError(f"{key(item)} was not run in the earlier run: run every mutant")
+                if result.worker_outcome == WorkerOutcome.NORMAL and result.test_outcome == TestOutcome.SURVIVED:
+                    continue  # runs again
+                db.set_result(item.job_id, result)
+                chosen.discard(item.job_id)
+                carried.add(item.job_id)
         for item in pending:
-            if item.job_id not in chosen:
+            if item.job_id not in chosen and item.job_id not in carried:
                 db.set_result(item.job_id, WorkResult(output="not in this run",
                                                       worker_outcome=WorkerOutcome.SKIPPED))
-    print(f"mutate: {t.name}: {len(chosen)} mutants, tests {' '.join(t.tests)}", flush=True)
+    print(f"mutate: {t.name}: {len(chosen)} mutants"
+          + (f" (the earlier run's survivors; {len(carried)} results carried over)" if survivors_only else "")
+          + f", tests {' '.join(t.tests)} ({baseline_s:.1f} s unmutated)", flush=True)
     subprocess.run([bindir / "cosmic-ray", "exec", config, session], cwd=tree, env=env, check=True)
     # the tree is left mutated by nothing: cosmic-ray restores each file after its test
-    return collect(t, tree, session)
+    out = collect(t, tree, session)
+    out.baseline_s, out.seconds, out.carried = baseline_s, time.monotonic() - started, len(carried)
+    return out
+
+
+def test_command(t: Target) -> str:
+    limit = f" --timeout {t.test_timeout:g} --timeout-method thread" if t.test_timeout else ""
+    return f"{PYTEST}{limit} {' '.join(t.tests)} {t.extra}".rstrip()
 
 
 def collect(t: Target, tree: Path, session: Path) -> Outcome:
@@ -266,7 +339,8 @@ def collect(t: Target, tree: Path, session: Path) -> Outcome:
             entry = {"module": module, "line": line, "operator": m.operator_name,
                      "function": enclosing(tree / module, line), "code": mutated,
                      "original": (tree / module).read_text().splitlines()[line - 1].strip()}
-            if (module, m.operator_name, mutated) in equivalents:
+            # (a line's own comment is cut off both here and in equivalent.txt, whose reasons follow ' # ')
+            if (module, m.operator_name, mutated.split(" # ")[0].strip()) in equivalents:
                 out.equivalent.append(entry)
             else:
                 out.survived.append(entry)
@@ -280,18 +354,24 @@ def _mutated_line(diff: str) -> str:
     return ""
 
 
-def report(outcomes: list[Outcome], sample: int | None) -> str:
+def report(outcomes: list[Outcome], sample: int | None, cpu_minutes: float = 0.0) -> str:
     lines = ["# Mutation run", "",
              f"{'a sample of ' + str(sample) + ' mutants per target' if sample else 'every mutant'}; "
              "score = killed (timeouts included) / (run - incompetent - equivalent)", "",
-             "| target | run | killed | timeouts | survived | equivalent | incompetent | score |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| target | run | killed | timeouts | survived | equivalent | incompetent | score | minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
         run = o.killed + o.timeouts + len(o.survived) + len(o.equivalent) + o.incompetent
         counted = run - o.incompetent - len(o.equivalent)
         score = f"{100 * (o.killed + o.timeouts) / counted:.1f}%" if counted else "-"
         lines.append(f"| {o.target} | {run} | {o.killed} | {o.timeouts} | {len(o.survived)} | "
-                     f"{len(o.equivalent)} | {o.incompetent} | {score} |" + (f" error: {o.error}" if o.error else ""))
+                     f"{len(o.equivalent)} | {o.incompetent} | {score} | {o.seconds / 60:.0f} |"
+                     + (f" error: {o.error}" if o.error else ""))
+    lines += ["", f"CPU time of the runs (user + system, every process): {cpu_minutes:.0f} min"]
+    for o in outcomes:
+        if o.carried:
+            lines.append(f"- {o.target}: only the earlier run's survivors ran again; {o.carried} results "
+                         "(killed, timeouts, incompetent) are carried over from it (the same code)")
     for o in outcomes:
         if o.survived:
             lines += ["", f"## Survivors: {o.target}", ""]
@@ -306,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("targets", nargs="*", help=f"default: all of {', '.join(t.name for t in TARGETS)}")
     p.add_argument("--jobs", type=int, default=2, help="targets run at once, each in its own tree (default 2)")
     p.add_argument("--sample", type=int, help="run a random N mutants per target")
+    p.add_argument("--survivors-only", action="store_true",
+                   help="run again only the survivors of the last run in WORKDIR (after tests were added); "
+                        "its other results are carried over; refused if the mutated modules changed since")
     p.add_argument("--seed", type=int, default=25)
     p.add_argument("--workdir", default=str(ROOT / ".mutate"))
     args = p.parse_args(argv)
@@ -317,8 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
+    if args.survivors_only and args.sample is not None:
+        p.error("--survivors-only runs the survivors of a whole run: not with --sample")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before = usage.ru_utime + usage.ru_stime
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed): t for t in chosen}
+        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed, args.survivors_only): t
+                   for t in chosen}
         for f in concurrent.futures.as_completed(futures):
             t = futures[f]
             try:
@@ -326,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one target's failure must not lose the others' results
                 outcomes.append(Outcome(t.name, error=str(exc)))
     outcomes.sort(key=lambda o: [t.name for t in TARGETS].index(o.target))
-    text = report(outcomes, args.sample)
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = report(outcomes, args.sample, (cpu.ru_utime + cpu.ru_stime - cpu_before) / 60)
     (workdir / "report.md").write_text(text)
     print(text)
     return 0
