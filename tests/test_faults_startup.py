@@ -592,3 +592,19 @@ def test_explain_error_names_a_full_file_only_when_full(tmp_path):
     with MemoryFile(1 * MiB, str(tmp_path / "mem")) as mem:
         assert mem.explain_error(errno.EIO) == os.strerror(errno.EIO)
         assert "Bad address" in mem.explain_error(errno.EFAULT)  # the file system is not full here
+
+
+def test_no_descriptor_left_for_the_memfd_is_a_startup_error():
+    """memfd_create failing (EMFILE: the descriptor limit reached) came out of the daemon
+    as a bare OSError: exit 1 and 'pageload: Too many open files', no word of what failed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor is free below it
+    try:
+        with pytest.raises(StartupError, match=r"^memory file \(memfd\): cannot create it: Too many open files$"):
+            MemoryFile(1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
