@@ -408,6 +408,9 @@ async def test_bind_failure_inside_the_nursery_comes_out_bare(tmp_path, images, 
     (["--no-such-flag"], "--no-such-flag"),
     (["--uffd-socket", "u.sock", "--uffd-spin-us", "-1"], "uffd spin time must be 0 to 10000 us, not -1"),
     (["--uffd-socket", "u.sock", "--uffd-spin-us", "10001"], "uffd spin time must be 0 to 10000 us, not 10001"),
+    (["--shutdown-timeout", "0"], "--shutdown-timeout must be positive"),
+    (["--metrics", "nohost"], "--metrics 'nohost'"),
+    (["--record-seconds", "-1"], "record seconds must be a positive number of seconds, not -1.0"),
 ])
 def test_bad_options_are_one_line(tmp_path, images, args, needle):
     one_line(restore(images["raw"], tmp_path / "s", *args), needle)
