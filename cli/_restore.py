@@ -214,9 +214,11 @@ def run(args: argparse.Namespace) -> int:
     except (StartupError, CheckpointError, aio.BackendUnavailable) as exc:  # WorkingSetError, MetricsError too
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # none is known to escape run_daemon: a guard
+    except OSError as exc:
+        # trio's own start-up (its epoll and wake-up sockets: EMFILE under a low descriptor
+        # limit) is a start-up failure like any other; none is known to escape run_daemon
         print(f"pageload: {os_error_line(exc)}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         opts.notifier.close()
     return 0

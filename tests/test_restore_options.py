@@ -17,13 +17,14 @@ import io
 import math
 import os
 import re
+import resource
 import sys
 from typing import Any
 
 import pytest
 
 from cli import build_parser
-from cli._restore import daemon_options, os_error_line
+from cli._restore import daemon_options, os_error_line, run
 from loader import DaemonOptions, LoaderConfig, MetricsAddress, StartupError, UffdConfig
 
 SRC = "memory.img"
@@ -36,15 +37,20 @@ def _no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     test process's own are restored after."""
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal (a pty where a test says)
 
 
 def parse(*argv: str) -> argparse.Namespace:
     return build_parser("restore").parse_args(["restore", *argv])
 
 
-def options(*argv: str) -> DaemonOptions:
-    opts = daemon_options(parse(*argv))
+def options(*argv: str, stderr: Any = None) -> DaemonOptions:
+    """daemon_options with ``stderr`` as sys.stderr: a log file (not a terminal) unless given."""
+    saved = sys.stderr
+    sys.stderr = io.StringIO() if stderr is None else stderr
+    try:
+        opts = daemon_options(parse(*argv))
+    finally:
+        sys.stderr = saved
     opts.notifier.close()
     return opts
 
@@ -154,20 +160,19 @@ def test_a_bad_metrics_address_is_refused_before_anything_starts() -> None:
         daemon_options(parse(SRC, "--socket", SOCK, "--metrics", "nohost"))
 
 
-def test_the_progress_bar_is_drawn_only_on_a_terminal_and_only_in_the_foreground(monkeypatch) -> None:
+def test_the_progress_bar_is_drawn_only_on_a_terminal_and_only_in_the_foreground() -> None:
     main, sub = os.openpty()
     try:
         with open(sub, "w", closefd=False) as terminal:
             assert terminal.isatty()
-            monkeypatch.setattr(sys, "stderr", terminal)
-            assert options(SRC, "--socket", SOCK).progress_bar is True
-            assert options(SRC, "--socket", SOCK, "--background").progress_bar is False
+            assert options(SRC, "--socket", SOCK, stderr=terminal).progress_bar is True
+            assert options(SRC, "--socket", SOCK, "--background", stderr=terminal).progress_bar is False
     finally:
         os.close(main)
         os.close(sub)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, a pipe: no bar
-    assert options(SRC, "--socket", SOCK).progress_bar is False
-    assert options(SRC, "--socket", SOCK, "--background").progress_bar is False
+    # a log file, a pipe: no bar
+    assert options(SRC, "--socket", SOCK, stderr=io.StringIO()).progress_bar is False
+    assert options(SRC, "--socket", SOCK, "--background", stderr=io.StringIO()).progress_bar is False
 
 
 def test_an_os_error_is_one_line_naming_its_file_when_it_has_one() -> None:
@@ -175,3 +180,20 @@ def test_an_os_error_is_one_line_naming_its_file_when_it_has_one() -> None:
         "/x/y: No such file or directory"
     assert os_error_line(OSError(errno.EMFILE, "Too many open files")) == "Too many open files"
     assert os_error_line(OSError("no errno")) == "no errno"
+
+
+def test_an_event_loop_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch) -> None:
+    """trio.run's own start-up (its epoll and wake-up sockets) failing with EMFILE under a
+    low descriptor limit was exit 1: a start-up failure is exit 2, one line."""
+    args = parse(SRC, "--socket", str(tmp_path / "s.sock"))
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor is free below it
+    try:
+        code = run(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (code, stderr.getvalue()) == (2, "pageload: Too many open files\n")
