@@ -1041,7 +1041,7 @@ def test_remote_errors_are_counted_once_each() -> None:
         assert remote_error(server).fatal
     stats = server.statistics()
     assert stats.remote_errors == 1 and stats.failed
-    assert stats.buffered_bytes <= stats.bytes_received - len(packb({"op": "hello", "id": 0, "v": [1]}))
+    assert stats.buffered_bytes == 1  # the undecodable byte; nothing queued behind it is counted
 
 
 def test_a_truncated_message_says_how_far_it_got() -> None:
@@ -1099,3 +1099,65 @@ def test_nothing_is_left_buffered_after_a_queued_chunk_that_exactly_fills_the_ro
     assert [server.next_event() for _ in range(4)] == [GetStats(i) for i in range(1, 5)]
     assert server.nothing_buffered() and server.statistics().buffered_bytes == 0
     assert server.next_event() is NEED_DATA
+    server.receive_data(packb({"op": "stats", "id": 5}) + packb({"op": "stats", "id": 6}))  # the room, exactly
+    assert server.statistics().buffered_bytes == 28
+    assert [server.next_event() for _ in range(2)] == [GetStats(5), GetStats(6)]
+    assert server.nothing_buffered() and server.statistics().buffered_bytes == 0
+    assert server.next_event() is NEED_DATA
+
+
+def test_buffered_bytes_counts_what_is_queued_too() -> None:
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=28)))
+    messages = [packb({"op": "stats", "id": i}) for i in range(1, 5)]
+    server.receive_data(b"".join(messages))  # 28 fed, 28 queued
+    assert server.statistics().buffered_bytes == 56
+    assert server.next_event() == GetStats(1)
+    assert server.statistics().buffered_bytes == 42
+
+
+def test_a_message_filling_the_buffer_behind_a_one_byte_message() -> None:
+    """A one-byte message, then one of exactly max_buffer_size bytes, in one chunk: the
+    big one is fed in two parts, the second into a room of exactly its size."""
+    big = {"op": "stats", "id": 2, "p": ""}
+    big["p"] = "x" * (64 - len(packb(big)) - 1)
+    data = packb(big)
+    assert len(data) == 64
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=64)))
+    server.receive_data(packb(1) + data)
+    assert remote_error(server).code == codes.BAD_MESSAGE  # 1 is not a map: not fatal
+    assert drain(server) == [GetStats(2)]
+
+
+def test_input_in_any_buffer_format_counts_bytes() -> None:
+    """A memoryview of 2-byte items (an array.array('H') buffer) is taken as its bytes."""
+    data = packb({"op": "stats", "id": 1, "p": "x"})
+    assert len(data) % 2 == 0
+    server = feed_server(b"")
+    before = server.statistics().bytes_received
+    server.receive_data(memoryview(data).cast("H"))
+    assert drain(server) == [GetStats(1)]
+    assert server.statistics().bytes_received - before == len(data)
+    client, _ = handshake()
+    client.send(GetStats(5))
+    reply = packb({"re": 5, "ok": "stats", "stats": {"a": 1}})
+    reply += b"\x00" * (len(reply) % 2)  # whole items; the pad is a 0, an invalid reply
+    client.receive_data(memoryview(reply).cast("H"))
+    assert client.next_event() == StatsReply(5, {"a": 1})
+
+
+def test_a_frame_of_exactly_max_send_size_is_sent() -> None:
+    client, server = handshake()
+    server.receive_data(client.send(GetStats(1)))
+    drain(server)
+    size = len(server.send(StatsReply(1, {"x": "y" * 100})))
+    limited = ServerConnection(Limits.server(max_send_size=size))
+    limited.receive_data(packb({"op": "hello", "id": 0, "v": [1]}) + packb({"op": "stats", "id": 1}))
+    drain(limited)
+    limited.send(HELLO_REPLY)
+    assert len(limited.send(StatsReply(1, {"x": "y" * 100}))) == size
+    tight = ServerConnection(Limits.server(max_send_size=size - 1))
+    tight.receive_data(packb({"op": "hello", "id": 0, "v": [1]}) + packb({"op": "stats", "id": 1}))
+    drain(tight)
+    tight.send(HELLO_REPLY)
+    with pytest.raises(LocalProtocolError, match="max_send_size"):
+        tight.send(StatsReply(1, {"x": "y" * 100}))
