@@ -1161,3 +1161,25 @@ def test_a_frame_of_exactly_max_send_size_is_sent() -> None:
     tight.send(HELLO_REPLY)
     with pytest.raises(LocalProtocolError, match="max_send_size"):
         tight.send(StatsReply(1, {"x": "y" * 100}))
+
+
+def test_an_event_that_cannot_be_encoded_is_refused_and_nothing_is_sent() -> None:
+    """A str with a lone surrogate (ValueError), and a stats dict changed after its event
+    was built (documented as not to be done) holding a set (TypeError) or an int past 64
+    bits (OverflowError): each a LocalProtocolError, the request still unanswered."""
+    client = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        client.send(Hello(0, (1,), "\udcff"))
+    assert not client.outstanding and client.statistics().messages_sent == 0
+    client, server = handshake()
+    server.receive_data(client.send(GetStats(1)))
+    drain(server)
+    for bad in ({1, 2}, 2**64, "\udcff"):
+        stats: dict[str, Any] = {}
+        reply = StatsReply(1, stats)
+        stats["x"] = bad
+        with pytest.raises(LocalProtocolError, match="cannot encode"):
+            server.send(reply)
+        assert 1 in server.outstanding
+    server.send(StatsReply(1, {"x": 1}))
+    assert not server.outstanding
