@@ -975,7 +975,7 @@ def test_page_size_and_granule_are_powers_of_two_from_one() -> None:
     for p in (1, 2, 4, 4096, 2**31):
         assert HelloReply(1, 1, 0, p, False).page_size == p
         assert protocol.LoadedMapReply(1, 0, p).granule == p
-    for bad in (0, 3, 6, 12, 3000):
+    for bad in (0, 3, 6, 12, 3000, 2**32):
         with pytest.raises(LocalProtocolError):
             HelloReply(1, 1, 0, bad, False)
         with pytest.raises(LocalProtocolError):
@@ -989,18 +989,21 @@ def test_a_prefetch_is_not_a_working_set_hint_unless_it_says_so() -> None:
     assert drain(server) == [Prefetch(1, 0, 1), Prefetch(2, 0, 1)]
 
 
-def _nested(levels: int) -> dict[str, Any]:
-    """A stats dict ``levels`` containers deep (itself included)."""
+def _nested(levels: int, kind: str) -> dict[str, Any]:
+    """A stats dict ``levels`` containers deep (itself included), lists or dicts inside."""
     value: Any = 1
     for _ in range(levels - 1):
-        value = [value]
+        value = [value] if kind == "list" else {"k": value}
     return {"x": value} if levels > 1 else {"x": 1}
 
 
-def test_stats_nest_at_most_16_deep_and_ints_fit_in_64_bits() -> None:
-    assert StatsReply(1, _nested(16)).stats == _nested(16)
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_stats_nest_at_most_16_deep_and_ints_fit_in_64_bits(kind: str) -> None:
+    assert StatsReply(1, _nested(16, kind)).stats == _nested(16, kind)
     with pytest.raises(LocalProtocolError, match="nested deeper than 16"):
-        StatsReply(1, _nested(17))
+        StatsReply(1, _nested(17, kind))
+    with pytest.raises(LocalProtocolError, match="does not fit in 64 bits"):
+        StatsReply(1, {"l": [0, 2**64]} if kind == "list" else {"d": {"a": 0, "b": 2**64}})
     assert StatsReply(1, {"lo": -(2**63), "hi": 2**64 - 1}).stats["lo"] == -(2**63)
     for bad in (-(2**63) - 1, 2**64):
         with pytest.raises(LocalProtocolError, match="does not fit in 64 bits"):
