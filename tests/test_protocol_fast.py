@@ -388,3 +388,19 @@ def test_a_hello_reply_needs_a_version_both_sides_speak(offered: tuple[int, ...]
         assert server.version is None
         server.send(HelloReply(0, 1, 0, 4096, True))
         assert server.version == 1
+
+
+def test_buffered_bytes_counts_the_held_back_bytes_not_yet_taken() -> None:
+    conn = ServerConnection()
+    assert conn.nothing_buffered() and conn.statistics().buffered_bytes == 0  # a fresh connection
+    conn.receive_data(msgpack.packb({"op": "hello", "id": 0, "v": [1]}))
+    assert type(conn.next_event()) is Hello
+    conn.send(HelloReply(0, 1, 1 << 30, 4096, False))
+    first, second = encode_wait(1, 0, 4096), encode_wait(2, 1 << 20, 1 << 16)
+    conn.receive_data(first + second)
+    assert conn._raw is not None  # held back for the fast path
+    assert conn.statistics().buffered_bytes == len(first) + len(second)
+    assert conn.next_event() == Wait(1, 0, 4096)
+    assert conn.statistics().buffered_bytes == len(second)
+    assert conn.next_event() == Wait(2, 1 << 20, 1 << 16)
+    assert conn.statistics().buffered_bytes == 0 and conn.nothing_buffered()
