@@ -1,7 +1,7 @@
 """``make mutate``: mutation testing (cosmic-ray) of the code where a wrong answer
 costs guest memory, each part against its own targeted tests (docs/TESTING.md).
 
-    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR]
+    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR] [--survivors-of DIR]
 
 cosmic-ray mutates files in place, so each target runs in its own copy of the
 tree (``git ls-files``: tracked and untracked-not-ignored files) under the work
@@ -11,7 +11,9 @@ subprocesses (``python -m cli restore ...``) inherit it.  A target is a set of
 modules, optionally only some of their functions (so that a module shared with
 code under work elsewhere is mutated only where its target asks), plus the tests
 run for each mutant.  ``--sample N`` runs a random N mutants of each target
-(seeded) instead of all of them, for a quicker estimate.
+(seeded) instead of all of them, for a quicker estimate; ``--survivors-of DIR`` only
+those that survived in the run whose work directory was DIR (matched by module,
+operator and occurrence: the source must not have changed since), for triage.
 
 Writes ``WORKDIR/report.md``: per target the counts (killed, timeouts counted as
 killed, survived, incompetent), the score, and every survivor not listed in
@@ -187,7 +189,20 @@ def load_equivalents() -> set[tuple[str, str, str]]:
     return out
 
 
-def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outcome:
+def survivors_of(session: Path) -> set[tuple[str, str, int]]:
+    """(module, operator, occurrence) of the mutants that survived in a finished session."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        return {(str(m.module_path), m.operator_name, m.occurrence)
+                for item, result in db.completed_work_items
+                if result.worker_outcome == WorkerOutcome.NORMAL and result.test_outcome == TestOutcome.SURVIVED
+                for m in item.mutations[:1]}
+
+
+def run_target(t: Target, workdir: Path, sample: int | None, seed: int,
+               only: set[tuple[str, str, int]] | None = None) -> Outcome:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -228,6 +243,10 @@ def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outco
             spans = keep_lines.get(str(m.module_path))
             return spans is None or any(a <= m.start_pos[0] <= b for a, b in spans)
         chosen = {item.job_id for item in pending if inside(item)}
+        if only is not None:  # --survivors-of: only the mutants that survived there
+            chosen = {item.job_id for item in pending if item.job_id in chosen and
+                      (str(item.mutations[0].module_path), item.mutations[0].operator_name,
+                       item.mutations[0].occurrence) in only}
         if sample is not None and len(chosen) > sample:
             chosen = set(rng.sample(sorted(chosen), sample))
         for item in pending:
@@ -271,7 +290,7 @@ def collect(t: Target, tree: Path, session: Path) -> Outcome:
             entry = {"module": module, "line": line, "operator": m.operator_name,
                      "function": enclosing(tree / module, line), "code": mutated,
                      "original": (tree / module).read_text().splitlines()[line - 1].strip()}
-            if (module, m.operator_name, mutated) in equivalents:
+            if (module, m.operator_name, mutated.split(" # ")[0].strip()) in equivalents:
                 out.equivalent.append(entry)
             else:
                 out.survived.append(entry)
@@ -285,9 +304,9 @@ def _mutated_line(diff: str) -> str:
     return ""
 
 
-def report(outcomes: list[Outcome], sample: int | None) -> str:
+def report(outcomes: list[Outcome], sample: int | None, which: str = "every mutant") -> str:
     lines = ["# Mutation run", "",
-             f"{'a sample of ' + str(sample) + ' mutants per target' if sample else 'every mutant'}; "
+             f"{'a sample of ' + str(sample) + ' mutants per target' if sample else which}; "
              "score = killed (timeouts included) / (run - incompetent - equivalent)", "",
              "| target | run | killed | timeouts | survived | equivalent | incompetent | score |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -313,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, help="run a random N mutants per target")
     p.add_argument("--seed", type=int, default=25)
     p.add_argument("--workdir", default=str(ROOT / ".mutate"))
+    p.add_argument("--survivors-of", metavar="DIR",
+                   help="run only the mutants that survived in an earlier run's work directory (after new "
+                   "tests, for triage; the score to record comes from a full run)")
     args = p.parse_args(argv)
     by_name = {t.name: t for t in TARGETS}
     unknown = [n for n in args.targets if n not in by_name]
@@ -323,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed): t for t in chosen}
+        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed,
+                               survivors_of(Path(args.survivors_of).resolve() / t.name / "session.sqlite")
+                               if args.survivors_of else None): t for t in chosen}
         for f in concurrent.futures.as_completed(futures):
             t = futures[f]
             try:
@@ -331,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one target's failure must not lose the others' results
                 outcomes.append(Outcome(t.name, error=str(exc)))
     outcomes.sort(key=lambda o: [t.name for t in TARGETS].index(o.target))
-    text = report(outcomes, args.sample)
+    text = report(outcomes, args.sample,
+                  f"only the survivors of {args.survivors_of}" if args.survivors_of else "every mutant")
     (workdir / "report.md").write_text(text)
     print(text)
     return 0
