@@ -11,6 +11,7 @@ import tracemalloc
 import trio
 
 import aio
+from aio import BackendUnavailable
 from loader import (
     BUSY_POLL_US,
     MAX_BUSY_POLL_US,
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         tracemalloc.start()
     try:
         trio.run(run_daemon, opts)
-    except (StartupError, CheckpointError, aio.BackendUnavailable) as exc:  # WorkingSetError, MetricsError too
+    except (StartupError, CheckpointError, BackendUnavailable) as exc:  # WorkingSetError, MetricsError too
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
