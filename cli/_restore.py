@@ -11,19 +11,17 @@ import tracemalloc
 import trio
 
 import aio
+from aio import BackendUnavailable
 from loader import (
     BUSY_POLL_US,
     MAX_BUSY_POLL_US,
     MAX_UFFD_SPIN_US,
     UFFD_MODES,
-    ActivationError,
     DaemonOptions,
     LoaderConfig,
-    MetricsError,
     Notifier,
     StartupError,
     UffdConfig,
-    WorkingSetError,
     activated_socket,
     listen_fds,
     parse_metrics_address,
@@ -155,38 +153,33 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="pageload: %(message)s", stream=sys.stderr)
-    try:
-        if not args.shutdown_timeout > 0:
-            raise ValueError("--shutdown-timeout must be positive")
-        config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
-                              queue_depth=args.queue_depth,
-                              background_reads=args.background_reads,
-                              busy_background_reads=args.busy_background_reads,
-                              sweep=not args.no_sweep and args.uffd_mode != "lazy",
-                              priority=not args.no_priority, read_timeout=args.read_timeout,
-                              verify=not args.no_verify, kernel_copy=not args.no_kernel_copy)
-        metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
-        fds = listen_fds()
-        listen_socket = activated_socket(fds) if fds else None
-    except (ValueError, MetricsError, ActivationError) as exc:
-        print(f"pageload: {exc}", file=sys.stderr)
-        return 2
+def daemon_options(args: argparse.Namespace) -> DaemonOptions:
+    """What ``pageload restore``'s command line asks the daemon for.  Raises
+    ``ValueError`` or a ``StartupError`` (``MetricsError``, ``ActivationError``) for options that cannot
+    go together (:func:`run` prints it as one line and exits 2).  Reads (and unsets)
+    the socket activation and ``$NOTIFY_SOCKET`` variables."""
+    if not args.shutdown_timeout > 0:
+        raise ValueError("--shutdown-timeout must be positive")
+    config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
+                          queue_depth=args.queue_depth,
+                          background_reads=args.background_reads,
+                          busy_background_reads=args.busy_background_reads,
+                          sweep=not args.no_sweep and args.uffd_mode != "lazy",
+                          priority=not args.no_priority, read_timeout=args.read_timeout,
+                          verify=not args.no_verify, kernel_copy=not args.no_kernel_copy)
+    metrics = parse_metrics_address(args.metrics) if args.metrics is not None else None
+    fds = listen_fds()
+    listen_socket = activated_socket(fds) if fds else None
     if listen_socket is not None and args.socket is not None:
-        print(f"pageload: --socket {args.socket} and socket activation (LISTEN_FDS) both given: choose one",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"--socket {args.socket} and socket activation (LISTEN_FDS) both given: choose one")
     if listen_socket is None and args.socket is None and args.uffd_socket is None:
-        print("pageload: restore needs --socket PATH, --uffd-socket PATH or socket activation "
-              "(LISTEN_PID/LISTEN_FDS)", file=sys.stderr)
-        return 2
+        raise ValueError("restore needs --socket PATH, --uffd-socket PATH or socket activation "
+                         "(LISTEN_PID/LISTEN_FDS)")
     socket_path = args.socket or ("" if listen_socket is not None else args.uffd_socket + ".pageload")
     uffd_config = UffdConfig.for_mode(args.uffd_mode)
     if args.uffd_spin_us is not None:
         uffd_config = dataclasses.replace(uffd_config, spin_s=args.uffd_spin_us / 1e6)
-    opts = DaemonOptions(
+    return DaemonOptions(
         source=args.source, socket_path=socket_path, listen_socket=listen_socket, metrics=metrics,
         notifier=Notifier.from_environment(), uffd_socket=args.uffd_socket,
         uffd_config=uffd_config, background=args.background,
@@ -200,20 +193,33 @@ def run(args: argparse.Namespace) -> int:
         record_working_set=args.record_working_set,
         record_seconds=None if args.record_seconds == 0 else args.record_seconds,
     )
+
+
+def os_error_line(exc: OSError) -> str:
+    """``FILE: what happened`` (or only what happened) for an ``OSError``."""
+    return f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}"
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="pageload: %(message)s", stream=sys.stderr)
+    try:
+        opts = daemon_options(args)
+    except (ValueError, StartupError) as exc:  # MetricsError and ActivationError are StartupErrors
+        print(f"pageload: {exc}", file=sys.stderr)
+        return 2
     if args.tracemalloc:
         tracemalloc.start()
     try:
         trio.run(run_daemon, opts)
-    except (StartupError, CheckpointError, WorkingSetError) as exc:
-        print(f"pageload: {exc}", file=sys.stderr)
-        return 2
-    except (aio.BackendUnavailable, MetricsError) as exc:
+    except (StartupError, CheckpointError, BackendUnavailable) as exc:  # WorkingSetError, MetricsError too
         print(f"pageload: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"pageload: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+        # trio's own start-up (its epoll and wake-up sockets: EMFILE under a low descriptor
+        # limit) is a start-up failure like any other; none is known to escape run_daemon
+        print(f"pageload: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         opts.notifier.close()
     return 0

@@ -137,7 +137,10 @@ class MemoryFile:
                 "(vm.overcommit_memory=1 lifts this)"
             )
         if path is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            except OSError as exc:  # EMFILE, ENFILE, ENOMEM: a start-up failure like any other
+                raise StartupError(f"{where}: cannot create it: {exc.strerror or exc}") from None
         else:
             self.fd = self._open_path(path, force, protect)
         try:

@@ -72,9 +72,14 @@ class Target:
 
 TARGETS = [
     Target("protocol", ["protocol"], ["tests/test_protocol.py", "tests/test_protocol_fast.py"], timeout=30),
+    # the command line to the daemon's options in-process first (most mutants die there in
+    # a second), then the refusals and exit codes through the command line, socket
+    # activation, and the options reaching a real daemon
     Target("restore-cli", ["cli/_restore.py"],
-           ["tests/test_restore_cli.py", "tests/test_faults_startup.py"], timeout=120,
-           extra="-k 'test_restore_cli or bad_options or missing_socket or ready_fd'"),
+           ["tests/test_restore_options.py", "tests/test_faults_startup.py", "tests/test_ops.py",
+            "tests/test_restore_cli.py"], timeout=120,
+           extra="-k 'test_restore_options or test_restore_cli or bad_options or missing_socket or ready_fd "
+                 "or directory_without_index or socket_activation'"),
     Target("uffd", ["loader/_uffd.py"],
            ["tests/test_uffd_abi.py", "tests/test_uffd_failures.py", "tests/test_uffd_minor.py"], timeout=120),
     # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown target(s) {', '.join(unknown)}")
     chosen = [by_name[n] for n in args.targets] or TARGETS
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()  # (the runs work in the copied tree)
     workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     if args.survivors_only and args.sample is not None:

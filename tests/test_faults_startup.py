@@ -408,6 +408,9 @@ async def test_bind_failure_inside_the_nursery_comes_out_bare(tmp_path, images, 
     (["--no-such-flag"], "--no-such-flag"),
     (["--uffd-socket", "u.sock", "--uffd-spin-us", "-1"], "uffd spin time must be 0 to 10000 us, not -1"),
     (["--uffd-socket", "u.sock", "--uffd-spin-us", "10001"], "uffd spin time must be 0 to 10000 us, not 10001"),
+    (["--shutdown-timeout", "0"], "--shutdown-timeout must be positive"),
+    (["--metrics", "nohost"], "--metrics 'nohost'"),
+    (["--record-seconds", "-1"], "record seconds must be a positive number of seconds, not -1.0"),
 ])
 def test_bad_options_are_one_line(tmp_path, images, args, needle):
     one_line(restore(images["raw"], tmp_path / "s", *args), needle)
@@ -592,3 +595,19 @@ def test_explain_error_names_a_full_file_only_when_full(tmp_path):
     with MemoryFile(1 * MiB, str(tmp_path / "mem")) as mem:
         assert mem.explain_error(errno.EIO) == os.strerror(errno.EIO)
         assert "Bad address" in mem.explain_error(errno.EFAULT)  # the file system is not full here
+
+
+def test_no_descriptor_left_for_the_memfd_is_a_startup_error():
+    """memfd_create failing (EMFILE: the descriptor limit reached) came out of the daemon
+    as a bare OSError: exit 1 and 'pageload: Too many open files', no word of what failed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor is free below it
+    try:
+        with pytest.raises(StartupError, match=r"^memory file \(memfd\): cannot create it: Too many open files$"):
+            MemoryFile(1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

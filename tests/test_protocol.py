@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -854,3 +856,333 @@ def test_idle_connection_buffers_start_small() -> None:
         tracemalloc.stop()
     assert per_connection < 64 * 1024, per_connection
 
+
+
+# ---------------------------------------------------------------- every bound at its edge (issue 25)
+
+
+def _every_event() -> list[Any]:
+    """One instance of each event class (requests, replies) and the other frozen records."""
+    return [
+        Hello(0, (1,), "x"), Wait(1, 0, 1), Prefetch(2, 0, 1), protocol.Mark(3), GetStats(4), GetMemoryFd(5),
+        protocol.GetLoadedMap(6), protocol.RegisterUffd(7, 4096, 4096, 0),
+        HELLO_REPLY, Loaded(1), Accepted(2), protocol.Marked(3), StatsReply(4, {}), MemoryFdReply(5, 4096),
+        protocol.LoadedMapReply(6, 1, 4096), protocol.UffdRegistered(7), ErrorReply(8, "x"),
+        Limits.server(), ServerConnection().statistics(),
+    ]
+
+
+@pytest.mark.parametrize("record", _every_event(), ids=lambda r: type(r).__name__)
+def test_every_event_is_frozen_and_has_no_dict(record: Any) -> None:
+    """Events are handed between tasks and kept in queues: nobody may change one, and
+    a million of them cost no per-instance dict."""
+    name = dataclasses.fields(record)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(record, name, getattr(record, name))
+    assert not hasattr(record, "__dict__")
+
+
+def test_the_default_limits_are_the_documented_ones() -> None:
+    """docs/PROTOCOL.md's table of limits is what Limits.server() and Limits.client() hold."""
+    text = (Path(__file__).parents[1] / "docs" / "PROTOCOL.md").read_text()
+    units = {"": 1, "Ki": 1024, "KiB": 1024, "MiB": 1 << 20}
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and (cells[0].startswith("`max_") or cells[0] == "ext length"):
+            name = cells[0].split("`")[1] if "`" in cells[0] else "ext"
+
+            def size(cell: str) -> int:
+                number, unit = re.match(r"(\d+) ?(\w*)", cell).groups()  # type: ignore[union-attr]
+                return int(number) * units[unit]
+            rows[name] = (size(cells[1]), size(cells[2]))
+    fields = [f.name for f in dataclasses.fields(Limits)]
+    assert set(rows) == {*fields, "ext"}
+    assert {f: (getattr(Limits.server(), f), getattr(Limits.client(), f)) for f in fields} == \
+        {f: rows[f] for f in fields}
+    assert rows["ext"] == (16, 16)
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_each_default_limit_holds_at_its_edge(side: str) -> None:
+    """A value exactly at each default limit is decoded; one more is too-large."""
+    limits = getattr(Limits, side)()
+    over = {"s": "x" * (limits.max_str_len + 1), "b": b"x" * (limits.max_bin_len + 1),
+            "a": [0] * (limits.max_array_len + 1), "m": {str(i): 0 for i in range(limits.max_map_len + 1)},
+            "e": msgpack.ExtType(1, b"x" * 17)}
+    at = {"s": "x" * limits.max_str_len, "b": b"x" * limits.max_bin_len, "a": [0] * limits.max_array_len,
+          "m": {str(i): 0 for i in range(limits.max_map_len)}, "e": msgpack.ExtType(1, b"x" * 16)}
+    for key in over:
+        for value, ok in ((at[key], True), (over[key], False)):
+            if side == "server":
+                conn: Any = feed_server(packb({"op": "stats", "id": 1, "x": value}))
+                expected: Any = GetStats(1)
+            else:
+                conn, server = handshake()
+                conn.send(GetStats(1))
+                conn.receive_data(packb({"re": 1, "ok": "stats", "stats": {}, "x": value}))
+                expected = StatsReply(1, {})
+            if ok:
+                assert drain(conn) == [expected], key
+            else:
+                assert remote_error(conn).code == codes.TOO_LARGE, key
+
+
+@pytest.mark.parametrize("value", [1, 2])
+def test_a_limit_of_one_is_allowed(value: int) -> None:
+    assert Limits.server(max_depth=value).max_depth == value
+
+
+def test_hello_versions_bounds() -> None:
+    """1 to 16 versions, each in [1, 2**31)."""
+    assert Hello(1, tuple(range(1, 17))).versions == tuple(range(1, 17))
+    with pytest.raises(LocalProtocolError, match="1 to 16 ints"):
+        Hello(1, tuple(range(1, 18)))
+    assert Hello(1, (2**30, 2**31 - 1)).versions == (2**30, 2**31 - 1)
+    for bad in (0, 2**31):
+        with pytest.raises(LocalProtocolError, match=re.escape("a version must be an int in [1, 2**31)")):
+            Hello(1, (bad,))
+    for bad in (0, 2**31):
+        with pytest.raises(LocalProtocolError, match=re.escape("version must be an int in [1, 2**31)")):
+            HelloReply(1, bad, 0, 4096, False)
+    assert HelloReply(1, 2**31 - 1, 0, 4096, False).version == 2**31 - 1
+
+
+def test_name_code_and_errno_bounds() -> None:
+    assert Hello(1, (1,), "c" * 256).client == "c" * 256
+    with pytest.raises(LocalProtocolError, match="at most 256 characters"):
+        Hello(1, (1,), "c" * 257)
+    assert ErrorReply(1, "e").code == "e" and ErrorReply(1, "e" * 64).code == "e" * 64
+    with pytest.raises(LocalProtocolError, match="1 to 64 characters"):
+        ErrorReply(1, "e" * 65)
+    assert ErrorReply(1, "io-error", "", 1).errno == 1
+    assert ErrorReply(1, "io-error", "", 2**31 - 1).errno == 2**31 - 1
+    for bad in (0, 2**31):
+        with pytest.raises(LocalProtocolError, match=re.escape("errno must be an int in [1, 2**31)")):
+            ErrorReply(1, "io-error", "", bad)
+
+
+def test_bounds_are_worded_as_powers_of_two() -> None:
+    with pytest.raises(LocalProtocolError, match=re.escape("id must be an int in [0, 2**63), not 9223372036854775808")):
+        Wait(2**63, 0, 1)
+    with pytest.raises(LocalProtocolError, match=re.escape("length must be an int in [1, 2**64), not 0")):
+        Wait(1, 0, 0)
+    with pytest.raises(LocalProtocolError, match=re.escape("page_size must be an int in [1, 2**32), not 0")):
+        HelloReply(1, 1, 0, 0, False)
+
+
+def test_page_size_and_granule_are_powers_of_two_from_one() -> None:
+    for p in (1, 2, 4, 4096, 2**31):
+        assert HelloReply(1, 1, 0, p, False).page_size == p
+        assert protocol.LoadedMapReply(1, 0, p).granule == p
+    for bad in (0, 3, 6, 12, 3000, 2**32):
+        with pytest.raises(LocalProtocolError):
+            HelloReply(1, 1, 0, bad, False)
+        with pytest.raises(LocalProtocolError):
+            protocol.LoadedMapReply(1, 0, bad)
+
+
+def test_a_prefetch_is_not_a_working_set_hint_unless_it_says_so() -> None:
+    assert Prefetch(1, 0, 1).working_set is False
+    client, server = handshake()
+    server.receive_data(client.send(Prefetch(1, 0, 1)) + packb({"op": "prefetch", "id": 2, "off": 0, "len": 1}))
+    assert drain(server) == [Prefetch(1, 0, 1), Prefetch(2, 0, 1)]
+
+
+def _nested(levels: int, kind: str) -> dict[str, Any]:
+    """A stats dict ``levels`` containers deep (itself included), lists or dicts inside."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value] if kind == "list" else {"k": value}
+    return {"x": value} if levels > 1 else {"x": 1}
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_stats_nest_at_most_16_deep_and_ints_fit_in_64_bits(kind: str) -> None:
+    assert StatsReply(1, _nested(16, kind)).stats == _nested(16, kind)
+    with pytest.raises(LocalProtocolError, match="nested deeper than 16"):
+        StatsReply(1, _nested(17, kind))
+    with pytest.raises(LocalProtocolError, match="does not fit in 64 bits"):
+        StatsReply(1, {"l": [0, 2**64]} if kind == "list" else {"d": {"a": 0, "b": 2**64}})
+    assert StatsReply(1, {"lo": -(2**63), "hi": 2**64 - 1}).stats["lo"] == -(2**63)
+    for bad in (-(2**63) - 1, 2**64):
+        with pytest.raises(LocalProtocolError, match="does not fit in 64 bits"):
+            StatsReply(1, {"v": bad})
+
+
+def test_describe_cuts_a_long_value_to_40_characters() -> None:
+    from protocol._limits import DESCRIBE_MAX, describe
+
+    assert DESCRIBE_MAX == 40
+    for value in ("y" * 38, b"y" * 37):
+        assert describe(value) == repr(value)  # 40 characters: whole
+    for value in ("y" * 39, "z" * 5000, b"y" * 38):
+        text = describe(value)
+        assert len(text) == 40 and text.endswith("...") and text[:-3] == repr(value)[:37], text
+    assert describe([1, 2]) == "an array of 2" and describe({"a": 1}) == "a map of 1"
+    assert describe(1.5) == "1.5" and describe(None) == "None" and describe(set()) == "a set"
+
+
+def test_remote_errors_are_counted_once_each() -> None:
+    """statistics().remote_errors: one per RemoteProtocolError raised, a fatal one once."""
+    client, server = handshake()
+    client.send(GetStats(1))
+    client.send(GetStats(2))
+    client.send(GetStats(3))
+    client.receive_data(packb({"re": 1, "ok": "stats", "stats": 5}))  # a bad reply body
+    remote_error(client)
+    assert client.statistics().remote_errors == 1
+    client.receive_data(packb({"re": 2, "err": ""}))  # a bad error reply
+    remote_error(client)
+    assert client.statistics().remote_errors == 2
+    client.receive_data(packb({"re": 3, "ok": "loaded"}))  # the wrong kind of reply
+    error = remote_error(client)
+    assert error.message == "Loaded cannot answer GetStats 3"
+    assert client.statistics().remote_errors == 3
+    server = feed_server(b"\xc1")  # never valid msgpack: fatal
+    for _ in range(3):
+        assert remote_error(server).fatal
+    stats = server.statistics()
+    assert stats.remote_errors == 1 and stats.failed
+    assert stats.buffered_bytes == 1  # the undecodable byte; nothing queued behind it is counted
+
+
+def test_a_truncated_message_says_how_far_it_got() -> None:
+    server = feed_server(b"")
+    data = packb({"op": "stats", "id": 1})
+    server.receive_data(packb({"op": "stats", "id": 9}) + data[:5])
+    server.receive_data(b"")
+    assert server.next_event() == GetStats(9)
+    error = remote_error(server)
+    assert error.code == codes.TRUNCATED and "5 bytes into a message" in error.message
+
+
+def test_a_remote_error_names_its_request() -> None:
+    assert str(RemoteProtocolError("bad-message", "no", 7)) == "bad-message (request 7): no"
+    assert str(RemoteProtocolError("bad-frame", "no")) == "bad-frame: no"
+
+
+def test_bytes_received_while_the_buffer_is_full_keep_their_order() -> None:
+    """Input arriving while earlier input waits for room (a chunk over max_buffer_size)
+    goes behind it, and after the last event nothing is left buffered, whatever the
+    chunks' sizes."""
+    rng = __import__("random").Random(25)
+    for trial in range(300):
+        limits = Limits.server(max_buffer_size=rng.choice([21, 22, 25, 32, 40]))
+        server = feed_server(b"", ServerConnection(limits))
+        messages = [{"op": "stats", "id": i, "p": "x" * rng.randint(0, 4)} for i in range(1, 30)]
+        data = b"".join(packb(m) for m in messages)
+        got: list[Any] = []
+        pos = 0
+        while pos < len(data):
+            n = rng.randint(1, 90)
+            server.receive_data(data[pos:pos + n])
+            pos += n
+            for _ in range(rng.randint(0, 3)):
+                empty = server.statistics().buffered_bytes == 0
+                said = server.nothing_buffered()
+                event = server.next_event()
+                if event is NEED_DATA:
+                    assert said is empty, trial  # nothing_buffered(): no bytes held, no event to come
+                    break
+                assert not said, trial
+                got.append(event)
+        got += drain(server)
+        assert got == [GetStats(m["id"]) for m in messages], trial
+        assert server.nothing_buffered() and server.statistics().buffered_bytes == 0, trial
+
+
+def test_nothing_is_left_buffered_after_a_queued_chunk_that_exactly_fills_the_room() -> None:
+    """Four 14-byte requests in one chunk with room for two: two are fed, 28 bytes
+    wait, and once the first two are taken they fill the room exactly."""
+    messages = [packb({"op": "stats", "id": i}) for i in range(1, 5)]
+    assert {len(m) for m in messages} == {14}
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=28)))
+    server.receive_data(b"".join(messages))
+    assert [server.next_event() for _ in range(4)] == [GetStats(i) for i in range(1, 5)]
+    assert server.nothing_buffered() and server.statistics().buffered_bytes == 0
+    assert server.next_event() is NEED_DATA
+    server.receive_data(packb({"op": "stats", "id": 5}) + packb({"op": "stats", "id": 6}))  # the room, exactly
+    assert server.statistics().buffered_bytes == 28
+    assert [server.next_event() for _ in range(2)] == [GetStats(5), GetStats(6)]
+    assert server.nothing_buffered() and server.statistics().buffered_bytes == 0
+    assert server.next_event() is NEED_DATA
+
+
+def test_buffered_bytes_counts_what_is_queued_too() -> None:
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=28)))
+    messages = [packb({"op": "stats", "id": i}) for i in range(1, 5)]
+    server.receive_data(b"".join(messages))  # 28 fed, 28 queued
+    assert server.statistics().buffered_bytes == 56
+    assert server.next_event() == GetStats(1)
+    assert server.statistics().buffered_bytes == 42
+
+
+def test_a_message_filling_the_buffer_behind_a_one_byte_message() -> None:
+    """A one-byte message, then one of exactly max_buffer_size bytes, in one chunk: the
+    big one is fed in two parts, the second into a room of exactly its size."""
+    big = {"op": "stats", "id": 2, "p": ""}
+    big["p"] = "x" * (64 - len(packb(big)) - 1)
+    data = packb(big)
+    assert len(data) == 64
+    server = feed_server(b"", ServerConnection(Limits.server(max_buffer_size=64)))
+    server.receive_data(packb(1) + data)
+    assert remote_error(server).code == codes.BAD_MESSAGE  # 1 is not a map: not fatal
+    assert drain(server) == [GetStats(2)]
+
+
+def test_input_in_any_buffer_format_counts_bytes() -> None:
+    """A memoryview of 2-byte items (an array.array('H') buffer) is taken as its bytes."""
+    data = packb({"op": "stats", "id": 1, "p": "x"})
+    assert len(data) % 2 == 0
+    server = feed_server(b"")
+    before = server.statistics().bytes_received
+    server.receive_data(memoryview(data).cast("H"))
+    assert drain(server) == [GetStats(1)]
+    assert server.statistics().bytes_received - before == len(data)
+    client, _ = handshake()
+    client.send(GetStats(5))
+    reply = packb({"re": 5, "ok": "stats", "stats": {"a": 1}})
+    reply += b"\x00" * (len(reply) % 2)  # whole items; the pad is a 0, an invalid reply
+    client.receive_data(memoryview(reply).cast("H"))
+    assert client.next_event() == StatsReply(5, {"a": 1})
+
+
+def test_a_frame_of_exactly_max_send_size_is_sent() -> None:
+    client, server = handshake()
+    server.receive_data(client.send(GetStats(1)))
+    drain(server)
+    size = len(server.send(StatsReply(1, {"x": "y" * 100})))
+    limited = ServerConnection(Limits.server(max_send_size=size))
+    limited.receive_data(packb({"op": "hello", "id": 0, "v": [1]}) + packb({"op": "stats", "id": 1}))
+    drain(limited)
+    limited.send(HELLO_REPLY)
+    assert len(limited.send(StatsReply(1, {"x": "y" * 100}))) == size
+    tight = ServerConnection(Limits.server(max_send_size=size - 1))
+    tight.receive_data(packb({"op": "hello", "id": 0, "v": [1]}) + packb({"op": "stats", "id": 1}))
+    drain(tight)
+    tight.send(HELLO_REPLY)
+    with pytest.raises(LocalProtocolError, match="max_send_size"):
+        tight.send(StatsReply(1, {"x": "y" * 100}))
+
+
+def test_an_event_that_cannot_be_encoded_is_refused_and_nothing_is_sent() -> None:
+    """A str with a lone surrogate (ValueError), and a stats dict changed after its event
+    was built (documented as not to be done) holding a set (TypeError) or an int past 64
+    bits (OverflowError): each a LocalProtocolError, the request still unanswered."""
+    client = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        client.send(Hello(0, (1,), "\udcff"))
+    assert not client.outstanding and client.statistics().messages_sent == 0
+    client, server = handshake()
+    server.receive_data(client.send(GetStats(1)))
+    drain(server)
+    for bad in ({1, 2}, 2**64, "\udcff"):
+        stats: dict[str, Any] = {}
+        reply = StatsReply(1, stats)
+        stats["x"] = bad
+        with pytest.raises(LocalProtocolError, match="cannot encode"):
+            server.send(reply)
+        assert 1 in server.outstanding
+    server.send(StatsReply(1, {"x": 1}))
+    assert not server.outstanding

@@ -7,6 +7,7 @@ same errors and the same statistics, and replies the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -15,15 +16,18 @@ import pytest
 
 from protocol import (
     NEED_DATA,
+    SUPPORTED_VERSIONS,
+    ClientConnection,
     Hello,
     HelloReply,
     Limits,
     Loaded,
+    LocalProtocolError,
     RemoteProtocolError,
     ServerConnection,
     Wait,
 )
-from protocol._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, parse_wait
+from protocol._fast import MAX_LOADED_FRAME, MAX_WAIT_FRAME, encode_loaded, encode_wait, parse_loaded, parse_wait
 
 EDGES = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
 
@@ -316,3 +320,87 @@ def test_client_fast_path_equals_general_path(seed: int) -> None:
     for chunks in ([len(data)], by_frame, [1] * len(data), [rng.randint(1, 40) for _ in range(len(data))]):
         # the same chunks, the same events, errors, statistics and request bytes
         assert _client_run(data, chunks, fast=True) == _client_run(data, chunks, fast=False)
+
+
+# ---------------------------------------------------------------- bounds at their edges (issue 25)
+
+
+def test_the_frame_bounds_are_the_longest_frames() -> None:
+    assert MAX_WAIT_FRAME == len(encode_wait(2**63 - 1, 2**63, 2**63 - 1)) == 47
+    assert MAX_LOADED_FRAME == len(encode_loaded(2**63 - 1)) == 23
+
+
+def test_parse_loaded_takes_exactly_a_loaded_reply() -> None:
+    for id in [i for i in EDGES if i < 2**63]:
+        frame = encode_loaded(id)
+        assert frame == msgpack.packb({"re": id, "ok": "loaded"})
+        assert parse_loaded(frame, 0) == (len(frame), id)
+        assert parse_loaded(b"junk" + frame + b"more", 4) == (4 + len(frame), id)
+        for cut in range(len(frame)):
+            assert parse_loaded(frame[:cut], 0) is None, (id, cut)
+    for id in (2**63, 2**64 - 1):  # a uint64 past the id range: the general path says why
+        frame = b"\x82\xa2re\xcf" + id.to_bytes(8, "big") + b"\xa2ok\xa6loaded"
+        assert parse_loaded(frame, 0) is None
+    others = ({"re": 1, "ok": "accepted"}, {"ok": "loaded", "re": 1}, {"re": 1, "err": "x"}, {"re": -1, "ok": "loaded"})
+    for other in others:
+        assert parse_loaded(msgpack.packb(other), 0) is None, other
+
+
+def _limits_at(**changes: int) -> Limits:
+    base = Limits(max_buffer_size=1 << 20, max_array_len=64, max_map_len=4, max_str_len=6, max_bin_len=1,
+                  max_depth=1, max_send_size=1 << 20)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("side, edges", [
+    ("server", {"max_buffer_size": MAX_WAIT_FRAME, "max_map_len": 4, "max_str_len": 4, "max_depth": 1,
+                "max_send_size": MAX_LOADED_FRAME}),
+    ("client", {"max_buffer_size": MAX_LOADED_FRAME, "max_map_len": 4, "max_str_len": 6, "max_depth": 1,
+                "max_send_size": MAX_WAIT_FRAME}),
+])
+def test_the_fast_path_runs_down_to_the_smallest_limits_that_take_its_frames(side: str, edges: dict[str, int]) -> None:
+    """At exactly the limits a wait frame and a loaded reply need, the fast path is on;
+    one below any of them, it is off (the general path applies that limit)."""
+    conn = ServerConnection if side == "server" else ClientConnection
+    assert conn(_limits_at(**edges))._fast
+    for name, value in edges.items():
+        if value > 1:  # a limit is at least 1
+            assert not conn(_limits_at(**{**edges, name: value - 1}))._fast, name
+
+
+@pytest.mark.parametrize("offered, chosen", [((1, 7), 7), ((1,), 7), ((7,), 7)])
+def test_a_hello_reply_needs_a_version_both_sides_speak(offered: tuple[int, ...], chosen: int) -> None:
+    """The client refuses, and the server may not send, a version it did not offer
+    or that this library does not speak (7: offered, not spoken)."""
+    assert chosen not in SUPPORTED_VERSIONS
+    client = ClientConnection()
+    client.send(Hello(0, offered))
+    client.receive_data(msgpack.packb({"re": 0, "ok": "hello", "v": chosen, "size": 0, "page": 4096, "done": True}))
+    with pytest.raises(RemoteProtocolError) as info:
+        client.next_event()
+    assert info.value.code == "unsupported-version" and client.version is None
+    server = ServerConnection()
+    server.receive_data(msgpack.packb({"op": "hello", "id": 0, "v": list(offered)}))
+    if 1 in offered:
+        assert server.next_event() == Hello(0, offered)
+        with pytest.raises(LocalProtocolError, match="not one both sides speak"):
+            server.send(HelloReply(0, chosen, 0, 4096, True))
+        assert server.version is None
+        server.send(HelloReply(0, 1, 0, 4096, True))
+        assert server.version == 1
+
+
+def test_buffered_bytes_counts_the_held_back_bytes_not_yet_taken() -> None:
+    conn = ServerConnection()
+    assert conn.nothing_buffered() and conn.statistics().buffered_bytes == 0  # a fresh connection
+    conn.receive_data(msgpack.packb({"op": "hello", "id": 0, "v": [1]}))
+    assert type(conn.next_event()) is Hello
+    conn.send(HelloReply(0, 1, 1 << 30, 4096, False))
+    first, second = encode_wait(1, 0, 4096), encode_wait(2, 1 << 20, 1 << 16)
+    conn.receive_data(first + second)
+    assert conn._raw is not None  # held back for the fast path
+    assert conn.statistics().buffered_bytes == len(first) + len(second)
+    assert conn.next_event() == Wait(1, 0, 4096)
+    assert conn.statistics().buffered_bytes == len(second)
+    assert conn.next_event() == Wait(2, 1 << 20, 1 << 16)
+    assert conn.statistics().buffered_bytes == 0 and conn.nothing_buffered()

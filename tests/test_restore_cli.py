@@ -197,3 +197,21 @@ def test_no_kernel_copy_reaches_the_loader(tmp_path, corrupt, flags):
             stats = _until_done(client)
         assert (stats["reads_copied"] > 0) is (not flags), stats["reads_copied"]
         assert daemon.stop() == 0
+
+
+# ---------------------------------------------------------------- -q, --tracemalloc
+
+
+@pytest.mark.parametrize("flags", [(), ("-q", "--tracemalloc")])
+def test_quiet_logs_warnings_only_and_tracemalloc_reports_the_heap(tmp_path, corrupt, flags):
+    """Without -q the daemon logs its start and its shutdown (INFO); with it, nothing
+    but warnings.  With --tracemalloc its stats carry the Python heap; without, not."""
+    with _daemon(tmp_path, corrupt.raw, "--background", *flags) as daemon:
+        with Client.connect(daemon.socket_path) as client:
+            process = client.stats()["process"]
+        assert daemon.stop() == 0
+    log = Path(daemon.log_path).read_text()
+    on = bool(flags)
+    assert ("ready in" in log, "shutting down" in log) == (not on, not on), log
+    assert ("heap_bytes" in process and "heap_peak_bytes" in process) is on, process
+    assert process["vmrss_bytes"] > 0

@@ -1,0 +1,199 @@
+"""``pageload restore``'s command line to the daemon's options, in-process and fast:
+``cli._restore.daemon_options`` on the real parser's output, each option both ways.
+
+tests/test_restore_cli.py proves end to end, with a real daemon process, that the
+options reach the loader; this file pins every option's mapping and default (so that
+the mutation target ``restore-cli`` runs in minutes, docs/TESTING.md).  The defaults
+are compared with the daemon's and the loader's own: the command line and the library
+must not disagree on what an option left out means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import io
+import math
+import os
+import re
+import resource
+import sys
+from typing import Any
+
+import pytest
+
+from cli import build_parser
+from cli._restore import daemon_options, os_error_line, run
+from loader import DaemonOptions, LoaderConfig, MetricsAddress, StartupError, UffdConfig
+
+SRC = "memory.img"
+SOCK = "/run/s.sock"
+
+
+@pytest.fixture(autouse=True)
+def _no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """daemon_options reads (and unsets) these: none is set for the tests, and the
+    test process's own are restored after."""
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser("restore").parse_args(["restore", *argv])
+
+
+def options(*argv: str, stderr: Any = None) -> DaemonOptions:
+    """daemon_options with ``stderr`` as sys.stderr: a log file (not a terminal) unless given."""
+    saved = sys.stderr
+    sys.stderr = io.StringIO() if stderr is None else stderr
+    try:
+        opts = daemon_options(parse(*argv))
+    finally:
+        sys.stderr = saved
+    opts.notifier.close()
+    return opts
+
+
+def test_the_defaults_are_the_daemons_and_the_loaders() -> None:
+    opts = options(SRC, "--socket", SOCK)
+    library = DaemonOptions(source=SRC, socket_path=SOCK)
+    assert (opts.source, opts.socket_path) == (SRC, SOCK)
+    assert opts.config == LoaderConfig()  # sweep, priority, verify, kernel copy all on
+    assert opts.uffd_config == UffdConfig.for_mode("fill")
+    same = ["memory_file", "force_memory_file", "force_working_set", "reserve", "aio_backend", "threads",
+            "direct", "allow_uids", "ready_fd", "progress_interval", "working_set", "use_working_set",
+            "record_working_set", "record_seconds", "busy_poll_us", "listen_socket", "metrics",
+            "uffd_socket", "allow_writable_memory_fd", "shutdown_timeout"]
+    assert {f: getattr(opts, f) for f in same} == {f: getattr(library, f) for f in same}
+    # and what --help says they are
+    assert (opts.shutdown_timeout, opts.record_seconds, opts.progress_interval) == (2.0, 10.0, 5.0)
+    # the command line's own: everything loads first, then the socket opens
+    assert opts.background is False and opts.progress_bar is False
+    assert not opts.notifier  # no $NOTIFY_SOCKET: sd_notify is a no-op
+
+
+def _changed(flags: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of the options and of their LoaderConfig that ``flags`` change."""
+    base, opts = options(SRC, "--socket", SOCK), options(SRC, "--socket", SOCK, *flags)
+    out = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+           if f.name not in ("config", "notifier") and getattr(opts, f.name) != getattr(base, f.name)}
+    out.update({f"config.{k}": v for k, v in dataclasses.asdict(opts.config).items()
+                if v != getattr(base.config, k)})
+    return out
+
+
+@pytest.mark.parametrize("flags, changes", [
+    (("--background",), {"background": True}),
+    (("--no-sweep",), {"config.sweep": False}),
+    (("--no-priority",), {"config.priority": False}),
+    (("--no-verify",), {"config.verify": False}),
+    (("--no-kernel-copy",), {"config.kernel_copy": False}),
+    (("--no-working-set",), {"use_working_set": False}),
+    (("--working-set", "ws.msgpack"), {"working_set": "ws.msgpack"}),
+    (("--record-working-set",), {"record_working_set": ""}),
+    (("--record-working-set", "out.msgpack"), {"record_working_set": "out.msgpack"}),
+    (("--record-seconds", "0"), {"record_seconds": None}),  # until a mark or shutdown
+    (("--record-seconds", "1"), {"record_seconds": 1.0}),
+    (("--record-seconds", "2.5"), {"record_seconds": 2.5}),
+    (("--force",), {"force_memory_file": True, "force_working_set": True}),
+    (("--memory-file", "/dev/shm/m", "--reserve", "all"), {"memory_file": "/dev/shm/m", "reserve": "all"}),
+    (("--aio", "threads", "--threads", "3", "--direct"), {"aio_backend": "threads", "threads": 3, "direct": True}),
+    (("--read-size", "64K", "--sweep-read-size", "2M", "--queue-depth", "7", "--background-reads", "3",
+      "--busy-background-reads", "2", "--read-timeout", "4.5"),
+     {"config.read_size": 65536, "config.sweep_read_size": 2 << 20, "config.queue_depth": 7,
+      "config.background_reads": 3, "config.busy_background_reads": 2, "config.read_timeout": 4.5}),
+    (("--allow-uid", "1000", "--allow-uid", "1001"), {"allow_uids": (1000, 1001)}),
+    (("--allow-writable-memory-fd", "--busy-poll-us", "0"), {"allow_writable_memory_fd": True, "busy_poll_us": 0}),
+    (("--ready-fd", "7", "--progress-interval", "0.5"), {"ready_fd": 7, "progress_interval": 0.5}),
+    (("--shutdown-timeout", "0.5"), {"shutdown_timeout": 0.5}),
+    (("--shutdown-timeout", "1e-9"), {"shutdown_timeout": 1e-9}),
+    (("--metrics", "127.0.0.1:9464"), {"metrics": MetricsAddress(host="127.0.0.1", port=9464)}),
+    (("--metrics", "/run/m.sock"), {"metrics": MetricsAddress(path="/run/m.sock")}),
+])
+def test_each_option_changes_what_it_names_and_nothing_else(flags: tuple[str, ...], changes: dict[str, Any]) -> None:
+    assert _changed(flags) == changes
+
+
+@pytest.mark.parametrize("mode, sweep", [("fill", True), ("eager", True), ("lazy", False)])
+def test_the_uffd_mode_picks_its_handler_and_lazy_sweeps_nothing(mode: str, sweep: bool) -> None:
+    opts = options(SRC, "--uffd-socket", "/run/u.sock", "--uffd-mode", mode)
+    assert opts.uffd_socket == "/run/u.sock" and opts.uffd_config == UffdConfig.for_mode(mode)
+    assert opts.config.sweep is sweep
+    assert options(SRC, "--uffd-socket", "/run/u.sock", "--uffd-mode", mode, "--no-sweep").config.sweep is False
+
+
+def test_the_wait_socket_defaults_beside_the_uffd_socket() -> None:
+    assert options(SRC, "--uffd-socket", "/run/u.sock").socket_path == "/run/u.sock.pageload"
+    assert options(SRC, "--uffd-socket", "/run/u.sock", "--socket", SOCK).socket_path == SOCK
+
+
+@pytest.mark.parametrize("us", [0, 1, 250, 10000])
+def test_uffd_spin_us_is_microseconds(us: int) -> None:
+    opts = options(SRC, "--uffd-socket", "/run/u.sock", "--uffd-mode", "lazy", "--uffd-spin-us", str(us))
+    assert opts.uffd_config == dataclasses.replace(UffdConfig.for_mode("lazy"), spin_s=us / 1e6)
+    assert math.isclose(opts.uffd_config.spin_s * 1e6, us)
+
+
+def test_the_help_states_the_uffd_spin_default_the_daemon_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    stated = re.search(r"default (\d+) in 'fill' mode", text)
+    assert stated is not None, text
+    assert int(stated.group(1)) / 1e6 == options(SRC, "--uffd-socket", "u").uffd_config.spin_s > 0
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "-0.5", "nan"])
+def test_a_shutdown_timeout_that_is_not_positive_is_refused(seconds: str) -> None:
+    with pytest.raises(ValueError, match="--shutdown-timeout must be positive"):
+        daemon_options(parse(SRC, "--socket", SOCK, "--shutdown-timeout", seconds))
+
+
+def test_no_socket_at_all_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs --socket PATH, --uffd-socket PATH or socket activation"):
+        daemon_options(parse(SRC))
+
+
+def test_a_bad_metrics_address_is_refused_before_anything_starts() -> None:
+    with pytest.raises(StartupError, match="--metrics"):
+        daemon_options(parse(SRC, "--socket", SOCK, "--metrics", "nohost"))
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal_and_only_in_the_foreground() -> None:
+    main, sub = os.openpty()
+    try:
+        with open(sub, "w", closefd=False) as terminal:
+            assert terminal.isatty()
+            assert options(SRC, "--socket", SOCK, stderr=terminal).progress_bar is True
+            assert options(SRC, "--socket", SOCK, "--background", stderr=terminal).progress_bar is False
+    finally:
+        os.close(main)
+        os.close(sub)
+    # a log file, a pipe: no bar
+    assert options(SRC, "--socket", SOCK, stderr=io.StringIO()).progress_bar is False
+    assert options(SRC, "--socket", SOCK, "--background", stderr=io.StringIO()).progress_bar is False
+
+
+def test_an_os_error_is_one_line_naming_its_file_when_it_has_one() -> None:
+    assert os_error_line(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y")) == \
+        "/x/y: No such file or directory"
+    assert os_error_line(OSError(errno.EMFILE, "Too many open files")) == "Too many open files"
+    assert os_error_line(OSError("no errno")) == "no errno"
+
+
+def test_an_event_loop_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch) -> None:
+    """trio.run's own start-up (its epoll and wake-up sockets) failing with EMFILE under a
+    low descriptor limit was exit 1: a start-up failure is exit 2, one line."""
+    args = parse(SRC, "--socket", str(tmp_path / "s.sock"))
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor is free below it
+    try:
+        code = run(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (code, stderr.getvalue()) == (2, "pageload: Too many open files\n")
