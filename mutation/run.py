@@ -65,8 +65,8 @@ TARGETS = [
     Target("restore-cli", ["cli/_restore.py"],
            ["tests/test_restore_cli.py", "tests/test_faults_startup.py"], timeout=120,
            extra="-k 'test_restore_cli or bad_options or missing_socket or ready_fd'"),
-    Target("uffd", ["loader/_uffd.py"],
-           ["tests/test_uffd_abi.py", "tests/test_uffd_failures.py", "tests/test_uffd_minor.py"], timeout=120),
+    # the ioctl layer, against a real userfaultfd in the test process (a second or two)
+    Target("uffd", ["loader/_uffd.py"], ["tests/test_uffd_abi.py", "tests/test_uffd_ioctl.py"], timeout=60),
     # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
     # after they land: _verify_now, _land, _chunks_complete, _checked); not its range
     # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own
