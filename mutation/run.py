@@ -1,7 +1,7 @@
 """``make mutate``: mutation testing (cosmic-ray) of the code where a wrong answer
 costs guest memory, each part against its own targeted tests (docs/TESTING.md).
 
-    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR]
+    python mutation/run.py [TARGET ...] [--jobs N] [--sample N] [--workdir DIR] [--rerun-survivors]
 
 cosmic-ray mutates files in place, so each target runs in its own copy of the
 tree (``git ls-files``: tracked and untracked-not-ignored files) under the work
@@ -11,7 +11,11 @@ subprocesses (``python -m cli restore ...``) inherit it.  A target is a set of
 modules, optionally only some of their functions (so that a module shared with
 code under work elsewhere is mutated only where its target asks), plus the tests
 run for each mutant.  ``--sample N`` runs a random N mutants of each target
-(seeded) instead of all of them, for a quicker estimate.
+(seeded) instead of all of them, for a quicker estimate.  ``--rerun-survivors``
+runs again only the survivors of the target's last session in the work directory,
+against the tests as they are now, keeping its other results: for tests added
+after a run.  It refuses when the mutated modules changed since that session (the
+mutants would not be the same), and the report says which session it continued.
 
 Writes ``WORKDIR/report.md``: per target the counts (killed, timeouts counted as
 killed, survived, incompetent), the score, and every survivor not listed in
@@ -24,11 +28,13 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import hashlib
 import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +104,8 @@ class Outcome:
     equivalent: list[dict] = field(default_factory=list)
     skipped: int = 0
     error: str = ""
+    rerun: int | None = None  #: --rerun-survivors: how many survivors were run again
+    session: str = ""  #: ... of the session started then (UTC)
 
 
 def copy_tree(dest: Path) -> None:
@@ -182,14 +190,61 @@ def load_equivalents() -> set[tuple[str, str, str]]:
     return out
 
 
-def run_target(t: Target, workdir: Path, sample: int | None, seed: int) -> Outcome:
+def modules_digest(t: Target) -> str:
+    """sha256 over the target's module files as they are now (a package: its .py files)."""
+    h = hashlib.sha256()
+    for m in t.modules:
+        path = ROOT / m
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def rerun_survivors(t: Target, workdir: Path) -> Outcome:
+    """Run the survivors of the target's last session again, against the current tests."""
+    import sqlite3
+
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    base = workdir / t.name
+    session, stamp = base / "session.sqlite", base / "modules.sha256"
+    if not session.exists() or not stamp.exists():
+        raise RuntimeError(f"no earlier session of {t.name} in {workdir} to re-run the survivors of")
+    if stamp.read_text().split()[0] != modules_digest(t):
+        raise RuntimeError(f"{', '.join(t.modules)} changed since the session of {stamp.read_text().split()[1]}: "
+                           "run the target in full")
+    tree = base / "tree"
+    copy_tree(tree)  # the tests as they are now
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        survivors = [item.job_id for item, result in db.completed_work_items
+                     if result.worker_outcome == WorkerOutcome.NORMAL and result.test_outcome == TestOutcome.SURVIVED]
+    with sqlite3.connect(session) as con:
+        con.executemany("DELETE FROM work_results WHERE job_id = ?", [(j,) for j in survivors])
+    print(f"mutate: {t.name}: re-running the {len(survivors)} survivors of the session of "
+          f"{stamp.read_text().split()[1]}, tests {' '.join(t.tests)}", flush=True)
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1",
+               PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    subprocess.run([bindir / "cosmic-ray", "exec", base / "config.toml", session], cwd=tree, env=env, check=True)
+    out = collect(t, tree, session)
+    out.rerun = len(survivors)
+    out.session = stamp.read_text().split()[1]
+    return out
+
+
+def run_target(t: Target, workdir: Path, sample: int | None, seed: int, rerun: bool = False) -> Outcome:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
+    if rerun:
+        return rerun_survivors(t, workdir)
     tree = workdir / t.name / "tree"
     copy_tree(tree)
     session = workdir / t.name / "session.sqlite"
     session.unlink(missing_ok=True)
+    (workdir / t.name / "modules.sha256").write_text(
+        f"{modules_digest(t)} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
     config = workdir / t.name / "config.toml"
     module_path = t.modules[0] if len(t.modules) == 1 else t.modules
     config.write_text(
@@ -293,6 +348,10 @@ def report(outcomes: list[Outcome], sample: int | None) -> str:
         lines.append(f"| {o.target} | {run} | {o.killed} | {o.timeouts} | {len(o.survived)} | "
                      f"{len(o.equivalent)} | {o.incompetent} | {score} |" + (f" error: {o.error}" if o.error else ""))
     for o in outcomes:
+        if o.rerun is not None:
+            lines.append(f"\n`{o.target}`: the {o.rerun} survivors of the session started {o.session} were run "
+                         "again against the current tests; its other results are kept.")
+    for o in outcomes:
         if o.survived:
             lines += ["", f"## Survivors: {o.target}", ""]
             for s in sorted(o.survived, key=lambda s: (s["module"], s["line"])):
@@ -308,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, help="run a random N mutants per target")
     p.add_argument("--seed", type=int, default=25)
     p.add_argument("--workdir", default=str(ROOT / ".mutate"))
+    p.add_argument("--rerun-survivors", action="store_true",
+                   help="run only the survivors of each target's last session again (modules unchanged)")
     args = p.parse_args(argv)
     by_name = {t.name: t for t in TARGETS}
     unknown = [n for n in args.targets if n not in by_name]
@@ -318,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed): t for t in chosen}
+        futures = {pool.submit(run_target, t, workdir, args.sample, args.seed, args.rerun_survivors): t for t in chosen}
         for f in concurrent.futures.as_completed(futures):
             t = futures[f]
             try:

@@ -63,6 +63,16 @@ def _pending_faults(fd: int) -> int:
     raise AssertionError("no 'pending' line in a userfaultfd's fdinfo")
 
 
+def _enabled_features(fd: int) -> int:
+    """The features a userfaultfd's handshake enabled (its /proc fdinfo; without the
+    kernel's own "initialized" bit)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("API:"):
+                return int(line.split()[1].split(":")[1], 16) & ~(1 << 31)
+    raise AssertionError("no 'API' line in a userfaultfd's fdinfo")
+
+
 class Guest:
     """``pages`` pages of private anonymous memory registered MISSING with a new
     userfaultfd (``features`` asked of UFFDIO_API); closing the userfaultfd releases
@@ -179,6 +189,19 @@ def test_the_handshake_grants_what_was_asked_and_names_the_ioctls(guest):
     with pytest.raises(OSError) as caught:  # a handshake is made once
         _uffd.api(g.fd, 0)
     assert caught.value.errno == errno.EINVAL
+
+
+def test_a_handshake_enables_only_the_features_asked_for(guest):
+    """UFFDIO_API answers with every feature the kernel has, whatever was asked; only
+    those asked for are enabled (none by default)."""
+    fd = _uffd.userfaultfd()
+    try:
+        granted, _ = _uffd.api(fd)
+        assert granted & _uffd.FEATURE_EVENT_REMOVE and _enabled_features(fd) == 0
+    finally:
+        os.close(fd)
+    asked = _uffd.FEATURE_EVENT_REMOVE | _uffd.FEATURE_THREAD_ID
+    assert _enabled_features(guest(features=asked).fd) == asked
 
 
 def test_a_forked_childs_userfaultfd_is_closed_by_its_low_32_bits():
@@ -412,6 +435,21 @@ def test_unavailable_says_none_where_userfaultfd_works():
         os.close(fd)
     for bit in (_uffd.FEATURE_MINOR_SHMEM, _uffd.FEATURE_POISON):
         assert (_uffd.unavailable(bit) is None) == bool(granted & bit)
+
+
+def test_unavailable_asks_the_kernel_for_no_feature(monkeypatch):
+    """Its handshake asks for nothing and reads what the kernel has (asking for a
+    feature a kernel lacks would fail the handshake instead of naming the feature)."""
+    asked: list[int] = []
+    real = _uffd.api
+
+    def api(fd: int, features: int = 0) -> tuple[int, int]:
+        asked.append(features)
+        return real(fd, features)
+
+    monkeypatch.setattr(_uffd, "api", api)
+    _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM | _uffd.FEATURE_POISON)
+    assert asked == [0]
 
 
 def test_unavailable_without_a_free_descriptor():
