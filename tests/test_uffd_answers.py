@@ -247,7 +247,7 @@ class serving:
 def counts(h: UffdHandler) -> dict[str, int]:
     c = h.counts
     return {k: getattr(c, k) for k in ("faults", "loaded", "direct", "zero", "failed", "spurious", "copies",
-                                        "copied_bytes", "eexist", "eagain", "efault", "uncached")}
+                                        "copied_bytes", "eexist", "eagain", "efault", "uncached", "around_bytes")}
 
 
 def nonzero(h: UffdHandler) -> dict[str, int]:
@@ -288,17 +288,24 @@ async def test_a_cached_page_of_a_raw_image_is_copied_straight_from_the_source(r
     assert h.histogram.count == 3
 
 
-async def test_a_page_put_in_first_by_someone_else_is_only_woken(rig):
-    """The page is there when the handler copies (EEXIST): the short path gives way,
-    the full one counts it as spurious and wakes the thread, which sees that page."""
-    r = rig()
+@pytest.mark.parametrize("kind", ["direct", "loaded", "hole"])
+async def test_a_page_put_in_first_by_someone_else_is_only_woken(rig, kind):
+    """The page is there when the handler answers (EEXIST): the thread is woken and
+    sees that page (the short path gives way to the full one, which counts it)."""
+    r = rig(identity=kind == "direct")
+    off = {"direct": 512 * KiB + 3 * PAGE, "loaded": 512 * KiB + 4 * PAGE, "hole": HOLE + 5 * PAGE}[kind]
     async with serving(r):
-        off = 512 * KiB + 3 * PAGE
+        if kind == "loaded":
+            await r.loader.wait_loaded(off, PAGE)
         v = r.vcpu(off)
         r.stage(off)
         r.serve()
         assert v.result() == r.source[:]
-    assert nonzero(r.handler) == {"faults": 1, "direct": 1, "spurious": 1, "copies": 1, "eexist": 1}
+    want = {"direct": {"direct": 1, "spurious": 1, "copies": 1, "eexist": 1},
+            "loaded": {"loaded": 1, "spurious": 1, "copies": 1, "eexist": 1},
+            "hole": {"zero": 1}}[kind]
+    assert nonzero(r.handler) == {"faults": 1, **want}
+    assert r.handler.histogram.count == 1
 
 
 async def test_a_hole_gets_the_shared_zero_page(rig):
@@ -448,31 +455,78 @@ async def test_in_eager_mode_a_fault_waits_for_the_whole_fill(rig):
     assert nonzero(r.handler) == {"faults": 1}
 
 
-async def test_a_source_page_not_in_the_page_cache_is_read_in_first(rig):
-    """The fault thread never reads the disk: an uncached source page goes to a disk
-    thread, and the fault comes back once it is in."""
-    r = rig()
-    off = 512 * KiB + 40 * PAGE
+async def _disk_reads(h: UffdHandler) -> None:
+    """Wait for a disk thread to have read a source page in, then let the fault go on."""
+    with trio.fail_after(10):
+        while True:
+            with h._disk_cv:
+                if h._disk_done:
+                    break
+            await trio.sleep(0.001)
+    h._take_disk_reads()
+
+
+def _drop_cache(r: Rig, offset: int) -> None:
     os.fsync(r.fd)
     os.posix_fadvise(r.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     h = r.handler
-    if h._local.__dict__.get("cache") is None:
-        h._be_fault_thread()
-    if h._local.cache.cached(h._direct_address(off, PAGE), PAGE):
+    h._be_fault_thread()
+    if h._local.cache.cached(h._direct_address(offset, PAGE), PAGE):
         pytest.skip(f"{r.path}'s file system keeps its pages cached (tmpfs?): nothing to drop")
+
+
+@pytest.mark.parametrize("probe", ["cachestat", "mincore"])
+async def test_a_source_page_not_in_the_page_cache_is_read_in_first(rig, probe):
+    """The fault thread never reads the disk: an uncached source page goes to a disk
+    thread, and the fault comes back once it is in."""
+    r = rig()
+    h = r.handler
+    if probe == "mincore":
+        h._fast_cachestat = None
+    off = 512 * KiB + 40 * PAGE
+    _drop_cache(r, off)
     async with serving(r):
         v = r.vcpu(off)
         r.serve()
         assert h.counts.uncached == 1 and v.blocked()
-        with trio.fail_after(10):
-            while True:
-                with h._disk_cv:
-                    if h._disk_done:
-                        break
-                await trio.sleep(0.001)
-        h._take_disk_reads()
+        await _disk_reads(h)
         assert v.result() == r.image(off)
     assert nonzero(h) == {"faults": 1, "direct": 1, "copies": 1, "copied_bytes": PAGE, "uncached": 1}
+
+
+async def test_a_source_page_that_cannot_be_read_goes_to_the_loader(rig):
+    """The source shrank after the handler mapped it: the direct copy of a page past
+    its new end fails (EFAULT), the fault goes to the loader, whose read fails too:
+    the page is poisoned, never answered with wrong bytes."""
+    r = rig()
+    h = r.handler
+    os.truncate(r.path, 512 * KiB)
+    off = 768 * KiB
+    async with serving(r):
+        v = r.vcpu(off)
+        r.serve()
+        await _disk_reads(h)
+        assert h.counts.efault == 1 and h._local.copied == 0
+        await r.answers()
+        assert v.result() == errno.EFAULT
+    assert nonzero(h) == {"faults": 1, "copies": 1, "efault": 1, "uncached": 1, "failed": 1}
+    assert h.faults_waited == 1
+
+
+async def test_a_direct_copy_brings_the_cached_pages_of_its_window(rig):
+    """After a fault copied from the source, the rest of its aligned 64 KiB window
+    follows from the source (the cached data pages), so its neighbours never fault."""
+    r = rig(config=UffdConfig(fill=False, fault_around=64 * KiB, hint_around=0, spin_s=0.0))
+    lo = 576 * KiB
+    async with serving(r):
+        v = r.vcpu(lo + 3 * PAGE)
+        r.serve()
+        assert v.result() == r.image(lo + 3 * PAGE)
+        hi = lo + 64 * KiB
+        assert [r.present(o) for o in (lo - PAGE, lo, hi - PAGE, hi)] == [False, True, True, False]
+        assert r.read(lo, 64 * KiB) == r.image(lo, 64 * KiB)
+    assert nonzero(r.handler) == {"faults": 1, "direct": 1, "copies": 3, "copied_bytes": 64 * KiB,
+                                  "around_bytes": 60 * KiB}
 
 
 # ------------------------------------------------------------------ the mapping changing (EAGAIN)
@@ -516,6 +570,7 @@ async def test_faults_that_wait_for_the_loader_are_answered_when_it_has_read(rig
     h = r.handler
     first = 512 * KiB + 10 * PAGE
     async with serving(r):
+        before = r.loader.counters.waits_immediate
         v1 = r.vcpu(first)
         v2 = r.vcpu(second)
         r.serve()
@@ -529,6 +584,8 @@ async def test_faults_that_wait_for_the_loader_are_answered_when_it_has_read(rig
         await r.answers(1)
         assert v2.result() == errno.EFAULT  # poisoned
         assert h.outstanding == 0 and h._none_outstanding.is_set()
+        h._merge()
+        assert r.loader.counters.waits_immediate == before  # the loader counted these waits itself
     assert h.faults_waited == 2
     assert nonzero(h) == {"faults": 2, "copies": 1, "copied_bytes": PAGE, "failed": 1}
 
