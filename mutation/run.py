@@ -31,6 +31,7 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,9 @@ def run_target(t: Target, workdir: Path, sample: int | None, seed: int, rerun: b
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1",
                PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     subprocess.run([bindir / "cosmic-ray", "init", config, session], cwd=tree, env=env, check=True)
-    subprocess.run([bindir / "cr-filter-operators", session, config], cwd=tree, env=env, check=True)
+    # EXCLUDE_OPERATORS applied as cr-filter-operators does (the same pattern), in the one
+    # transaction below: the tool writes one per mutant (minutes for a large module)
+    excluded = re.compile("|".join(f"(:?{e})" for e in EXCLUDE_OPERATORS))
     keep_lines: dict[str, list[tuple[int, int]]] = {}
     if t.functions:
         keep_lines = {m: function_spans(tree / m, names) for m, names in t.functions.items()}
@@ -272,6 +275,8 @@ def run_target(t: Target, workdir: Path, sample: int | None, seed: int, rerun: b
 
         def inside(item) -> bool:
             m = item.mutations[0]
+            if any(excluded.match(x.operator_name) for x in item.mutations):
+                return False
             pos = tuple(m.start_pos)
             if any(a <= pos < b for a, b in notes[str(m.module_path)]):
                 return False  # an annotation: equivalent
