@@ -105,6 +105,7 @@ class Rig:
     def __init__(self, path: str, *, identity: bool = True, config: UffdConfig | None = None,
                  loader_config: LoaderConfig | None = None, wrap=None,
                  regions: list[GuestRegion] | None = None, serve_only: int | None = None,
+                 layout_page: int = PAGE,
                  features: int = _uffd.FEATURE_EVENT_REMOVE | _uffd.FEATURE_EXACT_ADDRESS) -> None:
         rng = os.urandom
         self.expected = bytearray(SIZE)
@@ -126,7 +127,7 @@ class Rig:
                 triples.append((lo, n, at))
                 at += n
         self.path = path
-        self.layout = Layout(SIZE, PAGE, triples)
+        self.layout = Layout(SIZE, layout_page, triples)
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.memory = MemoryFile(SIZE)
         queue = aio.open_queue("sync", 16)
@@ -324,6 +325,19 @@ async def test_a_hole_gets_the_shared_zero_page(rig):
     assert a == b
 
 
+async def test_an_image_of_larger_pages_is_served_in_guest_pages(rig):
+    """The image's pages (8 KiB here) are larger than the guest's: whether a guest page
+    holds data is looked up in its own span."""
+    r = rig(layout_page=2 * PAGE)
+    async with serving(r):
+        for off, want in ((HOLE - PAGE, r.image(HOLE - PAGE)), (HOLE, bytes(PAGE)), (HOLE + 3 * PAGE, bytes(PAGE)),
+                          (512 * KiB, r.image(512 * KiB))):  # (the first page of a range)
+            v = r.vcpu(off)
+            r.serve()
+            assert v.result() == want
+    assert nonzero(r.handler) == {"faults": 4, "zero": 2, "direct": 2, "copies": 2, "copied_bytes": 2 * PAGE}
+
+
 async def test_a_removed_page_reads_as_zeros_and_its_neighbours_as_data(rig):
     r = rig()
     off = 512 * KiB + 16 * PAGE
@@ -342,6 +356,13 @@ async def test_a_removed_page_reads_as_zeros_and_its_neighbours_as_data(rig):
 async def test_a_loaded_page_is_copied_from_the_memory_file_and_counted_for_the_loader(rig):
     r = rig(identity=False)
     h = r.handler
+    touched: list[tuple[int, int]] = []  # a working-set recorder's view
+
+    class Recorder:
+        def touched(self, lo: int, hi: int) -> None:
+            touched.append((lo, hi))
+
+    r.loader.recorder = Recorder()
     off = 512 * KiB + 9 * PAGE
     async with serving(r):
         await r.loader.wait_loaded(off, PAGE)
@@ -352,6 +373,7 @@ async def test_a_loaded_page_is_copied_from_the_memory_file_and_counted_for_the_
         assert v.result() == r.image(off + 5, 100)
         h._merge()
         assert r.loader.counters.waits_immediate - before == 1
+        assert touched == [(off, off + PAGE)] * 2  # the wait above, then the fault
     assert nonzero(h) == {"faults": 1, "loaded": 1, "copies": 1, "copied_bytes": PAGE}
     assert h.pending.overlap_bytes(off, off + PAGE) == 0 and not h.installed
 
