@@ -135,7 +135,7 @@ class Rig:
         self.queue = wrap(queue) if wrap is not None else queue
         lazy = LoaderConfig(sweep=False, read_now_bytes=0, queue_depth=16, background_reads=4)
         self.loader = Loader(self.layout, self.fd, self.memory, self.queue, loader_config or lazy)
-        self.vmm = VmmEmulator(regions or [GuestRegion(0, SIZE)], features=features)
+        self.vmm = VmmEmulator(regions or [GuestRegion(0, SIZE)], features=features, align=guest_page or 0)
         # (``serve_only``: the handler is told of only the first so many bytes of the first region)
         # (``guest_page``: the page size the handler is told, over the same 4 KiB pages)
         hregions = [Region(self.vmm.address(r.offset), serve_only or r.size, r.offset, guest_page or r.page_size)
