@@ -143,6 +143,7 @@ class Rig:
         self.handler = UffdHandler(self.loader, self.memory, os.dup(self.vmm.uffd), hregions,
                                    config or UffdConfig.for_mode("lazy"))
         self.uffd = _uffd.Uffd(self.vmm.uffd)  # the test's own, to stage pages
+        self.vcpus: list[Vcpu] = []
         self.source = mmap.mmap(-1, PAGE)
         self.source.write(b"\xa5" * PAGE)  # bytes that are nowhere in the image
         self.src = ctypes.addressof(ctypes.c_char.from_buffer(self.source))
@@ -154,6 +155,7 @@ class Rig:
         """A vCPU reading image ``offset``: returns once its fault is queued."""
         before = _pending_faults(self.vmm.uffd)
         v = Vcpu(self.address(offset), length)
+        self.vcpus.append(v)
         deadline = time.monotonic() + 10
         while _pending_faults(self.vmm.uffd) <= before:
             assert time.monotonic() < deadline, f"no fault at {offset:#x}"
@@ -210,6 +212,9 @@ class Rig:
         if h._direct_map is not None:
             h._direct_map.close()
         self.vmm.close()  # releases any vCPU still blocked
+        for v in self.vcpus:  # ended before the next test maps memory, maybe at the same address
+            v.join(10)
+            assert not v.is_alive(), "a vCPU still runs after its guest memory was closed"
         self.memory.close()
         os.close(self.fd)
 
