@@ -144,7 +144,7 @@ def unavailable(features: int = 0) -> str | None:
     try:
         fd = userfaultfd()
     except OSError as exc:
-        return f"userfaultfd(): {exc.strerror or exc}"
+        return exc.strerror or str(exc)  # "userfaultfd: ..."
     try:
         granted, _ = api(fd, 0)
     except OSError as exc:

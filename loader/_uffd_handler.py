@@ -689,12 +689,18 @@ class UffdHandler:
             self._synced.set()
 
     # ------------------------------------------------------------ the fault thread
-    def _main(self) -> None:
+    def _be_fault_thread(self) -> None:
+        """This thread's copies count as the fault thread's and use its ioctl buffers
+        (the fault thread's first step; a test that answers faults in its own thread
+        calls it too)."""
         self._local.counts = self.counts
         self._local.uffd = self.uffd
         self._local.copied = 0
         self._local.cache = _PageCache(max(self.config.fault_around, *(r.page_size for r in self.regions))
                                        // mmap.PAGESIZE)
+
+    def _main(self) -> None:
+        self._be_fault_thread()
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)

@@ -21,6 +21,7 @@ PROBE = r"""
 #include <stdio.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <linux/userfaultfd.h>
 #define S(t) printf(#t " %zu\n", sizeof(struct t));
 #define O(t, f) printf(#t "." #f " %zu\n", offsetof(struct t, f));
@@ -43,6 +44,13 @@ int main(void) {
   C(UFFD_FEATURE_MINOR_HUGETLBFS) C(UFFD_FEATURE_MINOR_SHMEM)
   C(UFFDIO_REGISTER_MODE_MISSING) C(UFFDIO_REGISTER_MODE_WP) C(UFFDIO_REGISTER_MODE_MINOR)
   C(UFFDIO_COPY_MODE_DONTWAKE) C(UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+  C(UFFD_FEATURE_PAGEFAULT_FLAG_WP) C(UFFD_FEATURE_EVENT_FORK) C(__NR_userfaultfd)
+#ifdef UFFD_USER_MODE_ONLY  /* 5.11 */
+  C(UFFD_USER_MODE_ONLY)
+#endif
+#ifdef UFFD_FEATURE_EXACT_ADDRESS  /* 5.18 */
+  C(UFFD_FEATURE_EXACT_ADDRESS)
+#endif
 #ifdef UFFD_FEATURE_POISON  /* headers before 6.6 lack it */
   S(uffdio_poison) O(uffdio_poison, updated) C(UFFDIO_POISON) C(UFFD_FEATURE_POISON)
 #endif
@@ -108,11 +116,19 @@ def test_constants(kernel):
         "UFFDIO_REGISTER_MODE_MISSING": u.REGISTER_MODE_MISSING, "UFFDIO_REGISTER_MODE_WP": u.REGISTER_MODE_WP,
         "UFFDIO_REGISTER_MODE_MINOR": u.REGISTER_MODE_MINOR, "UFFDIO_COPY_MODE_DONTWAKE": u.COPY_MODE_DONTWAKE,
         "UFFDIO_ZEROPAGE_MODE_DONTWAKE": u.ZEROPAGE_MODE_DONTWAKE,
+        "UFFD_FEATURE_PAGEFAULT_FLAG_WP": u.FEATURE_PAGEFAULT_FLAG_WP,
+        "UFFD_FEATURE_EVENT_FORK": u.FEATURE_EVENT_FORK, "__NR_userfaultfd": u._NR_USERFAULTFD,
+        "UFFD_USER_MODE_ONLY": u.UFFD_USER_MODE_ONLY, "UFFD_FEATURE_EXACT_ADDRESS": u.FEATURE_EXACT_ADDRESS,
+        "UFFDIO_POISON": u.UFFDIO_POISON, "UFFD_FEATURE_POISON": u.FEATURE_POISON,
     }
-    if "UFFDIO_POISON" in kernel:
-        pairs.update(UFFDIO_POISON=u.UFFDIO_POISON, UFFD_FEATURE_POISON=u.FEATURE_POISON)
     for name, value in pairs.items():
-        assert kernel[name] == value, name
+        assert kernel.get(name, LINUX_6_6.get(name)) == value, name
+
+
+#: the values of Linux 6.6's <linux/userfaultfd.h> for what older headers lack
+#: (UFFDIO_POISON: _IOWR(0xAA, 0x08, struct uffdio_poison), 32 bytes)
+LINUX_6_6 = {"UFFDIO_POISON": (3 << 30) | (32 << 16) | (0xAA << 8) | 0x08, "UFFD_FEATURE_POISON": 1 << 14,
+             "UFFD_USER_MODE_ONLY": 1, "UFFD_FEATURE_EXACT_ADDRESS": 1 << 11}
 
 
 def test_unavailable_names_the_missing_feature(monkeypatch):

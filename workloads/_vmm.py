@@ -86,7 +86,9 @@ class VmmEmulator:
     """
 
     def __init__(self, regions: Sequence[GuestRegion], expected: str | None = None,
-                 features: int = DEFAULT_FEATURES) -> None:
+                 features: int = DEFAULT_FEATURES, align: int = 0) -> None:
+        """``align``: each region's memory starts at a multiple of it (a power of two;
+        0: where mmap puts it), e.g. for a handler told of pages larger than 4 KiB."""
         self.regions = list(regions)
         self._maps: list[tuple[int, int]] = []  # (address, size)
         self.uffd = -1
@@ -102,10 +104,18 @@ class VmmEmulator:
                     flags |= MAP_HUGETLB
                 elif r.page_size != mmap.PAGESIZE:
                     raise ValueError(f"unsupported page size {r.page_size}")
-                addr = _libc.mmap(None, r.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+                extra = align if align > mmap.PAGESIZE else 0
+                addr = _libc.mmap(None, r.size + extra, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
                 if addr in (None, _MAP_FAILED):
                     err = ctypes.get_errno()
                     raise OSError(err, f"mmap {r.size} bytes: {os.strerror(err)}")
+                if extra:  # keep the aligned part
+                    start = (addr + extra - 1) & ~(extra - 1)
+                    if start > addr:
+                        _libc.munmap(addr, start - addr)
+                    if addr + extra > start:
+                        _libc.munmap(start + r.size, addr + extra - start)
+                    addr = start
                 self._maps.append((addr, r.size))
             self.uffd = _uffd.userfaultfd()
             self.features, _ = _uffd.api(self.uffd, features)
