@@ -219,6 +219,35 @@ async def test_each_kind_of_wait_is_counted_once(tmp_path, opened, autojump_cloc
     await loader.aclose()
 
 
+async def test_a_wait_withdrawn_by_another_waits_callback_is_not_answered(tmp_path, opened, autojump_clock):
+    """Two waits answered by the same read: the first one's callback withdraws the
+    second (as a server does for a client whose connection it just closed).  The
+    second's callback never runs, and it counts as withdrawn, not served."""
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, _ = _loader(opened, layout, fd, queue, sweep=False)
+    answered: list[object] = []
+    second = None
+
+    def first_answered(handle: object) -> None:
+        answered.append(handle)
+        assert second is not None
+        loader.cancel(second)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        first = loader.submit_wait(MiB, PAGE, first_answered)
+        second = loader.submit_wait(MiB, PAGE, answered.append)  # joins the first one's read
+        assert first is not None and second is not None
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, PAGE)
+        assert answered == [first] and second.cancelled
+        s = loader.statistics()
+        assert (s.waits_served, s.waits_cancelled, s.waiters_blocked) == (2, 1, 0)  # (wait_loaded's own: served)
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
 async def test_blocked_time_runs_only_while_a_wait_is_blocked(tmp_path, opened):
     """blocked_time_s grows while some wait is blocked and stands still once none is;
     it never exceeds the time the test took.  (Real time: only its direction is asserted.)"""
