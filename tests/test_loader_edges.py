@@ -421,6 +421,37 @@ async def test_a_wait_reaching_into_a_chunk_that_partly_failed_is_not_served_at_
     await loader.aclose()
 
 
+async def test_a_wait_starting_in_a_chunk_that_partly_failed_reads_nothing_in_its_task(tmp_path, opened):
+    """Chunk 1's first page fails for good while its second half hangs in flight.  A wait
+    over that second half and chunk 2 (cached) is bound to fail: nothing more is read for
+    it in the waiting task (chunk 2 is left to the loader), and it fails once chunk 1's
+    bytes are in."""
+    size = 3 * CHUNK
+    ck, fd, _ = _checkpoint(tmp_path, opened, size=size)
+    half = CHUNK // 2
+    held = Cached(16, cached=lambda offset: False,
+                  hang=lambda request: request.offset == CHUNK + half and request.length == half)
+    queue = Faulty(held, aio.testing.fail_offsets(CHUNK, CHUNK + PAGE))
+    loader, _ = _loader(opened, ck.layout, fd, queue, ck, sweep=False, read_timeout=None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError):
+            await loader.wait_loaded(CHUNK, PAGE)
+        assert held.hung == 1
+        held.cached = lambda offset: offset >= 2 * CHUNK
+        calls = held.read_now_calls
+        handle = loader.submit_wait(CHUNK + half, half + CHUNK, lambda h: None)
+        assert handle is not None and handle.remaining == half + CHUNK
+        assert loader.statistics().chunks_verified == 0 and held.read_now_calls == calls
+        held.release()
+        with trio.fail_after(60):
+            while not handle.finished:
+                await trio.sleep(0.001)
+        assert handle.error is not None and handle.error.code == codes.IO_ERROR
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
 # -- chunks hashed in the loader's task when a waiter needs them ------------------------
 async def test_a_waiters_landed_chunks_up_to_inline_hash_bytes_are_hashed_in_the_loaders_task(
         tmp_path, opened, autojump_clock, monkeypatch):
@@ -661,7 +692,7 @@ class Held(NoThen):
         return await super()._wait(min_completions)
 
 
-@pytest.mark.parametrize("wanted", [(5, 6), (0, 0)])
+@pytest.mark.parametrize("wanted", [(5, 6), (0, 0), (15, 15)])
 async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_needs(
         tmp_path, opened, autojump_clock, monkeypatch, wanted):
     """A sweep read of 16 chunks is in flight; a wait joins it for chunks 5 and 6 (or 0).
@@ -977,12 +1008,12 @@ class Yields(Cached):
 async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp_path, opened, autojump_clock):
     """With an order like the working-set replay: each loaded range is reported to it,
     also those of gathered reads, and a fault does not make background reads yield."""
-    layout, fd, data = _one_page_ranges(tmp_path, opened)
+    layout, fd, data = _one_page_ranges(tmp_path, opened, size=8 * MiB)
     queue = Yields(16)
     order = Replaying()
     mem = MemoryFile(layout.memory_size)
     opened[1].append(mem)
-    cfg = LoaderConfig(queue_depth=16, sweep_read_size=4 * PAGE, background_reads=1)  # (a slow sweep)
+    cfg = LoaderConfig(queue_depth=16, sweep_read_size=64 * PAGE, background_reads=1)  # (a slow sweep)
     loader = Loader(layout, fd, mem, queue, cfg, order)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -997,7 +1028,7 @@ async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp
         nursery.cancel_scope.cancel()
     assert True not in queue.yields[1:]  # (the first: as the queue starts, until the first round)
     assert order.loaded == layout.data_bytes == loader.statistics().loaded_bytes
-    assert mem.view[: 2 * MiB : 2 * PAGE] == data[: 2 * MiB : 2 * PAGE]
+    assert mem.view[: 8 * MiB : 2 * PAGE] == data[: 8 * MiB : 2 * PAGE]
     await loader.aclose()
 
 
