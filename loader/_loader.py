@@ -1827,6 +1827,8 @@ class Loader:
             self._mark_done()
 
     def _finish_waiter(self, w: WaitHandle, now: int) -> None:
+        if w.cancelled:  # withdrawn meanwhile, by the callback of a waiter finished with it
+            return
         w.finished = True
         self._last_wait_ns = now
         self._drop_waiter(w, now)

@@ -219,6 +219,35 @@ async def test_each_kind_of_wait_is_counted_once(tmp_path, opened, autojump_cloc
     await loader.aclose()
 
 
+async def test_a_wait_withdrawn_by_another_waits_callback_is_not_answered(tmp_path, opened, autojump_clock):
+    """Two waits answered by the same read: the first one's callback withdraws the
+    second (as a server does for a client whose connection it just closed).  The
+    second's callback never runs, and it counts as withdrawn, not served."""
+    layout, fd, _ = _raw(tmp_path, opened)
+    queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.01)
+    loader, _ = _loader(opened, layout, fd, queue, sweep=False)
+    answered: list[object] = []
+    second = None
+
+    def first_answered(handle: object) -> None:
+        answered.append(handle)
+        assert second is not None
+        loader.cancel(second)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        first = loader.submit_wait(MiB, PAGE, first_answered)
+        second = loader.submit_wait(MiB, PAGE, answered.append)  # joins the first one's read
+        assert first is not None and second is not None
+        with trio.fail_after(60):
+            await loader.wait_loaded(MiB, PAGE)
+        assert answered == [first] and second.cancelled
+        s = loader.statistics()
+        assert (s.waits_served, s.waits_cancelled, s.waiters_blocked) == (2, 1, 0)  # (wait_loaded's own: served)
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
 async def test_blocked_time_runs_only_while_a_wait_is_blocked(tmp_path, opened):
     """blocked_time_s grows while some wait is blocked and stands still once none is;
     it never exceeds the time the test took.  (Real time: only its direction is asserted.)"""
@@ -388,6 +417,37 @@ async def test_a_wait_reaching_into_a_chunk_that_partly_failed_is_not_served_at_
                 await trio.sleep(0.001)
         assert handle.error is not None and handle.error.code == codes.IO_ERROR
         assert "cannot be verified" in handle.error.message
+        nursery.cancel_scope.cancel()
+    await loader.aclose()
+
+
+async def test_a_wait_starting_in_a_chunk_that_partly_failed_reads_nothing_in_its_task(tmp_path, opened):
+    """Chunk 1's first page fails for good while its second half hangs in flight.  A wait
+    over that second half and chunk 2 (cached) is bound to fail: nothing more is read for
+    it in the waiting task (chunk 2 is left to the loader), and it fails once chunk 1's
+    bytes are in."""
+    size = 3 * CHUNK
+    ck, fd, _ = _checkpoint(tmp_path, opened, size=size)
+    half = CHUNK // 2
+    held = Cached(16, cached=lambda offset: False,
+                  hang=lambda request: request.offset == CHUNK + half and request.length == half)
+    queue = Faulty(held, aio.testing.fail_offsets(CHUNK, CHUNK + PAGE))
+    loader, _ = _loader(opened, ck.layout, fd, queue, ck, sweep=False, read_timeout=None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loader.run)
+        with trio.fail_after(60), pytest.raises(LoadError):
+            await loader.wait_loaded(CHUNK, PAGE)
+        assert held.hung == 1
+        held.cached = lambda offset: offset >= 2 * CHUNK
+        calls = held.read_now_calls
+        handle = loader.submit_wait(CHUNK + half, half + CHUNK, lambda h: None)
+        assert handle is not None and handle.remaining == half + CHUNK
+        assert loader.statistics().chunks_verified == 0 and held.read_now_calls == calls
+        held.release()
+        with trio.fail_after(60):
+            while not handle.finished:
+                await trio.sleep(0.001)
+        assert handle.error is not None and handle.error.code == codes.IO_ERROR
         nursery.cancel_scope.cancel()
     await loader.aclose()
 
@@ -632,7 +692,7 @@ class Held(NoThen):
         return await super()._wait(min_completions)
 
 
-@pytest.mark.parametrize("wanted", [(5, 6), (0, 0)])
+@pytest.mark.parametrize("wanted", [(5, 6), (0, 0), (15, 15)])
 async def test_a_read_landing_many_chunks_hashes_at_once_only_those_a_waiter_needs(
         tmp_path, opened, autojump_clock, monkeypatch, wanted):
     """A sweep read of 16 chunks is in flight; a wait joins it for chunks 5 and 6 (or 0).
@@ -948,12 +1008,12 @@ class Yields(Cached):
 async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp_path, opened, autojump_clock):
     """With an order like the working-set replay: each loaded range is reported to it,
     also those of gathered reads, and a fault does not make background reads yield."""
-    layout, fd, data = _one_page_ranges(tmp_path, opened)
+    layout, fd, data = _one_page_ranges(tmp_path, opened, size=8 * MiB)
     queue = Yields(16)
     order = Replaying()
     mem = MemoryFile(layout.memory_size)
     opened[1].append(mem)
-    cfg = LoaderConfig(queue_depth=16, sweep_read_size=4 * PAGE, background_reads=1)  # (a slow sweep)
+    cfg = LoaderConfig(queue_depth=16, sweep_read_size=64 * PAGE, background_reads=1)  # (a slow sweep)
     loader = Loader(layout, fd, mem, queue, cfg, order)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
@@ -968,7 +1028,7 @@ async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp
         nursery.cancel_scope.cancel()
     assert True not in queue.yields[1:]  # (the first: as the queue starts, until the first round)
     assert order.loaded == layout.data_bytes == loader.statistics().loaded_bytes
-    assert mem.view[: 2 * MiB : 2 * PAGE] == data[: 2 * MiB : 2 * PAGE]
+    assert mem.view[: 8 * MiB : 2 * PAGE] == data[: 8 * MiB : 2 * PAGE]
     await loader.aclose()
 
 

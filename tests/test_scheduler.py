@@ -668,6 +668,7 @@ async def test_a_memory_file_that_refuses_copies_is_read_into_instead(image, bac
     stats = loader.statistics()
     assert stats.failed_bytes == 0 and stats.reads_copied == 1 < stats.reads_total
     assert "reading into its mapping instead" in caplog.text
+    assert "failed (EBADF)" in caplog.text  # the errno by its name
     await loader.aclose()
 
 
