@@ -100,6 +100,16 @@ TARGETS = [
                "Loader._settle", "Loader._complete", "Loader.wait_loaded", "Loader.submit_wait",
                "Loader._wants_turn", "LoaderConfig.__post_init__"]},
            timeout=60, test_timeout=5),
+    # checksum verification: which chunks a read completes, hashing them (scattered or
+    # not, the GIL let go or not) and comparing with the index's sums
+    Target("checksums", ["loader/_loader.py"],
+           ["tests/test_loader_edges.py", "tests/test_verify.py", "tests/test_faults_loader.py"],
+           extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not new_checkpoints and not opens_verifies "
+                 "and not o_direct and not hugetlbfs'",
+           functions={"loader/_loader.py": [
+               "_c_xxh3", "_Chunks.landed", "_Chunks._take", "_Chunks.matches", "_Chunks.check",
+               "_Chunks.file_spans", "_Chunks.memory_spans", "_Chunks.chunk_range"]},
+           timeout=60, test_timeout=5),
     # the fault answering code of the page-fault handler, driven in the test process (a
     # few seconds; test_uffd.py and test_uffd_failures.py serve a VMM end to end)
     Target("uffd-handler", ["loader/_uffd_handler.py"], ["tests/test_uffd_answers.py"],
