@@ -103,9 +103,10 @@ TARGETS = [
     # checksum verification: which chunks a read completes, hashing them (scattered or
     # not, the GIL let go or not) and comparing with the index's sums
     Target("checksums", ["loader/_loader.py"],
-           ["tests/test_loader_edges.py", "tests/test_verify.py", "tests/test_faults_loader.py"],
+           ["tests/test_loader_edges.py", "tests/test_verify.py", "tests/test_faults_loader.py",
+            "tests/test_scale.py"],
            extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not new_checkpoints and not opens_verifies "
-                 "and not o_direct and not hugetlbfs'",
+                 "and not o_direct and not hugetlbfs and not fiemap and not million and not scattered_sample'",
            functions={"loader/_loader.py": [
                "_c_xxh3", "_Chunks.landed", "_Chunks._take", "_Chunks.matches", "_Chunks.check",
                "_Chunks.file_spans", "_Chunks.memory_spans", "_Chunks.chunk_range"]},
