@@ -470,3 +470,62 @@ async def test_a_long_wait_whose_chunks_jump_the_hash_queue_is_answered(tmp_path
     assert mem.view[: 4 * MiB] == data
     assert loader.statistics().loaded_bytes == 4 * MiB
     await loader.aclose()
+
+
+@pytest.mark.parametrize("polite", [False, True])
+def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_path, opened, polite):
+    """Every chunk's memory, its verdict and the good memory around a corrupt chunk,
+    against the layout walked page by page: a dense image and a scattered one (each
+    chunk over several stretches of memory), the corrupt chunk first, in the middle of
+    a run and last; matches() for every chunk; chunk_range() for windows anywhere."""
+    for ckpt_name in ("dense", "scattered"):
+        raw = tmp_path / f"{ckpt_name}.img"
+        data = bytearray(random.Random(5).randbytes(MiB))
+        if ckpt_name == "scattered":
+            for page in range(MiB // PAGE):
+                if page % 3:
+                    data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+        raw.write_bytes(bytes(data))
+        out = str(tmp_path / f"{ckpt_name}-pages")
+        create_checkpoint(str(raw), out)
+        ck = open_checkpoint(out)
+        fd = ck.open_pages()
+        opened[0].append(fd)
+        # the layout, page by page: (memory page offset, its chunk)
+        pages = [(r.mem_offset + p, (r.file_offset + p) // ck.chunk_size)
+                 for r in ck.layout for p in range(0, r.length, PAGE)]
+        count = len(ck.checksums)
+
+        def merged(offsets: list[int]) -> list[list[int]]:
+            out_: list[list[int]] = []
+            for m in sorted(offsets):
+                if out_ and out_[-1][1] == m:
+                    out_[-1][1] = m + PAGE
+                else:
+                    out_.append([m, m + PAGE])
+            return out_
+
+        chunks = _Chunks(ck.layout, ck.chunk_size, ck.checksums)
+        for k in range(count):
+            assert [list(s) for s in chunks.memory_spans(k)] == merged([m for m, c in pages if c == k]), k
+        for flip in (0, count // 2, count - 1):
+            mem = MemoryFile(ck.layout.memory_size)
+            opened[1].append(mem)
+            for r in ck.layout:
+                mem.view[r.mem_offset : r.mem_offset + r.length] = os.pread(fd, r.length, r.file_offset)
+            first_page = min(m for m, c in pages if c == flip)
+            mem.view[first_page + 100] ^= 0x10
+            for k in (0, 1, flip, count - 2, count - 1):
+                assert chunks.matches(mem, k, chunks.memory_spans(k)) == (k != flip), (ckpt_name, flip, k)
+            runs = [(0, count - 1)] if flip else [(0, 0), (1, count - 1)]
+            good, verified, bad = chunks.check(mem, runs, (lambda: polite))
+            assert verified == count - 1, (ckpt_name, flip)
+            assert [k for k, _ in bad] == [flip]
+            assert [list(s) for s in bad[0][1]] == merged([m for m, c in pages if c == flip]), (ckpt_name, flip)
+            assert good == merged([m for m, c in pages if c != flip]), (ckpt_name, flip)
+        rng = random.Random(7)
+        for _ in range(200):
+            lo = rng.randrange(0, MiB // PAGE) * PAGE + rng.choice((0, 1, 100))
+            hi = min(MiB, lo + rng.randrange(1, 64) * PAGE + rng.choice((0, -1, 1)))
+            inside = [c for m, c in pages if m < hi and m + PAGE > lo]
+            assert chunks.chunk_range(lo, hi) == ((min(inside), max(inside)) if inside else None), (lo, hi)
