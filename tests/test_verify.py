@@ -475,16 +475,18 @@ async def test_a_long_wait_whose_chunks_jump_the_hash_queue_is_answered(tmp_path
 @pytest.mark.parametrize("polite", [False, True])
 def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_path, opened, polite):
     """Every chunk's memory, its verdict and the good memory around a corrupt chunk,
-    against the layout walked page by page: a dense image and a scattered one (each
-    chunk over several stretches of memory), the corrupt chunk first, in the middle of
+    against the layout walked page by page: a dense image, a scattered one (each chunk
+    over several stretches of memory) and one of islands (chunks inside a stretch and
+    across two), the corrupt chunk first, in the middle of
     a run and last; matches() for every chunk; chunk_range() for windows anywhere."""
-    for ckpt_name in ("dense", "scattered"):
+    for ckpt_name in ("dense", "scattered", "islands"):
         raw = tmp_path / f"{ckpt_name}.img"
         data = bytearray(random.Random(5).randbytes(MiB))
-        if ckpt_name == "scattered":
-            for page in range(MiB // PAGE):
-                if page % 3:
-                    data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+        for page in range(MiB // PAGE):
+            # scattered: a page every 3 (every chunk over 4 stretches); islands: 6 pages of
+            # every 8 (chunks inside one island, and chunks across two, their good memory merged)
+            if (ckpt_name == "scattered" and page % 3) or (ckpt_name == "islands" and page % 8 >= 6):
+                data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
         raw.write_bytes(bytes(data))
         out = str(tmp_path / f"{ckpt_name}-pages")
         create_checkpoint(str(raw), out)
