@@ -692,7 +692,12 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
             if self._fill_releases == 3:  # the look-up, then two copies
                 t = threading.Thread(target=self._vmm_box[0].balloon, args=self.target)
                 t.start()
-                t.join(10)  # back once the fault thread has read the REMOVE event
+                t.join(10)  # back once the fault thread has read the REMOVE event...
+                # ...which it counts just after: wait for that (on a loaded machine the check
+                # came first and failed), so the removal is in before the fill's next copy
+                deadline = time.monotonic() + 10
+                while self._handler.counts.remove != 1 and time.monotonic() < deadline:
+                    time.sleep(0.001)
                 seen["removed_at_once"] = self._handler.counts.remove == 1
 
     vmm_box: list[VmmEmulator] = []
