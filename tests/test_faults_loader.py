@@ -45,16 +45,6 @@ class Image:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-@pytest.fixture
-def resources():
-    """Closes whatever a test opened, even when it fails: fds, memory files, queues."""
-    fds: list[int] = []
-    mems: list[MemoryFile] = []
-    yield fds, mems
-    for mem in mems:
-        mem.close()
-    for fd in fds:
-        os.close(fd)
 
 
 def _image(tmp_path, resources, size, file_size=None) -> Image:

@@ -36,16 +36,6 @@ MiB = 1 << 20
 CHUNK = DEFAULT_CHUNK_SIZE
 
 
-@pytest.fixture
-def opened():
-    """Closes what a test opened, even when it fails: fds, memory files."""
-    fds: list[int] = []
-    mems: list[MemoryFile] = []
-    yield fds, mems
-    for mem in mems:
-        mem.close()
-    for fd in fds:
-        os.close(fd)
 
 
 def _raw(tmp_path, opened, size: int = 4 * MiB) -> tuple[Layout, int, bytes]:

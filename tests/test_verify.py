@@ -85,16 +85,6 @@ class NoThen(aio.testing.DelayedQueue):
         super()._add(dataclasses.replace(request, then=None))
 
 
-@pytest.fixture
-def opened():
-    """Closes what a test opened: fds and memory files."""
-    fds: list[int] = []
-    mems: list[MemoryFile] = []
-    yield fds, mems
-    for mem in mems:
-        mem.close()
-    for fd in fds:
-        os.close(fd)
 
 
 def _loader(opened, ckpt_dir: str, queue: aio.Queue, **config) -> tuple[Loader, MemoryFile]:
