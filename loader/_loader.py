@@ -268,7 +268,9 @@ def _c_xxh3() -> Callable[[int, int], int] | None:
     f.restype = ctypes.c_uint64
     f.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     probe = ctypes.create_string_buffer(bytes(range(256)) * 129)
-    if any(f(ctypes.addressof(probe), n) != xxhash.xxh3_64_intdigest(probe.raw[:n]) for n in (0, 1, 17, 240, 33000)):
+    # a length of each of XXH3's classes: 0, 1-3, 4-8, 9-16, 17-128, 129-240, longer
+    lengths = (0, 1, 4, 9, 17, 129, 241, 33000)
+    if any(f(ctypes.addressof(probe), n) != xxhash.xxh3_64_intdigest(probe.raw[:n]) for n in lengths):
         return None
     return f
 
@@ -508,6 +510,13 @@ class _Chunks:
             os.sched_yield()  # (lets the GIL go)
             return value
 
+        def keep(a: int, b: int) -> None:
+            """Memory [a, b) is good: merged with the good memory just before it."""
+            if good and good[-1][1] == a:
+                good[-1][1] = b
+            else:
+                good.append([a, b])
+
         digest: Callable[[memoryview], int] = yielding_digest if yielding else plain
         # while clients fault: the C library's XXH3 where there is one (the GIL let go;
         # otherwise slower than the module: ctypes costs about a microsecond a call)
@@ -532,14 +541,11 @@ class _Chunks:
                     k_lo = lo + (k - first) * size
                     k_hi = min(k_lo + size, hi)
                     if pos < k_lo:
-                        good.append([pos, k_lo])
+                        keep(pos, k_lo)
                     bad.append((k, [(k_lo, k_hi)]))
                     pos = k_hi
                 if pos < hi:
-                    if good and good[-1][1] == pos:
-                        good[-1][1] = hi
-                    else:
-                        good.append([pos, hi])
+                    keep(pos, hi)
                 continue
             j = 0
             lo, hi = spans[0]
@@ -572,10 +578,7 @@ class _Chunks:
                     continue
                 verified += 1
                 for a, b in pieces:
-                    if good and good[-1][1] == a:
-                        good[-1][1] = b
-                    else:
-                        good.append([a, b])
+                    keep(a, b)
         return good, verified, bad
 
     def chunk_range(self, lo: int, hi: int) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ generous deadlines only, no timing assertions.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -24,12 +25,14 @@ import threading
 import msgpack
 import pytest
 import trio
+import xxhash
 
 import aio
 import aio.testing
 from aio._sync import SyncQueue
 from loader import Client, ClientError, Loader, LoaderConfig, LoadError, MemoryFile
-from loader._loader import _Chunks
+from loader._layout import Layout
+from loader._loader import _c_xxh3, _Chunks
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint, verify_checkpoint
 from protocol import codes
 from workloads import DaemonProcess
@@ -465,17 +468,22 @@ async def test_a_long_wait_whose_chunks_jump_the_hash_queue_is_answered(tmp_path
 @pytest.mark.parametrize("polite", [False, True])
 def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_path, opened, polite):
     """Every chunk's memory, its verdict and the good memory around a corrupt chunk,
-    against the layout walked page by page: a dense image, a scattered one (each chunk
-    over several stretches of memory) and one of islands (chunks inside a stretch and
-    across two), the corrupt chunk first, in the middle of
-    a run and last; matches() for every chunk; chunk_range() for windows anywhere."""
-    for ckpt_name in ("dense", "scattered", "islands"):
+    against the layout walked page by page: a dense image (its last chunk short, a zero
+    page after it), a scattered one (each chunk over several stretches of memory), one
+    of islands (chunks inside a stretch and across two) and a scattered one whose last
+    chunk is one lone page; the corrupt chunk first, in the middle of a run and last;
+    the runs whole, split at the corrupt chunk and a chunk each; the good memory merged
+    across runs; matches() for every chunk; chunk_range() for windows anywhere."""
+    for ckpt_name in ("dense", "scattered", "islands", "lone-tail"):
         raw = tmp_path / f"{ckpt_name}.img"
         data = bytearray(random.Random(5).randbytes(MiB))
         for page in range(MiB // PAGE):
             # scattered: a page every 3 (every chunk over 4 stretches); islands: 6 pages of
-            # every 8 (chunks inside one island, and chunks across two, their good memory merged)
-            if (ckpt_name == "scattered" and page % 3) or (ckpt_name == "islands" and page % 8 >= 6):
+            # every 8 (chunks inside one island, and chunks across two, their good memory
+            # merged); lone-tail: scattered less its last page (85 pages: a last chunk of
+            # one page, right after a chunk that ends with the stretch before it)
+            if ((ckpt_name in ("scattered", "lone-tail") and page % 3) or (ckpt_name == "islands" and page % 8 >= 6)
+                    or (ckpt_name in ("dense", "lone-tail") and page == MiB // PAGE - 1)):
                 data[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
         raw.write_bytes(bytes(data))
         out = str(tmp_path / f"{ckpt_name}-pages")
@@ -509,15 +517,66 @@ def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_pa
             mem.view[first_page + 100] ^= 0x10
             for k in (0, 1, flip, count - 2, count - 1):
                 assert chunks.matches(mem, k, chunks.memory_spans(k)) == (k != flip), (ckpt_name, flip, k)
-            runs = [(0, count - 1)] if flip else [(0, 0), (1, count - 1)]
-            good, verified, bad = chunks.check(mem, runs, (lambda: polite))
-            assert verified == count - 1, (ckpt_name, flip)
-            assert [k for k, _ in bad] == [flip]
-            assert [list(s) for s in bad[0][1]] == merged([m for m, c in pages if c == flip]), (ckpt_name, flip)
-            assert good == merged([m for m, c in pages if c != flip]), (ckpt_name, flip)
+            splits = [[(0, count - 1)], [(0, 0), (1, count - 1)], [(k, k) for k in range(count)]]
+            if 0 < flip < count - 1:
+                splits.append([(0, flip - 1), (flip, flip), (flip + 1, count - 1)])
+            for runs in splits:
+                where = (ckpt_name, flip, runs[:3])
+                good, verified, bad = chunks.check(mem, runs, (lambda: polite))
+                assert verified == count - 1, where
+                assert [k for k, _ in bad] == [flip], where
+                assert [list(s) for s in bad[0][1]] == merged([m for m, c in pages if c == flip]), where
+                assert good == merged([m for m, c in pages if c != flip]), where
         rng = random.Random(7)
         for _ in range(200):
             lo = rng.randrange(0, MiB // PAGE) * PAGE + rng.choice((0, 1, 100))
             hi = min(MiB, lo + rng.randrange(1, 64) * PAGE + rng.choice((0, -1, 1)))
             inside = [c for m, c in pages if m < hi and m + PAGE > lo]
             assert chunks.chunk_range(lo, hi) == ((min(inside), max(inside)) if inside else None), (lo, hi)
+
+
+def test_landed_counts_bytes_not_pages():
+    """``_Chunks.landed`` takes file bytes [lo, hi): a chunk is complete once every one of
+    its bytes landed, whatever cuts the reads (here one byte past a chunk's end, then the
+    rest; and a failed read marks every chunk it touched bad)."""
+    layout = Layout(4 * CHUNK, PAGE, [(0, 4 * CHUNK, 0)])
+    chunks = _Chunks(layout, CHUNK, [0] * 4)
+    assert chunks.landed(0, CHUNK + 1, bad=False) == [0]
+    assert chunks.landed(CHUNK + 1, 2 * CHUNK - 1, bad=False) == []
+    assert chunks.landed(2 * CHUNK - 1, 3 * CHUNK + 1, bad=True) == [1, 2]
+    assert chunks.bad == {1, 2, 3}
+    assert chunks.landed(3 * CHUNK + 1, 4 * CHUNK, bad=False) == [3]
+    assert chunks.partial == {}
+
+
+@pytest.mark.parametrize("lengths", [None, (0,), (1, 3), (4, 8), (9, 16), (17, 128), (129, 240), (241, 1 << 20)])
+def test_the_c_hash_is_used_only_where_it_agrees_with_the_module(monkeypatch, lengths):
+    """``_c_xxh3`` takes the system's XXH3 only where it hashes as the ``xxhash`` module
+    does at every length class of XXH3 (0, 1-3, 4-8, 9-16, 17-128, 129-240, longer):
+    a library that disagrees in one class is refused (``lengths``: that class; None:
+    one that agrees, taken), as are a missing library and one without the function."""
+    proto = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t)
+
+    def fake(address: int, n: int) -> int:
+        value = xxhash.xxh3_64_intdigest(ctypes.string_at(address, n))
+        return value ^ 1 if lengths is not None and lengths[0] <= n <= lengths[-1] else value
+
+    function = proto(fake)
+
+    class Library:
+        XXH3_64bits = function
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Library())
+    assert _c_xxh3() is (None if lengths is not None else function)
+
+    class Without:
+        pass
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Without())
+    assert _c_xxh3() is None
+
+    def missing(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert _c_xxh3() is None
