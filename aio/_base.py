@@ -8,7 +8,8 @@ backend reads straight into those buffers, so page data is copied once, by the k
 A backend whose :attr:`Queue.gathers` is true takes :data:`Op.GATHER`: many ranges
 apart in one request, each read from its own offset (a sparse raw image's data
 islands into its memory file's mapping: one request, and one system call per
-range, instead of a request per range).
+range, instead of a request per range), and optionally from its own file (``fds``:
+a source kept as many files, one read across several of them).
 
 A backend whose :attr:`Queue.copies` is true also takes :data:`Op.COPY`: bytes go
 from one file into another at given offsets without passing through any mapping
@@ -33,6 +34,7 @@ import fcntl
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import add, itemgetter, le
 
 import trio
@@ -44,7 +46,7 @@ class Op(enum.IntEnum):
     READ = 0  #: ``pread`` into ``buffers[0]``
     READV = 1  #: ``preadv`` into every buffer in order
     COPY = 2  #: bytes from ``fd`` at ``offset`` into ``dest_fd`` at the ``dest`` ranges, in the kernel
-    GATHER = 3  #: ``pread`` into each buffer from its own offset of ``fd`` (``offsets``), in order
+    GATHER = 3  #: ``pread`` into each buffer from its own offset (``offsets``) of ``fd`` (or of its own ``fds``), in order
 
 
 class AioError(Exception):
@@ -94,6 +96,7 @@ class Request:
     gather: bool = False
     then: Callable[[], object] | None = None
     offsets: Sequence[int] = ()  #: :data:`Op.GATHER`: the file offset of each buffer
+    fds: Sequence[int] = ()  #: :data:`Op.GATHER`: the file of each buffer (empty: ``fd`` for all)
 
     @property
     def length(self) -> int:
@@ -103,7 +106,10 @@ class Request:
 
     @property
     def span(self) -> tuple[int, int]:
-        """The first and past-the-last byte of ``fd`` the request reads."""
+        """The first and past-the-last byte of ``fd`` the request reads (of its first
+        file, for an :data:`Op.GATHER` over several files)."""
+        if self.op == Op.GATHER and self.fds:
+            return self.offsets[0], self.offsets[0] + len(self.buffers[0])
         if self.op == Op.GATHER:
             return self.offsets[0], self.offsets[-1] + len(self.buffers[-1])
         if self.op == Op.COPY and self.gather:
@@ -137,14 +143,17 @@ class Request:
     @classmethod
     def gather_read(
         cls, id: int, fd: int, buffers: Sequence[memoryview], offsets: Sequence[int], *, urgent: bool = False,
-        then: Callable[[], object] | None = None,
+        then: Callable[[], object] | None = None, fds: Sequence[int] = (),
     ) -> Request:
         """Each of ``buffers`` read from ``fd`` at its own offset (``offsets``, ascending,
         as many), in order (only for a queue whose :attr:`Queue.gathers` is true).  The
         result counts the bytes read in order up to the first short or failed range:
-        the ranges after it are not read.  ``then``: as for any request."""
-        return cls(id, Op.GATHER, fd, offsets[0] if offsets else 0, tuple(buffers), urgent, then=then,
-                   offsets=tuple(offsets))
+        the ranges after it do not count (a backend may have read them at the same
+        time: io_uring does; threads and sync stop there).  ``fds`` (as many as ``buffers``): each range
+        from its own file instead (``fd`` is then the first's; the offsets need not
+        ascend).  ``then``: as for any request."""
+        return cls(id, Op.GATHER, fds[0] if fds else fd, offsets[0] if offsets else 0, tuple(buffers), urgent,
+                   then=then, offsets=tuple(offsets), fds=tuple(fds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,9 +306,10 @@ def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
 
 def _gather_read(request: Request) -> int:
     """An :data:`Op.GATHER`: one ``pread`` a range, in order, until one is short or fails."""
-    fd, done = request.fd, 0
+    done = 0
+    fds = request.fds or repeat(request.fd)
     try:
-        for buffer, offset in zip(request.buffers, request.offsets):
+        for buffer, offset, fd in zip(request.buffers, request.offsets, fds):
             n = os.preadv(fd, (buffer,), offset)
             done += n
             if n < len(buffer):
@@ -394,10 +404,12 @@ class Queue(abc.ABC):
             raise ValueError(f"the {self.name} backend does not take Op.GATHER requests")
         elif request.op == Op.GATHER and (
                 len(request.offsets) != len(request.buffers) or min(request.offsets) < 0
-                # each range ends at or before the next one starts (C loops: no Python per range)
-                or not all(map(le, map(add, request.offsets, map(len, request.buffers)),
-                               request.offsets[1:]))):
-            raise ValueError("Op.GATHER takes one offset a buffer, ascending, the ranges apart")
+                or (len(request.fds) != len(request.buffers) if request.fds
+                    # each range ends at or before the next one starts (C loops: no Python per range)
+                    else not all(map(le, map(add, request.offsets, map(len, request.buffers)),
+                                     request.offsets[1:])))):
+            raise ValueError("Op.GATHER takes one offset a buffer, ascending, the ranges apart "
+                             "(or one file a buffer)")
         elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
         elif any(b.readonly for b in request.buffers):

@@ -180,7 +180,7 @@ class UringQueue(Queue):
 
     def _fill_gather(self, sqe: object, slot: int, request: Request, gather: list[object]) -> int:
         """Place an Op.GATHER's next ranges, the first into ``sqe``; return how many."""
-        ring, flags, fd = self._ring, self._sqe_flags, request.fd
+        ring, flags, fd, fds = self._ring, self._sqe_flags, request.fd, request.fds
         buffers, offsets = request.buffers, request.offsets
         k = gather[0]
         assert isinstance(k, int)
@@ -191,7 +191,7 @@ class UringQueue(Queue):
                 if not sqe:
                     break
             buffer = buffers[k]
-            _lu.io_uring_prep_read(sqe, fd, buffer, len(buffer), offsets[k])
+            _lu.io_uring_prep_read(sqe, fds[k] if fds else fd, buffer, len(buffer), offsets[k])
             _lu.io_uring_sqe_set_data64(sqe, slot + k * _RANGE_TAG)
             if flags:
                 _lu.io_uring_sqe_set_flags(sqe, flags)

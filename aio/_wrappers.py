@@ -76,7 +76,7 @@ class FaultInjectingQueue(Queue):
             return
         if request.op == Op.GATHER:
             self.inner.add(Request.gather_read(request.id, request.fd, buffers, request.offsets[:len(buffers)],
-                                               urgent=request.urgent))
+                                               urgent=request.urgent, fds=request.fds[:len(buffers)]))
             return
         self.inner.add(Request.readv(request.id, request.fd, request.offset, buffers, urgent=request.urgent))
 

@@ -560,7 +560,8 @@ async def check_gathers(make_queue: MakeQueue) -> None:
     """:data:`Op.GATHER` reads each range from its own offset into its buffer, urgent or
     not; short at end of file and failed (``-EBADF``) as one request: the bytes read in
     order up to the short range, nothing after it; refused at :meth:`Queue.add` by a
-    backend that does not take it, and when its offsets are not ascending ranges apart."""
+    backend that does not take it, and when its offsets are not ascending ranges apart;
+    each range from its own file (``fds``), cut by a bad descriptor or a file's end."""
     size = 64 * PAGE + 100
     with _pages_file(size, seed=13) as (fd, data), _mapping(96 * PAGE) as view:
         queue = make_queue(8)
@@ -636,6 +637,37 @@ async def check_gathers(make_queue: MakeQueue) -> None:
         after = bytes(view)
         await trio.sleep(0.05)
         _expect(bytes(view) == after, "the mapping changed after aclose returned")
+    # each range from its own file (a source kept as many files): two files taken in
+    # turn, offsets not ascending across them; a bad descriptor or a file's end cuts it
+    with (_pages_file(8 * PAGE, seed=15) as (fd_a, data_a), _pages_file(4 * PAGE + 10, seed=16) as (fd_b, data_b),
+          _mapping(16 * PAGE) as view):
+        queue = make_queue(4)
+        try:
+            spans = [(fd_a, 6 * PAGE, 0), (fd_b, 0, PAGE), (fd_a, 2 * PAGE, 2 * PAGE), (fd_b, 3 * PAGE, 4 * PAGE)]
+            queue.add(Request.gather_read(1, -1, [view[m : m + PAGE] for _, _, m in spans],
+                                          [o for _, o, _ in spans], fds=[f for f, _, _ in spans]))
+            cut = [(fd_a, PAGE, 8 * PAGE), (BAD_FD, 0, 9 * PAGE), (fd_b, 0, 10 * PAGE)]
+            queue.add(Request.gather_read(2, -1, [view[m : m + PAGE] for _, _, m in cut],
+                                          [o for _, o, _ in cut], fds=[f for f, _, _ in cut], urgent=True))
+            short = [(fd_b, 4 * PAGE, 12 * PAGE), (fd_a, 0, 13 * PAGE)]
+            queue.add(Request.gather_read(3, -1, [view[m : m + PAGE] for _, _, m in short],
+                                          [o for _, o, _ in short], fds=[f for f, _, _ in short]))
+            done = []
+            await _drain(queue, done)
+            results = _exactly_once(done, {1, 2, 3})
+            _expect(results == {1: 4 * PAGE, 2: PAGE, 3: 10},
+                    f"gathers over two files returned {results}, not {4 * PAGE}, {PAGE} and 10")
+            expected = bytearray(16 * PAGE)
+            for fd, offset, m in spans + cut[:1]:
+                expected[m : m + PAGE] = (data_a if fd == fd_a else data_b)[offset : offset + PAGE]
+            expected[12 * PAGE : 12 * PAGE + 10] = data_b[4 * PAGE :]
+            if view[10 * PAGE : 11 * PAGE] == data_b[:PAGE]:  # read at once with the failed one (io_uring)
+                expected[10 * PAGE : 11 * PAGE] = data_b[:PAGE]  # though it does not count
+            if view[13 * PAGE : 14 * PAGE] == data_a[:PAGE]:  # likewise after the short one
+                expected[13 * PAGE : 14 * PAGE] = data_a[:PAGE]
+            _expect(view[:] == expected, "the mapping holds other bytes than the gathers over two files read there")
+        finally:
+            await queue.aclose()
 
 
 #: every check, by name, in the order :func:`check_queue` runs them
