@@ -46,7 +46,7 @@ class Op(enum.IntEnum):
     READ = 0  #: ``pread`` into ``buffers[0]``
     READV = 1  #: ``preadv`` into every buffer in order
     COPY = 2  #: bytes from ``fd`` at ``offset`` into ``dest_fd`` at the ``dest`` ranges, in the kernel
-    GATHER = 3  #: ``pread`` into each buffer from its own offset (``offsets``) of ``fd`` (or of its own ``fds``), in order
+    GATHER = 3  #: ``pread`` into each buffer from its own offset (``offsets``) of ``fd`` (or its ``fds``), in order
 
 
 class AioError(Exception):
