@@ -69,7 +69,8 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError
+from .source import PageSource, open_source
 
 log = logging.getLogger("pageload")
 
@@ -134,7 +135,7 @@ class DaemonOptions:
 class DaemonState:
     """What a running daemon exposes to an in-process caller (tests, bench)."""
 
-    checkpoint: Checkpoint
+    source: PageSource
     memory: MemoryFile
     loader: Loader
     server: Server
@@ -371,48 +372,46 @@ async def run_daemon(
     if opts.listen_socket is not None:
         opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
-    ckpt = open_checkpoint(opts.source, scan=_needs_holes_first(opts))
-    layout = ckpt.layout
-    # what start-up found is logged once it has succeeded: a failed start says one line
-    if ckpt.holes_known:
-        notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
-                 f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
-    else:
-        notes = [f"restoring {opts.source}: {ckpt.kind} checkpoint, memory {human(layout.memory_size)}, "
-                 "its holes found while it loads"]
-    order, recorder, record_path = _working_set_setup(opts, ckpt, notes)
     try:
-        pages_fd = ckpt.open_pages(direct=opts.direct)
+        source = open_source(opts.source, scan=_needs_holes_first(opts), direct=opts.direct)
     except CheckpointError as exc:
         if not opts.direct:
             raise
         log.warning("--direct: %s; falling back to buffered reads", exc)
-        pages_fd = ckpt.open_pages(direct=False)
+        source = open_source(opts.source, scan=_needs_holes_first(opts))
+    layout = source.layout
+    # what start-up found is logged once it has succeeded: a failed start says one line
+    if source.holes_known:
+        notes = [f"restoring {opts.source}: {source.describe()}, memory {human(layout.memory_size)}, "
+                 f"data {human(layout.data_bytes)} in {len(layout)} ranges"]
+    else:
+        notes = [f"restoring {opts.source}: {source.describe()}, memory {human(layout.memory_size)}, "
+                 "its holes found while it loads"]
     metrics: MetricsServer | None = None
     try:
+        order, recorder, record_path = _working_set_setup(opts, source, notes)
         reserve = opts.reserve if opts.reserve != "auto" else "data" if opts.memory_file else "none"
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
-                            protect=ckpt.files(), data_bytes=_data_estimate(ckpt, pages_fd),
+                            protect=source.files(), data_bytes=source.data_estimate(),
                             reserve=_reserve_ranges(layout, reserve))
         if reserve != "none":
             notes.append(f"memory file: {human(memory.reserved)} reserved ({reserve})" if memory.reserved is not None
                          else "memory file: its file system cannot reserve space (fallocate); not reserved")
     except BaseException:
-        os.close(pages_fd)
+        source.close()
         raise
     state: DaemonState | None = None
     try:
         queue, backend = _open_queue(opts, notes)
-        checksums = ckpt.checksums
-        if checksums is not None and not _file_ascends(layout):
+        use_checksums = True
+        if source.checksums is not None and not _file_ascends(layout):
             # laid out with its working set first (checkpoint create --working-set): a chunk's
             # pages are scattered over memory, which the loader's verification cannot serve
             notes.append("checksums: not verified while loading (pages laid out working set first); "
                          "'pageload checkpoint verify' checks them")
-            checksums = None
-        loader = Loader(layout, pages_fd, memory, queue, opts.config, order,
-                        chunk_size=ckpt.chunk_size, checksums=checksums,
-                        extents=None if ckpt.holes_known else ckpt.extent_scanner(pages_fd))
+            use_checksums = False
+        checksums = source.checksums if use_checksums else None
+        loader = Loader(source, memory, queue, opts.config, order, use_checksums=use_checksums)
         loader.recorder = recorder
         release_free_heap()  # what opening the checkpoint and building the tables freed
         if checksums is not None:
@@ -433,7 +432,7 @@ async def run_daemon(
                         busy_poll_us=opts.busy_poll_us,
                         allow_writable_memory_fd=opts.allow_writable_memory_fd,
                         extra_stats=extra_stats)
-        state = DaemonState(ckpt, memory, loader, server, backend, started)
+        state = DaemonState(source, memory, loader, server, backend, started)
         holder.append(state)
         window_done = trio.Event()
         if opts.metrics is not None:  # bound now: a bad address is a start-up failure
@@ -494,7 +493,7 @@ async def run_daemon(
         if metrics is not None:
             metrics.close()
         memory.close()
-        os.close(pages_fd)
+        source.close()
 
 
 def _socket_name(sock: socket.socket) -> str:
@@ -586,7 +585,7 @@ async def _signals(stop: trio.Event) -> None:
 
 
 def _working_set_setup(
-    opts: DaemonOptions, ckpt: Checkpoint, notes: list[str]
+    opts: DaemonOptions, ckpt: PageSource, notes: list[str]
 ) -> tuple[SweepOrder | None, WorkingSetRecorder | None, str | None]:
     """The sweep order (working-set replay when there is one) and the recorder.
 
@@ -688,14 +687,3 @@ def _needs_holes_first(opts: DaemonOptions) -> bool:
     if opts.order is not None or not opts.use_working_set:
         return False
     return opts.working_set is not None or os.path.exists(default_working_set_path(opts.source))
-
-
-def _data_estimate(ckpt: Checkpoint, pages_fd: int) -> int:
-    """The data bytes to make room for: the layout's, or for a raw image whose holes
-    are not found yet, what the file system has allocated to it."""
-    if ckpt.holes_known:
-        return ckpt.layout.data_bytes
-    try:
-        return min(ckpt.layout.memory_size, os.fstat(pages_fd).st_blocks * 512)
-    except OSError:
-        return ckpt.layout.memory_size

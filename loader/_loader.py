@@ -83,6 +83,7 @@ log = logging.getLogger("pageload")
 
 if TYPE_CHECKING:
     from ._workingset import AccessRecorder
+    from .source import LocalPages, PageSource
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 #: a waiter's read up to this long goes into the mapping (the threads backend reads
@@ -93,15 +94,17 @@ _INLINE_LIMIT = 64 << 10
 _NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
 
 
-def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destination, pages_fd: int) -> int | None:
+def _copy_target(config: LoaderConfig, queue: aio.Queue, destination: Destination,
+                 local: LocalPages | None) -> int | None:
     """The destination's fd for file-to-file copies (``aio.Op.COPY``), or None: not
-    configured, the queue does not copy, the destination offers none, or the pages
-    file is read with O_DIRECT (bypassing the page cache, which splice reads from)."""
+    configured, the queue does not copy, the destination offers none, the source is
+    not one local file, or it is read with O_DIRECT (bypassing the page cache, which
+    splice reads from)."""
     copy_fd: int | None = getattr(destination, "copy_fd", None)
-    if not config.kernel_copy or not queue.copies or copy_fd is None:
+    if not config.kernel_copy or not queue.copies or copy_fd is None or local is None:
         return None
     try:
-        if fcntl.fcntl(pages_fd, fcntl.F_GETFL) & os.O_DIRECT:
+        if local.direct or fcntl.fcntl(local.fd, fcntl.F_GETFL) & os.O_DIRECT:
             return None
     except OSError:
         return None
@@ -675,31 +678,31 @@ class _Hasher:
 
 
 class Loader:
-    """Loads ``layout``'s ranges from ``pages_fd`` into ``destination`` through ``queue``.
+    """Loads ``source``'s ranges into ``destination`` through ``queue``.
 
     Call :meth:`run` in a task; use :meth:`submit_wait` / :meth:`wait_loaded` and
-    :meth:`prefetch` from any task of the same trio run.  With ``chunk_size`` and
-    ``checksums`` (and ``config.verify``), every chunk is verified before its bytes
-    count as loaded.
+    :meth:`prefetch` from any task of the same trio run.  Where the source has
+    checksums (and ``config.verify``, and ``use_checksums``), every chunk is verified
+    before its bytes count as loaded.
     """
 
     def __init__(
         self,
-        layout: Layout,
-        pages_fd: int,
+        source: PageSource,
         destination: Destination,
         queue: aio.Queue,
         config: LoaderConfig | None = None,
         order: SweepOrder | None = None,
         *,
-        chunk_size: int | None = None,
-        checksums: Sequence[int] | None = None,
-        extents: ExtentSource | None = None,
+        use_checksums: bool = True,
     ) -> None:
-        self.layout = layout
+        self.source = source
+        layout = self.layout = source.layout
         self.page_size = layout.page_size
         self.memory_size = layout.memory_size
-        self.pages_fd = pages_fd
+        local = source.local
+        #: the source's local file (the userfaultfd handler maps it; -1: none)
+        self.pages_fd = local.fd if local is not None else -1
         self.destination = destination
         self.queue = queue
         self.config = config or LoaderConfig()
@@ -707,7 +710,8 @@ class Loader:
             raise ValueError(f"queue_depth {self.config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         self.order: SweepOrder = order or SequentialOrder()
         #: where reads are copied to in the kernel (None: into the mapping)
-        self._copy_fd: int | None = _copy_target(self.config, queue, destination, pages_fd)
+        self._copy_fd: int | None = _copy_target(self.config, queue, destination, local)
+        self._local = local
         # optional hooks (working-set replay, loader._workingset): looked up once
         self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
         self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
@@ -730,13 +734,14 @@ class Loader:
         #: the pages file holds the ranges back to back in memory order from 0
         #: (``checkpoint create``'s layout): a sweep read takes ranges straight from the table
         self._packed = not layout.identity_mapped and len(layout) > 1 and layout.prefix() is layout.file
+        chunk_size, checksums = source.chunk_size, source.checksums
         self._chunks = (
             _Chunks(layout, chunk_size, checksums)
-            if self.config.verify and chunk_size is not None and checksums is not None
+            if self.config.verify and use_checksums and chunk_size is not None and checksums is not None
             else None
         )
         #: where the data comes from, a batch at a time (see the module's docstring)
-        self._extents: ExtentSource = extents if extents is not None else LayoutExtents(layout)
+        self._extents: ExtentSource = source.extents() or LayoutExtents(layout)
         self.frontier = 0  #: the data below this offset is in the sets (or loaded)
         self._beyond = RangeSet()  #: spans past the frontier already looked up (waits, hints)
         self._scan_wanted = trio.Event()  #: a blocking source's batch is wanted
@@ -870,7 +875,7 @@ class Loader:
         if i < 0 or hi > mem + layout.length[i]:
             return False
         buffer = self.destination.buffer(lo, need)
-        if self.queue.read_now(self.pages_fd, buffer, layout.file[i] + lo - mem) != need:
+        if self.source.read_now(self.queue, buffer, layout.file[i] + lo - mem) != need:
             return False  # not cached (or failed): the queue reads it, and reports errors
         self.unloaded.remove(lo, hi)  # never in flight: _settle's removal from inflight finds nothing
         counters = self.counters
@@ -900,7 +905,7 @@ class Loader:
                     chunks.runs.appendleft((k, k))
             return need
         unloaded = self.unloaded
-        dest, queue, fd = self.destination, self.queue, self.pages_fd
+        dest, queue, source = self.destination, self.queue, self.source
         counters = self.counters
         served = corrupt = pending = False
         for k in range(k0, k1 + 1):
@@ -913,7 +918,7 @@ class Loader:
             elif all(unloaded.overlap_bytes(a, b) == b - a for a, b in spans):
                 file_offset = k * chunks.size
                 for a, b in spans:
-                    if queue.read_now(fd, dest.buffer(a, b - a), file_offset) != b - a:
+                    if source.read_now(queue, dest.buffer(a, b - a), file_offset) != b - a:
                         break  # not cached: the loader reads it (what was read is read again)
                     file_offset += b - a
                 else:
@@ -1434,20 +1439,20 @@ class Loader:
         timeout = self.config.read_timeout
         read.deadline = math.inf if timeout is None else trio.current_time() + timeout
         urgent = read.kind.urgent
-        copy_fd = self._copy_fd
+        copy_fd, local = self._copy_fd, self._local
         read.hashed = None
         # (a gathered read is a raw image's, which has no checksums; its file bytes are apart)
         then = self._hash_after(read) if self._chunks is not None and not urgent and not read.gather else None
-        if copy_fd is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT):
+        if copy_fd is not None and local is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
             self.counters.reads_copied += 1
             columns = read.columns
-            self.queue.add(aio.Request.copy(read.id, self.pages_fd, read.file_offset, copy_fd,
-                                            list(zip(*columns)) if columns is not None
-                                            else [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
-                                            gather=read.gather, then=then))
+            self.queue.add(local.copy(read.id, read.file_offset, copy_fd,
+                                      list(zip(*columns)) if columns is not None
+                                      else [(lo, hi - lo) for lo, hi in read.segments], urgent=urgent,
+                                      gather=read.gather, then=then))
             return
         read.copied = False
         dest = self.destination
@@ -1463,16 +1468,10 @@ class Loader:
             else:
                 buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
                 offsets = array("Q", [lo for lo, _ in read.segments])
-            self.queue.add(aio.Request.gather_read(read.id, self.pages_fd, buffers, offsets, urgent=urgent))
+            self.queue.add(self.source.gather(read.id, buffers, offsets, urgent=urgent))
             return
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
-        if len(buffers) == 1:
-            request = aio.Request.read(read.id, self.pages_fd, read.file_offset, buffers[0], urgent=urgent,
-                                       then=then)
-        else:
-            request = aio.Request.readv(read.id, self.pages_fd, read.file_offset, buffers, urgent=urgent,
-                                        then=then)
-        self.queue.add(request)
+        self.queue.add(self.source.read(read.id, read.file_offset, buffers, urgent=urgent, then=then))
 
     def _hash_after(self, read: _Read) -> Callable[[], None] | None:
         """For a background read: hash the checksum chunks wholly inside it in the
@@ -1589,7 +1588,7 @@ class Loader:
     # ------------------------------------------------------------------ end of file
     def _at_end_of_file(self, file_offset: int) -> bool:
         try:
-            size = os.fstat(self.pages_fd).st_size
+            size = self.source.size()
         except OSError:
             return False
         return file_offset >= size
@@ -1597,7 +1596,7 @@ class Loader:
     def _fail_tail(self, read: _Read) -> None:
         """A read at or past the end of the pages file: the file is shorter than the
         layout says.  Fail this read and every unstarted byte past the end at once."""
-        size = os.fstat(self.pages_fd).st_size
+        size = self.source.size()
         need = max((f + n for f, n in zip(self.layout.file, self.layout.length)), default=0)
         reason = f"pages file ends at {size}, the layout needs {need}"
         self._fail(read.segments, read.file_offset, codes.IO_ERROR, None, reason)

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
-import xxhash
 
 from ._columns import column_bytes, read_column
 from ._files import CheckpointError, open_regular
+from ._identity import CheckpointIdentity
 from ._layout import Layout
 from ._rangeset import RangeSet
 from ._startup import StartupError, memory_available
@@ -43,6 +43,7 @@ from ._units import human
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .source import PageSource
 
 __all__ = [
     "DEFAULT_NAME",
@@ -102,52 +103,14 @@ class AccessRecorder(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class CheckpointIdentity:
-    """Which checkpoint a working set belongs to.
-
-    ``pages``: memory size + xxh3_64 of ``index.msgpack`` (which holds the checksums
-    of every chunk of ``pages.img``, so it changes with any data).  ``raw``: memory
-    size + xxh3_64 of the data extents (the layout): a raw image has no checksums,
-    and hashing its content would mean reading all of it.
-    """
-
-    kind: str
-    memory_size: int
-    page_size: int
-    digest: int
-
-    def describe(self) -> str:
-        what = "index" if self.kind == "pages" else "layout"
-        return f"{self.kind} checkpoint of {self.memory_size} bytes, {what} xxh3 {self.digest:#018x}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "memory_size": self.memory_size, "page_size": self.page_size,
-                "digest": self.digest}
-
-
-def layout_digest(layout: Layout) -> int:
-    h = xxhash.xxh3_64()
-    h.update(layout.mem.tobytes())
-    h.update(layout.length.tobytes())
-    return h.intdigest()
-
-
-def checkpoint_identity(ckpt: Checkpoint) -> CheckpointIdentity:
-    """The identity of an opened checkpoint (reads the index again for ``pages``)."""
-    layout = ckpt.layout
-    if ckpt.kind == "pages" and ckpt.index_path is not None:
-        h = xxhash.xxh3_64()
-        try:
-            with open(ckpt.index_path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-        except OSError as exc:
-            raise WorkingSetError(ckpt.index_path, exc.strerror or str(exc)) from None
-        digest = h.intdigest()
-    else:
-        digest = layout_digest(layout)
-    return CheckpointIdentity(ckpt.kind, layout.memory_size, layout.page_size, digest)
+def checkpoint_identity(source: Checkpoint | PageSource) -> CheckpointIdentity:
+    """The identity of an opened checkpoint or source (:meth:`PageSource.identity`);
+    raises :class:`WorkingSetError` where it cannot be taken (an index that cannot
+    be read again)."""
+    try:
+        return source.identity()
+    except OSError as exc:
+        raise WorkingSetError(exc.filename or "checkpoint", exc.strerror or str(exc)) from None
 
 
 def default_working_set_path(source: str) -> str:
@@ -431,12 +394,15 @@ def decode_working_set(data: bytes) -> WorkingSet:
     if version != VERSION:
         raise ValueError(f"unsupported working-set version {version} (this pageload reads version {VERSION})")
     ck = obj.get("checkpoint")
-    if not isinstance(ck, dict) or ck.get("kind") not in ("raw", "pages"):
-        raise ValueError("field 'checkpoint' is missing or has no kind 'raw' or 'pages'")
+    if not isinstance(ck, dict):
+        ck = {}
+    kind = ck.get("kind")
+    if not isinstance(kind, str) or not kind.isidentifier() or len(kind) > 32:
+        raise ValueError("field 'checkpoint' is missing or has no kind (a source's name: 'raw', 'pages', ...)")
     page_size = _int(ck, "page_size", 1)
     if page_size & (page_size - 1):
         raise ValueError(f"page size {page_size} is not a power of two")
-    identity = CheckpointIdentity(ck["kind"], _int(ck, "memory_size"), page_size, _int(ck, "digest"))
+    identity = CheckpointIdentity(kind, _int(ck, "memory_size"), page_size, _int(ck, "digest"))
     count = _int(obj, "ranges")
     recordings = _int(obj, "recordings", 1)
     window = obj.get("window_s", 0.0)

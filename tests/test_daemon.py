@@ -471,7 +471,7 @@ async def test_pending_waits_per_connection_are_bounded(tmp_path, images):
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
 
-        layout = state.checkpoint.scanned().layout  # (the daemon finds the holes as it loads)
+        layout = state.source.checkpoint.scanned().layout  # (the daemon finds the holes as it loads)
         data_pages = [lo for lo, _ in layout.data_in(0, SIZE)][:6]  # one page of each of 6 extents
         assert len(data_pages) == 6
 

@@ -26,6 +26,7 @@ import aio.testing
 from aio._threads import ThreadQueue
 from loader import Client, ClientError, Layout, Loader, LoaderConfig, LoadError, MemoryFile
 from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.source import FileSource
 from protocol import codes
 from workloads import DaemonProcess
 
@@ -59,7 +60,7 @@ def _loader(resources, layout, fd, queue, size, **config) -> tuple[Loader, Memor
     kwargs = {k: config.pop(k) for k in ("chunk_size", "checksums") if k in config}
     defaults = {"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * KiB,
                 "busy_background_reads": 2}
-    return Loader(layout, fd, mem, queue, LoaderConfig(**{**defaults, **config}), **kwargs), mem
+    return Loader(FileSource(layout, fd, **kwargs), mem, queue, LoaderConfig(**{**defaults, **config})), mem
 
 
 class Watch(aio.testing.DelayedQueue):

@@ -28,6 +28,7 @@ from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
 from loader._loader import _INLINE_HASH, _Chunks
 from loader._sweep import SequentialOrder
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
+from loader.source import FileSource
 from protocol import codes
 
 PAGE = 4096
@@ -54,7 +55,7 @@ def _loader(opened, layout: Layout, fd: int, queue: aio.Queue, checkpoint=None, 
     cfg = LoaderConfig(**{"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * KiB,
                           "busy_background_reads": 2, **config})
     extra = {} if checkpoint is None else {"chunk_size": checkpoint.chunk_size, "checksums": checkpoint.checksums}
-    return Loader(layout, fd, mem, queue, cfg, **extra), mem
+    return Loader(FileSource(layout, fd, **extra), mem, queue, cfg), mem
 
 
 def _checkpoint(tmp_path, opened, size: int = MiB, flip: int | None = None, sparse: bool = False):
@@ -589,7 +590,7 @@ async def test_every_loaded_byte_is_committed_and_told_to_the_listeners(tmp_path
     mem = MemoryFile(layout.memory_size)
     opened[1].append(mem)
     dest = Committing(mem) if told == "commit" else mem
-    loader = Loader(layout, fd, dest, Cached(16), LoaderConfig(queue_depth=16, sweep_read_size=256 * KiB))
+    loader = Loader(FileSource(layout, fd), dest, Cached(16), LoaderConfig(queue_depth=16, sweep_read_size=256 * KiB))
     heard: list[tuple[int, int]] = []
     if told == "listener":
         loader.add_loaded_listener(lambda lo, hi: heard.append((lo, hi)))
@@ -779,7 +780,8 @@ async def test_a_read_error_the_destination_explains_is_reported_in_its_words(tm
     mem = MemoryFile(layout.memory_size)
     opened[1].append(mem)
     queue = aio.testing.FaultInjectingQueue(aio.open_queue("sync", 16), aio.testing.fail_offsets(MiB, MiB + PAGE, err))
-    loader = Loader(layout, fd, Explaining(mem), queue, LoaderConfig(queue_depth=16, sweep=False, kernel_copy=False))
+    loader = Loader(FileSource(layout, fd), Explaining(mem), queue,
+                    LoaderConfig(queue_depth=16, sweep=False, kernel_copy=False))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         with trio.fail_after(60), pytest.raises(LoadError) as info:
@@ -1004,7 +1006,7 @@ async def test_an_order_that_replays_is_told_of_every_byte_and_keeps_the_cpu(tmp
     mem = MemoryFile(layout.memory_size)
     opened[1].append(mem)
     cfg = LoaderConfig(queue_depth=16, sweep_read_size=64 * PAGE, background_reads=1)  # (a slow sweep)
-    loader = Loader(layout, fd, mem, queue, cfg, order)
+    loader = Loader(FileSource(layout, fd), mem, queue, cfg, order)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         await _rounds()

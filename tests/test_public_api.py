@@ -14,6 +14,7 @@ import aio.testing
 import bench
 import loader
 import loader.checkpoint
+import loader.source
 import loader.vmm
 import workloads
 
@@ -70,7 +71,16 @@ def test_loader_public_names():
     assert set(loader.checkpoint.__all__) == {
         "DEFAULT_CHUNK_SIZE", "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport",
         "create_checkpoint",
-        "format_inspection", "inspect_checkpoint", "open_checkpoint", "verify_checkpoint",
+        "format_inspection", "inspect_checkpoint", "looks_like_pages_checkpoint", "open_checkpoint",
+        "open_pages_checkpoint", "open_raw_image", "verify_checkpoint",
+    }
+
+
+def test_loader_source_public_names():
+    """Page sources (the seam under the loader) are their own package."""
+    assert set(loader.source.__all__) == {
+        "FileSource", "LocalPages", "PageSource", "PagesSource", "RawImageSource", "SourceClass", "open_source",
+        "register_source", "registered_sources", "unregister_source",
     }
 
 
@@ -81,7 +91,7 @@ def test_loader_vmm_public_names():
 
 
 def test_every_exported_name_resolves_to_itself():
-    for module in (aio, aio.testing, loader, loader.checkpoint, loader.vmm, workloads, bench):
+    for module in (aio, aio.testing, loader, loader.checkpoint, loader.source, loader.vmm, workloads, bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

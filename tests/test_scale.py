@@ -19,6 +19,7 @@ from loader._daemon import DaemonOptions, run_daemon
 from loader._loadmap import LoadedMap
 from loader.checkpoint import create_checkpoint, open_checkpoint
 from loader.checkpoint._raw import ExtentScanner, data_extents, scan_extents
+from loader.source import FileSource
 from workloads import make_sample_image
 
 PAGE = 4096
@@ -78,7 +79,7 @@ async def test_waits_past_the_window_get_their_bytes_and_the_window_stays_small(
         state = await nursery.start(run_daemon, opts)
         ld = state.loader
         if kind == "raw":
-            assert not state.checkpoint.holes_known  # ready before the scan
+            assert not state.source.holes_known  # ready before the scan
 
         async def watch():
             nonlocal widest
@@ -110,7 +111,7 @@ async def test_waits_past_the_window_get_their_bytes_and_the_window_stays_small(
         assert stats.scanned_bytes == SIZE and ld.frontier == SIZE
         # a page wait adds its page to the window (with checksums, its chunk's ranges: one
         # page each in the pages file); a batch arrives when it runs low
-        per_wait = (state.checkpoint.chunk_size or PAGE) // PAGE
+        per_wait = (state.source.chunk_size or PAGE) // PAGE
         assert small_waits_widest <= loader_mod._WINDOW_HIGH + loader_mod._BATCH_EXTENTS + len(offsets) * per_wait
         assert small_waits_widest < len(open_checkpoint(scattered["raw"]).layout) or per_wait > 1
         state.stop()
@@ -144,8 +145,8 @@ async def test_the_loaded_map_never_shows_memory_past_the_frontier_as_loaded(tmp
 
     mem = MemoryFile(SIZE)
     try:
-        ld = loader_mod.Loader(ckpt.layout, fd, mem, aio.open_queue("sync", 64), LoaderConfig(sweep=False),
-                               extents=ckpt.extent_scanner(fd))
+        ld = loader_mod.Loader(FileSource(ckpt.layout, fd, extents=ckpt.extent_scanner(fd)), mem,
+                               aio.open_queue("sync", 64), LoaderConfig(sweep=False))
         assert ld.frontier == 0
         m = LoadedMap(ld)
         assert bytes(m._map) == bytes(len(m._map))
@@ -306,8 +307,8 @@ async def test_the_loader_is_not_done_before_the_last_batch_is_in(tmp_path, scat
     source = _SlowScanner(SIZE, data)
     mem = MemoryFile(SIZE)
     try:
-        ld = loader_mod.Loader(ckpt.layout, fd, mem, aio.open_queue("threads", 64), LoaderConfig(),
-                               extents=source)
+        ld = loader_mod.Loader(FileSource(ckpt.layout, fd, extents=source), mem, aio.open_queue("threads", 64),
+                               LoaderConfig())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ld.run)
             await trio.to_thread.run_sync(source.entered.wait, 30)

@@ -25,6 +25,7 @@ import trio.testing
 import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
+from loader.source import FileSource
 from workloads._vmm import hugepages_free
 
 PAGE = 4096
@@ -99,7 +100,7 @@ def make_loader(img: Image, queue: aio.Queue, **config) -> tuple[Loader, MemoryF
         _made.append(mem)
     defaults = {"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * 1024}
     cfg = LoaderConfig(**{**defaults, **config})
-    return Loader(img.layout, img.fd, mem, queue, cfg), mem
+    return Loader(FileSource(img.layout, img.fd), mem, queue, cfg), mem
 
 
 @pytest.mark.parametrize("backend", ["threads", "sync"])
@@ -502,9 +503,8 @@ async def test_wait_is_not_read_at_once_with_checksums(image):
     sums = [xxhash.xxh3_64_intdigest(bytes(image.expected[m : m + chunk])) for m in range(0, 16 * MiB, 2 * MiB)]
     queue = aio.open_queue("threads", 16)
     mem = MemoryFile(image.memory_size)
-    loader = Loader(image.layout, image.fd, mem, queue,
-                    LoaderConfig(queue_depth=16, background_reads=4, sweep=False),
-                    chunk_size=chunk, checksums=sums)
+    loader = Loader(FileSource(image.layout, image.fd, chunk_size=chunk, checksums=sums), mem, queue,
+                    LoaderConfig(queue_depth=16, background_reads=4, sweep=False))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         done = trio.Event()
@@ -661,7 +661,7 @@ async def test_a_memory_file_that_refuses_copies_is_read_into_instead(image, bac
     mem = _RefusingMemory(image.memory_size)
     _made.append(mem)
     queue = aio.open_queue(backend, 16)
-    loader = Loader(image.layout, image.fd, mem, queue,
+    loader = Loader(FileSource(image.layout, image.fd), mem, queue,
                     LoaderConfig(queue_depth=16, background_reads=1, sweep_read_size=MiB))
     await _load_all_logged(loader, caplog)
     assert mem.view == image.expected
@@ -681,7 +681,7 @@ async def test_an_o_direct_pages_file_is_read_not_copied(image, tmp_path):
     queue = aio.open_queue("sync", 16)
     mem = MemoryFile(image.memory_size)
     _made.append(mem)
-    loader = Loader(image.layout, fd, mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
+    loader = Loader(FileSource(image.layout, fd), mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader.run)
@@ -710,7 +710,8 @@ async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fail
         mem = MemoryFile(image.memory_size, str(where / "mem"))
         _made.append(mem)
         queue = aio.open_queue(backend, 16)
-        loader = Loader(image.layout, image.fd, mem, queue, LoaderConfig(queue_depth=16, background_reads=4))
+        loader = Loader(FileSource(image.layout, image.fd), mem, queue,
+                        LoaderConfig(queue_depth=16, background_reads=4))
         await _load_all_logged(loader, caplog)
         assert mem.view == image.expected
         stats = loader.statistics()
@@ -756,7 +757,7 @@ async def test_a_waiter_on_a_sweep_read_that_goes_back_in_memory_is_answered(tmp
     try:
         order = WorkingSetOrder(_array("Q", [MiB]), _array("Q", [2 * MiB]), RangeSet([(MiB, 2 * MiB)]))
         queue = aio.testing.DelayedQueue(aio.open_queue("sync", 16), 0.05)
-        loader = Loader(layout, fd, mem, queue, LoaderConfig(queue_depth=16, sweep_read_size=2 * MiB,
+        loader = Loader(FileSource(layout, fd), mem, queue, LoaderConfig(queue_depth=16, sweep_read_size=2 * MiB,
                                                              kernel_copy=False), order)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader.run)

@@ -35,6 +35,7 @@ import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig, _uffd
 from loader._uffd_handler import Region, UffdHandler
+from loader.source import FileSource
 from protocol import codes
 from workloads._vmm import GuestRegion, VmmEmulator
 
@@ -134,7 +135,7 @@ class Rig:
         queue = aio.open_queue("sync", 16)
         self.queue = wrap(queue) if wrap is not None else queue
         lazy = LoaderConfig(sweep=False, read_now_bytes=0, queue_depth=16, background_reads=4)
-        self.loader = Loader(self.layout, self.fd, self.memory, self.queue, loader_config or lazy)
+        self.loader = Loader(FileSource(self.layout, self.fd), self.memory, self.queue, loader_config or lazy)
         self.vmm = VmmEmulator(regions or [GuestRegion(0, SIZE)], features=features, align=guest_page or 0)
         # (``serve_only``: the handler is told of only the first so many bytes of the first region)
         # (``guest_page``: the page size the handler is told, over the same 4 KiB pages)

@@ -34,6 +34,7 @@ from loader import Client, ClientError, Loader, LoaderConfig, LoadError, MemoryF
 from loader._layout import Layout
 from loader._loader import _c_xxh3, _Chunks
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint, verify_checkpoint
+from loader.source import FileSource
 from protocol import codes
 from workloads import DaemonProcess
 
@@ -98,7 +99,7 @@ def _loader(opened, ckpt_dir: str, queue: aio.Queue, **config) -> tuple[Loader, 
     opened[1].append(mem)
     cfg = LoaderConfig(**{"queue_depth": queue.capacity, "background_reads": 4, "sweep_read_size": 256 * KiB,
                           "busy_background_reads": 2, **config})
-    return Loader(ck.layout, fd, mem, queue, cfg, chunk_size=ck.chunk_size, checksums=ck.checksums), mem
+    return Loader(FileSource(ck.layout, fd, chunk_size=ck.chunk_size, checksums=ck.checksums), mem, queue, cfg), mem
 
 
 def _queue(backend: str) -> aio.Queue:

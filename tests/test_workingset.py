@@ -52,6 +52,7 @@ from loader._workingset import (
     replay_plan,
 )
 from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.source import FileSource
 from workloads import make_sample_image
 
 PAGE = 4096
@@ -250,7 +251,7 @@ async def test_replay_loads_the_working_set_first_in_order_then_sweeps(tmp_path)
         queue = RecordingQueue(aio.open_queue("sync", 8), 0.0005)
         fd = os.open(str(tmp_path / "pages"), os.O_RDONLY)
         mem = MemoryFile(size)
-        loader = Loader(layout, fd, mem, queue, LoaderConfig(queue_depth=8, background_reads=1,
+        loader = Loader(FileSource(layout, fd), mem, queue, LoaderConfig(queue_depth=8, background_reads=1,
                                                              busy_background_reads=1), order)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loader.run)
@@ -280,7 +281,7 @@ async def test_waiters_still_come_first_during_replay(tmp_path):
     queue = RecordingQueue(aio.open_queue("sync", 8), 0.003)
     fd = os.open(str(tmp_path / "pages"), os.O_RDONLY)
     mem = MemoryFile(size)
-    loader = Loader(layout, fd, mem, queue, LoaderConfig(queue_depth=8, background_reads=1,
+    loader = Loader(FileSource(layout, fd), mem, queue, LoaderConfig(queue_depth=8, background_reads=1,
                                                          busy_background_reads=1), order)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)

@@ -11,7 +11,10 @@ from ._checkpoint import (
     VerifyReport,
     format_inspection,
     inspect_checkpoint,
+    looks_like_pages_checkpoint,
     open_checkpoint,
+    open_pages_checkpoint,
+    open_raw_image,
     verify_checkpoint,
 )
 from ._create import DEFAULT_CHUNK_SIZE, CreateReport, create_checkpoint
@@ -27,6 +30,9 @@ __all__ = [
     "create_checkpoint",
     "format_inspection",
     "inspect_checkpoint",
+    "looks_like_pages_checkpoint",
     "open_checkpoint",
+    "open_pages_checkpoint",
+    "open_raw_image",
     "verify_checkpoint",
 ]

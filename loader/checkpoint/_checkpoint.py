@@ -33,6 +33,7 @@ from typing import Any
 import xxhash
 
 from .._files import open_regular, read_span, stat_regular
+from .._identity import CheckpointIdentity, file_digest, layout_digest
 from .._layout import Layout, LayoutError
 from .._units import human
 from ._create import READ_SIZE
@@ -103,6 +104,17 @@ class Checkpoint:
             )
         return fd
 
+    def identity(self) -> CheckpointIdentity:
+        """Which checkpoint this is (a working set belongs to one): memory and page size
+        and xxh3_64 of the index (``pages``: it holds every chunk's checksum) or of the
+        layout (``raw``).  Reads the index again; raises OSError naming it."""
+        layout = self.layout
+        if self.index_path is not None:
+            digest = file_digest(self.index_path)
+        else:
+            digest = layout_digest(layout)
+        return CheckpointIdentity(self.kind, layout.memory_size, layout.page_size, digest)
+
     def files(self) -> tuple[str, ...]:
         """The checkpoint's own files (the image; or pages.img and the index)."""
         return tuple(dict.fromkeys(p for p in (self.path, self.pages_path, self.index_path)
@@ -147,21 +159,44 @@ def open_checkpoint(path: str, page_size: int = 4096, *, scan: bool = True) -> C
     Raises :class:`CheckpointError` (one line, naming the file) on any problem.
     """
     try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            os.close(open_regular(path))  # (a symbolic link, a device: refused here)
     except OSError as exc:
         raise CheckpointError(path, exc.strerror or str(exc)) from None
-    if is_dir:
-        return _open_pages(path, os.path.join(path, INDEX_NAME))
+    if looks_like_pages_checkpoint(path):
+        return open_pages_checkpoint(path)
+    return open_raw_image(path, page_size, scan=scan)
+
+
+def looks_like_pages_checkpoint(path: str) -> bool:
+    """Whether ``path`` names a pages checkpoint rather than a raw image: a directory,
+    a file whose name ends in ``.msgpack``, or one whose content starts like our
+    index.  False where it cannot be read (opening it says why)."""
     try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return True
+        if path.endswith(".msgpack"):
+            return True
         fd = open_regular(path)
         try:
             head = os.pread(fd, 64, 0)
         finally:
             os.close(fd)
-    except OSError as exc:
-        raise CheckpointError(path, exc.strerror or str(exc)) from None
-    if path.endswith(".msgpack") or looks_like_index(head):
-        return _open_pages(path, path)
+    except OSError:
+        return False
+    return looks_like_index(head)
+
+
+def open_pages_checkpoint(path: str) -> Checkpoint:
+    """Open and validate the pages checkpoint at ``path`` (its directory or its index):
+    see :func:`open_checkpoint`."""
+    if os.path.isdir(path):
+        return _open_pages(path, os.path.join(path, INDEX_NAME))
+    return _open_pages(path, path)
+
+
+def open_raw_image(path: str, page_size: int = 4096, *, scan: bool = True) -> Checkpoint:
+    """Open and validate the raw image at ``path``: see :func:`open_checkpoint`."""
     return _open_raw(path, page_size, scan)
 
 

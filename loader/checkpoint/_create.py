@@ -19,17 +19,16 @@ from dataclasses import dataclass
 import xxhash
 
 from .._files import open_regular, read_span
+from .._identity import CheckpointIdentity, layout_digest
 from .._layout import Layout
 from .._rangeset import RangeSet
 from .._units import human
 from .._workingset import (
     DEFAULT_NAME,
-    CheckpointIdentity,
     WorkingSet,
     WorkingSetError,
     check_identity,
     clip_working_set,
-    layout_digest,
     max_file_bytes,
     read_working_set,
     replay_plan,
