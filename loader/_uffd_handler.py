@@ -386,6 +386,8 @@ class UffdHandler:
             return "off (checksums are verified while loading)"
         if _injects_read_faults(self.loader.queue):
             return "off (reads go through a fault-injecting queue)"
+        if self.loader.pages_fd < 0:
+            return "off (the source is not one local file)"
         fd = self.loader.pages_fd
         size = os.fstat(fd).st_size
         if size == 0:

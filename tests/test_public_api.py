@@ -69,7 +69,8 @@ def test_loader_public_names():
         "MAX_UFFD_SPIN_US", "UFFD_MODES", "UffdConfig",
     }
     assert set(loader.checkpoint.__all__) == {
-        "DEFAULT_CHUNK_SIZE", "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "VerifyReport",
+        "DEFAULT_CHUNK_SIZE", "BadChunk", "Checkpoint", "CheckpointError", "CreateReport", "PagesIndex",
+        "VerifyReport", "read_pages_index",
         "create_checkpoint",
         "format_inspection", "inspect_checkpoint", "looks_like_pages_checkpoint", "open_checkpoint",
         "open_pages_checkpoint", "open_raw_image", "verify_checkpoint",
@@ -79,8 +80,9 @@ def test_loader_public_names():
 def test_loader_source_public_names():
     """Page sources (the seam under the loader) are their own package."""
     assert set(loader.source.__all__) == {
-        "FileSource", "LocalPages", "PageSource", "PagesSource", "RawImageSource", "SourceClass", "open_source",
-        "register_source", "registered_sources", "unregister_source",
+        "CheckpointIdentity", "FileSource", "LocalPages", "PageSource", "PagesSource", "RawImageSource",
+        "SourceClass", "file_digest", "layout_digest", "open_regular", "open_source", "register_source",
+        "registered_sources", "unregister_source",
     }
 
 

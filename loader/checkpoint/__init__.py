@@ -8,6 +8,7 @@ our format from a raw image.  docs/FORMAT.md describes both formats field by fie
 from ._checkpoint import (
     BadChunk,
     Checkpoint,
+    PagesIndex,
     VerifyReport,
     format_inspection,
     inspect_checkpoint,
@@ -15,6 +16,7 @@ from ._checkpoint import (
     open_checkpoint,
     open_pages_checkpoint,
     open_raw_image,
+    read_pages_index,
     verify_checkpoint,
 )
 from ._create import DEFAULT_CHUNK_SIZE, CreateReport, create_checkpoint
@@ -26,6 +28,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CreateReport",
+    "PagesIndex",
     "VerifyReport",
     "create_checkpoint",
     "format_inspection",
@@ -34,5 +37,6 @@ __all__ = [
     "open_checkpoint",
     "open_pages_checkpoint",
     "open_raw_image",
+    "read_pages_index",
     "verify_checkpoint",
 ]

@@ -233,10 +233,23 @@ def _open_raw(path: str, page_size: int, scan: bool = True) -> Checkpoint:
     return Checkpoint("raw", path, path, layout, None, None, pages_size=st.st_size, holes_known=scan)
 
 
-def _open_pages(path: str, index_path: str) -> Checkpoint:
+@dataclass(frozen=True, slots=True, eq=False)
+class PagesIndex:
+    """A pages index, read and validated (:func:`read_pages_index`)."""
+
+    path: str
+    layout: Layout  #: validated against ``pages_size``
+    chunk_size: int
+    checksums: array[int]  #: one xxh3_64 per chunk, as many as ``pages_size`` needs
+    pages_size: int  #: the bytes of page data the layout's file offsets address
+    source: Mapping[str, Any]  #: what the index says about its origin
+
+
+def read_pages_index(index_path: str) -> PagesIndex:
+    """Read and validate a pages index (``index.msgpack``; docs/FORMAT.md): its fields,
+    its ranges against each other and against the page data's size it names, and the
+    checksum count.  It does not look at the page data.  Raises :class:`CheckpointError`."""
     try:
-        if index_path != path and not os.path.lexists(index_path):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), index_path)
         with open(open_regular(index_path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_INDEX_BYTES:
@@ -248,27 +261,9 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
             except ValueError as exc:
                 raise CheckpointError(index_path, str(exc)) from None
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError) and index_path != path:
-            raise CheckpointError(
-                index_path, "missing: this directory is not a pages checkpoint"
-            ) from None
         raise CheckpointError(index_path, exc.strerror or str(exc)) from None
     layout = Layout.from_arrays(fields.memory_size, fields.page_size, fields.mem, fields.length, fields.file)
     _validate(layout, index_path, fields.pages_size)
-    pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)
-    if not os.path.exists(pages_path):
-        raise CheckpointError(
-            pages_path,
-            f"pages file missing (the index {index_path} needs {fields.pages_size} bytes)",
-        )
-    pages_size = stat_regular(pages_path).st_size
-    if pages_size != fields.pages_size:
-        shorter = "shorter" if pages_size < fields.pages_size else "longer"
-        raise CheckpointError(
-            pages_path,
-            f"pages file is {shorter} than the index says: "
-            f"{pages_size} bytes, not {fields.pages_size}",
-        )
     expected = -(-fields.pages_size // fields.chunk_size)
     if len(fields.checksums) != expected:
         raise CheckpointError(
@@ -276,16 +271,38 @@ def _open_pages(path: str, index_path: str) -> Checkpoint:
             f"{len(fields.checksums)} checksums for a {fields.pages_size}-byte pages file in "
             f"{fields.chunk_size}-byte chunks (expected {expected})",
         )
+    return PagesIndex(index_path, layout, fields.chunk_size, fields.checksums, fields.pages_size,
+                      MappingProxyType(dict(fields.source)))
+
+
+def _open_pages(path: str, index_path: str) -> Checkpoint:
+    if index_path != path and not os.path.lexists(index_path):
+        raise CheckpointError(index_path, "missing: this directory is not a pages checkpoint")
+    index = read_pages_index(index_path)
+    pages_path = os.path.join(os.path.dirname(index_path), PAGES_NAME)
+    if not os.path.exists(pages_path):
+        raise CheckpointError(
+            pages_path,
+            f"pages file missing (the index {index_path} needs {index.pages_size} bytes)",
+        )
+    pages_size = stat_regular(pages_path).st_size
+    if pages_size != index.pages_size:
+        shorter = "shorter" if pages_size < index.pages_size else "longer"
+        raise CheckpointError(
+            pages_path,
+            f"pages file is {shorter} than the index says: "
+            f"{pages_size} bytes, not {index.pages_size}",
+        )
     return Checkpoint(
         "pages",
         path,
         pages_path,
-        layout,
-        fields.chunk_size,
-        fields.checksums,
+        index.layout,
+        index.chunk_size,
+        index.checksums,
         pages_size=pages_size,
         index_path=index_path,
-        source=MappingProxyType(dict(fields.source)),
+        source=index.source,
     )
 
 

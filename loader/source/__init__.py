@@ -4,25 +4,34 @@
 claims a path (``claims``) and opens it with the first that does (``open``).  The
 built-in ones: a pages checkpoint (a directory, or its ``index.msgpack``), and a raw
 image (anything else, last).  A new source is one module and one line:
-``register_source(MySource)`` (it goes before the built-ins).
+``register_source(MySource)`` (it goes before the built-ins).  Helpers for a new
+source: :func:`open_regular` (opens a regular file read-only, refusing symbolic
+links and other kinds), :func:`file_digest` and :func:`layout_digest` (for an
+identity).  :mod:`loader.source.testing` is the conformance suite every source passes.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from .._files import open_regular
+from .._identity import CheckpointIdentity, file_digest, layout_digest
 from ._base import LocalPages, PageSource
 from ._file import FileSource
 from ._pages import PagesSource
 from ._raw import RawImageSource
 
 __all__ = [
+    "CheckpointIdentity",
     "FileSource",
     "LocalPages",
     "PageSource",
     "PagesSource",
     "RawImageSource",
     "SourceClass",
+    "file_digest",
+    "layout_digest",
+    "open_regular",
     "open_source",
     "register_source",
     "registered_sources",

@@ -1,0 +1,215 @@
+"""Page sources (issue 22, item 1): the conformance suite over every source (the raw
+image, the pages checkpoint, and the fixture source of per-chunk files,
+tests/chunkdir_source.py), the registry, and the fixture source restored end to end
+through the socket and through the userfaultfd emulator."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+
+import pytest
+import trio
+from chunkdir_source import ChunkDirSource, chunk_path, make_chunk_dir
+
+import aio
+import aio.testing
+from loader import ClientError, DaemonOptions, LoaderConfig, TrioClient, UffdConfig, _uffd, run_daemon
+from loader.checkpoint import CheckpointError, create_checkpoint
+from loader.source import (
+    FileSource,
+    PagesSource,
+    RawImageSource,
+    open_source,
+    register_source,
+    registered_sources,
+    unregister_source,
+)
+from loader.source.testing import check_source
+from workloads import make_sample_image
+from workloads._vmm import GuestRegion, VmmEmulator
+
+MiB = 1 << 20
+PAGE = 4096
+SIZE = 4 * MiB
+
+
+def _why_unavailable(backend: str) -> str | None:
+    try:
+        aio.check_available(backend)
+    except aio.BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+#: every backend, decided at collection (a skip says why: "io_uring disabled on this host", ...)
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=f"aio backend {b} unavailable: {why}"))
+            for b, why in ((b, _why_unavailable(b)) for b in ("sync", "threads", "uring"))]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sources")
+    raw = str(d / "memory.img")
+    make_sample_image(raw, SIZE, seed=21)
+    pages = str(d / "ckpt")
+    create_checkpoint(raw, pages)
+    chunks = make_chunk_dir(pages, str(d / "chunks"))
+    with open(raw, "rb") as f:
+        expected = f.read()
+    return {"raw": raw, "pages": pages, "chunkdir": chunks, "expected": expected}
+
+
+@pytest.fixture
+def chunkdir_registered():
+    register_source(ChunkDirSource)
+    yield
+    unregister_source(ChunkDirSource)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["raw", "pages", "chunkdir"])
+async def test_every_source_passes_the_conformance_suite(images, kind, backend, chunkdir_registered):
+    source = open_source(images[kind])
+    assert type(source) is {"raw": RawImageSource, "pages": PagesSource, "chunkdir": ChunkDirSource}[kind]
+    await check_source(source, images["expected"], lambda n: aio.open_queue(backend, n))
+
+
+async def test_the_conformance_suite_fails_a_source_that_reads_wrong_bytes(images, tmp_path):
+    """The suite can fail: a chunk file with one byte changed (its checksum no longer
+    matches, and the bytes the requests read are not the memory's), and a source whose
+    layout claims more than its file holds."""
+    bad = make_chunk_dir(images["pages"], str(tmp_path / "bad"))
+    with open(chunk_path(bad, 3), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(AssertionError, match="differ|checksum"):
+        await check_source(ChunkDirSource(bad), images["expected"], lambda n: aio.open_queue("sync", n))
+    source = open_source(images["raw"])
+    fd = os.open(images["raw"], os.O_RDONLY | os.O_CLOEXEC)
+    short = os.open(tmp_path / "short.img", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.truncate(short, SIZE // 2)
+    try:
+        with pytest.raises(AssertionError, match="does not fit"):
+            await check_source(FileSource(source.layout, short), images["expected"],
+                               lambda n: aio.open_queue("sync", n))
+    finally:
+        source.close()
+        os.close(fd)
+        os.close(short)
+
+
+def test_open_source_asks_the_registered_sources_in_order(images):
+    """A registered source goes before the built-ins and takes what it claims; taken
+    out again, the same directory is a pages checkpoint without its pages file."""
+    assert registered_sources() == (PagesSource, RawImageSource)
+    register_source(ChunkDirSource)
+    try:
+        assert registered_sources()[0] is ChunkDirSource
+        source = open_source(images["chunkdir"])
+        assert isinstance(source, ChunkDirSource) and source.local is None
+        assert source.identity() == open_source(images["pages"]).identity().__class__(
+            "chunkdir", SIZE, PAGE, source.identity().digest)
+        source.close()
+        assert isinstance(open_source(images["pages"]), PagesSource)  # not claimed: no chunks/ directory
+    finally:
+        unregister_source(ChunkDirSource)
+    assert registered_sources() == (PagesSource, RawImageSource)
+    with pytest.raises(CheckpointError, match="pages file missing"):
+        open_source(images["chunkdir"])
+
+
+def test_a_chunk_file_of_the_wrong_size_is_refused_at_open(images, tmp_path):
+    bad = make_chunk_dir(images["pages"], str(tmp_path / "bad"))
+    with open(chunk_path(bad, 2), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(CheckpointError, match="chunk 2 is"):
+        ChunkDirSource(bad)
+
+
+def _options(tmp_path, source, **kw):
+    kw.setdefault("handle_signals", False)
+    kw.setdefault("ready_line", False)
+    return DaemonOptions(source=source, socket_path=str(tmp_path / "s.sock"), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_fixture_source_restores_through_the_socket(images, tmp_path, backend, chunkdir_registered):
+    """A daemon restoring the chunk directory: waits for random ranges ahead of the
+    sweep are answered, every chunk is verified, and the memory file ends as the image."""
+    opts = _options(tmp_path, images["chunkdir"], aio_backend=backend,
+                    wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.002))
+    rng = random.Random(3)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        assert isinstance(state.source, ChunkDirSource)
+        async with TrioClient.connect(state.server.path) as client:
+            for _ in range(20):
+                lo = rng.randrange(SIZE // PAGE) * PAGE
+                await client.wait(lo, min(SIZE - lo, rng.randrange(1, 40) * PAGE))
+            await client.wait(0, SIZE)
+            fd = await client.memory_fd()
+        try:
+            with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:] == images["expected"]
+        finally:
+            os.close(fd)
+        s = state.loader.statistics()
+        assert s.verify and s.chunks_verified == len(state.source.checksums) and s.reads_copied == 0
+        state.stop()
+
+
+async def test_the_fixture_source_never_serves_a_corrupt_chunk(images, tmp_path, chunkdir_registered):
+    """Its checksums are the loader's: a chunk file with a byte flipped fails the waits on
+    it, and the rest of the memory is still served."""
+    bad = make_chunk_dir(images["pages"], str(tmp_path / "bad"))
+    source = open_source(bad)
+    first = next(r for r in source.layout if r.file_offset <= 5 * source.chunk_size < r.file_offset + r.length)
+    at = first.mem_offset + 5 * source.chunk_size - first.file_offset
+    source.close()
+    with open(chunk_path(bad, 5), "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x80]))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, _options(tmp_path, bad))
+        async with TrioClient.connect(state.server.path) as client:
+            with pytest.raises(ClientError) as info:
+                await client.wait(at, PAGE)
+            assert info.value.code == "corrupt"
+            other = next(r for r in state.source.layout if r.mem_offset > at + 64 * 1024)
+            await client.wait(other.mem_offset, PAGE)
+        state.stop()
+
+
+@pytest.mark.skipif(_uffd.unavailable() is not None, reason=str(_uffd.unavailable()))
+async def test_the_fixture_source_restores_through_the_uffd_emulator(images, tmp_path, chunkdir_registered):
+    """Firecracker's page-fault handler over the chunk directory: faults anywhere get the
+    image's bytes, the fill completes the guest; direct copies are off (no local file)."""
+    opts = _options(tmp_path, images["chunkdir"], uffd_socket=str(tmp_path / "uffd.sock"),
+                    config=LoaderConfig(verify=False), uffd_config=UffdConfig.for_mode("fill"),
+                    wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.001))
+    rng = random.Random(4)
+    faults = [(0, rng.randrange(SIZE // PAGE) * PAGE, PAGE) for _ in range(100)]
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
+        try:
+            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
+            report = await trio.to_thread.run_sync(lambda: vmm.touch(faults, vcpus=2))
+            assert report.touches == 100 and not report.mismatches and not report.errors
+            with trio.fail_after(30):
+                while state.uffd is None:
+                    await trio.sleep(0.01)
+                await state.uffd.filled.wait()
+            assert await trio.to_thread.run_sync(vmm.verify_all) == []
+        finally:
+            vmm.close()
+        with trio.fail_after(10):
+            while nursery.child_tasks:
+                await trio.sleep(0.01)
+    assert state.uffd.statistics()["direct"] == "off (the source is not one local file)"
+    assert state.uffd.faults >= 1
