@@ -9,7 +9,7 @@ with).  Figures per count and kind: spawn -> READY, the fill (nobody waiting), R
 outside the memory file, the Python heap peak (``--tracemalloc``, a run of its own),
 and, in a run of their own, 4 KiB waits back to back on data pages not loaded yet
 during the fill, client-timed (the dense image's waits taken the same way).  The
-goals are the issue's (docs/BENCHMARKS.md, "Scale").  A count whose data would
+goals are the issue's (docs/BENCHMARKS.md, "Section `scale`").  A count whose data would
 not fit in the host's memory twice over (the memory file plus the page cache) is
 skipped, saying so.  Also a microbenchmark
 of the range set at each count (front removal, a page punched out, a lookup).
