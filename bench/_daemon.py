@@ -49,13 +49,13 @@ class Goal:
         return asdict(self)
 
 
-def _at_most(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
+def at_most(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
     return Goal(
         name, value, unit, f"<= {limit:g} {unit}", None if value is None else value <= limit, how
     )
 
 
-def _at_least(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
+def at_least(name: str, value: float | None, limit: float, unit: str, how: str) -> Goal:
     return Goal(
         name,
         value,
@@ -139,32 +139,32 @@ def run_daemon_section(
     heap_peak = heap_run.heap_peak_bytes
     size_text = _size_text(os.path.getsize(image))
     goals = [
-        _at_least(
+        at_least(
             "fill / cp ratio",
             fill / cp,
             0.8,
             "",
             f"median fill {fill:.0f} MB/s / median warm cp {cp:.0f} MB/s (cold {cpl.cold_mb_s:.0f}, not used)",
         ),
-        _at_most(f"ready, {size_text} image", ready_image, 0.5, "s", "spawn -> READY line, median"),
-        _at_most(
+        at_most(f"ready, {size_text} image", ready_image, 0.5, "s", "spawn -> READY line, median"),
+        at_most(
             "ready, 16 GiB sparse image", ready_sparse, 0.5, "s", "spawn -> READY line, median"
         ),
-        _at_most(
+        at_most(
             "4 KiB wait on unloaded page, p99",
             lat["p99"] / 1000 if lat["count"] else None,
             2,
             "ms",
             f"client-timed, {lat['count']} waits in {len(wait_runs)} fills",
         ),
-        _at_most(
+        at_most(
             "RSS outside the memory file, peak",
             rss_peak / 1e6,
             100,
             "MB",
             "max of rssanon+rssfile over stats polls, all runs",
         ),
-        _at_most(
+        at_most(
             "Python heap peak (tracemalloc)",
             None if heap_peak is None else heap_peak / 2**20,
             32,

@@ -194,7 +194,7 @@ def _thin(values: Iterable[float], points: int) -> list[float]:
     return [data[int(i * step)] for i in range(points)]
 
 
-def _run_design(
+def run_one_design(
     image: str,
     trace: Trace,
     design: str,
@@ -419,7 +419,7 @@ def run_designs(
             warm_cache(image)  # every design starts from the same page cache: the image read through
             started_s = time.perf_counter() - t_start
             try:
-                row, ceiling = _run_design(
+                row, ceiling = run_one_design(
                     image,
                     trace,
                     name,

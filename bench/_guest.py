@@ -1,8 +1,9 @@
 """The guest side of the ``uffd`` bench and its ``zero-copy`` row, shared by
 :mod:`bench._uffd` and :mod:`bench._uffd_minor` (which used to take these from
-each other: an import circle): one handler's run against the VMM emulator
-(:func:`_one`), the seeded touch trace paced over ``cp``'s time
-(:func:`guest_touches`), and the cp figures a row shows."""
+each other: an import circle, then private names): one handler's run against the
+VMM emulator (:func:`handler_run`), one zero-copy run (:func:`zero_copy_run`), the
+seeded touch trace paced over ``cp``'s time (:func:`guest_touches`), and the cp
+figures a row shows (:func:`cp_extra`).  Neither of the two imports the other."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from loader import Client
 from workloads import DaemonProcess, DaemonStartError, percentiles
-from workloads._vmm import GuestRegion, VmmEmulator
+from workloads._vmm import GuestRegion, VmmEmulator, ZeroCopyVmm
 
 from ._tools import BenchError, CpLimit, cp_limit
 
@@ -26,7 +27,7 @@ def _stats(sock: str) -> dict[str, Any]:
         return c.stats()
 
 
-def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
+def handler_run(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
          timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     size = os.path.getsize(image)
     sock = os.path.join(workdir, f"uffd-{mode}.sock")
@@ -83,6 +84,56 @@ def _one(mode: str, image: str, workdir: str, touches: list[tuple[int, int, int]
     return out
 
 
+def zero_copy_run(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
+               timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """One zero-copy run of the guest: a daemon with ``--allow-writable-memory-fd``,
+    guest memory mapped from its memory file (:class:`workloads._vmm.ZeroCopyVmm`),
+    the touches, every byte checked; the same figures as :func:`handler_run`."""
+    sock = os.path.join(workdir, "uffd-zero-copy.sock")
+    daemon = DaemonProcess(image, sock, os.path.join(workdir, "uffd-zero-copy.log"),
+                           ["--background", "--allow-writable-memory-fd", "--progress-interval", "60"])
+    try:
+        daemon.start()
+    except DaemonStartError as exc:
+        raise BenchError(str(exc)) from None
+    with daemon:
+        t0 = time.monotonic()
+        with ZeroCopyVmm(sock, expected=image) as vmm:
+            report = vmm.touch(touches, vcpus=vcpus, paced=True, verify=True, classify=True)
+            mapped = None
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with Client.connect(sock, timeout=5) as c:
+                    st = c.stats()
+                r = st["uffd_minor"]["ranges"][0]
+                if st["done"] and r["pending_bytes"] == 0:
+                    mapped = time.monotonic() - t0
+                    break
+                time.sleep(0.02)
+            mismatches = vmm.verify_all()
+    if report.mismatches or report.errors or mismatches:
+        raise BenchError(f"zero-copy: the guest read wrong bytes at {report.mismatches[:3]} {mismatches[:3]} "
+                         f"{report.errors[:3]}")
+    out: dict[str, Any] = {
+        "mode": "zero-copy",
+        "touches": report.touches,
+        "faults_seen_by_guest": len(report.fault_latencies_ns),
+        "fault_us": percentiles(report.fault_latencies_ns),
+        "touch_us": percentiles(report.latencies_ns),
+        "blocked_s": report.blocked_s,
+        "touch_elapsed_s": report.elapsed_s,
+        "handler": {k: r.get(k) for k in ("faults", "faults_minor", "faults_waited", "faults_zero",
+                                          "faults_failed", "mapped_bytes", "eexist", "eagain")},
+        "handler_fault_latency_us": r.get("fault_latency_us"),
+        "no_more_faults_s": mapped,
+        "copied_bytes": 0,
+    }
+    log(f"  zero-copy: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
+        f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s, "
+        f"no more faults after {'never' if mapped is None else f'{mapped:.3f} s'}")
+    return out
+
+
 def guest_touches(image: str, touches: int, window_s: float | None, seed: int,
                   log: Callable[[str], None]) -> tuple[float, float, float, list[tuple[int, int, int]], CpLimit]:
     """``cp``'s time and rate on the warm image (the fastest of three, after one cold cp
@@ -103,6 +154,6 @@ def guest_touches(image: str, touches: int, window_s: float | None, seed: int,
     return cp_s, cp_rate, window, trace, cpl
 
 
-def _cp_extra(cpl: CpLimit) -> dict[str, Any]:
+def cp_extra(cpl: CpLimit) -> dict[str, Any]:
     d = cpl.as_dict()
     return {k: d[k] for k in ("warm_runs_mb_s", "cold_mb_s", "cold_how")}

@@ -48,7 +48,7 @@ import protocol
 from loader import Client, ClientError
 from workloads import DaemonProcess, DaemonStartError, percentiles
 
-from ._daemon import Goal, _at_least, _at_most
+from ._daemon import Goal, at_least, at_most
 from ._tools import BenchError, FillRun, cp_limit, echo_socket, fill_run, round_trips, warm_cache
 
 __all__ = ["run_latency_section"]
@@ -327,21 +327,21 @@ def run_latency_section(
     unloaded = percentiles(samples)
 
     goals: list[Goal] = [
-        _at_least("fill / cp, no clients", fill / cp, 0.9, "",
+        at_least("fill / cp, no clients", fill / cp, 0.9, "",
                   f"one fill {fill:.0f} MB/s / warm cp to /dev/shm {cp:.0f} MB/s (median of "
                   f"{len(cpl.warm_runs_mb_s)}; cold {cpl.cold_mb_s:.0f} MB/s, not used)"),
-        _at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
+        at_most("loaded-page wait p50 / socket round trip p50", loaded["p50"] / rtt["p50"], 3, "x",
                  f"{loaded['p50']:.1f} us / {rtt['p50']:.1f} us, {loaded['count']} waits one at a time"),
-        _at_most("the same, with the loaded map", mapped["p50"] / rtt["p50"], 3, "x",
+        at_most("the same, with the loaded map", mapped["p50"] / rtt["p50"], 3, "x",
                  f"{mapped['p50']:.2f} us / {rtt['p50']:.1f} us: no request sent"),
-        _at_least("pipelined waits/s, the daemon's rate", rate / 1e3, 100, "k/s",
+        at_least("pipelined waits/s, the daemon's rate", rate / 1e3, 100, "k/s",
                   "8 connections x 64 in flight, replies compared as bytes; "
                   f"{rate / limits['protocol_waits_per_s']:.2f}x the server's protocol half "
                   f"({limits['protocol_waits_per_s'] / 1e3:.0f}k/s)"),
-        _at_most("4 KiB wait on unloaded page, p50", unloaded["p50"] if unloaded["count"] else None, 150, "us",
+        at_most("4 KiB wait on unloaded page, p50", unloaded["p50"] if unloaded["count"] else None, 150, "us",
                  f"client-timed during the fill, {unloaded['count']} waits; "
                  f"{unloaded['p50'] / rtt['p50']:.1f}x the round trip"),
-        _at_most("4 KiB wait on unloaded page, p99", unloaded["p99"] / 1000 if unloaded["count"] else None, 1,
+        at_most("4 KiB wait on unloaded page, p99", unloaded["p99"] / 1000 if unloaded["count"] else None, 1,
                  "ms", f"client-timed during the fill, {len(wait_runs)} fills"),
     ]
     return {

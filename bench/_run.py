@@ -213,7 +213,8 @@ def _trace(opts: BenchOptions, image: str) -> Trace:
     else:
         # 500 faults/s: an application running and faulting, far below what the load
         # generator can issue on a small machine (its ceiling is in the limits), so the
-        # generator is not the bottleneck; docs/BENCHMARKS.md has a run at 2000/s too
+        # generator is not the bottleneck; docs/MEASUREMENTS.md has a run at 2000/s too
+        # (2026-11-22 17:13-17:36 UTC)
         trace = generate(
             "zipf",
             count=500 if opts.quick else 3000,

@@ -9,7 +9,7 @@ with).  Figures per count and kind: spawn -> READY, the fill (nobody waiting), R
 outside the memory file, the Python heap peak (``--tracemalloc``, a run of its own),
 and, in a run of their own, 4 KiB waits back to back on data pages not loaded yet
 during the fill, client-timed (the dense image's waits taken the same way).  The
-goals are the issue's (docs/BENCHMARKS.md, "Scale").  A count whose data would
+goals are the issue's (docs/BENCHMARKS.md, "Section `scale`").  A count whose data would
 not fit in the host's memory twice over (the memory file plus the page cache) is
 skipped, saying so.  Also a microbenchmark
 of the range set at each count (front removal, a page punched out, a lookup).
@@ -27,7 +27,7 @@ from loader._rangeset import RangeSet
 from loader.checkpoint import create_checkpoint
 from workloads import make_sample_image, percentiles
 
-from ._daemon import Goal, _at_most
+from ._daemon import Goal, at_most
 from ._tools import BenchError, cp_limit, evict_cache, fill_run, median, warm_cache
 
 __all__ = ["COUNTS", "run_scale_section"]
@@ -171,20 +171,20 @@ def _goals(rows: dict[str, Any]) -> list[Goal]:
         count = 1 << 20 if label == "1M" else 1 << 22
         for kind in ("raw", "pages"):
             r = row[kind]
-            goals.append(_at_most(f"{label} {kind}: spawn to READY", r["ready_s"], 0.5, "s", "median"))
-            goals.append(_at_most(f"{label} {kind}: RSS outside the memory file", r["rss_outside_peak_bytes"] / 2**20,
+            goals.append(at_most(f"{label} {kind}: spawn to READY", r["ready_s"], 0.5, "s", "median"))
+            goals.append(at_most(f"{label} {kind}: RSS outside the memory file", r["rss_outside_peak_bytes"] / 2**20,
                                   rss_limit, "MiB", "peak of the polls"))
             heap = r.get("heap_peak_bytes")
-            goals.append(_at_most(f"{label} {kind}: Python heap peak", None if heap is None else heap / 2**20,
+            goals.append(at_most(f"{label} {kind}: Python heap peak", None if heap is None else heap / 2**20,
                                   16 + 32 * count / 2**20, "MiB", "--tracemalloc, 16 MiB + 32 B per range"))
             if label == "1M":
-                goals.append(_at_most(f"1M {kind}: fill / dense fill of the same bytes", r["fill_vs_dense"], 3.0, "x",
+                goals.append(at_most(f"1M {kind}: fill / dense fill of the same bytes", r["fill_vs_dense"], 3.0, "x",
                                       "median fills"))
-                goals.append(_at_most(f"1M {kind}: 4 KiB wait p50 / dense", r["wait_p50_vs_dense"], 1.5, "x",
+                goals.append(at_most(f"1M {kind}: 4 KiB wait p50 / dense", r["wait_p50_vs_dense"], 1.5, "x",
                                       "client-timed, during the fill"))
     if one is not None and four is not None and "skipped" not in one and "skipped" not in four:
         for kind in ("raw", "pages"):
-            goals.append(_at_most(f"{kind}: fill growth 1M -> 4M", four[kind]["fill_s"] / one[kind]["fill_s"], 4.5,
+            goals.append(at_most(f"{kind}: fill growth 1M -> 4M", four[kind]["fill_s"] / one[kind]["fill_s"], 4.5,
                                   "x", "median fills"))
     return goals
 

@@ -52,10 +52,9 @@ from loader import UffdConfig, _uffd
 from workloads import percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 
-from ._daemon import Goal, _at_least, _at_most
-from ._guest import _cp_extra, _one, guest_touches
+from ._daemon import Goal, at_least, at_most
+from ._guest import cp_extra, guest_touches, handler_run, zero_copy_run
 from ._tools import BenchError, drop_caches, median, warm_cache
-from ._uffd_minor import _zero_copy
 
 __all__ = ["MODES", "run_uffd_section"]
 
@@ -147,7 +146,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
             log(f"  round {k + 1} of {repeat}")
         for mode in MODES:
             warm_cache(image)
-            rounds[mode].append(_one(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log))
+            rounds[mode].append(handler_run(mode, image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log))
         warm_cache(image)
         rounds["floor"].append(_floor(image, workdir, trace, vcpus, log))
         warm_cache(image)
@@ -159,17 +158,17 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
     spin_floor_p50 = runs["floor (spinning)"]["fault_us"]["p50"]
     cold_skipped = drop_caches()  # our handler again, its source read from the disk
     if cold_skipped is None:
-        runs["fill (cold cache)"] = _one("fill", image, workdir, trace, vcpus, max(60.0, 40 * cp_s), log)
+        runs["fill (cold cache)"] = handler_run("fill", image, workdir, trace, vcpus, max(60.0, 40 * cp_s), log)
     why = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM)
     if why is None:
         warm_cache(image)
-        runs["zero-copy"] = _zero_copy(image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
+        runs["zero-copy"] = zero_copy_run(image, workdir, trace, vcpus, max(30.0, 20 * cp_s), log)
         runs["zero-copy"]["fill_mb_s"] = None  # nothing is copied into the guest
     ratio = ours["fill_mb_s"] / cp_rate if ours["fill_mb_s"] else None
     goals: list[Goal] = [
-        _at_most("fault p50", ours["fault_us"]["p50"], 30, "us", "touch to return, faulting touches, during the fill"),
-        _at_most("fault p99", ours["fault_us"]["p99"], 500, "us", "touch to return, faulting touches, during the fill"),
-        _at_least("fill / cp", ratio, 0.8, "", "data bytes / connect-to-filled, against cp to /dev/shm"),
+        at_most("fault p50", ours["fault_us"]["p50"], 30, "us", "touch to return, faulting touches, during the fill"),
+        at_most("fault p99", ours["fault_us"]["p99"], 500, "us", "touch to return, faulting touches, during the fill"),
+        at_least("fill / cp", ratio, 0.8, "", "data bytes / connect-to-filled, against cp to /dev/shm"),
         Goal("least blocked time", ours["blocked_s"], "s", "least of fill/eager/lazy", least == "fill",
              "sum of touch-to-return over every touch; least: " + least),
     ]
@@ -177,7 +176,7 @@ def run_uffd_section(image: str, workdir: str, *, touches: int = 3000, vcpus: in
         "image": {"path": image, "size_bytes": size},
         "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
         "repeat": max(repeat, 1),  #: rounds of fill/eager/lazy/floor; their rows are medians
-        "cp": {"seconds": cp_s, "mb_s": cp_rate, "how": "the fastest warm cp", **_cp_extra(cpl)},
+        "cp": {"seconds": cp_s, "mb_s": cp_rate, "how": "the fastest warm cp", **cp_extra(cpl)},
         "runs": runs,
         "zero_copy_skipped": why,
         "cold_cache_skipped": cold_skipped,

@@ -14,72 +14,23 @@ zero-copy, zero-copy, fill (the first run after ``cp`` measured slower on the sh
 development machine, whichever it was), and the ratios compare the means of the two
 runs of each.
 
-Not a section of its own: ``run_uffd_section`` adds its ``_zero_copy`` run as a
-row next to ``fill``, ``eager`` and ``lazy``.
+Not a section of its own: ``run_uffd_section`` adds one zero-copy run
+(:func:`bench._guest.zero_copy_run`, shared with this module) as a row next to
+``fill``, ``eager`` and ``lazy``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client, _uffd
-from workloads import DaemonProcess, DaemonStartError, percentiles
-from workloads._vmm import ZeroCopyVmm
+from loader import _uffd
 
-from ._guest import _cp_extra, _one, guest_touches
-from ._tools import BenchError, warm_cache
+from ._guest import cp_extra, guest_touches, handler_run, zero_copy_run
+from ._tools import warm_cache
 
 __all__ = ["run_zero_copy"]
-
-
-def _zero_copy(image: str, workdir: str, touches: list[tuple[int, int, int]], vcpus: int,
-               timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
-    sock = os.path.join(workdir, "uffd-zero-copy.sock")
-    daemon = DaemonProcess(image, sock, os.path.join(workdir, "uffd-zero-copy.log"),
-                           ["--background", "--allow-writable-memory-fd", "--progress-interval", "60"])
-    try:
-        daemon.start()
-    except DaemonStartError as exc:
-        raise BenchError(str(exc)) from None
-    with daemon:
-        t0 = time.monotonic()
-        with ZeroCopyVmm(sock, expected=image) as vmm:
-            report = vmm.touch(touches, vcpus=vcpus, paced=True, verify=True, classify=True)
-            mapped = None
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                with Client.connect(sock, timeout=5) as c:
-                    st = c.stats()
-                r = st["uffd_minor"]["ranges"][0]
-                if st["done"] and r["pending_bytes"] == 0:
-                    mapped = time.monotonic() - t0
-                    break
-                time.sleep(0.02)
-            mismatches = vmm.verify_all()
-    if report.mismatches or report.errors or mismatches:
-        raise BenchError(f"zero-copy: the guest read wrong bytes at {report.mismatches[:3]} {mismatches[:3]} "
-                         f"{report.errors[:3]}")
-    out: dict[str, Any] = {
-        "mode": "zero-copy",
-        "touches": report.touches,
-        "faults_seen_by_guest": len(report.fault_latencies_ns),
-        "fault_us": percentiles(report.fault_latencies_ns),
-        "touch_us": percentiles(report.latencies_ns),
-        "blocked_s": report.blocked_s,
-        "touch_elapsed_s": report.elapsed_s,
-        "handler": {k: r.get(k) for k in ("faults", "faults_minor", "faults_waited", "faults_zero",
-                                          "faults_failed", "mapped_bytes", "eexist", "eagain")},
-        "handler_fault_latency_us": r.get("fault_latency_us"),
-        "no_more_faults_s": mapped,
-        "copied_bytes": 0,
-    }
-    log(f"  zero-copy: faults p50 {out['fault_us']['p50']:.0f} us p99 {out['fault_us']['p99']:.0f} us "
-        f"max {out['fault_us']['max']:.0f} us (n={out['fault_us']['count']}), blocked {out['blocked_s']:.3f} s, "
-        f"no more faults after {'never' if mapped is None else f'{mapped:.3f} s'}")
-    return out
 
 
 def run_zero_copy(image: str, workdir: str, *, touches: int = 3000, vcpus: int = 2,
@@ -96,13 +47,13 @@ def run_zero_copy(image: str, workdir: str, *, touches: int = 3000, vcpus: int =
     runs: dict[str, list[dict[str, Any]]] = {}
     for mode in order:
         warm_cache(image)
-        run = (_zero_copy(image, workdir, trace, vcpus, timeout, log) if mode == "zero-copy"
-               else _one("fill", image, workdir, trace, vcpus, timeout, log))
+        run = (zero_copy_run(image, workdir, trace, vcpus, timeout, log) if mode == "zero-copy"
+               else handler_run("fill", image, workdir, trace, vcpus, timeout, log))
         runs.setdefault(mode, []).append(run)
     result: dict[str, Any] = {
         "image": {"path": image, "size_bytes": size},
         "guest": {"touches": touches, "vcpus": vcpus, "window_s": window, "seed": seed},
-        "cp": {"seconds": cp_s, "mb_s": cp_rate, "how": "the fastest warm cp", **_cp_extra(cpl)},
+        "cp": {"seconds": cp_s, "mb_s": cp_rate, "how": "the fastest warm cp", **cp_extra(cpl)},
         "order": list(order),
         "runs": runs,
     }

@@ -45,7 +45,7 @@ from loader import ClientError, read_working_set
 from loader.checkpoint import CheckpointError, create_checkpoint, open_checkpoint
 from workloads import LoadgenError, Trace
 
-from ._designs import DesignError, PlotUnavailable, _run_design, design_order
+from ._designs import DesignError, PlotUnavailable, design_order, run_one_design
 from ._tools import BenchError, warm_cache
 
 __all__ = ["format_workingset", "perturb_trace", "plot_workingset", "run_workingset_section"]
@@ -126,7 +126,7 @@ def run_workingset_section(
 
     def run(name: str, source: str, flags: tuple[str, ...], tr: Trace, use_map: bool = False) -> dict[str, Any]:
         try:
-            row, _ = _run_design(source, tr, name, clients=clients, workdir=work, aio_name=aio, log=log,
+            row, _ = run_one_design(source, tr, name, clients=clients, workdir=work, aio_name=aio, log=log,
                                  ceiling=False, flags=("--background", *flags), loaded_map=use_map)
         except (DesignError, LoadgenError, ClientError, OSError) as exc:
             raise BenchError(f"workingset {name}: {type(exc).__name__}: {exc}") from None

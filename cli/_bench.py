@@ -27,7 +27,8 @@ def register(sub: Any) -> None:
         "workingset (record a working set under the trace, restore with and without it), uffd "
         "(page faults from an emulated VMM: our handler against eager and lazy ones, zero-copy mode, "
         "and a real Firecracker restore where one can run), firecracker (only that restore).  "
-        "See docs/BENCHMARKS.md.",
+        "See docs/BENCHMARKS.md (the method, the current figures) and docs/MEASUREMENTS.md (every "
+        "dated run).",
     )
     add_size(p, "--size", default=None, help=f"image size (default 1G; {QUICK_SIZE >> 20}M with --quick)")
     p.add_argument(

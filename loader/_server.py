@@ -85,7 +85,8 @@ _FD_SPACE = stdsocket.CMSG_SPACE(4 * MAX_FDS_QUEUED)
 # per reply (29k waits/s against 59k with 8 connections x 64 waits in flight,
 # examples/reply_path_bench.py); waking the writer task for each cost a task switch
 # per batch (a loaded wait took 144-187 us instead of 119).  So a batch's replies are
-# written once, at its end (ReplyBatch).  Numbers in docs/BENCHMARKS.md.
+# written once, at its end (ReplyBatch).  Numbers in docs/BENCHMARKS.md, "Server reply
+# path", and docs/MEASUREMENTS.md (2026-11-23, "Latency: after the merge").
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,3 +95,25 @@ def test_no_import_circles_between_modules() -> None:
 def test_the_circle_finder_finds_a_lazy_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def _private_names_taken(package: str) -> list[str]:
+    """``module: name`` for every ``_``-prefixed name a module of ``package`` imports
+    from another of its modules (a private helper shared is one that belongs in a
+    module both import, under a public name)."""
+    mods = _modules()
+    out = []
+    for name, path in mods.items():
+        if not name.startswith(package + "."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                out += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return sorted(out)
+
+
+def test_the_bench_modules_share_no_private_helpers() -> None:
+    # bench/_uffd.py and bench/_uffd_minor.py traded private helpers (issue 22, "Other
+    # circles"): what they share is bench/_guest.py's, by public names
+    assert _private_names_taken("bench") == []
+    assert _private_names_taken("loader")  # (the scan sees such imports where they are)
