@@ -17,7 +17,7 @@ from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
-from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
+from ._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
 from ._uffd_handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 from ._units import human, parse_size
 from ._workingset import (
@@ -85,6 +85,7 @@ __all__ = [
     "Notifier",
     "RangeSet",
     "ReadKind",
+    "OrderHooks",
     "SequentialOrder",
     "StatsCollector",
     "Server",

@@ -712,11 +712,12 @@ class Loader:
         #: where reads are copied to in the kernel (None: into the mapping)
         self._copy_fd: int | None = _copy_target(self.config, queue, destination, local)
         self._local = local
-        # optional hooks (working-set replay, loader._workingset): looked up once
-        self._order_limit: Callable[[int], int | None] | None = getattr(self.order, "limit_for", None)
-        self._order_wait: Callable[[int, int, int], None] | None = getattr(self.order, "note_wait", None)
-        self._order_loaded: Callable[[int, int], None] | None = getattr(self.order, "note_loaded", None)
-        self._order_full: Callable[[], bool] | None = getattr(self.order, "wants_full_width", None)
+        # optional hooks (working-set replay, loader._workingset): asked once
+        hooks = self.order.hooks()
+        self._order_limit: Callable[[int], int | None] | None = hooks.limit_for
+        self._order_wait: Callable[[int, int, int], None] | None = hooks.note_wait
+        self._order_loaded: Callable[[int, int], None] | None = hooks.note_loaded
+        self._order_full: Callable[[], bool] | None = hooks.wants_full_width
         #: told of every touched range, ``recorder.touched(lo, hi)`` (page span of each wait;
         #: userfaultfd faults go through it too): working-set recording
         self.recorder: AccessRecorder | None = None

@@ -9,9 +9,25 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._rangeset import RangeSet
+
+
+@dataclass(frozen=True, slots=True)
+class OrderHooks:
+    """What else an order wants to be told or asked, each optional (None: nothing;
+    the loader then skips the call on its hot paths): ``limit_for(start)``, where a
+    sweep read from ``start`` must stop (None: anywhere); ``note_wait(lo, hi,
+    blocked_bytes)``, a wait was submitted; ``note_loaded(lo, hi)``, memory landed;
+    ``wants_full_width()``, whether the sweep keeps its full width while clients wait."""
+
+    limit_for: Callable[[int], int | None] | None = None
+    note_wait: Callable[[int, int, int], None] | None = None
+    note_loaded: Callable[[int, int], None] | None = None
+    wants_full_width: Callable[[], bool] | None = None
 
 
 class SweepOrder(Protocol):
@@ -23,6 +39,10 @@ class SweepOrder(Protocol):
 
     def note_served(self, end: int) -> None:
         """A waiter's read ended at ``end``: continue near it (spatial locality)."""
+        ...
+
+    def hooks(self) -> OrderHooks:
+        """The optional calls this order takes (asked once, when the loader starts)."""
         ...
 
 
@@ -46,6 +66,9 @@ class SequentialOrder:
 
     def note_served(self, end: int) -> None:
         self.cursor = end
+
+    def hooks(self) -> OrderHooks:
+        return OrderHooks()
 
 
 class WorkingSetOrder:
@@ -134,6 +157,9 @@ class WorkingSetOrder:
                 self.loaded_bytes += got
                 if self.loaded_bytes >= self.size_bytes:
                     self.loaded_ns = time.perf_counter_ns()
+
+    def hooks(self) -> OrderHooks:
+        return OrderHooks(self.limit_for, self.note_wait, self.note_loaded, self.wants_full_width)
 
     def statistics(self) -> dict[str, Any]:
         """JSON-able: size, bytes loaded, when, and what the waits found."""

@@ -24,7 +24,7 @@ import trio.testing
 
 import aio
 import aio.testing
-from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile
+from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, OrderHooks
 from loader._loader import _INLINE_HASH, _Chunks
 from loader._sweep import SequentialOrder
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
@@ -984,6 +984,9 @@ class Replaying(SequentialOrder):
 
     def note_loaded(self, lo: int, hi: int) -> None:
         self.loaded += hi - lo
+
+    def hooks(self) -> OrderHooks:
+        return OrderHooks(note_loaded=self.note_loaded, wants_full_width=self.wants_full_width)
 
 
 class Yields(Cached):

@@ -54,7 +54,8 @@ def test_loader_public_names():
     assert set(loader.__all__) == {
         "Client", "ClientError", "DaemonOptions", "DataRange", "Destination", "LatencyHistogram", "Layout",
         "LayoutError", "LoadError", "Loader", "LoaderConfig", "LoaderStatistics", "MemoryFile", "RangeSet",
-        "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle", "human",
+        "OrderHooks", "ReadKind", "SequentialOrder", "Server", "StartupError", "SweepOrder", "TrioClient", "WaitHandle",
+        "human",
         "mapped_memory",
         "parse_size", "run_daemon",
         # working sets
