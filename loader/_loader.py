@@ -77,7 +77,7 @@ from ._layout import Layout
 from ._memfile import Destination, explain_error
 from ._rangeset import RangeSet, gaps
 from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
-from ._sweep import SequentialOrder, SweepOrder
+from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
 
 log = logging.getLogger("pageload")
 
@@ -1037,6 +1037,64 @@ class Loader:
             return False
         return not (self.unloaded.overlap_bytes(lo, hi) or self.inflight.overlap_bytes(lo, hi)
                     or self.failed.overlap_bytes(lo, hi))
+
+    def subscribe_loaded(self, listener: Callable[[int, int], None], lo: int = 0, hi: int | None = None, *,
+                         holes: bool = False) -> None:
+        """Call ``listener(a, b)`` for each part of memory ``[lo, hi)`` loaded now (its
+        data, or with ``holes`` everything not unloaded, in flight, failed or unknown),
+        then every time memory finishes loading (:meth:`add_loaded_listener`).  The one
+        place "what is loaded" is seeded, for every front end."""
+        for a, b in self.loaded_in(lo, self.memory_size if hi is None else hi, holes=holes):
+            listener(a, b)
+        self.add_loaded_listener(listener)
+
+    def loaded_in(self, lo: int, hi: int, *, holes: bool = False) -> list[tuple[int, int]]:
+        """The parts of memory ``[lo, hi)`` loaded now, sorted: its data less what is not
+        loaded (:meth:`not_loaded`); with ``holes``, everything but that."""
+        if holes:
+            return list(gaps(self.not_loaded(lo, hi), lo, hi))
+        data = RangeSet(self.layout.data_in(lo, hi))
+        for a, b in self.not_loaded(lo, hi):
+            data.remove(a, b)
+        return list(data)
+
+    def note_answered_faults(self, count: int) -> None:
+        """``count`` faults answered from loaded memory without a wait (the userfaultfd
+        handler's): counted as waits, served at once."""
+        counters = self.counters
+        counters.waits_total += count
+        counters.waits_immediate += count
+
+    def replay_spans(self) -> list[tuple[int, int]]:
+        """The working set's spans a replay loads first, in its order (empty: no replay)."""
+        order = self.order
+        if not isinstance(order, WorkingSetOrder):
+            return []
+        return list(zip(order.span_lo, order.span_hi, strict=True))
+
+    @property
+    def verifies(self) -> bool:
+        """Whether chunks are verified against checksums before they are served."""
+        return self._chunks is not None
+
+    @property
+    def read_timeout(self) -> float | None:
+        return self.config.read_timeout
+
+    @property
+    def local_source(self) -> LocalPages | None:
+        """The source as one local file (:attr:`PageSource.local`), or None."""
+        return self._local
+
+    def set_reply_batch(self, batch: CallbackBatch) -> None:
+        """Run wait callbacks inside ``batch.open()`` ... ``batch.close()``."""
+        self.reply_batch = batch
+
+    def completions_waiting(self) -> bool:
+        return self.queue.completions_waiting()
+
+    def queue_statistics(self) -> aio.QueueStatistics:
+        return self.queue.statistics()
 
     def add_loaded_listener(self, listener: Callable[[int, int], None]) -> None:
         """Call ``listener(lo, hi)`` (in the loader's task, before waiters are answered)

@@ -31,15 +31,15 @@ import os
 from typing import Any
 
 from ._memfile import F_SEAL_FUTURE_WRITE, MEMFD_MODE
-from ._rangeset import gaps
+from ._service import PageService
 
 __all__ = ["LoadedMap"]
 
 
 class LoadedMap:
-    """The map for ``loader`` (a :class:`~loader.Loader`): call once, in its trio run."""
+    """The map for ``loader`` (its :class:`~loader._service.PageService`): call once, in its trio run."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: PageService) -> None:
         self.loader = loader
         self.granule = page = loader.page_size
         self.pages = (loader.memory_size + page - 1) // page
@@ -61,9 +61,7 @@ class LoadedMap:
             raise
         # Everything not unloaded, in flight, failed or past the loader's frontier is
         # loaded (holes included).
-        for lo, hi in gaps(loader.not_loaded(0, loader.memory_size), 0, loader.memory_size):
-            self.mark(lo, hi)
-        loader.add_loaded_listener(self.mark)
+        loader.subscribe_loaded(self.mark, holes=True)
 
     def _page_loaded(self, p: int) -> bool:
         lo = p * self.granule

@@ -46,8 +46,9 @@ import protocol
 from protocol import codes
 
 from . import _uffd_minor
-from ._loader import Loader, LoadError, WaitHandle
+from ._loader import LoadError, WaitHandle
 from ._loadmap import LoadedMap
+from ._service import PageService
 from ._workingset import WorkingSetRecorder
 
 log = logging.getLogger("pageload.server")
@@ -481,7 +482,7 @@ class Session:
             poller.register(self.raw, select.POLLIN)
         end = start_ns + server.busy_poll_ns
         poll = poller.poll
-        waiting = self.loader.queue.completions_waiting
+        waiting = self.loader.completions_waiting
         while True:
             if poll(0):
                 server.busy_poll_hits += 1
@@ -585,7 +586,7 @@ class Server:
 
     def __init__(
         self,
-        loader: Loader,
+        loader: PageService,
         path: str,
         *,
         memory_fd: int | None = None,
@@ -629,7 +630,7 @@ class Server:
         self._loaded_map: LoadedMap | None = None
         #: replies queued while a batch is open are sent at its end
         self.batch = ReplyBatch()
-        loader.reply_batch = self.batch
+        loader.set_reply_batch(self.batch)
         #: zero-copy userfaultfd ranges of every connection, made on the first ``uffd-register``
         self.uffd_minor: _uffd_minor.MinorService | None = None
 
@@ -654,7 +655,7 @@ class Server:
         # first: the uffd handler merges the faults it answered into the loader's counts
         extra = self.extra_stats() if self.extra_stats is not None else {}
         d = self.loader.statistics().as_dict()
-        d["queue"] = _plain(self.loader.queue.statistics())
+        d["queue"] = _plain(self.loader.queue_statistics())
         s = self.statistics()
         d["server"] = {"connections": s.connections, "connections_total": s.connections_total,
                        "connections_refused": s.connections_refused, "accept_errors": s.accept_errors,

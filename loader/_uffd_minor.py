@@ -46,8 +46,9 @@ import protocol
 from protocol import codes
 
 from . import _uffd
-from ._loader import Loader, LoadError, WaitHandle
+from ._loader import LoadError, WaitHandle
 from ._rangeset import RangeSet
+from ._service import PageService
 from ._stats import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def mapping_covers(pid: int, address: int, length: int, offset: int, st: os.stat
 class MinorRegistration:
     """Serves one userfaultfd range of one VMM (see the module doc)."""
 
-    def __init__(self, loader: Loader, uffd_fd: int, address: int, length: int, offset: int,
+    def __init__(self, loader: PageService, uffd_fd: int, address: int, length: int, offset: int,
                  page_size: int) -> None:
         self.loader = loader
         self.uffd = _uffd.Uffd(uffd_fd)
@@ -181,10 +182,7 @@ class MinorRegistration:
     # ------------------------------------------------------------ loaded ranges
     def _seed(self) -> None:
         lo, hi = self.offset, self.offset + self.size
-        loaded = RangeSet(self.loader.layout.data_in(lo, hi))
-        for a, b in self.loader.not_loaded(lo, hi):
-            loaded.remove(a, b)
-        for a, b in loaded:
+        for a, b in self.loader.loaded_in(lo, hi):
             self.on_loaded(a, b)
 
     def on_loaded(self, lo: int, hi: int) -> None:
@@ -457,7 +455,7 @@ class MinorRegistration:
 class MinorService:
     """Every zero-copy registration of one server, fed by one loaded listener."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: PageService) -> None:
         self.loader = loader
         self.registrations: set[MinorRegistration] = set()
         self.total = 0

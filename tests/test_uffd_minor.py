@@ -610,7 +610,7 @@ async def test_a_range_closed_before_its_task_runs_never_touches_a_descriptor():
     nothing = RangeSet()  # a loader with no data: nothing to map ahead
     loader = SimpleNamespace(layout=SimpleNamespace(data_in=lambda lo, hi: iter(())),
                              unloaded=nothing, inflight=nothing, failed=nothing,
-                             not_loaded=lambda lo, hi: [])
+                             not_loaded=lambda lo, hi: [], loaded_in=lambda lo, hi: [])
     fd = _uffd.userfaultfd()
     reg = _uffd_minor.MinorRegistration(loader, fd, 0x10000000, 4096, 0, 4096)  # type: ignore[arg-type]
     reg.close()
