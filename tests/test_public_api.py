@@ -149,3 +149,16 @@ def test_the_daemons_start_up_imports_nothing_it_does_not_need():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
     assert loader.AsyncioClient.__name__ == "AsyncioClient"  # still there, imported on first use
+
+
+def test_every_package_is_in_the_distribution():
+    """pyproject.toml lists the packages setuptools installs: a subpackage missing there
+    imports from a checkout but not from an installed wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for top in ("loader", "aio", "protocol", "workloads", "bench", "cli")
+             for p in (root / top).rglob("__init__.py")}
+    assert found == listed
