@@ -366,6 +366,10 @@ class Queue(abc.ABC):
     copies: bool = False
     #: whether :data:`Op.GATHER` requests are taken (otherwise :meth:`add` refuses them)
     gathers: bool = False
+    #: whether a read through this queue returns what the file holds, so that a reader
+    #: may read the file without it (the userfaultfd handler's direct copies do).  A
+    #: queue that changes what reads return (fails them, holds them forever) is not.
+    transparent: bool = True
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:

@@ -36,6 +36,7 @@ class FaultInjectingQueue(Queue):
     def __init__(self, inner: Queue, rule: FaultRule) -> None:
         super().__init__(inner.capacity)
         self.name = f"faulty({inner.name})"
+        self.transparent = False  # its reads fail where the file's would not
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
@@ -101,6 +102,7 @@ class DelayedQueue(Queue):
     def __init__(self, inner: Queue, delay: float) -> None:
         super().__init__(inner.capacity)
         self.name = f"delayed({inner.name})"
+        self.transparent = inner.transparent  # later, not other
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
@@ -146,6 +148,7 @@ class HangingQueue(Queue):
     def __init__(self, inner: Queue, hang: Callable[[Request], bool]) -> None:
         super().__init__(inner.capacity)
         self.name = f"hanging({inner.name})"
+        self.transparent = False  # its reads hang where the file's would not
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
