@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loader import Client, _uffd
+from loader import Client
+from loader.uffd import _ioctl as _uffd
 from workloads import DaemonProcess, DaemonStartError, percentiles
 from workloads._vmm import ZeroCopyVmm
 

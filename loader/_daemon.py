@@ -54,7 +54,6 @@ from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
-from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from ._workingset import (
     WorkingSetError,
@@ -70,6 +69,7 @@ from ._workingset import (
     write_working_set,
 )
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .uffd._handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 
 log = logging.getLogger("pageload")
 

@@ -45,10 +45,10 @@ import trio
 import protocol
 from protocol import codes
 
-from . import _uffd_minor
 from ._loader import Loader, LoadError, WaitHandle
 from ._loadmap import LoadedMap
 from ._workingset import WorkingSetRecorder
+from .uffd import _minor as _uffd_minor
 
 log = logging.getLogger("pageload.server")
 

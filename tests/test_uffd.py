@@ -11,8 +11,9 @@ import pytest
 import trio
 
 import aio.testing
-from loader import DaemonOptions, LoaderConfig, UffdConfig, _uffd, run_daemon
+from loader import DaemonOptions, LoaderConfig, UffdConfig, run_daemon
 from loader.checkpoint import create_checkpoint
+from loader.uffd import _ioctl as _uffd
 from workloads import make_sample_image
 from workloads._vmm import HUGE_PAGE, GuestRegion, VmmEmulator, hugepages_free
 
@@ -144,7 +145,7 @@ def test_cachestat_says_what_mincore_says(tmp_path):
     import ctypes
     import mmap
 
-    from loader._uffd_handler import _Cachestat, _PageCache
+    from loader.uffd._handler import _Cachestat, _PageCache
 
     path = tmp_path / "f"
     path.write_bytes(os.urandom(16 * PAGE))
@@ -177,8 +178,8 @@ async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatc
     from array import array
 
     from loader import WorkingSet, checkpoint_identity, write_working_set
-    from loader._uffd_handler import UffdHandler
     from loader.checkpoint import open_checkpoint
+    from loader.uffd._handler import UffdHandler
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, SIZE, seed=8, dense=True)
@@ -380,7 +381,7 @@ async def test_a_fault_answered_as_the_vmm_goes_is_still_counted(tmp_path, image
     (the last merge runs after the fault thread has stopped)."""
     import time
 
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._handler import UffdHandler
 
     done = UffdHandler._direct_done
 
@@ -469,7 +470,7 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     a page past the new end fails (EFAULT), and the fault takes the loader's path,
     whose read fails too: the page is poisoned (SIGBUS in the VMM child), never
     answered with wrong bytes."""
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._handler import UffdHandler
     from workloads._vmm import spawn_child
 
     raw = str(tmp_path / "memory.img")
@@ -534,7 +535,7 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
     old data."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._handler import _PageCache
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, 4 * MiB, seed=6, dense=True)
@@ -549,8 +550,8 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
 
     monkeypatch.setattr(_PageCache, "populate", slow)
     # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
-    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
+    monkeypatch.setattr("loader.uffd._handler._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader.uffd._handler._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     page = 2 * MiB
 
@@ -579,7 +580,7 @@ async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, i
     guest's faults are answered."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._handler import _PageCache
 
     stuck = threading.Event()
     release = threading.Event()
@@ -665,7 +666,7 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
     back to be looked up again, so the removed part stays zeros."""
     import threading
 
-    from loader import _uffd_handler
+    from loader.uffd import _handler as _uffd_handler
 
     init = _uffd_handler.UffdHandler.__init__
     seen: dict[str, object] = {}
@@ -770,7 +771,7 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
     come ``last_fault_ago_s`` ago (on a fake clock: nothing is slept)."""
     from types import SimpleNamespace
 
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._handler import UffdHandler
 
     now = [1000.0]
     sleeps: list[float] = []
@@ -779,7 +780,7 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
         sleeps.append(seconds)
         now[0] += seconds
 
-    monkeypatch.setattr("loader._uffd_handler.time", SimpleNamespace(
+    monkeypatch.setattr("loader.uffd._handler.time", SimpleNamespace(
         monotonic=lambda: now[0], perf_counter_ns=lambda: int(now[0] * 1e9), sleep=fake_sleep))
     handler = UffdHandler.__new__(UffdHandler)
     handler.config = config

@@ -33,8 +33,9 @@ import trio.testing
 
 import aio
 import aio.testing
-from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig, _uffd
-from loader._uffd_handler import Region, UffdHandler
+from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig
+from loader.uffd import _ioctl as _uffd
+from loader.uffd._handler import Region, UffdHandler
 from protocol import codes
 from workloads._vmm import GuestRegion, VmmEmulator
 

@@ -57,13 +57,13 @@ import trio
 
 from protocol import codes
 
-from . import _uffd
-from ._loader import Loader, LoadError, WaitHandle
-from ._memfile import MemoryFile
-from ._rangeset import RangeSet, gaps
-from ._server import _clear_stale_socket, _remove_socket_file
-from ._startup import StartupError, describe_os_error
-from ._stats import LatencyHistogram
+from .._loader import Loader, LoadError, WaitHandle
+from .._memfile import MemoryFile
+from .._rangeset import RangeSet, gaps
+from .._server import _clear_stale_socket, _remove_socket_file
+from .._startup import StartupError, describe_os_error
+from .._stats import LatencyHistogram
+from . import _ioctl as _uffd
 
 log = logging.getLogger("pageload")
 

@@ -45,13 +45,13 @@ import trio
 import protocol
 from protocol import codes
 
-from . import _uffd
-from ._loader import Loader, LoadError, WaitHandle
-from ._rangeset import RangeSet
-from ._stats import LatencyHistogram
+from .._loader import Loader, LoadError, WaitHandle
+from .._rangeset import RangeSet
+from .._stats import LatencyHistogram
+from . import _ioctl as _uffd
 
 if TYPE_CHECKING:
-    from ._server import Session
+    from .._server import Session
 
 log = logging.getLogger("pageload.uffd")
 
