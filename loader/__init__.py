@@ -32,7 +32,7 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
-from .uffd._handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
+from .uffd._config import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 
 
 def __getattr__(name: str) -> object:

@@ -69,7 +69,8 @@ from ._workingset import (
     write_working_set,
 )
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from .uffd._handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
+from .uffd._config import MAX_UFFD_SPIN_US, UffdConfig
+from .uffd._handler import UffdHandler, serve_uffd
 
 log = logging.getLogger("pageload")
 

@@ -145,7 +145,7 @@ def test_cachestat_says_what_mincore_says(tmp_path):
     import ctypes
     import mmap
 
-    from loader.uffd._handler import _Cachestat, _PageCache
+    from loader.uffd._source import _Cachestat, _PageCache
 
     path = tmp_path / "f"
     path.write_bytes(os.urandom(16 * PAGE))
@@ -535,7 +535,7 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
     old data."""
     import threading
 
-    from loader.uffd._handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, 4 * MiB, seed=6, dense=True)
@@ -550,8 +550,8 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
 
     monkeypatch.setattr(_PageCache, "populate", slow)
     # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
-    monkeypatch.setattr("loader.uffd._handler._mincore", lambda address, length, vec: -1)
-    monkeypatch.setattr("loader.uffd._handler._Cachestat.page", lambda self, offset: False)
+    monkeypatch.setattr("loader.uffd._source._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader.uffd._source._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     page = 2 * MiB
 
@@ -580,7 +580,7 @@ async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, i
     guest's faults are answered."""
     import threading
 
-    from loader.uffd._handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     stuck = threading.Event()
     release = threading.Event()

@@ -17,7 +17,7 @@ import pytest
 
 from loader import Client
 from loader.uffd import _ioctl as _uffd
-from loader.uffd._handler import (
+from loader.uffd._handshake import (
     MAX_HANDSHAKE,
     MAX_PENDING_HANDSHAKES,
     MAX_REGIONS,

@@ -34,23 +34,18 @@ every fill copy hold one lock, so no fill copy can follow a removal once it is r
 
 from __future__ import annotations
 
-import array
 import ctypes
 import errno as errno_mod
-import json
 import logging
-import math
 import mmap
 import os
 import select
-import socket
 import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -60,10 +55,21 @@ from protocol import codes
 from .._loader import Loader, LoadError, WaitHandle
 from .._memfile import MemoryFile
 from .._rangeset import RangeSet, gaps
-from .._server import _clear_stale_socket, _remove_socket_file
-from .._startup import StartupError, describe_os_error
+from .._server import _remove_socket_file
 from .._stats import LatencyHistogram
 from . import _ioctl as _uffd
+from . import _source
+from ._config import UffdConfig, _Counters
+from ._handshake import Region, _Handshakes, bind_uffd_socket
+from ._source import (
+    _address_of,
+    _address_of_map,
+    _Cachestat,
+    _data_bytes,
+    _has_data,
+    _injects_read_faults,
+    _PageCache,
+)
 
 log = logging.getLogger("pageload")
 
@@ -72,194 +78,6 @@ _MSGS_PER_READ = 64
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _READ_AHEAD = 8  #: fill chunks the direct fill asks the kernel to read ahead of its copy
 _DISK_THREADS = 4  #: at most this many threads read uncached source pages for faults
-
-#: Regions a handshake may name.
-MAX_REGIONS = 1024
-#: Bytes a handshake may take: room for ``MAX_REGIONS`` regions in Firecracker's format
-#: with every number at its widest (about 170 bytes each), indented
-MAX_HANDSHAKE = MAX_REGIONS * 256
-#: A connection that has not sent its whole handshake by then is refused.
-HANDSHAKE_TIMEOUT_S = 5.0
-#: Connections whose handshake is being read at once; one more refuses the oldest of them
-#: (a VMM sends its handshake as it connects: it is never the oldest for long)
-MAX_PENDING_HANDSHAKES = 8
-_ADDRESS_SPACE = 1 << 64
-
-
-class HandshakeError(ValueError):
-    """The VMM's handshake message is malformed or does not fit the memory."""
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    base: int  #: guest memory's address in the VMM
-    size: int
-    offset: int  #: where it starts in the memory image
-    page_size: int
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
-
-
-def _decode(data: bytes, final: bool = True) -> Any:
-    """The handshake's JSON value; None when ``data`` is only the start of one (and
-    not ``final``).  Nesting too deep for the parser is refused, not raised."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not final and exc.reason == "unexpected end of data":
-            return None  # cut inside a character: more is coming
-        raise HandshakeError(f"handshake is not JSON: {exc}") from None
-    try:
-        return json.loads(text)
-    except RecursionError:  # the parser's own bound (about 1000 levels): one line, never a crash
-        raise HandshakeError("handshake is not JSON: nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        if not final and (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")):
-            return None  # it ended early (cut between values, in a number or in a string): more is coming
-        raise HandshakeError(f"handshake is not JSON: {exc}") from None
-    except ValueError as exc:  # an integer of too many digits
-        raise HandshakeError(f"handshake is not JSON: {exc}") from None
-
-
-def parse_handshake(data: bytes, memory_size: int) -> list[Region]:
-    """Firecracker's region list, checked: page sizes are powers of two from 4 KiB,
-    everything aligned to them, inside the image and the 64-bit address space, no
-    overlaps, at most :data:`MAX_REGIONS` regions in :data:`MAX_HANDSHAKE` bytes."""
-    if len(data) > MAX_HANDSHAKE:
-        raise HandshakeError(f"handshake is {len(data)} bytes, more than {MAX_HANDSHAKE} "
-                             f"(room for {MAX_REGIONS} regions)")
-    return check_regions(_decode(data), memory_size)
-
-
-def check_regions(items: Any, memory_size: int) -> list[Region]:
-    """:func:`parse_handshake` after the JSON: the regions of a decoded handshake."""
-    if not isinstance(items, list) or not items:
-        raise HandshakeError("handshake must be a non-empty JSON array of regions")
-    if len(items) > MAX_REGIONS:
-        raise HandshakeError(f"handshake has {len(items)} regions, more than {MAX_REGIONS}")
-    regions = []
-    for n, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise HandshakeError(f"region {n} is not an object")
-        values: dict[str, int] = {}
-        for key in ("base_host_virt_addr", "size", "offset"):
-            v = item.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _ADDRESS_SPACE:
-                raise HandshakeError(f"region {n}: {key} must be an integer from 0 to 2^64-1")
-            values[key] = v
-        page = item.get("page_size", item.get("page_size_kib"))  # the old field holds bytes too
-        if (not isinstance(page, int) or isinstance(page, bool) or page < 4096 or page & (page - 1)
-                or page >= _ADDRESS_SPACE):
-            raise HandshakeError(f"region {n}: page_size must be a power of two of at least 4096")
-        base, size, offset = values["base_host_virt_addr"], values["size"], values["offset"]
-        if size == 0 or (base | size | offset) % page:
-            raise HandshakeError(f"region {n}: base, size and offset must be non-zero multiples of {page}")
-        if base + size > _ADDRESS_SPACE:
-            raise HandshakeError(f"region {n}: base {base:#x} + size {size:#x} is past the end of the "
-                                 f"64-bit address space")
-        if offset + size > memory_size:
-            raise HandshakeError(f"region {n}: offset {offset:#x} + size {size:#x} is beyond the image "
-                                 f"({memory_size:#x} bytes)")
-        regions.append(Region(base, size, offset, page))
-    regions.sort(key=lambda r: r.base)
-    for a, b in zip(regions, regions[1:]):
-        if b.base < a.end:
-            raise HandshakeError(f"regions at {a.base:#x} and {b.base:#x} overlap")
-    by_offset = sorted(regions, key=lambda r: r.offset)
-    for a, b in zip(by_offset, by_offset[1:]):
-        if b.offset < a.offset + a.size:
-            raise HandshakeError(f"regions at offsets {a.offset:#x} and {b.offset:#x} overlap in the image")
-    return regions
-
-
-@dataclass(frozen=True, slots=True)
-class UffdConfig:
-    fault_around: int = 64 << 10  #: after a fault, also copy loaded bytes in this aligned window
-    fill_chunk: int = 256 << 10  #: largest background UFFDIO_COPY (a fault waits at most one)
-    #: the direct fill's unit of work: read in (outside the copy lock), its removed and
-    #: already installed pages looked up once, then copied ``fill_chunk`` at a time
-    fill_span: int = 1 << 20
-    fill: bool = True  #: False: copy only on faults (the lazy per-fault handler, for comparison)
-    #: True: copy all memory before answering any fault (Firecracker's "fault_all"
-    #: example handler, for comparison): faults wait for the whole load
-    eager: bool = False
-    #: answer a fault on a page not loaded yet by copying straight from the source
-    #: file's page cache, when the source has no checksums to verify and its reads are
-    #: not test-injected failures (docs/UFFD.md "Faults")
-    direct: bool = True
-    #: after a direct copy, ask the loader to load this aligned window around the page
-    #: soon (0: no hint); not while the fill copies from the source (``direct_fill``)
-    hint_around: int = 256 << 10
-    #: the fill thread's nice value (Linux: per thread; 0: as the daemon)
-    fill_nice: int = 0
-    #: hold the loader's sweep while the fill copies from the source (direct fill)
-    hold_sweep: bool = True
-    #: the interpreter's switch interval while a VMM is served (None: leave it): how
-    #: long the fault thread may wait for the GIL after the kernel wakes it
-    switch_interval_s: float | None = 0.0005
-    #: the fill copies only once no fault has come for this long: while the guest
-    #: is faulting its vCPUs and the fault thread get the CPU first (docs/UFFD.md,
-    #: "Background fill"; 0: never wait) ...
-    fill_quiet_s: float = 0.002
-    #: ... but waits at most this long between two copies, so it never stops
-    fill_max_wait_s: float = 0.05
-    #: how often faults answered by the fault thread are added to the loader's wait
-    #: counts and the working-set recorder (a prefetch hint goes at once)
-    merge_interval_s: float = 0.005
-    #: after a fault, the fault thread keeps reading the userfaultfd without sleeping
-    #: for this long before it blocks in poll again: the next fault of a burst is read
-    #: at once instead of after the kernel has woken the thread (docs/UFFD.md
-    #: "Threads"; 0: never).  As long as ``fill_quiet_s``: the fill waits then anyway
-    spin_s: float = 0.002
-
-    @classmethod
-    def for_mode(cls, mode: str) -> UffdConfig:
-        """``fill`` (ours), ``eager`` (copy everything first) or ``lazy`` (only the
-        faulting page, no fill, no hints; run the loader without its sweep for
-        Firecracker's "valid" example)."""
-        if mode == "fill":
-            return cls()
-        if mode == "eager":
-            # its faults wait for the fill: never yield to them; the example handlers
-            # sleep in poll between faults
-            return cls(eager=True, fill_quiet_s=0.0, spin_s=0.0)
-        if mode == "lazy":
-            return cls(fill=False, fault_around=4096, hint_around=0, spin_s=0.0)
-        raise ValueError(f"unknown uffd mode {mode!r} (fill, eager or lazy)")
-
-
-UFFD_MODES = ("fill", "eager", "lazy")
-MAX_UFFD_SPIN_US = 10_000  #: the most ``--uffd-spin-us`` may be: a CPU is taken that long after each fault
-
-
-@dataclass(slots=True)
-class _Counters:
-    """The fault thread's counts; read (not reset) by :meth:`UffdHandler.statistics`."""
-
-    faults: int = 0
-    loaded: int = 0  #: answered from the memory file, already loaded
-    direct: int = 0  #: copied straight from the source
-    zero: int = 0  #: holes and removed ranges
-    failed: int = 0  #: poisoned (or left to the VMM) after a read error
-    spurious: int = 0  #: the page was already there: only a wake
-    copied_bytes: int = 0
-    copies: int = 0
-    eexist: int = 0
-    eagain: int = 0
-    efault: int = 0  #: direct copies whose source page could not be read
-    uncached: int = 0  #: faults whose source page a disk thread read into the page cache first
-    disk_timeouts: int = 0  #: of those, answered as failed reads at the read deadline
-    remove: int = 0
-    unmap: int = 0
-    remap: int = 0
-    fork: int = 0  #: UFFD_EVENT_FORK: the child's userfaultfd closed at once
-    blocked_ns: int = 0  #: total time faults waited (each fault counted)
-    busy_ns: int = 0  #: the fill thread's time reading ahead and copying (not waiting)
-    relooked: int = 0  #: direct fill spans put back after a removal or remap came while they were copied
-    around_bytes: int = 0  #: copied around direct faults (``fault_around``), so their neighbours never fault
-    spin_reads: int = 0  #: reads of the userfaultfd that found messages while it spun (no wake-up needed)
 
 
 class UffdHandler:
@@ -987,7 +805,7 @@ class UffdHandler:
                 cs = self._fast_cachestat
                 if (off + mmap.PAGESIZE <= self._direct_size and self.loader.layout.find(off) >= 0
                         and (cs.page(off) if cs is not None
-                             else not _mincore(source + off, mmap.PAGESIZE, vec) and vec[0] & 1)):
+                             else not _source._mincore(source + off, mmap.PAGESIZE, vec) and vec[0] & 1)):
                     try:
                         self.uffd.copy(va, source + off, mmap.PAGESIZE)
                     except _uffd.UffdError:
@@ -1532,284 +1350,6 @@ class UffdHandler:
             self._call_trio(self.loader.hold_sweep, False)
         self._wake()  # the fault thread answers the faults held in eager mode
 
-
-def _has_data(loader: Loader, lo: int, hi: int) -> bool:
-    for _ in loader.layout.data_in(lo, hi):
-        return True
-    return False
-
-
-def _data_bytes(loader: Loader, lo: int, hi: int) -> int:
-    return sum(b - a for a, b in loader.layout.data_in(lo, hi))
-
-
-def _injects_read_faults(queue: object) -> bool:
-    """Whether ``queue`` (or a queue it wraps) makes reads fail or hang on purpose:
-    then faults must take the loader's path, which those reads reach."""
-    from aio.testing import FaultInjectingQueue, HangingQueue  # (most daemons never import it otherwise)
-
-    for _ in range(16):
-        if isinstance(queue, (FaultInjectingQueue, HangingQueue)):
-            return True
-        queue = getattr(queue, "inner", None)
-        if queue is None:
-            return False
-    return False
-
-
-def _address_of(memory: MemoryFile) -> int:
-    c = ctypes.c_char.from_buffer(memory.view)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
-
-
-_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL (a disk read may block)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-# mincore never waits for a disk: called without releasing the GIL, so the fault
-# thread does not have to take the GIL back from another thread after it (measured:
-# about 8 us of a fault's p50 through the GIL-releasing CDLL)
-_mincore = ctypes.PyDLL(None, use_errno=True).mincore
-_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_syscall = ctypes.PyDLL(None, use_errno=True).syscall  # (cachestat: never waits, the GIL kept)
-_syscall.restype = ctypes.c_long
-MADV_WILLNEED = 3
-MADV_POPULATE_READ = 22  # Linux 5.14+: fault the range's pages in (reading them), map nothing new
-
-
-class _Cachestat:
-    """``cachestat(2)`` (Linux 6.5+) on one open file: is a page of it in the page
-    cache?  It looks the page up in the file's cache only, without mincore's lookup
-    of the mapping and walk of its page table: about 1 us less a call here (1.4
-    against 2.5 us).  No argument conversion per call: the range and the result are
-    ctypes arrays made once, passed by pointer."""
-
-    NR = 451  # x86_64, arm64 and the other architectures of the unified syscall table
-
-    def __init__(self, fd: int) -> None:
-        self._range = (ctypes.c_uint64 * 2)(0, mmap.PAGESIZE)  # struct cachestat_range {off, len}
-        self._stat = (ctypes.c_uint64 * 5)()  # struct cachestat: nr_cache first
-        self._args = (ctypes.c_long(self.NR), ctypes.c_long(fd), ctypes.cast(self._range, ctypes.c_void_p),
-                      ctypes.cast(self._stat, ctypes.c_void_p), ctypes.c_long(0))
-
-    @classmethod
-    def open(cls, fd: int) -> _Cachestat | None:
-        """One for ``fd``, or None where the kernel lacks cachestat, refuses it (a
-        seccomp filter, a file system without a page cache) or cannot say."""
-        if os.uname().machine not in ("x86_64", "aarch64"):
-            return None
-        c = cls(fd)
-        return c if _syscall(*c._args) == 0 else None
-
-    def page(self, offset: int) -> bool:
-        """Is the page at ``offset`` in the page cache now?  (False when the call
-        fails: the caller then takes the safe path.)"""
-        self._range[0] = offset
-        return _syscall(*self._args) == 0 and self._stat[0] == 1
-
-
-class _PageCache:
-    """Bring pieces of the source's mapping into the page cache ahead of a direct
-    copy: ``UFFDIO_COPY`` reads an uncached source inside the ioctl, and the fill's
-    copies hold the lock that every fault needs to read its message, so the fill
-    reads the disk before it takes the lock (and asks the kernel to read ahead)."""
-
-    def __init__(self, pages: int = 1) -> None:
-        self.populate_works = True  #: False once MADV_POPULATE_READ is refused (kernel before 5.14)
-        self._vec = (ctypes.c_ubyte * pages)()
-        self._pages = pages
-
-    def cached(self, address: int, length: int) -> bool:
-        """Is every page of ``[address, address+length)`` (page-aligned) in the page
-        cache now?  (False when it cannot tell: the caller then takes the safe path.)"""
-        n = length // mmap.PAGESIZE
-        if n > self._pages or _mincore(address, length, self._vec) != 0:
-            return False
-        if n == 1:
-            return bool(self._vec[0] & 1)
-        return all(b & 1 for b in bytes(self._vec)[:n])
-
-    def advise(self, address: int, length: int) -> None:
-        """Start reading ``[address, address+length)`` into the page cache (MADV_WILLNEED)."""
-        _libc.madvise(address, length, MADV_WILLNEED)
-
-    def populate(self, address: int, length: int) -> None:
-        """Read ``[address, address+length)`` into the page cache (blocking, GIL released)."""
-        if self.populate_works and _libc.madvise(address, length, MADV_POPULATE_READ) != 0:
-            if ctypes.get_errno() == errno_mod.EINVAL:
-                self.populate_works = False  # the copy then reads the source itself, as before
-
-
-def _address_of_map(m: mmap.mmap) -> int:
-    c = ctypes.c_char.from_buffer(m)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
-
-
-# ------------------------------------------------------------ the listener
-_RECV_CHUNK = 64 << 10
-_MAX_FDS = 16  #: descriptors read from one handshake (more are closed by the kernel: MSG_CTRUNC)
-
-
-async def receive_handshake(conn: trio.socket.SocketType, memory_size: int) -> tuple[list[Region], int]:
-    """Read the VMM's one message: regions + the userfaultfd.  Closes any fds that
-    came with a bad message.  Raises :class:`HandshakeError`.
-
-    Firecracker sends the message in one ``sendmsg`` with the descriptor, which
-    arrives with its first byte: bytes without one are refused at once.  The rest
-    is read until it is a whole JSON value (or the peer closes the connection), at
-    most :data:`MAX_HANDSHAKE` bytes."""
-    fds = array.array("i")
-    data = b""
-    try:
-        while True:
-            msg, ancdata, _flags, _addr = await conn.recvmsg(
-                _RECV_CHUNK, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            if not msg:
-                if not data and not fds:
-                    raise HandshakeError("the VMM closed the connection before the handshake")
-                break  # the peer is done: what came is the message
-            data += msg
-            if not fds:
-                raise HandshakeError("handshake carried no userfaultfd (SCM_RIGHTS)")
-            if len(data) > MAX_HANDSHAKE:
-                raise HandshakeError(f"handshake is more than {MAX_HANDSHAKE} bytes "
-                                     f"(room for {MAX_REGIONS} regions)")
-            items = _decode(data, final=False)
-            if items is not None:
-                break
-        if not fds:
-            raise HandshakeError("handshake carried no userfaultfd (SCM_RIGHTS)")
-        if len(fds) != 1:
-            raise HandshakeError(f"handshake carried {len(fds)} file descriptors, expected 1")
-        if not _uffd.is_userfaultfd(fds[0]):
-            raise HandshakeError("the descriptor sent is not a userfaultfd")
-        regions = parse_handshake(data, memory_size)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    flags = _fcntl_getfl(fds[0])
-    if not flags & os.O_NONBLOCK:
-        os.set_blocking(fds[0], False)
-    return regions, fds[0]
-
-
-def _fcntl_getfl(fd: int) -> int:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_GETFL)
-
-
-class _Refusals:
-    """Refused connections, logged at most once a second (a flood is one line a
-    second, with the number left out), all counted."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._unlogged = 0
-        self._last = -math.inf
-
-    def note(self, why: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self._last < 1.0:
-            self._unlogged += 1
-            return
-        more = f" (and {self._unlogged} more refused since the last line)" if self._unlogged else ""
-        self._last, self._unlogged = now, 0
-        log.error("uffd: refused a connection: %s%s", why, more)
-
-
-def bind_uffd_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """Bind and listen on ``path`` (mode 0600) with the wait socket's rules: a stale
-    socket (nobody listening) is replaced; a live one (another daemon's, or this
-    one's wait socket) and anything that is not a socket are refused
-    (:class:`StartupError`).  Returns the socket and the file's (st_dev, st_ino), so
-    that only that file is removed at exit."""
-    try:
-        _clear_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            old = os.umask(0o177)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            st = os.lstat(path)
-            sock.listen(MAX_PENDING_HANDSHAKES)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as exc:
-        line = describe_os_error(exc, None)
-        raise StartupError(f"--uffd-socket {line}" if path in line else f"--uffd-socket {path}: {line}") from None
-    return sock, (st.st_dev, st.st_ino)
-
-
-class _Handshakes:
-    """The uffd socket's connections before one of them is served.  Each handshake is
-    read in a task of its own (:meth:`accept`), so a peer that sends nothing delays no
-    other: it is refused after :data:`HANDSHAKE_TIMEOUT_S`, or as soon as
-    :data:`MAX_PENDING_HANDSHAKES` newer connections are being read.  The first good
-    handshake wins (:attr:`won`); one that completes after it is refused, and so is
-    every connection accepted after it."""
-
-    def __init__(self, listener: trio.socket.SocketType, memory_size: int) -> None:
-        self.listener = listener
-        self.memory_size = memory_size
-        self.refusals = _Refusals()
-        self.won: tuple[trio.socket.SocketType, list[Region], int] | None = None
-        self.ready = trio.Event()  #: set once :attr:`won` is
-        self._pending: dict[trio.socket.SocketType, trio.CancelScope] = {}  # oldest first
-        self._evicted: set[trio.socket.SocketType] = set()
-
-    async def accept(self) -> None:
-        """Accept connections until cancelled (run in a nursery; see the class doc)."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await self.listener.accept()
-                if self.won is not None:
-                    conn.close()
-                    self.refusals.note("already serving a VMM")
-                    continue
-                if len(self._pending) >= MAX_PENDING_HANDSHAKES:
-                    oldest = next(iter(self._pending))
-                    self._evicted.add(oldest)
-                    self._pending.pop(oldest).cancel()
-                scope = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
-                self._pending[conn] = scope
-                nursery.start_soon(self._one, conn, scope)
-
-    async def _one(self, conn: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-        keep = False
-        try:
-            with scope:
-                regions, fd = await receive_handshake(conn, self.memory_size)
-                if self.won is not None:
-                    os.close(fd)
-                    self.refusals.note("already serving a VMM")
-                    return
-                self.won = (conn, regions, fd)
-                keep = True
-                self.ready.set()
-            if scope.cancelled_caught:
-                self.refusals.note(f"{MAX_PENDING_HANDSHAKES} newer connections came before its handshake"
-                                   if conn in self._evicted else f"no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
-        except (HandshakeError, OSError) as exc:
-            self.refusals.note(str(exc))
-        finally:
-            self._pending.pop(conn, None)
-            self._evicted.discard(conn)
-            if not keep:
-                conn.close()
 
 
 async def serve_uffd(
