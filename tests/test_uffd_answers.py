@@ -567,7 +567,7 @@ async def test_a_source_page_that_cannot_be_read_goes_to_the_loader(rig):
         v = r.vcpu(off)
         r.serve()
         await _disk_reads(h)
-        assert h.counts.efault == 1 and h._local.copied == 0
+        assert h.counts.efault == 1 and h._local.answerer.copied == 0
         await r.answers()
         assert v.result() == errno.EFAULT
     assert nonzero(h) == {"faults": 1, "copies": 1, "efault": 1, "uncached": 1, "failed": 1}

@@ -59,6 +59,7 @@ from .._server import _remove_socket_file
 from .._stats import LatencyHistogram
 from . import _ioctl as _uffd
 from . import _source
+from ._answer import GONE, Answerer
 from ._config import UffdConfig, _Counters
 from ._handshake import Region, _Handshakes, bind_uffd_socket
 from ._source import (
@@ -137,7 +138,7 @@ class UffdHandler:
         self.counts = _Counters()  #: the fault thread's
         self._ignored: set[int] = set()  # unknown events logged once (the fault thread's)
         self.fill_counts = _Counters()  #: the fill thread's (copies only)
-        self._local = threading.local()  # per thread: counts, copied
+        self._local = threading.local()  # per thread: its answerer, its page-cache checks
         #: held by the fill thread around each copy and by the fault thread around
         #: reading the userfaultfd and recording removals: the kernel zaps a removed
         #: range as soon as its event is read, so no fill copy may run between the
@@ -511,9 +512,7 @@ class UffdHandler:
         """This thread's copies count as the fault thread's and use its ioctl buffers
         (the fault thread's first step; a test that answers faults in its own thread
         calls it too)."""
-        self._local.counts = self.counts
-        self._local.uffd = self.uffd
-        self._local.copied = 0
+        self._local.answerer = Answerer(self.uffd, self, self.counts, self.histogram, self._lock)
         self._local.cache = _PageCache(max(self.config.fault_around, *(r.page_size for r in self.regions))
                                        // mmap.PAGESIZE)
 
@@ -592,9 +591,7 @@ class UffdHandler:
     def _fill_main(self) -> None:
         """The fill thread: background copies, one ``fill_chunk`` at a time, each under
         ``_copy_lock``; it lets the fault thread in between copies."""
-        self._local.counts = self.fill_counts
-        self._local.uffd = self._fill_uffd
-        self._local.copied = 0
+        self._local.answerer = Answerer(self._fill_uffd, self, self.fill_counts, self.histogram, self._lock)
         self._local.cache = _PageCache()
         if self.config.fill_nice:
             try:
@@ -1064,28 +1061,21 @@ class UffdHandler:
             self._install(wlo, whi)
 
     def _record(self, start_ns: int) -> None:
-        elapsed = time.perf_counter_ns() - start_ns
-        self.counts.blocked_ns += elapsed
-        with self._lock:
-            self.histogram.record(elapsed)
+        self._local.answerer.record(start_ns)
 
     def _zero(self, r: Region, va: int, start_ns: int) -> None:
         page = r.page_size
-        try:
-            if page == mmap.PAGESIZE:
-                self.uffd.zeropage(va, page)
-            else:
-                self.uffd.copy(va, self._zero_source(page), page)
-        except _uffd.UffdError as exc:
-            if exc.errno == errno_mod.EAGAIN:
-                self.counts.eagain += 1
-                self._retry.append((va, start_ns))
-                return
-            if exc.errno == errno_mod.EEXIST:
-                self._wake_range(va, page)
-            elif not self._gone_error(exc):
-                log.warning("uffd: zero page at %#x: %s", va, exc)
-        self._record(start_ns)
+        answerer = self._local.answerer
+        status = answerer.zero(va, page, 0 if page == mmap.PAGESIZE else self._zero_source(page))
+        if status == errno_mod.EAGAIN:
+            self.counts.eagain += 1
+            self._retry.append((va, start_ns))
+            return
+        if status == errno_mod.EEXIST:
+            answerer.wake(va, page)
+        elif status and status != GONE:
+            log.warning("uffd: zero page at %#x: %s", va, answerer.error)
+        answerer.record(start_ns)
 
     def _zero_source(self, page: int) -> int:
         if self._zero_huge is None or len(self._zero_huge) < page:
@@ -1103,81 +1093,37 @@ class UffdHandler:
         else:
             log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base),
                       error.message)
-        try:
-            self.uffd.poison(va, r.page_size)
-        except _uffd.UffdError as exc:
-            if exc.errno == errno_mod.EAGAIN:
-                self.counts.failed -= 1
-                with self._lock:  # again after the events
-                    self._answers.append((r, va, start_ns, error))
-                return
-            if not self._gone_error(exc):
-                # no UFFDIO_POISON (kernel before 6.6): nothing can raise SIGBUS in the
-                # thread; never hand out wrong bytes -- the VMM's memory is unusable
-                log.error("uffd: cannot poison %#x (%s): no UFFDIO_POISON in this kernel?; "
-                          "stopping the handler", va, exc.strerror)
-                self.gone = True
-        self._record(start_ns)
+        answerer = self._local.answerer
+        status = answerer.poison(va, r.page_size)
+        if status == errno_mod.EAGAIN:
+            self.counts.failed -= 1
+            with self._lock:  # again after the events
+                self._answers.append((r, va, start_ns, error))
+            return
+        if status and status != GONE:
+            # no UFFDIO_POISON (kernel before 6.6): nothing can raise SIGBUS in the
+            # thread; never hand out wrong bytes -- the VMM's memory is unusable
+            assert answerer.error is not None
+            log.error("uffd: cannot poison %#x (%s): no UFFDIO_POISON in this kernel?; "
+                      "stopping the handler", va, answerer.error.strerror)
+            self.gone = True
+        answerer.record(start_ns)
 
     def _wake_range(self, va: int, length: int) -> None:
-        try:
-            self.uffd.wake(va, length)
-        except OSError:
-            pass
+        self._local.answerer.wake(va, length)
 
     # ------------------------------------------------------------ copying (fault thread)
     def _copy(self, r: Region, va: int, src: int, length: int) -> int:
-        """UFFDIO_COPY ``length`` bytes (whole pages of ``r``) from address ``src`` to
-        ``va``.  Returns 0, or EEXIST if some page was already there (the rest is
-        copied), EAGAIN (the mapping is changing: retry after reading the events) or
-        EFAULT (the source could not be read; nothing more copied).  The kernel reports
-        a copy that stopped early (at a page already there) as EAGAIN with the bytes
-        done: that is progress, not a changing mapping.  After EAGAIN or EFAULT,
-        ``_local.copied`` holds the bytes done (per thread)."""
-        page = r.page_size
-        done = 0
-        status = 0
-        local = self._local
-        c = local.counts
-        copy = local.uffd.copy
-        while done < length and not self.gone:
-            try:
-                n = copy(va + done, src + done, length - done)
-                c.copies += 1
-                c.copied_bytes += n
-                done += n
-            except _uffd.UffdError as exc:
-                c.copies += 1
-                c.copied_bytes += exc.done
-                done += exc.done - exc.done % page
-                if exc.errno == errno_mod.EEXIST:
-                    c.eexist += 1
-                    status = errno_mod.EEXIST
-                    done += page
-                elif exc.errno == errno_mod.EAGAIN:
-                    if exc.done:  # a partial copy (it stopped at a page already there): go on
-                        continue
-                    c.eagain += 1
-                    self._local.copied = done
-                    return errno_mod.EAGAIN
-                elif exc.errno == errno_mod.EFAULT:
-                    c.efault += 1
-                    self._local.copied = done
-                    return errno_mod.EFAULT
-                elif self._gone_error(exc):
-                    return 0
-                else:
-                    log.warning("uffd: copy to %#x: %s", va + done, exc)
-                    done += page
-        return status
+        """UFFDIO_COPY ``length`` bytes (whole pages of ``r``) from ``src`` to ``va`` with
+        this thread's answerer (:meth:`Answerer.copy`: 0, EEXIST, EAGAIN or EFAULT;
+        after the last two its ``copied`` holds the bytes done)."""
+        return self._local.answerer.copy(va, src, length, r.page_size)
 
-    def _gone_error(self, exc: OSError) -> bool:
-        if exc.errno in (errno_mod.ESRCH, errno_mod.ENOENT):
-            if not self.gone:
-                log.info("uffd: the VMM's memory is gone (%s)", exc.strerror)
-            self.gone = True
-            return True
-        return False
+    def vanished(self, why: str) -> None:
+        """An ioctl said the VMM's memory is gone (:class:`Answerer`'s owner)."""
+        if not self.gone:
+            log.info("uffd: the VMM's memory is gone (%s)", why)
+        self.gone = True
 
     def _install(self, lo: int, hi: int) -> bool:
         """Copy the pending bytes of ``[lo, hi)`` into the guest (whole pages of each
@@ -1193,12 +1139,13 @@ class UffdHandler:
             pieces = self._take(a, b, page)
             for k, (plo, phi) in enumerate(pieces):
                 status = self._copy(r, r.base + (plo - r.offset), self._src + plo, phi - plo)
+                copied = self._local.answerer.copied
                 if self.direct_fill:
                     with self._lock:
-                        self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + self._local.copied)
+                        self.installed.add(plo, phi if status != errno_mod.EAGAIN else plo + copied)
                 if status == errno_mod.EAGAIN:
                     with self._lock:  # what is left of this piece, and the pieces after it
-                        self.pending.add(plo + self._local.copied, phi)
+                        self.pending.add(plo + copied, phi)
                         for qlo, qhi in pieces[k + 1:]:
                             self.pending.add(qlo, qhi)
                     return False
@@ -1312,7 +1259,7 @@ class UffdHandler:
                     continue
                 rest = at
                 if status == errno_mod.EAGAIN or status == errno_mod.EFAULT:
-                    rest += self._local.copied
+                    rest += self._local.answerer.copied
                     if status == errno_mod.EFAULT:  # that page cannot be read: its fault takes the loader's path
                         self._skipped += 1
                         rest += page
