@@ -772,6 +772,7 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
     from types import SimpleNamespace
 
     from loader.uffd._handler import UffdHandler
+    from loader.uffd._state import HandlerState
 
     now = [1000.0]
     sleeps: list[float] = []
@@ -784,7 +785,7 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
         monotonic=lambda: now[0], perf_counter_ns=lambda: int(now[0] * 1e9), sleep=fake_sleep))
     handler = UffdHandler.__new__(UffdHandler)
     handler.config = config
-    handler._stop = False
+    handler.state = HandlerState()
     handler._last_fault_ns = int((now[0] - last_fault_ago_s) * 1e9)
     handler._yield_to_faults()
     return sleeps

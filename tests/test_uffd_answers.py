@@ -36,6 +36,7 @@ import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig
 from loader.uffd import _ioctl as _uffd
 from loader.uffd._handler import Region, UffdHandler
+from loader.uffd._state import STOP
 from protocol import codes
 from workloads._vmm import GuestRegion, VmmEmulator
 
@@ -201,7 +202,7 @@ class Rig:
 
     def close(self) -> None:
         h = self.handler
-        h._stop = True  # (disk threads, where a test started one)
+        h.state.advance(STOP)  # (disk threads, where a test started one)
         with h._disk_cv:
             h._disk_cv.notify_all()
         if isinstance(self.queue, aio.testing.HangingQueue):

@@ -71,6 +71,7 @@ from ._source import (
     _injects_read_faults,
     _PageCache,
 )
+from ._state import FILL_DONE, LOAD_DONE, STOP, VANISH, HandlerState
 
 log = logging.getLogger("pageload")
 
@@ -156,13 +157,10 @@ class UffdHandler:
         self._none_outstanding = trio.Event()
         self._none_outstanding.set()
         self._synced: trio.Event | None = None
-        self.draining = False  #: SIGTERM: pending faults are being answered before exit
         # flags (plain stores, read by the other thread)
-        self.gone = False  #: the VMM's memory is gone (ESRCH/ENOENT) or the handler stopped
-        self._stop = False
+        #: the one mode: loading, loaded, filled, stopping, gone (:mod:`._state`: who stores it, who loads it)
+        self.state = HandlerState(loaded=loader.done.is_set())
         self._want_sync = False
-        self._load_done = loader.done.is_set()
-        self._filled = False
         self.filled = trio.Event()  #: every data byte in the regions is in guest memory
         self._finished = trio.Event()
         self.started_ns = time.perf_counter_ns()
@@ -370,7 +368,7 @@ class UffdHandler:
                 await self._finished.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self._stop = True
+            self.state.advance(STOP)
             self._wake()
             with self._disk_cv:
                 self._disk_cv.notify_all()
@@ -378,7 +376,7 @@ class UffdHandler:
                 await trio.to_thread.run_sync(self._fill_thread.join, 2.0)
                 await trio.to_thread.run_sync(self._thread.join, 2.0)
             self._merge()  # after the fault thread's last fault (it may answer one as it stops)
-            self.gone = True
+            self.state.advance(VANISH)
             sys.setswitchinterval(interval)
             if self.loader.sweep_held:
                 self.loader.hold_sweep(False)
@@ -403,7 +401,7 @@ class UffdHandler:
 
     async def _watch_load(self) -> None:
         await self.loader.done.wait()
-        self._load_done = True
+        self.state.advance(LOAD_DONE)
         self._wake()
 
     def _wake(self) -> None:
@@ -484,9 +482,8 @@ class UffdHandler:
         (``shutting-down``): poisoned, so the thread gets SIGBUS instead of hanging on
         a handler that is gone.  Faults arriving until the daemon exits are still
         answered."""
-        if self.gone or self._thread is None:
+        if self.state.gone or self._thread is None:
             return
-        self.draining = True
         with trio.move_on_after(timeout):
             # one pass of the fault thread: what it read was handed to us before this
             self._synced = synced = trio.Event()
@@ -495,9 +492,9 @@ class UffdHandler:
             await synced.wait()
             if self.outstanding:
                 log.info("uffd: shutting down: waiting up to %g s for %d fault(s)", timeout, self.outstanding)
-                while self.outstanding and not self.gone:
+                while self.outstanding and not self.state.gone:
                     await self._none_outstanding.wait()
-            while self._disk_out and not self.gone:  # faults whose page a disk thread reads
+            while self._disk_out and not self.state.gone:  # faults whose page a disk thread reads
                 await trio.sleep(0.005)
         if self.outstanding:
             log.warning("uffd: %d fault(s) still waiting for reads at shutdown: they will be poisoned",
@@ -512,7 +509,7 @@ class UffdHandler:
         """This thread's copies count as the fault thread's and use its ioctl buffers
         (the fault thread's first step; a test that answers faults in its own thread
         calls it too)."""
-        self._local.answerer = Answerer(self.uffd, self, self.counts, self.histogram, self._lock)
+        self._local.answerer = Answerer(self.uffd, self.state, self.counts, self.histogram, self._lock)
         self._local.cache = _PageCache(max(self.config.fault_around, *(r.page_size for r in self.regions))
                                        // mmap.PAGESIZE)
 
@@ -526,7 +523,8 @@ class UffdHandler:
         spin_poll = select.poll()  # the userfaultfd alone: poll(0) is the cheapest look (0.6 us, no exception)
         spin_poll.register(self.uffd.fd, select.POLLIN)
         try:
-            while not self.gone:
+            state = self.state
+            while not state.gone:
                 if self._retry:
                     timeout = 1
                 elif self._disk_out:
@@ -540,7 +538,7 @@ class UffdHandler:
                     # not after the kernel has woken this thread; a wake-up from another
                     # thread (``_woken``) ends it
                     until = self._last_fault_ns + spin_ns
-                    while not self._woken and not self.gone and clock() < until:
+                    while not self._woken and not state.gone and clock() < until:
                         if spin_poll.poll(0) and self._read_ready():
                             self.counts.spin_reads += 1
                             spun = True
@@ -571,19 +569,19 @@ class UffdHandler:
                 if self._want_sync:
                     self._want_sync = False
                     self._call_trio(self._set_synced)
-                if self._filled and self._deferred:  # eager mode: the held faults, now that all is in
+                if self._deferred and state.filled:  # eager mode: the held faults, now that all is in
                     deferred, self._deferred = self._deferred, []
                     for address, start in deferred:
                         self._fault(address, start)
-                if self._stop:
+                if state.stopping:
                     break
-            if self._disk_out and not self.gone:  # stopping: never leave a fault unanswered
+            if self._disk_out and not state.gone:  # stopping: never leave a fault unanswered
                 for va in list(self._disk_out):
                     self._disk_out[va] = (*self._disk_out[va][:2], 0)  # past its deadline
                 self._take_disk_reads(stopping=True)
         except Exception:
             log.exception("uffd: the fault thread failed")
-            self.gone = True
+            self.state.advance(VANISH)
         finally:
             self._fill_kick.set()
             self._call_trio(self._finished.set)
@@ -591,7 +589,7 @@ class UffdHandler:
     def _fill_main(self) -> None:
         """The fill thread: background copies, one ``fill_chunk`` at a time, each under
         ``_copy_lock``; it lets the fault thread in between copies."""
-        self._local.answerer = Answerer(self._fill_uffd, self, self.fill_counts, self.histogram, self._lock)
+        self._local.answerer = Answerer(self._fill_uffd, self.state, self.fill_counts, self.histogram, self._lock)
         self._local.cache = _PageCache()
         if self.config.fill_nice:
             try:
@@ -599,7 +597,7 @@ class UffdHandler:
             except OSError:
                 pass
         try:
-            while not self.gone and not self._stop:
+            while self.state.running:
                 self._fill_kick.clear()
                 if not self._fill_ready():
                     self._check_filled()
@@ -617,7 +615,7 @@ class UffdHandler:
                 self.fill_counts.busy_ns += time.perf_counter_ns() - t0
         except Exception:
             log.exception("uffd: the fill thread failed")
-            self.gone = True
+            self.state.advance(VANISH)
             self._wake()
 
     def _replaying(self) -> bool:
@@ -631,7 +629,7 @@ class UffdHandler:
 
     def _wait_for_reader(self) -> None:
         """The copy lock is not fair: when the fault thread waits for it, let it in first."""
-        while self._want_read and not self._stop:
+        while self._want_read and self.state.running:
             time.sleep(0.00002)
 
     def _read_in(self, a: int, b: int, end: int) -> None:
@@ -657,7 +655,7 @@ class UffdHandler:
         if quiet <= 0:
             return
         deadline = time.monotonic() + self.config.fill_max_wait_s
-        while not self._stop:
+        while self.state.running:
             since = (time.perf_counter_ns() - self._last_fault_ns) / 1e9
             left = min(quiet - since, deadline - time.monotonic())
             if left <= 0:
@@ -677,7 +675,8 @@ class UffdHandler:
         buf = self._msg_buf
         size = _uffd.MSG_SIZE
         read = False
-        while not self.gone:
+        state = self.state
+        while not state.gone:
             self._want_read = True
             with self._copy_lock:
                 self._want_read = False
@@ -688,7 +687,7 @@ class UffdHandler:
                 except OSError as exc:
                     if exc.errno not in (errno_mod.EBADF,):
                         log.warning("uffd: reading events: %s", exc)
-                    self.gone = True
+                    state.advance(VANISH)
                     return read
                 n -= n % size
                 faults_only = True
@@ -818,7 +817,7 @@ class UffdHandler:
             log.warning("uffd: fault at %#x outside every region", address)
             self._wake_range(address & ~4095, 4096)
             return
-        if self.config.eager and not self._filled:
+        if self.config.eager and not self.state.filled:
             self._deferred.append((address, start_ns))
             return
         page = r.page_size
@@ -890,11 +889,11 @@ class UffdHandler:
         cache = _PageCache()
         while True:
             with self._disk_cv:
-                while not self._disk_queue and not self._stop and not self.gone:
+                while not self._disk_queue and self.state.running:
                     self._disk_idle += 1
                     self._disk_cv.wait()
                     self._disk_idle -= 1
-                if self._stop or self.gone:
+                if not self.state.running:
                     return
                 va, src, length = self._disk_queue.popleft()
             lo = src & _PAGE_MASK
@@ -1023,7 +1022,7 @@ class UffdHandler:
                 return
             answers, self._answers = self._answers, deque()
         for r, va, start_ns, error in answers:
-            if self.gone:
+            if self.state.gone:
                 return
             off = r.offset + (va - r.base)
             if error is not None:
@@ -1106,7 +1105,7 @@ class UffdHandler:
             assert answerer.error is not None
             log.error("uffd: cannot poison %#x (%s): no UFFDIO_POISON in this kernel?; "
                       "stopping the handler", va, answerer.error.strerror)
-            self.gone = True
+            self.state.advance(VANISH)
         answerer.record(start_ns)
 
     def _wake_range(self, va: int, length: int) -> None:
@@ -1119,11 +1118,10 @@ class UffdHandler:
         after the last two its ``copied`` holds the bytes done)."""
         return self._local.answerer.copy(va, src, length, r.page_size)
 
-    def vanished(self, why: str) -> None:
-        """An ioctl said the VMM's memory is gone (:class:`Answerer`'s owner)."""
-        if not self.gone:
-            log.info("uffd: the VMM's memory is gone (%s)", why)
-        self.gone = True
+    @property
+    def gone(self) -> bool:
+        """The VMM's memory is gone, or the handler has stopped (:attr:`state`)."""
+        return self.state.gone
 
     def _install(self, lo: int, hi: int) -> bool:
         """Copy the pending bytes of ``[lo, hi)`` into the guest (whole pages of each
@@ -1175,9 +1173,10 @@ class UffdHandler:
         return pieces
 
     def _fill_ready(self) -> bool:
-        if self._filled and not self.config.fill:
+        state = self.state
+        if state.filled and not self.config.fill:
             return False
-        if self.config.eager and not self._load_done:
+        if self.config.eager and not state.loaded:
             return False
         return bool(self._fill_queue)
 
@@ -1249,7 +1248,7 @@ class UffdHandler:
                 if self._want_read:
                     self._wait_for_reader()
                 with copy_lock:
-                    if self._removed_gen != gen or self._stop:  # removed or remapped meanwhile: look again
+                    if self._removed_gen != gen or not self.state.running:  # removed or remapped meanwhile: look again
                         status = -1
                         self.fill_counts.relooked += 1
                     else:
@@ -1277,20 +1276,20 @@ class UffdHandler:
         return None
 
     def _check_filled(self) -> None:
-        if self._filled or not (self.config.fill or self.config.eager):
+        if self.filled_ns is not None or not (self.config.fill or self.config.eager):
             return
         if self.direct_fill:
             with self._lock:
                 if self._fill_queue or self._skipped:
                     return
         else:
-            if not self._load_done:
+            if not self.state.loaded:
                 return
             with self._lock:
                 if self._fill_queue or self.pending:
                     return
-        self._filled = True
-        self.filled_ns = time.perf_counter_ns()
+        self.filled_ns = time.perf_counter_ns()  # (the fill thread's own record: it reports the guest filled once)
+        self.state.advance(FILL_DONE)
         log.info("uffd: guest memory filled in %.3f s", (self.filled_ns - self.started_ns) / 1e9)
         self._call_trio(self.filled.set)
         if self.loader.sweep_held:
@@ -1339,7 +1338,7 @@ async def serve_uffd(
                         nursery.cancel_scope.cancel()
                 finally:
                     if handler is not None:
-                        handler.gone = True  # its descriptor is closed now
+                        handler.state.advance(VANISH)  # its descriptor is closed now
                     os.close(fd)
                 log.info("uffd: the VMM went away")
                 log.info(handler.summary_line())
