@@ -300,7 +300,7 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
                    uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
     try:
         state, code, lines = await serve_child(opts, image, [GOOD], stop_when=f"touching {GOOD}",
-                                               stop_once=lambda s: bool(s.uffd and s.uffd._disk_out))
+                                               stop_once=lambda s: bool(s.uffd and s.uffd.decide.disk.out))
     finally:
         release.set()
     assert code == -signal.SIGBUS, lines

@@ -129,3 +129,32 @@ def _address_of_map(m: mmap.mmap) -> int:
     finally:
         del c
 
+
+
+class DirectSource:
+    """The source's private read-only mapping for direct copies, as
+    ``UffdHandler._open_direct`` made it (``map`` None: direct copies are off)."""
+
+    def __init__(self, m: mmap.mmap | None, base: int, size: int, identity: bool, loader: Loader) -> None:
+        self.map = m
+        self.base = base  #: the mapping's address
+        self.size = size
+        self.identity = identity  #: a raw image: memory offset = file offset, holes read as zeros
+        self.layout = loader.layout
+
+    def address(self, off: int, length: int) -> int | None:
+        """Where memory ``[off, off+length)`` is in the source's mapping, if it is
+        one piece of data there; None if direct copies are off."""
+        if self.map is None:
+            return None
+        if self.identity:  # a raw image: memory offset = file offset, holes read as zeros
+            fo = off
+        else:
+            layout = self.layout
+            i = layout.find(off)
+            if i < 0 or off + length > layout.mem[i] + layout.length[i]:
+                return None
+            fo = layout.file[i] + (off - layout.mem[i])
+        if fo + length > self.size:
+            return None
+        return self.base + fo
