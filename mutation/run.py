@@ -113,10 +113,14 @@ TARGETS = [
            timeout=60, test_timeout=5),
     # the fault answering code of the page-fault handler, driven in the test process (a
     # few seconds; test_uffd.py and test_uffd_failures.py serve a VMM end to end)
-    Target("uffd-handler", ["loader/uffd/_handler.py"], ["tests/test_uffd_answers.py"],
-           functions={"loader/uffd/_handler.py": [
-               "UffdHandler._fault", "UffdHandler._on_waited", "UffdHandler._answer", "UffdHandler._zero",
-               "UffdHandler._fail", "UffdHandler._wake_range", "UffdHandler._copy"]},
+    Target("uffd-handler", ["loader/uffd/_faults.py", "loader/uffd/_answer.py", "loader/uffd/_handler.py"],
+           ["tests/test_uffd_answer.py", "tests/test_uffd_answers.py"],
+           functions={"loader/uffd/_faults.py": ["Decisions._fault", "Decisions._answer", "Decisions._zero",
+                                                 "Decisions._fail", "Decisions._copy"],
+                      "loader/uffd/_answer.py": ["Answerer.copy", "Answerer.zero", "Answerer.continue_",
+                                                 "Answerer.poison", "Answerer.wake", "Answerer._failed",
+                                                 "Answerer.vanished"],
+                      "loader/uffd/_handler.py": ["UffdHandler._on_waited"]},
            timeout=60),
 ]
 
