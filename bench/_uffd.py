@@ -48,7 +48,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from loader import UffdConfig, _uffd
+from loader import UffdConfig
+from loader.uffd import _ioctl as _uffd
 from workloads import percentiles
 from workloads._vmm import GuestRegion, VmmEmulator
 

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 
 __all__ = ["main"]
 

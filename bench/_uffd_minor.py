@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 
 from ._guest import cp_extra, guest_touches, handler_run, zero_copy_run
 from ._tools import warm_cache

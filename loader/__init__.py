@@ -18,7 +18,6 @@ from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
-from ._uffd_handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 from ._units import human, parse_size
 from ._workingset import (
     AccessRecorder,
@@ -33,6 +32,7 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
+from .uffd._config import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 
 
 def __getattr__(name: str) -> object:

@@ -54,7 +54,6 @@ from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
-from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from ._workingset import (
     WorkingSetError,
@@ -71,6 +70,8 @@ from ._workingset import (
 )
 from .checkpoint import CheckpointError
 from .source import PageSource, open_source
+from .uffd._config import MAX_UFFD_SPIN_US, UffdConfig
+from .uffd._handler import UffdHandler, serve_uffd
 
 log = logging.getLogger("pageload")
 

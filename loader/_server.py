@@ -45,11 +45,11 @@ import trio
 import protocol
 from protocol import codes
 
-from . import _uffd_minor
 from ._loader import LoadError, WaitHandle
 from ._loadmap import LoadedMap
 from ._service import PageService
 from ._workingset import WorkingSetRecorder
+from .uffd import _minor as _uffd_minor
 
 log = logging.getLogger("pageload.server")
 

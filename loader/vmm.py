@@ -41,8 +41,8 @@ from typing import Any
 
 import protocol
 
-from . import _uffd
 from ._client import Client
+from .uffd import _ioctl as _uffd
 
 __all__ = ["ZeroCopyMemory", "ZeroCopyUnsupported"]
 

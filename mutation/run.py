@@ -82,7 +82,7 @@ TARGETS = [
            extra="-k 'test_restore_options or test_restore_cli or bad_options or missing_socket or ready_fd "
                  "or directory_without_index or socket_activation'"),
     # the ioctl layer, against a real userfaultfd in the test process (a second or two)
-    Target("uffd", ["loader/_uffd.py"], ["tests/test_uffd_abi.py", "tests/test_uffd_ioctl.py"], timeout=60),
+    Target("uffd", ["loader/uffd/_ioctl.py"], ["tests/test_uffd_abi.py", "tests/test_uffd_ioctl.py"], timeout=60),
     # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
     # after they land: _verify_now, _land, _chunks_complete, _checked); not its range
     # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own.
@@ -113,10 +113,14 @@ TARGETS = [
            timeout=60, test_timeout=5),
     # the fault answering code of the page-fault handler, driven in the test process (a
     # few seconds; test_uffd.py and test_uffd_failures.py serve a VMM end to end)
-    Target("uffd-handler", ["loader/_uffd_handler.py"], ["tests/test_uffd_answers.py"],
-           functions={"loader/_uffd_handler.py": [
-               "UffdHandler._fault", "UffdHandler._on_waited", "UffdHandler._answer", "UffdHandler._zero",
-               "UffdHandler._fail", "UffdHandler._wake_range", "UffdHandler._copy"]},
+    Target("uffd-handler", ["loader/uffd/_faults.py", "loader/uffd/_answer.py", "loader/uffd/_handler.py"],
+           ["tests/test_uffd_answer.py", "tests/test_uffd_answers.py"],
+           functions={"loader/uffd/_faults.py": ["Decisions._fault", "Decisions._answer", "Decisions._zero",
+                                                 "Decisions._fail", "Decisions._copy"],
+                      "loader/uffd/_answer.py": ["Answerer.copy", "Answerer.zero", "Answerer.continue_",
+                                                 "Answerer.poison", "Answerer.wake", "Answerer._failed",
+                                                 "Answerer.vanished"],
+                      "loader/uffd/_handler.py": ["UffdHandler._on_waited"]},
            timeout=60),
 ]
 

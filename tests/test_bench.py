@@ -185,7 +185,7 @@ def test_drop_caches_says_why_not_when_not_root(monkeypatch: pytest.MonkeyPatch)
 
 
 def _uffd_skip_reason() -> str | None:
-    from loader import _uffd
+    from loader.uffd import _ioctl as _uffd
 
     return _uffd.unavailable()
 
@@ -201,7 +201,7 @@ def test_uffd_section_structure(tmp_path) -> None:
     make_sample_image(image, 16 << 20, seed=3, dense=True)
     section = run_uffd_section(image, str(tmp_path), touches=60, window_s=0.05, firecracker_repeat=0,
                                repeat=2, log=lambda _: None)
-    from loader import _uffd
+    from loader.uffd import _ioctl as _uffd
 
     zero_copy = _uffd.unavailable(_uffd.FEATURE_MINOR_SHMEM) is None
     cold = section["cold_cache_skipped"] is None  # root only

@@ -146,7 +146,7 @@ def test_daemon_survives_a_fuzz_burst_and_serves_correct_bytes(fuzz_daemon) -> N
 def test_daemon_survives_a_uffd_handshake_fuzz_burst(tmp_path) -> None:
     """Hostile handshakes on --uffd-socket (JSON and SCM_RIGHTS variants), with checked
     waits alongside: every one refused, nothing left open, and a VMM served after."""
-    from loader import _uffd
+    from loader.uffd import _ioctl as _uffd
     from workloads._fuzz_uffd import run_uffd_fuzz
 
     why = _uffd.unavailable()

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from loader import Client, ClientError, _uffd
+from loader import Client, ClientError
 from loader.checkpoint import create_checkpoint
+from loader.uffd import _ioctl as _uffd
 from workloads import DaemonProcess
 from workloads._vmm import spawn_child
 

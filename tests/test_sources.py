@@ -15,7 +15,7 @@ from chunkdir_source import ChunkDirSource, chunk_path, make_chunk_dir
 
 import aio
 import aio.testing
-from loader import ClientError, DaemonOptions, LoaderConfig, TrioClient, UffdConfig, _uffd, run_daemon
+from loader import ClientError, DaemonOptions, LoaderConfig, TrioClient, UffdConfig, run_daemon
 from loader.checkpoint import CheckpointError, create_checkpoint
 from loader.source import (
     FileSource,
@@ -27,6 +27,7 @@ from loader.source import (
     unregister_source,
 )
 from loader.source.testing import check_source
+from loader.uffd import _ioctl as _uffd
 from workloads import make_sample_image
 from workloads._vmm import GuestRegion, VmmEmulator
 

@@ -11,8 +11,9 @@ import pytest
 import trio
 
 import aio.testing
-from loader import DaemonOptions, LoaderConfig, UffdConfig, _uffd, run_daemon
+from loader import DaemonOptions, LoaderConfig, UffdConfig, run_daemon
 from loader.checkpoint import create_checkpoint
+from loader.uffd import _ioctl as _uffd
 from workloads import make_sample_image
 from workloads._vmm import HUGE_PAGE, GuestRegion, VmmEmulator, hugepages_free
 
@@ -144,7 +145,7 @@ def test_cachestat_says_what_mincore_says(tmp_path):
     import ctypes
     import mmap
 
-    from loader._uffd_handler import _Cachestat, _PageCache
+    from loader.uffd._source import _Cachestat, _PageCache
 
     path = tmp_path / "f"
     path.write_bytes(os.urandom(16 * PAGE))
@@ -177,8 +178,8 @@ async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatc
     from array import array
 
     from loader import WorkingSet, checkpoint_identity, write_working_set
-    from loader._uffd_handler import UffdHandler
     from loader.checkpoint import open_checkpoint
+    from loader.uffd._fill import Fill
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, SIZE, seed=8, dense=True)
@@ -187,26 +188,26 @@ async def test_the_direct_fill_copies_the_working_set_first(tmp_path, monkeypatc
     write_working_set(ws, WorkingSet(checkpoint_identity(open_checkpoint(raw)), array("Q", [o for o, _ in first]),
                                      array("Q", [n for _, n in first]), array("Q", [0, 1])))
     copied: list[int] = []  # the fill thread's copies, as memory offsets, in order
-    copy = UffdHandler._copy
+    copy = Fill._copy
 
     def recorded(self, r, va, src, length):
         if threading.current_thread().name == "pageload-uffd-fill":
             copied.append(r.offset + (va - r.base))
         return copy(self, r, va, src, length)
 
-    monkeypatch.setattr(UffdHandler, "_copy", recorded)
+    monkeypatch.setattr(Fill, "_copy", recorded)
     waited_at: list[int] = []  # the queue's head each time the fill would wait for faults to pause
-    wait = UffdHandler._yield_to_faults
+    wait = Fill._yield_to_faults
 
     def waiting(self):
-        waited_at.append(self._fill_queue[0][0])
+        waited_at.append(self.shared.fill_queue[0][0])
         return wait(self)
 
-    monkeypatch.setattr(UffdHandler, "_yield_to_faults", waiting)
+    monkeypatch.setattr(Fill, "_yield_to_faults", waiting)
     opts = options(tmp_path, raw, working_set=ws)
 
     async def body(state, vmm):
-        assert state.uffd.direct_fill
+        assert state.uffd.fill.from_source
         return await trio.to_thread.run_sync(vmm.verify_all)
 
     _, bad = await run_filled(opts, [GuestRegion(0, SIZE)], raw, body)
@@ -235,7 +236,7 @@ async def test_background_fill_ends_faults(tmp_path, images):
         assert u.faults_zero > 0  # holes are never copied: they fault once, as zero pages
         # the raw image was filled straight from the source, with the loader's sweep
         # held meanwhile; the sweep goes on afterwards and loads the memory file
-        assert u.direct_fill
+        assert u.fill.from_source
         await state.loader.done.wait()
         assert not state.loader.sweep_held
         # while a VMM's faults are served the server never busy-polls (the fault thread needs the GIL)
@@ -284,7 +285,7 @@ async def test_huge_pages_are_filled_whole(tmp_path, images, direct):
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(direct=direct))
 
     async def body(state, vmm):
-        assert state.uffd.direct_fill == direct
+        assert state.uffd.fill.from_source == direct
         return await trio.to_thread.run_sync(vmm.verify_all)
 
     state, bad = await run_filled(opts, [GuestRegion(0, 8 * MiB, HUGE_PAGE)], images["raw"], body)
@@ -306,7 +307,7 @@ async def test_balloon_remove_gives_zero_pages_and_is_never_refilled(tmp_path, i
     with open(images["raw"], "rb") as f:
         f.seek(lo + length)
         assert after == f.read(PAGE)
-    assert state.uffd.counts.remove == 1 and state.uffd.removed.total == length
+    assert state.uffd.counts.remove == 1 and state.uffd.guest.removed.total == length
 
 
 def _image_bytes(path, offset, length):
@@ -380,15 +381,15 @@ async def test_a_fault_answered_as_the_vmm_goes_is_still_counted(tmp_path, image
     (the last merge runs after the fault thread has stopped)."""
     import time
 
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._faults import Decisions
 
-    done = UffdHandler._direct_done
+    done = Decisions._direct_done
 
     def slow(self, off, page, start_ns):
         time.sleep(0.2)  # the VMM has its page and closes meanwhile
         done(self, off, page, start_ns)
 
-    monkeypatch.setattr(UffdHandler, "_direct_done", slow)
+    monkeypatch.setattr(Decisions, "_direct_done", slow)
     opts = options(tmp_path, images["raw"], config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
@@ -469,7 +470,7 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     a page past the new end fails (EFAULT), and the fault takes the loader's path,
     whose read fails too: the page is poisoned (SIGBUS in the VMM child), never
     answered with wrong bytes."""
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._handler import UffdHandler
     from workloads._vmm import spawn_child
 
     raw = str(tmp_path / "memory.img")
@@ -534,7 +535,7 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
     old data."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, 4 * MiB, seed=6, dense=True)
@@ -549,8 +550,8 @@ async def test_a_range_removed_while_its_page_is_read_in_reads_as_zeros(tmp_path
 
     monkeypatch.setattr(_PageCache, "populate", slow)
     # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
-    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
+    monkeypatch.setattr("loader.uffd._source._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader.uffd._source._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, raw, config=LoaderConfig(sweep=False), uffd_config=UffdConfig.for_mode("lazy"))
     page = 2 * MiB
 
@@ -579,7 +580,7 @@ async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, i
     guest's faults are answered."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     stuck = threading.Event()
     release = threading.Event()
@@ -599,7 +600,7 @@ async def test_faults_are_answered_while_the_fill_waits_for_the_disk(tmp_path, i
     def body(vmm):
         try:
             assert stuck.wait(10), "the fill never read its source"
-            seen["lock_held"] = state_box[0].uffd._copy_lock.locked()
+            seen["lock_held"] = state_box[0].uffd.guest.copy_lock.locked()
             seen["pages"] = [vmm.read(o, PAGE) for o in offsets]  # faults, the fill stuck
             seen["faults"] = state_box[0].uffd.faults
         finally:
@@ -665,7 +666,7 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
     back to be looked up again, so the removed part stays zeros."""
     import threading
 
-    from loader import _uffd_handler
+    from loader.uffd import _handler as _uffd_handler
 
     init = _uffd_handler.UffdHandler.__init__
     seen: dict[str, object] = {}
@@ -678,7 +679,7 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
             self._handler = handler
             self._vmm_box = vmm_box
             self._fill_releases = 0
-            a, end = handler._fill_queue[0]
+            a, end = handler.shared.fill_queue[0]
             self.target = (min(end, a + handler.config.fill_span) - 64 * 1024, 64 * 1024)
 
         def __enter__(self):
@@ -704,8 +705,8 @@ async def test_a_removal_in_the_middle_of_a_fill_span_is_never_refilled(tmp_path
 
     def patched(self, *args, **kw):
         init(self, *args, **kw)
-        self._copy_lock = Lock(self, vmm_box)
-        seen["target"] = self._copy_lock.target
+        self.guest.copy_lock = Lock(self, vmm_box)
+        seen["target"] = self.guest.copy_lock.target
 
     monkeypatch.setattr(_uffd_handler.UffdHandler, "__init__", patched)
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=64 * 1024, fill_quiet_s=0.0))
@@ -770,7 +771,8 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
     come ``last_fault_ago_s`` ago (on a fake clock: nothing is slept)."""
     from types import SimpleNamespace
 
-    from loader._uffd_handler import UffdHandler
+    from loader.uffd._fill import Fill
+    from loader.uffd._state import HandlerState
 
     now = [1000.0]
     sleeps: list[float] = []
@@ -779,13 +781,13 @@ def _yielding(config: UffdConfig, last_fault_ago_s: float, monkeypatch) -> list[
         sleeps.append(seconds)
         now[0] += seconds
 
-    monkeypatch.setattr("loader._uffd_handler.time", SimpleNamespace(
+    monkeypatch.setattr("loader.uffd._fill.time", SimpleNamespace(
         monotonic=lambda: now[0], perf_counter_ns=lambda: int(now[0] * 1e9), sleep=fake_sleep))
-    handler = UffdHandler.__new__(UffdHandler)
-    handler.config = config
-    handler._stop = False
-    handler._last_fault_ns = int((now[0] - last_fault_ago_s) * 1e9)
-    handler._yield_to_faults()
+    fill = Fill.__new__(Fill)
+    fill.config = config
+    fill.state = HandlerState()
+    fill.guest = SimpleNamespace(last_fault_ns=int((now[0] - last_fault_ago_s) * 1e9))
+    fill._yield_to_faults()
     return sleeps
 
 

@@ -1,4 +1,4 @@
-"""loader._uffd's struct layouts and ioctl numbers equal the kernel headers' (gcc)."""
+"""loader.uffd._ioctl's struct layouts and ioctl numbers equal the kernel headers' (gcc)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 
 HEADER = "/usr/include/linux/userfaultfd.h"
 

@@ -1,14 +1,14 @@
-"""How the page-fault handler answers each fault (loader/_uffd_handler.py: ``_fault``,
-``_answer``, ``_zero``, ``_fail``, ``_copy``, ``_wake_range``, ``_on_waited``), in this
-process and in a second or two: the ``uffd-handler`` mutation target's tests
+"""How the page-fault handler answers each fault (loader/uffd/_faults.py: ``_fault``,
+``_answer``, ``_zero``, ``_fail``, ``_copy``; loader/uffd/_answer.py; ``_on_waited`` in
+loader/uffd/_handler.py), in this process and in a second or two: the ``uffd-handler`` mutation target's tests
 (docs/TESTING.md); test_uffd.py and test_uffd_failures.py serve a VMM end to end.
 
 Everything is real but the VMM's process: a loader over a small image (data, a hole,
 data), guest memory of this process registered with a userfaultfd
 (:class:`workloads._vmm.VmmEmulator`, not connected to any socket) and the handler's
-code.  The test plays the fault thread (``UffdHandler._be_fault_thread``): it reads
-the faults (``_read_ready``) and hands over the loader's answers
-(``_take_answers``) when it chooses, so that the races a handler must survive are
+code.  The test plays the fault thread (the handler's ``reader`` and ``decide``, whichever
+thread calls them): it reads the faults (``reader.read_ready``) and hands over the
+loader's answers (``decide.take_answers``) when it chooses, so that the races a handler must survive are
 staged exactly -- a page put in by someone else first (EEXIST), the mapping changing
 under an answer (EAGAIN: a balloon's REMOVE event not read yet).  A "vCPU" reads guest
 memory through a system call (``pwrite`` from the guest page into a memfd): a
@@ -33,9 +33,11 @@ import trio.testing
 
 import aio
 import aio.testing
-from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig, _uffd
-from loader._uffd_handler import Region, UffdHandler
+from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, UffdConfig
 from loader.source import FileSource
+from loader.uffd import _ioctl as _uffd
+from loader.uffd._handler import Region, UffdHandler
+from loader.uffd._state import STOP
 from protocol import codes
 from workloads._vmm import GuestRegion, VmmEmulator
 
@@ -169,7 +171,7 @@ class Rig:
 
     def serve(self) -> None:
         """Read and answer what is queued now, as the fault thread does."""
-        self.handler._read_ready()
+        self.handler.reader.read_ready()
 
     def stage(self, offset: int) -> None:
         """Put a page at ``offset`` in before the handler does, without waking anyone."""
@@ -184,9 +186,9 @@ class Rig:
     async def answers(self, count: int = 1) -> None:
         """Wait for the loader to answer ``count`` faults, then hand the answers over."""
         with trio.fail_after(10):
-            while len(self.handler._answers) < count:
+            while len(self.handler.shared.answers) < count:
                 await trio.sleep(0.001)
-        self.handler._take_answers()
+        self.handler.decide.take_answers()
 
     def balloon(self, offset: int, length: int) -> threading.Thread:
         """MADV_DONTNEED ``[offset, offset+length)`` in a thread, which blocks until
@@ -201,17 +203,17 @@ class Rig:
 
     def close(self) -> None:
         h = self.handler
-        h._stop = True  # (disk threads, where a test started one)
-        with h._disk_cv:
-            h._disk_cv.notify_all()
+        h.state.advance(STOP)  # (disk threads, where a test started one)
+        with h.decide.disk.cv:
+            h.decide.disk.cv.notify_all()
         if isinstance(self.queue, aio.testing.HangingQueue):
             self.queue.release()
         os.close(h.uffd.fd)
-        if h._wake_fd >= 0:
-            os.close(h._wake_fd)
-            h._wake_fd = -1
-        if h._direct_map is not None:
-            h._direct_map.close()
+        if h.shared.wake_fd >= 0:
+            os.close(h.shared.wake_fd)
+            h.shared.wake_fd = -1
+        if h.direct.map is not None:
+            h.direct.map.close()
         self.vmm.close()  # releases any vCPU still blocked
         for v in self.vcpus:  # ended before the next test maps memory, maybe at the same address
             v.join(10)
@@ -244,8 +246,7 @@ class serving:
         nursery = await self._nursery_cm.__aenter__()
         self._nursery = nursery
         await nursery.start(self.rig.loader.run)
-        self.rig.handler._token = trio.lowlevel.current_trio_token()
-        self.rig.handler._be_fault_thread()
+        self.rig.handler.shared.token = trio.lowlevel.current_trio_token()
         return self.rig
 
     async def __aexit__(self, *exc) -> bool | None:
@@ -281,12 +282,12 @@ async def test_a_cached_page_of_a_raw_image_is_copied_straight_from_the_source(r
     r = rig()
     h = r.handler
     if probe == "mincore":
-        h._fast_cachestat = None  # as on a kernel without cachestat(2)
-    elif h._fast_cachestat is None:
+        h.decide.fast_cachestat = None  # as on a kernel without cachestat(2)
+    elif h.decide.fast_cachestat is None:
         pytest.skip("no cachestat(2) here (Linux 6.5+)")
     looked: list[int] = []
-    full = h._region  # the full path's first step: never taken here
-    monkeypatch.setattr(h, "_region", lambda a: looked.append(a) or full(a))
+    full = h.guest.region  # the full path's first step: never taken here
+    monkeypatch.setattr(h.guest, "region", lambda a: looked.append(a) or full(a))
     async with serving(r):
         for off in (0, SIZE - PAGE + 101, 512 * KiB + 5 * PAGE + 101):  # (exact addresses: the first is the base)
             v = r.vcpu(off, 16)
@@ -394,7 +395,7 @@ async def test_a_loaded_page_is_copied_from_the_memory_file_and_counted_for_the_
     off = 512 * KiB + 9 * PAGE
     async with serving(r):
         await r.loader.wait_loaded(off, PAGE)
-        assert h.pending.overlap_bytes(off, off + PAGE) == PAGE
+        assert h.shared.pending.overlap_bytes(off, off + PAGE) == PAGE
         before = r.loader.counters.waits_immediate
         v = r.vcpu(off + 5, 100)
         r.serve()
@@ -403,7 +404,7 @@ async def test_a_loaded_page_is_copied_from_the_memory_file_and_counted_for_the_
         assert r.loader.counters.waits_immediate - before == 1
         assert touched == [(off, off + PAGE)] * 2  # the wait above, then the fault
     assert nonzero(h) == {"faults": 1, "loaded": 1, "copies": 1, "copied_bytes": PAGE}
-    assert h.pending.overlap_bytes(off, off + PAGE) == 0 and not h.installed
+    assert h.shared.pending.overlap_bytes(off, off + PAGE) == 0 and not h.shared.installed
 
 
 async def test_a_page_not_loaded_is_copied_from_the_source_even_when_others_are(rig):
@@ -431,7 +432,7 @@ async def test_a_loaded_page_brings_the_loaded_pages_of_its_window(rig):
     them installed."""
     r = rig(identity=False, config=UffdConfig(fill=True, fault_around=64 * KiB, hint_around=0, spin_s=0.0))
     h = r.handler
-    assert h.direct_fill
+    assert h.fill.from_source
     lo, hi = 576 * KiB, 640 * KiB
     async with serving(r):
         await r.loader.wait_loaded(lo - PAGE, hi - lo + 2 * PAGE)
@@ -441,8 +442,8 @@ async def test_a_loaded_page_brings_the_loaded_pages_of_its_window(rig):
         assert [r.present(o) for o in (lo - PAGE, lo, hi - PAGE, hi)] == [False, True, True, False]
         assert r.read(lo, hi - lo) == r.image(lo, hi - lo)
     assert nonzero(h) == {"faults": 1, "loaded": 1, "copies": 3, "copied_bytes": hi - lo}
-    assert h.installed.overlap_bytes(0, SIZE) == h.installed.overlap_bytes(lo, hi) == hi - lo
-    assert h.pending.overlap_bytes(lo, hi) == 0 and h.pending.overlap_bytes(0, SIZE) == 2 * PAGE
+    assert h.shared.installed.overlap_bytes(0, SIZE) == h.shared.installed.overlap_bytes(lo, hi) == hi - lo
+    assert h.shared.pending.overlap_bytes(lo, hi) == 0 and h.shared.pending.overlap_bytes(0, SIZE) == 2 * PAGE
 
 
 async def test_the_window_ends_at_the_region(rig):
@@ -510,7 +511,7 @@ async def test_in_eager_mode_a_fault_waits_for_the_whole_fill(rig):
     async with serving(r):
         v = r.vcpu(PAGE)
         r.serve()
-        assert v.blocked() and [a for a, _ in r.handler._deferred] == [r.address(PAGE)]
+        assert v.blocked() and [a for a, _ in r.handler.decide.deferred] == [r.address(PAGE)]
     assert nonzero(r.handler) == {"faults": 1}
 
 
@@ -518,19 +519,18 @@ async def _disk_reads(h: UffdHandler) -> None:
     """Wait for a disk thread to have read a source page in, then let the fault go on."""
     with trio.fail_after(10):
         while True:
-            with h._disk_cv:
-                if h._disk_done:
+            with h.decide.disk.cv:
+                if h.decide.disk.done:
                     break
             await trio.sleep(0.001)
-    h._take_disk_reads()
+    h.decide.take_disk_reads()
 
 
 def _drop_cache(r: Rig, offset: int) -> None:
     os.fsync(r.fd)
     os.posix_fadvise(r.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     h = r.handler
-    h._be_fault_thread()
-    if h._local.cache.cached(h._direct_address(offset, PAGE), PAGE):
+    if h.decide.cache.cached(h.direct.address(offset, PAGE), PAGE):
         pytest.skip(f"{r.path}'s file system keeps its pages cached (tmpfs?): nothing to drop")
 
 
@@ -541,7 +541,7 @@ async def test_a_source_page_not_in_the_page_cache_is_read_in_first(rig, probe):
     r = rig()
     h = r.handler
     if probe == "mincore":
-        h._fast_cachestat = None
+        h.decide.fast_cachestat = None
     off = 512 * KiB + 40 * PAGE
     _drop_cache(r, off)
     async with serving(r):
@@ -567,7 +567,7 @@ async def test_a_source_page_that_cannot_be_read_goes_to_the_loader(rig):
         v = r.vcpu(off)
         r.serve()
         await _disk_reads(h)
-        assert h.counts.efault == 1 and h._local.copied == 0
+        assert h.counts.efault == 1 and h.decide.answerer.copied == 0
         await r.answers()
         assert v.result() == errno.EFAULT
     assert nonzero(h) == {"faults": 1, "copies": 1, "efault": 1, "uncached": 1, "failed": 1}
@@ -604,15 +604,15 @@ async def test_an_answer_while_the_mapping_changes_is_retried(rig, kind):
         v = r.vcpu(off + 3, 8)
         [msg] = r.uffd.read_messages()  # the fault, read here: the handler sees only the event
         balloon = r.balloon(64 * KiB, PAGE)
-        h._fault(msg.b, 1)
+        h.decide._fault(msg.b, 1)
         assert v.blocked() and h.counts.eagain == 1
         va = r.address(off)
-        assert h._retry == [(msg.b if kind == "direct" else va, 1)]
+        assert h.decide.answerer.retry == [(msg.b if kind == "direct" else va, 1)]
         r.serve()  # the event
         balloon.join(10)
-        retry, h._retry = h._retry, []
+        retry, h.decide.answerer.retry = h.decide.answerer.retry, []
         for address, start in retry:
-            h._fault(address, start)
+            h.decide._fault(address, start)
         assert v.result() == (bytes(8) if kind == "hole" else r.image(off + 3, 8))
     want = {"direct": {"direct": 1, "copies": 2, "copied_bytes": PAGE},
             "loaded": {"loaded": 2, "copies": 2, "copied_bytes": PAGE},
@@ -636,7 +636,7 @@ async def test_faults_that_wait_for_the_loader_are_answered_when_it_has_read(rig
         v2 = r.vcpu(second)
         r.serve()
         with trio.fail_after(10):
-            while h.outstanding + len(h._answers) < 2:
+            while h.outstanding + len(h.shared.answers) < 2:
                 await trio.sleep(0.001)
         await r.answers(1)
         assert v1.result() == r.image(first)
@@ -698,14 +698,14 @@ async def test_a_poison_while_the_mapping_changes_is_tried_again(rig):
         v = r.vcpu(off)
         r.serve()
         with trio.fail_after(10):
-            while not h._answers:
+            while not h.shared.answers:
                 await trio.sleep(0.001)
         balloon = r.balloon(64 * KiB, PAGE)
-        h._take_answers()  # EAGAIN: kept for later
-        assert v.blocked() and h.counts.failed == 0 and len(h._answers) == 1
+        h.decide.take_answers()  # EAGAIN: kept for later
+        assert v.blocked() and h.counts.failed == 0 and len(h.shared.answers) == 1
         r.serve()
         balloon.join(10)
-        h._take_answers()
+        h.decide.take_answers()
         assert v.result() == errno.EFAULT
     assert nonzero(h) == {"faults": 1, "failed": 1}
 
@@ -728,18 +728,18 @@ async def test_memory_gone_stops_the_handler_quietly(rig, caplog):
     for call in ("zero", "copy", "poison"):
         r = rig()
         h = r.handler
-        region = h.regions[0]
+        region = h.guest.regions[0]
         async with serving(r):
             va = _unmapped(r, 512 * KiB + 3 * PAGE)
             caplog.clear()
             with caplog.at_level(logging.INFO, logger="pageload"):
                 if call == "zero":
-                    h._zero(region, va, 1)
+                    h.decide._zero(region, va, 1)
                 elif call == "copy":
-                    assert h._copy(region, va, h._src, 2 * PAGE) == 0
+                    assert h.decide._copy(region, va, h._src, 2 * PAGE) == 0
                     assert h.counts.copies == 1
                 else:
-                    h._fail(region, va, 1, LoadError(codes.IO_ERROR, "bad"))
+                    h.decide._fail(region, va, 1, LoadError(codes.IO_ERROR, "bad"))
             assert h.gone, call
             assert "the VMM's memory is gone" in caplog.text, call
             assert not [rec for rec in caplog.records
@@ -752,16 +752,16 @@ async def test_an_unexpected_ioctl_error_is_logged_and_skipped(rig, caplog):
     is harmless, and a poison that cannot be made stops the handler (no wrong bytes)."""
     r = rig()
     h = r.handler
-    region = h.regions[0]
+    region = h.guest.regions[0]
     async with serving(r):
         with caplog.at_level(logging.WARNING, logger="pageload"):
-            assert h._copy(region, _NOWHERE, h._src, 2 * PAGE) == 0
+            assert h.decide._copy(region, _NOWHERE, h._src, 2 * PAGE) == 0
             assert nonzero(h) == {"copies": 2}
             assert caplog.text.count(f"uffd: copy to {_NOWHERE:#x}:") == 1
             assert caplog.text.count(f"uffd: copy to {_NOWHERE + PAGE:#x}:") == 1
-            h._zero(region, _NOWHERE, 1)
+            h.decide._zero(region, _NOWHERE, 1)
             assert f"uffd: zero page at {_NOWHERE:#x}:" in caplog.text and not h.gone
-            h._wake_range(_NOWHERE, PAGE)  # no exception
-            h._fail(region, _NOWHERE, 1, LoadError(codes.IO_ERROR, "bad"))
+            h.decide.answerer.wake(_NOWHERE, PAGE)  # no exception
+            h.decide._fail(region, _NOWHERE, 1, LoadError(codes.IO_ERROR, "bad"))
         assert h.gone and "cannot poison" in caplog.text
     assert h.histogram.count == 2  # the zero page and the poison were answers (recorded)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 from workloads import DaemonProcess, make_sample_image
 
 MiB = 1 << 20

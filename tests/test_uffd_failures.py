@@ -15,7 +15,8 @@ import pytest
 import trio
 
 import aio.testing
-from loader import Client, DaemonOptions, LoaderConfig, UffdConfig, _uffd, run_daemon
+from loader import Client, DaemonOptions, LoaderConfig, UffdConfig, run_daemon
+from loader.uffd import _ioctl as _uffd
 from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import spawn_child
 
@@ -249,7 +250,7 @@ async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tm
     as a failed read (poisoned: SIGBUS in the vCPU), never left hanging."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     release = threading.Event()
     populate = _PageCache.populate
@@ -261,8 +262,8 @@ async def test_a_source_page_read_that_hangs_is_answered_at_the_read_deadline(tm
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
     # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
-    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
+    monkeypatch.setattr("loader.uffd._source._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader.uffd._source._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False, read_timeout=0.3),
                    uffd_config=UffdConfig.for_mode("lazy"))
     try:
@@ -281,7 +282,7 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
     daemon exits and the vCPU is not left blocked on a handler that is gone."""
     import threading
 
-    from loader._uffd_handler import _PageCache
+    from loader.uffd._source import _PageCache
 
     release = threading.Event()
     populate = _PageCache.populate
@@ -293,13 +294,13 @@ async def test_stop_while_a_source_page_is_read_poisons_it_after_the_drain(tmp_p
 
     monkeypatch.setattr(_PageCache, "populate", hanging)
     # nothing is cached, by either check (cachestat where the kernel has it, else mincore)
-    monkeypatch.setattr("loader._uffd_handler._mincore", lambda address, length, vec: -1)
-    monkeypatch.setattr("loader._uffd_handler._Cachestat.page", lambda self, offset: False)
+    monkeypatch.setattr("loader.uffd._source._mincore", lambda address, length, vec: -1)
+    monkeypatch.setattr("loader.uffd._source._Cachestat.page", lambda self, offset: False)
     opts = options(tmp_path, image, config=LoaderConfig(sweep=False),
                    uffd_config=UffdConfig.for_mode("lazy"))  # read deadline: the default 30 s
     try:
         state, code, lines = await serve_child(opts, image, [GOOD], stop_when=f"touching {GOOD}",
-                                               stop_once=lambda s: bool(s.uffd and s.uffd._disk_out))
+                                               stop_once=lambda s: bool(s.uffd and s.uffd.decide.disk.out))
     finally:
         release.set()
     assert code == -signal.SIGBUS, lines

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from loader import Client, _uffd
-from loader._uffd_handler import (
+from loader import Client
+from loader.uffd import _ioctl as _uffd
+from loader.uffd._handshake import (
     MAX_HANDSHAKE,
     MAX_PENDING_HANDSHAKES,
     MAX_REGIONS,
@@ -362,7 +363,7 @@ FORKS = 40
 
 _FORKING_VMM = r"""
 import os, sys
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 path, mode, forks = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "firecracker":
     from workloads._vmm import DEFAULT_FEATURES, GuestRegion, VmmEmulator

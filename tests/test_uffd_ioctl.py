@@ -1,4 +1,4 @@
-"""loader._uffd's calls against a real userfaultfd, in this process (docs/TESTING.md:
+"""loader.uffd._ioctl's calls against a real userfaultfd, in this process (docs/TESTING.md:
 the ``uffd`` mutation target's tests, with test_uffd_abi.py; a second or two).
 
 Guest memory is a mapping of this process registered with a userfaultfd made here.
@@ -8,7 +8,7 @@ is answered, and a poisoned page fails it with EFAULT instead of killing the tes
 process with SIGBUS, as a user-mode read would.
 
 Whether userfaultfd works here is probed with the bare system call, not with
-:func:`loader._uffd.unavailable`, which is under test: a broken ``unavailable`` must
+:func:`loader.uffd._ioctl.unavailable`, which is under test: a broken ``unavailable`` must
 fail these tests, not skip them.
 """
 
@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 
 PAGE = mmap.PAGESIZE
 _UFFDIO_API_NR, _UFFDIO_REGISTER_NR, _UFFDIO_UNREGISTER_NR = 0x3F, 0x00, 0x01

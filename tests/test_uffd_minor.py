@@ -26,8 +26,10 @@ import trio
 
 import aio.testing
 import protocol
-from loader import Client, ClientError, DaemonOptions, LoaderConfig, _uffd, _uffd_minor, run_daemon
+from loader import Client, ClientError, DaemonOptions, LoaderConfig, run_daemon
 from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.uffd import _ioctl as _uffd
+from loader.uffd import _minor as _uffd_minor
 from loader.vmm import ZeroCopyMemory
 from workloads import DaemonProcess, make_sample_image
 from workloads._vmm import ZeroCopyVmm, spawn_zero_copy_child
@@ -527,7 +529,8 @@ _STRAY_CHILD = """
 import ctypes, mmap, os, socket, sys
 from array import array
 import protocol
-from loader import Client, _uffd
+from loader import Client
+from loader.uffd import _ioctl as _uffd
 client = Client.connect(sys.argv[1], timeout=10)
 memfd = client.memory_fd(writable=True)
 m = mmap.mmap(memfd, 2 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader import Client, _uffd
+from loader import Client
+from loader.uffd import _ioctl as _uffd
 
 from ._daemon_process import DaemonProcess
 from ._fuzz import _checker, process_memory

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader import _uffd
+from loader.uffd import _ioctl as _uffd
 
 from ._traces import Trace
 

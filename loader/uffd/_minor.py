@@ -45,14 +45,15 @@ import trio
 import protocol
 from protocol import codes
 
-from . import _uffd
-from ._loader import LoadError, WaitHandle
-from ._rangeset import RangeSet
-from ._service import PageService
-from ._stats import LatencyHistogram
+from .._loader import LoadError, WaitHandle
+from .._rangeset import RangeSet
+from .._service import PageService
+from .._stats import LatencyHistogram
+from . import _ioctl as _uffd
+from ._answer import GONE, Answerer
 
 if TYPE_CHECKING:
-    from ._server import Session
+    from .._server import Session
 
 log = logging.getLogger("pageload.uffd")
 
@@ -72,7 +73,6 @@ MAPS_TIMEOUT_S = 2.0
 MAPS_THREADS = 2
 #: Features the VMM's ``UFFDIO_API`` must have asked for.
 REQUIRED_FEATURES = _uffd.FEATURE_MINOR_SHMEM
-_GONE = (errno_mod.ESRCH, errno_mod.ENOENT)
 
 
 class RegistrationError(Exception):
@@ -153,6 +153,9 @@ class MinorRegistration:
                  page_size: int) -> None:
         self.loader = loader
         self.uffd = _uffd.Uffd(uffd_fd)
+        self.histogram = LatencyHistogram()
+        #: the answers (the ones the copying handler makes too), with its counts
+        self.answers = Answerer(self.uffd, self, histogram=self.histogram)
         self.base = address
         self.size = length
         self.offset = offset
@@ -161,11 +164,9 @@ class MinorRegistration:
         self._map_queue: deque[tuple[int, int]] = deque()
         self._more = trio.Event()
         self._waits: dict[int, tuple[WaitHandle, int, int]] = {}  # id(handle) -> (handle, va, start_ns)
-        self._retry: list[tuple[int, int]] = []  # (va, start_ns) that hit EAGAIN
         self.scope = trio.CancelScope()
         self.closed = False
-        self.gone = False  #: the VMM's memory is gone (ESRCH/ENOENT)
-        self.histogram = LatencyHistogram()
+        self.gone = False  #: the VMM's memory is gone (ESRCH/ENOENT), or the range is no longer served
         self.faults = 0
         self.faults_minor = 0  #: the page was in the memory file already
         self.faults_waited = 0  #: had to wait for the loader
@@ -175,9 +176,19 @@ class MinorRegistration:
         self.remap_events = 0
         self.fork_events = 0  #: UFFD_EVENT_FORK: the child's userfaultfd closed at once
         self.mapped_bytes = 0  #: mapped into the VMM ahead of faults
-        self.eexist = 0
-        self.eagain = 0
         self._seed()
+
+    @property
+    def eexist(self) -> int:
+        return self.answers.counts.eexist
+
+    @property
+    def eagain(self) -> int:
+        return self.answers.counts.eagain
+
+    def vanished(self, why: str) -> None:
+        """An ioctl said the VMM's memory is gone (the :class:`Answerer`'s owner)."""
+        self.gone = True
 
     # ------------------------------------------------------------ loaded ranges
     def _seed(self) -> None:
@@ -240,8 +251,8 @@ class MinorRegistration:
                             log.warning("uffd: the VMM forked (UFFD_EVENT_FORK): the child's userfaultfd is "
                                         "closed, its copy of the range is not served (said once)")
                 messages = uffd.read_messages()
-            if self._retry:
-                retry, self._retry = self._retry, []
+            if self.answers.retry:
+                retry, self.answers.retry = self.answers.retry, []
                 for va, start in retry:
                     self._fault(va, 0, start)
 
@@ -262,24 +273,21 @@ class MinorRegistration:
 
     def _continue_range(self, lo: int, hi: int) -> int:
         """UFFDIO_CONTINUE memory ``[lo, hi)`` as far as it goes; returns bytes dealt with."""
-        va = self.base + (lo - self.offset)
-        try:
-            done = self.uffd.continue_(va, hi - lo)
-        except _uffd.UffdError as exc:
-            done = exc.done
-            if exc.errno in _GONE:
-                self.gone = True
+        answers = self.answers
+        status = answers.continue_(self.base + (lo - self.offset), hi - lo)
+        done = answers.copied
+        if status == GONE:
+            return hi - lo
+        if status and done == 0:
+            if status == errno_mod.EAGAIN:  # the VMM changes its mappings: later
+                answers.counts.eagain += 1
+                self._map_queue.append((lo, hi))
+                self._more.set()
                 return hi - lo
-            if done == 0:
-                if exc.errno == errno_mod.EAGAIN:  # the VMM changes its mappings: later
-                    self.eagain += 1
-                    self._map_queue.append((lo, hi))
-                    self._more.set()
-                    return hi - lo
-                if exc.errno == errno_mod.EEXIST:
-                    self.eexist += 1
-                # EEXIST: the VMM faulted it in first; EFAULT: not in the file (removed)
-                done = self.page
+            if status == errno_mod.EEXIST:
+                answers.counts.eexist += 1
+            # EEXIST: the VMM faulted it in first; EFAULT: not in the file (removed)
+            done = self.page
         self.mapped_bytes += done
         self.pending.remove(lo, lo + done)
         return done
@@ -329,25 +337,24 @@ class MinorRegistration:
         """The page is loaded: map the memory file's page into the VMM (wakes the thread)."""
         page = self.page
         off = self.offset + (va - self.base)
-        try:
-            self.uffd.continue_(va, page)
-        except _uffd.UffdError as exc:
-            if exc.errno == errno_mod.EEXIST:  # mapped ahead of the fault already
-                self.eexist += 1
-                self._wake(va)
-            elif exc.errno == errno_mod.EAGAIN:
-                self.eagain += 1
-                self._retry.append((va, start_ns))
-                return
-            elif exc.errno == errno_mod.EFAULT:  # the VMM removed the page from the file: zeros
-                self._zero(va, start_ns)
-                return
-            elif exc.errno in _GONE:
-                self.gone = True
-                return
-            else:
-                log.error("uffd: UFFDIO_CONTINUE at %#x failed: %s", va, exc.strerror)
-                self._wake(va)
+        answers = self.answers
+        status = answers.continue_(va, page)
+        if status == errno_mod.EEXIST:  # mapped ahead of the fault already
+            answers.counts.eexist += 1
+            answers.wake(va, page)
+        elif status == errno_mod.EAGAIN:
+            answers.counts.eagain += 1
+            answers.retry.append((va, start_ns))
+            return
+        elif status == errno_mod.EFAULT:  # the VMM removed the page from the file: zeros
+            self._zero(va, start_ns)
+            return
+        elif status == GONE:
+            return
+        elif status:
+            assert answers.error is not None
+            log.error("uffd: UFFDIO_CONTINUE at %#x failed: %s", va, answers.error.strerror)
+            answers.wake(va, page)
         self.pending.remove(off, off + page)
         self.histogram.record(time.perf_counter_ns() - start_ns)
         # the neighbours the loader read with it: mapped now rather than in load order
@@ -359,26 +366,23 @@ class MinorRegistration:
                 a += self._continue_range(a, b)
 
     def _zero(self, va: int, start_ns: int) -> None:
-        try:
-            self.uffd.zeropage(va, self.page)
-        except _uffd.UffdError as exc:
-            if exc.errno == errno_mod.EEXIST:  # the page exists in the file: map it
-                try:
-                    self.uffd.continue_(va, self.page)
-                except _uffd.UffdError as exc2:
-                    if exc2.errno == errno_mod.EAGAIN:
-                        self._retry.append((va, start_ns))
-                        return
-                    self._wake(va)
-            elif exc.errno == errno_mod.EAGAIN:
-                self.eagain += 1
-                self._retry.append((va, start_ns))
+        answers = self.answers
+        status = answers.zero(va, self.page)
+        if status == errno_mod.EEXIST:  # the page exists in the file: map it
+            again = answers.continue_(va, self.page)
+            if again == errno_mod.EAGAIN:
+                answers.retry.append((va, start_ns))
                 return
-            elif exc.errno in _GONE:
-                self.gone = True
-                return
-            else:
-                self._wake(va)
+            if again:
+                answers.wake(va, self.page)
+        elif status == errno_mod.EAGAIN:
+            answers.counts.eagain += 1
+            answers.retry.append((va, start_ns))
+            return
+        elif status == GONE:
+            return
+        elif status:
+            answers.wake(va, self.page)
         self.histogram.record(time.perf_counter_ns() - start_ns)
 
     def _fail(self, va: int, start_ns: int, error: LoadError) -> None:
@@ -386,25 +390,25 @@ class MinorRegistration:
         self.faults_failed += 1
         log.error("uffd: page at %#x (memory %#x) not served: %s", va, self.offset + (va - self.base),
                   error.message)
-        try:
-            self.uffd.poison(va, self.page)
-        except _uffd.UffdError as exc:
-            if exc.errno == errno_mod.EAGAIN:
-                self._retry.append((va, start_ns))
-                return
-            if exc.errno not in _GONE:
+        answers = self.answers
+        status = answers.poison(va, self.page)
+        if status == errno_mod.EAGAIN:
+            answers.retry.append((va, start_ns))
+            return
+        if status:
+            if status != GONE:
                 # no UFFDIO_POISON: nothing can make the thread see an error, and zeros
                 # would be wrong memory: stop serving this VMM (its faults stay blocked)
-                log.error("uffd: cannot poison %#x (%s): no longer serving this range", va, exc.strerror)
+                assert answers.error is not None
+                log.error("uffd: cannot poison %#x (%s): no longer serving this range", va,
+                          answers.error.strerror)
             self.gone = True
             return
         self.histogram.record(time.perf_counter_ns() - start_ns)
 
     def _poison_or_wake(self, va: int) -> None:
-        try:
-            self.uffd.poison(va, self.page)
-        except _uffd.UffdError:
-            self._wake(va)
+        if self.answers.poison(va, self.page):
+            self.answers.wake(va, self.page)
 
     def _remap(self, old: int, new: int, length: int) -> None:
         """mremap moved ``[old, old+length)`` to ``new`` (only a VMM that asked for
@@ -419,12 +423,6 @@ class MinorRegistration:
         log.error("uffd: the VMM moved part of the range %#x+%#x: no longer serving it", self.base, self.size)
         self.gone = True
 
-    def _wake(self, va: int) -> None:
-        try:
-            self.uffd.wake(va, self.page)
-        except OSError:
-            pass
-
     # ------------------------------------------------------------ teardown
     def close(self) -> None:
         """Stop serving: poison the faults still waiting, close the userfaultfd; idempotent."""
@@ -436,10 +434,7 @@ class MinorRegistration:
         for handle, va, _ in waits.values():
             self.loader.cancel(handle)
             if not self.gone:
-                try:
-                    self.uffd.poison(va, self.page)
-                except _uffd.UffdError:
-                    pass
+                self.answers.poison(va, self.page)
         self._map_queue.clear()
         self.pending = RangeSet()
         h = self.histogram
