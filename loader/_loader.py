@@ -701,8 +701,6 @@ class Loader:
         self.page_size = layout.page_size
         self.memory_size = layout.memory_size
         local = source.local
-        #: the source's local file (the userfaultfd handler maps it; -1: none)
-        self.pages_fd = local.fd if local is not None else -1
         self.destination = destination
         self.queue = queue
         self.config = config or LoaderConfig()
@@ -1085,6 +1083,12 @@ class Loader:
     def local_source(self) -> LocalPages | None:
         """The source as one local file (:attr:`PageSource.local`), or None."""
         return self._local
+
+    @property
+    def reads_transparent(self) -> bool:
+        """Whether reading the source without the loader's queue gives what reads
+        through it give (:attr:`aio.Queue.transparent`)."""
+        return self.queue.transparent
 
     def set_reply_batch(self, batch: CallbackBatch) -> None:
         """Run wait callbacks inside ``batch.open()`` ... ``batch.close()``."""

@@ -386,10 +386,11 @@ class Session:
         return True
 
     def _out_of_range(self, request_id: int, offset: int, length: int) -> None:
-        self._error(request_id, codes.OUT_OF_RANGE,
+        self.client_error(request_id, codes.OUT_OF_RANGE,
                     f"range {offset:#x}+{length:#x} is outside the memory (size {self.loader.memory_size:#x})")
 
-    def _error(self, request_id: int | None, code: str, message: str) -> None:
+    def client_error(self, request_id: int | None, code: str, message: str) -> None:
+        """Answer a bad request with an error; counted: too many close the connection."""
         self.errors += 1
         self.reply(protocol.ErrorReply(request_id, code, message))
         if self.errors >= self.server.max_errors and not self._closing:
@@ -520,7 +521,7 @@ class Session:
             try:
                 event = conn.next_event()
             except protocol.RemoteProtocolError as exc:
-                self._error(exc.id, exc.code, exc.message)
+                self.client_error(exc.id, exc.code, exc.message)
                 if exc.fatal:
                     self._closing = True
                 continue
@@ -632,8 +633,14 @@ class Server:
         self.batch = ReplyBatch()
         loader.set_reply_batch(self.batch)
         #: zero-copy userfaultfd ranges of every connection, made on the first ``uffd-register``
-        self.uffd_minor: _uffd_minor.MinorService | None = None
+        self.uffd_minor: _uffd_minor.MinorService | None = None  #: made at the first uffd-register
 
+
+    def minor_service(self) -> _uffd_minor.MinorService:
+        """The zero-copy mode's service (made at the first ``uffd-register``)."""
+        if self.uffd_minor is None:
+            self.uffd_minor = _uffd_minor.MinorService(self.loader)
+        return self.uffd_minor
     def note_asking(self, session: Session) -> None:
         """A request came from ``session``, and the one before from another connection."""
         self.asking = session

@@ -116,6 +116,12 @@ class PageService(Protocol):
         userfaultfd handler maps it for direct copies); None otherwise."""
         ...
 
+    @property
+    def reads_transparent(self) -> bool:
+        """Whether reading the source without the loader (the local file) gives what
+        the loader's reads give (False: its queue fails or holds reads on purpose)."""
+        ...
+
     def set_reply_batch(self, batch: CallbackBatch) -> None:
         """Run wait callbacks inside ``batch.open()`` ... ``batch.close()`` (the server
         sends their replies at ``close``)."""

@@ -384,3 +384,15 @@ async def test_then_runs_after_a_full_read_in_the_backends_thread_and_never_afte
         buf.close()
     assert results == {0: PAGE, 1: PAGE, 2: PAGE, 3: -errno.EBADF, 4: PAGE}
     assert seen == {0: data[PAGE : 2 * PAGE], 1: data[2 * PAGE : 3 * PAGE]}
+
+
+def test_only_the_wrappers_that_change_reads_are_not_transparent():
+    """``Queue.transparent``: the fault-injecting and hanging wrappers change what reads
+    return (the userfaultfd handler must not read the file around them); a delaying
+    one is as its inner queue; the backends are."""
+    inner = aio.open_queue("sync", 4)
+    assert inner.transparent
+    assert not FaultInjectingQueue(inner, lambda r: None).transparent
+    assert not aio.testing.HangingQueue(inner, lambda r: False).transparent
+    assert DelayedQueue(inner, 0.001).transparent
+    assert not DelayedQueue(FaultInjectingQueue(inner, lambda r: None), 0.001).transparent

@@ -657,7 +657,7 @@ async def test_a_page_that_fails_to_load_is_poisoned_and_named_in_the_log(rig, c
     r = rig(identity=False, regions=[GuestRegion(256 * KiB, 768 * KiB)],
             wrap=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(0, 1 << 30)))
     h = r.handler
-    assert h.direct_off_reason == "off (reads go through a fault-injecting queue)"
+    assert h.direct_off_reason == "off (the loader's queue changes what reads return)"
     async with serving(r):
         v = r.vcpu(off + 9, 8)
         r.serve()

@@ -24,7 +24,8 @@ from collections import deque
 
 from protocol import codes
 
-from .._loader import Loader, LoadError
+from .._loader import LoadError
+from .._service import PageService
 from . import _ioctl, _source
 from ._answer import GONE, Answerer
 from ._config import UffdConfig
@@ -43,7 +44,7 @@ _PAGE_MASK = ~(mmap.PAGESIZE - 1)
 class Decisions:
     """Which answer for which fault (module doc); the fault thread's."""
 
-    def __init__(self, loader: Loader, config: UffdConfig, state: HandlerState, shared: Shared, guest: Guest,
+    def __init__(self, loader: PageService, config: UffdConfig, state: HandlerState, shared: Shared, guest: Guest,
                  direct: DirectSource, copies: Copies, answerer: Answerer, trio_side: TrioSide) -> None:
         self.loader = loader
         self.config = config
@@ -56,7 +57,7 @@ class Decisions:
         self.counts = answerer.counts
         self.trio_side = trio_side
         self.from_source = copies.from_source  #: the fill copies from the source (never changes)
-        self.disk = DiskReads(state, shared, self.counts, loader.config.read_timeout)
+        self.disk = DiskReads(state, shared, self.counts, loader.read_timeout)
         self.cache = _PageCache(max(config.fault_around, *(r.page_size for r in guest.regions)) // mmap.PAGESIZE)
         self.deferred: list[tuple[int, int]] = []  #: eager mode: faults held until memory is filled
         self._zero_huge: mmap.mmap | None = None
@@ -64,7 +65,8 @@ class Decisions:
         self.fast = self.fast_region()  #: the short path (None: none)
         self._fast_vec = (ctypes.c_ubyte * 1)()  # its mincore vector
         #: its page-cache check where the kernel has cachestat (else mincore)
-        self.fast_cachestat = _Cachestat.open(loader.pages_fd) if self.fast is not None else None
+        local = loader.local_source
+        self.fast_cachestat = _Cachestat.open(local.fd) if self.fast is not None and local is not None else None
 
     def fast_region(self) -> tuple[int, int, int, int] | None:
         """``(base, end, offset, source address)`` of the region whose faults may take

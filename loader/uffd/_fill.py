@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import trio
 
-from .._loader import Loader
 from .._rangeset import RangeSet, gaps
+from .._service import PageService
 from ._answer import Answerer
 from ._config import UffdConfig
 from ._handshake import Region
@@ -45,7 +45,7 @@ class Copies:
     """Copies of loaded bytes from the memory file into the guest (no state of its own:
     the fault thread and the fill thread each call it with their own answerer)."""
 
-    def __init__(self, loader: Loader, shared: Shared, guest: Guest, src: int, from_source: bool) -> None:
+    def __init__(self, loader: PageService, shared: Shared, guest: Guest, src: int, from_source: bool) -> None:
         self.loader = loader
         self.shared = shared
         self.guest = guest
@@ -108,7 +108,7 @@ class Copies:
 class Fill:
     """The fill thread (:meth:`main`) and what only it touches."""
 
-    def __init__(self, loader: Loader, config: UffdConfig, state: HandlerState, shared: Shared, guest: Guest,
+    def __init__(self, loader: PageService, config: UffdConfig, state: HandlerState, shared: Shared, guest: Guest,
                  direct: DirectSource, copies: Copies, answerer: Answerer, filled: trio.Event,
                  started_ns: int) -> None:
         self.loader = loader
@@ -155,8 +155,7 @@ class Fill:
             else:
                 queue.append([a, b])
 
-        order = self.loader.order
-        for lo, hi in zip(getattr(order, "span_lo", ()), getattr(order, "span_hi", ()), strict=True):
+        for lo, hi in self.loader.replay_spans():
             for a, b in data(lo, hi):
                 for ga, gb in gaps(queued.overlapping(a, b), a, b):  # (spans may share huge pages)
                     put(ga, gb)

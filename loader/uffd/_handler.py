@@ -53,10 +53,10 @@ from typing import Any
 
 import trio
 
-from .._loader import Loader, LoadError, WaitHandle
+from .._loader import LoadError, WaitHandle
 from .._memfile import MemoryFile
-from .._rangeset import RangeSet
 from .._server import _remove_socket_file
+from .._service import PageService
 from . import _ioctl
 from ._answer import Answerer
 from ._config import UffdConfig, _Counters
@@ -65,7 +65,7 @@ from ._faults import Decisions
 from ._fill import Copies, Fill
 from ._handshake import Region, _Handshakes, bind_uffd_socket
 from ._shared import Guest, Shared
-from ._source import DirectSource, _address_of, _address_of_map, _injects_read_faults
+from ._source import DirectSource, _address_of, _address_of_map
 from ._state import LOAD_DONE, STOP, VANISH, HandlerState
 
 log = logging.getLogger("pageload")
@@ -82,7 +82,7 @@ class UffdHandler:
     is :attr:`state`.
     """
 
-    def __init__(self, loader: Loader, memory: MemoryFile, uffd_fd: int, regions: list[Region],
+    def __init__(self, loader: PageService, memory: MemoryFile, uffd_fd: int, regions: list[Region],
                  config: UffdConfig | None = None) -> None:
         self.loader = loader
         self.memory = memory
@@ -129,8 +129,7 @@ class UffdHandler:
         self.reader = FaultThread(config, state, shared, guest, self.decide, self.uffd, self)
         if from_source:
             self.fill.seed_from_source(regions)
-        self._seed_pending()
-        loader.add_loaded_listener(self._on_loaded)
+        loader.subscribe_loaded(self._on_loaded)  # what is loaded now, then as it loads
 
     # ------------------------------------------------------------ set-up
     def _open_direct(self) -> str | None:
@@ -139,13 +138,14 @@ class UffdHandler:
             return "off (configured)"
         if self.config.eager:
             return "off (eager mode copies only loaded memory)"
-        if self.loader.statistics().verify:
+        if self.loader.verifies:
             return "off (checksums are verified while loading)"
-        if _injects_read_faults(self.loader.queue):
-            return "off (reads go through a fault-injecting queue)"
-        if self.loader.pages_fd < 0:
+        local = self.loader.local_source
+        if local is None:
             return "off (the source is not one local file)"
-        fd = self.loader.pages_fd
+        if not self.loader.reads_transparent:
+            return "off (the loader's queue changes what reads return)"
+        fd = local.fd
         size = os.fstat(fd).st_size
         if size == 0:
             return "off (empty source)"
@@ -160,14 +160,6 @@ class UffdHandler:
         layout = self.loader.layout
         self._direct_identity = layout.identity_mapped or layout.file == layout.mem
         return None
-
-    def _seed_pending(self) -> None:
-        loader = self.loader
-        loaded = RangeSet(loader.layout.data_in(0, loader.memory_size))
-        for lo, hi in loader.not_loaded(0, loader.memory_size):
-            loaded.remove(lo, hi)
-        for lo, hi in loaded:
-            self._on_loaded(lo, hi)
 
     def _on_loaded(self, lo: int, hi: int) -> None:
         """The loader's listener (trio thread): ``[lo, hi)`` is in the memory file."""
@@ -364,9 +356,7 @@ class UffdHandler:
             hints, shared.hints = shared.hints, []
             shared.merge_scheduled = False
             shared.merge_later = False
-        counters = self.loader.counters
-        counters.waits_total += n
-        counters.waits_immediate += n
+        self.loader.note_answered_faults(n)
         recorder = self.loader.recorder
         if recorder is not None:
             for lo, hi in touched:
@@ -410,7 +400,7 @@ class UffdHandler:
 
 async def serve_uffd(
     path: str,
-    loader: Loader,
+    loader: PageService,
     memory: MemoryFile,
     config: UffdConfig | None = None,
     *,

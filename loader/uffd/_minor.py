@@ -469,10 +469,7 @@ class MinorService:
 
 
 def _service(session: Session) -> MinorService:
-    server = session.server
-    if server.uffd_minor is None:
-        server.uffd_minor = MinorService(session.loader)
-    return server.uffd_minor
+    return session.server.minor_service()
 
 
 class PendingRegistration:
@@ -535,7 +532,7 @@ def check_request(session: Session, event: protocol.RegisterUffd, fd: int | None
 def _refuse(session: Session, service: MinorService, event: protocol.RegisterUffd, exc: RegistrationError) -> None:
     service.refused += 1
     if exc.code in (codes.BAD_MESSAGE, codes.OUT_OF_RANGE):  # the client's fault: counted as bad requests
-        session._error(event.id, exc.code, exc.message)
+        session.client_error(event.id, exc.code, exc.message)
     else:
         session.reply(protocol.ErrorReply(event.id, exc.code, exc.message))
 

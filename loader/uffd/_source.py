@@ -10,32 +10,18 @@ import errno as errno_mod
 import mmap
 import os
 
-from .._loader import Loader
 from .._memfile import MemoryFile
+from .._service import PageService
 
 
-def _has_data(loader: Loader, lo: int, hi: int) -> bool:
+def _has_data(loader: PageService, lo: int, hi: int) -> bool:
     for _ in loader.layout.data_in(lo, hi):
         return True
     return False
 
 
-def _data_bytes(loader: Loader, lo: int, hi: int) -> int:
+def _data_bytes(loader: PageService, lo: int, hi: int) -> int:
     return sum(b - a for a, b in loader.layout.data_in(lo, hi))
-
-
-def _injects_read_faults(queue: object) -> bool:
-    """Whether ``queue`` (or a queue it wraps) makes reads fail or hang on purpose:
-    then faults must take the loader's path, which those reads reach."""
-    from aio.testing import FaultInjectingQueue, HangingQueue  # (most daemons never import it otherwise)
-
-    for _ in range(16):
-        if isinstance(queue, (FaultInjectingQueue, HangingQueue)):
-            return True
-        queue = getattr(queue, "inner", None)
-        if queue is None:
-            return False
-    return False
 
 
 def _address_of(memory: MemoryFile) -> int:
@@ -135,7 +121,7 @@ class DirectSource:
     """The source's private read-only mapping for direct copies, as
     ``UffdHandler._open_direct`` made it (``map`` None: direct copies are off)."""
 
-    def __init__(self, m: mmap.mmap | None, base: int, size: int, identity: bool, loader: Loader) -> None:
+    def __init__(self, m: mmap.mmap | None, base: int, size: int, identity: bool, loader: PageService) -> None:
         self.map = m
         self.base = base  #: the mapping's address
         self.size = size
