@@ -6,7 +6,6 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
-from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
 from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
@@ -14,7 +13,7 @@ from ._memfile import Destination, MemoryFile
 from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
 from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
-from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
+from ._sockets import SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
 from ._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
@@ -32,6 +31,9 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
+from .socket._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
+from .socket._server import Server
+from .socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
 from .uffd._config import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 
 
@@ -39,7 +41,7 @@ def __getattr__(name: str) -> object:
     # the asyncio client is imported at first use: asyncio and aiofiles were about 60 ms
     # of every daemon's start-up, which needs neither
     if name == "AsyncioClient":
-        from ._asyncio_client import AsyncioClient
+        from .socket._asyncio_client import AsyncioClient
 
         return AsyncioClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,7 +51,6 @@ from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
-from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
 from ._sweep import SweepOrder, WorkingSetOrder
 from ._units import human
@@ -69,6 +68,8 @@ from ._workingset import (
     write_working_set,
 )
 from .checkpoint import CheckpointError
+from .socket._server import Server
+from .socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
 from .source import PageSource, open_source
 from .uffd._config import MAX_UFFD_SPIN_US, UffdConfig
 from .uffd._handler import UffdHandler, serve_uffd

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # prometheus_client is imported where it is used: only with -
         Metric,
     )
 
-from ._server import _clear_stale_socket, _remove_socket_file
+from ._sockets import clear_stale_socket, remove_socket_file
 from ._startup import StartupError
 from ._stats import HISTOGRAM_BUCKETS
 
@@ -309,7 +309,7 @@ class MetricsServer:
         a = self.address
         try:
             if a.path is not None:
-                _clear_stale_socket(a.path)  # the wait socket's rule: a live one is refused
+                clear_stale_socket(a.path)  # the wait socket's rule: a live one is refused
                 std = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
                 sockaddr: Any = a.path
             else:
@@ -374,7 +374,7 @@ class MetricsServer:
         self._listener.close()
         self._listener = None
         if self.address.path is not None and self._inode is not None:
-            _remove_socket_file(self.address.path, self._inode)  # only the file bound here
+            remove_socket_file(self.address.path, self._inode)  # only the file bound here
             self._inode = None
 
     async def _handle(self, conn: trio.socket.SocketType, scope: trio.CancelScope, reading: list[bool]) -> None:

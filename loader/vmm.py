@@ -41,7 +41,7 @@ from typing import Any
 
 import protocol
 
-from ._client import Client
+from .socket._client import Client
 from .uffd import _ioctl as _uffd
 
 __all__ = ["ZeroCopyMemory", "ZeroCopyUnsupported"]

@@ -142,7 +142,7 @@ async def test_a_client_that_does_not_come_back_at_once_is_polled_twice_then_no_
 
 
 async def test_busy_polling_only_for_the_one_connection_asking(tmp_path, image):
-    from loader import _server
+    from loader.socket import _session as _server
 
     async with trio.open_nursery() as nursery:
         state = await _loaded_daemon(nursery, tmp_path, image, busy_poll_us=50)

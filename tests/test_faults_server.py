@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 
-import loader._client
+import loader.socket._client
 import protocol
 from loader import Client, ClientError, DaemonOptions, TrioClient, run_daemon
 from workloads import DaemonProcess, make_sample_image
@@ -120,7 +120,7 @@ def test_nested_frame_before_hello_costs_one_connection(daemon):
 
 
 async def test_a_bug_on_one_connection_answers_internal_error_and_spares_the_rest(tmp_path, image, monkeypatch):
-    from loader._server import Session
+    from loader.socket._session import Session
 
     real_handle = Session.handle
 
@@ -610,7 +610,7 @@ def full_backlog(tmp_path, monkeypatch):
     path = str(tmp_path / "full.sock")
     acceptor = _SlowAcceptor(path)
     retries = [0]
-    real = loader._client._connect
+    real = loader.socket._client._connect
 
     def counting(sock, p, delay):
         backoff = real(sock, p, delay)
@@ -620,7 +620,7 @@ def full_backlog(tmp_path, monkeypatch):
                 acceptor.go.set()
         return backoff
 
-    monkeypatch.setattr(loader._client, "_connect", counting)
+    monkeypatch.setattr(loader.socket._client, "_connect", counting)
     yield path, acceptor, retries
     acceptor.close()
 
@@ -718,7 +718,7 @@ def _replies(sock, count):
 async def test_a_batch_of_requests_is_answered_by_the_batch_not_the_writer_task(tmp_path, image, monkeypatch):
     """The replies to one receive are written at the end of its batch, in the reading
     task; the writer task only takes over when the socket is full."""
-    import loader._server as server_mod
+    import loader.socket._session as server_mod
 
     writers: list[str] = []
     push = server_mod.Session._push

@@ -378,7 +378,7 @@ async def test_run_daemon_raises_startup_errors_bare(tmp_path, images):
 
 async def test_bind_failure_inside_the_nursery_comes_out_bare(tmp_path, images, monkeypatch):
     """A failure the preflight cannot see (here: bind refused) is still one StartupError."""
-    import loader._server as server_mod
+    import loader.socket._server as server_mod
 
     async def refuse(self):
         raise OSError(errno.EACCES, "Permission denied")

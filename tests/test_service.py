@@ -27,7 +27,8 @@ def _core(path: Path) -> bool:
 
 def _front_ends() -> list[Path]:
     loader = ROOT / "loader"
-    found = [loader / "_server.py", loader / "_loadmap.py", *sorted((loader / "uffd").glob("*.py"))]
+    found = [loader / "socket" / "_server.py", loader / "socket" / "_session.py", loader / "_loadmap.py",
+             *sorted((loader / "uffd").glob("*.py"))]
     assert all(p.exists() for p in found) and len(found) > 5
     return found
 

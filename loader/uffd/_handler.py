@@ -55,8 +55,8 @@ import trio
 
 from .._loader import LoadError, WaitHandle
 from .._memfile import MemoryFile
-from .._server import _remove_socket_file
 from .._service import PageService
+from .._sockets import remove_socket_file
 from . import _ioctl
 from ._answer import Answerer
 from ._config import UffdConfig, _Counters
@@ -446,7 +446,7 @@ async def serve_uffd(
         return handler
     finally:
         sock.close()
-        _remove_socket_file(path, inode)
+        remove_socket_file(path, inode)
 
 
 async def _until_closed(conn: trio.socket.SocketType, scope: trio.CancelScope) -> None:

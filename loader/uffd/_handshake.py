@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .._server import _clear_stale_socket
+from .._sockets import clear_stale_socket
 from .._startup import StartupError, describe_os_error
 from . import _ioctl as _uffd
 
@@ -214,7 +214,7 @@ def bind_uffd_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
     (:class:`StartupError`).  Returns the socket and the file's (st_dev, st_ino), so
     that only that file is removed at exit."""
     try:
-        _clear_stale_socket(path)
+        clear_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old = os.umask(0o177)

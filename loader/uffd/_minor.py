@@ -53,7 +53,7 @@ from . import _ioctl as _uffd
 from ._answer import GONE, Answerer
 
 if TYPE_CHECKING:
-    from .._server import Session
+    from ..socket._session import Session
 
 log = logging.getLogger("pageload.uffd")
 

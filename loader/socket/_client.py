@@ -32,7 +32,7 @@ import trio
 import protocol
 from protocol import codes
 
-from ._loadmap import all_loaded, map_readonly
+from .._loadmap import all_loaded, map_readonly
 
 _FD_SPACE = socket.CMSG_SPACE(4 * 4)
 RECV_SIZE = 256 << 10
