@@ -476,6 +476,16 @@ def test_cache_help_is_true(capsys: pytest.CaptureFixture[str]) -> None:
     assert "least recently used" in out and "--cache-dir DIR" in out
 
 
+def test_the_cache_is_exported_from_loader_remote() -> None:
+    import loader.remote
+
+    names = {"DEFAULT_CACHE_SIZE", "CacheError", "CacheStats", "ChunkCache", "PruneReport", "default_cache_dir",
+             "parse_cache_size"}
+    assert names <= set(loader.remote.__all__)
+    for name in names:
+        assert getattr(loader.remote, name) is not None
+
+
 # -- defaults and sizes ------------------------------------------------------------------------------------
 
 

@@ -26,10 +26,10 @@ a chunk is found without reading anything but itself.
   at most every :data:`TOUCH_INTERVAL_NS`), which is how one daemon's reads keep an
   entry alive against another daemon's eviction.
 * The in-memory index (:class:`_Index`) is an open-addressing hash table over four
-  NumPy columns: 24 bytes a slot, about 35 to 70 bytes an entry, no Python object
+  NumPy columns: 24 bytes a slot, 32 to 80 bytes an entry, no Python object
   per entry.  It is built by one directory walk, at the first insert (or
   :meth:`ChunkCache.load_index`), and kept current from the journal: other daemons'
-  inserts are read from it, 32 bytes each, before every eviction.  A walk happens
+  inserts are read from it, 32 bytes each, at every insert (under the lock).  A walk happens
   again only when some daemon compacts the journal (it grew past twice the entries),
   or when the totals say the cache is over its bound and this index has nothing left
   to remove (the totals drifted: a daemon died between a rename and its accounting).
@@ -232,11 +232,6 @@ class _Index:
         self.ident[slot] = 1
         self.live -= 1
 
-    def remove_identity(self, ident_no: int) -> None:
-        gone = self.ident == ident_no + 2
-        self.ident[gone] = 1
-        self.live -= int(np.count_nonzero(gone))
-
     def clear(self) -> None:
         self._alloc(1024)
 
@@ -295,9 +290,6 @@ class _Index:
             pending, pos = pending[stay], (pos[stay] + np.uint64(1)) & mask
         self.live = self.used = n
 
-    def nbytes(self) -> int:
-        return int(self.checksum.nbytes + self.ident.nbytes + self.length.nbytes + self.tick.nbytes)
-
 
 def _entry_name(checksum: int, length: int) -> str:
     return f"{checksum:016x}-{length}"
@@ -308,7 +300,7 @@ def _shard_name(checksum: int) -> str:
 
 
 def _check_dir(fd: int, path: str) -> None:
-    """Refuse a directory someone else could write into (DESIGN principle 7)."""
+    """Refuse a directory someone else could write into (trust nothing from outside)."""
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         raise CacheError(path, "not a directory")
