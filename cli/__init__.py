@@ -20,6 +20,7 @@ COMMANDS = {
     "stats": "cli._client",
     "mark": "cli._client",
     "checkpoint": "cli._checkpoint",
+    "cache": "cli._cache",
     "working-set": "cli._workingset",
     "trace": "cli._trace",
     "loadgen": "cli._loadgen",
