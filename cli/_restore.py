@@ -27,8 +27,8 @@ from loader import (
     parse_metrics_address,
     run_daemon,
 )
-from loader._daemon import RESERVE_CHOICES
 from loader.checkpoint import CheckpointError
+from loader.daemon._options import RESERVE_CHOICES
 
 from ._args import add_size, positive_float, positive_int, uid_arg
 

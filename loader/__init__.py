@@ -6,13 +6,10 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
-from ._daemon import DaemonOptions, run_daemon
 from ._layout import DataRange, Layout, LayoutError
 from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
-from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
 from ._rangeset import RangeSet
-from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._sockets import SocketInUse
 from ._startup import StartupError
 from ._stats import LatencyHistogram, LoaderStatistics
@@ -31,6 +28,10 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
+from .daemon._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
+from .daemon._options import DaemonOptions
+from .daemon._run import run_daemon
+from .daemon._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from .socket._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from .socket._server import Server
 from .socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US

@@ -496,7 +496,7 @@ def test_the_heap_freed_at_start_up_goes_back_to_the_system() -> None:
     """Issue 20: a million-range index's start-up temporaries (about 48 MiB) were freed
     but kept by glibc, and the daemon's RSS stayed 22 MiB higher for its whole life;
     release_free_heap (called once the tables are built) gives them back."""
-    import loader._daemon as daemon_mod
+    import loader.daemon._options as daemon_mod
 
     if daemon_mod._MALLOC_TRIM is None:
         pytest.skip("no glibc malloc_trim in this C library")

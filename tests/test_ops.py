@@ -570,7 +570,7 @@ async def test_the_metrics_socket_listens_as_soon_as_its_file_exists(tmp_path):
     """A scraper connecting the moment the socket file appears is served, never
     refused: bind and listen happen with no checkpoint between them (the test that
     waited for the file then connected failed with ECONNREFUSED under load)."""
-    from loader._metrics import MetricsServer
+    from loader.daemon._metrics import MetricsServer
 
     path = str(tmp_path / "metrics.sock")
     server = MetricsServer(MetricsAddress(path=path), None)  # type: ignore[arg-type]  # (no request is sent)

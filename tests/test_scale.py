@@ -14,8 +14,7 @@ import trio
 import aio
 import aio.testing
 import loader._loader as loader_mod
-from loader import Client, LoaderConfig
-from loader._daemon import DaemonOptions, run_daemon
+from loader import Client, DaemonOptions, LoaderConfig, run_daemon
 from loader._loadmap import LoadedMap
 from loader.checkpoint import create_checkpoint, open_checkpoint
 from loader.checkpoint._raw import ExtentScanner, data_extents, scan_extents

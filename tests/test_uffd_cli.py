@@ -141,7 +141,7 @@ def test_metrics_say_how_the_handlers_faults_were_served(tmp_path):
 
 
 def test_zero_copy_ranges_are_summed_in_the_metrics():
-    from loader._metrics import _uffd_metrics
+    from loader.daemon._metrics import _uffd_metrics
 
     lat = {"counts": [0, 2, 1], "count": 3, "mean_us": 2.0}
     ranges = [{"faults_minor": 1, "faults_waited": 2, "faults_zero": 3, "faults_failed": 0, "faults_stray": 0,

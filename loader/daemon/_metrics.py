@@ -37,9 +37,9 @@ if TYPE_CHECKING:  # prometheus_client is imported where it is used: only with -
         Metric,
     )
 
-from ._sockets import clear_stale_socket, remove_socket_file
-from ._startup import StartupError
-from ._stats import HISTOGRAM_BUCKETS
+from .._sockets import clear_stale_socket, remove_socket_file
+from .._startup import StartupError
+from .._stats import HISTOGRAM_BUCKETS
 
 log = logging.getLogger("pageload.metrics")
 

@@ -29,212 +29,42 @@ them otherwise.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import trio
 
 import aio
 
-from ._layout import Layout
-from ._loader import Loader, LoaderConfig
-from ._memfile import MemoryFile
-from ._metrics import MetricsAddress, MetricsServer, make_registry
-from ._sdnotify import Notifier
-from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
-from ._sweep import SweepOrder, WorkingSetOrder
-from ._units import human
-from ._workingset import (
-    WorkingSetError,
-    WorkingSetRecorder,
-    check_identity,
-    check_recording_path,
-    checkpoint_identity,
-    clip_working_set,
+from .._layout import Layout
+from .._loader import Loader
+from .._memfile import MemoryFile
+from .._startup import StartupError, describe_os_error
+from .._sweep import WorkingSetOrder
+from .._units import human
+from .._workingset import (
     default_working_set_path,
-    max_file_bytes,
-    read_working_set,
-    replay_order,
-    write_working_set,
 )
-from .checkpoint import CheckpointError
-from .socket._server import Server
-from .socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
-from .source import PageSource, open_source
-from .uffd._config import MAX_UFFD_SPIN_US, UffdConfig
-from .uffd._handler import UffdHandler, serve_uffd
+from ..checkpoint import CheckpointError
+from ..socket._server import Server
+from ..source import open_source
+from ..uffd._handler import UffdHandler, serve_uffd
+from ._metrics import MetricsServer, make_registry
+from ._options import DaemonOptions, DaemonState, check_options, process_stats, release_free_heap
+from ._sdnotify import Notifier
+from ._working_sets import record_window, working_set_line, working_set_setup, working_set_stats
 
 log = logging.getLogger("pageload")
 
 #: the test hook's environment variable (module docstring)
 HANG_READS_ENV = "PAGELOAD_TEST_HANG_READS"
 FAIL_READS_ENV = "PAGELOAD_TEST_FAIL_READS"
-
-
-@dataclass
-class DaemonOptions:
-    source: str
-    socket_path: str
-    background: bool = True
-    memory_file: str | None = None
-    #: reuse an existing ``memory_file`` (locked first, then emptied); never a
-    #: symbolic link, a non-regular file or one of the checkpoint's own files
-    force_memory_file: bool = False
-    #: ``--force`` too: an existing ``record_working_set`` file may be replaced (never a
-    #: symbolic link, a non-regular file or the checkpoint's own)
-    force_working_set: bool = False
-    #: what of the memory file to allocate at start (``fallocate``): ``data`` (the
-    #: image's data ranges), ``all`` (the whole memory size, holes included),
-    #: ``none``; ``auto``: ``data`` for a ``memory_file``, ``none`` for a memfd
-    #: (docs/OPERATIONS.md, "The memory file's space")
-    reserve: str = "auto"
-    aio_backend: str = "auto"
-    threads: int | None = None
-    direct: bool = False
-    config: LoaderConfig = field(default_factory=LoaderConfig)
-    allow_uids: tuple[int, ...] = ()
-    ready_fd: int | None = None
-    ready_line: bool = True
-    progress_interval: float = 5.0
-    progress_bar: bool = False  #: draw a bar on stderr while loading in the foreground
-    handle_signals: bool = True
-    #: wraps the queue (tests slow it down or inject faults)
-    wrap_queue: Callable[[aio.Queue], aio.Queue] | None = None
-    order: SweepOrder | None = None
-    #: replay this working set (``None``: the checkpoint's default file, if present)
-    working_set: str | None = None
-    use_working_set: bool = True  #: False: ignore any working set (``--no-working-set``)
-    #: record a working set into this file (``""``: the checkpoint's default file)
-    record_working_set: str | None = None
-    record_seconds: float | None = 10.0  #: the window after READY; None: until ``mark`` or shutdown
-    max_pending_waits: int = 4096  #: per connection; more are refused with too-many-requests
-    #: after its replies, poll the one asking connection this long before sleeping in
-    #: epoll (0: never; docs/DESIGN.md "Busy polling")
-    busy_poll_us: int = BUSY_POLL_US
-    #: a listening Unix socket to serve on instead of binding ``socket_path`` (socket activation)
-    listen_socket: socket.socket | None = None
-    metrics: MetricsAddress | None = None  #: serve the Prometheus text format there
-    notifier: Notifier = field(default_factory=lambda: Notifier(None))  #: sd_notify; no-op by default
-    #: also act as Firecracker's page-fault handler on this socket (docs/UFFD.md); the
-    #: daemon exits once that VMM has gone
-    uffd_socket: str | None = None
-    uffd_config: UffdConfig | None = None
-    allow_writable_memory_fd: bool = False  #: hand out a read-write memory fd to clients that ask
-    shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
-
-
-@dataclass
-class DaemonState:
-    """What a running daemon exposes to an in-process caller (tests, bench)."""
-
-    source: PageSource
-    memory: MemoryFile
-    loader: Loader
-    server: Server
-    backend: str
-    started: float
-    ready_s: float = 0.0
-    stop: Callable[[], None] = lambda: None
-    metrics: MetricsServer | None = None
-    uffd: UffdHandler | None = None  #: the VMM's handler, once one connected
-
-
-def process_stats() -> dict[str, int]:
-    """The daemon's own memory: RSS split as the kernel reports it (the memory file's
-    pages show up as shmem), and the Python heap when tracemalloc is on."""
-    out: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key.lower() + "_bytes"] = int(value.split()[0]) * 1024
-    if tracemalloc.is_tracing():
-        current, peak = tracemalloc.get_traced_memory()
-        out["heap_bytes"] = current
-        out["heap_peak_bytes"] = peak
-    return out
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return cast("Callable[[int], int]", trim)
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_free_heap() -> None:
-    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; a
-    no-op elsewhere).  Start-up's big temporaries (a million-range index decoded:
-    about 48 MiB) are freed but kept by glibc for reuse, which is never coming: the
-    daemon's RSS stayed 22 MiB higher for its whole life (issue 20)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def check_options(opts: DaemonOptions) -> None:
-    """Refuse options that cannot work, before anything is opened (:class:`StartupError`)."""
-    for uid in opts.allow_uids:
-        check_uid(uid, "allowed uid")
-    if opts.reserve not in RESERVE_CHOICES:
-        raise StartupError(f"reserve must be one of {', '.join(RESERVE_CHOICES)}, not {opts.reserve!r}")
-    if opts.threads is not None and opts.threads < 1:
-        raise StartupError(f"threads must be at least 1, not {opts.threads}")
-    if opts.config.queue_depth < 1:
-        raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
-    if opts.max_pending_waits < 1:
-        raise StartupError(f"max pending waits must be at least 1, not {opts.max_pending_waits}")
-    if not 0 <= opts.busy_poll_us <= MAX_BUSY_POLL_US:
-        raise StartupError(f"busy poll time must be 0 to {MAX_BUSY_POLL_US} us, not {opts.busy_poll_us}")
-    if opts.uffd_config is not None and not 0 <= opts.uffd_config.spin_s * 1e6 <= MAX_UFFD_SPIN_US:
-        raise StartupError(f"uffd spin time must be 0 to {MAX_UFFD_SPIN_US} us, "
-                           f"not {round(opts.uffd_config.spin_s * 1e6)}")
-    if not (math.isfinite(opts.progress_interval) and opts.progress_interval > 0):
-        raise StartupError(f"progress interval must be a positive number of seconds, not {opts.progress_interval}")
-    if opts.record_seconds is not None and not (math.isfinite(opts.record_seconds) and opts.record_seconds > 0):
-        raise StartupError(f"record seconds must be a positive number of seconds, not {opts.record_seconds}")
-    if opts.working_set is not None and not opts.use_working_set:
-        raise StartupError("--working-set and --no-working-set contradict each other")
-    if opts.listen_socket is None:  # a handed-over socket is its owner's business
-        check_socket_path(opts.socket_path)
-    if opts.uffd_socket is not None:
-        check_socket_path(opts.uffd_socket)
-        if _same_path(opts.uffd_socket, opts.socket_path):
-            raise StartupError(f"--uffd-socket {opts.uffd_socket} is also the wait socket's path (--socket): "
-                               "give each its own")
-    if opts.metrics is not None and opts.metrics.path is not None:
-        for what, other in (("the wait socket's path (--socket)", opts.socket_path),
-                            ("--uffd-socket", opts.uffd_socket)):
-            if other is not None and _same_path(opts.metrics.path, other):
-                raise StartupError(f"--metrics {opts.metrics.path} is also {what}: give each its own")
-    if opts.ready_fd is not None:
-        check_ready_fd(opts.ready_fd)
-
-
-def _same_path(a: str, b: str) -> bool:
-    """Whether two socket paths name one file (an abstract name, '@...', is no file)."""
-    if not a or not b or a.startswith("@") or b.startswith("@"):
-        return a == b
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-RESERVE_CHOICES = ("auto", "data", "all", "none")
 
 
 def _reserve_ranges(layout: Layout, reserve: str) -> Iterator[tuple[int, int]]:
@@ -391,7 +221,7 @@ async def run_daemon(
                  "its holes found while it loads"]
     metrics: MetricsServer | None = None
     try:
-        order, recorder, record_path = _working_set_setup(opts, source, notes)
+        order, recorder, record_path = working_set_setup(opts, source, notes)
         reserve = opts.reserve if opts.reserve != "auto" else "data" if opts.memory_file else "none"
         memory = MemoryFile(layout.memory_size, opts.memory_file, force=opts.force_memory_file,
                             protect=source.files(), data_bytes=source.data_estimate(),
@@ -426,7 +256,7 @@ async def run_daemon(
                                      "process": process_stats()}
             if holder and holder[0].uffd is not None:
                 extra["uffd"] = holder[0].uffd.statistics()
-            extra.update(_working_set_stats(order, recorder, record_path))
+            extra.update(working_set_stats(order, recorder, record_path))
             return extra
 
         server = Server(loader, opts.socket_path, memory_fd=memory.fd, allow_uids=opts.allow_uids,
@@ -469,7 +299,7 @@ async def run_daemon(
                 nursery.start_soon(_progress, loader, opts.progress_interval, opts.notifier)
                 if recorder is not None and record_path is not None:
                     recorder.start()
-                    nursery.start_soon(_record_window, recorder, record_path, opts.record_seconds, window_done)
+                    nursery.start_soon(record_window, recorder, record_path, opts.record_seconds, window_done)
                 task_status.started(state)
             await stop.wait()
             opts.notifier.stopping(f"stopping: {_status_line(loader)}")
@@ -485,7 +315,7 @@ async def run_daemon(
                     await window_done.wait()
             log.info(_progress_line(loader, final=True))
             if isinstance(order, WorkingSetOrder):
-                log.info(_working_set_line(order))
+                log.info(working_set_line(order))
             nursery.cancel_scope.cancel()
     except BaseException:
         if state is None or not state.ready_s:
@@ -584,92 +414,6 @@ async def _signals(stop: trio.Event) -> None:
 
 
 # -- working sets ---------------------------------------------------------------------------
-
-
-def _working_set_setup(
-    opts: DaemonOptions, ckpt: PageSource, notes: list[str]
-) -> tuple[SweepOrder | None, WorkingSetRecorder | None, str | None]:
-    """The sweep order (working-set replay when there is one) and the recorder.
-
-    An explicit ``working_set`` that cannot be used, or a recording path that cannot
-    be written, raises :class:`WorkingSetError` (one line; the CLI exits 2).  The
-    default file beside the checkpoint is only a hint: a problem with it is one
-    warning line and the restore goes on without it."""
-    identity = None
-    order = opts.order
-    if order is None and opts.use_working_set:
-        path = opts.working_set
-        explicit = path is not None
-        if path is None:
-            path = default_working_set_path(opts.source)
-            if not os.path.exists(path):
-                path = None
-        if path is not None:
-            try:
-                ws = read_working_set(path, max_file_bytes(ckpt.layout.memory_size, ckpt.layout.page_size))
-                identity = checkpoint_identity(ckpt)
-                check_identity(ws, identity, path)
-            except WorkingSetError as exc:
-                if explicit:
-                    raise
-                log.warning("ignoring the working set %s", exc)
-            else:
-                ws, dropped = clip_working_set(ws, ckpt.layout.memory_size)
-                if dropped:
-                    log.warning("working set %s: %d bytes lie past the memory size %#x; clipped",
-                                path, dropped, ckpt.layout.memory_size)
-                verified = opts.config.verify and ckpt.checksums is not None and _file_ascends(ckpt.layout)
-                order = replay_order(ws, ckpt.layout, chunk_size=ckpt.chunk_size if verified else None)
-                notes.append(f"working set {path}: {human(order.size_bytes)} of data in {len(ws)} ranges "
-                             f"({ws.recordings} recording{'s' if ws.recordings != 1 else ''}), replayed first "
-                             f"as {len(order.span_lo)} reads")
-    recorder = record_path = None
-    if opts.record_working_set is not None:
-        record_path = opts.record_working_set or default_working_set_path(opts.source)
-        protect = [*ckpt.files(), *([opts.memory_file] if opts.memory_file else [])]
-        replaces = check_recording_path(record_path, force=opts.force_working_set, protect=protect)
-        recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
-        recorder.replaces = replaces
-    return order, recorder, record_path
-
-
-def _working_set_stats(order: SweepOrder | None, recorder: WorkingSetRecorder | None,
-                       record_path: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(order, WorkingSetOrder):
-        out["working_set"] = order.statistics()
-    if recorder is not None:
-        out["recording"] = {"path": record_path, "active": recorder.active, "ranges": len(recorder.offset),
-                            "bytes": recorder.seen.total, "touches": recorder.touches}
-    return out
-
-
-def _working_set_line(order: WorkingSetOrder) -> str:
-    s = order.statistics()
-    when = "not yet" if s["loaded_s"] is None else f"in {s['loaded_s']:.3f} s"
-    rate = "-" if s["hit_rate"] is None else f"{s['hit_rate'] * 100:.0f}%"
-    return (f"working set {human(s['size_bytes'])}: loaded {human(s['loaded_bytes'])} {when}; waits "
-            f"{s['waits_hit']} hit, {s['waits_early']} early, {s['waits_missed']} missed (hit rate {rate})")
-
-
-async def _record_window(recorder: WorkingSetRecorder, path: str, seconds: float | None,
-                         done: trio.Event) -> None:
-    """Close the window after ``seconds`` (or at a ``mark``, or at shutdown), then
-    write the file atomically.  A write error is one warning line, never a crash."""
-    try:
-        with trio.move_on_after(seconds if seconds is not None else float("inf")):
-            await recorder.closed.wait()
-        ws = recorder.stop()
-        with trio.CancelScope(shield=True):
-            try:
-                await trio.to_thread.run_sync(write_working_set, path, ws, recorder.replaces)
-            except WorkingSetError as exc:
-                log.warning("working set not recorded: %s", exc)
-            else:
-                log.info("working set recorded to %s: %s in %d ranges over %.1f s",
-                         path, human(ws.total_bytes), len(ws), ws.window_s)
-    finally:
-        done.set()
 
 
 def _file_ascends(layout: Layout) -> bool:

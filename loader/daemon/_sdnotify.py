@@ -22,7 +22,7 @@ import os
 import resource
 import socket
 
-from ._startup import StartupError
+from .._startup import StartupError
 
 log = logging.getLogger("pageload")
 
