@@ -1,6 +1,6 @@
 """The object store client (loader/remote/_store.py) against a real S3 server (SeaweedFS's
-``weed mini``), through the fault proxy where failures are wanted.  Nothing here
-mocks obstore: every request crosses a socket."""
+``weed mini``), through the fault proxy where failures are wanted, and ``pageload
+checkpoint push``.  Nothing here mocks obstore: every request crosses a socket."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
+from loader.checkpoint import create_checkpoint
 from loader.remote import ObjectStore, RetryPolicy, StoreError, parse_store_url
-from workloads import FaultProxy, SeaweedServer
+from workloads import FaultProxy, SeaweedServer, make_sample_image
 
 MiB = 1 << 20
 #: quick retries, so that failing past the budget takes milliseconds
@@ -320,3 +322,118 @@ def test_the_bandwidth_cap_bounds_the_rate(proxied: ObjectStore, proxy: FaultPro
     started = time.monotonic()
     assert proxied.get_range_into("obj", 0, memoryview(bytearray(MiB))) == MiB
     assert time.monotonic() - started >= 0.25  # 1 MiB at 4 MiB/s: at least a quarter of a second
+
+
+# -- pageload checkpoint push -------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A pages checkpoint of 12 MiB of data: three parts of 5 MiB."""
+    image = tmp_path / "memory.img"
+    make_sample_image(str(image), 12 * MiB, seed=7, dense=True)
+    out = tmp_path / "ckpt"
+    create_checkpoint(str(image), str(out))
+    assert (out / "pages.img").stat().st_size > 10 * MiB
+    return out
+
+
+def _push(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_access_key)
+    return main(["checkpoint", "push", *args])
+
+
+def test_push_uploads_the_checkpoint_as_it_is_index_last(
+    seaweed: SeaweedServer, checkpoint: Path, store: ObjectStore, proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = str(store.url)
+    assert _push(seaweed, monkeypatch, str(checkpoint), url, "--s3-endpoint", proxy.endpoint,
+                 "--part-size", "5M") == 0
+    out = capsys.readouterr().out
+    assert url in out and "3 parts" in out
+    for name in ("pages.img", "index.msgpack"):
+        local = (checkpoint / name).read_bytes()
+        assert store.get(name, len(local)) == local
+    puts = [line.split()[1] for line in proxy.forwarded if line.startswith(("PUT ", "POST "))]
+    assert puts[-1].endswith("/index.msgpack")  # the last write of all
+    assert sum("/pages.img" in p for p in puts) >= 5  # start, 3 parts, complete: before the index
+
+
+def test_a_failed_index_put_leaves_no_index(
+    seaweed: SeaweedServer, checkpoint: Path, store: ObjectStore, proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy.fail_next(100, 503, match=f"PUT /{seaweed.bucket}/{store.url.prefix}/index.msgpack")
+    assert _push(seaweed, monkeypatch, str(checkpoint), str(store.url), "--s3-endpoint", proxy.endpoint) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pageload: ") and err.count("\n") == 1
+    assert "index.msgpack" in err and "503" in err and "(unavailable)" in err
+    assert store.head("pages.img") == (checkpoint / "pages.img").stat().st_size  # the pages went up...
+    with pytest.raises(StoreError) as info:  # ...and no index: not restorable
+        store.head("index.msgpack")
+    assert info.value.code == "not-found"
+
+
+def test_push_refuses_a_raw_image(seaweed: SeaweedServer, tmp_path: Path, store: ObjectStore,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "raw.img"
+    make_sample_image(str(image), MiB, seed=1)
+    assert _push(seaweed, monkeypatch, str(image), str(store.url), "--s3-endpoint", seaweed.endpoint) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "push a pages checkpoint" in err and "checkpoint create" in err
+    with pytest.raises(StoreError):
+        store.head("pages.img")
+
+
+def test_push_does_not_replace_a_checkpoint_unless_told(
+    seaweed: SeaweedServer, checkpoint: Path, store: ObjectStore, proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A working set goes up with its checkpoint, before the index; a second push to
+    the same place is refused; --replace deletes the old index first (and a working
+    set the new checkpoint lacks)."""
+    (checkpoint / "working-set.msgpack").write_bytes(b"a working set's bytes")
+    args = (str(checkpoint), str(store.url), "--s3-endpoint", proxy.endpoint)
+    assert _push(seaweed, monkeypatch, *args) == 0
+    writes = [line.split()[1].split("?")[0].rsplit("/", 1)[1] for line in proxy.forwarded
+              if line.startswith("PUT ")]
+    assert writes == ["pages.img", "working-set.msgpack", "index.msgpack"]
+    assert store.get("working-set.msgpack", MiB) == b"a working set's bytes"
+    assert _push(seaweed, monkeypatch, *args) == 2
+    assert "already there" in capsys.readouterr().err
+    (checkpoint / "working-set.msgpack").unlink()
+    proxy.forwarded.clear()
+    assert _push(seaweed, monkeypatch, *args, "--replace") == 0
+    first_put = next(i for i, line in enumerate(proxy.forwarded) if line.startswith("PUT "))
+    deletes = [line for line in proxy.forwarded[:first_put] if line.startswith("DELETE ") or "?delete" in line]
+    assert len(deletes) == 2  # the old index, then the old working set, before any upload
+    assert store.get("index.msgpack", MiB) == (checkpoint / "index.msgpack").read_bytes()
+    with pytest.raises(StoreError) as info:
+        store.head("working-set.msgpack")
+    assert info.value.code == "not-found"
+
+
+def test_push_to_a_directory(checkpoint: Path, tmp_path: Path, seaweed: SeaweedServer,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _push(seaweed, monkeypatch, str(checkpoint), f"file://{tmp_path}/pushed/c1") == 0
+    for name in ("pages.img", "index.msgpack"):
+        assert (tmp_path / "pushed" / "c1" / name).read_bytes() == (checkpoint / name).read_bytes()
+
+
+@pytest.mark.parametrize("url, extra, says", [
+    ("s3://Not_A_Bucket/x", [], "is not a bucket name"),
+    ("s3://pageload/x", ["--s3-endpoint", "http://127.0.0.1:{closed}"], "cannot connect"),
+    ("s3://pageload/x", ["--part-size", "1M"], "S3 parts are 5 MiB to 5 GiB"),
+])
+def test_push_failures_are_one_line(
+    seaweed: SeaweedServer, checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], url: str, extra: list[str], says: str,
+) -> None:
+    extra = [a.format(closed=_closed_port()) for a in extra]
+    assert _push(seaweed, monkeypatch, str(checkpoint), url, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pageload: ") and err.count("\n") == 1 and says in err
