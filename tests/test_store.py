@@ -70,6 +70,25 @@ def _closed_port() -> int:
     return port
 
 
+def test_a_seaweed_server_stops_whole_and_leaves_nothing(seaweed: SeaweedServer) -> None:
+    """A second server beside the session's (its own ports): gone, port closed and
+    directory removed once its block ends."""
+    with SeaweedServer(bucket="second") as other:
+        assert other.endpoint != seaweed.endpoint
+        pid = other._process.pid if other._process is not None else -1
+        port = int(other.endpoint.rsplit(":", 1)[1])
+        directory = other._tmp
+        there = ObjectStore("s3://second/x", endpoint=other.endpoint, access_key_id=other.access_key_id,
+                            secret_access_key=other.secret_access_key, env={})
+        there.put_bytes("y", b"z")
+        assert there.head("y") == 1
+    assert directory is not None and not os.path.exists(directory)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
 # -- real puts and gets -------------------------------------------------------------------
 
 

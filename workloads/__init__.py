@@ -1,6 +1,6 @@
 """What the daemon is tested and measured with: fault traces, trace generators,
-``perf`` imports, sample images, the load generator, and a ``pageload restore``
-subprocess to drive.
+``perf`` imports, sample images, the load generator, a ``pageload restore``
+subprocess to drive, and a real S3 server (SeaweedFS) with a fault proxy.
 
 Nothing in the daemon core (:mod:`loader`) imports this package.
 """

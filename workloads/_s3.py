@@ -43,7 +43,12 @@ _PORT_FLAGS = (
 
 
 class SeaweedStartError(RuntimeError):
-    """``weed mini`` did not start (the message ends with its log's last lines)."""
+    """``weed mini`` did not start (the message ends with its log's last lines).
+    ``exited``: it exited (a port taken between picking and binding, say)."""
+
+    def __init__(self, message: str, *, exited: bool = False) -> None:
+        super().__init__(message)
+        self.exited = exited
 
 
 def find_weed() -> str | None:
@@ -108,9 +113,9 @@ class SeaweedServer:
                 try:
                     self._start()
                     return self
-                except SeaweedStartError:
+                except SeaweedStartError as exc:
                     self._stop()
-                    if not tries_left:
+                    if not tries_left or not exc.exited:
                         raise
         except BaseException:
             self._cleanup()
@@ -155,6 +160,7 @@ class SeaweedServer:
         """Until a signed GET of a missing key in the bucket says NoSuchKey (the S3
         port answers, the key is known, the bucket exists)."""
         import obstore
+        from obstore.exceptions import PermissionDeniedError
         from obstore.store import S3Store
 
         store = S3Store(self.bucket, endpoint=self.endpoint, access_key_id=self.access_key_id,
@@ -166,13 +172,16 @@ class SeaweedServer:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise SeaweedStartError(f"weed mini exited with status {self._process.returncode}: {self._log_tail()}")
+                raise SeaweedStartError(f"weed mini exited with status {self._process.returncode}: {self._log_tail()}",
+                                        exited=True)
             try:
                 obstore.get(store, "pageload-not-there").bytes()
             except FileNotFoundError as exc:
                 if "NoSuchKey" in str(exc):
                     return
                 last = str(exc).split("\n", 1)[0]
+            except PermissionDeniedError as exc:  # an answer, and no good one: fail now
+                raise SeaweedStartError(f"weed mini refuses the test key: {str(exc).splitlines()[0]}") from None
             except Exception as exc:
                 last = str(exc).split("\n", 1)[0]
             time.sleep(0.1)
@@ -195,7 +204,7 @@ class SeaweedServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         with contextlib.suppress(ProcessLookupError):  # whatever is left of its group
