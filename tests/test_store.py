@@ -114,6 +114,22 @@ def test_ranged_gets_are_byte_exact_into_one_reused_buffer(store: ObjectStore, o
     assert (stats.retries, stats.failures) == (before.retries, before.failures)
 
 
+def test_worker_threads_share_one_store(store: ObjectStore, obj: bytes) -> None:
+    """The restore's fetcher calls from worker threads, each with its own buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(i: int) -> bool:
+        buffer = bytearray(64 * 1024)
+        offset = i * 40_000
+        store.get_range_into("obj", offset, memoryview(buffer))
+        return buffer == obj[offset:offset + len(buffer)]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(fetch, range(32)))
+    stats = store.stats()
+    assert (stats.gets, stats.bytes_fetched) == (32, 32 * 64 * 1024)
+
+
 def test_head_get_and_the_size_bound(store: ObjectStore, obj: bytes) -> None:
     assert store.head("obj") == len(obj)
     assert store.get("obj", len(obj)) == obj
