@@ -43,6 +43,15 @@ def add_size(
     parser.add_argument(flag, type=size_arg, default=default, metavar=metavar, help=help)
 
 
+def add_s3_endpoint(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--s3-endpoint``: where an ``s3://`` URL's requests go."""
+    parser.add_argument(
+        "--s3-endpoint", metavar="URL", default=None,
+        help="S3 endpoint, scheme://host[:port] (MinIO, Ceph, SeaweedFS...; plain http only when given as "
+        "http://); default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS's for $AWS_REGION",
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=`` for counts that must be at least 1."""
     try:

@@ -1,41 +1,51 @@
-"""``pageload checkpoint create|inspect|verify|sample``: checkpoint files from the shell.
+"""``pageload checkpoint create|inspect|verify|push|sample``: checkpoint files from the shell.
 
 Bad input (a malformed index, a missing file, an image of the wrong size) is
 reported as one line, ``pageload: <path>: <problem>``, on stderr with exit code 2;
-never a traceback.  ``verify`` exits 1 when it finds corruption.
+never a traceback.  ``verify`` exits 1 when it finds corruption.  ``push`` uploads
+a pages checkpoint to object storage, its index last (docs/REMOTE.md); any failure
+there is one line and exit code 2 too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from loader import human
+from loader._workingset import DEFAULT_NAME as WORKING_SET_NAME
 from loader.checkpoint import (
     DEFAULT_CHUNK_SIZE,
     CheckpointError,
     create_checkpoint,
     format_inspection,
     inspect_checkpoint,
+    open_checkpoint,
     verify_checkpoint,
 )
 from workloads import make_sample_image
 
-from ._args import add_size
+from ._args import add_s3_endpoint, add_size, positive_int
 
 __all__ = ["register"]
 
 EXIT_OK, EXIT_CORRUPT, EXIT_BAD_INPUT = 0, 1, 2
+
+#: multipart upload parts: S3's bounds (at least 5 MiB but the last, at most 10000
+#: parts of at most 5 GiB), and our default
+_MIN_PART, _MAX_PART, _MAX_PARTS, _PART = 5 << 20, 5 << 30, 10_000, 16 << 20
 
 
 def register(subparsers: Any) -> None:
     """Add ``checkpoint`` and its sub-commands to the ``pageload`` parser."""
     parser = subparsers.add_parser(
         "checkpoint",
-        help="create, inspect and verify checkpoints; make sample images",
+        help="create, inspect, verify and push checkpoints; make sample images",
         description="Checkpoints the daemon restores from: raw memory images, and pages "
         "checkpoints (pages.img + index.msgpack).  See docs/FORMAT.md.",
     )
@@ -69,6 +79,28 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("verify", help="check every checksum; exit 1 if data is corrupt")
     p.add_argument("path", metavar="PATH", help="checkpoint directory or its index.msgpack")
     p.set_defaults(func=_guarded(_verify))
+
+    p = sub.add_parser(
+        "push", help="upload a pages checkpoint to object storage (s3://, file://), its index last",
+        description="Upload a pages checkpoint as it is: PREFIX/pages.img (a multipart upload when it is "
+        "bigger than one part), PREFIX/working-set.msgpack if the checkpoint has one, then PREFIX/index.msgpack "
+        "last, so that a checkpoint pushed halfway is never restorable.  Endpoint and credentials: "
+        "--s3-endpoint or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION (default "
+        "us-east-1); requests are path-style.  See docs/REMOTE.md.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="pages checkpoint directory (made by 'checkpoint create'), or its index.msgpack")
+    p.add_argument("url", metavar="URL", help="where to put it: s3://BUCKET/PREFIX or file:///DIR")
+    add_s3_endpoint(p)
+    add_size(p, "--part-size", default=None,
+             help=f"bytes per part of a multipart upload, at least {_MIN_PART >> 20}M (default: {_PART >> 20}M, "
+             "or bigger where the file needs more than 10000 parts)")
+    p.add_argument("--concurrency", type=positive_int, default=4, metavar="N",
+                   help="parts uploaded at once; memory is about N parts (default 4)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a checkpoint already at URL: its index is deleted first, so it is not "
+                   "restorable until the new index is in place (default: refuse)")
+    p.set_defaults(func=_guarded(_push))
 
     p = sub.add_parser("sample", help="write a deterministic sample raw image")
     p.add_argument("out", metavar="OUT", help="image file to write (replaced if it exists)")
@@ -146,4 +178,71 @@ def _sample(args: argparse.Namespace) -> int:
     )
     kind = "dense" if args.dense else f"scattered (1 page in {args.scattered})" if args.scattered else "sparse"
     print(f"wrote {args.out}: {human(args.size)} {kind} sample image (seed {args.seed})")
+    return EXIT_OK
+
+
+def _part_size(chosen: int | None, size: int) -> int:
+    """The multipart part size for a ``size``-byte file: ``chosen``, checked, or the
+    default raised (in whole MiB) until 10000 parts hold the file."""
+    if chosen is None:
+        mib = 1 << 20
+        return max(_PART, -(-size // _MAX_PARTS // mib) * mib)
+    if not _MIN_PART <= chosen <= _MAX_PART:
+        raise ValueError(f"--part-size {chosen}: S3 parts are {_MIN_PART >> 20} MiB to {_MAX_PART >> 30} GiB")
+    if -(-size // chosen) > _MAX_PARTS:
+        raise ValueError(f"--part-size {chosen}: {human(size)} needs more than {_MAX_PARTS} parts of it")
+    return chosen
+
+
+def _push(args: argparse.Namespace) -> int:
+    from loader.checkpoint._index import INDEX_NAME, PAGES_NAME
+    from loader.remote import ObjectStore, StoreError
+
+    ckpt = open_checkpoint(args.checkpoint, scan=False)
+    if ckpt.kind != "pages" or ckpt.index_path is None:
+        raise CheckpointError(args.checkpoint, "a raw image, not a pages checkpoint: push a pages checkpoint "
+                              "('pageload checkpoint create IMAGE DIR' makes one)")
+    working_set = os.path.join(os.path.dirname(ckpt.index_path), WORKING_SET_NAME)
+    has_working_set = os.path.isfile(working_set)
+    try:
+        part = _part_size(args.part_size, ckpt.pages_size)
+    except ValueError as exc:
+        _fail(str(exc))
+        return EXIT_BAD_INPUT
+    started = time.monotonic()
+    try:
+        store = ObjectStore(args.url, endpoint=args.s3_endpoint, create=True)
+        # before any upload: the endpoint answers, the credentials hold, and no checkpoint is there
+        try:
+            store.head(INDEX_NAME)
+            there = True
+        except StoreError as exc:
+            if exc.code != "not-found":
+                raise
+            there = False
+        if there and not args.replace:
+            _fail(f"{store.url.url_of(INDEX_NAME)}: a checkpoint is already there: push to another prefix, "
+                  "or --replace it")
+            return EXIT_BAD_INPUT
+        if there:  # unrestorable from now until the new index is in place
+            store.delete(INDEX_NAME)
+            if not has_working_set:
+                store.delete(WORKING_SET_NAME)
+        pushed = store.put_file(PAGES_NAME, ckpt.pages_path, part, concurrency=args.concurrency)
+        if pushed != ckpt.pages_size:
+            _fail(f"{ckpt.pages_path}: changed while it was pushed ({pushed} bytes, not {ckpt.pages_size}): "
+                  "the index was not pushed")
+            return EXIT_BAD_INPUT
+        if has_working_set:
+            store.put_file(WORKING_SET_NAME, working_set, part)
+        index_size = store.put_file(INDEX_NAME, ckpt.index_path, part)  # last: now it is restorable
+    except StoreError as exc:
+        _fail(str(exc))
+        return EXIT_BAD_INPUT
+    took = time.monotonic() - started
+    parts = -(-pushed // part)
+    how = f"{parts} parts of {human(part)}" if pushed > part else "one PUT"
+    print(f"pushed {args.checkpoint} to {store.url}: {PAGES_NAME} {human(pushed)} ({how})"
+          + (f", {WORKING_SET_NAME}" if has_working_set else "")
+          + f", then {INDEX_NAME} {human(index_size)}; {took:.1f} s ({human(pushed / max(took, 1e-9))}/s)")
     return EXIT_OK

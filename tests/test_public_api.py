@@ -14,6 +14,7 @@ import aio.testing
 import bench
 import loader
 import loader.checkpoint
+import loader.remote
 import loader.source
 import loader.vmm
 import workloads
@@ -87,6 +88,18 @@ def test_loader_source_public_names():
     }
 
 
+def test_loader_remote_public_names():
+    """Object storage is its own package, imported at first use (not by loader)."""
+    assert set(loader.remote.__all__) == {
+        "CODES", "DEFAULT_REGION", "ObjectStore", "RetryPolicy", "StoreError", "StoreStats", "StoreURL",
+        "parse_store_url",
+        # the host chunk cache
+        "DEFAULT_CACHE_SIZE", "CacheError", "CacheStats", "ChunkCache", "PruneReport", "default_cache_dir",
+        "parse_cache_size",
+    }
+    assert not hasattr(loader, "ObjectStore")
+
+
 def test_loader_vmm_public_names():
     """Zero-copy guest memory for VMM authors is its own module, not in loader's main list."""
     assert set(loader.vmm.__all__) == {"ZeroCopyMemory", "ZeroCopyUnsupported"}
@@ -94,7 +107,8 @@ def test_loader_vmm_public_names():
 
 
 def test_every_exported_name_resolves_to_itself():
-    for module in (aio, aio.testing, loader, loader.checkpoint, loader.source, loader.vmm, workloads, bench):
+    for module in (aio, aio.testing, loader, loader.checkpoint, loader.remote, loader.source, loader.vmm, workloads,
+                   bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):
@@ -143,7 +157,7 @@ def test_the_daemons_start_up_imports_nothing_it_does_not_need():
     import subprocess
     import sys
 
-    heavy = ("asyncio", "aiofiles", "prometheus_client", "aio.testing")
+    heavy = ("asyncio", "aiofiles", "prometheus_client", "aio.testing", "obstore", "loader.remote")
     code = ("import sys, cli, cli._restore, loader.daemon._run; "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

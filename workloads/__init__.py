@@ -1,6 +1,6 @@
 """What the daemon is tested and measured with: fault traces, trace generators,
-``perf`` imports, sample images, the load generator, and a ``pageload restore``
-subprocess to drive.
+``perf`` imports, sample images, the load generator, a ``pageload restore``
+subprocess to drive, and a real S3 server (SeaweedFS) with a fault proxy.
 
 Nothing in the daemon core (:mod:`loader`) imports this package.
 """
@@ -10,6 +10,7 @@ from ._fuzz import FuzzReport, fuzz_frames, run_fuzz
 from ._loadgen import VERIFY_CHUNK, LoadgenError, LoadgenReport, Mismatch, ProgressFn, run_loadgen, scale_to_rate
 from ._percentiles import percentiles
 from ._perfimport import PerfSamples, fold_addresses, import_perf_script, parse_perf_script
+from ._s3 import FaultProxy, SeaweedServer, SeaweedStartError, find_weed
 from ._sample import make_sample_image
 from ._tracegen import GRANULARITIES, KINDS, generate, onto_layout
 from ._traces import (
@@ -37,6 +38,7 @@ __all__ = [
     "DaemonProcess",
     "DaemonStartError",
     "Fault",
+    "FaultProxy",
     "FuzzReport",
     "LoadgenError",
     "LoadgenReport",
@@ -46,7 +48,10 @@ __all__ = [
     "Trace",
     "TraceError",
     "TraceSummary",
+    "SeaweedServer",
+    "SeaweedStartError",
     "detect_form",
+    "find_weed",
     "fold_addresses",
     "format_text",
     "fuzz_frames",
