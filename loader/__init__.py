@@ -8,19 +8,19 @@ in :mod:`cli`.
 
 from ._client import Client, ClientError, ConnectionLost, TrioClient, mapped_memory
 from ._daemon import DaemonOptions, run_daemon
-from ._layout import DataRange, Layout, LayoutError
-from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
 from ._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address
-from ._rangeset import RangeSet
 from ._sdnotify import ActivationError, Notifier, activated_socket, listen_fds
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
-from ._stats import LatencyHistogram, LoaderStatistics
-from ._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
 from ._uffd_handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 from ._units import human, parse_size
-from ._workingset import (
+from .core._layout import DataRange, Layout, LayoutError
+from .core._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
+from .core._rangeset import RangeSet
+from .core._stats import LatencyHistogram, LoaderStatistics
+from .core._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
+from .core._workingset import (
     AccessRecorder,
     CheckpointIdentity,
     WorkingSet,

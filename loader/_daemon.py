@@ -46,17 +46,18 @@ import trio
 
 import aio
 
-from ._layout import Layout
-from ._loader import Loader, LoaderConfig
 from ._memfile import MemoryFile
 from ._metrics import MetricsAddress, MetricsServer, make_registry
 from ._sdnotify import Notifier
 from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server
 from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid, describe_os_error
-from ._sweep import SweepOrder, WorkingSetOrder
 from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
-from ._workingset import (
+from .checkpoint import CheckpointError
+from .core._layout import Layout
+from .core._loader import Loader, LoaderConfig
+from .core._sweep import SweepOrder, WorkingSetOrder
+from .core._workingset import (
     WorkingSetError,
     WorkingSetRecorder,
     check_identity,
@@ -69,7 +70,6 @@ from ._workingset import (
     replay_order,
     write_working_set,
 )
-from .checkpoint import CheckpointError
 from .source import PageSource, open_source
 
 log = logging.getLogger("pageload")

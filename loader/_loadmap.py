@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 from ._memfile import F_SEAL_FUTURE_WRITE, MEMFD_MODE
-from ._service import PageService
+from .core._service import PageService
 
 __all__ = ["LoadedMap"]
 

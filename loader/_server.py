@@ -46,10 +46,10 @@ import protocol
 from protocol import codes
 
 from . import _uffd_minor
-from ._loader import LoadError, WaitHandle
 from ._loadmap import LoadedMap
-from ._service import PageService
-from ._workingset import WorkingSetRecorder
+from .core._loader import LoadError, WaitHandle
+from .core._service import PageService
+from .core._workingset import WorkingSetRecorder
 
 log = logging.getLogger("pageload.server")
 

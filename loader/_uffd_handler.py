@@ -58,12 +58,12 @@ import trio
 from protocol import codes
 
 from . import _uffd
-from ._loader import Loader, LoadError, WaitHandle
 from ._memfile import MemoryFile
-from ._rangeset import RangeSet, gaps
 from ._server import _clear_stale_socket, _remove_socket_file
 from ._startup import StartupError, describe_os_error
-from ._stats import LatencyHistogram
+from .core._loader import Loader, LoadError, WaitHandle
+from .core._rangeset import RangeSet, gaps
+from .core._stats import LatencyHistogram
 
 log = logging.getLogger("pageload")
 

@@ -46,10 +46,10 @@ import protocol
 from protocol import codes
 
 from . import _uffd
-from ._loader import LoadError, WaitHandle
-from ._rangeset import RangeSet
-from ._service import PageService
-from ._stats import LatencyHistogram
+from .core._loader import LoadError, WaitHandle
+from .core._rangeset import RangeSet
+from .core._service import PageService
+from .core._stats import LatencyHistogram
 
 if TYPE_CHECKING:
     from ._server import Session

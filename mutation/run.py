@@ -88,13 +88,13 @@ TARGETS = [
     # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own.
     # The quickest tests first (-x stops at the first failure); left out: the daemon
     # processes and the tests of other code (checkpoint format, hashing, the extent scan)
-    Target("loader", ["loader/_loader.py"],
+    Target("loader", ["loader/core/_loader.py"],
            ["tests/test_loader_edges.py", "tests/test_scheduler.py", "tests/test_faults_loader.py",
             "tests/test_verify.py", "tests/test_scale.py"],
            extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not fiemap and not million and not "
                  "scattered_sample and not check_finds_the_same and not new_checkpoints and not opens_verifies "
                  "and not gaps_are and not o_direct and not hugetlbfs'",
-           functions={"loader/_loader.py": [
+           functions={"loader/core/_loader.py": [
                "Loader.shutdown", "Loader.aclose", "Loader._finish_waiter", "Loader._drop_waiter",
                "Loader._verify_now", "Loader._land", "Loader._chunks_complete", "Loader._checked",
                "Loader._settle", "Loader._complete", "Loader.wait_loaded", "Loader.submit_wait",
@@ -102,12 +102,12 @@ TARGETS = [
            timeout=60, test_timeout=5),
     # checksum verification: which chunks a read completes, hashing them (scattered or
     # not, the GIL let go or not) and comparing with the index's sums
-    Target("checksums", ["loader/_loader.py"],
+    Target("checksums", ["loader/core/_loader.py"],
            ["tests/test_loader_edges.py", "tests/test_verify.py", "tests/test_faults_loader.py",
             "tests/test_scale.py"],
            extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not new_checkpoints and not opens_verifies "
                  "and not o_direct and not hugetlbfs and not fiemap and not million and not scattered_sample'",
-           functions={"loader/_loader.py": [
+           functions={"loader/core/_loader.py": [
                "_c_xxh3", "_Chunks.landed", "_Chunks._take", "_Chunks.matches", "_Chunks.check",
                "_Chunks.file_spans", "_Chunks.memory_spans", "_Chunks.chunk_range"]},
            timeout=60, test_timeout=5),

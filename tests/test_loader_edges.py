@@ -25,9 +25,9 @@ import trio.testing
 import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, OrderHooks
-from loader._loader import _INLINE_HASH, _Chunks
-from loader._sweep import SequentialOrder
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
+from loader.core._loader import _INLINE_HASH, _Chunks
+from loader.core._sweep import SequentialOrder
 from loader.source import FileSource
 from protocol import codes
 

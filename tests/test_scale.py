@@ -13,7 +13,7 @@ import trio
 
 import aio
 import aio.testing
-import loader._loader as loader_mod
+import loader.core._loader as loader_mod
 from loader import Client, LoaderConfig
 from loader._daemon import DaemonOptions, run_daemon
 from loader._loadmap import LoadedMap
@@ -192,7 +192,7 @@ def test_the_fiemap_scan_finds_all_the_data_seek_data_finds(tmp_path, sync):
                 s, e = scanner.next_batch(batch)
                 assert list(s) == sorted(s) and all(a < b for a, b in zip(s, e))
                 found.extend(zip(s, e))
-            from loader._rangeset import RangeSet
+            from loader.core._rangeset import RangeSet
 
             covered = RangeSet(sorted(found))
             for a, b in seek:
@@ -247,7 +247,7 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     # checked a block at a time: an overlap just across a block's edge is still found
     import tracemalloc
 
-    import loader._layout as layout_mod
+    import loader.core._layout as layout_mod
 
     edge = layout_mod._CHECK_BLOCK
     bad = array("Q", mem)

@@ -724,9 +724,9 @@ async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fail
 
 
 def test_gaps_are_the_parts_outside_sorted_ranges():
-    """``loader._rangeset.gaps``: what the fill, the loaded map and the fault-around
+    """``loader.core._rangeset.gaps``: what the fill, the loaded map and the fault-around
     path skip by; the covering ranges may overlap and reach past the span."""
-    from loader._rangeset import RangeSet, gaps
+    from loader.core._rangeset import RangeSet, gaps
 
     assert list(gaps([], 10, 20)) == [(10, 20)]
     assert list(gaps([(0, 30)], 10, 20)) == []
@@ -743,8 +743,8 @@ async def test_a_waiter_on_a_sweep_read_that_goes_back_in_memory_is_answered(tmp
     that joins that read in flight, on its lower part, is answered when it lands."""
     from array import array as _array
 
-    from loader._rangeset import RangeSet
-    from loader._sweep import WorkingSetOrder
+    from loader.core._rangeset import RangeSet
+    from loader.core._sweep import WorkingSetOrder
 
     rng = random.Random(5)
     a, b = rng.randbytes(MiB), rng.randbytes(MiB)

@@ -31,9 +31,9 @@ import aio
 import aio.testing
 from aio._sync import SyncQueue
 from loader import Client, ClientError, Loader, LoaderConfig, LoadError, MemoryFile
-from loader._layout import Layout
-from loader._loader import _c_xxh3, _Chunks
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint, verify_checkpoint
+from loader.core._layout import Layout
+from loader.core._loader import _c_xxh3, _Chunks
 from loader.source import FileSource
 from protocol import codes
 from workloads import DaemonProcess
@@ -396,7 +396,7 @@ def test_check_finds_the_same_in_every_way_it_hashes(tmp_path, opened, where, mo
     (nobody faulting; or clients faulting, letting the GIL go after each chunk) or the
     C library through ctypes (clients faulting, where there is one: ``_C_XXH3``), on
     one stretch of memory and on chunks over many ranges."""
-    import loader._loader as impl
+    import loader.core._loader as impl
 
     if where == "clients faulting, no libxxhash":
         monkeypatch.setattr(impl, "_C_XXH3", None)

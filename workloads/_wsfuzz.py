@@ -41,7 +41,7 @@ from typing import Any
 import msgpack
 
 from loader import Layout
-from loader._workingset import (
+from loader.core._workingset import (
     DECODE_BYTES_PER_FILE_BYTE,
     FORMAT,
     VERSION,

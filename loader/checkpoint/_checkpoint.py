@@ -33,9 +33,9 @@ from typing import Any
 import xxhash
 
 from .._files import open_regular, read_span, stat_regular
-from .._identity import CheckpointIdentity, file_digest, layout_digest
-from .._layout import Layout, LayoutError
 from .._units import human
+from ..core._identity import CheckpointIdentity, file_digest, layout_digest
+from ..core._layout import Layout, LayoutError
 from ._create import READ_SIZE
 from ._index import (
     CHECKSUM_ALGORITHM,

@@ -31,19 +31,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
+from .._files import CheckpointError, open_regular
+from .._startup import StartupError, memory_available
+from .._startup import identity as file_identity
+from .._units import human
 from ._columns import column_bytes, read_column
-from ._files import CheckpointError, open_regular
 from ._identity import CheckpointIdentity
 from ._layout import Layout
 from ._rangeset import RangeSet
-from ._startup import StartupError, memory_available
-from ._startup import identity as file_identity
 from ._sweep import SweepOrder, WorkingSetOrder
-from ._units import human
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .source import PageSource
+    from ..checkpoint import Checkpoint
+    from ..source import PageSource
 
 __all__ = [
     "DEFAULT_NAME",

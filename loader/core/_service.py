@@ -20,9 +20,9 @@ from ._layout import Layout
 from ._stats import LoaderStatistics
 
 if TYPE_CHECKING:
+    from ..source import LocalPages
     from ._loader import CallbackBatch, WaitHandle
     from ._workingset import AccessRecorder
-    from .source import LocalPages
 
 __all__ = ["PageService"]
 

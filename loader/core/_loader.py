@@ -72,9 +72,9 @@ import xxhash
 import aio
 from protocol import codes
 
+from .._memfile import Destination, explain_error
 from ._extents import ExtentSource, LayoutExtents
 from ._layout import Layout
-from ._memfile import Destination, explain_error
 from ._rangeset import RangeSet, gaps
 from ._stats import LatencyHistogram, LoaderCounters, LoaderStatistics
 from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
@@ -82,8 +82,8 @@ from ._sweep import SequentialOrder, SweepOrder, WorkingSetOrder
 log = logging.getLogger("pageload")
 
 if TYPE_CHECKING:
+    from ..source import LocalPages, PageSource
     from ._workingset import AccessRecorder
-    from .source import LocalPages, PageSource
 
 _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 #: a waiter's read up to this long goes into the mapping (the threads backend reads
