@@ -15,8 +15,9 @@ from ._server import BUSY_POLL_US, MAX_BUSY_POLL_US, Server, SocketInUse
 from ._startup import StartupError
 from ._uffd_handler import MAX_UFFD_SPIN_US, UFFD_MODES, UffdConfig
 from ._units import human, parse_size
+from .core._config import LoaderConfig, LoadError, ReadKind, WaitHandle
 from .core._layout import DataRange, Layout, LayoutError
-from .core._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
+from .core._loader import Loader
 from .core._rangeset import RangeSet
 from .core._stats import LatencyHistogram, LoaderStatistics
 from .core._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder

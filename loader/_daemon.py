@@ -54,8 +54,9 @@ from ._startup import StartupError, check_ready_fd, check_socket_path, check_uid
 from ._uffd_handler import MAX_UFFD_SPIN_US, UffdConfig, UffdHandler, serve_uffd
 from ._units import human
 from .checkpoint import CheckpointError
+from .core._config import LoaderConfig
 from .core._layout import Layout
-from .core._loader import Loader, LoaderConfig
+from .core._loader import Loader
 from .core._sweep import SweepOrder, WorkingSetOrder
 from .core._workingset import (
     WorkingSetError,

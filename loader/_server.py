@@ -47,7 +47,7 @@ from protocol import codes
 
 from . import _uffd_minor
 from ._loadmap import LoadedMap
-from .core._loader import LoadError, WaitHandle
+from .core._config import LoadError, WaitHandle
 from .core._service import PageService
 from .core._workingset import WorkingSetRecorder
 

@@ -61,7 +61,8 @@ from . import _uffd
 from ._memfile import MemoryFile
 from ._server import _clear_stale_socket, _remove_socket_file
 from ._startup import StartupError, describe_os_error
-from .core._loader import Loader, LoadError, WaitHandle
+from .core._config import LoadError, WaitHandle
+from .core._loader import Loader
 from .core._rangeset import RangeSet, gaps
 from .core._stats import LatencyHistogram
 

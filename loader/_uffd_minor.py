@@ -46,7 +46,7 @@ import protocol
 from protocol import codes
 
 from . import _uffd
-from .core._loader import LoadError, WaitHandle
+from .core._config import LoadError, WaitHandle
 from .core._rangeset import RangeSet
 from .core._service import PageService
 from .core._stats import LatencyHistogram

@@ -414,7 +414,7 @@ async def test_sweep_shrinks_while_clients_fault(image, autojump_clock):
             super()._add(request)
             if not request.urgent:  # a sweep read: how many are in flight with it?
                 background = loader.statistics().background_reads_in_flight
-                key = "max_busy" if loader._waiters else "max_quiet"
+                key = "max_busy" if loader._settler.waiters else "max_quiet"
                 seen[key] = max(seen[key], background)
 
     queue = Watch(inner, 0)
@@ -568,10 +568,10 @@ async def test_a_fault_read_at_once_yields_the_cpu_but_keeps_the_sweeps_width(im
     os.pread(image.fd, 16 * MiB, 0)  # cached, for read_now
     queue = Recording(16)
     loader, mem = make_loader(image, queue, background_reads=4, busy_background_reads=1, busy_linger_s=3600.0)
-    loader._set_busy(False)  # as after a round with nobody waiting
+    loader._scheduler.set_busy(False)  # as after a round with nobody waiting
     handle = loader.submit_wait(12 * MiB + PAGE, PAGE, lambda h: None)
     assert (handle is None) == read_now
-    loader._schedule()  # one round, no I/O runs (the sync queue reads only in wait)
+    loader._scheduler.schedule()  # one round, no I/O runs (the sync queue reads only in wait)
     stats = loader.statistics()
     assert stats.background_reads_in_flight == (4 if read_now else 1)
     assert queue.hints == [False, True]
