@@ -19,19 +19,16 @@ from .core._config import LoaderConfig, LoadError, ReadKind, WaitHandle
 from .core._layout import DataRange, Layout, LayoutError
 from .core._loader import Loader
 from .core._rangeset import RangeSet
+from .core._replay import AccessRecorder, WorkingSetRecorder, merge_working_sets, replay_order
 from .core._stats import LatencyHistogram, LoaderStatistics
 from .core._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
 from .core._workingset import (
-    AccessRecorder,
     CheckpointIdentity,
     WorkingSet,
     WorkingSetError,
-    WorkingSetRecorder,
     checkpoint_identity,
     format_working_set,
-    merge_working_sets,
     read_working_set,
-    replay_order,
     write_working_set,
 )
 

@@ -57,10 +57,10 @@ from .checkpoint import CheckpointError
 from .core._config import LoaderConfig
 from .core._layout import Layout
 from .core._loader import Loader
+from .core._replay import WorkingSetRecorder, replay_order
 from .core._sweep import SweepOrder, WorkingSetOrder
 from .core._workingset import (
     WorkingSetError,
-    WorkingSetRecorder,
     check_identity,
     check_recording_path,
     checkpoint_identity,
@@ -68,7 +68,6 @@ from .core._workingset import (
     default_working_set_path,
     max_file_bytes,
     read_working_set,
-    replay_order,
     write_working_set,
 )
 from .source import PageSource, open_source

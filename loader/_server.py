@@ -48,8 +48,8 @@ from protocol import codes
 from . import _uffd_minor
 from ._loadmap import LoadedMap
 from .core._config import LoadError, WaitHandle
+from .core._replay import WorkingSetRecorder
 from .core._service import PageService
-from .core._workingset import WorkingSetRecorder
 
 log = logging.getLogger("pageload.server")
 

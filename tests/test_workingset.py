@@ -43,14 +43,13 @@ from loader import (
     write_working_set,
 )
 from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.core._replay import chunk_hull, replay_plan
 from loader.core._workingset import (
     DEFAULT_NAME,
     check_recording_path,
-    chunk_hull,
     clip_working_set,
     decode_working_set,
     encode_working_set,
-    replay_plan,
 )
 from loader.source import FileSource
 from workloads import make_sample_image

@@ -41,6 +41,7 @@ from typing import Any
 import msgpack
 
 from loader import Layout
+from loader.core._replay import merge_working_sets, replay_order
 from loader.core._workingset import (
     DECODE_BYTES_PER_FILE_BYTE,
     FORMAT,
@@ -49,9 +50,7 @@ from loader.core._workingset import (
     clip_working_set,
     decode_working_set,
     format_working_set,
-    merge_working_sets,
     read_working_set,
-    replay_order,
 )
 
 from ._fuzz import _pack, _random_value

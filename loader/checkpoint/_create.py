@@ -23,6 +23,7 @@ from .._units import human
 from ..core._identity import CheckpointIdentity, layout_digest
 from ..core._layout import Layout
 from ..core._rangeset import RangeSet
+from ..core._replay import replay_plan
 from ..core._workingset import (
     DEFAULT_NAME,
     WorkingSet,
@@ -31,7 +32,6 @@ from ..core._workingset import (
     clip_working_set,
     max_file_bytes,
     read_working_set,
-    replay_plan,
 )
 from ._index import (
     CHECKSUM_ALGORITHM,

@@ -62,7 +62,7 @@ log = logging.getLogger("pageload")
 
 if TYPE_CHECKING:
     from ..source import LocalPages, PageSource
-    from ._workingset import AccessRecorder
+    from ._replay import AccessRecorder
 
 #: a prefetch hint past the window is looked up (and loaded) this far at most
 _HINT_PROBE_LIMIT = 64 << 20

@@ -22,7 +22,7 @@ from ._stats import LoaderStatistics
 if TYPE_CHECKING:
     from ..source import LocalPages
     from ._config import CallbackBatch, WaitHandle
-    from ._workingset import AccessRecorder
+    from ._replay import AccessRecorder
 
 __all__ = ["PageService"]
 
