@@ -37,7 +37,7 @@ __all__ = ["LoadedMap"]
 
 
 class LoadedMap:
-    """The map for ``loader`` (its :class:`~loader._service.PageService`): call once, in its trio run."""
+    """The map for ``loader`` (its :class:`~loader.core._service.PageService`): call once, in its trio run."""
 
     def __init__(self, loader: PageService) -> None:
         self.loader = loader

@@ -72,7 +72,7 @@ class Checkpoint:
 
     def extent_scanner(self, fd: int) -> ExtentScanner:
         """A scanner of the raw image open at ``fd``, for the loader to find its holes
-        as it goes (see :class:`~loader._extents.ExtentSource`)."""
+        as it goes (see :class:`~loader.core._extents.ExtentSource`)."""
         return ExtentScanner(fd, self.layout.memory_size, self.layout.page_size)
 
     def scanned(self) -> Checkpoint:
