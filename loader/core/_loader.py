@@ -96,7 +96,7 @@ class Loader:
         self.pages_fd = local.fd if local is not None else -1
         self.destination = destination
         self.queue = queue
-        config = self.config = config or LoaderConfig()
+        config = self._config = config or LoaderConfig()
         if config.queue_depth > queue.capacity:
             raise ValueError(f"queue_depth {config.queue_depth} exceeds the queue's capacity {queue.capacity}")
         order = self.order = order or SequentialOrder()
@@ -154,6 +154,16 @@ class Loader:
         self._settler.check_done()
 
     # ------------------------------------------------------------------ the parts' figures
+    @property
+    def config(self) -> LoaderConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: LoaderConfig) -> None:
+        """A new configuration, for the parts that read it each round (the sweep may be
+        turned on midway); what was derived from the old one at the start stays."""
+        self._config = self._scheduler.config = self._reads.config = config
+
     @property
     def frontier(self) -> int:
         """The data below this offset is in the sets (or loaded)."""
