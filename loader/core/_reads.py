@@ -386,7 +386,7 @@ class Reads:
             self.stuck[read.id] = read
             self.counters.reads_timed_out += 1
             self._verifier.fail(read.segments, read.file_offset, codes.TIMEOUT, None,
-                       f"reading the pages file took longer than {timeout:g} s")
+                                 f"reading the pages file took longer than {timeout:g} s")
 
     def complete(self, completion: aio.Completion) -> None:
         read = self.table.get(completion.id)
@@ -433,11 +433,11 @@ class Reads:
             return
         if result == 0:
             self._verifier.fail(read.segments, read.file_offset, codes.IO_ERROR, None,
-                       "the pages file returned no data here, again and again")
+                                 "the pages file returned no data here, again and again")
         elif (why := explain_error(self.destination, err)) != os.strerror(err):
             # e.g. EFAULT from a full memory file: "memory file is full (ENOSPC on ...)"
             self._verifier.fail(read.segments, read.file_offset, codes.IO_ERROR,
-                       errno_mod.ENOSPC if err == errno_mod.EFAULT else err, why)
+                                 errno_mod.ENOSPC if err == errno_mod.EFAULT else err, why)
         else:
             self._verifier.fail(read.segments, read.file_offset, codes.IO_ERROR, err, "reading the pages file failed")
 
