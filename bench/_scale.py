@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loader._rangeset import RangeSet
 from loader.checkpoint import create_checkpoint
+from loader.core._rangeset import RangeSet
 from workloads import make_sample_image, percentiles
 
 from ._daemon import Goal, at_most

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loader import Client, ClientError
-from loader._stats import histogram_bound_us
+from loader.core._stats import histogram_bound_us
 from workloads import DaemonProcess, DaemonStartError
 
 __all__ = [

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from loader import human
-from loader._workingset import DEFAULT_NAME as WORKING_SET_NAME
 from loader.checkpoint import (
     DEFAULT_CHUNK_SIZE,
     CheckpointError,
@@ -28,6 +27,7 @@ from loader.checkpoint import (
     open_checkpoint,
     verify_checkpoint,
 )
+from loader.core._workingset import DEFAULT_NAME as WORKING_SET_NAME
 from workloads import make_sample_image
 
 from ._args import add_s3_endpoint, add_size, positive_int

@@ -6,26 +6,24 @@ are in :mod:`workloads`, the benchmark harness in :mod:`bench`, the command line
 in :mod:`cli`.
 """
 
-from ._layout import DataRange, Layout, LayoutError
-from ._loader import Loader, LoaderConfig, LoadError, ReadKind, WaitHandle
 from ._memfile import Destination, MemoryFile
-from ._rangeset import RangeSet
 from ._sockets import SocketInUse
 from ._startup import StartupError
-from ._stats import LatencyHistogram, LoaderStatistics
-from ._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
 from ._units import human, parse_size
-from ._workingset import (
-    AccessRecorder,
+from .core._config import LoaderConfig, LoadError, ReadKind, WaitHandle
+from .core._layout import DataRange, Layout, LayoutError
+from .core._loader import Loader
+from .core._rangeset import RangeSet
+from .core._replay import AccessRecorder, WorkingSetRecorder, merge_working_sets, replay_order
+from .core._stats import LatencyHistogram, LoaderStatistics
+from .core._sweep import OrderHooks, SequentialOrder, SweepOrder, WorkingSetOrder
+from .core._workingset import (
     CheckpointIdentity,
     WorkingSet,
     WorkingSetError,
-    WorkingSetRecorder,
     checkpoint_identity,
     format_working_set,
-    merge_working_sets,
     read_working_set,
-    replay_order,
     write_working_set,
 )
 from .daemon._metrics import MetricsAddress, MetricsError, MetricsServer, StatsCollector, parse_metrics_address

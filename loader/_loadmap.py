@@ -31,13 +31,13 @@ import os
 from typing import Any
 
 from ._memfile import F_SEAL_FUTURE_WRITE, MEMFD_MODE
-from ._service import PageService
+from .core._service import PageService
 
 __all__ = ["LoadedMap"]
 
 
 class LoadedMap:
-    """The map for ``loader`` (its :class:`~loader._service.PageService`): call once, in its trio run."""
+    """The map for ``loader`` (its :class:`~loader.core._service.PageService`): call once, in its trio run."""
 
     def __init__(self, loader: PageService) -> None:
         self.loader = loader

@@ -71,6 +71,19 @@ class Target:
     test_timeout: float | None = None
 
 
+#: the loader target's functions, by module (every module listed: one without a list
+#: would be mutated whole)
+_LOADER = {
+    "loader/core/_loader.py": ["Loader.shutdown", "Loader.aclose", "Loader.wait_loaded", "Loader.submit_wait"],
+    "loader/core/_settle.py": ["Settler.finish_waiter", "Settler.drop_waiter", "Settler.answer_all",
+                               "Settler.block", "Settler.settle"],
+    "loader/core/_verify.py": ["Verifier.verify_now", "Verifier.land", "Verifier._chunks_complete",
+                               "Verifier.checked"],
+    "loader/core/_reads.py": ["Reads.complete"],
+    "loader/core/_schedule.py": ["Scheduler._wants_turn", "Scheduler.enqueue"],
+    "loader/core/_config.py": ["LoaderConfig.__post_init__"],
+}
+
 TARGETS = [
     Target("protocol", ["protocol"], ["tests/test_protocol.py", "tests/test_protocol_fast.py"], timeout=30),
     # the command line to the daemon's options in-process first (most mutants die there in
@@ -84,30 +97,26 @@ TARGETS = [
     # the ioctl layer, against a real userfaultfd in the test process (a second or two)
     Target("uffd", ["loader/uffd/_ioctl.py"], ["tests/test_uffd_abi.py", "tests/test_uffd_ioctl.py"], timeout=60),
     # the loader's waits, completion, checksums and shutdown (the chunks verified at once or
-    # after they land: _verify_now, _land, _chunks_complete, _checked); not its range
-    # bookkeeping (_rangeset.py, _layout.py, the window), which has tests of its own.
+    # after they land: verify_now, land, _chunks_complete, checked), across the parts of
+    # loader/core that hold them; not its range bookkeeping (_rangeset.py, _layout.py, the
+    # window), which has tests of its own.
     # The quickest tests first (-x stops at the first failure); left out: the daemon
     # processes and the tests of other code (checkpoint format, hashing, the extent scan)
-    Target("loader", ["loader/_loader.py"],
+    Target("loader", [*_LOADER],
            ["tests/test_loader_edges.py", "tests/test_scheduler.py", "tests/test_faults_loader.py",
             "tests/test_verify.py", "tests/test_scale.py"],
            extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not fiemap and not million and not "
                  "scattered_sample and not check_finds_the_same and not new_checkpoints and not opens_verifies "
                  "and not gaps_are and not o_direct and not hugetlbfs'",
-           functions={"loader/_loader.py": [
-               "Loader.shutdown", "Loader.aclose", "Loader._finish_waiter", "Loader._drop_waiter",
-               "Loader._verify_now", "Loader._land", "Loader._chunks_complete", "Loader._checked",
-               "Loader._settle", "Loader._complete", "Loader.wait_loaded", "Loader.submit_wait",
-               "Loader._wants_turn", "LoaderConfig.__post_init__"]},
-           timeout=60, test_timeout=5),
+           functions=_LOADER, timeout=60, test_timeout=5),
     # checksum verification: which chunks a read completes, hashing them (scattered or
     # not, the GIL let go or not) and comparing with the index's sums
-    Target("checksums", ["loader/_loader.py"],
+    Target("checksums", ["loader/core/_chunks.py"],
            ["tests/test_loader_edges.py", "tests/test_verify.py", "tests/test_faults_loader.py",
             "tests/test_scale.py"],
            extra="-p no:xdist -k 'not sigterm and not by_a_daemon and not new_checkpoints and not opens_verifies "
                  "and not o_direct and not hugetlbfs and not fiemap and not million and not scattered_sample'",
-           functions={"loader/_loader.py": [
+           functions={"loader/core/_chunks.py": [
                "_c_xxh3", "_Chunks.landed", "_Chunks._take", "_Chunks.matches", "_Chunks.check",
                "_Chunks.file_spans", "_Chunks.memory_spans", "_Chunks.chunk_range"]},
            timeout=60, test_timeout=5),

@@ -232,7 +232,7 @@ def test_histogram_percentiles_are_bounds_never_above_the_max() -> None:
     it is a bound.  Ten waits of 73 us fall in the bucket [64, 128): the bound is 73 us
     (the max), never 128 ("p50 128 us ... max 73 us" was printed once)."""
     from loader import LatencyHistogram
-    from loader._stats import histogram_bound_us
+    from loader.core._stats import histogram_bound_us
 
     h = LatencyHistogram()
     for _ in range(10):

@@ -25,9 +25,10 @@ import trio.testing
 import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, OrderHooks
-from loader._loader import _INLINE_HASH, _Chunks
-from loader._sweep import SequentialOrder
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
+from loader.core._chunks import _Chunks
+from loader.core._sweep import SequentialOrder
+from loader.core._verify import _INLINE_HASH
 from loader.source import FileSource
 from protocol import codes
 
@@ -1098,7 +1099,7 @@ async def test_a_long_waits_queued_chunks_go_first_in_the_hash_queue(tmp_path, o
     monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
     ck, fd, _ = _checkpoint(tmp_path, opened, size=4 * MiB)
     loader, _ = _loader(opened, ck.layout, fd, NoThen(16), ck)
-    chunks = loader._chunks
+    chunks = loader._verifier.chunks
     assert chunks is not None
     first, count = 200, 8  # 128 KiB: more than read_now_bytes
     wanted = set(range(first, first + count))

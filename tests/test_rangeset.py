@@ -8,8 +8,8 @@ from array import array
 
 import pytest
 
-import loader._rangeset as rangeset
-from loader._rangeset import RangeSet
+import loader.core._rangeset as rangeset
+from loader.core._rangeset import RangeSet
 
 
 class Reference:

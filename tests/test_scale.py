@@ -13,11 +13,12 @@ import trio
 
 import aio
 import aio.testing
-import loader._loader as loader_mod
-from loader import Client, DaemonOptions, LoaderConfig, run_daemon
+import loader.core._window as window_mod
+from loader import Client, DaemonOptions, Loader, LoaderConfig, run_daemon
 from loader._loadmap import LoadedMap
 from loader.checkpoint import create_checkpoint, open_checkpoint
 from loader.checkpoint._raw import ExtentScanner, data_extents, scan_extents
+from loader.core._config import Segs
 from loader.source import FileSource
 from workloads import make_sample_image
 
@@ -28,9 +29,9 @@ SIZE = 2 << 20  # 512 pages: 171 one-page ranges
 
 @pytest.fixture
 def tiny_window(monkeypatch):
-    monkeypatch.setattr(loader_mod, "_BATCH_EXTENTS", 8)
-    monkeypatch.setattr(loader_mod, "_WINDOW_LOW", 4)
-    monkeypatch.setattr(loader_mod, "_WINDOW_HIGH", 16)
+    monkeypatch.setattr(window_mod, "_BATCH_EXTENTS", 8)
+    monkeypatch.setattr(window_mod, "_WINDOW_LOW", 4)
+    monkeypatch.setattr(window_mod, "_WINDOW_HIGH", 16)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ async def test_waits_past_the_window_get_their_bytes_and_the_window_stays_small(
         # a page wait adds its page to the window (with checksums, its chunk's ranges: one
         # page each in the pages file); a batch arrives when it runs low
         per_wait = (state.source.chunk_size or PAGE) // PAGE
-        assert small_waits_widest <= loader_mod._WINDOW_HIGH + loader_mod._BATCH_EXTENTS + len(offsets) * per_wait
+        assert small_waits_widest <= window_mod._WINDOW_HIGH + window_mod._BATCH_EXTENTS + len(offsets) * per_wait
         assert small_waits_widest < len(open_checkpoint(scattered["raw"]).layout) or per_wait > 1
         state.stop()
         nursery.cancel_scope.cancel()
@@ -121,7 +122,7 @@ async def test_the_loaded_map_never_shows_memory_past_the_frontier_as_loaded(tmp
                                                                             monkeypatch):
     """A client that trusts the map reads the memory file directly: a bit set past
     the frontier (where the data is not even known yet) would give it zeros."""
-    monkeypatch.setattr(loader_mod, "_WINDOW_HIGH", 1 << 20)  # without the sweep the scan stops at the window
+    monkeypatch.setattr(window_mod, "_WINDOW_HIGH", 1 << 20)  # without the sweep the scan stops at the window
     opts = options(tmp_path, scattered["raw"], config=LoaderConfig(sweep=False))
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
@@ -144,7 +145,7 @@ async def test_the_loaded_map_never_shows_memory_past_the_frontier_as_loaded(tmp
 
     mem = MemoryFile(SIZE)
     try:
-        ld = loader_mod.Loader(FileSource(ckpt.layout, fd, extents=ckpt.extent_scanner(fd)), mem,
+        ld = Loader(FileSource(ckpt.layout, fd, extents=ckpt.extent_scanner(fd)), mem,
                                aio.open_queue("sync", 64), LoaderConfig(sweep=False))
         assert ld.frontier == 0
         m = LoadedMap(ld)
@@ -191,7 +192,7 @@ def test_the_fiemap_scan_finds_all_the_data_seek_data_finds(tmp_path, sync):
                 s, e = scanner.next_batch(batch)
                 assert list(s) == sorted(s) and all(a < b for a, b in zip(s, e))
                 found.extend(zip(s, e))
-            from loader._rangeset import RangeSet
+            from loader.core._rangeset import RangeSet
 
             covered = RangeSet(sorted(found))
             for a, b in seek:
@@ -246,7 +247,7 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     # checked a block at a time: an overlap just across a block's edge is still found
     import tracemalloc
 
-    import loader._layout as layout_mod
+    import loader.core._layout as layout_mod
 
     edge = layout_mod._CHECK_BLOCK
     bad = array("Q", mem)
@@ -306,7 +307,7 @@ async def test_the_loader_is_not_done_before_the_last_batch_is_in(tmp_path, scat
     source = _SlowScanner(SIZE, data)
     mem = MemoryFile(SIZE)
     try:
-        ld = loader_mod.Loader(FileSource(ckpt.layout, fd, extents=source), mem, aio.open_queue("threads", 64),
+        ld = Loader(FileSource(ckpt.layout, fd, extents=source), mem, aio.open_queue("threads", 64),
                                LoaderConfig())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ld.run)
@@ -364,7 +365,7 @@ async def test_a_raw_image_read_into_the_mapping_takes_many_ranges_a_read(tmp_pa
 def test_a_gathered_reads_segments_are_made_only_when_looked_at():
     """A gathered read keeps its segments as two columns; looking at them gives the
     same ``[lo, hi]`` lists a plain read has (index, negative index, slice, iteration)."""
-    segs = loader_mod._Segs(array("Q", [0, 8192, 20480]), array("Q", [4096, 4096, 8192]))
+    segs = Segs(array("Q", [0, 8192, 20480]), array("Q", [4096, 4096, 8192]))
     want = [[0, 4096], [8192, 12288], [20480, 28672]]
     assert len(segs) == 3 and list(segs) == want
     assert segs[0] == want[0] and segs[-1] == want[-1] and segs[1:] == want[1:] and segs[::2] == want[::2]

@@ -414,7 +414,7 @@ async def test_sweep_shrinks_while_clients_fault(image, autojump_clock):
             super()._add(request)
             if not request.urgent:  # a sweep read: how many are in flight with it?
                 background = loader.statistics().background_reads_in_flight
-                key = "max_busy" if loader._waiters else "max_quiet"
+                key = "max_busy" if loader._settler.waiters else "max_quiet"
                 seen[key] = max(seen[key], background)
 
     queue = Watch(inner, 0)
@@ -568,10 +568,10 @@ async def test_a_fault_read_at_once_yields_the_cpu_but_keeps_the_sweeps_width(im
     os.pread(image.fd, 16 * MiB, 0)  # cached, for read_now
     queue = Recording(16)
     loader, mem = make_loader(image, queue, background_reads=4, busy_background_reads=1, busy_linger_s=3600.0)
-    loader._set_busy(False)  # as after a round with nobody waiting
+    loader._scheduler.set_busy(False)  # as after a round with nobody waiting
     handle = loader.submit_wait(12 * MiB + PAGE, PAGE, lambda h: None)
     assert (handle is None) == read_now
-    loader._schedule()  # one round, no I/O runs (the sync queue reads only in wait)
+    loader._scheduler.schedule()  # one round, no I/O runs (the sync queue reads only in wait)
     stats = loader.statistics()
     assert stats.background_reads_in_flight == (4 if read_now else 1)
     assert queue.hints == [False, True]
@@ -724,9 +724,9 @@ async def test_a_memory_file_on_hugetlbfs_is_read_into_after_its_first_copy_fail
 
 
 def test_gaps_are_the_parts_outside_sorted_ranges():
-    """``loader._rangeset.gaps``: what the fill, the loaded map and the fault-around
+    """``loader.core._rangeset.gaps``: what the fill, the loaded map and the fault-around
     path skip by; the covering ranges may overlap and reach past the span."""
-    from loader._rangeset import RangeSet, gaps
+    from loader.core._rangeset import RangeSet, gaps
 
     assert list(gaps([], 10, 20)) == [(10, 20)]
     assert list(gaps([(0, 30)], 10, 20)) == []
@@ -743,8 +743,8 @@ async def test_a_waiter_on_a_sweep_read_that_goes_back_in_memory_is_answered(tmp
     that joins that read in flight, on its lower part, is answered when it lands."""
     from array import array as _array
 
-    from loader._rangeset import RangeSet
-    from loader._sweep import WorkingSetOrder
+    from loader.core._rangeset import RangeSet
+    from loader.core._sweep import WorkingSetOrder
 
     rng = random.Random(5)
     a, b = rng.randbytes(MiB), rng.randbytes(MiB)

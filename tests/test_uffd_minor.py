@@ -608,7 +608,7 @@ async def test_a_range_closed_before_its_task_runs_never_touches_a_descriptor():
     serving it: the task then returns without waiting on the (closed, maybe reused) fd."""
     from types import SimpleNamespace
 
-    from loader._rangeset import RangeSet
+    from loader.core._rangeset import RangeSet
 
     nothing = RangeSet()  # a loader with no data: nothing to map ahead
     loader = SimpleNamespace(layout=SimpleNamespace(data_in=lambda lo, hi: iter(())),

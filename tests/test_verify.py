@@ -31,9 +31,9 @@ import aio
 import aio.testing
 from aio._sync import SyncQueue
 from loader import Client, ClientError, Loader, LoaderConfig, LoadError, MemoryFile
-from loader._layout import Layout
-from loader._loader import _c_xxh3, _Chunks
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint, verify_checkpoint
+from loader.core._chunks import _c_xxh3, _Chunks
+from loader.core._layout import Layout
 from loader.source import FileSource
 from protocol import codes
 from workloads import DaemonProcess
@@ -305,7 +305,7 @@ async def test_a_wait_takes_its_chunks_out_of_the_hash_queue(tmp_path, opened, m
     bad = 200  # past the first batches the hash thread is given (and holds)
     ckpt, data = _make(tmp_path, size=4 * MiB, flip=bad)
     loader, mem = _loader(opened, ckpt, _queue("no-then"))
-    chunks = loader._chunks
+    chunks = loader._verifier.chunks
     assert chunks is not None
     try:
         async with trio.open_nursery() as nursery:
@@ -396,7 +396,7 @@ def test_check_finds_the_same_in_every_way_it_hashes(tmp_path, opened, where, mo
     (nobody faulting; or clients faulting, letting the GIL go after each chunk) or the
     C library through ctypes (clients faulting, where there is one: ``_C_XXH3``), on
     one stretch of memory and on chunks over many ranges."""
-    import loader._loader as impl
+    import loader.core._chunks as impl
 
     if where == "clients faulting, no libxxhash":
         monkeypatch.setattr(impl, "_C_XXH3", None)
@@ -442,7 +442,7 @@ async def test_a_long_wait_whose_chunks_jump_the_hash_queue_is_answered(tmp_path
     monkeypatch.setattr(_Chunks, "check", held_in_the_hash_thread)
     ckpt, data = _make(tmp_path, size=4 * MiB, flip=None)
     loader, mem = _loader(opened, ckpt, _queue("no-then"))
-    chunks = loader._chunks
+    chunks = loader._verifier.chunks
     assert chunks is not None
     first, count = 200, 16  # 256 KiB: past what a wait hashes in its task
     wanted = set(range(first, first + count)) | {first - 40}

@@ -42,16 +42,15 @@ from loader import (
     run_daemon,
     write_working_set,
 )
-from loader._workingset import (
+from loader.checkpoint import create_checkpoint, open_checkpoint
+from loader.core._replay import chunk_hull, replay_plan
+from loader.core._workingset import (
     DEFAULT_NAME,
     check_recording_path,
-    chunk_hull,
     clip_working_set,
     decode_working_set,
     encode_working_set,
-    replay_plan,
 )
-from loader.checkpoint import create_checkpoint, open_checkpoint
 from loader.source import FileSource
 from workloads import make_sample_image
 
@@ -681,7 +680,7 @@ def test_a_working_set_larger_than_its_checkpoint_allows_is_refused_before_it_is
 def read_working_set_at_most(tmp_path):
     """A working set of every other page of SIZE (the most ranges one can have, less one
     in two), read with the checkpoint's bound."""
-    from loader._workingset import max_file_bytes
+    from loader.core._workingset import max_file_bytes
     n = SIZE // PAGE // 2
     ws = WorkingSet(CheckpointIdentity("raw", SIZE, PAGE, 1), array("Q", range(0, SIZE, 2 * PAGE)),
                     array("Q", [PAGE]) * n, array("Q", range(n)))
@@ -696,7 +695,7 @@ def test_a_working_set_that_would_not_fit_in_memory_is_refused_before_it_is_read
     with 1 MiB left (simulated: ``memory_available`` reads the host)."""
     path = str(tmp_path / "ws.msgpack")
     write_working_set(path, ws_of([(i * 2 * PAGE, PAGE) for i in range(10_000)]))
-    import loader._workingset as module
+    import loader.core._workingset as module
     monkeypatch.setattr(module, "memory_available", lambda: MiB)
     with pytest.raises(WorkingSetError, match="of memory, more than the 1.0 MiB left"):
         read_working_set(path)

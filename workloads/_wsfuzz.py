@@ -41,7 +41,8 @@ from typing import Any
 import msgpack
 
 from loader import Layout
-from loader._workingset import (
+from loader.core._replay import merge_working_sets, replay_order
+from loader.core._workingset import (
     DECODE_BYTES_PER_FILE_BYTE,
     FORMAT,
     VERSION,
@@ -49,9 +50,7 @@ from loader._workingset import (
     clip_working_set,
     decode_working_set,
     format_working_set,
-    merge_working_sets,
     read_working_set,
-    replay_order,
 )
 
 from ._fuzz import _pack, _random_value

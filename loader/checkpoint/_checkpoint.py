@@ -33,9 +33,9 @@ from typing import Any
 import xxhash
 
 from .._files import open_regular, read_span, stat_regular
-from .._identity import CheckpointIdentity, file_digest, layout_digest
-from .._layout import Layout, LayoutError
 from .._units import human
+from ..core._identity import CheckpointIdentity, file_digest, layout_digest
+from ..core._layout import Layout, LayoutError
 from ._create import READ_SIZE
 from ._index import (
     CHECKSUM_ALGORITHM,
@@ -72,7 +72,7 @@ class Checkpoint:
 
     def extent_scanner(self, fd: int) -> ExtentScanner:
         """A scanner of the raw image open at ``fd``, for the loader to find its holes
-        as it goes (see :class:`~loader._extents.ExtentSource`)."""
+        as it goes (see :class:`~loader.core._extents.ExtentSource`)."""
         return ExtentScanner(fd, self.layout.memory_size, self.layout.page_size)
 
     def scanned(self) -> Checkpoint:

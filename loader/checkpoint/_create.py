@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import xxhash
 
 from .._files import open_regular, read_span
-from .._identity import CheckpointIdentity, layout_digest
-from .._layout import Layout
-from .._rangeset import RangeSet
 from .._units import human
-from .._workingset import (
+from ..core._identity import CheckpointIdentity, layout_digest
+from ..core._layout import Layout
+from ..core._rangeset import RangeSet
+from ..core._replay import replay_plan
+from ..core._workingset import (
     DEFAULT_NAME,
     WorkingSet,
     WorkingSetError,
@@ -31,7 +32,6 @@ from .._workingset import (
     clip_working_set,
     max_file_bytes,
     read_working_set,
-    replay_plan,
 )
 from ._index import (
     CHECKSUM_ALGORITHM,
@@ -183,7 +183,7 @@ def create_checkpoint(
             if ws is not None:
                 ident = CheckpointIdentity("pages", size, page_size, xxhash.xxh3_64_intdigest(index))
                 ws.identity = ident
-                from .._workingset import encode_working_set
+                from ..core._workingset import encode_working_set
 
                 _write_file(os.path.join(tmp, DEFAULT_NAME), encode_working_set(ws))
             os.chmod(tmp, 0o755)  # mkdtemp made it private

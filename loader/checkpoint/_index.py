@@ -18,8 +18,8 @@ from typing import Any
 
 import msgpack
 
-from .._columns import column_bytes, read_column
 from .._files import CheckpointError
+from ..core._columns import column_bytes, read_column
 
 __all__ = [
     "read_index",

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # prometheus_client is imported where it is used: only with -
 
 from .._sockets import clear_stale_socket, remove_socket_file
 from .._startup import StartupError
-from .._stats import HISTOGRAM_BUCKETS
+from ..core._stats import HISTOGRAM_BUCKETS
 
 log = logging.getLogger("pageload.metrics")
 

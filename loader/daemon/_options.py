@@ -16,10 +16,11 @@ from typing import cast
 
 import aio
 
-from .._loader import Loader, LoaderConfig
 from .._memfile import MemoryFile
 from .._startup import StartupError, check_ready_fd, check_socket_path, check_uid
-from .._sweep import SweepOrder
+from ..core._config import LoaderConfig
+from ..core._loader import Loader
+from ..core._sweep import SweepOrder
 from ..socket._server import Server
 from ..socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
 from ..source import PageSource

@@ -42,16 +42,14 @@ import trio
 
 import aio
 
-from .._layout import Layout
-from .._loader import Loader
 from .._memfile import MemoryFile
 from .._startup import StartupError, describe_os_error
-from .._sweep import WorkingSetOrder
 from .._units import human
-from .._workingset import (
-    default_working_set_path,
-)
 from ..checkpoint import CheckpointError
+from ..core._layout import Layout
+from ..core._loader import Loader
+from ..core._sweep import WorkingSetOrder
+from ..core._workingset import default_working_set_path
 from ..socket._server import Server
 from ..source import open_source
 from ..uffd._handler import UffdHandler, serve_uffd

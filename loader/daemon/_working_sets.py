@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._sweep import SweepOrder, WorkingSetOrder
 from .._units import human
-from .._workingset import (
+from ..core._replay import WorkingSetRecorder, replay_order
+from ..core._sweep import SweepOrder, WorkingSetOrder
+from ..core._workingset import (
     WorkingSetError,
-    WorkingSetRecorder,
     check_identity,
     check_recording_path,
     checkpoint_identity,
@@ -21,7 +21,6 @@ from .._workingset import (
     default_working_set_path,
     max_file_bytes,
     read_working_set,
-    replay_order,
     write_working_set,
 )
 from ..source import PageSource

@@ -18,8 +18,8 @@ from typing import Any
 import trio
 
 from .._loadmap import LoadedMap
-from .._service import PageService
 from .._sockets import clear_stale_socket, grant_uids, remove_socket_file
+from ..core._service import PageService
 from ..uffd import _minor as _uffd_minor
 from ._session import (
     BUSY_POLL_QUIET_NS,

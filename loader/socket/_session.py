@@ -43,8 +43,8 @@ import trio
 import protocol
 from protocol import codes
 
-from .._loader import LoadError, WaitHandle
-from .._workingset import WorkingSetRecorder
+from ..core._config import LoadError, WaitHandle
+from ..core._replay import WorkingSetRecorder
 from ..uffd import _minor as _uffd_minor
 
 if TYPE_CHECKING:

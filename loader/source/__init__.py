@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .._files import open_regular
-from .._identity import CheckpointIdentity, file_digest, layout_digest
+from ..core._identity import CheckpointIdentity, file_digest, layout_digest
 from ._base import LocalPages, PageSource
 from ._file import FileSource
 from ._pages import PagesSource

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import aio
 
-from .._identity import CheckpointIdentity
-from .._layout import Layout
+from ..core._identity import CheckpointIdentity
+from ..core._layout import Layout
 
 if TYPE_CHECKING:
-    from .._extents import ExtentSource
+    from ..core._extents import ExtentSource
 
 __all__ = ["LocalPages", "PageSource"]
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import aio
 
-from .._identity import CheckpointIdentity, layout_digest
-from .._layout import Layout
+from ..core._identity import CheckpointIdentity, layout_digest
+from ..core._layout import Layout
 from ._base import LocalPages
 
 if TYPE_CHECKING:
-    from .._extents import ExtentSource
+    from ..core._extents import ExtentSource
 
 __all__ = ["FileSource"]
 

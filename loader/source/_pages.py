@@ -3,8 +3,8 @@ as a page source: the pages back to back, one xxh3_64 per chunk."""
 
 from __future__ import annotations
 
-from .._identity import CheckpointIdentity, file_digest
 from ..checkpoint import Checkpoint, looks_like_pages_checkpoint, open_pages_checkpoint
+from ..core._identity import CheckpointIdentity, file_digest
 from ._file import FileSource
 
 __all__ = ["PagesSource"]

@@ -10,7 +10,7 @@ from ..checkpoint import Checkpoint, open_raw_image
 from ._file import FileSource
 
 if TYPE_CHECKING:
-    from .._extents import ExtentSource
+    from ..core._extents import ExtentSource
 
 __all__ = ["RawImageSource"]
 

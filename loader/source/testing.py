@@ -34,7 +34,7 @@ import xxhash
 
 import aio
 
-from .._layout import LayoutError
+from ..core._layout import LayoutError
 from ._base import PageSource
 
 __all__ = ["check_source"]

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Protocol
 
-from .._stats import LatencyHistogram
+from ..core._stats import LatencyHistogram
 from . import _ioctl
 from ._config import _Counters
 

@@ -24,8 +24,8 @@ from collections import deque
 
 from protocol import codes
 
-from .._loader import LoadError
-from .._service import PageService
+from ..core._config import LoadError
+from ..core._service import PageService
 from . import _ioctl, _source
 from ._answer import GONE, Answerer
 from ._config import UffdConfig

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import trio
 
-from .._rangeset import RangeSet, gaps
-from .._service import PageService
+from ..core._rangeset import RangeSet, gaps
+from ..core._service import PageService
 from ._answer import Answerer
 from ._config import UffdConfig
 from ._handshake import Region

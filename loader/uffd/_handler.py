@@ -53,10 +53,10 @@ from typing import Any
 
 import trio
 
-from .._loader import LoadError, WaitHandle
 from .._memfile import MemoryFile
-from .._service import PageService
 from .._sockets import remove_socket_file
+from ..core._config import LoadError, WaitHandle
+from ..core._service import PageService
 from . import _ioctl
 from ._answer import Answerer
 from ._config import UffdConfig, _Counters

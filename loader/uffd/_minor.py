@@ -45,10 +45,10 @@ import trio
 import protocol
 from protocol import codes
 
-from .._loader import LoadError, WaitHandle
-from .._rangeset import RangeSet
-from .._service import PageService
-from .._stats import LatencyHistogram
+from ..core._config import LoadError, WaitHandle
+from ..core._rangeset import RangeSet
+from ..core._service import PageService
+from ..core._stats import LatencyHistogram
 from . import _ioctl as _uffd
 from ._answer import GONE, Answerer
 

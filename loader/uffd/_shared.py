@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import trio
 
-from .._loader import LoadError
-from .._rangeset import RangeSet
-from .._stats import LatencyHistogram
+from ..core._config import LoadError
+from ..core._rangeset import RangeSet
+from ..core._stats import LatencyHistogram
 from ._handshake import Region
 
 log = logging.getLogger("pageload")

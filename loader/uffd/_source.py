@@ -11,7 +11,7 @@ import mmap
 import os
 
 from .._memfile import MemoryFile
-from .._service import PageService
+from ..core._service import PageService
 
 
 def _has_data(loader: PageService, lo: int, hi: int) -> bool:

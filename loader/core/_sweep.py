@@ -76,7 +76,7 @@ class WorkingSetOrder:
     first-touch order, then ``fallback`` (default :class:`SequentialOrder`).
 
     ``span_lo``/``span_hi`` are the memory spans to read, in order (built by
-    ``loader._workingset.replay_plan``); ``members`` is the working set's data as
+    ``loader.core._replay.replay_plan``); ``members`` is the working set's data as
     merged intervals (holes included).  Besides :class:`SweepOrder`, it offers the loader's
     optional hooks: :meth:`limit_for` (a sweep read must stop at the span's end),
     :meth:`wants_full_width` (no shrinking of the sweep while replaying),

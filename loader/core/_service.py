@@ -1,7 +1,7 @@
 """The seam above the loader: :class:`PageService`, the only thing front ends see.
 
 The socket server, the userfaultfd handler, the zero-copy mode and the loaded map
-are typed against this protocol, not against :class:`~loader._loader.Loader`, so
+are typed against this protocol, not against :class:`~loader.core._loader.Loader`, so
 mypy refuses a front end that reaches into the loader's state.  The loader
 implements it (``tests/test_service.py`` checks that every front end module names
 only the protocol).
@@ -20,9 +20,9 @@ from ._layout import Layout
 from ._stats import LoaderStatistics
 
 if TYPE_CHECKING:
-    from ._loader import CallbackBatch, WaitHandle
-    from ._workingset import AccessRecorder
-    from .source import LocalPages
+    from ..source import LocalPages
+    from ._config import CallbackBatch, WaitHandle
+    from ._replay import AccessRecorder
 
 __all__ = ["PageService"]
 

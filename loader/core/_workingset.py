@@ -2,13 +2,11 @@
 
 A working set is a list of page-aligned ranges in **first-touch order**, each with
 the time of its first touch (microseconds after the recording started), tied to
-one checkpoint by its :class:`CheckpointIdentity`.  It is recorded by a
-:class:`WorkingSetRecorder` hooked into the loader (``Loader.recorder``: every
-wait, and later every userfaultfd fault, calls ``touched(lo, hi)``), written as a
-msgpack file (docs/FORMAT.md, "Working sets"), merged across runs with
-:func:`merge_working_sets`, and replayed by turning it into a
-:class:`~loader.WorkingSetOrder` (:func:`replay_order`): the sweep loads it first,
-in first-touch order, as a few large reads.
+one checkpoint by its :class:`CheckpointIdentity`.  This module holds the record
+(:class:`WorkingSet`) and its msgpack file (docs/FORMAT.md, "Working sets"):
+encoding, decoding and its bounds, reading and writing it safely, where it lives,
+checking that it belongs to a checkpoint.  Recording, merging and replaying are in
+:mod:`loader.core._replay`.
 
 Everything is held in ``array('Q')`` columns: memory is 24 bytes per range,
 never an object per page, whatever the working set's size.
@@ -19,41 +17,33 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import statistics
 import tempfile
-import time
 from array import array
-from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import trio
 
+from .._files import CheckpointError, open_regular
+from .._startup import StartupError, memory_available
+from .._startup import identity as file_identity
+from .._units import human
 from ._columns import column_bytes, read_column
-from ._files import CheckpointError, open_regular
 from ._identity import CheckpointIdentity
-from ._layout import Layout
 from ._rangeset import RangeSet
-from ._startup import StartupError, memory_available
-from ._startup import identity as file_identity
-from ._sweep import SweepOrder, WorkingSetOrder
-from ._units import human
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .source import PageSource
+    from ..checkpoint import Checkpoint
+    from ..source import PageSource
 
 __all__ = [
     "DEFAULT_NAME",
     "FORMAT",
     "VERSION",
-    "AccessRecorder",
     "CheckpointIdentity",
     "WorkingSet",
     "WorkingSetError",
-    "WorkingSetRecorder",
     "check_recording_path",
     "checkpoint_identity",
     "clip_working_set",
@@ -61,9 +51,7 @@ __all__ = [
     "default_working_set_path",
     "encode_working_set",
     "format_working_set",
-    "merge_working_sets",
     "read_working_set",
-    "replay_order",
     "write_working_set",
 ]
 
@@ -77,10 +65,6 @@ FILE_OVERHEAD_BYTES = 4096
 #: its peak (measured: 6.4 for a million ranges; the overlap check sorts a list of them)
 DECODE_BYTES_PER_FILE_BYTE = 8
 _U64 = 1 << 64
-#: replay: ranges within this many bytes of each other in first-touch order may merge
-REPLAY_BATCH = 8 << 20
-#: replay: ranges closer than this in memory (inside a batch) are read as one
-REPLAY_GAP = 64 << 10
 
 
 class WorkingSetError(StartupError):
@@ -92,15 +76,6 @@ class WorkingSetError(StartupError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
-
-
-class AccessRecorder(Protocol):
-    """What the loader calls when memory is touched: a wait is submitted (and, in
-    userfaultfd mode, a fault arrives).  Must be cheap: it is on the wait path."""
-
-    def touched(self, lo: int, hi: int) -> None:
-        """Page-aligned memory ``[lo, hi)`` was touched now."""
-        ...
 
 
 def checkpoint_identity(source: Checkpoint | PageSource) -> CheckpointIdentity:
@@ -214,77 +189,6 @@ class WorkingSet:
         for i in sorted(range(len(offs)), key=offs.__getitem__):
             out.add(offs[i], offs[i] + lens[i])
         return out
-
-
-# --------------------------------------------------------------------------- recording
-class WorkingSetRecorder:
-    """Records first touches while ``active``: each page once, at its first touch,
-    appended in touch order; a touch adjacent to the previous range extends it.
-
-    Cost per touch: a few bisects on the set of pages seen (merged intervals)."""
-
-    __slots__ = ("identity", "seen", "offset", "length", "first_touch_us", "active", "t0_ns", "ended_ns",
-                 "touches", "closed", "replaces")
-
-    def __init__(self, identity: CheckpointIdentity) -> None:
-        self.identity = identity
-        self.seen = RangeSet()
-        self.offset = array("Q")
-        self.length = array("Q")
-        self.first_touch_us = array("Q")
-        self.active = False
-        self.t0_ns = 0
-        self.ended_ns: int | None = None
-        self.touches = 0
-        self.closed = trio.Event()  #: set when the window closes (``stop``: its end, or a ``mark``)
-        #: the file the daemon may replace with the recording (``write_working_set``'s ``replaces``)
-        self.replaces: tuple[int, int] | None = None
-
-    def start(self, now_ns: int | None = None) -> None:
-        """Open the window (the daemon does it at READY): times count from here."""
-        self.t0_ns = time.perf_counter_ns() if now_ns is None else now_ns
-        self.active = True
-
-    def stop(self, now_ns: int | None = None) -> WorkingSet:
-        """Close the window; later touches are ignored.  Returns what was recorded."""
-        if self.active:
-            self.active = False
-            self.ended_ns = time.perf_counter_ns() if now_ns is None else now_ns
-            self.closed.set()
-        return self.working_set()
-
-    def working_set(self) -> WorkingSet:
-        end = self.ended_ns if self.ended_ns is not None else time.perf_counter_ns()
-        return WorkingSet(self.identity, array("Q", self.offset), array("Q", self.length),
-                          array("Q", self.first_touch_us), 1, max(0.0, (end - self.t0_ns) / 1e9))
-
-    def touched(self, lo: int, hi: int) -> None:
-        if not self.active or lo >= hi:
-            return
-        self.touches += 1
-        seen = self.seen
-        covered = seen.overlap_bytes(lo, hi)
-        if covered == hi - lo:
-            return
-        t_us = max(0, (time.perf_counter_ns() - self.t0_ns) // 1000)
-        pos = lo
-        if covered:
-            for a, b in list(seen.overlapping(lo, hi)):
-                if a > pos:
-                    self._append(pos, a, t_us)
-                pos = b
-        if pos < hi:
-            self._append(pos, hi, t_us)
-        seen.add(lo, hi)
-
-    def _append(self, lo: int, hi: int, t_us: int) -> None:
-        n = len(self.offset)
-        if n and self.offset[n - 1] + self.length[n - 1] == lo:
-            self.length[n - 1] += hi - lo
-        else:
-            self.offset.append(lo)
-            self.length.append(hi - lo)
-            self.first_touch_us.append(t_us)
 
 
 # --------------------------------------------------------------------------- the file
@@ -568,142 +472,6 @@ def clip_working_set(ws: WorkingSet, memory_size: int) -> tuple[WorkingSet, int]
             out.length.append(end - o)
             out.first_touch_us.append(t)
     return out, dropped
-
-
-def replay_plan(ws: WorkingSet, layout: Layout, batch: int = REPLAY_BATCH,
-                gap: int = REPLAY_GAP) -> tuple[array[int], array[int]]:
-    """The spans to read, in first-touch order.  Within each batch of ``batch`` bytes
-    (in first-touch order), ranges closer than ``gap`` in memory merge into one span
-    (the gap is read too: a few pages more buy one large read instead of several),
-    which takes the place of its earliest range.  Spans are clipped to the memory
-    size; holes inside them cost nothing."""
-    lo_col, hi_col = array("Q"), array("Q")
-    pending: list[tuple[int, int, int]] = []  # (lo, hi, rank in first-touch order), one batch
-    in_batch = 0
-    size = layout.memory_size
-
-    def flush() -> None:
-        pending.sort()
-        groups: list[tuple[int, int, int]] = []  # (first rank, lo, hi)
-        cur_lo, cur_hi, rank = pending[0]
-        for a, b, r in pending[1:]:
-            if a <= cur_hi + gap:
-                cur_hi, rank = max(cur_hi, b), min(rank, r)
-            else:
-                groups.append((rank, cur_lo, cur_hi))
-                cur_lo, cur_hi, rank = a, b, r
-        groups.append((rank, cur_lo, cur_hi))
-        groups.sort()
-        for _, a, b in groups:
-            lo_col.append(a)
-            hi_col.append(b)
-        pending.clear()
-
-    for rank, (o, n) in enumerate(zip(ws.offset, ws.length)):
-        end = min(o + n, size)
-        if end <= o:
-            continue
-        pending.append((o, end, rank))
-        in_batch += end - o
-        if in_batch >= batch:
-            flush()
-            in_batch = 0
-    if pending:
-        flush()
-    return lo_col, hi_col
-
-
-def chunk_hull(layout: Layout, lo: int, hi: int, chunk_size: int) -> tuple[int, int]:
-    """The memory of the whole checksum chunks that memory [lo, hi)'s data is in (for a
-    layout whose pages-file offsets ascend with memory, as the loader verifies them)."""
-    first = layout.first_at_or_after(lo)
-    last = bisect_right(layout.mem, hi - 1) - 1
-    if first >= len(layout) or last < first:
-        return lo, hi
-    mem, length, file = layout.mem, layout.length, layout.file
-    k0 = (file[first] + max(lo, mem[first]) - mem[first]) // chunk_size
-    k1 = (file[last] + min(hi, mem[last] + length[last]) - 1 - mem[last]) // chunk_size
-    end = file[-1] + length[-1]
-
-    def memory_at(f: int, after: bool) -> int:
-        i = bisect_right(file, f) - 1
-        if i >= 0 and f < file[i] + length[i]:
-            return mem[i] + f - file[i]
-        return mem[i + 1] if after and i + 1 < len(layout) else mem[i] + length[i]
-
-    return min(lo, memory_at(k0 * chunk_size, True)), max(hi, memory_at(min((k1 + 1) * chunk_size, end) - 1, False) + 1)
-
-
-def replay_order(ws: WorkingSet, layout: Layout, fallback: SweepOrder | None = None, *,
-                 batch: int = REPLAY_BATCH, gap: int = REPLAY_GAP, chunk_size: int | None = None) -> WorkingSetOrder:
-    """A :class:`~loader.WorkingSetOrder` loading ``ws`` first, then ``fallback``'s order.
-
-    With ``chunk_size`` (the loader verifies checksum chunks, and serves a page only
-    once its whole chunk is verified), each span grows to whole chunks."""
-    lo, hi = replay_plan(ws, layout, batch, gap)
-    if chunk_size:
-        for i in range(len(lo)):
-            lo[i], hi[i] = chunk_hull(layout, lo[i], hi[i], chunk_size)
-    members = ws.members()
-    data = sum(y - x for a, b in members for x, y in layout.data_in(a, b))  # holes never load
-    return WorkingSetOrder(lo, hi, members, size_bytes=data, ranges=len(ws), fallback=fallback)
-
-
-# --------------------------------------------------------------------------- merging
-def merge_working_sets(sets: Sequence[WorkingSet], names: Sequence[str] | None = None) -> WorkingSet:
-    """The union of several recordings of one checkpoint, ordered by each piece's
-    median first touch over the recordings that touched it.
-
-    Cost: O(R log R) in the total number of ranges R; pieces are cut only where a
-    range of some recording starts or ends, never per page.  Raises
-    :class:`WorkingSetError` if the sets belong to different checkpoints."""
-    if not sets:
-        raise ValueError("nothing to merge")
-    names = list(names or [f"working set {i}" for i in range(len(sets))])
-    first = sets[0].identity
-    for ws, name in zip(sets[1:], names[1:]):
-        check_identity(ws, first, name)
-    # per recording: its ranges sorted by offset (index arrays), for bisecting
-    sorted_sets: list[tuple[array[int], array[int], array[int]]] = []
-    bounds: set[int] = set()
-    for ws in sets:
-        order = sorted(range(len(ws)), key=ws.offset.__getitem__)
-        offs = array("Q", (ws.offset[i] for i in order))
-        ends = array("Q", (ws.offset[i] + ws.length[i] for i in order))
-        times = array("Q", (ws.first_touch_us[i] for i in order))
-        sorted_sets.append((offs, ends, times))
-        bounds.update(offs)
-        bounds.update(ends)
-    cuts = sorted(bounds)
-    pieces_lo, pieces_hi, pieces_t = array("Q"), array("Q"), array("Q")
-    for a, b in zip(cuts, cuts[1:]):
-        touches = []
-        for offs, ends, times in sorted_sets:
-            i = bisect_right(offs, a) - 1
-            if i >= 0 and a < ends[i]:
-                touches.append(times[i])
-        if not touches:
-            continue
-        t = int(statistics.median_low(touches))
-        if pieces_hi and pieces_hi[-1] == a and pieces_t[-1] == t:
-            pieces_hi[-1] = b
-        else:
-            pieces_lo.append(a)
-            pieces_hi.append(b)
-            pieces_t.append(t)
-    order = sorted(range(len(pieces_lo)), key=lambda i: (pieces_t[i], pieces_lo[i]))
-    out = WorkingSet(first, array("Q"), array("Q"), array("Q"),
-                     sum(ws.recordings for ws in sets), max(ws.window_s for ws in sets))
-    for i in order:
-        lo, hi, t = pieces_lo[i], pieces_hi[i], pieces_t[i]
-        n = len(out.offset)
-        if n and out.offset[n - 1] + out.length[n - 1] == lo:
-            out.length[n - 1] += hi - lo
-        else:
-            out.offset.append(lo)
-            out.length.append(hi - lo)
-            out.first_touch_us.append(t)
-    return out
 
 
 def format_working_set(ws: WorkingSet, path: str, limit: int = 20) -> list[str]:
