@@ -15,14 +15,8 @@ API) or :class:`RemoteProtocolError` (the peer sent bad input; ``code`` is one o
 """
 
 from . import codes
-from ._connection import (
-    CLOSED,
-    NEED_DATA,
-    ClientConnection,
-    ConnectionStatistics,
-    Marker,
-    ServerConnection,
-)
+from ._client_connection import ClientConnection
+from ._connection import CLOSED, NEED_DATA, ConnectionStatistics, Marker
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     Accepted,
@@ -49,6 +43,7 @@ from ._events import (
     Wait,
 )
 from ._limits import Limits
+from ._server_connection import ServerConnection
 from ._wire import SUPPORTED_VERSIONS, negotiate
 
 __all__ = [

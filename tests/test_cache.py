@@ -21,7 +21,7 @@ import xxhash
 
 from cli import main
 from loader.remote import CacheError, ChunkCache, default_cache_dir, parse_cache_size
-from loader.remote._cache import _Index
+from loader.remote._cache_index import _Index
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 4096

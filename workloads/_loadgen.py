@@ -3,24 +3,15 @@
 :func:`run_loadgen` splits the trace among ``clients`` worker **processes** (the
 ``forkserver`` start method: workers fork from a clean server process that never
 ran trio), each with its own blocking :class:`~loader.Client` and a
-read-only mapping of the daemon's memory file.  Each worker issues its faults as
-``wait(offset, length)`` in order: open loop at the trace's timestamps (scaled to
-``rate`` faults/s in total when given), or closed loop (the next wait as soon as the
-previous one returns).  A worker blocked on a wait cannot issue its next fault,
-like a vCPU; how late each fault was issued against its schedule is reported as
-``late_us`` rather than folded into the wait latency.
+read-only mapping of the daemon's memory file (``_loadgen_client.py``: the replay,
+open or closed loop, scaled to ``rate`` faults/s in total when given, and the check
+of each waited range's bytes against the checkpoint).
 
-After each wait the worker checks the range's bytes in the memory file against
-the checkpoint (``image``): the expected bytes are read from the checkpoint's
-pages file into one reused buffer (holes are zero) and compared with one
-``memcmp`` (``bytearray == memoryview``) per chunk of at most
-:data:`VERIFY_CHUNK` bytes, so no per-page object is ever made.
-
-Each worker keeps two ``array('Q')`` columns (wait latency in ns, completion time
-in ns since the common start) and sends them back once at the end; the parent
-merges them and computes exact percentiles by sorting.  Workers publish their
-progress through a shared counter array, which the parent turns into calls of
-``progress(done, total, elapsed_s)`` about five times a second.
+This module is the coordinator: it starts the workers, tells them to connect, starts
+them together and collects their results; ``_loadgen_report.py`` merges them into a
+:class:`LoadgenReport`.  Workers publish their progress through a shared counter
+array, which the parent turns into calls of ``progress(done, total, elapsed_s)``
+about five times a second.
 
 Whether a wait found its range already loaded is not in the Wait reply, so it is
 taken from the daemon's ``waits_immediate`` statistic, read before and after the
@@ -36,16 +27,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import time
-import traceback
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from loader import Client, ClientError, ConnectionLost, mapped_memory
+from loader import Client, ClientError
 from loader.checkpoint import open_checkpoint
 
-from ._percentiles import percentiles
+from ._loadgen_client import VERIFY_CHUNK, client_main
+from ._loadgen_report import LoadgenReport, Mismatch, merge
 from ._traces import Trace
 
 __all__ = [
@@ -57,126 +47,18 @@ __all__ = [
     "scale_to_rate",
 ]
 
-#: largest span compared at once; the per-worker buffer never grows past it
-VERIFY_CHUNK = 1 << 20
-#: how many error messages and mismatches each worker sends back in full
-SAMPLES_KEPT = 8
 #: the parent's start time is this far in the future when it is announced (plus a bit a client)
 START_LEAD_NS = 10_000_000
 START_LEAD_PER_CLIENT_NS = 500_000
 #: how often the parent calls ``progress``
 PROGRESS_INTERVAL_S = 0.2
+WORKERS_START_TIMEOUT_S = 120.0
 
 ProgressFn = Callable[[int, int, float], None]
 
 
 class LoadgenError(Exception):
     """The run could not be made (a worker failed to start or died); one-line message."""
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    """A waited-for range whose bytes in the memory file differ from the checkpoint's."""
-
-    client: int
-    offset: int  #: the fault's offset
-    length: int
-    first_bad: int  #: memory offset of the first differing byte
-    expected: int  #: that byte in the checkpoint
-    actual: int  #: that byte in the memory file
-
-    def describe(self) -> str:
-        return (
-            f"client {self.client}: fault at {self.offset:#x}+{self.length:#x}: byte "
-            f"{self.first_bad:#x} is {self.actual:#04x}, the checkpoint has {self.expected:#04x}"
-        )
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class LoadgenReport:
-    """What one run measured.  ``as_dict()`` is the ``--json`` document (no raw samples)."""
-
-    clients: int
-    closed_loop: bool
-    rate: float | None  #: faults/s asked for in total (None: the trace's own timestamps)
-    verify: bool
-    #: waits the clients answered from the daemon's loaded map, sending nothing
-    #: (``loaded_map``; 0 otherwise)
-    map_hits: int
-    waits: int  #: waits that returned (successfully or not)
-    errors: int  #: waits answered with an error
-    not_issued: int  #: faults never sent because the client lost its connection
-    mismatches: int
-    duration_s: float  #: common start to the last worker's end
-    immediate: int | None  #: daemon's ``waits_immediate`` delta (every client of it)
-    served: int | None  #: daemon's ``waits_served`` delta
-    latency_us: dict[str, float]  #: p50, p90, p99, p999, max, mean
-    late_us: dict[str, float]  #: open loop: issue time minus scheduled time (p50, p99, max)
-    overhead_us_per_wait: float  #: generator time outside the wait round trip and sleeping
-    verify_us_per_wait: float  #: of which spent checking bytes
-    error_samples: tuple[str, ...]
-    mismatch_samples: tuple[Mismatch, ...]
-    start_ns: int  #: ``perf_counter_ns`` of the common start
-    #: per wait, in no particular order across clients: latency and completion time (ns)
-    latencies_ns: array[int] = field(repr=False)
-    completed_ns: array[int] = field(repr=False)
-
-    @property
-    def waits_per_s(self) -> float:
-        return self.waits / self.duration_s if self.duration_s > 0 else 0.0
-
-    @property
-    def blocked_s(self) -> float:
-        """Sum of the wait latencies: time clients spent blocked."""
-        return sum(self.latencies_ns) / 1e9
-
-    @property
-    def ok(self) -> bool:
-        return not (self.errors or self.mismatches or self.not_issued)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "clients": self.clients,
-            "closed_loop": self.closed_loop,
-            "rate": self.rate,
-            "verify": self.verify,
-            "map_hits": self.map_hits,
-            "waits": self.waits,
-            "errors": self.errors,
-            "not_issued": self.not_issued,
-            "mismatches": self.mismatches,
-            "duration_s": self.duration_s,
-            "waits_per_s": self.waits_per_s,
-            "immediate": self.immediate,
-            "served": self.served,
-            "blocked_s": self.blocked_s,
-            "latency_us": dict(self.latency_us),
-            "late_us": dict(self.late_us),
-            "overhead_us_per_wait": self.overhead_us_per_wait,
-            "verify_us_per_wait": self.verify_us_per_wait,
-            "error_samples": list(self.error_samples),
-            "mismatch_samples": [m.describe() for m in self.mismatch_samples],
-        }
-
-    def summary(self) -> str:
-        lat = self.latency_us
-        line = (
-            f"{self.waits} waits from {self.clients} clients in {self.duration_s:.2f} s "
-            f"({self.waits_per_s:.0f}/s); latency us p50 {lat['p50']:.0f} p90 {lat['p90']:.0f} "
-            f"p99 {lat['p99']:.0f} p99.9 {lat['p999']:.0f} max {lat['max']:.0f}; "
-        )
-        if self.map_hits:
-            line += f"{self.map_hits} answered from the loaded map (no request); "
-        if self.immediate is not None:
-            line += f"{self.immediate} found loaded (daemon count); "
-        line += (
-            f"generator overhead {self.overhead_us_per_wait:.1f} us/wait "
-            f"(verify {self.verify_us_per_wait:.1f}); {self.errors} errors, "
-            f"{self.mismatches} mismatches"
-        )
-        if self.not_issued:
-            line += f", {self.not_issued} faults not issued (connection lost)"
-        return line
 
 
 def scale_to_rate(trace: Trace, rate: float) -> Trace:
@@ -207,228 +89,9 @@ def scale_to_rate(trace: Trace, rate: float) -> Trace:
     )
 
 
-# -- the worker process ---------------------------------------------------------------------
-
-
-class _Verifier:
-    """Compares memory-file ranges with the checkpoint, through one reused buffer."""
-
-    def __init__(self, image: str) -> None:
-        ckpt = open_checkpoint(image)
-        self.layout = ckpt.layout
-        self.fd = ckpt.open_pages()
-        self.buf = bytearray(self.layout.page_size)
-        self.view = memoryview(self.buf)
-        self.zeros = bytes(VERIFY_CHUNK)
-
-    def close(self) -> None:
-        self.view.release()
-        os.close(self.fd)
-
-    def _expected(self, lo: int, hi: int) -> bytearray:
-        """The checkpoint's bytes [lo, hi) (hi - lo <= VERIFY_CHUNK), in the buffer.
-
-        The buffer is kept at the size last asked for (faults mostly share one
-        length), so that the comparison is ``bytearray == memoryview``: one memcmp.
-        """
-        n = hi - lo
-        if len(self.buf) != n:
-            self.view.release()
-            self.buf = bytearray(n)
-            self.view = memoryview(self.buf)
-        view = self.view
-        pos = lo
-        layout = self.layout
-        for a, b in layout.data_in(lo, hi):
-            if a > pos:
-                view[pos - lo : a - lo] = self.zeros[: a - pos]
-            i = layout.find(a)
-            file_off = layout.file[i] + (a - layout.mem[i])
-            got = os.preadv(self.fd, [view[a - lo : b - lo]], file_off)
-            if got != b - a:
-                raise OSError(f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes")
-            pos = b
-        if pos < hi:
-            view[pos - lo : n] = self.zeros[: hi - pos]
-        return self.buf
-
-    def check(self, memory: memoryview, offset: int, length: int) -> tuple[int, int, int] | None:
-        """None if equal, else (memory offset, expected byte, actual byte) of the first
-        difference."""
-        lo, end = offset, offset + length
-        while lo < end:
-            hi = min(end, lo + VERIFY_CHUNK)
-            expected = self._expected(lo, hi)
-            actual = memory[lo:hi]
-            if expected != actual:  # bytearray vs memoryview: one memcmp
-                for k in range(hi - lo):
-                    if expected[k] != actual[k]:
-                        return lo + k, expected[k], actual[k]
-            lo = hi
-        return None
-
-
-def _worker(
-    index: int,
-    cwd: str,
-    socket_path: str,
-    t_us: array[int],
-    offset: array[int],
-    length: array[int],
-    closed_loop: bool,
-    conn: multiprocessing.connection.Connection,
-    done_counts: Any,
-    loaded_map: bool = False,
-) -> None:
-    """One client: wait for the go (it carries the image path, or None: no checking),
-    connect, map, report ready, wait for the start time, replay, send the results.
-
-    Runs in the parent's working directory, so relative paths mean the same as there.
-    The parent closing its end before the go means: stop quietly.
-    """
-    try:
-        conn.send(("alive", None))  # started and imported: the parent may start the daemon now
-        image = conn.recv()
-    except (EOFError, BrokenPipeError):
-        conn.close()
-        return
-    try:
-        os.chdir(cwd)
-        client = Client.connect(socket_path)
-        if loaded_map:
-            client.load_map()  # from now on a wait the map shows loaded sends nothing
-    except (OSError, ClientError) as exc:
-        conn.send(("error", f"client {index}: cannot connect to {socket_path}: {exc}"))
-        conn.close()
-        return
-    verifier = None
-    try:
-        with client, mapped_memory(client) as memory:
-            verifier = _Verifier(image) if image is not None else None
-            conn.send(("ready", None))
-            start_ns = conn.recv()
-            result = _replay(
-                index,
-                client,
-                memory,
-                verifier,
-                t_us,
-                offset,
-                length,
-                closed_loop,
-                start_ns,
-                done_counts,
-            )
-        conn.send(("result", result))
-    except BaseException as exc:  # the parent must hear about any failure, in one line
-        detail = "".join(traceback.format_exception_only(exc)).strip()
-        try:
-            conn.send(("error", f"client {index}: {detail}"))
-        except OSError:
-            pass
-    finally:
-        if verifier is not None:
-            verifier.close()
-        conn.close()
-
-
-def _replay(
-    index: int,
-    client: Client,
-    memory: memoryview,
-    verifier: _Verifier | None,
-    t_us: array[int],
-    offset: array[int],
-    length: array[int],
-    closed_loop: bool,
-    start_ns: int,
-    done_counts: Any,
-) -> dict[str, Any]:
-    clock = time.perf_counter_ns
-    n = len(offset)
-    latencies = array("Q", bytes(8 * n))
-    completed = array("Q", bytes(8 * n))
-    late = array("Q")
-    errors = 0
-    error_samples: list[str] = []
-    mismatches: list[tuple[int, int, int, int, int]] = []
-    mismatch_count = 0
-    verify_ns = 0
-    sleep_ns = 0
-    issued = 0
-    lost = False
-    now = clock()
-    if now < start_ns:
-        time.sleep((start_ns - now) / 1e9)
-    began = clock()
-    for i in range(n):
-        if not closed_loop:
-            due = start_ns + t_us[i] * 1000
-            now = clock()
-            if now < due:
-                time.sleep((due - now) / 1e9)
-                after = clock()
-                sleep_ns += after - now
-                now = after
-            late.append(now - due if now > due else 0)
-        off = offset[i]
-        ln = length[i]
-        t0 = clock()
-        try:
-            client.wait(off, ln)
-            failed = False
-        except ClientError as exc:
-            failed = True
-            errors += 1
-            if len(error_samples) < SAMPLES_KEPT:
-                error_samples.append(f"client {index}: fault {i} at {off:#x}+{ln:#x}: {exc}")
-            if isinstance(exc, ConnectionLost):
-                lost = True
-        except OSError as exc:
-            failed = lost = True
-            errors += 1
-            if len(error_samples) < SAMPLES_KEPT:
-                error_samples.append(f"client {index}: fault {i}: connection lost: {exc}")
-        t1 = clock()
-        latencies[i] = t1 - t0
-        completed[i] = t1 - start_ns
-        issued = i + 1
-        done_counts[index] = issued
-        if lost:
-            break
-        if verifier is not None and not failed:
-            bad = verifier.check(memory, off, ln)
-            if bad is not None:
-                mismatch_count += 1
-                if len(mismatches) < SAMPLES_KEPT:
-                    mismatches.append((off, ln, *bad))
-            verify_ns += clock() - t1
-    ended = clock()
-    del latencies[issued:]
-    del completed[issued:]
-    wait_ns = sum(latencies)
-    return {
-        "latencies": latencies,
-        "completed": completed,
-        "late": late,
-        "errors": errors,
-        "error_samples": error_samples,
-        "not_issued": n - issued,
-        "mismatches": mismatch_count,
-        "mismatch_samples": mismatches,
-        "overhead_ns": (ended - began) - wait_ns - sleep_ns,
-        "verify_ns": verify_ns,
-        "end_ns": ended,
-        "map_hits": client.map_hits,
-    }
-
-
-# -- the parent -----------------------------------------------------------------------------
-
-
 def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["workloads._loadgen"])
+    ctx.set_forkserver_preload(["workloads._loadgen_client"])
     return ctx
 
 
@@ -509,7 +172,7 @@ def run_loadgen(
                 after = {}
     immediate, served = _daemon_counts(after)
     immediate0, served0 = _daemon_counts(before)
-    return _merge(
+    return merge(
         result,
         clients=clients,
         closed_loop=closed_loop,
@@ -518,9 +181,6 @@ def run_loadgen(
         immediate=immediate - immediate0 if "waits_immediate" in after else None,
         served=served - served0 if "waits_served" in after else None,
     )
-
-
-WORKERS_START_TIMEOUT_S = 120.0
 
 
 class _Workers:
@@ -536,7 +196,7 @@ class _Workers:
             for k, part in enumerate(parts):
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(
-                    target=_worker,
+                    target=client_main,
                     name=f"pageload-loadgen-{k}",
                     daemon=True,
                     args=(
@@ -632,63 +292,3 @@ def _receive(conn: multiprocessing.connection.Connection, proc: Any, k: int, tim
     except (EOFError, OSError):
         proc.join(1)
         raise LoadgenError(f"client {k} died (exit code {proc.exitcode})") from None
-
-
-def _merge(
-    result: dict[str, Any],
-    *,
-    clients: int,
-    closed_loop: bool,
-    rate: float | None,
-    verify: bool,
-    immediate: int | None,
-    served: int | None,
-) -> LoadgenReport:
-    parts = result["parts"]
-    start_ns = result["start_ns"]
-    latencies = array("Q")
-    completed = array("Q")
-    late = array("Q")
-    errors = not_issued = mismatches = map_hits = 0
-    overhead_ns = verify_ns = 0
-    error_samples: list[str] = []
-    mismatch_samples: list[Mismatch] = []
-    end_ns = start_ns
-    for k, part in enumerate(parts):
-        latencies.extend(part["latencies"])
-        completed.extend(part["completed"])
-        late.extend(part["late"])
-        errors += part["errors"]
-        not_issued += part["not_issued"]
-        mismatches += part["mismatches"]
-        map_hits += part["map_hits"]
-        overhead_ns += part["overhead_ns"]
-        verify_ns += part["verify_ns"]
-        error_samples.extend(part["error_samples"])
-        mismatch_samples.extend(Mismatch(k, *m) for m in part["mismatch_samples"])
-        end_ns = max(end_ns, part["end_ns"])
-    waits = len(latencies)
-    late_pct = percentiles(late)
-    return LoadgenReport(
-        clients=clients,
-        closed_loop=closed_loop,
-        rate=rate,
-        verify=verify,
-        map_hits=map_hits,
-        waits=waits,
-        errors=errors,
-        not_issued=not_issued,
-        mismatches=mismatches,
-        duration_s=(end_ns - start_ns) / 1e9,
-        immediate=immediate,
-        served=served,
-        latency_us=percentiles(latencies),
-        late_us={"p50": late_pct["p50"], "p99": late_pct["p99"], "max": late_pct["max"]},
-        overhead_us_per_wait=overhead_ns / waits / 1000 if waits else 0.0,
-        verify_us_per_wait=verify_ns / waits / 1000 if waits else 0.0,
-        error_samples=tuple(error_samples[:SAMPLES_KEPT]),
-        mismatch_samples=tuple(mismatch_samples[:SAMPLES_KEPT]),
-        start_ns=start_ns,
-        latencies_ns=latencies,
-        completed_ns=completed,
-    )
