@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import pytest
 
@@ -107,6 +108,7 @@ def test_a_vmm_gone_ends_every_copy_and_its_owner_is_told(err):
     a, fake, owner = answerer((err, 0))
     assert a.copy(VA, SRC, 4 * PAGE, PAGE) == 0
     assert len(owner.told) == 1 and len(fake.calls) == 1
+    assert owner.told == [f"UFFDIO_COPY: {os.strerror(err)}"]  # the ioctl and its reason, not the exception's repr
     assert a.copy(VA, SRC, PAGE, PAGE) == 0 and len(fake.calls) == 1  # nothing more is tried
 
 
