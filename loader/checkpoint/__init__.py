@@ -16,6 +16,7 @@ from ._checkpoint import (
     open_checkpoint,
     open_pages_checkpoint,
     open_raw_image,
+    parse_pages_index,
     read_pages_index,
     verify_checkpoint,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "open_checkpoint",
     "open_pages_checkpoint",
     "open_raw_image",
+    "parse_pages_index",
     "read_pages_index",
     "verify_checkpoint",
 ]
