@@ -339,7 +339,12 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
     :class:`CheckpointError` the same way) but reads no page data.
     ``zero_bytes_skipped`` is memory not stored: holes and dropped zero pages.
     """
-    ckpt = open_checkpoint(path)
+    return describe_checkpoint(open_checkpoint(path))
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """:func:`inspect_checkpoint`'s dict for a checkpoint already open (one in object
+    storage too: its ``path`` and ``pages_path`` are then URLs)."""
     layout = ckpt.layout
     info: dict[str, Any] = {
         "path": ckpt.path,

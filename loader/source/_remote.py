@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import threading
+import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +57,7 @@ from .._units import human
 
 if TYPE_CHECKING:
     from .._extents import ExtentSource
-    from ..checkpoint import PagesIndex
+    from ..checkpoint import Checkpoint, PagesIndex, VerifyReport
     from ..remote import ChunkCache, ObjectStore, RetryPolicy, StoreError
     from ._base import LocalPages
 
@@ -131,6 +133,8 @@ class RemoteSource:
     local: LocalPages | None = None  # no local file: reads only through requests
     #: :func:`~loader.source.open_source` passes its ``remote=`` configuration to it
     takes_remote = True
+    #: its requests are :data:`aio.Op.CALL`: the daemon's queue must take calls
+    needs_calls = True
 
     def __init__(self, url: str, index: PagesIndex, digest: int, store: ObjectStore, size: int,
                  cache: ChunkCache | None, fetch_bound: int) -> None:
@@ -156,6 +160,12 @@ class RemoteSource:
         self._closed = False
         #: the last store error a call met (for the log and the stats); None: none yet
         self.last_error: str | None = None
+        #: the cache's stats as a worker thread last took them (taking them waits for the
+        #: cache's lock, which another daemon's directory walk may hold for seconds: never
+        #: in the event loop), and when
+        self._cache_stats: dict[str, Any] | None = None
+        self._cache_stats_at = -math.inf
+        self._refresh_cache_stats()
 
     # -- registration --------------------------------------------------------------------------
     @classmethod
@@ -265,6 +275,49 @@ class RemoteSource:
         if last:
             self._close_cache()
 
+    # -- inspect and verify ----------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint as :func:`~loader.checkpoint.describe_checkpoint` and the
+        verify report take it (its paths are the objects' URLs)."""
+        from ..checkpoint import Checkpoint
+        from ..checkpoint._index import INDEX_NAME, PAGES_NAME
+
+        url = self.store.url
+        return Checkpoint("pages", self.url, url.url_of(PAGES_NAME), self.layout, self.index.chunk_size,
+                          self.index.checksums, pages_size=self._size, index_path=url.url_of(INDEX_NAME),
+                          source=self.index.source)
+
+    def verify(self) -> VerifyReport:
+        """``checkpoint verify`` of the checkpoint in the store: every byte of the pages
+        object GET (in pieces of at most ``fetch_bound``, one buffer) and every chunk's
+        xxh3_64 checked against the index; the cache is neither read nor filled.
+        Raises :class:`CheckpointError` (naming the object) if a GET fails."""
+        from ..checkpoint import BadChunk, VerifyReport
+        from ..checkpoint._index import PAGES_NAME
+
+        started = time.perf_counter()
+        ckpt = self.checkpoint()
+        c, size, sums = self.index.chunk_size, self._size, self.index.checksums
+        bad: list[BadChunk] = []
+        buffer = mmap.mmap(-1, max(self.fetch_bound, 1))
+        view = memoryview(buffer)
+        try:
+            for lo in range(0, size, self.fetch_bound):
+                hi = min(lo + self.fetch_bound, size)
+                try:
+                    got = self.store.get_range_into(PAGES_NAME, lo, view[: hi - lo])
+                except self._store_error as exc:
+                    raise _checkpoint_error(exc, ckpt.pages_path) from None
+                for k in range(lo // c, -(-hi // c)):
+                    a, b = k * c, min((k + 1) * c, size)
+                    actual = xxhash.xxh3_64_intdigest(view[a - lo : b - lo]) if b - lo <= got else None
+                    if actual != sums[k]:
+                        bad.append(BadChunk(k, a, b - a, sums[k], actual, tuple(ckpt.memory_spans(a, b))))
+        finally:
+            view.release()
+            buffer.close()
+        return VerifyReport(self.url, "pages", True, len(sums), size, tuple(bad), time.perf_counter() - started)
+
     # -- statistics ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The daemon's ``remote`` statistics: the store's, the cache's, this source's fetching."""
@@ -273,11 +326,25 @@ class RemoteSource:
         with self._lock:
             counts = asdict(self._counts)
             last = self.last_error
-        out: dict[str, Any] = {"url": self.url, "store": asdict(self.store.stats()), "fetch": counts,
-                               "last_error": last, "fetch_bound": self.fetch_bound}
+            cache = self._cache_stats
+            at = self._cache_stats_at
+        if cache is not None:
+            cache = {**cache, "age_s": round(time.monotonic() - at, 3)}
+        return {"url": self.url, "store": asdict(self.store.stats()), "fetch": counts, "last_error": last,
+                "fetch_bound": self.fetch_bound, "cache": cache}
+
+    #: how often the calls take the cache's stats again (seconds)
+    CACHE_STATS_EVERY = 0.5
+
+    def _refresh_cache_stats(self) -> None:
+        """Take the cache's stats (in a worker thread, or at open and close)."""
         cache = self.cache
-        out["cache"] = cache.stats().as_dict() if cache is not None and not self._closed else None
-        return out
+        if cache is None:
+            return
+        taken = cache.stats().as_dict()
+        with self._lock:
+            self._cache_stats = taken
+            self._cache_stats_at = time.monotonic()
 
     # -- fetching ------------------------------------------------------------------------------
     def _call(self, lo: int, buffers: Sequence[memoryview]) -> int:
@@ -382,6 +449,9 @@ class RemoteSource:
             n.wrong_chunks += wrong
             n.staged_bytes += staged
             n.failures += error != 0 and error != errno.ECANCELED
+            stale = time.monotonic() - self._cache_stats_at > self.CACHE_STATS_EVERY
+        if stale and cache is not None and not self._closing:
+            self._refresh_cache_stats()
         if failed_at is None:
             return hi - lo
         done = max(0, failed_at - lo)
@@ -410,6 +480,7 @@ class RemoteSource:
                 return
             self._closed = True
         if self.cache is not None:
+            self._refresh_cache_stats()
             self.cache.close()
 
 
