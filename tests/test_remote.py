@@ -92,6 +92,10 @@ def _options(tmp_path: Path, url: str, remote: RemoteConfig, **kw: Any) -> Daemo
                          **kw)
 
 
+def _pages_gets(proxy: FaultProxy) -> list[str]:
+    return [r for r in proxy.requests if r.startswith("GET ") and "pages.img" in r]
+
+
 def _memory_at(image: dict[str, Any], chunk: int) -> int:
     """A memory offset whose data lies in checksum chunk ``chunk`` of the pages file."""
     index = image["index"]
@@ -149,7 +153,7 @@ async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(im
                 await _check_memory(client, image["expected"])
                 remote = (await client.stats())["remote"]
             state.stop()
-        pages_gets = [r for r in proxy.requests if r.startswith("GET ") and "pages.img" in r]
+        pages_gets = _pages_gets(proxy)
         if run == "cold":
             assert pages_gets and remote["fetch"]["gets"] >= 1
             continue
@@ -375,9 +379,9 @@ def test_sigterm_with_gets_held_back_exits_within_the_shutdown_timeout(pushed, s
         with Client.connect(daemon.socket_path) as client:
             client.send_wait(0, SIZE)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any("pages.img" in r for r in proxy.requests):
+            while time.monotonic() < deadline and not _pages_gets(proxy):
                 time.sleep(0.01)
-            assert any("pages.img" in r for r in proxy.requests)
+            assert _pages_gets(proxy)  # the wait's GET, held back (not the start-up's HEAD)
             started = time.monotonic()
             os.kill(daemon.pid, signal.SIGTERM)
             assert daemon.proc is not None
