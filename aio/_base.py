@@ -11,6 +11,11 @@ islands into its memory file's mapping: one request, and one system call per
 range, instead of a request per range), and optionally from its own file (``fds``:
 a source kept as many files, one read across several of them).
 
+A backend whose :attr:`Queue.calls` is true takes :data:`Op.CALL`: a callable run
+in the backend's worker (``fn(buffers) -> int``: the bytes it put into the buffers,
+in order, or ``-errno``), for sources that are not files (an object store's ranged
+GETs): the request takes its place in the queue like a read, urgent ones first.
+
 A backend whose :attr:`Queue.copies` is true also takes :data:`Op.COPY`: bytes go
 from one file into another at given offsets without passing through any mapping
 (``splice`` through a pipe of the worker's: the source's page-cache pages go into
@@ -47,6 +52,7 @@ class Op(enum.IntEnum):
     READV = 1  #: ``preadv`` into every buffer in order
     COPY = 2  #: bytes from ``fd`` at ``offset`` into ``dest_fd`` at the ``dest`` ranges, in the kernel
     GATHER = 3  #: ``pread`` into each buffer from its own offset (``offsets``) of ``fd`` (or its ``fds``), in order
+    CALL = 4  #: ``fn(buffers)`` run by the backend: the bytes it put into the buffers in order, or ``-errno``
 
 
 class AioError(Exception):
@@ -97,6 +103,7 @@ class Request:
     then: Callable[[], object] | None = None
     offsets: Sequence[int] = ()  #: :data:`Op.GATHER`: the file offset of each buffer
     fds: Sequence[int] = ()  #: :data:`Op.GATHER`: the file of each buffer (empty: ``fd`` for all)
+    fn: Callable[[Sequence[memoryview]], int] | None = None  #: :data:`Op.CALL`: what to run
 
     @property
     def length(self) -> int:
@@ -154,6 +161,22 @@ class Request:
         ascend).  ``then``: as for any request."""
         return cls(id, Op.GATHER, fds[0] if fds else fd, offsets[0] if offsets else 0, tuple(buffers), urgent,
                    then=then, offsets=tuple(offsets), fds=tuple(fds))
+
+    @classmethod
+    def call(
+        cls, id: int, fn: Callable[[Sequence[memoryview]], int], buffers: Sequence[memoryview], *,
+        urgent: bool = False, then: Callable[[], object] | None = None, offset: int = 0,
+    ) -> Request:
+        """``fn(buffers)`` run by the backend (only for a queue whose :attr:`Queue.calls`
+        is true): in a worker thread (``threads``; urgent ones in its urgent lane), or
+        inline in :meth:`Queue.wait` (``sync``).  ``fn`` returns the bytes it put into
+        ``buffers``, counted in order (short: the bytes after it were not written), or
+        ``-errno``; an exception it raises is ``-EIO``.  It must write only into
+        ``buffers`` (a wrapper may pass it a shortened list) and must return, soon:
+        :meth:`Queue.aclose` waits for it.  ``offset`` names where in its source the
+        bytes come from (``span``: wrappers that fail requests by offset use it);
+        ``fd`` is -1.  ``then``: as for any request."""
+        return cls(id, Op.CALL, -1, offset, tuple(buffers), urgent, then=then, fn=fn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +312,8 @@ def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
         result = -errno.EOPNOTSUPP if pipe is None else pipe.copy(request)
     elif request.op == Op.GATHER:
         result = _gather_read(request)
+    elif request.op == Op.CALL:
+        result = _call(request)
     else:
         try:
             result = os.preadv(request.fd, request.buffers, request.offset)
@@ -302,6 +327,17 @@ def run_request(request: Request, pipe: SplicePipe | None = None) -> int:
         except Exception:  # the caller's: it finds its work undone
             pass
     return result
+
+
+def _call(request: Request) -> int:
+    """An :data:`Op.CALL`: its callable's result, checked (an exception or a count past
+    its buffers is ``-EIO``)."""
+    assert request.fn is not None
+    try:
+        result = int(request.fn(request.buffers))
+    except Exception:  # the caller's: it gets an error, never a dead worker
+        return -errno.EIO
+    return result if result <= request.length else -errno.EIO
 
 
 def _gather_read(request: Request) -> int:
@@ -366,6 +402,8 @@ class Queue(abc.ABC):
     copies: bool = False
     #: whether :data:`Op.GATHER` requests are taken (otherwise :meth:`add` refuses them)
     gathers: bool = False
+    #: whether :data:`Op.CALL` requests are taken (otherwise :meth:`add` refuses them)
+    calls: bool = False
     #: whether a read through this queue returns what the file holds, so that a reader
     #: may read the file without it (the userfaultfd handler's direct copies do).  A
     #: queue that changes what reads return (fails them, holds them forever) is not.
@@ -404,6 +442,10 @@ class Queue(abc.ABC):
                                  "each length positive")
         elif not request.buffers:
             raise ValueError("a request needs at least one buffer")
+        elif request.op == Op.CALL and not self.calls:
+            raise ValueError(f"the {self.name} backend does not take Op.CALL requests")
+        elif request.op == Op.CALL and not callable(request.fn):
+            raise ValueError("Op.CALL needs a callable")
         elif request.op == Op.GATHER and not self.gathers:
             raise ValueError(f"the {self.name} backend does not take Op.GATHER requests")
         elif request.op == Op.GATHER and (

@@ -1,15 +1,27 @@
 """The conformance suite's checks of the other operations (:mod:`aio.testing`):
-``read_now``, :data:`~aio.Op.COPY` and :data:`~aio.Op.GATHER`."""
+``read_now``, :data:`~aio.Op.COPY`, :data:`~aio.Op.GATHER` and :data:`~aio.Op.CALL`."""
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Sequence
 
 import trio
 
 from ._base import SPLICE_PIPE_BYTES, Completion, Request
-from ._check_tools import BAD_FD, PAGE, MakeQueue, drain, exactly_once, expect, memfd_file, memfd_view, pages_file
+from ._check_tools import (
+    BAD_FD,
+    PAGE,
+    MakeQueue,
+    drain,
+    exactly_once,
+    expect,
+    memfd_file,
+    memfd_view,
+    pages_file,
+    stray_writes_after_close,
+)
 
 
 async def check_read_now(make_queue: MakeQueue) -> None:
@@ -215,3 +227,97 @@ async def check_gathers(make_queue: MakeQueue) -> None:
             expect(view[:] == expected, "the mapping holds other bytes than the gathers over two files read there")
         finally:
             await queue.aclose()
+
+
+async def check_calls(make_queue: MakeQueue) -> None:
+    """:data:`Op.CALL`: the callable runs once with the request's buffers, and its
+    result is the completion's (bytes, short, ``-errno``; an exception is ``-EIO``; a
+    count past the buffers is ``-EIO``); ``then`` runs after a full result only; an
+    urgent call is started while normal calls wait (normal calls blocked until it has
+    run do not block it); ``aclose`` with calls running returns only when no buffer
+    is written again; refused at :meth:`Queue.add` by a backend that does not take it."""
+    import threading
+    import time
+
+    with memfd_view(16 * PAGE) as view:
+        queue = make_queue(16)
+        try:
+            if not queue.calls:
+                try:
+                    queue.add(Request.call(1, lambda buffers: 0, [view[:PAGE]]))
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError("a backend without calls took an Op.CALL request")
+                expect(queue.outstanding == 0, "a refused call left a request outstanding")
+                return
+            ran: list[int] = []
+            thens: list[int] = []
+
+            def filler(tag: int, result: int | None = None) -> Callable[[Sequence[memoryview]], int]:
+                def fn(buffers: Sequence[memoryview]) -> int:
+                    ran.append(tag)
+                    n = 0
+                    for b in buffers:
+                        b[:] = bytes([tag]) * len(b)
+                        n += len(b)
+                    return n if result is None else result
+                return fn
+
+            def boom(buffers: Sequence[memoryview]) -> int:
+                raise RuntimeError("the callable failed")
+
+            def then_of(tag: int) -> Callable[[], None]:
+                return lambda: thens.append(tag)
+
+            queue.add(Request.call(1, filler(1), [view[:PAGE], view[2 * PAGE : 3 * PAGE]], then=then_of(1)))
+            queue.add(Request.call(2, filler(2, PAGE // 2), [view[4 * PAGE : 5 * PAGE]], then=then_of(2)))
+            queue.add(Request.call(3, filler(3, -errno.ENOENT), [view[6 * PAGE : 7 * PAGE]], then=then_of(3)))
+            queue.add(Request.call(4, boom, [view[8 * PAGE : 9 * PAGE]], urgent=True))
+            queue.add(Request.call(5, filler(5, 3 * PAGE), [view[10 * PAGE : 11 * PAGE]]))
+            done: list[Completion] = []
+            await drain(queue, done)
+            results = exactly_once(done, {1, 2, 3, 4, 5})
+            expect(results == {1: 2 * PAGE, 2: PAGE // 2, 3: -errno.ENOENT, 4: -errno.EIO, 5: -errno.EIO},
+                    f"call results {results}")
+            expect(sorted(ran) == [1, 2, 3, 5], f"callables ran {sorted(ran)}, not once each")
+            expect(view[:PAGE] == b"\x01" * PAGE and view[2 * PAGE : 3 * PAGE] == b"\x01" * PAGE,
+                    "a call's buffers do not hold what it wrote")
+            expect(thens == [1], f"then ran for calls {thens}, not only after the full one")
+
+            # urgent first: normal calls that wait for the urgent one to have run
+            gate = threading.Event()
+
+            def blocked(buffers: Sequence[memoryview]) -> int:
+                return PAGE if gate.wait(5.0) else -errno.ETIMEDOUT
+
+            def opener(buffers: Sequence[memoryview]) -> int:
+                gate.set()
+                return PAGE
+
+            for i in range(6):
+                queue.add(Request.call(10 + i, blocked, [view[i * PAGE : (i + 1) * PAGE]]))
+            queue.add(Request.call(20, opener, [view[8 * PAGE : 9 * PAGE]], urgent=True))
+            done = []
+            await drain(queue, done)
+            results = exactly_once(done, {*range(10, 16), 20})
+            expect(all(r == PAGE for r in results.values()),
+                    f"an urgent call did not start while normal calls waited: {results}")
+        finally:
+            await queue.aclose()
+
+        # close with calls running: none writes into its buffer after aclose returns
+        queue = make_queue(16)
+
+        def slow(buffers: Sequence[memoryview]) -> int:
+            time.sleep(0.02)
+            for b in buffers:
+                b[:] = b"\xa5" * len(b)
+            return PAGE
+
+        for i in range(16):
+            queue.add(Request.call(i, slow, [view[i * PAGE : (i + 1) * PAGE]], urgent=i % 5 == 0))
+        await queue.wait(1)
+        await queue.aclose()
+        expect(queue.outstanding == 0, f"{queue.outstanding} outstanding after aclose")
+        expect(not await stray_writes_after_close(view), "a call wrote into its buffer after aclose")

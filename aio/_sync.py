@@ -19,6 +19,7 @@ class SyncQueue(Queue):
     name = "sync"
     copies = True
     gathers = True
+    calls = True  # Op.CALL: run inline in wait(), like a read
 
     def __init__(self, capacity: int = 64) -> None:
         super().__init__(capacity)

@@ -58,6 +58,7 @@ class ThreadQueue(Queue):
     name = "threads"
     copies = True  # Op.COPY: each worker splices through a pipe of its own
     gathers = True  # Op.GATHER: a worker reads the ranges one after the other
+    calls = True  # Op.CALL: a worker runs the callable (urgent ones in the urgent lane too)
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,

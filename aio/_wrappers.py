@@ -40,6 +40,7 @@ class FaultInjectingQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.calls = inner.calls
         self.rule = rule
         self._ready: list[Completion] = []
         self.injected = 0
@@ -75,6 +76,11 @@ class FaultInjectingQueue(Queue):
         if not buffers:
             self._ready.append(Completion(request.id, 0))
             return
+        if request.op == Op.CALL:
+            assert request.fn is not None
+            self.inner.add(Request.call(request.id, request.fn, buffers, urgent=request.urgent,
+                                        offset=request.offset))
+            return
         if request.op == Op.GATHER:
             self.inner.add(Request.gather_read(request.id, request.fd, buffers, request.offsets[:len(buffers)],
                                                urgent=request.urgent, fds=request.fds[:len(buffers)]))
@@ -106,6 +112,7 @@ class DelayedQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.calls = inner.calls
         self.delay = delay
         self._held: list[Completion] = []  # kept across a cancelled wait: nothing is lost
 
@@ -152,6 +159,7 @@ class HangingQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.calls = inner.calls
         self.hang = hang
         self._hung: list[Request] = []
         self._ready: list[Completion] = []

@@ -34,10 +34,13 @@ file to file at both offsets, larger than one pipe, short at end of file, ``-EBA
 for a bad source or a read-only destination (whose bytes never leak into a later
 copy), urgent or not, mixed with reads; :data:`~aio.Op.GATHER` (where
 :attr:`~aio.Queue.gathers` says so: refused otherwise) reading ranges apart from their
-own offsets, short at end of file with nothing read after the short range.
+own offsets, short at end of file with nothing read after the short range;
+:data:`~aio.Op.CALL` (where :attr:`~aio.Queue.calls` says so: refused otherwise)
+returning its callable's result, an urgent call started while normal ones wait, and
+``aclose`` with calls running (:func:`check_calls`).
 
 The checks live in ``_checks_io.py`` (reads, errors, capacity), ``_checks_life.py``
-(close, statistics) and ``_checks_ops.py`` (``read_now``, copies, gathers), with what
+(close, statistics) and ``_checks_ops.py`` (``read_now``, copies, gathers, calls), with what
 they share in ``_check_tools.py``; this module is their one public entry point.
 """
 
@@ -64,7 +67,7 @@ from ._checks_life import (
     check_statistics,
     check_use_after_close,
 )
-from ._checks_ops import check_copies, check_gathers, check_read_now
+from ._checks_ops import check_calls, check_copies, check_gathers, check_read_now
 from ._wrappers import DelayedQueue, FaultInjectingQueue, FaultRule, HangingQueue, fail_offsets, hang_offsets
 
 __all__ = [
@@ -99,6 +102,7 @@ CHECKS: dict[str, Callable[[MakeQueue], Awaitable[None]]] = {
     "completions_waiting": check_completions_waiting,
     "copies": check_copies,
     "gathers": check_gathers,
+    "calls": check_calls,
 }
 
 

@@ -2,7 +2,8 @@
 
 Bad input (a malformed index, a missing file, an image of the wrong size) is
 reported as one line, ``pageload: <path>: <problem>``, on stderr with exit code 2;
-never a traceback.  ``verify`` exits 1 when it finds corruption.  ``push`` uploads
+never a traceback.  ``verify`` exits 1 when it finds corruption.  ``inspect`` and
+``verify`` take a checkpoint in a store too (``s3://``, ``file://``).  ``push`` uploads
 a pages checkpoint to object storage, its index last (docs/REMOTE.md); any failure
 there is one line and exit code 2 too.
 """
@@ -22,12 +23,14 @@ from loader.checkpoint import (
     DEFAULT_CHUNK_SIZE,
     CheckpointError,
     create_checkpoint,
+    describe_checkpoint,
     format_inspection,
     inspect_checkpoint,
     open_checkpoint,
     verify_checkpoint,
 )
 from loader.core._workingset import DEFAULT_NAME as WORKING_SET_NAME
+from loader.source import RemoteConfig, RemoteSource, is_store_url
 from workloads import make_sample_image
 
 from ._args import add_s3_endpoint, add_size, positive_int
@@ -71,13 +74,17 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
     p.add_argument(
-        "path", metavar="PATH", help="checkpoint directory, its index.msgpack, or a raw image"
+        "path", metavar="PATH", help="checkpoint directory, its index.msgpack, a raw image, or a pages "
+        "checkpoint in object storage: s3://BUCKET/PREFIX or file:///DIR (its index GET, its pages HEAD)"
     )
     p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    add_s3_endpoint(p)
     p.set_defaults(func=_guarded(_inspect))
 
     p = sub.add_parser("verify", help="check every checksum; exit 1 if data is corrupt")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory or its index.msgpack")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory or its index.msgpack, or s3://BUCKET/PREFIX "
+                   "or file:///DIR (every byte of its pages GET, nothing cached)")
+    add_s3_endpoint(p)
     p.set_defaults(func=_guarded(_verify))
 
     p = sub.add_parser(
@@ -153,14 +160,37 @@ def _create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _remote_source(args: argparse.Namespace) -> RemoteSource | None:
+    """The checkpoint in a store ``args.path`` names, open (no chunk cache); None for a local path."""
+    if not is_store_url(args.path):
+        if args.s3_endpoint:
+            raise CheckpointError(args.path, "--s3-endpoint is for a checkpoint in a store (s3://, file://)")
+        return None
+    return RemoteSource.open(args.path, remote=RemoteConfig(endpoint=args.s3_endpoint, cache=False))
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.path)
+    source = _remote_source(args)
+    if source is not None:
+        try:
+            info = describe_checkpoint(source.checkpoint())
+        finally:
+            source.close()
+    else:
+        info = inspect_checkpoint(args.path)
     print(json.dumps(info, sort_keys=False) if args.json else "\n".join(format_inspection(info)))
     return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify_checkpoint(args.path)
+    source = _remote_source(args)
+    if source is not None:
+        try:
+            report = source.verify()
+        finally:
+            source.close()
+    else:
+        report = verify_checkpoint(args.path)
     print("\n".join(report.lines()))
     return EXIT_OK if report.ok else EXIT_CORRUPT
 

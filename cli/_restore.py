@@ -29,8 +29,9 @@ from loader import (
 )
 from loader.checkpoint import CheckpointError
 from loader.daemon._options import RESERVE_CHOICES
+from loader.source import RemoteConfig, is_store_url
 
-from ._args import add_size, positive_float, positive_int, uid_arg
+from ._args import add_s3_endpoint, add_size, positive_float, positive_int, uid_arg
 
 _DEFAULTS = LoaderConfig()
 
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "restore",
         help="serve a checkpoint's memory to faulting clients, loading it behind them",
-        description="Restore SOURCE (a raw memory image or a pageload checkpoint directory) into a "
+        description="Restore SOURCE (a raw memory image, a pageload checkpoint directory, or a pages "
+        "checkpoint in object storage: s3://BUCKET/PREFIX or file:///DIR, as 'checkpoint push' put it) into a "
         "memory file and serve waits on a Unix socket.  With --background the socket is ready at "
         "once and pages load behind the running application; waited-for pages jump ahead.  "
         "Without it, everything loads first (a progress bar on a terminal), then the socket opens.  "
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "socket as fd 3) it serves on that socket instead of --socket.  "
         "Any start-up failure is one line on stderr and exit 2.",
     )
-    p.add_argument("source", metavar="SOURCE", help="raw memory image, or checkpoint directory/index")
+    p.add_argument("source", metavar="SOURCE",
+                   help="raw memory image, checkpoint directory/index, or s3://BUCKET/PREFIX or file:///DIR")
     p.add_argument("--socket", metavar="PATH",
                    help="Unix socket to serve on (mode 0600); required unless socket-activated or "
                    "--uffd-socket is given (then it defaults to that path + '.pageload')")
@@ -96,11 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_size(p, "--sweep-read-size", default=_DEFAULTS.sweep_read_size, help="largest background read")
     p.add_argument("--queue-depth", type=positive_int, default=_DEFAULTS.queue_depth, metavar="N",
                    help="reads in flight at most (default %(default)s)")
-    p.add_argument("--background-reads", type=positive_int, default=_DEFAULTS.background_reads, metavar="N",
+    p.add_argument("--background-reads", type=positive_int, default=None, metavar="N",
                    help="of those, at most N for the background sweep; the rest are kept for waiters "
-                   "(default %(default)s)")
+                   f"(default {_DEFAULTS.background_reads}; from a store, three quarters of --fetch-concurrency)")
     p.add_argument("--busy-background-reads", type=positive_int, metavar="N",
-                   help="while clients are faulting, at most N background reads (default: CPUs - 1)")
+                   help="while clients are faulting, at most N background reads (default: CPUs - 1; from a "
+                   "store, half of --background-reads)")
     p.add_argument("--no-sweep", action="store_true",
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
@@ -114,6 +118,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--shutdown-timeout", type=float, default=2.0, metavar="SECONDS",
                    help="SIGTERM/SIGINT to exit, at most; reads still running then are abandoned "
                    "(default %(default)s)")
+    st = p.add_argument_group("a checkpoint in object storage (s3://, file://; docs/REMOTE.md)")
+    add_s3_endpoint(st)
+    st.add_argument("--fetch-concurrency", type=positive_int, default=16, metavar="N",
+                    help="GETs at once at most: the threads backend's worker threads (--threads overrides it); "
+                    "waiters' GETs go first (default %(default)s)")
+    st.add_argument("--cache-dir", metavar="DIR",
+                    help="the host chunk cache, shared by this user's daemons (default: $CACHE_DIRECTORY, "
+                    "/var/cache/pageload for root, $XDG_CACHE_HOME/pageload or ~/.cache/pageload)")
+    add_size(st, "--cache-size", default=None,
+             help="keep the chunk cache under this many bytes, least recently used out first (default 16G)")
+    st.add_argument("--no-cache", action="store_true", help="fetch every chunk from the store; cache nothing")
     ws = p.add_argument_group("working set (docs/FORMAT.md): what the guest touches first, loaded first")
     ws.add_argument("--working-set", metavar="FILE",
                     help="replay this working set before the sweep (default: working-set.msgpack in the "
@@ -160,10 +175,28 @@ def daemon_options(args: argparse.Namespace) -> DaemonOptions:
     the socket activation and ``$NOTIFY_SOCKET`` variables."""
     if not args.shutdown_timeout > 0:
         raise ValueError("--shutdown-timeout must be positive")
+    remote = is_store_url(args.source)
+    background = args.background_reads
+    busy = args.busy_background_reads
+    if remote:  # GETs wait on the network, not on a CPU: the sweep keeps most of the fetch threads
+        fetchers = args.threads or args.fetch_concurrency
+        if background is None:
+            background = max(1, min(args.queue_depth - 1, fetchers * 3 // 4))
+        if busy is None:
+            busy = max(1, background // 2)
+    elif args.s3_endpoint or args.cache_dir or args.cache_size is not None or args.no_cache:
+        raise ValueError("--s3-endpoint, --cache-dir, --cache-size and --no-cache are for a checkpoint in a "
+                         "store (s3://, file://)")
+    if background is None:
+        background = _DEFAULTS.background_reads
+    if args.cache_size is not None and args.cache_size < 1:
+        raise ValueError("--cache-size must be at least 1 byte")
+    if args.no_cache and (args.cache_dir or args.cache_size is not None):
+        raise ValueError("--no-cache and --cache-dir/--cache-size contradict each other")
     config = LoaderConfig(read_size=args.read_size, sweep_read_size=args.sweep_read_size,
                           queue_depth=args.queue_depth,
-                          background_reads=args.background_reads,
-                          busy_background_reads=args.busy_background_reads,
+                          background_reads=background,
+                          busy_background_reads=busy,
                           sweep=not args.no_sweep and args.uffd_mode != "lazy",
                           priority=not args.no_priority, read_timeout=args.read_timeout,
                           verify=not args.no_verify, kernel_copy=not args.no_kernel_copy)
@@ -192,6 +225,9 @@ def daemon_options(args: argparse.Namespace) -> DaemonOptions:
         working_set=args.working_set, use_working_set=not args.no_working_set,
         record_working_set=args.record_working_set,
         record_seconds=None if args.record_seconds == 0 else args.record_seconds,
+        remote=RemoteConfig(endpoint=args.s3_endpoint, cache=not args.no_cache, cache_dir=args.cache_dir,
+                            cache_size=args.cache_size) if remote else None,
+        fetch_concurrency=args.fetch_concurrency,
     )
 
 

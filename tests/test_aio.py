@@ -7,7 +7,7 @@ import gc
 import mmap
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
@@ -396,3 +396,47 @@ def test_only_the_wrappers_that_change_reads_are_not_transparent():
     assert not aio.testing.HangingQueue(inner, lambda r: False).transparent
     assert DelayedQueue(inner, 0.001).transparent
     assert not DelayedQueue(FaultInjectingQueue(inner, lambda r: None), 0.001).transparent
+
+
+# -- Op.CALL -----------------------------------------------------------------------------
+async def test_a_fault_injecting_wrapper_fails_and_shortens_calls_by_their_span() -> None:
+    """A call's ``offset`` is its span for the wrappers: a call whose span touches the
+    failing bytes fails without running; one cut short runs with its buffers cut down
+    (the bytes past the cut are not written); the rest run as they are."""
+    buf = mmap.mmap(-1, 4 * PAGE)
+    view = memoryview(buf)
+    ran: list[int] = []
+
+    def fill(tag: int) -> Callable[[Sequence[memoryview]], int]:
+        def fn(buffers: Sequence[memoryview]) -> int:
+            ran.append(tag)
+            for b in buffers:
+                b[:] = bytes([tag]) * len(b)
+            return sum(map(len, buffers))
+        return fn
+
+    def rule(request: Request) -> int | None:
+        lo, hi = request.span
+        if lo < 10 * PAGE + 1 and hi > 10 * PAGE:
+            return -errno.EREMOTEIO
+        return PAGE // 2 if lo == 20 * PAGE else None
+
+    queue = FaultInjectingQueue(aio.open_queue("threads", 8), rule)
+    assert queue.calls
+    try:
+        queue.add(Request.call(1, fill(1), [view[:PAGE]], offset=9 * PAGE + 1))  # touches 10 * PAGE
+        queue.add(Request.call(2, fill(2), [view[PAGE : 2 * PAGE]], offset=20 * PAGE))  # cut to half a page
+        queue.add(Request.call(3, fill(3), [view[2 * PAGE : 3 * PAGE]], offset=30 * PAGE))
+        results: dict[int, int] = {}
+        with trio.fail_after(30):
+            while len(results) < 3:
+                results.update((c.id, c.result) for c in await queue.wait(1))
+    finally:
+        await queue.aclose()
+    assert results == {1: -errno.EREMOTEIO, 2: PAGE // 2, 3: PAGE}
+    assert sorted(ran) == [2, 3]
+    assert view[PAGE : PAGE + PAGE // 2] == b"\x02" * (PAGE // 2)
+    assert view[PAGE + PAGE // 2 : 2 * PAGE] == bytes(PAGE // 2)
+    assert view[:PAGE] == bytes(PAGE)
+    view.release()
+    buf.close()

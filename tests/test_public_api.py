@@ -76,6 +76,8 @@ def test_loader_public_names():
         "create_checkpoint",
         "format_inspection", "inspect_checkpoint", "looks_like_pages_checkpoint", "open_checkpoint",
         "open_pages_checkpoint", "open_raw_image", "verify_checkpoint",
+        # an index fetched from a store; a checkpoint opened elsewhere described
+        "parse_pages_index", "describe_checkpoint",
     }
 
 
@@ -85,6 +87,8 @@ def test_loader_source_public_names():
         "CheckpointIdentity", "FileSource", "LocalPages", "PageSource", "PagesSource", "RawImageSource",
         "SourceClass", "file_digest", "layout_digest", "open_regular", "open_source", "register_source",
         "registered_sources", "unregister_source",
+        # a pages checkpoint in object storage (docs/REMOTE.md)
+        "RemoteConfig", "RemoteSource", "is_store_url",
     }
 
 

@@ -21,6 +21,8 @@ from loader.source import (
     FileSource,
     PagesSource,
     RawImageSource,
+    RemoteConfig,
+    RemoteSource,
     open_source,
     register_source,
     registered_sources,
@@ -28,7 +30,7 @@ from loader.source import (
 )
 from loader.source.testing import check_source
 from loader.uffd import _ioctl as _uffd
-from workloads import make_sample_image
+from workloads import SeaweedServer, make_sample_image
 from workloads._vmm import GuestRegion, VmmEmulator
 
 MiB = 1 << 20
@@ -77,6 +79,56 @@ async def test_every_source_passes_the_conformance_suite(images, kind, backend, 
     await check_source(source, images["expected"], lambda n: aio.open_queue(backend, n))
 
 
+@pytest.fixture(scope="module")
+def pushed(images, seaweed: SeaweedServer) -> str:
+    """The pages checkpoint put into the session's S3 server as ``checkpoint push`` puts it."""
+    from loader.remote import ObjectStore
+
+    url = f"s3://{seaweed.bucket}/sources-{os.getpid()}"
+    store = ObjectStore(url, endpoint=seaweed.endpoint, access_key_id=seaweed.access_key_id,
+                        secret_access_key=seaweed.secret_access_key, env={})
+    store.put_file("pages.img", os.path.join(images["pages"], "pages.img"), 8 << 20)
+    with open(os.path.join(images["pages"], "index.msgpack"), "rb") as f:
+        store.put_bytes("index.msgpack", f.read())
+    return url
+
+
+def _remote(seaweed: SeaweedServer, **kw) -> RemoteConfig:
+    return RemoteConfig(endpoint=seaweed.endpoint, access_key_id=seaweed.access_key_id,
+                        secret_access_key=seaweed.secret_access_key, env={}, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["s3", "file"])
+async def test_a_checkpoint_in_a_store_passes_the_conformance_suite(images, pushed, seaweed, tmp_path, backend,
+                                                                    where):
+    """The remote source over S3 (the session's SeaweedFS) and over file://, with the
+    chunk cache cold, then warm (every chunk from the cache, no GET of the pages); a
+    backend that takes no calls (uring) refuses its requests at add."""
+    url = pushed if where == "s3" else f"file://{images['pages']}"
+    config = _remote(seaweed, cache_dir=str(tmp_path / "cache"), fetch_bound=64 << 10)
+    source = open_source(url, remote=config)
+    assert isinstance(source, RemoteSource) and source.local is None and source.files() == ()
+    assert source.identity() == open_source(images["pages"]).identity()  # the same checkpoint, pushed
+    if backend == "uring":
+        queue = aio.open_queue(backend, 4)
+        with pytest.raises(ValueError, match="Op.CALL"):
+            queue.add(source.read(1, 0, [memoryview(bytearray(PAGE))]))
+        await queue.aclose()
+        source.close()
+        return
+    await check_source(source, images["expected"], lambda n: aio.open_queue(backend, n))
+    cold = source.stats()
+    assert cold["fetch"]["chunks_fetched"] >= len(source.checksums) and cold["fetch"]["wrong_chunks"] == 0
+    assert cold["cache"]["inserts"] == len(source.checksums)  # (taken last at close)
+    source = open_source(url, remote=config)
+    await check_source(source, images["expected"], lambda n: aio.open_queue(backend, n))
+    warm = source.stats()
+    assert warm["fetch"]["chunks_fetched"] == 0 and warm["fetch"]["gets"] == 0
+    assert warm["store"]["gets"] == 1  # the index
+    assert warm["fetch"]["chunks_cached"] >= len(source.checksums)
+
+
 async def test_the_conformance_suite_fails_a_source_that_reads_wrong_bytes(images, tmp_path):
     """The suite can fail: a chunk file with one byte changed (its checksum no longer
     matches, and the bytes the requests read are not the memory's), and a source whose
@@ -106,7 +158,7 @@ async def test_the_conformance_suite_fails_a_source_that_reads_wrong_bytes(image
 def test_open_source_asks_the_registered_sources_in_order(images):
     """A registered source goes before the built-ins and takes what it claims; taken
     out again, the same directory is a pages checkpoint without its pages file."""
-    assert registered_sources() == (PagesSource, RawImageSource)
+    assert registered_sources() == (RemoteSource, PagesSource, RawImageSource)
     register_source(ChunkDirSource)
     try:
         assert registered_sources()[0] is ChunkDirSource
@@ -118,7 +170,7 @@ def test_open_source_asks_the_registered_sources_in_order(images):
         assert isinstance(open_source(images["pages"]), PagesSource)  # not claimed: no chunks/ directory
     finally:
         unregister_source(ChunkDirSource)
-    assert registered_sources() == (PagesSource, RawImageSource)
+    assert registered_sources() == (RemoteSource, PagesSource, RawImageSource)
     with pytest.raises(CheckpointError, match="pages file missing"):
         open_source(images["chunkdir"])
 

@@ -224,12 +224,23 @@ class _Rule:
     match: str
     status: int = 500
     after: int = 0
+    #: only ranged requests whose range overlaps these bytes [lo, hi) (None: any request)
+    overlapping: tuple[int, int] | None = None
 
 
 _STATUS_TEXT = {429: ("Too Many Requests", "SlowDown"), 500: ("Internal Server Error", "InternalError"),
                 502: ("Bad Gateway", "BadGateway"), 503: ("Service Unavailable", "SlowDown"),
                 504: ("Gateway Timeout", "GatewayTimeout")}
 _MAX_HEAD = 64 << 10
+
+
+def _range_of(header: str) -> tuple[int, int] | None:
+    """``bytes=A-B`` as [A, B + 1); None for anything else."""
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.partition("-")
+    if unit.strip() != "bytes" or not first.strip().isdigit() or not last.strip().isdigit():
+        return None
+    return int(first), int(last) + 1
 
 
 class _Closed(Exception):
@@ -368,9 +379,11 @@ class FaultProxy:
 
     # -- knobs ----------------------------------------------------------------------
 
-    def fail_next(self, count: int, status: int = 500, *, match: str = "") -> None:
-        """Answer the next ``count`` requests matching ``match`` with HTTP ``status``."""
-        self._add(_Rule("status", count, match, status=status))
+    def fail_next(self, count: int, status: int = 500, *, match: str = "",
+                  overlapping: tuple[int, int] | None = None) -> None:
+        """Answer the next ``count`` requests matching ``match`` with HTTP ``status``;
+        ``overlapping=(lo, hi)``: only ranged GETs whose ``Range`` overlaps bytes [lo, hi)."""
+        self._add(_Rule("status", count, match, status=status, overlapping=overlapping))
 
     def cut_next(self, count: int, after: int, *, match: str = "") -> None:
         """Cut the responses to the next ``count`` matching requests after ``after`` bytes."""
@@ -399,10 +412,14 @@ class FaultProxy:
         with self._lock:
             self._rules.append(rule)
 
-    def _take(self, line: str) -> _Rule | None:
+    def _take(self, line: str, fields: dict[str, str] | None = None) -> _Rule | None:
+        span = _range_of((fields or {}).get("range", ""))
         with self._lock:
             self.requests.append(line)
             for rule in self._rules:
+                if rule.overlapping is not None and (span is None or not (
+                        span[0] < rule.overlapping[1] and span[1] > rule.overlapping[0])):
+                    continue
                 if rule.count > 0 and rule.match in line:
                     rule.count -= 1
                     self.faults[rule.kind] += 1
@@ -451,7 +468,7 @@ class FaultProxy:
                     body = client.chunked()
                 elif int(fields.get("content-length", "0") or 0):
                     body = client.exactly(int(fields["content-length"]))
-                rule = self._take(line)
+                rule = self._take(line, fields)
                 if rule is not None and rule.kind == "reset":
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return

@@ -43,6 +43,8 @@ from ._index import (
     MAX_INDEX_BYTES,
     PAGES_NAME,
     CheckpointError,
+    IndexFields,
+    decode_index,
     looks_like_index,
     read_index,
 )
@@ -262,6 +264,23 @@ def read_pages_index(index_path: str) -> PagesIndex:
                 raise CheckpointError(index_path, str(exc)) from None
     except OSError as exc:
         raise CheckpointError(index_path, exc.strerror or str(exc)) from None
+    return _pages_index(fields, index_path)
+
+
+def parse_pages_index(data: bytes | bytearray, name: str) -> PagesIndex:
+    """:func:`read_pages_index` of an index already in memory (one fetched from an
+    object store): the same checks, the same one-line :class:`CheckpointError`, naming
+    ``name`` (its URL).  ``data`` must be at most ``MAX_INDEX_BYTES`` long."""
+    if len(data) > MAX_INDEX_BYTES:
+        raise CheckpointError(name, f"index is {len(data)} bytes, more than the {MAX_INDEX_BYTES}-byte limit")
+    try:
+        fields = decode_index(data)
+    except ValueError as exc:
+        raise CheckpointError(name, str(exc)) from None
+    return _pages_index(fields, name)
+
+
+def _pages_index(fields: IndexFields, index_path: str) -> PagesIndex:
     layout = Layout.from_arrays(fields.memory_size, fields.page_size, fields.mem, fields.length, fields.file)
     _validate(layout, index_path, fields.pages_size)
     expected = -(-fields.pages_size // fields.chunk_size)
@@ -320,7 +339,12 @@ def inspect_checkpoint(path: str) -> dict[str, Any]:
     :class:`CheckpointError` the same way) but reads no page data.
     ``zero_bytes_skipped`` is memory not stored: holes and dropped zero pages.
     """
-    ckpt = open_checkpoint(path)
+    return describe_checkpoint(open_checkpoint(path))
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """:func:`inspect_checkpoint`'s dict for a checkpoint already open (one in object
+    storage too: its ``path`` and ``pages_path`` are then URLs)."""
     layout = ckpt.layout
     info: dict[str, Any] = {
         "path": ckpt.path,

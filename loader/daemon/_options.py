@@ -23,7 +23,7 @@ from ..core._loader import Loader
 from ..core._sweep import SweepOrder
 from ..socket._server import Server
 from ..socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
-from ..source import PageSource
+from ..source import PageSource, RemoteConfig, is_store_url
 from ..uffd._config import MAX_UFFD_SPIN_US, UffdConfig
 from ..uffd._handler import UffdHandler
 from ._metrics import MetricsAddress, MetricsServer
@@ -83,6 +83,12 @@ class DaemonOptions:
     uffd_config: UffdConfig | None = None
     allow_writable_memory_fd: bool = False  #: hand out a read-write memory fd to clients that ask
     shutdown_timeout: float = 2.0  #: SIGTERM to exit, at most (a hung read is abandoned)
+    #: a checkpoint in a store (``s3://``, ``file://``): its endpoint and the chunk cache
+    #: (None: the environment's and the defaults; docs/REMOTE.md)
+    remote: RemoteConfig | None = None
+    #: a checkpoint in a store: GETs at once at most, the threads backend's threads
+    #: (``--threads`` overrides it)
+    fetch_concurrency: int = 16
 
 
 @dataclass
@@ -148,6 +154,10 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"reserve must be one of {', '.join(RESERVE_CHOICES)}, not {opts.reserve!r}")
     if opts.threads is not None and opts.threads < 1:
         raise StartupError(f"threads must be at least 1, not {opts.threads}")
+    if opts.fetch_concurrency < 1:
+        raise StartupError(f"fetch concurrency must be at least 1, not {opts.fetch_concurrency}")
+    if opts.record_working_set == "" and is_store_url(opts.source):
+        raise StartupError(f"--record-working-set needs a FILE for a checkpoint in a store ({opts.source})")
     if opts.config.queue_depth < 1:
         raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
     if opts.max_pending_waits < 1:

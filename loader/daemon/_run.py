@@ -51,7 +51,7 @@ from ..core._loader import Loader
 from ..core._sweep import WorkingSetOrder
 from ..core._workingset import default_working_set_path
 from ..socket._server import Server
-from ..source import open_source
+from ..source import PageSource, is_store_url, open_source
 from ..uffd._handler import UffdHandler, serve_uffd
 from ._metrics import MetricsServer, make_registry
 from ._options import DaemonOptions, DaemonState, check_options, process_stats, release_free_heap
@@ -89,19 +89,28 @@ def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupErro
     return None
 
 
-def _open_queue(opts: DaemonOptions, notes: list[str]) -> tuple[aio.Queue, str]:
+def _open_queue(opts: DaemonOptions, notes: list[str], calls: bool = False) -> tuple[aio.Queue, str]:
+    """The loader's queue; ``calls``: the source's requests are :data:`aio.Op.CALL`
+    (a checkpoint in a store), which ``auto`` answers with the threads backend, its
+    threads ``--fetch-concurrency`` (GETs wait on the network, not on a CPU)."""
     name, why = opts.aio_backend, "chosen with --aio"
-    if name == "auto":
+    if name == "auto" and calls:
+        name, why = "threads", "the source fetches from a store in its worker threads (Op.CALL)"
+    elif name == "auto":
         name, why = aio.pick_auto()
     kwargs: dict[str, Any] = {}
-    if name == "threads" and opts.threads:
+    if name == "threads" and calls:
+        kwargs["threads"] = opts.threads or opts.fetch_concurrency
+        kwargs["yield_threads"] = kwargs["threads"]  # not held to the CPUs: they wait on the network
+    elif name == "threads" and opts.threads:
         kwargs["threads"] = opts.threads
     # room beyond queue_depth for reads that timed out but whose threads are still in them
     try:
         queue = aio.open_queue(name, 2 * opts.config.queue_depth, **kwargs)
     except OSError as exc:
         raise StartupError(f"aio backend {name}: {describe_os_error(exc, None)}") from None
-    notes.append(f"aio backend {name} ({why})")
+    notes.append(f"aio backend {name} ({why})" + (f", {kwargs['threads']} fetch threads" if calls and
+                                                 name == "threads" else ""))
     if opts.wrap_queue is not None:
         queue = opts.wrap_queue(queue)
     fail = os.environ.get(FAIL_READS_ENV)
@@ -203,9 +212,9 @@ async def run_daemon(
         opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
     try:
-        source = open_source(opts.source, scan=_needs_holes_first(opts), direct=opts.direct)
+        source = open_source(opts.source, scan=_needs_holes_first(opts), direct=opts.direct, remote=opts.remote)
     except CheckpointError as exc:
-        if not opts.direct:
+        if not opts.direct or is_store_url(opts.source):
             raise
         log.warning("--direct: %s; falling back to buffered reads", exc)
         source = open_source(opts.source, scan=_needs_holes_first(opts))
@@ -232,7 +241,12 @@ async def run_daemon(
         raise
     state: DaemonState | None = None
     try:
-        queue, backend = _open_queue(opts, notes)
+        queue, backend = _open_queue(opts, notes, calls=_fetches(source))
+        if _fetches(source) and not queue.calls:
+            await queue.aclose()
+            raise StartupError(f"--aio {opts.aio_backend}: a checkpoint in a store is fetched by calls in the "
+                               f"backend's worker threads (Op.CALL), which the {backend} backend does not "
+                               "take; use --aio threads (or auto)")
         use_checksums = True
         if source.checksums is not None and not _file_ascends(layout):
             # laid out with its working set first (checkpoint create --working-set): a chunk's
@@ -250,8 +264,11 @@ async def run_daemon(
         holder: list[DaemonState] = []
 
         def extra_stats() -> dict[str, Any]:
-            extra: dict[str, Any] = {"backend": backend, "source": os.path.abspath(opts.source),
-                                     "process": process_stats()}
+            where = opts.source if is_store_url(opts.source) else os.path.abspath(opts.source)
+            extra: dict[str, Any] = {"backend": backend, "source": where, "process": process_stats()}
+            remote_stats = getattr(source, "stats", None)
+            if callable(remote_stats):  # a checkpoint in a store: the store's, the cache's, the fetching's
+                extra["remote"] = remote_stats()
             if holder and holder[0].uffd is not None:
                 extra["uffd"] = holder[0].uffd.statistics()
             extra.update(working_set_stats(order, recorder, record_path))
@@ -324,6 +341,11 @@ async def run_daemon(
             metrics.close()
         memory.close()
         source.close()
+
+
+def _fetches(source: PageSource) -> bool:
+    """Whether ``source``'s requests are :data:`aio.Op.CALL` (a checkpoint in a store)."""
+    return bool(getattr(source, "needs_calls", False))
 
 
 def _socket_name(sock: socket.socket) -> str:

@@ -2,8 +2,9 @@
 
 :func:`open_source` asks each registered source class, in order, whether it
 claims a path (``claims``) and opens it with the first that does (``open``).  The
-built-in ones: a pages checkpoint (a directory, or its ``index.msgpack``), and a raw
-image (anything else, last).  A new source is one module and one line:
+built-in ones: a pages checkpoint in object storage (``s3://`` and ``file://`` URLs,
+first), a pages checkpoint (a directory, or its ``index.msgpack``), and a raw image
+(anything else, last).  A new source is one module and one line:
 ``register_source(MySource)`` (it goes before the built-ins).  Helpers for a new
 source: :func:`open_regular` (opens a regular file read-only, refusing symbolic
 links and other kinds), :func:`file_digest` and :func:`layout_digest` (for an
@@ -12,7 +13,7 @@ identity).  :mod:`loader.source.testing` is the conformance suite every source p
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from .._files import open_regular
 from ..core._identity import CheckpointIdentity, file_digest, layout_digest
@@ -20,6 +21,7 @@ from ._base import LocalPages, PageSource
 from ._file import FileSource
 from ._pages import PagesSource
 from ._raw import RawImageSource
+from ._remote import RemoteConfig, RemoteSource, is_store_url
 
 __all__ = [
     "CheckpointIdentity",
@@ -28,8 +30,11 @@ __all__ = [
     "PageSource",
     "PagesSource",
     "RawImageSource",
+    "RemoteConfig",
+    "RemoteSource",
     "SourceClass",
     "file_digest",
+    "is_store_url",
     "layout_digest",
     "open_regular",
     "open_source",
@@ -54,7 +59,7 @@ class SourceClass(Protocol):
         ...
 
 
-_BUILT_IN: tuple[SourceClass, ...] = (PagesSource, RawImageSource)
+_BUILT_IN: tuple[SourceClass, ...] = (RemoteSource, PagesSource, RawImageSource)
 _SOURCES: list[SourceClass] = list(_BUILT_IN)
 
 
@@ -76,9 +81,16 @@ def registered_sources() -> tuple[SourceClass, ...]:
     return tuple(_SOURCES)
 
 
-def open_source(path: str, *, scan: bool = True, direct: bool = False) -> PageSource:
-    """Open ``path`` with the first registered source that claims it."""
+def open_source(path: str, *, scan: bool = True, direct: bool = False,
+                remote: RemoteConfig | None = None) -> PageSource:
+    """Open ``path`` with the first registered source that claims it.  ``remote``: how
+    a source in object storage reaches its store and the chunk cache; passed to a
+    class whose ``takes_remote`` is true (:class:`RemoteSource`), ignored by the others."""
     for cls in _SOURCES:
         if cls.claims(path):
+            if remote is not None and getattr(cls, "takes_remote", False):
+                taking: Any = cls  # (its open takes one more keyword than SourceClass's)
+                opened: PageSource = taking.open(path, scan=scan, direct=direct, remote=remote)
+                return opened
             return cls.open(path, scan=scan, direct=direct)
     raise AssertionError("the raw image source claims every path")

@@ -1,0 +1,537 @@
+"""A pages checkpoint in object storage (``s3://BUCKET/PREFIX``, ``file:///DIR``) as a
+page source (docs/REMOTE.md, "Restoring from a store").
+
+Opening it GETs ``PREFIX/index.msgpack`` (the commit point of a push: a checkpoint
+pushed halfway has none) and parses it with the local index code, then HEADs
+``PREFIX/pages.img`` and checks its size against the index.  The identity is the
+index's xxh3_64, as for a local pages checkpoint: the same checkpoint pushed is the
+same checkpoint (a working set recorded on either fits both), and the host chunk
+cache keys its entries on it.
+
+Reads are :data:`aio.Op.CALL` requests: the loader's queue runs them in its worker
+threads (``threads``: urgent ones in its urgent lane too) exactly where it would run
+preads, so the loader's priority design holds unchanged: waiters' reads first, slots
+kept for them, a waiter joining a read in flight.  Each call, in its worker thread:
+
+1. covers the checksum chunks its bytes are in, whole (a fetch is chunk-aligned);
+2. asks the host chunk cache (:class:`~loader.remote.ChunkCache`) for each chunk,
+   read straight into the destination where a chunk lies inside one buffer; every
+   cache read is checked against the chunk's checksum;
+3. GETs the chunks still missing, one ranged GET per contiguous stretch of them (at
+   most ``fetch_bound`` bytes each), straight into the destination where the stretch
+   lies inside one buffer, else into this thread's staging buffer (one per worker
+   thread, ``fetch_bound`` bytes, touched only as far as used) and copied out;
+4. puts each whole chunk it fetched into the cache, which refuses bytes that do not
+   hash to the chunk's checksum: the cache never holds wrong bytes;
+5. returns the bytes put into the buffers, in order, short at the first stretch that
+   failed, or ``-errno`` (a store's ``not-found`` is ENOENT, ``denied`` EACCES,
+   ``unreachable`` EHOSTUNREACH, ``unavailable`` EREMOTEIO).
+
+The loader then verifies every chunk against the index's checksums before any of its
+bytes is served (a wrong chunk fails its waiters with ``corrupt``), as it does for a
+local pages file.  The store client retries what is worth retrying
+(:class:`~loader.remote.RetryPolicy`); a chunk that still fails fails its waiters
+with ``io-error`` and the errno above, and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import mmap
+import threading
+import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+import aio
+
+from .._files import CheckpointError
+from .._units import human
+from ..core._identity import CheckpointIdentity
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint, PagesIndex, VerifyReport
+    from ..core._extents import ExtentSource
+    from ..remote import ChunkCache, ObjectStore, RetryPolicy, StoreError
+    from ._base import LocalPages
+
+__all__ = ["DEFAULT_FETCH_BOUND", "RemoteConfig", "RemoteSource", "STORE_ERRNOS", "is_store_url"]
+
+log = logging.getLogger("pageload")
+
+#: the largest ranged GET: contiguous missing chunks are fetched together up to this
+DEFAULT_FETCH_BOUND = 4 << 20
+#: a store error's code as the errno a failed call returns
+STORE_ERRNOS = {"not-found": errno.ENOENT, "denied": errno.EACCES, "unreachable": errno.EHOSTUNREACH,
+                "unavailable": errno.EREMOTEIO, "bad-url": errno.EINVAL}
+_SCHEMES = ("s3://", "file://")
+
+
+def is_store_url(path: str) -> bool:
+    """Whether ``path`` names a checkpoint in a store (``s3://``, ``file://``)."""
+    return path.startswith(_SCHEMES)
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How a source in object storage reaches its store and the host's chunk cache.
+
+    ``open_source(url, remote=RemoteConfig(...))`` passes it to the source (the
+    daemon builds it from ``--s3-endpoint``, ``--cache-dir``, ``--cache-size`` and
+    ``--no-cache``); without one, the defaults: the endpoint and credentials from the
+    environment, the default cache directory (one that cannot be used there is
+    skipped with a warning; an explicit ``cache_dir`` that cannot be is an error)."""
+
+    endpoint: str | None = None  #: ``--s3-endpoint``; None: ``AWS_ENDPOINT_URL``... (docs/REMOTE.md)
+    cache: bool = True  #: False: no host chunk cache (``--no-cache``)
+    cache_dir: str | None = None  #: None: ``default_cache_dir()``
+    cache_size: int | None = None  #: None: ``DEFAULT_CACHE_SIZE``
+    fetch_bound: int = DEFAULT_FETCH_BOUND  #: the largest GET, rounded down to whole chunks (one at least)
+    policy: RetryPolicy | None = None  #: timeouts and retries; None: the store's defaults
+    env: Mapping[str, str] | None = None  #: the environment to read; None: ``os.environ``
+    #: the credentials, over the environment's (tests)
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.fetch_bound < 1:
+            raise ValueError(f"fetch_bound must be at least 1, not {self.fetch_bound}")
+
+
+@dataclass(slots=True)
+class FetchCounts:
+    """What a source's calls did (:meth:`RemoteSource.stats`)."""
+
+    calls: int = 0  #: Op.CALL requests run
+    chunks_cached: int = 0  #: chunks read from the host chunk cache
+    chunks_fetched: int = 0  #: chunks fetched from the store
+    gets: int = 0  #: ranged GETs of pages.img asked of the store (its retries are the store's)
+    bytes_fetched: int = 0
+    failures: int = 0  #: GETs that failed past the store's retries
+    wrong_chunks: int = 0  #: fetched chunks that did not hash to their checksum (kept out of the cache)
+    staged_bytes: int = 0  #: bytes fetched through a staging buffer (not straight into memory)
+
+
+class _Staging(threading.local):
+    """One worker thread's staging buffer: an anonymous mapping, touched only as far as used."""
+
+    buffer: mmap.mmap | None = None
+
+
+class RemoteSource:
+    """A pages checkpoint in a store, open: its index fetched and checked, its pages
+    object's size checked (see the module's docstring)."""
+
+    kind = "pages"
+    holes_known = True
+    local: LocalPages | None = None  # no local file: reads only through requests
+    #: :func:`~loader.source.open_source` passes its ``remote=`` configuration to it
+    takes_remote = True
+    #: its requests are :data:`aio.Op.CALL`: the daemon's queue must take calls
+    needs_calls = True
+
+    def __init__(self, url: str, index: PagesIndex, digest: int, store: ObjectStore, size: int,
+                 cache: ChunkCache | None, fetch_bound: int) -> None:
+        self.url = url
+        self.index = index
+        self.layout = index.layout
+        self.chunk_size: int | None = index.chunk_size
+        self.checksums: array[int] | None = index.checksums
+        self.store = store
+        self.cache = cache
+        self._digest = digest
+        self._size = size
+        from ..remote import StoreError  # (loaded by now: the store is open)
+
+        self._store_error = StoreError
+        chunk = index.chunk_size
+        self.fetch_bound = max(chunk, fetch_bound // chunk * chunk)
+        self._staging = _Staging()
+        self._lock = threading.Lock()
+        self._counts = FetchCounts()
+        self._active = 0
+        self._closing = False
+        self._closed = False
+        #: the last store error a call met (for the log and the stats); None: none yet
+        self.last_error: str | None = None
+        #: the cache's stats as a worker thread last took them (taking them waits for the
+        #: cache's lock, which another daemon's directory walk may hold for seconds: never
+        #: in the event loop), and when
+        self._cache_stats: dict[str, Any] | None = None
+        self._cache_stats_at = -math.inf
+        self._refresh_cache_stats()
+
+    # -- registration --------------------------------------------------------------------------
+    @classmethod
+    def claims(cls, path: str) -> bool:
+        return is_store_url(path)
+
+    @classmethod
+    def open(cls, path: str, *, scan: bool = True, direct: bool = False,
+             remote: RemoteConfig | None = None) -> RemoteSource:
+        """Fetch and check the index, check the pages object; raises
+        :class:`CheckpointError` naming the URL at fault (one line) for a bad URL, a
+        missing bucket, prefix or object, bad credentials, an unreachable endpoint, an
+        index that is not one, a pages object of another size, or an explicit cache
+        directory that cannot be used.  ``scan`` and ``direct`` mean nothing here."""
+        from ..checkpoint import parse_pages_index
+        from ..checkpoint._index import INDEX_NAME, MAX_INDEX_BYTES, PAGES_NAME
+        from ..remote import ObjectStore, StoreError
+
+        config = remote or RemoteConfig()
+        try:
+            store = ObjectStore(path, endpoint=config.endpoint, policy=config.policy, env=config.env,
+                                access_key_id=config.access_key_id, secret_access_key=config.secret_access_key)
+        except StoreError as exc:
+            raise _checkpoint_error(exc, path) from None
+        index_url = store.url.url_of(INDEX_NAME)
+        try:
+            data = store.get(INDEX_NAME, MAX_INDEX_BYTES)
+        except StoreError as exc:
+            error = _checkpoint_error(exc, index_url)
+            if exc.code == "not-found":
+                raise CheckpointError(index_url, f"{error.problem}: no checkpoint here, or one pushed only "
+                                      "halfway (its index is put last)") from None
+            raise error from None
+        index = parse_pages_index(data, index_url)
+        digest = xxhash.xxh3_64_intdigest(data)
+        del data
+        pages_url = store.url.url_of(PAGES_NAME)
+        try:
+            size = store.head(PAGES_NAME)
+        except StoreError as exc:
+            raise _checkpoint_error(exc, pages_url) from None
+        if size != index.pages_size:
+            shorter = "shorter" if size < index.pages_size else "longer"
+            raise CheckpointError(pages_url, f"the pages object is {shorter} than the index says: {size} bytes, "
+                                  f"not {index.pages_size}")
+        cache = _open_cache(config)
+        return cls(path, index, digest, store, size, cache, config.fetch_bound)
+
+    # -- PageSource ----------------------------------------------------------------------------
+    def identity(self) -> CheckpointIdentity:
+        layout = self.layout
+        return CheckpointIdentity(self.kind, layout.memory_size, layout.page_size, self._digest)
+
+    def extents(self) -> ExtentSource | None:
+        return None
+
+    def read(self, id: int, file_offset: int, buffers: Sequence[memoryview], *, urgent: bool = False,
+             then: Callable[[], object] | None = None) -> aio.Request:
+        def fetch(parts: Sequence[memoryview]) -> int:
+            return self._call(file_offset, parts)
+
+        return aio.Request.call(id, fetch, buffers, urgent=urgent, then=then, offset=file_offset)
+
+    def gather(self, id: int, buffers: Sequence[memoryview], offsets: Sequence[int], *,
+               urgent: bool = False) -> aio.Request:
+        """Each buffer from its own offset, one after the other, as one call (a pages
+        layout is never gathered by the loader; for completeness)."""
+        spans = list(zip(offsets, buffers))
+
+        def fetch(parts: Sequence[memoryview]) -> int:
+            done = 0
+            for (offset, _), part in zip(spans, parts):
+                got = self._call(offset, [part])
+                if got < 0:
+                    return done if done else got
+                done += got
+                if got < len(part):
+                    break
+            return done
+
+        return aio.Request.call(id, fetch, buffers, urgent=urgent, offset=offsets[0] if offsets else 0)
+
+    def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
+        return -1  # every read may wait on the network: a request
+
+    def size(self) -> int:
+        return self._size
+
+    def files(self) -> tuple[str, ...]:
+        return ()
+
+    def data_estimate(self) -> int:
+        return self.layout.data_bytes
+
+    def describe(self) -> str:
+        cache = f"chunk cache {self.cache.directory}" if self.cache is not None else "no chunk cache"
+        return (f"pages checkpoint in {self.url} (pages.img {human(self._size)}, {len(self.index.checksums)} chunks "
+                f"of {human(self.index.chunk_size)}; GETs of at most {human(self.fetch_bound)}; {cache})")
+
+    def close(self) -> None:
+        """Stop fetching: calls not yet in their GETs return ``-ECANCELED``; the cache is
+        closed once no call uses it (a call still in a GET at shutdown closes it on
+        its way out)."""
+        with self._lock:
+            self._closing = True
+            last = self._active == 0
+        if last:
+            self._close_cache()
+
+    # -- inspect and verify ----------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint as :func:`~loader.checkpoint.describe_checkpoint` and the
+        verify report take it (its paths are the objects' URLs)."""
+        from ..checkpoint import Checkpoint
+        from ..checkpoint._index import INDEX_NAME, PAGES_NAME
+
+        url = self.store.url
+        return Checkpoint("pages", self.url, url.url_of(PAGES_NAME), self.layout, self.index.chunk_size,
+                          self.index.checksums, pages_size=self._size, index_path=url.url_of(INDEX_NAME),
+                          source=self.index.source)
+
+    def verify(self) -> VerifyReport:
+        """``checkpoint verify`` of the checkpoint in the store: every byte of the pages
+        object GET (in pieces of at most ``fetch_bound``, one buffer) and every chunk's
+        xxh3_64 checked against the index; the cache is neither read nor filled.
+        Raises :class:`CheckpointError` (naming the object) if a GET fails."""
+        from ..checkpoint import BadChunk, VerifyReport
+        from ..checkpoint._index import PAGES_NAME
+
+        started = time.perf_counter()
+        ckpt = self.checkpoint()
+        c, size, sums = self.index.chunk_size, self._size, self.index.checksums
+        bad: list[BadChunk] = []
+        buffer = mmap.mmap(-1, max(self.fetch_bound, 1))
+        view = memoryview(buffer)
+        try:
+            for lo in range(0, size, self.fetch_bound):
+                hi = min(lo + self.fetch_bound, size)
+                try:
+                    got = self.store.get_range_into(PAGES_NAME, lo, view[: hi - lo])
+                except self._store_error as exc:
+                    raise _checkpoint_error(exc, ckpt.pages_path) from None
+                for k in range(lo // c, -(-hi // c)):
+                    a, b = k * c, min((k + 1) * c, size)
+                    actual = xxhash.xxh3_64_intdigest(view[a - lo : b - lo]) if b - lo <= got else None
+                    if actual != sums[k]:
+                        bad.append(BadChunk(k, a, b - a, sums[k], actual, tuple(ckpt.memory_spans(a, b))))
+        finally:
+            view.release()
+            buffer.close()
+        return VerifyReport(self.url, "pages", True, len(sums), size, tuple(bad), time.perf_counter() - started)
+
+    # -- statistics ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """The daemon's ``remote`` statistics: the store's, the cache's, this source's fetching."""
+        from dataclasses import asdict
+
+        with self._lock:
+            counts = asdict(self._counts)
+            last = self.last_error
+            cache = self._cache_stats
+            at = self._cache_stats_at
+        if cache is not None:
+            cache = {**cache, "age_s": round(time.monotonic() - at, 3)}
+        return {"url": self.url, "store": asdict(self.store.stats()), "fetch": counts, "last_error": last,
+                "fetch_bound": self.fetch_bound, "cache": cache}
+
+    #: how often the calls take the cache's stats again (seconds)
+    CACHE_STATS_EVERY = 0.5
+
+    def _refresh_cache_stats(self) -> None:
+        """Take the cache's stats (in a worker thread, or at open and close)."""
+        cache = self.cache
+        if cache is None:
+            return
+        taken = cache.stats().as_dict()
+        with self._lock:
+            self._cache_stats = taken
+            self._cache_stats_at = time.monotonic()
+
+    # -- fetching ------------------------------------------------------------------------------
+    def _call(self, lo: int, buffers: Sequence[memoryview]) -> int:
+        with self._lock:
+            if self._closing:
+                return -errno.ECANCELED
+            self._active += 1
+            self._counts.calls += 1
+        try:
+            return self._fetch(lo, buffers)
+        finally:
+            with self._lock:
+                self._active -= 1
+                last = self._closing and self._active == 0
+            if last:
+                self._close_cache()
+
+    def _fetch(self, lo: int, buffers: Sequence[memoryview]) -> int:
+        """Put the pages file's bytes from ``lo`` on into ``buffers``; the bytes put, in
+        order (short at the object's end or at the first failed GET), or -errno."""
+        want = sum(len(b) for b in buffers)
+        hi = min(lo + want, self._size)
+        if hi <= lo:
+            return 0
+        c = self.index.chunk_size
+        # where each buffer starts in the pages file
+        starts: list[int] = []
+        pos = lo
+        for buf in buffers:
+            starts.append(pos)
+            pos += len(buf)
+        cache, identity, sums = self.cache, self._digest, self.index.checksums
+        first, last = lo // c, (hi - 1) // c
+        missing: list[int] = []
+        hits = 0
+        for k in range(first, last + 1):
+            a, b = k * c, min((k + 1) * c, self._size)
+            if cache is None:
+                missing.append(k)
+                continue
+            direct = _inside(starts, buffers, a, b, lo, hi)
+            if direct is not None:
+                found = cache.read_into(identity, sums[k], b - a, direct)
+            else:
+                stage = self._stage(b - a)
+                found = cache.read_into(identity, sums[k], b - a, stage)
+                if found:
+                    _scatter(stage, a, starts, buffers, lo, hi)
+            if found:
+                hits += 1
+            else:
+                missing.append(k)
+        failed_at: int | None = None
+        error = 0
+        fetched = wrong = gets = staged = nbytes = 0
+        run_start = 0
+        while run_start < len(missing):
+            # a stretch of contiguous missing chunks, at most fetch_bound bytes
+            run_end = run_start + 1
+            limit = self.fetch_bound // c
+            while (run_end < len(missing) and missing[run_end] == missing[run_end - 1] + 1
+                   and run_end - run_start < limit):
+                run_end += 1
+            k0, k1 = missing[run_start], missing[run_end - 1]
+            a, b = k0 * c, min((k1 + 1) * c, self._size)
+            if self._closing:
+                failed_at, error = a, errno.ECANCELED
+                break
+            direct = _inside(starts, buffers, a, b, lo, hi)
+            target = direct if direct is not None else self._stage(b - a)
+            gets += 1
+            try:
+                got = self.store.get_range_into("pages.img", a, target)
+            except self._store_error as exc:
+                self._note_error(exc)
+                failed_at, error = a, STORE_ERRNOS.get(exc.code, errno.EIO)
+                break
+            nbytes += got
+            if direct is None:
+                staged += got
+                _scatter(target[:got], a, starts, buffers, lo, hi)
+            for k in range(k0, k1 + 1):
+                ca, cb = k * c - a, min((k + 1) * c, self._size) - a
+                if cb > got:
+                    break
+                fetched += 1
+                if cache is not None:
+                    try:
+                        cache.insert(identity, sums[k], target[ca:cb])
+                    except ValueError:  # wrong bytes: never cached; the loader fails the chunk
+                        wrong += 1
+            if got < b - a:  # the object ended first (it shrank since the HEAD)
+                failed_at = a + got
+                break
+            run_start = run_end
+        with self._lock:
+            n = self._counts
+            n.chunks_cached += hits
+            n.chunks_fetched += fetched
+            n.gets += gets
+            n.bytes_fetched += nbytes
+            n.wrong_chunks += wrong
+            n.staged_bytes += staged
+            n.failures += error != 0 and error != errno.ECANCELED
+            stale = time.monotonic() - self._cache_stats_at > self.CACHE_STATS_EVERY
+        if stale and cache is not None and not self._closing:
+            self._refresh_cache_stats()
+        if failed_at is None:
+            return hi - lo
+        done = max(0, failed_at - lo)
+        if done:
+            return done
+        return -(error or errno.EIO)
+
+    def _stage(self, n: int) -> memoryview:
+        """This thread's staging buffer's first ``n`` bytes (``n`` <= fetch_bound)."""
+        buffer = self._staging.buffer
+        if buffer is None:
+            buffer = self._staging.buffer = mmap.mmap(-1, self.fetch_bound)
+        return memoryview(buffer)[:n]
+
+    def _note_error(self, exc: StoreError) -> None:
+        line = str(exc)
+        with self._lock:
+            first = self.last_error != line
+            self.last_error = line
+        if first:
+            log.warning("fetching %s", line)
+
+    def _close_cache(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.cache is not None:
+            self._refresh_cache_stats()
+            self.cache.close()
+
+
+def _inside(starts: list[int], buffers: Sequence[memoryview], a: int, b: int, lo: int, hi: int) -> memoryview | None:
+    """The part of one buffer that holds pages-file bytes [a, b) exactly, if one does
+    (and [a, b) lies within the read's [lo, hi)); else None."""
+    if a < lo or b > hi:
+        return None
+    for start, buf in zip(starts, buffers):
+        if start <= a and b <= start + len(buf):
+            return buf[a - start : b - start]
+        if start > a:
+            break
+    return None
+
+
+def _scatter(data: memoryview, a: int, starts: list[int], buffers: Sequence[memoryview], lo: int, hi: int) -> None:
+    """Copy ``data`` (pages-file bytes from ``a`` on) into the parts of ``buffers`` it overlaps."""
+    end = a + len(data)
+    for start, buf in zip(starts, buffers):
+        s, e = max(start, a), min(start + len(buf), end)
+        if s < e:
+            buf[s - start : e - start] = data[s - a : e - a]
+
+
+def _checkpoint_error(exc: StoreError, where: str) -> CheckpointError:
+    """A store's error at start-up as one line naming ``where`` (the object's URL)."""
+    detail = exc.message
+    for prefix in (f"{where}: ", f"{where.rstrip('/')}: "):
+        if detail.startswith(prefix):
+            detail = detail[len(prefix):]
+            break
+    else:
+        head, sep, rest = detail.partition(": ")
+        if sep and is_store_url(head):
+            where, detail = head, rest
+    return CheckpointError(where, f"{detail} ({exc.code})")
+
+
+def _open_cache(config: RemoteConfig) -> ChunkCache | None:
+    if not config.cache:
+        return None
+    from ..remote import DEFAULT_CACHE_SIZE, CacheError, ChunkCache
+
+    size = config.cache_size if config.cache_size is not None else DEFAULT_CACHE_SIZE
+    try:
+        return ChunkCache(config.cache_dir, size)
+    except CacheError as exc:
+        if config.cache_dir is not None:
+            path, _, problem = str(exc).partition(": ")
+            raise CheckpointError(path, f"{problem} (the chunk cache: give another --cache-dir, or --no-cache)") \
+                from None
+        log.warning("no chunk cache: %s", exc)
+        return None
