@@ -26,6 +26,7 @@ import pytest
 from cli import build_parser
 from cli._restore import daemon_options, os_error_line, run
 from loader import DaemonOptions, LoaderConfig, MetricsAddress, StartupError, UffdConfig
+from loader.source import RemoteConfig
 
 SRC = "memory.img"
 SOCK = "/run/s.sock"
@@ -197,3 +198,54 @@ def test_an_event_loop_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkey
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert (code, stderr.getvalue()) == (2, "pageload: Too many open files\n")
+
+
+URL = "s3://snap/ckpt"
+
+
+def test_a_local_checkpoint_has_no_remote_options_and_the_fetch_default_is_16() -> None:
+    opts = options(SRC, "--socket", SOCK)
+    assert opts.remote is None and opts.fetch_concurrency == 16  # as --help and docs/REMOTE.md say
+
+
+@pytest.mark.parametrize("flags, remote", [
+    ((), RemoteConfig()),
+    (("--no-cache",), RemoteConfig(cache=False)),
+    (("--cache-dir", "/var/cache/x", "--cache-size", "1"), RemoteConfig(cache_dir="/var/cache/x", cache_size=1)),
+    (("--s3-endpoint", "http://127.0.0.1:8333"), RemoteConfig(endpoint="http://127.0.0.1:8333")),
+])
+def test_a_store_url_takes_the_remote_options(flags: tuple[str, ...], remote: RemoteConfig) -> None:
+    assert options(URL, "--socket", SOCK, *flags).remote == remote
+
+
+@pytest.mark.parametrize("flags, background, busy", [
+    ((), 12, 6),  # 3/4 of the 16 fetch threads, and half of that while clients fault
+    (("--fetch-concurrency", "8"), 6, 3),
+    (("--fetch-concurrency", "1"), 1, 1),  # at least one each
+    (("--threads", "4"), 3, 1),  # --threads overrides the fetch concurrency
+    (("--queue-depth", "4"), 3, 1),  # and the queue keeps a slot for waiters
+    (("--background-reads", "5"), 5, 2),  # given: kept
+    (("--busy-background-reads", "2"), 12, 2),
+])
+def test_a_store_url_sizes_the_sweep_by_its_fetch_threads(flags: tuple[str, ...], background: int,
+                                                          busy: int) -> None:
+    config = options(URL, "--socket", SOCK, *flags).config
+    assert (config.background_reads, config.busy_background_reads) == (background, busy)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--s3-endpoint", "http://127.0.0.1:8333"), ("--cache-dir", "/tmp/c"), ("--cache-size", "1G"), ("--no-cache",),
+])
+def test_the_remote_options_are_refused_for_a_local_checkpoint(flags: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="are for a checkpoint in a store"):
+        options(SRC, "--socket", SOCK, *flags)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (("--cache-size", "0"), "--cache-size must be at least 1 byte"),
+    (("--no-cache", "--cache-dir", "/tmp/c"), "contradict"),
+    (("--no-cache", "--cache-size", "1G"), "contradict"),
+])
+def test_remote_options_that_cannot_be_are_refused(flags: tuple[str, ...], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        options(URL, "--socket", SOCK, *flags)
