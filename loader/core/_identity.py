@@ -29,8 +29,7 @@ class CheckpointIdentity:
     digest: int
 
     def describe(self) -> str:
-        what = "index" if self.kind == "pages" else "layout"  # what a built-in source's digest is of
-        return f"{self.kind} checkpoint of {self.memory_size} bytes, {what} xxh3 {self.digest:#018x}"
+        return f"{self.kind} checkpoint of {self.memory_size} bytes, identity xxh3 {self.digest:#018x}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "memory_size": self.memory_size, "page_size": self.page_size,
