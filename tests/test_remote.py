@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from uffd_run import fault_then_fill
 
 import aio
 import aio.testing
@@ -31,7 +32,6 @@ from loader.source import RemoteConfig, RemoteSource
 from loader.uffd import _ioctl as _uffd
 from workloads import FaultProxy, SeaweedServer, make_sample_image
 from workloads._daemon_process import DaemonProcess
-from workloads._vmm import GuestRegion, VmmEmulator
 
 MiB = 1 << 20
 PAGE = 4096
@@ -288,23 +288,7 @@ async def test_a_checkpoint_in_a_store_restores_through_the_uffd_emulator(image,
                     uffd_config=UffdConfig.for_mode("fill"))
     rng = random.Random(6)
     faults = [(0, rng.randrange(SIZE // PAGE) * PAGE, PAGE) for _ in range(100)]
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=image["raw"])
-        try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            report = await trio.to_thread.run_sync(lambda: vmm.touch(faults, vcpus=2))
-            assert report.touches == 100 and not report.mismatches and not report.errors
-            with trio.fail_after(30):
-                while state.uffd is None:
-                    await trio.sleep(0.01)
-                await state.uffd.filled.wait()
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
-        finally:
-            vmm.close()
-        with trio.fail_after(10):
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
+    await fault_then_fill(opts, SIZE, image["raw"], faults)
 
 
 

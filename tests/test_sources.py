@@ -12,6 +12,7 @@ import random
 import pytest
 import trio
 from chunkdir_source import ChunkDirSource, chunk_path, make_chunk_dir
+from uffd_run import fault_then_fill
 
 import aio
 import aio.testing
@@ -31,7 +32,6 @@ from loader.source import (
 from loader.source.testing import check_source
 from loader.uffd import _ioctl as _uffd
 from workloads import SeaweedServer, make_sample_image
-from workloads._vmm import GuestRegion, VmmEmulator
 
 MiB = 1 << 20
 PAGE = 4096
@@ -247,22 +247,6 @@ async def test_the_fixture_source_restores_through_the_uffd_emulator(images, tmp
                     wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.001))
     rng = random.Random(4)
     faults = [(0, rng.randrange(SIZE // PAGE) * PAGE, PAGE) for _ in range(100)]
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, SIZE)], expected=images["raw"])
-        try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            report = await trio.to_thread.run_sync(lambda: vmm.touch(faults, vcpus=2))
-            assert report.touches == 100 and not report.mismatches and not report.errors
-            with trio.fail_after(30):
-                while state.uffd is None:
-                    await trio.sleep(0.01)
-                await state.uffd.filled.wait()
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
-        finally:
-            vmm.close()
-        with trio.fail_after(10):
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
+    state = await fault_then_fill(opts, SIZE, images["raw"], faults)
     assert state.uffd.statistics()["direct"] == "off (the source is not one local file)"
     assert state.uffd.faults >= 1
