@@ -25,6 +25,8 @@ OUT_OF_RANGE = "out-of-range"  #: the range runs past the guest memory size
 IO_ERROR = "io-error"  #: reading the pages failed; ``errno`` says how (none: the pages file is too short)
 CORRUPT = "corrupt"  #: the pages read do not match the checkpoint's checksum
 TIMEOUT = "timeout"  #: reading the pages took longer than the daemon's read deadline
+#: the pages' source (an object store) kept failing past its retries; the message is the store's
+UNAVAILABLE = "unavailable"
 SHUTTING_DOWN = "shutting-down"  #: the daemon is stopping; the request will not complete
 TOO_MANY_ERRORS = "too-many-errors"  #: the server gives up on a misbehaving client
 TOO_MANY_REQUESTS = "too-many-requests"  #: this connection already has the most waits pending
@@ -53,6 +55,7 @@ ALL = frozenset(
         IO_ERROR,
         CORRUPT,
         TIMEOUT,
+        UNAVAILABLE,
         SHUTTING_DOWN,
         TOO_MANY_ERRORS,
         TOO_MANY_REQUESTS,

@@ -148,6 +148,7 @@ def test_error_codes() -> None:
         "io-error",
         "corrupt",
         "timeout",
+        "unavailable",  # the object store kept failing (a checkpoint in a store)
         "shutting-down",
         "too-many-errors",
         "too-many-requests",

@@ -25,7 +25,7 @@ from uffd_run import fault_then_fill
 import aio
 import aio.testing
 from cli import main
-from loader import Client, ClientError, DaemonOptions, TrioClient, UffdConfig, run_daemon
+from loader import Client, ClientError, DaemonOptions, LoaderConfig, TrioClient, UffdConfig, run_daemon
 from loader.checkpoint import create_checkpoint, read_pages_index
 from loader.remote import ObjectStore, RetryPolicy
 from loader.source import RemoteConfig, RemoteSource
@@ -187,14 +187,16 @@ async def test_a_corrupt_pages_object_is_never_served(image, seaweed, tmp_path):
         state.stop()
 
 
-def _corrupt_copy(image: dict[str, Any], seaweed: SeaweedServer, chunk: int) -> str:
-    """The checkpoint put under a new prefix with one byte of ``chunk`` flipped in its pages."""
+def _corrupt_copy(image: dict[str, Any], seaweed: SeaweedServer, chunk: int | None) -> str:
+    """The checkpoint put under a new prefix with one byte of ``chunk`` flipped in its
+    pages (None: none, a copy as it is)."""
     url = f"s3://{seaweed.bucket}/corrupt-{uuid.uuid4().hex[:12]}"
     store = ObjectStore(url, endpoint=seaweed.endpoint, access_key_id=seaweed.access_key_id,
                         secret_access_key=seaweed.secret_access_key, env={})
     with open(os.path.join(image["ckpt"], "pages.img"), "rb") as f:
         pages = bytearray(f.read())
-    pages[chunk * image["index"].chunk_size + 100] ^= 0x40
+    if chunk is not None:
+        pages[chunk * image["index"].chunk_size + 100] ^= 0x40
     store.put_bytes("pages.img", bytes(pages))
     with open(os.path.join(image["ckpt"], "index.msgpack"), "rb") as f:
         store.put_bytes("index.msgpack", f.read())
@@ -250,8 +252,10 @@ async def test_a_store_answering_503_to_a_few_gets_still_restores(image, pushed,
 
 async def test_a_chunk_whose_gets_keep_failing_fails_its_waiters_and_the_rest_is_served(
         image, pushed, seaweed, tmp_path, proxy):
-    """Every GET touching one chunk is answered 503: the wait on it fails with an
-    error (``io-error``, EREMOTEIO) after the retries, every other byte is served."""
+    """Every GET touching one chunk is answered 503: the wait on it fails with
+    ``unavailable`` and the store's message (the object, the 503, the tries) after the
+    retries, every other byte is served, and that chunk cost at most 1 + retries GETs
+    (not one round of retries per half as the loader narrows the failure down)."""
     chunk, c = 7, image["index"].chunk_size
     proxy.fail_next(10_000, 503, overlapping=(chunk * c, (chunk + 1) * c))
     opts = _options(tmp_path, pushed, _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache=False))
@@ -261,7 +265,10 @@ async def test_a_chunk_whose_gets_keep_failing_fails_its_waiters_and_the_rest_is
         async with TrioClient.connect(state.server.path) as client:
             with pytest.raises(ClientError) as info:
                 await client.wait(at, PAGE)
-            assert info.value.code == "io-error" and info.value.errno == 121  # EREMOTEIO
+            assert info.value.code == "unavailable" and info.value.errno is None
+            message = str(info.value)
+            assert f"{pushed}/pages.img: HTTP 503 Service Unavailable (SlowDown)" in message, message
+            assert f"after {FAST.retries + 1} tries" in message, message
             with trio.fail_after(60):
                 while not state.loader.done.is_set():
                     await trio.sleep(0.02)
@@ -276,7 +283,34 @@ async def test_a_chunk_whose_gets_keep_failing_fails_its_waiters_and_the_rest_is
             remote = (await client.stats())["remote"]
         s = state.loader.statistics()
         assert 0 < s.failed_bytes <= c
-        assert remote["fetch"]["failures"] >= 1 and "503" in remote["last_error"]
+        assert remote["fetch"]["failures"] == 1 and "503" in remote["last_error"]
+        # every GET overlapping the chunk was answered 503 by the proxy: these are all of them
+        assert proxy.faults["status"] <= 1 + FAST.retries, proxy.faults
+        state.stop()
+
+
+async def test_a_pages_object_deleted_in_the_middle_of_a_restore_fails_waits_unavailable(image, seaweed, tmp_path):
+    """The pages object disappears after start-up (lazy loading, nothing cached): a wait
+    on memory not yet fetched fails with ``unavailable`` and the store's message
+    (``no such object (not-found)``), after one GET (not-found is not retried), and a
+    second wait on the same chunk fails the same, without another GET."""
+    url = _corrupt_copy(image, seaweed, None)
+    store = ObjectStore(url, endpoint=seaweed.endpoint, access_key_id=seaweed.access_key_id,
+                        secret_access_key=seaweed.secret_access_key, env={})
+    opts = _options(tmp_path, url, _config(seaweed, tmp_path, cache=False), config=LoaderConfig(sweep=False))
+    first, later = _memory_at(image, 1), _memory_at(image, len(image["index"].checksums) - 5)
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            await client.wait(first, PAGE)
+            store.delete("pages.img")
+            gets = state.source.store.stats().gets
+            for _ in range(2):
+                with pytest.raises(ClientError) as info:
+                    await client.wait(later, PAGE)
+                assert info.value.code == "unavailable", info.value
+                assert f"{url}/pages.img: no such object" in str(info.value) and "(not-found)" in str(info.value)
+            assert state.source.store.stats().gets == gets + 1
         state.stop()
 
 
@@ -291,6 +325,38 @@ async def test_a_checkpoint_in_a_store_restores_through_the_uffd_emulator(image,
     await fault_then_fill(opts, SIZE, image["raw"], faults)
 
 
+
+@pytest.mark.skipif(_uffd.unavailable() is not None, reason=str(_uffd.unavailable()))
+async def test_a_fault_on_a_chunk_the_store_keeps_failing_is_poisoned_with_the_stores_message(
+        image, pushed, seaweed, tmp_path, proxy):
+    """Firecracker's handler over a store whose GETs of one chunk are all answered 503:
+    the fault on it is poisoned (SIGBUS in the VMM child, never wrong bytes), and the
+    handler's statistics say why: ``unavailable`` with the store's message."""
+    from workloads._vmm import spawn_child
+
+    chunk, c = 7, image["index"].chunk_size
+    proxy.fail_next(10_000, 503, overlapping=(chunk * c, (chunk + 1) * c))
+    opts = _options(tmp_path, pushed, _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache=False),
+                    uffd_socket=str(tmp_path / "uffd.sock"), config=LoaderConfig(sweep=False),
+                    uffd_config=UffdConfig.for_mode("lazy"))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        child = spawn_child(opts.uffd_socket, SIZE, [_memory_at(image, chunk)])
+        try:
+            code = await trio.to_thread.run_sync(child.wait, 30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        assert state.uffd is not None
+        stats = state.uffd.statistics()
+        state.stop()
+    assert code == -signal.SIGBUS
+    assert stats["faults_failed"] == 1
+    last = stats["last_failure"]
+    assert last.startswith("unavailable: ") and f"{pushed}/pages.img: HTTP 503" in last, last
 
 # -- start-up failures and SIGTERM, in a real process ---------------------------------------------
 

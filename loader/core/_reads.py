@@ -118,6 +118,8 @@ class Reads:
         self.counters = counters
         self._state = state
         self._requeue = requeue
+        #: the source's reason for a failed read, where it has one (:class:`~loader.source.ExplainsFailures`)
+        self._failure: Callable[[int, int, int], tuple[str, str] | None] | None = getattr(source, "failure", None)
         local = self._local = source.local
         #: where reads are copied to in the kernel (None: into the mapping)
         self._copy_fd: int | None = _copy_target(config, queue, destination, local)
@@ -431,7 +433,10 @@ class Reads:
         if read.length > self.page_size:  # narrow it down: only the bad pages fail
             self._split_failed(read)
             return
-        if result == 0:
+        if result < 0 and self._failure is not None and \
+                (said := self._failure(read.file_offset, read.length, err)) is not None:
+            self._verifier.fail(read.segments, read.file_offset, said[0], None, said[1])  # e.g. unavailable
+        elif result == 0:
             self._verifier.fail(read.segments, read.file_offset, codes.IO_ERROR, None,
                                  "the pages file returned no data here, again and again")
         elif (why := explain_error(self.destination, err)) != os.strerror(err):

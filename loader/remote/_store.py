@@ -41,6 +41,8 @@ import obstore
 from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import LocalStore, S3Store
 
+from ..core._stats import LatencyHistogram
+
 __all__ = [
     "CODES",
     "DEFAULT_REGION",
@@ -127,6 +129,9 @@ class StoreStats:
     retries: int = 0  #: requests tried again (``put_file``'s parts retry inside obstore, uncounted)
     failures: int = 0  #: operations that raised :class:`StoreError`
     by_code: dict[str, int] = field(default_factory=dict)  #: failures by code
+    #: each GET request's time, from sending it to its body copied (or its failure), as
+    #: :meth:`~loader.core._stats.LatencyHistogram.as_dict` (power-of-two microsecond buckets)
+    get_latency_us: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +224,7 @@ class ObjectStore:
         self.policy = policy or RetryPolicy()
         self._lock = threading.Lock()
         self._stats = StoreStats()
+        self._get_latency = LatencyHistogram()
         self._rng = random.Random()
         self.endpoint: str | None = None  #: the S3 endpoint, None for AWS's own or for file://
         if self.url.scheme == "file":
@@ -280,7 +286,8 @@ class ObjectStore:
     def stats(self) -> StoreStats:
         """A snapshot of what this store has done."""
         with self._lock:
-            return replace(self._stats, by_code=dict(self._stats.by_code))
+            return replace(self._stats, by_code=dict(self._stats.by_code),
+                           get_latency_us=self._get_latency.as_dict())
 
     # -- reads --------------------------------------------------------------------
 
@@ -300,14 +307,17 @@ class ObjectStore:
         path = self.url.path_of(key)
 
         def attempt() -> bytes:
-            self._count(gets=1)
-            result = obstore.get(self._store, path)
-            size = int(result.meta["size"])
-            if size > max_bytes:
-                raise _TooLarge(size)
-            data = bytes(result.bytes())
-            if len(data) != size:
-                raise _ShortRead(f"the response had {len(data)} bytes of the {size}")
+            started = self._count_get()
+            try:
+                result = obstore.get(self._store, path)
+                size = int(result.meta["size"])
+                if size > max_bytes:
+                    raise _TooLarge(size)
+                data = bytes(result.bytes())
+                if len(data) != size:
+                    raise _ShortRead(f"the response had {len(data)} bytes of the {size}")
+            finally:
+                self._got(started)
             self._count(bytes_fetched=size)
             return data
 
@@ -318,13 +328,14 @@ class ObjectStore:
             raise StoreError("unavailable", f"{self.url.url_of(key)}: {exc.size} bytes, more than the "
                              f"{max_bytes} bytes allowed") from None
 
-    def get_range_into(self, key: str, offset: int, buffer: memoryview) -> int:
+    def get_range_into(self, key: str, offset: int, buffer: memoryview, *, retries: int | None = None) -> int:
         """Read object ``key`` from ``offset`` into ``buffer`` with one ranged GET (and its
         retries); return the bytes written: ``len(buffer)``, or fewer where the object
         ends first.  The bytes are copied once, from the response into ``buffer``, which
         stays the caller's (reuse it); a response shorter than the range it names is
         never accepted (it is retried).  An offset at or past the object's end is an
-        ``unavailable`` error."""
+        ``unavailable`` error.  ``retries``: at most this many retries (fewer than the
+        policy's; None: the policy's)."""
         if buffer.readonly or buffer.ndim != 1 or buffer.itemsize != 1 or not buffer.c_contiguous:
             raise ValueError("buffer must be a writable, contiguous memoryview of bytes")
         if offset < 0:
@@ -336,20 +347,32 @@ class ObjectStore:
         target = buffer.cast("B") if buffer.format != "B" else buffer
 
         def attempt() -> int:
-            self._count(gets=1)
-            result = obstore.get(self._store, path, options={"range": (offset, offset + n)})
-            size = int(result.meta["size"])
-            data = result.bytes()
-            got = len(data)
-            want = min(offset + n, size) - offset
-            if got != want or tuple(result.range) != (offset, offset + got):
-                raise _ShortRead(f"asked for bytes {offset}-{offset + want - 1}, the response had {got} "
-                                 f"(range {result.range[0]}-{result.range[1] - 1})")
-            target[:got] = memoryview(data)
+            started = self._count_get()
+            try:
+                result = obstore.get(self._store, path, options={"range": (offset, offset + n)})
+                size = int(result.meta["size"])
+                data = result.bytes()
+                got = len(data)
+                want = min(offset + n, size) - offset
+                if got != want or tuple(result.range) != (offset, offset + got):
+                    raise _ShortRead(f"asked for bytes {offset}-{offset + want - 1}, the response had {got} "
+                                     f"(range {result.range[0]}-{result.range[1] - 1})")
+                target[:got] = memoryview(data)
+            finally:
+                self._got(started)
             self._count(bytes_fetched=got)
             return got
 
-        return self._call(key, attempt)
+        return self._call(key, attempt, retries)
+
+    def backoff(self, retry: int) -> None:
+        """Sleep the policy's pause before retry number ``retry`` (1 for the first), and
+        count a retry: for a caller that tries again itself, differently (the remote
+        source's last try of a failed stretch of chunks, chunk by chunk)."""
+        with self._lock:
+            self._stats.retries += 1
+            pause = self.policy.pause(max(1, retry), self._rng)
+        time.sleep(pause)
 
     # -- writes -------------------------------------------------------------------
 
@@ -402,13 +425,27 @@ class ObjectStore:
             for name, amount in amounts.items():
                 setattr(self._stats, name, getattr(self._stats, name) + amount)
 
+    def _count_get(self) -> int:
+        """Count a GET request about to be sent; its start time (for :meth:`_got`)."""
+        with self._lock:
+            self._stats.gets += 1
+        return time.perf_counter_ns()
+
+    def _got(self, started: int) -> None:
+        """A GET request ended (its body copied, or failed): record its time."""
+        elapsed = time.perf_counter_ns() - started
+        with self._lock:
+            self._get_latency.record(elapsed)
+
     def _failed(self, code: str) -> None:
         with self._lock:
             self._stats.failures += 1
             self._stats.by_code[code] = self._stats.by_code.get(code, 0) + 1
 
-    def _call(self, key: str, attempt: Callable[[], _T]) -> _T:
-        """``attempt()``, retried under the policy; a :class:`StoreError` at the end."""
+    def _call(self, key: str, attempt: Callable[[], _T], most: int | None = None) -> _T:
+        """``attempt()``, retried under the policy (at most ``most`` times where that is
+        fewer); a :class:`StoreError` at the end."""
+        limit = self.policy.retries if most is None else max(0, min(most, self.policy.retries))
         retries = 0
         while True:
             try:
@@ -417,7 +454,7 @@ class ObjectStore:
                 code, detail, retryable = "unavailable", f"response cut short: {exc}", True
             except (BaseError, OSError) as exc:
                 code, detail, retryable = self._classify(exc)
-            if retryable and retries < self.policy.retries:
+            if retryable and retries < limit:
                 retries += 1
                 with self._lock:
                     self._stats.retries += 1

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from .._files import open_regular
 from ..core._identity import CheckpointIdentity, file_digest, layout_digest
-from ._base import LocalPages, PageSource
+from ._base import ExplainsFailures, LocalPages, PageSource
 from ._file import FileSource
 from ._pages import PagesSource
 from ._raw import RawImageSource
@@ -25,6 +25,7 @@ from ._remote import RemoteConfig, RemoteSource, is_store_url
 
 __all__ = [
     "CheckpointIdentity",
+    "ExplainsFailures",
     "FileSource",
     "LocalPages",
     "PageSource",

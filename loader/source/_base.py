@@ -12,7 +12,8 @@ One capability is optional: :class:`LocalPages`, a source that is one local file
 the kernel can read from directly (copied file to file in the kernel, mapped
 read-only for the userfaultfd handler's direct copies, asked about its page cache).
 A source without it (many files, a network store) is read only through its
-requests.
+requests.  So is one method, :class:`ExplainsFailures`: a source that knows why a read
+failed (a store's message) says so, and the loader fails its waiters with that.
 
 Adding a source: one module with a class that implements :class:`PageSource` plus
 ``claims``/``open`` class methods, and one line, ``register_source(TheClass)``
@@ -35,7 +36,7 @@ from ..core._layout import Layout
 if TYPE_CHECKING:
     from ..core._extents import ExtentSource
 
-__all__ = ["LocalPages", "PageSource"]
+__all__ = ["ExplainsFailures", "LocalPages", "PageSource"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,4 +117,18 @@ class PageSource(Protocol):
 
     def close(self) -> None:
         """Close what the source holds open; idempotent."""
+        ...
+
+
+class ExplainsFailures(Protocol):
+    """The optional method of a :class:`PageSource` that knows why its reads fail (the
+    loader looks for it with ``getattr``; a source without it gets the loader's own
+    mapping: ``io-error`` with the read's errno)."""
+
+    def failure(self, file_offset: int, length: int, err: int) -> tuple[str, str] | None:
+        """Why a read of the pages file's ``[file_offset, file_offset + length)`` failed
+        for good with errno ``err`` (past the loader's retries, narrowed down to one
+        page): ``(code, reason)`` for its waiters (a :mod:`protocol.codes` code, one
+        line), or None for the loader's own mapping.  Called in the loader's task: no
+        blocking."""
         ...

@@ -30,8 +30,12 @@ kept for them, a waiter joining a read in flight.  Each call, in its worker thre
 The loader then verifies every chunk against the index's checksums before any of its
 bytes is served (a wrong chunk fails its waiters with ``corrupt``), as it does for a
 local pages file.  The store client retries what is worth retrying
-(:class:`~loader.remote.RetryPolicy`); a chunk that still fails fails its waiters
-with ``io-error`` and the errno above, and the rest goes on.
+(:class:`~loader.remote.RetryPolicy`); a stretch of several chunks keeps its last try
+for its chunks one by one (:meth:`RemoteSource._last_try`), so a failing chunk is told
+apart from its neighbours and costs at most 1 + ``retries`` GETs.  A chunk that still
+fails is remembered (at most ``MAX_BAD_CHUNKS``): a read touching it fails at once,
+without a GET, as the loader narrows its failure down, and :meth:`RemoteSource.failure`
+gives its waiters ``unavailable`` with the store's message.  The rest goes on.
 """
 
 from __future__ import annotations
@@ -113,7 +117,9 @@ class FetchCounts:
     chunks_fetched: int = 0  #: chunks fetched from the store
     gets: int = 0  #: ranged GETs of pages.img asked of the store (its retries are the store's)
     bytes_fetched: int = 0
-    failures: int = 0  #: GETs that failed past the store's retries
+    #: chunks (or stretches of them) whose GETs failed past the store's retries (a read
+    #: touching one later fails at once, without a GET: not counted again)
+    failures: int = 0
     wrong_chunks: int = 0  #: fetched chunks that did not hash to their checksum (kept out of the cache)
     staged_bytes: int = 0  #: bytes fetched through a staging buffer (not straight into memory)
 
@@ -160,6 +166,10 @@ class RemoteSource:
         self._closed = False
         #: the last store error a call met (for the log and the stats); None: none yet
         self.last_error: str | None = None
+        #: chunks that failed past the store's retries: chunk -> (store code, reason), at
+        #: most ``MAX_BAD_CHUNKS`` (the oldest forgotten first): a read touching one fails
+        #: at once, without a GET, and :meth:`failure` gives its waiters the store's message
+        self._bad: dict[int, tuple[str, str]] = {}
         #: the cache's stats as a worker thread last took them (taking them waits for the
         #: cache's lock, which another daemon's directory walk may hold for seconds: never
         #: in the event loop), and when
@@ -318,6 +328,84 @@ class RemoteSource:
             buffer.close()
         return VerifyReport(self.url, "pages", True, len(sums), size, tuple(bad), time.perf_counter() - started)
 
+    # -- failures ------------------------------------------------------------------------------
+    #: the most failed chunks remembered (:meth:`failure`; a forgotten one is fetched again)
+    MAX_BAD_CHUNKS = 4096
+
+    def failure(self, file_offset: int, length: int, err: int) -> tuple[str, str] | None:
+        """Why a read of the pages file's ``[file_offset, file_offset + length)`` failed
+        with ``err``, where the store is the reason (the loader asks, for its error to
+        the waiters): ``("unavailable", the store's message)`` when a chunk there failed
+        past the store's retries (or, for ``not-found``/``denied`` in the middle of a
+        restore, at once); None otherwise (the loader's own mapping: ``io-error``)."""
+        c = self.index.chunk_size
+        first, last = file_offset // c, (file_offset + max(length, 1) - 1) // c
+        with self._lock:
+            bad = self._bad
+            if not bad:
+                return None
+            if last - first < len(bad):
+                found = next((bad[k] for k in range(first, last + 1) if k in bad), None)
+            else:
+                found = next((v for k, v in bad.items() if first <= k <= last), None)
+        if found is None:
+            return None
+        from protocol import codes
+
+        return codes.UNAVAILABLE, found[1]
+
+    def _remember(self, k0: int, k1: int, code: str, reason: str) -> None:
+        """Chunks ``k0..k1`` failed past the store's retries (bounded; oldest out first)."""
+        record = (code, reason)
+        with self._lock:
+            bad = self._bad
+            for k in range(k0, k1 + 1):
+                bad.pop(k, None)
+                bad[k] = record
+            while len(bad) > self.MAX_BAD_CHUNKS:
+                del bad[next(iter(bad))]
+
+    def _last_try(self, k0: int, k1: int, a: int, target: memoryview,
+                  exc: StoreError) -> tuple[int, int, int, StoreError]:
+        """A GET of the stretch of chunks ``k0..k1`` (at pages-file offset ``a``, into
+        ``target``) failed every try but the last with ``unavailable`` (a 5xx, a reset,
+        a response cut short: perhaps one chunk's bytes only).  The last try goes chunk
+        by chunk, without retries: so a chunk that keeps failing costs at most 1 +
+        ``retries`` GETs and is told apart from its neighbours, which are fetched.
+        Each chunk that fails is remembered.  Returns the bytes in ``target`` in order
+        (short at the first chunk that failed), the GETs made, the chunks that failed,
+        and the first one's error (``exc`` if none failed)."""
+        c, size, store = self.index.chunk_size, self._size, self.store
+        retries = store.policy.retries
+        store.backoff(retries)
+        got = gets = extra = lost = 0
+        first: StoreError | None = None
+        for k in range(k0, k1 + 1):
+            if self._closing:
+                break
+            ca, cb = k * c - a, min((k + 1) * c, size) - a
+            gets += 1
+            try:
+                n = store.get_range_into("pages.img", k * c, target[ca:cb], retries=0)
+            except self._store_error as e:
+                tries = f"{max(retries, 1) + 1} tries"
+                self._remember(k, k, e.code, f"{e.message} (after {tries}, the last for chunk {k} alone)")
+                first = first or e
+                lost += 1
+                continue
+            if first is None:
+                got += n
+            else:
+                extra += n  # (fetched, but after a failed chunk: not in the bytes returned)
+            if n < cb - ca:  # the object ended first
+                break
+        if extra:
+            with self._lock:
+                self._counts.bytes_fetched += extra
+        if first is not None:
+            self._note_error(first)
+        return got, gets, lost, first or exc
+
     # -- statistics ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The daemon's ``remote`` statistics: the store's, the cache's, this source's fetching."""
@@ -399,16 +487,22 @@ class RemoteSource:
                 missing.append(k)
         failed_at: int | None = None
         error = 0
-        fetched = wrong = gets = staged = nbytes = 0
+        fetched = wrong = gets = staged = nbytes = failures = 0
         run_start = 0
+        bad = self._bad
         while run_start < len(missing):
             # a stretch of contiguous missing chunks, at most fetch_bound bytes
+            k0 = missing[run_start]
+            known = bad.get(k0) if bad else None  # (a dict's get and `in` are atomic)
+            if known is not None:  # failed past its retries before: not fetched again
+                failed_at, error = k0 * c, STORE_ERRNOS.get(known[0], errno.EIO)
+                break
             run_end = run_start + 1
             limit = self.fetch_bound // c
             while (run_end < len(missing) and missing[run_end] == missing[run_end - 1] + 1
-                   and run_end - run_start < limit):
+                   and run_end - run_start < limit and not (bad and missing[run_end] in bad)):
                 run_end += 1
-            k0, k1 = missing[run_start], missing[run_end - 1]
+            k1 = missing[run_end - 1]
             a, b = k0 * c, min((k1 + 1) * c, self._size)
             if self._closing:
                 failed_at, error = a, errno.ECANCELED
@@ -416,11 +510,23 @@ class RemoteSource:
             direct = _inside(starts, buffers, a, b, lo, hi)
             target = direct if direct is not None else self._stage(b - a)
             gets += 1
-            try:
-                got = self.store.get_range_into("pages.img", a, target)
+            retries = self.store.policy.retries
+            try:  # (a stretch of several chunks keeps its last try for them one by one)
+                got = self.store.get_range_into("pages.img", a, target,
+                                                retries=retries - 1 if k1 > k0 and retries else None)
             except self._store_error as exc:
                 self._note_error(exc)
-                failed_at, error = a, STORE_ERRNOS.get(exc.code, errno.EIO)
+                if k1 > k0 and exc.code == "unavailable":
+                    got, more, lost, exc = self._last_try(k0, k1, a, target, exc)
+                    gets += more
+                    failures += lost
+                else:  # one chunk, or the object (or the store) at fault: all of it failed
+                    self._remember(k0, k1, exc.code, _reason(exc))
+                    got = 0
+                    failures += 1
+                if got < b - a:
+                    failed_at, error = a + got, STORE_ERRNOS.get(exc.code, errno.EIO)
+            if failed_at is not None and got == 0:
                 break
             nbytes += got
             if direct is None:
@@ -436,6 +542,8 @@ class RemoteSource:
                         cache.insert(identity, sums[k], target[ca:cb])
                     except ValueError:  # wrong bytes: never cached; the loader fails the chunk
                         wrong += 1
+            if failed_at is not None:  # the chunks before the failed one are kept
+                break
             if got < b - a:  # the object ended first (it shrank since the HEAD)
                 failed_at = a + got
                 break
@@ -448,7 +556,7 @@ class RemoteSource:
             n.bytes_fetched += nbytes
             n.wrong_chunks += wrong
             n.staged_bytes += staged
-            n.failures += error != 0 and error != errno.ECANCELED
+            n.failures += failures
             stale = time.monotonic() - self._cache_stats_at > self.CACHE_STATS_EVERY
         if stale and cache is not None and not self._closing:
             self._refresh_cache_stats()
@@ -504,6 +612,13 @@ def _scatter(data: memoryview, a: int, starts: list[int], buffers: Sequence[memo
         s, e = max(start, a), min(start + len(buf), end)
         if s < e:
             buf[s - start : e - start] = data[s - a : e - a]
+
+
+def _reason(exc: StoreError) -> str:
+    """A store's error as the reason a waiter is given: its message (naming the object,
+    saying what went wrong and after how many retries), with its code unless that is
+    ``unavailable`` (the waiter's code already)."""
+    return exc.message if exc.code == "unavailable" else str(exc)
 
 
 def _checkpoint_error(exc: StoreError, where: str) -> CheckpointError:

@@ -92,3 +92,6 @@ class _Counters:
     relooked: int = 0  #: direct fill spans put back after a removal or remap came while they were copied
     around_bytes: int = 0  #: copied around direct faults (``fault_around``), so their neighbours never fault
     spin_reads: int = 0  #: reads of the userfaultfd that found messages while it spun (no wake-up needed)
+    #: the last failed fault's error, ``"code: message"`` (the loader's: a store's message for
+    #: ``unavailable``); None: none failed
+    last_failure: str | None = None

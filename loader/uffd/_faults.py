@@ -320,12 +320,13 @@ class Decisions:
     def _fail(self, r: Region, va: int, start_ns: int, error: LoadError) -> None:
         """The page cannot be read: poison it so the faulting thread gets SIGBUS."""
         self.counts.failed += 1
+        self.counts.last_failure = f"{error.code}: {error.message}"
         if error.code == codes.SHUTTING_DOWN:
             log.warning("uffd: page at %#x (memory %#x) not loaded at shutdown: poisoned", va,
                         r.offset + (va - r.base))
         else:
-            log.error("uffd: page at %#x (memory %#x) failed to load: %s", va, r.offset + (va - r.base),
-                      error.message)
+            log.error("uffd: page at %#x (memory %#x) failed to load (%s): %s", va, r.offset + (va - r.base),
+                      error.code, error.message)
         answerer = self.answerer
         status = answerer.poison(va, r.page_size)
         if status == errno_mod.EAGAIN:

@@ -220,6 +220,7 @@ class UffdHandler:
             "faults_waited": self.faults_waited,
             "faults_zero": c.zero,
             "faults_failed": c.failed,
+            "last_failure": c.last_failure,
             "faults_spurious": c.spurious,
             "faults_uncached": c.uncached,
             "fault_around_bytes": c.around_bytes,
