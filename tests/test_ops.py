@@ -138,6 +138,7 @@ async def test_metrics_scraped_over_tcp_match_the_stats(tmp_path, image):
         assert value(fams, "pageload_blocked_seconds_total") > 0
         assert value(fams, "pageload_fill_throughput_bytes_per_second") >= 0
         assert value(fams, "pageload_info", backend="sync") == 1
+        assert not [name for name in fams if name.startswith("pageload_remote_")]  # a local checkpoint
         hist = fams["pageload_wait_latency_seconds"]
         assert hist.type == "histogram"
         buckets = [s for s in hist.samples if s.name.endswith("_bucket")]

@@ -5,9 +5,11 @@ or the source: every GET crosses a socket, every byte is checked against the ima
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -140,11 +142,14 @@ async def test_a_pushed_checkpoint_restores_byte_exact_through_the_socket(image,
 
 
 async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(image, pushed, seaweed, tmp_path,
-                                                                              proxy):
+                                                                              proxy, caplog):
     """The first restore fills the host chunk cache; the second, with the same
-    --cache-dir, GETs only the index: no request for pages.img reaches the proxy."""
+    --cache-dir, GETs only the index: no request for pages.img reaches the proxy.  The
+    progress lines say so: what was fetched at what rate, and the cache's share."""
+    caplog.set_level(logging.INFO, logger="pageload")
     for run in ("cold", "warm"):
         proxy.requests.clear()
+        caplog.clear()
         opts = _options(tmp_path, pushed, _config(seaweed, tmp_path, endpoint=proxy.endpoint))
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
@@ -153,10 +158,14 @@ async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(im
                 await _check_memory(client, image["expected"])
                 remote = (await client.stats())["remote"]
             state.stop()
+        # the last progress line says what was fetched, at what rate, and the cache's share
+        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")][-1]
         pages_gets = _pages_gets(proxy)
         if run == "cold":
             assert pages_gets and remote["fetch"]["gets"] >= 1
+            assert re.search(r"; fetched [\d.]+ [KM]iB at [\d.]+ MB/s, cache 0% hits$", line), line
             continue
+        assert line.endswith("; fetched 0 B at 0.0 MB/s, cache 100% hits"), line
         assert pages_gets == [] and remote["fetch"]["gets"] == 0
         assert remote["store"]["gets"] == 1  # the index
         assert remote["fetch"]["chunks_cached"] >= len(image["index"].checksums)
@@ -236,18 +245,41 @@ def test_inspect_and_verify_take_a_url(image, pushed, seaweed, capsys, monkeypat
 
 async def test_a_store_answering_503_to_a_few_gets_still_restores(image, pushed, seaweed, tmp_path, proxy):
     """503 SlowDown to the first GETs of the pages: retried by the store client, the
-    restore is byte-exact, and the retries are counted."""
+    restore is byte-exact, and the retries are counted, in the stats and in the
+    Prometheus metrics (``pageload_remote_*``: GETs, bytes, retries, failures, chunks by
+    source, each GET's latency; no cache metrics with --no-cache)."""
+    from test_ops import families, http, value
+
+    from loader import MetricsAddress
+
     proxy.fail_next(4, 503, match="pages.img", overlapping=(0, 1 << 40))  # ranged GETs only
-    opts = _options(tmp_path, pushed, _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache=False))
+    opts = _options(tmp_path, pushed, _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache=False),
+                    metrics=MetricsAddress(host="127.0.0.1", port=0))
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
+        host, port = state.metrics.bound.rsplit(":", 1)
         async with TrioClient.connect(state.server.path) as client:
             await client.wait(0, SIZE)
             await _check_memory(client, image["expected"])
+            with trio.fail_after(30):
+                while not state.loader.done.is_set():
+                    await trio.sleep(0.01)
+            fams = families(await http((host, int(port)), b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
             remote = (await client.stats())["remote"]
         state.stop()
     assert proxy.faults["status"] == 4
     assert remote["store"]["retries"] >= 4 and remote["cache"] is None
+    store, fetch = remote["store"], remote["fetch"]
+    assert value(fams, "pageload_remote_gets_total") == store["gets"] == len(
+        [r for r in proxy.requests if r.startswith("GET ")])
+    assert value(fams, "pageload_remote_fetched_bytes_total") == store["bytes_fetched"] >= image["index"].pages_size
+    assert value(fams, "pageload_remote_retries_total") == store["retries"] >= 4
+    assert value(fams, "pageload_remote_failures_total", code="unavailable") == 0
+    assert value(fams, "pageload_remote_chunks_total", source="store") == fetch["chunks_fetched"] > 0
+    assert value(fams, "pageload_remote_chunks_total", source="cache") == 0
+    assert value(fams, "pageload_remote_get_latency_seconds_count") == store["gets"]
+    assert value(fams, "pageload_remote_get_latency_seconds_sum") > 0
+    assert not [name for name in fams if name.startswith("pageload_remote_cache")]
 
 
 async def test_a_chunk_whose_gets_keep_failing_fails_its_waiters_and_the_rest_is_served(

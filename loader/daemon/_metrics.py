@@ -177,6 +177,7 @@ class StatsCollector:
             yield _gauge("pageload_process_resident_outside_memory_bytes",
                          "Daemon RSS outside the memory file (anon + file)", outside)
         yield from _uffd_metrics(s.get("uffd"), s.get("uffd_minor"))
+        yield from _remote_metrics(s.get("remote"))
         info = GaugeMetricFamily("pageload_info", "The daemon's backend and source",
                                  labels=["backend", "source"])
         info.add_metric([str(s.get("backend", "")), str(s.get("source", ""))], 1)
@@ -229,6 +230,53 @@ def _uffd_metrics(handler: dict[str, Any] | None, minor: dict[str, Any] | None) 
         total_us += lat.get("mean_us", 0.0) * lat.get("count", 0)
     yield _latency({"counts": counts, "count": count, "mean_us": total_us / count if count else 0.0},
                    "pageload_uffd_fault_latency_seconds", "Time from reading a fault to its answer, in the daemon")
+
+
+#: a store error's codes (``loader.remote.CODES``; not imported: a local daemon never loads the store client)
+STORE_CODES = ("not-found", "denied", "unreachable", "unavailable", "bad-url")
+
+
+def _remote_metrics(remote: dict[str, Any] | None) -> Iterator[Metric]:
+    """Fetching from object storage (a checkpoint in a store, docs/REMOTE.md): the
+    store's requests, the chunks and where they came from, the host chunk cache (where
+    there is one).  Absent for a local checkpoint."""
+    if not remote:
+        return
+    from prometheus_client.core import CounterMetricFamily
+
+    store = remote.get("store") or {}
+    fetch = remote.get("fetch") or {}
+    yield _counter("pageload_remote_gets", "GET requests sent to the store (each retry counted; the index's too)",
+                   store.get("gets", 0))
+    yield _counter("pageload_remote_fetched_bytes", "Bytes of GET responses taken from the store",
+                   store.get("bytes_fetched", 0))
+    yield _counter("pageload_remote_retries", "Store requests tried again (timeouts, 5xx, 429/503, resets)",
+                   store.get("retries", 0))
+    by_code = store.get("by_code") or {}
+    failures = CounterMetricFamily("pageload_remote_failures", "Store requests that failed past their retries, "
+                                   "by error code", labels=["code"])
+    for code in (*STORE_CODES, *sorted(set(by_code) - set(STORE_CODES))):
+        failures.add_metric([code], by_code.get(code, 0))
+    yield failures
+    chunks = CounterMetricFamily("pageload_remote_chunks", "Checksum chunks put into memory, by where they came "
+                                 "from", labels=["source"])
+    chunks.add_metric(["cache"], fetch.get("chunks_cached", 0))
+    chunks.add_metric(["store"], fetch.get("chunks_fetched", 0))
+    yield chunks
+    yield _counter("pageload_remote_wrong_chunks", "Fetched chunks that did not match their checksum",
+                   fetch.get("wrong_chunks", 0))
+    cache = remote.get("cache")
+    if cache:
+        yield _counter("pageload_remote_cache_hits", "Chunk reads the host chunk cache answered (this daemon's)",
+                       cache.get("hits", 0))
+        yield _counter("pageload_remote_cache_misses", "Chunk reads the host chunk cache did not answer (this "
+                       "daemon's)", cache.get("misses", 0))
+        yield _gauge("pageload_remote_cache_bytes", "Bytes in the host chunk cache (all its daemons')",
+                     cache.get("bytes", 0))
+        yield _gauge("pageload_remote_cache_max_bytes", "The host chunk cache's bound (--cache-size)",
+                     cache.get("max_bytes", 0))
+    yield _latency(store.get("get_latency_us") or {}, "pageload_remote_get_latency_seconds",
+                   "Time of each GET request to the store, from sending it to its body taken (or its failure)")
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

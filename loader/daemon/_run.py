@@ -138,6 +138,9 @@ def _progress_line(loader: Loader, final: bool = False) -> str:
             f"time waited {s.total_wait_time_s:.3f} s, blocked {s.blocked_time_s:.3f} s")
     if s.failed_bytes:
         line += f"; FAILED {human(s.failed_bytes)} in {len(s.failed_ranges)} ranges"
+    fetching = getattr(loader.source, "progress_note", None)
+    if fetching is not None:  # a checkpoint in a store: the fetch rate, the cache's share
+        line += f"; {fetching(s.elapsed_s)}"
     return line
 
 
