@@ -132,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ws = p.add_argument_group("working set (docs/FORMAT.md): what the guest touches first, loaded first")
     ws.add_argument("--working-set", metavar="FILE",
                     help="replay this working set before the sweep (default: working-set.msgpack in the "
-                    "checkpoint directory, or IMAGE.working-set.msgpack beside a raw image, when present; "
+                    "checkpoint directory (PREFIX/working-set.msgpack in a store), or IMAGE.working-set.msgpack "
+                    "beside a raw image, when present; "
                     "a default file that does not fit is ignored with a warning, an explicit one is an error)")
     ws.add_argument("--no-working-set", action="store_true", help="ignore any working set")
     ws.add_argument("--record-working-set", nargs="?", const="", metavar="FILE",

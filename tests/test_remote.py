@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,8 @@ async def test_a_pushed_checkpoint_restores_byte_exact_through_the_socket(image,
 async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(image, pushed, seaweed, tmp_path,
                                                                               proxy, caplog):
     """The first restore fills the host chunk cache; the second, with the same
-    --cache-dir, GETs only the index: no request for pages.img reaches the proxy.  The
+    --cache-dir, GETs only the index (and asks for a working set, which this checkpoint
+    has none of): no request for pages.img reaches the proxy.  The
     progress lines say so: what was fetched at what rate, and the cache's share."""
     caplog.set_level(logging.INFO, logger="pageload")
     for run in ("cold", "warm"):
@@ -167,10 +169,10 @@ async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(im
             continue
         assert line.endswith("; fetched 0 B at 0.0 MB/s, cache 100% hits"), line
         assert pages_gets == [] and remote["fetch"]["gets"] == 0
-        assert remote["store"]["gets"] == 1  # the index
+        assert remote["store"]["gets"] == 2  # the index, and the working set (none here: a 404)
         assert remote["fetch"]["chunks_cached"] >= len(image["index"].checksums)
-        assert [r for r in proxy.requests if r.startswith("GET ")] == [r for r in proxy.requests
-                                                                       if "index.msgpack" in r and "GET " in r]
+        gets = [r for r in proxy.requests if r.startswith("GET ")]
+        assert len(gets) == 2 and "index.msgpack" in gets[0] and "working-set.msgpack" in gets[1], gets
 
 
 async def test_a_corrupt_pages_object_is_never_served(image, seaweed, tmp_path):
@@ -319,6 +321,51 @@ async def test_a_chunk_whose_gets_keep_failing_fails_its_waiters_and_the_rest_is
         # every GET overlapping the chunk was answered 503 by the proxy: these are all of them
         assert proxy.faults["status"] <= 1 + FAST.retries, proxy.faults
         state.stop()
+
+
+async def test_the_working_set_pushed_with_a_checkpoint_is_replayed_before_the_sweep(image, seaweed, tmp_path,
+                                                                                     caplog):
+    """A checkpoint pushed with its working set (``DIR/working-set.msgpack``, as a
+    recording leaves it): a restore from the store fetches it and replays it first, as
+    a local restore does with the file beside the checkpoint; the restore is byte-exact."""
+    import shutil
+
+    from loader.core._workingset import WorkingSet, checkpoint_identity, write_working_set
+    from loader.source import open_source
+
+    caplog.set_level(logging.INFO, logger="pageload")
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(image["ckpt"], ckpt)
+    layout = image["index"].layout
+    chosen = [r for r in layout][-3:]  # the end of memory: the sweep would come to it last
+    local = open_source(ckpt)
+    try:
+        identity = checkpoint_identity(local)
+    finally:
+        local.close()
+    ws = WorkingSet(identity, array("Q", [r.mem_offset for r in chosen]), array("Q", [r.length for r in chosen]),
+                    array("Q", range(len(chosen))))
+    write_working_set(os.path.join(ckpt, "working-set.msgpack"), ws)
+    url = f"s3://{seaweed.bucket}/with-ws-{uuid.uuid4().hex[:12]}"
+    saved = dict(os.environ)
+    os.environ.update(_env(seaweed))
+    try:
+        assert main(["checkpoint", "push", ckpt, url, "--s3-endpoint", seaweed.endpoint]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    opts = _options(tmp_path, url, _config(seaweed, tmp_path, cache=False))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            await client.wait(0, SIZE)
+            await _check_memory(client, image["expected"])
+            stats = await client.stats()
+        state.stop()
+    replayed = stats["working_set"]
+    assert replayed["size_bytes"] == ws.total_bytes == replayed["loaded_bytes"] > 0
+    assert any(r.getMessage().startswith(f"working set {url}/working-set.msgpack: ") and "replayed first" in
+               r.getMessage() for r in caplog.records)
 
 
 async def test_a_pages_object_deleted_in_the_middle_of_a_restore_fails_waits_unavailable(image, seaweed, tmp_path):

@@ -13,11 +13,13 @@ from .._units import human
 from ..core._replay import WorkingSetRecorder, replay_order
 from ..core._sweep import SweepOrder, WorkingSetOrder
 from ..core._workingset import (
+    WorkingSet,
     WorkingSetError,
     check_identity,
     check_recording_path,
     checkpoint_identity,
     clip_working_set,
+    decode_working_set,
     default_working_set_path,
     max_file_bytes,
     read_working_set,
@@ -39,19 +41,32 @@ def working_set_setup(
     An explicit ``working_set`` that cannot be used, or a recording path that cannot
     be written, raises :class:`WorkingSetError` (one line; the CLI exits 2).  The
     default file beside the checkpoint is only a hint: a problem with it is one
-    warning line and the restore goes on without it."""
+    warning line and the restore goes on without it.  A source that keeps its own
+    (``stored_working_set(max_bytes) -> (where, bytes) | None``: a checkpoint in a
+    store, its ``PREFIX/working-set.msgpack``) gives the default instead of a file."""
     identity = None
     order = opts.order
     if order is None and opts.use_working_set:
         path = opts.working_set
         explicit = path is not None
-        if path is None:
+        limit = max_file_bytes(ckpt.layout.memory_size, ckpt.layout.page_size)
+        stored: bytes | None = None
+        fetch = getattr(ckpt, "stored_working_set", None)
+        if path is None and fetch is not None:  # kept with the checkpoint in a store
+            try:
+                found = fetch(limit)
+            except WorkingSetError as exc:
+                log.warning("ignoring the working set %s", exc)
+                found = None
+            if found is not None:
+                path, stored = found
+        elif path is None:
             path = default_working_set_path(opts.source)
             if not os.path.exists(path):
                 path = None
         if path is not None:
             try:
-                ws = read_working_set(path, max_file_bytes(ckpt.layout.memory_size, ckpt.layout.page_size))
+                ws = read_working_set(path, limit) if stored is None else decode_stored(stored, path)
                 identity = checkpoint_identity(ckpt)
                 check_identity(ws, identity, path)
             except WorkingSetError as exc:
@@ -76,6 +91,14 @@ def working_set_setup(
         recorder = WorkingSetRecorder(identity or checkpoint_identity(ckpt))
         recorder.replaces = replaces
     return order, recorder, record_path
+
+
+def decode_stored(data: bytes, where: str) -> WorkingSet:
+    """A working set fetched from where its checkpoint is stored, decoded and checked."""
+    try:
+        return decode_working_set(data)
+    except ValueError as exc:
+        raise WorkingSetError(where, str(exc)) from None
 
 
 def working_set_stats(order: SweepOrder | None, recorder: WorkingSetRecorder | None,

@@ -328,6 +328,22 @@ class RemoteSource:
             buffer.close()
         return VerifyReport(self.url, "pages", True, len(sums), size, tuple(bad), time.perf_counter() - started)
 
+    def stored_working_set(self, max_bytes: int) -> tuple[str, bytes] | None:
+        """The working set pushed with the checkpoint (``PREFIX/working-set.msgpack``,
+        one GET of at most ``max_bytes``), for the daemon to replay before the sweep:
+        (its URL, its bytes), or None where there is none.  Raises
+        :class:`~loader.core._workingset.WorkingSetError` (one line naming it) where it
+        cannot be fetched."""
+        from ..core._workingset import DEFAULT_NAME, WorkingSetError
+
+        url = self.store.url.url_of(DEFAULT_NAME)
+        try:
+            return url, self.store.get(DEFAULT_NAME, max_bytes)
+        except self._store_error as exc:
+            if exc.code == "not-found":
+                return None
+            raise WorkingSetError(url, _checkpoint_error(exc, url).problem) from None
+
     # -- failures ------------------------------------------------------------------------------
     #: the most failed chunks remembered (:meth:`failure`; a forgotten one is fetched again)
     MAX_BAD_CHUNKS = 4096
