@@ -84,7 +84,8 @@ def test_loader_public_names():
 def test_loader_source_public_names():
     """Page sources (the seam under the loader) are their own package."""
     assert set(loader.source.__all__) == {
-        "CheckpointIdentity", "FileSource", "LocalPages", "PageSource", "PagesSource", "RawImageSource",
+        "CheckpointIdentity", "ExplainsFailures", "FileSource", "LocalPages", "PageSource", "PagesSource",
+        "RawImageSource",
         "SourceClass", "file_digest", "layout_digest", "open_regular", "open_source", "register_source",
         "registered_sources", "unregister_source",
         # a pages checkpoint in object storage (docs/REMOTE.md)

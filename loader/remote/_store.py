@@ -301,9 +301,20 @@ class ObjectStore:
 
         return self._call(key, attempt)
 
-    def get(self, key: str, max_bytes: int) -> bytes:
+    def get_if_there(self, key: str, max_bytes: int) -> bytes | None:
+        """:meth:`get`, but None where there is no such object (not counted as a
+        failure: for an object that may well be missing, such as a working set)."""
+        try:
+            return self.get(key, max_bytes, quiet="not-found")
+        except StoreError as exc:
+            if exc.code == "not-found":
+                return None
+            raise
+
+    def get(self, key: str, max_bytes: int, *, quiet: str | None = None) -> bytes:
         """All of object ``key``, which must be at most ``max_bytes`` long (for small
-        objects, such as the index; a bigger one is refused before its body is read)."""
+        objects, such as the index; a bigger one is refused before its body is read).
+        ``quiet``: a failure with this code is raised but not counted."""
         path = self.url.path_of(key)
 
         def attempt() -> bytes:
@@ -322,7 +333,7 @@ class ObjectStore:
             return data
 
         try:
-            return self._call(key, attempt)
+            return self._call(key, attempt, quiet=quiet)
         except _TooLarge as exc:
             self._failed("unavailable")
             raise StoreError("unavailable", f"{self.url.url_of(key)}: {exc.size} bytes, more than the "
@@ -442,9 +453,9 @@ class ObjectStore:
             self._stats.failures += 1
             self._stats.by_code[code] = self._stats.by_code.get(code, 0) + 1
 
-    def _call(self, key: str, attempt: Callable[[], _T], most: int | None = None) -> _T:
+    def _call(self, key: str, attempt: Callable[[], _T], most: int | None = None, quiet: str | None = None) -> _T:
         """``attempt()``, retried under the policy (at most ``most`` times where that is
-        fewer); a :class:`StoreError` at the end."""
+        fewer); a :class:`StoreError` at the end (counted, unless its code is ``quiet``)."""
         limit = self.policy.retries if most is None else max(0, min(most, self.policy.retries))
         retries = 0
         while True:
@@ -461,7 +472,8 @@ class ObjectStore:
                     pause = self.policy.pause(retries, self._rng)
                 time.sleep(pause)
                 continue
-            self._failed(code)
+            if code != quiet:
+                self._failed(code)
             after = f" (after {retries} {'retry' if retries == 1 else 'retries'})" if retries else ""
             raise StoreError(code, f"{self.url.url_of(key)}: {detail}{after}") from None
 

@@ -338,11 +338,10 @@ class RemoteSource:
 
         url = self.store.url.url_of(DEFAULT_NAME)
         try:
-            return url, self.store.get(DEFAULT_NAME, max_bytes)
+            data = self.store.get_if_there(DEFAULT_NAME, max_bytes)
         except self._store_error as exc:
-            if exc.code == "not-found":
-                return None
             raise WorkingSetError(url, _checkpoint_error(exc, url).problem) from None
+        return None if data is None else (url, data)
 
     # -- failures ------------------------------------------------------------------------------
     #: the most failed chunks remembered (:meth:`failure`; a forgotten one is fetched again)
