@@ -99,12 +99,33 @@ def test_only_missing_chunks_are_written_and_the_manifest_last(tmp_path, store):
         assert assemble(store, "c") == f.read()
     seen = []
 
+    fresh = open_store(str(tmp_path / "fresh"), create=True)
+
     def before() -> None:
-        seen.append(store.exists("snapshots/d"))
-    create_snapshot(image, store, "d", chunk_size=CS, codec="none", before_manifest=before)
-    assert seen == [False] and store.exists("snapshots/d")
-    d, _ = read_manifest(store, "d")
+        seen.append((fresh.exists("snapshots/d"), len(fresh.listing("chunks/"))))
+    create_snapshot(image, fresh, "d", chunk_size=CS, codec="none", before_manifest=before)
+    assert seen == [(False, third.chunks)] and fresh.exists("snapshots/d")
+    d, _ = read_manifest(fresh, "d")
     assert set(d.codecs) == {CODEC_NONE} and list(d.stored_lengths) == list(d.lengths)
+
+
+def test_a_chunk_already_stored_otherwise_is_described_as_it_is_stored(tmp_path, store):
+    """Chunks are named by their uncompressed bytes: a create that finds one stored raw
+    (or at another level) names that object as it is, and so does a push."""
+    image = str(tmp_path / "img")
+    want = _text_image(image, 24 * CS)
+    create_snapshot(image, store, "raw", chunk_size=CS, codec="none")
+    packed = create_snapshot(image, store, "packed", chunk_size=CS, codec="zstd:19")
+    assert packed.new_chunks == 0 and packed.ratio == 1.0
+    assert set(read_manifest(store, "packed")[0].codecs) == {CODEC_NONE}
+    assert assemble(store, "packed") == want
+    other = open_store(str(tmp_path / "other"), create=True)
+    create_snapshot(image, other, "z", chunk_size=CS)
+    pushed = push_snapshot(store, "raw", other)  # other holds them compressed
+    assert pushed.new_chunks == 0
+    assert set(read_manifest(other, "raw")[0].codecs) == {CODEC_ZSTD, CODEC_NONE}
+    assert assemble(other, "raw") == want
+    assert push_snapshot(store, "raw", other).new_chunks == 0  # the same snapshot there: completed, not refused
 
 
 def test_bad_input_is_one_line(tmp_path, store):

@@ -42,6 +42,11 @@ class ChunkStore:
 
     def mtime(self, key: str) -> float | None:
         """When ``key`` was last written, or None where it is absent."""
+        found = self.stat(key)
+        return None if found is None else found[1]
+
+    def stat(self, key: str) -> tuple[int, float] | None:
+        """``(size, last written)`` of ``key``, or None where it is absent."""
         raise NotImplementedError
 
     def touch(self, key: str) -> bool:
@@ -91,9 +96,10 @@ class LocalStore(ChunkStore):
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
-    def mtime(self, key: str) -> float | None:
+    def stat(self, key: str) -> tuple[int, float] | None:
         try:
-            return os.stat(self._path(key)).st_mtime
+            st = os.stat(self._path(key))
+            return st.st_size, st.st_mtime
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -237,18 +243,19 @@ class RemoteStore(ChunkStore):
         head, sep, rest = text.partition(": ")
         return CheckpointError(head, rest) if sep else CheckpointError(self.where, text)
 
-    def _head(self, key: str) -> float | None:
+    def _head(self, key: str) -> tuple[int, float] | None:
         import obstore
 
         store = self._store
         path = store.url.path_of(key)
 
-        def attempt() -> float:
+        def attempt() -> tuple[int, float]:
             store._count(heads=1)
-            return float(obstore.head(store._store, path)["last_modified"].timestamp())
+            meta = obstore.head(store._store, path)
+            return int(meta["size"]), float(meta["last_modified"].timestamp())
 
         try:
-            result: float = store._call(key, attempt)
+            result: tuple[int, float] = store._call(key, attempt)
             return result
         except self._error as exc:
             if exc.code == "not-found":
@@ -258,7 +265,7 @@ class RemoteStore(ChunkStore):
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
-    def mtime(self, key: str) -> float | None:
+    def stat(self, key: str) -> tuple[int, float] | None:
         return self._head(key)
 
     def touch(self, key: str) -> bool:

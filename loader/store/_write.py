@@ -18,7 +18,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import xxhash
@@ -171,28 +171,48 @@ def _in_order(pool: ThreadPoolExecutor, work: Callable[[_T], Any], items: Iterab
 
 
 class _Uploader:
-    """Puts chunk objects the store lacks; counts new and deduplicated chunks once each."""
+    """Decides which chunk objects must be put, and counts new ones once each."""
 
     def __init__(self, store: ChunkStore, grace_refresh: float) -> None:
         self.store = store
         self.lock = threading.Lock()
-        self.done: dict[bytes, int] = {}  #: hash -> stored length, for chunks handled in this run
+        self.done: dict[bytes, int] = {}  #: hash -> its object's size, for chunks handled in this run
         self.written: list[str] = []
         self.grace_refresh = grace_refresh
 
-    def claim(self, digest: bytes) -> int | None:
+    def known(self, digest: bytes) -> int | None:
         with self.lock:
             return self.done.get(digest)
 
-    def need(self, key: str) -> bool:
-        """Whether ``key`` must be put: absent, or present but too old to be relied on
-        (gc could be deleting it: a store that cannot touch objects gets it again)."""
-        when = self.store.mtime(key)
-        if when is None:
-            return True
-        if time.time() - when < self.grace_refresh:
-            return False
-        return not self.store.touch(key)
+    def usable(self, key: str, length: int) -> int | None:
+        """The size of the object ``key`` already in the store, where it can be relied on;
+        None where it must be put: absent, of a size no chunk of ``length`` bytes can have
+        (damaged), or too old to be relied on (gc could be deleting it) in a store that
+        cannot make it young in place (S3: it is put again)."""
+        found = self.store.stat(key)
+        if found is None:
+            return None
+        size, when = found
+        if not 0 < size <= max_stored_length(CODEC_ZSTD, length):
+            return None
+        if time.time() - when >= self.grace_refresh and not self.store.touch(key):
+            return None
+        return size
+
+    def finished(self, digest: bytes, key: str, size: int, put: bool) -> bool:
+        """Record a chunk handled; True where this run wrote it first (counted as new)."""
+        with self.lock:
+            first = digest not in self.done
+            self.done.setdefault(digest, size)
+            if put:
+                self.written.append(key)
+            return put and first
+
+
+def _codec_of(size: int, length: int) -> int:
+    """A chunk object's codec, from its size: stored raw exactly when its size is its
+    length (the writers store a chunk compressed only when that makes it smaller)."""
+    return CODEC_NONE if size == length else CODEC_ZSTD
 
 
 def _image(path: str, page_size: int) -> tuple[int, int]:
@@ -286,26 +306,22 @@ def create_snapshot(
                 return None
             digest = chunk_hash(buf)
             xxh = xxhash.xxh3_64_intdigest(buf)
-            known = up.claim(digest)
-            if known is not None:
-                return _Row(off, length, known, CODEC_ZSTD if known < length else CODEC_NONE, digest, xxh, False)
+            stored = up.known(digest)
+            if stored is not None:
+                return _Row(off, length, stored, _codec_of(stored, length), digest, xxh, False)
             key = chunk_key(digest)
-            data: bytes | memoryview = buf
-            row_codec = CODEC_NONE
-            if cid == CODEC_ZSTD:
-                packed = bufs.compressor().compress(buf)
-                if len(packed) < length:
-                    data, row_codec = packed, CODEC_ZSTD
-            new = False
-            with up.lock:
-                first = digest not in up.done
-                up.done.setdefault(digest, len(data))
-            if first and up.need(key):
+            stored = up.usable(key, length)
+            put = stored is None
+            if stored is None:
+                data: bytes | memoryview = buf
+                if cid == CODEC_ZSTD:
+                    packed = bufs.compressor().compress(buf)
+                    if len(packed) < length:
+                        data = packed
                 st.put(key, data)
-                new = True
-                with up.lock:
-                    up.written.append(key)
-            return _Row(off, length, len(data), row_codec, digest, xxh, new)
+                stored = len(data)
+            new = up.finished(digest, key, stored, put)
+            return _Row(off, length, stored, _codec_of(stored, length), digest, xxh, new)
 
         rows: list[_Row] = []
         zero_chunks = 0
@@ -385,7 +401,7 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
     key = snapshot_key(name)
     if dest.exists(key):
         there = dest.get(key, MAX_MANIFEST_BYTES)
-        if there != data:
+        if there != data and decode_manifest(there, dest.url_of(key)).hashes != m.hashes:
             raise CheckpointError(dest.url_of(key), "another snapshot of that name is already there")
     rows: dict[str, int] = {}
     for i in range(len(m)):
@@ -394,12 +410,13 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
     up = _Uploader(dest, grace / 2)
     local = threading.local()
 
-    def one(item: tuple[str, int]) -> int:
-        """Bytes written for the chunk (0 where ``dest`` has it)."""
+    def one(item: tuple[str, int]) -> tuple[int, int]:
+        """(bytes written for the chunk: 0 where ``dest`` has it, the size of its object there)."""
         k, i = item
-        if not up.need(k):
-            return 0
         length, stored, codec = m.lengths[i], m.stored_lengths[i], m.codecs[i]
+        there = up.usable(k, length)
+        if there is not None:
+            return 0, there
         bound = max_stored_length(codec, length)
         if getattr(local, "stage", None) is None:
             local.stage = memoryview(bytearray(max_stored_length(CODEC_ZSTD, m.chunk_size)))
@@ -412,15 +429,24 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
         dest.put(k, staged[:stored])
         with up.lock:
             up.written.append(k)
-        return stored
+        return stored, stored
 
     new_chunks = new_stored = new_bytes = 0
+    sizes: dict[str, int] = {}
     with ThreadPoolExecutor(nthreads, thread_name_prefix="pageload-push") as pool:
-        for (_, i), wrote in zip(rows.items(), _in_order(pool, one, rows.items(), 2 * nthreads)):
+        for (k, i), (wrote, size) in zip(rows.items(), _in_order(pool, one, rows.items(), 2 * nthreads)):
+            sizes[k] = size
             if wrote:
                 new_chunks += 1
                 new_stored += wrote
                 new_bytes += m.lengths[i]
+    stored_lengths = array("I", (sizes[m.key_at(i)] for i in range(len(m))))
+    if stored_lengths != m.stored_lengths:
+        # the destination holds some chunks encoded otherwise (another level, or raw): its
+        # manifest describes the objects it has (so it is not byte for byte the source's)
+        m = replace(m, stored_lengths=stored_lengths,
+                    codecs=bytes(_codec_of(n, m.lengths[i]) for i, n in enumerate(stored_lengths)))
+        data = encode_manifest(m)
     if isinstance(dest, LocalStore):
         dest.sync_dirs(up.written)
     dest.put(key, data)
