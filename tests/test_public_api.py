@@ -16,6 +16,7 @@ import loader
 import loader.checkpoint
 import loader.remote
 import loader.source
+import loader.store
 import loader.vmm
 import workloads
 
@@ -105,6 +106,18 @@ def test_loader_remote_public_names():
     assert not hasattr(loader, "ObjectStore")
 
 
+def test_loader_store_public_names():
+    """The chunk store is its own package (docs/FORMAT.md, section 3)."""
+    assert set(loader.store.__all__) == {
+        "CODEC_IDS", "CODEC_LZ4", "CODEC_NAMES", "CODEC_NONE", "CODEC_ZSTD", "DEFAULT_CHUNK_SIZE",
+        "DEFAULT_ZSTD_LEVEL", "FORMAT", "HASH_ALGORITHM", "HASH_BYTES", "MAX_CHUNK_SIZE", "MAX_MANIFEST_BYTES",
+        "MIN_CHUNK_SIZE", "VERSION", "CheckpointError", "Manifest", "check_snapshot_name", "chunk_hash",
+        "chunk_key", "decode_manifest", "encode_manifest", "hash_of_chunk_key", "looks_like_manifest",
+        "manifest_digest", "max_stored_length", "snapshot_key", "split_snapshot_ref",
+    }
+    assert not hasattr(loader, "Manifest")
+
+
 def test_loader_vmm_public_names():
     """Zero-copy guest memory for VMM authors is its own module, not in loader's main list."""
     assert set(loader.vmm.__all__) == {"ZeroCopyMemory", "ZeroCopyUnsupported"}
@@ -112,8 +125,8 @@ def test_loader_vmm_public_names():
 
 
 def test_every_exported_name_resolves_to_itself():
-    for module in (aio, aio.testing, loader, loader.checkpoint, loader.remote, loader.source, loader.vmm, workloads,
-                   bench):
+    for module in (aio, aio.testing, loader, loader.checkpoint, loader.remote, loader.source, loader.store,
+                   loader.vmm, workloads, bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):
