@@ -1,30 +1,32 @@
 """A snapshot in a chunk store (``STORE/snapshots/NAME``: a local path, ``file://`` or
-``s3://``) as a page source (docs/FORMAT.md, section 3, "Reading a snapshot").
+``s3://``) as a page source (docs/FORMAT.md, "Reading a snapshot").
 
-The pages file the loader sees is virtual: its offsets are memory offsets (the
-layout is identity-mapped), and its data ranges are the manifest's chunks, adjacent
-ones merged; memory no chunk covers is zero, never read.  ``chunk_size`` is the
-manifest's and ``checksums`` one xxh3_64 per chunk of memory, the manifest's for a
-stored chunk (an all-zero one's for the others), so the loader's verification,
-read widening and ``corrupt`` code work as for a pages checkpoint.  The identity is
-the xxh3_64 of the manifest's bytes (which name every chunk's BLAKE3): the same
-snapshot pushed to another store is the same snapshot.
+The pages file the loader sees is virtual: the manifest's chunks back to back, row
+``k`` at ``k * chunk_size`` (only the last row, the last chunk of memory, may be
+short), as a pages checkpoint's ``pages.img`` holds its data; the layout maps each
+run of chunks adjacent in memory to its place there; memory no chunk covers is zero,
+never read.  ``chunk_size`` is the manifest's and ``checksums`` its ``xxh3`` column
+(one per row, so one per chunk of the pages file), so the loader's verification,
+read widening and ``corrupt`` code work as for a pages checkpoint.  (Memory offsets
+as file offsets, holes and all, would not do: the loader verifies chunks of a pages
+file its layout covers back to back.)  The identity is the xxh3_64 of the
+manifest's bytes (which name every chunk's BLAKE3): the same snapshot pushed to
+another store is the same snapshot.
 
 Reads are :data:`aio.Op.CALL` requests (``needs_calls``), run in the threads
 backend's workers as a checkpoint in object storage's are, so the loader's priority
 design holds unchanged (faults first, then the working set, then the sweep).  Each
 call, in its worker thread, for each chunk it covers:
 
-1. a chunk the manifest does not hold: zeros;
-2. a chunk that failed for good before (its bytes did not verify, its object is
+1. a chunk that failed for good before (its bytes did not verify, its object is
    missing): fails again at once, no fetch (the loader splits a failed read down to
    single pages, each a call: they must not each fetch the chunk);
-3. otherwise :class:`loader.store._read.ChunkReader`: the stored bytes from the host
+2. otherwise :class:`loader.store._read.ChunkReader`: the stored bytes from the host
    chunk cache (a store in object storage) or the store, decompressed straight into
    the destination (or into this thread's chunk-sized scratch buffer when the call's
    buffers split the chunk or it asks for part of it, then copied out), its BLAKE3
    checked before the call may count it;
-4. returns the bytes put into the buffers, in order, short at the first chunk that
+3. returns the bytes put into the buffers, in order, short at the first chunk that
    failed, or ``-errno`` when that is the first: ``EBADMSG`` for a chunk whose bytes
    do not verify (never served), the store's codes as for a checkpoint in object
    storage (``ENOENT``, ``EACCES``, ``EHOSTUNREACH``, ``EREMOTEIO``).
@@ -100,35 +102,26 @@ class StoreSource:
         m = manifest
         c = m.chunk_size
         self.chunk_size: int | None = c
-        self._size = m.memory_size
-        n = -(-m.memory_size // c)
         off = np.frombuffer(m.offsets, dtype=np.uint64)
         ln = np.frombuffer(m.lengths, dtype=np.uint32).astype(np.uint64)
-        # the layout: the chunks, adjacent ones merged, file offset == memory offset
+        # the pages file: row k's bytes at k * chunk_size (only the last row may be short)
+        self._size = int(ln.sum())
+        # the layout: the rows, those adjacent in memory merged
         if len(off):
             starts = np.flatnonzero(np.concatenate(([True], off[1:] != off[:-1] + ln[:-1])))
             ends = np.append(starts[1:], len(off)) - 1
             mem = array("Q", off[starts].tobytes())
             length = array("Q", (off[ends] + ln[ends] - off[starts]).tobytes())
+            file = array("Q", (starts.astype(np.uint64) * np.uint64(c)).tobytes())
         else:
-            mem, length = array("Q"), array("Q")
-        self.layout = Layout.from_arrays(m.memory_size, m.page_size, mem, length)
+            mem, length, file = array("Q"), array("Q"), array("Q")
+        self.layout = Layout.from_arrays(m.memory_size, m.page_size, mem, length, file)
         self.layout.validate(self._size)
-        # chunk of memory -> row of the table (-1: zero), and every chunk's xxh3_64
-        rows = np.full(n, -1, dtype=np.int64)
-        rows[(off // np.uint64(c)).astype(np.int64)] = np.arange(len(off), dtype=np.int64)
-        self._rows = rows
-        sums = np.full(n, xxhash.xxh3_64_intdigest(bytes(c)), dtype=np.uint64)
-        last = m.memory_size - (n - 1) * c
-        if last != c:
-            sums[-1] = xxhash.xxh3_64_intdigest(bytes(last))
-        sums[(off // np.uint64(c)).astype(np.int64)] = np.frombuffer(m.xxh3, dtype=np.uint64)
-        self.checksums: array[int] | None = array("Q", sums.tobytes())
+        self.checksums: array[int] | None = m.xxh3
         self._scratch = _Scratch()
         self._lock = threading.Lock()
-        self._bad: dict[int, tuple[int, str]] = {}  # chunk -> (errno, why): failed for good
+        self._bad: dict[int, tuple[int, str]] = {}  # row -> (errno, why): failed for good
         self._calls = 0
-        self._zero_chunks = 0
         self._active = 0
         self._closing = False
         self._closed = False
@@ -161,8 +154,13 @@ class StoreSource:
         the object at fault).  A URL whose ``snapshots/NAME`` object does not exist is
         tried as a pages checkpoint in object storage (its prefix may end so).
         ``scan`` and ``direct`` mean nothing here."""
-        from ..store import MAX_MANIFEST_BYTES, decode_manifest, max_stored_length, snapshot_key, \
-            split_snapshot_ref
+        from ..store import (
+            MAX_MANIFEST_BYTES,
+            decode_manifest,
+            max_stored_length,
+            snapshot_key,
+            split_snapshot_ref,
+        )
         from ..store._read import ChunkReader, LocalChunks, StoreChunks
 
         split = split_snapshot_ref(path)
@@ -293,8 +291,7 @@ class StoreSource:
         from dataclasses import asdict
 
         with self._lock:
-            fetch: dict[str, Any] = {"calls": self._calls, "zero_chunks": self._zero_chunks,
-                                     "failed_chunks": len(self._bad)}
+            fetch: dict[str, Any] = {"calls": self._calls, "failed_chunks": len(self._bad)}
             last = self.last_error
             cache = self._cache_stats
             at = self._cache_stats_at
@@ -358,14 +355,9 @@ class StoreSource:
         for buf in buffers:
             starts.append(pos)
             pos += len(buf)
-        zeros = 0
         for k in range(lo // c, (hi - 1) // c + 1):
-            a, b = k * c, min((k + 1) * c, self._size)
-            row = int(self._rows[k])
-            if row < 0:
-                _fill_zero(a, b, starts, buffers, lo, hi)
-                zeros += 1
-                continue
+            a = k * c
+            b = a + m.lengths[k]
             bad = self._bad.get(k)
             if bad is None and self._closing:
                 bad = (errno.ECANCELED, "closing")
@@ -373,7 +365,7 @@ class StoreSource:
                 direct = _inside(starts, buffers, a, b, lo, hi)
                 target = direct if direct is not None else self._scratch_view(b - a)
                 try:
-                    self.reader.read(m.hash_at(row), b - a, m.stored_lengths[row], m.codecs[row], target)
+                    self.reader.read(m.hash_at(k), b - a, m.stored_lengths[k], m.codecs[k], target)
                 except ChunkFailure as exc:
                     bad = (exc.errno, exc.message)
                     if exc.errno in _FOR_GOOD:
@@ -381,17 +373,13 @@ class StoreSource:
                             first = k not in self._bad
                             self._bad[k] = bad
                         if first:
-                            log.warning("chunk %d (memory %#x): %s", k, a, exc.message)
+                            log.warning("chunk %d (memory %#x): %s", k, m.offsets[k], exc.message)
                 else:
                     if direct is None:
                         _scatter(target, a, starts, buffers, lo, hi)
                     continue
-            with self._lock:
-                self._zero_chunks += zeros
             done = max(0, a - lo)
             return done if done else -bad[0]
-        with self._lock:
-            self._zero_chunks += zeros
         return hi - lo
 
     def _scratch_view(self, n: int) -> memoryview:
@@ -411,17 +399,3 @@ class StoreSource:
         if cache is not None:
             self._refresh_cache_stats()
             cache.close()
-
-
-_ZERO = bytes(1 << 16)
-
-
-def _fill_zero(a: int, b: int, starts: list[int], buffers: Sequence[memoryview], lo: int, hi: int) -> None:
-    """Zero the parts of ``buffers`` that hold pages-file bytes [a, b)."""
-    a, b = max(a, lo), min(b, hi)
-    for start, buf in zip(starts, buffers):
-        s, e = max(start, a), min(start + len(buf), b)
-        while s < e:
-            n = min(e - s, len(_ZERO))
-            buf[s - start : s - start + n] = _ZERO[:n]
-            s += n

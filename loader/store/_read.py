@@ -1,4 +1,4 @@
-"""Reading a chunk store's chunks (docs/FORMAT.md, "3. Chunk store", "Reading"): get a
+"""Reading a chunk store's chunks (docs/FORMAT.md, "Reading a snapshot"): get a
 chunk's stored bytes (the host chunk cache first, then the store), decompress them
 straight into their destination, and check the result's BLAKE3 against the chunk's
 name before anything counts it as read.
@@ -45,21 +45,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._files import CheckpointError, open_regular
+from ._format import CODEC_NONE, CODEC_ZSTD, chunk_key
 
 if TYPE_CHECKING:
     from ..remote import ChunkCache, ObjectStore
 
-__all__ = ["CODEC_NONE", "CODEC_ZSTD", "ChunkFailure", "ChunkReader", "LocalChunks", "ReadCounts", "StoreChunks",
-           "chunk_key"]
-
-CODEC_NONE = 0
-CODEC_ZSTD = 1
-
-
-def chunk_key(digest: bytes) -> str:
-    """``chunks/HH/HASH``: where a chunk is kept, under a store's root."""
-    name = digest.hex()
-    return f"chunks/{name[:2]}/{name}"
+__all__ = ["ChunkFailure", "ChunkReader", "LocalChunks", "ReadCounts", "StoreChunks"]
 
 
 class ChunkFailure(Exception):
