@@ -15,7 +15,7 @@ from loader.store import CODEC_NONE, CODEC_ZSTD, Manifest, chunk_hash, chunk_key
 
 
 def snapshot_from(memory: bytes, *, chunk_size: int = 64 << 10, page_size: int = 4096, codec: str = "zstd",
-                  parent: str | None = None) -> tuple[Manifest, dict[str, bytes]]:
+                  parent: str | None = None, parent_digest: bytes | None = None) -> tuple[Manifest, dict[str, bytes]]:
     """The manifest of ``memory`` and its chunk objects (key -> stored bytes)."""
     comp = zstandard.ZstdCompressor(level=3)
     offsets, lengths, stored, xxh = array("Q"), array("I"), array("I"), array("Q")
@@ -38,8 +38,9 @@ def snapshot_from(memory: bytes, *, chunk_size: int = 64 << 10, page_size: int =
         xxh.append(xxhash.xxh3_64_intdigest(piece))
         codecs.append(cid)
         hashes += digest
+    digest = (parent_digest or bytes(32)) if parent else None
     manifest = Manifest(len(memory), page_size, chunk_size, offsets, lengths, stored, bytes(codecs), bytes(hashes),
-                        xxh, parent, bytes(32) if parent else None, 1_700_000_000, "tests/store_writer.py")
+                        xxh, parent, digest, 1_700_000_000, "tests/store_writer.py")
     return manifest, objects
 
 

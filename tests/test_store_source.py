@@ -325,3 +325,107 @@ async def test_a_store_snapshot_restores_through_the_uffd_emulator(image, tmp_pa
     state = await fault_then_fill(opts, SIZE, image["raw"], faults)
     assert state.uffd.statistics()["direct"].startswith("off (")  # no local file; checksums verified
     assert state.uffd.faults >= 1
+
+
+# -- checkpoint inspect and verify; pageload restore ------------------------------------------------
+
+
+def test_inspect_describes_a_snapshot_its_parent_chain_and_a_store(image, tmp_path, capsys):
+    """A child two chunks away from its parent: inspect says its size, chunks, stored
+    bytes and ratio, codecs, its parent chain (a replaced grandparent said so) and
+    what it adds; inspect STORE lists the snapshots."""
+    import json
+
+    from cli import main
+    from loader.store import manifest_digest
+
+    store = str(tmp_path / "st")
+    a = image["memory"]
+    grand = write_local(store, "grand", bytes(SIZE // 2) + a[SIZE // 2 :], chunk_size=CHUNK)
+    with open(grand, "rb") as f:
+        grand_digest = manifest_digest(f.read())
+    base = write_local(store, "base", a, chunk_size=CHUNK, parent="grand", parent_digest=bytes(32))
+    with open(base, "rb") as f:
+        base_digest = manifest_digest(f.read())
+    b = bytearray(a)
+    rows = [k for k in range(SIZE // CHUNK) if any(a[k * CHUNK : (k + 1) * CHUNK])]
+    for k in rows[:2]:
+        b[k * CHUNK + PAGE + 5] ^= 1
+    child = write_local(store, "child", bytes(b), chunk_size=CHUNK, parent="base", parent_digest=base_digest)
+    assert main(["checkpoint", "inspect", "--json", child]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "store snapshot" and info["chunks"] == len(rows) and info["memory_size"] == SIZE
+    assert info["codecs"]["zstd"]["chunks"] == len(rows) and info["ratio"] > 1.5
+    assert [p["name"] for p in info["parent_chain"]] == ["base", "grand"]
+    assert info["parent_chain"][0]["status"] == "ok" and info["parent_chain"][1]["status"].startswith("replaced")
+    assert grand_digest != bytes(32)
+    assert info["shared_with_parent"]["new_chunks"] == 2 and info["shared_with_parent"]["chunks"] == len(rows) - 2
+    assert main(["checkpoint", "inspect", child]) == 0
+    text = capsys.readouterr().out
+    assert "parent chain       base <- grand (replaced" in text and "2 new chunks" in text
+    assert main(["checkpoint", "inspect", "--json", store]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in listing["snapshots"]] == ["base", "child", "grand"]
+    assert listing["snapshots"][1]["parent"] == "base"
+
+
+def test_verify_checks_every_chunk_of_a_snapshot(image, tmp_path, capsys):
+    """ok for the snapshot; exit 1 naming the chunk for one whose object has a byte
+    changed, and for one whose object is gone; a store directory is refused (exit 2)."""
+    from cli import main
+
+    store = str(tmp_path / "st")
+    ref = write_local(store, "base", image["memory"], chunk_size=CHUNK)
+    assert main(["checkpoint", "verify", ref]) == 0
+    assert f"{ref}: ok: {_stored_chunks(image['memory'])} chunks" in capsys.readouterr().out
+    source = open_source(ref)
+    key3, key5 = source.manifest.key_at(3), source.manifest.key_at(5)
+    source.close()
+    with open(os.path.join(store, key3), "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0x10]))
+    os.unlink(os.path.join(store, key5))
+    assert main(["checkpoint", "verify", ref]) == 1
+    out = capsys.readouterr().out
+    assert "CORRUPT: 2 of" in out and "chunk 3 (memory" in out and key3 in out and "chunk 5 (memory" in out
+    assert main(["checkpoint", "verify", store]) == 2
+    assert "verify one of its snapshots" in capsys.readouterr().err
+
+
+def test_inspect_and_verify_take_a_snapshot_in_s3(image, s3_store, seaweed, capsys, monkeypatch):
+    import json
+
+    from cli import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_access_key)
+    ref = f"{s3_store}/snapshots/base"
+    ep = ["--s3-endpoint", seaweed.endpoint]
+    assert main(["checkpoint", "inspect", "--json", ref, *ep]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == ref and info["store"] == s3_store and info["chunks"] == _stored_chunks(image["memory"])
+    assert main(["checkpoint", "verify", ref, *ep]) == 0
+    assert f"{ref}: ok:" in capsys.readouterr().out
+
+
+def test_pageload_restore_of_a_store_snapshot_in_a_process(image, tmp_path):
+    """``pageload restore STORE/snapshots/NAME --background --socket S``: the daemon's
+    own command line, byte-exact."""
+    from loader import Client
+    from workloads._daemon_process import DaemonProcess
+
+    with DaemonProcess(image["ref"], str(tmp_path / "s.sock"), str(tmp_path / "log"), ["--background"]) as daemon:
+        with Client.connect(daemon.socket_path) as client:
+            client.wait(0, SIZE)
+            fd = client.memory_fd()
+            try:
+                with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                    assert m[:] == image["memory"]
+            finally:
+                os.close(fd)
+            stats = client.stats()
+    assert stats["backend"] == "threads" and stats["remote"]["fetch"]["chunks_fetched"] >= 1
+    log = (tmp_path / "log").read_text()
+    assert "snapshot 'base' in chunk store" in log

@@ -220,6 +220,33 @@ class StoreSource:
             chunks._note = source._note_error
         return source
 
+    def read_manifest(self, name: str) -> bytes | None:
+        """Snapshot ``name``'s manifest object in the same store (a parent's), or None if
+        there is none; raises :class:`CheckpointError` if the store fails otherwise."""
+        from ..store import MAX_MANIFEST_BYTES, snapshot_key
+        from ..store._format import SNAPSHOTS_DIR
+
+        if self.objects is not None:
+            from ..remote import StoreError
+
+            try:
+                return self.objects.get(snapshot_key(name), MAX_MANIFEST_BYTES)
+            except StoreError as exc:
+                if exc.code == "not-found":
+                    return None
+                raise _checkpoint_error(exc, self.objects.url.url_of(snapshot_key(name))) from None
+        path = os.path.join(self.store, SNAPSHOTS_DIR, name)
+        try:
+            fd = open_regular(path)
+        except CheckpointError:
+            return None
+        except OSError as exc:
+            raise CheckpointError(path, exc.strerror or str(exc)) from None
+        try:
+            return os.pread(fd, MAX_MANIFEST_BYTES + 1, 0)
+        finally:
+            os.close(fd)
+
     # -- PageSource ----------------------------------------------------------------------------
     def identity(self) -> CheckpointIdentity:
         layout = self.layout
@@ -373,7 +400,7 @@ class StoreSource:
                             first = k not in self._bad
                             self._bad[k] = bad
                         if first:
-                            log.warning("chunk %d (memory %#x): %s", k, m.offsets[k], exc.message)
+                            log.warning("chunk %d (memory %#x) never served: %s", k, m.offsets[k], exc.message)
                 else:
                     if direct is None:
                         _scatter(target, a, starts, buffers, lo, hi)

@@ -246,8 +246,7 @@ class ChunkReader:
             elif codec != CODEC_NONE:
                 raise ChunkFailure(errno.EBADMSG, f"{where}: codec {codec} is not one this reader knows")
             if blake3.blake3(dest).digest() != digest:
-                raise ChunkFailure(errno.EBADMSG, f"{where}: its bytes do not hash to its name (BLAKE3): "
-                                   "corrupt, never served")
+                raise ChunkFailure(errno.EBADMSG, f"{where}: its bytes do not hash to its name (BLAKE3)")
         except ChunkFailure:
             _zero(dest)
             raise
