@@ -21,6 +21,7 @@ COMMANDS = {
     "mark": "cli._client",
     "checkpoint": "cli._checkpoint",
     "cache": "cli._cache",
+    "store": "cli._store",
     "working-set": "cli._workingset",
     "trace": "cli._trace",
     "loadgen": "cli._loadgen",

@@ -31,6 +31,7 @@ from loader.checkpoint import (
 )
 from loader.core._workingset import DEFAULT_NAME as WORKING_SET_NAME
 from loader.source import RemoteConfig, RemoteSource, is_store_url
+from loader.store import DEFAULT_CHUNK_SIZE as DEFAULT_STORE_CHUNK_SIZE
 from workloads import make_sample_image
 
 from ._args import add_s3_endpoint, add_size, positive_int
@@ -56,21 +57,43 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
 
     p = sub.add_parser(
-        "create", help="convert a raw image into a pages checkpoint, dropping zero pages"
+        "create", help="convert a raw image into a pages checkpoint, or into a snapshot in a chunk store (--name)",
+        description="Without --name: convert IMAGE into a pages checkpoint directory OUT (zero pages dropped). "
+        "With --name: write IMAGE into the chunk store OUT (a directory, file:///DIR or s3://BUCKET/PREFIX) as "
+        "OUT/snapshots/NAME: fixed-size chunks, content-addressed by BLAKE3, compressed; all-zero chunks are not "
+        "stored, only the chunks the store lacks are written, and the manifest goes last (docs/FORMAT.md, "
+        "section 3).  With --parent, IMAGE is a Firecracker diff snapshot over that snapshot.",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw memory image (sparse files welcome)")
-    p.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist)")
+    p.add_argument("image", metavar="IMAGE", help="raw memory image (sparse files welcome); with --parent, a "
+                   "Firecracker diff snapshot (its data extents are the dirtied pages)")
+    p.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist); with --name, the "
+                   "store")
     add_size(p, "--page-size", default=4096, help="page size")
-    add_size(p, "--chunk-size", default=DEFAULT_CHUNK_SIZE,
-             help="bytes of pages.img per checksum: a client's wait reads and hashes its "
-             "whole chunk before it is served, so smaller is faster to fault; each chunk costs 8 bytes "
-             "of index and of the restoring daemon's memory")
+    add_size(p, "--chunk-size", default=None,
+             help="pages checkpoint: bytes of pages.img per checksum (default 16K): a client's wait reads and hashes "
+             "its whole chunk before it is served, so smaller is faster to fault; each chunk costs 8 bytes of index "
+             "and of the restoring daemon's memory.  Store: bytes of memory per chunk, a power of two from 64K to "
+             f"64M (default {DEFAULT_STORE_CHUNK_SIZE >> 20}M; a layer takes its parent's)")
     p.add_argument(
         "--working-set", metavar="FILE",
         help="a working set recorded on IMAGE ('pageload restore IMAGE --record-working-set'): its "
         "pages go first in pages.img, in replay order, so replay is one sequential read; it is "
         "copied into OUT/working-set.msgpack for the new checkpoint",
     )
+    store = p.add_argument_group("chunk store (with --name)")
+    store.add_argument("--name", metavar="NAME", default=None,
+                       help="write a snapshot NAME into the store OUT (1-128 of A-Z a-z 0-9 . _ -)")
+    store.add_argument("--compress", metavar="CODEC", default="zstd",
+                       help="zstd (level 3), zstd:LEVEL (negative: faster) or none (default zstd); a chunk that "
+                       "does not get smaller is stored as it is")
+    store.add_argument("--parent", metavar="NAME", default=None,
+                       help="IMAGE is a Firecracker diff snapshot over snapshot NAME of the same store: the new "
+                       "snapshot is NAME's chunks with the dirtied ones rebuilt")
+    store.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="chunks hashed, compressed and put at once (default: the CPUs, at most 8); memory is "
+                       "about 2 chunks per thread")
+    store.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_s3_endpoint(store)
     p.set_defaults(func=_guarded(_create))
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
@@ -93,16 +116,21 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_guarded(_verify))
 
     p = sub.add_parser(
-        "push", help="upload a pages checkpoint to object storage (s3://, file://), its index last",
-        description="Upload a pages checkpoint as it is: PREFIX/pages.img (a multipart upload when it is "
+        "push", help="upload a pages checkpoint to object storage, or copy a chunk-store snapshot to another store",
+        description="CKPT a pages checkpoint: upload it as it is: PREFIX/pages.img (a multipart upload when it is "
         "bigger than one part), PREFIX/working-set.msgpack if the checkpoint has one, then PREFIX/index.msgpack "
-        "last, so that a checkpoint pushed halfway is never restorable.  Endpoint and credentials: "
+        "last, so that a checkpoint pushed halfway is never restorable.  CKPT a snapshot in a chunk store "
+        "(STORE/snapshots/NAME, or STORE/NAME where that is unambiguous): copy it into the store URL (a directory, "
+        "file:///DIR or s3://BUCKET/PREFIX), only the chunks it lacks (each checked on the way), the manifest last.  "
+        "Endpoint and credentials: "
         "--s3-endpoint or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_REGION (default "
-        "us-east-1); requests are path-style.  See docs/REMOTE.md.",
+        "us-east-1); requests are path-style.  See docs/REMOTE.md and docs/FORMAT.md, section 3.",
     )
     p.add_argument("checkpoint", metavar="CKPT",
-                   help="pages checkpoint directory (made by 'checkpoint create'), or its index.msgpack")
-    p.add_argument("url", metavar="URL", help="where to put it: s3://BUCKET/PREFIX or file:///DIR")
+                   help="pages checkpoint directory (made by 'checkpoint create'), or its index.msgpack; or a "
+                   "snapshot, STORE/snapshots/NAME (STORE a directory, file:///DIR or s3://BUCKET/PREFIX)")
+    p.add_argument("url", metavar="URL", help="where to put it: s3://BUCKET/PREFIX or file:///DIR; for a snapshot, "
+                   "the destination store (a directory too)")
     add_s3_endpoint(p)
     add_size(p, "--part-size", default=None,
              help=f"bytes per part of a multipart upload, at least {_MIN_PART >> 20}M (default: {_PART >> 20}M, "
@@ -157,11 +185,35 @@ def _fail(message: str) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        return _create_snapshot(args)
+    for flag, value in (("--parent", args.parent), ("--s3-endpoint", args.s3_endpoint), ("--threads", args.threads),
+                        ("--json", args.json or None), ("--compress", None if args.compress == "zstd" else 1)):
+        if value is not None:
+            raise CheckpointError(args.out, f"{flag} is for a snapshot in a chunk store: give --name NAME")
     report = create_checkpoint(
-        args.image, args.out, page_size=args.page_size, chunk_size=args.chunk_size,
+        args.image, args.out, page_size=args.page_size,
+        chunk_size=DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
         working_set=args.working_set,
     )
     print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+def _create_snapshot(args: argparse.Namespace) -> int:
+    from loader.store._write import create_snapshot
+
+    if args.working_set is not None:
+        raise CheckpointError(args.working_set, "--working-set is for a pages checkpoint, not a chunk store")
+    try:
+        report = create_snapshot(
+            args.image, args.out, args.name, codec=args.compress,
+            chunk_size=DEFAULT_STORE_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
+            page_size=args.page_size, parent=args.parent, threads=args.threads, endpoint=args.s3_endpoint,
+        )
+    except ValueError as exc:  # --compress, --name
+        raise CheckpointError(args.out, str(exc)) from None
+    print(json.dumps(report.as_dict()) if args.json else report.line())
     return EXIT_OK
 
 
@@ -235,10 +287,52 @@ def _part_size(chosen: int | None, size: int) -> int:
     return chosen
 
 
+def _snapshot_ref(ref: str) -> tuple[str, str] | None:
+    """(STORE, NAME) where ``ref`` names a snapshot in a chunk store; None for a pages checkpoint.
+    STORE/snapshots/NAME is a snapshot when it is a URL, or a local file holding a manifest;
+    STORE/NAME too, when it is not there itself but STORE/snapshots/NAME is."""
+    from loader.store import looks_like_manifest, split_snapshot_ref
+
+    def manifest_file(path: str) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return os.path.isfile(path) and looks_like_manifest(f.read(64))
+        except OSError:
+            return False
+
+    split = split_snapshot_ref(ref)
+    is_url = "://" in ref
+    if split is not None and (is_url or manifest_file(ref)):
+        return split
+    head, _, name = ref.rstrip("/").rpartition("/")
+    if head and name and (is_url or (not os.path.exists(ref) and manifest_file(f"{head}/snapshots/{name}"))):
+        try:
+            from loader.store import check_snapshot_name
+
+            return head, check_snapshot_name(name)
+        except ValueError:
+            return None
+    return None
+
+
+def _push_snapshot(args: argparse.Namespace, store: str, name: str) -> int:
+    from loader.store._access import open_store
+    from loader.store._write import push_snapshot
+
+    source = open_store(store, endpoint=args.s3_endpoint)
+    dest = open_store(args.url, endpoint=args.s3_endpoint, create=True)
+    report = push_snapshot(source, name, dest, threads=args.concurrency)
+    print(report.line())
+    return EXIT_OK
+
+
 def _push(args: argparse.Namespace) -> int:
     from loader.checkpoint._index import INDEX_NAME, PAGES_NAME
     from loader.remote import ObjectStore, StoreError
 
+    snapshot = _snapshot_ref(args.checkpoint)
+    if snapshot is not None:
+        return _push_snapshot(args, *snapshot)
     ckpt = open_checkpoint(args.checkpoint, scan=False)
     if ckpt.kind != "pages" or ckpt.index_path is None:
         raise CheckpointError(args.checkpoint, "a raw image, not a pages checkpoint: push a pages checkpoint "

@@ -294,6 +294,23 @@ class ObjectStore:
 
         return self._call(key, attempt)
 
+    def list_objects(self, prefix: str) -> list[tuple[str, int, float]]:
+        """Every object under ``prefix`` (a name under the store's prefix, ending in
+        ``/``): ``(key, size, last modified as unix seconds)``, keys relative to the
+        store's prefix.  One listing (paged by obstore), retried as a whole."""
+        path = self.url.path_of(prefix)
+        strip = len(self.url.path_of(""))
+
+        def attempt() -> list[tuple[str, int, float]]:
+            self._count(gets=1)
+            out: list[tuple[str, int, float]] = []
+            for batch in obstore.list(self._store, prefix=path):
+                for meta in batch:
+                    out.append((str(meta["path"])[strip:], int(meta["size"]), meta["last_modified"].timestamp()))
+            return out
+
+        return self._call(prefix, attempt)
+
     def get(self, key: str, max_bytes: int) -> bytes:
         """All of object ``key``, which must be at most ``max_bytes`` long (for small
         objects, such as the index; a bigger one is refused before its body is read)."""
