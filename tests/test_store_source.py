@@ -429,3 +429,18 @@ def test_pageload_restore_of_a_store_snapshot_in_a_process(image, tmp_path):
     assert stats["backend"] == "threads" and stats["remote"]["fetch"]["chunks_fetched"] >= 1
     log = (tmp_path / "log").read_text()
     assert "snapshot 'base' in chunk store" in log
+
+
+async def test_the_sweep_decodes_each_chunk_once(image, tmp_path):
+    """Sweep reads of half a chunk asked for: the loader makes them whole chunks (the
+    source decodes a chunk whole to read any of it), so each chunk is read once."""
+    opts = _options(tmp_path, image["ref"], config=LoaderConfig(sweep_read_size=CHUNK // 2))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        with trio.fail_after(60):
+            await state.loader.done.wait()
+        async with TrioClient.connect(state.server.path) as client:
+            await _check_memory(client, image["memory"])
+        fetch = state.source.stats()["fetch"]
+        state.stop()
+    assert fetch["chunks_fetched"] == _stored_chunks(image["memory"])
