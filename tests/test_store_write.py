@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-import zstandard
+from store_reference import assemble
 
 from cli import main
-from loader.store import CODEC_NONE, CODEC_ZSTD, CheckpointError, chunk_hash, decode_manifest, manifest_digest
+from loader.store import CODEC_NONE, CODEC_ZSTD, CheckpointError, decode_manifest, manifest_digest
 from loader.store._access import ChunkStore, open_store
 from loader.store._gc import gc_store
 from loader.store._write import create_snapshot, push_snapshot, read_manifest
@@ -24,21 +24,6 @@ from workloads import SeaweedServer, make_sample_image
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 256 * KiB  # small chunks: many rows in small images
-
-
-def assemble(store: ChunkStore, name: str) -> bytes:
-    """The reference reader: the snapshot's memory, from its manifest and chunks, every
-    chunk's size, decompression and BLAKE3 checked."""
-    m, _ = read_manifest(store, name)
-    memory = bytearray(m.memory_size)
-    for i in range(len(m)):
-        key = m.key_at(i)
-        raw = store.get(key, 1 << 30)
-        assert len(raw) == m.stored_lengths[i]
-        data = zstandard.ZstdDecompressor().decompress(raw) if m.codecs[i] == CODEC_ZSTD else raw
-        assert len(data) == m.lengths[i] and chunk_hash(data) == m.hash_at(i)
-        memory[m.offsets[i] : m.offsets[i] + len(data)] = data
-    return bytes(memory)
 
 
 def _text_image(path: str, size: int, seed: int = 1) -> bytes:

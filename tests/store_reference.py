@@ -1,0 +1,24 @@
+"""The tests' reference reader of a chunk-store snapshot: simple, whole-memory, every
+check made (kept apart from the real reader, loader/source/, on purpose)."""
+
+from __future__ import annotations
+
+import zstandard
+
+from loader.store import CODEC_ZSTD, chunk_hash
+from loader.store._access import ChunkStore
+from loader.store._write import read_manifest
+
+
+def assemble(store: ChunkStore, name: str) -> bytes:
+    """The snapshot's memory, from its manifest and chunks, every chunk's size,
+    decompression and BLAKE3 checked."""
+    m, _ = read_manifest(store, name)
+    memory = bytearray(m.memory_size)
+    for i in range(len(m)):
+        raw = store.get(m.key_at(i), 1 << 30)
+        assert len(raw) == m.stored_lengths[i]
+        data = zstandard.ZstdDecompressor().decompress(raw) if m.codecs[i] == CODEC_ZSTD else raw
+        assert len(data) == m.lengths[i] and chunk_hash(data) == m.hash_at(i)
+        memory[m.offsets[i] : m.offsets[i] + len(data)] = data
+    return bytes(memory)
