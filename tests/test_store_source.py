@@ -444,3 +444,14 @@ async def test_the_sweep_decodes_each_chunk_once(image, tmp_path):
         fetch = state.source.stats()["fetch"]
         state.stop()
     assert fetch["chunks_fetched"] == _stored_chunks(image["memory"])
+
+
+def test_recording_a_working_set_beside_a_snapshot_is_refused(image, tmp_path):
+    """Beside STORE/snapshots/NAME would put a file among the store's manifests: a FILE
+    is needed (one line at start-up, before anything is opened)."""
+    from loader import StartupError
+    from loader.daemon._options import check_options
+
+    with pytest.raises(StartupError, match="needs a FILE for a snapshot in a chunk store"):
+        check_options(_options(tmp_path, image["ref"], record_working_set=""))
+    check_options(_options(tmp_path, image["ref"], record_working_set=str(tmp_path / "ws.msgpack")))
