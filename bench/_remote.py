@@ -286,7 +286,7 @@ def _mode(mode: str, endpoint: str, url: str, image: str, ckpt: str, warm_dir: s
         "index_get_s": index_s,
         "chunk_get_p50_s": chunk_p50,
         "chunk_get_s": chunk_s,
-        "waits_us": waits and {k: waits[k] / 1e3 for k in ("p50", "p90", "p99", "max")},
+        "waits_us": waits and {k: waits[k] for k in ("p50", "p90", "p99", "max")},
         "wait_samples": len(samples),
         "designs": {d: {"blocked_s": blocked[d], "rounds": rows} for d, rows in designs.items()},
         "design_order": design_orders,

@@ -394,6 +394,9 @@ def test_remote_section_at_a_tiny_size(tmp_path: Path) -> None:
         (r,) = row["rounds"]
         assert r["waits"] == 60 and r["mismatches"] == 0 and r["errors"] == 0
     assert 0 < m["heap_peak_bytes"] and 0 < m["rss_outside_peak_bytes"]
+    fault = goals["fault p50 / bare chunk GET p50"]
+    if m["wait_samples"]:
+        assert math.isclose(fault["value"], m["waits_us"]["p50"] / 1e6 / m["chunk_get_p50_s"])
     text = "\n".join(format_remote(section))
     for name in goals:
         assert name in text
