@@ -297,9 +297,17 @@ def _mode(mode: str, endpoint: str, url: str, image: str, ckpt: str, warm_dir: s
     }
 
 
-def format_remote(section: dict[str, Any]) -> list[str]:
-    from ._run import _goal_table
+def _goal_lines(goals: list[dict[str, Any]]) -> list[str]:
+    """The goals as a table: figure, value, goal, met / NOT MET, how."""
+    rows = [[g["name"], "-" if g["value"] is None else f"{g['value']:.3g} {g['unit']}", g["goal"],
+             {True: "met", False: "NOT MET", None: "missing"}[g["met"]], g["how"]] for g in goals]
+    header = ["figure", "value", "goal", "", "how"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [header, *rows]]
 
+
+def format_remote(section: dict[str, Any]) -> list[str]:
     img = section["image"]
     lines = [f"remote ({img['size_bytes'] >> 20} MiB dense image, {img['chunk_bytes'] >> 10} KiB chunks, "
              f"SeaweedFS on loopback; medians of {section['rounds']} rounds, taking turns)"]
@@ -309,5 +317,5 @@ def format_remote(section: dict[str, Any]) -> list[str]:
             else "straight to the server")
         lines.append(f"{mode} ({how}): fill MB/s " + ", ".join(f"{k} {v:.0f}" for k, v in m["fill_mb_s"].items())
                      + f"; no cache / raw GET {m['nocache_fill_ratio_to_raw']:.2f}x")
-        lines += _goal_table(m["goals"])
+        lines += _goal_lines(m["goals"])
     return lines
