@@ -173,11 +173,11 @@ class _Poller(threading.Thread):
 
 
 def _daemon(image: str, design: str, workdir: str, aio_name: str, flags: Iterable[str] | None = None,
-            tracemalloc: bool = False) -> DaemonProcess:
+            tracemalloc: bool = False, source: str | None = None) -> DaemonProcess:
     flags = DESIGNS[design] if flags is None else flags
     args = [*(["--tracemalloc"] if tracemalloc else []), "--aio", aio_name, "--progress-interval", "3600", *flags]
     sock, log_path = os.path.join(workdir, f"{design}.sock"), os.path.join(workdir, f"{design}.log")
-    return DaemonProcess(image, sock, log_path, args)
+    return DaemonProcess(source or image, sock, log_path, args)
 
 
 def _stop(daemon: DaemonProcess, design: str) -> None:
@@ -208,13 +208,16 @@ def run_one_design(
     tracemalloc: bool = False,
     loaded_map: bool = False,
     samples_ns: list[int] | None = None,
+    source: str | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """One daemon (``flags``, default the design's) replaying ``trace``; its row.
     ``loaded_map``: the clients answer waits the daemon's loaded map shows loaded
     themselves (``run_loadgen(loaded_map=True)``).  ``samples_ns``: the clients' wait
-    latencies are appended to it (to pool several rounds' percentiles)."""
+    latencies are appended to it (to pool several rounds' percentiles).  ``source``: what
+    the daemon restores, where it is not ``image`` (a checkpoint in a store, say; the
+    clients check the bytes against ``image``)."""
     flags = tuple(DESIGNS[design] if flags is None else flags)
-    daemon = _daemon(image, design, workdir, aio_name, flags, tracemalloc)
+    daemon = _daemon(image, design, workdir, aio_name, flags, tracemalloc, source)
     sock = daemon.socket_path
     spawned: list[Any] = []  # [t0, poller]
 

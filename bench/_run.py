@@ -19,6 +19,8 @@ directory and runs the chosen sections on it, each against real
   through pageload, load call to the guest's first ticks, per handler design.
 * ``scale`` (:mod:`bench._scale`): scattered images of 64K to 4M one-page ranges, raw
   and as pages checkpoints, against a dense image of the same data bytes.
+* ``remote`` (:mod:`bench._remote`): restoring from a real S3 server on loopback,
+  straight and through a proxy that slows it to S3's pace, against its limits.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -46,6 +48,7 @@ from ._daemon import run_daemon_section
 from ._designs import run_designs
 from ._firecracker import format_firecracker, run_firecracker_section
 from ._latency import run_latency_section
+from ._remote import MAX_SIZE, QUICK_MAX_SIZE, format_remote, run_remote_section
 from ._scale import format_scale, run_scale_section
 from ._tools import BenchError, cp_text
 from ._uffd import run_uffd_section
@@ -53,10 +56,10 @@ from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker", "scale")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker", "scale", "remote")
 QUICK_SIZE = 256 << 20
 #: sections that bring their own memory image (no dense random image is made for them alone)
-OWN_IMAGE = frozenset({"firecracker", "scale"})
+OWN_IMAGE = frozenset({"firecracker", "scale", "remote"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,11 @@ def _run_section(
         counts = opts.extra.get("scale_counts")
         return run_scale_section(workdir, quick=quick, repeat=rep or (1 if quick else 2),
                                  counts=tuple(counts) if counts else None, log=log)
+    if name == "remote":
+        return run_remote_section(min(opts.size, QUICK_MAX_SIZE if quick else MAX_SIZE), workdir,
+                                  rounds=rep or (1 if quick else 2), faults=100 if quick else 300,
+                                  clients=opts.clients, min_samples=opts.min_wait_samples or (50 if quick else 200),
+                                  seed=opts.seed, log=log)
     return _designs_section(opts, image, workdir, log)
 
 
@@ -303,6 +311,8 @@ def format_bench(result: dict[str, Any]) -> str:
             )
         elif name == "scale":
             lines += format_scale(section)
+        elif name == "remote":
+            lines += format_remote(section)
         elif name == "latency":
             lines.append(
                 f"latency ({section['image']['size_bytes'] >> 20} MiB dense image, "

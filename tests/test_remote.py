@@ -193,8 +193,14 @@ async def test_a_corrupt_pages_object_is_never_served(image, seaweed, tmp_path):
             with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
                 assert m[other : other + PAGE] == image["expected"][other : other + PAGE]
             os.close(fd)
-            remote = (await client.stats())["remote"]
-        assert remote["fetch"]["wrong_chunks"] >= 1  # refused by the cache
+            # refused by the cache: counted once the inserter's thread has come to it
+            for _ in range(200):
+                remote = (await client.stats())["remote"]
+                if remote["fetch"]["wrong_chunks"] or remote["inserter"]["pending"] == 0:
+                    break
+                await trio.sleep(0.05)
+        assert remote["fetch"]["wrong_chunks"] >= 1
+        assert remote["inserter"]["wrong"] >= 1 and remote["cache"]["inserts"] <= remote["fetch"]["chunks_fetched"] - 1
         state.stop()
 
 

@@ -47,6 +47,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -322,62 +323,114 @@ class ChunkCache:
         otherwise: the cache never holds wrong bytes).  True if the chunk is in the
         cache afterwards; False if it could not be stored (no space, an I/O error, a
         chunk larger than the bound), which costs a later fetch and nothing else."""
-        view = memoryview(data).cast("B")
-        length = len(view)
-        self._check_key(identity, checksum, length)
-        if xxhash.xxh3_64_intdigest(view) != checksum:
+        (done,) = self.insert_many(identity, [(checksum, data)])
+        if done is None:
             raise ValueError(f"refused: the data's xxh3_64 is not {checksum:#018x}")
-        if length > self.max_bytes:
-            return self._failed()
-        name = entry_name(checksum, length)
-        with self._files.shard(identity, checksum, create=True) as shard:
-            if shard is None:
-                return self._failed()
-            temp = f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        return done
+
+    def insert_many(self, identity: int, chunks: Iterable[tuple[int, Any]]) -> list[bool | None]:
+        """Add several chunks of one checkpoint, each ``(checksum, data)``, at once: each
+        is hashed and written to a temporary file, then all are renamed into place under
+        one taking of the lock (one look at the journal, one journal write).  Per chunk,
+        in order: True if it is in the cache afterwards, False if it could not be stored
+        (as :meth:`insert`), None if its bytes do not hash to its checksum (refused:
+        :meth:`insert` raises ValueError there).  A key that is not one (a length of 0,
+        a checksum of more than 64 bits) raises ValueError before anything is stored."""
+        items = [(checksum, memoryview(data).cast("B")) for checksum, data in chunks]
+        for checksum, view in items:
+            self._check_key(identity, checksum, len(view))
+        results: list[bool | None] = [False] * len(items)
+        #: written, not yet placed: (position, checksum, length, shard fd, temporary name)
+        written: list[tuple[int, int, int, int, str]] = []
+        try:
+            for i, (checksum, view) in enumerate(items):
+                if xxhash.xxh3_64_intdigest(view) != checksum:
+                    results[i] = None
+                    continue
+                if len(view) > self.max_bytes:
+                    self._failed()
+                    continue
+                temp = self._write_temp(identity, checksum, view)
+                if temp is None:
+                    self._failed()
+                    continue
+                written.append((i, checksum, len(view), *temp))
+            if written:
+                records: list[tuple[int, int, int, int]] = []
+                with self._files.locked():
+                    try:
+                        self._catch_up()
+                        for n, (i, checksum, length, shard, temp_name) in enumerate(written):
+                            try:
+                                results[i] = self._place(identity, checksum, length, shard, temp_name, records)
+                            except OSError:
+                                self._failed()
+                            if results[i]:
+                                written[n] = (i, checksum, length, shard, "")  # renamed: nothing to remove
+                    finally:
+                        self._files.append_many(records)
+        finally:
+            for _, _, _, shard, temp_name in written:
+                if temp_name:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp_name, dir_fd=shard)
+                os.close(shard)
+        return results
+
+    def _write_temp(self, identity: int, checksum: int, view: memoryview) -> tuple[int, str] | None:
+        """The chunk's bytes in a new temporary file in its entry's directory: (that
+        directory's fd, the file's name), or None where it cannot be written."""
+        shard = self._files.open_shard(identity, checksum, create=True)
+        if shard is None:
+            return None
+        temp = f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=shard)
+        except OSError:
+            os.close(shard)
+            return None
+        try:
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o600, dir_fd=shard)
-            except OSError:
-                return self._failed()
-            try:
-                try:
-                    done = 0
-                    while done < length:
-                        done += os.write(fd, view[done:])
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                return self._place(identity, checksum, length, shard, temp, name)
-            except OSError:
-                return self._failed()
+                done, length = 0, len(view)
+                while done < length:
+                    done += os.write(fd, view[done:])
+                if self.fsync:
+                    os.fsync(fd)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp, dir_fd=shard)
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=shard)
+            os.close(shard)
+            return None
+        return shard, temp
 
     def _failed(self) -> bool:
         with self._mutex:
             self._insert_failures += 1
         return False
 
-    def _place(self, identity: int, checksum: int, length: int, shard: int, temp: str, name: str) -> bool:
-        with self._files.locked():
-            self._catch_up()
-            assert self._index is not None
-            try:
-                there = os.stat(name, dir_fd=shard, follow_symlinks=False)
-            except FileNotFoundError:
-                there = None
-            if there is None and not self._make_room(length):
-                return self._failed()
-            os.rename(temp, name, src_dir_fd=shard, dst_dir_fd=shard)
-            now = time.time_ns()
-            if there is None:
-                self._account(length, 1)
-                self._files.append(identity, checksum, length, now)
-            self._index.add(self._ident(identity), checksum, length, now)
-            self._inserts += 1
-            return True
+    def _place(self, identity: int, checksum: int, length: int, shard: int, temp: str,
+               records: list[tuple[int, int, int, int]]) -> bool:
+        """Under the lock, caught up: rename the temporary file onto the entry's name
+        (making room first for a new entry); its journal record goes to ``records``."""
+        assert self._index is not None
+        name = entry_name(checksum, length)
+        try:
+            there = os.stat(name, dir_fd=shard, follow_symlinks=False)
+        except FileNotFoundError:
+            there = None
+        if there is None and not self._make_room(length):
+            return self._failed()
+        os.rename(temp, name, src_dir_fd=shard, dst_dir_fd=shard)
+        now = time.time_ns()
+        if there is None:
+            self._account(length, 1)
+            records.append((identity, checksum, length, now))
+        self._index.add(self._ident(identity), checksum, length, now)
+        self._inserts += 1
+        return True
 
     def _make_room(self, length: int, bound: int | None = None) -> bool:
         """Under the lock, caught up: evict least recently used entries until ``length``

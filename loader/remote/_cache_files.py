@@ -197,8 +197,19 @@ class CacheFiles:
     @contextlib.contextmanager
     def shard(self, identity: int, checksum: int, *, create: bool) -> Iterator[int | None]:
         """The entry's directory, opened ``O_PATH|O_NOFOLLOW`` (None when it is missing or
-        not a directory).  Opened under the mutex: the checkpoint's directory it is
-        opened in may be closed by another thread once the mutex is released."""
+        not a directory), closed on exit (:meth:`open_shard`)."""
+        fd = self.open_shard(identity, checksum, create=create)
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def open_shard(self, identity: int, checksum: int, *, create: bool) -> int | None:
+        """The entry's directory, opened ``O_PATH|O_NOFOLLOW`` (None when it is missing or
+        not a directory); the caller closes it.  Opened under the mutex: the
+        checkpoint's directory it is opened in may be closed by another thread once the
+        mutex is released."""
         name = _shard_name(checksum)
         with self._mutex:
             top = self._identity_fd(identity, create=create)
@@ -209,11 +220,7 @@ class CacheFiles:
                         os.mkdir(name, 0o700, dir_fd=top)
                 with contextlib.suppress(OSError):
                     fd = os.open(name, os.O_PATH | _DIR_FLAGS, dir_fd=top)
-        try:
-            yield fd
-        finally:
-            if fd is not None:
-                os.close(fd)
+        return fd
 
     def walk(self, ident: Callable[[int], int]) -> tuple[Columns, int]:
         """Under the lock: every entry on disk, as columns (``ident`` numbers each
@@ -307,6 +314,12 @@ class CacheFiles:
         """Under the lock: journal an insert (this process has read up to its end)."""
         os.write(self._journal_fd, _RECORD.pack(identity, checksum, length, tick))
         self.journal_off = os.fstat(self._journal_fd).st_size
+
+    def append_many(self, records: list[tuple[int, int, int, int]]) -> None:
+        """Under the lock: journal several inserts with one write (as :meth:`append`)."""
+        if records:
+            os.write(self._journal_fd, b"".join(_RECORD.pack(*r) for r in records))
+            self.journal_off = os.fstat(self._journal_fd).st_size
 
     def news(self) -> Iterator[tuple[int, int, int, int]]:
         """Under the lock: the inserts journaled since this process last read it, whole

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, PagesIndex, VerifyReport
     from ..core._extents import ExtentSource
     from ..remote import ChunkCache, ObjectStore, RetryPolicy, StoreError
+    from ..remote._inserter import CacheInserter
     from ._base import LocalPages
 
 __all__ = ["DEFAULT_FETCH_BOUND", "RemoteConfig", "RemoteSource", "STORE_ERRNOS", "is_store_url"]
@@ -159,6 +160,12 @@ class RemoteSource:
         chunk = index.chunk_size
         self.fetch_bound = max(chunk, fetch_bound // chunk * chunk)
         self._staging = _Staging()
+        #: fetched chunks go into the cache from the inserter's thread, off the fetch path
+        self.inserter: CacheInserter | None = None
+        if cache is not None:
+            from ..remote._inserter import CacheInserter
+
+            self.inserter = CacheInserter(cache, digest, chunk)
         self._lock = threading.Lock()
         self._counts = FetchCounts()
         self._active = 0
@@ -235,7 +242,7 @@ class RemoteSource:
     def read(self, id: int, file_offset: int, buffers: Sequence[memoryview], *, urgent: bool = False,
              then: Callable[[], object] | None = None) -> aio.Request:
         def fetch(parts: Sequence[memoryview]) -> int:
-            return self._call(file_offset, parts)
+            return self._call(file_offset, parts, urgent)
 
         return aio.Request.call(id, fetch, buffers, urgent=urgent, then=then, offset=file_offset)
 
@@ -248,7 +255,7 @@ class RemoteSource:
         def fetch(parts: Sequence[memoryview]) -> int:
             done = 0
             for (offset, _), part in zip(spans, parts):
-                got = self._call(offset, [part])
+                got = self._call(offset, [part], urgent)
                 if got < 0:
                     return done if done else got
                 done += got
@@ -433,8 +440,11 @@ class RemoteSource:
             at = self._cache_stats_at
         if cache is not None:
             cache = {**cache, "age_s": round(time.monotonic() - at, 3)}
+        inserter = self.inserter.stats().as_dict() if self.inserter is not None else None
+        if inserter is not None:
+            counts["wrong_chunks"] += inserter["wrong"]
         return {"url": self.url, "store": asdict(self.store.stats()), "fetch": counts, "last_error": last,
-                "fetch_bound": self.fetch_bound, "cache": cache}
+                "fetch_bound": self.fetch_bound, "cache": cache, "inserter": inserter}
 
     def progress_note(self, elapsed_s: float) -> str:
         """What the daemon's progress lines add for a source in a store: the bytes
@@ -467,14 +477,14 @@ class RemoteSource:
             self._cache_stats_at = time.monotonic()
 
     # -- fetching ------------------------------------------------------------------------------
-    def _call(self, lo: int, buffers: Sequence[memoryview]) -> int:
+    def _call(self, lo: int, buffers: Sequence[memoryview], urgent: bool = False) -> int:
         with self._lock:
             if self._closing:
                 return -errno.ECANCELED
             self._active += 1
             self._counts.calls += 1
         try:
-            return self._fetch(lo, buffers)
+            return self._fetch(lo, buffers, urgent)
         finally:
             with self._lock:
                 self._active -= 1
@@ -482,9 +492,10 @@ class RemoteSource:
             if last:
                 self._close_cache()
 
-    def _fetch(self, lo: int, buffers: Sequence[memoryview]) -> int:
+    def _fetch(self, lo: int, buffers: Sequence[memoryview], urgent: bool = False) -> int:
         """Put the pages file's bytes from ``lo`` on into ``buffers``; the bytes put, in
-        order (short at the object's end or at the first failed GET), or -errno."""
+        order (short at the object's end or at the first failed GET), or -errno.
+        ``urgent``: a waiter's call (its chunks never wait for room in the inserter)."""
         want = sum(len(b) for b in buffers)
         hi = min(lo + want, self._size)
         if hi <= lo:
@@ -496,7 +507,7 @@ class RemoteSource:
         for buf in buffers:
             starts.append(pos)
             pos += len(buf)
-        cache, identity, sums = self.cache, self._digest, self.index.checksums
+        cache, identity, sums, inserter = self.cache, self._digest, self.index.checksums, self.inserter
         first, last = lo // c, (hi - 1) // c
         missing: list[int] = []
         hits = 0
@@ -506,11 +517,15 @@ class RemoteSource:
                 missing.append(k)
                 continue
             direct = _inside(starts, buffers, a, b, lo, hi)
+            # a chunk still on its way into the cache first (then it cannot have landed
+            # between a miss in the cache and this look: never fetched twice)
             if direct is not None:
-                found = cache.read_into(identity, sums[k], b - a, direct)
+                found = ((inserter is not None and inserter.read_into(k, direct))
+                         or cache.read_into(identity, sums[k], b - a, direct))
             else:
                 stage = self._stage(b - a)
-                found = cache.read_into(identity, sums[k], b - a, stage)
+                found = ((inserter is not None and inserter.read_into(k, stage))
+                         or cache.read_into(identity, sums[k], b - a, stage))
                 if found:
                     _scatter(stage, a, starts, buffers, lo, hi)
             if found:
@@ -519,7 +534,7 @@ class RemoteSource:
                 missing.append(k)
         failed_at: int | None = None
         error = 0
-        fetched = wrong = gets = staged = nbytes = failures = 0
+        fetched = gets = staged = nbytes = failures = 0
         run_start = 0
         bad = self._bad
         while run_start < len(missing):
@@ -569,11 +584,8 @@ class RemoteSource:
                 if cb > got:
                     break
                 fetched += 1
-                if cache is not None:
-                    try:
-                        cache.insert(identity, sums[k], target[ca:cb])
-                    except ValueError:  # wrong bytes: never cached; the loader fails the chunk
-                        wrong += 1
+                if inserter is not None:  # copied into a slot; wrong bytes are never cached
+                    inserter.offer(k, sums[k], target[ca:cb], urgent=urgent)
             if failed_at is not None:  # the chunks before the failed one are kept
                 break
             if got < b - a:  # the object ended first (it shrank since the HEAD)
@@ -586,7 +598,6 @@ class RemoteSource:
             n.chunks_fetched += fetched
             n.gets += gets
             n.bytes_fetched += nbytes
-            n.wrong_chunks += wrong
             n.staged_bytes += staged
             n.failures += failures
             stale = time.monotonic() - self._cache_stats_at > self.CACHE_STATS_EVERY
@@ -619,6 +630,8 @@ class RemoteSource:
             if self._closed:
                 return
             self._closed = True
+        if self.inserter is not None:
+            self.inserter.close()  # what is queued goes into the cache first (bounded)
         if self.cache is not None:
             self._refresh_cache_stats()
             self.cache.close()
