@@ -339,12 +339,18 @@ class ChunkCache:
         items = [(checksum, memoryview(data).cast("B")) for checksum, data in chunks]
         for checksum, view in items:
             self._check_key(identity, checksum, len(view))
+        return self._insert_views(identity, items, verify=True)
+
+    def _insert_views(self, identity: int, items: list[tuple[int, memoryview]], *,
+                      verify: bool) -> list[bool | None]:
+        """:meth:`insert_many` of checked keys; ``verify=False``: the caller has checked
+        the bytes (a chunk store's chunk, against its BLAKE3)."""
         results: list[bool | None] = [False] * len(items)
         #: written, not yet placed: (position, checksum, length, shard fd, temporary name)
         written: list[tuple[int, int, int, int, str]] = []
         try:
             for i, (checksum, view) in enumerate(items):
-                if xxhash.xxh3_64_intdigest(view) != checksum:
+                if verify and xxhash.xxh3_64_intdigest(view) != checksum:
                     results[i] = None
                     continue
                 if len(view) > self.max_bytes:
@@ -568,36 +574,9 @@ class ChunkCache:
         has verified them (decompressed, hashed), the cache cannot.  Returns as
         :meth:`insert` does."""
         view = memoryview(data).cast("B")
-        length = len(view)
-        checksum = self._content_key(digest, length)
-        if length > self.max_bytes:
-            return self._failed()
-        identity = CONTENT_NAMESPACE
-        name = entry_name(checksum, length)
-        with self._files.shard(identity, checksum, create=True) as shard:
-            if shard is None:
-                return self._failed()
-            temp = f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o600, dir_fd=shard)
-            except OSError:
-                return self._failed()
-            try:
-                try:
-                    done = 0
-                    while done < length:
-                        done += os.write(fd, view[done:])
-                    if self.fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                return self._place(identity, checksum, length, shard, temp, name)
-            except OSError:
-                return self._failed()
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp, dir_fd=shard)
+        checksum = self._content_key(digest, len(view))
+        (done,) = self._insert_views(CONTENT_NAMESPACE, [(checksum, view)], verify=False)
+        return bool(done)
 
     # -- whole-cache operations --------------------------------------------------------------
 
