@@ -266,8 +266,9 @@ def _forge(store: str, name: str, memory: bytes, k: int) -> tuple[str, int]:
 
 async def test_a_chunk_corrupt_in_the_store_is_never_served(image, tmp_path):
     """A chunk stored as other bytes, which even match the manifest's xxh3 (the
-    loader's own check): BLAKE3 fails the call, the waits on it fail (EBADMSG), the
-    rest of memory loads, and the chunk is fetched once, not once per page."""
+    loader's own check): BLAKE3 fails the call, the waits on it fail with ``corrupt``
+    naming the chunk, the rest of memory loads, and the chunk is fetched once, not once
+    per page."""
     k = next(k for k in range(SIZE // CHUNK) if any(image["memory"][k * CHUNK : (k + 1) * CHUNK]))
     ref, at = _forge(str(tmp_path / "forged"), "bad", image["memory"], k)
     async with trio.open_nursery() as nursery:
@@ -275,7 +276,9 @@ async def test_a_chunk_corrupt_in_the_store_is_never_served(image, tmp_path):
         async with TrioClient.connect(state.server.path) as client:
             with pytest.raises(ClientError) as info:
                 await client.wait(at - at % PAGE, PAGE)
-            assert info.value.errno == errno.EBADMSG
+            assert info.value.code == "corrupt", info.value
+            assert f"the chunk at memory {k * CHUNK:#x}" in info.value.message, info.value.message
+            assert "BLAKE3" in info.value.message, info.value.message
             with trio.fail_after(60):
                 while not state.loader.done.is_set():
                     await trio.sleep(0.02)
@@ -290,6 +293,42 @@ async def test_a_chunk_corrupt_in_the_store_is_never_served(image, tmp_path):
         s = state.loader.statistics()
         assert s.failed_bytes == CHUNK
         assert remote["fetch"]["wrong_chunks"] == 1 and remote["fetch"]["failed_chunks"] == 1
+        state.stop()
+
+
+async def test_a_chunk_missing_from_the_store_fails_its_waits_as_unavailable_and_the_rest_loads(image, tmp_path):
+    """A chunk object gone from a local store (deleted by hand, or by a careless gc):
+    its waits fail with ``unavailable`` naming the chunk, the chunk is looked for once
+    (not once per page as the loader narrows the failure down), and the rest loads."""
+    from loader.store import chunk_key, decode_manifest
+
+    store = str(tmp_path / "store")
+    ref = write_local(store, "gone", image["memory"], chunk_size=CHUNK)
+    with open(ref, "rb") as f:
+        manifest = decode_manifest(f.read(), ref)
+    row = len(manifest.offsets) // 2
+    at = manifest.offsets[row] + next(i for i in range(0, CHUNK, PAGE)
+                                      if any(image["memory"][manifest.offsets[row] + i :
+                                                             manifest.offsets[row] + i + PAGE]))
+    os.unlink(os.path.join(store, chunk_key(manifest.hash_at(row))))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, _options(tmp_path, ref))
+        async with TrioClient.connect(state.server.path) as client:
+            with pytest.raises(ClientError) as info:
+                await client.wait(at, PAGE)
+            assert info.value.code == "unavailable", info.value
+            assert f"the chunk at memory {manifest.offsets[row]:#x}" in info.value.message, info.value.message
+            with trio.fail_after(60):
+                while not state.loader.done.is_set():
+                    await trio.sleep(0.02)
+            fd = await client.memory_fd()
+            lo, hi = manifest.offsets[row], manifest.offsets[row] + manifest.lengths[row]
+            with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                assert m[:lo] == image["memory"][:lo] and m[hi:] == image["memory"][hi:]
+            os.close(fd)
+            remote = (await client.stats())["remote"]
+        assert state.loader.statistics().failed_bytes == manifest.lengths[row]
+        assert remote["fetch"]["failed_chunks"] == 1
         state.stop()
 
 

@@ -66,8 +66,6 @@ __all__ = ["StoreSource"]
 
 log = logging.getLogger("pageload")
 
-#: errors that stay errors: a chunk failing so is not fetched again by this source
-_FOR_GOOD = (errno.EBADMSG, errno.ENOENT)
 
 
 class _Scratch(threading.local):
@@ -398,7 +396,7 @@ class StoreSource:
                     self.reader.read(m.hash_at(k), b - a, m.stored_lengths[k], m.codecs[k], target)
                 except ChunkFailure as exc:
                     bad = (exc.errno, exc.message)
-                    if exc.errno in _FOR_GOOD:
+                    if exc.errno != errno.ECANCELED:  # past the store's retries: for good
                         with self._lock:
                             first = k not in self._bad
                             self._bad[k] = bad
@@ -411,6 +409,21 @@ class StoreSource:
             done = max(0, a - lo)
             return done if done else -bad[0]
         return hi - lo
+
+    def failure(self, file_offset: int, length: int, err: int) -> tuple[str, str] | None:
+        """Why a read of the virtual pages file's ``[file_offset, file_offset + length)``
+        failed (the loader asks, for its error to the waiters): ``corrupt`` for a chunk
+        whose bytes did not verify, ``unavailable`` with the store's message for one the
+        store could not give (past its retries, or missing); None otherwise."""
+        from protocol import codes
+
+        c = self.manifest.chunk_size
+        for k in range(file_offset // c, (file_offset + max(length, 1) - 1) // c + 1):
+            bad = self._bad.get(k)  # (a dict's get is atomic)
+            if bad is not None:
+                code = codes.CORRUPT if bad[0] == errno.EBADMSG else codes.UNAVAILABLE
+                return code, f"the chunk at memory {self.manifest.offsets[k]:#x}: {bad[1]}"
+        return None
 
     def _scratch_view(self, n: int) -> memoryview:
         """This thread's scratch buffer (one chunk), its first ``n`` bytes."""
