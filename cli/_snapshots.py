@@ -27,7 +27,15 @@ def _snapshot(args: argparse.Namespace) -> StoreSource | None:
 def inspect_store(args: argparse.Namespace) -> int | None:
     """Print what ``inspect`` says of a snapshot or a store directory; the exit code, or
     None when ``args.path`` is neither (the caller inspects it as a checkpoint)."""
-    from loader.store._inspect import describe_snapshot, format_snapshot, format_store, is_store_dir, list_store
+    from loader.source import is_store_url
+    from loader.store._inspect import (
+        describe_snapshot,
+        format_snapshot,
+        format_store,
+        is_store_dir,
+        list_store,
+        store_snapshots,
+    )
 
     source = _snapshot(args)
     if source is not None:
@@ -40,6 +48,9 @@ def inspect_store(args: argparse.Namespace) -> int | None:
         if args.s3_endpoint:
             raise CheckpointError(args.path, "--s3-endpoint is for a store in object storage (s3://, file://)")
         info = list_store(args.path)
+        lines = format_store(info)
+    elif is_store_url(args.path) and (listing := store_snapshots(args.path, endpoint=args.s3_endpoint)):
+        info = list_store(args.path, endpoint=args.s3_endpoint, listing=listing)
         lines = format_store(info)
     else:
         return None

@@ -7,7 +7,6 @@ Snapshots are written by the tests' own writer (tests/store_writer.py)."""
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import random
@@ -449,6 +448,13 @@ def test_inspect_and_verify_take_a_snapshot_in_s3(image, s3_store, seaweed, caps
     assert info["path"] == ref and info["store"] == s3_store and info["chunks"] == _stored_chunks(image["memory"])
     assert main(["checkpoint", "verify", ref, *ep]) == 0
     assert f"{ref}: ok:" in capsys.readouterr().out
+    # the store's root lists its snapshots (one listing of snapshots/, each manifest read)
+    assert main(["checkpoint", "inspect", "--json", s3_store, *ep]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["kind"] == "chunk store" and [s["name"] for s in listing["snapshots"]] == ["base"]
+    assert listing["snapshots"][0]["chunks"] == _stored_chunks(image["memory"])
+    assert main(["checkpoint", "inspect", s3_store, *ep]) == 0
+    assert f"{s3_store}: chunk store, 1 snapshots" in capsys.readouterr().out
 
 
 def test_pageload_restore_of_a_store_snapshot_in_a_process(image, tmp_path):

@@ -20,7 +20,14 @@ import xxhash
 
 from .._files import CheckpointError
 from .._units import human
-from ._format import CODEC_NAMES, SNAPSHOTS_DIR, decode_manifest, looks_like_manifest, manifest_digest
+from ._format import (
+    CODEC_NAMES,
+    MAX_MANIFEST_BYTES,
+    SNAPSHOTS_DIR,
+    decode_manifest,
+    looks_like_manifest,
+    manifest_digest,
+)
 
 if TYPE_CHECKING:
     from ..source._store import StoreSource
@@ -132,25 +139,24 @@ def format_snapshot(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def list_store(root: str) -> dict[str, Any]:
-    """A local store directory's snapshots (``checkpoint inspect STORE``): each one's
-    name, memory size, chunks, stored bytes, ratio and parent; a manifest that does
-    not decode is listed with its problem."""
+def list_store(root: str, *, endpoint: str | None = None, listing: list[Any] | None = None) -> dict[str, Any]:
+    """A store's snapshots (``checkpoint inspect STORE``: a local directory, ``file://``
+    or ``s3://``): each one's name, memory size, chunks, stored bytes, ratio and parent;
+    a manifest that does not decode is listed with its problem.  ``listing``: the
+    store's ``snapshots/`` already listed (:func:`store_snapshots`)."""
+    from ._access import open_store
+
+    store = open_store(root, endpoint=endpoint)
+    entries = listing if listing is not None else store.listing(SNAPSHOTS_DIR + "/")
     snapshots: list[dict[str, Any]] = []
-    where = os.path.join(root, SNAPSHOTS_DIR)
-    try:
-        names = sorted(os.listdir(where))
-    except OSError as exc:
-        raise CheckpointError(where, exc.strerror or str(exc)) from None
-    for name in names:
-        path = os.path.join(where, name)
-        if name.startswith(".") or not os.path.isfile(path):
+    for entry in sorted(entries, key=lambda e: e.key):
+        name = entry.key[len(SNAPSHOTS_DIR) + 1 :]
+        if not name or "/" in name or name.startswith("."):
             continue
+        where = store.url_of(entry.key)
         try:
-            with open(path, "rb") as f:
-                data = f.read(64 << 20)
-            m = decode_manifest(data, path)
-        except (OSError, CheckpointError) as exc:
+            m = decode_manifest(store.get(entry.key, MAX_MANIFEST_BYTES), where)
+        except CheckpointError as exc:
             snapshots.append({"name": name, "problem": str(exc)})
             continue
         stored = m.stored_bytes
@@ -158,6 +164,15 @@ def list_store(root: str) -> dict[str, Any]:
                           "ratio": round(m.data_bytes / stored, 3) if stored else None, "parent": m.parent,
                           "created": m.created})
     return {"path": root, "kind": "chunk store", "snapshots": snapshots}
+
+
+def store_snapshots(url: str, *, endpoint: str | None = None) -> list[Any] | None:
+    """The objects under a store URL's ``snapshots/`` (one listing), or None where there
+    are none: the URL is not a chunk store's root (it may be a pages checkpoint)."""
+    from ._access import open_store
+
+    entries = open_store(url, endpoint=endpoint).listing(SNAPSHOTS_DIR + "/")
+    return entries or None
 
 
 def format_store(info: dict[str, Any]) -> list[str]:
