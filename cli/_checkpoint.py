@@ -35,6 +35,7 @@ from loader.store import DEFAULT_CHUNK_SIZE as DEFAULT_STORE_CHUNK_SIZE
 from workloads import make_sample_image
 
 from ._args import add_s3_endpoint, add_size, positive_int
+from ._snapshots import inspect_store, verify_store
 
 __all__ = ["register"]
 
@@ -97,8 +98,10 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("inspect", help="describe a checkpoint without reading its page data")
     p.add_argument(
-        "path", metavar="PATH", help="checkpoint directory, its index.msgpack, a raw image, or a pages "
-        "checkpoint in object storage: s3://BUCKET/PREFIX or file:///DIR (its index GET, its pages HEAD)"
+        "path", metavar="PATH", help="checkpoint directory, its index.msgpack, a raw image, a pages "
+        "checkpoint in object storage: s3://BUCKET/PREFIX or file:///DIR (its index GET, its pages HEAD), "
+        "a snapshot in a chunk store, STORE/snapshots/NAME (its manifest and its parents': sizes, chunks, "
+        "stored bytes, ratio, codecs, parent chain), or a local store directory (its snapshots)"
     )
     p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
     add_s3_endpoint(p)
@@ -106,7 +109,9 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("verify", help="check every checksum; exit 1 if data is corrupt")
     p.add_argument("path", metavar="PATH", help="checkpoint directory or its index.msgpack, or s3://BUCKET/PREFIX "
-                   "or file:///DIR (every byte of its pages GET, nothing cached)")
+                   "or file:///DIR (every byte of its pages GET, nothing cached), or a snapshot in a chunk "
+                   "store, STORE/snapshots/NAME (every chunk read from the store, decompressed, its BLAKE3 "
+                   "checked)")
     add_s3_endpoint(p)
     p.set_defaults(func=_guarded(_verify))
 
@@ -222,6 +227,9 @@ def _remote_source(args: argparse.Namespace) -> RemoteSource | None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    done = inspect_store(args)  # a snapshot in a chunk store, or a store directory
+    if done is not None:
+        return done
     source = _remote_source(args)
     if source is not None:
         try:
@@ -235,6 +243,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    done = verify_store(args)  # a snapshot in a chunk store
+    if done is not None:
+        return done
     source = _remote_source(args)
     if source is not None:
         try:

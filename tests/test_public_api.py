@@ -91,6 +91,8 @@ def test_loader_source_public_names():
         "registered_sources", "unregister_source",
         # a pages checkpoint in object storage (docs/REMOTE.md)
         "RemoteConfig", "RemoteSource", "is_store_url",
+        # a snapshot in a chunk store (docs/FORMAT.md, section 3)
+        "StoreSource",
     }
 
 
@@ -102,6 +104,8 @@ def test_loader_remote_public_names():
         # the host chunk cache
         "DEFAULT_CACHE_SIZE", "CacheError", "CacheStats", "ChunkCache", "PruneReport", "default_cache_dir",
         "parse_cache_size",
+        # a chunk store's chunks in it, content-addressed
+        "CONTENT_NAMESPACE",
     }
     assert not hasattr(loader, "ObjectStore")
 

@@ -24,6 +24,7 @@ from loader.source import (
     RawImageSource,
     RemoteConfig,
     RemoteSource,
+    StoreSource,
     open_source,
     register_source,
     registered_sources,
@@ -156,9 +157,10 @@ async def test_the_conformance_suite_fails_a_source_that_reads_wrong_bytes(image
 
 
 def test_open_source_asks_the_registered_sources_in_order(images):
-    """A registered source goes before the built-ins and takes what it claims; taken
-    out again, the same directory is a pages checkpoint without its pages file."""
-    assert registered_sources() == (RemoteSource, PagesSource, RawImageSource)
+    """A registered source goes before those registered so far (the chunk store's,
+    registered at import, then the built-ins) and takes what it claims; taken out
+    again, the same directory is a pages checkpoint without its pages file."""
+    assert registered_sources() == (StoreSource, RemoteSource, PagesSource, RawImageSource)
     register_source(ChunkDirSource)
     try:
         assert registered_sources()[0] is ChunkDirSource
@@ -170,7 +172,7 @@ def test_open_source_asks_the_registered_sources_in_order(images):
         assert isinstance(open_source(images["pages"]), PagesSource)  # not claimed: no chunks/ directory
     finally:
         unregister_source(ChunkDirSource)
-    assert registered_sources() == (RemoteSource, PagesSource, RawImageSource)
+    assert registered_sources() == (StoreSource, RemoteSource, PagesSource, RawImageSource)
     with pytest.raises(CheckpointError, match="pages file missing"):
         open_source(images["chunkdir"])
 

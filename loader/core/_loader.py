@@ -34,6 +34,7 @@ to the hash thread (:class:`_Hasher`) in runs (docs/DESIGN.md, Verification).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -104,6 +105,11 @@ class Loader:
         #: userfaultfd faults go through it too): working-set recording
         self.recorder: AccessRecorder | None = None
         chunk_size, checksums = source.chunk_size, source.checksums
+        if chunk_size and getattr(source, "decodes_whole_chunks", False) and config.sweep_read_size % chunk_size:
+            # a source that decodes a chunk whole to read any of it (a chunk store: 2 MiB
+            # chunks): a background read covers whole chunks, or it would decode one twice
+            config = self._config = dataclasses.replace(
+                config, sweep_read_size=-(-config.sweep_read_size // chunk_size) * chunk_size)
         chunks = (
             _Chunks(layout, chunk_size, checksums)
             if config.verify and use_checksums and chunk_size is not None and checksums is not None

@@ -23,7 +23,7 @@ from ..core._loader import Loader
 from ..core._sweep import SweepOrder
 from ..socket._server import Server
 from ..socket._session import BUSY_POLL_US, MAX_BUSY_POLL_US
-from ..source import PageSource, RemoteConfig, is_store_url
+from ..source import PageSource, RemoteConfig, StoreSource, is_store_url
 from ..uffd._config import MAX_UFFD_SPIN_US, UffdConfig
 from ..uffd._handler import UffdHandler
 from ._metrics import MetricsAddress, MetricsServer
@@ -158,6 +158,9 @@ def check_options(opts: DaemonOptions) -> None:
         raise StartupError(f"fetch concurrency must be at least 1, not {opts.fetch_concurrency}")
     if opts.record_working_set == "" and is_store_url(opts.source):
         raise StartupError(f"--record-working-set needs a FILE for a checkpoint in a store ({opts.source})")
+    if opts.record_working_set == "" and StoreSource.claims(opts.source):
+        # (beside it would be STORE/snapshots/NAME.working-set.msgpack: a file among the manifests)
+        raise StartupError(f"--record-working-set needs a FILE for a snapshot in a chunk store ({opts.source})")
     if opts.config.queue_depth < 1:
         raise StartupError(f"queue depth must be at least 1, not {opts.config.queue_depth}")
     if opts.max_pending_waits < 1:

@@ -8,6 +8,7 @@ Imported at first use only: a local restore never loads the object-store client.
 """
 
 from ._cache import (
+    CONTENT_NAMESPACE,
     DEFAULT_CACHE_SIZE,
     CacheError,
     CacheStats,
@@ -29,6 +30,7 @@ from ._store import (
 
 __all__ = [
     "CODES",
+    "CONTENT_NAMESPACE",
     "DEFAULT_CACHE_SIZE",
     "DEFAULT_REGION",
     "CacheError",

@@ -58,6 +58,7 @@ from ._cache_files import MAX_CHUNK, CacheError, CacheFiles, entry_name
 from ._cache_index import _M64, _Index
 
 __all__ = [
+    "CONTENT_NAMESPACE",
     "DEFAULT_CACHE_SIZE",
     "CacheError",
     "CacheStats",
@@ -69,6 +70,9 @@ __all__ = [
 
 #: ``--cache-size`` when none is given
 DEFAULT_CACHE_SIZE = 16 << 30
+#: the identity under which a chunk store's chunks are kept, content-addressed: the
+#: same chunk of any snapshot is one entry (``DIR/v1/626c616b65330000/``: "blake3")
+CONTENT_NAMESPACE = int.from_bytes(b"blake3\0\0", "big")
 #: a read touches an entry's mtime when it is older than this (the on-disk recency's
 #: granularity; the in-memory recency is exact)
 TOUCH_INTERVAL_NS = 10 * 1_000_000_000
@@ -435,6 +439,112 @@ class ChunkCache:
             self._evictions += 1
             self._account(-length, -1)
             return True
+
+    # -- content-addressed entries (a chunk store's chunks) --------------------------------------
+
+    @staticmethod
+    def _content_key(digest: bytes, length: int) -> int:
+        if len(digest) != 32:
+            raise ValueError(f"a content key is a 32-byte BLAKE3 digest, not {len(digest)} bytes")
+        checksum = int.from_bytes(digest[:8], "big")
+        ChunkCache._check_key(CONTENT_NAMESPACE, checksum, length)
+        return checksum
+
+    def read_content_into(self, digest: bytes, length: int, buffer: Any) -> bool:
+        """Read the chunk-store chunk named ``digest`` (kept as ``length`` stored bytes:
+        compressed as its store keeps it) into ``buffer``, NOT verified: the caller
+        decompresses it, checks its BLAKE3 against ``digest`` and calls
+        :meth:`drop_content` if it does not match.  True: ``buffer`` holds the entry's
+        bytes; False: a miss (a missing, truncated or replaced entry; the latter two
+        are removed).  Kept under the identity :data:`CONTENT_NAMESPACE`, named by the
+        digest's first 8 bytes, so that every snapshot sharing a chunk shares its entry."""
+        checksum = self._content_key(digest, length)
+        view = memoryview(buffer).cast("B")
+        if len(view) != length or view.readonly:
+            raise ValueError(f"buffer must be {length} writable bytes")
+        identity = CONTENT_NAMESPACE
+        name = entry_name(checksum, length)
+        with self._files.shard(identity, checksum, create=False) as shard:
+            if shard is None:
+                return self._miss()
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=shard)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES):
+                    self._drop(identity, checksum, length, shard, name, None)
+                return self._miss()
+            try:
+                st = os.fstat(fd)
+                good = stat.S_ISREG(st.st_mode) and st.st_size == length
+                if good:
+                    done = 0
+                    try:
+                        while done < length:
+                            n = os.preadv(fd, [view[done:]], done)
+                            if n <= 0:
+                                break
+                            done += n
+                    except OSError:
+                        pass
+                    good = done == length
+                if not good:
+                    self._drop(identity, checksum, length, shard, name, st)
+                    return self._miss()
+                now = time.time_ns()
+                if now - st.st_mtime_ns > TOUCH_INTERVAL_NS:
+                    with contextlib.suppress(OSError):
+                        os.utime(fd, ns=(st.st_atime_ns, now))
+            finally:
+                os.close(fd)
+        with self._mutex:
+            self._hits += 1
+            if self._index is not None:
+                self._index.add(self._ident(identity), checksum, length, now)
+        return True
+
+    def drop_content(self, digest: bytes, length: int) -> None:
+        """Remove the entry :meth:`read_content_into` gave whose bytes did not verify
+        (counted as a corrupt entry dropped)."""
+        checksum = self._content_key(digest, length)
+        with self._files.shard(CONTENT_NAMESPACE, checksum, create=False) as shard:
+            if shard is not None:
+                self._drop(CONTENT_NAMESPACE, checksum, length, shard, entry_name(checksum, length), None)
+
+    def insert_content(self, digest: bytes, data: Any) -> bool:
+        """Add a chunk-store chunk's stored bytes under its BLAKE3 ``digest``; the caller
+        has verified them (decompressed, hashed), the cache cannot.  Returns as
+        :meth:`insert` does."""
+        view = memoryview(data).cast("B")
+        length = len(view)
+        checksum = self._content_key(digest, length)
+        if length > self.max_bytes:
+            return self._failed()
+        identity = CONTENT_NAMESPACE
+        name = entry_name(checksum, length)
+        with self._files.shard(identity, checksum, create=True) as shard:
+            if shard is None:
+                return self._failed()
+            temp = f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=shard)
+            except OSError:
+                return self._failed()
+            try:
+                try:
+                    done = 0
+                    while done < length:
+                        done += os.write(fd, view[done:])
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return self._place(identity, checksum, length, shard, temp, name)
+            except OSError:
+                return self._failed()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=shard)
 
     # -- whole-cache operations --------------------------------------------------------------
 

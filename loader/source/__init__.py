@@ -2,8 +2,10 @@
 
 :func:`open_source` asks each registered source class, in order, whether it
 claims a path (``claims``) and opens it with the first that does (``open``).  The
-built-in ones: a pages checkpoint in object storage (``s3://`` and ``file://`` URLs,
-first), a pages checkpoint (a directory, or its ``index.msgpack``), and a raw image
+built-in ones: a snapshot in a chunk store (``STORE/snapshots/NAME``, local or in
+object storage, registered first, with :func:`register_source` as any new source
+is), then a pages checkpoint in object storage (``s3://`` and ``file://`` URLs),
+a pages checkpoint (a directory, or its ``index.msgpack``), and a raw image
 (anything else, last).  A new source is one module and one line:
 ``register_source(MySource)`` (it goes before the built-ins).  Helpers for a new
 source: :func:`open_regular` (opens a regular file read-only, refusing symbolic
@@ -22,6 +24,7 @@ from ._file import FileSource
 from ._pages import PagesSource
 from ._raw import RawImageSource
 from ._remote import RemoteConfig, RemoteSource, is_store_url
+from ._store import StoreSource
 
 __all__ = [
     "CheckpointIdentity",
@@ -34,6 +37,7 @@ __all__ = [
     "RemoteConfig",
     "RemoteSource",
     "SourceClass",
+    "StoreSource",
     "file_digest",
     "is_store_url",
     "layout_digest",
@@ -95,3 +99,6 @@ def open_source(path: str, *, scan: bool = True, direct: bool = False,
                 return opened
             return cls.open(path, scan=scan, direct=direct)
     raise AssertionError("the raw image source claims every path")
+
+
+register_source(StoreSource)  # a snapshot in a chunk store (STORE/snapshots/NAME): one line, as any source

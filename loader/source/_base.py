@@ -8,6 +8,10 @@ its identity; and it turns "these bytes of the pages file into these buffers" in
 code and the userfaultfd handler see only this interface: no checkpoint kinds, no
 bare file descriptors.
 
+An optional attribute: ``decodes_whole_chunks = True`` says that reading any byte of a
+checksum chunk costs decoding all of it (a chunk store's compressed chunks); the
+loader then rounds its background reads up to whole chunks.
+
 One capability is optional: :class:`LocalPages`, a source that is one local file
 the kernel can read from directly (copied file to file in the kernel, mapped
 read-only for the userfaultfd handler's direct copies, asked about its page cache).
