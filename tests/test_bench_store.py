@@ -58,9 +58,11 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert math.isclose(c["ratio"], z["data_bytes"] / z["stored_bytes"])
         rows = z["chunks"]
         loc = res["local"]
-        assert loc["orders"] == [["checkpoint", "zstd"], ["zstd", "checkpoint"]]
-        for run in loc["runs"]["zstd"]:
-            assert run["total_bytes"] == z["data_bytes"]
+        assert loc["orders"] == [["checkpoint", "zstd", "fast"], ["fast", "zstd", "checkpoint"]]
+        for which in ("zstd", "fast"):
+            assert c[which]["chunks"] == rows and c[which]["data_bytes"] == z["data_bytes"]
+            for run in loc["runs"][which]:
+                assert run["total_bytes"] == z["data_bytes"]
         for run in loc["runs"]["checkpoint"]:
             assert run["total_bytes"] == res["checkpoint"]["data_bytes"]
         assert math.isclose(loc["ratio"], loc["fill_s"]["checkpoint"] / loc["fill_s"]["zstd"])
@@ -80,6 +82,7 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert d["chunk_puts"] == d["child"]["new_chunks"] == d["child_new_distinct_chunks"] == d["dirtied_rows"]
         assert d["uploaded_bytes"] == d["child"]["new_stored_bytes"] and d["parent_stored_bytes"] == z["stored_bytes"]
         assert math.isclose(d["upload_fraction"], d["uploaded_bytes"] / d["parent_stored_bytes"])
+        assert math.isclose(d["upload_fraction"], d["upload_over_dirtied"] * d["dirtied_parent_fraction"])
         r = d["restore"]
         assert r["chunk_gets"] == r["chunks_fetched"] == d["child_new_distinct_chunks"]
         assert r["chunks_fetched"] + r["chunks_cached"] == d["child"]["chunks"] == rows
@@ -90,4 +93,4 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert named[f"{kind}: proxied fill, zstd speedup over none"]["met"] == (px["speedup"] >= 0.8 * c["ratio"])
     rss = section["rss_outside_peak_bytes"]
     assert rss["local"] > 0 and rss["s3"] > 0 and section["heap_peak_bytes"] > 0
-    assert all(g["met"] in (True, False, None) for g in section["goals"]) and len(section["goals"]) == 2 * 7 + 3
+    assert all(g["met"] in (True, False, None) for g in section["goals"]) and len(section["goals"]) == 2 * 9 + 3
