@@ -124,7 +124,9 @@ def test_open_source_claims_a_snapshot_by_its_shape_and_its_manifest(image, tmp_
     other.parent.mkdir()
     other.write_bytes(image["memory"][: 1 << 16])
     assert not StoreSource.claims(str(other))
-    assert type(open_source(str(other))).__name__ == "RawImageSource"
+    raw = open_source(str(other))
+    assert type(raw).__name__ == "RawImageSource"
+    raw.close()
 
 
 def test_a_bad_manifest_or_a_store_without_chunks_is_one_line(image, tmp_path):
