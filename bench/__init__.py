@@ -4,7 +4,9 @@ own limits in one run (never asserted in tests).
 Sections: ``daemon`` (fill, ready, wait latency, memory), ``backends`` (every AIO
 backend, warm and cold), ``designs`` (ours against eager, lazy-only and
 first-come-first-served restores under one trace), ``workingset`` (restores with
-and without a recorded working set).
+and without a recorded working set), ``store`` (the chunk store: compression, fills
+local and from S3 through a throttled proxy, a layer's dedup, faults on unfetched
+chunks), and more (``bench._run``'s docstring lists them all).
 """
 
 from ._designs import DESIGNS, DesignError, PlotUnavailable, format_designs, plot_designs, run_designs

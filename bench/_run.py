@@ -21,6 +21,8 @@ directory and runs the chosen sections on it, each against real
   and as pages checkpoints, against a dense image of the same data bytes.
 * ``remote`` (:mod:`bench._remote`): restoring from a real S3 server on loopback,
   straight and through a proxy that slows it to S3's pace, against its limits.
+* ``store`` (:mod:`bench._store`): the chunk store: compression and create speed, fills
+  local and through a throttled proxy to SeaweedFS, a layer's dedup, fault latency.
 
 The result is one JSON-able dict (``{"sections": {name: {...}}, ...}``);
 :func:`format_bench` renders it as tables.  A section that fails records
@@ -50,16 +52,20 @@ from ._firecracker import format_firecracker, run_firecracker_section
 from ._latency import run_latency_section
 from ._remote import MAX_SIZE, QUICK_MAX_SIZE, format_remote, run_remote_section
 from ._scale import format_scale, run_scale_section
+from ._store import MAX_SIZE as STORE_MAX_SIZE
+from ._store import QUICK_MAX_SIZE as STORE_QUICK_MAX_SIZE
+from ._store import format_store, run_store_section
 from ._tools import BenchError, cp_text
 from ._uffd import run_uffd_section
 from ._workingset import format_workingset, run_workingset_section
 
 __all__ = ["SECTIONS", "BenchOptions", "format_bench", "run_bench"]
 
-SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker", "scale", "remote")
+SECTIONS = ("daemon", "backends", "designs", "latency", "workingset", "uffd", "firecracker", "scale", "remote",
+            "store")
 QUICK_SIZE = 256 << 20
 #: sections that bring their own memory image (no dense random image is made for them alone)
-OWN_IMAGE = frozenset({"firecracker", "scale", "remote"})
+OWN_IMAGE = frozenset({"firecracker", "scale", "remote", "store"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +215,10 @@ def _run_section(
                                   rounds=rep or (1 if quick else 2), faults=100 if quick else 300,
                                   clients=opts.clients, min_samples=opts.min_wait_samples or (50 if quick else 200),
                                   seed=opts.seed, log=log)
+    if name == "store":
+        return run_store_section(min(opts.size, STORE_QUICK_MAX_SIZE if quick else STORE_MAX_SIZE), workdir,
+                                 rounds=rep or (2 if quick else 3), samples=10 if quick else 20, seed=opts.seed,
+                                 log=log)
     return _designs_section(opts, image, workdir, log)
 
 
@@ -313,6 +323,8 @@ def format_bench(result: dict[str, Any]) -> str:
             lines += format_scale(section)
         elif name == "remote":
             lines += format_remote(section)
+        elif name == "store":
+            lines += format_store(section, _table)
         elif name == "latency":
             lines.append(
                 f"latency ({section['image']['size_bytes'] >> 20} MiB dense image, "

@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
         "wait against the raw socket round trip: loaded pages, pipelined waits/s, unloaded pages), "
         "workingset (record a working set under the trace, restore with and without it), uffd "
         "(page faults from an emulated VMM: our handler against eager and lazy ones, zero-copy mode, "
-        "and a real Firecracker restore where one can run), firecracker (only that restore).  "
+        "and a real Firecracker restore where one can run), firecracker (only that restore), scale (millions "
+        "of small ranges), store (the chunk store: compression, fills local and through a throttled proxy "
+        "to SeaweedFS, a layer's dedup, faults on unfetched chunks; images of its own, at most 256M).  "
         "See docs/BENCHMARKS.md (the method, the current figures) and docs/MEASUREMENTS.md (every "
         "dated run).",
     )

@@ -493,6 +493,23 @@ async def test_the_sweep_decodes_each_chunk_once(image, tmp_path):
     assert fetch["chunks_fetched"] == _stored_chunks(image["memory"])
 
 
+async def test_a_wait_on_an_unfetched_chunk_decodes_it_once(image, tmp_path):
+    """A waiter's reads of a quarter chunk asked for (``read_size``), nothing else loading
+    (no sweep): the loader makes each wait's read its whole chunk, so each 4 KiB wait on
+    a chunk not read yet reads that chunk once (pieces of ``read_size`` each fetched and
+    decoded the whole chunk: 4 reads a wait here, 8 GETs a fault with the defaults)."""
+    offsets = [at for at in range(0, SIZE, CHUNK) if any(image["memory"][at : at + CHUNK])][:6]
+    opts = _options(tmp_path, image["ref"], config=LoaderConfig(read_size=CHUNK // 4, sweep=False))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        async with TrioClient.connect(state.server.path) as client:
+            for at in offsets:
+                await client.wait(at + CHUNK // 2, PAGE)
+        fetch = state.source.stats()["fetch"]
+        state.stop()
+    assert fetch["chunks_fetched"] == len(offsets) and fetch["failures"] == 0
+
+
 def test_recording_a_working_set_beside_a_snapshot_is_refused(image, tmp_path):
     """Beside STORE/snapshots/NAME would put a file among the store's manifests: a FILE
     is needed (one line at start-up, before anything is opened)."""

@@ -449,6 +449,10 @@ class FaultProxy:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
+            # no Nagle: a response goes out in pieces (the head, then the body a piece at a
+            # time under the cap), and a piece held back until the client's delayed ACK
+            # came added 40 ms to a small GET and stalled a capped one every piece or so
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.add(sock)
             t = threading.Thread(target=self._serve, args=(sock,), name="fault-proxy-conn", daemon=True)
@@ -502,6 +506,7 @@ class FaultProxy:
         with self._lock:
             self.forwarded.append(line)
         up = socket.create_connection(self.upstream, timeout=60)
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             up.sendall(request)
             server = _Conn(up)
@@ -510,7 +515,7 @@ class FaultProxy:
                 return False
             status_line, fields = _headers(head)
             status = int(status_line.split()[1])
-            piece = 16 << 10
+            piece = 64 << 10
             if self.bandwidth:
                 piece = max(1024, min(piece, self.bandwidth // 50))
             body: Iterable[bytes]

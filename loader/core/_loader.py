@@ -105,11 +105,15 @@ class Loader:
         #: userfaultfd faults go through it too): working-set recording
         self.recorder: AccessRecorder | None = None
         chunk_size, checksums = source.chunk_size, source.checksums
-        if chunk_size and getattr(source, "decodes_whole_chunks", False) and config.sweep_read_size % chunk_size:
+        if chunk_size and getattr(source, "decodes_whole_chunks", False) and (
+                config.sweep_read_size % chunk_size or config.read_size % chunk_size):
             # a source that decodes a chunk whole to read any of it (a chunk store: 2 MiB
-            # chunks): a background read covers whole chunks, or it would decode one twice
+            # chunks): every read covers whole chunks, or it would decode (and fetch) one
+            # several times: a waiter's 4 KiB, widened to its chunk, was read in pieces of
+            # read_size (256 KiB), each fetching and decoding the whole chunk (8 GETs a fault)
             config = self._config = dataclasses.replace(
-                config, sweep_read_size=-(-config.sweep_read_size // chunk_size) * chunk_size)
+                config, sweep_read_size=-(-config.sweep_read_size // chunk_size) * chunk_size,
+                read_size=-(-config.read_size // chunk_size) * chunk_size)
         chunks = (
             _Chunks(layout, chunk_size, checksums)
             if config.verify and use_checksums and chunk_size is not None and checksums is not None

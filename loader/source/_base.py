@@ -10,7 +10,9 @@ bare file descriptors.
 
 An optional attribute: ``decodes_whole_chunks = True`` says that reading any byte of a
 checksum chunk costs decoding all of it (a chunk store's compressed chunks); the
-loader then rounds its background reads up to whole chunks.
+loader then rounds its reads up to whole chunks (``read_size`` and ``sweep_read_size``:
+a waiter's read as well as the sweep's, or one fault would decode its chunk once per
+piece).
 
 One capability is optional: :class:`LocalPages`, a source that is one local file
 the kernel can read from directly (copied file to file in the kernel, mapped

@@ -81,8 +81,8 @@ class StoreSource:
     local: LocalPages | None = None  # many objects: reads only through requests
     takes_remote = True  # open_source passes its remote= configuration (endpoint, cache)
     needs_calls = True  # its requests are Op.CALL: the daemon's queue must take calls
-    #: reading any byte of a chunk decodes all of it: the loader makes its background
-    #: reads whole chunks (its sweep read size rounded up to the chunk size)
+    #: reading any byte of a chunk decodes all of it: the loader makes its reads whole
+    #: chunks (its read sizes, a waiter's and the sweep's, rounded up to the chunk size)
     decodes_whole_chunks = True
 
     def __init__(self, ref: str, store: str, name: str, manifest: Manifest, data: bytes,
