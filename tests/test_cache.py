@@ -39,7 +39,7 @@ def key(data: bytes) -> int:
 
 def entry_path(directory: Path, identity: int, data: bytes) -> Path:
     s = key(data)
-    return directory / "v1" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(data)}"
+    return directory / "v2" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(data)}"
 
 
 def read(cache: ChunkCache, identity: int, data: bytes) -> bytes | None:
@@ -48,7 +48,7 @@ def read(cache: ChunkCache, identity: int, data: bytes) -> bytes | None:
 
 
 def entries_on_disk(directory: Path) -> list[Path]:
-    return [p for p in (directory / "v1").glob("*/*/*") if not p.name.startswith(".tmp-")]
+    return [p for p in (directory / "v2").glob("*/*/*") if not p.name.startswith(".tmp-")]
 
 
 @pytest.fixture
@@ -95,9 +95,9 @@ def test_the_layout_on_disk_and_its_modes(cache_dir: Path) -> None:
     path = entry_path(cache_dir, IDENT, a)
     assert path.read_bytes() == a
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # guest memory: this user's only
-    for d in (cache_dir, cache_dir / "v1", path.parent.parent, path.parent):
+    for d in (cache_dir, cache_dir / "v2", path.parent.parent, path.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert sorted(p.name for p in (cache_dir / "v1").iterdir()) == sorted(["journal", "lock", f"{IDENT:016x}"])
+    assert sorted(p.name for p in (cache_dir / "v2").iterdir()) == sorted(["journal", "lock", f"{IDENT:016x}"])
     assert not list(path.parent.glob(".tmp-*"))
 
 
@@ -115,7 +115,7 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_written(cache_dir: Path) -> 
         a = chunk(6)
         with pytest.raises(ValueError, match="refused"):
             cache.insert(IDENT, key(a) ^ 1, a)
-        assert not list((cache_dir / "v1").rglob("*-*")) and not list((cache_dir / "v1").rglob(".tmp-*"))
+        assert not list((cache_dir / "v2").rglob("*-*")) and not list((cache_dir / "v2").rglob(".tmp-*"))
         assert cache.stats().entries == 0
         assert read(cache, IDENT, a) is None
 
@@ -276,14 +276,14 @@ def test_totals_that_drifted_are_recounted_by_a_walk(cache_dir: Path) -> None:
     with ChunkCache(str(cache_dir), 3 * CHUNK) as cache:
         for i in range(3):
             cache.insert(IDENT, key(chunk(60 + i)), chunk(60 + i))
-        with open(cache_dir / "v1" / "lock", "r+b") as f:
+        with open(cache_dir / "v2" / "lock", "r+b") as f:
             f.write(b"garbage!")
         x = chunk(63)
         assert cache.insert(IDENT, key(x), x)
         assert cache.stats().bytes == 3 * CHUNK == sum(p.stat().st_size for p in entries_on_disk(cache_dir))
     with ChunkCache(str(cache_dir), 3 * CHUNK) as cache:  # totals too high: nothing known can go
         cache.load_index()
-        with open(cache_dir / "v1" / "lock", "r+b") as f:
+        with open(cache_dir / "v2" / "lock", "r+b") as f:
             f.seek(8)
             f.write((10 * CHUNK).to_bytes(8, "little"))
         cache._index.clear()  # type: ignore[union-attr]  (as if these entries were another daemon's)
@@ -333,7 +333,7 @@ def test_two_processes_share_the_cache_at_once_under_a_small_bound(cache_dir: Pa
         assert hits > 0 and evictions > 0 and corrupt == 0
     on_disk = entries_on_disk(cache_dir)
     assert sum(p.stat().st_size for p in on_disk) <= bound
-    assert not list((cache_dir / "v1").rglob(".tmp-*"))
+    assert not list((cache_dir / "v2").rglob(".tmp-*"))
     with ChunkCache(str(cache_dir), bound) as cache:
         before = cache.stats()
         assert (before.entries, before.bytes) == (len(on_disk), sum(p.stat().st_size for p in on_disk))
@@ -353,7 +353,7 @@ def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
         theirs = Path("/")  # root's, and not writable by us: refused before anything is made
     with pytest.raises(CacheError, match="owned by uid"):
         ChunkCache(str(theirs), 1 << 20)
-    assert not (theirs / "v1").exists()
+    assert not (theirs / "v2").exists()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
@@ -363,7 +363,7 @@ def test_a_directory_writable_by_others_is_refused(tmp_path: Path, mode: int) ->
     d.chmod(mode)
     with pytest.raises(CacheError, match="writable by"):
         ChunkCache(str(d), 1 << 20)
-    assert not (d / "v1").exists()
+    assert not (d / "v2").exists()
 
 
 def test_a_symlinked_cache_directory_is_refused(tmp_path: Path) -> None:
@@ -373,8 +373,8 @@ def test_a_symlinked_cache_directory_is_refused(tmp_path: Path) -> None:
     link.symlink_to(real)
     with pytest.raises(CacheError, match="symbolic link"):
         ChunkCache(str(link), 1 << 20)
-    assert not (real / "v1").exists()
-    (real / "v1").symlink_to(tmp_path)  # inside a good directory too
+    assert not (real / "v2").exists()
+    (real / "v2").symlink_to(tmp_path)  # inside a good directory too
     with pytest.raises(CacheError, match="symbolic link"):
         ChunkCache(str(real), 1 << 20)
 
@@ -386,7 +386,7 @@ def test_symlinked_directories_inside_are_never_followed(cache_dir: Path, tmp_pa
     elsewhere.mkdir()
     a = chunk(70)
     with ChunkCache(str(cache_dir), 1 << 20) as cache:
-        (cache_dir / "v1" / f"{IDENT:016x}").symlink_to(elsewhere)
+        (cache_dir / "v2" / f"{IDENT:016x}").symlink_to(elsewhere)
         assert not cache.insert(IDENT, key(a), a)
         assert read(cache, IDENT, a) is None
     assert not list(elsewhere.iterdir())
@@ -409,7 +409,7 @@ def test_prune_to_a_size_to_nothing_and_one_checkpoint(cache_dir: Path) -> None:
         assert read(cache, IDENT, mine[1]) is None and read(cache, IDENT, mine[0]) == mine[0]
         report = cache.prune(identity=OTHER)
         assert (report.entries, report.bytes) == (2, 2 * CHUNK)
-        assert not (cache_dir / "v1" / f"{OTHER:016x}").exists()
+        assert not (cache_dir / "v2" / f"{OTHER:016x}").exists()
         assert read(cache, IDENT, mine[2]) == mine[2]
         report = cache.prune()
         assert (report.entries, cache.stats().entries, cache.stats().bytes) == (3, 0, 0)

@@ -34,7 +34,7 @@ class LockHolder:
     def __init__(self, cache_dir: Path) -> None:
         code = ("import fcntl, sys; f = open(sys.argv[1], 'r+b'); fcntl.flock(f, fcntl.LOCK_EX); "
                 "print('locked', flush=True); sys.stdin.read()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(cache_dir / "v1" / "lock")],
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(cache_dir / "v2" / "lock")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None and self.proc.stdout.readline() == b"locked\n"
 
@@ -77,13 +77,15 @@ async def test_a_chunk_read_again_before_its_insert_lands_is_neither_fetched_nor
     """With the cache's lock held elsewhere, a call that fetched chunks returns at once
     (its inserts wait in the inserter, not in the call; before, the call itself waited
     for the lock); the same chunks read again come from the inserter's slots (no GET);
-    once the lock is let go, each chunk is inserted once."""
+    once the lock is let go, their block is inserted once, whole (the call of the
+    sweep fetched the rest of the block with its chunks, into the block's slot)."""
     cache_dir = tmp_path / "cache"
     source = open_source(f"file://{ckpt['dir']}", remote=RemoteConfig(cache_dir=str(cache_dir), env={}))
-    assert isinstance(source, RemoteSource)
+    assert isinstance(source, RemoteSource) and source.inserter is not None
     holder.append(LockHolder(cache_dir))
     queue = aio.open_queue("threads", 4)
-    n = 16  # chunks read, twice
+    n = 16  # chunks read, twice: a quarter of a block
+    assert source.inserter.block_chunks == 64
     first, second = bytearray(n * CHUNK), bytearray(n * CHUNK)
     try:
         with trio.fail_after(30):  # (the call stuck behind the lock would never return)
@@ -93,41 +95,53 @@ async def test_a_chunk_read_again_before_its_insert_lands_is_neither_fetched_nor
         assert first == second == ckpt["pages"][: n * CHUNK]
         stats = source.stats()
         assert stats["fetch"]["gets"] == gets == 1  # the second read made no GET
+        assert stats["fetch"]["chunks_fetched"] == 64  # the block, whole
         assert stats["inserter"]["served"] == n and stats["inserter"]["inserted"] == 0
     finally:
         holder[0].release()
         await queue.aclose()
         source.close()  # drains the inserter into the cache
     stats = source.stats()
-    assert stats["inserter"]["inserted"] == n and stats["inserter"]["queued"] == n
-    assert stats["cache"]["inserts"] == n and stats["cache"]["entries"] == n
+    assert stats["inserter"]["inserted"] == 1 and stats["inserter"]["queued"] == 1
+    assert stats["cache"]["inserts"] == 1 and stats["cache"]["entries"] == 1
 
 
-def test_the_sweep_waits_for_a_slot_and_a_waiter_never_does(ckpt, tmp_path, holder):
-    """Four slots, one kept for urgent calls: with the inserts held up, three chunks of
-    the sweep fill the rest, a fourth waits for a slot (not dropped); an urgent chunk
-    takes the kept slot, the next urgent one finds none and is dropped, never waits.
-    Once the inserts go on, the waiting chunk is queued and all four reach the cache."""
+def _blocks(count: int, chunks: int) -> tuple[bytes, list[int]]:
+    data = os.urandom(count * chunks * CHUNK)
+    return data, [xxhash.xxh3_64_intdigest(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
+
+
+def test_the_sweep_waits_for_a_slot_and_a_waiter_never_does(tmp_path, holder):
+    """Four block slots, one kept for urgent calls: with the inserts held up, three
+    blocks of the sweep fill the rest, a fourth waits for a slot (not dropped); an
+    urgent block takes the kept slot, the next urgent one finds none and is dropped,
+    never waits.  Once the inserts go on, the waiting block is queued and all four
+    reach the cache."""
     cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
     holder.append(LockHolder(tmp_path / "cache"))
-    data = [os.urandom(CHUNK) for _ in range(6)]
-    sums = [xxhash.xxh3_64_intdigest(d) for d in data]
-    inserter = CacheInserter(cache, 7, CHUNK, capacity=4 * CHUNK)
+    per = 4  # chunks a block
+    data, sums = _blocks(6, per)
+    size, bb = len(data), per * CHUNK
+    inserter = CacheInserter(cache, 7, CHUNK, sums, size, per, capacity=4 * bb)
+
+    def block(b: int) -> memoryview:
+        return memoryview(data)[b * bb : (b + 1) * bb]
+
     try:
         assert (inserter.slots, inserter.reserve) == (4, 1)
-        for k in range(3):
-            assert inserter.offer(k, sums[k], memoryview(data[k]))
+        for b in range(3):
+            assert inserter.offer(b * per, block(b))
         result: list[bool] = []
-        sweep = threading.Thread(target=lambda: result.append(inserter.offer(3, sums[3], memoryview(data[3]))))
+        sweep = threading.Thread(target=lambda: result.append(inserter.offer(3 * per, block(3))))
         sweep.start()
         while inserter.stats().waits == 0:
             time.sleep(0.01)
-        assert inserter.offer(4, sums[4], memoryview(data[4]), urgent=True)
-        assert not inserter.offer(5, sums[5], memoryview(data[5]), urgent=True)  # at once: no slot, dropped
+        assert inserter.offer(4 * per, block(4), urgent=True)
+        assert not inserter.offer(5 * per, block(5), urgent=True)  # at once: no slot, dropped
         assert sweep.is_alive() and result == []
-        assert inserter.offer(0, sums[0], memoryview(data[0]))  # pending already: not queued twice
+        assert inserter.offer(0, block(0))  # held already: not queued twice
         got = bytearray(CHUNK)
-        assert inserter.read_into(4, memoryview(got)) and got == data[4]
+        assert inserter.read_into(4 * per + 1, memoryview(got)) and got == block(4)[CHUNK : 2 * CHUNK]
         holder[0].release()
         sweep.join(30)
         assert result == [True]
@@ -135,20 +149,49 @@ def test_the_sweep_waits_for_a_slot_and_a_waiter_never_does(ckpt, tmp_path, hold
         inserter.close()
     s = inserter.stats()
     assert (s.queued, s.inserted, s.dropped, s.pending, s.waits) == (5, 5, 1, 0, 1)
-    buf = bytearray(CHUNK)
-    assert [cache.read_into(7, sums[k], CHUNK, buf) for k in range(6)] == [True] * 5 + [False]
+    found = [cache.read_block_into(7, CHUNK, sums[b * per : (b + 1) * per], bb, 0, bytearray(bb)) for b in range(6)]
+    assert found == [True] * 5 + [False]
+    cache.close()
+
+
+def test_a_block_missing_chunks_is_given_up_for_the_sweep_and_holds_only_what_arrived(tmp_path):
+    """Two slots: a waiter's lone chunk holds a block that is not whole (its chunk is
+    served from the slot, the others are not); a call of the sweep that needs the
+    slot gives that block up (counted as dropped) rather than wait for it forever,
+    and nothing of the given-up block reaches the cache."""
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    per = 4
+    data, sums = _blocks(4, per)
+    bb = per * CHUNK
+    inserter = CacheInserter(cache, 8, CHUNK, sums, len(data), per, capacity=2 * bb)
+    try:
+        assert (inserter.slots, inserter.reserve) == (2, 1)
+        assert inserter.offer(1, memoryview(data)[CHUNK : 2 * CHUNK], urgent=True)  # block 0's chunk 1 alone
+        assert inserter.held(0) == 0b0010
+        got = bytearray(CHUNK)
+        assert inserter.read_into(1, memoryview(got)) and got == data[CHUNK : 2 * CHUNK]
+        assert not inserter.read_into(0, memoryview(got))
+        assert inserter.offer(2 * per, memoryview(data)[2 * bb : 3 * bb])  # the sweep: gives block 0 up
+        assert inserter.held(0) == 0 and inserter.stats().dropped == 1
+    finally:
+        inserter.close()
+    assert inserter.stats().inserted == 1
+    assert not cache.read_block_into(8, CHUNK, sums[:per], bb, 0, bytearray(bb))
+    assert cache.read_block_into(8, CHUNK, sums[2 * per : 3 * per], bb, 0, bytearray(bb))
     cache.close()
 
 
 def test_shutdown_with_inserts_held_up_is_bounded_and_drops_them(tmp_path, holder):
-    """close() with the cache's lock held elsewhere: the queued chunks are dropped after
-    the timeout, counted; the thread is gone; nothing was inserted."""
+    """close() with the cache's lock held elsewhere: the queued blocks are dropped after
+    the timeout, counted; the threads are gone; nothing was inserted."""
     cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
-    data = [os.urandom(CHUNK) for _ in range(3)]
-    inserter = CacheInserter(cache, 9, CHUNK, capacity=64 * CHUNK)
+    per = 2
+    data, sums = _blocks(3, per)
+    bb = per * CHUNK
+    inserter = CacheInserter(cache, 9, CHUNK, sums, len(data), per, capacity=64 * bb)
     holder.append(LockHolder(tmp_path / "cache"))
-    for k, d in enumerate(data):
-        assert inserter.offer(k, xxhash.xxh3_64_intdigest(d), memoryview(d))
+    for b in range(3):
+        assert inserter.offer(b * per, memoryview(data)[b * bb : (b + 1) * bb])
     release = threading.Timer(1.0, holder[0].release)  # lets the batch in the cache's lock go
     release.start()
     inserter.close(timeout=0.1)
@@ -156,7 +199,7 @@ def test_shutdown_with_inserts_held_up_is_bounded_and_drops_them(tmp_path, holde
     s = inserter.stats()
     assert not any(t.is_alive() for t in inserter._threads)
     assert s.pending == 0 and s.inserted + s.dropped == 3
-    assert not inserter.offer(5, xxhash.xxh3_64_intdigest(data[0]), memoryview(data[0]))  # closed
+    assert not inserter.offer(0, memoryview(data)[:bb])  # closed
     cache.close()
 
 
@@ -176,7 +219,7 @@ def test_insert_many_refuses_wrong_bytes_and_stores_the_rest(tmp_path):
     assert (st.entries, st.bytes, st.inserts) == (4, 4 * CHUNK, 4)
     buf = bytearray(CHUNK)
     assert [cache.read_into(3, s, CHUNK, buf) for s in sums] == [True, True, False, True, True]
-    assert not [n for n in os.listdir(tmp_path / "cache" / "v1" / f"{3:016x}" / f"{sums[0] >> 56:02x}")
+    assert not [n for n in os.listdir(tmp_path / "cache" / "v2" / f"{3:016x}" / f"{sums[0] >> 56:02x}")
                 if n.startswith(".tmp-")]
     with pytest.raises(ValueError):
         cache.insert_many(3, [(sums[0], b"")])
