@@ -292,6 +292,109 @@ def test_totals_that_drifted_are_recounted_by_a_walk(cache_dir: Path) -> None:
         assert cache.stats().bytes == 3 * CHUNK == sum(p.stat().st_size for p in entries_on_disk(cache_dir))
 
 
+# -- blocks: a remote checkpoint's entries -----------------------------------------------------------
+
+
+def block(i: int, chunks: int = 4, tail: int = 100) -> tuple[bytes, list[int]]:
+    """A block of ``chunks`` chunks of CHUNK bytes, the last ``tail`` bytes short (0:
+    whole), and its chunks' checksums."""
+    data = random.Random(10_000 + i).randbytes(chunks * CHUNK - tail)
+    return data, [key(data[j : j + CHUNK]) for j in range(0, len(data), CHUNK)]
+
+
+def block_path(directory: Path, identity: int, sums: list[int], length: int) -> Path:
+    from loader.remote._cache import block_header
+
+    header = block_header(CHUNK, sums, length)
+    s = key(header)
+    return directory / "v2" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(header) + length}"
+
+
+def read_block(cache: ChunkCache, identity: int, sums: list[int], length: int, first: int, n: int) -> bytes | None:
+    buf = bytearray(min(n * CHUNK, length - first * CHUNK))
+    return bytes(buf) if cache.read_block_into(identity, CHUNK, sums, length, first, buf) else None
+
+
+def test_a_block_is_one_file_keyed_by_its_header_and_read_in_part(cache_dir: Path) -> None:
+    """A block of chunks is one file: a header holding its chunks' checksums, then the
+    bytes; named by the header's xxh3_64.  Any run of its chunks is read on its own
+    (the header and those chunks), byte-exact, the short last chunk included."""
+    data, sums = block(1)
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        assert read_block(cache, IDENT, sums, len(data), 0, 4) is None
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
+        path = block_path(cache_dir, IDENT, sums, len(data))
+        raw = path.read_bytes()
+        assert raw.endswith(data) and len(raw) == len(data) + 24 + 8 * len(sums)
+        assert [p for p in entries_on_disk(cache_dir)] == [path]
+        for first, n in ((0, 4), (2, 1), (1, 3), (3, 1)):
+            assert read_block(cache, IDENT, sums, len(data), first, n) == data[first * CHUNK : (first + n) * CHUNK]
+        assert read_block(cache, OTHER, sums, len(data), 0, 4) is None  # another checkpoint's: not shared
+        other = list(sums)
+        other[3] ^= 1  # another block (a chunk of other bytes): another key
+        assert read_block(cache, IDENT, other, len(data), 0, 1) is None
+        st = cache.stats()
+        assert (st.entries, st.bytes, st.hits, st.corrupt_dropped) == (1, len(raw), 4, 0)
+        with pytest.raises(ValueError, match="whole chunks"):
+            cache.read_block_into(IDENT, CHUNK, sums, len(data), 1, bytearray(CHUNK + 1))
+
+
+def test_a_block_with_a_wrong_chunk_is_refused_whole(cache_dir: Path) -> None:
+    data, sums = block(2)
+    good, good_sums = block(3)
+    bad = bytearray(data)
+    bad[2 * CHUNK + 7] ^= 1
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, bad), (good_sums, good)]) == [None, True]
+        assert entries_on_disk(cache_dir) == [block_path(cache_dir, IDENT, good_sums, len(good))]
+        assert read_block(cache, IDENT, sums, len(data), 0, 1) is None
+
+
+@pytest.mark.parametrize("where", ["chunk", "other-chunk", "header", "truncate"])
+def test_a_corrupt_block_is_detected_by_a_read_of_its_chunk_dropped_and_inserted_again(cache_dir: Path,
+                                                                                      where: str) -> None:
+    """A flipped byte in the chunk read, or in the header, or a truncated file: the
+    read misses, the entry is removed and counted; a read of one chunk checks only
+    the header and that chunk (a flip in another chunk is found by that chunk's read)."""
+    data, sums = block(4)
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        cache.insert_blocks(IDENT, CHUNK, [(sums, data)])
+        path = block_path(cache_dir, IDENT, sums, len(data))
+        raw = bytearray(path.read_bytes())
+        head = len(raw) - len(data)
+        if where == "truncate":
+            os.truncate(path, len(raw) - 1)
+        else:
+            raw[{"chunk": head + CHUNK + 5, "other-chunk": head + 3 * CHUNK + 5, "header": 30}[where]] ^= 1
+            path.write_bytes(raw)
+        if where == "other-chunk":
+            assert read_block(cache, IDENT, sums, len(data), 1, 1) == data[CHUNK : 2 * CHUNK]
+            assert path.exists()
+            assert read_block(cache, IDENT, sums, len(data), 2, 2) is None
+        else:
+            assert read_block(cache, IDENT, sums, len(data), 1, 1) is None
+        assert not os.path.lexists(path)
+        st = cache.stats()
+        assert (st.corrupt_dropped, st.entries, st.bytes) == (1, 0, 0)
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]  # fetched again
+        assert read_block(cache, IDENT, sums, len(data), 0, 4) == data
+
+
+def test_blocks_are_evicted_least_recently_used_first_under_the_bound(cache_dir: Path) -> None:
+    blocks = [block(10 + i, tail=0) for i in range(6)]
+    size = 24 + 8 * 4 + 4 * CHUNK  # one entry's bytes: its header and its chunks
+    with ChunkCache(str(cache_dir), 3 * size) as cache:
+        for i, (data, sums) in enumerate(blocks):
+            assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
+            assert read_block(cache, IDENT, blocks[0][1], len(blocks[0][0]), 0, 1) is not None  # 0 stays hot
+            assert cache.stats().bytes <= 3 * size
+        kept = [read_block(cache, IDENT, sums, len(data), 0, 4) == data for data, sums in blocks]
+        assert kept == [True, False, False, False, True, True]
+        st = cache.stats()
+        assert (st.entries, st.bytes, st.evictions) == (3, 3 * size, 3)
+        assert sum(p.stat().st_size for p in entries_on_disk(cache_dir)) == 3 * size
+
+
 # -- two processes --------------------------------------------------------------------------------------
 
 _WORKER = textwrap.dedent("""
@@ -339,6 +442,56 @@ def test_two_processes_share_the_cache_at_once_under_a_small_bound(cache_dir: Pa
         assert (before.entries, before.bytes) == (len(on_disk), sum(p.stat().st_size for p in on_disk))
         cache.refresh()
         assert (cache.stats().entries, cache.stats().bytes) == (before.entries, before.bytes)
+
+
+_BLOCK_WORKER = textwrap.dedent("""
+    import random, sys, xxhash
+    from loader.remote import ChunkCache
+    directory, me, bound = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    C = 4096
+    cache = ChunkCache(directory, bound)
+    rng = random.Random(me)
+    def make(seed, n):
+        data = random.Random(seed).randbytes(n * C - 300)
+        return data, [xxhash.xxh3_64_intdigest(data[j : j + C]) for j in range(0, len(data), C)]
+    shared = [make(i, 4) for i in range(8)]
+    own = [make(1000 * (me + 1) + i, 4) for i in range(4)]
+    hits = 0
+    for step in range(300):
+        ident, (data, sums) = (7, rng.choice(shared)) if rng.random() < 0.6 else (100 + me, rng.choice(own))
+        first = rng.randrange(4)
+        n = rng.randrange(1, 5 - first)
+        buf = bytearray(min(n * C, len(data) - first * C))
+        if cache.read_block_into(ident, C, sums, len(data), first, buf):
+            assert buf == data[first * C : first * C + len(buf)], "a hit returned other bytes"
+            hits += 1
+        else:
+            assert cache.insert_blocks(ident, C, [(sums, data)]) == [True]
+    st = cache.stats()
+    print(hits, st.corrupt_dropped, st.evictions)
+""")
+
+
+def test_two_processes_share_blocks_at_once_under_a_small_bound(cache_dir: Path) -> None:
+    """As above with blocks, each read a random run of a block's chunks: every hit
+    byte-exact, nothing counted corrupt (a block renamed over by another process is
+    the same bytes), the bound held, the totals equal to the disk."""
+    bound = 5 * (4 * CHUNK - 300 + 24 + 32)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _BLOCK_WORKER, str(cache_dir), str(me), str(bound)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for me in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        hits, corrupt, evictions = map(int, out.split())
+        assert hits > 0 and evictions > 0 and corrupt == 0
+    on_disk = entries_on_disk(cache_dir)
+    assert sum(p.stat().st_size for p in on_disk) <= bound
+    assert not list((cache_dir / "v2").rglob(".tmp-*"))
+    with ChunkCache(str(cache_dir), bound) as cache:
+        before = cache.stats()
+        assert (before.entries, before.bytes) == (len(on_disk), sum(p.stat().st_size for p in on_disk))
 
 
 # -- hostile directories ------------------------------------------------------------------------------

@@ -66,10 +66,130 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"dir": str(d / "ckpt"), "pages": pages, "index": read_pages_index(str(d / "ckpt" / "index.msgpack"))}
 
 
-async def _read(queue: aio.Queue, source: RemoteSource, id: int, lo: int, buf: memoryview) -> int:
-    queue.add(source.read(id, lo, [buf]))
+async def _read(queue: aio.Queue, source: RemoteSource, id: int, lo: int, buf: memoryview, *,
+                urgent: bool = False) -> int:
+    queue.add(source.read(id, lo, [buf], urgent=urgent))
     (done,) = await queue.wait(1)
     return done.result
+
+
+BLOCK = 64 * CHUNK  # the cache's entries: 1 MiB of the pages file
+
+
+async def _restore(ckpt: dict[str, Any], cache_dir: Path, pieces: list[tuple[int, int, bool]],
+                   cache_size: int | None = None) -> dict[str, Any]:
+    """Open the checkpoint (file://) with the cache in ``cache_dir``, read each
+    ``(offset, length, urgent)`` in turn and check its bytes, close (the inserter
+    drained into the cache); the source's stats."""
+    source = open_source(f"file://{ckpt['dir']}", remote=RemoteConfig(cache_dir=str(cache_dir), env={},
+                                                                      cache_size=cache_size))
+    assert isinstance(source, RemoteSource)
+    queue = aio.open_queue("threads", 4)
+    try:
+        for i, (lo, n, urgent) in enumerate(pieces):
+            buf = bytearray(n)
+            with trio.fail_after(30):
+                assert await _read(queue, source, i + 1, lo, memoryview(buf), urgent=urgent) == n
+            assert buf == ckpt["pages"][lo : lo + n]
+    finally:
+        await queue.aclose()
+        source.close()
+    return source.stats()
+
+
+def _whole(ckpt: dict[str, Any], piece: int = BLOCK, start: int = 0) -> list[tuple[int, int, bool]]:
+    size = len(ckpt["pages"])
+    cuts = [0, *range(start, size, piece), size] if start else [*range(0, size, piece), size]
+    return [(a, b - a, False) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _block_files(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in (cache_dir / "v2").glob("*/*/*") if not p.name.startswith(".tmp-"))
+
+
+async def test_reads_of_the_sweep_across_blocks_cache_every_block_whole_and_fetch_each_once(ckpt, tmp_path):
+    """Reads of the sweep not aligned to the blocks (each 1 MiB read covers parts of two):
+    every block is fetched once, whole (the part outside a read into its slot), and
+    cached as one entry; a second restore makes no GET."""
+    size = len(ckpt["pages"])
+    blocks = -(-size // BLOCK)
+    cold = await _restore(ckpt, tmp_path / "cache", _whole(ckpt, start=24 << 10))
+    assert cold["fetch"]["bytes_fetched"] == size and cold["fetch"]["gets"] == blocks
+    assert cold["cache"]["entries"] == blocks == len(_block_files(tmp_path / "cache"))
+    warm = await _restore(ckpt, tmp_path / "cache", _whole(ckpt, start=24 << 10))
+    assert warm["fetch"]["gets"] == 0 and warm["store"]["gets"] == 1  # the index only
+
+
+async def test_a_block_widened_around_a_waiters_chunk_is_cached_whole(ckpt, tmp_path):
+    """A waiter's lone chunk (chunk 70: block 1's seventh) is fetched alone; the sweep's
+    reads of the rest of block 1 fetch the block's other chunks (widened: the chunks
+    before the waiter's too) and the block is cached whole, one entry; a restore
+    after it reads block 1 from the cache with no GET."""
+    k = 70
+    cold = await _restore(ckpt, tmp_path / "cache", [(k * CHUNK, CHUNK, True), (BLOCK + CHUNK, CHUNK, False),
+                                                      ((k + 1) * CHUNK, 2 * BLOCK - (k + 1) * CHUNK, False)])
+    assert cold["fetch"]["chunks_fetched"] == 64  # the waiter's chunk, then the block's other 63, once each
+    assert cold["cache"]["entries"] == 1 and cold["cache"]["inserts"] == 1
+    warm = await _restore(ckpt, tmp_path / "cache", [(BLOCK, BLOCK, False)])
+    assert warm["fetch"]["gets"] == 0 and warm["fetch"]["chunks_cached"] == 64 and warm["cache"]["hits"] == 1
+
+
+async def test_a_corrupt_chunk_of_a_cached_block_is_detected_dropped_and_the_block_fetched_again(ckpt, tmp_path):
+    """A byte flipped in one chunk of a cached block: the read of that chunk detects it
+    (the bytes served are right, fetched again), the entry is dropped and counted, the
+    block is fetched whole and cached again; the next restore makes no GET."""
+    cache_dir = tmp_path / "cache"
+    await _restore(ckpt, cache_dir, _whole(ckpt))
+    files = _block_files(cache_dir)
+    assert len(files) == -(-len(ckpt["pages"]) // BLOCK)
+    from loader.remote._cache import block_header
+
+    sums = ckpt["index"].checksums
+    header = len(block_header(CHUNK, sums[64:128], BLOCK))
+    (victim,) = [p for p in files if p.name.startswith(f"{xxhash.xxh3_64_intdigest(block_header(CHUNK, sums[64:128], BLOCK)):016x}-")]
+    raw = bytearray(victim.read_bytes())
+    raw[header + 6 * CHUNK + 100] ^= 1  # block 1's chunk 6 (chunk 70)
+    victim.write_bytes(raw)
+    again = await _restore(ckpt, cache_dir, [(70 * CHUNK, CHUNK, False)])  # reads chunk 70 alone (widened)
+    assert again["cache"]["corrupt_dropped"] == 1 and again["fetch"]["gets"] == 1
+    assert again["fetch"]["chunks_fetched"] == 64 and again["cache"]["inserts"] == 1
+    warm = await _restore(ckpt, cache_dir, _whole(ckpt))
+    assert warm["fetch"]["gets"] == 0 and warm["cache"]["corrupt_dropped"] == 0
+
+
+async def test_the_cache_bound_holds_with_blocks_the_least_recent_evicted(ckpt, tmp_path):
+    """--cache-size of two blocks and a bit: after a restore of four blocks the cache
+    holds the last two read, whole, within the bound."""
+    from loader.remote._cache import block_header
+
+    bound = 2 * (BLOCK + len(block_header(CHUNK, [0] * 64, BLOCK))) + 1000
+    cold = await _restore(ckpt, tmp_path / "cache", _whole(ckpt), cache_size=bound)
+    assert cold["cache"]["entries"] == 2 and cold["cache"]["bytes"] <= bound and cold["cache"]["evictions"] == 2
+    assert sum(p.stat().st_size for p in _block_files(tmp_path / "cache")) == cold["cache"]["bytes"]
+    warm = await _restore(ckpt, tmp_path / "cache", [(2 * BLOCK, 2 * BLOCK, False)])
+    assert warm["fetch"]["gets"] == 0
+
+
+async def test_two_sources_at_once_on_one_cache_fill_it_once_and_serve_right_bytes(ckpt, tmp_path):
+    """Two restores of the same checkpoint at once (two caches on one directory: the
+    lock taken as by two daemons), reading in opposite orders: both byte-exact,
+    nothing counted corrupt, one entry per block, and the totals are the disk's."""
+    cache_dir = tmp_path / "cache"
+    pieces = _whole(ckpt, piece=256 << 10)
+    results: list[dict[str, Any]] = []
+
+    async def one(order: list[tuple[int, int, bool]]) -> None:
+        results.append(await _restore(ckpt, cache_dir, order))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, pieces)
+        nursery.start_soon(one, pieces[::-1])
+    assert all(r["cache"]["corrupt_dropped"] == 0 for r in results)
+    files = _block_files(cache_dir)
+    assert len(files) == -(-len(ckpt["pages"]) // BLOCK)
+    with ChunkCache(str(cache_dir), 1 << 30) as cache:
+        st = cache.stats()
+        assert (st.entries, st.bytes) == (len(files), sum(p.stat().st_size for p in files))
 
 
 async def test_a_chunk_read_again_before_its_insert_lands_is_neither_fetched_nor_inserted_twice(ckpt, tmp_path,
