@@ -384,7 +384,7 @@ def test_blocks_are_evicted_least_recently_used_first_under_the_bound(cache_dir:
     blocks = [block(10 + i, tail=0) for i in range(6)]
     size = 24 + 8 * 4 + 4 * CHUNK  # one entry's bytes: its header and its chunks
     with ChunkCache(str(cache_dir), 3 * size) as cache:
-        for i, (data, sums) in enumerate(blocks):
+        for data, sums in blocks:
             assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
             assert read_block(cache, IDENT, blocks[0][1], len(blocks[0][0]), 0, 1) is not None  # 0 stays hot
             assert cache.stats().bytes <= 3 * size

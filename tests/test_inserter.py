@@ -145,8 +145,9 @@ async def test_a_corrupt_chunk_of_a_cached_block_is_detected_dropped_and_the_blo
     from loader.remote._cache import block_header
 
     sums = ckpt["index"].checksums
-    header = len(block_header(CHUNK, sums[64:128], BLOCK))
-    (victim,) = [p for p in files if p.name.startswith(f"{xxhash.xxh3_64_intdigest(block_header(CHUNK, sums[64:128], BLOCK)):016x}-")]
+    head = block_header(CHUNK, sums[64:128], BLOCK)
+    header = len(head)
+    (victim,) = [p for p in files if p.name.startswith(f"{xxhash.xxh3_64_intdigest(head):016x}-")]
     raw = bytearray(victim.read_bytes())
     raw[header + 6 * CHUNK + 100] ^= 1  # block 1's chunk 6 (chunk 70)
     victim.write_bytes(raw)

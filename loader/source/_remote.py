@@ -518,10 +518,10 @@ class RemoteSource:
         if cache is None:
             missing.extend(range(first, last + 1))
         else:  # block by block: from the inserter's slots, else the cache, else to fetch
-            n = self._block_chunks
-            for block in range(first // n, last // n + 1):
-                hits += self._lookup(block, max(first, block * n), min(last, block * n + n - 1), starts, buffers,
-                                     lo, hi, missing, urgent)
+            per = self._block_chunks
+            for block in range(first // per, last // per + 1):
+                hits += self._lookup(block, max(first, block * per), min(last, block * per + per - 1), starts,
+                                     buffers, lo, hi, missing, urgent)
         failed_at: int | None = None
         error = 0
         fetched = gets = staged = nbytes = failures = 0
