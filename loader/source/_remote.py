@@ -14,15 +14,19 @@ preads, so the loader's priority design holds unchanged: waiters' reads first, s
 kept for them, a waiter joining a read in flight.  Each call, in its worker thread:
 
 1. covers the checksum chunks its bytes are in, whole (a fetch is chunk-aligned);
-2. asks the host chunk cache (:class:`~loader.remote.ChunkCache`) for each chunk,
-   read straight into the destination where a chunk lies inside one buffer; every
-   cache read is checked against the chunk's checksum;
+2. asks the inserter's slots, then the host chunk cache (:class:`~loader.remote.ChunkCache`),
+   for its chunks a block (1 MiB of whole chunks: the cache's entry) at a time, read
+   straight into the destination where they lie inside one buffer; every cache read
+   is checked against the chunks' checksums;
 3. GETs the chunks still missing, one ranged GET per contiguous stretch of them (at
    most ``fetch_bound`` bytes each), straight into the destination where the stretch
    lies inside one buffer, else into this thread's staging buffer (one per worker
    thread, ``fetch_bound`` bytes, touched only as far as used) and copied out;
-4. puts each whole chunk it fetched into the cache, which refuses bytes that do not
-   hash to the chunk's checksum: the cache never holds wrong bytes;
+4. puts the whole chunks it fetched into their blocks' slots in the inserter, which
+   puts each block into the cache once whole (a call of the sweep fetches its blocks
+   whole, the bytes outside its buffers straight into the slot; a waiter's only its
+   chunks); the cache refuses a block with a chunk that does not hash to its
+   checksum: it never holds wrong bytes;
 5. returns the bytes put into the buffers, in order, short at the first stretch that
    failed, or ``-errno`` (a store's ``not-found`` is ENOENT, ``denied`` EACCES,
    ``unreachable`` EHOSTUNREACH, ``unavailable`` EREMOTEIO).
