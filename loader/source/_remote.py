@@ -582,6 +582,10 @@ class RemoteSource:
                     failures += 1
                 if got < b - a and a < hi and b > lo:  # (a stretch outside the call's bytes: not needed)
                     failed_at, error = a + got, STORE_ERRNOS.get(exc.code, errno.EIO)
+            except BaseException:
+                if slot is not None:  # let go: nothing arrived in it
+                    inserter.filled(block, k0, k0 - 1)  # type: ignore[union-attr]
+                raise
             whole = 0  # the stretch's chunks that arrived whole
             while k0 + whole <= k1 and min((k0 + whole + 1) * c, self._size) - a <= got:
                 whole += 1
