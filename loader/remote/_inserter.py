@@ -182,8 +182,11 @@ class CacheInserter:
                 self._queue.append(slot)
                 self._queued += 1
                 self._work.notify()
-            elif self._writers[slot] == 0 and self._state[slot] == _FILLING and self._closing:
-                self._give_up(slot)
+            elif self._writers[slot] == 0 and self._state[slot] == _FILLING:
+                if self._closing:
+                    self._give_up(slot)
+                else:  # a call of the sweep waiting for a slot may give this block up now
+                    self._room.notify_all()
 
     def offer(self, k0: int, data: memoryview, *, urgent: bool = False) -> bool:
         """Copy whole chunks from ``k0`` on (``data``: within one block) into their
