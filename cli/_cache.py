@@ -27,8 +27,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "cache",
         help="show or prune the host chunk cache of remote checkpoints",
-        description="The host chunk cache: checksum chunks of remote checkpoints, shared by every "
-        "daemon of this user on the host, each verified on every read.  See docs/REMOTE.md.",
+        description="The host chunk cache: checksum chunks of remote checkpoints, a block of them "
+        "(1 MiB of a pages file) an entry, shared by every daemon of this user on the host, each chunk "
+        "verified on every read.  See docs/REMOTE.md.",
     )
     sub = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
 

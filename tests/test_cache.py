@@ -39,7 +39,7 @@ def key(data: bytes) -> int:
 
 def entry_path(directory: Path, identity: int, data: bytes) -> Path:
     s = key(data)
-    return directory / "v1" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(data)}"
+    return directory / "v2" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(data)}"
 
 
 def read(cache: ChunkCache, identity: int, data: bytes) -> bytes | None:
@@ -48,7 +48,7 @@ def read(cache: ChunkCache, identity: int, data: bytes) -> bytes | None:
 
 
 def entries_on_disk(directory: Path) -> list[Path]:
-    return [p for p in (directory / "v1").glob("*/*/*") if not p.name.startswith(".tmp-")]
+    return [p for p in (directory / "v2").glob("*/*/*") if not p.name.startswith(".tmp-")]
 
 
 @pytest.fixture
@@ -95,9 +95,9 @@ def test_the_layout_on_disk_and_its_modes(cache_dir: Path) -> None:
     path = entry_path(cache_dir, IDENT, a)
     assert path.read_bytes() == a
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # guest memory: this user's only
-    for d in (cache_dir, cache_dir / "v1", path.parent.parent, path.parent):
+    for d in (cache_dir, cache_dir / "v2", path.parent.parent, path.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert sorted(p.name for p in (cache_dir / "v1").iterdir()) == sorted(["journal", "lock", f"{IDENT:016x}"])
+    assert sorted(p.name for p in (cache_dir / "v2").iterdir()) == sorted(["journal", "lock", f"{IDENT:016x}"])
     assert not list(path.parent.glob(".tmp-*"))
 
 
@@ -115,7 +115,7 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_written(cache_dir: Path) -> 
         a = chunk(6)
         with pytest.raises(ValueError, match="refused"):
             cache.insert(IDENT, key(a) ^ 1, a)
-        assert not list((cache_dir / "v1").rglob("*-*")) and not list((cache_dir / "v1").rglob(".tmp-*"))
+        assert not list((cache_dir / "v2").rglob("*-*")) and not list((cache_dir / "v2").rglob(".tmp-*"))
         assert cache.stats().entries == 0
         assert read(cache, IDENT, a) is None
 
@@ -276,20 +276,123 @@ def test_totals_that_drifted_are_recounted_by_a_walk(cache_dir: Path) -> None:
     with ChunkCache(str(cache_dir), 3 * CHUNK) as cache:
         for i in range(3):
             cache.insert(IDENT, key(chunk(60 + i)), chunk(60 + i))
-        with open(cache_dir / "v1" / "lock", "r+b") as f:
+        with open(cache_dir / "v2" / "lock", "r+b") as f:
             f.write(b"garbage!")
         x = chunk(63)
         assert cache.insert(IDENT, key(x), x)
         assert cache.stats().bytes == 3 * CHUNK == sum(p.stat().st_size for p in entries_on_disk(cache_dir))
     with ChunkCache(str(cache_dir), 3 * CHUNK) as cache:  # totals too high: nothing known can go
         cache.load_index()
-        with open(cache_dir / "v1" / "lock", "r+b") as f:
+        with open(cache_dir / "v2" / "lock", "r+b") as f:
             f.seek(8)
             f.write((10 * CHUNK).to_bytes(8, "little"))
         cache._index.clear()  # type: ignore[union-attr]  (as if these entries were another daemon's)
         y = chunk(64)
         assert cache.insert(IDENT, key(y), y)
         assert cache.stats().bytes == 3 * CHUNK == sum(p.stat().st_size for p in entries_on_disk(cache_dir))
+
+
+# -- blocks: a remote checkpoint's entries -----------------------------------------------------------
+
+
+def block(i: int, chunks: int = 4, tail: int = 100) -> tuple[bytes, list[int]]:
+    """A block of ``chunks`` chunks of CHUNK bytes, the last ``tail`` bytes short (0:
+    whole), and its chunks' checksums."""
+    data = random.Random(10_000 + i).randbytes(chunks * CHUNK - tail)
+    return data, [key(data[j : j + CHUNK]) for j in range(0, len(data), CHUNK)]
+
+
+def block_path(directory: Path, identity: int, sums: list[int], length: int) -> Path:
+    from loader.remote._cache import block_header
+
+    header = block_header(CHUNK, sums, length)
+    s = key(header)
+    return directory / "v2" / f"{identity:016x}" / f"{s >> 56:02x}" / f"{s:016x}-{len(header) + length}"
+
+
+def read_block(cache: ChunkCache, identity: int, sums: list[int], length: int, first: int, n: int) -> bytes | None:
+    buf = bytearray(min(n * CHUNK, length - first * CHUNK))
+    return bytes(buf) if cache.read_block_into(identity, CHUNK, sums, length, first, buf) else None
+
+
+def test_a_block_is_one_file_keyed_by_its_header_and_read_in_part(cache_dir: Path) -> None:
+    """A block of chunks is one file: a header holding its chunks' checksums, then the
+    bytes; named by the header's xxh3_64.  Any run of its chunks is read on its own
+    (the header and those chunks), byte-exact, the short last chunk included."""
+    data, sums = block(1)
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        assert read_block(cache, IDENT, sums, len(data), 0, 4) is None
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
+        path = block_path(cache_dir, IDENT, sums, len(data))
+        raw = path.read_bytes()
+        assert raw.endswith(data) and len(raw) == len(data) + 24 + 8 * len(sums)
+        assert [p for p in entries_on_disk(cache_dir)] == [path]
+        for first, n in ((0, 4), (2, 1), (1, 3), (3, 1)):
+            assert read_block(cache, IDENT, sums, len(data), first, n) == data[first * CHUNK : (first + n) * CHUNK]
+        assert read_block(cache, OTHER, sums, len(data), 0, 4) is None  # another checkpoint's: not shared
+        other = list(sums)
+        other[3] ^= 1  # another block (a chunk of other bytes): another key
+        assert read_block(cache, IDENT, other, len(data), 0, 1) is None
+        st = cache.stats()
+        assert (st.entries, st.bytes, st.hits, st.corrupt_dropped) == (1, len(raw), 4, 0)
+        with pytest.raises(ValueError, match="whole chunks"):
+            cache.read_block_into(IDENT, CHUNK, sums, len(data), 1, bytearray(CHUNK + 1))
+
+
+def test_a_block_with_a_wrong_chunk_is_refused_whole(cache_dir: Path) -> None:
+    data, sums = block(2)
+    good, good_sums = block(3)
+    bad = bytearray(data)
+    bad[2 * CHUNK + 7] ^= 1
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, bad), (good_sums, good)]) == [None, True]
+        assert entries_on_disk(cache_dir) == [block_path(cache_dir, IDENT, good_sums, len(good))]
+        assert read_block(cache, IDENT, sums, len(data), 0, 1) is None
+
+
+@pytest.mark.parametrize("where", ["chunk", "other-chunk", "header", "truncate"])
+def test_a_corrupt_block_is_detected_by_a_read_of_its_chunk_dropped_and_inserted_again(cache_dir: Path,
+                                                                                      where: str) -> None:
+    """A flipped byte in the chunk read, or in the header, or a truncated file: the
+    read misses, the entry is removed and counted; a read of one chunk checks only
+    the header and that chunk (a flip in another chunk is found by that chunk's read)."""
+    data, sums = block(4)
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        cache.insert_blocks(IDENT, CHUNK, [(sums, data)])
+        path = block_path(cache_dir, IDENT, sums, len(data))
+        raw = bytearray(path.read_bytes())
+        head = len(raw) - len(data)
+        if where == "truncate":
+            os.truncate(path, len(raw) - 1)
+        else:
+            raw[{"chunk": head + CHUNK + 5, "other-chunk": head + 3 * CHUNK + 5, "header": 30}[where]] ^= 1
+            path.write_bytes(raw)
+        if where == "other-chunk":
+            assert read_block(cache, IDENT, sums, len(data), 1, 1) == data[CHUNK : 2 * CHUNK]
+            assert path.exists()
+            assert read_block(cache, IDENT, sums, len(data), 2, 2) is None
+        else:
+            assert read_block(cache, IDENT, sums, len(data), 1, 1) is None
+        assert not os.path.lexists(path)
+        st = cache.stats()
+        assert (st.corrupt_dropped, st.entries, st.bytes) == (1, 0, 0)
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]  # fetched again
+        assert read_block(cache, IDENT, sums, len(data), 0, 4) == data
+
+
+def test_blocks_are_evicted_least_recently_used_first_under_the_bound(cache_dir: Path) -> None:
+    blocks = [block(10 + i, tail=0) for i in range(6)]
+    size = 24 + 8 * 4 + 4 * CHUNK  # one entry's bytes: its header and its chunks
+    with ChunkCache(str(cache_dir), 3 * size) as cache:
+        for data, sums in blocks:
+            assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
+            assert read_block(cache, IDENT, blocks[0][1], len(blocks[0][0]), 0, 1) is not None  # 0 stays hot
+            assert cache.stats().bytes <= 3 * size
+        kept = [read_block(cache, IDENT, sums, len(data), 0, 4) == data for data, sums in blocks]
+        assert kept == [True, False, False, False, True, True]
+        st = cache.stats()
+        assert (st.entries, st.bytes, st.evictions) == (3, 3 * size, 3)
+        assert sum(p.stat().st_size for p in entries_on_disk(cache_dir)) == 3 * size
 
 
 # -- two processes --------------------------------------------------------------------------------------
@@ -333,12 +436,62 @@ def test_two_processes_share_the_cache_at_once_under_a_small_bound(cache_dir: Pa
         assert hits > 0 and evictions > 0 and corrupt == 0
     on_disk = entries_on_disk(cache_dir)
     assert sum(p.stat().st_size for p in on_disk) <= bound
-    assert not list((cache_dir / "v1").rglob(".tmp-*"))
+    assert not list((cache_dir / "v2").rglob(".tmp-*"))
     with ChunkCache(str(cache_dir), bound) as cache:
         before = cache.stats()
         assert (before.entries, before.bytes) == (len(on_disk), sum(p.stat().st_size for p in on_disk))
         cache.refresh()
         assert (cache.stats().entries, cache.stats().bytes) == (before.entries, before.bytes)
+
+
+_BLOCK_WORKER = textwrap.dedent("""
+    import random, sys, xxhash
+    from loader.remote import ChunkCache
+    directory, me, bound = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    C = 4096
+    cache = ChunkCache(directory, bound)
+    rng = random.Random(me)
+    def make(seed, n):
+        data = random.Random(seed).randbytes(n * C - 300)
+        return data, [xxhash.xxh3_64_intdigest(data[j : j + C]) for j in range(0, len(data), C)]
+    shared = [make(i, 4) for i in range(8)]
+    own = [make(1000 * (me + 1) + i, 4) for i in range(4)]
+    hits = 0
+    for step in range(300):
+        ident, (data, sums) = (7, rng.choice(shared)) if rng.random() < 0.6 else (100 + me, rng.choice(own))
+        first = rng.randrange(4)
+        n = rng.randrange(1, 5 - first)
+        buf = bytearray(min(n * C, len(data) - first * C))
+        if cache.read_block_into(ident, C, sums, len(data), first, buf):
+            assert buf == data[first * C : first * C + len(buf)], "a hit returned other bytes"
+            hits += 1
+        else:
+            assert cache.insert_blocks(ident, C, [(sums, data)]) == [True]
+    st = cache.stats()
+    print(hits, st.corrupt_dropped, st.evictions)
+""")
+
+
+def test_two_processes_share_blocks_at_once_under_a_small_bound(cache_dir: Path) -> None:
+    """As above with blocks, each read a random run of a block's chunks: every hit
+    byte-exact, nothing counted corrupt (a block renamed over by another process is
+    the same bytes), the bound held, the totals equal to the disk."""
+    bound = 5 * (4 * CHUNK - 300 + 24 + 32)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _BLOCK_WORKER, str(cache_dir), str(me), str(bound)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for me in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        hits, corrupt, evictions = map(int, out.split())
+        assert hits > 0 and evictions > 0 and corrupt == 0
+    on_disk = entries_on_disk(cache_dir)
+    assert sum(p.stat().st_size for p in on_disk) <= bound
+    assert not list((cache_dir / "v2").rglob(".tmp-*"))
+    with ChunkCache(str(cache_dir), bound) as cache:
+        before = cache.stats()
+        assert (before.entries, before.bytes) == (len(on_disk), sum(p.stat().st_size for p in on_disk))
 
 
 # -- hostile directories ------------------------------------------------------------------------------
@@ -353,7 +506,7 @@ def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
         theirs = Path("/")  # root's, and not writable by us: refused before anything is made
     with pytest.raises(CacheError, match="owned by uid"):
         ChunkCache(str(theirs), 1 << 20)
-    assert not (theirs / "v1").exists()
+    assert not (theirs / "v2").exists()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
@@ -363,7 +516,7 @@ def test_a_directory_writable_by_others_is_refused(tmp_path: Path, mode: int) ->
     d.chmod(mode)
     with pytest.raises(CacheError, match="writable by"):
         ChunkCache(str(d), 1 << 20)
-    assert not (d / "v1").exists()
+    assert not (d / "v2").exists()
 
 
 def test_a_symlinked_cache_directory_is_refused(tmp_path: Path) -> None:
@@ -373,8 +526,8 @@ def test_a_symlinked_cache_directory_is_refused(tmp_path: Path) -> None:
     link.symlink_to(real)
     with pytest.raises(CacheError, match="symbolic link"):
         ChunkCache(str(link), 1 << 20)
-    assert not (real / "v1").exists()
-    (real / "v1").symlink_to(tmp_path)  # inside a good directory too
+    assert not (real / "v2").exists()
+    (real / "v2").symlink_to(tmp_path)  # inside a good directory too
     with pytest.raises(CacheError, match="symbolic link"):
         ChunkCache(str(real), 1 << 20)
 
@@ -386,7 +539,7 @@ def test_symlinked_directories_inside_are_never_followed(cache_dir: Path, tmp_pa
     elsewhere.mkdir()
     a = chunk(70)
     with ChunkCache(str(cache_dir), 1 << 20) as cache:
-        (cache_dir / "v1" / f"{IDENT:016x}").symlink_to(elsewhere)
+        (cache_dir / "v2" / f"{IDENT:016x}").symlink_to(elsewhere)
         assert not cache.insert(IDENT, key(a), a)
         assert read(cache, IDENT, a) is None
     assert not list(elsewhere.iterdir())
@@ -409,7 +562,7 @@ def test_prune_to_a_size_to_nothing_and_one_checkpoint(cache_dir: Path) -> None:
         assert read(cache, IDENT, mine[1]) is None and read(cache, IDENT, mine[0]) == mine[0]
         report = cache.prune(identity=OTHER)
         assert (report.entries, report.bytes) == (2, 2 * CHUNK)
-        assert not (cache_dir / "v1" / f"{OTHER:016x}").exists()
+        assert not (cache_dir / "v2" / f"{OTHER:016x}").exists()
         assert read(cache, IDENT, mine[2]) == mine[2]
         report = cache.prune()
         assert (report.entries, cache.stats().entries, cache.stats().bytes) == (3, 0, 0)

@@ -4,25 +4,37 @@ of one user on a host (docs/REMOTE.md, "The host chunk cache").
 On disk, under the cache directory ``DIR`` (:func:`default_cache_dir`; the files,
 the lock, the header and the journal are handled in ``_cache_files.py``)::
 
-    DIR/v1/lock                                   flock; the shared totals (header)
-    DIR/v1/journal                                what was inserted, 32 bytes a chunk
-    DIR/v1/<identity>/<cc>/<checksum>-<length>    one chunk: its bytes, nothing else
-    DIR/v1/<identity>/<cc>/.tmp-<pid>-<random>    an insert in progress
+    DIR/v2/lock                                   flock; the shared totals (header)
+    DIR/v2/journal                                what was inserted, 32 bytes an entry
+    DIR/v2/<identity>/<cc>/<checksum>-<length>    one entry: a block (or a lone chunk)
+    DIR/v2/<identity>/<cc>/.tmp-<pid>-<random>    an insert in progress
 
 ``<identity>`` is the checkpoint's identity digest (16 hex digits: a pages
 checkpoint's is the xxh3_64 of its index, which holds every chunk's checksum),
-``<checksum>`` the chunk's xxh3_64 (16 hex digits), ``<cc>`` its first two, and
-``<length>`` its length in bytes (decimal).  Two checkpoints never share a key, and
-a chunk is found without reading anything but itself.
+``<checksum>`` the entry's key (16 hex digits), ``<cc>`` its first two, and
+``<length>`` the file's length in bytes (decimal).  Two checkpoints never share a
+key, and an entry is found without reading anything but itself.
 
-* Every read verifies the chunk's xxh3_64: a corrupt, truncated, extended or
-  replaced entry (a symlink, a FIFO, ...) is removed, counted and reported as a miss.
-* An insert refuses bytes whose checksum is not the key's, writes a temporary file
+The unit of a remote checkpoint's entries is a **block**: up to
+:data:`BLOCK_BYTES` of its pages file (whole checksum chunks, aligned in the file),
+one file: a small header that holds the block's chunk size, its length and its
+chunks' xxh3_64 checksums (:func:`block_header`), then the bytes.  Its key is the
+xxh3_64 of that header, so the entry verifies itself: a read compares the header
+with the one the key names and each chunk it reads with the header's checksum
+(:meth:`ChunkCache.read_block_into`; a read of part of a block reads the header and
+those chunks).  One file per 1 MiB, not per 16 KiB chunk: a fill creates 64 times
+fewer files, and a read opens 64 times fewer (docs/REMOTE.md, "Measured").  A lone
+chunk (:meth:`ChunkCache.insert`, :meth:`ChunkCache.read_into`: keyed by its own
+xxh3_64) and a chunk store's content-addressed chunks are entries too.
+
+* Every read verifies: a corrupt, truncated, extended or replaced entry (a symlink, a
+  FIFO, ...) is removed, counted and reported as a miss.
+* An insert refuses bytes whose checksums are not the key's, writes a temporary file
   (``O_EXCL|O_NOFOLLOW``, 0600) in the entry's directory and renames it into place
-  under the lock; the same chunk inserted by two daemons at once is two renames of
+  under the lock; the same entry inserted by two daemons at once is two renames of
   identical bytes.
 * Bounded: before an insert, least-recently-used entries are removed until the
-  chunk fits under ``max_bytes``.  Recency is kept in memory, exactly, for the
+  entry fits under ``max_bytes``.  Recency is kept in memory, exactly, for the
   entries this process knows, and on disk as the entry's mtime (touched by a read
   at most every :data:`TOUCH_INTERVAL_NS`), which is how one daemon's reads keep an
   entry alive against another daemon's eviction.
@@ -45,9 +57,12 @@ import errno
 import os
 import secrets
 import stat
+import struct
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,12 +86,33 @@ __all__ = [
 
 #: ``--cache-size`` when none is given
 DEFAULT_CACHE_SIZE = 16 << 30
+#: a remote checkpoint's cache entries are blocks of (at most) this many bytes of its
+#: pages file: whole checksum chunks, aligned (one chunk where chunks are bigger)
+BLOCK_BYTES = 1 << 20
 #: the identity under which a chunk store's chunks are kept, content-addressed: the
 #: same chunk of any snapshot is one entry (``DIR/v1/626c616b65330000/``: "blake3")
 CONTENT_NAMESPACE = int.from_bytes(b"blake3\0\0", "big")
 #: a read touches an entry's mtime when it is older than this (the on-disk recency's
 #: granularity; the in-memory recency is exact)
 TOUCH_INTERVAL_NS = 10 * 1_000_000_000
+
+
+_BLOCK_HEAD = struct.Struct("<8sIIQ")  # magic, chunk size, chunks, the block's bytes
+_BLOCK_MAGIC = b"PLBLOCK1"
+
+
+def block_header(chunk_size: int, sums: Sequence[int], length: int) -> bytes:
+    """A block entry's header: its chunk size, its chunks, its length in bytes and its
+    chunks' xxh3_64 checksums (little-endian 64-bit each).  The entry's key is the
+    xxh3_64 of it."""
+    count = len(sums)
+    if not (1 <= chunk_size and 1 <= count and (count - 1) * chunk_size < length <= count * chunk_size):
+        raise ValueError(f"not a block: {count} chunks of {chunk_size} bytes in {length} bytes")
+    table = sums if isinstance(sums, array) and sums.typecode == "Q" else array("Q", sums)
+    if sys.byteorder != "little":
+        table = array("Q", table)
+        table.byteswap()
+    return _BLOCK_HEAD.pack(_BLOCK_MAGIC, chunk_size, count, length) + table.tobytes()
 
 
 def default_cache_dir() -> str:
@@ -237,17 +273,56 @@ class ChunkCache:
     # -- reads ---------------------------------------------------------------------------------
 
     def read_into(self, identity: int, checksum: int, length: int, buffer: Any) -> bool:
-        """Read the chunk into ``buffer`` (``length`` bytes, writable) and verify it.
+        """Read the lone chunk (:meth:`insert`) into ``buffer`` (``length`` bytes,
+        writable) and verify it.
 
         True: ``buffer`` holds the chunk, checked against ``checksum``.  False: a miss
         (then ``buffer``'s contents are undefined: a corrupt entry's bytes may be in it,
         and the entry is gone).  One copy: the file is read straight into ``buffer``.
         """
         self._check_key(identity, checksum, length)
+        view = _writable(buffer, length)
+        return self._read(identity, checksum, length, [(0, view)],
+                          lambda: xxhash.xxh3_64_intdigest(view) == checksum)
+
+    def read_block_into(self, identity: int, chunk_size: int, sums: Sequence[int], length: int, first: int,
+                        buffer: Any) -> bool:
+        """Read chunks of a block (:meth:`insert_blocks`) into ``buffer``, each verified.
+
+        The block is ``length`` bytes of chunks of ``chunk_size``, their checksums
+        ``sums``; ``buffer`` (writable) receives whole chunks from chunk ``first`` of
+        the block on (the last one may be the block's short last chunk).  The entry's
+        header is read too and compared with the one its key names, and each chunk
+        read is hashed against its checksum.  True: ``buffer`` holds them.  False: a
+        miss (as :meth:`read_into`: a bad entry is dropped, the buffer undefined)."""
+        header = block_header(chunk_size, sums, length)
+        checksum = xxhash.xxh3_64_intdigest(header)
+        total = len(header) + length
+        self._check_key(identity, checksum, total)
         view = memoryview(buffer).cast("B")
-        if len(view) != length or view.readonly:
-            raise ValueError(f"buffer must be {length} writable bytes")
-        name = entry_name(checksum, length)
+        at = first * chunk_size
+        end = at + len(view)
+        if view.readonly or not (0 <= at < length and end <= length and (end == length or len(view) % chunk_size == 0)):
+            raise ValueError(f"buffer must be whole chunks of the block from chunk {first} on, writable")
+        seen = bytearray(len(header))
+        first_sum = first
+
+        def good() -> bool:
+            if seen != header:
+                return False
+            for j in range(0, len(view), chunk_size):
+                if xxhash.xxh3_64_intdigest(view[j : j + chunk_size]) != sums[first_sum + j // chunk_size]:
+                    return False
+            return True
+
+        return self._read(identity, checksum, total, [(0, memoryview(seen)), (len(header) + at, view)], good)
+
+    def _read(self, identity: int, checksum: int, total: int, parts: list[tuple[int, memoryview]],
+              good: Callable[[], bool]) -> bool:
+        """Read an entry of ``total`` bytes: each ``(offset, view)`` of ``parts`` filled
+        from it (contiguous ones with one ``preadv``), then ``good()`` asked; a miss,
+        or a bad entry dropped (False); a hit counted and its recency touched (True)."""
+        name = entry_name(checksum, total)
         with self._files.shard(identity, checksum, create=False) as shard:
             if shard is None:
                 return self._miss()
@@ -255,24 +330,18 @@ class ChunkCache:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=shard)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES):  # a symlink, a socket, mode 0
-                    self._drop(identity, checksum, length, shard, name, None)
+                    self._drop(identity, checksum, total, shard, name, None)
                 return self._miss()  # missing (or, say, EMFILE: a miss costs a fetch, nothing else)
             try:
                 st = os.fstat(fd)
-                good = stat.S_ISREG(st.st_mode) and st.st_size == length
-                if good:
-                    done = 0
+                ok = stat.S_ISREG(st.st_mode) and st.st_size == total
+                if ok:
                     try:
-                        while done < length:
-                            n = os.preadv(fd, [view[done:]], done)
-                            if n <= 0:
-                                break
-                            done += n
+                        ok = _pread_all(fd, parts) and good()
                     except OSError:  # EIO: the entry is as bad as a corrupt one
-                        pass
-                    good = done == length and xxhash.xxh3_64_intdigest(view) == checksum
-                if not good:
-                    self._drop(identity, checksum, length, shard, name, st)
+                        ok = False
+                if not ok:
+                    self._drop(identity, checksum, total, shard, name, st)
                     return self._miss()
                 now = time.time_ns()
                 if now - st.st_mtime_ns > TOUCH_INTERVAL_NS:
@@ -283,7 +352,7 @@ class ChunkCache:
         with self._mutex:
             self._hits += 1
             if self._index is not None:
-                self._index.add(self._ident(identity), checksum, length, now)
+                self._index.add(self._ident(identity), checksum, total, now)
         return True
 
     def _miss(self) -> bool:
@@ -319,7 +388,7 @@ class ChunkCache:
     # -- inserts and eviction ----------------------------------------------------------------
 
     def insert(self, identity: int, checksum: int, data: Any) -> bool:
-        """Add a chunk: ``data`` (any buffer) must hash to ``checksum`` (ValueError
+        """Add a lone chunk: ``data`` (any buffer) must hash to ``checksum`` (ValueError
         otherwise: the cache never holds wrong bytes).  True if the chunk is in the
         cache afterwards; False if it could not be stored (no space, an I/O error, a
         chunk larger than the bound), which costs a later fetch and nothing else."""
@@ -329,38 +398,61 @@ class ChunkCache:
         return done
 
     def insert_many(self, identity: int, chunks: Iterable[tuple[int, Any]]) -> list[bool | None]:
-        """Add several chunks of one checkpoint, each ``(checksum, data)``, at once: each
-        is hashed and written to a temporary file, then all are renamed into place under
-        one taking of the lock (one look at the journal, one journal write).  Per chunk,
-        in order: True if it is in the cache afterwards, False if it could not be stored
-        (as :meth:`insert`), None if its bytes do not hash to its checksum (refused:
-        :meth:`insert` raises ValueError there).  A key that is not one (a length of 0,
-        a checksum of more than 64 bits) raises ValueError before anything is stored."""
+        """Add several lone chunks of one checkpoint, each ``(checksum, data)``, at once:
+        each is hashed and written to a temporary file, then all are renamed into place
+        under one taking of the lock (one look at the journal, one journal write).  Per
+        chunk, in order: True if it is in the cache afterwards, False if it could not be
+        stored (as :meth:`insert`), None if its bytes do not hash to its checksum
+        (refused: :meth:`insert` raises ValueError there).  A key that is not one (a
+        length of 0, a checksum of more than 64 bits) raises ValueError before anything
+        is stored."""
         items = [(checksum, memoryview(data).cast("B")) for checksum, data in chunks]
         for checksum, view in items:
             self._check_key(identity, checksum, len(view))
-        return self._insert_views(identity, items, verify=True)
+        return self._insert_views(identity, [(checksum, [view]) if xxhash.xxh3_64_intdigest(view) == checksum
+                                             else None for checksum, view in items])
 
-    def _insert_views(self, identity: int, items: list[tuple[int, memoryview]], *,
-                      verify: bool) -> list[bool | None]:
-        """:meth:`insert_many` of checked keys; ``verify=False``: the caller has checked
-        the bytes (a chunk store's chunk, against its BLAKE3)."""
+    def insert_blocks(self, identity: int, chunk_size: int,
+                      blocks: Iterable[tuple[Sequence[int], Any]]) -> list[bool | None]:
+        """Add blocks of one checkpoint, each ``(sums, data)``: ``data`` is whole chunks
+        of ``chunk_size`` (the last may be short), ``sums`` their xxh3_64 checksums.
+        Each is checked (every chunk hashed), written with its header
+        (:func:`block_header`) to a temporary file, and all are renamed into place
+        under one taking of the lock, as :meth:`insert_many`; per block: True (in the
+        cache), False (could not be stored), None (a chunk's bytes do not hash to its
+        checksum: refused, nothing of it stored).  :meth:`read_block_into` reads them."""
+        items: list[tuple[int, list[memoryview]] | None] = []
+        for sums, data in blocks:
+            view = memoryview(data).cast("B")
+            header = block_header(chunk_size, sums, len(view))
+            checksum = xxhash.xxh3_64_intdigest(header)
+            self._check_key(identity, checksum, len(header) + len(view))
+            right = all(xxhash.xxh3_64_intdigest(view[j : j + chunk_size]) == sums[j // chunk_size]
+                        for j in range(0, len(view), chunk_size))
+            items.append((checksum, [memoryview(header), view]) if right else None)
+        return self._insert_views(identity, items)
+
+    def _insert_views(self, identity: int, items: list[tuple[int, list[memoryview]] | None]) -> list[bool | None]:
+        """Insert checked entries: each ``(checksum, its bytes in parts)``, or None (wrong
+        bytes: refused, its result None)."""
         results: list[bool | None] = [False] * len(items)
         #: written, not yet placed: (position, checksum, length, shard fd, temporary name)
         written: list[tuple[int, int, int, int, str]] = []
         try:
-            for i, (checksum, view) in enumerate(items):
-                if verify and xxhash.xxh3_64_intdigest(view) != checksum:
+            for i, item in enumerate(items):
+                if item is None:
                     results[i] = None
                     continue
-                if len(view) > self.max_bytes:
+                checksum, parts = item
+                length = sum(len(p) for p in parts)
+                if length > self.max_bytes:
                     self._failed()
                     continue
-                temp = self._write_temp(identity, checksum, view)
+                temp = self._write_temp(identity, checksum, parts)
                 if temp is None:
                     self._failed()
                     continue
-                written.append((i, checksum, len(view), *temp))
+                written.append((i, checksum, length, *temp))
             if written:
                 records: list[tuple[int, int, int, int]] = []
                 with self._files.locked():
@@ -383,9 +475,10 @@ class ChunkCache:
                 os.close(shard)
         return results
 
-    def _write_temp(self, identity: int, checksum: int, view: memoryview) -> tuple[int, str] | None:
-        """The chunk's bytes in a new temporary file in its entry's directory: (that
-        directory's fd, the file's name), or None where it cannot be written."""
+    def _write_temp(self, identity: int, checksum: int, parts: list[memoryview]) -> tuple[int, str] | None:
+        """The entry's bytes (``parts``, one after the other) in a new temporary file in
+        its directory: (that directory's fd, the file's name), or None where it cannot
+        be written."""
         shard = self._files.open_shard(identity, checksum, create=True)
         if shard is None:
             return None
@@ -398,9 +491,10 @@ class ChunkCache:
             return None
         try:
             try:
-                done, length = 0, len(view)
-                while done < length:
-                    done += os.write(fd, view[done:])
+                for view in parts:
+                    done, length = 0, len(view)
+                    while done < length:
+                        done += os.write(fd, view[done:])
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -518,48 +612,8 @@ class ChunkCache:
         are removed).  Kept under the identity :data:`CONTENT_NAMESPACE`, named by the
         digest's first 8 bytes, so that every snapshot sharing a chunk shares its entry."""
         checksum = self._content_key(digest, length)
-        view = memoryview(buffer).cast("B")
-        if len(view) != length or view.readonly:
-            raise ValueError(f"buffer must be {length} writable bytes")
-        identity = CONTENT_NAMESPACE
-        name = entry_name(checksum, length)
-        with self._files.shard(identity, checksum, create=False) as shard:
-            if shard is None:
-                return self._miss()
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=shard)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES):
-                    self._drop(identity, checksum, length, shard, name, None)
-                return self._miss()
-            try:
-                st = os.fstat(fd)
-                good = stat.S_ISREG(st.st_mode) and st.st_size == length
-                if good:
-                    done = 0
-                    try:
-                        while done < length:
-                            n = os.preadv(fd, [view[done:]], done)
-                            if n <= 0:
-                                break
-                            done += n
-                    except OSError:
-                        pass
-                    good = done == length
-                if not good:
-                    self._drop(identity, checksum, length, shard, name, st)
-                    return self._miss()
-                now = time.time_ns()
-                if now - st.st_mtime_ns > TOUCH_INTERVAL_NS:
-                    with contextlib.suppress(OSError):
-                        os.utime(fd, ns=(st.st_atime_ns, now))
-            finally:
-                os.close(fd)
-        with self._mutex:
-            self._hits += 1
-            if self._index is not None:
-                self._index.add(self._ident(identity), checksum, length, now)
-        return True
+        view = _writable(buffer, length)
+        return self._read(CONTENT_NAMESPACE, checksum, length, [(0, view)], lambda: True)
 
     def drop_content(self, digest: bytes, length: int) -> None:
         """Remove the entry :meth:`read_content_into` gave whose bytes did not verify
@@ -575,7 +629,7 @@ class ChunkCache:
         :meth:`insert` does."""
         view = memoryview(data).cast("B")
         checksum = self._content_key(digest, len(view))
-        (done,) = self._insert_views(CONTENT_NAMESPACE, [(checksum, view)], verify=False)
+        (done,) = self._insert_views(CONTENT_NAMESPACE, [(checksum, [view])])
         return bool(done)
 
     # -- whole-cache operations --------------------------------------------------------------
@@ -636,3 +690,35 @@ class ChunkCache:
         assert self._index is not None
         self._evictions += self._files.remove_entries(identity)
         self._walk()  # the totals and the index, recounted
+
+
+def _writable(buffer: Any, length: int) -> memoryview:
+    view = memoryview(buffer).cast("B")
+    if len(view) != length or view.readonly:
+        raise ValueError(f"buffer must be {length} writable bytes")
+    return view
+
+
+def _pread_all(fd: int, parts: list[tuple[int, memoryview]]) -> bool:
+    """Fill each ``(offset, view)`` from ``fd``, contiguous ones with one ``preadv``;
+    False if the file ended first."""
+    i = 0
+    while i < len(parts):
+        at, views = parts[i][0], [parts[i][1]]
+        end = at + len(views[0])
+        i += 1
+        while i < len(parts) and parts[i][0] == end:
+            views.append(parts[i][1])
+            end += len(parts[i][1])
+            i += 1
+        while views:
+            n = os.preadv(fd, views, at)
+            if n <= 0:
+                return False
+            at += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+    return True

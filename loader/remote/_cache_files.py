@@ -2,10 +2,10 @@
 directory and its checks, the tree of entries and its walk, the lock file whose
 header holds the shared totals, and the journal of inserts.
 
-    DIR/v1/lock                                   flock; the shared totals (header)
-    DIR/v1/journal                                what was inserted, 32 bytes a chunk
-    DIR/v1/<identity>/<cc>/<checksum>-<length>    one chunk: its bytes, nothing else
-    DIR/v1/<identity>/<cc>/.tmp-<pid>-<random>    an insert in progress
+    DIR/v2/lock                                   flock; the shared totals (header)
+    DIR/v2/journal                                what was inserted, 32 bytes an entry
+    DIR/v2/<identity>/<cc>/<checksum>-<length>    one entry: a block of chunks (or a chunk)
+    DIR/v2/<identity>/<cc>/.tmp-<pid>-<random>    an insert in progress
 
 Nothing here decides what to keep: :class:`loader.remote.ChunkCache` does, under
 :meth:`CacheFiles.locked`.  No path component is ever followed through a symlink, and
@@ -34,9 +34,12 @@ STALE_TEMP_NS = 3600 * 1_000_000_000
 #: the largest chunk the cache takes (the length is a 32-bit column of the index)
 MAX_CHUNK = (1 << 32) - 1
 
-_LAYOUT = "v1"
+#: the layout's version: ``v1`` held one file per checksum chunk; ``v2`` a block of
+#: them per file (``_cache.py``).  A tree of another version is ignored (left for the
+#: operator to remove: docs/REMOTE.md)
+_LAYOUT = "v2"
 _HEADER = struct.Struct("<8sQQQ")  # magic, bytes, entries, journal generation
-_MAGIC = b"PLCACHE1"
+_MAGIC = b"PLCACHE2"
 _RECORD = struct.Struct("<QQQQ")  # identity, checksum, length, time (ns)
 _ENTRY = re.compile(r"([0-9a-f]{16})-([1-9][0-9]{0,9})")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -116,7 +119,7 @@ def _subdirs(dir_fd: int, pattern: re.Pattern[str]) -> Iterator[tuple[str, int]]
 
 
 class CacheFiles:
-    """The cache directory ``directory``, open: ``DIR`` and ``DIR/v1`` (checked), the
+    """The cache directory ``directory``, open: ``DIR`` and ``DIR/v2`` (checked), the
     lock file and its header, the journal and how far this process has read it, and
     the checkpoints' directories (a few kept open).
 

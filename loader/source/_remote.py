@@ -14,15 +14,19 @@ preads, so the loader's priority design holds unchanged: waiters' reads first, s
 kept for them, a waiter joining a read in flight.  Each call, in its worker thread:
 
 1. covers the checksum chunks its bytes are in, whole (a fetch is chunk-aligned);
-2. asks the host chunk cache (:class:`~loader.remote.ChunkCache`) for each chunk,
-   read straight into the destination where a chunk lies inside one buffer; every
-   cache read is checked against the chunk's checksum;
+2. asks the inserter's slots, then the host chunk cache (:class:`~loader.remote.ChunkCache`),
+   for its chunks a block (1 MiB of whole chunks: the cache's entry) at a time, read
+   straight into the destination where they lie inside one buffer; every cache read
+   is checked against the chunks' checksums;
 3. GETs the chunks still missing, one ranged GET per contiguous stretch of them (at
    most ``fetch_bound`` bytes each), straight into the destination where the stretch
    lies inside one buffer, else into this thread's staging buffer (one per worker
    thread, ``fetch_bound`` bytes, touched only as far as used) and copied out;
-4. puts each whole chunk it fetched into the cache, which refuses bytes that do not
-   hash to the chunk's checksum: the cache never holds wrong bytes;
+4. puts the whole chunks it fetched into their blocks' slots in the inserter, which
+   puts each block into the cache once whole (a call of the sweep fetches its blocks
+   whole, the bytes outside its buffers straight into the slot; a waiter's only its
+   chunks); the cache refuses a block with a chunk that does not hash to its
+   checksum: it never holds wrong bytes;
 5. returns the bytes put into the buffers, in order, short at the first stretch that
    failed, or ``-errno`` (a store's ``not-found`` is ENOENT, ``denied`` EACCES,
    ``unreachable`` EHOSTUNREACH, ``unavailable`` EREMOTEIO).
@@ -160,12 +164,16 @@ class RemoteSource:
         chunk = index.chunk_size
         self.fetch_bound = max(chunk, fetch_bound // chunk * chunk)
         self._staging = _Staging()
-        #: fetched chunks go into the cache from the inserter's thread, off the fetch path
+        #: fetched chunks go into the cache from the inserter's thread, off the fetch path,
+        #: a block (``BLOCK_BYTES``: whole chunks, aligned in the pages file) an entry
         self.inserter: CacheInserter | None = None
+        self._block_chunks = 1
         if cache is not None:
+            from ..remote._cache import BLOCK_BYTES
             from ..remote._inserter import CacheInserter
 
-            self.inserter = CacheInserter(cache, digest, chunk)
+            self._block_chunks = max(1, BLOCK_BYTES // chunk)
+            self.inserter = CacheInserter(cache, digest, chunk, index.checksums, size, self._block_chunks)
         self._lock = threading.Lock()
         self._counts = FetchCounts()
         self._active = 0
@@ -507,47 +515,40 @@ class RemoteSource:
         for buf in buffers:
             starts.append(pos)
             pos += len(buf)
-        cache, identity, sums, inserter = self.cache, self._digest, self.index.checksums, self.inserter
+        cache, inserter = self.cache, self.inserter
         first, last = lo // c, (hi - 1) // c
         missing: list[int] = []
         hits = 0
-        for k in range(first, last + 1):
-            a, b = k * c, min((k + 1) * c, self._size)
-            if cache is None:
-                missing.append(k)
-                continue
-            direct = _inside(starts, buffers, a, b, lo, hi)
-            # a chunk still on its way into the cache first (then it cannot have landed
-            # between a miss in the cache and this look: never fetched twice)
-            if direct is not None:
-                found = ((inserter is not None and inserter.read_into(k, direct))
-                         or cache.read_into(identity, sums[k], b - a, direct))
-            else:
-                stage = self._stage(b - a)
-                found = ((inserter is not None and inserter.read_into(k, stage))
-                         or cache.read_into(identity, sums[k], b - a, stage))
-                if found:
-                    _scatter(stage, a, starts, buffers, lo, hi)
-            if found:
-                hits += 1
-            else:
-                missing.append(k)
+        if cache is None:
+            missing.extend(range(first, last + 1))
+        else:  # block by block: from the inserter's slots, else the cache, else to fetch
+            per = self._block_chunks
+            for block in range(first // per, last // per + 1):
+                hits += self._lookup(block, max(first, block * per), min(last, block * per + per - 1), starts,
+                                     buffers, lo, hi, missing, urgent)
         failed_at: int | None = None
         error = 0
         fetched = gets = staged = nbytes = failures = 0
         run_start = 0
         bad = self._bad
+        # with a cache, a stretch stays within one block (one slot); a call of the sweep
+        # fetches its blocks whole (_lookup), the chunks outside its bytes into the slot
+        split = self._block_chunks if cache is not None else 0
         while run_start < len(missing):
             # a stretch of contiguous missing chunks, at most fetch_bound bytes
             k0 = missing[run_start]
             known = bad.get(k0) if bad else None  # (a dict's get and `in` are atomic)
+            if known is not None and not first <= k0 <= last:  # outside the call's bytes: not needed
+                run_start += 1
+                continue
             if known is not None:  # failed past its retries before: not fetched again
                 failed_at, error = k0 * c, STORE_ERRNOS.get(known[0], errno.EIO)
                 break
             run_end = run_start + 1
             limit = self.fetch_bound // c
             while (run_end < len(missing) and missing[run_end] == missing[run_end - 1] + 1
-                   and run_end - run_start < limit and not (bad and missing[run_end] in bad)):
+                   and run_end - run_start < limit and not (bad and missing[run_end] in bad)
+                   and not (split and missing[run_end] % split == 0)):
                 run_end += 1
             k1 = missing[run_end - 1]
             a, b = k0 * c, min((k1 + 1) * c, self._size)
@@ -555,7 +556,15 @@ class RemoteSource:
                 failed_at, error = a, errno.ECANCELED
                 break
             direct = _inside(starts, buffers, a, b, lo, hi)
-            target = direct if direct is not None else self._stage(b - a)
+            slot = None
+            if direct is None and inserter is not None:  # straight into the block's slot
+                block = k0 // split
+                slot = inserter.claim(block, urgent=urgent)
+            if slot is not None:
+                at = block * split * c
+                target = slot[a - at : b - at]
+            else:
+                target = direct if direct is not None else self._stage(b - a)
             gets += 1
             retries = self.store.policy.retries
             try:  # (a stretch of several chunks keeps its last try for them one by one)
@@ -571,24 +580,30 @@ class RemoteSource:
                     self._remember(k0, k1, exc.code, _reason(exc))
                     got = 0
                     failures += 1
-                if got < b - a:
+                if got < b - a and a < hi and b > lo:  # (a stretch outside the call's bytes: not needed)
                     failed_at, error = a + got, STORE_ERRNOS.get(exc.code, errno.EIO)
+            except BaseException:
+                if slot is not None:  # let go: nothing arrived in it
+                    inserter.filled(block, k0, k0 - 1)  # type: ignore[union-attr]
+                raise
+            whole = 0  # the stretch's chunks that arrived whole
+            while k0 + whole <= k1 and min((k0 + whole + 1) * c, self._size) - a <= got:
+                whole += 1
+            fetched += whole
+            if slot is not None:
+                inserter.filled(block, k0, k0 + whole - 1)  # type: ignore[union-attr]
+            elif inserter is not None and whole:  # copied into its block's slot; never cached wrong
+                inserter.offer(k0, target[: min((k0 + whole) * c, self._size) - a], urgent=urgent)
             if failed_at is not None and got == 0:
                 break
             nbytes += got
             if direct is None:
-                staged += got
+                if slot is None:
+                    staged += got
                 _scatter(target[:got], a, starts, buffers, lo, hi)
-            for k in range(k0, k1 + 1):
-                ca, cb = k * c - a, min((k + 1) * c, self._size) - a
-                if cb > got:
-                    break
-                fetched += 1
-                if inserter is not None:  # copied into a slot; wrong bytes are never cached
-                    inserter.offer(k, sums[k], target[ca:cb], urgent=urgent)
             if failed_at is not None:  # the chunks before the failed one are kept
                 break
-            if got < b - a:  # the object ended first (it shrank since the HEAD)
+            if got < b - a and a < hi and b > lo:  # the object ended first (it shrank since the HEAD)
                 failed_at = a + got
                 break
             run_start = run_end
@@ -603,12 +618,64 @@ class RemoteSource:
             stale = time.monotonic() - self._cache_stats_at > self.CACHE_STATS_EVERY
         if stale and cache is not None and not self._closing:
             self._refresh_cache_stats()
-        if failed_at is None:
+        if failed_at is None or failed_at >= hi:  # (a widened stretch's failure past the call's bytes)
             return hi - lo
         done = max(0, failed_at - lo)
         if done:
             return done
         return -(error or errno.EIO)
+
+    def _lookup(self, block: int, k0: int, k1: int, starts: list[int], buffers: Sequence[memoryview], lo: int,
+                hi: int, missing: list[int], urgent: bool) -> int:
+        """Chunks ``k0..k1`` of ``block`` into the buffers from the inserter's slots
+        (first: a chunk on its way into the cache is never fetched twice) or from the
+        cache; the others are appended to ``missing`` and, for a call of the sweep
+        (not ``urgent``), the block's chunks outside the call too, but those a slot
+        holds or that failed before: the block is fetched whole, to be cached whole
+        (a waiter's call fetches only its chunks).  Returns the chunks found."""
+        c, size, n = self.index.chunk_size, self._size, self._block_chunks
+        cache, inserter, sums = self.cache, self.inserter, self.index.checksums
+        assert cache is not None
+        bfirst = block * n
+        bcount = min(n, len(sums) - bfirst)
+        blength = min(bcount * c, size - bfirst * c)
+        held = inserter.held(block) if inserter is not None else 0
+        need: list[int] = []
+        found = 0
+        a, b = k0 * c, min((k1 + 1) * c, size)
+        direct = _inside(starts, buffers, a, b, lo, hi) if not held else None
+        if direct is not None:  # one read of the block's entry: the header and these chunks
+            if cache.read_block_into(self._digest, c, sums[bfirst : bfirst + bcount], blength, k0 - bfirst, direct):
+                return k1 - k0 + 1
+            need.extend(range(k0, k1 + 1))
+        else:  # chunk by chunk (a slot holds some, or they straddle buffers)
+            entry = True
+            for k in range(k0, k1 + 1):
+                ca, cb = k * c, min((k + 1) * c, size)
+                view = _inside(starts, buffers, ca, cb, lo, hi)
+                into = view if view is not None else self._stage(cb - ca)
+                got = bool((held >> (k - bfirst)) & 1 and inserter is not None and inserter.read_into(k, into))
+                if not got and entry:
+                    got = cache.read_block_into(self._digest, c, sums[bfirst : bfirst + bcount], blength, k - bfirst,
+                                                into)
+                    entry = got  # no entry (or a bad one, dropped): not asked again
+                if got:
+                    found += 1
+                    if view is None:
+                        _scatter(into, ca, starts, buffers, lo, hi)
+                else:
+                    need.append(k)
+        if not need:
+            return found
+        if urgent or inserter is None:
+            missing.extend(need)
+            return found
+        bad = self._bad
+        wanted = set(need)
+        for k in range(bfirst, bfirst + bcount):
+            if k in wanted or (not k0 <= k <= k1 and not (held >> (k - bfirst)) & 1 and not (bad and k in bad)):
+                missing.append(k)
+        return found
 
     def _stage(self, n: int) -> memoryview:
         """This thread's staging buffer's first ``n`` bytes (``n`` <= fetch_bound)."""
