@@ -227,7 +227,8 @@ def daemon_options(args: argparse.Namespace) -> DaemonOptions:
         record_working_set=args.record_working_set,
         record_seconds=None if args.record_seconds == 0 else args.record_seconds,
         remote=RemoteConfig(endpoint=args.s3_endpoint, cache=not args.no_cache, cache_dir=args.cache_dir,
-                            cache_size=args.cache_size) if remote else None,
+                            cache_size=args.cache_size,
+                            working_set=args.working_set is None and not args.no_working_set) if remote else None,
         fetch_concurrency=args.fetch_concurrency,
     )
 
