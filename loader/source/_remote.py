@@ -214,6 +214,7 @@ class RemoteSource:
         except StoreError as exc:
             raise _checkpoint_error(exc, path) from None
         index_url = store.url.url_of(INDEX_NAME)
+        head = _Background(lambda: store.head(PAGES_NAME))  # the pages object's HEAD alongside the index's GET
         try:
             data = store.get(INDEX_NAME, MAX_INDEX_BYTES)
         except StoreError as exc:
@@ -235,7 +236,7 @@ class RemoteSource:
         pages_url = store.url.url_of(PAGES_NAME)
         try:
             try:
-                size = store.head(PAGES_NAME)
+                size = head.result()
             except StoreError as exc:
                 raise _checkpoint_error(exc, pages_url) from None
             if size != index.pages_size:
@@ -659,6 +660,30 @@ class RemoteSource:
         if self.cache is not None:
             self._refresh_cache_stats()
             self.cache.close()
+
+
+class _Background:
+    """``fn()`` run in a thread of its own (a request sent alongside another);
+    :meth:`result` waits for it and returns what it returned or raises what it raised."""
+
+    def __init__(self, fn: Callable[[], int]) -> None:
+        self._fn = fn
+        self._value = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pageload-open", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._error = exc
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _WorkingSetLookup:
