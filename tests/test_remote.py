@@ -5,6 +5,7 @@ or the source: every GET crosses a socket, every byte is checked against the ima
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -446,7 +447,10 @@ async def test_the_host_cache_keeps_a_stored_working_set_and_drops_a_corrupt_cop
             data[len(data) // 2] ^= 0xFF
             entries[0].write_bytes(bytes(data))
         proxy.requests.clear()
-        opts = _options(tmp_path, url, _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache_dir=cache_dir))
+        config = _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache_dir=cache_dir)
+        if run != "cold":  # looked up at open (as the CLI asks), not when the daemon asks for it
+            config = dataclasses.replace(config, working_set=True)
+        opts = _options(tmp_path, url, config)
         async with trio.open_nursery() as nursery:
             state = await nursery.start(run_daemon, opts)
             async with TrioClient.connect(state.server.path) as client:
