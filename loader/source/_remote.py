@@ -2,8 +2,10 @@
 page source (docs/REMOTE.md, "Restoring from a store").
 
 Opening it GETs ``PREFIX/index.msgpack`` (the commit point of a push: a checkpoint
-pushed halfway has none) and parses it with the local index code, then HEADs
-``PREFIX/pages.img`` and checks its size against the index.  The identity is the
+pushed halfway has none) and parses it with the local index code, HEADs
+``PREFIX/pages.img`` alongside (in a thread) and checks its size against the index.
+The working set kept with it is looked up in the host cache before it is GET
+(:mod:`._remote_ws`).  The identity is the
 index's xxh3_64, as for a local pages checkpoint: the same checkpoint pushed is the
 same checkpoint (a working set recorded on either fits both), and the host chunk
 cache keys its entries on it.
@@ -98,9 +100,9 @@ class RemoteConfig:
     cache_dir: str | None = None  #: None: ``default_cache_dir()``
     cache_size: int | None = None  #: None: ``DEFAULT_CACHE_SIZE``
     fetch_bound: int = DEFAULT_FETCH_BOUND  #: the largest GET, rounded down to whole chunks (one at least)
-    #: look for the working set kept with the checkpoint (the host cache's copy, else its
-    #: GET) while the pages object's HEAD is in flight: the daemon sets it where it will
-    #: ask for it (:meth:`RemoteSource.stored_working_set`)
+    #: look up the working set kept with the checkpoint (the host cache's copy, else its
+    #: GET) from open on, in a thread of its own, while start-up goes on: the daemon sets
+    #: it where it will ask for it (:meth:`RemoteSource.stored_working_set`)
     working_set: bool = False
     policy: RetryPolicy | None = None  #: timeouts and retries; None: the store's defaults
     env: Mapping[str, str] | None = None  #: the environment to read; None: ``os.environ``
@@ -228,7 +230,7 @@ class RemoteSource:
         del data
         cache = _open_cache(config)
         lookup = None
-        if config.working_set:  # its GET (where the cache has not got it) alongside the HEAD
+        if config.working_set:  # (in a thread: while the HEAD ends and the daemon goes on)
             from ..core._workingset import max_file_bytes
 
             limit = max_file_bytes(index.layout.memory_size, index.layout.page_size)
@@ -362,8 +364,8 @@ class RemoteSource:
         one GET of at most ``max_bytes``), for the daemon to replay before the sweep:
         (its URL, its bytes), or None where there is none.  The host chunk cache keeps
         it, and its absence for a while (:mod:`._remote_ws`): a second restore on the
-        host makes no GET for it.  Looked up at open where ``RemoteConfig.working_set``
-        asked for it (alongside the pages object's HEAD).  Raises
+        host makes no GET for it.  Looked up from open on where ``RemoteConfig.working_set``
+        asked for it.  Raises
         :class:`~loader.core._workingset.WorkingSetError` (one line naming it) where it
         cannot be fetched."""
         lookup = self._working_set
