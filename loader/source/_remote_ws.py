@@ -14,8 +14,9 @@ Two content-addressed entries (:meth:`~loader.remote.ChunkCache.insert_content`)
 
 The daemon then checks the working set as it checks one it fetched (decoded, its
 identity against the checkpoint's).  A working set replaced at the same place under the
-same index (the same checkpoint) is not seen until the cache drops its entry
-(``pageload cache prune --identity``).
+same index (the same checkpoint) is not seen until the cache drops its entry (evicted,
+or ``pageload cache prune --all``: content-addressed entries are not under the
+checkpoint's identity).
 """
 
 from __future__ import annotations
