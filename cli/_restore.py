@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import tracemalloc
 
@@ -104,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    f"(default {_DEFAULTS.background_reads}; from a store, three quarters of --fetch-concurrency)")
     p.add_argument("--busy-background-reads", type=positive_int, metavar="N",
                    help="while clients are faulting, at most N background reads (default: CPUs - 1; from a "
-                   "store, half of --background-reads)")
+                   "store, half of --background-reads and at most CPUs - 1)")
     p.add_argument("--no-sweep", action="store_true",
                    help="lazy only: load nothing that is not waited for or prefetched")
     p.add_argument("--no-priority", action="store_true",
@@ -183,8 +184,9 @@ def daemon_options(args: argparse.Namespace) -> DaemonOptions:
         fetchers = args.threads or args.fetch_concurrency
         if background is None:
             background = max(1, min(args.queue_depth - 1, fetchers * 3 // 4))
-        if busy is None:
-            busy = max(1, background // 2)
+        if busy is None:  # half of it, and one less than the CPUs (the sweep's GETs cost CPU here too:
+            # on loopback the store shares them; docs/REMOTE.md, "Measured")
+            busy = max(1, min(background // 2, (os.cpu_count() or 2) - 1))
     elif args.s3_endpoint or args.cache_dir or args.cache_size is not None or args.no_cache:
         raise ValueError("--s3-endpoint, --cache-dir, --cache-size and --no-cache are for a checkpoint in a "
                          "store (s3://, file://)")
@@ -227,7 +229,8 @@ def daemon_options(args: argparse.Namespace) -> DaemonOptions:
         record_working_set=args.record_working_set,
         record_seconds=None if args.record_seconds == 0 else args.record_seconds,
         remote=RemoteConfig(endpoint=args.s3_endpoint, cache=not args.no_cache, cache_dir=args.cache_dir,
-                            cache_size=args.cache_size) if remote else None,
+                            cache_size=args.cache_size,
+                            working_set=args.working_set is None and not args.no_working_set) if remote else None,
         fetch_concurrency=args.fetch_concurrency,
     )
 

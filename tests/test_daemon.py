@@ -515,3 +515,40 @@ def test_the_heap_freed_at_start_up_goes_back_to_the_system() -> None:
     after = anon()
     assert before - after > 30 << 20, f"RssAnon {before >> 20} -> {after >> 20} MiB"
     del keep
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from loader.daemon._options import unmap_large_allocations
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed" and not unmap_large_allocations():
+    sys.exit(3)
+libc.free(libc.malloc(1 << 20))  # a response body freed: glibc's default raises its threshold past it
+before = libc.mallinfo2().hblks
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.parametrize("mode, mapped", [("default", 0), ("fixed", 1)])
+def test_large_allocations_stay_mappings_of_their_own_in_a_daemon_on_a_store(mode: str, mapped: int) -> None:
+    """A restore from a store keeps glibc's mmap threshold fixed (unmap_large_allocations):
+    a 1 MiB block allocated after one was freed is still a mapping of its own (given
+    back when freed), where glibc's default would take it from a heap that keeps it
+    resident (18 MiB of RSS in a restore from a store, docs/REMOTE.md "Measured")."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("no mallinfo2 in this C library (glibc >= 2.33 has it)")
+    got = subprocess.run([sys.executable, "-c", _MMAP_PROBE, mode], capture_output=True, text=True, check=False)
+    assert got.returncode == 0, got.stderr
+    assert int(got.stdout) == mapped, got.stdout

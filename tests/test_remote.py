@@ -5,6 +5,7 @@ or the source: every GET crosses a socket, every byte is checked against the ima
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
@@ -144,9 +145,9 @@ async def test_a_pushed_checkpoint_restores_byte_exact_through_the_socket(image,
 
 async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(image, pushed, seaweed, tmp_path,
                                                                               proxy, caplog):
-    """The first restore fills the host chunk cache; the second, with the same
-    --cache-dir, GETs only the index (and asks for a working set, which this checkpoint
-    has none of): no request for pages.img reaches the proxy.  The
+    """The first restore fills the host chunk cache (and keeps in it that this
+    checkpoint has no working set: its GET was a 404); the second, with the same
+    --cache-dir, makes no GET but the index's (issue 23 item 4).  The
     progress lines say so: what was fetched at what rate, and the cache's share."""
     caplog.set_level(logging.INFO, logger="pageload")
     for run in ("cold", "warm"):
@@ -169,10 +170,10 @@ async def test_a_second_restore_from_the_same_cache_makes_no_get_of_the_pages(im
             continue
         assert line.endswith("; fetched 0 B at 0.0 MB/s, cache 100% hits"), line
         assert pages_gets == [] and remote["fetch"]["gets"] == 0
-        assert remote["store"]["gets"] == 2  # the index, and the working set (none here: a 404)
+        assert remote["store"]["gets"] == 1  # the index; the working set's absence is the cache's
         assert remote["fetch"]["chunks_cached"] >= len(image["index"].checksums)
         gets = [r for r in proxy.requests if r.startswith("GET ")]
-        assert len(gets) == 2 and "index.msgpack" in gets[0] and "working-set.msgpack" in gets[1], gets
+        assert len(gets) == 1 and "index.msgpack" in gets[0], gets
 
 
 async def test_a_corrupt_pages_object_is_never_served(image, seaweed, tmp_path):
@@ -372,6 +373,97 @@ async def test_the_working_set_pushed_with_a_checkpoint_is_replayed_before_the_s
     assert replayed["size_bytes"] == ws.total_bytes == replayed["loaded_bytes"] > 0
     assert any(r.getMessage().startswith(f"working set {url}/working-set.msgpack: ") and "replayed first" in
                r.getMessage() for r in caplog.records)
+
+
+def test_the_pages_head_is_sent_alongside_the_index_get(image, pushed, seaweed, tmp_path, proxy):
+    """Opening a checkpoint in a store sends the pages object's HEAD without waiting
+    for the index's response (issue 23, ready time: one round trip less at start-up).
+    The proxy holds every response 3 s: the HEAD reaches it while the index's GET is
+    still held (before, it was sent only once the index had come)."""
+    import threading
+
+    proxy.first_byte_delay = 3.0
+    opened: list[Any] = []
+    thread = threading.Thread(target=lambda: opened.append(RemoteSource.open(
+        pushed, remote=_config(seaweed, tmp_path, endpoint=proxy.endpoint, cache=False))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2.5  # (the index's response comes 3 s after its GET)
+        while time.monotonic() < deadline and not any(r.startswith("HEAD ") for r in proxy.requests):
+            time.sleep(0.01)
+        seen = list(proxy.requests)
+    finally:
+        thread.join()
+    assert any(r.startswith("GET ") and "index.msgpack" in r for r in seen), seen
+    assert any(r.startswith("HEAD ") and "pages.img" in r for r in seen), seen
+    assert opened and opened[0].size() == image["index"].pages_size
+    opened[0].close()
+
+
+def _push_with_working_set(image: dict[str, Any], seaweed: SeaweedServer, tmp_path: Path) -> tuple[str, Any]:
+    """The test image's checkpoint pushed with a working set of its last three ranges
+    (the sweep would come to them last): (its URL, the working set)."""
+    import shutil
+
+    from loader.core._workingset import WorkingSet, checkpoint_identity, write_working_set
+    from loader.source import open_source
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(image["ckpt"], ckpt)
+    chosen = [r for r in image["index"].layout][-3:]
+    local = open_source(ckpt)
+    try:
+        identity = checkpoint_identity(local)
+    finally:
+        local.close()
+    ws = WorkingSet(identity, array("Q", [r.mem_offset for r in chosen]), array("Q", [r.length for r in chosen]),
+                    array("Q", range(len(chosen))))
+    write_working_set(os.path.join(ckpt, "working-set.msgpack"), ws)
+    url = f"s3://{seaweed.bucket}/with-ws-{uuid.uuid4().hex[:12]}"
+    saved = dict(os.environ)
+    os.environ.update(_env(seaweed))
+    try:
+        assert main(["checkpoint", "push", ckpt, url, "--s3-endpoint", seaweed.endpoint]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return url, ws
+
+
+async def test_the_host_cache_keeps_a_stored_working_set_and_drops_a_corrupt_copy(image, seaweed, tmp_path,
+                                                                                  proxy):
+    """A checkpoint pushed with its working set, restored three times with one cache:
+    the first GETs the working set (and keeps it in the cache), the second makes no GET
+    but the index's and replays the same working set, the third finds the cache's copy
+    with a byte flipped: dropped, GET again, replayed (issue 23 item 4)."""
+    url, ws = _push_with_working_set(image, seaweed, tmp_path)
+    cache_dir = str(tmp_path / "ws-cache")
+    for run in ("cold", "warm", "corrupt"):
+        if run == "corrupt":  # the working set's entry: the one file of its length in the cache
+            size = os.path.getsize(tmp_path / "ckpt" / "working-set.msgpack")
+            entries = [p for p in Path(cache_dir).rglob(f"*-{size}") if p.is_file()]
+            assert len(entries) == 1, entries
+            data = bytearray(entries[0].read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            entries[0].write_bytes(bytes(data))
+        proxy.requests.clear()
+        config = _config(seaweed, tmp_path, endpoint=proxy.endpoint, cache_dir=cache_dir)
+        if run != "cold":  # looked up at open (as the CLI asks), not when the daemon asks for it
+            config = dataclasses.replace(config, working_set=True)
+        opts = _options(tmp_path, url, config)
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(run_daemon, opts)
+            async with TrioClient.connect(state.server.path) as client:
+                await client.wait(0, SIZE)
+                await _check_memory(client, image["expected"])
+                stats = await client.stats()
+            state.stop()
+        assert stats["working_set"]["size_bytes"] == ws.total_bytes == stats["working_set"]["loaded_bytes"]
+        gets = [r for r in proxy.requests if r.startswith("GET ") and "pages.img" not in r]
+        if run == "warm":
+            assert len(gets) == 1 and "index.msgpack" in gets[0], gets
+        else:
+            assert len(gets) == 2 and "working-set.msgpack" in gets[1], (run, gets)
 
 
 async def test_a_pages_object_deleted_in_the_middle_of_a_restore_fails_waits_unavailable(image, seaweed, tmp_path):

@@ -209,17 +209,21 @@ def test_a_local_checkpoint_has_no_remote_options_and_the_fetch_default_is_16() 
 
 
 @pytest.mark.parametrize("flags, remote", [
-    ((), RemoteConfig()),
-    (("--no-cache",), RemoteConfig(cache=False)),
-    (("--cache-dir", "/var/cache/x", "--cache-size", "1"), RemoteConfig(cache_dir="/var/cache/x", cache_size=1)),
-    (("--s3-endpoint", "http://127.0.0.1:8333"), RemoteConfig(endpoint="http://127.0.0.1:8333")),
+    ((), RemoteConfig(working_set=True)),
+    (("--no-cache",), RemoteConfig(cache=False, working_set=True)),
+    (("--cache-dir", "/var/cache/x", "--cache-size", "1"), RemoteConfig(cache_dir="/var/cache/x", cache_size=1,
+                                                                         working_set=True)),
+    (("--s3-endpoint", "http://127.0.0.1:8333"), RemoteConfig(endpoint="http://127.0.0.1:8333", working_set=True)),
+    # the working set kept with the checkpoint is looked up at open only where it will be used
+    (("--no-working-set",), RemoteConfig()),
+    (("--working-set", "/tmp/ws.msgpack"), RemoteConfig()),
 ])
 def test_a_store_url_takes_the_remote_options(flags: tuple[str, ...], remote: RemoteConfig) -> None:
     assert options(URL, "--socket", SOCK, *flags).remote == remote
 
 
 @pytest.mark.parametrize("flags, background, busy", [
-    ((), 12, 6),  # 3/4 of the 16 fetch threads, and half of that while clients fault
+    ((), 12, 6),  # 3/4 of the 16 fetch threads, and half of that while clients fault (16 CPUs)
     (("--fetch-concurrency", "8"), 6, 3),
     (("--fetch-concurrency", "1"), 1, 1),  # at least one each
     (("--threads", "4"), 3, 1),  # --threads overrides the fetch concurrency
@@ -228,9 +232,21 @@ def test_a_store_url_takes_the_remote_options(flags: tuple[str, ...], remote: Re
     (("--busy-background-reads", "2"), 12, 2),
 ])
 def test_a_store_url_sizes_the_sweep_by_its_fetch_threads(flags: tuple[str, ...], background: int,
-                                                          busy: int) -> None:
+                                                          busy: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     config = options(URL, "--socket", SOCK, *flags).config
     assert (config.background_reads, config.busy_background_reads) == (background, busy)
+
+
+@pytest.mark.parametrize("cpus, busy", [(2, 1), (4, 3), (None, 1), (64, 6)])
+def test_a_store_urls_sweep_while_clients_fault_is_held_to_one_less_than_the_cpus(
+        cpus: int | None, busy: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While clients fault, the sweep's GETs in flight shrink to half its width and to
+    one less than the CPUs: on loopback the store's work shares the CPUs, and a fault's
+    GET queued behind six 1 MiB GETs took 6x a bare GET (docs/REMOTE.md, "Measured")."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    config = options(URL, "--socket", SOCK).config
+    assert (config.background_reads, config.busy_background_reads) == (12, busy)
 
 
 @pytest.mark.parametrize("flags", [

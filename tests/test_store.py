@@ -472,3 +472,16 @@ def test_push_failures_are_one_line(
     assert _push(seaweed, monkeypatch, str(checkpoint), url, *extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("pageload: ") and err.count("\n") == 1 and says in err
+
+
+def test_the_upload_client_is_made_only_by_the_first_put_file(store: ObjectStore, tmp_path: Path) -> None:
+    """A restore never uploads: its store has one client (making an S3 client costs
+    5-10 ms, on a restore's way to READY); ``put_file`` makes the upload client at
+    its first use, and the file is put whole."""
+    store.put_bytes("small", b"x" * 100)
+    assert store.get("small", 1000) == b"x" * 100
+    assert store._upload is None
+    data = os.urandom(6 * MiB)
+    (tmp_path / "src").write_bytes(data)
+    store.put_file("big", str(tmp_path / "src"), part_size=5 * MiB)  # two parts
+    assert store._upload is not None and store.get("big", 8 * MiB) == data

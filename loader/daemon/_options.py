@@ -137,6 +137,33 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _malloc_trim()
 
 
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None).mallopt  # glibc (and musl, where it does nothing)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return cast("Callable[[int, int], int]", fn)
+
+
+_MALLOPT = _mallopt()
+_M_MMAP_THRESHOLD = -3
+#: the C heap's allocations from this size on are mappings of their own, unmapped when freed
+FETCH_MMAP_THRESHOLD = 128 << 10
+
+
+def unmap_large_allocations(threshold: int = FETCH_MMAP_THRESHOLD) -> bool:
+    """Keep glibc's mmap threshold at ``threshold`` for good (``mallopt``): a C
+    allocation of that size or more is a mapping of its own, given back when it is
+    freed.  By default glibc raises the threshold to the size of the first such block
+    freed, and from then on keeps freed blocks for reuse: the store client's response
+    bodies (1 MiB for the sweep, a dozen in flight, in the store client's threads'
+    arenas) left 18 MiB of freed heap resident in a restore from a store (docs/REMOTE.md,
+    "Measured").  True where it was set (glibc)."""
+    return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, threshold) == 1
+
+
 def release_free_heap() -> None:
     """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; a
     no-op elsewhere).  Start-up's big temporaries (a million-range index decoded:

@@ -54,7 +54,14 @@ from ..socket._server import Server
 from ..source import PageSource, is_store_url, open_source
 from ..uffd._handler import UffdHandler, serve_uffd
 from ._metrics import MetricsServer, make_registry
-from ._options import DaemonOptions, DaemonState, check_options, process_stats, release_free_heap
+from ._options import (
+    DaemonOptions,
+    DaemonState,
+    check_options,
+    process_stats,
+    release_free_heap,
+    unmap_large_allocations,
+)
 from ._sdnotify import Notifier
 from ._working_sets import record_window, working_set_line, working_set_setup, working_set_stats
 
@@ -214,6 +221,8 @@ async def run_daemon(
     if opts.listen_socket is not None:
         opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
+    if is_store_url(opts.source):  # response bodies: given back when freed, not kept resident
+        unmap_large_allocations()
     try:
         source = open_source(opts.source, scan=_needs_holes_first(opts), direct=opts.direct, remote=opts.remote)
     except CheckpointError as exc:

@@ -238,7 +238,7 @@ class ObjectStore:
             elif not os.path.isdir(directory):
                 raise StoreError("not-found", f"{self.url}: no such directory")
             self._store: Any = LocalStore(prefix=directory)
-            self._upload_store: Any = self._store
+            self._upload: Any = self._store
             return
         self.endpoint = _endpoint(endpoint, env)
         key_id = access_key_id if access_key_id is not None else env.get("AWS_ACCESS_KEY_ID")
@@ -260,25 +260,34 @@ class ObjectStore:
                 config["session_token"] = token
         allow_http = self.endpoint is not None and self.endpoint.startswith("http://")
         p = self.policy
-        upload_client: Any = {"allow_http": allow_http, "timeout": timedelta(seconds=p.upload_timeout),
-                               "connect_timeout": timedelta(seconds=p.connect_timeout)}
         client: Any = {"allow_http": allow_http, "timeout": timedelta(seconds=p.timeout),
                                   "connect_timeout": timedelta(seconds=p.connect_timeout)}
         try:
             # every request's retries are ours (counted, classified): obstore's are off
             self._store = S3Store(self.url.bucket, client_options=client, retry_config={"max_retries": 0},
                                   **config)
-            # a multipart upload's parts are obstore's to retry (its API hides them)
-            self._upload_store = S3Store(
+        except (BaseError, ValueError) as exc:
+            raise StoreError("bad-url", f"{self.url}: {_first_line(str(exc))}") from None
+        self._upload = None  # made by the first put_file (a client costs 5-10 ms: not at a restore's start)
+        self._upload_config = (config, allow_http)
+
+    @property
+    def _upload_store(self) -> Any:
+        """The client for ``put_file``: a multipart upload's parts are obstore's to
+        retry (its API hides them), with the policy's backoff and a longer timeout."""
+        if self._upload is None:
+            config, allow_http = self._upload_config
+            p = self.policy
+            self._upload = S3Store(
                 self.url.bucket,
-                client_options=upload_client,
+                client_options={"allow_http": allow_http, "timeout": timedelta(seconds=p.upload_timeout),
+                                "connect_timeout": timedelta(seconds=p.connect_timeout)},
                 retry_config={"max_retries": p.retries,
                               "backoff": {"init_backoff": timedelta(seconds=p.backoff),
                                           "max_backoff": timedelta(seconds=p.max_backoff), "base": 2}},
                 **config,
             )
-        except (BaseError, ValueError) as exc:
-            raise StoreError("bad-url", f"{self.url}: {_first_line(str(exc))}") from None
+        return self._upload
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.url)!r}, endpoint={self.endpoint!r})"

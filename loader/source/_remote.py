@@ -2,8 +2,10 @@
 page source (docs/REMOTE.md, "Restoring from a store").
 
 Opening it GETs ``PREFIX/index.msgpack`` (the commit point of a push: a checkpoint
-pushed halfway has none) and parses it with the local index code, then HEADs
-``PREFIX/pages.img`` and checks its size against the index.  The identity is the
+pushed halfway has none) and parses it with the local index code, HEADs
+``PREFIX/pages.img`` alongside (in a thread) and checks its size against the index.
+The working set kept with it is looked up in the host cache before it is GET
+(:mod:`._remote_ws`).  The identity is the
 index's xxh3_64, as for a local pages checkpoint: the same checkpoint pushed is the
 same checkpoint (a working set recorded on either fits both), and the host chunk
 cache keys its entries on it.
@@ -102,6 +104,10 @@ class RemoteConfig:
     cache_dir: str | None = None  #: None: ``default_cache_dir()``
     cache_size: int | None = None  #: None: ``DEFAULT_CACHE_SIZE``
     fetch_bound: int = DEFAULT_FETCH_BOUND  #: the largest GET, rounded down to whole chunks (one at least)
+    #: look up the working set kept with the checkpoint (the host cache's copy, else its
+    #: GET) from open on, in a thread of its own, while start-up goes on: the daemon sets
+    #: it where it will ask for it (:meth:`RemoteSource.stored_working_set`)
+    working_set: bool = False
     policy: RetryPolicy | None = None  #: timeouts and retries; None: the store's defaults
     env: Mapping[str, str] | None = None  #: the environment to read; None: ``os.environ``
     #: the credentials, over the environment's (tests)
@@ -190,6 +196,8 @@ class RemoteSource:
         #: in the event loop), and when
         self._cache_stats: dict[str, Any] | None = None
         self._cache_stats_at = -math.inf
+        #: the working set's look-up started at open (``RemoteConfig.working_set``), if any
+        self._working_set: _WorkingSetLookup | None = None
         self._refresh_cache_stats()
 
     # -- registration --------------------------------------------------------------------------
@@ -216,6 +224,7 @@ class RemoteSource:
         except StoreError as exc:
             raise _checkpoint_error(exc, path) from None
         index_url = store.url.url_of(INDEX_NAME)
+        head = _Background(lambda: store.head(PAGES_NAME))  # the pages object's HEAD alongside the index's GET
         try:
             data = store.get(INDEX_NAME, MAX_INDEX_BYTES)
         except StoreError as exc:
@@ -227,17 +236,32 @@ class RemoteSource:
         index = parse_pages_index(data, index_url)
         digest = xxhash.xxh3_64_intdigest(data)
         del data
+        cache = _open_cache(config)
+        lookup = None
+        if config.working_set:  # (in a thread: while the HEAD ends and the daemon goes on)
+            from ..core._workingset import max_file_bytes
+
+            limit = max_file_bytes(index.layout.memory_size, index.layout.page_size)
+            lookup = _WorkingSetLookup(store, cache, digest, limit)
         pages_url = store.url.url_of(PAGES_NAME)
         try:
-            size = store.head(PAGES_NAME)
-        except StoreError as exc:
-            raise _checkpoint_error(exc, pages_url) from None
-        if size != index.pages_size:
-            shorter = "shorter" if size < index.pages_size else "longer"
-            raise CheckpointError(pages_url, f"the pages object is {shorter} than the index says: {size} bytes, "
-                                  f"not {index.pages_size}")
-        cache = _open_cache(config)
-        return cls(path, index, digest, store, size, cache, config.fetch_bound)
+            try:
+                size = head.result()
+            except StoreError as exc:
+                raise _checkpoint_error(exc, pages_url) from None
+            if size != index.pages_size:
+                shorter = "shorter" if size < index.pages_size else "longer"
+                raise CheckpointError(pages_url, f"the pages object is {shorter} than the index says: {size} "
+                                      f"bytes, not {index.pages_size}")
+        except BaseException:
+            if lookup is not None:
+                lookup.join(1.0)
+            if cache is not None:
+                cache.close()
+            raise
+        source = cls(path, index, digest, store, size, cache, config.fetch_bound)
+        source._working_set = lookup
+        return source
 
     # -- PageSource ----------------------------------------------------------------------------
     def identity(self) -> CheckpointIdentity:
@@ -346,17 +370,18 @@ class RemoteSource:
     def stored_working_set(self, max_bytes: int) -> tuple[str, bytes] | None:
         """The working set pushed with the checkpoint (``PREFIX/working-set.msgpack``,
         one GET of at most ``max_bytes``), for the daemon to replay before the sweep:
-        (its URL, its bytes), or None where there is none.  Raises
+        (its URL, its bytes), or None where there is none.  The host chunk cache keeps
+        it, and its absence for a while (:mod:`._remote_ws`): a second restore on the
+        host makes no GET for it.  Looked up from open on where ``RemoteConfig.working_set``
+        asked for it.  Raises
         :class:`~loader.core._workingset.WorkingSetError` (one line naming it) where it
         cannot be fetched."""
-        from ..core._workingset import DEFAULT_NAME, WorkingSetError
-
-        url = self.store.url.url_of(DEFAULT_NAME)
-        try:
-            data = self.store.get_if_there(DEFAULT_NAME, max_bytes)
-        except self._store_error as exc:
-            raise WorkingSetError(url, _checkpoint_error(exc, url).problem) from None
-        return None if data is None else (url, data)
+        lookup = self._working_set
+        if lookup is None or lookup.max_bytes != max_bytes:
+            if lookup is not None:
+                lookup.join(1.0)
+            lookup = self._working_set = _WorkingSetLookup(self.store, self.cache, self._digest, max_bytes)
+        return lookup.result()
 
     # -- failures ------------------------------------------------------------------------------
     #: the most failed chunks remembered (:meth:`failure`; a forgotten one is fetched again)
@@ -699,9 +724,91 @@ class RemoteSource:
             self._closed = True
         if self.inserter is not None:
             self.inserter.close()  # what is queued goes into the cache first (bounded)
+        if self._working_set is not None:
+            self._working_set.join(2.0)  # (its keeping in the cache, bounded)
         if self.cache is not None:
             self._refresh_cache_stats()
             self.cache.close()
+
+
+class _Background:
+    """``fn()`` run in a thread of its own (a request sent alongside another);
+    :meth:`result` waits for it and returns what it returned or raises what it raised."""
+
+    def __init__(self, fn: Callable[[], int]) -> None:
+        self._fn = fn
+        self._value = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pageload-open", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self._error = exc
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _WorkingSetLookup:
+    """The working set kept with a checkpoint in a store, looked up in a thread of its
+    own: the host cache's copy (:func:`._remote_ws.kept_working_set`), else one GET
+    (then kept in the cache, or its absence, after :meth:`result` has it: never on the
+    start-up path, where a cache's first insert may walk its directory)."""
+
+    def __init__(self, store: ObjectStore, cache: ChunkCache | None, identity: int, max_bytes: int) -> None:
+        self.store, self.cache, self.identity, self.max_bytes = store, cache, identity, max_bytes
+        self._done = threading.Event()
+        self._found: tuple[str, bytes] | None = None
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="pageload-working-set", daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[str, bytes] | None:
+        """(its URL, its bytes) or None (there is none); raises ``WorkingSetError``."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._found
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        from ..core._workingset import DEFAULT_NAME, WorkingSetError
+        from ..remote import StoreError
+        from ._remote_ws import keep_working_set, kept_working_set, pointer_key
+
+        store, cache = self.store, self.cache
+        url = store.url.url_of(DEFAULT_NAME)
+        key = pointer_key(self.identity, url, store.endpoint) if cache is not None else b""
+        fetched = False
+        data: bytes | None = None
+        try:
+            kept = kept_working_set(cache, key, self.identity, self.max_bytes) if cache is not None else None
+            if kept is not None:
+                data = kept or None  # (ABSENT: none, as the cache found not long ago)
+            else:
+                try:
+                    data = store.get_if_there(DEFAULT_NAME, self.max_bytes)
+                    fetched = True
+                except StoreError as exc:
+                    self._error = WorkingSetError(url, _checkpoint_error(exc, url).problem)
+            self._found = None if data is None else (url, data)
+        except Exception as exc:  # noqa: BLE001 - a cache that fails: a warning, no working set
+            self._error = WorkingSetError(url, f"looking it up: {exc}")
+        finally:
+            self._done.set()
+        if fetched and cache is not None:
+            try:
+                keep_working_set(cache, key, self.identity, data)
+            except Exception as exc:  # noqa: BLE001 - (a closed cache at shutdown): only not kept
+                log.debug("working set %s not kept in the cache: %s", url, exc)
 
 
 def _inside(starts: list[int], buffers: Sequence[memoryview], a: int, b: int, lo: int, hi: int) -> memoryview | None:
