@@ -19,12 +19,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 DISABLED_PATH = "/proc/sys/kernel/io_uring_disabled"
 #: the binding the uring backend is written for (its API: ``io_uring()``, ``iovec([...])``)
 LIBURING_VERSION = "2024.5.3"
+#: imports of liburing tried when its cache file is being rewritten (an OSError)
+_IMPORT_TRIES = 4
 #: ``__NR_io_uring_setup``: the same on every architecture Linux added it to after 5.1
 _NR_IO_URING_SETUP = 425
 #: ``sizeof(struct io_uring_params)``
@@ -133,10 +136,20 @@ def probe(step: Step = _no_step, *, disabled_path: str = DISABLED_PATH) -> str |
     if disabled == 2:
         return explain(disabled=disabled)
     step(_SUBJECT, "being imported")
-    try:
-        import liburing
-    except ImportError as exc:
-        return explain(import_error=exc)
+    liburing = None
+    for attempt in range(_IMPORT_TRIES):
+        try:
+            import liburing
+            break
+        except ImportError as exc:
+            return explain(import_error=exc)
+        except OSError as exc:
+            # liburing's importer (dynamic_import) rewrites a cache file of its module
+            # names when it sees fit; a process importing it at that moment (tests run
+            # several probes at once) finds the file gone: try again, then say so
+            if attempt == _IMPORT_TRIES - 1:
+                return f"liburing could not be imported ({_IMPORT_TRIES} tries): {exc}"
+            time.sleep(0.05 * (attempt + 1))
     version = getattr(liburing, "__version__", "?")
     missing = [name for name in ("io_uring", "iovec", "io_uring_prep_readv", "io_uring_peek_cqe")
                if not hasattr(liburing, name)]

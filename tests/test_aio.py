@@ -190,6 +190,39 @@ def test_probe_reports_a_binding_with_another_api(monkeypatch: pytest.MonkeyPatc
     assert f"pip install liburing=={LIBURING_VERSION}" in why
 
 
+def test_probe_imports_liburing_again_when_its_cache_file_is_being_rewritten(
+        tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """liburing's importer rewrites a cache file on some imports; a probe importing it
+    meanwhile got FileNotFoundError, and the uring tests of a whole run were skipped
+    ("probe failed (exit status 1) while being imported").  A fake liburing that fails
+    so on its first two imports: the probe gets past the import (to the fake's API)."""
+    pkg = os.path.join(tmp_path, "liburing")
+    os.mkdir(pkg)
+    with open(os.path.join(pkg, "__init__.py"), "w") as f:
+        f.write(
+            "import os\n"
+            f"count = os.path.join({str(tmp_path)!r}, 'imports')\n"
+            "fd = os.open(count, os.O_RDWR | os.O_CREAT | os.O_APPEND)\n"
+            "n = os.fstat(fd).st_size\n"
+            "os.write(fd, b'x')\n"
+            "os.close(fd)\n"
+            "if n < 2:\n"
+            "    raise FileNotFoundError(2, 'No such file or directory', '__init__.importer-311.pyc')\n"
+            "__version__ = '2099.1.1'\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "liburing", raising=False)
+    why = probe()
+    assert why is not None and why.startswith("liburing 2099.1.1 has another API"), why
+    assert os.path.getsize(os.path.join(tmp_path, "imports")) == 3  # two failed imports, then one
+    # an import that keeps failing so: one line, not an exception out of the probe
+    monkeypatch.delitem(sys.modules, "liburing", raising=False)
+    with open(os.path.join(pkg, "__init__.py"), "w") as f:
+        f.write("raise FileNotFoundError(2, 'No such file or directory', 'gone.pyc')\n")
+    why = probe()
+    assert why is not None and why.startswith("liburing could not be imported (4 tries):"), why
+
+
 @requires_uring
 def test_probe_in_process_where_uring_works() -> None:
     steps: list[str] = []
