@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -136,10 +137,10 @@ def probe(step: Step = _no_step, *, disabled_path: str = DISABLED_PATH) -> str |
     if disabled == 2:
         return explain(disabled=disabled)
     step(_SUBJECT, "being imported")
-    liburing = None
+    liburing: Any = None
     for attempt in range(_IMPORT_TRIES):
         try:
-            import liburing
+            liburing = importlib.import_module("liburing")
             break
         except ImportError as exc:
             return explain(import_error=exc)
