@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -438,15 +439,22 @@ def test_ready_fd_open_read_only_is_one_line(tmp_path, images):
 
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
+    """A tmpfs of ``size`` mounted on a directory of its own, not under pytest's
+    temporary directories (``path`` names it): a run killed before it unmounts leaves
+    a mount that pytest's clean-up of old temporary directories would fail on (EBUSY)
+    at the end of every later run on the host."""
+    path = Path(tempfile.mkdtemp(prefix=f"pageload-{path.name}-"))
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
+        path.rmdir()
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 _CAN_MOUNT = os.geteuid() == 0 and shutil.which("mount") is not None
