@@ -59,15 +59,12 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-import aio
-
 from .._files import CheckpointError
 from .._units import human
-from ..core._identity import CheckpointIdentity
+from ._calls import CallSource
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, PagesIndex, VerifyReport
-    from ..core._extents import ExtentSource
     from ..remote import ChunkCache, ObjectStore, RetryPolicy, StoreError
     from ..remote._inserter import CacheInserter
     from ._base import LocalPages
@@ -141,7 +138,7 @@ class _Staging(threading.local):
     buffer: mmap.mmap | None = None
 
 
-class RemoteSource:
+class RemoteSource(CallSource):
     """A pages checkpoint in a store, open: its index fetched and checked, its pages
     object's size checked (see the module's docstring)."""
 
@@ -264,45 +261,6 @@ class RemoteSource:
         return source
 
     # -- PageSource ----------------------------------------------------------------------------
-    def identity(self) -> CheckpointIdentity:
-        layout = self.layout
-        return CheckpointIdentity(self.kind, layout.memory_size, layout.page_size, self._digest)
-
-    def extents(self) -> ExtentSource | None:
-        return None
-
-    def read(self, id: int, file_offset: int, buffers: Sequence[memoryview], *, urgent: bool = False,
-             then: Callable[[], object] | None = None) -> aio.Request:
-        def fetch(parts: Sequence[memoryview]) -> int:
-            return self._call(file_offset, parts, urgent)
-
-        return aio.Request.call(id, fetch, buffers, urgent=urgent, then=then, offset=file_offset)
-
-    def gather(self, id: int, buffers: Sequence[memoryview], offsets: Sequence[int], *,
-               urgent: bool = False) -> aio.Request:
-        """Each buffer from its own offset, one after the other, as one call (a pages
-        layout is never gathered by the loader; for completeness)."""
-        spans = list(zip(offsets, buffers))
-
-        def fetch(parts: Sequence[memoryview]) -> int:
-            done = 0
-            for (offset, _), part in zip(spans, parts):
-                got = self._call(offset, [part], urgent)
-                if got < 0:
-                    return done if done else got
-                done += got
-                if got < len(part):
-                    break
-            return done
-
-        return aio.Request.call(id, fetch, buffers, urgent=urgent, offset=offsets[0] if offsets else 0)
-
-    def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
-        return -1  # every read may wait on the network: a request
-
-    def size(self) -> int:
-        return self._size
-
     def files(self) -> tuple[str, ...]:
         return ()
 

@@ -42,21 +42,18 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-import aio
-
 from .._files import CheckpointError, open_regular
 from .._units import human
-from ..core._identity import CheckpointIdentity
 from ..core._layout import Layout
+from ._calls import CallSource
 from ._remote import RemoteConfig, _checkpoint_error, _inside, _open_cache, _scatter, is_store_url
 
 if TYPE_CHECKING:
-    from ..core._extents import ExtentSource
     from ..remote import ChunkCache, ObjectStore
     from ..store import Manifest
     from ..store._read import ChunkReader
@@ -72,7 +69,7 @@ class _Scratch(threading.local):
     buffer: mmap.mmap | None = None
 
 
-class StoreSource:
+class StoreSource(CallSource):
     """A snapshot in a chunk store, open: its manifest read and checked (see the
     module's docstring).  Open it with :meth:`open` (or :func:`~loader.source.open_source`)."""
 
@@ -96,7 +93,7 @@ class StoreSource:
         self.name = name
         self.manifest = manifest
         self.digest = manifest_digest(data)  #: BLAKE3 of the manifest (a child's parent_digest)
-        self._identity = xxhash.xxh3_64_intdigest(data)
+        self._digest = xxhash.xxh3_64_intdigest(data)  #: the identity's
         self.reader = reader
         self.objects = objects
         self.manifest_path = manifest_path
@@ -249,44 +246,6 @@ class StoreSource:
             os.close(fd)
 
     # -- PageSource ----------------------------------------------------------------------------
-    def identity(self) -> CheckpointIdentity:
-        layout = self.layout
-        return CheckpointIdentity(self.kind, layout.memory_size, layout.page_size, self._identity)
-
-    def extents(self) -> ExtentSource | None:
-        return None
-
-    def read(self, id: int, file_offset: int, buffers: Sequence[memoryview], *, urgent: bool = False,
-             then: Callable[[], object] | None = None) -> aio.Request:
-        def fetch(parts: Sequence[memoryview]) -> int:
-            return self._call(file_offset, parts)
-
-        return aio.Request.call(id, fetch, buffers, urgent=urgent, then=then, offset=file_offset)
-
-    def gather(self, id: int, buffers: Sequence[memoryview], offsets: Sequence[int], *,
-               urgent: bool = False) -> aio.Request:
-        """Each buffer from its own offset, one after the other, as one call."""
-        spans = list(zip(offsets, buffers))
-
-        def fetch(parts: Sequence[memoryview]) -> int:
-            done = 0
-            for (offset, _), part in zip(spans, parts):
-                got = self._call(offset, [part])
-                if got < 0:
-                    return done if done else got
-                done += got
-                if got < len(part):
-                    break
-            return done
-
-        return aio.Request.call(id, fetch, buffers, urgent=urgent, offset=offsets[0] if offsets else 0)
-
-    def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
-        return -1  # every read decompresses (and may fetch): a request
-
-    def size(self) -> int:
-        return self._size
-
     def files(self) -> tuple[str, ...]:
         return (self.manifest_path,) if self.manifest_path is not None else ()
 
@@ -349,7 +308,7 @@ class StoreSource:
             log.warning("fetching %s", line)
 
     # -- reading -------------------------------------------------------------------------------
-    def _call(self, lo: int, buffers: Sequence[memoryview]) -> int:
+    def _call(self, lo: int, buffers: Sequence[memoryview], urgent: bool = False) -> int:
         with self._lock:
             if self._closing:
                 return -errno.ECANCELED
