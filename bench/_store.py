@@ -87,6 +87,7 @@ PROXY: dict[str, Any] = {"first_byte_delay_s": 0.005, "bandwidth_bytes_s": 100_0
 FAST_LEVEL = -1
 DIRTY_FRACTION = 0.05  #: the child's dirtied chunks, of its parent's
 DIRTY_PAGES = 4  #: pages dirtied in each such chunk (random bytes)
+DEDUP_DRAWS = 5  #: children written, each dirtying its own draw of chunks (the upload goal takes their median)
 GOALS: dict[str, float] = {"local_ratio_min": 0.8, "proxy_factor": 0.8, "upload_max": 0.06, "fault_ratio_max": 1.3,
          "rss_max": 64 << 20, "heap_max": 16 << 20}
 SNAPSHOT = "img"
@@ -399,6 +400,17 @@ def _dedup(img: _Image, s3: SeaweedServer, proxy: FaultProxy, workdir: str, seed
     os.unlink(diff)
     pm, _ = read_manifest(store, SNAPSHOT)
     cm, _ = read_manifest(store, CHILD)
+    # more children, each its own draw of chunks: chunks compress unevenly, so one draw of
+    # 5 % of them may hold more or less than 5 % of the parent's bytes
+    draws = [(len(dirty), child.new_stored_bytes, sum(pm.stored_lengths[k] for k in dirty))]
+    for n in range(1, DEDUP_DRAWS):
+        rows = _write_diff(diff, os.path.getsize(img.path), img.offsets, img.lengths, seed + 7919 * n)
+        try:
+            more = create_snapshot(diff, store, f"{CHILD}-draw{n}", parent=SNAPSHOT)
+        finally:
+            os.unlink(diff)
+        draws.append((len(rows), more.new_stored_bytes, sum(pm.stored_lengths[k] for k in rows)))
+    fractions = sorted(up / parent_stored for _, up, _ in draws) if parent_stored else []
     dirty_stored = sum(pm.stored_lengths[k] for k in dirty)  # what those chunks cost in the parent
     parent_keys = {pm.key_at(i) for i in range(len(pm))}
     new_keys = {cm.key_at(i) for i in range(len(cm))} - parent_keys
@@ -422,6 +434,8 @@ def _dedup(img: _Image, s3: SeaweedServer, proxy: FaultProxy, workdir: str, seed
         "upload_over_dirtied": child.new_stored_bytes / dirty_stored if dirty_stored else None,
         "dirtied_parent_fraction": dirty_stored / parent_stored if parent_stored else 0.0,
         "chunk_puts": puts,
+        "draws": [{"dirtied_rows": r, "uploaded_bytes": up, "dirtied_parent_stored_bytes": ds} for r, up, ds in draws],
+        "upload_fraction_median": fractions[len(fractions) // 2] if fractions else None,
         "restore": {"chunk_gets": gets, "chunks_fetched": int(fetch["chunks_fetched"]),
                     "chunks_cached": int(fetch["chunks_cached"]),
                     "parent_chunks_fetched": int(parent["remote"]["fetch"]["chunks_fetched"]),
@@ -456,10 +470,13 @@ def _goals(out: dict[str, Any]) -> list[dict[str, Any]]:
         goals.append(_goal(f"{kind}: proxied fill, zstd speedup over none", sp, "x", f">= {want:.2f} (0.8 x ratio)",
                            None if sp is None else sp >= want,
                            "none fill time / zstd fill time through the proxy, no cache, medians"))
-        up = res["dedup"]["upload_fraction"]
+        up = res["dedup"]["upload_fraction_median"]
+        spread = [d["uploaded_bytes"] / res["dedup"]["parent_stored_bytes"] * 100 for d in res["dedup"]["draws"]] \
+            if res["dedup"]["parent_stored_bytes"] else []
         goals.append(_goal(f"{kind}: child upload, 5% chunks dirtied", None if up is None else up * 100, "%",
                            f"<= {g['upload_max'] * 100:.0f}", None if up is None else up <= g["upload_max"],
-                           "child's new stored bytes / parent's stored bytes"))
+                           f"child's new stored bytes / parent's stored bytes, median of {len(spread)} draws "
+                           f"({min(spread, default=0):.2f}-{max(spread, default=0):.2f} %)"))
         over = res["dedup"]["upload_over_dirtied"]
         goals.append(_goal(f"{kind}: child upload / its dirtied chunks in the parent", over, "x", "", None,
                            f"the layer's own cost: {res['dedup']['dirtied_fraction'] * 100:.2f} % of the chunks "

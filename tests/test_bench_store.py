@@ -83,6 +83,16 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert d["uploaded_bytes"] == d["child"]["new_stored_bytes"] and d["parent_stored_bytes"] == z["stored_bytes"]
         assert math.isclose(d["upload_fraction"], d["uploaded_bytes"] / d["parent_stored_bytes"])
         assert math.isclose(d["upload_fraction"], d["upload_over_dirtied"] * d["dirtied_parent_fraction"])
+        # the upload goal is the median over several children, each its own draw of chunks;
+        # the first draw is the child measured above
+        from bench._store import DEDUP_DRAWS
+
+        assert len(d["draws"]) == DEDUP_DRAWS
+        assert d["draws"][0] == {"dirtied_rows": d["dirtied_rows"], "uploaded_bytes": d["uploaded_bytes"],
+                                 "dirtied_parent_stored_bytes": d["dirtied_parent_stored_bytes"]}
+        assert all(x["dirtied_rows"] == d["dirtied_rows"] and 0 < x["uploaded_bytes"] for x in d["draws"])
+        fractions = sorted(x["uploaded_bytes"] / d["parent_stored_bytes"] for x in d["draws"])
+        assert d["upload_fraction_median"] == fractions[len(fractions) // 2]
         r = d["restore"]
         assert r["chunk_gets"] == r["chunks_fetched"] == d["child_new_distinct_chunks"]
         assert r["chunks_fetched"] + r["chunks_cached"] == d["child"]["chunks"] == rows
