@@ -733,14 +733,31 @@ async def test_fault_and_fill_threads_never_share_ioctl_buffers(tmp_path, images
     own.  One shared :class:`_uffd.Uffd` let one thread read the other's result."""
     import threading
 
+    from loader.uffd._fill import Fill
+
     users: dict[int, set[str]] = {}
     copy = _uffd.Uffd.copy
+    faulted = threading.Event()
 
     def recording(self, dst, src, length, mode=0):
         users.setdefault(id(self._copy), set()).add(threading.current_thread().name)
-        return copy(self, dst, src, length, mode)
+        try:
+            return copy(self, dst, src, length, mode)
+        finally:
+            if threading.current_thread().name == "pageload-uffd":
+                faulted.set()
+
+    # the fill's first copy waits (outside the copy lock) for the fault thread's first:
+    # on a loaded machine the fill could otherwise copy every page before the guest
+    # touched one, and the fault thread would never copy (seen once in a full run)
+    yield_to_faults = Fill._yield_to_faults
+
+    def after_a_fault(self):
+        faulted.wait(10)
+        return yield_to_faults(self)
 
     monkeypatch.setattr(_uffd.Uffd, "copy", recording)
+    monkeypatch.setattr(Fill, "_yield_to_faults", after_a_fault)
     # page-sized fill copies, no yielding: the fill runs while the guest faults
     opts = options(tmp_path, images["raw"], uffd_config=UffdConfig(fill_chunk=PAGE, fill_quiet_s=0.0))
     # data pages (holes are answered without a copy), from the end down: the fill goes
