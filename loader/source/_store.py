@@ -159,6 +159,7 @@ class StoreSource(CallSource):
             snapshot_key,
             split_snapshot_ref,
         )
+        from ..store._access import read_file
         from ..store._read import ChunkReader, LocalChunks, StoreChunks
 
         split = split_snapshot_ref(path)
@@ -190,20 +191,7 @@ class StoreSource(CallSource):
             chunks: Any = StoreChunks(objects)
         else:
             manifest_path = path
-            try:
-                fd = open_regular(path)
-            except OSError as exc:
-                raise CheckpointError(path, exc.strerror or str(exc)) from None
-            try:
-                size = os.fstat(fd).st_size
-                if size > MAX_MANIFEST_BYTES:
-                    raise CheckpointError(path, f"manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} "
-                                          "a reader accepts")
-                data = os.pread(fd, size + 1, 0)
-            except OSError as exc:
-                raise CheckpointError(path, exc.strerror or str(exc)) from None
-            finally:
-                os.close(fd)
+            data = read_file(path, MAX_MANIFEST_BYTES)
             chunks = LocalChunks(root)
             if not os.path.isdir(os.path.join(root, "chunks")):
                 raise CheckpointError(os.path.join(root, "chunks"), "missing: a store holds its chunks there")

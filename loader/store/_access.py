@@ -152,40 +152,17 @@ class LocalStore(ChunkStore):
                 os.close(fd)
 
     def get(self, key: str, max_bytes: int) -> bytes:
-        from .._files import open_regular
-
-        path = self._path(key)
-        try:
-            fd = open_regular(path)
-        except OSError as exc:
-            raise CheckpointError(path, exc.strerror or str(exc)) from None
-        try:
-            size = os.fstat(fd).st_size
-            if size > max_bytes:
-                raise CheckpointError(path, f"{size} bytes, more than the {max_bytes} allowed")
-            data = os.pread(fd, size + 1, 0)
-            if len(data) != size:
-                raise CheckpointError(path, "changed while it was read")
-            return data
-        finally:
-            os.close(fd)
+        return read_file(self._path(key), max_bytes)
 
     def read_into(self, key: str, buffer: memoryview) -> int:
-        from .._files import open_regular
-
         path = self._path(key)
+        fd, size = _open_sized(path, len(buffer))
         try:
-            fd = open_regular(path)
-        except OSError as exc:
-            raise CheckpointError(path, exc.strerror or str(exc)) from None
-        try:
-            size = os.fstat(fd).st_size
-            if size > len(buffer):
-                raise CheckpointError(path, f"{size} bytes, more than the {len(buffer)} expected")
-            got = os.preadv(fd, [buffer[:size]], 0)
-            if got != size:
+            if os.preadv(fd, [buffer[:size]], 0) != size:
                 raise CheckpointError(path, "changed while it was read")
             return size
+        except OSError as exc:
+            raise CheckpointError(path, exc.strerror or str(exc)) from None
         finally:
             os.close(fd)
 
@@ -302,6 +279,42 @@ class RemoteStore(ChunkStore):
             self._store.delete(key)
         except self._error as exc:
             raise self._fail(exc) from None
+
+
+def _open_sized(path: str, max_bytes: int) -> tuple[int, int]:
+    """``path`` opened as a regular file (never blocking, never a FIFO or device) and its
+    size, at most ``max_bytes`` (refused before anything is read); one-line
+    :class:`CheckpointError`."""
+    from .._files import open_regular
+
+    try:
+        fd = open_regular(path)
+    except OSError as exc:
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    if size > max_bytes:
+        os.close(fd)
+        raise CheckpointError(path, f"{size} bytes, more than the {max_bytes} allowed")
+    return fd, size
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    """All of the local regular file ``path``, at most ``max_bytes`` (a manifest, a store
+    object); one-line :class:`CheckpointError`."""
+    fd, size = _open_sized(path, max_bytes)
+    try:
+        data = os.pread(fd, size + 1, 0)
+    except OSError as exc:
+        raise CheckpointError(path, exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise CheckpointError(path, "changed while it was read")
+    return data
 
 
 def open_store(spec: str, *, endpoint: str | None = None, create: bool = False) -> ChunkStore:
