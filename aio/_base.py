@@ -199,6 +199,8 @@ class QueueStatistics:
 
 #: the pipe a copy goes through: one ``splice`` each way per this many bytes
 SPLICE_PIPE_BYTES = 1 << 20
+#: the kernel's most buffers a ``preadv`` takes
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class SplicePipe:
@@ -408,6 +410,9 @@ class Queue(abc.ABC):
     #: may read the file without it (the userfaultfd handler's direct copies do).  A
     #: queue that changes what reads return (fails them, holds them forever) is not.
     transparent: bool = True
+    #: most buffers one :data:`Op.READV` (or :data:`Op.READ`) takes; :meth:`add`
+    #: refuses more.  The kernel's ``IOV_MAX``, or less where a binding limits it.
+    max_buffers: int = IOV_MAX
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -458,6 +463,9 @@ class Queue(abc.ABC):
                              "(or one file a buffer)")
         elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
+        elif request.op == Op.READV and len(request.buffers) > self.max_buffers:
+            raise ValueError(f"the {self.name} backend takes at most {self.max_buffers} buffers a read, "
+                             f"not {len(request.buffers)}")
         elif any(b.readonly for b in request.buffers):
             raise ValueError("a read needs writable buffers")
         self._add(request)  # may raise: count only what was accepted

@@ -63,6 +63,36 @@ async def check_readv_scatter(make_queue: MakeQueue) -> None:
         expect(view[5 * PAGE : 8 * PAGE] == data[7 * PAGE : 10 * PAGE], "third part wrong")
 
 
+async def check_readv_most_buffers(make_queue: MakeQueue) -> None:
+    """A readv with the queue's :attr:`~aio.Queue.max_buffers` buffers lands each part
+    where asked; one with a buffer more is refused with ValueError at ``add`` (not a
+    crash, not a completion), and the queue goes on."""
+    piece = 16
+    queue = make_queue(2)
+    count = queue.max_buffers
+    expect(1 <= count <= 1024, f"max_buffers is {count}")
+    size = -(-count * piece // PAGE) * PAGE
+    with pages_file(size, seed=5) as (fd, data), memfd_view(2 * size) as view:
+        try:
+            # every other piece of the mapping, last first: scattered and out of order
+            parts = [view[2 * piece * (count - 1 - k) : 2 * piece * (count - 1 - k) + piece] for k in range(count)]
+            refused = False
+            try:
+                queue.add(Request.readv(1, fd, 0, [*parts, view[-piece:]]))
+            except ValueError:
+                refused = True
+            expect(refused, f"a readv of {count + 1} buffers was taken (max_buffers {count})")
+            queue.add(Request.readv(2, fd, 0, parts))
+            done: list[Completion] = []
+            await drain(queue, done)
+        finally:
+            await queue.aclose()
+        expect(done == [Completion(2, count * piece)], f"expected one full readv of {count} parts, got {done}")
+        for k, part in enumerate(parts):
+            expect(part == data[k * piece : (k + 1) * piece], f"part {k} of {count} wrong")
+        expect(view[-piece:] == bytes(piece), "the refused readv wrote its last buffer")
+
+
 async def check_short_read_at_eof(make_queue: MakeQueue) -> None:
     """A read crossing end of file returns the bytes that exist; at EOF it returns 0."""
     size = 10 * PAGE + 100

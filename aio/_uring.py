@@ -33,6 +33,7 @@ that ran the binding in a child process first (:mod:`aio._isolated`).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 import liburing as _lu
 import trio
 
-from ._base import AioError, BackendUnavailable, Completion, Op, Queue, Request, read_nowait
+from ._base import IOV_MAX, AioError, BackendUnavailable, Completion, Op, Queue, Request, read_nowait
 from ._probe import explain, read_disabled, setup_errno
 
 #: user_data of our cancel entries; read entries use their slot index, plus the range's
@@ -50,7 +51,6 @@ _RANGE_TAG = 1 << 32
 _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 #: ``IOSQE_ASYNC`` (1 << ``IOSQE_ASYNC_BIT``, linux/io_uring.h): liburing 2024.5.3 does not export it by name
 IOSQE_ASYNC = 1 << 4
 #: most bytes :meth:`UringQueue.read_now` reads in the caller's thread
@@ -72,6 +72,21 @@ def _iovec(buffers: Sequence[memoryview]) -> object:
     return _lu.iovec(parts)
 
 
+@functools.cache
+def iovec_limit() -> int:
+    """Most buffers ``liburing.iovec`` takes: the kernel's ``IOV_MAX``, or fewer where
+    the binding refuses more (liburing 2024.5.3 compares against the *name* of the
+    sysconf constant, ``_SC_IOV_MAX`` = 60, not its value, and raises OverflowError)."""
+    one = bytearray(1)
+    for count in (IOV_MAX, 60, 16, 1):
+        try:
+            _lu.iovec([one] * count)
+        except OverflowError:
+            continue
+        return count
+    return 1
+
+
 def _ring_entries(capacity: int) -> int:
     """Smallest power of two holding every request plus one cancel entry."""
     entries = 8
@@ -88,6 +103,7 @@ class UringQueue(Queue):
 
     def __init__(self, capacity: int = 64, *, force_async: bool = True) -> None:
         super().__init__(capacity)
+        self.max_buffers = iovec_limit()
         self.force_async = force_async
         self._sqe_flags = IOSQE_ASYNC if force_async else 0
         self._ring = _lu.io_uring()
@@ -137,8 +153,6 @@ class UringQueue(Queue):
             (self._urgent if request.urgent else self._normal).append(slot)
             return
         buffers = request.buffers
-        if len(buffers) > _IOV_MAX:
-            raise ValueError(f"a request takes at most {_IOV_MAX} buffers, not {len(buffers)}")
         try:
             iovec = _iovec(buffers)
         except (TypeError, BufferError) as exc:

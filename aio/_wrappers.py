@@ -40,6 +40,7 @@ class FaultInjectingQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.max_buffers = inner.max_buffers
         self.calls = inner.calls
         self.rule = rule
         self._ready: list[Completion] = []
@@ -112,6 +113,7 @@ class DelayedQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.max_buffers = inner.max_buffers
         self.calls = inner.calls
         self.delay = delay
         self._held: list[Completion] = []  # kept across a cancelled wait: nothing is lost
@@ -159,6 +161,7 @@ class HangingQueue(Queue):
         self.inner = inner
         self.copies = inner.copies
         self.gathers = inner.gathers
+        self.max_buffers = inner.max_buffers
         self.calls = inner.calls
         self.hang = hang
         self._hung: list[Request] = []

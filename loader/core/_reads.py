@@ -41,6 +41,11 @@ _RETRIABLE = {errno_mod.EINTR, errno_mod.EAGAIN}
 #: such urgent reads at once, in the adding thread, when the page cache has them);
 #: a longer one is copied too
 _INLINE_LIMIT = 64 << 10
+#: a read whose ranges average less than this goes into the mapping, not through the
+#: pipe: one ``preadv`` (or ``pread`` a range) against a ``splice`` a range, which threads
+#: cannot do side by side (the memory file's inode lock).  1M 4 KiB ranges of a pages
+#: checkpoint: 5.1 s against 10.1 s, verified (docs/MEASUREMENTS.md "scale-2026-12-07b")
+_COPY_MIN_SEGMENT = 64 << 10
 #: a copy completing so says the memory file cannot be written to through its fd
 _NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
 #: most ranges one gathered background copy takes (two ``splice`` calls each)
@@ -191,6 +196,7 @@ class Reads:
         file_pos = layout.file[i] + (start - layout.mem[i])
         file_offset = file_pos
         segments: list[list[int]] = []
+        max_segments = self.queue.max_buffers
         total = 0
         while True:
             interval = unloaded.interval_at(pos)
@@ -200,8 +206,10 @@ class Reads:
             end = min(stop, limit, pos + budget - total)
             if segments and segments[-1][1] == pos:
                 segments[-1][1] = end
-            else:
+            elif len(segments) < max_segments:
                 segments.append([pos, end])
+            else:
+                break  # as many buffers as one read of the queue's takes
             total += end - pos
             file_pos += end - pos
             if total >= budget:
@@ -265,7 +273,7 @@ class Reads:
         if i < 0:
             return None
         mem, length = layout.mem, layout.length
-        k = min(len(mem), i + _GATHER_SEGMENTS, bisect_right(mem, limit - 1))
+        k = min(len(mem), i + min(_GATHER_SEGMENTS, self.queue.max_buffers), bisect_right(mem, limit - 1))
         segments: list[list[int]] = []
         left = budget
         for lo, ln in zip(mem[i:k], length[i:k]):
@@ -335,7 +343,8 @@ class Reads:
         read.hashed = None
         # (a gathered read is a raw image's, which has no checksums; its file bytes are apart)
         then = self._verifier.hash_after(read) if self._chunks is not None and not urgent and not read.gather else None
-        if copy_fd is not None and local is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT):
+        if (copy_fd is not None and local is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT)
+                and read.length >= _COPY_MIN_SEGMENT * len(read.segments)):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
