@@ -44,7 +44,7 @@ _INLINE_LIMIT = 64 << 10
 #: a read whose ranges average less than this goes into the mapping, not through the
 #: pipe: one ``preadv`` (or ``pread`` a range) against a ``splice`` a range, which threads
 #: cannot do side by side (the memory file's inode lock).  1M 4 KiB ranges of a pages
-#: checkpoint: 5.1 s against 10.1 s, verified (docs/MEASUREMENTS.md "scale-2026-12-07b")
+#: checkpoint: 5.1 s against 10.1 s, verified (docs/MEASUREMENTS.md, "Small ranges into the mapping")
 _COPY_MIN_SEGMENT = 64 << 10
 #: a copy completing so says the memory file cannot be written to through its fd
 _NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
