@@ -365,9 +365,11 @@ def _faults(img: _Image, proxy: FaultProxy, workdir: str, rounds: int, samples: 
 
 
 def _write_diff(path: str, size: int, offsets: list[int], lengths: list[int], seed: int) -> list[int]:
-    """A sparse diff: random bytes in DIRTY_PAGES pages of DIRTY_FRACTION of the rows."""
+    """A sparse diff: random bytes in DIRTY_PAGES pages of DIRTY_FRACTION of the rows,
+    rounded down (131 rows: 6, 4.58 %; rounded to the nearest it was 7, 5.34 %, more
+    than the goal's 5 %), at least one."""
     rng = random.Random(seed)
-    count = max(1, round(len(offsets) * DIRTY_FRACTION))
+    count = max(1, int(len(offsets) * DIRTY_FRACTION))
     rows = sorted(rng.sample(range(len(offsets)), count))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
