@@ -83,8 +83,12 @@ def test_quick_daemon_section_end_to_end(tmp_path: Path) -> None:
     lat = waits["client_us"]
     assert lat["count"] > 0, "the prober found no unloaded page during any fill"
     assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
-    # every probed wait really blocked in the daemon (it picked unloaded pages)
-    assert waits["daemon_blocked"] >= lat["count"] * 0.9
+    # every probed wait reached the daemon and is counted there once: blocked (the
+    # prober picked a page mincore saw unloaded) or answered at once (the sweep loaded
+    # it between the prober's look and the wait; on a loaded CI host two in three did)
+    runs = waits["per_run"]
+    assert sum(r["waits_served"] + r["waits_immediate"] for r in runs) == lat["count"]
+    assert waits["daemon_blocked"] == sum(r["waits_served"] for r in runs) > 0
 
     mem = daemon["memory"]
     assert 0 < mem["rss_outside_peak_bytes"] < mem["vmhwm_bytes"]
@@ -161,6 +165,26 @@ def test_fill_run_and_prober_on_a_tiny_image(tmp_path: Path) -> None:
     # it arrived (a page can load between the prober's mincore check and its wait)
     assert len(run.samples_ns) <= run.waits_served + run.waits_immediate
     assert run.selection in ("mincore", "") or run.selection.startswith("random")
+
+
+def test_the_probers_mincore_sees_only_the_pages_written_into_a_memory_file() -> None:
+    """What the prober picks from: a page of a memfd is resident once written, and not
+    before (so it asks the daemon for pages the fill has not loaded yet)."""
+    from bench._tools import _Mincore
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.memfd_create("mincore-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 8 * page)
+        os.pwrite(fd, b"x", 3 * page)
+        os.pwrite(fd, b"y" * page, 6 * page)
+        mc = _Mincore(fd, 8 * page)
+        try:
+            assert [p for p in range(8) if mc.resident(p * page, page)] == [3, 6]
+        finally:
+            mc.close()
+    finally:
+        os.close(fd)
 
 
 def test_prober_against_a_daemon_that_is_gone_records_the_error(tmp_path: Path) -> None:

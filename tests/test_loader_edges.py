@@ -26,6 +26,7 @@ import aio
 import aio.testing
 from loader import Layout, Loader, LoaderConfig, LoadError, MemoryFile, OrderHooks
 from loader.checkpoint import DEFAULT_CHUNK_SIZE, create_checkpoint, open_checkpoint
+from loader.core import _reads
 from loader.core._chunks import _Chunks
 from loader.core._sweep import SequentialOrder
 from loader.core._verify import _INLINE_HASH
@@ -929,20 +930,40 @@ async def test_a_gathered_read_that_times_out_fails_every_one_of_its_ranges(tmp_
     await loader.aclose()
 
 
+def _spans(request: aio.Request) -> tuple[tuple[int, int], ...]:
+    """Where a request reads from, as ``(file offset, length)`` pairs (a gathered copy's
+    and a gathered read's ranges are at the same offsets of file and memory)."""
+    if request.op == aio.Op.COPY:
+        return tuple(request.dest) if request.gather else ((request.offset, request.length),)
+    if request.op == aio.Op.GATHER:
+        return tuple((o, len(b)) for o, b in zip(request.offsets, request.buffers))
+    return ((request.offset, request.length),)
+
+
+def _gathered(request: aio.Request) -> bool:
+    return (request.op == aio.Op.COPY and request.gather) or request.op == aio.Op.GATHER
+
+
 @pytest.mark.parametrize("rest", ["lands", "fails"])
-async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(tmp_path, opened, autojump_clock, rest):
+@pytest.mark.parametrize("path", ["mapping", "copy"])
+async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(
+        tmp_path, opened, autojump_clock, monkeypatch, rest, path):
     """The sweep's first gathered read (two one-page ranges) comes back a page and a
     half long: the rest, half a page of its second range, is read again from there,
     and every page holds the image's bytes; or the rest fails, and its error says
-    where it was."""
+    where it was.  Both ways a raw image's ranges are read: into the mapping (one
+    preadv-like gather, what ranges this small take) and copied in the kernel (what
+    larger ones take; here forced)."""
+    if path == "copy":
+        monkeypatch.setattr(_reads, "_COPY_MIN_SEGMENT", 0)
     layout, fd, data = _one_page_ranges(tmp_path, opened)
     cut: list[aio.Request] = []
     at = 2 * PAGE + PAGE // 2  # where the rest starts
 
     def first_gathered_cut(request: aio.Request) -> int | None:
-        if rest == "fails" and request.gather and request.dest == ((at, PAGE // 2),):
+        if rest == "fails" and _spans(request) == ((at, PAGE // 2),):
             return -errno.EIO
-        if cut or not request.gather:
+        if cut or not _gathered(request):
             return None
         cut.append(request)
         return PAGE + PAGE // 2
@@ -958,7 +979,8 @@ async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(tm
         held.go.set()
         with trio.fail_after(60):
             await loader.done.wait()
-    assert len(cut) == 1 and cut[0].dest == ((0, PAGE), (2 * PAGE, PAGE))
+    assert len(cut) == 1 and _spans(cut[0]) == ((0, PAGE), (2 * PAGE, PAGE))
+    assert cut[0].op == (aio.Op.COPY if path == "copy" else aio.Op.GATHER)
     s = loader.statistics()
     if rest == "fails":
         assert s.failed_ranges == [(at, PAGE // 2, errno.EIO)]
