@@ -581,3 +581,56 @@ def test_the_c_hash_is_used_only_where_it_agrees_with_the_module(monkeypatch, le
 
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert _c_xxh3() is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_check_agrees_with_hashing_each_chunk_alone(seed):
+    """``_Chunks.check`` on random scattered layouts (ranges of 1-9 pages, holes of 0-3,
+    chunks of 1-5 pages: chunks inside one range, chunks of many pieces, ranges over
+    many chunks), random runs, some chunks corrupt, polite or not: the same chunks good
+    and bad, with the same memory, as hashing each chunk's memory alone (``matches``)."""
+    rng = random.Random(seed)
+    ranges, mem_at = [], 0
+    for _ in range(rng.randrange(1, 120)):
+        mem_at += rng.randrange(0, 4) * PAGE
+        n = rng.randrange(1, 10) * PAGE
+        ranges.append((mem_at, n))
+        mem_at += n
+    file_at, table = 0, []
+    for m, n in ranges:
+        table.append((m, n, file_at))
+        file_at += n
+    layout = Layout(mem_at + PAGE, PAGE, table)
+    size = rng.randrange(1, 6) * PAGE
+    memory = bytearray(rng.randbytes(layout.memory_size))
+    packed = b"".join(bytes(memory[m : m + n]) for m, n in ranges)
+    sums = [xxhash.xxh3_64_intdigest(packed[k : k + size]) for k in range(0, len(packed), size)]
+    chunks = _Chunks(layout, size, sums)
+    count = len(sums)
+    corrupt = set(rng.sample(range(count), rng.randrange(0, min(count, 5) + 1)))
+    for k in corrupt:
+        lo, hi = rng.choice(chunks.memory_spans(k))
+        memory[rng.randrange(lo, hi)] ^= 0x40
+    view = memoryview(memory)
+
+    class Dest:
+        def buffer(self, offset: int, length: int) -> memoryview:
+            return view[offset : offset + length]
+
+    cuts = sorted(rng.sample(range(1, count), rng.randrange(0, count))) if count > 1 else []
+    runs = [(a, b - 1) for a, b in zip([0, *cuts], [*cuts, count])]
+    for polite in (False, True):
+        good, verified, bad = chunks.check(Dest(), runs, lambda: polite)
+        want_good: list[list[int]] = []
+        for k in range(count):
+            if k in corrupt:
+                continue
+            for a, b in chunks.memory_spans(k):
+                if want_good and want_good[-1][1] == a:
+                    want_good[-1][1] = b
+                else:
+                    want_good.append([a, b])
+        assert all(chunks.matches(Dest(), k, chunks.memory_spans(k)) == (k not in corrupt) for k in range(count))
+        assert verified == count - len(corrupt), (seed, polite)
+        assert sorted((k, list(p)) for k, p in bad) == sorted((k, chunks.memory_spans(k)) for k in corrupt)
+        assert good == want_good, (seed, polite)
