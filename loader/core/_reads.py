@@ -44,7 +44,10 @@ _INLINE_LIMIT = 64 << 10
 #: a read whose ranges average less than this goes into the mapping, not through the
 #: pipe: one ``preadv`` (or ``pread`` a range) against a ``splice`` a range, which threads
 #: cannot do side by side (the memory file's inode lock).  1M 4 KiB ranges of a pages
-#: checkpoint: 5.1 s against 10.1 s, verified (docs/MEASUREMENTS.md, "Small ranges into the mapping")
+#: checkpoint: 5.1 s against 10.1 s, verified (docs/MEASUREMENTS.md, "Small ranges into the mapping").
+#: Except a pages file's background read while clients fault: copied, it costs the waiters
+#: less (measured, not explained: a 4 KiB wait at 1M ranges 310 us p50 against 410; a raw
+#: image's gathered reads the other way; docs/MEASUREMENTS.md, "Verified waits and the fill's reads")
 _COPY_MIN_SEGMENT = 64 << 10
 #: a copy completing so says the memory file cannot be written to through its fd
 _NO_COPY = {-errno_mod.EINVAL, -errno_mod.EOPNOTSUPP, -errno_mod.EBADF}
@@ -343,8 +346,11 @@ class Reads:
         read.hashed = None
         # (a gathered read is a raw image's, which has no checksums; its file bytes are apart)
         then = self._verifier.hash_after(read) if self._chunks is not None and not urgent and not read.gather else None
+        # small ranges go into the mapping (threads read into it side by side), but a pages
+        # file's background read while clients fault is copied: it leaves them the CPU
+        small = read.length < _COPY_MIN_SEGMENT * len(read.segments)
         if (copy_fd is not None and local is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT)
-                and read.length >= _COPY_MIN_SEGMENT * len(read.segments)):
+                and (not small or (self._state.busy and not urgent and not read.gather))):
             # file to file in the kernel; a waiter's small read goes into the mapping,
             # where the backends read it at once in this thread (inline_urgent)
             read.copied = True
