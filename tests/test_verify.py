@@ -620,7 +620,7 @@ def test_check_agrees_with_hashing_each_chunk_alone(seed):
     cuts = sorted(rng.sample(range(1, count), rng.randrange(0, count))) if count > 1 else []
     runs = [(a, b - 1) for a, b in zip([0, *cuts], [*cuts, count])]
     for polite in (False, True):
-        good, verified, bad = chunks.check(Dest(), runs, lambda: polite)
+        good, verified, bad = chunks.check(Dest(), runs, lambda polite=polite: polite)
         want_good: list[list[int]] = []
         for k in range(count):
             if k in corrupt:
