@@ -93,8 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--direct", action="store_true", help="read the pages file with O_DIRECT")
     p.add_argument("--no-kernel-copy", action="store_true",
                    help="read background reads into the memory file's mapping too (by default those of "
-                   "ranges of 64 KiB or more on average are copied file to file in the kernel with splice "
-                   "where the backend and memory file allow: no page fault per page)")
+                   "ranges of 64 KiB or more on average, and a pages checkpoint's smaller ones while clients "
+                   "fault, are copied file to file in the kernel with splice where the backend and memory "
+                   "file allow: no page fault per page)")
     add_size(p, "--read-size", default=_DEFAULTS.read_size,
              help="largest read for a waiter, so a large wait takes turns with others")
     add_size(p, "--sweep-read-size", default=_DEFAULTS.sweep_read_size, help="largest background read")
