@@ -118,6 +118,45 @@ async def test_waits_past_the_window_get_their_bytes_and_the_window_stays_small(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_verified_wait_past_the_frontier_asks_the_source_once_for_its_chunks_memory(
+        tmp_path, scattered, tiny_window, monkeypatch):
+    """With checksums a wait reads its whole chunk, so the window looks up the chunk's
+    memory (here four one-page ranges, STRIDE pages apart) in one probe, not the page
+    first and then the rest of the chunk around it in two more."""
+    from loader.core._extents import LayoutExtents
+
+    probes: list[tuple[int, int]] = []
+    original = LayoutExtents.probe
+
+    def probe(self, lo, hi):
+        probes.append((lo, hi))
+        return original(self, lo, hi)
+
+    monkeypatch.setattr(LayoutExtents, "probe", probe)
+    opts = options(tmp_path, scattered["pages"], config=LoaderConfig(sweep=False, busy_linger_s=0.0))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        ld = state.loader
+        assert state.source.chunk_size == 4 * PAGE
+        ranges = len(open_checkpoint(scattered["raw"]).layout)
+        k = (ranges // 4 // 2) * 4 + 1  # the second range of a chunk half way through
+        off = k * STRIDE * PAGE
+        assert off > ld.frontier
+        probes.clear()
+
+        def wait():
+            with Client.connect(state.server.path) as client:
+                client.wait(off, PAGE)
+
+        await trio.to_thread.run_sync(wait)
+        expected = scattered["expected"]
+        for m in range((k - 1) * STRIDE * PAGE, (k + 3) * STRIDE * PAGE, STRIDE * PAGE):  # the chunk
+            assert state.memory.view[m:m + PAGE] == expected[m:m + PAGE], hex(m)
+        assert probes == [((k - 1) * STRIDE * PAGE, (k + 2) * STRIDE * PAGE + PAGE)]
+        state.stop()
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_loaded_map_never_shows_memory_past_the_frontier_as_loaded(tmp_path, scattered, tiny_window,
                                                                             monkeypatch):
     """A client that trusts the map reads the memory file directly: a bit set past

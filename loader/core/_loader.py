@@ -210,9 +210,14 @@ class Loader:
         counters.waits_total += 1
         if self.recorder is not None:
             self.recorder.touched(lo, hi)
-        window, settler = self._window, self._settler
+        window, settler, verifier = self._window, self._settler, self._verifier
+        span = None
         if hi > window.frontier:
-            window.look_up(lo, hi)
+            if verifier.chunks is not None:  # the chunks' memory at once: all of it is read
+                span = verifier.read_span(lo, hi)
+                window.look_up(span[0], span[1])
+            else:
+                window.look_up(lo, hi)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1
             raise settler.failure_for(lo, hi)
@@ -228,14 +233,16 @@ class Loader:
             counters.waits_failed += 1
             raise LoadError(codes.SHUTTING_DOWN, "the loader is shutting down")
         now = settler.last_fault_ns = time.perf_counter_ns()
-        scheduler, verifier = self._scheduler, self._verifier
+        scheduler = self._scheduler
         if not self._state.busy and not scheduler.full_width():
             scheduler.set_busy(True)  # clients fault from now: background reads yield the CPU at once
         if need <= self._read_now_limit and self._reads.read_now(lo, hi, need, now):
             return None  # no I/O to queue behind: the sweep keeps its width
-        read_lo, read_hi, chunk_span = verifier.read_span(lo, hi)
-        if read_hi > window.frontier:
-            window.look_up(read_lo, read_hi)  # (a chunk's memory may reach past [lo, hi))
+        if span is None:
+            span = verifier.read_span(lo, hi)
+            if span[1] > window.frontier:
+                window.look_up(span[0], span[1])  # (a chunk's memory may reach past [lo, hi))
+        read_lo, read_hi, chunk_span = span
         if verifier.verify_now_limit:  # (after the look-up: it looks at the window only)
             need = verifier.verify_now(lo, hi, need, now)
             if need == 0:
