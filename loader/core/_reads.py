@@ -347,7 +347,7 @@ class Reads:
         # (a gathered read is a raw image's, which has no checksums; its file bytes are apart)
         then = self._verifier.hash_after(read) if self._chunks is not None and not urgent and not read.gather else None
         # small ranges go into the mapping (threads read into it side by side), but a pages
-        # file's background read while clients fault is copied: it leaves them the CPU
+        # file's background read while clients fault is copied (measured kinder to the waits)
         small = read.length < _COPY_MIN_SEGMENT * len(read.segments)
         if (copy_fd is not None and local is not None and (read.gather or not urgent or read.length > _INLINE_LIMIT)
                 and (not small or (self._state.busy and not urgent and not read.gather))):
