@@ -265,7 +265,7 @@ class _Chunks:
                     else:
                         good.append([a, b])
                 continue
-            verified += self._sort_pieces(spans, first, last, set(failed), keep, bad)
+            verified += self._sort_pieces(first, last, set(failed), keep, bad)
         return good, verified, bad
 
     def _hash_spans(self, buffer: Callable[[int, int], memoryview], spans: list[tuple[int, int]],
@@ -310,25 +310,13 @@ class _Chunks:
                 lo, hi = spans[j][0] - base, spans[j][1] - base
         return failed
 
-    def _sort_pieces(self, spans: list[tuple[int, int]], first: int, last: int, failed: set[int],
-                     keep: Callable[[int, int], None], bad: list[tuple[int, list[tuple[int, int]]]]) -> int:
-        """Chunks ``first..last`` (their memory ``spans``), some of them ``failed``: the
-        pieces of the good ones kept, each bad one with its pieces.  Returns the good ones."""
-        size, end = self.size, self.end
+    def _sort_pieces(self, first: int, last: int, failed: set[int], keep: Callable[[int, int], None],
+                     bad: list[tuple[int, list[tuple[int, int]]]]) -> int:
+        """Chunks ``first..last``, some of them ``failed`` (rare: corruption): the pieces
+        of the good ones kept, each bad one with its pieces.  Returns the good ones."""
         good = 0
-        j = 0
-        lo, hi = spans[0]
         for k in range(first, last + 1):
-            want = min((k + 1) * size, end) - k * size  # this chunk's bytes
-            pieces: list[tuple[int, int]] = []
-            while want:
-                take = min(want, hi - lo)
-                pieces.append((lo, lo + take))
-                lo += take
-                want -= take
-                if lo == hi and j + 1 < len(spans):
-                    j += 1
-                    lo, hi = spans[j]
+            pieces = self.memory_spans(k)
             if k in failed:
                 bad.append((k, pieces))
                 continue
