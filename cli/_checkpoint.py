@@ -84,8 +84,8 @@ def register(subparsers: Any) -> None:
     store.add_argument("--name", metavar="NAME", default=None,
                        help="write a snapshot NAME into the store OUT (1-128 of A-Z a-z 0-9 . _ -)")
     store.add_argument("--compress", metavar="CODEC", default="zstd",
-                       help="zstd (level 3), zstd:LEVEL (negative: faster) or none (default zstd); a chunk that "
-                       "does not get smaller is stored as it is")
+                       help="zstd (level 3), zstd:LEVEL (negative: faster), lz4 (decodes faster, compresses "
+                       "less) or none (default zstd); a chunk that does not get smaller is stored as it is")
     store.add_argument("--parent", metavar="NAME", default=None,
                        help="IMAGE is a Firecracker diff snapshot over snapshot NAME of the same store: the new "
                        "snapshot is NAME's chunks with the dirtied ones rebuilt")

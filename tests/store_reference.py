@@ -3,9 +3,10 @@ check made (kept apart from the real reader, loader/source/, on purpose)."""
 
 from __future__ import annotations
 
+import cramjam
 import zstandard
 
-from loader.store import CODEC_ZSTD, chunk_hash
+from loader.store import CODEC_LZ4, CODEC_ZSTD, chunk_hash
 from loader.store._access import ChunkStore
 from loader.store._write import read_manifest
 
@@ -18,7 +19,12 @@ def assemble(store: ChunkStore, name: str) -> bytes:
     for i in range(len(m)):
         raw = store.get(m.key_at(i), 1 << 30)
         assert len(raw) == m.stored_lengths[i]
-        data = zstandard.ZstdDecompressor().decompress(raw) if m.codecs[i] == CODEC_ZSTD else raw
+        if m.codecs[i] == CODEC_ZSTD:
+            data = zstandard.ZstdDecompressor().decompress(raw)
+        elif m.codecs[i] == CODEC_LZ4:  # a standard LZ4 frame: any frame decoder reads it
+            data = bytes(cramjam.lz4.decompress(raw))
+        else:
+            data = raw
         assert len(data) == m.lengths[i] and chunk_hash(data) == m.hash_at(i)
         memory[m.offsets[i] : m.offsets[i] + len(data)] = data
     return bytes(memory)

@@ -1,7 +1,9 @@
 """A test-only chunk-store writer (the reader's tests' own, independent of
 ``loader/store``'s writer): a memory image cut into chunks, all-zero ones left out,
-each kept as ``chunks/HH/HASH`` (zstd or raw), the manifest last.  Built on the
-shared format module (:mod:`loader.store._format`)."""
+each kept as ``chunks/HH/HASH`` (zstd, lz4 or raw), the manifest last.  Built on the
+shared format module (:mod:`loader.store._format`) and, for lz4, the frame writer
+(:mod:`loader.store._lz4`; tests/store_reference.py reads those frames with another
+LZ4 frame decoder)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,17 @@ from array import array
 import xxhash
 import zstandard
 
-from loader.store import CODEC_NONE, CODEC_ZSTD, Manifest, chunk_hash, chunk_key, encode_manifest, snapshot_key
+from loader.store import (
+    CODEC_LZ4,
+    CODEC_NONE,
+    CODEC_ZSTD,
+    Manifest,
+    chunk_hash,
+    chunk_key,
+    encode_manifest,
+    snapshot_key,
+)
+from loader.store._lz4 import encode_into, scratch_length
 
 
 def snapshot_from(memory: bytes, *, chunk_size: int = 64 << 10, page_size: int = 4096, codec: str = "zstd",
@@ -29,6 +41,11 @@ def snapshot_from(memory: bytes, *, chunk_size: int = 64 << 10, page_size: int =
         digest = chunk_hash(piece)
         if codec == "zstd":
             body, cid = comp.compress(piece), CODEC_ZSTD
+        elif codec == "lz4":
+            out = bytearray(scratch_length(len(piece)))
+            body, cid = bytes(out[: encode_into(piece, memoryview(out))]), CODEC_LZ4
+            if len(body) >= len(piece):
+                body, cid = bytes(piece), CODEC_NONE
         else:
             body, cid = bytes(piece), CODEC_NONE
         objects[chunk_key(digest)] = body

@@ -142,6 +142,8 @@ def test_stored_length_bounds():
     assert max_stored_length(CODEC_NONE, CS) == CS
     assert max_stored_length(CODEC_ZSTD, CS) == CS + CS // 256  # ZSTD_COMPRESSBOUND past 128 KiB
     assert max_stored_length(CODEC_ZSTD, 4096) == 4096 + 16 + ((128 << 10) - 4096) // 2048
+    assert max_stored_length(CODEC_LZ4, CS) == CS + 19 + 4  # a frame of one block stored as it is
+    assert max_stored_length(CODEC_LZ4, 64 * MiB) == 64 * MiB + 19 + 4 * 16
 
 
 def test_encode_refuses_what_a_reader_would():
@@ -196,7 +198,11 @@ def _le(typecode: str, values: list[int]) -> bytes:
     (_set(chunk_lengths=_le("I", [CS, CS])), ("chunk 1", "is 2097152 bytes long, not 1048576",)),
     (_set(chunk_lengths=_le("I", [MiB, MiB])), ("chunk 0", "only the last chunk of memory may be short")),
     (_set(codecs=bytes([7, 0])), ("chunk 0 has unknown codec 7",)),
-    (_set(codecs=bytes([CODEC_LZ4, 0])), ("unknown codec 2 (lz4, reserved",)),
+    (_set(codecs=bytes([3, 0])), ("chunk 0 has unknown codec 3",)),
+    (_set(codecs=bytes([CODEC_LZ4, 0]), stored_lengths=_le("I", [CS + 24, MiB])),
+     ("chunk 0 has stored length 2097176", "outside 1..2097175", "codec lz4")),
+    (_set(stored_lengths=_le("I", [CS, MiB])), ("chunk 0 has stored length 2097152",
+                                                 "a compressed chunk is smaller than its length")),
     (_set(stored_lengths=_le("I", [0, MiB])), ("chunk 0 has stored length 0",)),
     (_set(stored_lengths=_le("I", [CS + CS // 256 + 1, MiB])), ("chunk 0 has stored length 2105345",)),
     (_set(stored_lengths=_le("I", [1000, 1000])), ("chunk 1 has stored length 1000", "stored at its length")),

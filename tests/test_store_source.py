@@ -61,7 +61,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     store = str(d / "store")
     ref = write_local(store, "base", memory, chunk_size=CHUNK)
     raw_ref = write_local(str(d / "raw-store"), "base", memory, chunk_size=CHUNK, codec="none")
-    return {"memory": memory, "raw": raw, "store": store, "ref": ref, "raw_ref": raw_ref, "dir": d}
+    lz4_ref = write_local(str(d / "lz4-store"), "base", memory, chunk_size=CHUNK, codec="lz4")
+    return {"memory": memory, "raw": raw, "store": store, "ref": ref, "raw_ref": raw_ref, "lz4_ref": lz4_ref,
+            "dir": d}
 
 
 def _objects(seaweed: SeaweedServer, url: str) -> ObjectStore:
@@ -91,9 +93,9 @@ def _stored_chunks(memory: bytes) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("which", ["ref", "raw_ref"])
+@pytest.mark.parametrize("which", ["ref", "raw_ref", "lz4_ref"])
 async def test_a_local_store_snapshot_passes_the_conformance_suite(image, backend, which):
-    """zstd chunks and raw ones; a backend without calls (uring) refuses its requests."""
+    """zstd chunks, raw ones and lz4 ones; a backend without calls (uring) refuses its requests."""
     source = open_source(image[which])
     assert isinstance(source, StoreSource) and source.local is None and source.kind == "store"
     if backend == "uring":
@@ -200,8 +202,9 @@ async def _restore(opts: DaemonOptions, expected: bytes, seed: int) -> dict[str,
     return stats
 
 
-async def test_a_local_store_snapshot_restores_through_the_socket(image, tmp_path):
-    opts = _options(tmp_path, image["ref"], wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.002))
+@pytest.mark.parametrize("which", ["ref", "lz4_ref"])
+async def test_a_local_store_snapshot_restores_through_the_socket(image, tmp_path, which):
+    opts = _options(tmp_path, image[which], wrap_queue=lambda q: aio.testing.DelayedQueue(q, 0.002))
     stats = await _restore(opts, image["memory"], 5)
     assert stats["remote"]["fetch"]["wrong_chunks"] == 0 and stats["remote"]["store"] is None
 
@@ -238,17 +241,18 @@ async def test_two_snapshots_sharing_chunks_fetch_each_shared_chunk_once_per_hos
     assert second["remote"]["fetch"]["chunks_fetched"] == len(changed)
 
 
-def _forge(store: str, name: str, memory: bytes, k: int) -> tuple[str, int]:
+def _forge(store: str, name: str, memory: bytes, k: int, codec: str = "zstd") -> tuple[str, int]:
     """A copy of the snapshot whose chunk at memory chunk ``k`` is stored as other
     bytes, with the manifest's xxh3 made to match them (only BLAKE3 tells): returns
     the snapshot's path and a memory offset in that chunk."""
-    manifest, objects = snapshot_from(memory, chunk_size=CHUNK)
+    manifest, objects = snapshot_from(memory, chunk_size=CHUNK, codec=codec)
     row = list(manifest.offsets).index(k * CHUNK)
     forged = bytearray(memory[k * CHUNK : (k + 1) * CHUNK])
     forged[PAGE + 1000] ^= 0x01
     import zstandard
 
-    objects[manifest.key_at(row)] = zstandard.ZstdCompressor().compress(bytes(forged))
+    objects[manifest.key_at(row)] = snapshot_from(bytes(forged), chunk_size=CHUNK, codec=codec)[1].popitem()[1] \
+        if codec == "lz4" else zstandard.ZstdCompressor().compress(bytes(forged))
     manifest.stored_lengths[row] = len(objects[manifest.key_at(row)])
     manifest.xxh3[row] = xxhash.xxh3_64_intdigest(bytes(forged))
     for key, body in objects.items():
@@ -263,13 +267,14 @@ def _forge(store: str, name: str, memory: bytes, k: int) -> tuple[str, int]:
     return ref, k * CHUNK + PAGE + 1000
 
 
-async def test_a_chunk_corrupt_in_the_store_is_never_served(image, tmp_path):
-    """A chunk stored as other bytes, which even match the manifest's xxh3 (the
-    loader's own check): BLAKE3 fails the call, the waits on it fail with ``corrupt``
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+async def test_a_chunk_corrupt_in_the_store_is_never_served(image, tmp_path, codec):
+    """A chunk stored as other bytes (a valid frame of them), which even match the
+    manifest's xxh3: BLAKE3 fails the call, the waits on it fail with ``corrupt``
     naming the chunk, the rest of memory loads, and the chunk is fetched once, not once
     per page."""
     k = next(k for k in range(SIZE // CHUNK) if any(image["memory"][k * CHUNK : (k + 1) * CHUNK]))
-    ref, at = _forge(str(tmp_path / "forged"), "bad", image["memory"], k)
+    ref, at = _forge(str(tmp_path / "forged"), "bad", image["memory"], k, codec)
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, _options(tmp_path, ref))
         async with TrioClient.connect(state.server.path) as client:

@@ -16,7 +16,7 @@ import pytest
 from store_reference import assemble
 
 from cli import main
-from loader.store import CODEC_NONE, CODEC_ZSTD, CheckpointError, decode_manifest, manifest_digest
+from loader.store import CODEC_LZ4, CODEC_NONE, CODEC_ZSTD, CheckpointError, decode_manifest, manifest_digest
 from loader.store._access import ChunkStore, open_store
 from loader.store._gc import gc_store
 from loader.store._write import create_snapshot, push_snapshot, read_manifest
@@ -128,6 +128,50 @@ def test_a_chunk_already_stored_otherwise_is_described_as_it_is_stored(tmp_path,
     assert push_snapshot(store, "raw", other).new_chunks == 0  # the same snapshot there: completed, not refused
 
 
+def test_an_lz4_snapshot_reads_back_and_shares_a_store_with_zstd_chunks(tmp_path, store):
+    """``--compress lz4``: LZ4 frames (read back here by another frame decoder), raw
+    where LZ4 does not shrink a chunk.  Chunks are named by their uncompressed bytes, so
+    a create or a push that finds one stored with the other codec names it as it is:
+    which codec is told by the object's first bytes, not by its size."""
+    image = str(tmp_path / "img")
+    want = _text_image(image, 24 * CS)
+    first = create_snapshot(image, store, "l", chunk_size=CS, codec="lz4", threads=2)
+    m, _ = read_manifest(store, "l")
+    assert set(m.codecs) == {CODEC_LZ4, CODEC_NONE} and first.codec == "lz4" and first.ratio > 2
+    assert assemble(store, "l") == want
+    again = create_snapshot(image, store, "z", chunk_size=CS, codec="zstd")  # finds them all, as lz4
+    assert again.new_chunks == 0 and list(read_manifest(store, "z")[0].codecs) == list(m.codecs)
+    assert assemble(store, "z") == want
+    other = open_store(str(tmp_path / "other"), create=True)
+    create_snapshot(image, other, "z", chunk_size=CS, codec="zstd")
+    pushed = push_snapshot(store, "l", other)  # other holds them as zstd
+    assert pushed.new_chunks == 0 and pushed.codec == "none/zstd"
+    assert set(read_manifest(other, "l")[0].codecs) == {CODEC_ZSTD, CODEC_NONE}
+    assert assemble(other, "l") == want
+    third = open_store(str(tmp_path / "third"), create=True)
+    copied = push_snapshot(store, "l", third)  # copied as stored: lz4 objects, the manifest byte for byte
+    assert copied.new_chunks == len(m.unique_keys())
+    assert third.get("snapshots/l", 1 << 20) == store.get("snapshots/l", 1 << 20)
+    assert assemble(third, "l") == want
+
+
+def test_a_found_object_that_is_neither_raw_nor_a_known_frame_is_put_again(tmp_path, store):
+    """A damaged object in the store (its size not its chunk's, its first bytes no
+    codec's magic) is not named by a new snapshot: it is put again."""
+    image = str(tmp_path / "img")
+    want = _text_image(image, 24 * CS)
+    create_snapshot(image, store, "a", chunk_size=CS, codec="lz4")
+    m, _ = read_manifest(store, "a")
+    i = m.codecs.index(CODEC_LZ4)
+    path = os.path.join(store.root, m.key_at(i))
+    with open(path, "r+b") as f:
+        f.write(b"\0\0\0\0")
+    again = create_snapshot(image, store, "b", chunk_size=CS, codec="zstd")
+    assert again.new_chunks == 1
+    assert read_manifest(store, "b")[0].codecs[i] == CODEC_ZSTD
+    assert assemble(store, "b") == want
+
+
 def test_bad_input_is_one_line(tmp_path, store):
     image = str(tmp_path / "img")
     _text_image(image, 8 * CS)
@@ -135,7 +179,8 @@ def test_bad_input_is_one_line(tmp_path, store):
     for kwargs, words in (
         (dict(name="a"), "already there"),
         (dict(name=".x"), "not a snapshot name"),
-        (dict(name="b", codec="lz4"), "lz4 is not supported"),
+        (dict(name="b", codec="lz4:9"), "one of zstd, zstd:LEVEL, lz4, none"),
+        (dict(name="b", codec="gzip"), "one of zstd, zstd:LEVEL, lz4, none"),
         (dict(name="b", codec="zstd:x"), "LEVEL is an integer"),
         (dict(name="b", chunk_size=3 * MiB), "not a power of two"),
         (dict(name="b", parent="nope"), "st/snapshots/nope"),

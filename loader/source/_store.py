@@ -153,6 +153,7 @@ class StoreSource(CallSource):
         tried as a pages checkpoint in object storage (its prefix may end so).
         ``scan`` and ``direct`` mean nothing here."""
         from ..store import (
+            CODEC_NAMES,
             MAX_MANIFEST_BYTES,
             decode_manifest,
             max_stored_length,
@@ -197,7 +198,7 @@ class StoreSource(CallSource):
                 raise CheckpointError(os.path.join(root, "chunks"), "missing: a store holds its chunks there")
         manifest = decode_manifest(data, path)
         stored = max(manifest.stored_lengths, default=1)
-        bound = max_stored_length(1, manifest.chunk_size)
+        bound = max(max_stored_length(c, manifest.chunk_size) for c in CODEC_NAMES)
         if objects is not None:
             cache = _open_cache(remote or RemoteConfig())
         reader = ChunkReader(chunks, max_stored=min(stored, bound), chunk_size=manifest.chunk_size, cache=cache)

@@ -7,6 +7,7 @@ Every failure is a :class:`CheckpointError`: one line naming the object."""
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,11 @@ class ChunkStore:
 
     def read_into(self, key: str, buffer: memoryview) -> int:
         """Object ``key`` into ``buffer``; its size (a bigger object is an error)."""
+        raise NotImplementedError
+
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        """The first ``n`` bytes of object ``key`` (fewer where it is shorter), or None
+        where it is absent: what tells a compressed chunk object's codec."""
         raise NotImplementedError
 
     def listing(self, prefix: str) -> list[Entry]:
@@ -161,6 +167,23 @@ class LocalStore(ChunkStore):
             if os.preadv(fd, [buffer[:size]], 0) != size:
                 raise CheckpointError(path, "changed while it was read")
             return size
+        except OSError as exc:
+            raise CheckpointError(path, exc.strerror or str(exc)) from None
+        finally:
+            os.close(fd)
+
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        path = self._path(key)
+        try:  # never through a symbolic link; a FIFO must not block the open
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CheckpointError(path, exc.strerror or str(exc)) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointError(path, "not a regular file")
+            return os.pread(fd, n, 0)
         except OSError as exc:
             raise CheckpointError(path, exc.strerror or str(exc)) from None
         finally:
@@ -267,6 +290,16 @@ class RemoteStore(ChunkStore):
         except self._error as exc:
             raise self._fail(exc) from None
         return got
+
+    def head_bytes(self, key: str, n: int) -> bytes | None:
+        buffer = bytearray(n)
+        try:
+            got: int = self._store.get_range_into(key, 0, memoryview(buffer))
+        except self._error as exc:
+            if exc.code == "not-found":
+                return None
+            raise self._fail(exc) from None
+        return bytes(buffer[:got])
 
     def listing(self, prefix: str) -> list[Entry]:
         try:

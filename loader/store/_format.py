@@ -44,11 +44,13 @@ __all__ = [
     "READS",
     "SNAPSHOTS_DIR",
     "VERSION",
+    "ZSTD_MAGIC",
     "CheckpointError",
     "Manifest",
     "check_snapshot_name",
     "chunk_hash",
     "chunk_key",
+    "codec_of_object",
     "decode_manifest",
     "encode_manifest",
     "hash_of_chunk_key",
@@ -69,12 +71,12 @@ SNAPSHOTS_DIR = "snapshots"
 
 #: codec ids in the manifest's ``codecs`` column
 CODEC_NONE, CODEC_ZSTD, CODEC_LZ4 = 0, 1, 2
-#: the codecs this code reads and writes, by id.  ``lz4`` (id 2) is reserved, not
-#: used: the ``lz4`` package has no decompress-into-a-buffer call, so a reader
-#: would allocate a chunk-sized ``bytes`` per chunk (docs/FORMAT.md, "Codecs")
-CODEC_NAMES = {CODEC_NONE: "none", CODEC_ZSTD: "zstd"}
+#: the codecs this code reads and writes, by id (docs/FORMAT.md, "Codecs"); ``lz4`` is
+#: an LZ4 frame of the subset :mod:`loader.store._lz4` writes
+CODEC_NAMES = {CODEC_NONE: "none", CODEC_ZSTD: "zstd", CODEC_LZ4: "lz4"}
 CODEC_IDS = {name: cid for cid, name in CODEC_NAMES.items()}
 DEFAULT_ZSTD_LEVEL = 3
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  #: a zstd frame's first four bytes
 
 #: the chunk size ``create`` uses unless told (docs/FORMAT.md, "Chunk size": measured)
 DEFAULT_CHUNK_SIZE = 2 << 20
@@ -83,6 +85,8 @@ MAX_CHUNK_SIZE = 64 << 20  #: and bigger ones (a reader's buffers are a few chun
 MAX_MANIFEST_BYTES = 64 << 20  #: a reader refuses bigger manifests before decoding them
 MAX_SOURCE_CHARS = 4096  #: the free-text ``source`` field
 _MIN_PAGE, _MAX_PAGE = 512, 1 << 30
+_LZ4_BLOCK = 4 << 20  #: loader.store._lz4.BLOCK
+_LZ4_FRAME = 4 + 1 + 1 + 8 + 1 + 4  #: an lz4 frame's header and end mark
 _U64 = 1 << 64
 
 #: snapshot names: a path segment that is safe everywhere (no '/', no leading '.')
@@ -206,11 +210,35 @@ def looks_like_manifest(head: bytes) -> bool:
 
 def max_stored_length(codec: int, length: int) -> int:
     """The most bytes a chunk of ``length`` uncompressed bytes may take as stored with
-    ``codec``: ``length`` for ``none``; zstd's ``ZSTD_COMPRESSBOUND`` for ``zstd``."""
+    ``codec``: ``length`` for ``none``; zstd's ``ZSTD_COMPRESSBOUND`` for ``zstd``; for
+    ``lz4`` a frame whose blocks are all stored uncompressed."""
     if codec == CODEC_ZSTD:
         small = (128 << 10) - length >> 11 if length < 128 << 10 else 0
         return length + (length >> 8) + small
+    if codec == CODEC_LZ4:
+        return _lz4_bound(length)
     return length
+
+
+def _lz4_bound(length: int) -> int:
+    from ._lz4 import max_encoded_length
+
+    return max_encoded_length(length)
+
+
+def codec_of_object(size: int, length: int, head: bytes) -> int | None:
+    """The codec of a chunk object of ``size`` bytes for a chunk of ``length``, from its
+    first bytes ``head`` (four at least): ``none`` exactly when its size is the chunk's
+    length, else (smaller: a writer stores a chunk compressed only when that makes it
+    smaller) told by the frame's magic; None for an object that is none of these (damaged)."""
+    from ._lz4 import MAGIC as LZ4_MAGIC
+
+    if size == length:
+        return CODEC_NONE
+    for codec, magic in ((CODEC_ZSTD, ZSTD_MAGIC), (CODEC_LZ4, LZ4_MAGIC)):
+        if head[:4] == magic and 0 < size < length:
+            return codec
+    return None
 
 
 # -- encode -------------------------------------------------------------------------
@@ -361,17 +389,23 @@ def _check_table(offsets: array[int], lengths: array[int], stored: array[int], c
     bad = numpy.flatnonzero(numpy.isin(cd, numpy.array(sorted(CODEC_NAMES), dtype=numpy.uint8), invert=True))
     if len(bad):
         i = int(bad[0])
-        reserved = " (lz4, reserved: not read by this pageload)" if int(cd[i]) == CODEC_LZ4 else ""
-        raise ValueError(f"chunk {i} has unknown codec {int(cd[i])}{reserved}")
+        raise ValueError(f"chunk {i} has unknown codec {int(cd[i])}")
     zstd = cd == CODEC_ZSTD
+    lz4 = cd == CODEC_LZ4
     small = numpy.where(ln < 128 << 10, ((128 << 10) - ln) >> numpy.uint64(11), numpy.uint64(0))
-    bound = numpy.where(zstd, ln + (ln >> numpy.uint64(8)) + small, ln)
-    bad = numpy.flatnonzero((st == 0) | (st > bound) | (~zstd & (st != ln)))
+    blocks = numpy.maximum((ln + numpy.uint64(_LZ4_BLOCK - 1)) // numpy.uint64(_LZ4_BLOCK), numpy.uint64(1))
+    bound = numpy.where(zstd, ln + (ln >> numpy.uint64(8)) + small,
+                        numpy.where(lz4, ln + numpy.uint64(_LZ4_FRAME) + numpy.uint64(4) * blocks, ln))
+    # a compressed chunk is smaller than its length (stored raw otherwise): its size
+    # tells a raw object from a compressed one, its magic zstd from lz4
+    raw = cd == CODEC_NONE
+    bad = numpy.flatnonzero((st == 0) | (st > bound) | (raw & (st != ln)) | (~raw & (st == ln)))
     if len(bad):
         i = int(bad[0])
         raise ValueError(f"chunk {i} has stored length {int(st[i])}, outside 1..{int(bound[i])} for "
                          f"{int(ln[i])} bytes with codec {CODEC_NAMES[int(cd[i])]}"
-                         + (" (a raw chunk is stored at its length)" if not zstd[i] else ""))
+                         + (" (a raw chunk is stored at its length)" if raw[i] else
+                            " (a compressed chunk is smaller than its length)"))
 
 
 def _a(noun: str) -> str:

@@ -17,7 +17,8 @@ import zstandard
 
 from .._files import CheckpointError
 from ._access import ChunkStore
-from ._format import CODEC_ZSTD, Manifest, chunk_hash, max_stored_length
+from ._format import CODEC_LZ4, CODEC_ZSTD, Manifest, chunk_hash, max_stored_length
+from ._lz4 import decode_into as lz4_decode_into
 
 __all__ = ["ParentChunks", "extents_in", "unpack_chunk"]
 
@@ -78,6 +79,11 @@ def unpack_chunk(stored: memoryview, codec: int, dest: memoryview, digest: bytes
         if done != length:
             raise CheckpointError(where, f"decompresses to {'more than ' if done > length else ''}"
                                   f"{min(done, length)} bytes, not {length}")
+    elif codec == CODEC_LZ4:
+        try:
+            lz4_decode_into(stored, dest)
+        except ValueError as exc:
+            raise CheckpointError(where, f"does not decompress: {exc}") from None
     elif len(stored) == length:
         dest[:] = stored
     else:

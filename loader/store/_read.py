@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._files import CheckpointError, open_regular
-from ._format import CODEC_NONE, CODEC_ZSTD, chunk_key
+from ._format import CODEC_LZ4, CODEC_NONE, CODEC_ZSTD, chunk_key
+from ._lz4 import decode_into as lz4_decode_into
 
 if TYPE_CHECKING:
     from ..remote import ChunkCache, ObjectStore
@@ -243,6 +244,11 @@ class ChunkReader:
         try:
             if codec == CODEC_ZSTD:
                 self._unzstd(held, dest, where)
+            elif codec == CODEC_LZ4:
+                try:
+                    lz4_decode_into(held, dest)
+                except ValueError as exc:
+                    raise ChunkFailure(errno.EBADMSG, f"{where}: not an lz4 frame of its chunk: {exc}") from None
             elif codec != CODEC_NONE:
                 raise ChunkFailure(errno.EBADMSG, f"{where}: codec {codec} is not one this reader knows")
             if blake3.blake3(dest).digest() != digest:

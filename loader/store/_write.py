@@ -30,6 +30,8 @@ from ..checkpoint._raw import scan_extents
 from ._access import ChunkStore, LocalStore, open_store
 from ._format import (
     CODEC_IDS,
+    CODEC_LZ4,
+    CODEC_NAMES,
     CODEC_NONE,
     CODEC_ZSTD,
     DEFAULT_CHUNK_SIZE,
@@ -41,6 +43,7 @@ from ._format import (
     check_snapshot_name,
     chunk_hash,
     chunk_key,
+    codec_of_object,
     decode_manifest,
     encode_manifest,
     manifest_digest,
@@ -48,6 +51,8 @@ from ._format import (
     snapshot_key,
 )
 from ._layers import ParentChunks, extents_in, unpack_chunk
+from ._lz4 import encode_into as lz4_encode_into
+from ._lz4 import scratch_length as lz4_scratch_length
 
 __all__ = ["WriteReport", "create_snapshot", "default_threads", "parse_codec", "push_snapshot", "read_manifest"]
 
@@ -59,13 +64,13 @@ def default_threads() -> int:
 
 
 def parse_codec(text: str) -> tuple[int, int]:
-    """``zstd``, ``zstd:LEVEL`` or ``none`` as ``(codec id, level)``; ``ValueError`` otherwise."""
+    """``zstd``, ``zstd:LEVEL``, ``lz4`` or ``none`` as ``(codec id, level)`` (level 0
+    but for zstd); ``ValueError`` otherwise."""
     name, _, level = text.partition(":")
-    if name == "lz4":
-        raise ValueError("--compress lz4 is not supported: the lz4 package cannot decompress into a reader's "
-                         "buffer (docs/FORMAT.md, 'Codecs'); use zstd with a fast level, e.g. zstd:-3")
     if name not in CODEC_IDS or (level and name != "zstd"):
-        raise ValueError(f"--compress {text}: one of zstd, zstd:LEVEL, none")
+        raise ValueError(f"--compress {text}: one of zstd, zstd:LEVEL, lz4, none")
+    if name != "zstd":
+        return CODEC_IDS[name], 0
     if not level:
         return CODEC_IDS[name], DEFAULT_ZSTD_LEVEL
     try:
@@ -154,6 +159,17 @@ class _Threads:
                                                               write_content_size=True)
         return comp
 
+    def compress(self, data: memoryview) -> bytes | memoryview:
+        """``data`` compressed with the run's codec (zstd: a new ``bytes``; lz4: a view of
+        this thread's reused output buffer, valid until its next call)."""
+        if self.codec == CODEC_LZ4:
+            out: memoryview | None = getattr(self.local, "out", None)
+            if out is None:
+                out = self.local.out = memoryview(bytearray(lz4_scratch_length(self.chunk_size)))
+            return out[: lz4_encode_into(data, out)]
+        packed: bytes = self.compressor().compress(data)
+        return packed
+
 
 def _in_order(pool: ThreadPoolExecutor, work: Callable[[_T], Any], items: Iterable[_T], window: int) -> Iterator[Any]:
     """``work(item)`` for each item on the pool, at most ``window`` at once; results in order."""
@@ -176,43 +192,43 @@ class _Uploader:
     def __init__(self, store: ChunkStore, grace_refresh: float) -> None:
         self.store = store
         self.lock = threading.Lock()
-        self.done: dict[bytes, int] = {}  #: hash -> its object's size, for chunks handled in this run
+        self.done: dict[bytes, tuple[int, int]] = {}  #: hash -> its object's (size, codec), handled in this run
         self.written: list[str] = []
         self.grace_refresh = grace_refresh
 
-    def known(self, digest: bytes) -> int | None:
+    def known(self, digest: bytes) -> tuple[int, int] | None:
         with self.lock:
             return self.done.get(digest)
 
-    def usable(self, key: str, length: int) -> int | None:
-        """The size of the object ``key`` already in the store, where it can be relied on;
-        None where it must be put: absent, of a size no chunk of ``length`` bytes can have
-        (damaged), or too old to be relied on (gc could be deleting it) in a store that
-        cannot make it young in place (S3: it is put again)."""
+    def usable(self, key: str, length: int) -> tuple[int, int] | None:
+        """``(size, codec)`` of the object ``key`` already in the store, where it can be
+        relied on; None where it must be put: absent, of a size or first bytes no chunk of
+        ``length`` bytes can have (damaged), or too old to be relied on (gc could be
+        deleting it) in a store that cannot make it young in place (S3: it is put again).
+        A compressed object's codec is told by its first bytes (one more small read)."""
         found = self.store.stat(key)
         if found is None:
             return None
         size, when = found
-        if not 0 < size <= max_stored_length(CODEC_ZSTD, length):
+        if size == length:
+            codec: int | None = CODEC_NONE
+        else:
+            head = self.store.head_bytes(key, 4) if 4 <= size < length else None
+            codec = None if head is None else codec_of_object(size, length, head)
+        if codec is None:
             return None
         if time.time() - when >= self.grace_refresh and not self.store.touch(key):
             return None
-        return size
+        return size, codec
 
-    def finished(self, digest: bytes, key: str, size: int, put: bool) -> bool:
+    def finished(self, digest: bytes, key: str, size: int, codec: int, put: bool) -> bool:
         """Record a chunk handled; True where this run wrote it first (counted as new)."""
         with self.lock:
             first = digest not in self.done
-            self.done.setdefault(digest, size)
+            self.done.setdefault(digest, (size, codec))
             if put:
                 self.written.append(key)
             return put and first
-
-
-def _codec_of(size: int, length: int) -> int:
-    """A chunk object's codec, from its size: stored raw exactly when its size is its
-    length (the writers store a chunk compressed only when that makes it smaller)."""
-    return CODEC_NONE if size == length else CODEC_ZSTD
 
 
 def _image(path: str, page_size: int) -> tuple[int, int]:
@@ -306,22 +322,23 @@ def create_snapshot(
                 return None
             digest = chunk_hash(buf)
             xxh = xxhash.xxh3_64_intdigest(buf)
-            stored = up.known(digest)
-            if stored is not None:
-                return _Row(off, length, stored, _codec_of(stored, length), digest, xxh, False)
+            found = up.known(digest)
+            if found is not None:
+                return _Row(off, length, found[0], found[1], digest, xxh, False)
             key = chunk_key(digest)
-            stored = up.usable(key, length)
-            put = stored is None
-            if stored is None:
+            found = up.usable(key, length)
+            put = found is None
+            if found is None:
                 data: bytes | memoryview = buf
-                if cid == CODEC_ZSTD:
-                    packed = bufs.compressor().compress(buf)
-                    if len(packed) < length:
-                        data = packed
+                codec = CODEC_NONE
+                if cid != CODEC_NONE:
+                    packed = bufs.compress(buf)
+                    if len(packed) < length:  # stored raw otherwise: no chunk costs more than its size
+                        data, codec = packed, cid
                 st.put(key, data)
-                stored = len(data)
-            new = up.finished(digest, key, stored, put)
-            return _Row(off, length, stored, _codec_of(stored, length), digest, xxh, new)
+                found = len(data), codec
+            new = up.finished(digest, key, found[0], found[1], put)
+            return _Row(off, length, found[0], found[1], digest, xxh, new)
 
         rows: list[_Row] = []
         zero_chunks = 0
@@ -366,7 +383,7 @@ def create_snapshot(
     data_bytes = sum(r.length for r in rows)
     return WriteReport(
         snapshot=st.url_of(key), action="created", memory_size=size, chunk_size=chunk_size,
-        codec="none" if cid == CODEC_NONE else f"zstd:{level}", chunks=len(rows), data_bytes=data_bytes,
+        codec=f"zstd:{level}" if cid == CODEC_ZSTD else CODEC_NAMES[cid], chunks=len(rows), data_bytes=data_bytes,
         stored_bytes=sum(r.stored for r in rows), new_chunks=len(new_rows),
         new_bytes=sum(r.length for r in new_rows), new_stored_bytes=sum(r.stored for r in new_rows),
         dedup_chunks=len(dedup), dedup_bytes=sum(r.length for r in dedup),
@@ -410,8 +427,8 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
     up = _Uploader(dest, grace / 2)
     local = threading.local()
 
-    def one(item: tuple[str, int]) -> tuple[int, int]:
-        """(bytes written for the chunk: 0 where ``dest`` has it, the size of its object there)."""
+    def one(item: tuple[str, int]) -> tuple[int, tuple[int, int]]:
+        """(bytes written for the chunk: 0 where ``dest`` has it, its object's (size, codec) there)."""
         k, i = item
         length, stored, codec = m.lengths[i], m.stored_lengths[i], m.codecs[i]
         there = up.usable(k, length)
@@ -419,7 +436,7 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
             return 0, there
         bound = max_stored_length(codec, length)
         if getattr(local, "stage", None) is None:
-            local.stage = memoryview(bytearray(max_stored_length(CODEC_ZSTD, m.chunk_size)))
+            local.stage = memoryview(bytearray(max(max_stored_length(c, m.chunk_size) for c in CODEC_NAMES)))
             local.chunk = memoryview(bytearray(m.chunk_size))
         staged: memoryview = local.stage[:bound]
         got = source.read_into(k, staged)
@@ -429,10 +446,10 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
         dest.put(k, staged[:stored])
         with up.lock:
             up.written.append(k)
-        return stored, stored
+        return stored, (stored, codec)
 
     new_chunks = new_stored = new_bytes = 0
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     with ThreadPoolExecutor(nthreads, thread_name_prefix="pageload-push") as pool:
         for (k, i), (wrote, size) in zip(rows.items(), _in_order(pool, one, rows.items(), 2 * nthreads)):
             sizes[k] = size
@@ -440,12 +457,12 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
                 new_chunks += 1
                 new_stored += wrote
                 new_bytes += m.lengths[i]
-    stored_lengths = array("I", (sizes[m.key_at(i)] for i in range(len(m))))
-    if stored_lengths != m.stored_lengths:
-        # the destination holds some chunks encoded otherwise (another level, or raw): its
-        # manifest describes the objects it has (so it is not byte for byte the source's)
-        m = replace(m, stored_lengths=stored_lengths,
-                    codecs=bytes(_codec_of(n, m.lengths[i]) for i, n in enumerate(stored_lengths)))
+    stored_lengths = array("I", (sizes[m.key_at(i)][0] for i in range(len(m))))
+    codecs = bytes(sizes[m.key_at(i)][1] for i in range(len(m)))
+    if stored_lengths != m.stored_lengths or codecs != m.codecs:
+        # the destination holds some chunks encoded otherwise (another codec or level, or
+        # raw): its manifest describes the objects it has (not byte for byte the source's)
+        m = replace(m, stored_lengths=stored_lengths, codecs=codecs)
         data = encode_manifest(m)
     if isinstance(dest, LocalStore):
         dest.sync_dirs(up.written)
@@ -455,7 +472,7 @@ def push_snapshot(source: ChunkStore, name: str, dest: ChunkStore, *, threads: i
     data_bytes = m.data_bytes
     return WriteReport(
         snapshot=dest.url_of(key), action="pushed", memory_size=m.memory_size, chunk_size=m.chunk_size,
-        codec="/".join(sorted({"zstd" if c == CODEC_ZSTD else "none" for c in m.codecs})) or "none",
+        codec="/".join(sorted({CODEC_NAMES[c] for c in m.codecs})) or "none",
         chunks=len(m), data_bytes=data_bytes, stored_bytes=m.stored_bytes, new_chunks=new_chunks,
         new_bytes=new_bytes, new_stored_bytes=new_stored, dedup_chunks=len(m) - new_chunks,
         dedup_bytes=data_bytes - new_bytes, zero_chunks=0, hole_bytes=m.memory_size - data_bytes,
