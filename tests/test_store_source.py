@@ -197,7 +197,11 @@ async def _restore(opts: DaemonOptions, expected: bytes, seed: int) -> dict[str,
             await _check_memory(client, expected)
             stats = await client.stats()
         s = state.loader.statistics()
-        assert s.verify and s.chunks_verified == _stored_chunks(expected) and s.waits_failed == 0
+        # every chunk checked once, by its BLAKE3 as it was read (the reader's count), and
+        # not hashed a second time by the loader against the manifest's xxh3 column
+        assert s.verify and s.chunks_verified == 0 and s.waits_failed == 0
+        fetch = stats["remote"]["fetch"]
+        assert fetch["chunks_fetched"] + fetch["chunks_cached"] >= _stored_chunks(expected)
         state.stop()
     return stats
 

@@ -114,9 +114,14 @@ class Loader:
             config = self._config = dataclasses.replace(
                 config, sweep_read_size=-(-config.sweep_read_size // chunk_size) * chunk_size,
                 read_size=-(-config.read_size // chunk_size) * chunk_size)
+        #: a source whose reads return only bytes it has checked against a cryptographic
+        #: hash before the read completes (a chunk store: each chunk's BLAKE3): its
+        #: checksums are not hashed a second time (that cost a tenth of a local fill)
+        self.source_verifies = bool(getattr(source, "verifies_reads", False))
         chunks = (
             _Chunks(layout, chunk_size, checksums)
             if config.verify and use_checksums and chunk_size is not None and checksums is not None
+            and not self.source_verifies
             else None
         )
         self.counters = LoaderCounters()
@@ -429,7 +434,7 @@ class Loader:
             blocked_time_s=settler.blocked_ns(now) / 1e9,
             total_wait_time_s=(c.wait_ns + settler.waiting_ns(now)) / 1e9,
             prefetches=c.prefetches,
-            verify=self.verifies,
+            verify=self.verifies or self.source_verifies,
             priority=self.config.priority,
             sweep=self.config.sweep,
             chunks_verified=c.chunks_verified,

@@ -270,7 +270,9 @@ async def run_daemon(
         loader = Loader(source, memory, queue, opts.config, order, use_checksums=use_checksums)
         loader.recorder = recorder
         release_free_heap()  # what opening the checkpoint and building the tables freed
-        if checksums is not None:
+        if loader.source_verifies:
+            notes.append("checksums: each chunk's BLAKE3 checked as it is read, before it is served")
+        elif checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
         holder: list[DaemonState] = []

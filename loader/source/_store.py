@@ -81,6 +81,9 @@ class StoreSource(CallSource):
     #: reading any byte of a chunk decodes all of it: the loader makes its reads whole
     #: chunks (its read sizes, a waiter's and the sweep's, rounded up to the chunk size)
     decodes_whole_chunks = True
+    #: a call returns only bytes whose chunk's BLAKE3 it checked (``ChunkReader``): the
+    #: loader does not hash them again with the manifest's xxh3 column
+    verifies_reads = True
 
     def __init__(self, ref: str, store: str, name: str, manifest: Manifest, data: bytes,
                  reader: ChunkReader, objects: ObjectStore | None = None, manifest_path: str | None = None) -> None:
