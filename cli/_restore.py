@@ -241,7 +241,18 @@ def os_error_line(exc: OSError) -> str:
     return f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}"
 
 
+def quiet_blas() -> None:
+    """Keep NumPy's BLAS to the calling thread.  The daemon uses NumPy for whole-column
+    checks of its tables and never for linear algebra, but OpenBLAS starts a thread per
+    CPU when NumPy is imported (before READY) and lets them spin on a CPU each for
+    about a tenth of a second: 0.07-0.1 s of CPU a start on two CPUs, more on bigger
+    hosts (docs/OPERATIONS.md).  A value the operator set is kept."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet_blas()  # before anything imports NumPy
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="pageload: %(message)s", stream=sys.stderr)
     try:

@@ -216,3 +216,24 @@ def test_quiet_logs_warnings_only_and_tracemalloc_reports_the_heap(tmp_path, cor
     assert ("ready in" in log, "shutting down" in log) == (not on, not on), log
     assert ("heap_bytes" in process and "heap_peak_bytes" in process) is on, process
     assert process["vmrss_bytes"] > 0
+
+
+def test_the_daemon_keeps_numpys_blas_to_one_thread():
+    """NumPy's OpenBLAS would start a thread per CPU at import and spin them (the daemon
+    does no linear algebra): ``pageload restore`` sets OPENBLAS_NUM_THREADS=1 before
+    anything imports NumPy (checked here on a start-up that fails at once: the setting
+    comes first), and keeps a value the operator set."""
+    probe = (
+        "import os, sys\n"
+        "from cli import main\n"
+        "rc = main(['restore', '/nonexistent/image', '--background', '-q'])\n"
+        "import numpy\n"
+        "print(rc, os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    rc, value, threads = out.stdout.split()
+    assert (rc, value, threads) == ("2", "1", "1"), out.stdout + out.stderr
+    env["OPENBLAS_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split()[1] == "3"
