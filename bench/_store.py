@@ -12,20 +12,21 @@ Two images of its own, two kinds of memory (``--size`` capped at :data:`MAX_SIZE
   and JSON), its first ``2 x size`` bytes in address order (the whole process, about
   350 MiB, at the default size).
 
-Each image is written four ways: a pages checkpoint (``checkpoint create IMAGE CKPT``,
+Each image is written five ways: a pages checkpoint (``checkpoint create IMAGE CKPT``,
 uncompressed), a snapshot in a local chunk store with zstd (the default, level 3), one with
-``--compress none`` in another store (the same chunks, stored raw) and one at zstd's fast
-level :data:`FAST_LEVEL` in a third; the zstd and the none snapshots are pushed to a real
-S3 server on loopback (SeaweedFS, :class:`workloads.SeaweedServer`).
+``--compress none`` in another store (the same chunks, stored raw), one at zstd's fast
+level :data:`FAST_LEVEL` in a third and one with ``lz4`` in a fourth; the zstd and the
+none snapshots are pushed to a real S3 server on loopback (SeaweedFS,
+:class:`workloads.SeaweedServer`).
 Then, all in one run, each figure beside the one it is compared with:
 
 * ``create``: stored bytes against data bytes (the compression ratio) and the create
   speed (data bytes / seconds, zstd, local store);
-* ``local``: warm page cache, the zstd snapshot's fill against the pages checkpoint's
-  (and the fast-level snapshot's, reported), ``rounds`` fills each taking turns in
+* ``local``: warm page cache, the zstd and the lz4 snapshots' fills against the pages
+  checkpoint's (and the fast-level snapshot's, reported), ``rounds`` fills each taking turns in
   alternating order, the files read through before each fill; compared by fill time
   (the same memory restored either way: the checkpoint drops zero pages the chunks keep,
-  so MB/s of data differ); beside it the codec's own limit here, one thread reading,
+  so MB/s of data differ); beside it each codec's own limit here, one thread reading,
   decompressing and hashing every chunk into one reused buffer;
 * ``proxy``: through :class:`workloads.FaultProxy` (:data:`PROXY`: a small first-byte
   delay, about 100 MB/s for all responses together), host chunk cache off
@@ -46,7 +47,7 @@ Then, all in one run, each figure beside the one it is compared with:
 * the daemon's RSS outside the memory file (every fill above) and its heap peak (one
   more zstd fill from S3 with ``--tracemalloc``).
 
-Goals (the issue's): local fill >= 0.8x the pages checkpoint's; proxied fill
+Goals (the issue's): local fill >= 0.8x the pages checkpoint's (zstd's and lz4's, each); proxied fill
 >= 0.8 x the compression ratio times the ``none`` one's; the child uploads <= 6 % of
 the parent's stored bytes and fetches only its new chunks; the fault p50 within 1.3x the
 ``none`` figure; RSS <= 64 MiB, heap <= 16 MiB (the remote issue's local goals).
@@ -150,6 +151,7 @@ class _Image:
         self.store_z = os.path.join(workdir, f"store-{kind}-zstd")
         self.store_n = os.path.join(workdir, f"store-{kind}-none")
         self.store_f = os.path.join(workdir, f"store-{kind}-fast")  #: zstd at FAST_LEVEL
+        self.store_l = os.path.join(workdir, f"store-{kind}-lz4")
         self.url_z = self.url_n = ""
         self.offsets: list[int] = []  #: the snapshot's rows' memory offsets
         self.lengths: list[int] = []
@@ -216,7 +218,7 @@ def _one_image(img: _Image, s3: SeaweedServer, base: str, workdir: str, rounds: 
     from loader.store._access import LocalStore, open_store
     from loader.store._write import create_snapshot, push_snapshot, read_manifest
 
-    for path in (img.ckpt, img.store_z, img.store_n, img.store_f):
+    for path in (img.ckpt, img.store_z, img.store_n, img.store_f, img.store_l):
         shutil.rmtree(path, ignore_errors=True)
     image_bytes = os.path.getsize(img.path)
     t0 = time.perf_counter()
@@ -225,6 +227,7 @@ def _one_image(img: _Image, s3: SeaweedServer, base: str, workdir: str, rounds: 
     z = create_snapshot(img.path, img.store_z, SNAPSHOT, codec="zstd")
     n = create_snapshot(img.path, img.store_n, SNAPSHOT, codec="none")
     fast = create_snapshot(img.path, img.store_f, SNAPSHOT, codec=f"zstd:{FAST_LEVEL}")
+    lz4 = create_snapshot(img.path, img.store_l, SNAPSHOT, codec="lz4")
     manifest, _ = read_manifest(LocalStore(img.store_z, create=False), SNAPSHOT)
     img.offsets, img.lengths = list(manifest.offsets), list(manifest.lengths)
     img.url_z, img.url_n = f"{base}/{img.kind}-zstd", f"{base}/{img.kind}-none"
@@ -233,11 +236,13 @@ def _one_image(img: _Image, s3: SeaweedServer, base: str, workdir: str, rounds: 
     res: dict[str, Any] = {
         "image_bytes": image_bytes,
         "checkpoint": {"data_bytes": ckpt.data_bytes, "zero_page_bytes": ckpt.zero_page_bytes, "seconds": ckpt_s},
-        "create": {"zstd": z.as_dict(), "none": n.as_dict(), "fast": fast.as_dict(), "ratio": z.ratio,
-                   "memory_over_stored": image_bytes / z.stored_bytes if z.stored_bytes else None,
-                   "create_mb_s": z.data_bytes / z.seconds / 1e6 if z.seconds > 0 else None},
+        "create": {"zstd": z.as_dict(), "none": n.as_dict(), "fast": fast.as_dict(), "lz4": lz4.as_dict(),
+                   "ratio": z.ratio, "memory_over_stored": image_bytes / z.stored_bytes if z.stored_bytes else None,
+                   "create_mb_s": z.data_bytes / z.seconds / 1e6 if z.seconds > 0 else None,
+                   "lz4_create_mb_s": lz4.data_bytes / lz4.seconds / 1e6 if lz4.seconds > 0 else None},
     }
     log(f"  {z.line()}")
+    log(f"  {lz4.line()}")
     res["local"] = _local(img, workdir, rounds, rss, log)
     with FaultProxy(s3.endpoint) as proxy:
         proxy.first_byte_delay = PROXY["first_byte_delay_s"]
@@ -250,9 +255,10 @@ def _one_image(img: _Image, s3: SeaweedServer, base: str, workdir: str, rounds: 
 
 def _local(img: _Image, workdir: str, rounds: int, rss: dict[str, list[int]],
            log: Callable[[str], None]) -> dict[str, Any]:
-    """The pages checkpoint and the zstd snapshots (level 3 and FAST_LEVEL), warm, taking turns."""
-    sources = {"checkpoint": img.ckpt, "zstd": img.ref(img.store_z), "fast": img.ref(img.store_f)}
-    dirs = {"checkpoint": img.ckpt, "zstd": img.store_z, "fast": img.store_f}
+    """The pages checkpoint and the zstd (level 3 and FAST_LEVEL) and lz4 snapshots, warm, taking turns."""
+    sources = {"checkpoint": img.ckpt, "zstd": img.ref(img.store_z), "fast": img.ref(img.store_f),
+               "lz4": img.ref(img.store_l)}
+    dirs = {"checkpoint": img.ckpt, "zstd": img.store_z, "fast": img.store_f, "lz4": img.store_l}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sources}
     orders = []
     for r in range(rounds):
@@ -264,40 +270,35 @@ def _local(img: _Image, workdir: str, rounds: int, rss: dict[str, list[int]],
             rss["local"].append(run.rss_outside_peak_bytes)
             runs[kind].append(run.as_dict())
     t = {k: median([x["fill_s"] for x in v]) for k, v in runs.items()}
-    decode = _decode_mb_s(img)
+    decode = _decode_mb_s(img.store_z)
+    decode_lz4 = _decode_mb_s(img.store_l)
     out = {"runs": runs, "orders": orders, "fill_s": t,
            "mb_s": {k: median([x["throughput_mb_s"] for x in v]) for k, v in runs.items()},
            "ratio": t["checkpoint"] / t["zstd"] if t["zstd"] > 0 else None,
-           "fast_ratio": t["checkpoint"] / t["fast"] if t["fast"] > 0 else None, "decode_mb_s": decode}
+           "fast_ratio": t["checkpoint"] / t["fast"] if t["fast"] > 0 else None,
+           "lz4_ratio": t["checkpoint"] / t["lz4"] if t["lz4"] > 0 else None,
+           "decode_mb_s": decode, "lz4_decode_mb_s": decode_lz4}
     log(f"  local, warm: checkpoint {t['checkpoint']:.3f} s, zstd snapshot {t['zstd']:.3f} s "
-        f"({out['ratio']:.2f}x), zstd:{FAST_LEVEL} {t['fast']:.3f} s ({out['fast_ratio']:.2f}x); one thread decodes "
-        f"the zstd snapshot's chunks at {decode:.0f} MB/s")
+        f"({out['ratio']:.2f}x), zstd:{FAST_LEVEL} {t['fast']:.3f} s ({out['fast_ratio']:.2f}x), lz4 "
+        f"{t['lz4']:.3f} s ({out['lz4_ratio']:.2f}x); one thread decodes the zstd snapshot's chunks at "
+        f"{decode:.0f} MB/s, the lz4 one's at {decode_lz4:.0f} MB/s")
     return out
 
 
-def _decode_mb_s(img: _Image) -> float:
+def _decode_mb_s(store: str) -> float:
     """The codec's own limit here: one thread reading, decompressing (into one reused
-    chunk buffer) and hashing (BLAKE3) every chunk of the zstd snapshot, MB/s of chunk data."""
-    import blake3
-    import zstandard
-
+    chunk buffer) and hashing (BLAKE3) every chunk of ``store``'s snapshot, as a
+    restore's reader does, MB/s of chunk data."""
     from loader.store._access import LocalStore
-    from loader.store._format import CODEC_ZSTD
+    from loader.store._read import ChunkReader, LocalChunks
     from loader.store._write import read_manifest
 
-    m, _ = read_manifest(LocalStore(img.store_z, create=False), SNAPSHOT)
+    m, _ = read_manifest(LocalStore(store, create=False), SNAPSHOT)
+    reader = ChunkReader(LocalChunks(store), max_stored=max(m.stored_lengths, default=1), chunk_size=m.chunk_size)
     out = memoryview(bytearray(m.chunk_size))
-    d = zstandard.ZstdDecompressor()
     t0 = time.perf_counter()
     for i in range(len(m)):
-        with open(os.path.join(img.store_z, m.key_at(i)), "rb") as f:
-            data = f.read()
-        dest = out[: m.lengths[i]]
-        if m.codecs[i] == CODEC_ZSTD:
-            d.stream_reader(data, read_across_frames=False).readinto(dest)
-        else:
-            dest[:] = data
-        blake3.blake3(dest).digest()
+        reader.read(m.hash_at(i), m.lengths[i], m.stored_lengths[i], m.codecs[i], out[: m.lengths[i]])
     return m.data_bytes / (time.perf_counter() - t0) / 1e6
 
 
@@ -467,6 +468,10 @@ def _goals(out: dict[str, Any]) -> list[dict[str, Any]]:
         goals.append(_goal(f"{kind}: local warm fill, zstd:{FAST_LEVEL} / checkpoint", fr, "x", "", None,
                            f"the same with a snapshot at zstd:{FAST_LEVEL} (ratio "
                            f"{res['create']['fast']['ratio']:.2f}x): decodes faster"))
+        lr = res["local"]["lz4_ratio"]
+        goals.append(_goal(f"{kind}: local warm fill, lz4 / checkpoint", lr, "x", f">= {g['local_ratio_min']}",
+                           None if lr is None else lr >= g["local_ratio_min"],
+                           f"the same with an lz4 snapshot (ratio {res['create']['lz4']['ratio']:.2f}x)"))
         sp = res["proxy"]["speedup"]
         want = g["proxy_factor"] * ratio
         goals.append(_goal(f"{kind}: proxied fill, zstd speedup over none", sp, "x", f">= {want:.2f} (0.8 x ratio)",
@@ -516,8 +521,9 @@ def format_store(section: dict[str, Any], table: Callable[[list[str], list[list[
         lines.append(f"  {kind}: {res['image_bytes'] >> 20} MiB image, {c['zstd']['data_bytes'] >> 20} MiB in "
                      f"{c['zstd']['chunks']} chunks, {c['zstd']['stored_bytes'] / 2**20:.1f} MiB stored "
                      f"({c['ratio']:.2f}x); local warm fill checkpoint {loc['fill_s']['checkpoint']:.3f} s, zstd "
-                     f"{loc['fill_s']['zstd']:.3f} s, zstd:{FAST_LEVEL} {loc['fill_s']['fast']:.3f} s (one thread "
-                     f"decodes at {loc['decode_mb_s']:.0f} MB/s); proxied "
+                     f"{loc['fill_s']['zstd']:.3f} s, zstd:{FAST_LEVEL} {loc['fill_s']['fast']:.3f} s, lz4 "
+                     f"{loc['fill_s']['lz4']:.3f} s (one thread decodes zstd at {loc['decode_mb_s']:.0f} MB/s, lz4 "
+                     f"at {loc['lz4_decode_mb_s']:.0f}); proxied "
                      f"none {px['fill_s']['none']:.2f} s, zstd {px['fill_s']['zstd']:.2f} s; fault p50 none "
                      f"{f['none']['p50'] / 1e3:.1f} ms, zstd {f['zstd']['p50'] / 1e3:.1f} ms (n={f['zstd']['count']})")
     rows = []

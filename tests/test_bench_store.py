@@ -58,15 +58,17 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert math.isclose(c["ratio"], z["data_bytes"] / z["stored_bytes"])
         rows = z["chunks"]
         loc = res["local"]
-        assert loc["orders"] == [["checkpoint", "zstd", "fast"], ["fast", "zstd", "checkpoint"]]
-        for which in ("zstd", "fast"):
+        assert loc["orders"] == [["checkpoint", "zstd", "fast", "lz4"], ["lz4", "fast", "zstd", "checkpoint"]]
+        assert c["lz4"]["codec"] == "lz4" and 0 < c["lz4"]["stored_bytes"] <= c["lz4"]["data_bytes"]
+        for which in ("zstd", "fast", "lz4"):
             assert c[which]["chunks"] == rows and c[which]["data_bytes"] == z["data_bytes"]
             for run in loc["runs"][which]:
                 assert run["total_bytes"] == z["data_bytes"]
         for run in loc["runs"]["checkpoint"]:
             assert run["total_bytes"] == res["checkpoint"]["data_bytes"]
         assert math.isclose(loc["ratio"], loc["fill_s"]["checkpoint"] / loc["fill_s"]["zstd"])
-        assert loc["decode_mb_s"] > 0
+        assert math.isclose(loc["lz4_ratio"], loc["fill_s"]["checkpoint"] / loc["fill_s"]["lz4"])
+        assert loc["decode_mb_s"] > 0 and loc["lz4_decode_mb_s"] > 0
         px = res["proxy"]
         assert px["orders"] == [["none", "zstd"], ["zstd", "none"]] and px["rows"] == rows
         for kind_runs in px["runs"].values():
@@ -103,4 +105,4 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert named[f"{kind}: proxied fill, zstd speedup over none"]["met"] == (px["speedup"] >= 0.8 * c["ratio"])
     rss = section["rss_outside_peak_bytes"]
     assert rss["local"] > 0 and rss["s3"] > 0 and section["heap_peak_bytes"] > 0
-    assert all(g["met"] in (True, False, None) for g in section["goals"]) and len(section["goals"]) == 2 * 9 + 3
+    assert all(g["met"] in (True, False, None) for g in section["goals"]) and len(section["goals"]) == 2 * 10 + 3
