@@ -43,6 +43,11 @@ from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, run_
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
 DEFAULT_WORKER_NICE = 10
+#: background Op.GATHER requests run by at most this many workers at once: a gather is
+#: a Python loop of one small ``pread`` a range, each giving the GIL up and taking it
+#: back, so two at once mostly wait for each other and the trio thread (a 1M-range raw
+#: image's fill: 5.9-6.6 s with one worker, 7.8-8.5 s with the four; docs/AIO.md)
+DEFAULT_GATHER_THREADS = 1
 
 
 def default_yield_threads() -> int:
@@ -62,7 +67,8 @@ class ThreadQueue(Queue):
 
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
-                 urgent_threads: int = 1, yield_threads: int | None = None) -> None:
+                 urgent_threads: int = 1, yield_threads: int | None = None,
+                 gather_threads: int = DEFAULT_GATHER_THREADS) -> None:
         super().__init__(capacity)
         self.threads = threads or DEFAULT_THREADS
         #: threads that take urgent requests only (the urgent lane)
@@ -78,12 +84,16 @@ class ThreadQueue(Queue):
         #: while background reads yield, at most this many of the pool's workers run
         #: them at once (urgent requests are not counted nor held back)
         self.yield_threads = default_yield_threads() if yield_threads is None else yield_threads
+        #: background :data:`Op.GATHER` requests running at once, at most (urgent ones are
+        #: not counted nor held back)
+        self.gather_threads = gather_threads
         self._pool_tids: list[int] = []  # native ids of the pool's workers
         self._yielding = True
         self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's: what workers go back to
         self.inline_reads = 0  #: urgent reads done in place (by add() or read_now())
-        if self.threads < 1 or urgent_threads < 0 or self.yield_threads < 1:
-            raise ValueError("threads and yield_threads must be at least 1 and urgent_threads at least 0")
+        if self.threads < 1 or urgent_threads < 0 or self.yield_threads < 1 or gather_threads < 1:
+            raise ValueError("threads, yield_threads and gather_threads must be at least 1 and urgent_threads "
+                             "at least 0")
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -92,6 +102,7 @@ class ThreadQueue(Queue):
         self._normal: deque[Request] = deque()
         self._running = 0
         self._running_background = 0  # non-urgent requests the pool's workers are running
+        self._running_gathers = 0  # of those, Op.GATHER requests
         self._ready: list[Completion] = []
         self._parked: trio.Event | None = None
         self._idle = threading.Condition(self._lock)
@@ -130,6 +141,8 @@ class ThreadQueue(Queue):
                 self._urgent_work.notify()  # whichever wakes first takes it; the other sleeps again
             else:
                 self._normal.append(request)
+                if request.op == Op.GATHER and self._running_gathers >= self.gather_threads:
+                    return  # no worker may take it now: the one running a gather takes it next
             self._work.notify()
 
     def read_now(self, fd: int, buffer: memoryview, offset: int) -> int:
@@ -208,18 +221,22 @@ class ThreadQueue(Queue):
                         self._urgent_work.wait()
                 else:
                     while not (self._urgent or self._stopping or (self._normal and (
-                            not self._yielding or self._running_background < self.yield_threads))):
+                            not self._yielding or self._running_background < self.yield_threads) and (
+                            self._normal[0].op != Op.GATHER or self._running_gathers < self.gather_threads))):
                         self._work.wait()
                 if self._stopping:
                     return
                 background = not self._urgent
                 request = self._normal.popleft() if background else self._urgent.popleft()
+                gather = background and request.op == Op.GATHER
                 self._running += 1
                 self._running_background += background
+                self._running_gathers += gather
             result = self._run(request, pipe)
             with lock:
                 self._running -= 1
                 self._running_background -= background
+                self._running_gathers -= gather
                 self._ready.append(Completion(request.id, result))
                 parked = self._parked
                 if parked is not None:
