@@ -412,6 +412,11 @@ def test_create_push_and_gc_in_s3(tmp_path, store, s3_env, capsys):
     report = create_snapshot(image, remote, "base", chunk_size=CS)
     assert report.new_chunks > 0 and assemble(remote, "base") == want
     assert create_snapshot(image, remote, "again", chunk_size=CS).new_chunks == 0
+    # an lz4 create finds every chunk there as zstd (or raw): told by a ranged GET of each one's magic
+    assert create_snapshot(image, remote, "l", chunk_size=CS, codec="lz4").new_chunks == 0
+    base_codecs = read_manifest(remote, "base")[0].codecs
+    assert read_manifest(remote, "l")[0].codecs == base_codecs and CODEC_ZSTD in base_codecs
+    remote.delete("snapshots/l")
     # a layer in S3
     with open(image, "r+b") as f:
         f.truncate(0)
