@@ -97,24 +97,32 @@ async def test_background_yields_renices_the_pool_and_leaves_the_urgent_lane_alo
         await queue.aclose()
 
 
-async def test_while_yielding_at_most_yield_threads_workers_run_background_reads():
-    started: list[int] = []
-    release = threading.Event()
+class _Held(ThreadQueue):
+    """A queue whose workers record each request they start (``started``) and hold it
+    until ``release`` is set: which requests run at once."""
 
-    class Held(ThreadQueue):
-        def _run(self, request, pipe=None):
-            with self._lock:
-                started.append(request.id)
-            release.wait(30)
-            return 0
+    def __init__(self, *args, **kwargs):
+        self.started: list[int] = []
+        self.release = threading.Event()
+        super().__init__(*args, **kwargs)
 
-    def wait_for(count):
+    def _run(self, request, pipe=None):
+        with self._lock:
+            self.started.append(request.id)
+        self.release.wait(30)
+        return 0
+
+    def wait_for(self, count: int) -> int:
         deadline = time.monotonic() + 30
-        while len(started) < count and time.monotonic() < deadline:
+        while len(self.started) < count and time.monotonic() < deadline:
             time.sleep(0.01)
-        return len(started)
+        return len(self.started)
 
-    queue = Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0, yield_threads=1)
+
+async def test_while_yielding_at_most_yield_threads_workers_run_background_reads():
+
+    queue = _Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0, yield_threads=1)
+    started, release, wait_for = queue.started, queue.release, queue.wait_for
     buf = memoryview(bytearray(4096))
     try:
         for i in range(3):  # yielding from the start: one worker takes them, one at a time
@@ -140,23 +148,8 @@ async def test_at_most_gather_threads_workers_run_background_gathers():
     """A gather (one small pread a range, the GIL given up and taken back for each) runs
     on one worker at a time by default: on a 1M-range raw image four at once filled 18 %
     slower.  Other background reads, and urgent gathers, are not held back."""
-    started: list[int] = []
-    release = threading.Event()
-
-    class Held(ThreadQueue):
-        def _run(self, request, pipe=None):
-            with self._lock:
-                started.append(request.id)
-            release.wait(30)
-            return 0
-
-    def wait_for(count):
-        deadline = time.monotonic() + 30
-        while len(started) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return len(started)
-
-    queue = Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0)
+    queue = _Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0)
+    started, release, wait_for = queue.started, queue.release, queue.wait_for
     assert queue.gather_threads == 1
     queue.background_yields(False)  # no client faulting: every worker may run background reads
     bufs = [memoryview(bytearray(4096)) for _ in range(2)]
@@ -179,17 +172,8 @@ async def test_at_most_gather_threads_workers_run_background_gathers():
 
 
 async def test_a_background_read_behind_no_gather_runs_beside_one():
-    started: list[int] = []
-    release = threading.Event()
-
-    class Held(ThreadQueue):
-        def _run(self, request, pipe=None):
-            with self._lock:
-                started.append(request.id)
-            release.wait(30)
-            return 0
-
-    queue = Held(capacity=8, threads=2, worker_nice=0, urgent_threads=0)
+    queue = _Held(capacity=8, threads=2, worker_nice=0, urgent_threads=0)
+    started, release = queue.started, queue.release
     queue.background_yields(False)
     bufs = [memoryview(bytearray(4096)) for _ in range(2)]
     try:
