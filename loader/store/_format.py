@@ -25,6 +25,10 @@ import blake3
 import msgpack
 
 from .._files import CheckpointError
+from ._lz4 import BLOCK as LZ4_BLOCK
+from ._lz4 import FRAME_OVERHEAD as LZ4_FRAME_OVERHEAD
+from ._lz4 import MAGIC as LZ4_MAGIC
+from ._lz4 import max_encoded_length
 
 __all__ = [
     "CHUNKS_DIR",
@@ -85,8 +89,8 @@ MAX_CHUNK_SIZE = 64 << 20  #: and bigger ones (a reader's buffers are a few chun
 MAX_MANIFEST_BYTES = 64 << 20  #: a reader refuses bigger manifests before decoding them
 MAX_SOURCE_CHARS = 4096  #: the free-text ``source`` field
 _MIN_PAGE, _MAX_PAGE = 512, 1 << 30
-_LZ4_BLOCK = 4 << 20  #: loader.store._lz4.BLOCK
-_LZ4_FRAME = 4 + 1 + 1 + 8 + 1 + 4  #: an lz4 frame's header and end mark
+_LZ4_BLOCK = LZ4_BLOCK  #: the lz4 frames' block size (whole columns are checked against the bound)
+_LZ4_FRAME = LZ4_FRAME_OVERHEAD  #: an lz4 frame's header and end mark
 _U64 = 1 << 64
 
 #: snapshot names: a path segment that is safe everywhere (no '/', no leading '.')
@@ -216,14 +220,8 @@ def max_stored_length(codec: int, length: int) -> int:
         small = (128 << 10) - length >> 11 if length < 128 << 10 else 0
         return length + (length >> 8) + small
     if codec == CODEC_LZ4:
-        return _lz4_bound(length)
+        return max_encoded_length(length)
     return length
-
-
-def _lz4_bound(length: int) -> int:
-    from ._lz4 import max_encoded_length
-
-    return max_encoded_length(length)
 
 
 def codec_of_object(size: int, length: int, head: bytes) -> int | None:
@@ -231,8 +229,6 @@ def codec_of_object(size: int, length: int, head: bytes) -> int | None:
     first bytes ``head`` (four at least): ``none`` exactly when its size is the chunk's
     length, else (smaller: a writer stores a chunk compressed only when that makes it
     smaller) told by the frame's magic; None for an object that is none of these (damaged)."""
-    from ._lz4 import MAGIC as LZ4_MAGIC
-
     if size == length:
         return CODEC_NONE
     for codec, magic in ((CODEC_ZSTD, ZSTD_MAGIC), (CODEC_LZ4, LZ4_MAGIC)):

@@ -32,7 +32,7 @@ import struct
 
 import xxhash
 
-__all__ = ["BLOCK", "MAGIC", "decode_into", "encode_into", "max_encoded_length", "scratch_length"]
+__all__ = ["BLOCK", "FRAME_OVERHEAD", "MAGIC", "decode_into", "encode_into", "max_encoded_length", "scratch_length"]
 
 MAGIC = b"\x04\x22\x4d\x18"
 _FLG = 0x68  #: version 01, independent blocks, content size, no checksums, no dictionary
@@ -42,6 +42,7 @@ BLOCK = _BLOCK_CODES[7]
 _HEADER = 4 + 1 + 1 + 8 + 1  #: magic, FLG, BD, content size, header checksum
 _RAW = 1 << 31  #: a block size's top bit: stored uncompressed
 _END = b"\0\0\0\0"
+FRAME_OVERHEAD = _HEADER + len(_END)  #: a frame's bytes besides its blocks (and their size words)
 
 
 def _header_check(descriptor: bytes) -> int:
@@ -57,7 +58,7 @@ def max_encoded_length(length: int) -> int:
     """The most bytes :func:`encode_into` may write for ``length`` bytes (every block
     stored uncompressed): what a reader allows a chunk object with ``lz4``."""
     blocks = max(1, -(-length // BLOCK))
-    return _HEADER + 4 * blocks + length + len(_END)
+    return FRAME_OVERHEAD + 4 * blocks + length
 
 
 def scratch_length(length: int) -> int:
