@@ -215,15 +215,19 @@ def _diff_pair(tmp_path, size: int, dirty_pages: list[int]) -> tuple[str, str, b
     return parent, diff, bytes(full)
 
 
-def test_a_layer_is_its_parent_except_where_pages_were_dirtied(tmp_path, store):
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_a_layer_is_its_parent_except_where_pages_were_dirtied(tmp_path, store, codec):
+    """(The parent's chunks are read back, decoded and checked to rebuild the dirtied
+    ones: zstd or lz4.)"""
     pages_per_chunk = CS // 4096
     # dirtied: a page in a text chunk (2) made zero, pages in chunks 7 and 8 (text), 10 (a hole in the
     # parent), 11 (explicit zeros in the parent), and two in chunk 22
     dirty = [2 * pages_per_chunk + 5, 7 * pages_per_chunk, 8 * pages_per_chunk + 63, 10 * pages_per_chunk + 1,
              11 * pages_per_chunk + 9, 22 * pages_per_chunk + 3, 22 * pages_per_chunk + 4]
     parent, diff, full = _diff_pair(tmp_path, 40 * CS, dirty)
-    create_snapshot(parent, store, "base", chunk_size=CS)
-    report = create_snapshot(diff, store, "child", parent="base", chunk_size=1 * MiB)  # takes its parent's size
+    create_snapshot(parent, store, "base", chunk_size=CS, codec=codec)
+    report = create_snapshot(diff, store, "child", parent="base", chunk_size=1 * MiB,  # takes its parent's size
+                             codec=codec)
     pm, pdata = read_manifest(store, "base")
     cm, _ = read_manifest(store, "child")
     assert cm.parent == "base" and cm.parent_digest == manifest_digest(pdata) and cm.chunk_size == CS
