@@ -428,3 +428,63 @@ async def test_random_reads_of_waiters_and_the_sweep_at_once_are_byte_exact_and_
     assert len(_block_files(cache_dir)) == cached
     again = await _restore(ckpt, cache_dir, _whole(ckpt))
     assert again["fetch"]["gets"] == size // BLOCK - cached
+
+
+def _concurrency(source: RemoteSource, calls: list[tuple[int, bool]]) -> int:
+    """Run ``source``'s calls for ``(offset, urgent)`` in threads at once, each cache
+    look-up held 50 ms; the most look-ups that ran at the same time."""
+    lock = threading.Lock()
+    now = [0, 0]  # running, most
+    lookup = source._lookup
+
+    def held(*args: Any, **kwargs: Any) -> int:
+        with lock:
+            now[0] += 1
+            now[1] = max(now[1], now[0])
+        time.sleep(0.05)
+        try:
+            return lookup(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    source._lookup = held  # type: ignore[method-assign]
+    results: list[int] = []
+
+    def call(lo: int, urgent: bool) -> None:
+        results.append(source._call(lo, [memoryview(bytearray(BLOCK))], urgent))
+
+    threads = [threading.Thread(target=call, args=c) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    source._lookup = lookup  # type: ignore[method-assign]
+    assert results == [BLOCK] * len(calls)
+    return now[1]
+
+
+async def test_background_reads_of_a_warm_cache_take_turns_one_a_cpu_waiters_and_misses_do_not(
+        ckpt, tmp_path, monkeypatch):
+    """Reading the host cache is CPU work: while it answers, background calls read it at
+    most one a CPU at once (--fetch-concurrency calls together mostly handed the GIL
+    round: a warm-cache fill 25 % faster).  A waiter's call never waits for that, and
+    while the cache misses (a cold one) the look-ups are not held back."""
+    import loader.source._remote as remote
+
+    monkeypatch.setattr(remote, "_cpus", lambda: 1)
+    warm = tmp_path / "warm"
+    await _restore(ckpt, warm, _whole(ckpt))  # the cache holds every block now
+    blocks = [(k * BLOCK, False) for k in range(3)]
+    source = open_source(f"file://{ckpt['dir']}", remote=RemoteConfig(cache_dir=str(warm), env={}))
+    try:
+        assert _concurrency(source, blocks) == 1
+        assert _concurrency(source, [(lo, True) for lo, _ in blocks]) == 3
+    finally:
+        source.close()
+    source = open_source(f"file://{ckpt['dir']}", remote=RemoteConfig(cache_dir=str(tmp_path / "cold"), env={}))
+    try:
+        assert _concurrency(source, blocks[:1]) == 1  # finds nothing in the cache
+        assert _concurrency(source, [(k * BLOCK, False) for k in range(1, 4)]) == 3
+    finally:
+        source.close()
