@@ -18,6 +18,7 @@ from ._base import (
     QueueFull,
     QueueStatistics,
     Request,
+    usable_cpus,
 )
 from ._registry import AUTO_ORDER, backends, check_available, open_queue, pick_auto
 
@@ -36,4 +37,5 @@ __all__ = [
     "check_available",
     "open_queue",
     "pick_auto",
+    "usable_cpus",
 ]

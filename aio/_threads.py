@@ -38,7 +38,7 @@ from collections import deque
 
 import trio
 
-from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, run_request
+from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, run_request, usable_cpus
 
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
@@ -46,17 +46,13 @@ DEFAULT_WORKER_NICE = 10
 #: background Op.GATHER requests run by at most this many workers at once: a gather is
 #: a Python loop of one small ``pread`` a range, each giving the GIL up and taking it
 #: back, so two at once mostly wait for each other and the trio thread (a 1M-range raw
-#: image's fill: 5.9-6.6 s with one worker, 7.8-8.5 s with the four; docs/AIO.md)
+#: image's fill: 6.1-6.6 s against 7.1-8.1 s with the four, alternated; docs/AIO.md)
 DEFAULT_GATHER_THREADS = 1
 
 
 def default_yield_threads() -> int:
     """One less than the CPUs this process may run on, at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 2
-    return max(1, cpus - 1)
+    return max(1, usable_cpus() - 1)
 
 
 class ThreadQueue(Queue):

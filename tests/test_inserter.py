@@ -470,9 +470,7 @@ async def test_background_reads_of_a_warm_cache_take_turns_one_a_cpu_waiters_and
     most one a CPU at once (--fetch-concurrency calls together mostly handed the GIL
     round: a warm-cache fill 25 % faster).  A waiter's call never waits for that, and
     while the cache misses (a cold one) the look-ups are not held back."""
-    import loader.source._remote as remote
-
-    monkeypatch.setattr(remote, "_cpus", lambda: 1)
+    monkeypatch.setattr(aio, "usable_cpus", lambda: 1)
     warm = tmp_path / "warm"
     await _restore(ckpt, warm, _whole(ckpt))  # the cache holds every block now
     blocks = [(k * BLOCK, False) for k in range(3)]

@@ -36,7 +36,7 @@ ALLOWED_IMPORTS = {
 def test_aio_public_names():
     assert set(aio.__all__) == {
         "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "Op", "Queue", "QueueClosed", "QueueFull",
-        "QueueStatistics", "Request", "backends", "check_available", "open_queue", "pick_auto",
+        "QueueStatistics", "Request", "backends", "check_available", "open_queue", "pick_auto", "usable_cpus",
     }
     for name in aio.__all__:
         assert getattr(aio, name) is not None

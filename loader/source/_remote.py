@@ -50,7 +50,6 @@ import errno
 import logging
 import math
 import mmap
-import os
 import threading
 import time
 from array import array
@@ -59,6 +58,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import xxhash
+
+import aio
 
 from .._files import CheckpointError
 from .._units import human
@@ -181,10 +182,10 @@ class RemoteSource(CallSource):
         #: background calls reading the host cache at once, at most one a CPU, while the
         #: cache answers them: that part is CPU work (file reads, checks, copies), and
         #: --fetch-concurrency calls doing it together mostly handed the GIL round (a
-        #: warm-cache fill 27 % faster; docs/REMOTE.md).  Waiters' calls do not wait for
+        #: warm-cache fill 25 % faster; docs/REMOTE.md).  Waiters' calls do not wait for
         #: it; GETs are outside it; while the cache misses (``_cache_warm`` false: the
         #: last background call found nothing there) the look-ups are not held back.
-        self._cache_slots = threading.BoundedSemaphore(_cpus())
+        self._cache_slots = threading.BoundedSemaphore(aio.usable_cpus())
         self._cache_warm = True
         self._lock = threading.Lock()
         self._counts = FetchCounts()
@@ -785,14 +786,6 @@ class _WorkingSetLookup:
                 keep_working_set(cache, key, self.identity, data)
             except Exception as exc:  # noqa: BLE001 - (a closed cache at shutdown): only not kept
                 log.debug("working set %s not kept in the cache: %s", url, exc)
-
-
-def _cpus() -> int:
-    """The CPUs this process may run on (at least 1)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _inside(starts: list[int], buffers: Sequence[memoryview], a: int, b: int, lo: int, hi: int) -> memoryview | None:
