@@ -55,7 +55,7 @@ from ._scale import format_scale, run_scale_section
 from ._store import MAX_SIZE as STORE_MAX_SIZE
 from ._store import QUICK_MAX_SIZE as STORE_QUICK_MAX_SIZE
 from ._store import format_store, run_store_section
-from ._tools import BenchError, cp_text
+from ._tools import BenchError, byte_compile, cp_text
 from ._uffd import run_uffd_section
 from ._workingset import format_workingset, run_workingset_section
 
@@ -136,6 +136,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
             "workdir": workdir,
             "workdir_fs": fstype,
             "loadavg_start": list(os.getloadavg()),
+            # the daemons spawned import their modules' bytecode, as an installed daemon does
+            "bytecode": byte_compile(),
         },
         "options": {k: v for k, v in asdict(opts).items() if k != "extra"},
         "sections": {},
@@ -289,6 +291,9 @@ def format_bench(result: dict[str, Any]) -> str:
         f"pageload bench, {result['date']}, {result['host']['cpus']} CPUs, "
         f"kernel {result['host']['kernel']}, work dir on {result['host']['workdir_fs']}"
     ]
+    bytecode = result["host"].get("bytecode", "compiled")
+    if bytecode != "compiled":  # (READY times then include compiling every module)
+        lines.append(f"warning: the daemon's modules are {bytecode}: READY times include compiling them")
     sections = result["sections"]
     for name, section in sections.items():
         lines.append("")

@@ -65,6 +65,33 @@ def median(values: Sequence[float]) -> float:
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
+# --------------------------------------------------------------------------- bytecode
+#: the packages a daemon imports before READY
+DAEMON_PACKAGES = ("loader", "aio", "protocol", "cli")
+
+
+def byte_compile(packages: Sequence[str] = DAEMON_PACKAGES) -> str:
+    """Write the bytecode of ``packages``' modules (``__pycache__``) where it is missing
+    or stale, as ``pip install`` does for an installed package: a daemon spawned by
+    the bench then imports them as an installed one would.  Without it (an editable
+    install, with ``PYTHONDONTWRITEBYTECODE`` set) every spawn compiled every module
+    again, 0.15-0.2 s of CPU before READY (docs/MEASUREMENTS.md, "READY from
+    bytecode").  Returns what was found, for the bench's ``host`` record: ``"compiled"``
+    or ``"not all compiled: ..."`` (a directory that cannot be written: the spawns
+    then pay the compile, and the record says so)."""
+    import compileall
+    import importlib
+    import io
+
+    failed: list[str] = []
+    for name in packages:
+        for directory in importlib.import_module(name).__path__:
+            with contextlib.redirect_stdout(io.StringIO()):  # (compileall prints what it cannot write)
+                if not compileall.compile_dir(directory, quiet=2):
+                    failed.append(directory)
+    return "compiled" if not failed else "not all compiled: " + ", ".join(failed)
+
+
 # --------------------------------------------------------------------------- page cache
 def drop_caches() -> str | None:
     """``sync; echo 3 > /proc/sys/vm/drop_caches``.  Returns None when done, else why

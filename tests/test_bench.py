@@ -58,6 +58,7 @@ def test_quick_daemon_section_end_to_end(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["options"]["size"] == 64 << 20
     assert result["host"]["workdir"] == str(workdir)
+    assert result["host"]["bytecode"] == "compiled"  # (the daemons it spawned imported bytecode)
     daemon = result["sections"]["daemon"]
     assert "error" not in daemon
 
@@ -196,6 +197,39 @@ def test_prober_against_a_daemon_that_is_gone_records_the_error(tmp_path: Path) 
         prober.stop()
     assert prober.error is not None and "No such file" in prober.error
     assert len(prober.samples_ns) == 0
+
+
+def test_byte_compile_writes_missing_and_stale_bytecode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's spawns import bytecode, as an installed daemon does: what is missing
+    or older than its source is written (PYTHONDONTWRITEBYTECODE or not)."""
+    import importlib.util
+
+    from bench import byte_compile
+    from bench._run import format_bench
+
+    pkg = tmp_path / "bcpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    mod = pkg / "mod.py"
+    mod.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cached = Path(importlib.util.cache_from_source(str(mod)))
+    assert not cached.exists()
+    assert byte_compile(["bcpkg"]) == "compiled"
+    assert cached.exists()
+    first = cached.read_bytes()
+    mod.write_text("X = 22222\n")  # a newer source (compileall compares the mtime alone)
+    later = mod.stat().st_mtime + 10
+    os.utime(mod, (later, later))
+    assert byte_compile(["bcpkg"]) == "compiled"
+    assert cached.read_bytes() != first
+    (pkg / "broken.py").write_text("def (:\n")
+    assert byte_compile(["bcpkg"]).startswith("not all compiled: ")
+    result = {"date": "d", "host": {"cpus": 2, "kernel": "k", "workdir_fs": "ext4", "bytecode": "not all compiled: x"},
+              "sections": {}}
+    assert "READY times include compiling" in format_bench(result)
+    result["host"]["bytecode"] = "compiled"
+    assert "READY times include compiling" not in format_bench(result)
 
 
 def test_median() -> None:
