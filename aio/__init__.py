@@ -9,6 +9,7 @@ Test tools (fault injection, slowed queues, the conformance suite) are in
 """
 
 from ._base import (
+    IOV_MAX,
     AioError,
     BackendUnavailable,
     Completion,
@@ -24,6 +25,7 @@ from ._registry import AUTO_ORDER, backends, check_available, open_queue, pick_a
 
 __all__ = [
     "AUTO_ORDER",
+    "IOV_MAX",
     "AioError",
     "BackendUnavailable",
     "Completion",

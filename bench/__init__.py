@@ -11,7 +11,17 @@ chunks), and more (``bench._run``'s docstring lists them all).
 
 from ._designs import DESIGNS, DesignError, PlotUnavailable, format_designs, plot_designs, run_designs
 from ._run import QUICK_SIZE, SECTIONS, BenchOptions, format_bench, run_bench
-from ._tools import BenchError, WaitProber, byte_compile, cp_mb_s, drop_caches, evict_cache, fill_run, median, warm_cache
+from ._tools import (
+    BenchError,
+    WaitProber,
+    byte_compile,
+    cp_mb_s,
+    drop_caches,
+    evict_cache,
+    fill_run,
+    median,
+    warm_cache,
+)
 from ._workingset import format_workingset, perturb_trace, plot_workingset, run_workingset_section
 
 __all__ = [

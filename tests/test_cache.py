@@ -339,6 +339,38 @@ def test_a_block_is_one_file_keyed_by_its_header_and_read_in_part(cache_dir: Pat
             cache.read_block_into(IDENT, CHUNK, sums, len(data), 1, bytearray(CHUNK + 1))
 
 
+def test_a_block_is_read_into_pieces_with_one_read_each_chunk_checked_across_them(cache_dir: Path) -> None:
+    """A restore's memory between holes: the block's chunks go into several buffers,
+    cut anywhere (a chunk across two, the short last chunk across three), each chunk
+    checked across its pieces; one entry read (one hit) for all of them.  A wrong
+    byte anywhere in a piece is a miss and the entry is dropped."""
+    data, sums = block(4, chunks=5)
+    with ChunkCache(str(cache_dir), 1 << 20) as cache:
+        assert cache.insert_blocks(IDENT, CHUNK, [(sums, data)]) == [True]
+        for first, cuts in ((0, [1, CHUNK - 1, CHUNK + 3, 4 * CHUNK - 100 - 7, 4 * CHUNK - 100 - 3]),
+                            (1, [CHUNK // 2, 2 * CHUNK]), (0, [CHUNK, 2 * CHUNK, 3 * CHUNK]), (4, [10, 20])):
+            want = data[first * CHUNK :]
+            bounds = [0, *cuts, len(want)]
+            bufs = [bytearray(bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)]
+            hits = cache.stats().hits
+            assert cache.read_block_into(IDENT, CHUNK, sums, len(data), first, [memoryview(b) for b in bufs])
+            assert b"".join(bufs) == want
+            assert cache.stats().hits == hits + 1
+        with pytest.raises(ValueError, match="whole chunks"):
+            cache.read_block_into(IDENT, CHUNK, sums, len(data), 0, [memoryview(bytearray(CHUNK)),
+                                                                     memoryview(bytearray(1))])
+        with pytest.raises(ValueError, match="whole chunks"):
+            cache.read_block_into(IDENT, CHUNK, sums, len(data), 0, [memoryview(bytearray(CHUNK)),
+                                                                     memoryview(bytes(CHUNK))])
+        path = block_path(cache_dir, IDENT, sums, len(data))
+        raw = bytearray(path.read_bytes())
+        raw[-(3 * CHUNK - 120)] ^= 1  # byte 2 * CHUNK + 20: the third chunk's, past where the read cuts it
+        path.write_bytes(raw)
+        bufs = [bytearray(2 * CHUNK + 9), bytearray(3 * CHUNK - 100 - 9)]
+        assert not cache.read_block_into(IDENT, CHUNK, sums, len(data), 0, [memoryview(b) for b in bufs])
+        assert not path.exists() and cache.stats().corrupt_dropped == 1
+
+
 def test_a_block_with_a_wrong_chunk_is_refused_whole(cache_dir: Path) -> None:
     data, sums = block(2)
     good, good_sums = block(3)

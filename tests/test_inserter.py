@@ -120,6 +120,34 @@ async def test_reads_of_the_sweep_across_blocks_cache_every_block_whole_and_fetc
     assert warm["fetch"]["gets"] == 0 and warm["store"]["gets"] == 1  # the index only
 
 
+async def test_a_warm_block_read_into_several_buffers_is_one_cache_read(ckpt, tmp_path):
+    """A read whose bytes go to several buffers (memory with holes between its pieces,
+    cut anywhere, a chunk across two) takes each warm block from the cache with one
+    read of its entry (it read the block a chunk at a time: 64 opens and reads of the
+    entry's file for a block), byte-exact, no GET."""
+    size = len(ckpt["pages"])
+    blocks = -(-size // BLOCK)
+    await _restore(ckpt, tmp_path / "cache", _whole(ckpt))
+    source = open_source(f"file://{ckpt['dir']}", remote=RemoteConfig(cache_dir=str(tmp_path / "cache"), env={}))
+    assert isinstance(source, RemoteSource)
+    queue = aio.open_queue("threads", 4)
+    try:
+        for b in range(blocks):
+            lo, n = b * BLOCK, min(BLOCK, size - b * BLOCK)
+            cuts = [0, 4096, CHUNK + 1000, 5 * CHUNK, n - CHUNK - 7, n]
+            bufs = [bytearray(y - x) for x, y in zip(cuts, cuts[1:])]
+            queue.add(source.read(b + 1, lo, [memoryview(x) for x in bufs]))
+            with trio.fail_after(30):
+                (done,) = await queue.wait(1)
+            assert done.result == n and b"".join(bufs) == ckpt["pages"][lo : lo + n]
+    finally:
+        await queue.aclose()
+        source.close()
+    stats = source.stats()
+    assert stats["fetch"]["gets"] == 0 and stats["fetch"]["chunks_cached"] == -(-size // CHUNK)
+    assert stats["cache"]["hits"] == blocks
+
+
 async def test_a_block_widened_around_a_waiters_chunk_is_cached_whole(ckpt, tmp_path):
     """A waiter's lone chunk (chunk 70: block 1's seventh) is fetched alone; the sweep's
     reads of the rest of block 1 fetch the block's other chunks (widened: the chunks

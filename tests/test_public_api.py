@@ -37,6 +37,7 @@ def test_aio_public_names():
     assert set(aio.__all__) == {
         "AUTO_ORDER", "AioError", "BackendUnavailable", "Completion", "Op", "Queue", "QueueClosed", "QueueFull",
         "QueueStatistics", "Request", "backends", "check_available", "open_queue", "pick_auto", "usable_cpus",
+        "IOV_MAX",
     }
     for name in aio.__all__:
         assert getattr(aio, name) is not None

@@ -69,6 +69,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from aio import IOV_MAX
+
 from .._units import parse_size
 from ._cache_files import MAX_CHUNK, CacheError, CacheFiles, entry_name
 from ._cache_index import _M64, _Index
@@ -291,31 +293,35 @@ class ChunkCache:
 
         The block is ``length`` bytes of chunks of ``chunk_size``, their checksums
         ``sums``; ``buffer`` (writable) receives whole chunks from chunk ``first`` of
-        the block on (the last one may be the block's short last chunk).  The entry's
-        header is read too and compared with the one its key names, and each chunk
-        read is hashed against its checksum.  True: ``buffer`` holds them.  False: a
-        miss (as :meth:`read_into`: a bad entry is dropped, the buffer undefined)."""
+        the block on (the last one may be the block's short last chunk).  ``buffer``
+        may also be a list of writable memoryviews, filled one after the other (a
+        restore's pieces of memory between holes: one ``preadv`` for all of them, a
+        chunk across two pieces hashed across both).  The entry's header is read too
+        and compared with the one its key names, and each chunk read is hashed against
+        its checksum.  True: ``buffer`` holds them.  False: a miss (as
+        :meth:`read_into`: a bad entry is dropped, the buffer undefined)."""
         header = block_header(chunk_size, sums, length)
         checksum = xxhash.xxh3_64_intdigest(header)
         total = len(header) + length
         self._check_key(identity, checksum, total)
-        view = memoryview(buffer).cast("B")
+        views = [memoryview(b).cast("B") for b in (buffer if isinstance(buffer, list) else [buffer])]
+        size = sum(len(v) for v in views)
         at = first * chunk_size
-        end = at + len(view)
-        if view.readonly or not (0 <= at < length and end <= length and (end == length or len(view) % chunk_size == 0)):
+        end = at + size
+        if any(v.readonly or not len(v) for v in views) or not (
+                0 <= at < length and end <= length and (end == length or size % chunk_size == 0)):
             raise ValueError(f"buffer must be whole chunks of the block from chunk {first} on, writable")
         seen = bytearray(len(header))
-        first_sum = first
+        parts = [(0, memoryview(seen))]
+        offset = len(header) + at
+        for v in views:
+            parts.append((offset, v))
+            offset += len(v)
 
         def good() -> bool:
-            if seen != header:
-                return False
-            for j in range(0, len(view), chunk_size):
-                if xxhash.xxh3_64_intdigest(view[j : j + chunk_size]) != sums[first_sum + j // chunk_size]:
-                    return False
-            return True
+            return seen == header and _chunks_match(views, chunk_size, sums, first)
 
-        return self._read(identity, checksum, total, [(0, memoryview(seen)), (len(header) + at, view)], good)
+        return self._read(identity, checksum, total, parts, good)
 
     def _read(self, identity: int, checksum: int, total: int, parts: list[tuple[int, memoryview]],
               good: Callable[[], bool]) -> bool:
@@ -699,15 +705,49 @@ def _writable(buffer: Any, length: int) -> memoryview:
     return view
 
 
+def _chunks_match(views: list[memoryview], chunk_size: int, sums: Sequence[int], first: int) -> bool:
+    """Whether the chunks in ``views`` (one after the other: whole chunks from chunk
+    ``first`` on, the last one perhaps short) hash to their checksums in ``sums``; a
+    chunk across views is hashed across them."""
+    total = sum(len(v) for v in views)
+    i = off = pos = 0  # the view and the offset in it where chunk k starts; k's offset in all
+    k = first
+    while pos < total:
+        want = min(chunk_size, total - pos)
+        view = views[i]
+        if len(view) - off >= want:
+            digest = xxhash.xxh3_64_intdigest(view[off : off + want])
+            off += want
+        else:
+            state = xxhash.xxh3_64()
+            left = want
+            while left:
+                view = views[i]
+                take = min(left, len(view) - off)
+                state.update(view[off : off + take])
+                off += take
+                left -= take
+                if left:
+                    i, off = i + 1, 0
+            digest = state.intdigest()
+        if digest != sums[k]:
+            return False
+        if off == len(views[i]) and i + 1 < len(views):
+            i, off = i + 1, 0
+        pos += want
+        k += 1
+    return True
+
+
 def _pread_all(fd: int, parts: list[tuple[int, memoryview]]) -> bool:
-    """Fill each ``(offset, view)`` from ``fd``, contiguous ones with one ``preadv``;
-    False if the file ended first."""
+    """Fill each ``(offset, view)`` from ``fd``, contiguous ones with one ``preadv``
+    (of at most ``IOV_MAX`` views); False if the file ended first."""
     i = 0
     while i < len(parts):
         at, views = parts[i][0], [parts[i][1]]
         end = at + len(views[0])
         i += 1
-        while i < len(parts) and parts[i][0] == end:
+        while i < len(parts) and parts[i][0] == end and len(views) < IOV_MAX:
             views.append(parts[i][1])
             end += len(parts[i][1])
             i += 1

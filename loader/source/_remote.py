@@ -18,8 +18,9 @@ kept for them, a waiter joining a read in flight.  Each call, in its worker thre
 1. covers the checksum chunks its bytes are in, whole (a fetch is chunk-aligned);
 2. asks the inserter's slots, then the host chunk cache (:class:`~loader.remote.ChunkCache`),
    for its chunks a block (1 MiB of whole chunks: the cache's entry) at a time, read
-   straight into the destination where they lie inside one buffer; every cache read
-   is checked against the chunks' checksums;
+   straight into the destination with one ``preadv`` where they lie inside the call's
+   buffers (several, where memory has holes between them); every cache read is
+   checked against the chunks' checksums;
 3. GETs the chunks still missing, one ranged GET per contiguous stretch of them (at
    most ``fetch_bound`` bytes each), straight into the destination where the stretch
    lies inside one buffer, else into this thread's staging buffer (one per worker
@@ -645,12 +646,12 @@ class RemoteSource(CallSource):
         need: list[int] = []
         found = 0
         a, b = k0 * c, min((k1 + 1) * c, size)
-        direct = _inside(starts, buffers, a, b, lo, hi) if not held else None
-        if direct is not None:  # one read of the block's entry: the header and these chunks
-            if cache.read_block_into(self._digest, c, sums[bfirst : bfirst + bcount], blength, k0 - bfirst, direct):
+        pieces = _pieces(starts, buffers, a, b, lo, hi) if not held else None
+        if pieces is not None:  # one read of the block's entry: the header and these chunks, into their places
+            if cache.read_block_into(self._digest, c, sums[bfirst : bfirst + bcount], blength, k0 - bfirst, pieces):
                 return k1 - k0 + 1
             need.extend(range(k0, k1 + 1))
-        else:  # chunk by chunk (a slot holds some, or they straddle buffers)
+        else:  # chunk by chunk (a slot holds some, or they reach outside the call's bytes)
             entry = True
             for k in range(k0, k1 + 1):
                 ca, cb = k * c, min((k + 1) * c, size)
@@ -799,6 +800,23 @@ def _inside(starts: list[int], buffers: Sequence[memoryview], a: int, b: int, lo
         if start > a:
             break
     return None
+
+
+def _pieces(starts: list[int], buffers: Sequence[memoryview], a: int, b: int, lo: int,
+            hi: int) -> list[memoryview] | None:
+    """The parts of the buffers that hold pages-file bytes [a, b), in order (one where a
+    buffer holds them all; several where they lie in memory between holes), if [a, b)
+    lies within the read's [lo, hi); else None."""
+    if a < lo or b > hi:
+        return None
+    out: list[memoryview] = []
+    for start, buf in zip(starts, buffers):
+        s, e = max(start, a), min(start + len(buf), b)
+        if s < e:
+            out.append(buf[s - start : e - start])
+        elif start >= b:
+            break
+    return out
 
 
 def _scatter(data: memoryview, a: int, starts: list[int], buffers: Sequence[memoryview], lo: int, hi: int) -> None:
