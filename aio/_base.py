@@ -394,6 +394,23 @@ def read_nowait(fd: int, buffer: memoryview, offset: int) -> int:
         return -1
 
 
+def read_nowait_v(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+    """:func:`read_nowait` into several buffers, one after the other from ``offset``:
+    one ``preadv2(RWF_NOWAIT)`` (a verified wait's chunk, its pieces at their places in
+    memory), the GIL kept.  The bytes read (short where the file ends or the page cache
+    holds only part), or -1."""
+    n = len(buffers)
+    if n == 1:
+        return read_nowait(fd, buffers[0], offset)
+    if n == 0 or n > IOV_MAX or any(b.readonly or not len(b) for b in buffers):
+        return -1
+    iov = (_IoVec * n)()
+    for i, buffer in enumerate(buffers):
+        iov[i].base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        iov[i].len = len(buffer)
+    return max(-1, int(_preadv2_held(fd, iov, n, offset, os.RWF_NOWAIT)))
+
+
 class Queue(abc.ABC):
     """An asynchronous read queue owned by one trio task.
 
@@ -509,6 +526,20 @@ class Queue(abc.ABC):
         the backend does not offer it or the read would block or failed (the caller
         then adds a request).  By default the backend does not offer it."""
         return -1
+
+    def read_now_v(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        """:meth:`read_now` into ``buffers``, one after the other from ``offset``: the
+        bytes read (fewer where one was short), or -1 where the first was declined.  By
+        default one :meth:`read_now` a buffer; a backend may make it one system call."""
+        done = 0
+        for buffer in buffers:
+            got = self.read_now(fd, buffer, offset + done)
+            if got < 0:
+                return done if done else -1
+            done += got
+            if got < len(buffer):
+                break
+        return done
 
     def completions_waiting(self) -> bool:
         """Whether completions are there for :meth:`wait` to return now: a hint for an

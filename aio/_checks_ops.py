@@ -39,12 +39,28 @@ async def check_read_now(make_queue: MakeQueue) -> None:
             expect(view[: 2 * PAGE] == bytes(2 * PAGE) and view[4 * PAGE :] == bytes(12 * PAGE),
                     "read_now wrote outside its buffer")
             expect(queue.read_now(BAD_FD, view[:PAGE], 0) == -1, "read_now on a bad descriptor did not decline")
+            # read_now_v: the file's bytes from one offset, one buffer after the other,
+            # each at its own place (a verified chunk's pieces in memory), or declined
+            view[: 2 * PAGE] = bytes(2 * PAGE)
+            parts = [view[8 * PAGE : 9 * PAGE], view[11 * PAGE : 13 * PAGE], view[PAGE : 2 * PAGE]]
+            got = queue.read_now_v(fd, parts, 3 * PAGE)
+            expect(got in (-1, 4 * PAGE), f"read_now_v returned {got}, not -1 or {4 * PAGE}")
+            if got == 4 * PAGE:
+                expect(view[8 * PAGE : 9 * PAGE] == data[3 * PAGE : 4 * PAGE]
+                       and view[11 * PAGE : 13 * PAGE] == data[4 * PAGE : 6 * PAGE]
+                       and view[PAGE : 2 * PAGE] == data[6 * PAGE : 7 * PAGE],
+                       "read_now_v's bytes are not the file's, in order")
+            got = queue.read_now_v(fd, [view[14 * PAGE : 15 * PAGE], view[15 * PAGE : 16 * PAGE]], 15 * PAGE)
+            expect(got in (-1, PAGE), f"read_now_v across the end of the file returned {got}, not -1 or {PAGE}")
+            expect(queue.read_now_v(BAD_FD, parts, 0) == -1, "read_now_v on a bad descriptor did not decline")
             stats = queue.statistics()
             expect(queue.outstanding == 0 and stats.submitted_total == 0 and stats.ready == 0,
                     f"read_now left a request behind: {stats}")
         finally:
             await queue.aclose()
         expect(queue.read_now(fd, view[:PAGE], 0) == -1, "read_now after close did not decline")
+        expect(queue.read_now_v(fd, [view[:PAGE], view[2 * PAGE : 3 * PAGE]], 0) == -1,
+               "read_now_v after close did not decline")
 
 
 async def check_copies(make_queue: MakeQueue) -> None:

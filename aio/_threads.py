@@ -35,10 +35,11 @@ import errno
 import os
 import threading
 from collections import deque
+from collections.abc import Sequence
 
 import trio
 
-from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, run_request, usable_cpus
+from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, read_nowait_v, run_request, usable_cpus
 
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
@@ -147,6 +148,16 @@ class ThreadQueue(Queue):
             return -1
         result = read_nowait(fd, buffer, offset)
         if result == len(buffer):
+            self.inline_reads += 1
+        return result
+
+    def read_now_v(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        """:meth:`Queue.read_now_v` as one ``preadv2(RWF_NOWAIT)``, up to ``inline_urgent`` bytes."""
+        total = sum(len(b) for b in buffers)
+        if self._stopping or total > self.inline_urgent:
+            return -1
+        result = read_nowait_v(fd, buffers, offset)
+        if result == total:
             self.inline_reads += 1
         return result
 

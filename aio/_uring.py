@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import liburing as _lu
 import trio
 
-from ._base import IOV_MAX, AioError, BackendUnavailable, Completion, Op, Queue, Request, read_nowait
+from ._base import IOV_MAX, AioError, BackendUnavailable, Completion, Op, Queue, Request, read_nowait, read_nowait_v
 from ._probe import explain, read_disabled, setup_errno
 
 #: user_data of our cancel entries; read entries use their slot index, plus the range's
@@ -142,6 +142,12 @@ class UringQueue(Queue):
         if self._closed or len(buffer) > READ_NOW_MAX:
             return -1
         return read_nowait(fd, buffer, offset)
+
+    def read_now_v(self, fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        """:meth:`Queue.read_now_v` as one ``preadv2(RWF_NOWAIT)``, up to :data:`READ_NOW_MAX` bytes."""
+        if self._closed or sum(len(b) for b in buffers) > READ_NOW_MAX:
+            return -1
+        return read_nowait_v(fd, buffers, offset)
 
     def _add(self, request: Request) -> None:
         if request.op == Op.GATHER:

@@ -132,6 +132,17 @@ class ChunkDirSource:
                 break
         return done
 
+    def read_now_v(self, queue: aio.Queue, buffers, file_offset: int) -> int:
+        done = 0
+        for buffer in buffers:
+            got = self.read_now(queue, buffer, file_offset + done)
+            if got < 0:
+                return done if done else -1
+            done += got
+            if got < len(buffer):
+                break
+        return done
+
     def size(self) -> int:
         total = 0
         for fd in self._fds:

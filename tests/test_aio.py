@@ -382,6 +382,42 @@ def test_read_nowait_keeps_to_its_buffer_and_declines_what_it_cannot_do(tmp_path
         os.close(fd)
 
 
+def test_read_nowait_v_fills_its_buffers_in_order_and_declines_what_it_cannot_do(tmp_path):
+    """A verified chunk's pieces in one ``preadv2(RWF_NOWAIT)``: the file's bytes from
+    the offset, into each buffer in turn at its own place, nothing outside them; short
+    at the end of the file; a read-only or empty piece, no pieces, more than IOV_MAX
+    of them, a bad descriptor: -1."""
+    from aio import IOV_MAX
+    from aio._base import read_nowait_v
+
+    path = tmp_path / "f"
+    data = os.urandom(4 * 4096)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, len(data), 0)  # in the page cache
+        m = mmap.mmap(-1, 8 * 4096)
+        view = memoryview(m)
+        parts = [view[5 * 4096 : 6 * 4096], view[1000:1100], view[2 * 4096 : 3 * 4096 + 7]]
+        assert read_nowait_v(fd, parts, 4096) == 2 * 4096 + 107
+        assert bytes(parts[0]) + bytes(parts[1]) + bytes(parts[2]) == data[4096 : 3 * 4096 + 107]
+        assert view[:1000] == bytes(1000) and view[1100 : 2 * 4096] == bytes(2 * 4096 - 1100)
+        assert view[3 * 4096 + 7 : 5 * 4096] == bytes(2 * 4096 - 7) and view[6 * 4096 :] == bytes(2 * 4096)
+        assert read_nowait_v(fd, [view[:4096], view[4096 : 3 * 4096]], 2 * 4096) == 2 * 4096  # the file ends
+        assert read_nowait_v(fd, [view[:4096]], 0) == 4096  # (one piece: read_nowait)
+        assert read_nowait_v(fd, [view[:4096], memoryview(bytes(4096))], 0) == -1
+        assert read_nowait_v(fd, [view[:4096], view[:0]], 0) == -1
+        assert read_nowait_v(fd, [], 0) == -1
+        assert read_nowait_v(fd, [view[:1]] * (IOV_MAX + 1), 0) == -1
+        assert read_nowait_v(-1, [view[:4096], view[4096:8192]], 0) == -1
+        for part in parts:
+            part.release()
+        view.release()
+        m.close()
+    finally:
+        os.close(fd)
+
+
 # -- Request.then ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["sync", "threads"])
 async def test_then_runs_after_a_full_read_in_the_backends_thread_and_never_after_a_short_one(

@@ -329,6 +329,30 @@ async def test_a_verified_wait_of_read_now_bytes_of_chunks_is_served_at_once_one
     await loader.aclose()
 
 
+async def test_a_verified_wait_on_a_chunk_in_four_pieces_reads_them_with_one_call(tmp_path, opened):
+    """A chunk whose pages lie apart in memory (every other page a hole: four ranges a
+    chunk), waited on: its four pieces are read at their places with one
+    ``preadv2(RWF_NOWAIT)`` (it was one a piece), hashed, and served at once."""
+    ck, fd, data = _checkpoint(tmp_path, opened, sparse=True)
+    os.pread(fd, MiB, 0)  # (in the page cache, as read_now needs)
+    queue = aio.open_queue("threads", 16)
+    loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep=False, read_now_bytes=64 * KiB)
+    k = 5
+    lo = k * 2 * CHUNK  # chunk k's memory: 8 pages from here, its data the even ones
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loader.run)
+            assert loader.submit_wait(lo + 2 * PAGE, PAGE, lambda h: None) is None
+            s = loader.statistics()
+            assert (s.chunks_verified, s.loaded_bytes, s.reads_total) == (1, CHUNK, 1)
+            assert queue.inline_reads == 1  # type: ignore[attr-defined]
+            assert mem.view[lo : lo + 2 * CHUNK] == data[lo : lo + 2 * CHUNK]
+            nursery.cancel_scope.cancel()
+    finally:
+        await loader.aclose()
+        await queue.aclose()
+
+
 @pytest.mark.parametrize("other", ["second in flight", "first in flight", "second not cached", "first not cached"])
 async def test_a_verified_wait_half_served_at_once_needs_exactly_its_other_half(tmp_path, opened, other):
     """Of a wait over two chunks, one is read and hashed in the waiting task; the other

@@ -270,15 +270,16 @@ class Verifier:
             elif k in chunks.bad:
                 pending = True
                 break
-            elif all(unloaded.overlap_bytes(a, b) == b - a for a, b in spans):
+            # (the chunk's memory from its first piece to its last holds only its pieces and
+            # holes, pages-file offsets ascending with memory: one look-up for all of them)
+            elif unloaded.overlap_bytes(spans[0][0], spans[-1][1]) == (nbytes := sum(b - a for a, b in spans)):
                 file_offset = k * chunks.size
-                for a, b in spans:
-                    if source.read_now(queue, dest.buffer(a, b - a), file_offset) != b - a:
-                        break  # not cached: the loader reads it (what was read is read again)
-                    file_offset += b - a
-                else:
-                    for a, b in spans:
-                        unloaded.remove(a, b)  # never in flight: settling finds nothing to remove there
+                # the chunk's pieces at their places in memory, in one system call
+                got = source.read_now_v(queue, [dest.buffer(a, b - a) for a, b in spans], file_offset)
+                if got == nbytes:
+                    file_offset += got
+                    # never in flight: settling finds nothing to remove there
+                    unloaded.remove(spans[0][0], spans[-1][1])
                     chunks.partial.pop(k, None)  # (none: all of it was unstarted)
                     counters.reads_total += 1
                     self.order.note_served(spans[-1][1])

@@ -104,6 +104,12 @@ class PageSource(Protocol):
         the bytes read, or -1 (then make a request)."""
         ...
 
+    def read_now_v(self, queue: aio.Queue, buffers: Sequence[memoryview], file_offset: int) -> int:
+        """:meth:`read_now` into ``buffers``, one after the other from ``file_offset``
+        (:meth:`aio.Queue.read_now_v`: a verified chunk's pieces in one system call):
+        the bytes read (fewer where one was short), or -1."""
+        ...
+
     def size(self) -> int:
         """The pages file's bytes that can be read now (a source that shrank reads
         short there); raises OSError."""

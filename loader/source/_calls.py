@@ -68,5 +68,8 @@ class CallSource:
     def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
         return -1  # every read may wait (on the network, on decompression): a request
 
+    def read_now_v(self, queue: aio.Queue, buffers: Sequence[memoryview], file_offset: int) -> int:
+        return -1
+
     def size(self) -> int:
         return self._size

@@ -61,6 +61,9 @@ class FileSource:
     def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
         return queue.read_now(self._fd, buffer, file_offset)
 
+    def read_now_v(self, queue: aio.Queue, buffers: Sequence[memoryview], file_offset: int) -> int:
+        return queue.read_now_v(self._fd, buffers, file_offset)
+
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 

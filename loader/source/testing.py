@@ -113,6 +113,15 @@ async def check_source(source: PageSource, memory: bytes, make_queue: MakeQueue,
             _expect(got in (-1, hi - lo), f"read_now returned {got}, not -1 or {hi - lo}")
             if got > 0:
                 _expect(view[: hi - lo] == stream[lo:hi], "read_now's bytes differ from the pages file")
+            if hi - lo > 2048:  # read_now_v: the same bytes, in two buffers apart
+                mid = (hi - lo) // 2
+                view[: 2 * (hi - lo)] = bytes(2 * (hi - lo))
+                parts = [view[hi - lo : hi - lo + mid], view[: hi - lo - mid]]
+                got = source.read_now_v(queue, parts, lo)
+                _expect(got in (-1, hi - lo), f"read_now_v returned {got}, not -1 or {hi - lo}")
+                if got > 0:
+                    _expect(bytes(parts[0]) + bytes(parts[1]) == stream[lo:hi],
+                            "read_now_v's bytes differ from the pages file")
             if queue.gathers and size > 3 * 4096:
                 spans = sorted(rng.sample(range(0, size // 4096 - 1, 2), min(5, size // 8192)))
                 buffers = [view[k * 4096 : (k + 1) * 4096] for k in spans]
