@@ -509,6 +509,9 @@ def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_pa
         chunks = _Chunks(ck.layout, ck.chunk_size, ck.checksums)
         for k in range(count):
             assert [list(s) for s in chunks.memory_spans(k)] == merged([m for m, c in pages if c == k]), k
+        for first, last in ((0, 0), (0, count - 1), (1, 2), (count // 2, count - 1), (count - 1, count - 1)):
+            own = [m for m, c in pages if first <= c <= last]  # (two look-ups, not the chunks' spans)
+            assert chunks.memory_hull(first, last) == (min(own), max(own) + PAGE), (first, last)
         for flip in (0, count // 2, count - 1):
             mem = MemoryFile(ck.layout.memory_size)
             opened[1].append(mem)

@@ -340,8 +340,13 @@ class _Chunks:
                 (layout.file[last] + last_byte - layout.mem[last]) // self.size)
 
     def memory_hull(self, first: int, last: int) -> tuple[int, int]:
-        """The memory from chunk ``first``'s start to chunk ``last``'s end."""
-        return self.memory_spans(first)[0][0], self.memory_spans(last)[-1][1]
+        """The memory from chunk ``first``'s start to chunk ``last``'s end (two look-ups:
+        the ranges lie back to back in the pages file, so each byte of [0, end) is in one)."""
+        files, mems = self.layout.file, self.layout.mem
+        flo, fhi = first * self.size, min((last + 1) * self.size, self.end)
+        i = bisect_right(files, flo) - 1
+        j = bisect_right(files, fhi - 1) - 1
+        return mems[i] + flo - files[i], mems[j] + fhi - files[j]
 
 
 class _Hasher:

@@ -145,14 +145,14 @@ class Window:
             except OSError as exc:
                 found = [(a, b)]  # cannot tell: read it all (holes read as zero)
                 log.warning("looking up the data in %#x-%#x failed (%s); reading it whole", a, b, exc)
-            data = 0
-            for x, y in found:
-                self.unloaded.add(x, y)
-                data += y - x
+            s = array("Q", [x for x, _ in found])
+            e = array("Q", [y for _, y in found])
+            # nothing of unloaded lies in a place nobody looked up: in bulk (a scattered
+            # chunk's four pages were four additions)
+            self.unloaded.insert_sorted(s, e)
+            data = sum(e) - sum(s)
             self.beyond.add(a, b)
             if not extents.exact_total:
-                s = array("Q", (x for x, _ in found))
-                e = array("Q", (y for _, y in found))
                 self._found_holes(b - a - data, a, b, s, e, [])
 
     def refill(self, force: bool = False) -> bool:
