@@ -512,6 +512,13 @@ def test_check_matches_and_chunk_spans_agree_with_the_layout_page_by_page(tmp_pa
         for first, last in ((0, 0), (0, count - 1), (1, 2), (count // 2, count - 1), (count - 1, count - 1)):
             own = [m for m, c in pages if first <= c <= last]  # (two look-ups, not the chunks' spans)
             assert chunks.memory_hull(first, last) == (min(own), max(own) + PAGE), (first, last)
+        rng = random.Random(len(pages))
+        size = ck.layout.memory_size
+        for _ in range(300):  # chunk_range: a page, a byte, spans across ranges and holes
+            lo = rng.randrange(size)
+            hi = min(size, lo + rng.choice([1, 100, PAGE, 3 * PAGE, 64 * PAGE]))
+            held = [c for m, c in pages if m < hi and lo < m + PAGE]
+            assert chunks.chunk_range(lo, hi) == ((min(held), max(held)) if held else None), (lo, hi)
         for flip in (0, count // 2, count - 1):
             mem = MemoryFile(ck.layout.memory_size)
             opened[1].append(mem)
