@@ -7,7 +7,11 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import aio
 import aio.testing
@@ -109,6 +113,19 @@ def test_loader_remote_public_names():
         "CONTENT_NAMESPACE",
     }
     assert not hasattr(loader, "ObjectStore")
+    for name in loader.remote.__all__:
+        assert getattr(loader.remote, name) is not None
+    with pytest.raises(AttributeError):
+        loader.remote.NoSuchName  # noqa: B018
+
+
+def test_the_store_client_is_imported_without_numpy_which_the_cache_brings():
+    """A restore from a store sends its index's GET before NumPy is imported (70 ms, the
+    cache's and the range table's), and imports it while the GET is in flight."""
+    code = ("import sys; from loader.remote import ObjectStore, StoreError; assert 'numpy' not in sys.modules; "
+            "from loader.remote import ChunkCache; assert 'numpy' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
 
 
 def test_loader_store_public_names():
