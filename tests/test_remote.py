@@ -389,8 +389,9 @@ def test_the_pages_head_is_sent_alongside_the_index_get(image, pushed, seaweed, 
     thread.start()
     try:
         deadline = time.monotonic() + 2.5  # (the index's response comes 3 s after its GET)
-        while time.monotonic() < deadline and not any(r.startswith("HEAD ") for r in proxy.requests):
-            time.sleep(0.01)
+        while time.monotonic() < deadline and not (any(r.startswith("HEAD ") for r in proxy.requests)
+                                                   and any(r.startswith("GET ") for r in proxy.requests)):
+            time.sleep(0.01)  # (both are sent at once, each from its thread: in either order)
         seen = list(proxy.requests)
     finally:
         thread.join()

@@ -56,7 +56,7 @@ import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import xxhash
 
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_FETCH_BOUND", "RemoteConfig", "RemoteSource", "STORE_ERRNOS", "is_store_url"]
 
 log = logging.getLogger("pageload")
+_R = TypeVar("_R")
 
 #: the largest ranged GET: contiguous missing chunks are fetched together up to this
 DEFAULT_FETCH_BOUND = 4 << 20
@@ -233,10 +234,10 @@ class RemoteSource(CallSource):
             raise _checkpoint_error(exc, path) from None
         index_url = store.url.url_of(INDEX_NAME)
         head = _Background(lambda: store.head(PAGES_NAME))  # the pages object's HEAD alongside the index's GET
-        # what parsing the index and opening the cache import (NumPy: 70 ms), while the GET is in flight
-        _Background(_import_for_open)
+        get = _Background(lambda: store.get(INDEX_NAME, MAX_INDEX_BYTES))
+        _import_for_open()  # what parsing the index and opening the cache need (70 ms), while both are in flight
         try:
-            data = store.get(INDEX_NAME, MAX_INDEX_BYTES)
+            data = get.result()
         except StoreError as exc:
             error = _checkpoint_error(exc, index_url)
             if exc.code == "not-found":
@@ -711,22 +712,21 @@ class RemoteSource(CallSource):
             self.cache.close()
 
 
-def _import_for_open() -> int:
-    """Import what :meth:`RemoteSource.open` needs after its index's GET (in a thread, during it)."""
+def _import_for_open() -> None:
+    """Import what :meth:`RemoteSource.open` needs once its index has come (while its
+    GET, and the pages object's HEAD, are in flight, each in a thread of its own)."""
     import numpy  # noqa: F401  (the index's range table; the cache's index)
 
     from ..remote import _cache  # noqa: F401
 
-    return 0
 
-
-class _Background:
+class _Background(Generic[_R]):
     """``fn()`` run in a thread of its own (a request sent alongside another);
     :meth:`result` waits for it and returns what it returned or raises what it raised."""
 
-    def __init__(self, fn: Callable[[], int]) -> None:
+    def __init__(self, fn: Callable[[], _R]) -> None:
         self._fn = fn
-        self._value = 0
+        self._value: _R | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="pageload-open", daemon=True)
         self._thread.start()
@@ -737,11 +737,11 @@ class _Background:
         except BaseException as exc:  # noqa: BLE001 - raised again by result()
             self._error = exc
 
-    def result(self) -> int:
+    def result(self) -> _R:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._value
+        return cast(_R, self._value)
 
 
 class _WorkingSetLookup:
