@@ -104,6 +104,9 @@ class Request:
     offsets: Sequence[int] = ()  #: :data:`Op.GATHER`: the file offset of each buffer
     fds: Sequence[int] = ()  #: :data:`Op.GATHER`: the file of each buffer (empty: ``fd`` for all)
     fn: Callable[[Sequence[memoryview]], int] | None = None  #: :data:`Op.CALL`: what to run
+    #: :data:`Op.GATHER`: the mapping every buffer is a slice of, each at its range's own
+    #: file offset (a raw image into its memory file); lets a backend read by address
+    within: memoryview | None = None
 
     @property
     def length(self) -> int:
@@ -150,7 +153,7 @@ class Request:
     @classmethod
     def gather_read(
         cls, id: int, fd: int, buffers: Sequence[memoryview], offsets: Sequence[int], *, urgent: bool = False,
-        then: Callable[[], object] | None = None, fds: Sequence[int] = (),
+        then: Callable[[], object] | None = None, fds: Sequence[int] = (), within: memoryview | None = None,
     ) -> Request:
         """Each of ``buffers`` read from ``fd`` at its own offset (``offsets``, ascending,
         as many), in order (only for a queue whose :attr:`Queue.gathers` is true).  The
@@ -158,9 +161,13 @@ class Request:
         the ranges after it do not count (a backend may have read them at the same
         time: io_uring does; threads and sync stop there).  ``fds`` (as many as ``buffers``): each range
         from its own file instead (``fd`` is then the first's; the offsets need not
-        ascend).  ``then``: as for any request."""
+        ascend).  ``then``: as for any request.  ``within`` (not with ``fds``): the
+        mapping each buffer is the slice of at its own file offset (``within[o:o+n]``
+        for a range at offset ``o`` of ``n`` bytes: a raw image read into its memory
+        file); the threads and sync backends then read a batch of ranges with one
+        system call (:mod:`aio._batch`), where io_uring can be used."""
         return cls(id, Op.GATHER, fds[0] if fds else fd, offsets[0] if offsets else 0, tuple(buffers), urgent,
-                   then=then, offsets=tuple(offsets), fds=tuple(fds))
+                   then=then, offsets=tuple(offsets), fds=tuple(fds), within=within)
 
     @classmethod
     def call(
@@ -343,7 +350,14 @@ def _call(request: Request) -> int:
 
 
 def _gather_read(request: Request) -> int:
-    """An :data:`Op.GATHER`: one ``pread`` a range, in order, until one is short or fails."""
+    """An :data:`Op.GATHER`: one ``pread`` a range, in order, until one is short or fails;
+    with ``within``, batches of ranges through this thread's ring (:mod:`aio._batch`)."""
+    if request.within is not None and not request.fds:
+        from ._batch import gather_batch, thread_ring
+
+        ring = thread_ring()
+        if ring is not None:
+            return gather_batch(ring, request.fd, request.within, list(map(len, request.buffers)), request.offsets)
     done = 0
     fds = request.fds or repeat(request.fd)
     try:
@@ -486,6 +500,11 @@ class Queue(abc.ABC):
                                      request.offsets[1:])))):
             raise ValueError("Op.GATHER takes one offset a buffer, ascending, the ranges apart "
                              "(or one file a buffer)")
+        elif request.op == Op.GATHER and request.within is not None and (
+                request.fds or request.within.readonly or request.within.itemsize != 1 or not request.within.contiguous
+                or request.offsets[-1] + len(request.buffers[-1]) > request.within.nbytes):
+            raise ValueError("Op.GATHER's within: a writable byte mapping holding every range at its file "
+                             "offset, not with fds")
         elif request.op == Op.READ and len(request.buffers) != 1:
             raise ValueError("Op.READ takes exactly one buffer; use Op.READV")
         elif request.op == Op.READV and len(request.buffers) > self.max_buffers:

@@ -44,11 +44,21 @@ from ._base import Completion, Op, Queue, Request, SplicePipe, read_nowait, read
 DEFAULT_THREADS = 4
 DEFAULT_INLINE_URGENT = 64 << 10
 DEFAULT_WORKER_NICE = 10
-#: background Op.GATHER requests run by at most this many workers at once: a gather is
-#: a Python loop of one small ``pread`` a range, each giving the GIL up and taking it
-#: back, so two at once mostly wait for each other and the trio thread (a 1M-range raw
-#: image's fill: 6.1-6.6 s against 7.1-8.1 s with the four, alternated; docs/AIO.md)
+#: background Op.GATHER requests run by at most this many workers at once, where they
+#: are a Python loop of one small ``pread`` a range (each giving the GIL up and taking
+#: it back, so two at once mostly wait for each other and the trio thread: a 1M-range
+#: raw image's fill took 6.1-6.6 s against 7.1-8.1 s with the four, alternated;
+#: docs/AIO.md).  Gathers read in batches through a ring (:mod:`aio._batch`) take the
+#: GIL once a batch: then as many as the CPUs (``gather_threads=None`` picks)
 DEFAULT_GATHER_THREADS = 1
+
+
+def default_gather_threads() -> int:
+    """One a CPU where gathers read in batches through a ring (:mod:`aio._batch`), else
+    :data:`DEFAULT_GATHER_THREADS`."""
+    from ._batch import unavailable
+
+    return max(1, usable_cpus()) if unavailable() is None else DEFAULT_GATHER_THREADS
 
 
 def default_yield_threads() -> int:
@@ -65,7 +75,7 @@ class ThreadQueue(Queue):
     def __init__(self, capacity: int = 64, threads: int | None = None, *,
                  inline_urgent: int = DEFAULT_INLINE_URGENT, worker_nice: int = DEFAULT_WORKER_NICE,
                  urgent_threads: int = 1, yield_threads: int | None = None,
-                 gather_threads: int = DEFAULT_GATHER_THREADS) -> None:
+                 gather_threads: int | None = None) -> None:
         super().__init__(capacity)
         self.threads = threads or DEFAULT_THREADS
         #: threads that take urgent requests only (the urgent lane)
@@ -83,12 +93,12 @@ class ThreadQueue(Queue):
         self.yield_threads = default_yield_threads() if yield_threads is None else yield_threads
         #: background :data:`Op.GATHER` requests running at once, at most (urgent ones are
         #: not counted nor held back)
-        self.gather_threads = gather_threads
+        self.gather_threads = default_gather_threads() if gather_threads is None else gather_threads
         self._pool_tids: list[int] = []  # native ids of the pool's workers
         self._yielding = True
         self._base_nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's: what workers go back to
         self.inline_reads = 0  #: urgent reads done in place (by add() or read_now())
-        if self.threads < 1 or urgent_threads < 0 or self.yield_threads < 1 or gather_threads < 1:
+        if self.threads < 1 or urgent_threads < 0 or self.yield_threads < 1 or self.gather_threads < 1:
             raise ValueError("threads, yield_threads and gather_threads must be at least 1 and urgent_threads "
                              "at least 0")
         self._token = trio.lowlevel.current_trio_token()

@@ -401,6 +401,40 @@ async def test_a_raw_image_read_into_the_mapping_takes_many_ranges_a_read(tmp_pa
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("rings", [True, False])
+async def test_a_raw_images_gathers_read_by_address_into_the_memory_file(tmp_path, scattered, monkeypatch, rings):
+    """The loader gives a raw image's gathers the memory file's mapping (``within``), so
+    the threads backend reads a batch of ranges with one system call (aio._batch); where
+    rings cannot be used, the same gathers read range by range.  Byte-exact either way."""
+    from aio import _batch
+
+    if rings and _batch.unavailable() is not None:
+        pytest.skip(f"io_uring rings cannot be used here: {_batch.unavailable()}")
+    if not rings:
+        monkeypatch.setattr(_batch, "_reason", ["io_uring is disabled on this host"])
+    monkeypatch.setattr(_batch, "_local", type(_batch._local)())
+    gathers: list[bool] = []
+
+    class Recording(aio.testing.DelayedQueue):
+        def _add(self, request):
+            if request.op == aio.Op.GATHER:
+                gathers.append(request.within is not None and request.within.obj is state.memory.view.obj)
+            super()._add(request)
+
+    opts = options(tmp_path, scattered["raw"], aio_backend="threads", wrap_queue=lambda q: Recording(q, 0.0),
+                   config=LoaderConfig(kernel_copy=False, busy_linger_s=0.0))
+    state = None
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        with trio.fail_after(30):
+            await state.loader.done.wait()
+        assert state.memory.view == scattered["expected"]
+        assert gathers and all(gathers)
+        assert state.loader.queue.inner.gather_threads == (aio.usable_cpus() if rings else 1)
+        state.stop()
+        nursery.cancel_scope.cancel()
+
+
 def test_a_gathered_reads_segments_are_made_only_when_looked_at():
     """A gathered read keeps its segments as two columns; looking at them gives the
     same ``[lo, hi]`` lists a plain read has (index, negative index, slice, iteration)."""

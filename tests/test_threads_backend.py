@@ -145,12 +145,12 @@ async def test_while_yielding_at_most_yield_threads_workers_run_background_reads
 
 
 async def test_at_most_gather_threads_workers_run_background_gathers():
-    """A gather (one small pread a range, the GIL given up and taken back for each) runs
-    on one worker at a time by default: on a 1M-range raw image four at once filled 18 %
-    slower.  Other background reads, and urgent gathers, are not held back."""
-    queue = _Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0)
+    """A gather read range by range (one small pread a range, the GIL given up and
+    taken back for each) runs on one worker at a time where rings cannot be used: on a
+    1M-range raw image four at once filled 18 % slower.  Other background reads, and
+    urgent gathers, are not held back."""
+    queue = _Held(capacity=8, threads=3, worker_nice=0, urgent_threads=0, gather_threads=1)
     started, release, wait_for = queue.started, queue.release, queue.wait_for
-    assert queue.gather_threads == 1
     queue.background_yields(False)  # no client faulting: every worker may run background reads
     bufs = [memoryview(bytearray(4096)) for _ in range(2)]
     try:
@@ -168,6 +168,28 @@ async def test_at_most_gather_threads_workers_run_background_gathers():
         assert done == {0, 1, 9} and started[2] == 1
     finally:
         release.set()
+        await queue.aclose()
+
+
+async def test_gather_threads_default_one_a_cpu_with_rings_else_one(monkeypatch):
+    """Gathers through a ring (aio._batch) take the GIL once a batch, so as many run at
+    once as there are CPUs; read range by range, one at a time."""
+    from aio import _batch
+    from aio._threads import DEFAULT_GATHER_THREADS, default_gather_threads
+
+    monkeypatch.setattr(_batch, "_reason", [None])
+    assert default_gather_threads() == aio.usable_cpus()
+    queue = ThreadQueue(capacity=4, threads=2)
+    try:
+        assert queue.gather_threads == aio.usable_cpus()
+    finally:
+        await queue.aclose()
+    monkeypatch.setattr(_batch, "_reason", ["io_uring is disabled on this host"])
+    assert default_gather_threads() == DEFAULT_GATHER_THREADS == 1
+    queue = ThreadQueue(capacity=4, threads=2)
+    try:
+        assert queue.gather_threads == 1
+    finally:
         await queue.aclose()
 
 

@@ -22,7 +22,7 @@ import trio
 import aio
 from protocol import codes
 
-from .._memfile import Destination, explain_error
+from .._memfile import Destination, MemoryFile, explain_error
 from ._chunks import _Checked
 from ._config import LoaderConfig, LoopState, ReadKind, Segs, WaitHandle
 from ._rangeset import RangeSet
@@ -131,6 +131,12 @@ class Reads:
         local = self._local = source.local
         #: where reads are copied to in the kernel (None: into the mapping)
         self._copy_fd: int | None = _copy_target(config, queue, destination, local)
+        #: the mapping a raw image's gathers read into by address, a batch of ranges a
+        #: system call (:mod:`aio._batch`): where the source takes it and every buffer is
+        #: a slice of it at its memory offset, the raw image's file offset
+        self._within: memoryview | None = (
+            destination.view if getattr(source, "gathers_within", False) and isinstance(destination, MemoryFile)
+            and type(destination).buffer is MemoryFile.buffer else None)
         # a layout whose pages-file offsets do not ascend with memory (working set laid out
         # first): the ranges in file order, so that sweep reads can follow the file
         self._by_file: array[int] | None = None
@@ -375,7 +381,11 @@ class Reads:
             else:
                 buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
                 offsets = array("Q", [lo for lo, _ in read.segments])
-            self.queue.add(self.source.gather(read.id, buffers, offsets, urgent=urgent))
+            if self._within is not None:
+                self.queue.add(self.source.gather(read.id, buffers, offsets, urgent=urgent,  # type: ignore[call-arg]
+                                                  within=self._within))
+            else:
+                self.queue.add(self.source.gather(read.id, buffers, offsets, urgent=urgent))
             return
         buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
         self.queue.add(self.source.read(read.id, read.file_offset, buffers, urgent=urgent, then=then))

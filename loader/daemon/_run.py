@@ -96,6 +96,16 @@ def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupErro
     return None
 
 
+def _gathers_note() -> str:
+    """How a raw image's data islands are read into the mapping (aio._batch)."""
+    from aio._batch import BATCH_ENTRIES, unavailable
+
+    why = unavailable()
+    if why is None:
+        return f"raw gathers: up to {BATCH_ENTRIES} ranges a system call (an io_uring ring a worker)"
+    return f"raw gathers: one read a range ({why})"
+
+
 def _open_queue(opts: DaemonOptions, notes: list[str], calls: bool = False) -> tuple[aio.Queue, str]:
     """The loader's queue; ``calls``: the source's requests are :data:`aio.Op.CALL`
     (a checkpoint in a store), which ``auto`` answers with the threads backend, its
@@ -275,6 +285,8 @@ async def run_daemon(
         elif checksums is not None:
             notes.append("checksums: " + ("each chunk verified before it is served" if opts.config.verify
                                           else "not verified (--no-verify)"))
+        if layout.identity_mapped and backend in ("threads", "sync") and getattr(source, "gathers_within", False):
+            notes.append(_gathers_note())
         holder: list[DaemonState] = []
 
         def extra_stats() -> dict[str, Any]:

@@ -27,6 +27,9 @@ class FileSource:
     hand (tests, benchmarks).  ``owns_fd``: :meth:`close` closes it."""
 
     kind = "file"
+    #: :meth:`gather` takes ``within`` (the loader's mapping: ranges read by address, a
+    #: batch a system call; :mod:`aio._batch`)
+    gathers_within = True
 
     def __init__(self, layout: Layout, fd: int, *, chunk_size: int | None = None,
                  checksums: Sequence[int] | None = None, path: str = "", direct: bool = False,
@@ -55,8 +58,8 @@ class FileSource:
         return aio.Request.readv(id, self._fd, file_offset, buffers, urgent=urgent, then=then)
 
     def gather(self, id: int, buffers: Sequence[memoryview], offsets: Sequence[int], *,
-               urgent: bool = False) -> aio.Request:
-        return aio.Request.gather_read(id, self._fd, buffers, offsets, urgent=urgent)
+               urgent: bool = False, within: memoryview | None = None) -> aio.Request:
+        return aio.Request.gather_read(id, self._fd, buffers, offsets, urgent=urgent, within=within)
 
     def read_now(self, queue: aio.Queue, buffer: memoryview, file_offset: int) -> int:
         return queue.read_now(self._fd, buffer, file_offset)
