@@ -244,5 +244,4 @@ def gather_batch(ring: BatchRing, fd: int, within: memoryview, lengths: Sequence
                 return done if done else first
             return done + first
         done += int(lens.sum())
-    del view
     return done
