@@ -171,20 +171,29 @@ def test_probe_reports_a_disabled_host(tmp_path: os.PathLike[str]) -> None:
     assert steps == []  # decided before liburing was even imported
 
 
-def test_probe_reports_missing_liburing(monkeypatch: pytest.MonkeyPatch) -> None:
+def _enabled(tmp_path: os.PathLike[str]) -> str:
+    """An ``io_uring_disabled`` file saying 0: the probes below reach the import checks
+    whatever this host's own setting (a host with io_uring off failed them)."""
+    path = os.path.join(tmp_path, "io_uring_enabled")
+    with open(path, "w") as f:
+        f.write("0\n")
+    return path
+
+
+def test_probe_reports_missing_liburing(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "liburing", None)  # import now raises ImportError
-    why = probe()
+    why = probe(disabled_path=_enabled(tmp_path))
     assert why is not None and "liburing Python package cannot be imported" in why
     assert f"pip install liburing=={LIBURING_VERSION}" in why
 
 
-def test_probe_reports_a_binding_with_another_api(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_reports_a_binding_with_another_api(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
     class Liburing2026:  # the 2026.x wheels: Ring(), Iovec, no io_uring()/iovec()
         __version__ = "2026.3.30"
         Ring = Iovec = object
 
     monkeypatch.setitem(sys.modules, "liburing", Liburing2026)
-    why = probe()
+    why = probe(disabled_path=_enabled(tmp_path))
     assert why is not None
     assert why.startswith("liburing 2026.3.30 has another API (no io_uring, iovec,")
     assert f"pip install liburing=={LIBURING_VERSION}" in why
@@ -212,14 +221,15 @@ def test_probe_imports_liburing_again_when_its_cache_file_is_being_rewritten(
         )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "liburing", raising=False)
-    why = probe()
+    enabled = _enabled(tmp_path)
+    why = probe(disabled_path=enabled)
     assert why is not None and why.startswith("liburing 2099.1.1 has another API"), why
     assert os.path.getsize(os.path.join(tmp_path, "imports")) == 3  # two failed imports, then one
     # an import that keeps failing so: one line, not an exception out of the probe
     monkeypatch.delitem(sys.modules, "liburing", raising=False)
     with open(os.path.join(pkg, "__init__.py"), "w") as f:
         f.write("raise FileNotFoundError(2, 'No such file or directory', 'gone.pyc')\n")
-    why = probe()
+    why = probe(disabled_path=enabled)
     assert why is not None and why.startswith("liburing could not be imported (4 tries):"), why
 
 
