@@ -357,7 +357,12 @@ def _gather_read(request: Request) -> int:
 
         ring = thread_ring()
         if ring is not None:
-            return gather_batch(ring, request.fd, request.within, list(map(len, request.buffers)), request.offsets)
+            lengths = list(map(len, request.buffers))
+            done = gather_batch(ring, request.fd, request.within, lengths, request.offsets)
+            if done == sum(lengths):
+                return done
+            # short or failed through the ring: the loop below reads it all again and says
+            # what one pread a range finds (the ring only ever makes a gather faster)
     done = 0
     fds = request.fds or repeat(request.fd)
     try:

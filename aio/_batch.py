@@ -15,7 +15,9 @@ mappings, so it needs no native code of its own (not liburing's binding, whose
 import is probed in a child process: :mod:`aio._probe`).  Each thread that gathers
 gets its own ring (:func:`thread_ring`), made at its first gather and closed when
 the thread ends.  Where io_uring cannot be used (:func:`unavailable` says why, in
-one line), gathers read range by range as before.
+one line), gathers read range by range as before; so is a gather that came back short
+or failed through the ring (``aio._base._gather_read``): the ring only makes gathers
+faster.
 """
 
 from __future__ import annotations

@@ -158,6 +158,33 @@ async def test_the_queue_refuses_a_within_that_does_not_hold_the_ranges(image):
         await queue.aclose()
 
 
+def test_a_read_the_ring_fails_is_read_again_range_by_range(image, monkeypatch):
+    """The ring only makes a gather faster: where a read through it fails (EINVAL, say,
+    a file the ring cannot read), the gather is read again range by range, and what
+    that finds is its result."""
+    fd, data = image
+    ring = _batch.thread_ring()
+    real = type(ring).read
+
+    def failing(self, fds, addresses, lengths, offsets):
+        results = real(self, fds, addresses, lengths, offsets)
+        results[1] = -errno.EINVAL
+        return results
+
+    monkeypatch.setattr(type(ring), "read", failing)
+    m, view = _mapping(8 * PAGE)
+    try:
+        buffers = [view[0:PAGE], view[3 * PAGE : 5 * PAGE], view[6 * PAGE : 7 * PAGE]]
+        got = _gather_read(aio.Request.gather_read(0, fd, buffers, [0, 3 * PAGE, 6 * PAGE], within=view))
+        assert got == 4 * PAGE
+        assert view[3 * PAGE : 5 * PAGE] == data[3 * PAGE : 5 * PAGE]
+        assert view[6 * PAGE : 7 * PAGE] == data[6 * PAGE : 7 * PAGE]
+        del buffers
+    finally:
+        view.release()
+        m.close()
+
+
 def test_without_rings_gathers_read_range_by_range(image, monkeypatch):
     """No ring (io_uring disabled, say): the same gather reads range by range, and no
     thread makes a ring."""
