@@ -5,6 +5,7 @@ few hundred ranges exercise every edge the millions do."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from array import array
 
@@ -401,11 +402,13 @@ async def test_a_raw_image_read_into_the_mapping_takes_many_ranges_a_read(tmp_pa
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("rings", [True, False])
-async def test_a_raw_images_gathers_read_by_address_into_the_memory_file(tmp_path, scattered, monkeypatch, rings):
+@pytest.mark.parametrize(("rings", "direct"), [(True, False), (False, False), (True, True)])
+async def test_a_raw_images_gathers_read_by_address_into_the_memory_file(tmp_path, scattered, monkeypatch, rings,
+                                                                         direct):
     """The loader gives a raw image's gathers the memory file's mapping (``within``), so
     the threads backend reads a batch of ranges with one system call (aio._batch); where
-    rings cannot be used, the same gathers read range by range.  Byte-exact either way."""
+    rings cannot be used, the same gathers read range by range.  Byte-exact either way,
+    and with ``--direct`` (O_DIRECT reads through the ring) too."""
     from aio import _batch
 
     if rings and _batch.unavailable() is not None:
@@ -422,7 +425,7 @@ async def test_a_raw_images_gathers_read_by_address_into_the_memory_file(tmp_pat
             super()._add(request)
 
     opts = options(tmp_path, scattered["raw"], aio_backend="threads", wrap_queue=lambda q: Recording(q, 0.0),
-                   config=LoaderConfig(kernel_copy=False, busy_linger_s=0.0))
+                   config=LoaderConfig(kernel_copy=False, busy_linger_s=0.0), direct=direct)
     state = None
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
@@ -431,6 +434,9 @@ async def test_a_raw_images_gathers_read_by_address_into_the_memory_file(tmp_pat
         assert state.memory.view == scattered["expected"]
         assert gathers and all(gathers)
         assert state.loader.queue.inner.gather_threads == (aio.usable_cpus() if rings else 1)
+        if direct:  # (not fallen back to buffered reads: the image's file system takes O_DIRECT)
+            assert state.source.local.direct
+            assert fcntl.fcntl(state.source.local.fd, fcntl.F_GETFL) & os.O_DIRECT
         state.stop()
         nursery.cancel_scope.cancel()
 
