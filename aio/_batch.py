@@ -32,20 +32,19 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from ._probe import DISABLED_PATH, explain
+from ._probe import _NR_IO_URING_SETUP, _PARAMS_SIZE, explain, read_disabled
 
 __all__ = ["BATCH_ENTRIES", "BatchRing", "thread_ring", "unavailable"]
 
 #: reads a ring takes at once (a gather of more goes through it in turns)
 BATCH_ENTRIES = 256
-_NR_SETUP, _NR_ENTER = 425, 426  # the same on every architecture (Linux 5.1+)
+_NR_ENTER = _NR_IO_URING_SETUP + 1  # io_uring_enter: the same on every architecture (Linux 5.1+)
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 _FEAT_SINGLE_MMAP = 1
 _OP_READ = 22  # IORING_OP_READ (Linux 5.6)
 _ENTER_GETEVENTS = 1
 _PARAMS = struct.Struct("<10I")  # sq_entries cq_entries flags sq_thread_cpu sq_thread_idle features wq_fd resv[3]
 _RING_OFFSETS = struct.Struct("<8IQ")  # io_sqring_offsets / io_cqring_offsets
-_PARAMS_SIZE = 120
 
 _libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is let go for each call
 _syscall = _libc.syscall
@@ -79,7 +78,7 @@ class BatchRing:
         import numpy
 
         params = ctypes.create_string_buffer(_PARAMS_SIZE)
-        fd = _syscall(_NR_SETUP, ctypes.c_uint(entries), params)
+        fd = _syscall(_NR_IO_URING_SETUP, ctypes.c_uint(entries), params)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
@@ -171,11 +170,7 @@ def unavailable() -> str | None:
 
 
 def _probe() -> str | None:
-    try:
-        with open(DISABLED_PATH) as f:
-            disabled: int | None = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        disabled = None
+    disabled = read_disabled()
     try:
         import numpy
     except ImportError as exc:  # (a dependency: never expected)
