@@ -41,7 +41,8 @@ Then, all in one run, each figure beside the one it is compared with:
   pages of 5 % of the snapshot's chunks, holes elsewhere) written as a child of the
   zstd snapshot straight into the S3 store through the proxy (no delay, no cap), its
   chunk PUTs counted (and its upload against what its dirtied chunks cost in the parent:
-  chunks compress unevenly, so 5 % of the chunks is not 5 % of the bytes); then the parent
+  chunks compress unevenly, so 5 % of the chunks is not 5 % of the bytes: the goal takes
+  the mean over ``DEDUP_DRAWS`` children, each its own uniform draw); then the parent
   restored with a fresh host chunk cache, and the child restored through the proxy from
   that cache, its chunk GETs counted;
 * the daemon's RSS outside the memory file (every fill above) and its heap peak (one
@@ -49,7 +50,7 @@ Then, all in one run, each figure beside the one it is compared with:
 
 Goals (the issue's): local fill >= 0.8x the pages checkpoint's (zstd's and lz4's, each); proxied fill
 >= 0.8 x the compression ratio times the ``none`` one's; the child uploads <= 6 % of
-the parent's stored bytes and fetches only its new chunks; the fault p50 within 1.3x the
+the parent's stored bytes (the mean over the draws) and fetches only its new chunks; the fault p50 within 1.3x the
 ``none`` figure; RSS <= 64 MiB, heap <= 16 MiB (the remote issue's local goals).
 """
 
@@ -88,7 +89,7 @@ PROXY: dict[str, Any] = {"first_byte_delay_s": 0.005, "bandwidth_bytes_s": 100_0
 FAST_LEVEL = -1
 DIRTY_FRACTION = 0.05  #: the child's dirtied chunks, of its parent's
 DIRTY_PAGES = 4  #: pages dirtied in each such chunk (random bytes)
-DEDUP_DRAWS = 5  #: children written, each dirtying its own draw of chunks (the upload goal takes their median)
+DEDUP_DRAWS = 9  #: children written, each dirtying its own draw of chunks (the upload goal takes their mean)
 GOALS: dict[str, float] = {"local_ratio_min": 0.8, "proxy_factor": 0.8, "upload_max": 0.06, "fault_ratio_max": 1.3,
          "rss_max": 64 << 20, "heap_max": 16 << 20}
 SNAPSHOT = "img"
@@ -439,6 +440,10 @@ def _dedup(img: _Image, s3: SeaweedServer, proxy: FaultProxy, workdir: str, seed
         "chunk_puts": puts,
         "draws": [{"dirtied_rows": r, "uploaded_bytes": up, "dirtied_parent_stored_bytes": ds} for r, up, ds in draws],
         "upload_fraction_median": fractions[len(fractions) // 2] if fractions else None,
+        # the goal's figure: a uniform draw of k of n chunks holds k/n of the parent's bytes on
+        # average, so the mean over draws estimates what such a child uploads; one draw's
+        # figure is mostly which chunks it hit (how well they compress), not the layer
+        "upload_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
         "restore": {"chunk_gets": gets, "chunks_fetched": int(fetch["chunks_fetched"]),
                     "chunks_cached": int(fetch["chunks_cached"]),
                     "parent_chunks_fetched": int(parent["remote"]["fetch"]["chunks_fetched"]),
@@ -477,13 +482,15 @@ def _goals(out: dict[str, Any]) -> list[dict[str, Any]]:
         goals.append(_goal(f"{kind}: proxied fill, zstd speedup over none", sp, "x", f">= {want:.2f} (0.8 x ratio)",
                            None if sp is None else sp >= want,
                            "none fill time / zstd fill time through the proxy, no cache, medians"))
-        up = res["dedup"]["upload_fraction_median"]
+        up = res["dedup"]["upload_fraction_mean"]
+        med = res["dedup"]["upload_fraction_median"]
         spread = [d["uploaded_bytes"] / res["dedup"]["parent_stored_bytes"] * 100 for d in res["dedup"]["draws"]] \
             if res["dedup"]["parent_stored_bytes"] else []
         goals.append(_goal(f"{kind}: child upload, 5% chunks dirtied", None if up is None else up * 100, "%",
                            f"<= {g['upload_max'] * 100:.0f}", None if up is None else up <= g["upload_max"],
-                           f"child's new stored bytes / parent's stored bytes, median of {len(spread)} draws "
-                           f"({min(spread, default=0):.2f}-{max(spread, default=0):.2f} %)"))
+                           f"child's new stored bytes / parent's stored bytes, mean of {len(spread)} draws of chunks "
+                           f"(median {(med or 0) * 100:.2f} %, {min(spread, default=0):.2f}-"
+                           f"{max(spread, default=0):.2f} %)"))
         over = res["dedup"]["upload_over_dirtied"]
         goals.append(_goal(f"{kind}: child upload / its dirtied chunks in the parent", over, "x", "", None,
                            f"the layer's own cost: {res['dedup']['dirtied_fraction'] * 100:.2f} % of the chunks "
