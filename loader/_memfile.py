@@ -17,7 +17,8 @@ import mmap
 import os
 import stat
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from ._startup import (
@@ -44,6 +45,70 @@ MEMFD_MODE = 0o400
 #: Linux 5.1; Python's fcntl module does not name it
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 
+
+
+def private_mapping(length: int) -> mmap.mmap:
+    """A private anonymous mapping of ``length`` bytes (at least 1), for a buffer of
+    the daemon's own (staging, scratch, the cache inserter's slots): its pages are
+    touched only as far as used, and counted as anonymous memory (``RssAnon``).  A
+    shared one (``mmap.mmap(-1, n)``) would count as shmem, which the daemon's "RSS
+    outside the memory file" (its stats, its metrics, the bench's goals) leaves out
+    with the memory file's pages."""
+    return mmap.mmap(-1, max(1, length), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                     mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class BufferPool:
+    """At most ``limit`` buffers of ``size`` bytes (:func:`private_mapping`), made as
+    they are first wanted and reused, the last given back first (its pages still
+    touched): :meth:`take` one (waiting while all ``limit`` are taken), :meth:`give`
+    it back.  ``limit=None``: as many as are taken at once (a buffer a thread, as a
+    thread-local one would be, but shared by whichever threads run).  What it costs
+    is what the buffers in use at once have touched, not a buffer per thread that
+    ever ran."""
+
+    def __init__(self, size: int, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        self.size = max(1, size)
+        self.limit = limit
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    @property
+    def made(self) -> int:
+        """Buffers made so far (at most ``limit``)."""
+        return self._made
+
+    def take(self) -> mmap.mmap:
+        with self._cond:
+            while not self._free and self.limit is not None and self._made >= self.limit:
+                self._cond.wait()
+            if self._free:
+                return self._free.pop()
+            self._made += 1
+        try:
+            return private_mapping(self.size)
+        except BaseException:
+            with self._cond:
+                self._made -= 1
+                self._cond.notify()
+            raise
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[mmap.mmap]:
+        """:meth:`take` for the ``with`` block, then :meth:`give` back."""
+        buffer = self.take()
+        try:
+            yield buffer
+        finally:
+            self.give(buffer)
 
 class Destination(Protocol):
     """Where the loader's reads land.  One may also have ``copy_fd``: a file whose

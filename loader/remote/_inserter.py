@@ -31,13 +31,14 @@ cache's lock), then free their slots.
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from .._memfile import private_mapping
 
 if TYPE_CHECKING:
     from ._cache import ChunkCache
@@ -96,7 +97,7 @@ class CacheInserter:
         self.slots = max(2, capacity // self.block_bytes)
         #: slots only urgent calls may take
         self.reserve = max(1, self.slots // 8)
-        self._buffer = mmap.mmap(-1, self.slots * self.block_bytes)
+        self._buffer = private_mapping(self.slots * self.block_bytes)
         self._view = memoryview(self._buffer)
         self._free = list(range(self.slots - 1, -1, -1))
         #: per slot: its block, its state, the chunks in (a bit each), calls writing into

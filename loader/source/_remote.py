@@ -63,6 +63,7 @@ import xxhash
 import aio
 
 from .._files import CheckpointError
+from .._memfile import private_mapping
 from .._units import human
 from ._calls import CallSource
 
@@ -320,7 +321,7 @@ class RemoteSource(CallSource):
         ckpt = self.checkpoint()
         c, size, sums = self.index.chunk_size, self._size, self.index.checksums
         bad: list[BadChunk] = []
-        buffer = mmap.mmap(-1, max(self.fetch_bound, 1))
+        buffer = private_mapping(self.fetch_bound)
         view = memoryview(buffer)
         try:
             for lo in range(0, size, self.fetch_bound):
@@ -687,7 +688,7 @@ class RemoteSource(CallSource):
         """This thread's staging buffer's first ``n`` bytes (``n`` <= fetch_bound)."""
         buffer = self._staging.buffer
         if buffer is None:
-            buffer = self._staging.buffer = mmap.mmap(-1, self.fetch_bound)
+            buffer = self._staging.buffer = private_mapping(self.fetch_bound)
         return memoryview(buffer)[:n]
 
     def _note_error(self, exc: StoreError) -> None:

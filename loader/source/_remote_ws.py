@@ -21,12 +21,13 @@ checkpoint's identity).
 
 from __future__ import annotations
 
-import mmap
 import struct
 import time
 from typing import TYPE_CHECKING
 
 import xxhash
+
+from .._memfile import private_mapping
 
 if TYPE_CHECKING:
     from ..remote import ChunkCache
@@ -71,7 +72,7 @@ def kept_working_set(cache: ChunkCache, key: bytes, identity: int, max_bytes: in
     if not there:
         age = time.time() - found_ns / 1e9
         return ABSENT if 0 <= age < absent_s else None
-    buffer = mmap.mmap(-1, length)  # (not a heap object of its size; freed below)
+    buffer = private_mapping(length)  # (not a heap object of its size; freed below)
     try:
         if not cache.read_content_into(digest, length, buffer):
             return None

@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import mmap
 import os
 import threading
 import time
@@ -47,7 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+import aio
+
 from .._files import CheckpointError, open_regular
+from .._memfile import BufferPool
 from .._units import human
 from ..core._layout import Layout
 from ._calls import CallSource
@@ -65,8 +67,6 @@ log = logging.getLogger("pageload")
 
 
 
-class _Scratch(threading.local):
-    buffer: mmap.mmap | None = None
 
 
 class StoreSource(CallSource):
@@ -119,7 +119,9 @@ class StoreSource(CallSource):
         self.layout = Layout.from_arrays(m.memory_size, m.page_size, mem, length, file)
         self.layout.validate(self._size)
         self.checksums: array[int] | None = m.xxh3
-        self._scratch = _Scratch()
+        #: one-chunk buffers a chunk goes through where a call wants only part of it, or
+        #: its buffers split it (then copied out): as many at once as the reader's staging
+        self._scratch = BufferPool(m.chunk_size, reader.stages.limit)
         self._lock = threading.Lock()
         self._bad: dict[int, tuple[int, str]] = {}  # row -> (errno, why): failed for good
         self._calls = 0
@@ -204,7 +206,11 @@ class StoreSource(CallSource):
         bound = max(max_stored_length(c, manifest.chunk_size) for c in CODEC_NAMES)
         if objects is not None:
             cache = _open_cache(remote or RemoteConfig())
-        reader = ChunkReader(chunks, max_stored=min(stored, bound), chunk_size=manifest.chunk_size, cache=cache)
+        # a local store's chunks are read and decoded at most one a CPU and one more at once
+        # (CPU work: more at once only holds more staging); a store's GETs one each
+        limit = None if objects is not None else aio.usable_cpus() + 1
+        reader = ChunkReader(chunks, max_stored=min(stored, bound), chunk_size=manifest.chunk_size, cache=cache,
+                             staging_limit=limit)
         source = cls(path, root, name, manifest, data, reader, objects, manifest_path)
         if isinstance(chunks, StoreChunks):
             chunks._note = source._note_error
@@ -342,9 +348,13 @@ class StoreSource(CallSource):
                 bad = (errno.ECANCELED, "closing")
             if bad is None:
                 direct = _inside(starts, buffers, a, b, lo, hi)
-                target = direct if direct is not None else self._scratch_view(b - a)
+                scratch = None if direct is not None else self._scratch.take()
+                target = memoryview(scratch)[: b - a] if scratch is not None else direct
+                assert target is not None
                 try:
                     self.reader.read(m.hash_at(k), b - a, m.stored_lengths[k], m.codecs[k], target)
+                    if scratch is not None:
+                        _scatter(target, a, starts, buffers, lo, hi)
                 except ChunkFailure as exc:
                     bad = (exc.errno, exc.message)
                     if exc.errno != errno.ECANCELED:  # past the store's retries: for good
@@ -354,9 +364,10 @@ class StoreSource(CallSource):
                         if first:
                             log.warning("chunk %d (memory %#x) never served: %s", k, m.offsets[k], exc.message)
                 else:
-                    if direct is None:
-                        _scatter(target, a, starts, buffers, lo, hi)
                     continue
+                finally:
+                    if scratch is not None:
+                        self._scratch.give(scratch)
             done = max(0, a - lo)
             return done if done else -bad[0]
         return hi - lo
@@ -376,13 +387,6 @@ class StoreSource(CallSource):
                 return code, f"the chunk at memory {self.manifest.offsets[k]:#x}: {bad[1]}"
         return None
 
-    def _scratch_view(self, n: int) -> memoryview:
-        """This thread's scratch buffer (one chunk), its first ``n`` bytes."""
-        buffer = self._scratch.buffer
-        if buffer is None:
-            assert self.chunk_size is not None
-            buffer = self._scratch.buffer = mmap.mmap(-1, self.chunk_size)
-        return memoryview(buffer)[:n]
 
     def _close_cache(self) -> None:
         with self._lock:

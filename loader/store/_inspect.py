@@ -8,7 +8,6 @@ a store directory's snapshots listed."""
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .._files import CheckpointError
+from .._memfile import private_mapping
 from .._units import human
 from ._format import (
     CODEC_NAMES,
@@ -252,7 +252,7 @@ def verify_snapshot(source: StoreSource, *, threads: int = 4) -> StoreVerifyRepo
     def check(lo: int, hi: int) -> list[BadStoreChunk]:
         buffer = getattr(local, "buffer", None)
         if buffer is None:
-            buffer = local.buffer = mmap.mmap(-1, m.chunk_size)
+            buffer = local.buffer = private_mapping(m.chunk_size)
         bad = []
         for i in range(lo, hi):
             length = m.lengths[i]

@@ -4,11 +4,14 @@ straight into their destination, and check the result's BLAKE3 against the chunk
 name before anything counts it as read.
 
 :class:`ChunkReader` is the engine a restore's worker threads run (``Op.CALL``, see
-:mod:`loader.source._store`).  Each worker thread owns, reused for every chunk:
+:mod:`loader.source._store`).  It reuses, for every chunk:
 
-* a staging buffer for the stored (compressed) bytes, an anonymous mapping of the
-  largest stored length the manifest holds, touched only as far as used;
-* a ``zstandard.ZstdDecompressor`` (not thread-safe: one a thread), its window
+* staging buffers for the stored (compressed) bytes, from a pool (:class:`BufferPool`:
+  private anonymous mappings of the largest stored length the manifest holds, touched
+  only as far as used, the last given back taken first), one for each chunk being
+  read at once, at most ``staging_limit`` (a local store: one a CPU and one more, as
+  decoding is CPU work; a store in object storage: one a GET in flight);
+* a ``zstandard.ZstdDecompressor`` per worker thread (not thread-safe), its window
   bounded by the chunk size, so a hostile frame cannot make it allocate more.
 
 Nothing is allocated per chunk in proportion to its size: the stored bytes are read
@@ -37,7 +40,6 @@ counted bytes, and the caller fails the read.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._files import CheckpointError, open_regular
+from .._memfile import BufferPool
 from ._format import CODEC_LZ4, CODEC_NONE, CODEC_ZSTD, chunk_key
 from ._lz4 import decode_into as lz4_decode_into
 
@@ -145,7 +148,6 @@ class ReadCounts:
 
 
 class _Thread(threading.local):
-    stage: mmap.mmap | None = None
     decompressor: Any = None
     probe: bytearray | None = None
 
@@ -156,10 +158,13 @@ class ChunkReader:
     ``chunk_size``: the largest uncompressed one (bounds the decompressor's window)."""
 
     def __init__(self, chunks: LocalChunks | StoreChunks, *, max_stored: int, chunk_size: int,
-                 cache: ChunkCache | None = None) -> None:
+                 cache: ChunkCache | None = None, staging_limit: int | None = None) -> None:
         self.chunks = chunks
         self.cache = cache
         self.max_stored = max(1, max_stored)
+        #: the staging buffers: at most ``staging_limit`` chunks read and decoded at once
+        #: (None: one a call at once, as many as the worker threads)
+        self.stages = BufferPool(self.max_stored, staging_limit)
         self.chunk_size = chunk_size
         window = 1 << max(10, (max(chunk_size, 1) - 1).bit_length())
         self._window = max(window, 1 << 20)
@@ -172,12 +177,6 @@ class ChunkReader:
             return self.counts.as_dict()
 
     # -- per thread -----------------------------------------------------------------------------
-    def _stage(self, n: int) -> memoryview:
-        t = self._local
-        if t.stage is None:
-            t.stage = mmap.mmap(-1, self.max_stored)
-        return memoryview(t.stage)[:n]
-
     def _decompressor(self) -> Any:
         t = self._local
         if t.decompressor is None:
@@ -197,10 +196,18 @@ class ChunkReader:
         if not 0 < stored <= self.max_stored:
             raise ChunkFailure(errno.EBADMSG, f"chunk {digest.hex()}: {stored} stored bytes, beyond its snapshot's "
                                f"{self.max_stored}")
+        if codec == CODEC_NONE:  # read straight into its place
+            self._read(digest, length, stored, codec, dest, dest)
+            return
+        with self.stages.held() as stage:
+            self._read(digest, length, stored, codec, dest, memoryview(stage)[:stored])
+
+    def _read(self, digest: bytes, length: int, stored: int, codec: int, dest: memoryview,
+              held: memoryview) -> None:
+        """:meth:`read` with the stored bytes going into ``held``."""
         key = chunk_key(digest)
         cache = self.cache
         if cache is not None:
-            held = dest if codec == CODEC_NONE else self._stage(stored)
             if cache.read_content_into(digest, stored, held):
                 try:
                     self._decode(held, codec, dest, digest, key)
@@ -213,7 +220,6 @@ class ChunkReader:
                         self.counts.chunks_cached += 1
                         self.counts.bytes_decompressed += length
                     return
-        held = dest if codec == CODEC_NONE else self._stage(stored)
         try:
             self.chunks.fetch_into(key, held)
         except ChunkFailure:
