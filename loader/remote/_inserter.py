@@ -47,8 +47,9 @@ __all__ = ["DEFAULT_INSERT_BUFFER", "CacheInserter", "InserterStats"]
 
 log = logging.getLogger("pageload")
 
-#: the inserter's slots together (bytes): 8 blocks of 1 MiB
-DEFAULT_INSERT_BUFFER = 8 << 20
+#: the inserter's slots together (bytes): 4 blocks of 1 MiB (8 held 5 MiB more at a cold
+#: fill's peak, and filled no faster: docs/MEASUREMENTS.md, "RSS outside the memory file")
+DEFAULT_INSERT_BUFFER = 4 << 20
 #: blocks put into the cache per taking of its lock
 BATCH = 4
 #: the inserter's threads: a block's insert is mostly waiting on the file system
