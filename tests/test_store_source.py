@@ -7,6 +7,7 @@ Snapshots are written by the tests' own writer (tests/store_writer.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import random
@@ -22,6 +23,7 @@ from uffd_run import fault_then_fill
 
 import aio
 import aio.testing
+import loader.store._read
 from loader import ClientError, DaemonOptions, LoaderConfig, TrioClient, UffdConfig, run_daemon
 from loader.checkpoint import CheckpointError
 from loader.remote import ObjectStore, RetryPolicy
@@ -120,6 +122,34 @@ async def test_a_local_store_stages_at_most_two_chunks_a_cpu_whatever_the_thread
     assert source.reader.stages.limit == limit and source._scratch.limit == limit
     await check_source(source, image["memory"], lambda n: aio.open_queue("threads", n, threads=16))
     assert 1 <= source.reader.stages.made <= limit and source._scratch.made <= limit
+
+
+def _resident_pages(buffer: mmap.mmap) -> int:
+    """Pages of ``buffer`` in memory now (``mincore``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = (len(buffer) + PAGE - 1) // PAGE
+    vec = ctypes.create_string_buffer(pages)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert libc.mincore(address, len(buffer), vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(b & 1 for b in vec.raw)
+
+
+async def test_an_s3_store_gives_back_its_staging_past_the_first_pages_after_each_chunk(image, s3_store, seaweed,
+                                                                                      tmp_path, monkeypatch):
+    """Chunks from object storage: a staging buffer for each GET in flight, each given
+    back past its first pages once its chunk is decoded (what it holds is what its GET
+    is bringing, not the largest chunk it ever brought); a local store keeps its few."""
+    monkeypatch.setattr(loader.store._read, "STAGING_KEPT", PAGE)
+    source = open_source(f"{s3_store}/snapshots/base", remote=_remote(seaweed, tmp_path, cache=False))
+    assert isinstance(source, StoreSource) and source.reader.release_staging
+    await check_source(source, image["memory"], lambda n: aio.open_queue("threads", n))
+    stages = source.reader.stages
+    assert stages.made >= 1
+    held = [stages.take() for _ in range(stages.made)]
+    assert all(_resident_pages(b) <= 1 for b in held), [_resident_pages(b) for b in held]
+    local = open_source(image["ref"])
+    assert isinstance(local, StoreSource) and not local.reader.release_staging
 
 
 def test_open_source_claims_a_snapshot_by_its_shape_and_its_manifest(image, tmp_path):

@@ -210,7 +210,7 @@ class StoreSource(CallSource):
         # (CPU work: more at once only holds more staging); a store's GETs one each
         limit = None if objects is not None else aio.usable_cpus() * 2
         reader = ChunkReader(chunks, max_stored=min(stored, bound), chunk_size=manifest.chunk_size, cache=cache,
-                             staging_limit=limit)
+                             staging_limit=limit, release_staging=objects is not None)
         source = cls(path, root, name, manifest, data, reader, objects, manifest_path)
         if isinstance(chunks, StoreChunks):
             chunks._note = source._note_error

@@ -40,6 +40,7 @@ counted bytes, and the caller fails the read.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -147,6 +148,10 @@ class ReadCounts:
         return asdict(self)
 
 
+#: the bytes at the start of a staging buffer kept when the rest is given back (page-aligned)
+STAGING_KEPT = 256 << 10
+
+
 class _Thread(threading.local):
     decompressor: Any = None
     probe: bytearray | None = None
@@ -158,13 +163,19 @@ class ChunkReader:
     ``chunk_size``: the largest uncompressed one (bounds the decompressor's window)."""
 
     def __init__(self, chunks: LocalChunks | StoreChunks, *, max_stored: int, chunk_size: int,
-                 cache: ChunkCache | None = None, staging_limit: int | None = None) -> None:
+                 cache: ChunkCache | None = None, staging_limit: int | None = None,
+                 release_staging: bool = False) -> None:
         self.chunks = chunks
         self.cache = cache
         self.max_stored = max(1, max_stored)
         #: the staging buffers: at most ``staging_limit`` chunks read and decoded at once
         #: (None: one a call at once, as many as the worker threads)
         self.stages = BufferPool(self.max_stored, staging_limit)
+        #: a staging buffer's pages past its first ``STAGING_KEPT`` bytes are given back
+        #: after each chunk (``MADV_DONTNEED``): where chunks wait on the network, one a GET
+        #: in flight, each buffer then holds what its GET is bringing, not the largest
+        #: chunk it ever brought (a fault per page again costs little beside a GET)
+        self.release_staging = release_staging
         self.chunk_size = chunk_size
         window = 1 << max(10, (max(chunk_size, 1) - 1).bit_length())
         self._window = max(window, 1 << 20)
@@ -200,7 +211,11 @@ class ChunkReader:
             self._read(digest, length, stored, codec, dest, dest)
             return
         with self.stages.held() as stage:
-            self._read(digest, length, stored, codec, dest, memoryview(stage)[:stored])
+            try:
+                self._read(digest, length, stored, codec, dest, memoryview(stage)[:stored])
+            finally:
+                if self.release_staging and stored > STAGING_KEPT:  # what is past its first pages, given back
+                    stage.madvise(mmap.MADV_DONTNEED, STAGING_KEPT, min(len(stage), stored) - STAGING_KEPT)
 
     def _read(self, digest: bytes, length: int, stored: int, codec: int, dest: memoryview,
               held: memoryview) -> None:
