@@ -45,7 +45,8 @@ Then, all in one run, each figure beside the one it is compared with:
   the mean over ``DEDUP_DRAWS`` children, each its own uniform draw); then the parent
   restored with a fresh host chunk cache, and the child restored through the proxy from
   that cache, its chunk GETs counted;
-* the daemon's RSS outside the memory file (every fill above) and its heap peak (one
+* the daemon's RSS outside the memory file (every daemon above; the ``--tracemalloc``
+  one's apart, as in the remote section: tracemalloc's tables are its own) and its heap peak (one
   more zstd fill from S3 with ``--tracemalloc``).
 
 Goals (the issue's): local fill >= 0.8x the pages checkpoint's (zstd's and lz4's, each); proxied fill
@@ -181,7 +182,9 @@ def run_store_section(size: int, workdir: str, *, rounds: int = 2, samples: int 
             img = images[-1]
             heap = _restore(img.url_z + "/snapshots/" + SNAPSHOT, workdir,
                             ["--tracemalloc", "--s3-endpoint", s3.endpoint, "--no-cache"])
-            rss["s3"].append(_rss(heap))
+            # (not in the RSS goal, as in the remote section: tracemalloc's own tables are
+            # memory the daemon does not hold without it; shown apart)
+            out["heap_run_rss_outside_bytes"] = _rss(heap)
             out["heap_peak_bytes"] = heap.get("process", {}).get("heap_peak_bytes")
     finally:
         for k, v in saved.items():
@@ -506,15 +509,17 @@ def _goals(out: dict[str, Any]) -> list[dict[str, Any]]:
                            f"<= {g['fault_ratio_max']}", None if fr is None else fr <= g["fault_ratio_max"],
                            "4 KiB waits one at a time on chunks not fetched, --no-sweep, proxy"))
     for where, how in (("local", "a local store's (and the pages checkpoint's) fills"),
-                       ("s3", "every daemon on a store in S3: fills, faults, dedup, heap run")):
+                       ("s3", "every daemon on a store in S3: fills, faults, dedup (not the tracemalloc run)")):
         r = out["rss_outside_peak_bytes"].get(where)
         goals.append(_goal(f"RSS outside the memory file, peak, {where}", None if r is None else r / 2**20, "MiB",
                            f"<= {g['rss_max'] / 2**20:.0f}", None if r is None else r <= g["rss_max"],
                            f"max of rssanon + rssfile over {how}"))
     h = out.get("heap_peak_bytes")
+    hr = out.get("heap_run_rss_outside_bytes")
     goals.append(_goal("Python heap peak (tracemalloc)", None if h is None else h / 2**20, "MiB",
                        f"<= {g['heap_max'] / 2**20:.0f}", None if h is None else h <= g["heap_max"],
-                       "one zstd fill from S3, --no-cache, --tracemalloc"))
+                       "one zstd fill from S3, --no-cache, --tracemalloc"
+                       + ("" if hr is None else f" (its RSS outside the memory file {hr / 2**20:.1f} MiB)")))
     return goals
 
 

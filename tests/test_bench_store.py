@@ -109,4 +109,5 @@ def test_the_store_section_at_a_tiny_size(tmp_path: Path) -> None:
         assert named[f"{kind}: proxied fill, zstd speedup over none"]["met"] == (px["speedup"] >= 0.8 * c["ratio"])
     rss = section["rss_outside_peak_bytes"]
     assert rss["local"] > 0 and rss["s3"] > 0 and section["heap_peak_bytes"] > 0
+    assert section["heap_run_rss_outside_bytes"] > 0  # shown apart, not in the S3 figure
     assert all(g["met"] in (True, False, None) for g in section["goals"]) and len(section["goals"]) == 2 * 10 + 3
