@@ -206,9 +206,9 @@ class StoreSource(CallSource):
         bound = max(max_stored_length(c, manifest.chunk_size) for c in CODEC_NAMES)
         if objects is not None:
             cache = _open_cache(remote or RemoteConfig())
-        # a local store's chunks are read and decoded at most two a CPU at once
+        # a local store's chunks are read and decoded at most three a CPU at once
         # (CPU work: more at once only holds more staging); a store's GETs one each
-        limit = None if objects is not None else aio.usable_cpus() * 2
+        limit = None if objects is not None else aio.usable_cpus() * 3
         reader = ChunkReader(chunks, max_stored=min(stored, bound), chunk_size=manifest.chunk_size, cache=cache,
                              staging_limit=limit, release_staging=objects is not None)
         source = cls(path, root, name, manifest, data, reader, objects, manifest_path)

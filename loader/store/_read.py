@@ -9,7 +9,7 @@ name before anything counts it as read.
 * staging buffers for the stored (compressed) bytes, from a pool (:class:`BufferPool`:
   private anonymous mappings of the largest stored length the manifest holds, touched
   only as far as used, the last given back taken first), one for each chunk being
-  read at once, at most ``staging_limit`` (a local store: two a CPU, as
+  read at once, at most ``staging_limit`` (a local store: three a CPU, as
   decoding is CPU work; a store in object storage: one a GET in flight);
 * a ``zstandard.ZstdDecompressor`` per worker thread (not thread-safe), its window
   bounded by the chunk size, so a hostile frame cannot make it allocate more.
