@@ -231,8 +231,10 @@ async def run_daemon(
     if opts.listen_socket is not None:
         opts.socket_path = _socket_name(opts.listen_socket)
     check_options(opts)
-    if is_store_url(opts.source):  # response bodies: given back when freed, not kept resident
-        unmap_large_allocations()
+    # large C allocations given back when freed, not kept resident: a store's response
+    # bodies; a local restore's big temporaries (a window's batch of a million-range
+    # table, 512 KiB arrays) left 4 MiB of freed heap behind a 1M-range fill
+    unmap_large_allocations()
     try:
         source = open_source(opts.source, scan=_needs_holes_first(opts), direct=opts.direct, remote=opts.remote)
     except CheckpointError as exc:
