@@ -160,7 +160,8 @@ def unmap_large_allocations(threshold: int = FETCH_MMAP_THRESHOLD) -> bool:
     freed, and from then on keeps freed blocks for reuse: the store client's response
     bodies (1 MiB for the sweep, a dozen in flight, in the store client's threads'
     arenas) left 18 MiB of freed heap resident in a restore from a store (docs/REMOTE.md,
-    "Measured").  True where it was set (glibc)."""
+    "Measured"), and a 1M-range local fill's big temporaries 4 MiB.  Every daemon sets
+    it.  True where it was set (glibc)."""
     return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, threshold) == 1
 
 
