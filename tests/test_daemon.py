@@ -517,9 +517,9 @@ def test_the_heap_freed_at_start_up_goes_back_to_the_system() -> None:
     del keep
 
 
-_MMAP_PROBE = """
-import ctypes, sys
-from loader.daemon._options import unmap_large_allocations
+#: glibc's mallinfo2 and malloc/free through ctypes, for the probes below
+_MALLINFO = """
+import ctypes
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -529,6 +529,12 @@ libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = Info
+"""
+
+_MMAP_PROBE = _MALLINFO + """
+import sys
+from loader.daemon._options import unmap_large_allocations
+
 if sys.argv[1] == "fixed" and not unmap_large_allocations():
     sys.exit(3)
 libc.free(libc.malloc(1 << 20))  # a response body freed: glibc's default raises its threshold past it
@@ -554,19 +560,11 @@ def test_large_allocations_stay_mappings_of_their_own_in_a_daemon_on_a_store(mod
     assert int(got.stdout) == mapped, got.stdout
 
 
-_LOCAL_MMAP_PROBE = """
-import ctypes, sys, trio
+_LOCAL_MMAP_PROBE = _MALLINFO + """
+import sys, trio
 from loader import DaemonOptions, run_daemon
 from workloads import make_sample_image
 
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.mallinfo2.restype = Info
 image, sock = sys.argv[1], sys.argv[2]
 make_sample_image(image, 8 << 20, seed=3)
 
