@@ -34,7 +34,7 @@ from loader.checkpoint import create_checkpoint, read_pages_index
 from loader.remote import ObjectStore, RetryPolicy
 from loader.source import RemoteConfig, RemoteSource
 from loader.uffd import _ioctl as _uffd
-from workloads import FaultProxy, SeaweedServer, make_sample_image
+from workloads import FaultProxy, SeaweedServer, SeaweedStartError, make_sample_image
 from workloads._daemon_process import DaemonProcess
 
 MiB = 1 << 20
@@ -621,3 +621,18 @@ def test_sigterm_with_gets_held_back_exits_within_the_shutdown_timeout(pushed, s
     assert code == 0, log
     assert took < 1 + 1, f"exited {took:.1f} s after SIGTERM; {log}"
     assert "not waiting for them" in log, log
+
+
+def test_weed_on_a_nearly_full_disk_is_refused_in_one_line() -> None:
+    """A full disk made weed answer every write with HTTP 500 (its volumes go read-only
+    below 1 % free), and the suite failed far from the cause: now the server refuses to
+    start on such a disk, saying why."""
+    from workloads._s3 import check_free_space
+
+    gib = 1 << 30
+    with pytest.raises(SeaweedStartError, match=r"1\.7 GiB free of 252 GiB; weed marks its volumes read-only"):
+        check_free_space("/data", (252 * gib, 250 * gib, int(1.7 * gib)))  # what a run here once had
+    check_free_space("/data", (252 * gib, 200 * gib, 52 * gib))
+    check_free_space("/small", (gib, gib // 10, 900 << 20))  # a small file system: 1 % of it is little
+    with pytest.raises(SeaweedStartError, match=r"free 0\.2 GiB more"):  # 1 % and the margin: 267 MiB
+        check_free_space("/small", (gib, gib - (100 << 20), 100 << 20))

@@ -51,6 +51,27 @@ class SeaweedStartError(RuntimeError):
         self.exited = exited
 
 
+#: ``weed``'s volume servers turn read-only below this share of their disk free (its
+#: ``-minFreeSpace`` default, 1 %): every write is then an HTTP 500
+WEED_MIN_FREE_PERCENT = 1.0
+#: room asked beyond that for the objects a test or bench run writes
+WEED_FREE_MARGIN = 256 << 20
+
+
+def check_free_space(path: str, usage: tuple[int, int, int] | None = None) -> None:
+    """Raise :class:`SeaweedStartError` in one line where the file system of ``path``
+    has too little free for ``weed`` to take writes (``usage``: ``shutil.disk_usage``'s
+    (total, used, free), for tests).  Without this a full disk shows as HTTP 500s and
+    timeouts far from their cause."""
+    total, _, free = usage if usage is not None else shutil.disk_usage(path)
+    need = int(total * WEED_MIN_FREE_PERCENT / 100) + WEED_FREE_MARGIN
+    if free < need:
+        raise SeaweedStartError(
+            f"{path}: {free / 2**30:.1f} GiB free of {total / 2**30:.0f} GiB; weed marks its volumes "
+            f"read-only below {WEED_MIN_FREE_PERCENT:g} % free (its -minFreeSpace) and answers writes with "
+            f"HTTP 500: free {(need - free) / 2**30:.1f} GiB more")
+
+
 def find_weed() -> str | None:
     """The ``weed`` binary: beside this Python (a virtual environment's bin), else on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "weed")
@@ -133,6 +154,7 @@ class SeaweedServer:
         base = self._directory or self._tmp
         data = os.path.join(base, "data")
         os.makedirs(data, exist_ok=True)
+        check_free_space(data)
         config = os.path.join(self._tmp, "s3.json")
         with open(config, "w") as f:
             json.dump({"identities": [{
