@@ -121,7 +121,7 @@ def run_workingset_section(
     image = os.path.abspath(image)
     ws_path = os.path.join(work, "ws.msgpack")
     layout = open_checkpoint(image).layout
-    data = [(m, m + n) for m, n in zip(layout.mem, layout.length)]
+    data = [(m, m + n) for m, n, _ in layout]
     perturbed = perturb_trace(trace, PERTURB_FRACTION, data, seed)
 
     def run(name: str, source: str, flags: tuple[str, ...], tr: Trace, use_map: bool = False) -> dict[str, Any]:

@@ -291,7 +291,7 @@ from loader.checkpoint._raw import _round_merge
 n = 1 << 12
 layout = Layout.from_arrays(n * 16384, 4096, array('Q', range(0, n * 16384, 16384)), array('Q', [4096]) * n)
 layout.validate()
-print(layout.data_bytes, layout.prefix()[1], layout.file_ascends())
+print(layout.data_bytes, layout.prefix()[1] << layout.shift, layout.file_ascends())
 print(list(zip(*_round_merge(array('Q', [1, 5000, 9000]), array('Q', [10, 6000, 20000]), 4096, 1 << 20))))
 """
 

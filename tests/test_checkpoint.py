@@ -259,7 +259,7 @@ def test_verify_passes_then_names_the_flipped_chunk(ckpt: Path) -> None:
     i = next(
         i for i, r in enumerate(ck.layout) if r.file_offset <= flip_at < r.file_offset + r.length
     )
-    flipped_mem = ck.layout.mem[i] + flip_at - ck.layout.file[i]
+    flipped_mem = ck.layout.mem_at(i) + flip_at - ck.layout.file_at(i)
     assert any(lo <= flipped_mem < hi for lo, hi in bad.memory)
     assert sum(hi - lo for lo, hi in bad.memory) == bad.length
 
@@ -451,7 +451,7 @@ def test_version_1_and_version_2_indexes_open_alike(ckpt: Path) -> None:
     index_path.write_bytes(msgpack.packb(as_version_1(index)))
     v1 = open_checkpoint(str(ckpt)).layout
     assert list(v1) == list(v2) and len(v2) >= 2
-    assert v1.mem == v2.mem and v1.length == v2.length and v1.file == v2.file
+    assert v1.mem_pages == v2.mem_pages and v1.len_pages == v2.len_pages and v1.file_pages == v2.file_pages
 
 
 def _v2_set(**fields: Any) -> Mutation:
@@ -693,9 +693,9 @@ def _index_of(ranges: int) -> bytes:
     from loader.checkpoint._index import IndexFields, encode_index
 
     page = 4096
-    mem = array("Q", range(0, ranges * 2 * page, 2 * page))
-    length = array("Q", [page]) * ranges
-    file = array("Q", range(0, ranges * page, page))
+    mem = array("I", range(0, ranges * 2, 2))  # (page numbers)
+    length = array("I", [1]) * ranges
+    file = array("I", range(ranges))
     return encode_index(IndexFields(page, ranges * 2 * page, ranges * page, mem, length, file, page,
                                     array("Q", [0]) * ranges, {}))
 
@@ -722,12 +722,14 @@ def test_the_index_columns_are_read_from_the_file_into_their_arrays(tmp_path: Pa
         finally:
             tracemalloc.stop()
         whole = decode_index(bytearray(data))
-        assert (got.mem, got.length, got.file, got.checksums) == (whole.mem, whole.length, whole.file,
-                                                                   whole.checksums)
-        columns = 4 * 8 * ranges  # the range table and the checksums: the file is not much more
-        # the arrays plus one column's read buffer (the whole decode: the file, the columns'
-        # bytes, an array: more than twice the columns)
-        assert streamed_peak < 1.6 * columns, (streamed_peak, columns)
+        assert (got.mem_pages, got.len_pages, got.file_pages, got.checksums) == (
+            whole.mem_pages, whole.len_pages, whole.file_pages, whole.checksums)
+        assert got.mem_pages.typecode == got.len_pages.typecode == got.file_pages.typecode == "I"
+        # the range table as page numbers (4 bytes each) and the checksums (8): the file holds
+        # 32 bytes a range.  The streamed read holds the arrays plus a 256 KiB piece of a column
+        # and its conversion (the whole decode: the file, the columns' bytes, their arrays)
+        columns = (3 * 4 + 8) * ranges
+        assert streamed_peak < columns + (1 << 20), (streamed_peak, columns)
     finally:
         os.close(fd)
     # hostile or damaged: the same reason as the whole decode gives

@@ -628,7 +628,7 @@ async def test_every_loaded_byte_is_committed_and_told_to_the_listeners(tmp_path
     if told == "commit":
         assert dest.committed == layout.data_bytes
     else:
-        assert sorted(heard) == [(m, m + PAGE) for m in layout.mem]
+        assert sorted(heard) == [(m, m + PAGE) for m, _, _ in layout]
     assert mem.view[: layout.memory_size : 2 * PAGE] == data[: layout.memory_size : 2 * PAGE]
     await loader.aclose()
 
@@ -1013,7 +1013,7 @@ async def test_a_gathered_read_cut_short_reads_the_rest_from_where_it_stopped(
     else:
         assert handle.finished and handle.error is None
         assert s.reads_retried == 1 and s.loaded_bytes == layout.data_bytes and s.failed_bytes == 0
-        for m in layout.mem:
+        for m, _, _ in layout:
             assert mem.view[m : m + PAGE] == data[m : m + PAGE], m
     await loader.aclose()
 
@@ -1036,7 +1036,7 @@ async def test_a_pages_checkpoints_small_ranges_are_copied_in_the_kernel_only_wh
     held = Cached(16, held=True, cached=lambda offset: False)
     queue = aio.testing.FaultInjectingQueue(held, record)
     loader, mem = _loader(opened, ck.layout, fd, queue, ck, sweep_read_size=64 * KiB, busy_linger_s=3600.0)
-    last = ck.layout.mem[len(ck.layout) - 1]
+    last = ck.layout.mem_at(len(ck.layout) - 1)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loader.run)
         await _rounds()

@@ -128,7 +128,7 @@ def test_one_wrong_byte_is_one_mismatch(
 ) -> None:
     layout = open_checkpoint(image).layout
     daemon.wait_loaded()
-    victim = layout.mem[1] + 5 * PAGE + 123  # inside data, away from the per-page tag
+    victim = layout.mem_at(1) + 5 * PAGE + 123  # inside data, away from the per-page tag
     with open(daemon.memory_file, "r+b") as f:
         f.seek(victim)
         good = f.read(1)[0]
@@ -136,7 +136,7 @@ def test_one_wrong_byte_is_one_mismatch(
         f.write(bytes([good ^ 0xFF]))
     page = victim - victim % PAGE
     # faults on data pages; exactly one covers the corrupted byte
-    offsets = [layout.mem[0], page, layout.mem[0] + PAGE, layout.mem[1], page + PAGE]
+    offsets = [layout.mem_at(0), page, layout.mem_at(0) + PAGE, layout.mem_at(1), page + PAGE]
     trace = Trace(
         range(len(offsets)), offsets, [PAGE] * len(offsets), memory_size=layout.memory_size
     )

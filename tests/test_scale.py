@@ -55,8 +55,8 @@ def options(tmp_path, source, **kw):
 
 def test_the_scattered_sample_has_one_range_every_stride_pages(scattered):
     layout = open_checkpoint(scattered["raw"]).layout
-    assert list(layout.mem) == list(range(0, SIZE, STRIDE * PAGE))
-    assert set(layout.length) == {PAGE}
+    assert list(layout.byte_column("mem")) == list(range(0, SIZE, STRIDE * PAGE))
+    assert set(layout.byte_column("length")) == {PAGE}
     data = scattered["expected"]
     for off in range(0, SIZE, PAGE):
         page = data[off:off + PAGE]
@@ -276,10 +276,14 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     length = array("Q", [PAGE]) * n
     raw = Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length)
     raw.validate(n * 4 * PAGE)
-    assert raw.identity_mapped and raw.table_bytes() == 16 * n and raw.data_bytes == n * PAGE
+    # page numbers, 4 bytes each: 8 bytes a range (a raw image's two columns), 12 with a file column
+    assert raw.identity_mapped and raw.table_bytes() == 8 * n and raw.data_bytes == n * PAGE
+    assert raw.mem_pages.typecode == raw.len_pages.typecode == "I"
     packed = Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length, array("Q", range(0, n * PAGE, PAGE)))
     packed.validate(n * PAGE)
-    assert packed.prefix() is packed.file and packed.table_bytes() == 24 * n
+    assert packed.prefix() is packed.file_pages and packed.table_bytes() == 12 * n
+    assert packed.byte_column("mem") == mem and packed.byte_column("length") == length
+    assert packed[n - 1] == ((n - 1) * 4 * PAGE, PAGE, (n - 1) * PAGE) and packed.find((n - 1) * 4 * PAGE + 5) == n - 1
     bad = array("Q", mem)
     bad[n // 2] = bad[n // 2 - 1]
     with pytest.raises(LayoutError, match=f"range {n // 2} at memory"):
@@ -306,6 +310,36 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, f"validate's temporaries peaked at {peak >> 20} MiB for {n} ranges"
+
+
+def test_page_numbers_past_32_bits_take_wide_columns_and_bytes_must_be_page_aligned():
+    """The range table's columns are page numbers: 32-bit up to 16 TiB of 4 KiB pages,
+    64-bit beyond (a column is widened where one of its numbers needs it), the same
+    bytes either way; a byte offset that is not page-aligned cannot be a page number."""
+    from loader import Layout, LayoutError
+
+    big = 1 << 46  # 64 TiB: page numbers up to 2**34
+    ranges = [(0, PAGE, 0), ((1 << 45) + PAGE, 2 * PAGE, PAGE), (big - PAGE, PAGE, 3 * PAGE)]
+    wide = Layout(big, PAGE, ranges)
+    wide.validate(4 * PAGE)
+    assert list(wide) == ranges and wide.mem_pages.typecode == "Q"
+    assert wide.len_pages.typecode == wide.file_pages.typecode == "I"  # (their numbers are small)
+    assert wide.find((1 << 45) + 2 * PAGE + 7) == 1 and wide.find(1 << 45) == -1
+    assert wide.file_offset(big - 1) == 4 * PAGE - 1 and list(wide.data_in(0, big)) == [
+        (m, m + n) for m, n, _ in ranges]
+    assert wide.byte_column("mem") == array("Q", [m for m, _, _ in ranges])
+    # a raw image's identity (its working sets name it) is still that of its byte offsets
+    import xxhash
+
+    from loader.core._identity import layout_digest
+
+    old = xxhash.xxh3_64(array("Q", [m for m, _, _ in ranges]).tobytes())
+    old.update(array("Q", [n for _, n, _ in ranges]).tobytes())
+    assert layout_digest(wide) == old.intdigest()
+    with pytest.raises(LayoutError, match=r"range 1 \(memory 0x2000\+0x1001 at file 0x1000\) is not page-aligned"):
+        Layout(16 * PAGE, PAGE, [(0, PAGE, 0), (2 * PAGE, PAGE + 1, PAGE)])
+    with pytest.raises(LayoutError, match="page size 3000 is not a power of two"):
+        Layout(16 * PAGE, 3000, [])
 
 
 class _SlowScanner:

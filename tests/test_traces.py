@@ -507,7 +507,7 @@ def test_generating_against_a_layout_touches_only_data(kind: str) -> None:
     for off, n in zip(t.offset, t.length, strict=True):
         i = layout.find(off)
         assert i >= 0, f"fault at {off:#x} is in a hole"
-        assert off + n <= layout.mem[i] + layout.length[i]
+        assert off + n <= layout.end_at(i)
 
 
 def test_layout_mapping_keeps_order_and_cuts_at_range_ends() -> None:

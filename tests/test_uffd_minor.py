@@ -426,7 +426,7 @@ async def test_a_corrupt_chunk_gives_the_vcpu_sigbus_never_its_bytes(tmp_path, d
     ckpt = str(tmp_path / "ckpt")
     create_checkpoint(dense, ckpt, chunk_size=64 << 10)
     layout = open_checkpoint(ckpt).layout
-    assert len(layout) == 1 and layout.mem[0] == layout.file[0] == 0, "a dense image: file offset == memory"
+    assert len(layout) == 1 and layout.mem_at(0) == layout.file_at(0) == 0, "a dense image: file offset == memory"
     flip = 3 * MiB + 100
     with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
         f.seek(flip)

@@ -70,7 +70,7 @@ class _Verifier:
             if a > pos:
                 view[pos - lo : a - lo] = self.zeros[: a - pos]
             i = layout.find(a)
-            file_off = layout.file[i] + (a - layout.mem[i])
+            file_off = layout.file_at(i) + (a - layout.mem_at(i))
             got = os.preadv(self.fd, [view[a - lo : b - lo]], file_off)
             if got != b - a:
                 raise OSError(f"short read of the checkpoint at {file_off:#x}: {got} of {b - a} bytes")

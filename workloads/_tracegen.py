@@ -271,20 +271,21 @@ def onto_layout(trace: Trace, layout: Layout) -> Trace:
     """
     prefix = array("Q")
     total = 0
-    for n in layout.length:
+    shift = layout.shift
+    for n in layout.len_pages:
         prefix.append(total)
-        total += n
+        total += n << shift
     offset = array("Q")
     length = array("Q")
     for d, n in zip(trace.offset, trace.length, strict=True):
         i = bisect_right(prefix, d) - 1
         into = d - prefix[i]
-        if i < 0 or into >= layout.length[i]:
+        if i < 0 or into >= layout.length_at(i):
             raise ValueError(
                 f"{trace.source}: offset {d:#x} is past the image's {total} data bytes"
             )
-        offset.append(layout.mem[i] + into)
-        length.append(min(n, layout.length[i] - into))
+        offset.append(layout.mem_at(i) + into)
+        length.append(min(n, layout.length_at(i) - into))
     return Trace(
         array("Q", trace.t_us),
         offset,

@@ -125,16 +125,17 @@ class Checkpoint:
     def memory_spans(self, file_lo: int, file_hi: int) -> list[tuple[int, int]]:
         """The memory spans whose data lies in pages-file bytes [file_lo, file_hi), merged."""
         layout = self.layout
-        order = sorted(range(len(layout)), key=layout.file.__getitem__)
-        starts = [layout.file[i] for i in order]
+        order = sorted(range(len(layout)), key=layout.file_pages.__getitem__)
+        starts = [layout.file_at(i) for i in order]
         spans: list[tuple[int, int]] = []
         k = max(bisect_right(starts, file_lo) - 1, 0)
         while k < len(order) and starts[k] < file_hi:
             i = order[k]
-            lo = max(file_lo, layout.file[i])
-            hi = min(file_hi, layout.file[i] + layout.length[i])
+            mem, length, file = layout[i]
+            lo = max(file_lo, file)
+            hi = min(file_hi, file + length)
             if lo < hi:
-                mem_lo = layout.mem[i] + lo - layout.file[i]
+                mem_lo = mem + lo - file
                 mem_hi = mem_lo + hi - lo
                 if spans and spans[-1][1] == mem_lo:
                     spans[-1] = (spans[-1][0], mem_hi)
@@ -281,7 +282,7 @@ def parse_pages_index(data: bytes | bytearray, name: str) -> PagesIndex:
 
 
 def _pages_index(fields: IndexFields, index_path: str) -> PagesIndex:
-    layout = Layout.from_arrays(fields.memory_size, fields.page_size, fields.mem, fields.length, fields.file)
+    layout = fields.layout()
     _validate(layout, index_path, fields.pages_size)
     expected = -(-fields.pages_size // fields.chunk_size)
     if len(fields.checksums) != expected:
@@ -355,7 +356,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "data_bytes": layout.data_bytes,
         "zero_bytes_skipped": layout.memory_size - layout.data_bytes,
         "ranges": len(layout),
-        "largest_range": max(layout.length, default=0),
+        "largest_range": max(layout.len_pages, default=0) << layout.shift,
         "range_table_bytes": layout.table_bytes(),
         "pages_file_size": ckpt.pages_size,
     }

@@ -3,7 +3,8 @@
 One pass over the image's data extents with one reused read buffer: holes are
 never read, all-zero pages inside extents are dropped, the rest is appended to
 ``pages.img`` and hashed as it is written.  Memory use is the read buffer plus
-24 bytes per output range, whatever the image size.
+24 bytes per output range while it is written (12 in the index's columns after),
+whatever the image size.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def create_checkpoint(
         page_size=page_size,
         memory_size=size,
         data_bytes=fields.pages_size,
-        ranges=len(fields.mem),
+        ranges=len(fields.mem_pages),
         hole_bytes=size - extent_bytes,
         zero_page_bytes=extent_bytes - fields.pages_size,
         chunk_size=chunk_size,
@@ -323,13 +324,15 @@ def _write_pages(
         mem = array("Q", (m for m, _, _ in merged))
         length = array("Q", (n for _, n, _ in merged))
         file = array("Q", (f for _, _, f in merged))
+    table = Layout.from_arrays(size, page_size, mem, length, file)  # (page numbers, as the index is read)
+    del mem, length, file
     return IndexFields(
         page_size=page_size,
         memory_size=size,
         pages_size=writer.position,
-        mem=mem,
-        length=length,
-        file=file,
+        mem_pages=table.mem_pages,
+        len_pages=table.len_pages,
+        file_pages=table.file_pages,
         chunk_size=chunk_size,
         checksums=checksums,
         source={

@@ -20,6 +20,7 @@ import msgpack
 
 from .._files import CheckpointError
 from ..core._columns import column_bytes, read_column
+from ..core._layout import Layout, PageColumnBuilder, page_shift
 
 __all__ = [
     "read_index",
@@ -55,22 +56,28 @@ _MAGIC = msgpack.packb("format") + msgpack.packb(FORMAT)
 @dataclass(frozen=True, slots=True, eq=False)
 class IndexFields:
     """The checked contents of an index (ranges not yet checked against each other):
-    the range table as three columns (memory offset, length, ``pages.img`` offset)."""
+    the range table as three columns of page numbers (memory offset, length,
+    ``pages.img`` offset, each ``>> log2(page_size)``: :class:`~loader.Layout`'s
+    columns).  The file holds them in bytes; they are converted on the way in and out."""
 
     page_size: int
     memory_size: int
     pages_size: int
-    mem: array[int]
-    length: array[int]
-    file: array[int]
+    mem_pages: array[int]
+    len_pages: array[int]
+    file_pages: array[int]
     chunk_size: int
     checksums: array[int]
     source: dict[str, Any] = field(default_factory=dict)
 
+    def layout(self) -> Layout:
+        """The range table as a :class:`~loader.Layout` over these columns (no copy; not validated)."""
+        return Layout.from_pages(self.memory_size, self.page_size, self.mem_pages, self.len_pages, self.file_pages)
+
     @property
     def ranges(self) -> list[tuple[int, int, int]]:
-        """The range table as triples (one tuple per range: for small tables and tests)."""
-        return list(zip(self.mem, self.length, self.file))
+        """The range table as triples in bytes (one tuple per range: for small tables and tests)."""
+        return [tuple(r) for r in self.layout()]  # type: ignore[misc]
 
 
 def encode_index(fields: IndexFields) -> bytes:
@@ -78,6 +85,7 @@ def encode_index(fields: IndexFields) -> bytes:
 
     ``"format"`` is the first key, so :func:`looks_like_index` can recognise the file.
     """
+    layout = fields.layout()
     packed: bytes = msgpack.packb(
         {
             "format": FORMAT,
@@ -85,9 +93,9 @@ def encode_index(fields: IndexFields) -> bytes:
             "page_size": fields.page_size,
             "memory_size": fields.memory_size,
             "pages_size": fields.pages_size,
-            "range_mem": column_bytes(fields.mem),
-            "range_length": column_bytes(fields.length),
-            "range_file": column_bytes(fields.file),
+            "range_mem": _byte_column(layout, "mem"),
+            "range_length": _byte_column(layout, "length"),
+            "range_file": _byte_column(layout, "file"),
             "checksum": CHECKSUM_ALGORITHM,
             "chunk_size": fields.chunk_size,
             "checksums": column_bytes(fields.checksums),
@@ -138,6 +146,25 @@ def decode_index(data: bytes | bytearray) -> IndexFields:
 
 #: the binary columns :func:`read_index` reads from the file straight into their arrays
 _COLUMNS = ("range_mem", "range_length", "range_file", "checksums")
+#: of those, the range table's (bytes in the file, page numbers in memory)
+_RANGE_COLUMNS = ("range_mem", "range_length", "range_file")
+#: bytes of a range column read (and converted to page numbers) at a time (its temporaries: about 3x)
+_PIECE = 1 << 18
+
+
+class _Pages:
+    """A range column read from the file as page numbers (:func:`_stream`)."""
+
+    __slots__ = ("column", "nbytes")
+
+    def __init__(self, column: array[int], nbytes: int) -> None:
+        self.column = column
+        self.nbytes = nbytes  #: its size in the file
+
+
+def _byte_column(layout: Layout, name: str) -> bytes:
+    """A layout's column in bytes, as the index holds it (little-endian u64)."""
+    return b"".join(block.astype("<u8", copy=False).tobytes() for block in layout.byte_blocks(name))
 
 
 def read_index(fd: int, size: int) -> IndexFields:
@@ -198,6 +225,13 @@ def _stream(fd: int, size: int) -> dict[str, Any] | None:
             start = pos + 1 + width
             if length % 8 or start + length > size:
                 return None
+            if key in _RANGE_COLUMNS:  # page numbers, a piece at a time: never the column in bytes too
+                pages = _read_pages(fd, start, length, obj.get("page_size"))
+                if pages is None:
+                    return None
+                obj[key] = pages
+                pos = start + length
+                continue
             col = array("Q", [0]) * (length // 8)
             if col and os.preadv(fd, [memoryview(col).cast("B")], start) != length:
                 return None
@@ -207,6 +241,8 @@ def _stream(fd: int, size: int) -> dict[str, Any] | None:
             pos = start + length
         if pos != size:
             return None  # trailing bytes (or the file changed): the whole decode says which
+        if sum(isinstance(obj.get(k), _Pages) for k in _RANGE_COLUMNS) not in (0, len(_RANGE_COLUMNS)):
+            return None  # some range columns missing or not binary: the whole decode says which
         return obj
     except (ValueError, TypeError, OSError, msgpack.UnpackException, msgpack.OutOfData):
         return None
@@ -239,15 +275,60 @@ def _fields(obj: Any) -> IndexFields:
         )
     if version == 1:
         mem, length, file = _ranges(_field(obj, "ranges", list))
+        mem_p, len_p, file_p = _as_pages(memory_size, page_size, mem, length, file)
+    elif all(isinstance(obj.get(k), _Pages) for k in _RANGE_COLUMNS):  # read_index's: page numbers already
+        page_shift(page_size)
+        cols = [obj.pop(k) for k in _RANGE_COLUMNS]
+        for k, col in zip(_RANGE_COLUMNS[1:], cols[1:]):
+            if len(col.column) != len(cols[0].column):
+                raise ValueError(f"field {k!r} holds {col.nbytes} bytes, not 8 x {len(cols[0].column)} ranges")
+        mem_p, len_p, file_p = (c.column for c in cols)
     else:
         mem = read_column(obj, "range_mem", release=True)
         length = read_column(obj, "range_length", len(mem), release=True)
         file = read_column(obj, "range_file", len(mem), release=True)
+        mem_p, len_p, file_p = _as_pages(memory_size, page_size, mem, length, file)
+        del mem, length, file
     checksums = _checksums(obj)
     source = obj.get("source", {})
     if not isinstance(source, dict):
         raise ValueError(f"field 'source' is {_a(type(source).__name__)}, not a map")
-    return IndexFields(page_size, memory_size, pages_size, mem, length, file, chunk_size, checksums, source)
+    return IndexFields(page_size, memory_size, pages_size, mem_p, len_p, file_p, chunk_size, checksums, source)
+
+
+def _as_pages(memory_size: int, page_size: int, mem: array[int], length: array[int],
+              file: array[int]) -> tuple[array[int], array[int], array[int]]:
+    """Byte columns as page columns; ValueError (:class:`~loader.LayoutError`) naming
+    the first range that is not page-aligned."""
+    layout = Layout.from_arrays(memory_size, page_size, mem, length, file)
+    return layout.mem_pages, layout.len_pages, layout.file_pages
+
+
+def _read_pages(fd: int, start: int, length: int, page_size: object) -> _Pages | None:
+    """The ``length`` bytes of u64 offsets at ``start`` as page numbers, read a piece at
+    a time; None where that cannot be (no valid page size before the column, a value
+    not page-aligned, a short read): the whole decode then says why."""
+    try:
+        shift = page_shift(page_size) if type(page_size) is int else None
+    except ValueError:
+        shift = None
+    if shift is None:
+        return None
+    import numpy
+
+    builder = PageColumnBuilder(shift)
+    piece = array("Q", [0]) * (min(length, _PIECE) // 8)
+    view = memoryview(piece).cast("B")
+    done = 0
+    while done < length:
+        n = min(length - done, len(view))
+        if os.preadv(fd, [view[:n]], start + done) != n:
+            return None
+        block = numpy.frombuffer(piece, dtype="<u8", count=n // 8)
+        if builder.add(block.astype(numpy.uint64, copy=False)) >= 0:
+            return None
+        done += n
+    return _Pages(builder.column, length)
 
 
 def _a(noun: str) -> str:

@@ -71,7 +71,7 @@ class _Chunks:
         self.layout = layout
         self.size = chunk_size
         n = len(layout)
-        self.end = layout.file[n - 1] + layout.length[n - 1] if n else 0
+        self.end = (layout.file_pages[n - 1] + layout.len_pages[n - 1]) << layout.shift if n else 0
         count = -(-self.end // chunk_size)
         if len(checksums) != count:
             raise ValueError(f"{len(checksums)} checksums for {count} chunks of {chunk_size} bytes")
@@ -79,10 +79,10 @@ class _Chunks:
         # exactly when their lengths add up to it: then they lie back to back, in memory order
         if layout.data_bytes != self.end:
             covered = 0
-            for f, ln in zip(layout.file, layout.length):  # (only to name the chunk at fault)
-                if f != covered:
+            for f, ln in zip(layout.file_pages, layout.len_pages):  # (only to name the chunk at fault)
+                if f << layout.shift != covered:
                     break
-                covered = f + ln
+                covered = (f + ln) << layout.shift
             raise ValueError(f"cannot verify chunk {covered // chunk_size}: the pages file has bytes outside "
                              "the layout")
         # the checkpoint's array('Q') as it is (no copy)
@@ -168,15 +168,16 @@ class _Chunks:
     def file_spans(self, flo: int, fhi: int) -> list[tuple[int, int]]:
         """The memory of pages-file bytes [flo, fhi), in file order (which is memory order)."""
         layout = self.layout
-        files, lengths, mems = layout.file, layout.length, layout.mem
-        i = max(bisect_right(files, flo) - 1, 0)
+        files, lengths, mems, sh = layout.file_pages, layout.len_pages, layout.mem_pages, layout.shift
+        i = max(bisect_right(files, flo >> sh) - 1, 0)
         n = len(files)
         spans: list[tuple[int, int]] = []
-        while i < n and files[i] < fhi:
-            f = files[i]
-            lo, hi = max(f, flo), min(f + lengths[i], fhi)
+        while i < n and files[i] << sh < fhi:
+            f = files[i] << sh
+            lo, hi = max(f, flo), min(f + (lengths[i] << sh), fhi)
             if lo < hi:
-                spans.append((mems[i] + lo - f, mems[i] + hi - f))
+                m = (mems[i] << sh) - f
+                spans.append((m + lo, m + hi))
             i += 1
         return spans
 
@@ -328,25 +329,29 @@ class _Chunks:
     def chunk_range(self, lo: int, hi: int) -> tuple[int, int] | None:
         """The first and last chunk holding data of memory [lo, hi); None for holes only."""
         layout = self.layout
+        mems, sh = layout.mem_pages, layout.shift
         first = layout.first_at_or_after(lo)
-        last = bisect_right(layout.mem, hi - 1) - 1
+        last = bisect_right(mems, (hi - 1) >> sh) - 1
         if first >= len(layout) or last < first:
             return None
-        first_byte = max(lo, layout.mem[first])
-        last_byte = min(hi, layout.mem[last] + layout.length[last]) - 1
+        first_mem, last_mem = mems[first] << sh, mems[last] << sh
+        first_byte = max(lo, first_mem)
+        last_byte = min(hi, last_mem + (layout.len_pages[last] << sh)) - 1
         if first_byte > last_byte:
             return None
-        return ((layout.file[first] + first_byte - layout.mem[first]) // self.size,
-                (layout.file[last] + last_byte - layout.mem[last]) // self.size)
+        files = layout.file_pages
+        return (((files[first] << sh) + first_byte - first_mem) // self.size,
+                ((files[last] << sh) + last_byte - last_mem) // self.size)
 
     def memory_hull(self, first: int, last: int) -> tuple[int, int]:
         """The memory from chunk ``first``'s start to chunk ``last``'s end (two look-ups:
         the ranges lie back to back in the pages file, so each byte of [0, end) is in one)."""
-        files, mems = self.layout.file, self.layout.mem
+        layout = self.layout
+        files, mems, sh = layout.file_pages, layout.mem_pages, layout.shift
         flo, fhi = first * self.size, min((last + 1) * self.size, self.end)
-        i = bisect_right(files, flo) - 1
-        j = bisect_right(files, fhi - 1) - 1
-        return mems[i] + flo - files[i], mems[j] + fhi - files[j]
+        i = bisect_right(files, flo >> sh) - 1
+        j = bisect_right(files, (fhi - 1) >> sh) - 1
+        return ((mems[i] - files[i]) << sh) + flo, ((mems[j] - files[j]) << sh) + fhi
 
 
 class _Hasher:

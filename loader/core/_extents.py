@@ -69,13 +69,15 @@ class LayoutExtents:
             return array("Q"), array("Q")
         m = min(n, k + max_extents)
         if m - k == 1:
-            lo, hi = layout.mem[k], layout.mem[k] + layout.length[k]
-            starts, ends = array("Q", [lo]), array("Q", [hi])
+            starts, ends = array("Q", [layout.mem_at(k)]), array("Q", [layout.end_at(k)])
         else:
             import numpy
 
-            s = _np(layout.mem)[k:m]
-            e = s + _np(layout.length)[k:m]
+            s = _np(layout.mem_pages)[k:m].astype(numpy.uint64)  # (a copy: shifted in place below)
+            e = s + _np(layout.len_pages)[k:m]
+            shift = numpy.uint64(layout.shift)
+            s <<= shift
+            e <<= shift
             keep_start = numpy.ones(m - k, dtype=bool)
             keep_start[1:] = s[1:] != e[:-1]  # a range touching the one before it joins it
             keep_end = numpy.ones(m - k, dtype=bool)

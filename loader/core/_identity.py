@@ -39,8 +39,10 @@ class CheckpointIdentity:
 def layout_digest(layout: Layout) -> int:
     """xxh3_64 of a layout's memory offsets and lengths."""
     h = xxhash.xxh3_64()
-    h.update(layout.mem.tobytes())
-    h.update(layout.length.tobytes())
+    # (of the byte offsets as little-endian u64, as ever: a block at a time from the page columns)
+    for name in ("mem", "length"):
+        for block in layout.byte_blocks(name):
+            h.update(block.astype("<u8", copy=False).tobytes())
     return h.intdigest()
 
 

@@ -25,6 +25,7 @@ from protocol import codes
 from .._memfile import Destination, MemoryFile, explain_error
 from ._chunks import _Checked
 from ._config import LoaderConfig, LoopState, ReadKind, Segs, WaitHandle
+from ._layout import _np
 from ._rangeset import RangeSet
 from ._settle import Settler
 from ._stats import LoaderCounters
@@ -141,16 +142,17 @@ class Reads:
         # first): the ranges in file order, so that sweep reads can follow the file
         self._by_file: array[int] | None = None
         self._file_starts: array[int] | None = None
-        files = layout.file
         if not layout.file_ascends():
             import numpy
 
-            by_file = numpy.argsort(numpy.frombuffer(files, dtype=numpy.uint64), kind="stable")
+            files = _np(layout.file_pages)
+            by_file = numpy.argsort(files, kind="stable")
             self._by_file = array("Q", by_file.astype(numpy.uint64).tobytes())
-            self._file_starts = array("Q", numpy.frombuffer(files, dtype=numpy.uint64)[by_file].tobytes())
+            # (page numbers, as the column)
+            self._file_starts = array(layout.file_pages.typecode, files[by_file].tobytes())
         #: the pages file holds the ranges back to back in memory order from 0
         #: (``checkpoint create``'s layout): a sweep read takes ranges straight from the table
-        self._packed = not layout.identity_mapped and len(layout) > 1 and layout.prefix() is layout.file
+        self._packed = not layout.identity_mapped and len(layout) > 1 and layout.prefix() is layout.file_pages
         self.table: dict[int, _Read] = {}  #: in flight, by id
         self.stuck: dict[int, _Read] = {}  #: timed out, not returned by the backend yet
         self._next_id = 0
@@ -175,11 +177,10 @@ class Reads:
         if need != hi - lo or self.unloaded.overlap_bytes(lo, hi) != need:
             return False  # holes, several ranges, or bytes already in flight
         i = layout.find(lo)
-        mem = layout.mem[i]
-        if i < 0 or hi > mem + layout.length[i]:
+        if i < 0 or hi > layout.end_at(i):
             return False
         buffer = self.destination.buffer(lo, need)
-        if self.source.read_now(self.queue, buffer, layout.file[i] + lo - mem) != need:
+        if self.source.read_now(self.queue, buffer, layout.file_at(i) + lo - layout.mem_at(i)) != need:
             return False  # not cached (or failed): the queue reads it, and reports errors
         self.unloaded.remove(lo, hi)  # never in flight: settling's removal from inflight finds nothing
         counters = self.counters
@@ -202,7 +203,7 @@ class Reads:
         unloaded = self.unloaded
         i = layout.find(start)
         pos = start
-        file_pos = layout.file[i] + (start - layout.mem[i])
+        file_pos = layout.file_at(i) + (start - layout.mem_at(i))
         file_offset = file_pos
         segments: list[list[int]] = []
         max_segments = self.queue.max_buffers
@@ -210,7 +211,7 @@ class Reads:
         while True:
             interval = unloaded.interval_at(pos)
             assert interval is not None
-            range_end = layout.mem[i] + layout.length[i]
+            range_end = layout.end_at(i)
             stop = min(interval[1], range_end)
             end = min(stop, limit, pos + budget - total)
             if segments and segments[-1][1] == pos:
@@ -227,7 +228,7 @@ class Reads:
                 nxt = unloaded.first_at_or_after(end)
                 if nxt is not None and nxt[0] < limit:
                     j = layout.find(nxt[0])
-                    if layout.file[j] + (nxt[0] - layout.mem[j]) == file_pos:
+                    if layout.file_at(j) + (nxt[0] - layout.mem_at(j)) == file_pos:
                         pos, i = nxt[0], j
                         continue
             if kind is ReadKind.SWEEP and self._by_file is not None:
@@ -281,12 +282,13 @@ class Reads:
         i = layout.find(start)
         if i < 0:
             return None
-        mem, length = layout.mem, layout.length
-        k = min(len(mem), i + min(_GATHER_SEGMENTS, self.queue.max_buffers), bisect_right(mem, limit - 1))
+        mem, length, sh = layout.mem_pages, layout.len_pages, layout.shift
+        k = min(len(mem), i + min(_GATHER_SEGMENTS, self.queue.max_buffers), bisect_right(mem, (limit - 1) >> sh))
         segments: list[list[int]] = []
         left = budget
         for lo, ln in zip(mem[i:k], length[i:k]):
-            hi = min(lo + ln, limit)
+            hi = min((lo + ln) << sh, limit)
+            lo <<= sh
             if lo < start:
                 lo = start
             if hi - lo >= left:
@@ -310,7 +312,7 @@ class Reads:
         else:
             for lo, hi in segments:
                 inflight.add(lo, hi)
-        read = _Read(self._next_id, kind, None, layout.file[i] + start - mem[i], segments)
+        read = _Read(self._next_id, kind, None, layout.file_at(i) + start - layout.mem_at(i), segments)
         self._next_id += 1
         self.counters.reads_total += 1
         self.submit(read)
@@ -328,14 +330,14 @@ class Reads:
     def _file_next(self, file_pos: int) -> int | None:
         """The memory offset whose data is at pages-file offset ``file_pos``, if unloaded."""
         assert self._by_file is not None and self._file_starts is not None
-        k = bisect_right(self._file_starts, file_pos) - 1
+        layout = self.layout
+        k = bisect_right(self._file_starts, file_pos >> layout.shift) - 1
         if k < 0:
             return None
-        layout = self.layout
         j = self._by_file[k]
-        if file_pos >= layout.file[j] + layout.length[j]:
+        if file_pos >= layout.file_at(j) + layout.length_at(j):
             return None
-        mem = layout.mem[j] + file_pos - layout.file[j]
+        mem = layout.mem_at(j) + file_pos - layout.file_at(j)
         return mem if self.unloaded.contains(mem) else None
 
     def submit(self, read: _Read) -> None:
@@ -497,7 +499,8 @@ class Reads:
         """A read at or past the end of the pages file: the file is shorter than the
         layout says.  Fail this read and every unstarted byte past the end at once."""
         size = self.source.size()
-        need = max((f + n for f, n in zip(self.layout.file, self.layout.length)), default=0)
+        need = max(((f + n) << self.layout.shift for f, n in zip(self.layout.file_pages, self.layout.len_pages)),
+                   default=0)
         reason = f"pages file ends at {size}, the layout needs {need}"
         self._verifier.fail(read.segments, read.file_offset, codes.IO_ERROR, None, reason)
         if self._tail_failed_at == size:
@@ -506,7 +509,7 @@ class Reads:
         layout = self.layout
         past: list[tuple[int, int, int]] = []
         for i in range(len(layout)):
-            f, n, m = layout.file[i], layout.length[i], layout.mem[i]
+            m, n, f = layout[i]
             if f + n <= size:
                 continue
             lo = m + max(0, size - f)

@@ -170,19 +170,20 @@ def chunk_hull(layout: Layout, lo: int, hi: int, chunk_size: int) -> tuple[int, 
     """The memory of the whole checksum chunks that memory [lo, hi)'s data is in (for a
     layout whose pages-file offsets ascend with memory, as the loader verifies them)."""
     first = layout.first_at_or_after(lo)
-    last = bisect_right(layout.mem, hi - 1) - 1
+    last = bisect_right(layout.mem_pages, (hi - 1) >> layout.shift) - 1
     if first >= len(layout) or last < first:
         return lo, hi
-    mem, length, file = layout.mem, layout.length, layout.file
-    k0 = (file[first] + max(lo, mem[first]) - mem[first]) // chunk_size
-    k1 = (file[last] + min(hi, mem[last] + length[last]) - 1 - mem[last]) // chunk_size
-    end = file[-1] + length[-1]
+    mem, end_at, file = layout.mem_at, layout.end_at, layout.file_at
+    k0 = (file(first) + max(lo, mem(first)) - mem(first)) // chunk_size
+    k1 = (file(last) + min(hi, end_at(last)) - 1 - mem(last)) // chunk_size
+    n = len(layout)
+    end = file(n - 1) + layout.length_at(n - 1)
 
     def memory_at(f: int, after: bool) -> int:
-        i = bisect_right(file, f) - 1
-        if i >= 0 and f < file[i] + length[i]:
-            return mem[i] + f - file[i]
-        return mem[i + 1] if after and i + 1 < len(layout) else mem[i] + length[i]
+        i = bisect_right(layout.file_pages, f >> layout.shift) - 1
+        if i >= 0 and f < file(i) + layout.length_at(i):
+            return mem(i) + f - file(i)
+        return mem(i + 1) if after and i + 1 < n else end_at(i)
 
     return min(lo, memory_at(k0 * chunk_size, True)), max(hi, memory_at(min((k1 + 1) * chunk_size, end) - 1, False) + 1)
 

@@ -77,8 +77,9 @@ def _reserve_ranges(layout: Layout, reserve: str) -> Iterator[tuple[int, int]]:
     if reserve == "all":
         yield 0, layout.memory_size
     elif reserve == "data":
-        for lo, n in zip(layout.mem, layout.length):
-            yield lo, lo + n
+        shift = layout.shift
+        for lo, n in zip(layout.mem_pages, layout.len_pages):
+            yield lo << shift, (lo + n) << shift
 
 
 def _lone_startup_error(group: BaseExceptionGroup[BaseException]) -> StartupError | None:

@@ -158,7 +158,7 @@ class UffdHandler:
         self._direct_base = _address_of_map(m)
         self._direct_size = size
         layout = self.loader.layout
-        self._direct_identity = layout.identity_mapped or layout.file == layout.mem
+        self._direct_identity = layout.identity_mapped or layout.file_pages == layout.mem_pages
         return None
 
     def _on_loaded(self, lo: int, hi: int) -> None:

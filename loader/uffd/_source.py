@@ -138,9 +138,9 @@ class DirectSource:
         else:
             layout = self.layout
             i = layout.find(off)
-            if i < 0 or off + length > layout.mem[i] + layout.length[i]:
+            if i < 0 or off + length > layout.end_at(i):
                 return None
-            fo = layout.file[i] + (off - layout.mem[i])
+            fo = layout.file_at(i) + (off - layout.mem_at(i))
         if fo + length > self.size:
             return None
         return self.base + fo
