@@ -123,7 +123,9 @@ async def test_a_verified_wait_past_the_frontier_asks_the_source_once_for_its_ch
         tmp_path, scattered, tiny_window, monkeypatch):
     """With checksums a wait reads its whole chunk, so the window looks up the chunk's
     memory (here four one-page ranges, STRIDE pages apart) in one probe, not the page
-    first and then the rest of the chunk around it in two more."""
+    first and then the rest of the chunk around it in two more; and where nobody has
+    looked there yet (fresh), not even that: the chunk's memory comes from the chunk
+    table, is read, hashed and settled at once, and only marked as looked up."""
     from loader.core._extents import LayoutExtents
 
     probes: list[tuple[int, int]] = []
@@ -153,7 +155,76 @@ async def test_a_verified_wait_past_the_frontier_asks_the_source_once_for_its_ch
         expected = scattered["expected"]
         for m in range((k - 1) * STRIDE * PAGE, (k + 3) * STRIDE * PAGE, STRIDE * PAGE):  # the chunk
             assert state.memory.view[m:m + PAGE] == expected[m:m + PAGE], hex(m)
-        assert probes == [((k - 1) * STRIDE * PAGE, (k + 2) * STRIDE * PAGE + PAGE)]
+        hull = ((k - 1) * STRIDE * PAGE, (k + 2) * STRIDE * PAGE + PAGE)
+        assert probes == []
+        window = ld._window
+        assert list(window.beyond.overlapping(0, ld.memory_size)) == [hull], "given out: no batch gives it again"
+        assert not ld.unloaded.overlap_bytes(*hull) and ld.counters.chunks_verified == 1
+        # another chunk's, apart from it: fresh too
+        off2 = off + 8 * STRIDE * PAGE
+        probes.clear()
+        def wait2():
+            with Client.connect(state.server.path) as client:
+                client.wait(off2, PAGE)
+
+        await trio.to_thread.run_sync(wait2)
+        assert probes == [] and ld.counters.chunks_verified == 2
+        state.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fresh_chunk_not_cached_or_corrupt_goes_the_usual_way(tmp_path, scattered, tiny_window,
+                                                                      monkeypatch):
+    """A verified wait on a fresh chunk (nobody looked there) that cannot be read at once
+    (not in the page cache) is looked up and queued like any other, and one whose bytes
+    do not match fails its waiter with the chunk named; neither leaves the chunk's
+    memory marked looked up without its data in the sets, nor shows it loaded."""
+    import shutil
+
+    from loader import ClientError
+    from loader.core._verify import Verifier
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(scattered["pages"], ckpt)
+    ranges = len(open_checkpoint(scattered["raw"]).layout)
+    good_k = (ranges // 4 // 2) * 4 + 1
+    bad_k = good_k + 8  # another chunk's second range
+    bad_file = open_checkpoint(ckpt).layout.file_offset(bad_k * STRIDE * PAGE)
+    with open(os.path.join(ckpt, "pages.img"), "r+b") as f:
+        f.seek(bad_file + 100)
+        byte = f.read(1)
+        f.seek(bad_file + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    tried: list[int] = []
+    original = Verifier.verify_fresh
+
+    def verify_fresh(self, span, now, need):
+        tried.append(span[0])
+        if span[0] == good_k // 4:
+            return False  # as when the chunk is not in the page cache
+        return original(self, span, now, need)
+
+    monkeypatch.setattr(Verifier, "verify_fresh", verify_fresh)
+    opts = options(tmp_path, ckpt, config=LoaderConfig(sweep=False, busy_linger_s=0.0))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        ld = state.loader
+        expected = scattered["expected"]
+
+        def wait(off):
+            with Client.connect(state.server.path) as client:
+                client.wait(off, PAGE)
+
+        off = good_k * STRIDE * PAGE
+        await trio.to_thread.run_sync(wait, off)  # looked up, queued, read, verified
+        assert state.memory.view[off:off + PAGE] == expected[off:off + PAGE]
+        bad = bad_k * STRIDE * PAGE
+        with pytest.raises(ClientError, match="checksum"):
+            await trio.to_thread.run_sync(wait, bad)
+        assert tried == [good_k // 4, bad_k // 4]
+        assert ld.failed.overlap_bytes(bad, bad + PAGE) == PAGE and not ld.is_loaded(bad, bad + PAGE)
+        # the failed chunk went through the window like any other: looked up once, not left fresh
+        assert not ld._window.fresh(bad, bad + PAGE) and not ld.unloaded.overlap_bytes(bad, bad + PAGE)
         state.stop()
         nursery.cancel_scope.cancel()
 

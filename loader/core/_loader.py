@@ -217,12 +217,30 @@ class Loader:
             self.recorder.touched(lo, hi)
         window, settler, verifier = self._window, self._settler, self._verifier
         span = None
+        fresh = False
         if hi > window.frontier:
             if verifier.chunks is not None:  # the chunks' memory at once: all of it is read
                 span = verifier.read_span(lo, hi)
-                window.look_up(span[0], span[1])
+                # nobody looked there: read and hash its chunks at once, without the sets
+                fresh = span[2] is not None and verifier.verify_now_limit > 0 and window.fresh(span[0], span[1])
+                if not fresh:
+                    window.look_up(span[0], span[1])
             else:
                 window.look_up(lo, hi)
+        if fresh:
+            assert span is not None and span[2] is not None
+            if not self._state.closing:
+                need = sum(b - a for a, b in self.layout.data_in(lo, hi))
+                if self._order_wait is not None:
+                    self._order_wait(lo, hi, need)
+                now = settler.last_fault_ns = time.perf_counter_ns()
+                if not self._state.busy and not self._scheduler.full_width():
+                    self._scheduler.set_busy(True)  # (as below)
+                window.looked_up(span[0], span[1])  # (first: settling must find it given out)
+                if verifier.verify_fresh(span[2], now, need):
+                    return None
+                window.unlook(span[0], span[1])
+            window.look_up(span[0], span[1])  # (it could not be served so: the usual way)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1
             raise settler.failure_for(lo, hi)

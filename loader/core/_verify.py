@@ -308,6 +308,36 @@ class Verifier:
         self._settler.served_at_once(need, now)
         return 0
 
+    def verify_fresh(self, span: tuple[int, int], now: int, need: int) -> bool:
+        """:meth:`verify_now` for chunks ``span`` (first, last) whose memory nobody has
+        looked up yet (:meth:`Window.fresh`: unstarted, in no set): each is read from
+        the page cache into its places and hashed here, then settled, without passing
+        through ``unloaded``.  True when all of them were; False where one cannot be read
+        at once or does not match (the caller then looks them up and goes the usual way,
+        which reads it again and, corrupt, fails it)."""
+        chunks = self.chunks
+        assert chunks is not None
+        k0, k1 = span
+        if (k1 - k0 + 1) * chunks.size > self.verify_now_limit:
+            return False
+        dest, queue, source = self.destination, self.queue, self.source
+        pieces: list[list[int]] = []
+        for k in range(k0, k1 + 1):
+            spans = chunks.memory_spans(k)
+            nbytes = sum(b - a for a, b in spans)
+            if source.read_now_v(queue, [dest.buffer(a, b - a) for a, b in spans], k * chunks.size) != nbytes:
+                return False
+            if not chunks.matches(dest, k, spans):
+                return False
+            pieces.extend([a, b] for a, b in spans)
+        counters = self.counters
+        counters.reads_total += k1 - k0 + 1
+        counters.chunks_verified += k1 - k0 + 1
+        self.order.note_served(pieces[-1][1])
+        self._settler.settle(pieces, None)
+        self._settler.served_at_once(need, now)
+        return True
+
     def read_span(self, lo: int, hi: int) -> tuple[int, int, tuple[int, int] | None]:
         """What a waiter on [lo, hi) reads: its span, or with checksums the whole
         chunks its data is in (a chunk is served only once all of it is verified);

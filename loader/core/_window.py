@@ -129,6 +129,24 @@ class Window:
                 for listener in self._listeners:
                     listener(a, b)
 
+    def fresh(self, lo: int, hi: int) -> bool:
+        """Whether memory [lo, hi) lies wholly past the frontier, where nobody looked
+        yet, in a source that knows its data without I/O (a layout): its data is then
+        unstarted and in no set, and :meth:`looked_up` may stand for :meth:`look_up`
+        once it is loaded some other way (a verified wait's chunk, read at once)."""
+        extents = self.extents
+        return (lo >= self.frontier and extents.exact_total and not extents.blocking
+                and not (self.beyond and self.beyond.overlap_bytes(lo, hi)))
+
+    def looked_up(self, lo: int, hi: int) -> None:
+        """[lo, hi), :meth:`fresh`, is being loaded by its waiter: no batch is to give
+        its data out again."""
+        self.beyond.add(lo, hi)
+
+    def unlook(self, lo: int, hi: int) -> None:
+        """Undo :meth:`looked_up` (its waiter could not load it so): fresh again."""
+        self.beyond.remove(lo, hi)
+
     def look_up(self, lo: int, hi: int) -> None:
         """A wait or hint reaches past the frontier: ask the source about [lo, hi) now,
         and put the data there that nobody looked up before into ``unloaded``."""
