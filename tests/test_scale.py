@@ -47,6 +47,11 @@ def scattered(tmp_path_factory):
     return {"raw": raw, "pages": ckpt, "expected": expected}
 
 
+def _wait_one(path, off):
+    with Client.connect(path) as client:
+        client.wait(off, PAGE)
+
+
 def options(tmp_path, source, **kw):
     kw.setdefault("handle_signals", False)
     kw.setdefault("ready_line", False)
@@ -158,8 +163,11 @@ async def test_a_verified_wait_past_the_frontier_asks_the_source_once_for_its_ch
         hull = ((k - 1) * STRIDE * PAGE, (k + 2) * STRIDE * PAGE + PAGE)
         assert probes == []
         window = ld._window
-        assert list(window.beyond.overlapping(0, ld.memory_size)) == [hull], "given out: no batch gives it again"
+        # marked with the holes around it (so that looked-up neighbours merge), not into data
+        widened = ((k - 2) * STRIDE * PAGE + PAGE, (k + 3) * STRIDE * PAGE)
+        assert list(window.beyond.overlapping(0, ld.memory_size)) == [widened], "given out: no batch gives it again"
         assert not ld.unloaded.overlap_bytes(*hull) and ld.counters.chunks_verified == 1
+        assert ld.counters.bytes_waited == PAGE  # its own page, not the chunk's four
         # another chunk's, apart from it: fresh too
         off2 = off + 8 * STRIDE * PAGE
         probes.clear()
@@ -168,7 +176,12 @@ async def test_a_verified_wait_past_the_frontier_asks_the_source_once_for_its_ch
                 client.wait(off2, PAGE)
 
         await trio.to_thread.run_sync(wait2)
-        assert probes == [] and ld.counters.chunks_verified == 2
+        assert probes == [] and ld.counters.chunks_verified == 2 and ld.counters.bytes_waited == 2 * PAGE
+        # the chunk between the two: its marks join theirs into one interval
+        off3 = off + 4 * STRIDE * PAGE
+        await trio.to_thread.run_sync(_wait_one, state.server.path, off3)
+        assert list(window.beyond.overlapping(0, ld.memory_size)) == [
+            (widened[0], (k + 11) * STRIDE * PAGE)] and ld.counters.chunks_verified == 3
         state.stop()
         nursery.cancel_scope.cancel()
 
@@ -198,11 +211,11 @@ async def test_a_fresh_chunk_not_cached_or_corrupt_goes_the_usual_way(tmp_path, 
     tried: list[int] = []
     original = Verifier.verify_fresh
 
-    def verify_fresh(self, span, now, need):
+    def verify_fresh(self, lo, hi, span, now):
         tried.append(span[0])
         if span[0] == good_k // 4:
             return False  # as when the chunk is not in the page cache
-        return original(self, span, now, need)
+        return original(self, lo, hi, span, now)
 
     monkeypatch.setattr(Verifier, "verify_fresh", verify_fresh)
     opts = options(tmp_path, ckpt, config=LoaderConfig(sweep=False, busy_linger_s=0.0))

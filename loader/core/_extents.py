@@ -17,6 +17,7 @@ range count.  Two sources:
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left, bisect_right
 from typing import Protocol
 
 from ._layout import Layout, _np
@@ -88,6 +89,20 @@ class LayoutExtents:
         self.index = m
         self.offset = ends[-1] if m < n else layout.memory_size
         return starts, ends
+
+    def widened(self, lo: int, hi: int) -> tuple[int, int]:
+        """[lo, hi) grown over the holes on either side of it (where it ends in a hole or
+        at a range's end): to the end of the data before it, the start of the data after
+        it; never into data."""
+        layout = self.layout
+        mem, shift = layout.mem_pages, layout.shift
+        if lo > 0 and layout.find(lo - 1) < 0:
+            i = bisect_right(mem, (lo - 1) >> shift) - 1
+            lo = layout.end_at(i) if i >= 0 else 0
+        if hi < layout.memory_size and layout.find(hi) < 0:
+            j = bisect_left(mem, -(-hi >> shift))
+            hi = layout.mem_at(j) if j < len(mem) else layout.memory_size
+        return lo, hi
 
     def probe(self, lo: int, hi: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []

@@ -230,16 +230,15 @@ class Loader:
         if fresh:
             assert span is not None and span[2] is not None
             if not self._state.closing:
-                need = sum(b - a for a, b in self.layout.data_in(lo, hi))
                 if self._order_wait is not None:
-                    self._order_wait(lo, hi, need)
+                    self._order_wait(lo, hi, sum(b - a for a, b in self.layout.data_in(lo, hi)))
                 now = settler.last_fault_ns = time.perf_counter_ns()
                 if not self._state.busy and not self._scheduler.full_width():
                     self._scheduler.set_busy(True)  # (as below)
-                window.looked_up(span[0], span[1])  # (first: settling must find it given out)
-                if verifier.verify_fresh(span[2], now, need):
+                marked = window.looked_up(span[0], span[1])  # (first: settling must find it given out)
+                if verifier.verify_fresh(lo, hi, span[2], now):
                     return None
-                window.unlook(span[0], span[1])
+                window.unlook(*marked)
             window.look_up(span[0], span[1])  # (it could not be served so: the usual way)
         if self.failed and self.failed.overlap_bytes(lo, hi):
             counters.waits_failed += 1

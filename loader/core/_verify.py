@@ -62,6 +62,7 @@ class Verifier:
         self._wake = wake
         self.verify_now_limit = verify_now_limit
         self._hash_jobs = 0  # background hash jobs given to the hash thread, not delivered yet
+        self._last_spans: tuple[int, list[tuple[int, int]]] | None = None  # (:meth:`memory_spans`)
         self._hasher: _Hasher | None = None  # made at the first background hash
         #: batches the hash thread delivered, for the loop to settle (:meth:`settle_hashed`)
         self.hashed: list[tuple[list[tuple[int, int]], _Checked | Exception]] = []
@@ -264,7 +265,7 @@ class Verifier:
         counters = self.counters
         served = corrupt = pending = False
         for k in range(k0, k1 + 1):
-            spans = chunks.memory_spans(k)
+            spans = self.memory_spans(k)
             if chunks.unqueue(k):  # landed, waiting for a background hash
                 pass
             elif k in chunks.bad:
@@ -308,13 +309,14 @@ class Verifier:
         self._settler.served_at_once(need, now)
         return 0
 
-    def verify_fresh(self, span: tuple[int, int], now: int, need: int) -> bool:
+    def verify_fresh(self, lo: int, hi: int, span: tuple[int, int], now: int) -> bool:
         """:meth:`verify_now` for chunks ``span`` (first, last) whose memory nobody has
         looked up yet (:meth:`Window.fresh`: unstarted, in no set): each is read from
         the page cache into its places and hashed here, then settled, without passing
         through ``unloaded``.  True when all of them were; False where one cannot be read
         at once or does not match (the caller then looks them up and goes the usual way,
-        which reads it again and, corrupt, fails it)."""
+        which reads it again and, corrupt, fails it).  The wait's ``[lo, hi)`` has all
+        its data in these chunks."""
         chunks = self.chunks
         assert chunks is not None
         k0, k1 = span
@@ -322,9 +324,14 @@ class Verifier:
             return False
         dest, queue, source = self.destination, self.queue, self.source
         pieces: list[list[int]] = []
+        need = 0
         for k in range(k0, k1 + 1):
-            spans = chunks.memory_spans(k)
-            nbytes = sum(b - a for a, b in spans)
+            spans = self.memory_spans(k)
+            nbytes = 0
+            for a, b in spans:
+                nbytes += b - a
+                if a < hi and b > lo:
+                    need += min(b, hi) - max(a, lo)
             if source.read_now_v(queue, [dest.buffer(a, b - a) for a, b in spans], k * chunks.size) != nbytes:
                 return False
             if not chunks.matches(dest, k, spans):
@@ -348,5 +355,20 @@ class Verifier:
         span = chunks.chunk_range(lo, hi)
         if span is None:
             return lo, hi, None
-        hull_lo, hull_hi = chunks.memory_hull(*span)
+        if span[0] == span[1]:  # (the usual wait: one chunk, whose pieces the read takes next)
+            spans = self.memory_spans(span[0])
+            hull_lo, hull_hi = spans[0][0], spans[-1][1]
+        else:
+            hull_lo, hull_hi = chunks.memory_hull(*span)
         return min(lo, hull_lo), max(hi, hull_hi), span
+
+    def memory_spans(self, k: int) -> list[tuple[int, int]]:
+        """Chunk ``k``'s memory (:meth:`_Chunks.memory_spans`), the last chunk's kept:
+        a wait asks for it twice (its read span, then its read); the layout never changes."""
+        last = self._last_spans
+        if last is not None and last[0] == k:
+            return last[1]
+        assert self.chunks is not None
+        spans = self.chunks.memory_spans(k)
+        self._last_spans = (k, spans)
+        return spans

@@ -138,13 +138,22 @@ class Window:
         return (lo >= self.frontier and extents.exact_total and not extents.blocking
                 and not (self.beyond and self.beyond.overlap_bytes(lo, hi)))
 
-    def looked_up(self, lo: int, hi: int) -> None:
+    def looked_up(self, lo: int, hi: int) -> tuple[int, int]:
         """[lo, hi), :meth:`fresh`, is being loaded by its waiter: no batch is to give
-        its data out again."""
+        its data out again.  Marked with the holes on either side (nothing to load
+        there), so that neighbours looked up so merge: a scattered image's chunks are
+        apart by holes, and thousands of waits ahead of the sweep would otherwise keep
+        an interval each.  Returns what was marked (for :meth:`unlook`)."""
+        widened = getattr(self.extents, "widened", None)
+        if widened is not None:
+            lo, hi = widened(lo, hi)
+            lo = max(lo, self.frontier)
         self.beyond.add(lo, hi)
+        return lo, hi
 
     def unlook(self, lo: int, hi: int) -> None:
-        """Undo :meth:`looked_up` (its waiter could not load it so): fresh again."""
+        """Undo :meth:`looked_up` (its waiter could not load it so): fresh again (the
+        holes around it unknown again, as far as the loaded map can tell: never wrong)."""
         self.beyond.remove(lo, hi)
 
     def look_up(self, lo: int, hi: int) -> None:
