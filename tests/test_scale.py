@@ -386,14 +386,20 @@ def test_a_layout_of_a_million_ranges_is_built_and_checked_without_a_loop(tmp_pa
     file[edge] = file[edge - 1]
     with pytest.raises(LayoutError, match="pages-file spans .* overlap"):
         Layout.from_arrays(n * 4 * PAGE, PAGE, mem, length, file).validate()
-    # and its temporaries stay small beside the columns (24 MiB here)
+    # and its temporaries stay small beside the columns (12 MiB here): a block at a time,
+    # in buffers reused from block to block; so do those of finding the layout packed
+    again = Layout.from_pages(packed.memory_size, PAGE, packed.mem_pages, packed.len_pages, packed.file_pages)
     tracemalloc.start()
     try:
         packed.validate(n * PAGE)
         _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert again.prefix() is again.file_pages
+        _, prefix_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20, f"validate's temporaries peaked at {peak >> 20} MiB for {n} ranges"
+    assert peak < 2.5 * 2**20, f"validate's temporaries peaked at {peak / 2**20:.1f} MiB for {n} ranges"
+    assert prefix_peak < 1.5 * 2**20, f"prefix()'s temporaries peaked at {prefix_peak / 2**20:.1f} MiB for {n} ranges"
 
 
 def test_page_numbers_past_32_bits_take_wide_columns_and_bytes_must_be_page_aligned():

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 
 #: ranges :meth:`Layout.validate` checks (and byte columns are converted) at a time
-#: (its temporaries: a few bytes each)
-_CHECK_BLOCK = 1 << 17
+#: (its temporaries: a few bytes each; a block's flags stay below glibc's mmap threshold
+#: of 128 KiB, each a fresh mapping and its page faults where they are not)
+_CHECK_BLOCK = 1 << 16
 #: a page number below this fits an ``array('I')`` column
 NARROW_LIMIT = 1 << 32
 _U64_MAX = (1 << 64) - 1
@@ -77,6 +78,31 @@ def _u64(values: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.uint64]:
     import numpy
 
     return values if values.dtype == numpy.uint64 else values.astype(numpy.uint64)
+
+
+class _Blocks:
+    """Reused uint64 buffers of a block each: a column's block widened into one (page
+    numbers are summed in 64 bits) costs no allocation, where a fresh one would be a
+    mapping of its own and its page faults, each block (the daemon's large allocations
+    are: ``unmap_large_allocations``; 0.2 s of a 4M-range READY went to them)."""
+
+    __slots__ = ("_bufs",)
+
+    def __init__(self, count: int) -> None:
+        import numpy
+
+        self._bufs = [numpy.empty(_CHECK_BLOCK, dtype=numpy.uint64) for _ in range(count)]
+
+    def widen(self, k: int, block: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.uint64]:
+        """``block`` (at most a block long) copied into buffer ``k``, as uint64."""
+        import numpy
+
+        out = self._bufs[k][: len(block)]
+        numpy.copyto(out, block)
+        return out
+
+    def buffer(self, k: int, n: int) -> npt.NDArray[np.uint64]:
+        return self._bufs[k][:n]
 
 
 class PageColumnBuilder:
@@ -188,21 +214,43 @@ class Layout:
         :attr:`data_bytes`.  A pages file written in memory order from offset 0
         (``checkpoint create``) *is* this column, so it is shared, not copied."""
         if self._prefix is None:
-            n = len(self.mem_pages)
-            if n == 0:
+            if not len(self.mem_pages):
                 self._prefix = array("I")
+            elif not self.identity_mapped and self._file_is_prefix():
+                self._prefix = self.file_pages  # packed in memory order: the same numbers
             else:
                 import numpy
 
-                sums = numpy.zeros(n, dtype=numpy.uint64)
-                numpy.cumsum(_u64(_np(self.len_pages)[:-1]), out=sums[1:])
-                if not self.identity_mapped and numpy.array_equal(sums, _np(self.file_pages)):
-                    self._prefix = self.file_pages  # packed in memory order: the same numbers
-                else:
-                    code = column_typecode(int(sums[-1]))
-                    self._prefix = array(code)
-                    self._prefix.frombytes(sums.astype(numpy.uint32 if code == "I" else numpy.uint64).tobytes())
+                code = column_typecode(self.data_bytes >> self.shift)
+                dtype = numpy.uint32 if code == "I" else numpy.uint64
+                self._prefix = array(code)
+                for _, sums in self._prefix_blocks():
+                    self._prefix.frombytes(sums.astype(dtype).tobytes())
         return self._prefix
+
+    def _prefix_blocks(self) -> Iterator[tuple[int, npt.NDArray[np.uint64]]]:
+        """The prefix column a block at a time: (where the block starts, its sums), the
+        sums in a buffer reused for the next block (no column of them is ever made)."""
+        import numpy
+
+        lengths = _np(self.len_pages)
+        blocks = _Blocks(2)
+        running = numpy.uint64(0)
+        for b in range(0, len(lengths), _CHECK_BLOCK):
+            block = blocks.widen(0, lengths[b : b + _CHECK_BLOCK])
+            sums = blocks.buffer(1, len(block))
+            numpy.cumsum(block, out=sums)
+            sums -= block  # (the sums before each range)
+            sums += running
+            running = sums[-1] + block[-1]
+            yield b, sums
+
+    def _file_is_prefix(self) -> bool:
+        """Whether the file column is :meth:`prefix` (a pages file packed in memory order)."""
+        import numpy
+
+        file = _np(self.file_pages)
+        return all(numpy.array_equal(sums, file[b : b + len(sums)]) for b, sums in self._prefix_blocks())
 
     def __len__(self) -> int:
         return len(self.mem_pages)
@@ -272,8 +320,10 @@ class Layout:
         limit = numpy.uint64(_U64_MAX >> shift)  # the last page number a byte offset has
         # (two 32-bit page numbers add up to less than 2**33: no end past 2**64 bytes then)
         narrow = all(c.dtype == numpy.uint32 for c in (mem_all, length_all, file_all)) and shift <= 31
+        blocks = _Blocks(4)
         for b in range(0, n, _CHECK_BLOCK):
-            mem, length, file = (_u64(c[b : b + _CHECK_BLOCK]) for c in (mem_all, length_all, file_all))
+            mem, length, file = (blocks.widen(k, c[b : b + _CHECK_BLOCK])
+                                 for k, c in enumerate((mem_all, length_all, file_all)))
             empty = length == 0
             # its end in bytes would be 2**64 or more
             wrap = empty if narrow else (length > limit - mem) | (length > limit - file)
@@ -283,7 +333,7 @@ class Layout:
                 if not ln:
                     raise LayoutError(f"range {i + b} at memory {m:#x} is empty")
                 raise LayoutError(f"range {i + b} (memory {m:#x}+{ln:#x} at file {f:#x}) runs past 2**64")
-            ends = mem + length  # (no wrap: checked)
+            ends = numpy.add(mem, length, out=blocks.buffer(3, len(mem)))  # (no wrap: checked)
             if int(mem[0]) < prev_end:
                 raise LayoutError(f"range {b} at memory {int(mem[0]) << shift:#x} overlaps or precedes the one "
                                   "before it")
@@ -296,7 +346,7 @@ class Layout:
             del mem, length, file, ends, order_bad, empty, wrap
         if prev_end > memory_pages:
             for b in range(0, n, _CHECK_BLOCK):
-                mem, length = (_u64(c[b : b + _CHECK_BLOCK]) for c in (mem_all, length_all))
+                mem, length = (blocks.widen(k, c[b : b + _CHECK_BLOCK]) for k, c in enumerate((mem_all, length_all)))
                 past = mem + length > numpy.uint64(memory_pages)
                 if past.any():
                     i = int(numpy.argmax(past))
@@ -314,8 +364,9 @@ class Layout:
                 f_sorted, l_sorted = file_all, length_all
             file_end = last_end = 0
             for b in range(0, n, _CHECK_BLOCK):
-                fs, fl = _u64(f_sorted[b : b + _CHECK_BLOCK]), _u64(l_sorted[b : b + _CHECK_BLOCK])
-                f_ends = fs + fl
+                fs = blocks.widen(0, f_sorted[b : b + _CHECK_BLOCK])
+                fl = blocks.widen(1, l_sorted[b : b + _CHECK_BLOCK])
+                f_ends = numpy.add(fs, fl, out=blocks.buffer(2, len(fs)))
                 if b and int(fs[0]) < last_end:
                     raise LayoutError(f"pages-file spans at {int(f_sorted[b - 1]) << shift:#x} and "
                                       f"{int(fs[0]) << shift:#x} overlap")
@@ -332,10 +383,15 @@ class Layout:
 
     def file_ascends(self) -> bool:
         """Whether pages-file offsets ascend with memory (not so when laid out working set first)."""
-        if self.identity_mapped or len(self.file_pages) < 2:
+        n = len(self.file_pages)
+        if self.identity_mapped or n < 2:
             return True
         file = _np(self.file_pages)
-        return not bool((file[1:] < file[:-1]).any())
+        for b in range(0, n - 1, _CHECK_BLOCK):  # (a block at a time: its flags stay small)
+            part = file[b : b + _CHECK_BLOCK + 1]
+            if (part[1:] < part[:-1]).any():
+                return False
+        return True
 
     def find(self, mem_offset: int) -> int:
         """Index of the range holding ``mem_offset``, or -1 if it is in a hole."""
