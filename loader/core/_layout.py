@@ -138,19 +138,6 @@ class PageColumnBuilder:
         return -1
 
 
-def pages_from_bytes(column: Sequence[int], shift: int, what: str = "range") -> array[int]:
-    """A byte-offset column as a page-number column (narrow where it fits);
-    :class:`LayoutError` naming the first value that is not page-aligned."""
-    values = column if isinstance(column, array) and column.typecode == "Q" else array("Q", column)
-    flat = _np(values)
-    builder = PageColumnBuilder(shift)
-    for b in range(0, len(flat), _CHECK_BLOCK):
-        bad = builder.add(flat[b : b + _CHECK_BLOCK])
-        if bad >= 0:
-            raise LayoutError(f"{what} {b + bad} ({int(flat[b + bad]):#x}) is not page-aligned")
-    return builder.column
-
-
 class Layout:
     """The range table (see the module's docstring): page-number columns ``mem_pages``,
     ``len_pages`` and ``file_pages`` (``file_pages is mem_pages`` for a raw image),
