@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,6 +254,54 @@ def test_scale_section_at_a_tiny_count(tmp_path: Path) -> None:
     assert row["raw"]["fill_vs_dense"] == row["raw"]["fill_s"] / row["dense"]["fill_s"]
     assert out["goals"] == []  # (the goals are at 1M and 4M ranges)
     assert any("pages" in line for line in format_scale(out))
+
+
+def test_scale_section_fills_a_count_cold_where_its_cache_does_not_fit(tmp_path: Path, monkeypatch: Any) -> None:
+    """A count whose memory file fits in the host's memory but not its image's page cache
+    beside it is restored from disk (READY, fill, RSS, heap; no dense image, no cp, no
+    waits), and the count below it is filled from disk as well, so that the fill growth
+    between them compares fills from disk.  (Before, such a count was skipped and the
+    growth never measured.)"""
+    import bench._scale as scale
+
+    small, big = 4096, 16384
+    # "available": the small count's data fits twice, the big one's only once
+    monkeypatch.setattr(scale, "_mem_available", lambda: (1 << 30) + 2 * small * 4096 + 4096)
+    monkeypatch.setattr(scale, "COLD_HEADROOM", 0)
+    out = scale.run_scale_section(str(tmp_path), counts=(small, big), log=lambda line: None)
+    row = out["counts"][str(big)]
+    assert row["cold"] is True and "dense" not in row and "cp_raw" not in row
+    for kind in ("raw", "pages"):
+        r = row[kind]
+        assert all(x["total_bytes"] == big * 4096 for x in r["runs"])
+        assert r["fill_s"] == r["cold_fill_s"] > 0 and r["heap_peak_bytes"] > 0
+        assert "wait_runs" not in r
+        below = out["counts"][str(small)][kind]
+        assert len(below["cold_fills_s"]) == 1 and below["cold_fill_s"] == below["cold_fills_s"][0] > 0
+    text = "\n".join(scale.format_scale(out))
+    assert "from disk" in text
+
+
+def test_scale_goals_compare_fills_from_disk_when_4m_is_cold() -> None:
+    """Fill growth 1M -> 4M takes the cold fills on both sides when 4M was cold, and
+    says so; with both warm, the warm fills."""
+    from bench._scale import _goals
+
+    def kinds(fill: float, cold: float | None) -> dict[str, Any]:
+        r: dict[str, Any] = {"ready_s": 0.1, "rss_outside_peak_bytes": 1 << 20, "heap_peak_bytes": 1 << 20,
+                             "fill_s": fill, "fill_vs_dense": 1.0, "wait_p50_vs_dense": 1.0}
+        if cold is not None:
+            r["cold_fill_s"] = cold
+        return {"raw": r, "pages": dict(r)}
+
+    one = kinds(2.0, 5.0)
+    four = {**kinds(30.0, 30.0), "cold": True}
+    growth = {g.name: g for g in _goals({str(1 << 20): one, str(1 << 22): four}) if "growth" in g.name}
+    assert growth["raw: fill growth 1M -> 4M"].value == 6.0 and "disk" in growth["raw: fill growth 1M -> 4M"].how
+    warm = {g.name: g for g in _goals({str(1 << 20): kinds(2.0, None), str(1 << 22): kinds(8.0, None)})
+            if "growth" in g.name}
+    assert warm["pages: fill growth 1M -> 4M"].value == 4.0 and "disk" not in warm["pages: fill growth 1M -> 4M"].how
+    assert growth["raw: fill growth 1M -> 4M"].met is False and warm["pages: fill growth 1M -> 4M"].met is True
 
 
 def test_median() -> None:
