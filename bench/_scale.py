@@ -178,6 +178,20 @@ def run_scale_section(workdir: str, *, quick: bool = False, repeat: int = 1, cou
         if warm and "cold_fill_s" not in out["counts"][str(warm[-1])]["raw"]:
             _cold_fills(out["counts"][str(warm[-1])], warm[-1], workdir, repeat, log)
     out["goals"] = [g.as_dict() for g in _goals(out["counts"])]
+    out["cold_cpu_growth"] = _cpu_growth(out["counts"])
+    return out
+
+
+def _cpu_growth(rows: dict[str, Any]) -> dict[str, float]:
+    """Where 4M was filled from disk: the growth of the daemon's CPU time over its cold
+    fills from 1M to 4M, per kind (the work that grows with the ranges, whatever the
+    disk does; beside the goal's wall-clock growth, not instead of it)."""
+    one, four = rows.get(str(1 << 20), {}), rows.get(str(1 << 22), {})
+    out: dict[str, float] = {}
+    for kind in ("raw", "pages"):
+        a, b = four.get(kind, {}).get("cold_cpu_s"), one.get(kind, {}).get("cold_cpu_s")
+        if a and b:
+            out[kind] = a / b
     return out
 
 
@@ -211,12 +225,13 @@ def _cold_fills(row: dict[str, Any], count: int, workdir: str, repeat: int, log:
     the page cache first (read from disk): ``row[kind]["cold_fill_s"]``, the median."""
     raw, pages = _images(count, workdir)
     for kind, src in (("raw", raw), ("pages", pages)):
-        fills = []
+        runs = []
         for r in range(max(1, repeat)):
             _evict_image(raw, pages)
-            fills.append(_run(src, workdir, [], STRIDE, False, log, f"{count} {kind} #{r + 1} cold fill")["fill_s"])
-        row[kind]["cold_fill_s"] = median(fills)
-        row[kind]["cold_fills_s"] = fills
+            runs.append(_run(src, workdir, [], STRIDE, False, log, f"{count} {kind} #{r + 1} cold fill"))
+        row[kind]["cold_fills_s"] = [x["fill_s"] for x in runs]
+        row[kind]["cold_fill_s"] = median(row[kind]["cold_fills_s"])
+        row[kind]["cold_cpu_s"] = median([x["cpu_s"] for x in runs])
 
 
 def _cold_row(count: int, workdir: str, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -240,6 +255,7 @@ def _cold_row(count: int, workdir: str, repeat: int, log: Callable[[str], None])
             "ready_s": median([x["ready_s"] for x in rs]),
             "fill_s": median([x["fill_s"] for x in rs]),
             "cold_fill_s": median([x["fill_s"] for x in rs]),
+            "cold_cpu_s": median([x["cpu_s"] for x in rs]),
             "rss_outside_peak_bytes": max(x["rss_outside_peak_bytes"] for x in rs),
             "heap_peak_bytes": heap["heap_peak_bytes"],
             "runs": rs,
@@ -307,7 +323,9 @@ def format_scale(section: dict[str, Any]) -> list[str]:
         for kind in ("raw", "pages"):
             if "cold_fills_s" in row.get(kind, {}):
                 lines.append(f"{count:>8} {kind:6} filled from disk (beside the counts that do not fit): "
-                             f"{row[kind]['cold_fill_s']:.2f} s")
+                             f"{row[kind]['cold_fill_s']:.2f} s, the daemon's CPU {row[kind]['cold_cpu_s']:.2f} s")
+    for kind, growth in section.get("cold_cpu_growth", {}).items():
+        lines.append(f"  {kind}: the daemon's CPU time over a fill from disk, 1M -> 4M: {growth:.2f}x")
     lines.append("range set, per call: " + "; ".join(
         f"{c}: front {m['front_remove_us']:.1f} us, punch {m['punch_us']:.1f} us, lookup {m['lookup_us']:.1f} us, "
         f"{m['bytes_per_interval']:.1f} B/interval" for c, m in section["micro"].items()))

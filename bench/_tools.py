@@ -437,6 +437,8 @@ class FillRun:
     #: an upper bound on the p99 from the daemon's histogram: its bucket's bound (a power of
     #: two), or the histogram's max where that is lower; a bound, not a percentile
     daemon_p99_us: float
+    #: the daemon's CPU time (user + system, all threads) from its start to done
+    cpu_s: float = 0.0
     samples_ns: list[int] = field(
         default_factory=list
     )  #: client-timed 4 KiB waits on unloaded pages
@@ -523,6 +525,7 @@ def fill_run(
         waits_served=s["waits_served"],
         waits_immediate=s["waits_immediate"],
         daemon_p99_us=_histogram_p99(s.get("latency_us", {})),
+        cpu_s=(proc.get("cpu_user_ms", 0) + proc.get("cpu_system_ms", 0)) / 1000,
         samples_ns=list(prober.samples_ns) if prober else [],
         selection=prober.selection if prober else "",
         polls=polls,

@@ -278,6 +278,7 @@ def test_scale_section_fills_a_count_cold_where_its_cache_does_not_fit(tmp_path:
         assert "wait_runs" not in r
         below = out["counts"][str(small)][kind]
         assert len(below["cold_fills_s"]) == 1 and below["cold_fill_s"] == below["cold_fills_s"][0] > 0
+        assert below["cold_cpu_s"] > 0 and r["cold_cpu_s"] > 0  # (the daemon's own CPU time, from its stats)
     text = "\n".join(scale.format_scale(out))
     assert "from disk" in text
 

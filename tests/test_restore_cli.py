@@ -206,7 +206,8 @@ def test_no_kernel_copy_reaches_the_loader(tmp_path, corrupt, flags):
 @pytest.mark.parametrize("flags", [(), ("-q", "--tracemalloc")])
 def test_quiet_logs_warnings_only_and_tracemalloc_reports_the_heap(tmp_path, corrupt, flags):
     """Without -q the daemon logs its start and its shutdown (INFO); with it, nothing
-    but warnings.  With --tracemalloc its stats carry the Python heap; without, not."""
+    but warnings.  With --tracemalloc its stats carry the Python heap; without, not;
+    its CPU time always."""
     with _daemon(tmp_path, corrupt.raw, "--background", *flags) as daemon:
         with Client.connect(daemon.socket_path) as client:
             process = client.stats()["process"]
@@ -216,6 +217,8 @@ def test_quiet_logs_warnings_only_and_tracemalloc_reports_the_heap(tmp_path, cor
     assert ("ready in" in log, "shutting down" in log) == (not on, not on), log
     assert ("heap_bytes" in process and "heap_peak_bytes" in process) is on, process
     assert process["vmrss_bytes"] > 0
+    # its CPU time (all threads) so far: start-up alone costs some
+    assert process["cpu_user_ms"] + process["cpu_system_ms"] > 0
 
 
 def test_the_daemon_keeps_numpys_blas_to_one_thread():

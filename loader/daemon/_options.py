@@ -109,8 +109,10 @@ class DaemonState:
 
 def process_stats() -> dict[str, int]:
     """The daemon's own memory: RSS split as the kernel reports it (the memory file's
-    pages show up as shmem), and the Python heap when tracemalloc is on."""
-    out: dict[str, int] = {}
+    pages show up as shmem), and the Python heap when tracemalloc is on; and the CPU
+    time it has used, all its threads (``cpu_user_ms``, ``cpu_system_ms``)."""
+    times = os.times()
+    out: dict[str, int] = {"cpu_user_ms": int(times.user * 1000), "cpu_system_ms": int(times.system * 1000)}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
