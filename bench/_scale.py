@@ -220,15 +220,22 @@ def _evict_image(raw: str, pages: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _runs_from_disk(raw: str, pages: str, src: str, workdir: str, repeat: int, log: Callable[[str], None],
+                    label: str) -> list[dict[str, Any]]:
+    """``repeat`` fills of ``src`` (the raw image or the checkpoint), each after :func:`_evict_image`."""
+    runs = []
+    for r in range(max(1, repeat)):
+        _evict_image(raw, pages)
+        runs.append(_run(src, workdir, [], STRIDE, False, log, f"{label} #{r + 1} cold fill"))
+    return runs
+
+
 def _cold_fills(row: dict[str, Any], count: int, workdir: str, repeat: int, log: Callable[[str], None]) -> None:
     """Fills of ``count``'s raw image and pages checkpoint with their files evicted from
     the page cache first (read from disk): ``row[kind]["cold_fill_s"]``, the median."""
     raw, pages = _images(count, workdir)
     for kind, src in (("raw", raw), ("pages", pages)):
-        runs = []
-        for r in range(max(1, repeat)):
-            _evict_image(raw, pages)
-            runs.append(_run(src, workdir, [], STRIDE, False, log, f"{count} {kind} #{r + 1} cold fill"))
+        runs = _runs_from_disk(raw, pages, src, workdir, repeat, log, f"{count} {kind}")
         row[kind]["cold_fills_s"] = [x["fill_s"] for x in runs]
         row[kind]["cold_fill_s"] = median(row[kind]["cold_fills_s"])
         row[kind]["cold_cpu_s"] = median([x["cpu_s"] for x in runs])
@@ -245,10 +252,7 @@ def _cold_row(count: int, workdir: str, repeat: int, log: Callable[[str], None])
         "its image's page cache beside it does not)")
     row: dict[str, Any] = {"memory_bytes": count * STRIDE * PAGE, "data_bytes": count * PAGE, "cold": True}
     for kind, src in (("raw", raw), ("pages", pages)):
-        rs = []
-        for r in range(max(1, repeat)):
-            _evict_image(raw, pages)
-            rs.append(_run(src, workdir, [], STRIDE, False, log, f"{kind} #{r + 1} cold fill"))
+        rs = _runs_from_disk(raw, pages, src, workdir, repeat, log, kind)
         _evict_image(raw, pages)
         heap = _run(src, workdir, ["--tracemalloc"], STRIDE, False, log, f"{kind} heap (cold)")
         row[kind] = {
