@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/pageload demo
 
+# --max-worker-restart=0: a worker that dies fails the run at once, naming its test;
+# restarting one under --dist loadfile can leave the run hanging (pytest-xdist #784)
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0
 
 bench: setup
 	$(VENV)/bin/pageload bench

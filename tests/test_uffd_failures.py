@@ -97,6 +97,18 @@ async def test_read_error_poisons_the_page_and_the_vcpu_gets_sigbus(tmp_path, im
     assert u.faults_failed == 1 and u.outstanding == 0
 
 
+async def test_a_poisoned_fault_fails_fault_then_fill_instead_of_killing_the_tests(tmp_path, image):
+    """tests/uffd_run.py's VMM runs in a child: a page the handler poisons (a read that
+    fails) becomes a failed assertion naming SIGBUS, and this process lives on."""
+    from uffd_run import fault_then_fill
+
+    opts = options(tmp_path, image, config=LoaderConfig(sweep=False), uffd_config=UffdConfig(direct=False),
+                   wrap_queue=lambda q: aio.testing.FaultInjectingQueue(q, aio.testing.fail_offsets(BAD, BAD + PAGE)))
+    with pytest.raises(BaseExceptionGroup) as info:  # from the daemon's nursery
+        await fault_then_fill(opts, SIZE, image, [(0, GOOD, PAGE), (0, BAD, PAGE)])
+    assert info.group_contains(AssertionError, match="ended early [(]signal SIGBUS[)]", depth=1), info.value
+
+
 async def test_read_hung_past_the_deadline_is_answered(tmp_path, image):
     """A read that never completes: the fault is still answered (poisoned) once the
     read deadline passes; the faults before it got their data."""

@@ -1,13 +1,32 @@
 """A daemon serving Firecracker's page-fault handler to the VMM emulator, faults then the
-fill, shared by the tests of page sources (tests/test_sources.py, tests/test_remote.py)."""
+fill, shared by the tests of page sources (tests/test_sources.py, tests/test_remote.py).
+
+The VMM runs in a child process (:func:`workloads._vmm.spawn_fill_child`): a page the
+handler poisons, or any other fault it answers wrongly, kills that child with SIGBUS as it
+would kill a vCPU, and the test fails saying so, with the daemon's log, instead of the
+whole test process dying (a pytest-xdist worker that died that way once left the run
+hanging)."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
 
 import trio
 
 from loader import DaemonOptions, run_daemon
 from loader.daemon._options import DaemonState
-from workloads._vmm import GuestRegion, VmmEmulator
+from workloads._vmm import spawn_fill_child
+
+
+async def _line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    line = await trio.to_thread.run_sync(child.stdout.readline, abandon_on_cancel=True)
+    if not line:  # the child is gone: say how it ended
+        code = await trio.to_thread.run_sync(child.wait)
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        raise AssertionError(f"the VMM child ended early ({how})")
+    return line.strip()
 
 
 async def fault_then_fill(opts: DaemonOptions, size: int, expected: str,
@@ -18,18 +37,32 @@ async def fault_then_fill(opts: DaemonOptions, size: int, expected: str,
     and waits for the daemon to end by itself; returns its state."""
     async with trio.open_nursery() as nursery:
         state = await nursery.start(run_daemon, opts)
-        vmm = VmmEmulator([GuestRegion(0, size)], expected=expected)
+        child = spawn_fill_child(opts.uffd_socket, size, faults, expected, vcpus=2)
+        assert child.stdin is not None
         try:
-            await trio.to_thread.run_sync(vmm.connect, opts.uffd_socket)
-            report = await trio.to_thread.run_sync(lambda: vmm.touch(faults, vcpus=2))
-            assert report.touches == len(faults) and not report.mismatches and not report.errors
+            with trio.fail_after(60):
+                assert await _line(child) == "connected"
+                touched = await _line(child)
+            assert touched == f"touched {len(faults)} 0 0", touched
             with trio.fail_after(30):
                 while state.uffd is None:
                     await trio.sleep(0.01)
                 await state.uffd.filled.wait()
-            assert await trio.to_thread.run_sync(vmm.verify_all) == []
+            child.stdin.write("verify\n")
+            child.stdin.flush()
+            with trio.fail_after(60):
+                assert await _line(child) == "verified 0"
         finally:
-            vmm.close()
+            child.stdin.close()
+            try:
+                await trio.to_thread.run_sync(child.wait, 10)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                assert child.stdout is not None
+                child.stdout.close()
+        assert child.returncode == 0, child.returncode
         with trio.fail_after(10):
             while nursery.child_tasks:
                 await trio.sleep(0.01)

@@ -417,8 +417,41 @@ def spawn_zero_copy_child(socket_path: str, offsets: Sequence[int], expected: st
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
+def spawn_fill_child(socket_path: str, size: int, faults: Sequence[tuple[int, int, int]], expected: str,
+                     vcpus: int = 2) -> subprocess.Popen[str]:
+    """An emulated VMM in a child process (one region of ``size`` bytes at image 0) that
+    touches ``faults`` (``(t_us, offset, length)``, not paced) on ``vcpus`` threads and
+    prints ``touched TOUCHES MISMATCHES ERRORS``; then, each time a line ``verify`` comes
+    on its stdin, reads all of guest memory and prints ``verified BAD`` (wrong 1 MiB
+    chunks); it ends at stdin's end.  A poisoned page or a handler gone wrong kills the
+    child with SIGBUS, not the test's process (tests/uffd_run.py)."""
+    argv = [sys.executable, "-m", "workloads._vmm", "--fill", socket_path, str(size), expected, str(vcpus),
+            *(f"{off}:{length}" for _, off, length in faults)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+
+def _fill_child(argv: Sequence[str]) -> int:
+    socket_path, size, expected, vcpus, *faults = argv
+    vmm = VmmEmulator([GuestRegion(0, int(size))], expected=expected)
+    with vmm:
+        vmm.connect(socket_path)
+        print("connected", flush=True)
+        touches = [(0, int(off), int(length)) for off, length in (f.split(":") for f in faults)]
+        report = vmm.touch(touches, vcpus=int(vcpus))
+        first = " ".join(hex(m) for m in report.mismatches[:4]) + " ".join(report.errors[:4])
+        print(f"touched {report.touches} {len(report.mismatches)} {len(report.errors)} {first}".rstrip(),
+              flush=True)
+        for line in sys.stdin:
+            if line.strip() == "verify":
+                bad = vmm.verify_all()
+                print(f"verified {len(bad)} {' '.join(hex(b) for b in bad[:4])}".rstrip(), flush=True)
+    return 0
+
+
 def _child_main(argv: Sequence[str]) -> int:
     vmm: VmmEmulator
+    if argv[0] == "--fill":
+        return _fill_child(argv[1:])
     if argv[0] == "--zero-copy":
         socket_path, expected, *offsets = argv[1:]
         exp = None if expected == "-" else expected
@@ -440,7 +473,7 @@ def _child_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "ZeroCopyVmm", "hugepages_free", "replay_as_faults",
-           "spawn_child", "spawn_zero_copy_child"]
+           "spawn_child", "spawn_fill_child", "spawn_zero_copy_child"]
 
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))
