@@ -615,3 +615,77 @@ async def test_a_pages_checkpoints_packed_reads_take_many_ranges_and_no_more_tha
         state.stop()
         nursery.cancel_scope.cancel()
     assert max(most) > 1
+
+
+def _random_packed(rng, count):
+    """A random scattered layout (ranges of 1-9 pages, holes of 0-3: some ranges touch)
+    and its memory image."""
+    from loader.core._layout import Layout
+
+    table, mem_at, file_at = [], 0, 0
+    for _ in range(count):
+        mem_at += rng.randrange(0, 4) * PAGE
+        n = rng.randrange(1, 10) * PAGE
+        table.append((mem_at, n, file_at))
+        mem_at += n
+        file_at += n
+    layout = Layout(mem_at + PAGE, PAGE, table)
+    memory = bytearray(layout.memory_size)
+    for m, n, _ in table:
+        memory[m:m + n] = rng.randbytes(n)
+    return layout, table, memory
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_chunks_spans_as_columns_are_its_spans(seed):
+    """``_Chunks.span_columns`` (NumPy over the table, for a run of chunks) gives what
+    ``file_spans`` (the table walked range by range) gives, for any stretch of the
+    pages file, touching ranges kept apart as the table has them."""
+    import random
+
+    from loader.core._chunks import _Chunks
+
+    rng = random.Random(seed)
+    layout, table, _ = _random_packed(rng, rng.randrange(1, 300))
+    end = table[-1][2] + table[-1][1]
+    chunks = _Chunks(layout, PAGE, array("Q", [0]) * (end // PAGE))
+    for _ in range(200):
+        a = rng.randrange(0, end // PAGE)
+        b = rng.randrange(a + 1, end // PAGE + 1)
+        los, his = chunks.span_columns(a * PAGE, b * PAGE)
+        assert list(zip(los.tolist(), his.tolist())) == chunks.file_spans(a * PAGE, b * PAGE), (seed, a, b)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("verify", [True, False])
+async def test_a_random_pages_checkpoint_restores_byte_exact_whatever_the_read_size(tmp_path, seed, verify):
+    """Packed sweep reads (the ranges taken from the table as columns) over a random
+    layout, ranges touching in memory or not, read sizes cutting ranges anywhere,
+    chunks of one or several pages: every byte lands, right, verified or not."""
+    import random
+
+    import xxhash
+
+    from loader.checkpoint._index import IndexFields, encode_index
+
+    rng = random.Random(seed)
+    layout, table, memory = _random_packed(rng, 400)
+    packed = b"".join(bytes(memory[m:m + n]) for m, n, _ in table)
+    size = rng.choice([1, 2, 5]) * PAGE
+    sums = array("Q", [xxhash.xxh3_64_intdigest(packed[k:k + size]) for k in range(0, len(packed), size)])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "pages.img").write_bytes(packed)
+    (ckpt / "index.msgpack").write_bytes(encode_index(IndexFields(
+        PAGE, layout.memory_size, len(packed), layout.mem_pages, layout.len_pages, layout.file_pages, size, sums, {})))
+    read_size = rng.choice([3, 7, 16]) * PAGE + rng.choice([0, PAGE // 2])
+    opts = options(tmp_path, str(ckpt), config=LoaderConfig(verify=verify, sweep_read_size=read_size))
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(run_daemon, opts)
+        with trio.fail_after(30):
+            await state.loader.done.wait()
+        assert state.memory.view == memory
+        stats = state.loader.statistics()
+        assert stats.loaded_bytes == len(packed) and stats.chunks_verified == (len(sums) if verify else 0)
+        state.stop()
+        nursery.cancel_scope.cancel()

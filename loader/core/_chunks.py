@@ -8,18 +8,26 @@ import ctypes
 import os
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 import xxhash
 
 from .._memfile import Destination
-from ._layout import Layout
+from ._layout import Layout, _np
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 #: the hash thread's nice value while clients fault
 _HASH_NICE = 10
+#: a run of chunks over at least this many ranges finds their memory with NumPy
+#: (:meth:`_Chunks.span_columns`); fewer, range by range (NumPy's calls cost more)
+_COLUMN_SPANS = 16
 
 
 def _c_xxh3() -> Callable[[int, int], int] | None:
@@ -207,7 +215,10 @@ class _Chunks:
         stretch of memory are hashed by the C library through ctypes (``_C_XXH3``,
         which lets the GIL go) where there is one, and otherwise the GIL is let go
         after each chunk (``os.sched_yield``)."""
+        import numpy
+
         size, end, sums = self.size, self.end, self.sums
+        files, sh = self.layout.file_pages, self.layout.shift
         buffer = destination.buffer
         good: list[list[int]] = []
         bad: list[tuple[int, list[tuple[int, int]]]] = []
@@ -232,7 +243,13 @@ class _Chunks:
         # otherwise slower than the module: ctypes costs about a microsecond a call)
         c_digest = _C_XXH3 if yielding else None
         for first, last in runs:
-            spans = self.file_spans(first * size, min((last + 1) * size, end))
+            flo, fhi = first * size, min((last + 1) * size, end)
+            los = his = None
+            if bisect_left(files, fhi >> sh) - bisect_right(files, flo >> sh) >= _COLUMN_SPANS:
+                los, his = self.span_columns(flo, fhi)  # many ranges: no Python work per range
+                spans = list(zip(los.tolist(), his.tolist()))
+            else:
+                spans = self.file_spans(flo, fhi)
             if len(spans) == 1:  # one stretch of memory (a dense image): slices of one view
                 lo, hi = spans[0]
                 view = buffer(lo, hi - lo)
@@ -258,6 +275,17 @@ class _Chunks:
                     keep(pos, hi)
                 continue
             failed = self._hash_spans(buffer, spans, first, last, yielding)
+            if not failed and los is not None and his is not None:  # (the common case) all good: the spans
+                apart = his[:-1] != los[1:]  # spans that touch are one
+                if not apart.all():
+                    los, his = los[numpy.concatenate(([True], apart))], his[numpy.concatenate((apart, [True]))]
+                pairs = list(map(list, zip(los.tolist(), his.tolist())))
+                if good and good[-1][1] == pairs[0][0]:
+                    good[-1][1] = pairs[0][1]
+                    del pairs[0]
+                good.extend(pairs)
+                verified += last - first + 1
+                continue
             if not failed:  # (the common case) every piece is good: the spans as they are
                 verified += last - first + 1
                 for a, b in spans:
@@ -268,6 +296,24 @@ class _Chunks:
                 continue
             verified += self._sort_pieces(first, last, set(failed), keep, bad)
         return good, verified, bad
+
+    def span_columns(self, flo: int, fhi: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """:meth:`file_spans` as two columns (memory starts, ends): no Python work per
+        range.  ``fhi`` is page-aligned (a chunk's end, or the file's)."""
+        import numpy
+
+        layout = self.layout
+        files, sh = layout.file_pages, layout.shift
+        i = max(bisect_right(files, flo >> sh) - 1, 0)
+        j = bisect_left(files, fhi >> sh)  # the ranges starting before fhi
+        shift = numpy.uint64(sh)
+        f = _np(files)[i:j].astype(numpy.uint64) << shift
+        m = _np(layout.mem_pages)[i:j].astype(numpy.uint64) << shift
+        lo = numpy.maximum(f, numpy.uint64(flo))
+        hi = numpy.minimum(f + (_np(layout.len_pages)[i:j].astype(numpy.uint64) << shift), numpy.uint64(fhi))
+        m -= f  # (each range's memory minus file offset, mod 2**64)
+        keep = lo < hi
+        return (m + lo)[keep], (m + hi)[keep]
 
     def _hash_spans(self, buffer: Callable[[int, int], memoryview], spans: list[tuple[int, int]],
                     first: int, last: int, yielding: bool) -> list[int]:

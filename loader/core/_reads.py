@@ -276,43 +276,48 @@ class Reads:
         """A background read of a pages file packed in memory order (``checkpoint
         create``'s): the file bytes from ``start``'s on are the next ranges' in memory
         order, so where all of them are unstarted the read's segments are the ranges
-        themselves, taken from the table's columns and put in the sets at once.  None
-        where some are started (the general loop then walks them)."""
+        themselves, taken from the table's columns (as columns: no Python work per
+        range) and put in the sets at once.  None where some are started (the general
+        loop then walks them)."""
+        import numpy
+
         layout = self.layout
         i = layout.find(start)
         if i < 0:
             return None
-        mem, length, sh = layout.mem_pages, layout.len_pages, layout.shift
+        mem, sh = layout.mem_pages, layout.shift
         k = min(len(mem), i + min(_GATHER_SEGMENTS, self.queue.max_buffers), bisect_right(mem, (limit - 1) >> sh))
-        segments: list[list[int]] = []
-        left = budget
-        for lo, ln in zip(mem[i:k], length[i:k]):
-            hi = min((lo + ln) << sh, limit)
-            lo <<= sh
-            if lo < start:
-                lo = start
-            if hi - lo >= left:
-                hi = lo + left
-            if segments and segments[-1][1] == lo:
-                segments[-1][1] = hi
-            else:
-                segments.append([lo, hi])
-            left -= hi - lo
-            if not left:
-                break
-        total = budget - left
-        first, last = start, segments[-1][1]
+        if k - i < 2:
+            return None  # a single range: the general loop
+        shift = numpy.uint64(sh)
+        los = _np(mem)[i:k].astype(numpy.uint64) << shift
+        his = los + (_np(layout.len_pages)[i:k].astype(numpy.uint64) << shift)
+        los[0] = max(int(los[0]), start)
+        numpy.minimum(his, numpy.uint64(limit), out=his)
+        ends = numpy.cumsum(his - los)
+        if int(ends[-1]) > budget:  # the range that reaches the budget is cut there, the rest left
+            j = int(numpy.searchsorted(ends, budget))
+            his[j] -= numpy.uint64(int(ends[j]) - budget)
+            los, his = los[:j + 1], his[:j + 1]
+        apart = his[:-1] != los[1:]  # ranges that touch in memory are one segment
+        if not apart.all():
+            los, his = los[numpy.concatenate(([True], apart))], his[numpy.concatenate((apart, [True]))]
+        total = min(budget, int(ends[-1]))
+        first, last = start, int(his[-1])
         unloaded = self.unloaded
-        if len(segments) < 2 or unloaded.overlap_bytes(first, last) != total:
+        if len(los) < 2 or unloaded.overlap_bytes(first, last) != total:
             return None  # a single range, or some of it started: the general loop
+        starts, lengths = array("Q", los.tobytes()), array("Q", (his - los).tobytes())
         unloaded.remove(first, last)
         inflight = self.inflight
         if not inflight.overlap_bytes(first, last):
-            inflight.insert_sorted(array("Q", [lo for lo, _ in segments]), array("Q", [hi for _, hi in segments]))
+            inflight.insert_sorted(starts, array("Q", his.tobytes()))
         else:
-            for lo, hi in segments:
+            for lo, hi in zip(starts.tolist(), his.tolist()):
                 inflight.add(lo, hi)
-        read = _Read(self._next_id, kind, None, layout.file_at(i) + start - layout.mem_at(i), segments)
+        read = _Read(self._next_id, kind, None, layout.file_at(i) + start - layout.mem_at(i), Segs(starts, lengths),
+                     length=total)
+        read.columns = (starts, lengths)
         self._next_id += 1
         self.counters.reads_total += 1
         self.submit(read)
@@ -389,7 +394,9 @@ class Reads:
             else:
                 self.queue.add(self.source.gather(read.id, buffers, offsets, urgent=urgent))
             return
-        buffers = [dest.buffer(lo, hi - lo) for lo, hi in read.segments]
+        columns = read.columns
+        buffers = (list(map(dest.buffer, *columns)) if columns is not None
+                   else [dest.buffer(lo, hi - lo) for lo, hi in read.segments])
         self.queue.add(self.source.read(read.id, read.file_offset, buffers, urgent=urgent, then=then))
 
     def release(self, read: _Read) -> None:

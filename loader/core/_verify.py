@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from operator import itemgetter, lt, sub
 from typing import TYPE_CHECKING
 
 import aio
@@ -77,7 +78,7 @@ class Verifier:
         if chunks is None:
             self._settler.settle(segments, None, ordered_length=ordered_length)
             return
-        length = sum(hi - lo for lo, hi in segments)
+        length = sum(hi - lo for lo, hi in segments) if ordered_length is None else ordered_length
         complete = chunks.landed(file_offset, file_offset + length, bad=False)
         if hashed is not None:
             first, last, found = hashed  # all complete now: each byte lands once
@@ -151,9 +152,11 @@ class Verifier:
             log.warning("%s: %s", where, reason)
             settle([[lo, hi] for lo, hi in spans], LoadError(codes.CORRUPT, f"{where}: {reason}"), reason)
         if good:
-            if any(good[i][0] < good[i - 1][1] for i in range(1, len(good))):
+            # (C loops over the segments: a scattered image's chunks have one a range)
+            los, his = list(map(itemgetter(0), good)), list(map(itemgetter(1), good))
+            if any(map(lt, los[1:], his)):
                 good.sort()  # runs hashed in landing order: Settler.settle takes segments in memory order
-            settle(good, None)
+            settle(good, None, ordered_length=sum(map(sub, his, los)))
 
     # ------------------------------------------------------------------ the hash thread
     def hashing(self) -> bool:
