@@ -510,7 +510,7 @@ async def test_a_fault_on_a_chunk_the_store_keeps_failing_is_poisoned_with_the_s
     """Firecracker's handler over a store whose GETs of one chunk are all answered 503:
     the fault on it is poisoned (SIGBUS in the VMM child, never wrong bytes), and the
     handler's statistics say why: ``unavailable`` with the store's message."""
-    from workloads._vmm import spawn_child
+    from workloads._vmm import reap_child, spawn_child
 
     chunk, c = 7, image["index"].chunk_size
     proxy.fail_next(10_000, 503, overlapping=(chunk * c, (chunk + 1) * c))
@@ -523,11 +523,7 @@ async def test_a_fault_on_a_chunk_the_store_keeps_failing_is_poisoned_with_the_s
         try:
             code = await trio.to_thread.run_sync(child.wait, 30)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            if child.stdout is not None:
-                child.stdout.close()
+            reap_child(child)
         assert state.uffd is not None
         stats = state.uffd.statistics()
         state.stop()

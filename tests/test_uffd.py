@@ -471,7 +471,7 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
     whose read fails too: the page is poisoned (SIGBUS in the VMM child), never
     answered with wrong bytes."""
     from loader.uffd._handler import UffdHandler
-    from workloads._vmm import spawn_child
+    from workloads._vmm import reap_child, spawn_child
 
     raw = str(tmp_path / "memory.img")
     make_sample_image(raw, 4 * MiB, seed=3, dense=True)
@@ -490,11 +490,7 @@ async def test_direct_copy_that_fails_falls_back_to_the_loader(tmp_path, monkeyp
         try:
             code = await trio.to_thread.run_sync(child.wait, 15)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            if child.stdout is not None:
-                child.stdout.close()
+            reap_child(child)
         with trio.fail_after(10):
             while nursery.child_tasks:
                 await trio.sleep(0.01)

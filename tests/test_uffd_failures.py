@@ -18,7 +18,7 @@ import aio.testing
 from loader import Client, DaemonOptions, LoaderConfig, UffdConfig, run_daemon
 from loader.uffd import _ioctl as _uffd
 from workloads import DaemonProcess, make_sample_image
-from workloads._vmm import spawn_child
+from workloads._vmm import reap_child, spawn_child
 
 MiB = 1 << 20
 PAGE = 4096
@@ -77,10 +77,7 @@ async def serve_child(opts, image, offsets, *, stop_when=None, stop_once=None):
             with trio.fail_after(15):
                 code = await trio.to_thread.run_sync(follow)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            child.stdout.close()
+            reap_child(child)
         with trio.fail_after(10):  # the daemon ends by itself once the VMM has gone
             while nursery.child_tasks:
                 await trio.sleep(0.01)
@@ -169,10 +166,7 @@ def test_sigterm_drains_faults_then_exits_0(tmp_path, image):
         code = daemon.stop()
         child_code = child.wait(10)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
+        reap_child(child)
         daemon.stop()
     log = (tmp_path / "daemon.log").read_text()
     assert code == 0, log
@@ -203,10 +197,7 @@ async def test_poison_works_without_the_vmm_asking_for_the_feature(tmp_path, ima
                 while nursery.child_tasks:  # the daemon ends by itself once the VMM has gone
                     await trio.sleep(0.01)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            child.stdout.close()
+            reap_child(child)
     assert code == -signal.SIGBUS, lines
     assert f"ok {GOOD}" in lines
     assert state.uffd.faults_failed == 1
@@ -245,10 +236,7 @@ async def test_without_uffdio_poison_the_handler_stops_and_never_hands_out_wrong
             with trio.fail_after(15):
                 await trio.to_thread.run_sync(until_stopped)
         finally:
-            if child.poll() is None:
-                child.kill()  # as an operator would: the VMM's memory is unusable
-            child.wait()
-            child.stdout.close()
+            reap_child(child)  # killed as an operator would: the VMM's memory is unusable
         with trio.fail_after(10):  # the daemon ends once the VMM has gone
             while nursery.child_tasks:
                 await trio.sleep(0.01)

@@ -32,7 +32,7 @@ from loader.uffd import _ioctl as _uffd
 from loader.uffd import _minor as _uffd_minor
 from loader.vmm import ZeroCopyMemory
 from workloads import DaemonProcess, make_sample_image
-from workloads._vmm import ZeroCopyVmm, spawn_zero_copy_child
+from workloads._vmm import ZeroCopyVmm, reap_child, spawn_zero_copy_child
 
 MiB = 1 << 20
 PAGE = 4096
@@ -406,11 +406,7 @@ async def test_read_error_gives_the_vcpu_sigbus(tmp_path, dense):
             with trio.fail_after(15):
                 code = await trio.to_thread.run_sync(follow)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            assert child.stdout is not None
-            child.stdout.close()
+            reap_child(child)
         service = state.server.uffd_minor
         assert service is not None
         await wait_for(lambda: not service.registrations)
@@ -451,11 +447,7 @@ async def test_a_corrupt_chunk_gives_the_vcpu_sigbus_never_its_bytes(tmp_path, d
             with trio.fail_after(15):
                 code = await trio.to_thread.run_sync(follow)
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            assert child.stdout is not None
-            child.stdout.close()
+            reap_child(child)
         service = state.server.uffd_minor
         assert service is not None
         await wait_for(lambda: not service.registrations)

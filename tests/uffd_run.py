@@ -16,7 +16,7 @@ import trio
 
 from loader import DaemonOptions, run_daemon
 from loader.daemon._options import DaemonState
-from workloads._vmm import spawn_fill_child
+from workloads._vmm import reap_child, spawn_fill_child
 
 
 async def _line(child: subprocess.Popen[str]) -> str:
@@ -53,15 +53,11 @@ async def fault_then_fill(opts: DaemonOptions, size: int, expected: str,
             with trio.fail_after(60):
                 assert await _line(child) == "verified 0"
         finally:
-            child.stdin.close()
+            child.stdin.close()  # (its end: the child leaves)
             try:
                 await trio.to_thread.run_sync(child.wait, 10)
             finally:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-                assert child.stdout is not None
-                child.stdout.close()
+                reap_child(child)
         assert child.returncode == 0, child.returncode
         with trio.fail_after(10):
             while nursery.child_tasks:

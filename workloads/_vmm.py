@@ -417,6 +417,17 @@ def spawn_zero_copy_child(socket_path: str, offsets: Sequence[int], expected: st
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
+def reap_child(child: subprocess.Popen[str]) -> None:
+    """End a VMM child for good: killed if it still runs (as an operator would: its memory
+    is unusable), waited for, its pipes closed.  The tests' ``finally``."""
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 def spawn_fill_child(socket_path: str, size: int, faults: Sequence[tuple[int, int, int]], expected: str,
                      vcpus: int = 2) -> subprocess.Popen[str]:
     """An emulated VMM in a child process (one region of ``size`` bytes at image 0) that
@@ -473,7 +484,7 @@ def _child_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["GuestRegion", "TouchReport", "VmmEmulator", "ZeroCopyVmm", "hugepages_free", "replay_as_faults",
-           "spawn_child", "spawn_fill_child", "spawn_zero_copy_child"]
+           "reap_child", "spawn_child", "spawn_fill_child", "spawn_zero_copy_child"]
 
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))
