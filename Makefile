@@ -25,9 +25,11 @@ demo: setup
 	$(VENV)/bin/pageload demo
 
 # --max-worker-restart=0: a worker that dies fails the run at once, naming its test;
-# restarting one under --dist loadfile can leave the run hanging (pytest-xdist #784)
+# restarting one under --dist loadfile can leave the run hanging (pytest-xdist #784).
+# --timeout: a test that hangs past 10 minutes (the whole suite takes 4-5) has its
+# threads' stacks printed and its worker ended, so the run fails naming it, not CI's clock
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0
+	$(PY) -m pytest -q -n auto --dist loadfile --max-worker-restart=0 --timeout=600 --timeout-method=thread
 
 bench: setup
 	$(VENV)/bin/pageload bench
@@ -47,7 +49,7 @@ fuzz: setup
 # of `make test`.  Report: .mutate/report.md (docs/TESTING.md).  MUTATE_ARGS: e.g.
 # "protocol --sample 100" (targets, a random sample per target, --jobs N)
 mutate: setup
-	$(PY) -m pip install -q 'cosmic-ray>=8.7,<9' 'pytest-timeout>=2.1'
+	$(PY) -m pip install -q 'cosmic-ray>=8.7,<9'
 	$(PY) mutation/run.py $(MUTATE_ARGS)
 
 lint: setup
