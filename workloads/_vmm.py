@@ -449,7 +449,7 @@ def _fill_child(argv: Sequence[str]) -> int:
         print("connected", flush=True)
         touches = [(0, int(off), int(length)) for off, length in (f.split(":") for f in faults)]
         report = vmm.touch(touches, vcpus=int(vcpus))
-        first = " ".join(hex(m) for m in report.mismatches[:4]) + " ".join(report.errors[:4])
+        first = " ".join([*(hex(m) for m in report.mismatches[:4]), *report.errors[:4]])
         print(f"touched {report.touches} {len(report.mismatches)} {len(report.errors)} {first}".rstrip(),
               flush=True)
         for line in sys.stdin:
